@@ -1,0 +1,236 @@
+# Shared machinery of the core: the errno bridge, object locks, and the
+# buffer object the core hands its bulk outputs out in.
+
+cimport cython
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABLE
+from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
+                               PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock, PyThread_type_lock)
+from libc.errno cimport (EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOSPC,
+                         EOVERFLOW, EPERM, ERANGE)
+from libc.stdint cimport int8_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcpy, memmove, memset
+
+import errno as _errno
+
+from pydmabuf import errors as _errors
+
+_U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline int pdb_clz64(uint64_t x) { return x ? __builtin_clzll(x) : 64; }
+    static inline int pdb_ctz64(uint64_t x) { return x ? __builtin_ctzll(x) : 64; }
+    static inline int pdb_add_overflow(uint64_t a, uint64_t b, uint64_t *r) {
+        return __builtin_add_overflow(a, b, r);
+    }
+    """
+    int pdb_clz64(uint64_t x) nogil
+    int pdb_ctz64(uint64_t x) nogil
+    bint pdb_add_overflow(uint64_t a, uint64_t b, uint64_t *r) nogil
+
+
+cdef inline bint _is_pow2(uint64_t x) noexcept nogil:
+    return x != 0 and (x & (x - 1)) == 0
+
+
+# ------------------------------------------------------------------ errors
+
+cdef object _check(int64_t rc, what):
+    """The one bridge from a kernel's return code to an exception.
+
+    Returns ``rc`` when it is >= 0, raises the :mod:`pydmabuf.errors` class
+    for ``-rc`` otherwise, with ``what`` (a string, or a callable producing
+    one) as the message.
+    """
+    if rc >= 0:
+        return rc
+    if callable(what):
+        what = what()
+    raise _errors.from_errno(-rc, what)
+
+
+cdef inline object _raise(int err, str message):
+    raise _errors.from_errno(err, message)
+
+
+# -------------------------------------------------------------------- locks
+#
+# Every mutable native object owns a PyThread lock.  Taking it with the GIL
+# held first tries without blocking; if another thread holds it (possibly
+# running a bulk kernel without the GIL) we drop the GIL while we wait, so
+# the holder can finish and nobody deadlocks on the GIL.
+
+cdef inline PyThread_type_lock _new_lock() except NULL:
+    cdef PyThread_type_lock lock = PyThread_allocate_lock()
+    if lock == NULL:
+        raise MemoryError("cannot allocate a lock")
+    return lock
+
+
+cdef inline void _acquire(PyThread_type_lock lock) noexcept:
+    if not PyThread_acquire_lock(lock, NOWAIT_LOCK):
+        with nogil:
+            PyThread_acquire_lock(lock, WAIT_LOCK)
+
+
+cdef inline void _release(PyThread_type_lock lock) noexcept nogil:
+    PyThread_release_lock(lock)
+
+
+# --------------------------------------------------------- integer parsing
+
+cdef uint64_t _u64(object value, str name) except? 0xFFFFFFFFFFFFFFFF:
+    """A Python int in [0, 2**64 - 1], or a clear exception."""
+    if not isinstance(value, int):
+        try:
+            value = value.__index__()
+        except AttributeError:
+            raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if value < 0:
+        raise _errors.InvalidArgument(f"{name} must not be negative (got {value})")
+    if value > _U64_MAX:
+        raise _errors.Overflow(f"{name} does not fit in 64 bits (got {value:#x})")
+    return <uint64_t>value
+
+
+cdef int _window(object start, object nbytes, str what, uint64_t *first,
+                 uint64_t *last) except -1:
+    """(start, nbytes) at the Python surface -> inclusive [first, last]."""
+    cdef uint64_t s = _u64(start, "start")
+    if not isinstance(nbytes, int):
+        try:
+            nbytes = nbytes.__index__()
+        except AttributeError:
+            raise TypeError(f"nbytes must be an integer, not {type(nbytes).__name__}") from None
+    if nbytes <= 0:
+        raise _errors.InvalidArgument(f"{what}: nbytes must be positive (got {nbytes})")
+    if s + nbytes - 1 > _U64_MAX:
+        raise _errors.Overflow(
+            f"{what}: [{s:#x}, +{nbytes:#x}) runs past 2**64 - 1")
+    first[0] = s
+    last[0] = <uint64_t>(s + nbytes - 1)
+    return 0
+
+
+# ------------------------------------------------------------------ buffers
+
+cdef class _Buffer:
+    """Memory the core hands out: C-contiguous, 1 or 2 dimensions.
+
+    Owned by this object (freed with it) unless ``base`` keeps another
+    owner alive.  ``numpy.asarray(buf)`` views it without copying.
+    """
+    cdef char *data
+    cdef bint owns
+    cdef object base
+    cdef int ndim
+    cdef Py_ssize_t shape[2]
+    cdef Py_ssize_t strides[2]
+    cdef Py_ssize_t itemsize
+    cdef bytes fmt
+    cdef bint readonly
+
+    def __cinit__(self):
+        self.data = NULL
+        self.owns = False
+
+    def __init__(self):
+        raise TypeError("_Buffer objects are made by the core only")
+
+    def __dealloc__(self):
+        if self.owns and self.data != NULL:
+            free(self.data)
+        self.data = NULL
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if (flags & PyBUF_WRITABLE) and self.readonly:
+            raise BufferError("this buffer is read-only")
+        view.buf = <void *>self.data
+        view.obj = self
+        view.len = self.shape[0] * self.strides[0]
+        view.readonly = self.readonly
+        view.itemsize = self.itemsize
+        view.format = <char *>self.fmt if (flags & PyBUF_FORMAT) else NULL
+        view.ndim = self.ndim
+        view.shape = self.shape if (flags & PyBUF_ND) else NULL
+        view.strides = self.strides if (flags & PyBUF_STRIDES) else NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __len__(self):
+        return self.shape[0]
+
+
+cdef _Buffer _new_buffer(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t itemsize,
+                         bytes fmt, bint readonly=False):
+    """A zeroed owning buffer of ``rows`` x ``cols`` items (cols 0 = 1-D)."""
+    cdef _Buffer b = _Buffer.__new__(_Buffer)
+    cdef size_t n = <size_t>rows * <size_t>(cols if cols > 0 else 1) * <size_t>itemsize
+    b.data = <char *>calloc(n if n > 0 else 1, 1)
+    if b.data == NULL:
+        raise MemoryError(f"cannot allocate {n} bytes")
+    b.owns = True
+    b.itemsize = itemsize
+    b.fmt = fmt
+    b.readonly = readonly
+    if cols > 0:
+        b.ndim = 2
+        b.shape[0] = rows
+        b.shape[1] = cols
+        b.strides[0] = cols * itemsize
+        b.strides[1] = itemsize
+    else:
+        b.ndim = 1
+        b.shape[0] = rows
+        b.shape[1] = 0
+        b.strides[0] = itemsize
+        b.strides[1] = 0
+    return b
+
+
+cdef _Buffer _view_buffer(object base, char *data, Py_ssize_t rows,
+                          Py_ssize_t itemsize, bytes fmt, bint readonly):
+    """A 1-D buffer over memory owned by ``base``."""
+    cdef _Buffer b = _Buffer.__new__(_Buffer)
+    b.data = data
+    b.owns = False
+    b.base = base
+    b.itemsize = itemsize
+    b.fmt = fmt
+    b.readonly = readonly
+    b.ndim = 1
+    b.shape[0] = rows
+    b.strides[0] = itemsize
+    return b
+
+
+cdef inline object _np():
+    import numpy
+    return numpy
+
+
+cdef object _as_u64_view(object obj, str name):
+    """A read-only ``const uint64_t[::1]`` view of any buffer of u64.
+
+    Accepts NumPy arrays of any unsigned 64-bit dtype, memoryviews,
+    ``array.array('Q')`` and bytes-like objects whose format is 8-byte
+    unsigned; lists and tuples of ints are converted (a copy).
+    """
+    cdef const uint64_t[::1] v
+    if isinstance(obj, (list, tuple)):
+        np = _np()
+        try:
+            obj = np.asarray(obj, dtype=np.uint64)
+        except OverflowError:
+            raise _errors.InvalidArgument(f"{name}: every value must be in [0, 2**64 - 1]") from None
+    try:
+        v = obj
+    except (ValueError, TypeError, BufferError) as e:
+        raise type(e)(f"{name} must be a C-contiguous buffer of unsigned 64-bit integers: {e}") from None
+    return v

@@ -1,0 +1,102 @@
+# Reference floors: the least work a C programmer would do for the two
+# hottest walks, compiled with the same compiler and flags as the core so
+# benchmarks can report "core time / floor time" from one run.
+#
+#   coalesce: PFN array -> 32-byte scatterlist-shaped entries, merging runs
+#             of consecutive PFNs up to max_seg bytes (one pass, no chaining,
+#             no kernel rules).
+#   pte:      one 8-byte leaf entry per page.
+
+cdef extern from *:
+    """
+    struct pdb_floor_entry {
+        uint64_t phys;
+        uint32_t offset, length;
+        uint64_t dma_address;
+        uint32_t dma_length, pad;
+    };
+
+    static size_t pdb_floor_coalesce(const uint64_t *pfn, size_t n, uint64_t max_seg,
+                                     void *out_)
+    {
+        struct pdb_floor_entry *out = (struct pdb_floor_entry *)out_;
+        size_t k = 0;
+        uint64_t start, len;
+        if (n == 0)
+            return 0;
+        start = pfn[0];
+        len = 4096;
+        for (size_t i = 1; i < n; i++) {
+            if (pfn[i] == pfn[i - 1] + 1 && len + 4096 <= max_seg) {
+                len += 4096;
+                continue;
+            }
+            out[k].phys = start << 12;
+            out[k].offset = 0;
+            out[k].length = (uint32_t)len;
+            out[k].dma_address = 0;
+            out[k].dma_length = 0;
+            out[k].pad = 0;
+            k++;
+            start = pfn[i];
+            len = 4096;
+        }
+        out[k].phys = start << 12;
+        out[k].offset = 0;
+        out[k].length = (uint32_t)len;
+        out[k].dma_address = 0;
+        out[k].dma_length = 0;
+        out[k].pad = 0;
+        return k + 1;
+    }
+
+    static void pdb_floor_pte(const uint64_t *pfn, size_t n, uint64_t *pte)
+    {
+        for (size_t i = 0; i < n; i++)
+            pte[i] = (pfn[i] << 12) | 3;
+    }
+    """
+    size_t pdb_floor_coalesce(const uint64_t *pfn, size_t n, uint64_t max_seg,
+                              void *out) nogil
+    void pdb_floor_pte(const uint64_t *pfn, size_t n, uint64_t *pte) nogil
+
+
+def floor_coalesce(pfns, uint64_t max_segment=0xFFFFF000, _Buffer out=None):
+    """Run the C floor of the scatterlist walk over ``pfns``.
+
+    Writes up to ``len(pfns)`` 32-byte entries into ``out`` (allocated if
+    not given; pass the same one back to time the loop alone) and returns
+    the number of entries.  This is a measuring stick, not a scatterlist:
+    it knows none of the kernel's rules.
+    """
+    cdef const uint64_t[::1] p = _as_u64_view(pfns, "pfns")
+    cdef size_t n = p.shape[0]
+    cdef size_t k
+    if out is None:
+        out = _new_buffer(n if n else 1, 0, 32, b"32B")
+    elif <size_t>out.shape[0] * <size_t>out.itemsize < n * 32:
+        raise ValueError("out is too small")
+    with nogil:
+        k = pdb_floor_coalesce(&p[0] if n else NULL, n, max_segment, out.data)
+    return k
+
+
+def floor_pte(pfns, _Buffer out=None):
+    """Run the C floor of a page-table walk: one 8-byte write per page."""
+    cdef const uint64_t[::1] p = _as_u64_view(pfns, "pfns")
+    cdef size_t n = p.shape[0]
+    if out is None:
+        out = _new_buffer(n if n else 1, 0, 8, b"Q")
+    elif <size_t>out.shape[0] * <size_t>out.itemsize < n * 8:
+        raise ValueError("out is too small")
+    with nogil:
+        if n:
+            pdb_floor_pte(&p[0], n, <uint64_t *>out.data)
+    return n
+
+
+def floor_buffer(Py_ssize_t n, Py_ssize_t itemsize):
+    """An output buffer for the floors, so a benchmark times only the loop."""
+    if n < 1 or itemsize not in (8, 32):
+        raise ValueError("n must be >= 1 and itemsize 8 or 32")
+    return _new_buffer(n, 0, itemsize, b"Q" if itemsize == 8 else b"32B")

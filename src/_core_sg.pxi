@@ -1,0 +1,856 @@
+# Scatterlists: struct sg_table / sg_append_table as on 64-bit Linux.
+#
+# Entries are 32 bytes.  The kernel allocates them in chunks (at most one
+# page, 128 entries, per sg_kmalloc() call) and turns the last slot of a
+# chunk into a link to the next chunk when more entries are needed.  Here
+# the chunks are laid out one after another in one arena so the whole list
+# can be exported as one NumPy array; the link slots stay where the kernel
+# puts them, hold the address of the next chunk with SG_CHAIN set, and are
+# skipped by sg_next() exactly as in the kernel.
+#
+# Where the kernel is loose the model is strict (each a documented
+# deviation): an empty page list, an offset of a page or more, or a size
+# that does not end inside the last page are -EINVAL instead of reading
+# past the array or wrapping the remaining size.
+
+from libc.stdint cimport UINT32_MAX
+
+cdef uint64_t _SG_LINK_MASK = ~(<uint64_t>(PDB_SG_CHAIN | PDB_SG_END))
+cdef sg_entry _sg_dummy_entry
+
+
+cdef inline uint64_t _kmalloc_bytes(uint64_t nslots) noexcept nogil:
+    """Bytes the kernel spends on one chunk: a page for a full chunk, else
+    the kmalloc size class that holds nslots * 32 bytes."""
+    cdef uint64_t b = nslots * sizeof(sg_entry)
+    if nslots == PDB_SG_MAX_SINGLE_ALLOC:
+        return PDB_PAGE_SIZE
+    if b <= 32:
+        return 32
+    if b <= 64:
+        return 64
+    if b <= 96:
+        return 96
+    if b <= 128:
+        return 128
+    if b <= 192:
+        return 192
+    cdef uint64_t c = 256
+    while c < b:
+        c <<= 1
+    return c
+
+
+cdef void sg_table_free(sg_table *t) noexcept nogil:
+    free(t.slots)
+    memset(t, 0, sizeof(sg_table))
+    t.prv = -1
+
+
+cdef inline void _sg_fix_chains(sg_table *t) noexcept nogil:
+    """Rewrite every link after the arena moved."""
+    cdef uint64_t i
+    for i in range(t.nslots):
+        if t.slots[i].page_link & PDB_SG_CHAIN:
+            t.slots[i].page_link = (<uint64_t><size_t>&t.slots[i + 1]) | PDB_SG_CHAIN
+
+
+cdef int _sg_reserve(sg_table *t, uint64_t extra) noexcept nogil:
+    """Room for ``extra`` more slots without moving the arena again."""
+    cdef uint64_t want
+    cdef sg_entry *p
+    cdef bint moved
+    if t.cap - t.nslots >= extra:
+        return 0
+    if t.no_move:
+        return -EBUSY
+    want = t.cap * 2
+    if want < t.nslots + extra:
+        want = t.nslots + extra
+    if want < 4:
+        want = 4
+    if want > (<uint64_t>1 << 40):
+        return -ENOMEM
+    p = <sg_entry *>realloc(t.slots, want * sizeof(sg_entry))
+    if p == NULL:
+        return -ENOMEM
+    moved = p != t.slots
+    t.slots = p
+    t.cap = want
+    if moved:
+        _sg_fix_chains(t)
+    return 0
+
+
+cdef inline uint64_t _sg_open_chunk(sg_table *t, uint64_t alloc) noexcept nogil:
+    """Account one sg_kmalloc() of ``alloc`` slots at the end of the arena
+    (room reserved).  Returns its first slot; its contents are written by
+    the caller (every slot is either filled or cleared before returning)."""
+    cdef uint64_t first = t.nslots
+    t.nslots += alloc
+    t.nchunks += 1
+    t.last_chunk = first
+    t.meta_bytes += _kmalloc_bytes(alloc)
+    return first
+
+
+cdef inline void _sg_make_link(sg_table *t, uint64_t i) noexcept nogil:
+    t.slots[i].page_link = (<uint64_t><size_t>&t.slots[i + 1]) | PDB_SG_CHAIN
+    t.slots[i].offset = 0
+    t.slots[i].length = 0
+    t.slots[i].dma_address = 0
+    t.slots[i].dma_length = 0
+    t.slots[i].dma_flags = 0
+
+
+cdef inline void _sg_clear(sg_table *t, uint64_t i) noexcept nogil:
+    memset(&t.slots[i], 0, sizeof(sg_entry))
+
+
+cdef int64_t sg_next(const sg_table *t, int64_t i) noexcept nogil:
+    """sg_next(): the slot after ``i``, following a link; -1 at the end."""
+    cdef uint64_t j
+    if i < 0 or t.slots[i].page_link & PDB_SG_END:
+        return -1
+    j = <uint64_t>i + 1
+    if j >= t.nslots:
+        return -1
+    if t.slots[j].page_link & PDB_SG_CHAIN:
+        j += 1              # chunks are laid out back to back
+        if j >= t.nslots:
+            return -1
+    return <int64_t>j
+
+
+cdef int64_t sg_first(const sg_table *t) noexcept nogil:
+    return 0 if t.nslots > 0 else -1
+
+
+cdef int64_t sg_nents_for_len(const sg_table *t, uint64_t nbytes) noexcept nogil:
+    """sg_nents_for_len(): entries needed to cover ``nbytes``; -EINVAL."""
+    cdef int64_t i = sg_first(t)
+    cdef int64_t n = 0
+    cdef uint64_t total = 0
+    if nbytes == 0:
+        return 0
+    while i >= 0:
+        n += 1
+        total += t.slots[i].length
+        if total >= nbytes:
+            return n
+        i = sg_next(t, i)
+    return -EINVAL
+
+
+cdef int sg_alloc(sg_table *t, uint32_t nents) noexcept nogil:
+    """sg_alloc_table(): ``nents`` zeroed entries in chained page chunks.
+
+    ``t`` must be empty.  Each chunk but the last holds 127 entries and a
+    link.  -EINVAL for 0 entries, -ENOMEM.
+    """
+    cdef uint64_t left = nents
+    cdef uint64_t alloc, data, first, total
+    cdef int rc
+    if nents == 0:
+        return -EINVAL
+    total = <uint64_t>nents + (<uint64_t>nents) // (PDB_SG_MAX_SINGLE_ALLOC - 1) + 1
+    rc = _sg_reserve(t, total)
+    if rc < 0:
+        return rc
+    while left:
+        alloc = left
+        if alloc > PDB_SG_MAX_SINGLE_ALLOC:
+            alloc = PDB_SG_MAX_SINGLE_ALLOC
+            data = alloc - 1
+        else:
+            data = alloc
+        left -= data
+        first = _sg_open_chunk(t, alloc)
+        memset(&t.slots[first], 0, alloc * sizeof(sg_entry))
+        if left:
+            _sg_make_link(t, first + alloc - 1)
+        else:
+            t.slots[first + data - 1].page_link = PDB_SG_END
+            t.prv = <int64_t>(first + data - 1)
+    t.nents = nents
+    t.orig_nents = nents
+    t.total_nents = nents
+    return 0
+
+
+cdef int sg_append_pages(sg_table *t, const uint64_t *pfns, uint64_t n,
+                         uint32_t offset, uint64_t size, uint64_t max_segment,
+                         uint32_t left_pages) noexcept nogil:
+    """sg_alloc_append_table_from_pages() on the append table ``t``.
+
+    ``size`` is the byte count after ``offset``; the caller has validated
+    n >= 1, offset < PAGE_SIZE, size ending inside the last page, every
+    PFN below PDB_PFN_LIMIT.  All or nothing: 0, -EINVAL, -ENOMEM.
+    """
+    cdef uint64_t maxseg = max_segment & ~(<uint64_t>PDB_PAGE_SIZE - 1)
+    cdef uint64_t merged = 0
+    cdef uint64_t i, j, k, chunks, seg_len, cur_page, needed, alloc, bound, first
+    cdef uint64_t prv_end_phys, next_pfn, chunk_size, page_phys
+    cdef int64_t cur, nxt
+    cdef uint32_t added = 0
+    cdef sg_entry *prv
+    cdef sg_entry saved
+    cdef int rc
+    cdef bint relocate = False
+    cdef bint closed = False
+
+    if maxseg < PDB_PAGE_SIZE or n == 0:
+        return -EINVAL
+
+    # 1. How many pages merge into the previous last entry (nothing written
+    #    yet, so a failure below leaves the table as it was).
+    if t.prv >= 0:
+        if offset != 0:
+            return -EINVAL
+        prv = &t.slots[t.prv]
+        prv_end_phys = (prv.page_link & ~(<uint64_t>PDB_PAGE_SIZE - 1)) + prv.offset + prv.length
+        next_pfn = prv_end_phys >> PDB_PAGE_SHIFT
+        if pfns[0] == next_pfn:
+            k = prv.length
+            while merged < n:
+                if merged > 0 and pfns[merged] != pfns[merged - 1] + 1:
+                    break
+                if k + PDB_PAGE_SIZE > maxseg:
+                    break
+                k += PDB_PAGE_SIZE
+                merged += 1
+        closed = (prv.page_link & PDB_SG_END) != 0
+
+    if merged == n:
+        prv = &t.slots[t.prv]
+        prv.length += <uint32_t>(merged * PDB_PAGE_SIZE)
+        if left_pages == 0:
+            prv.page_link = (prv.page_link & ~(<uint64_t>PDB_SG_CHAIN)) | PDB_SG_END
+        return 0
+
+    pfns += merged
+    n -= merged
+
+    # 2. Count the new entries: a run of consecutive PFNs, cut every
+    #    max_segment bytes.  (The kernel's own rule, in one pass.)
+    chunks = 1
+    if (n - 1) * PDB_PAGE_SIZE < maxseg:
+        for i in range(1, n):
+            chunks += pfns[i] != pfns[i - 1] + 1
+    else:
+        seg_len = 0
+        for i in range(1, n):
+            seg_len += PDB_PAGE_SIZE
+            if seg_len >= maxseg or pfns[i] != pfns[i - 1] + 1:
+                chunks += 1
+                seg_len = 0
+    if t.nents + chunks > UINT32_MAX:
+        return -EINVAL
+
+    # 3. Reserve the arena for the worst case before touching anything.
+    bound = chunks + chunks // (PDB_SG_MAX_SINGLE_ALLOC - 1) + PDB_SG_MAX_SINGLE_ALLOC + 2
+    rc = _sg_reserve(t, bound)
+    if rc < 0:
+        return rc
+
+    # 4. Commit: grow the previous entry, reopen a closed table, then fill.
+    cur = t.prv
+    if cur >= 0:
+        prv = &t.slots[cur]
+        prv.length += <uint32_t>(merged * PDB_PAGE_SIZE)
+        if closed:
+            # The kernel needs left_pages on every call but the last; a
+            # closed table (a from_pages() result) is reopened here.  If the
+            # last entry fills its chunk there is no slot for the link: move
+            # the entry into the new chunk and put the link where it was.
+            prv.page_link &= ~(<uint64_t>PDB_SG_END)
+            if <uint64_t>cur == t.nslots - 1:
+                saved = prv[0]
+                needed = chunks + left_pages + 1
+                alloc = needed if needed < PDB_SG_MAX_SINGLE_ALLOC else PDB_SG_MAX_SINGLE_ALLOC
+                first = _sg_open_chunk(t, alloc)
+                t.total_nents += <uint32_t>(alloc - 1)
+                _sg_make_link(t, <uint64_t>cur)
+                t.slots[first] = saved
+                if first == t.nslots - 1:
+                    t.slots[first].page_link |= PDB_SG_END
+                cur = <int64_t>first
+                t.prv = cur
+
+    cur_page = 0
+    for i in range(chunks):
+        seg_len = 0
+        j = cur_page + 1
+        while j < n:
+            seg_len += PDB_PAGE_SIZE
+            if seg_len >= maxseg or pfns[j] != pfns[j - 1] + 1:
+                break
+            j += 1
+        # get_next_sg(): the next slot, unless it is the last slot of the
+        # newest chunk and more than one entry is still wanted, in which
+        # case that slot becomes a link to a new chunk.
+        needed = chunks - i + left_pages
+        if cur < 0:
+            alloc = needed if needed < PDB_SG_MAX_SINGLE_ALLOC else PDB_SG_MAX_SINGLE_ALLOC
+            nxt = <int64_t>_sg_open_chunk(t, alloc)
+            t.total_nents = <uint32_t>alloc
+        else:
+            nxt = cur + 1
+            if <uint64_t>nxt == t.nslots - 1 and needed > 1:
+                alloc = needed if needed < PDB_SG_MAX_SINGLE_ALLOC else PDB_SG_MAX_SINGLE_ALLOC
+                _sg_make_link(t, <uint64_t>nxt)
+                nxt = <int64_t>_sg_open_chunk(t, alloc)
+                t.total_nents += <uint32_t>(alloc - 1)
+        cur = nxt
+        chunk_size = <uint32_t>(((j - cur_page) << PDB_PAGE_SHIFT) - offset)
+        t.slots[cur].page_link = (pfns[cur_page] << PDB_PAGE_SHIFT) | (
+            PDB_SG_END if <uint64_t>cur == t.nslots - 1 else 0)
+        t.slots[cur].offset = offset
+        t.slots[cur].length = <uint32_t>(size if size < chunk_size else chunk_size)
+        t.slots[cur].dma_address = 0
+        t.slots[cur].dma_length = 0
+        t.slots[cur].dma_flags = 0
+        added += 1
+        size -= chunk_size
+        offset = 0
+        cur_page = j
+
+    # Slots of the newest chunk past the last entry are left as
+    # sg_init_table() leaves them: zero, END on the chunk's last slot.
+    for k in range(<uint64_t>cur + 1, t.nslots):
+        _sg_clear(t, k)
+        if k == t.nslots - 1:
+            t.slots[k].page_link = PDB_SG_END
+
+    t.nents += added
+    t.orig_nents = t.nents
+    t.prv = cur
+    if left_pages == 0:
+        t.slots[cur].page_link = (t.slots[cur].page_link & ~(<uint64_t>PDB_SG_CHAIN)) | PDB_SG_END
+    return 0
+
+
+cdef int sg_from_dma_ranges(sg_table *t, const uint64_t *pairs, uint64_t n) noexcept nogil:
+    """A DMA-only table over (dma_address, nbytes) pairs.
+
+    Like the kernel's phys-vec helper: no CPU side (page 0, offset and
+    length 0, ``orig_nents == 0``), a range longer than MAX_SG_ENT_SZ is
+    split into consecutive entries.  ``t`` must be empty.  -EINVAL for a
+    zero length or too many entries, -EOVERFLOW for a range past 2**64.
+    """
+    cdef uint64_t i, count = 0, addr, left, step, last
+    cdef int64_t s
+    cdef int rc
+    if n == 0:
+        return -EINVAL
+    for i in range(n):
+        if pairs[2 * i + 1] == 0:
+            return -EINVAL
+        if pdb_add_overflow(pairs[2 * i], pairs[2 * i + 1] - 1, &last):
+            return -EOVERFLOW
+        count += (pairs[2 * i + 1] + PDB_MAX_SG_ENT_SZ - 1) // PDB_MAX_SG_ENT_SZ
+        if count > UINT32_MAX:
+            return -EINVAL
+    rc = sg_alloc(t, <uint32_t>count)
+    if rc < 0:
+        return rc
+    s = sg_first(t)
+    for i in range(n):
+        addr = pairs[2 * i]
+        left = pairs[2 * i + 1]
+        while left:
+            step = left if left < PDB_MAX_SG_ENT_SZ else PDB_MAX_SG_ENT_SZ
+            t.slots[s].dma_address = addr
+            t.slots[s].dma_length = <uint32_t>step
+            addr += step
+            left -= step
+            s = sg_next(t, s)
+    t.orig_nents = 0
+    return 0
+
+
+cdef int64_t sg_cpu_ranges(const sg_table *t, uint64_t *out) noexcept nogil:
+    """(physical address, length) of each of the ``orig_nents`` entries."""
+    cdef int64_t s = sg_first(t)
+    cdef uint64_t k = 0
+    while s >= 0 and k < t.orig_nents:
+        out[2 * k] = (t.slots[s].page_link & _SG_LINK_MASK) + t.slots[s].offset
+        out[2 * k + 1] = t.slots[s].length
+        k += 1
+        s = sg_next(t, s)
+    return <int64_t>k
+
+
+cdef int64_t sg_dma_ranges(const sg_table *t, uint64_t *out) noexcept nogil:
+    """(DMA address, DMA length) of each of the ``nents`` DMA segments."""
+    cdef int64_t s = sg_first(t)
+    cdef uint64_t k = 0
+    while s >= 0 and k < t.nents:
+        out[2 * k] = t.slots[s].dma_address
+        out[2 * k + 1] = t.slots[s].dma_length
+        k += 1
+        s = sg_next(t, s)
+    return <int64_t>k
+
+
+cdef int64_t _sg_count_pages(const sg_table *t) noexcept nogil:
+    cdef int64_t s = sg_first(t)
+    cdef uint64_t k = 0
+    cdef int64_t total = 0
+    while s >= 0 and k < t.orig_nents:
+        total += (t.slots[s].offset + <uint64_t>t.slots[s].length + PDB_PAGE_SIZE - 1) >> PDB_PAGE_SHIFT
+        k += 1
+        s = sg_next(t, s)
+    return total
+
+
+cdef void _sg_fill_pages(const sg_table *t, uint64_t *out) noexcept nogil:
+    cdef int64_t s = sg_first(t)
+    cdef uint64_t k = 0, p, np_, pfn, m = 0
+    while s >= 0 and k < t.orig_nents:
+        np_ = (t.slots[s].offset + <uint64_t>t.slots[s].length + PDB_PAGE_SIZE - 1) >> PDB_PAGE_SHIFT
+        pfn = (t.slots[s].page_link & _SG_LINK_MASK) >> PDB_PAGE_SHIFT
+        for p in range(np_):
+            out[m] = pfn + p
+            m += 1
+        k += 1
+        s = sg_next(t, s)
+
+
+# ------------------------------------------------------------------ Python
+
+SCATTERLIST_MAX_SEGMENT = 0xFFFFF000
+MAX_SG_ENT_SZ = 0xFFFFF000
+SG_MAX_SINGLE_ALLOC = PDB_SG_MAX_SINGLE_ALLOC
+SG_CHAIN = PDB_SG_CHAIN
+SG_END = PDB_SG_END
+SG_DMA_BUS_ADDRESS = PDB_SG_DMA_BUS_ADDRESS
+SG_DMA_SWIOTLB = PDB_SG_DMA_SWIOTLB
+
+cdef bytes _SG_FORMAT = b"T{Q:page_link:I:offset:I:length:Q:dma_address:I:dma_length:I:dma_flags:}"
+
+
+cdef object _pages_args(object pfns_obj, object offset, object nbytes, object max_segment,
+                        object left_pages, uint32_t *off, uint64_t *size, uint64_t *maxseg,
+                        uint32_t *left):
+    """Validate the arguments of from_pages/append_pages with clear errors."""
+    cdef const uint64_t[::1] p = _as_u64_view(pfns_obj, "pfns")
+    cdef uint64_t n = p.shape[0]
+    cdef uint64_t acc = 0
+    cdef uint64_t i
+    if n == 0:
+        raise _errors.InvalidArgument("pfns is empty: a scatterlist needs at least one page")
+    if n > UINT32_MAX:
+        raise _errors.InvalidArgument(f"{n} pages: n_pages is an unsigned int in the kernel")
+    with nogil:
+        for i in range(n):
+            acc |= p[i]
+    if acc >= PDB_PFN_LIMIT:
+        raise _errors.OutOfRange("a PFN is beyond 52-bit physical addresses")
+    if not isinstance(offset, int):
+        raise TypeError("offset must be an int")
+    if offset < 0 or offset >= PDB_PAGE_SIZE:
+        raise _errors.InvalidArgument(
+            f"offset {offset:#x} must be inside the first page (0 <= offset < {PDB_PAGE_SIZE:#x})")
+    off[0] = offset
+    cdef object full = n * PDB_PAGE_SIZE - offset
+    if nbytes is None:
+        nbytes = full
+    if not isinstance(nbytes, int):
+        raise TypeError("nbytes must be an int or None")
+    if nbytes > full or nbytes <= full - PDB_PAGE_SIZE:
+        raise _errors.InvalidArgument(
+            f"nbytes {nbytes:#x} must end inside the last of the {n} pages "
+            f"(after offset {offset:#x}: {full - PDB_PAGE_SIZE + 1:#x} .. {full:#x})")
+    size[0] = nbytes
+    if not isinstance(max_segment, int):
+        raise TypeError("max_segment must be an int")
+    if max_segment < 0 or max_segment > UINT32_MAX:
+        raise _errors.InvalidArgument(
+            f"max_segment {max_segment:#x} does not fit an unsigned int")
+    if (max_segment & ~(PDB_PAGE_SIZE - 1)) < PDB_PAGE_SIZE:
+        raise _errors.InvalidArgument(
+            f"max_segment {max_segment:#x} rounds down below PAGE_SIZE")
+    maxseg[0] = max_segment
+    if not isinstance(left_pages, int):
+        raise TypeError("left_pages must be an int")
+    if left_pages < 0 or left_pages > UINT32_MAX:
+        raise _errors.InvalidArgument("left_pages must fit an unsigned int")
+    left[0] = left_pages
+    return p
+
+
+@cython.final
+cdef class SgTable:
+    """A scatterlist table, ``struct sg_table`` as on 64-bit Linux.
+
+    Entries are 32 bytes (``page_link``, ``offset``, ``length``,
+    ``dma_address``, ``dma_length``, ``dma_flags``) in chunks of at most one
+    page (128 entries); the last slot of a chunk that is followed by another
+    chunk is a link.  ``orig_nents`` counts CPU entries, ``nents`` DMA
+    segments (equal until the table is mapped; a DMA-only table has
+    ``orig_nents == 0``).
+
+    Build one with :meth:`from_pages`, :meth:`from_ranges`, :meth:`alloc`,
+    or start empty with ``SgTable()`` and :meth:`append_pages`.
+
+    The table exports its slots through the buffer protocol:
+    ``numpy.asarray(table)`` (or :attr:`entries`) is a structured array over
+    the table's own memory.  While such a view exists, a call that would
+    have to move the slots raises ``BufferError``.
+    """
+
+    def __cinit__(self):
+        memset(&self.t, 0, sizeof(sg_table))
+        self.t.prv = -1
+        self.exports = 0
+        self.lock = _new_lock()
+
+    def __dealloc__(self):
+        sg_table_free(&self.t)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+            self.lock = NULL
+
+    # ---------------------------------------------------------- builders
+
+    @staticmethod
+    def from_pages(pfns, offset=0, nbytes=None, max_segment=SCATTERLIST_MAX_SEGMENT):
+        """``sg_alloc_table_from_pages_segment()``: merge consecutive pages.
+
+        Parameters
+        ----------
+        pfns : buffer of u64
+            Page frame numbers, in buffer order (NumPy array, memoryview,
+            ``array('Q')``; a list is copied).
+        offset : int
+            Byte offset of the data in the first page, ``0 <= offset < 4096``.
+        nbytes : int, optional
+            Bytes of data after ``offset``; must end inside the last page.
+            Default: to the end of the last page.
+        max_segment : int
+            Largest entry in bytes; rounded down to a page multiple, and
+            must stay at least one page.
+
+        Returns
+        -------
+        SgTable
+            A new table with ``nents == orig_nents`` entries.  Each run of
+            consecutive PFNs becomes one entry, cut every ``max_segment``
+            bytes; the first entry starts at ``offset``, the last ends where
+            ``nbytes`` ends.
+
+        Raises
+        ------
+        InvalidArgument
+            (EINVAL) empty ``pfns``, ``max_segment`` below a page, an
+            offset or ``nbytes`` outside the pages.
+        OutOfRange
+            (ERANGE) a PFN beyond 52-bit physical addresses.
+        """
+        cdef SgTable t = SgTable.__new__(SgTable)
+        t.append_pages(pfns, offset=offset, nbytes=nbytes, max_segment=max_segment)
+        return t
+
+    @staticmethod
+    def alloc(nents):
+        """``sg_alloc_table()``: ``nents`` zeroed entries (EINVAL for 0)."""
+        cdef SgTable t = SgTable.__new__(SgTable)
+        if not isinstance(nents, int):
+            raise TypeError("nents must be an int")
+        if nents <= 0 or nents > UINT32_MAX:
+            raise _errors.InvalidArgument(f"sg_alloc_table: nents {nents} must be in 1 .. 2**32 - 1")
+        _check(sg_alloc(&t.t, <uint32_t>nents), "sg_alloc_table")
+        return t
+
+    @staticmethod
+    def from_ranges(pairs):
+        """A DMA-only table from an (N, 2) buffer of (address, nbytes) rows.
+
+        Models the tables the kernel's ``dma_buf_phys_vec_to_sgt()`` hands
+        out: no CPU side (``orig_nents == 0``, pages and CPU lengths 0), only
+        DMA addresses and lengths; a range longer than ``MAX_SG_ENT_SZ``
+        (0xFFFFF000) is split into consecutive entries.
+
+        Raises InvalidArgument for an empty input or a zero length, Overflow
+        for a range running past 2**64.
+        """
+        cdef const uint64_t[::1] flat
+        cdef SgTable t = SgTable.__new__(SgTable)
+        cdef uint64_t n
+        cdef int rc
+        flat = _pairs_view(pairs, "pairs")
+        n = flat.shape[0] // 2
+        if n == 0:
+            raise _errors.InvalidArgument("from_ranges: no ranges")
+        with nogil:
+            rc = sg_from_dma_ranges(&t.t, &flat[0], n)
+        _check(rc, lambda: {-EINVAL: "from_ranges: a range has length 0, or too many entries",
+                            -EOVERFLOW: "from_ranges: a range runs past 2**64 - 1"}.get(rc, "from_ranges"))
+        return t
+
+    @staticmethod
+    def from_buffer(buffer, max_segment=SCATTERLIST_MAX_SEGMENT):
+        """The pages behind a Python buffer, read through :func:`pagemap`."""
+        cdef uint64_t addr, length
+        pfns = pagemap(buffer)
+        addr, length = _buffer_span(buffer)
+        return SgTable.from_pages(pfns, offset=addr & (PDB_PAGE_SIZE - 1), nbytes=length,
+                                  max_segment=max_segment)
+
+    def append_pages(self, pfns, offset=0, nbytes=None, max_segment=SCATTERLIST_MAX_SEGMENT,
+                     left_pages=0):
+        """``sg_alloc_append_table_from_pages()``: add pages to this table.
+
+        Pages that continue the table's last entry are merged into it (up to
+        ``max_segment``; ``nbytes`` is not consulted for them, as in the
+        kernel), the rest become new entries.  ``offset`` must be 0 when the
+        table already has entries.  ``left_pages`` says how many more pages
+        later calls will add: the kernel allocates room for them now and
+        leaves the table open; with 0 the last entry is marked as the end.
+        Appending to a closed table reopens it (the kernel would need
+        ``left_pages`` on the earlier call).
+
+        On failure the table is unchanged.  Raises as :meth:`from_pages`,
+        plus ``BufferError`` if the slots must move while exported.
+        """
+        cdef const uint64_t[::1] p
+        cdef uint32_t off, left
+        cdef uint64_t size, maxseg
+        cdef int rc
+        p = _pages_args(pfns, offset, nbytes, max_segment, left_pages, &off, &size, &maxseg, &left)
+        if self.t.prv >= 0 and off != 0:
+            raise _errors.InvalidArgument("append_pages: offset must be 0 when the table has entries")
+        if self.mapping is not None:
+            raise _errors.Busy("append_pages: the table is mapped for DMA; unmap it first")
+        if self.t.orig_nents == 0 and self.t.nents > 0:
+            raise _errors.InvalidArgument("append_pages: a DMA-only table has no CPU side")
+        _acquire(self.lock)
+        self.t.no_move = self.exports > 0
+        with nogil:
+            rc = sg_append_pages(&self.t, &p[0], p.shape[0], off, size, maxseg, left)
+        self.t.no_move = 0
+        _release(self.lock)
+        if rc == -EBUSY:
+            raise BufferError("append_pages: the table is exported (a NumPy view of its "
+                              "entries exists) and its slots would have to move")
+        _check(rc, "append_pages")
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def nents(self):
+        """DMA segments (``sgt->nents``); equals ``orig_nents`` until mapped."""
+        return self.t.nents
+
+    @property
+    def orig_nents(self):
+        """CPU entries (``sgt->orig_nents``); 0 for a DMA-only table."""
+        return self.t.orig_nents
+
+    @property
+    def total_nents(self):
+        """Data slots allocated (``sg_append_table.total_nents``)."""
+        return self.t.total_nents
+
+    @property
+    def nchunks(self):
+        """Allocations the kernel would have made for this table."""
+        return self.t.nchunks
+
+    @property
+    def nslots(self):
+        """Slots in all chunks, links and spare slots included."""
+        return self.t.nslots
+
+    @property
+    def metadata_nbytes(self):
+        """Bytes the kernel's allocator would spend on the chunks."""
+        return self.t.meta_bytes
+
+    @property
+    def is_dma_only(self):
+        """True for a table with no CPU side (``orig_nents == 0``)."""
+        return self.t.orig_nents == 0 and self.t.nents > 0
+
+    @property
+    def cpu_nbytes(self):
+        """Sum of the CPU lengths of the ``orig_nents`` entries."""
+        cdef int64_t s = sg_first(&self.t)
+        cdef uint64_t k = 0, total = 0
+        _acquire(self.lock)
+        with nogil:
+            while s >= 0 and k < self.t.orig_nents:
+                total += self.t.slots[s].length
+                k += 1
+                s = sg_next(&self.t, s)
+        _release(self.lock)
+        return total
+
+    @property
+    def dma_nbytes(self):
+        """Sum of the DMA lengths of the ``nents`` segments."""
+        cdef int64_t s = sg_first(&self.t)
+        cdef uint64_t k = 0, total = 0
+        _acquire(self.lock)
+        with nogil:
+            while s >= 0 and k < self.t.nents:
+                total += self.t.slots[s].dma_length
+                k += 1
+                s = sg_next(&self.t, s)
+        _release(self.lock)
+        return total
+
+    @property
+    def total_nbytes(self):
+        """Bytes described: the CPU side, or the DMA side of a DMA-only table."""
+        return self.dma_nbytes if self.t.orig_nents == 0 else self.cpu_nbytes
+
+    @property
+    def entries(self):
+        """Every slot as a NumPy structured array, without copying.
+
+        One row per slot in memory order: data entries, link slots
+        (``page_link & SG_CHAIN``) and spare slots after the end.  Fields
+        ``page_link``, ``offset``, ``length``, ``dma_address``,
+        ``dma_length``, ``dma_flags``.  Use :meth:`cpu_ranges` and
+        :meth:`dma_ranges` for one row per segment.
+        """
+        return _np().asarray(self)
+
+    def cpu_ranges(self):
+        """(orig_nents, 2) u64 array of (physical address, nbytes) rows."""
+        cdef _Buffer b = _new_buffer(self.t.orig_nents, 2, 8, b"Q")
+        _acquire(self.lock)
+        with nogil:
+            sg_cpu_ranges(&self.t, <uint64_t *>b.data)
+        _release(self.lock)
+        return _np().asarray(b)
+
+    def dma_ranges(self):
+        """(nents, 2) u64 array of (DMA address, nbytes) rows."""
+        cdef _Buffer b = _new_buffer(self.t.nents, 2, 8, b"Q")
+        _acquire(self.lock)
+        with nogil:
+            sg_dma_ranges(&self.t, <uint64_t *>b.data)
+        _release(self.lock)
+        return _np().asarray(b)
+
+    def cpu_segments(self):
+        """Iterate over (physical address, nbytes) of the CPU entries."""
+        for addr, n in self.cpu_ranges().tolist():
+            yield addr, n
+
+    def dma_segments(self):
+        """Iterate over (DMA address, nbytes) of the DMA segments."""
+        for addr, n in self.dma_ranges().tolist():
+            yield addr, n
+
+    def pfns(self):
+        """The PFN of every page the CPU entries touch, in order (u64 array)."""
+        cdef int64_t total
+        cdef _Buffer b
+        _acquire(self.lock)
+        try:
+            total = _sg_count_pages(&self.t)
+            b = _new_buffer(total, 0, 8, b"Q")
+            with nogil:
+                _sg_fill_pages(&self.t, <uint64_t *>b.data)
+        finally:
+            _release(self.lock)
+        return _np().asarray(b)
+
+    def nents_for_len(self, nbytes):
+        """``sg_nents_for_len()``: entries needed to cover ``nbytes``."""
+        cdef uint64_t n = _u64(nbytes, "nbytes")
+        cdef int64_t rc
+        _acquire(self.lock)
+        rc = sg_nents_for_len(&self.t, n)
+        _release(self.lock)
+        return _check(rc, lambda: f"the table holds fewer than {n:#x} bytes")
+
+    def sg_nents(self):
+        """``sg_nents()``: entries up to the end mark, links not counted."""
+        cdef int64_t s = sg_first(&self.t)
+        cdef int64_t n = 0
+        _acquire(self.lock)
+        with nogil:
+            while s >= 0:
+                n += 1
+                s = sg_next(&self.t, s)
+        _release(self.lock)
+        return n
+
+    # ---------------------------------------------------- buffer protocol
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        cdef Py_ssize_t *shape = <Py_ssize_t *>malloc(sizeof(Py_ssize_t))
+        if shape == NULL:
+            raise MemoryError()
+        _acquire(self.lock)
+        self.exports += 1
+        shape[0] = <Py_ssize_t>self.t.nslots
+        _release(self.lock)
+        view.buf = <void *>self.t.slots if self.t.slots != NULL else <void *>&_sg_dummy_entry
+        view.obj = self
+        view.len = shape[0] * <Py_ssize_t>sizeof(sg_entry)
+        view.readonly = 0
+        view.itemsize = sizeof(sg_entry)
+        view.format = <char *>_SG_FORMAT if (flags & PyBUF_FORMAT) else NULL
+        view.ndim = 1
+        view.shape = shape if (flags & PyBUF_ND) else NULL
+        view.strides = &view.itemsize if (flags & PyBUF_STRIDES) else NULL
+        view.suboffsets = NULL
+        view.internal = <void *>shape
+
+    def __releasebuffer__(self, Py_buffer *view):
+        free(view.internal)
+        view.internal = NULL
+        _acquire(self.lock)
+        self.exports -= 1
+        _release(self.lock)
+
+    def __len__(self):
+        return self.t.nents
+
+    def __repr__(self):
+        from pydmabuf._types import _fmt_size
+        if self.t.nslots == 0:
+            return "<SgTable empty>"
+        state = f", mapped by {self.mapping.device_name}" if self.mapping is not None else ""
+        if self.t.orig_nents == 0:
+            return (f"<SgTable DMA-only: {self.t.nents} segment{'s' if self.t.nents != 1 else ''}, "
+                    f"{_fmt_size(self.dma_nbytes)}{state}>")
+        return (f"<SgTable {self.t.orig_nents} entr{'ies' if self.t.orig_nents != 1 else 'y'} "
+                f"({_fmt_size(self.cpu_nbytes)}), nents={self.t.nents}, "
+                f"{self.t.nchunks} chunk{'s' if self.t.nchunks != 1 else ''}{state}>")
+
+
+cdef object _pairs_view(object pairs, str name):
+    """A flat const u64 view of an (N, 2) buffer of (address, nbytes) rows."""
+    cdef const uint64_t[:, ::1] two
+    cdef const uint64_t[::1] flat
+    if isinstance(pairs, (list, tuple)):
+        np = _np()
+        try:
+            pairs = np.asarray(pairs, dtype=np.uint64).reshape(-1, 2)
+        except OverflowError:
+            raise _errors.InvalidArgument(f"{name}: every value must be in [0, 2**64 - 1]") from None
+        except ValueError as e:
+            raise ValueError(f"{name} must be (N, 2) rows of (address, nbytes): {e}") from None
+    try:
+        two = pairs
+    except (ValueError, TypeError, BufferError) as e:
+        try:
+            flat = pairs
+        except (ValueError, TypeError, BufferError):
+            raise type(e)(f"{name} must be a C-contiguous (N, 2) buffer of u64: {e}") from None
+        if flat.shape[0] % 2:
+            raise ValueError(f"{name} must hold (address, nbytes) pairs: odd length {flat.shape[0]}")
+        return flat
+    if two.shape[1] != 2:
+        raise ValueError(f"{name} must have 2 columns, not {two.shape[1]}")
+    if two.shape[0] == 0:
+        return _as_u64_view(_np().zeros(0, dtype=_np().uint64), name)
+    flat = <const uint64_t[:two.shape[0] * 2]>&two[0, 0]
+    return flat

@@ -1,0 +1,75 @@
+"""Small value types shared by the core and the Python layer."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+__all__ = ["RangeKind", "Range", "DmaDirection", "PAGE_SIZE", "PAGE_SHIFT"]
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+
+class RangeKind(enum.IntEnum):
+    """What a range of an address map is.
+
+    Range tables accept any kind in ``0..255``; these are the ones pydmabuf
+    itself uses.
+    """
+
+    OTHER = 0
+    RAM = 1  #: system RAM with struct pages
+    MMIO = 2  #: device memory (a PCI BAR): no struct pages, not cacheable
+    PRIVATE = 3  #: confidential-computing private memory
+    RESERVED = 4  #: holes, firmware, IOMMU reserved regions, MSI windows
+    IOVA = 5  #: an allocated IO virtual address range
+    SWIOTLB = 6  #: a bounce-buffer pool
+
+
+class Range(NamedTuple):
+    """One range of a :class:`~pydmabuf.RangeTable`: ``[start, start + nbytes)``."""
+
+    start: int
+    nbytes: int
+    kind: int
+    owner: int
+    flags: int
+
+    @property
+    def last(self) -> int:
+        """The inclusive last address, ``start + nbytes - 1``."""
+        return self.start + self.nbytes - 1
+
+    @property
+    def end(self) -> int:
+        """The exclusive end, ``start + nbytes`` (may be 2**64)."""
+        return self.start + self.nbytes
+
+    def __repr__(self) -> str:
+        kind = self.kind.name if isinstance(self.kind, RangeKind) else str(self.kind)
+        return (
+            f"Range([{self.start:#x}, {self.last:#x}], {_fmt_size(self.nbytes)}, {kind}"
+            f"{f', owner={self.owner}' if self.owner else ''}"
+            f"{f', flags={self.flags:#x}' if self.flags else ''})"
+        )
+
+
+class DmaDirection(enum.IntEnum):
+    """``enum dma_data_direction``."""
+
+    BIDIRECTIONAL = 0
+    TO_DEVICE = 1
+    FROM_DEVICE = 2
+    NONE = 3
+
+
+def _fmt_size(n: int) -> str:
+    """A byte count for people: ``4 KiB``, ``1.5 MiB``, ``16 EiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
+        if n < 1024 or unit == "EiB":
+            if unit == "B" or n == int(n):
+                return f"{int(n)} {unit}"
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
