@@ -26,7 +26,15 @@ cdef extern from *:
     static inline int pdb_add_overflow(uint64_t a, uint64_t b, uint64_t *r) {
         return __builtin_add_overflow(a, b, r);
     }
+    static inline Py_ssize_t pdb_atomic_add(Py_ssize_t *p, Py_ssize_t v) {
+        return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
+    }
+    static inline Py_ssize_t pdb_atomic_load(Py_ssize_t *p) {
+        return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    }
     """
+    Py_ssize_t _atomic_add "pdb_atomic_add" (Py_ssize_t *p, Py_ssize_t v) nogil
+    Py_ssize_t _atomic_load "pdb_atomic_load" (Py_ssize_t *p) nogil
     int pdb_clz64(uint64_t x) nogil
     int pdb_ctz64(uint64_t x) nogil
     bint pdb_add_overflow(uint64_t a, uint64_t b, uint64_t *r) nogil
@@ -224,13 +232,38 @@ cdef object _as_u64_view(object obj, str name):
     """
     cdef const uint64_t[::1] v
     if isinstance(obj, (list, tuple)):
-        np = _np()
-        try:
-            obj = np.asarray(obj, dtype=np.uint64)
-        except OverflowError:
-            raise _errors.InvalidArgument(f"{name}: every value must be in [0, 2**64 - 1]") from None
+        obj = _ints_to_u64(obj, name)
     try:
         v = obj
     except (ValueError, TypeError, BufferError) as e:
         raise type(e)(f"{name} must be a C-contiguous buffer of unsigned 64-bit integers: {e}") from None
     return v
+
+
+cdef object _ints_to_u64(object seq, str name):
+    """A list or tuple of ints as a NumPy u64 array (a copy), strictly."""
+    np = _np()
+    if len(seq) == 0:
+        return np.zeros(0, dtype=np.uint64)
+    try:
+        a = np.asarray(seq)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{name}: not a rectangular sequence of integers: {e}") from None
+    kind = a.dtype.kind
+    if kind == "u":
+        return np.ascontiguousarray(a, dtype=np.uint64)
+    if kind == "i":
+        if (a < 0).any():
+            raise _errors.InvalidArgument(f"{name}: values must not be negative")
+        return np.ascontiguousarray(a, dtype=np.uint64)
+    if kind in "fO":
+        # Either not integers, or ints NumPy could not hold in one integer
+        # dtype (a mix of values above 2**63 and below 0 or small ones).
+        flat = np.asarray(seq, dtype=object).ravel().tolist()
+        if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
+            raise TypeError(f"{name} must hold integers")
+        try:
+            return np.ascontiguousarray(np.array(seq, dtype=np.uint64))
+        except OverflowError:
+            raise _errors.InvalidArgument(f"{name}: every value must be in [0, 2**64 - 1]") from None
+    raise TypeError(f"{name} must hold integers, not {a.dtype}")

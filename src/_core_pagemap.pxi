@@ -86,7 +86,7 @@ cdef tuple _buffer_span(object buffer):
     cdef Py_buffer view
     try:
         PyObject_GetBuffer(buffer, &view, PyBUF_ANY_CONTIGUOUS)
-    except BufferError as e:
+    except (BufferError, ValueError) as e:
         raise BufferError(f"the buffer must be contiguous: {e}") from None
     except TypeError:
         raise TypeError(f"{type(buffer).__name__} does not support the buffer protocol") from None
@@ -138,10 +138,10 @@ def pagemap(buffer, populate=True):
     try:
         PyObject_GetBuffer(buffer, &view, PyBUF_ANY_CONTIGUOUS | PyBUF_WRITABLE)
         writable = 1
-    except (BufferError, TypeError):
+    except (BufferError, TypeError, ValueError):
         try:
             PyObject_GetBuffer(buffer, &view, PyBUF_ANY_CONTIGUOUS)
-        except BufferError as e:
+        except (BufferError, ValueError) as e:
             raise BufferError(f"pagemap: the buffer must be contiguous: {e}") from None
         except TypeError:
             raise TypeError(f"pagemap: {type(buffer).__name__} does not support the buffer protocol") from None

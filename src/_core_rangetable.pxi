@@ -677,11 +677,12 @@ cdef class RangeTable:
     @property
     def total_nbytes(self):
         """Bytes covered by all ranges (may be 2**64)."""
+        cdef uint64_t lo, hi
         _acquire(self.lock)
-        try:
-            return (<object>self.t.nbytes_hi << 64) | self.t.nbytes_lo
-        finally:
-            _release(self.lock)
+        lo = self.t.nbytes_lo
+        hi = self.t.nbytes_hi
+        _release(self.lock)
+        return (<object>hi << 64) | lo
 
     def insert(self, start, nbytes, kind=_RangeKind.RAM, owner=0, flags=0):
         """Insert ``[start, start + nbytes)``.
@@ -707,7 +708,7 @@ cdef class RangeTable:
         if rc < 0:
             _check(rc, lambda: self._insert_error(rc, first, last))
 
-    def _insert_error(self, int rc, uint64_t first, uint64_t last):
+    cdef str _insert_error(self, int rc, uint64_t first, uint64_t last):
         if rc == -EEXIST:
             hit = self.overlapping(first, <object>last - first + 1)
             return f"[{first:#x}, {last:#x}] overlaps {hit[0]!r}" if hit else "overlap"
@@ -856,12 +857,13 @@ cdef class RangeTable:
         """The :class:`~pydmabuf.Range` holding ``addr``, or ``None``."""
         cdef uint64_t a = _u64(addr, "addr")
         cdef const rt_node *n
+        cdef rt_node copy
         _acquire(self.lock)
-        try:
-            n = rt_lookup(&self.t, a)
-            return _range_obj(n) if n != NULL else None
-        finally:
-            _release(self.lock)
+        n = rt_lookup(&self.t, a)
+        if n != NULL:
+            copy = n[0]
+        _release(self.lock)
+        return _range_obj(&copy) if n != NULL else None
 
     def __contains__(self, addr):
         if not isinstance(addr, int) or addr < 0 or addr > _U64_MAX:
@@ -876,29 +878,46 @@ cdef class RangeTable:
     def overlapping(self, start, nbytes):
         """The ranges meeting ``[start, start + nbytes)``, in address order."""
         cdef uint64_t first, last
-        cdef const rt_node *n
-        cdef list out = []
         _window(start, nbytes, "overlapping", &first, &last)
+        return self._collect(first, last)
+
+    cdef list _collect(self, uint64_t first, uint64_t last):
+        """Ranges meeting [first, last]: copied under the lock, built after."""
+        cdef const rt_node *n
+        cdef rt_node *buf = NULL
+        cdef rt_node *grown
+        cdef uint64_t cnt = 0, cap = 0, i
         _acquire(self.lock)
+        n = rt_first_overlap(&self.t, first, last)
+        while n != NULL and n.start <= last:
+            if cnt == cap:
+                cap = cap * 2 if cap else 16
+                grown = <rt_node *>realloc(buf, cap * sizeof(rt_node))
+                if grown == NULL:
+                    _release(self.lock)
+                    free(buf)
+                    raise MemoryError()
+                buf = grown
+            buf[cnt] = n[0]
+            cnt += 1
+            n = rt_next(&self.t, n.start)
+        _release(self.lock)
         try:
-            n = rt_first_overlap(&self.t, first, last)
-            while n != NULL and n.start <= last:
-                out.append(_range_obj(n))
-                n = rt_next(&self.t, n.start)
+            return [_range_obj(&buf[i]) for i in range(cnt)]
         finally:
-            _release(self.lock)
-        return out
+            free(buf)
 
     def next_after(self, addr):
         """The first range starting above ``addr``, or ``None``."""
         cdef uint64_t a = _u64(addr, "addr")
         cdef const rt_node *n
+        cdef rt_node copy
         _acquire(self.lock)
-        try:
-            n = rt_next(&self.t, a)
-            return _range_obj(n) if n != NULL else None
-        finally:
-            _release(self.lock)
+        n = rt_next(&self.t, a)
+        if n != NULL:
+            copy = n[0]
+        _release(self.lock)
+        return _range_obj(&copy) if n != NULL else None
 
     def find_gap(self, nbytes, align=1, lo=0, hi=_U64_MAX, top_down=False):
         """Find ``nbytes`` free bytes aligned to ``align`` inside ``[lo, hi]``.
@@ -955,23 +974,23 @@ cdef class RangeTable:
         or not as their address falls.
         """
         cdef const rt_node *n
+        cdef rt_node copy
         cdef uint64_t cursor = 0
         cdef bint first = True
         while True:
             _acquire(self.lock)
-            try:
-                if first:
-                    n = rt_first_overlap(&self.t, 0, _U64_MAX)
-                else:
-                    n = rt_next(&self.t, cursor)
-                if n == NULL:
-                    return
-                cursor = n.start
-                r = _range_obj(n)
-            finally:
-                _release(self.lock)
+            if first:
+                n = rt_first_overlap(&self.t, 0, _U64_MAX)
+            else:
+                n = rt_next(&self.t, cursor)
+            if n != NULL:
+                copy = n[0]
+            _release(self.lock)
+            if n == NULL:
+                return
+            cursor = copy.start
             first = False
-            yield r
+            yield _range_obj(&copy)
 
     def as_array(self):
         """All ranges as a NumPy structured array (a copy), in address order.
@@ -983,9 +1002,13 @@ cdef class RangeTable:
         cdef uint64_t i = 0
         cdef const rt_node *n
         cdef char *p
-        _acquire(self.lock)
+        while True:
+            b = _new_buffer(len(self), 0, 32, b"T{Q:start:Q:last:Q:owner:I:flags:B:kind:3x}")
+            _acquire(self.lock)
+            if <uint64_t>b.shape[0] == self.t.count:
+                break
+            _release(self.lock)     # the table changed meanwhile: again
         try:
-            b = _new_buffer(self.t.count, 0, 32, b"T{Q:start:Q:last:Q:owner:I:flags:B:kind:3x}")
             p = b.data
             n = rt_first_overlap(&self.t, 0, _U64_MAX)
             while n != NULL:

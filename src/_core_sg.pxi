@@ -41,8 +41,99 @@ cdef inline uint64_t _kmalloc_bytes(uint64_t nslots) noexcept nogil:
     return c
 
 
+# A small cache of freed arenas, the model's stand-in for the kernel's
+# slab and per-CPU page caches: a table built right after another one was
+# freed reuses warm memory instead of faulting in fresh pages.  Bounded;
+# small arenas go straight back to malloc.
+cdef extern from *:
+    """
+    #define PDB_POOL_SLOTS 8
+    #define PDB_POOL_MIN_BYTES (64u << 10)
+    #define PDB_POOL_LIMIT_BYTES (128ull << 20)
+    struct pdb_pool_ent { void *p; uint64_t cap; };
+    static struct pdb_pool_ent pdb_pool[PDB_POOL_SLOTS];
+    static uint64_t pdb_pool_bytes;
+    static char pdb_pool_busy;
+    static void pdb_pool_lock(void) {
+        while (__atomic_test_and_set(&pdb_pool_busy, __ATOMIC_ACQUIRE))
+            ;
+    }
+    static void pdb_pool_unlock(void) { __atomic_clear(&pdb_pool_busy, __ATOMIC_RELEASE); }
+
+    /* An arena of at least want slots of esz bytes; *cap gets its size. */
+    static void *pdb_pool_get(uint64_t want, uint64_t esz, uint64_t *cap) {
+        int best = -1, i;
+        void *p;
+        if (want * esz >= PDB_POOL_MIN_BYTES) {
+            pdb_pool_lock();
+            for (i = 0; i < PDB_POOL_SLOTS; i++)
+                if (pdb_pool[i].p && pdb_pool[i].cap >= want &&
+                    (best < 0 || pdb_pool[i].cap < pdb_pool[best].cap))
+                    best = i;
+            if (best >= 0 && pdb_pool[best].cap <= 4 * want + 1024) {
+                p = pdb_pool[best].p;
+                *cap = pdb_pool[best].cap;
+                pdb_pool[best].p = NULL;
+                pdb_pool_bytes -= *cap * esz;
+                pdb_pool_unlock();
+                return p;
+            }
+            pdb_pool_unlock();
+        }
+        p = malloc(want * esz);
+        *cap = p ? want : 0;
+        return p;
+    }
+
+    static void pdb_pool_put(void *p, uint64_t cap, uint64_t esz) {
+        int i;
+        if (!p)
+            return;
+        if (cap * esz >= PDB_POOL_MIN_BYTES) {
+            pdb_pool_lock();
+            if (pdb_pool_bytes + cap * esz <= PDB_POOL_LIMIT_BYTES) {
+                for (i = 0; i < PDB_POOL_SLOTS; i++) {
+                    if (!pdb_pool[i].p) {
+                        pdb_pool[i].p = p;
+                        pdb_pool[i].cap = cap;
+                        pdb_pool_bytes += cap * esz;
+                        pdb_pool_unlock();
+                        return;
+                    }
+                }
+            }
+            pdb_pool_unlock();
+        }
+        free(p);
+    }
+
+    static void pdb_pool_drain(void) {
+        int i;
+        pdb_pool_lock();
+        for (i = 0; i < PDB_POOL_SLOTS; i++) {
+            free(pdb_pool[i].p);
+            pdb_pool[i].p = NULL;
+        }
+        pdb_pool_bytes = 0;
+        pdb_pool_unlock();
+    }
+    """
+    void *pdb_pool_get(uint64_t want, uint64_t esz, uint64_t *cap) nogil
+    void pdb_pool_put(void *p, uint64_t cap, uint64_t esz) nogil
+    void pdb_pool_drain() nogil
+    uint64_t pdb_pool_bytes
+
+
+def drain_arena_cache():
+    """Free the arenas cached for reuse by new scatterlists; returns the
+    bytes that were cached."""
+    cdef uint64_t n = pdb_pool_bytes
+    pdb_pool_drain()
+    return n
+
+
 cdef void sg_table_free(sg_table *t) noexcept nogil:
-    free(t.slots)
+    pdb_pool_put(t.slots, t.cap, sizeof(sg_entry))
     memset(t, 0, sizeof(sg_table))
     t.prv = -1
 
@@ -57,9 +148,8 @@ cdef inline void _sg_fix_chains(sg_table *t) noexcept nogil:
 
 cdef int _sg_reserve(sg_table *t, uint64_t extra) noexcept nogil:
     """Room for ``extra`` more slots without moving the arena again."""
-    cdef uint64_t want
+    cdef uint64_t want, cap = 0
     cdef sg_entry *p
-    cdef bint moved
     if t.cap - t.nslots >= extra:
         return 0
     if t.no_move:
@@ -71,14 +161,15 @@ cdef int _sg_reserve(sg_table *t, uint64_t extra) noexcept nogil:
         want = 4
     if want > (<uint64_t>1 << 40):
         return -ENOMEM
-    p = <sg_entry *>realloc(t.slots, want * sizeof(sg_entry))
+    p = <sg_entry *>pdb_pool_get(want, sizeof(sg_entry), &cap)
     if p == NULL:
         return -ENOMEM
-    moved = p != t.slots
+    if t.nslots:
+        memcpy(p, t.slots, t.nslots * sizeof(sg_entry))
+    pdb_pool_put(t.slots, t.cap, sizeof(sg_entry))
     t.slots = p
-    t.cap = want
-    if moved:
-        _sg_fix_chains(t)
+    t.cap = cap
+    _sg_fix_chains(t)
     return 0
 
 
@@ -178,16 +269,216 @@ cdef int sg_alloc(sg_table *t, uint32_t nents) noexcept nogil:
     return 0
 
 
+cdef enum:
+    _SG_BLOCK = 1024
+
+cdef extern from *:
+    """
+    /* For each of m pages, p[j] - p[j - 1] - 1 (0 when the page continues
+       the previous one); ORs the PFNs into *acc; returns the OR of the
+       differences.  Compiled for AVX2 too, picked at load time. */
+    #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
+    __attribute__((target_clones("avx2", "default")))
+    #endif
+    static uint64_t pdb_sg_mark(const uint64_t *restrict p, uint64_t m,
+                                uint64_t *restrict dif, uint64_t *acc)
+    {
+        uint64_t d = 0, a = *acc, j;
+        for (j = 0; j < m; j++) {
+            uint64_t x = p[j] - p[j - 1] - 1;
+            dif[j] = x;
+            d |= x;
+            a |= p[j];
+        }
+        *acc = a;
+        return d;
+    }
+    """
+    uint64_t pdb_sg_mark(const uint64_t *p, uint64_t m, uint64_t *dif, uint64_t *acc) nogil
+
+
+cdef inline void _sg_put(sg_entry *e, uint64_t *sl, uint64_t pfn, uint64_t npages,
+                         uint32_t *first_off) noexcept nogil:
+    """Write one entry of ``npages`` pages at slot sl, then step over a
+    link position (every 128th slot)."""
+    cdef uint64_t s = sl[0]
+    e[s].page_link = pfn << PDB_PAGE_SHIFT
+    e[s].offset = first_off[0]
+    e[s].length = <uint32_t>((npages << PDB_PAGE_SHIFT) - first_off[0])
+    e[s].dma_address = 0
+    e[s].dma_length = 0
+    e[s].dma_flags = 0
+    first_off[0] = 0
+    s += 1
+    if (s & (PDB_SG_MAX_SINGLE_ALLOC - 1)) == PDB_SG_MAX_SINGLE_ALLOC - 1:
+        s += 1
+    sl[0] = s
+
+
+cdef int _sg_fresh_pages(sg_table *t, const uint64_t *pfns, uint64_t n, uint32_t offset,
+                         uint64_t size, uint64_t maxseg, uint32_t lp) noexcept nogil:
+    """The first call on an empty table, in one pass over the pages.
+
+    Same result as the general path below.  In a fresh table every chunk
+    but the last is a full page of 127 entries and a link (a chunk smaller
+    than a page is only ever the last one), so entry k lives in slot
+    k + k // 127 and can be written before the number of entries is known;
+    the chunk layout is settled afterwards.  The one exception, a last
+    chunk of exactly 128 entries with no pages left to come, moves only the
+    last entry.
+    """
+    cdef uint64_t cap = n + n // (PDB_SG_MAX_SINGLE_ALLOC - 1) + PDB_SG_MAX_SINGLE_ALLOC + 2
+    cdef uint64_t i, j, m, k = 0, sl = 0, acc = 0, blk_end, run_start, b, ln, base, d, nb, maxp
+    cdef uint64_t full, r, a, nfull, tail, last_slot
+    cdef uint32_t first_off = offset
+    cdef uint32_t brk[_SG_BLOCK + 8]
+    cdef uint64_t dif[_SG_BLOCK]
+    cdef bint dense = False
+    cdef sg_entry *e
+    cdef int rc = _sg_reserve(t, cap)
+    if rc < 0:
+        return rc
+    e = t.slots
+    maxp = maxseg >> PDB_PAGE_SHIFT
+    # Runs of consecutive PFNs are found a block of pages at a time without
+    # data-dependent branches, then each run becomes entries of at most
+    # max_segment bytes.  Where nearly every page is its own run, a plain
+    # branchy pass (then predictable) is faster and is used instead.
+    acc = pfns[0]
+    run_start = 0
+    i = 1
+    while i < n:
+        blk_end = i + _SG_BLOCK
+        if blk_end > n:
+            blk_end = n
+        m = blk_end - i
+        if dense:
+            # Nearly every page starts a run (the last block said so): the
+            # branch below is predictable, one pass is cheapest.
+            nb = 0
+            for j in range(i, blk_end):
+                acc |= pfns[j]
+                if pfns[j] != pfns[j - 1] + 1:
+                    nb += 1
+                    ln = j - run_start
+                    while ln > maxp:
+                        _sg_put(e, &sl, pfns[run_start], maxp, &first_off)
+                        run_start += maxp
+                        ln -= maxp
+                    _sg_put(e, &sl, pfns[run_start], ln, &first_off)
+                    run_start = j
+            dense = nb * 4 > m * 3
+            i = blk_end
+            continue
+        # Phase 1, branch-free and vectorised: how far each page is from
+        # continuing the previous one (0 = it does).
+        d = pdb_sg_mark(&pfns[i], m, dif, &acc)
+        if d == 0:
+            i = blk_end         # the whole block continues the current run
+            continue
+        # Phase 2: compact the breaks into positions (the cursor only moves
+        # at a break; no data-dependent branch).
+        nb = 0
+        for j in range(m):
+            brk[nb] = <uint32_t>j
+            nb += dif[j] != 0
+        for b in range(nb):
+            j = i + brk[b]
+            ln = j - run_start
+            while ln > maxp:
+                _sg_put(e, &sl, pfns[run_start], maxp, &first_off)
+                run_start += maxp
+                ln -= maxp
+            _sg_put(e, &sl, pfns[run_start], ln, &first_off)
+            run_start = j
+        dense = nb * 4 > m * 3
+        i = blk_end
+    ln = n - run_start
+    while ln > maxp:
+        _sg_put(e, &sl, pfns[run_start], maxp, &first_off)
+        run_start += maxp
+        ln -= maxp
+    _sg_put(e, &sl, pfns[run_start], ln, &first_off)
+    # _sg_put advanced past the last entry; step back to it, and count the
+    # entries from the slot (entry k sits in slot k + k // 127).
+    sl -= 1
+    if (sl & (PDB_SG_MAX_SINGLE_ALLOC - 1)) == PDB_SG_MAX_SINGLE_ALLOC - 1:
+        sl -= 1
+    k = sl - sl // PDB_SG_MAX_SINGLE_ALLOC + 1
+    if acc >= PDB_PFN_LIMIT:
+        sg_table_free(t)
+        return -ERANGE
+    # The last entry ends where size ends (validated to be in the last page).
+    full = n * PDB_PAGE_SIZE - offset
+    e[sl].length -= <uint32_t>(full - size)
+
+    # Settle the chunks: nfull full chunks (127 entries and a link each),
+    # then a last chunk of ``tail`` slots, as get_next_sg() allocates them.
+    nfull = 0
+    r = k
+    while True:
+        a = r + lp
+        if a > PDB_SG_MAX_SINGLE_ALLOC:
+            a = PDB_SG_MAX_SINGLE_ALLOC
+        if r > a or (r == a and lp > 0):
+            nfull += 1
+            r -= PDB_SG_MAX_SINGLE_ALLOC - 1
+            continue
+        tail = a
+        break
+    last_slot = nfull * PDB_SG_MAX_SINGLE_ALLOC + r - 1
+    if last_slot != sl:
+        # A last chunk holding exactly 128 entries: its last entry sits in
+        # the slot that would otherwise have been a link.
+        e[last_slot] = e[sl]
+        sl = last_slot
+    t.nslots = nfull * PDB_SG_MAX_SINGLE_ALLOC + tail
+    for j in range(nfull):
+        _sg_make_link(t, j * PDB_SG_MAX_SINGLE_ALLOC + PDB_SG_MAX_SINGLE_ALLOC - 1)
+    for j in range(sl + 1, t.nslots):
+        _sg_clear(t, j)
+    t.slots[t.nslots - 1].page_link |= PDB_SG_END
+    if lp == 0:
+        t.slots[sl].page_link |= PDB_SG_END
+    t.nchunks = nfull + 1
+    t.last_chunk = nfull * PDB_SG_MAX_SINGLE_ALLOC
+    t.meta_bytes = nfull * PDB_PAGE_SIZE + _kmalloc_bytes(tail)
+    t.total_nents = <uint32_t>(nfull * (PDB_SG_MAX_SINGLE_ALLOC - 1) + tail)
+    t.nents = <uint32_t>k
+    t.orig_nents = <uint32_t>k
+    t.prv = <int64_t>sl
+    _sg_shrink(t)
+    return 0
+
+
+cdef void _sg_shrink(sg_table *t) noexcept nogil:
+    """Give back arena capacity far beyond what the table holds."""
+    cdef sg_entry *p
+    cdef uint64_t n = t.nslots if t.nslots else 1
+    if t.no_move or t.cap <= 2 * t.nslots + 64:
+        return
+    p = <sg_entry *>malloc(n * sizeof(sg_entry))
+    if p == NULL:
+        return
+    memcpy(p, t.slots, t.nslots * sizeof(sg_entry))
+    pdb_pool_put(t.slots, t.cap, sizeof(sg_entry))
+    t.slots = p
+    t.cap = n
+    _sg_fix_chains(t)
+
+
 cdef int sg_append_pages(sg_table *t, const uint64_t *pfns, uint64_t n,
                          uint32_t offset, uint64_t size, uint64_t max_segment,
                          uint32_t left_pages) noexcept nogil:
     """sg_alloc_append_table_from_pages() on the append table ``t``.
 
     ``size`` is the byte count after ``offset``; the caller has validated
-    n >= 1, offset < PAGE_SIZE, size ending inside the last page, every
-    PFN below PDB_PFN_LIMIT.  All or nothing: 0, -EINVAL, -ENOMEM.
+    n >= 1, offset < PAGE_SIZE and size ending inside the last page.
+    All or nothing: 0, -EINVAL, -ERANGE (a PFN beyond 52-bit physical
+    addresses), -ENOMEM, -EBUSY (the arena would move while exported).
     """
     cdef uint64_t maxseg = max_segment & ~(<uint64_t>PDB_PAGE_SIZE - 1)
+    cdef uint64_t acc = 0
     cdef uint64_t merged = 0
     cdef uint64_t i, j, k, chunks, seg_len, cur_page, needed, alloc, bound, first
     cdef uint64_t prv_end_phys, next_pfn, chunk_size, page_phys
@@ -201,6 +492,12 @@ cdef int sg_append_pages(sg_table *t, const uint64_t *pfns, uint64_t n,
 
     if maxseg < PDB_PAGE_SIZE or n == 0:
         return -EINVAL
+    if t.nslots == 0:
+        return _sg_fresh_pages(t, pfns, n, offset, size, maxseg, left_pages)
+    for i in range(n):
+        acc |= pfns[i]
+    if acc >= PDB_PFN_LIMIT:
+        return -ERANGE
 
     # 1. How many pages merge into the previous last entry (nothing written
     #    yet, so a failure below leaves the table as it was).
@@ -264,16 +561,20 @@ cdef int sg_append_pages(sg_table *t, const uint64_t *pfns, uint64_t n,
             # last entry fills its chunk there is no slot for the link: move
             # the entry into the new chunk and put the link where it was.
             prv.page_link &= ~(<uint64_t>PDB_SG_END)
-            if <uint64_t>cur == t.nslots - 1:
+            needed = chunks + left_pages + 1
+            alloc = needed if needed < PDB_SG_MAX_SINGLE_ALLOC else PDB_SG_MAX_SINGLE_ALLOC
+            if <uint64_t>cur == t.nslots - 1 and t.nslots == 1:
+                # A one-entry table: its only chunk grows, as if it had
+                # been allocated with room for the new entries.
+                t.meta_bytes += _kmalloc_bytes(alloc) - _kmalloc_bytes(1)
+                t.nslots = alloc
+                t.total_nents += <uint32_t>(alloc - 1)
+            elif <uint64_t>cur == t.nslots - 1:
                 saved = prv[0]
-                needed = chunks + left_pages + 1
-                alloc = needed if needed < PDB_SG_MAX_SINGLE_ALLOC else PDB_SG_MAX_SINGLE_ALLOC
                 first = _sg_open_chunk(t, alloc)
                 t.total_nents += <uint32_t>(alloc - 1)
                 _sg_make_link(t, <uint64_t>cur)
                 t.slots[first] = saved
-                if first == t.nslots - 1:
-                    t.slots[first].page_link |= PDB_SG_END
                 cur = <int64_t>first
                 t.prv = cur
 
@@ -436,17 +737,10 @@ cdef object _pages_args(object pfns_obj, object offset, object nbytes, object ma
     """Validate the arguments of from_pages/append_pages with clear errors."""
     cdef const uint64_t[::1] p = _as_u64_view(pfns_obj, "pfns")
     cdef uint64_t n = p.shape[0]
-    cdef uint64_t acc = 0
-    cdef uint64_t i
     if n == 0:
         raise _errors.InvalidArgument("pfns is empty: a scatterlist needs at least one page")
     if n > UINT32_MAX:
         raise _errors.InvalidArgument(f"{n} pages: n_pages is an unsigned int in the kernel")
-    with nogil:
-        for i in range(n):
-            acc |= p[i]
-    if acc >= PDB_PFN_LIMIT:
-        raise _errors.OutOfRange("a PFN is beyond 52-bit physical addresses")
     if not isinstance(offset, int):
         raise TypeError("offset must be an int")
     if offset < 0 or offset >= PDB_PAGE_SIZE:
@@ -623,14 +917,17 @@ cdef class SgTable:
             raise _errors.InvalidArgument("append_pages: offset must be 0 when the table has entries")
         if self.mapping is not None:
             raise _errors.Busy("append_pages: the table is mapped for DMA; unmap it first")
-        if self.t.orig_nents == 0 and self.t.nents > 0:
-            raise _errors.InvalidArgument("append_pages: a DMA-only table has no CPU side")
         _acquire(self.lock)
-        self.t.no_move = self.exports > 0
-        with nogil:
-            rc = sg_append_pages(&self.t, &p[0], p.shape[0], off, size, maxseg, left)
-        self.t.no_move = 0
+        if self.t.orig_nents == 0 and self.t.nents > 0:
+            rc = -ENOENT
+        else:
+            self.t.no_move = _atomic_load(&self.exports) > 0
+            with nogil:
+                rc = sg_append_pages(&self.t, &p[0], p.shape[0], off, size, maxseg, left)
+            self.t.no_move = 0
         _release(self.lock)
+        if rc == -ENOENT:
+            raise _errors.InvalidArgument("append_pages: a DMA-only table has no CPU side")
         if rc == -EBUSY:
             raise BufferError("append_pages: the table is exported (a NumPy view of its "
                               "entries exists) and its slots would have to move")
@@ -676,9 +973,10 @@ cdef class SgTable:
     @property
     def cpu_nbytes(self):
         """Sum of the CPU lengths of the ``orig_nents`` entries."""
-        cdef int64_t s = sg_first(&self.t)
+        cdef int64_t s
         cdef uint64_t k = 0, total = 0
         _acquire(self.lock)
+        s = sg_first(&self.t)
         with nogil:
             while s >= 0 and k < self.t.orig_nents:
                 total += self.t.slots[s].length
@@ -690,9 +988,10 @@ cdef class SgTable:
     @property
     def dma_nbytes(self):
         """Sum of the DMA lengths of the ``nents`` segments."""
-        cdef int64_t s = sg_first(&self.t)
+        cdef int64_t s
         cdef uint64_t k = 0, total = 0
         _acquire(self.lock)
+        s = sg_first(&self.t)
         with nogil:
             while s >= 0 and k < self.t.nents:
                 total += self.t.slots[s].dma_length
@@ -720,19 +1019,27 @@ cdef class SgTable:
 
     def cpu_ranges(self):
         """(orig_nents, 2) u64 array of (physical address, nbytes) rows."""
-        cdef _Buffer b = _new_buffer(self.t.orig_nents, 2, 8, b"Q")
-        _acquire(self.lock)
-        with nogil:
-            sg_cpu_ranges(&self.t, <uint64_t *>b.data)
-        _release(self.lock)
-        return _np().asarray(b)
+        return self._ranges(False)
 
     def dma_ranges(self):
         """(nents, 2) u64 array of (DMA address, nbytes) rows."""
-        cdef _Buffer b = _new_buffer(self.t.nents, 2, 8, b"Q")
-        _acquire(self.lock)
+        return self._ranges(True)
+
+    cdef object _ranges(self, bint dma):
+        cdef _Buffer b
+        cdef uint64_t want
+        while True:
+            b = _new_buffer(self.t.nents if dma else self.t.orig_nents, 2, 8, b"Q")
+            _acquire(self.lock)
+            want = self.t.nents if dma else self.t.orig_nents
+            if want == <uint64_t>b.shape[0]:
+                break
+            _release(self.lock)     # changed meanwhile: size again
         with nogil:
-            sg_dma_ranges(&self.t, <uint64_t *>b.data)
+            if dma:
+                sg_dma_ranges(&self.t, <uint64_t *>b.data)
+            else:
+                sg_cpu_ranges(&self.t, <uint64_t *>b.data)
         _release(self.lock)
         return _np().asarray(b)
 
@@ -750,14 +1057,18 @@ cdef class SgTable:
         """The PFN of every page the CPU entries touch, in order (u64 array)."""
         cdef int64_t total
         cdef _Buffer b
-        _acquire(self.lock)
-        try:
+        while True:
+            _acquire(self.lock)
             total = _sg_count_pages(&self.t)
-            b = _new_buffer(total, 0, 8, b"Q")
-            with nogil:
-                _sg_fill_pages(&self.t, <uint64_t *>b.data)
-        finally:
             _release(self.lock)
+            b = _new_buffer(total, 0, 8, b"Q")
+            _acquire(self.lock)
+            if _sg_count_pages(&self.t) == total:
+                break
+            _release(self.lock)
+        with nogil:
+            _sg_fill_pages(&self.t, <uint64_t *>b.data)
+        _release(self.lock)
         return _np().asarray(b)
 
     def nents_for_len(self, nbytes):
@@ -771,9 +1082,10 @@ cdef class SgTable:
 
     def sg_nents(self):
         """``sg_nents()``: entries up to the end mark, links not counted."""
-        cdef int64_t s = sg_first(&self.t)
+        cdef int64_t s
         cdef int64_t n = 0
         _acquire(self.lock)
+        s = sg_first(&self.t)
         with nogil:
             while s >= 0:
                 n += 1
@@ -788,10 +1100,10 @@ cdef class SgTable:
         if shape == NULL:
             raise MemoryError()
         _acquire(self.lock)
-        self.exports += 1
+        _atomic_add(&self.exports, 1)
         shape[0] = <Py_ssize_t>self.t.nslots
-        _release(self.lock)
         view.buf = <void *>self.t.slots if self.t.slots != NULL else <void *>&_sg_dummy_entry
+        _release(self.lock)
         view.obj = self
         view.len = shape[0] * <Py_ssize_t>sizeof(sg_entry)
         view.readonly = 0
@@ -804,11 +1116,11 @@ cdef class SgTable:
         view.internal = <void *>shape
 
     def __releasebuffer__(self, Py_buffer *view):
+        # No lock here: a view may be released by the garbage collector
+        # while this thread holds the table's lock.
         free(view.internal)
         view.internal = NULL
-        _acquire(self.lock)
-        self.exports -= 1
-        _release(self.lock)
+        _atomic_add(&self.exports, -1)
 
     def __len__(self):
         return self.t.nents
@@ -831,13 +1143,10 @@ cdef object _pairs_view(object pairs, str name):
     cdef const uint64_t[:, ::1] two
     cdef const uint64_t[::1] flat
     if isinstance(pairs, (list, tuple)):
-        np = _np()
-        try:
-            pairs = np.asarray(pairs, dtype=np.uint64).reshape(-1, 2)
-        except OverflowError:
-            raise _errors.InvalidArgument(f"{name}: every value must be in [0, 2**64 - 1]") from None
-        except ValueError as e:
-            raise ValueError(f"{name} must be (N, 2) rows of (address, nbytes): {e}") from None
+        pairs = _ints_to_u64(pairs, name)
+        if pairs.ndim != 2 and pairs.size != 0:
+            raise ValueError(f"{name} must be (N, 2) rows of (address, nbytes)")
+        pairs = pairs.reshape(-1, 2)
     try:
         two = pairs
     except (ValueError, TypeError, BufferError) as e:

@@ -95,6 +95,8 @@ cdef int rt_find_gap(const range_table *t, uint64_t sizem1, uint64_t align,
 cdef class RangeTable:
     cdef range_table t
     cdef PyThread_type_lock lock
+    cdef list _collect(self, uint64_t first, uint64_t last)
+    cdef str _insert_error(self, int rc, uint64_t first, uint64_t last)
 
 # ------------------------------------------------------------ scatterlists
 #
@@ -148,3 +150,4 @@ cdef class SgTable:
     # Set by the DMA mapping layer while the table is mapped for a device.
     cdef public object mapping
     cdef object __weakref__
+    cdef object _ranges(self, bint dma)

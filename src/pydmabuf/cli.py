@@ -1,0 +1,97 @@
+"""The ``pydmabuf`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+
+def _sizes(text: str) -> list[int]:
+    """Sizes as a comma list of byte counts with optional K/M/G suffixes."""
+    out = []
+    for part in text.split(","):
+        part = part.strip().upper().removesuffix("B").removesuffix("I")
+        mult = 1
+        if part and part[-1] in "KMG":
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[part[-1]]
+            part = part[:-1]
+        nbytes = int(float(part) * mult)
+        if nbytes < 4096 or nbytes % 4096:
+            raise argparse.ArgumentTypeError(f"{text!r}: sizes must be whole pages (multiples of 4 KiB)")
+        out.append(nbytes // 4096)
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    from pydmabuf import __version__
+
+    p = argparse.ArgumentParser(
+        prog="pydmabuf",
+        description="An executable model of the Linux dma-buf / DMA-mapping stack.",
+    )
+    p.add_argument("--version", action="version", version=f"pydmabuf {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    b = sub.add_parser(
+        "bench",
+        help="run the mapping-throughput study",
+        description="Time the mapping walks on page layouts and buffer sizes, "
+        "against a C floor and NumPy run in the same process.",
+    )
+    b.add_argument("--quick", action="store_true", help="a run of a few seconds")
+    b.add_argument("--layouts", default=None, help="comma list of layouts (default: all)")
+    b.add_argument("--sizes", type=_sizes, default=None, help="comma list of buffer sizes, e.g. 4K,1M,4G")
+    b.add_argument("--seed", type=int, default=1, help="seed of the random layouts (default 1)")
+    b.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
+    b.add_argument("--csv", metavar="FILE", help="write the results as CSV ('-' for stdout)")
+    b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    return p
+
+
+def _write(path: str, text: str) -> None:
+    if path == "-":
+        sys.stdout.write(text)
+    else:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pydmabuf import bench, workloads
+
+    layouts = args.layouts.split(",") if args.layouts else list(bench.DEFAULT_LAYOUTS)
+    for lay in layouts:
+        if lay not in workloads.LAYOUTS:
+            print(f"pydmabuf bench: unknown layout {lay!r} (known: {', '.join(workloads.LAYOUTS)})", file=sys.stderr)
+            return 2
+    sizes = args.sizes or list(bench.QUICK_SIZES if args.quick else bench.DEFAULT_SIZES)
+    result = bench.run_study(layouts, sizes, seed=args.seed, quick=args.quick,
+                             progress=False if args.no_progress else None)
+    if args.json:
+        _write(args.json, bench.to_json(result))
+    if args.csv:
+        _write(args.csv, bench.to_csv(result))
+    if "-" not in (args.json, args.csv):
+        print(bench.format_table(result))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pydmabuf`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    if args.command == "bench":
+        return _bench(args)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
