@@ -694,6 +694,36 @@ cdef int64_t sg_dma_ranges(const sg_table *t, uint64_t *out) noexcept nogil:
     return <int64_t>k
 
 
+cdef int _sg_verify(const sg_table *t) noexcept nogil:
+    """Debug-build invariants: links point at the next slot, the walk from
+    the first slot reaches ``orig_nents`` data entries, ``prv`` is the last
+    of them, the arena holds what the chunks say.  0 or -(check number)."""
+    cdef uint64_t i, k = 0
+    cdef int64_t s, last = -1
+    if t.nslots > t.cap:
+        return -1
+    for i in range(t.nslots):
+        if t.slots[i].page_link & PDB_SG_CHAIN:
+            if i + 1 >= t.nslots:
+                return -2
+            if (t.slots[i].page_link & _SG_LINK_MASK) != <uint64_t><size_t>&t.slots[i + 1]:
+                return -3
+    if t.orig_nents == 0:
+        return 0
+    s = sg_first(t)
+    while s >= 0 and k < t.orig_nents:
+        if t.slots[s].page_link & PDB_SG_CHAIN:
+            return -4
+        last = s
+        k += 1
+        s = sg_next(t, s)
+    if k != t.orig_nents:
+        return -5
+    if last != t.prv:
+        return -6
+    return 0
+
+
 cdef int64_t _sg_count_pages(const sg_table *t) noexcept nogil:
     cdef int64_t s = sg_first(t)
     cdef uint64_t k = 0
@@ -932,6 +962,12 @@ cdef class SgTable:
             raise BufferError("append_pages: the table is exported (a NumPy view of its "
                               "entries exists) and its slots would have to move")
         _check(rc, "append_pages")
+        if PYDMABUF_DEBUG:
+            _acquire(self.lock)
+            rc = _sg_verify(&self.t)
+            _release(self.lock)
+            if rc < 0:
+                raise AssertionError(f"SgTable invariant {-rc} broken after append_pages")
 
     # ------------------------------------------------------------ views
 

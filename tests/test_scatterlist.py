@@ -502,3 +502,57 @@ def test_from_ranges_matches_a_direct_split(rows):
             n -= step
     assert t.dma_ranges().tolist() == expect
     assert t.nents == len(expect) and t.orig_nents == 0
+
+
+# --------------------------------------------- big inputs across block edges
+
+
+def _mixed_layout(seed: int) -> np.ndarray:
+    """Stretches of different character, so the walk changes regime
+    (contiguous, nearly all breaks, short runs) inside and across blocks."""
+    from pydmabuf import workloads
+
+    rng = np.random.default_rng(seed)
+    parts, base = [], 1000
+    for _ in range(8):
+        kind = rng.integers(0, 3)
+        n = int(rng.integers(1, 2600))
+        if kind == 0:
+            p = np.arange(n, dtype=np.uint64)
+        else:
+            p = workloads.random_runs(n, 1 if kind == 1 else 6, seed=int(rng.integers(1 << 30)), base_pfn=0)
+            p -= p[0]
+        parts.append(p + np.uint64(base))
+        base += int(p[-1]) + 1 + int(rng.integers(0, 2))  # sometimes continue the previous stretch
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_seg", [4 * PAGE, 1000 * PAGE, UINT_MAX])
+def test_big_mixed_layouts_match_the_model(seed, max_seg):
+    pfns = _mixed_layout(seed)
+    offset = [0, 0x200, 0xFFF][seed % 3]
+    nbytes = len(pfns) * PAGE - offset - (seed * 97) % PAGE
+    ref = RefTable()
+    ref.append_pages(pfns.tolist(), offset, nbytes, max_seg, 0)
+    t = SgTable.from_pages(pfns, offset=offset, nbytes=nbytes, max_segment=max_seg)
+    compare(t, ref)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "fragmented", "scattered", "thp"])
+def test_a_million_pages_agree_with_numpy(layout):
+    from pydmabuf import workloads
+
+    pfns, _ = workloads.layout(layout, 1 << 20)
+    t = SgTable.from_pages(pfns)
+    phys, lens = workloads.numpy_coalesce(pfns, 0xFFFFF000 // PAGE)
+    r = t.cpu_ranges()
+    assert (r[:, 0] == phys).all() and (r[:, 1] == lens).all()
+    assert t.sg_nents() == t.nents == len(lens)
+    # The chunk layout of a fresh table: full pages of 127 entries and a
+    # link, then one chunk of exactly what is left (up to 128 entries).
+    full, left = 0, len(lens)
+    while left > 128:
+        full, left = full + 1, left - 127
+    assert t.nchunks == full + 1
+    assert t.nslots == full * 128 + left

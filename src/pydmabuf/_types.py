@@ -64,8 +64,9 @@ class DmaDirection(enum.IntEnum):
     NONE = 3
 
 
-def _fmt_size(n: int) -> str:
+def _fmt_size(nbytes: int) -> str:
     """A byte count for people: ``4 KiB``, ``1.5 MiB``, ``16 EiB``."""
+    n = float(nbytes)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         if n < 1024 or unit == "EiB":
             if unit == "B" or n == int(n):

@@ -205,8 +205,8 @@ def format_table(result: dict[str, Any]) -> str:
         core = strat.get("sg_from_pages")
         if core is None:
             continue
-        floor = strat.get("c_floor")
-        npy = strat.get("numpy")
+        floor = strat["c_floor"]
+        npy = strat["numpy"]
         q = f"{core['ns_per_page']:.2f} [{core['ns_per_page_q1']:.2f}-{core['ns_per_page_q3']:.2f}]"
         lines.append(
             f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {core['counters']['segments']:>9} {q:>18} "

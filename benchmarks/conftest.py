@@ -1,0 +1,1 @@
+"""Benchmarks run against the installed package, like the tests."""

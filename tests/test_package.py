@@ -1,0 +1,150 @@
+"""The package as a user meets it: version, console command, stubs, cimport."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import pydmabuf
+
+PKG_DIR = Path(pydmabuf.__file__).parent
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pydmabuf.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_version():
+    assert isinstance(pydmabuf.__version__, str) and pydmabuf.__version__
+    r = run_cli("--version")
+    assert r.returncode == 0
+    assert r.stdout.strip() == f"pydmabuf {pydmabuf.__version__}"
+
+
+def test_help_lists_the_commands():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    assert "bench" in r.stdout
+    r = run_cli("bench", "--help")
+    assert r.returncode == 0 and "--quick" in r.stdout and "--json" in r.stdout
+
+
+def test_bench_quick_json_and_csv(tmp_path):
+    j, c = tmp_path / "out.json", tmp_path / "out.csv"
+    r = run_cli("bench", "--quick", "--layouts", "contiguous,scattered", "--sizes", "64K,1M",
+                "--json", str(j), "--csv", str(c), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert "Scatterlist walk" in r.stdout
+    import json
+
+    data = json.loads(j.read_text())
+    strategies = {cell["strategy"] for cell in data["cells"]}
+    assert {"sg_from_pages", "c_floor", "numpy"} <= strategies
+    assert all(cell["ns_per_page"] > 0 for cell in data["cells"])
+    seg = {(c_["layout"], c_["npages"]): c_["counters"]["segments"] for c_ in data["cells"]
+           if c_["strategy"] == "sg_from_pages"}
+    assert seg[("contiguous", 256)] == 1 and seg[("scattered", 256)] > 200
+    lines = c.read_text().splitlines()
+    assert lines[0].startswith("layout,") and len(lines) == 1 + len(data["cells"])
+
+
+def test_bench_rejects_unknown_layouts_and_bad_sizes():
+    assert run_cli("bench", "--layouts", "nonsense").returncode == 2
+    assert run_cli("bench", "--sizes", "1000").returncode == 2
+
+
+def test_console_script_is_installed():
+    exe = Path(sys.executable).parent / "pydmabuf"
+    if not exe.exists():
+        pytest.skip("not installed as a distribution (running from a source tree)")
+    r = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and pydmabuf.__version__ in r.stdout
+
+
+def test_typing_files_are_shipped():
+    assert (PKG_DIR / "py.typed").exists()
+    assert (PKG_DIR / "_core.pyi").exists()
+    assert (PKG_DIR / "_core.pxd").exists()
+
+
+def test_stubs_type_check_a_user_program(tmp_path):
+    api = pytest.importorskip("mypy.api")
+    prog = tmp_path / "user.py"
+    prog.write_text(textwrap.dedent("""
+        import numpy as np
+        import pydmabuf
+        t = pydmabuf.SgTable.from_pages(np.arange(4, dtype=np.uint64))
+        n: int = t.nents
+        r = pydmabuf.RangeTable()
+        r.insert(0, 4096, kind=pydmabuf.RangeKind.RAM)
+        hit = r.lookup(0)
+        if hit is not None:
+            last: int = hit.last
+        gap: int = r.find_gap(4096, top_down=True)
+        bad: str = t.nents
+    """))
+    out, err, status = api.run([str(prog), "--no-error-summary", "--cache-dir", str(tmp_path / ".mypy")])
+    # Exactly the one deliberate error: the stubs are precise enough to catch it.
+    assert status == 1, out + err
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    bad_line = prog.read_text().splitlines().index("bad: str = t.nents") + 1
+    assert len(errors) == 1, out
+    assert f"user.py:{bad_line}:" in errors[0] and '"int"' in errors[0], out
+
+
+CONSUMER = '''
+# cython: language_level=3
+cimport pydmabuf._core as core
+from libc.stdint cimport int64_t, uint64_t
+
+def walk(core.SgTable t):
+    """Count data entries with the core's own sg_next()."""
+    cdef int64_t i = core.sg_first(&t.t)
+    cdef int n = 0
+    while i >= 0 and n < t.t.orig_nents:
+        n += 1
+        i = core.sg_next(&t.t, i)
+    return n
+
+def kind_at(core.RangeTable r, uint64_t addr):
+    cdef const core.rt_node *node = core.rt_lookup(&r.t, addr)
+    return -1 if node == NULL else node.kind
+
+def page_size():
+    return core.PDB_PAGE_SIZE
+'''
+
+
+@pytest.mark.slow
+def test_a_cython_consumer_cimports_the_core(tmp_path):
+    pytest.importorskip("Cython")
+    (tmp_path / "consumer.pyx").write_text(CONSUMER)
+    build = textwrap.dedent("""
+        from setuptools import setup, Extension
+        from Cython.Build import cythonize
+        setup(ext_modules=cythonize([Extension("consumer", ["consumer.pyx"])], quiet=True))
+    """)
+    (tmp_path / "setup.py").write_text(build)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), *map(os.path.abspath, sys.path)]))
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    code = textwrap.dedent("""
+        import numpy as np, pydmabuf, consumer
+        t = pydmabuf.SgTable.from_pages(np.arange(1000, dtype=np.uint64) * 2)
+        assert consumer.walk(t) == 1000
+        r = pydmabuf.RangeTable(); r.insert(0x1000, 0x1000, kind=pydmabuf.RangeKind.MMIO)
+        assert consumer.kind_at(r, 0x1800) == 2 and consumer.kind_at(r, 0) == -1
+        assert consumer.page_size() == 4096
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
