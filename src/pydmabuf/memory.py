@@ -1,0 +1,69 @@
+"""Contents of physical memory, for DMA that moves real bytes.
+
+The model keeps the bytes that were written: RAM, private memory, BAR
+memory and bounce buffers alike, in 64 KiB chunks allocated on first write
+(never-written memory reads as zeros).  Copies are bulk NumPy operations,
+one per chunk touched.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+__all__ = ["PhysMemory"]
+
+_CHUNK_SHIFT = 16
+_CHUNK = 1 << _CHUNK_SHIFT
+
+
+class PhysMemory:
+    """Sparse byte store over the 64-bit physical address space."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def _pieces(self, phys: int, nbytes: int):
+        end = phys + nbytes
+        while phys < end:
+            idx = phys >> _CHUNK_SHIFT
+            off = phys & (_CHUNK - 1)
+            n = min(_CHUNK - off, end - phys)
+            yield idx, off, n
+            phys += n
+
+    def read(self, phys: int, nbytes: int) -> bytes:
+        """``nbytes`` at ``phys`` (zeros where nothing was written)."""
+        out = np.zeros(nbytes, dtype=np.uint8)
+        pos = 0
+        with self._lock:
+            for idx, off, n in self._pieces(phys, nbytes):
+                c = self._chunks.get(idx)
+                if c is not None:
+                    out[pos : pos + n] = c[off : off + n]
+                pos += n
+        return out.tobytes()
+
+    def write(self, phys: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        """Store ``data`` at ``phys``."""
+        src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        pos = 0
+        with self._lock:
+            for idx, off, n in self._pieces(phys, len(src)):
+                c = self._chunks.get(idx)
+                if c is None:
+                    c = self._chunks[idx] = np.zeros(_CHUNK, dtype=np.uint8)
+                c[off : off + n] = src[pos : pos + n]
+                pos += n
+
+    def copy(self, dst: int, src: int, nbytes: int) -> None:
+        """memmove within physical memory (bounce-buffer copies)."""
+        if nbytes:
+            self.write(dst, self.read(src, nbytes))
+
+    @property
+    def backed_nbytes(self) -> int:
+        """Bytes of model memory holding written data."""
+        return len(self._chunks) * _CHUNK
