@@ -583,6 +583,33 @@ cdef class IommuDomain:
         _release(self.lock)
         return r
 
+    def queued(self):
+        """The flush queues' entries, oldest first per CPU: an ``(n, 3)`` u64
+        array of ``(iova, nbytes, cpu)`` rows (a copy).  These IOVAs are
+        unmapped but not yet reusable."""
+        cdef _Buffer b
+        cdef uint64_t *out
+        cdef uint64_t k = 0
+        cdef uint32_t c, i
+        cdef iova_fq *fq
+        _acquire(self.lock)
+        try:
+            b = _new_buffer(<Py_ssize_t>self.d.fq_pending, 3, 8, b"Q")
+            out = <uint64_t *>b.data
+            if self.d.fq != NULL:
+                for c in range(self.d.iovad.ncpus):
+                    fq = &self.d.fq[c]
+                    i = fq.head
+                    while i != fq.tail:
+                        out[3 * k] = fq.entries[i].pfn << PDB_PAGE_SHIFT
+                        out[3 * k + 1] = fq.entries[i].pages << PDB_PAGE_SHIFT
+                        out[3 * k + 2] = c
+                        k += 1
+                        i = (i + 1) & fq.mod_mask
+        finally:
+            _release(self.lock)
+        return _np().asarray(b)
+
     def flush_iotlb_all(self):
         """Invalidate the whole IOTLB (counted; releases nothing)."""
         _acquire(self.lock)
