@@ -164,12 +164,12 @@ cdef void _iova_delete_update(iova_domain *d, uint64_t lo, uint64_t hi) noexcept
     """__cached_rbnode_delete_update(): before [lo, hi] leaves the tree.
 
     A cached node that is freed, or lies below the freed node, moves to the
-    freed node's successor, so a cached node is always a live node.
+    freed node's successor, so a cached node is always a live node (and
+    its pfn_lo is the key we keep).
     """
     cdef const rt_node *nxt = rt_next(&d.tree, lo)
     cdef uint64_t nxt_lo = nxt.start if nxt != NULL else PDB_U64_MAX
-    cdef const rt_node *c32 = rt_lookup(&d.tree, d.cached32_node)
-    if lo == d.cached32_node or (hi < d.dma_32bit_pfn and lo >= c32.start):
+    if lo == d.cached32_node or (hi < d.dma_32bit_pfn and lo >= d.cached32_node):
         d.cached32_node = nxt_lo
     if lo < d.dma_32bit_pfn:
         d.max32_alloc_size = d.dma_32bit_pfn
@@ -177,14 +177,21 @@ cdef void _iova_delete_update(iova_domain *d, uint64_t lo, uint64_t hi) noexcept
         d.cached_node = nxt_lo
 
 
-cdef void _iova_remove(iova_domain *d, uint64_t lo) noexcept nogil:
-    """remove_iova() of the node starting at lo."""
-    cdef rt_node n
-    cdef const rt_node *p = rt_lookup(&d.tree, lo)
-    _iova_delete_update(d, p.start, p.last)
-    rt_remove_at(&d.tree, lo, &n)
-    _iova_account(d, &n, -1)
+cdef void _iova_free_node(iova_domain *d, rt_node *n) noexcept nogil:
+    """remove_iova() + free_iova_mem() of a node in the tree."""
+    cdef rt_node copy = n[0]
+    _iova_delete_update(d, copy.start, copy.last)
+    _rt_unlink_start(&d.tree, copy.start)
+    _iova_account(d, &copy, -1)
     d.c.tree_frees += 1
+
+
+cdef inline rt_node *_iova_live_node(const iova_domain *d, uint64_t pfn) noexcept nogil:
+    """The allocated range holding pfn, unless it sits in an rcache."""
+    cdef rt_node *n = _iova_node(d, pfn)
+    if n == NULL or n.kind != PDB_IOVA_KIND_ALLOC or (n.flags & PDB_IOVA_FLAG_CACHED):
+        return NULL
+    return n
 
 
 cdef bint _iova_pass(iova_domain *d, uint64_t size, uint64_t align, uint64_t low,
@@ -248,10 +255,10 @@ cdef int iova_alloc(iova_domain *d, uint64_t size, uint64_t limit_pfn,
 
 
 cdef int iova_free(iova_domain *d, uint64_t pfn) noexcept nogil:
-    cdef const rt_node *n = rt_lookup(&d.tree, pfn)
-    if n == NULL or n.kind != PDB_IOVA_KIND_ALLOC or (n.flags & PDB_IOVA_FLAG_CACHED):
+    cdef rt_node *n = _iova_live_node(d, pfn)
+    if n == NULL:
         return -ENOENT
-    _iova_remove(d, n.start)
+    _iova_free_node(d, n)
     return 0
 
 
@@ -340,12 +347,12 @@ cdef uint64_t _mag_pop(iova_magazine *m, uint64_t limit_pfn) noexcept nogil:
 cdef void _mag_free_pfns(iova_domain *d, iova_magazine *m) noexcept nogil:
     """iova_magazine_free_pfns(): every cached range back to the tree."""
     cdef uint64_t i
-    cdef const rt_node *n
+    cdef rt_node *n
     for i in range(m.size):
-        n = rt_lookup(&d.tree, m.pfns[i])
+        n = _iova_node(d, m.pfns[i])
         if n == NULL or n.kind != PDB_IOVA_KIND_ALLOC:
             continue
-        _iova_remove(d, n.start)
+        _iova_free_node(d, n)
     m.size = 0
 
 
@@ -434,35 +441,49 @@ cdef int iova_alloc_fast(iova_domain *d, uint64_t size, uint64_t limit_pfn,
     return rc
 
 
-cdef int iova_check_free_fast(const iova_domain *d, uint64_t pfn, uint64_t size) noexcept nogil:
-    cdef const rt_node *n
-    cdef int b
+cdef int _iova_check_free_fast(const iova_domain *d, uint64_t pfn, uint64_t size,
+                               rt_node **node) noexcept nogil:
+    cdef rt_node *n
+    cdef uint32_t b
     if size == 0:
         return -EINVAL
-    n = rt_lookup(&d.tree, pfn)
-    if n == NULL or n.kind != PDB_IOVA_KIND_ALLOC or (n.flags & PDB_IOVA_FLAG_CACHED):
+    n = _iova_live_node(d, pfn)
+    if n == NULL:
         return -ENOENT
     b = _order_base_2(size)
     # A cached pfn is later handed out as 2**b granules: the range must
     # hold them (the kernel trusts the caller here).
     if b < PDB_IOVA_RANGE_CACHE_MAX_SIZE and n.last - pfn < ((<uint64_t>1) << b) - 1:
         return -EINVAL
+    node[0] = n
     return 0
+
+
+cdef int iova_check_free_fast(const iova_domain *d, uint64_t pfn, uint64_t size) noexcept nogil:
+    cdef rt_node *n
+    return _iova_check_free_fast(d, pfn, size, &n)
+
+
+cdef void _iova_free_fast_node(iova_domain *d, rt_node *n, uint64_t pfn, uint64_t size,
+                               uint32_t cpu) noexcept nogil:
+    if _iova_rcache_insert(d, pfn, size, cpu):
+        _iova_set_cached(d, n, True)
+        d.c.rcache_inserts += 1
+    else:
+        _iova_free_node(d, n)
 
 
 cdef int iova_free_fast(iova_domain *d, uint64_t pfn, uint64_t size,
                         uint32_t cpu) noexcept nogil:
+    cdef rt_node *n
     cdef int rc
     if cpu >= d.ncpus:
         return -EINVAL
-    rc = iova_check_free_fast(d, pfn, size)
+    rc = _iova_check_free_fast(d, pfn, size, &n)
     if rc < 0:
         return rc
-    if _iova_rcache_insert(d, pfn, size, cpu):
-        _iova_set_cached(d, _iova_node(d, pfn), True)
-        d.c.rcache_inserts += 1
-        return 0
-    return iova_free(d, pfn)
+    _iova_free_fast_node(d, n, pfn, size, cpu)
+    return 0
 
 
 cdef void iova_free_cpu_cached(iova_domain *d, uint32_t cpu) noexcept nogil:
@@ -539,6 +560,66 @@ cdef int dma_alloc_iova(iova_domain *d, uint64_t size_bytes, uint64_t dma_limit,
         return rc
     iova[0] = pfn << d.shift
     return 0
+
+
+# ------------------------------------------------------------ bulk calls
+
+cdef uint64_t _iova_alloc_many(iova_domain *d, const uint64_t *sizes, uint64_t size_each,
+                               uint64_t n, uint64_t limit_pfn, bint fast, bint size_aligned,
+                               uint32_t cpu, uint64_t *out) noexcept nogil:
+    """Allocate n ranges in order, stopping at the first that fails;
+    returns how many were allocated."""
+    cdef uint64_t i
+    cdef int rc
+    for i in range(n):
+        if fast:
+            rc = iova_alloc_fast(d, sizes[i] if sizes != NULL else size_each, limit_pfn, True, cpu, &out[i])
+        else:
+            rc = iova_alloc(d, sizes[i] if sizes != NULL else size_each, limit_pfn, size_aligned, &out[i])
+        if rc < 0:
+            return i
+    return n
+
+
+cdef int64_t _iova_free_many(iova_domain *d, const uint64_t *pfns, const uint64_t *sizes,
+                             uint64_t size_each, uint64_t n, bint fast, uint32_t cpu,
+                             uint64_t *bad) noexcept nogil:
+    """Free n ranges, all or nothing: each pfn must lie in a distinct
+    allocated, uncached range (and suit its cache bin when fast).  A scratch
+    flag on each range finds the same range named twice.  Freeing does not
+    move the other nodes, so the pointers found first stay good."""
+    cdef uint64_t i
+    cdef rt_node **nodes
+    cdef rt_node *nd = NULL
+    cdef int rc = 0
+    nodes = <rt_node **>malloc((n if n else 1) * sizeof(rt_node *))
+    if nodes == NULL:
+        return -ENOMEM
+    for i in range(n):
+        if fast:
+            rc = _iova_check_free_fast(d, pfns[i], sizes[i] if sizes != NULL else size_each, &nd)
+        else:
+            nd = _iova_live_node(d, pfns[i])
+            rc = 0 if nd != NULL else -ENOENT
+        if rc == 0 and (nd.flags & PDB_IOVA_FLAG_MARK):
+            rc = -ENOENT
+        if rc < 0:
+            bad[0] = i
+            while i > 0:
+                i -= 1
+                nodes[i].flags &= ~(<uint32_t>PDB_IOVA_FLAG_MARK)
+            free(nodes)
+            return rc
+        nd.flags |= PDB_IOVA_FLAG_MARK
+        nodes[i] = nd
+    for i in range(n):
+        nodes[i].flags &= ~(<uint32_t>PDB_IOVA_FLAG_MARK)
+        if fast:
+            _iova_free_fast_node(d, nodes[i], pfns[i], sizes[i] if sizes != NULL else size_each, cpu)
+        else:
+            _iova_free_node(d, nodes[i])
+    free(nodes)
+    return <int64_t>n
 
 
 # ------------------------------------------------------------ Python class
@@ -817,6 +898,115 @@ cdef class IovaDomain:
         _release(self.lock)
         _check(rc, lambda: f"free_iova_fast: no allocated range holds pfn {p:#x}" if rc == -ENOENT
                else f"free_iova_fast: {n} granules is more than the range at pfn {p:#x} holds")
+
+    def alloc_many(self, npages, count, limit_pfn, fast=True, size_aligned=True, cpu=0):
+        """Allocate ``count`` ranges one after another, in the core.
+
+        Parameters
+        ----------
+        npages : int or buffer of u64
+            The size of every range, or one size per range (then ``count``
+            must match its length).
+        count : int
+            How many ranges.
+        limit_pfn : int
+            Inclusive limit, as for :meth:`alloc`.
+        fast : bool
+            :meth:`alloc_fast` (rcache first, may flush it) or :meth:`alloc`.
+        size_aligned : bool
+            For the tree path (the fast path always aligns).
+
+        Returns
+        -------
+        numpy.ndarray
+            The first pfns, in call order.  Like a bulk page allocator it
+            stops at the first range that does not fit: the array is then
+            shorter than ``count`` (no exception).
+        """
+        cdef const uint64_t[::1] sv
+        cdef const uint64_t *sp = NULL
+        cdef uint64_t each = 0
+        cdef uint64_t n = _u64(count, "count")
+        cdef uint64_t lim = _u64(limit_pfn, "limit_pfn")
+        cdef uint32_t c = _cpu_arg(cpu, self.d.ncpus)
+        cdef bint f = bool(fast)
+        cdef bint al = bool(size_aligned)
+        cdef uint64_t k, i
+        cdef _Buffer b
+        if isinstance(npages, int):
+            each = _npages_arg(npages)
+        else:
+            sv = _as_u64_view(npages, "npages")
+            if <uint64_t>sv.shape[0] != n:
+                raise ValueError(f"npages has {sv.shape[0]} sizes for count {n}")
+            for i in range(n):
+                if sv[i] == 0:
+                    raise _errors.InvalidArgument(f"alloc_many: npages[{i}] is 0")
+            if n:
+                sp = &sv[0]
+        if lim == PDB_U64_MAX:
+            raise _errors.InvalidArgument("alloc_many: limit_pfn 2**64 - 1 is the anchor")
+        b = _new_buffer(<Py_ssize_t>n, 0, 8, b"Q")
+        _acquire(self.lock)
+        with nogil:
+            k = _iova_alloc_many(self.d, sp, each, n, lim, f, al, c, <uint64_t *>b.data)
+        _release(self.lock)
+        return _np().asarray(b)[:k]
+
+    def free_many(self, pfns, npages=1, fast=True, cpu=0):
+        """Free ranges in the core, all or nothing: with :meth:`free_fast`
+        (``npages`` is then the size of each, or one per pfn) or
+        :meth:`free`.  Raises as those do, naming the first bad pfn;
+        nothing is freed then."""
+        cdef const uint64_t[::1] pv = _as_u64_view(pfns, "pfns")
+        cdef const uint64_t[::1] sv
+        cdef const uint64_t *sp = NULL
+        cdef uint64_t each = 0
+        cdef uint64_t n = pv.shape[0]
+        cdef uint32_t c = _cpu_arg(cpu, self.d.ncpus)
+        cdef bint f = bool(fast)
+        cdef uint64_t bad = 0
+        cdef int64_t rc
+        if isinstance(npages, int):
+            each = _npages_arg(npages)
+        else:
+            sv = _as_u64_view(npages, "npages")
+            if <uint64_t>sv.shape[0] != n:
+                raise ValueError(f"pfns and npages differ in length ({n} != {sv.shape[0]})")
+            if n:
+                sp = &sv[0]
+        if n == 0:
+            return
+        _acquire(self.lock)
+        with nogil:
+            rc = _iova_free_many(self.d, &pv[0], sp, each, n, f, c, &bad)
+        _release(self.lock)
+        if rc < 0:
+            _check(rc, f"free_many: pfn {pv[bad]:#x} (index {bad}) is not a live allocation, "
+                   "appears twice, or is smaller than its cache bin")
+
+    def _roundtrips(self, rounds, npages, limit_pfn, fast=True, cpu=0):
+        """Benchmark helper: ``rounds`` alloc + free pairs in the core (one
+        buffer mapped and unmapped over and over).  Returns ``rounds``."""
+        cdef uint64_t r = _u64(rounds, "rounds")
+        cdef uint64_t n = _npages_arg(npages)
+        cdef uint64_t lim = _u64(limit_pfn, "limit_pfn")
+        cdef uint32_t c = _cpu_arg(cpu, self.d.ncpus)
+        cdef bint f = bool(fast)
+        cdef uint64_t i, pfn = 0
+        cdef int rc = 0
+        _acquire(self.lock)
+        with nogil:
+            for i in range(r):
+                rc = iova_alloc_fast(self.d, n, lim, True, c, &pfn) if f else iova_alloc(self.d, n, lim, True, &pfn)
+                if rc < 0:
+                    break
+                rc = iova_free_fast(self.d, pfn, n, c) if f else iova_free(self.d, pfn)
+                if rc < 0:
+                    break
+        _release(self.lock)
+        _check(rc, "roundtrips: allocation failed")
+        return r
 
     def flush_rcache(self):
         """Return every cached range to the tree: each CPU's magazines,

@@ -602,8 +602,8 @@ cdef int64_t _pgt_map_each(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
                            uint32_t prot, uint64_t *bad) noexcept nogil:
     """What a walk linking range by range does: one pgt_map() per range.
     Checked in full first, so only a host allocation failure can stop it;
-    then the leaves written so far are cleared and the counters restored
-    (tables installed by the earlier calls stay, empty)."""
+    then the leaves written so far are cleared and the leaf counters
+    restored (tables installed by the earlier calls stay, empty)."""
     cdef int64_t total
     cdef uint64_t i, ln, at = iova
     cdef uint64_t leaf_sets = pt.c.leaf_sets

@@ -709,3 +709,54 @@ def test_many_ranges_scale():
             d.free_fast(p, 1 + (i % 4))
     d.check()
     assert d.stats["live_ranges"] == 1 << 15
+
+
+def test_alloc_many_matches_single_calls_and_stops_when_full():
+    a, b = IovaDomain(start_pfn=D32 - 64), IovaDomain(start_pfn=D32 - 64)
+    sizes = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], dtype=np.uint64)
+    got = a.alloc_many(sizes, len(sizes), LIM32)
+    want = []
+    for s in sizes.tolist():
+        try:
+            want.append(b.alloc_fast(s, LIM32))
+        except errors.OutOfMemory:
+            break
+    assert got.tolist() == want and len(want) < len(sizes)  # stopped at the first failure
+    same = a.ranges(with_state=True) == b.ranges(with_state=True)
+    assert same.all()
+    tree = IovaDomain().alloc_many(3, 4, LIM32, fast=False, size_aligned=False)
+    assert tree.tolist() == [D32 - 3, D32 - 6, D32 - 9, D32 - 12]  # 4 ranges of 3
+
+
+def test_free_many_is_all_or_nothing():
+    d = IovaDomain()
+    pfns = d.alloc_many(2, 8, LIM32)
+    before = d.ranges(with_state=True)
+    for bad, exc in (
+        ([pfns[0], pfns[0]], errors.NotFound),  # twice
+        ([pfns[0], 12345], errors.NotFound),  # unknown
+        ([pfns[0], pfns[1] + 1], errors.InvalidArgument),  # one pfn left < the 2-pfn bin
+    ):
+        with pytest.raises(exc):
+            d.free_many(np.array(bad, dtype=np.uint64), 2)
+        assert (d.ranges(with_state=True) == before).all()
+    with pytest.raises(errors.NotFound):
+        d.free_many(np.array([pfns[0], pfns[0] + 1], dtype=np.uint64), fast=False)  # same range
+    with pytest.raises(errors.InvalidArgument):
+        d.free_many(pfns, 4)  # the 4-pfn bin does not fit 2-pfn ranges
+    d.free_many(pfns[:4], 2)
+    assert d.stats["cached_ranges"] == 4
+    d.free_many(pfns[4:], fast=False)
+    assert d.stats["live_ranges"] == 0 and d.stats["cached_ranges"] == 4
+    with pytest.raises(ValueError):
+        d.free_many(pfns, [1, 2])
+
+
+def test_roundtrips_recycle_one_range():
+    d = IovaDomain()
+    assert d._roundtrips(1000, 1, LIM32) == 1000
+    s = d.stats
+    assert s["tree_allocs"] == 1 and s["rcache_hits"] == 999 and s["cached_ranges"] == 1
+    d2 = IovaDomain()
+    d2._roundtrips(1000, 1, LIM32, fast=False)
+    assert d2.stats["tree_allocs"] == 1000 and len(d2) == 0

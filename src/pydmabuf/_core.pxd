@@ -173,6 +173,7 @@ cdef enum:
     PDB_IOVA_KIND_RESERVED = 4          # RangeKind.RESERVED
     PDB_IOVA_KIND_ALLOC = 5             # RangeKind.IOVA
     PDB_IOVA_FLAG_CACHED = 1            # allocated, but held by an rcache
+    PDB_IOVA_FLAG_MARK = 2              # scratch bit of bulk calls (always clear between calls)
 
 cdef struct iova_magazine:
     uint64_t size
