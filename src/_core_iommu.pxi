@@ -136,6 +136,7 @@ cdef void _fq_ring_free(iommu_domain *dom, iova_fq *fq, uint32_t cpu) noexcept n
     finished flush covers."""
     cdef uint64_t counter = dom.fq_flush_finish_cnt
     cdef iova_fq_entry *e
+    cdef rt_node *n
     while fq.head != fq.tail:
         e = &fq.entries[fq.head]
         if e.counter >= counter:
@@ -143,9 +144,10 @@ cdef void _fq_ring_free(iommu_domain *dom, iova_fq *fq, uint32_t cpu) noexcept n
         pgt_release_tables(&dom.pgt, e.freelist)
         e.freelist = NULL
         e.nfree = 0
-        # Checked when queued; nothing else may free a queued range.
-        if iova_free_fast(&dom.iovad, e.pfn, e.pages, cpu) < 0:
-            iova_free(&dom.iovad, e.pfn)
+        # Checked when queued, and nothing else can free a queued range.
+        n = _iova_node(&dom.iovad, e.pfn)
+        _iova_set_flag(&dom.iovad, n, PDB_IOVA_FLAG_QUEUED, False)
+        _iova_free_fast_node(&dom.iovad, n, e.pfn, e.pages, cpu)
         fq.head = (fq.head + 1) & fq.mod_mask
         dom.fq_pending -= 1
         dom.fq_released += 1
@@ -155,6 +157,7 @@ cdef void _queue_iova(iommu_domain *dom, uint64_t pfn, uint64_t pages, pgt_gathe
                       uint32_t cpu) noexcept nogil:
     cdef iova_fq *fq = &dom.fq[cpu]
     cdef uint32_t idx
+    _iova_set_flag(&dom.iovad, _iova_node(&dom.iovad, pfn), PDB_IOVA_FLAG_QUEUED, True)
     _fq_ring_free(dom, fq, cpu)
     if ((fq.tail + 1) & fq.mod_mask) == fq.head:
         _fq_flush_iotlb(dom)

@@ -57,6 +57,13 @@ cdef inline void _iova_account(iova_domain *d, const rt_node *n, int sign) noexc
             else:
                 d.c.cached_ranges -= 1
                 d.c.cached_pages -= pages
+        if n.flags & PDB_IOVA_FLAG_QUEUED:
+            if sign > 0:
+                d.c.queued_ranges += 1
+                d.c.queued_pages += pages
+            else:
+                d.c.queued_ranges -= 1
+                d.c.queued_pages -= pages
     elif n.kind == PDB_IOVA_KIND_RESERVED:
         if sign > 0:
             d.c.reserved_ranges += 1
@@ -66,12 +73,13 @@ cdef inline void _iova_account(iova_domain *d, const rt_node *n, int sign) noexc
             d.c.reserved_pages -= pages
 
 
-cdef inline void _iova_set_cached(iova_domain *d, rt_node *n, bint cached) noexcept nogil:
+cdef inline void _iova_set_flag(iova_domain *d, rt_node *n, uint32_t flag, bint on) noexcept nogil:
+    """Set or clear CACHED or QUEUED on an allocated node, keeping counts."""
     _iova_account(d, n, -1)
-    if cached:
-        n.flags |= PDB_IOVA_FLAG_CACHED
+    if on:
+        n.flags |= flag
     else:
-        n.flags &= ~(<uint32_t>PDB_IOVA_FLAG_CACHED)
+        n.flags &= ~flag
     _iova_account(d, n, 1)
 
 
@@ -187,9 +195,10 @@ cdef void _iova_free_node(iova_domain *d, rt_node *n) noexcept nogil:
 
 
 cdef inline rt_node *_iova_live_node(const iova_domain *d, uint64_t pfn) noexcept nogil:
-    """The allocated range holding pfn, unless it sits in an rcache."""
+    """The allocated range holding pfn, unless it sits in an rcache or
+    waits on a flush queue (both are freed as far as callers go)."""
     cdef rt_node *n = _iova_node(d, pfn)
-    if n == NULL or n.kind != PDB_IOVA_KIND_ALLOC or (n.flags & PDB_IOVA_FLAG_CACHED):
+    if n == NULL or n.kind != PDB_IOVA_KIND_ALLOC or (n.flags & (PDB_IOVA_FLAG_CACHED | PDB_IOVA_FLAG_QUEUED)):
         return NULL
     return n
 
@@ -428,7 +437,7 @@ cdef int iova_alloc_fast(iova_domain *d, uint64_t size, uint64_t limit_pfn,
     if _order_base_2(size) < PDB_IOVA_RANGE_CACHE_MAX_SIZE:
         p = _iova_rcache_get(d, size, limit_pfn + 1, cpu)
         if p != 0:
-            _iova_set_cached(d, _iova_node(d, p), False)
+            _iova_set_flag(d, _iova_node(d, p), PDB_IOVA_FLAG_CACHED, False)
             d.c.rcache_hits += 1
             pfn[0] = p
             return 0
@@ -467,7 +476,7 @@ cdef int iova_check_free_fast(const iova_domain *d, uint64_t pfn, uint64_t size)
 cdef void _iova_free_fast_node(iova_domain *d, rt_node *n, uint64_t pfn, uint64_t size,
                                uint32_t cpu) noexcept nogil:
     if _iova_rcache_insert(d, pfn, size, cpu):
-        _iova_set_cached(d, n, True)
+        _iova_set_flag(d, n, PDB_IOVA_FLAG_CACHED, True)
         d.c.rcache_inserts += 1
     else:
         _iova_free_node(d, n)
@@ -639,13 +648,15 @@ cdef _iova_stats_dict(const iova_domain *d):
         "dma_32bit_pfn": d.dma_32bit_pfn,
         "max32_alloc_size": d.max32_alloc_size,
         "ranges": d.tree.count - 1,
-        "live_ranges": d.c.alloc_ranges - d.c.cached_ranges,
-        "live_pages": d.c.alloc_pages - d.c.cached_pages,
-        "live_nbytes": (d.c.alloc_pages - d.c.cached_pages) * g,
+        "live_ranges": d.c.alloc_ranges - d.c.cached_ranges - d.c.queued_ranges,
+        "live_pages": d.c.alloc_pages - d.c.cached_pages - d.c.queued_pages,
+        "live_nbytes": (d.c.alloc_pages - d.c.cached_pages - d.c.queued_pages) * g,
         "alloc_ranges": d.c.alloc_ranges,
         "alloc_pages": d.c.alloc_pages,
         "cached_ranges": d.c.cached_ranges,
         "cached_pages": d.c.cached_pages,
+        "queued_ranges": d.c.queued_ranges,
+        "queued_pages": d.c.queued_pages,
         "reserved_ranges": d.c.reserved_ranges,
         "reserved_pages": d.c.reserved_pages,
         "tree_allocs": d.c.tree_allocs,
@@ -802,8 +813,8 @@ cdef class IovaDomain:
 
         Raises :class:`~pydmabuf.errors.NotFound` (ENOENT) if no allocated
         range holds it (the kernel silently ignores it), if it is reserved,
-        or if it sits in a range cache (already freed with
-        :meth:`free_fast`).
+        if it sits in a range cache (already freed with :meth:`free_fast`)
+        or waits on an IOMMU domain's flush queue.
         """
         cdef uint64_t p = _u64(pfn, "pfn")
         cdef int rc
@@ -1061,7 +1072,7 @@ cdef class IovaDomain:
         Allocated ranges, ranges held by the range caches (they stay in the
         kernel's tree too) and reserved ranges are listed; the anchor is
         not.  With ``with_state`` a third column says which: 0 allocated,
-        1 cached, 2 reserved.
+        1 cached, 2 reserved, 3 waiting on an IOMMU domain's flush queue.
         """
         cdef _Buffer b
         cdef uint64_t i = 0
@@ -1078,7 +1089,8 @@ cdef class IovaDomain:
                 p[cols * i + 1] = n.last
                 if cols == 3:
                     p[3 * i + 2] = (2 if n.kind == PDB_IOVA_KIND_RESERVED
-                                    else (1 if n.flags & PDB_IOVA_FLAG_CACHED else 0))
+                                    else 1 if n.flags & PDB_IOVA_FLAG_CACHED
+                                    else 3 if n.flags & PDB_IOVA_FLAG_QUEUED else 0)
                 i += 1
                 n = rt_next(&self.d.tree, n.start)
         finally:
@@ -1117,8 +1129,9 @@ cdef class IovaDomain:
 
         ``ranges`` (in the tree, reserved and cached ones included),
         ``live_ranges`` / ``live_pages`` / ``live_nbytes`` (allocated and
-        held by callers), ``alloc_*`` (allocated, cached included),
-        ``cached_*``, ``reserved_*``, ``max32_alloc_size``, and the event
+        held by callers), ``alloc_*`` (allocated, cached and queued
+        included), ``cached_*``, ``queued_*`` (on a flush queue),
+        ``reserved_*``, ``max32_alloc_size``, and the event
         counts ``tree_allocs``, ``tree_alloc_failures``,
         ``tree_fast_fails``, ``tree_frees``, ``rcache_hits``,
         ``rcache_misses``, ``rcache_inserts``, ``rcache_flushes``,
@@ -1138,7 +1151,7 @@ cdef class IovaDomain:
         """Verify the allocator's invariants (tree, counters, cached nodes,
         magazines); raises AssertionError.  For tests."""
         cdef const rt_node *n
-        cdef uint64_t ar = 0, ap = 0, cr = 0, cp = 0, rr = 0, rp = 0, mags = 0
+        cdef uint64_t ar = 0, ap = 0, cr = 0, cp = 0, rr = 0, rp = 0, qr = 0, qp = 0, mags = 0
         cdef int b
         cdef uint32_t c
         cdef uint64_t i
@@ -1153,13 +1166,19 @@ cdef class IovaDomain:
                     if n.flags & PDB_IOVA_FLAG_CACHED:
                         cr += 1
                         cp += n.last - n.start + 1
+                    if n.flags & PDB_IOVA_FLAG_QUEUED:
+                        qr += 1
+                        qp += n.last - n.start + 1
+                    assert not (n.flags & PDB_IOVA_FLAG_MARK), "stale mark"
+                    assert (n.flags & 5) != 5, "cached and queued"
                 elif n.kind == PDB_IOVA_KIND_RESERVED:
                     rr += 1
                     rp += n.last - n.start + 1
                 n = rt_next(&self.d.tree, n.start)
-            assert (ar, ap, cr, cp, rr, rp) == (
+            assert (ar, ap, cr, cp, qr, qp, rr, rp) == (
                 self.d.c.alloc_ranges, self.d.c.alloc_pages, self.d.c.cached_ranges,
-                self.d.c.cached_pages, self.d.c.reserved_ranges, self.d.c.reserved_pages), "counters"
+                self.d.c.cached_pages, self.d.c.queued_ranges, self.d.c.queued_pages,
+                self.d.c.reserved_ranges, self.d.c.reserved_pages), "counters"
             for key in (self.d.cached_node, self.d.cached32_node):
                 n = rt_lookup(&self.d.tree, key)
                 assert n != NULL and n.start == key, f"cached node {key:#x} is not a live node"
@@ -1187,8 +1206,8 @@ cdef class IovaDomain:
 
     def __repr__(self):
         from pydmabuf._types import _fmt_size
-        live = self.d.c.alloc_ranges - self.d.c.cached_ranges
-        nb = (self.d.c.alloc_pages - self.d.c.cached_pages) * self.d.granule
+        live = self.d.c.alloc_ranges - self.d.c.cached_ranges - self.d.c.queued_ranges
+        nb = (self.d.c.alloc_pages - self.d.c.cached_pages - self.d.c.queued_pages) * self.d.granule
         return (f"<IovaDomain granule {_fmt_size(self.d.granule)}, start_pfn {self.d.start_pfn:#x}, "
                 f"{live} live range{'s' if live != 1 else ''} ({_fmt_size(nb)}), "
                 f"{self.d.c.cached_ranges} cached, {self.d.c.reserved_ranges} reserved, "

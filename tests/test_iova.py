@@ -21,6 +21,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import pydmabuf
 from pydmabuf import IovaDomain, errors
 
+from kernel_rc import call
+
 U64 = (1 << 64) - 1
 MAG = 127
 BINS = 6
@@ -285,15 +287,6 @@ class RefIova:
 
     def rcache_state(self, cpu):
         return [(list(self.loaded[b][cpu]), list(self.prev[b][cpu]), len(self.depot[b])) for b in range(BINS)]
-
-
-def call(fn, *args):
-    """The core's answer as the reference gives it: a value or -errno."""
-    try:
-        r = fn(*args)
-    except errors.DmaBufError as e:
-        return -e.errno
-    return 0 if r is None else r
 
 
 def same_state(core: IovaDomain, ref: RefIova) -> None:

@@ -19,6 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from pydmabuf import IommuProt, IoPageTable, errors
 
+from kernel_rc import call
+
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 U64 = (1 << 64) - 1
 RW = int(IommuProt.READ | IommuProt.WRITE)
@@ -255,14 +257,6 @@ class Spans:
             if s <= iova < s + n:
                 return p + iova - s
         return None
-
-
-def call(fn, *args):
-    try:
-        r = fn(*args)
-    except errors.DmaBufError as e:
-        return -e.errno
-    return 0 if r is None else r
 
 
 def core_stats(t):

@@ -174,6 +174,7 @@ cdef enum:
     PDB_IOVA_KIND_ALLOC = 5             # RangeKind.IOVA
     PDB_IOVA_FLAG_CACHED = 1            # allocated, but held by an rcache
     PDB_IOVA_FLAG_MARK = 2              # scratch bit of bulk calls (always clear between calls)
+    PDB_IOVA_FLAG_QUEUED = 4            # allocated, waiting on a flush queue
 
 cdef struct iova_magazine:
     uint64_t size
@@ -194,6 +195,8 @@ cdef struct iova_counters:
     uint64_t alloc_pages
     uint64_t cached_ranges              # ALLOC nodes held by an rcache magazine
     uint64_t cached_pages
+    uint64_t queued_ranges              # ALLOC nodes waiting on a flush queue
+    uint64_t queued_pages
     uint64_t reserved_ranges
     uint64_t reserved_pages
     uint64_t tree_allocs                # successful alloc_iova
@@ -229,7 +232,7 @@ cdef void iova_domain_destroy(iova_domain *d) noexcept nogil
 cdef int iova_alloc(iova_domain *d, uint64_t size, uint64_t limit_pfn,
                     bint size_aligned, uint64_t *pfn) noexcept nogil
 # free_iova(): frees the allocated range holding pfn; -ENOENT if none (or it
-# is reserved, or sits in an rcache).
+# is reserved, sits in an rcache or waits on a flush queue).
 cdef int iova_free(iova_domain *d, uint64_t pfn) noexcept nogil
 # reserve_iova(): 0, or -EINVAL (pfn_lo > pfn_hi, pfns the kernel rejects).
 cdef int iova_reserve(iova_domain *d, uint64_t pfn_lo, uint64_t pfn_hi) noexcept nogil
