@@ -9,6 +9,7 @@
 # object's lock (``obj.lock``) around a kernel when the object may be shared
 # between threads.
 
+from libc.errno cimport EEXIST
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from cpython.pythread cimport PyThread_type_lock
 
@@ -352,7 +353,7 @@ cdef inline int pgt_map_page(io_pgtable *pt, uint64_t iova, uint64_t phys,
             and (prot & ~(<uint32_t>PDB_IOMMU_PROT_MASK)) == 0:
         ep = &pt.cur_pte[(iova >> 12) & 511]
         if ep[0] != 0:
-            return -17                  # EEXIST
+            return -EEXIST
         ep[0] = phys | (<uint64_t>prot << 2) | 3
         pt.c.leaf_sets += 1
         pt.c.mapped_nbytes += 4096
