@@ -9,10 +9,13 @@ IOVA API.  See the README for a tour.
 from __future__ import annotations
 
 from pydmabuf import errors
-from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection, Range, RangeKind
+from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection, IommuProt, Range, RangeKind
 from pydmabuf._core import (
     MAX_SG_ENT_SZ,
     SCATTERLIST_MAX_SEGMENT,
+    IommuDomain,
+    IoPageTable,
+    IovaDomain,
     RangeTable,
     SgTable,
     pagemap,
@@ -36,6 +39,10 @@ __all__ = [
     "MAX_SG_ENT_SZ",
     "SCATTERLIST_MAX_SEGMENT",
     "DmaDirection",
+    "IommuDomain",
+    "IommuProt",
+    "IoPageTable",
+    "IovaDomain",
     "Range",
     "RangeKind",
     "RangeTable",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-__all__ = ["RangeKind", "Range", "DmaDirection", "PAGE_SIZE", "PAGE_SHIFT"]
+__all__ = ["RangeKind", "Range", "DmaDirection", "IommuProt", "PAGE_SIZE", "PAGE_SHIFT"]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -62,6 +62,20 @@ class DmaDirection(enum.IntEnum):
     TO_DEVICE = 1
     FROM_DEVICE = 2
     NONE = 3
+
+
+class IommuProt(enum.IntFlag):
+    """IOMMU mapping permissions and attributes (``IOMMU_*`` in ``linux/iommu.h``).
+
+    A mapping must allow at least one of ``READ`` and ``WRITE``.
+    """
+
+    READ = 1 << 0  #: the device may read
+    WRITE = 1 << 1  #: the device may write
+    CACHE = 1 << 2  #: cache-coherent access (the device snoops CPU caches)
+    NOEXEC = 1 << 3  #: no instruction fetch through this mapping
+    MMIO = 1 << 4  #: device memory (MSI doorbells, PCI BARs): never cacheable
+    PRIV = 1 << 5  #: privileged accesses only
 
 
 def _fmt_size(nbytes: int) -> str:
