@@ -489,16 +489,16 @@ cdef int pgt_map(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64_t size,
 
 cdef int64_t _pgt_check_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
                              const uint64_t *lens, uint64_t len_each, uint64_t n,
-                             uint32_t prot, uint64_t *bad) noexcept nogil:
+                             uint32_t prot, uint64_t *bad, uint64_t stride=1) noexcept nogil:
     """Check every range of a bulk map; the total bytes or -errno."""
     cdef uint64_t i, ln, total = 0, at
     cdef int rc
     for i in range(n):
-        ln = lens[i] if lens != NULL else len_each
+        ln = lens[i * stride] if lens != NULL else len_each
         if pdb_add_overflow(iova, total, &at):
             bad[0] = i
             return -ERANGE
-        rc = _pgt_check_map(pt, at, phys[i], ln, prot)
+        rc = _pgt_check_map(pt, at, phys[i * stride], ln, prot)
         if rc < 0:
             bad[0] = i
             return rc
@@ -506,7 +506,7 @@ cdef int64_t _pgt_check_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys
     if total and _pgt_span_has_leaf(pt, pt.pgd, pt.start_level, iova, iova + total - 1):
         at = iova
         for i in range(n):
-            ln = lens[i] if lens != NULL else len_each
+            ln = lens[i * stride] if lens != NULL else len_each
             if ln and _pgt_span_has_leaf(pt, pt.pgd, pt.start_level, at, at + ln - 1):
                 bad[0] = i
                 break
@@ -516,7 +516,7 @@ cdef int64_t _pgt_check_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys
 
 
 cdef bint _pgt_bulk_plain(const io_pgtable *pt, uint64_t iova, const uint64_t *phys,
-                          uint64_t len_each, uint64_t n, uint32_t prot) noexcept nogil:
+                          uint64_t len_each, uint64_t n, uint32_t prot, uint64_t stride=1) noexcept nogil:
     """For ranges of one length: are they all obviously fine (aligned, in
     range, good prot)?  A reduction the compiler vectorises; anything
     doubtful goes through the per-range checks for the exact error."""
@@ -531,10 +531,10 @@ cdef bint _pgt_bulk_plain(const io_pgtable *pt, uint64_t iova, const uint64_t *p
     if len_each == _SZ_4K:
         # For aligned pages p + 4095 == p | 4095: one OR covers both checks.
         for i in range(n):
-            acc |= phys[i]
+            acc |= phys[i * stride]
         return (acc & (_SZ_4K - 1)) == 0 and (acc >> pt.oas) == 0
     for i in range(n):
-        p = phys[i]
+        p = phys[i * stride]
         acc |= p
         top = p if p > top else top
     if acc & (_SZ_4K - 1):
@@ -545,25 +545,31 @@ cdef bint _pgt_bulk_plain(const io_pgtable *pt, uint64_t iova, const uint64_t *p
 cdef int64_t pgt_map_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
                           const uint64_t *lens, uint64_t len_each, uint64_t n,
                           uint32_t prot, uint64_t *bad) noexcept nogil:
+    return pgt_map_bulk_strided(pt, iova, phys, lens, len_each, n, 1, prot, bad)
+
+
+cdef int64_t pgt_map_bulk_strided(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
+                                  const uint64_t *lens, uint64_t len_each, uint64_t n,
+                                  uint64_t stride, uint32_t prot, uint64_t *bad) noexcept nogil:
     cdef int64_t total
     cdef uint64_t pbits = <uint64_t>prot << _PTE_PROT_SHIFT
     cdef uint64_t i, j, k, ln, at = iova, done = 0, idx
     cdef uint64_t *tbl
     cdef pgt_counters snap
     cdef int rc
-    if lens == NULL and _pgt_bulk_plain(pt, iova, phys, len_each, n, prot):
+    if lens == NULL and _pgt_bulk_plain(pt, iova, phys, len_each, n, prot, stride):
         total = <int64_t>(n * len_each)
         if _pgt_span_has_leaf(pt, pt.pgd, pt.start_level, iova, iova + <uint64_t>total - 1):
-            total = _pgt_check_bulk(pt, iova, phys, lens, len_each, n, prot, bad)
+            total = _pgt_check_bulk(pt, iova, phys, lens, len_each, n, prot, bad, stride)
     else:
-        total = _pgt_check_bulk(pt, iova, phys, lens, len_each, n, prot, bad)
+        total = _pgt_check_bulk(pt, iova, phys, lens, len_each, n, prot, bad, stride)
     if total <= 0:
         return total
     snap = pt.c
     _pgt_journal_reset(pt)
     i = 0
     while i < n:
-        ln = lens[i] if lens != NULL else len_each
+        ln = lens[i * stride] if lens != NULL else len_each
         if ln == _SZ_4K and pt.cur_pte != NULL and (at >> 21) == pt.cur_base:
             # A run of single pages inside the cursor's table: what
             # iommu_map_nosync() writes for each, without the walk.
@@ -574,11 +580,11 @@ cdef int64_t pgt_map_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
                 k = n - i
             if lens != NULL:
                 j = 1
-                while j < k and lens[i + j] == _SZ_4K:
+                while j < k and lens[(i + j) * stride] == _SZ_4K:
                     j += 1
                 k = j
             for j in range(k):
-                tbl[idx + j] = phys[i + j] | pbits | _PTE_TYPE_TABLE
+                tbl[idx + j] = phys[(i + j) * stride] | pbits | _PTE_TYPE_TABLE
             pt.c.leaf_sets += k
             pt.c.mapped_nbytes += k << 12
             done += k << 12
@@ -586,7 +592,7 @@ cdef int64_t pgt_map_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
             i += k
             continue
         if ln:
-            rc = _pgt_map_range(pt, at, phys[i], ln, pbits, &done)
+            rc = _pgt_map_range(pt, at, phys[i * stride], ln, pbits, &done)
             if rc < 0:
                 bad[0] = i
                 _pgt_rollback(pt, iova, done, &snap)
@@ -709,6 +715,28 @@ cdef int pgt_iova_to_phys(const io_pgtable *pt, uint64_t iova, uint64_t *phys) n
             return -ENOENT
         if _is_leaf(e, l):
             phys[0] = (e & PDB_PTE_ADDR_MASK) | (iova & (_blk(l) - 1))
+            return 0
+        tbl = _tbl(e)
+        l += 1
+
+
+cdef int pgt_lookup(const io_pgtable *pt, uint64_t iova, uint64_t *phys, uint32_t *prot,
+                    uint64_t *leaf_size) noexcept nogil:
+    """The leaf mapping ``iova``: its output address for ``iova``, its prot
+    bits and its size (4K, 2M or 1G); -ENOENT when nothing maps it."""
+    cdef int l = pt.start_level
+    cdef const uint64_t *tbl = pt.pgd
+    cdef uint64_t e
+    if iova >> pt.ias:
+        return -ENOENT
+    while True:
+        e = tbl[_idx(pt, iova, l)]
+        if e == 0:
+            return -ENOENT
+        if _is_leaf(e, l):
+            phys[0] = (e & PDB_PTE_ADDR_MASK) | (iova & (_blk(l) - 1))
+            prot[0] = <uint32_t>((e >> _PTE_PROT_SHIFT) & PDB_IOMMU_PROT_MASK)
+            leaf_size[0] = _blk(l)
             return 0
         tbl = _tbl(e)
         l += 1

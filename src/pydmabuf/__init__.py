@@ -21,6 +21,26 @@ from pydmabuf._core import (
     pagemap,
 )
 
+from pydmabuf.machine import (
+    Device,
+    Machine,
+    P2PMapType,
+    P2pProvider,
+    p2p_map_type,
+)
+from pydmabuf.dma import (
+    DmaAttrs,
+    IovaState,
+    dma_buf_free_sgt,
+    dma_buf_phys_vec_to_sgt,
+    dma_map_phys,
+    dma_map_sgtable,
+    dma_sync_sgtable_for_cpu,
+    dma_sync_sgtable_for_device,
+    dma_unmap_phys,
+    dma_unmap_sgtable,
+)
+
 try:
     from pydmabuf._version import version as __version__
 except ImportError:  # an unbuilt tree; the build writes _version.py
@@ -48,4 +68,19 @@ __all__ = [
     "RangeTable",
     "SgTable",
     "pagemap",
+    "Machine",
+    "Device",
+    "P2PMapType",
+    "P2pProvider",
+    "p2p_map_type",
+    "DmaAttrs",
+    "IovaState",
+    "dma_map_sgtable",
+    "dma_unmap_sgtable",
+    "dma_sync_sgtable_for_cpu",
+    "dma_sync_sgtable_for_device",
+    "dma_map_phys",
+    "dma_unmap_phys",
+    "dma_buf_phys_vec_to_sgt",
+    "dma_buf_free_sgt",
 ]

@@ -368,11 +368,19 @@ cdef inline int pgt_map_page(io_pgtable *pt, uint64_t iova, uint64_t phys,
 cdef int64_t pgt_map_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
                           const uint64_t *lens, uint64_t len_each, uint64_t n,
                           uint32_t prot, uint64_t *bad) noexcept nogil
+# The same over strided arrays: range i is (phys[i * stride], lens[i * stride]),
+# e.g. stride 2 over interleaved (phys, nbytes) rows.
+cdef int64_t pgt_map_bulk_strided(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
+                                  const uint64_t *lens, uint64_t len_each, uint64_t n,
+                                  uint64_t stride, uint32_t prot, uint64_t *bad) noexcept nogil
 cdef int64_t pgt_unmap(io_pgtable *pt, uint64_t iova, uint64_t size,
                        pgt_gather *gather) noexcept nogil
 # 0 and *phys, or -ENOENT when nothing maps iova.
 cdef int pgt_iova_to_phys(const io_pgtable *pt, uint64_t iova,
                           uint64_t *phys) noexcept nogil
+# The leaf holding iova: output address, IOMMU_* prot bits, leaf size.
+cdef int pgt_lookup(const io_pgtable *pt, uint64_t iova, uint64_t *phys,
+                    uint32_t *prot, uint64_t *leaf_size) noexcept nogil
 cdef void pgt_gather_init(pgt_gather *g) noexcept nogil
 cdef void pgt_gather_add_page(io_pgtable *pt, pgt_gather *g, uint64_t iova,
                               uint64_t size) noexcept nogil
@@ -468,3 +476,70 @@ cdef class IommuDomain:
     cdef PyThread_type_lock lock
     cdef object _iovad
     cdef object _pgtable
+
+# ------------------------------------------------------ DMA mapping walks
+#
+# kernel/dma/direct.c, drivers/iommu/dma-iommu.c (iommu_dma_map_sg and the
+# dma_iova_* two-step API) and iommu_map_sg().  The caller holds the
+# table's lock and the domain's lock (IommuDomain.lock) around a walk.
+
+cdef enum:
+    PDB_RANGE_MMIO = 2                  # RangeKind.MMIO
+    # enum pci_p2pdma_map_type (pydmabuf.P2PMapType)
+    PDB_P2P_NONE = 1
+    PDB_P2P_NOT_SUPPORTED = 2
+    PDB_P2P_BUS_ADDR = 3
+    PDB_P2P_THRU_HOST_BRIDGE = 4
+    # enum dma_data_direction
+    PDB_DMA_BIDIRECTIONAL = 0
+    PDB_DMA_TO_DEVICE = 1
+    PDB_DMA_FROM_DEVICE = 2
+    PDB_DMA_NONE = 3
+    # DMA_ATTR_* bits used by the walks
+    PDB_DMA_ATTR_SKIP_CPU_SYNC = 1 << 5
+    PDB_DMA_ATTR_PRIVILEGED = 1 << 9
+    PDB_DMA_ATTR_MMIO = 1 << 10
+
+cdef extern from *:
+    """
+    #define PDB_DMA_MAPPING_ERROR (~0ULL)
+    """
+    const uint64_t PDB_DMA_MAPPING_ERROR
+
+# What one client device sees of the machine: the address map, and per
+# range owner (a BAR) the P2P route and bus offset.  The last lookup is
+# cached (consecutive entries usually fall in one range).
+cdef struct p2p_ctx:
+    const range_table *amap
+    const uint8_t *state
+    const uint64_t *bus_offset
+    uint64_t nowners
+    bint c_valid
+    uint64_t c_start
+    uint64_t c_last
+    uint8_t c_state
+    uint64_t c_off
+
+cdef class P2pContext:
+    cdef RangeTable amap
+    cdef uint8_t *state
+    cdef uint64_t *offset
+    cdef uint64_t n
+    cdef void fill(self, p2p_ctx *c) noexcept
+
+cdef int64_t dma_direct_map_sg(sg_table *t, uint64_t dma_limit, const uint64_t *ranges,
+                               uint64_t nranges, bint force_swiotlb, bint has_swiotlb,
+                               uint64_t attrs, p2p_ctx *pc, uint64_t *bounce) noexcept nogil
+cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit,
+                              uint64_t seg_mask, uint64_t max_seg, bint *prefer32,
+                              uint32_t cpu, uint32_t prot, p2p_ctx *pc,
+                              uint64_t *iova_out, uint64_t *iova_len_out) noexcept nogil
+cdef int64_t iommu_dma_unmap_sg(sg_table *t, iommu_domain *dom, uint32_t cpu) noexcept nogil
+cdef int dma_iova_link_one(iommu_domain *dom, uint64_t state_addr, uint64_t phys,
+                           uint64_t offset, uint64_t size, uint32_t prot) noexcept nogil
+cdef int64_t dma_iova_link_ranges(iommu_domain *dom, uint64_t state_addr, uint64_t offset,
+                                  const uint64_t *pairs, uint64_t n, uint32_t prot,
+                                  bint all_at_offset, uint64_t *bad) noexcept nogil
+cdef int64_t iommu_translate(iommu_domain *dom, uint64_t iova, uint64_t nbytes,
+                             uint32_t need, uint64_t *out, uint64_t maxout,
+                             uint64_t *fault_at, uint32_t *fault_prot) noexcept nogil

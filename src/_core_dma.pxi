@@ -1,0 +1,720 @@
+# The DMA mapping walks: dma-direct and IOMMU dma_map_sg, the list-free
+# two-step IOVA API's link/unlink/destroy, and translation of device
+# accesses.  kernel/dma/direct.c, drivers/iommu/dma-iommu.c and
+# iommu_map_sg() in drivers/iommu/iommu.c are the spec; pydmabuf.dma is the
+# Python API over these kernels.
+
+from libc.errno cimport EFAULT, EIO, EREMOTEIO
+
+# ------------------------------------------------------------- P2P context
+
+@cython.final
+cdef class P2pContext:
+    """What one client device sees of the machine's memory, for the walks.
+
+    Holds the machine's physical address map and, for every range owner
+    that is a PCI BAR, the P2P route from this client (``P2PMapType``) and
+    the BAR's bus offset.  Built by :mod:`pydmabuf.dma`; owners beyond the
+    arrays (added after it was built) read as ordinary memory.
+    """
+
+    def __cinit__(self, RangeTable amap, states, offsets):
+        cdef const uint64_t[::1] sv = _as_u64_view(states, "states")
+        cdef const uint64_t[::1] ov = _as_u64_view(offsets, "offsets")
+        cdef uint64_t i, n = sv.shape[0]
+        if <uint64_t>ov.shape[0] != n:
+            raise ValueError("states and offsets differ in length")
+        self.amap = amap
+        self.n = n
+        self.state = <uint8_t *>malloc(n if n else 1)
+        self.offset = <uint64_t *>malloc((n if n else 1) * sizeof(uint64_t))
+        if self.state == NULL or self.offset == NULL:
+            raise MemoryError()
+        for i in range(n):
+            if sv[i] > 255:
+                raise ValueError("a state is not a P2PMapType")
+            self.state[i] = <uint8_t>sv[i]
+            self.offset[i] = ov[i]
+
+    def __dealloc__(self):
+        free(self.state)
+        free(self.offset)
+
+    cdef void fill(self, p2p_ctx *c) noexcept:
+        c.amap = &self.amap.t
+        c.state = self.state
+        c.bus_offset = self.offset
+        c.nowners = self.n
+        c.c_valid = False
+
+
+cdef inline uint8_t p2p_classify(p2p_ctx *c, uint64_t phys, uint64_t *off) noexcept nogil:
+    """pci_p2pdma_state() for the page at ``phys``: NONE for memory that is
+    not a peer's BAR, else the route of the BAR's owner and its bus offset."""
+    cdef const rt_node *n
+    cdef uint8_t st = PDB_P2P_NONE
+    cdef uint64_t o = 0
+    off[0] = 0
+    if c == NULL or c.amap == NULL:
+        return PDB_P2P_NONE
+    if c.c_valid and c.c_start <= phys and phys <= c.c_last:
+        off[0] = c.c_off
+        return c.c_state
+    n = rt_lookup(c.amap, phys)
+    if n == NULL:
+        return PDB_P2P_NONE
+    if n.kind == PDB_RANGE_MMIO and n.owner < c.nowners:
+        st = c.state[n.owner]
+        o = c.bus_offset[n.owner]
+        if st == 0:
+            st = PDB_P2P_NONE
+    c.c_valid = True
+    c.c_start = n.start
+    c.c_last = n.last
+    c.c_state = st
+    c.c_off = o
+    off[0] = o
+    return st
+
+
+cdef inline uint32_t dma_info_to_prot(int direction, bint coherent, uint64_t attrs) noexcept nogil:
+    """dma_info_to_prot(): IOMMU_* bits for a direction and attributes."""
+    cdef uint32_t prot = PDB_IOMMU_CACHE if coherent else 0
+    if attrs & PDB_DMA_ATTR_MMIO:
+        prot = PDB_IOMMU_MMIO
+    if attrs & PDB_DMA_ATTR_PRIVILEGED:
+        prot |= PDB_IOMMU_PRIV
+    if direction == PDB_DMA_BIDIRECTIONAL:
+        return prot | PDB_IOMMU_READ | PDB_IOMMU_WRITE
+    if direction == PDB_DMA_TO_DEVICE:
+        return prot | PDB_IOMMU_READ
+    if direction == PDB_DMA_FROM_DEVICE:
+        return prot | PDB_IOMMU_WRITE
+    return 0
+
+
+cdef inline uint64_t _phys_to_dma(const uint64_t *ranges, uint64_t nranges, uint64_t phys) noexcept nogil:
+    """phys_to_dma() through a dma_range_map of (cpu, dma, size) triples;
+    no map: identity; outside every region: DMA_MAPPING_ERROR."""
+    cdef uint64_t i
+    if nranges == 0:
+        return phys
+    for i in range(nranges):
+        if ranges[3 * i] <= phys and phys - ranges[3 * i] < ranges[3 * i + 2]:
+            return ranges[3 * i + 1] + (phys - ranges[3 * i])
+    return PDB_DMA_MAPPING_ERROR
+
+
+cdef inline bint _dma_capable(uint64_t addr, uint64_t size, uint64_t limit) noexcept nogil:
+    cdef uint64_t last
+    if addr == PDB_DMA_MAPPING_ERROR:
+        return False
+    if size == 0:
+        return addr <= limit
+    if pdb_add_overflow(addr, size - 1, &last):
+        return False
+    return last <= limit
+
+
+cdef inline uint64_t _sg_phys(const sg_entry *e) noexcept nogil:
+    return (e.page_link & _SG_LINK_MASK) + e.offset
+
+
+cdef void _sg_clear_dma(sg_table *t, uint64_t n) noexcept nogil:
+    """Zero the DMA side of the first n entries (an unmapped table's state)."""
+    cdef int64_t s = sg_first(t)
+    cdef uint64_t k = 0
+    while s >= 0 and k < n:
+        t.slots[s].dma_address = 0
+        t.slots[s].dma_length = 0
+        t.slots[s].dma_flags = 0
+        k += 1
+        s = sg_next(t, s)
+
+
+# -------------------------------------------------------------- dma-direct
+
+cdef int64_t dma_direct_map_sg(sg_table *t, uint64_t dma_limit, const uint64_t *ranges,
+                               uint64_t nranges, bint force_swiotlb, bint has_swiotlb,
+                               uint64_t attrs, p2p_ctx *pc, uint64_t *bounce) noexcept nogil:
+    """dma_direct_map_sg(): one DMA segment per entry, no merging.
+
+    Bus-address P2P entries get ``phys + bus_offset`` and SG_DMA_BUS_ADDRESS;
+    an entry the device cannot reach is listed in ``bounce`` (slot indices,
+    DMA address left at DMA_MAPPING_ERROR) for the caller to bounce through
+    swiotlb.  Returns the number of such entries, or -EREMOTEIO (a peer the
+    device cannot reach) / -EIO (unreachable and nothing to bounce through,
+    or MMIO that may not bounce), with the DMA side cleared again.
+    """
+    cdef uint64_t n = t.orig_nents, k = 0, nb = 0, phys, dma, off
+    cdef int64_t s = sg_first(t)
+    cdef int64_t rc = 0
+    cdef uint8_t st
+    cdef bint mmio
+    cdef sg_entry *e
+    while s >= 0 and k < n:
+        e = &t.slots[s]
+        phys = _sg_phys(e)
+        st = p2p_classify(pc, phys, &off)
+        e.dma_flags = 0
+        if st == PDB_P2P_BUS_ADDR:
+            e.dma_address = phys + off
+            e.dma_length = e.length
+            e.dma_flags = PDB_SG_DMA_BUS_ADDRESS
+        elif st == PDB_P2P_NOT_SUPPORTED:
+            rc = -EREMOTEIO
+            break
+        else:
+            mmio = (attrs & PDB_DMA_ATTR_MMIO) != 0 or st == PDB_P2P_THRU_HOST_BRIDGE
+            e.dma_length = e.length
+            if force_swiotlb:
+                if mmio:
+                    rc = -EIO
+                    break
+                e.dma_address = PDB_DMA_MAPPING_ERROR
+                bounce[nb] = <uint64_t>s
+                nb += 1
+            elif mmio:
+                if not _dma_capable(phys, e.length, dma_limit):
+                    rc = -EIO
+                    break
+                e.dma_address = phys
+            else:
+                dma = _phys_to_dma(ranges, nranges, phys)
+                if _dma_capable(dma, e.length, dma_limit):
+                    e.dma_address = dma
+                elif has_swiotlb:
+                    e.dma_address = PDB_DMA_MAPPING_ERROR
+                    bounce[nb] = <uint64_t>s
+                    nb += 1
+                else:
+                    rc = -EIO
+                    break
+        k += 1
+        s = sg_next(t, s)
+    if rc < 0:
+        _sg_clear_dma(t, k + 1)
+        return rc
+    t.nents = t.orig_nents
+    return <int64_t>nb
+
+
+# ------------------------------------------------------------ IOMMU map_sg
+
+cdef void _invalidate_sg(sg_table *t, uint64_t done) noexcept nogil:
+    """__invalidate_sg() over the first ``done`` entries, then clear their
+    DMA side: the CPU side is exactly what it was before the map."""
+    cdef int64_t s = sg_first(t)
+    cdef uint64_t k = 0
+    cdef sg_entry *e
+    while s >= 0 and k < done:
+        e = &t.slots[s]
+        if not (e.dma_flags & PDB_SG_DMA_BUS_ADDRESS):
+            if e.dma_address != PDB_DMA_MAPPING_ERROR:
+                e.offset += <uint32_t>e.dma_address
+            if e.dma_length:
+                e.length = e.dma_length
+        e.dma_address = 0
+        e.dma_length = 0
+        e.dma_flags = 0
+        k += 1
+        s = sg_next(t, s)
+
+
+cdef int64_t _finalise_sg(sg_table *t, uint64_t dma_addr, uint64_t seg_mask,
+                          uint64_t max_len) noexcept nogil:
+    """__finalise_sg(): restore each entry's offset and length, and write
+    the DMA segments (merged where the kernel merges them) behind the read
+    cursor.  Returns the segment count."""
+    cdef uint64_t n = t.orig_nents, k = 0, s_dma, cur_len = 0
+    cdef uint32_t s_iova_off, s_length, s_iova_len
+    cdef int64_t s = sg_first(t), cur = s
+    cdef int64_t count = 0
+    cdef bint bus
+    cdef sg_entry *e
+    while s >= 0 and k < n:
+        e = &t.slots[s]
+        s_dma = e.dma_address
+        s_iova_off = <uint32_t>e.dma_address
+        s_length = e.dma_length
+        s_iova_len = e.length
+        bus = (e.dma_flags & PDB_SG_DMA_BUS_ADDRESS) != 0
+        e.dma_address = PDB_DMA_MAPPING_ERROR
+        e.dma_length = 0
+        e.dma_flags = 0
+        if bus:
+            if k > 0:
+                cur = sg_next(t, cur)
+            t.slots[cur].dma_address = s_dma
+            t.slots[cur].dma_length = s_length
+            t.slots[cur].dma_flags |= PDB_SG_DMA_BUS_ADDRESS
+            count += 1
+            cur_len = 0
+            k += 1
+            s = sg_next(t, s)
+            continue
+        e.offset += s_iova_off
+        e.length = s_length
+        if cur_len and not s_iova_off and (dma_addr & seg_mask) and max_len - cur_len >= s_length:
+            cur_len += s_length
+        else:
+            if k > 0:
+                cur = sg_next(t, cur)
+            cur_len = s_length
+            count += 1
+            t.slots[cur].dma_address = dma_addr + s_iova_off
+        t.slots[cur].dma_length = <uint32_t>cur_len
+        dma_addr += s_iova_len
+        if <uint64_t>s_length + s_iova_off < s_iova_len:
+            cur_len = 0
+        k += 1
+        s = sg_next(t, s)
+    return count
+
+
+cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit,
+                              uint64_t seg_mask, uint64_t max_seg, bint *prefer32,
+                              uint32_t cpu, uint32_t prot, p2p_ctx *pc,
+                              uint64_t *iova_out, uint64_t *iova_len_out) noexcept nogil:
+    """iommu_dma_map_sg() for a device that need not bounce: lay the
+    entries out at granule alignment in place (reversibly), take ONE IOVA
+    range for all of them, map runs of physically contiguous entries with
+    one call each and one sync_map, then merge into DMA segments.
+
+    Returns the segment count (also in ``t.nents``), or -EINVAL / -ENOMEM
+    (IOVA space) / -EREMOTEIO with the table restored and nothing mapped.
+    The caller holds the domain's lock.
+    """
+    cdef uint64_t G = PDB_PAGE_SIZE, gmask = PDB_PAGE_SIZE - 1
+    cdef uint64_t n = t.orig_nents, k = 0, iova_len = 0, pad_len, s_iova_off, s_length
+    cdef uint64_t phys, off, iova = 0, mapped = 0, runlen = 0, start = 0, s_phys, npl
+    cdef int64_t s = sg_first(t), prev = -1, rc = 0
+    cdef int64_t count
+    cdef uint8_t st
+    cdef sg_entry *e
+    iova_out[0] = 0
+    iova_len_out[0] = 0
+    while s >= 0 and k < n:
+        e = &t.slots[s]
+        s_iova_off = e.offset & gmask
+        s_length = e.length
+        pad_len = (seg_mask - iova_len + 1) & seg_mask
+        phys = _sg_phys(e)
+        st = p2p_classify(pc, phys, &off)
+        if st == PDB_P2P_BUS_ADDR:
+            e.dma_address = phys + off
+            e.dma_length = e.length
+            e.dma_flags = PDB_SG_DMA_BUS_ADDRESS
+            k += 1
+            s = sg_next(t, s)
+            continue
+        if st == PDB_P2P_NOT_SUPPORTED:
+            rc = -EREMOTEIO
+            break
+        e.dma_flags = 0
+        e.dma_address = s_iova_off
+        e.dma_length = <uint32_t>s_length
+        e.offset -= <uint32_t>s_iova_off
+        s_length = (s_length + s_iova_off + gmask) & ~gmask
+        if s_length > UINT32_MAX:
+            k += 1
+            rc = -EOVERFLOW
+            break
+        e.length = <uint32_t>s_length
+        if pad_len and pad_len < s_length - 1:
+            npl = t.slots[prev].length + pad_len
+            if npl > UINT32_MAX:
+                k += 1
+                rc = -EOVERFLOW
+                break
+            t.slots[prev].length = <uint32_t>npl
+            iova_len += pad_len
+        iova_len += s_length
+        prev = s
+        k += 1
+        s = sg_next(t, s)
+    if rc < 0:
+        _invalidate_sg(t, k)
+        return -EREMOTEIO if rc == -EREMOTEIO else -EINVAL
+
+    if iova_len == 0:
+        count = _finalise_sg(t, 0, seg_mask, max_seg)
+        t.nents = <uint32_t>count
+        return count
+
+    rc = iommu_dma_alloc_iova(dom, iova_len, dma_limit, prefer32, cpu, &iova)
+    if rc < 0:
+        _invalidate_sg(t, n)
+        return -ENOMEM
+
+    # iommu_map_sg(): one map call per physically contiguous run (bus
+    # entries skipped), the loop running once past the end to flush.
+    k = 0
+    s = sg_first(t)
+    while k <= n:
+        e = &t.slots[s]
+        s_phys = _sg_phys(e)
+        if runlen and s_phys != start + runlen:
+            rc = iommu_map_nosync(dom, iova + mapped, start, runlen, prot)
+            if rc < 0:
+                break
+            mapped += runlen
+            runlen = 0
+        if not (e.dma_flags & PDB_SG_DMA_BUS_ADDRESS):
+            if runlen:
+                runlen += e.length
+            else:
+                runlen = e.length
+                start = s_phys
+        k += 1
+        if k < n:
+            s = sg_next(t, s)
+    if rc == 0:
+        rc = iommu_sync_map(dom, iova, mapped)
+    if rc < 0 or mapped < iova_len:
+        if mapped:
+            iommu_unmap(dom, iova, mapped)
+        iommu_dma_free_iova(dom, iova, iova_len, NULL, cpu)
+        _invalidate_sg(t, n)
+        return -ENOMEM if rc == -ENOMEM else -EINVAL
+
+    count = _finalise_sg(t, iova, seg_mask, max_seg)
+    t.nents = <uint32_t>count
+    iova_out[0] = iova
+    iova_len_out[0] = iova_len
+    return count
+
+
+cdef int64_t iommu_dma_unmap_sg(sg_table *t, iommu_domain *dom, uint32_t cpu) noexcept nogil:
+    """iommu_dma_unmap_sg(): unmap the span from the first to the end of
+    the last DMA segment (bus-address segments skipped) in one go, free its
+    IOVA (strict) or queue it (lazy), and clear the DMA side.  Returns the
+    bytes unmapped, or a negative errno before anything changed."""
+    cdef uint64_t k = 0, start = 0, end = 0
+    cdef int64_t s = sg_first(t)
+    cdef int64_t unmapped = 0
+    cdef bint found = False
+    cdef sg_entry *e
+    while s >= 0 and k < t.nents:
+        e = &t.slots[s]
+        if not (e.dma_flags & PDB_SG_DMA_BUS_ADDRESS):
+            if e.dma_length == 0:
+                break
+            if not found:
+                start = e.dma_address
+                found = True
+            end = e.dma_address + e.dma_length
+        k += 1
+        s = sg_next(t, s)
+    if found and end > start:
+        unmapped = iommu_dma_unmap(dom, start, end - start, cpu)
+        if unmapped < 0:
+            return unmapped
+    _sg_clear_dma(t, t.orig_nents if t.orig_nents > t.nents else t.nents)
+    t.nents = t.orig_nents
+    return unmapped
+
+
+# ----------------------------------------------------- the two-step IOVA API
+
+cdef int dma_iova_link_one(iommu_domain *dom, uint64_t state_addr, uint64_t phys,
+                           uint64_t offset, uint64_t size, uint32_t prot) noexcept nogil:
+    """dma_iova_link() without the bounce case: map [phys, +size) at
+    state_addr + offset, no sync.  -EIO for an unaligned start past offset
+    0, and the page table's -EINVAL/-EEXIST/-ERANGE/-ENOMEM (nothing
+    changed on failure)."""
+    cdef uint64_t p = phys & (PDB_PAGE_SIZE - 1)
+    cdef uint64_t span
+    if p and offset > 0:
+        return -EIO
+    if size == 0 or pdb_add_overflow(size, p + PDB_PAGE_SIZE - 1, &span):
+        return -EINVAL
+    span &= ~(<uint64_t>PDB_PAGE_SIZE - 1)
+    return iommu_map_nosync(dom, state_addr + offset - p, phys - p, span, prot)
+
+
+cdef int64_t dma_iova_link_ranges(iommu_domain *dom, uint64_t state_addr, uint64_t offset,
+                                  const uint64_t *pairs, uint64_t n, uint32_t prot,
+                                  bint all_at_offset, uint64_t *bad) noexcept nogil:
+    """Link n (phys, nbytes) ranges back to back from ``offset`` (or every
+    one at ``offset`` when ``all_at_offset``, the kernel helper's way), as
+    dma_iova_link() each.  All or nothing: returns the bytes linked, or a
+    negative errno with ``*bad`` the failing range and everything this call
+    linked unlinked again (without an IOTLB sync: nothing was synced)."""
+    cdef uint64_t i, off = offset, total = 0, p, span, iova0, first_iova = 0, done_span = 0
+    cdef int rc = 0
+    cdef bint fast = True
+    cdef uint64_t each
+    bad[0] = 0
+    if n == 0:
+        return 0
+    # Fast path: every range granule aligned and a whole number of granules,
+    # back to back from an aligned IOVA: one bulk call into the page table
+    # (all ranges one length: the vectorised plain path).
+    if not all_at_offset and ((state_addr + offset) & (PDB_PAGE_SIZE - 1)) == 0:
+        each = pairs[1]
+        for i in range(n):
+            if (pairs[2 * i] | pairs[2 * i + 1]) & (PDB_PAGE_SIZE - 1) or pairs[2 * i + 1] == 0:
+                fast = False
+                break
+            if pairs[2 * i + 1] != each:
+                each = 0
+        if fast:
+            if each:
+                return pgt_map_bulk_strided(&dom.pgt, state_addr + offset, pairs, NULL, each, n, 2, prot, bad)
+            return pgt_map_bulk_strided(&dom.pgt, state_addr + offset, pairs, pairs + 1, 0, n, 2, prot, bad)
+    for i in range(n):
+        p = pairs[2 * i] & (PDB_PAGE_SIZE - 1)
+        rc = dma_iova_link_one(dom, state_addr, pairs[2 * i], off, pairs[2 * i + 1], prot)
+        if rc < 0:
+            bad[0] = i
+            break
+        if pdb_add_overflow(pairs[2 * i + 1], p + PDB_PAGE_SIZE - 1, &span):
+            span = 0
+        span &= ~(<uint64_t>PDB_PAGE_SIZE - 1)
+        if i == 0:
+            first_iova = state_addr + off - p
+        done_span += span
+        total += pairs[2 * i + 1]
+        if not all_at_offset:
+            off += pairs[2 * i + 1]
+    if rc < 0:
+        if done_span and not all_at_offset:
+            iommu_unmap_nolock_nosync(dom, first_iova, done_span)
+        elif all_at_offset and i > 0:
+            iommu_unmap_nolock_nosync(dom, state_addr + offset - (pairs[0] & (PDB_PAGE_SIZE - 1)),
+                                      (pairs[1] + (pairs[0] & (PDB_PAGE_SIZE - 1)) + PDB_PAGE_SIZE - 1)
+                                      & ~(<uint64_t>PDB_PAGE_SIZE - 1))
+        return rc
+    return <int64_t>total
+
+
+cdef void iommu_unmap_nolock_nosync(iommu_domain *dom, uint64_t iova, uint64_t size) noexcept nogil:
+    """Take back leaves this walk just wrote and never synced: no IOTLB
+    entry can hold them yet, so no invalidation is issued or counted."""
+    cdef pgt_gather g
+    pgt_gather_init(&g)
+    g.queued = True
+    pgt_unmap(&dom.pgt, iova, size, &g)
+    pgt_release_tables(&dom.pgt, g.freelist)
+
+
+# ------------------------------------------------------------- translation
+
+cdef int64_t iommu_translate(iommu_domain *dom, uint64_t iova, uint64_t nbytes,
+                             uint32_t need, uint64_t *out, uint64_t maxout,
+                             uint64_t *fault_at, uint32_t *fault_prot) noexcept nogil:
+    """Walk the page table for a device access of ``nbytes`` at ``iova``
+    needing the prot bits ``need``: fills (phys, nbytes) runs of physically
+    contiguous bytes into ``out`` and returns their count.  -EFAULT when a
+    byte is unmapped (``*fault_at`` its IOVA, ``*fault_prot`` 0) or mapped
+    without a needed permission (``*fault_prot`` the leaf's prot); -ENOSPC
+    if more than ``maxout`` runs would be needed."""
+    cdef uint64_t pos = iova, left = nbytes, phys, leaf, take, k = 0
+    cdef uint32_t prot
+    while left:
+        if pgt_lookup(&dom.pgt, pos, &phys, &prot, &leaf) < 0:
+            fault_at[0] = pos
+            fault_prot[0] = 0
+            return -EFAULT
+        if (prot & need) != need:
+            fault_at[0] = pos
+            fault_prot[0] = prot
+            return -EFAULT
+        take = leaf - (pos & (leaf - 1))
+        if take > left:
+            take = left
+        if k and out[2 * (k - 1)] + out[2 * (k - 1) + 1] == phys:
+            out[2 * (k - 1) + 1] += take
+        else:
+            if k == maxout:
+                return -ENOSPC
+            out[2 * k] = phys
+            out[2 * k + 1] = take
+            k += 1
+        pos += take
+        left -= take
+    return <int64_t>k
+
+
+# ------------------------------------------------------------------ Python
+
+cdef inline iommu_domain *_dom_of(IommuDomain dom) except NULL:
+    if dom.d == NULL:
+        raise _errors.LifetimeError("the IOMMU domain is gone")
+    return dom.d
+
+
+def _map_sg_direct(SgTable table, uint64_t dma_limit, dma_ranges, bint force_swiotlb,
+                   bint has_swiotlb, uint64_t attrs, P2pContext pc):
+    """dma-direct map_sg over the table; returns a u64 array of the slot
+    indices that must bounce (their DMA address is DMA_MAPPING_ERROR)."""
+    cdef const uint64_t[::1] rv = _as_u64_view(dma_ranges, "dma_ranges")
+    cdef p2p_ctx c
+    cdef _Buffer b
+    cdef int64_t rc
+    cdef uint64_t nr = rv.shape[0] // 3
+    if table.mapping is not None:
+        raise _errors.Busy("the table is already mapped for DMA")
+    if pc is not None:
+        pc.fill(&c)
+    _acquire(table.lock)
+    try:
+        b = _new_buffer(table.t.orig_nents, 0, 8, b"Q")
+        with nogil:
+            rc = dma_direct_map_sg(&table.t, dma_limit, &rv[0] if nr else NULL, nr, force_swiotlb,
+                                   has_swiotlb, attrs, &c if pc is not None else NULL, <uint64_t *>b.data)
+    finally:
+        _release(table.lock)
+    _check(rc, lambda: {-EREMOTEIO: "dma_map_sgtable: a segment is peer memory this device cannot reach",
+                        -EIO: "dma_map_sgtable: a segment is out of the device's reach and cannot bounce"}
+           .get(rc, "dma_map_sgtable"))
+    return _np().asarray(b)[:rc]
+
+
+def _set_dma(SgTable table, slots, addrs):
+    """Write DMA addresses into the given slots (the bounce results)."""
+    cdef const uint64_t[::1] sv = _as_u64_view(slots, "slots")
+    cdef const uint64_t[::1] av = _as_u64_view(addrs, "addrs")
+    cdef uint64_t i
+    if sv.shape[0] != av.shape[0]:
+        raise ValueError("slots and addrs differ in length")
+    _acquire(table.lock)
+    for i in range(<uint64_t>sv.shape[0]):
+        if sv[i] < table.t.nslots:
+            table.t.slots[sv[i]].dma_address = av[i]
+    _release(table.lock)
+
+
+def _clear_dma(SgTable table):
+    """Clear the DMA side and set nents back to orig_nents."""
+    _acquire(table.lock)
+    _sg_clear_dma(&table.t, table.t.orig_nents if table.t.orig_nents > table.t.nents else table.t.nents)
+    table.t.nents = table.t.orig_nents
+    _release(table.lock)
+
+
+def _map_sg_iommu(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
+                  uint64_t max_seg, bint prefer32, uint32_t cpu, uint32_t prot, P2pContext pc):
+    """iommu_dma_map_sg; returns (nents, iova, iova_len, prefer32)."""
+    cdef iommu_domain *d = _dom_of(dom)
+    cdef p2p_ctx c
+    cdef int64_t rc
+    cdef uint64_t iova = 0, ilen = 0
+    cdef bint p32 = prefer32
+    if table.mapping is not None:
+        raise _errors.Busy("the table is already mapped for DMA")
+    if cpu >= d.iovad.ncpus:
+        raise _errors.InvalidArgument(f"cpu {cpu} >= the domain's {d.iovad.ncpus} CPUs")
+    if pc is not None:
+        pc.fill(&c)
+    _acquire(table.lock)
+    _acquire(dom.lock)
+    with nogil:
+        rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, &p32, cpu, prot,
+                              &c if pc is not None else NULL, &iova, &ilen)
+    _release(dom.lock)
+    _release(table.lock)
+    _check(rc, lambda: {-EREMOTEIO: "dma_map_sgtable: a segment is peer memory this device cannot reach",
+                        -ENOMEM: "dma_map_sgtable: out of IOVA space",
+                        -EINVAL: "dma_map_sgtable: the table cannot be laid out or mapped"}.get(rc, "dma_map_sgtable"))
+    return rc, iova, ilen, p32
+
+
+def _unmap_sg_iommu(SgTable table, IommuDomain dom, uint32_t cpu):
+    cdef iommu_domain *d = _dom_of(dom)
+    cdef int64_t rc
+    _acquire(table.lock)
+    _acquire(dom.lock)
+    with nogil:
+        rc = iommu_dma_unmap_sg(&table.t, d, cpu)
+    _release(dom.lock)
+    _release(table.lock)
+    return _check(rc, "dma_unmap_sgtable")
+
+
+def _link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, uint32_t prot,
+                 bint all_at_offset=False):
+    """dma_iova_link over (N, 2) (phys, nbytes) rows; bytes linked."""
+    cdef iommu_domain *d = _dom_of(dom)
+    cdef const uint64_t[::1] flat = _pairs_view(pairs, "ranges")
+    cdef uint64_t n = flat.shape[0] // 2
+    cdef uint64_t bad = 0
+    cdef int64_t rc
+    if n == 0:
+        return 0
+    _acquire(dom.lock)
+    with nogil:
+        rc = dma_iova_link_ranges(d, state_addr, offset, &flat[0], n, prot, all_at_offset, &bad)
+    _release(dom.lock)
+    if rc < 0:
+        raise _errors.from_errno(-rc, f"dma_iova_link: range {bad} ({flat[2 * bad]:#x}, {flat[2 * bad + 1]:#x}) "
+                                 f"at offset {offset:#x}: " + {
+                                     -EIO: "only the first link may start inside a granule",
+                                     -EEXIST: "the IOVA is already mapped",
+                                     -EINVAL: "IOVA or physical address not granule aligned",
+                                     -ERANGE: "beyond the page table's address width",
+                                 }.get(rc, _os_strerror(-rc)))
+    return rc
+
+
+def _translate(IommuDomain dom, uint64_t iova, uint64_t nbytes, uint32_t need):
+    """Runs of (phys, nbytes) for a device access; raises IommuFault."""
+    cdef iommu_domain *d = _dom_of(dom)
+    cdef uint64_t maxout = nbytes // PDB_PAGE_SIZE + 2
+    cdef _Buffer b = _new_buffer(maxout, 2, 8, b"Q")
+    cdef uint64_t fault_at = 0
+    cdef uint32_t fprot = 0
+    cdef int64_t rc
+    _acquire(dom.lock)
+    with nogil:
+        rc = iommu_translate(d, iova, nbytes, need, <uint64_t *>b.data, maxout, &fault_at, &fprot)
+    _release(dom.lock)
+    if rc == -EFAULT:
+        return None, fault_at, fprot
+    _check(rc, "translate")
+    return _np().asarray(b)[:rc], 0, 0
+
+
+def _map_single(IommuDomain dom, uint64_t phys, uint64_t nbytes, uint32_t prot, uint64_t dma_limit,
+                bint prefer32, uint32_t cpu):
+    """__iommu_dma_map() with the PCI 32-bit-first policy; (dma, prefer32)."""
+    cdef iommu_domain *d = _dom_of(dom)
+    cdef bint p32 = prefer32
+    cdef uint64_t dma = 0
+    cdef int rc
+    if cpu >= d.iovad.ncpus:
+        raise _errors.InvalidArgument(f"cpu {cpu} >= the domain's {d.iovad.ncpus} CPUs")
+    _acquire(dom.lock)
+    rc = iommu_dma_map(d, phys, nbytes, prot, dma_limit, &p32, cpu, &dma)
+    _release(dom.lock)
+    _check(rc, lambda: {-ENOMEM: f"dma_map_phys: no IOVA for [{phys:#x}, +{nbytes:#x})",
+                        -ERANGE: f"dma_map_phys: [{phys:#x}, +{nbytes:#x}) is beyond the IOMMU's output range"}
+           .get(rc, f"dma_map_phys: cannot map [{phys:#x}, +{nbytes:#x})"))
+    return dma, p32
+
+
+def _destroy_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t reserved, uint32_t cpu):
+    """dma_iova_destroy(): unmap [base, base + span) with a gather queued
+    when the domain is lazy, then free the whole ``reserved`` range (at once
+    after an IOTLB sync, or onto the flush queue)."""
+    cdef iommu_domain *d = _dom_of(dom)
+    cdef pgt_gather g
+    cdef int64_t unmapped = 0
+    cdef int rc
+    if cpu >= d.iovad.ncpus:
+        raise _errors.InvalidArgument(f"cpu {cpu} >= the domain's {d.iovad.ncpus} CPUs")
+    _acquire(dom.lock)
+    rc = iova_check_free_fast(&d.iovad, base >> PDB_PAGE_SHIFT, reserved >> PDB_PAGE_SHIFT)
+    if rc == 0:
+        iommu_fq_poll(d)
+        pgt_gather_init(&g)
+        g.queued = d.fq != NULL
+        unmapped = pgt_unmap(&d.pgt, base, span, &g)
+        if not g.queued:
+            pgt_iotlb_sync(&d.pgt, &g)
+        rc = iommu_dma_free_iova(d, base, reserved, &g, cpu)
+        pgt_release_tables(&d.pgt, g.freelist)
+    _release(dom.lock)
+    _check(rc, lambda: f"dma_iova_destroy: [{base:#x}, +{reserved:#x}) is not a live IOVA reservation")
+    return unmapped

@@ -1,0 +1,951 @@
+"""The DMA API a driver calls: scatterlists, single ranges, the two-step
+IOVA API, and device accesses through the result.
+
+* :func:`dma_map_sgtable` / :func:`dma_unmap_sgtable`: ``iommu_dma_map_sg``
+  (one IOVA range for the whole table, segments merged within the device's
+  ``max_segment_size`` and segment boundary) when the device is behind an
+  IOMMU, ``dma_direct_map_sg`` (one segment per entry, swiotlb bounces for
+  what the device cannot reach) otherwise.
+* :func:`dma_map_phys` / :func:`dma_unmap_phys`: one physical range, with
+  :attr:`DmaAttrs.MMIO` for peer memory reached through the host bridge.
+* :class:`IovaState`: ``dma_iova_try_alloc`` / ``link`` / ``sync`` /
+  ``unlink`` / ``destroy`` / ``free``, the list-free two-step API.
+* :func:`dma_buf_phys_vec_to_sgt` / :func:`dma_buf_free_sgt`: the dma-buf
+  helper that turns an exporter's MMIO ranges into a DMA-only table.
+* :func:`device_read` / :func:`device_write` (also ``Device.dma_read`` /
+  ``dma_write``): what the device sees at a DMA address.
+
+Errors carry the kernel's codes: EINVAL (bad or unaligned use), ENOMEM (out
+of IOVA space or bounce slots), EIO (a segment the device cannot reach and
+nothing to bounce through), EREMOTEIO (peer memory the device cannot
+reach).  Breaking the API's rules (unmapping what is not mapped, with
+another device or direction, using a destroyed IOVA state) raises
+:class:`~pydmabuf.errors.LifetimeError`, as ``CONFIG_DMA_API_DEBUG`` would
+report it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from pydmabuf import _core, errors
+from pydmabuf._core import SgTable
+from pydmabuf._types import PAGE_SIZE, DmaDirection, IommuProt, RangeKind
+from pydmabuf.machine import DMA_MAPPING_ERROR, U64_MAX, Bar, Device, P2pProvider, P2PMapType
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DmaAttrs",
+    "dma_map_sgtable",
+    "dma_unmap_sgtable",
+    "dma_sync_sgtable_for_cpu",
+    "dma_sync_sgtable_for_device",
+    "dma_map_phys",
+    "dma_unmap_phys",
+    "IovaState",
+    "dma_buf_phys_vec_to_sgt",
+    "dma_buf_free_sgt",
+    "device_read",
+    "device_write",
+    "p2p_context",
+]
+
+G = PAGE_SIZE
+GMASK = G - 1
+_SG_LINK_MASK = ~np.uint64(3)
+
+
+class DmaAttrs(enum.IntFlag):
+    """``DMA_ATTR_*``."""
+
+    NONE = 0
+    WEAK_ORDERING = 1 << 1
+    WRITE_COMBINE = 1 << 2
+    NO_KERNEL_MAPPING = 1 << 4
+    SKIP_CPU_SYNC = 1 << 5
+    FORCE_CONTIGUOUS = 1 << 6
+    ALLOC_SINGLE_PAGES = 1 << 7
+    NO_WARN = 1 << 8
+    PRIVILEGED = 1 << 9
+    #: Not RAM: no swiotlb, no cache maintenance, IOMMU_MMIO in the PTEs.
+    MMIO = 1 << 10
+
+
+def _dir(direction: Any) -> DmaDirection:
+    try:
+        d = DmaDirection(direction)
+    except ValueError:
+        raise errors.InvalidArgument(f"{direction!r} is not a DMA direction") from None
+    if d == DmaDirection.NONE:
+        raise errors.InvalidArgument("DMA_NONE is not a direction one can map with")
+    return d
+
+
+def _attrs(attrs: Any) -> DmaAttrs:
+    if not isinstance(attrs, int) or attrs < 0 or attrs >= 1 << 11:
+        raise errors.InvalidArgument(f"{attrs!r} is not a set of DMA attributes")
+    return DmaAttrs(attrs)
+
+
+def _cpu(device: Device) -> int:
+    g = device.iommu_group
+    n = g.iommu.ncpus if g is not None else 1
+    return threading.get_native_id() % n
+
+
+def _prot(device: Device, direction: DmaDirection, attrs: int) -> int:
+    """``dma_info_to_prot()``."""
+    if attrs & DmaAttrs.MMIO:
+        prot = IommuProt.MMIO
+    else:
+        prot = IommuProt.CACHE if device.coherent else 0
+    if attrs & DmaAttrs.PRIVILEGED:
+        prot |= IommuProt.PRIV
+    return int(prot | {DmaDirection.BIDIRECTIONAL: IommuProt.READ | IommuProt.WRITE,
+                       DmaDirection.TO_DEVICE: IommuProt.READ,
+                       DmaDirection.FROM_DEVICE: IommuProt.WRITE}[direction])
+
+
+def _pool(device: Device) -> Any:
+    if device.swiotlb is not None:
+        return device.swiotlb
+    return next(iter(device.machine.swiotlb_pools.values()), None)
+
+
+def p2p_context(device: Device) -> _core.P2pContext:
+    """The P2P routes from ``device`` to every BAR of its machine, for the
+    walks (cached; rebuilt when the machine gains ranges)."""
+    m = device.machine
+    cache = getattr(device, "_p2p_ctx", None)
+    if cache is not None and cache[0] == len(m._owners):
+        return cache[1]
+    n = len(m._owners)
+    states = np.full(n, int(P2PMapType.NONE), dtype=np.uint64)
+    offs = np.zeros(n, dtype=np.uint64)
+    for i, o in enumerate(m._owners):
+        if isinstance(o, Bar):
+            states[i] = int(m.p2p_map_type(o.owner, device))
+            offs[i] = o.bus_offset & U64_MAX
+    ctx = _core.P2pContext(m.address_map, states, offs)
+    device._p2p_ctx = (n, ctx)  # type: ignore[attr-defined]
+    return ctx
+
+
+# ------------------------------------------------------------ scatterlists
+
+
+@dataclass(eq=False)
+class SgMapping:
+    """What a mapped table remembers (``table.mapping``)."""
+
+    device: Device
+    direction: DmaDirection
+    attrs: DmaAttrs
+    kind: str  # "direct", "iommu", "iommu-swiotlb"
+    iova: int = 0
+    iova_nbytes: int = 0
+    bounces: list[tuple[int, int, int, int]] = field(default_factory=list)  # (slot, tlb, orig, size)
+    singles: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, dma, size)
+
+    @property
+    def device_name(self) -> str:
+        return self.device.name
+
+
+def _entry_phys(table: SgTable, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    e = table.entries[slots]
+    return (e["page_link"] & _SG_LINK_MASK) + e["offset"].astype(np.uint64), e["length"].astype(np.uint64)
+
+
+def _bounce_in(device: Device, pool: Any, orig: int, size: int, direction: DmaDirection, attrs: int,
+               align_mask: int = 0) -> int:
+    """swiotlb_tbl_map_single(): take slots, copy to the bounce buffer for
+    TO_DEVICE / BIDIRECTIONAL; returns the bounce buffer's physical address."""
+    if size > pool.max_mapping_size:
+        raise errors.OutOfMemory(f"{pool.name}: a {size}-byte bounce exceeds {pool.max_mapping_size} bytes")
+    tlb = pool.alloc(orig, size, device.min_align_mask | align_mask)
+    if direction in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
+        device.machine.memory.copy(tlb, orig, size)
+        pool.bounced_to_device += size
+    return tlb
+
+
+def _bounce_out(device: Device, pool: Any, tlb: int, direction: DmaDirection, attrs: int, free: bool = True) -> None:
+    orig, size = pool.original(tlb)
+    if direction in (DmaDirection.FROM_DEVICE, DmaDirection.BIDIRECTIONAL) and not attrs & DmaAttrs.SKIP_CPU_SYNC:
+        device.machine.memory.copy(orig, tlb, size)
+        pool.bounced_to_cpu += size
+    if free:
+        pool.free(tlb)
+
+
+def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | int,
+                    attrs: int = 0) -> int:
+    """``dma_map_sgtable()``: map the ``orig_nents`` CPU entries for ``device``.
+
+    Sets ``table.nents`` to the number of DMA segments and returns it; the
+    DMA side is read with :meth:`SgTable.dma_ranges`.
+
+    Raises
+    ------
+    InvalidArgument
+        (EINVAL) a DMA-only table, a bad direction, or a layout the IOMMU
+        cannot map.
+    OutOfMemory
+        (ENOMEM) out of IOVA space.
+    IOFailure
+        (EIO) a segment out of the device's reach with no bounce buffer
+        able to take it.
+    RemoteIO
+        (EREMOTEIO) peer memory the device cannot reach.
+    Busy
+        (EBUSY) the table is already mapped.
+    """
+    d = _dir(direction)
+    a = _attrs(attrs)
+    if not isinstance(table, SgTable):
+        raise TypeError(f"table must be an SgTable, not {type(table).__name__}")
+    if table.orig_nents == 0:
+        raise errors.InvalidArgument("dma_map_sgtable: the table has no CPU entries (a DMA-only table)")
+    if table.mapping is not None:
+        raise errors.Busy(f"dma_map_sgtable: the table is already mapped by {table.mapping.device_name}")
+    ctx = p2p_context(device)
+    dom = device.domain
+    if dom is None:
+        m = _map_sg_direct(device, table, d, a, ctx)
+    elif device.untrusted:
+        m = _map_sg_iommu_swiotlb(device, table, d, a)
+    else:
+        nents, iova, ilen, p32 = _core._map_sg_iommu(
+            table, dom, device.dma_limit, device.dma_get_seg_boundary(), device.dma_get_max_seg_size(),
+            device.prefer_32bit_iova, _cpu(device), _prot(device, d, a), ctx)
+        device.prefer_32bit_iova = bool(p32)
+        m = SgMapping(device, d, a, "iommu", iova, ilen)
+    table.mapping = m
+    return int(table.nents)
+
+
+def _map_sg_direct(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs,
+                   ctx: _core.P2pContext) -> SgMapping:
+    pool = device.swiotlb
+    ranges = np.array([[r.cpu_start, r.dma_start, min(r.size, U64_MAX)] for r in device.dma_ranges],
+                      dtype=np.uint64).reshape(-1)
+    slots = _core._map_sg_direct(table, device.dma_limit, ranges, device.force_swiotlb, pool is not None,
+                                 int(a), ctx)
+    m = SgMapping(device, d, a, "direct")
+    if len(slots):
+        phys, lens = _entry_phys(table, slots)
+        dmas = []
+        try:
+            for slot, p, n in zip(slots.tolist(), phys.tolist(), lens.tolist()):
+                tlb = _bounce_in(device, pool, p, n, d, a)
+                m.bounces.append((slot, tlb, p, n))
+                dma = device.phys_to_dma(tlb)
+                if not device.dma_capable(dma, n):
+                    raise errors.IOFailure(f"{device.name}: the bounce pool {pool.name} is out of reach")
+                dmas.append(dma)
+        except errors.DmaBufError as e:
+            for _, tlb, _, _ in m.bounces:
+                pool.free(tlb)
+            _core._clear_dma(table)
+            raise errors.IOFailure(f"dma_map_sgtable: {device.name} cannot reach a segment and bouncing "
+                                   f"failed: {e.strerror}") from None
+        _core._set_dma(table, np.asarray(slots, dtype=np.uint64), np.asarray(dmas, dtype=np.uint64))
+    return m
+
+
+def _map_sg_iommu_swiotlb(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs) -> SgMapping:
+    """iommu_dma_map_sg_swiotlb(): an untrusted device maps every entry on
+    its own (own IOVA, sub-granule buffers bounced); no merging."""
+    m = SgMapping(device, d, a, "iommu-swiotlb")
+    slots = np.flatnonzero((table.entries["page_link"] & np.uint64(1)) == 0)[: table.orig_nents]
+    phys, lens = _entry_phys(table, slots)
+    dmas = []
+    try:
+        for slot, p, n in zip(slots.tolist(), phys.tolist(), lens.tolist()):
+            dma = dma_map_phys(device, p, n, d, a)
+            m.singles.append((slot, dma, n))
+            dmas.append(dma)
+    except errors.DmaBufError:
+        for _, dma, n in m.singles:
+            dma_unmap_phys(device, dma, n, d, a | DmaAttrs.SKIP_CPU_SYNC)
+        _core._clear_dma(table)
+        raise errors.IOFailure("dma_map_sgtable: mapping an entry of the untrusted device failed") from None
+    if m.singles:
+        _core._set_dma(table, np.asarray(slots, dtype=np.uint64), np.asarray(dmas, dtype=np.uint64))
+        e = table.entries
+        e["dma_length"][slots] = e["length"][slots]
+        e["dma_flags"][slots[0]] |= _core.SG_DMA_SWIOTLB
+    return m
+
+
+def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | int, attrs: int = 0) -> None:
+    """``dma_unmap_sgtable()``: undo :func:`dma_map_sgtable` exactly.
+
+    The IOVA goes back (strict domains) or onto the flush queue (lazy),
+    bounce slots are copied back (FROM_DEVICE / BIDIRECTIONAL) and freed,
+    and the table's DMA side is cleared (``nents`` back to ``orig_nents``).
+    Unmapping a table that is not mapped, or with another device or
+    direction than it was mapped with, raises LifetimeError.
+    """
+    d = _dir(direction)
+    a = _attrs(attrs)
+    m = table.mapping
+    if not isinstance(m, SgMapping):
+        raise errors.LifetimeError("dma_unmap_sgtable: the table is not mapped")
+    if m.device is not device:
+        raise errors.LifetimeError(f"dma_unmap_sgtable: mapped by {m.device.name}, unmapped by {device.name}")
+    if m.direction != d:
+        raise errors.LifetimeError(f"dma_unmap_sgtable: mapped {m.direction.name}, unmapped {d.name}")
+    if m.kind == "direct":
+        pool = device.swiotlb
+        for _, tlb, _, _ in m.bounces:
+            _bounce_out(device, pool, tlb, d, a)
+        _core._clear_dma(table)
+    elif m.kind == "iommu":
+        _core._unmap_sg_iommu(table, device.domain, _cpu(device))
+    else:
+        for _, dma, n in m.singles:
+            dma_unmap_phys(device, dma, n, d, a)
+        _core._clear_dma(table)
+    table.mapping = None
+
+
+def dma_sync_sgtable_for_cpu(device: Device, table: SgTable, direction: DmaDirection | int) -> None:
+    """Give the CPU the device's writes: copy bounce buffers back
+    (FROM_DEVICE / BIDIRECTIONAL); slots stay taken."""
+    d = _dir(direction)
+    m = table.mapping
+    if not isinstance(m, SgMapping) or m.device is not device:
+        raise errors.LifetimeError("dma_sync_sgtable_for_cpu: the table is not mapped for this device")
+    for _, tlb, _, _ in m.bounces:
+        _bounce_out(device, device.swiotlb, tlb, d, 0, free=False)
+
+
+def dma_sync_sgtable_for_device(device: Device, table: SgTable, direction: DmaDirection | int) -> None:
+    """Give the device the CPU's writes: copy into bounce buffers
+    (TO_DEVICE / BIDIRECTIONAL)."""
+    d = _dir(direction)
+    m = table.mapping
+    if not isinstance(m, SgMapping) or m.device is not device:
+        raise errors.LifetimeError("dma_sync_sgtable_for_device: the table is not mapped for this device")
+    if d in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
+        pool = device.swiotlb
+        for _, tlb, orig, size in m.bounces:
+            device.machine.memory.copy(tlb, orig, size)
+            pool.bounced_to_device += size
+
+
+# -------------------------------------------------------------- one range
+
+
+@dataclass(eq=False)
+class _Single:
+    phys: int
+    size: int
+    direction: DmaDirection
+    attrs: DmaAttrs
+    kind: str  # "direct", "iommu"
+    tlb: int | None = None
+
+
+def _singles(device: Device) -> dict[int, _Single]:
+    s = getattr(device, "_single_maps", None)
+    if s is None:
+        s = device._single_maps = {}  # type: ignore[attr-defined]
+    return s
+
+
+def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection | int,
+                 attrs: int = 0) -> int:
+    """``dma_map_phys()``: the DMA address of ``[phys, phys + nbytes)``.
+
+    With :attr:`DmaAttrs.MMIO` the range is peer memory: never bounced, no
+    dma_range_map translation on direct devices, ``IOMMU_MMIO`` in the PTEs.
+    Where the kernel returns DMA_MAPPING_ERROR this raises OutOfMemory
+    (what ``dma_mapping_error()`` callers turn it into), with the reason.
+    """
+    d = _dir(direction)
+    a = _attrs(attrs)
+    if not isinstance(phys, int) or not isinstance(nbytes, int):
+        raise TypeError("phys and nbytes must be ints")
+    if nbytes <= 0 or phys < 0 or phys + nbytes - 1 > U64_MAX:
+        raise errors.InvalidArgument(f"dma_map_phys: bad range [{phys:#x}, +{nbytes:#x})")
+    mmio = bool(a & DmaAttrs.MMIO)
+    dom = device.domain
+    reg = _singles(device)
+    if dom is None:
+        pool = device.swiotlb
+        if device.force_swiotlb:
+            if mmio:
+                raise errors.OutOfMemory(f"dma_map_phys: {device.name} must bounce and MMIO cannot bounce")
+            tlb = _bounce_in(device, pool, phys, nbytes, d, a)
+            dma = device.phys_to_dma(tlb)
+            reg[dma] = _Single(phys, nbytes, d, a, "direct", tlb)
+            return dma
+        if mmio:
+            if not device.dma_capable(phys, nbytes):
+                raise errors.OutOfMemory(f"dma_map_phys: MMIO {phys:#x} is beyond {device.name}'s DMA mask")
+            reg[phys] = _Single(phys, nbytes, d, a, "direct")
+            return phys
+        dma = device.phys_to_dma(phys)
+        if device.dma_capable(dma, nbytes):
+            reg[dma] = _Single(phys, nbytes, d, a, "direct")
+            return dma
+        if pool is None:
+            raise errors.OutOfMemory(f"dma_map_phys: {phys:#x} is out of {device.name}'s reach and it has "
+                                     "no bounce buffer")
+        tlb = _bounce_in(device, pool, phys, nbytes, d, a)
+        dma = device.phys_to_dma(tlb)
+        reg[dma] = _Single(phys, nbytes, d, a, "direct", tlb)
+        return dma
+    # iommu_dma_map_phys()
+    tlb = None
+    target = phys
+    if not mmio and device.untrusted and ((phys | nbytes) & GMASK):
+        pool = _pool(device)
+        if pool is None:
+            raise errors.OutOfMemory(f"dma_map_phys: {device.name} must bounce and has no pool")
+        tlb = _bounce_in(device, pool, phys, nbytes, d, a, align_mask=GMASK)
+        target = tlb
+    elif mmio and device.untrusted and ((phys | nbytes) & GMASK):
+        raise errors.OutOfMemory("dma_map_phys: unaligned MMIO on a device that must bounce")
+    try:
+        dma, p32 = _core._map_single(dom, target, nbytes, _prot(device, d, a), device.dma_limit,
+                                     device.prefer_32bit_iova, _cpu(device))
+    except errors.DmaBufError:
+        if tlb is not None:
+            _pool(device).free(tlb)
+        raise
+    device.prefer_32bit_iova = bool(p32)
+    reg[dma] = _Single(phys, nbytes, d, a, "iommu", tlb)
+    return int(dma)
+
+
+def dma_unmap_phys(device: Device, dma_addr: int, nbytes: int, direction: DmaDirection | int,
+                   attrs: int = 0) -> None:
+    """``dma_unmap_phys()``: size, direction and attributes must be those
+    of the map (LifetimeError otherwise, as DMA-API debugging reports)."""
+    d = _dir(direction)
+    a = _attrs(attrs)
+    reg = _singles(device)
+    s = reg.get(dma_addr)
+    if s is None:
+        raise errors.LifetimeError(f"dma_unmap_phys: {device.name} has no mapping at {dma_addr:#x}")
+    if s.size != nbytes or s.direction != d:
+        raise errors.LifetimeError(f"dma_unmap_phys: {dma_addr:#x} was mapped {s.size:#x} bytes {s.direction.name}, "
+                                   f"unmapped {nbytes:#x} bytes {d.name}")
+    if bool(s.attrs & DmaAttrs.MMIO) != bool(a & DmaAttrs.MMIO):
+        raise errors.LifetimeError(f"dma_unmap_phys: {dma_addr:#x} mapped and unmapped with different MMIO attributes")
+    if s.kind == "iommu":
+        device.domain.unmap_dma(dma_addr, nbytes, _cpu(device))
+        if s.tlb is not None:
+            _bounce_out(device, _pool(device), s.tlb, d, a)
+    elif s.tlb is not None:
+        _bounce_out(device, device.swiotlb, s.tlb, d, a)
+    del reg[dma_addr]
+
+
+# ------------------------------------------------------- two-step IOVA API
+
+
+class IovaState:
+    """``struct dma_iova_state`` and the two-step, list-free IOVA API.
+
+    Reserve one IOVA range with :meth:`try_alloc`, link physical ranges
+    straight into the IO page table with :meth:`link` /
+    :meth:`link_ranges` (no intermediate list, no IOTLB work), make them
+    visible with one :meth:`sync`, take parts down with :meth:`unlink`
+    (strict invalidation), and end with :meth:`destroy` (unlink all and
+    free, lazily on a flush-queue domain) or :meth:`free`.
+
+    When the device does not use dma-iommu, :meth:`try_alloc` returns a
+    state with ``uses_iova`` False, as ``dma_use_iova()`` reports: the
+    caller falls back to :func:`dma_map_phys`.
+
+    The model checks what the kernel leaves to the caller: links beyond the
+    reservation (EINVAL), destroy with a ``mapped_nbytes`` other than what is
+    linked, use after destroy or free (LifetimeError).
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("use IovaState.try_alloc(device, phys, nbytes)")
+
+    @classmethod
+    def try_alloc(cls, device: Device, phys: int, nbytes: int) -> IovaState:
+        """``dma_iova_try_alloc()``: reserve IOVA for ``nbytes`` starting at
+        ``phys``'s offset within a granule (only that offset of ``phys`` is
+        used).  Never raises for lack of IOVA: the state's ``uses_iova`` is
+        False then (and for size 0, sizes with bit 63, and devices without
+        an IOMMU)."""
+        self = object.__new__(cls)
+        self.device = device
+        self.addr = 0
+        self.size = 0
+        self.uses_swiotlb = False
+        self._dom = device.domain
+        self._offset = 0
+        self._reserved = 0
+        self._linked = _core.RangeTable()
+        self._live = False
+        if not isinstance(phys, int) or not isinstance(nbytes, int):
+            raise TypeError("phys and nbytes must be ints")
+        if self._dom is None or nbytes <= 0 or nbytes >> 63 or phys < 0:
+            return self
+        o = phys & GMASK
+        span = (nbytes + o + GMASK) & ~GMASK
+        try:
+            iova, p32 = self._dom.alloc_iova_pci(span, device.dma_limit, device.prefer_32bit_iova)
+        except errors.OutOfMemory:
+            return self
+        device.prefer_32bit_iova = bool(p32)
+        self.addr = iova + o
+        self.size = nbytes
+        self._offset = o
+        self._reserved = span
+        self._live = True
+        _live_states.add(self)
+        return self
+
+    @property
+    def uses_iova(self) -> bool:
+        """``dma_use_iova()``."""
+        return self.size != 0
+
+    @property
+    def linked_nbytes(self) -> int:
+        return int(self._linked.total_nbytes)
+
+    def _need(self, what: str) -> Any:
+        if not self.uses_iova:
+            raise errors.NotSupported(f"IovaState.{what}: the state does not use IOVA (use dma_map_phys)")
+        if not self._live:
+            raise errors.LifetimeError(f"IovaState.{what}: the state was destroyed or freed")
+        return self._dom
+
+    def _check_window(self, what: str, offset: int, nbytes: int) -> None:
+        if not isinstance(offset, int) or not isinstance(nbytes, int):
+            raise TypeError("offset and nbytes must be ints")
+        if offset < 0 or nbytes <= 0 or offset + nbytes > self.size:
+            raise errors.InvalidArgument(f"IovaState.{what}: [{offset:#x}, +{nbytes:#x}) is outside the "
+                                         f"{self.size:#x}-byte reservation")
+
+    def link(self, phys: int, offset: int, nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:
+        """``dma_iova_link()``: map ``[phys, +nbytes)`` at ``addr + offset``.
+
+        Only a link at offset 0 may start inside a granule (EIO otherwise);
+        IOVA and physical address must agree on granule alignment (EINVAL);
+        an IOVA that is already mapped is EEXIST.  A device that must
+        bounce (an untrusted device) bounces the unaligned head and tail of
+        RAM through swiotlb, and refuses unaligned MMIO (EPERM).  No IOTLB
+        work: call :meth:`sync` once after a batch of links.
+        """
+        self.link_ranges(np.array([[phys, nbytes]], dtype=np.uint64), direction, attrs, offset=offset)
+
+    def link_ranges(self, ranges: Any, direction: DmaDirection | int, attrs: int = 0, *, offset: int = 0,
+                    _all_at_offset: bool = False) -> int:
+        """Link an (N, 2) u64 buffer of (phys, nbytes) rows back to back
+        from ``offset`` in one call; returns the bytes linked.  All or
+        nothing: on failure nothing this call linked stays."""
+        dom = self._need("link")
+        d = _dir(direction)
+        a = _attrs(attrs)
+        rows = np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
+        if len(rows) == 0:
+            return 0
+        total = int(rows[:, 1].sum(dtype=np.uint64)) if not _all_at_offset else int(rows[:, 1].max())
+        if (rows[:, 1] == 0).any():
+            raise errors.InvalidArgument("IovaState.link: a range has length 0")
+        self._check_window("link", offset, total)
+        if self.device.untrusted and ((rows[:, 0] | rows[:, 1]) & np.uint64(GMASK)).any():
+            if a & DmaAttrs.MMIO:
+                raise errors.NotPermitted("dma_iova_link: unaligned MMIO on a device that must bounce")
+            return self._link_bounced(rows, offset, d, a)
+        n = _core._link_ranges(dom, self.addr, offset, rows, _prot(self.device, d, a), _all_at_offset)
+        if _all_at_offset:
+            self._mark(offset, int(rows[0, 1]))
+        else:
+            self._mark(offset, n)
+        return int(n)
+
+    def _mark(self, offset: int, nbytes: int) -> None:
+        for r in self._linked.overlapping(offset, nbytes):
+            self._linked.erase(r.start, r.nbytes)
+        self._linked.insert(offset, nbytes, kind=RangeKind.IOVA)
+
+    def _link_bounced(self, rows: np.ndarray, offset: int, d: DmaDirection, a: DmaAttrs) -> int:
+        """iommu_dma_iova_link_swiotlb(): bounce the sub-granule head and
+        tail of each range, link the aligned middle directly."""
+        pool = _pool(self.device)
+        if pool is None:
+            raise errors.OutOfMemory("dma_iova_link: the device must bounce and has no swiotlb pool")
+        done: list[tuple[int, int]] = []
+        bounces: list[int] = []
+        off = offset
+        prot = _prot(self.device, d, a)
+        try:
+            for phys, n in rows.tolist():
+                pieces = []
+                start_pad = phys & GMASK
+                if start_pad:
+                    head = min(n, G - start_pad)
+                    pieces.append((phys, head, True))
+                    phys, n = phys + head, n - head
+                tail = (phys + n) & GMASK if n else 0
+                mid = n - tail
+                if mid:
+                    pieces.append((phys, mid, False))
+                if tail:
+                    pieces.append((phys + mid, tail, True))
+                for p, ln, bounce in pieces:
+                    target = p
+                    if bounce:
+                        target = _bounce_in(self.device, pool, p, ln, d, a, align_mask=GMASK)
+                        bounces.append(target)
+                    _core._link_ranges(self._dom, self.addr, off, np.array([[target, ln]], dtype=np.uint64), prot)
+                    done.append((off, ln))
+                    off += ln
+        except errors.DmaBufError:
+            for o, ln in done:
+                self._unmap(o, ln)
+            for t in bounces:
+                pool.free(t)
+            raise
+        self.uses_swiotlb = True
+        self._bounces = getattr(self, "_bounces", []) + bounces
+        self._mark(offset, off - offset)
+        return off - offset
+
+    def _unmap(self, offset: int, nbytes: int) -> int:
+        start = (self.addr + offset) & ~GMASK
+        end = (self.addr + offset + nbytes + GMASK) & ~GMASK
+        return int(self._dom.unmap(start, end - start))
+
+    def sync(self, offset: int = 0, nbytes: int | None = None) -> None:
+        """``dma_iova_sync()``: one ``iotlb_sync_map`` for the linked span."""
+        dom = self._need("sync")
+        if nbytes is None:
+            nbytes = self.size - offset
+        self._check_window("sync", offset, nbytes)
+        start = (self.addr + offset) & ~GMASK
+        end = (self.addr + offset + nbytes + GMASK) & ~GMASK
+        dom.sync_map(start, end - start)
+
+    def unlink(self, offset: int, nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:
+        """``dma_iova_unlink()``: unmap a linked part now, with an immediate
+        IOTLB invalidation even on a lazy domain; the IOVA stays reserved.
+        Unlinking what is not linked raises LifetimeError."""
+        self._need("unlink")
+        _dir(direction)
+        _attrs(attrs)
+        self._check_window("unlink", offset, nbytes)
+        covered = sum(min(r.end, offset + nbytes) - max(r.start, offset) for r in self._linked.overlapping(offset, nbytes))
+        if covered != nbytes:
+            raise errors.LifetimeError(f"dma_iova_unlink: [{offset:#x}, +{nbytes:#x}) is not all linked")
+        self._unmap(offset, nbytes)
+        self._linked.erase(offset, nbytes)
+
+    def destroy(self, mapped_nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:
+        """``dma_iova_destroy()``: end the transaction.  ``[0,
+        mapped_nbytes)`` must be exactly what is linked (LifetimeError
+        otherwise; the kernel would free a wrongly sized range).  Unlinks it
+        and frees the whole reservation: at once on a strict domain, through
+        the flush queue on a lazy one.  ``mapped_nbytes == 0`` is
+        :meth:`free`."""
+        dom = self._need("destroy")
+        d = _dir(direction)
+        a = _attrs(attrs)
+        if not isinstance(mapped_nbytes, int) or mapped_nbytes < 0 or mapped_nbytes > self.size:
+            raise errors.InvalidArgument(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes!r} is not in 0..{self.size:#x}")
+        if mapped_nbytes == 0:
+            if self.linked_nbytes:
+                raise errors.LifetimeError("dma_iova_destroy(0) with ranges still linked")
+            self.free()
+            return
+        linked = [(r.start, r.nbytes) for r in self._linked]
+        if linked != [(0, mapped_nbytes)]:
+            raise errors.LifetimeError(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes:#x} but linked {linked}")
+        span = (mapped_nbytes + self._offset + GMASK) & ~GMASK
+        _core._destroy_span(dom, self.addr - self._offset, span, self._reserved, _cpu(self.device))
+        for t in getattr(self, "_bounces", []):
+            _bounce_out(self.device, _pool(self.device), t, d, a)
+        self._bounces = []
+        self._linked.clear()
+        self._end()
+
+    def free(self) -> None:
+        """``dma_iova_free()``: give the reservation back now (nothing may
+        be linked: LifetimeError otherwise)."""
+        dom = self._need("free")
+        if self.linked_nbytes:
+            raise errors.LifetimeError(f"dma_iova_free: {self.linked_nbytes:#x} bytes are still linked")
+        dom.free_iova(self.addr - self._offset, self._reserved, _cpu(self.device))
+        self._end()
+
+    def _end(self) -> None:
+        self._live = False
+        _live_states.discard(self)
+
+    @property
+    def live(self) -> bool:
+        return self._live
+
+    def __enter__(self) -> IovaState:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._live:
+            if self.linked_nbytes:
+                linked = [(r.start, r.nbytes) for r in self._linked]
+                if len(linked) == 1 and linked[0][0] == 0:
+                    self.destroy(linked[0][1], DmaDirection.BIDIRECTIONAL)
+                    return
+                for o, n in linked:
+                    self.unlink(o, n, DmaDirection.BIDIRECTIONAL)
+            self.free()
+
+    def __del__(self) -> None:
+        if getattr(self, "_live", False):
+            warnings.warn(f"{self!r} collected with its IOVA still reserved", ResourceWarning, stacklevel=2)
+
+    def __repr__(self) -> str:
+        if not self.uses_iova:
+            return f"<IovaState {self.device.name}: no IOVA (use dma_map_phys)>"
+        state = "live" if self._live else "destroyed"
+        return (f"<IovaState {self.device.name} addr={self.addr:#x} size={self.size:#x} "
+                f"linked={self.linked_nbytes:#x} {state}{' swiotlb' if self.uses_swiotlb else ''}>")
+
+
+_live_states: set[IovaState] = set()
+
+
+# ------------------------------------------------ dma-buf's phys_vec helper
+
+MAX_SG_ENT_SZ = _core.MAX_SG_ENT_SZ
+
+
+@dataclass(eq=False)
+class PhysVecMapping:
+    """What a table from :func:`dma_buf_phys_vec_to_sgt` remembers."""
+
+    device: Device
+    route: P2PMapType
+    direction: DmaDirection
+    nbytes: int
+    state: IovaState | None = None
+    singles: list[tuple[int, int]] = field(default_factory=list)
+    leaked_iova: bool = False
+
+    @property
+    def device_name(self) -> str:
+        return self.device.name
+
+
+def dma_buf_phys_vec_to_sgt(device: Device, provider: P2pProvider | None, ranges: Any,
+                            nbytes: int | None = None, direction: DmaDirection | int = DmaDirection.BIDIRECTIONAL,
+                            *, kernel_compat: bool = False) -> SgTable:
+    """``dma_buf_phys_vec_to_sgt()``: a DMA-only table for MMIO ranges.
+
+    The route is ``pci_p2pdma_map_type(provider, device)``: BUS_ADDR
+    entries are ``phys + bus_offset`` (nothing mapped); THRU_HOST_BRIDGE
+    reserves one IOVA range and links every range into it (one sync), or
+    without an IOMMU maps each range with :func:`dma_map_phys` (MMIO);
+    anything else is EINVAL.  Entries longer than MAX_SG_ENT_SZ are split.
+
+    The kernel links every range at IOVA offset 0, so a second range
+    collides; and it leaks the IOVA when the first link fails.  The model
+    links each range at its running offset.  ``kernel_compat=True`` does
+    what the kernel does, to show both.
+    """
+    d = _dir(direction)
+    if provider is None:
+        raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no P2P provider (not MMIO)")
+    rows = np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
+    if len(rows) == 0 or (rows[:, 1] == 0).any():
+        raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no ranges, or a range of length 0")
+    total = int(rows[:, 1].sum(dtype=object))
+    if nbytes is None:
+        nbytes = total
+    if not device.is_pci:
+        raise errors.InvalidArgument(f"dma_buf_phys_vec_to_sgt: {device.name} is not a PCI device")
+    route = device.machine.p2p_map_type(provider, device)
+    m = PhysVecMapping(device, route, d, nbytes)
+    if route == P2PMapType.BUS_ADDR:
+        bus = rows.copy()
+        bus[:, 0] = (rows[:, 0] + np.uint64(provider.bus_offset & U64_MAX))
+        table = SgTable.from_ranges(bus)
+    elif route == P2PMapType.THRU_HOST_BRIDGE:
+        st = IovaState.try_alloc(device, 0, nbytes)
+        if st.uses_iova:
+            if kernel_compat:
+                mapped = _compat_link(st, rows, d)
+            else:
+                try:
+                    mapped = st.link_ranges(rows, d, DmaAttrs.MMIO)
+                except errors.DmaBufError:
+                    st.free()
+                    raise
+            st.sync(0, mapped)
+            table = SgTable.from_ranges([[st.addr, mapped]])
+            m.state = st
+        else:
+            addrs = []
+            try:
+                for p, n in rows.tolist():
+                    dma = dma_map_phys(device, p, n, d, DmaAttrs.MMIO)
+                    m.singles.append((dma, n))
+                    addrs.append([dma, n])
+            except errors.DmaBufError:
+                for dma, n in m.singles:
+                    dma_unmap_phys(device, dma, n, d, DmaAttrs.MMIO)
+                raise
+            table = SgTable.from_ranges(addrs)
+    else:
+        raise errors.InvalidArgument(f"dma_buf_phys_vec_to_sgt: {device.name} cannot reach "
+                                     f"{provider.owner.name}'s BAR ({route.name})")
+    table.mapping = m
+    return table
+
+
+#: IOVA reservations leaked by ``kernel_compat`` runs: (device, iova, nbytes).
+leaked: list[tuple[Device, int, int]] = []
+
+
+def _compat_link(st: IovaState, rows: np.ndarray, d: DmaDirection) -> int:
+    """The kernel helper's loop: every range linked at IOVA offset 0; on a
+    failure, destroy what was mapped, except when the first link failed
+    (then the reservation leaks, as upstream)."""
+    mapped = 0
+    for i, (p, n) in enumerate(rows.tolist()):
+        try:
+            st.link_ranges(np.array([[p, n]], dtype=np.uint64), d, DmaAttrs.MMIO, _all_at_offset=True)
+        except errors.DmaBufError:
+            if i == 0:
+                _live_states.discard(st)
+                st._live = False
+                leaked.append((st.device, st.addr - st._offset, st._reserved))
+                log.warning("dma_buf_phys_vec_to_sgt (kernel_compat): IOVA [%#x, +%#x] leaked",
+                            st.addr, st._reserved)
+            else:
+                st.destroy(st.linked_nbytes, d, DmaAttrs.MMIO)
+            raise
+        mapped += n
+    return mapped
+
+
+def dma_buf_free_sgt(table: SgTable, direction: DmaDirection | int | None = None) -> None:
+    """``dma_buf_free_sgt()``: undo :func:`dma_buf_phys_vec_to_sgt`."""
+    m = table.mapping
+    if not isinstance(m, PhysVecMapping):
+        raise errors.LifetimeError("dma_buf_free_sgt: the table did not come from dma_buf_phys_vec_to_sgt "
+                                   "or was freed already")
+    if direction is not None and _dir(direction) != m.direction:
+        raise errors.LifetimeError(f"dma_buf_free_sgt: mapped {m.direction.name}, freed {_dir(direction).name}")
+    if m.state is not None:
+        m.state.destroy(m.state.linked_nbytes, m.direction, DmaAttrs.MMIO)
+    for dma, n in m.singles:
+        dma_unmap_phys(m.device, dma, n, m.direction, DmaAttrs.MMIO)
+    table.mapping = None
+
+
+# ----------------------------------------------------------- device access
+
+_access_hooks: list[Callable[[Device, int, int, bool], None]] = []
+
+
+def _fault(device: Device, addr: int, reason: str) -> errors.IommuFault:
+    return errors.IommuFault(f"{device.name}: DMA fault at {addr:#x}: {reason}")
+
+
+def _peer_bus_target(device: Device, addr: int, nbytes: int) -> int | None:
+    """A PCI bus address that a switch routes straight to a peer's BAR (the
+    BUS_ADDR route bypasses the IOMMU): its CPU physical address."""
+    if not device.is_pci:
+        return None
+    m = device.machine
+    for hb in m.host_bridges.values():
+        for w in hb.windows:
+            if w.bus_start <= addr < w.bus_start + w.nbytes:
+                cpu = (addr - w.bus_offset) & U64_MAX
+                bar = m.bar_at(cpu)
+                if bar is not None and m.p2p_map_type(bar.owner, device) == P2PMapType.BUS_ADDR:
+                    if cpu + nbytes - 1 > bar.last:
+                        raise _fault(device, addr, "access runs past the peer's BAR")
+                    return cpu
+    return None
+
+
+def _resolve(device: Device, addr: int, nbytes: int, write: bool) -> list[tuple[int, int]]:
+    if not isinstance(addr, int) or not isinstance(nbytes, int):
+        raise TypeError("addr and nbytes must be ints")
+    if nbytes <= 0 or addr < 0 or addr + nbytes - 1 > U64_MAX:
+        raise errors.InvalidArgument(f"bad access [{addr:#x}, +{nbytes:#x})")
+    for hook in list(_access_hooks):
+        hook(device, addr, nbytes, write)
+    cpu = _peer_bus_target(device, addr, nbytes)
+    if cpu is not None:
+        runs = [(cpu, nbytes)]
+    elif device.domain is not None:
+        need = int(IommuProt.WRITE if write else IommuProt.READ)
+        rows, fault_at, fprot = _core._translate(device.domain, addr, nbytes, need)
+        if rows is None:
+            if fprot:
+                raise _fault(device, fault_at, f"{'write' if write else 'read'} not permitted by the mapping "
+                                               f"(prot {IommuProt(fprot)!r})")
+            raise _fault(device, fault_at, "no IOMMU mapping (unmapped or stale IOVA)")
+        runs = [(int(p), int(n)) for p, n in rows.tolist()]
+    else:
+        if not device.dma_capable(addr, nbytes):
+            raise _fault(device, addr, f"beyond the device's {device.dma_limit.bit_length()}-bit DMA limit")
+        phys = device.dma_to_phys(addr)
+        if phys is None:
+            raise _fault(device, addr, "outside the device's dma-ranges")
+        runs = [(phys, nbytes)]
+    _check_targets(device, runs, addr)
+    return runs
+
+
+def _check_targets(device: Device, runs: list[tuple[int, int]], addr: int) -> None:
+    m = device.machine
+    for phys, n in runs:
+        covered = 0
+        for r in m.address_map.overlapping(phys, n):
+            kind = r.kind
+            if kind == RangeKind.PRIVATE and not device.cc_trusted:
+                raise _fault(device, addr, f"untrusted device touched confidential memory at phys {phys:#x}")
+            if kind == RangeKind.RESERVED:
+                raise _fault(device, addr, f"phys {max(r.start, phys):#x} is a reserved region")
+            if kind == RangeKind.MMIO:
+                bar = m.owner_of(r.owner)
+                if isinstance(bar, Bar) and (not bar.owner.memory_decode or bar.owner.power_state != "D0"):
+                    raise _fault(device, addr, f"{bar.owner.name}'s BAR{bar.index} does not decode "
+                                               "(memory decode off or low power): unsupported request")
+            covered += min(r.end, phys + n) - max(r.start, phys)
+        if covered != n:
+            raise _fault(device, addr, f"no memory or BAR behind phys [{phys:#x}, +{n:#x})")
+
+
+def device_read(device: Device, addr: int, nbytes: int) -> bytes:
+    """What ``device`` reads at DMA address ``addr`` (see ``Device.dma_read``)."""
+    runs = _resolve(device, addr, nbytes, False)
+    mem = device.machine.memory
+    return b"".join(mem.read(p, n) for p, n in runs)
+
+
+def device_write(device: Device, addr: int, data: bytes | bytearray | memoryview) -> None:
+    """``device`` writes ``data`` at DMA address ``addr``."""
+    buf = memoryview(data).cast("B")
+    runs = _resolve(device, addr, len(buf), True)
+    mem = device.machine.memory
+    pos = 0
+    for p, n in runs:
+        mem.write(p, buf[pos : pos + n])
+        pos += n
