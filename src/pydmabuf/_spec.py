@@ -24,7 +24,7 @@ _KNOWN = {
     "top": {"name", "cpu", "memory", "swiotlb", "iommus", "host_bridges", "ports", "devices"},
     "memory": {"start", "size", "kind", "name"},
     "swiotlb": {"name", "start", "size"},
-    "iommu": {"name", "strict", "aperture_bits", "granule", "ncpus"},
+    "iommu": {"name", "strict", "aperture_bits", "granule", "ncpus", "fq_timeout"},
     "host_bridge": {"name", "segment", "bus", "root_vendor", "root_device", "windows"},
     "window": {"cpu", "size", "bus_offset", "prefetch", "name"},
     "port": {"name", "bdf", "parent", "kind", "acs_redirect", "vendor", "device_id"},
@@ -48,6 +48,15 @@ def _req(d: Mapping[str, Any], key: str, where: str) -> Any:
     if key not in d:
         raise errors.InvalidArgument(f"{where}: missing {key!r}")
     return d[key]
+
+
+def _timeout(v: Any, where: str) -> float | None:
+    """Seconds; None, false or 0 (what TOML can say) mean no timer."""
+    if v is None or v is False or v == 0:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise errors.InvalidArgument(f"{where}: fq_timeout must be seconds >= 0, or false")
+    return float(v)
 
 
 def build(cls: type[Machine], spec: Mapping[str, Any]) -> Machine:
@@ -79,7 +88,8 @@ def build(cls: type[Machine], spec: Mapping[str, Any]) -> Machine:
         _check_keys(e, "iommu", where)
         m.add_iommu(Iommu(str(_req(e, "name", where)), strict=bool(e.get("strict", False)),
                           aperture_bits=_num(e.get("aperture_bits", 48), where),
-                          granule=_num(e.get("granule", 4096), where), ncpus=_num(e.get("ncpus", 1), where)))
+                          granule=_num(e.get("granule", 4096), where), ncpus=_num(e.get("ncpus", 1), where),
+                          fq_timeout=_timeout(e.get("fq_timeout", 0.01), where)))
 
     for i, e in enumerate(spec.get("host_bridges", [])):
         where = f"host_bridges[{i}]"

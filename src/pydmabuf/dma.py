@@ -187,6 +187,17 @@ def _bounce_out(device: Device, pool: Any, tlb: int, direction: DmaDirection, at
         pool.free(tlb)
 
 
+def _swiotlb_map(device: Device, pool: Any, phys: int, nbytes: int, d: DmaDirection, a: int) -> int:
+    """swiotlb_map(): bounce, then check the device can reach the bounce
+    buffer (the kernel unmaps it and fails otherwise)."""
+    tlb = _bounce_in(device, pool, phys, nbytes, d, a)
+    dma = device.phys_to_dma(tlb)
+    if not device.dma_capable(dma, nbytes):
+        pool.free(tlb)
+        raise errors.OutOfMemory(f"swiotlb buffer {tlb:#x}+{nbytes:#x} is beyond {device.name}'s reach")
+    return dma
+
+
 def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | int,
                     attrs: int = 0) -> int:
     """``dma_map_sgtable()``: map the ``orig_nents`` CPU entries for ``device``.
@@ -246,11 +257,8 @@ def _map_sg_direct(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs,
         dmas = []
         try:
             for slot, p, n in zip(slots.tolist(), phys.tolist(), lens.tolist()):
-                tlb = _bounce_in(device, pool, p, n, d, a)
-                m.bounces.append((slot, tlb, p, n))
-                dma = device.phys_to_dma(tlb)
-                if not device.dma_capable(dma, n):
-                    raise errors.IOFailure(f"{device.name}: the bounce pool {pool.name} is out of reach")
+                dma = _swiotlb_map(device, pool, p, n, d, a)
+                m.bounces.append((slot, pool.tlb_of(dma, device), p, n))
                 dmas.append(dma)
         except errors.DmaBufError as e:
             for _, tlb, _, _ in m.bounces:
@@ -387,9 +395,8 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
         if device.force_swiotlb:
             if mmio:
                 raise errors.OutOfMemory(f"dma_map_phys: {device.name} must bounce and MMIO cannot bounce")
-            tlb = _bounce_in(device, pool, phys, nbytes, d, a)
-            dma = device.phys_to_dma(tlb)
-            reg[dma] = _Single(phys, nbytes, d, a, "direct", tlb)
+            dma = _swiotlb_map(device, pool, phys, nbytes, d, a)
+            reg[dma] = _Single(phys, nbytes, d, a, "direct", pool.tlb_of(dma, device))
             return dma
         if mmio:
             if not device.dma_capable(phys, nbytes):
@@ -403,9 +410,8 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
         if pool is None:
             raise errors.OutOfMemory(f"dma_map_phys: {phys:#x} is out of {device.name}'s reach and it has "
                                      "no bounce buffer")
-        tlb = _bounce_in(device, pool, phys, nbytes, d, a)
-        dma = device.phys_to_dma(tlb)
-        reg[dma] = _Single(phys, nbytes, d, a, "direct", tlb)
+        dma = _swiotlb_map(device, pool, phys, nbytes, d, a)
+        reg[dma] = _Single(phys, nbytes, d, a, "direct", pool.tlb_of(dma, device))
         return dma
     # iommu_dma_map_phys()
     tlb = None
@@ -577,9 +583,12 @@ class IovaState:
         return int(n)
 
     def _mark(self, offset: int, nbytes: int) -> None:
-        for r in self._linked.overlapping(offset, nbytes):
+        """Record [offset, +nbytes) as linked, merged with touching parts."""
+        lo, hi = offset, offset + nbytes
+        for r in self._linked.overlapping(max(lo - 1, 0), hi - max(lo - 1, 0) + 1):
+            lo, hi = min(lo, r.start), max(hi, r.end)
             self._linked.erase(r.start, r.nbytes)
-        self._linked.insert(offset, nbytes, kind=RangeKind.IOVA)
+        self._linked.insert(lo, hi - lo, kind=RangeKind.IOVA)
 
     def _link_bounced(self, rows: np.ndarray, offset: int, d: DmaDirection, a: DmaAttrs) -> int:
         """iommu_dma_iova_link_swiotlb(): bounce the sub-granule head and

@@ -262,12 +262,15 @@ class Iommu:
     queue (``IOMMU_DOMAIN_DMA_FQ``)."""
 
     def __init__(self, name: str, *, strict: bool = False, aperture_bits: int = 48, granule: int = PAGE_SIZE,
-                 ncpus: int = 1) -> None:
+                 ncpus: int = 1, fq_timeout: float | None = 0.01) -> None:
         self.name = name
         self.strict = strict
         self.aperture_bits = aperture_bits
         self.granule = granule
         self.ncpus = ncpus
+        #: Seconds before a lazy domain's flush queue flushes by timer (the
+        #: kernel's 10 ms); None: only on a full ring or ``domain.flush()``.
+        self.fq_timeout = fq_timeout
         self.groups: list[IommuGroup] = []
 
     def __repr__(self) -> str:
@@ -365,6 +368,13 @@ class SwiotlbPool:
                 return s
             lo = seg_end % self.nslabs
         raise errors.OutOfMemory(f"{self.name}: no {nslots} free contiguous slots in one segment")
+
+    def tlb_of(self, dma: int, device: Any) -> int:
+        """The bounce buffer's physical address from a device's DMA address."""
+        tlb = device.dma_to_phys(dma)
+        if tlb is None or tlb not in self._orig:
+            raise errors.NotFound(f"{self.name}: {dma:#x} is not a live bounce mapping of {device.name}")
+        return int(tlb)
 
     def original(self, tlb_addr: int) -> tuple[int, int]:
         """(original physical address, size) of a bounce mapping."""
@@ -730,7 +740,7 @@ class Machine:
         devices = list(devices)
         strict = iommu.strict or any(d.untrusted for d in devices)
         dom = IommuDomain(strict=strict, aperture_bits=iommu.aperture_bits, granule=iommu.granule,
-                          ncpus=iommu.ncpus)
+                          ncpus=iommu.ncpus, fq_timeout=iommu.fq_timeout)
         shift = iommu.granule.bit_length() - 1
         reserved: set[tuple[int, int]] = set()
         for d in devices:

@@ -1,0 +1,164 @@
+"""dma-direct: the DMA address is the physical one through the device's
+dma_range_map; what the device cannot reach bounces through swiotlb
+(research items 12-16), with the copies made when the kernel makes them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pydmabuf import DmaAttrs, DmaDirection, SgTable, dma_map_phys, dma_map_sgtable, dma_unmap_phys, errors
+from pydmabuf import dma_sync_sgtable_for_cpu, dma_sync_sgtable_for_device, dma_unmap_sgtable
+
+from machines import direct_device, make_table
+
+G = 4096
+TO, FROM, BIDI = DmaDirection.TO_DEVICE, DmaDirection.FROM_DEVICE, DmaDirection.BIDIRECTIONAL
+
+
+def test_item12_mask_boundary_and_bounce():
+    m, d = direct_device(dma_mask=32, swiotlb="swiotlb")
+    assert dma_map_phys(d, 0xFFFFF000, 0x1000, TO) == 0xFFFFF000
+    dma_unmap_phys(d, 0xFFFFF000, 0x1000, TO)
+    # One byte more does not fit under the mask: it bounces.
+    dma = dma_map_phys(d, 0xFFFFF000, 0x1001, TO)
+    pool = m.swiotlb_pools["swiotlb"]
+    assert pool.contains(dma) and pool.mappings == 1
+    dma_unmap_phys(d, dma, 0x1001, TO)
+    assert pool.mappings == 0
+
+
+def test_item12_without_a_pool_it_fails():
+    m, d = direct_device(dma_mask=32)
+    with pytest.raises(errors.OutOfMemory):
+        dma_map_phys(d, 0xFFFFF000, 0x1001, TO)
+    t = make_table([(0x100, 0, G), (0xFFFFF, 0, G), (0x100000, 0, G)])
+    before = t.entries.copy()
+    with pytest.raises(errors.IOFailure) as ei:  # map_sg: -EIO
+        dma_map_sgtable(d, t, TO)
+    assert ei.value.errno == 5
+    assert (t.entries == before).all() and t.mapping is None
+
+
+def test_item13_bus_dma_limit_wins():
+    m, d = direct_device(dma_mask=64, bus_dma_limit=0x3FFFFFFF)
+    assert d.dma_limit == 0x3FFFFFFF
+    assert dma_map_phys(d, 0x3FFFF000, 0x1000, TO) == 0x3FFFF000
+    with pytest.raises(errors.OutOfMemory):
+        dma_map_phys(d, 0x40000000, 0x1000, TO)
+
+
+def test_item14_dma_range_map():
+    m, d = direct_device(dma_ranges=[[0x80000000, 0x0, 0x40000000]], swiotlb="swiotlb")
+    assert dma_map_phys(d, 0x80001000, 0x1000, TO) == 0x1000
+    # Outside every region: not capable, so it bounces (the pool at
+    # 0x8000000 is inside no region either, so its address is unreachable).
+    with pytest.raises(errors.DmaBufError):
+        dma_map_phys(d, 0x10000, 0x1000, TO)
+
+
+def test_item15_mmio_is_not_translated_nor_bounced():
+    m, d = direct_device(dma_offset=0x1000_0000, swiotlb="swiotlb")
+    assert dma_map_phys(d, 0x2000, 0x1000, TO) == 0x1000_2000
+    assert dma_map_phys(d, 0x4000, 0x1000, TO, DmaAttrs.MMIO) == 0x4000
+    m, d = direct_device(force_swiotlb=True, swiotlb="swiotlb")
+    with pytest.raises(errors.OutOfMemory):
+        dma_map_phys(d, 0x4000, 0x1000, TO, DmaAttrs.MMIO)
+    dma = dma_map_phys(d, 0x4000, 0x1000, TO)  # RAM bounces
+    assert m.swiotlb_pools["swiotlb"].contains(dma)
+
+
+def test_item16_no_merging_on_direct():
+    m, d = direct_device()
+    t = make_table([(100, 0, G), (101, 0, G), (102, 0, G)])
+    assert dma_map_sgtable(d, t, BIDI) == 3
+    assert t.dma_ranges().tolist() == [[100 * G, G], [101 * G, G], [102 * G, G]]
+    dma_unmap_sgtable(d, t, BIDI)
+    assert t.nents == 3 and (t.entries["dma_address"] == 0).all()
+
+
+def test_bounce_copies_follow_the_direction():
+    m, d = direct_device(dma_mask=32, swiotlb="swiotlb")
+    high = 0x2_0000_0000  # 8 GiB: out of a 32-bit device's reach
+    m.memory.write(high, b"to-device")
+    t = make_table([(high >> 12, 0, G)])
+    dma_map_sgtable(d, t, TO)
+    dma = int(t.dma_ranges()[0, 0])
+    assert dma < 2**32
+    assert d.dma_read(dma, 9) == b"to-device"  # copied into the bounce buffer
+    dma_unmap_sgtable(d, t, TO)
+
+    t = make_table([(high >> 12, 0, G)])
+    dma_map_sgtable(d, t, FROM)
+    dma = int(t.dma_ranges()[0, 0])
+    d.dma_write(dma, b"from-dev")
+    assert m.memory.read(high, 8) == b"to-devic"  # not visible before the sync
+    dma_sync_sgtable_for_cpu(d, t, FROM)
+    assert m.memory.read(high, 8) == b"from-dev"
+    d.dma_write(dma, b"again!!!")
+    dma_unmap_sgtable(d, t, FROM)  # unmap copies back too
+    assert m.memory.read(high, 8) == b"again!!!"
+    pool = m.swiotlb_pools["swiotlb"]
+    assert pool.slots_used == 0 and pool.bounced_to_cpu == 2 * G and pool.bounced_to_device == G
+
+
+def test_sync_for_device_refreshes_the_bounce_buffer():
+    m, d = direct_device(dma_mask=32, swiotlb="swiotlb")
+    high = 0x2_0000_0000
+    t = make_table([(high >> 12, 0, G)])
+    dma_map_sgtable(d, t, TO)
+    m.memory.write(high, b"later")
+    dma = int(t.dma_ranges()[0, 0])
+    assert d.dma_read(dma, 5) == bytes(5)
+    dma_sync_sgtable_for_device(d, t, TO)
+    assert d.dma_read(dma, 5) == b"later"
+    dma_unmap_sgtable(d, t, TO)
+
+
+def test_swiotlb_refuses_what_does_not_fit_a_segment():
+    m, d = direct_device(dma_mask=32, swiotlb="swiotlb")
+    with pytest.raises(errors.OutOfMemory):
+        dma_map_phys(d, 0x2_0000_0000, 256 * 1024 + 1, TO)
+    t = SgTable.from_pages(np.arange(0x200000, 0x200000 + 65, dtype=np.uint64))  # 260 KiB
+    with pytest.raises(errors.IOFailure):
+        dma_map_sgtable(d, t, TO)
+    assert m.swiotlb_pools["swiotlb"].slots_used == 0
+
+
+def test_swiotlb_exhaustion_unwinds_the_whole_table():
+    m, d = direct_device(dma_mask=32, swiotlb="swiotlb")  # a 4 MiB pool
+    pfns = np.arange(0x200000, 0x200000 + 2 * 1025, 2, dtype=np.uint64)  # 1025 separate pages
+    t = SgTable.from_pages(pfns)
+    with pytest.raises(errors.IOFailure):
+        dma_map_sgtable(d, t, TO)  # 1025 x 2 slots of 2 KiB > the pool's 2048
+    pool = m.swiotlb_pools["swiotlb"]
+    assert pool.slots_used == 0 and t.mapping is None
+
+
+def test_min_align_mask_keeps_the_low_bits():
+    m, d = direct_device(dma_mask=32, swiotlb="swiotlb", min_align_mask=0xFFF)
+    dma = dma_map_phys(d, 0x2_0000_0123, 0x100, TO)
+    assert dma & 0xFFF == 0x123
+    dma_unmap_phys(d, dma, 0x100, TO)
+
+
+def test_unmap_rules():
+    m, d = direct_device()
+    dma = dma_map_phys(d, 0x10000, 0x1000, TO)
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_phys(d, dma, 0x2000, TO)
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_phys(d, dma, 0x1000, FROM)
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_phys(d, dma + 0x1000, 0x1000, TO)
+    dma_unmap_phys(d, dma, 0x1000, TO)
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_phys(d, dma, 0x1000, TO)
+
+
+@pytest.mark.parametrize("args,exc", [((-1, 10), errors.InvalidArgument), ((0, 0), errors.InvalidArgument),
+                                      ((2**64 - 1, 2), errors.InvalidArgument), (("x", 1), TypeError)])
+def test_bad_ranges(args, exc):
+    m, d = direct_device()
+    with pytest.raises(exc):
+        dma_map_phys(d, *args, TO)

@@ -1,0 +1,316 @@
+"""dma_map_sgtable through an IOMMU: iommu_dma_map_sg, against the kernel's
+rules (research items 17-24) and a literal Python model of its three
+passes (layout, iommu_map_sg runs, __finalise_sg)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pydmabuf
+from pydmabuf import DmaDirection, SgTable, dma_map_sgtable, dma_unmap_sgtable, errors
+
+from machines import iommu_device, machine, make_table
+
+G = 4096
+U64 = 2**64 - 1
+BIDI = DmaDirection.BIDIRECTIONAL
+
+
+def ref_map_sg(rows, seg_mask, max_seg):
+    """The kernel's iommu_dma_map_sg() on (pfn, offset, length) rows.
+
+    Returns (iova_len, runs, finalise) where runs are the iommu_map calls
+    as (iova offset, phys, nbytes) and finalise(base) gives the DMA
+    segments for an IOVA base."""
+    ents = [{"page": pfn * G, "offset": off, "length": ln} for pfn, off, ln in rows]
+    iova_len = 0
+    prev = None
+    for e in ents:
+        s_off = e["offset"] & (G - 1)
+        s_len = e["length"]
+        pad = (seg_mask - iova_len + 1) & seg_mask
+        e["stash_off"], e["stash_len"] = s_off, s_len
+        e["offset"] -= s_off
+        s_len = (s_len + s_off + G - 1) & ~(G - 1)
+        e["length"] = s_len
+        if pad and pad < s_len - 1:
+            prev["length"] += pad
+            iova_len += pad
+        iova_len += s_len
+        prev = e
+    runs, mapped, run, start = [], 0, 0, 0
+    n = len(ents)
+    i = 0
+    while i <= n:
+        e = ents[min(i, n - 1)]
+        s_phys = e["page"] + e["offset"]
+        if run and s_phys != start + run:
+            runs.append((mapped, start, run))
+            mapped += run
+            run = 0
+        if run:
+            run += e["length"]
+        else:
+            run, start = e["length"], s_phys
+        i += 1
+
+    def finalise(base):
+        segs = []
+        cur_len = 0
+        dma = base
+        for e in ents:
+            s_off, s_len, s_iova_len = e["stash_off"], e["stash_len"], e["length"]
+            if cur_len and not s_off and (dma & seg_mask) and max_seg - cur_len >= s_len:
+                cur_len += s_len
+                segs[-1][1] = cur_len
+            else:
+                cur_len = s_len
+                segs.append([dma + s_off, cur_len])
+            dma += s_iova_len
+            if s_len + s_off < s_iova_len:
+                cur_len = 0
+        return [tuple(s) for s in segs]
+
+    return iova_len, runs, finalise
+
+
+def check_against_model(dev, t, rows, seg_mask, max_seg):
+    before_cpu = t.cpu_ranges().tolist()
+    nents = dma_map_sgtable(dev, t, BIDI)
+    iova_len, runs, finalise = ref_map_sg(rows, seg_mask, max_seg)
+    m = t.mapping
+    assert m.iova_nbytes == iova_len
+    base = m.iova
+    assert [tuple(r) for r in t.dma_ranges().tolist()] == finalise(base)
+    assert nents == t.nents == len(finalise(base))
+    # The CPU side is restored exactly after the in-place layout.
+    assert t.cpu_ranges().tolist() == before_cpu
+    # Every page of every run is mapped where the kernel maps it.
+    iovas, expect = [], []
+    for off, phys, n in runs:
+        for k in range(0, n, G):
+            iovas.append(base + off + k)
+            expect.append(phys + k)
+    got = dev.domain.pgtable.iova_to_phys_many(np.array(iovas, dtype=np.uint64))
+    assert got.tolist() == expect
+    assert dev.domain.stats["mapped_nbytes"] == iova_len
+    assert dev.domain.stats["sync_map_calls"] >= 1
+    dma_unmap_sgtable(dev, t, BIDI)
+    assert dev.domain.stats["mapped_nbytes"] == 0
+    assert t.nents == t.orig_nents and t.mapping is None
+    assert (t.entries["dma_length"] == 0).all()
+
+
+# ---------------------------------------------------- research items 17-24
+
+
+def test_item17_unaligned_entries_merge_into_one_segment():
+    m, d = iommu_device(max_segment_size=0x10000)
+    t = make_table([(100, 0x100, 0x1F00), (300, 0, 0x1000), (500, 0, 0x800)])
+    assert dma_map_sgtable(d, t, BIDI) == 1
+    x = t.mapping.iova
+    assert t.mapping.iova_nbytes == 4 * G
+    assert t.dma_ranges().tolist() == [[x + 0x100, 0x3700]]
+    # The IOMMU maps whole granules: the first entry's two pages, then one
+    # page for each of the others.
+    pt = d.domain.pgtable
+    assert [pt.iova_to_phys(x + k * G) for k in range(4)] == [100 * G, 101 * G, 300 * G, 500 * G]
+    dma_unmap_sgtable(d, t, BIDI)
+
+
+def test_item18_unaligned_end_blocks_merging():
+    m, d = iommu_device(max_segment_size=0x10000)
+    t = make_table([(100, 0, 0x800), (300, 0, 0x1000)])
+    assert dma_map_sgtable(d, t, BIDI) == 2
+    x = t.mapping.iova
+    assert t.dma_ranges().tolist() == [[x, 0x800], [x + 0x1000, 0x1000]]
+    dma_unmap_sgtable(d, t, BIDI)
+
+
+def test_item19_an_offset_starts_a_new_segment():
+    m, d = iommu_device(max_segment_size=0x10000)
+    t = make_table([(100, 0, 0x1000), (300, 0x200, 0x800)])
+    assert dma_map_sgtable(d, t, BIDI) == 2
+    x = t.mapping.iova
+    assert t.dma_ranges().tolist() == [[x, 0x1000], [x + 0x1000 + 0x200, 0x800]]
+    dma_unmap_sgtable(d, t, BIDI)
+
+
+def test_item20_max_segment_size_cuts_segments():
+    m, d = iommu_device(max_segment_size=0x2000)
+    t = make_table([(100, 0, G), (300, 0, G), (500, 0, G)])
+    assert dma_map_sgtable(d, t, BIDI) == 2
+    x = t.mapping.iova
+    assert t.dma_ranges().tolist() == [[x, 0x2000], [x + 0x2000, 0x1000]]
+    dma_unmap_sgtable(d, t, BIDI)
+
+
+def test_item21_segment_boundary_pads_the_previous_entry():
+    m, d = iommu_device(seg_boundary_mask=0xFFFF, max_segment_size=0x10000)
+    t = make_table([(1000, 0, 0xC000), (5000, 0, 0x8000)])
+    assert dma_map_sgtable(d, t, BIDI) == 2
+    x = t.mapping.iova
+    assert t.mapping.iova_nbytes == 0x18000
+    # 24 pages are allocated as 32 (sizes under 32 pages round up to a power
+    # of two) and aligned to 128 KiB.
+    assert x % 0x20000 == 0
+    assert d.domain.iovad.find(x >> 12) == (x >> 12, (x >> 12) + 31)
+    assert t.dma_ranges().tolist() == [[x, 0xC000], [x + 0x10000, 0x8000]]
+    # The pad maps the 16 KiB that follow the first entry's buffer.
+    pt = d.domain.pgtable
+    assert pt.iova_to_phys(x + 0xC000) == 1000 * G + 0xC000
+    assert pt.iova_to_phys(x + 0xF000) == 1000 * G + 0xF000
+    assert pt.iova_to_phys(x + 0x10000) == 5000 * G
+    dma_unmap_sgtable(d, t, BIDI)
+
+
+def test_item22_default_max_segment_is_64k():
+    m, d = iommu_device()
+    assert d.dma_get_max_seg_size() == 0x10000
+    t = SgTable.from_pages(np.arange(32, dtype=np.uint64) * 2 + 1000)  # discontiguous pages
+    assert dma_map_sgtable(d, t, BIDI) == 2
+    assert t.dma_ranges()[:, 1].tolist() == [0x10000, 0x10000]
+    dma_unmap_sgtable(d, t, BIDI)
+
+
+def test_item23_untrusted_device_maps_each_entry_alone():
+    m = machine({"name": "ext", "iommu": "strict", "untrusted": True})
+    d = m.device("ext")
+    t = make_table([(100, 0, G), (101, 0, G), (300, 0x10, 0x100)])
+    assert dma_map_sgtable(d, t, BIDI) == 3
+    assert t.nents == t.orig_nents == 3
+    assert int(t.entries["dma_flags"][0]) & pydmabuf._core.SG_DMA_SWIOTLB
+    # The sub-granule entry went through a bounce buffer.
+    pool = m.swiotlb_pools["swiotlb"]
+    assert pool.mappings == 1
+    dma_unmap_sgtable(d, t, BIDI)
+    assert pool.mappings == 0 and pool.slots_used == 0
+    assert d.domain.stats["mapped_nbytes"] == 0
+
+
+def test_item24_out_of_iova_is_enomem_and_restores_the_table():
+    m, d = iommu_device(dma_mask=32)
+    d.domain.iovad.reserve(1, (1 << 20) - 1)  # nothing left below 4 GiB
+    t = make_table([(100, 0x100, 0x1F00), (300, 0, 0x1000)])
+    before = t.entries.copy()
+    with pytest.raises(errors.OutOfMemory):
+        dma_map_sgtable(d, t, BIDI)
+    assert (t.entries == before).all()
+    assert t.mapping is None and t.nents == 2
+    assert d.domain.stats["mapped_nbytes"] == 0
+
+
+def test_first_iova_is_below_4g_and_top_down():
+    m, d = iommu_device()
+    t1 = make_table([(100, 0, G)])
+    t2 = make_table([(200, 0, G)])
+    dma_map_sgtable(d, t1, BIDI)
+    dma_map_sgtable(d, t2, BIDI)
+    assert t1.dma_ranges()[0, 0] == 0xFFFFF000
+    assert t2.dma_ranges()[0, 0] == 0xFFFFE000
+    dma_unmap_sgtable(d, t2, BIDI)
+    dma_unmap_sgtable(d, t1, BIDI)
+
+
+def test_physically_contiguous_entries_map_with_one_call_and_big_leaves():
+    m, d = iommu_device(max_segment_size=0xFFFFFFFF)
+    # 4 MiB of 2 MiB-aligned contiguous memory as 1024 one-page entries.
+    rows = [(0x80000 + k, 0, G) for k in range(1024)]
+    t = make_table(rows)
+    dma_map_sgtable(d, t, BIDI)
+    leaves = d.domain.pgtable.leaves()
+    # One run, and the IOVA (4 MiB aligned) lets 2 MiB blocks be used.
+    assert len(leaves) == 2 and set(leaves[:, 2].tolist()) == {0x200000}
+    assert t.nents == 1
+    dma_unmap_sgtable(d, t, BIDI)
+
+
+def test_lazy_domain_defers_invalidation_and_iova():
+    m, d = iommu_device("lazy")
+    t = make_table([(100, 0, G)])
+    dma_map_sgtable(d, t, BIDI)
+    iova = int(t.dma_ranges()[0, 0])
+    dma_unmap_sgtable(d, t, BIDI)
+    s = d.domain.stats
+    assert s["iotlb_invalidations"] == 0 and s["fq_pending"] == 1
+    assert d.domain.iovad.find(iova >> 12) is not None  # not reusable yet
+    d.domain.flush()
+    assert d.domain.stats["iotlb_full_flushes"] == 1 and d.domain.stats["fq_pending"] == 0
+
+
+def test_strict_domain_invalidates_once_per_unmap():
+    m, d = iommu_device("strict")
+    t = SgTable.from_pages(np.arange(100, 164, dtype=np.uint64))
+    dma_map_sgtable(d, t, BIDI)
+    dma_unmap_sgtable(d, t, BIDI)
+    assert d.domain.stats["iotlb_range_invalidations"] == 1
+
+
+def test_rules_of_the_api():
+    m, d = iommu_device()
+    m2, other = iommu_device()
+    t = make_table([(100, 0, G)])
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_sgtable(d, t, BIDI)
+    dma_map_sgtable(d, t, BIDI)
+    with pytest.raises(errors.Busy):
+        dma_map_sgtable(d, t, BIDI)
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_sgtable(other, t, BIDI)
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_sgtable(d, t, DmaDirection.TO_DEVICE)
+    with pytest.raises(errors.Busy):
+        t.append_pages([1])
+    dma_unmap_sgtable(d, t, BIDI)
+    with pytest.raises(errors.InvalidArgument):
+        dma_map_sgtable(d, t, 7)
+    with pytest.raises(errors.InvalidArgument):
+        dma_map_sgtable(d, SgTable.from_ranges([[0x1000, 0x1000]]), BIDI)
+
+
+def test_prot_follows_direction():
+    from pydmabuf import IommuProt
+
+    m, d = iommu_device()
+    for direction, want in [(DmaDirection.TO_DEVICE, IommuProt.READ), (DmaDirection.FROM_DEVICE, IommuProt.WRITE),
+                            (BIDI, IommuProt.READ | IommuProt.WRITE)]:
+        t = make_table([(100, 0, G)])
+        dma_map_sgtable(d, t, direction)
+        prot = int(d.domain.pgtable.leaves()[0, 3])
+        assert prot & 3 == int(want)
+        assert prot & IommuProt.CACHE
+        dma_unmap_sgtable(d, t, direction)
+
+
+# ------------------------------------------------------ against the model
+
+
+@st.composite
+def sg_rows(draw):
+    n = draw(st.integers(1, 40))
+    rows = []
+    pfn = draw(st.integers(1000, 2000))
+    for _ in range(n):
+        off = draw(st.sampled_from([0, 0, 0, 0x10, 0x800, 0xFFF]))
+        ln = draw(st.integers(1, 3 * G - off))
+        if draw(st.integers(0, 2)) == 0 or not rows:
+            pfn = draw(st.integers(1000, 200000))
+        else:  # continue where the previous entry's pages end
+            ppfn, poff, pln = rows[-1]
+            pfn = ppfn + (poff + pln + G - 1) // G
+        rows.append((pfn, off, ln))
+    return rows
+
+
+@settings(max_examples=150, deadline=None)
+@given(sg_rows(), st.sampled_from([U64, 0xFFFF, 0x1FFFF, 0xFFFFF]),
+       st.sampled_from([G, 0x2000, 0x10000, 0x30000, 0xFFFFFFFF]))
+def test_map_sg_matches_the_kernel_model(rows, seg_mask, max_seg):
+    m, d = iommu_device(seg_boundary_mask=seg_mask, max_segment_size=max_seg)
+    t = make_table(rows)
+    check_against_model(d, t, rows, seg_mask, max_seg)
+    s = d.domain.stats
+    assert s["iova_live_ranges"] == 0
