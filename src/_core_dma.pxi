@@ -226,8 +226,12 @@ cdef int64_t _finalise_sg(sg_table *t, uint64_t dma_addr, uint64_t seg_mask,
     """__finalise_sg(): restore each entry's offset and length, and write
     the DMA segments (merged where the kernel merges them) behind the read
     cursor.  Returns the segment count."""
-    cdef uint64_t n = t.orig_nents, k = 0, s_dma, cur_len = 0
+    cdef uint64_t n = t.orig_nents, k = 0, s_dma
     cdef uint32_t s_iova_off, s_length, s_iova_len
+    # unsigned int in the kernel, and it matters: once a segment is longer
+    # than max_len (an entry may be), max_len - cur_len wraps and merges.
+    cdef uint32_t cur_len = 0
+    cdef uint32_t max32 = <uint32_t>max_len
     cdef int64_t s = sg_first(t), cur = s
     cdef int64_t count = 0
     cdef bint bus
@@ -255,7 +259,7 @@ cdef int64_t _finalise_sg(sg_table *t, uint64_t dma_addr, uint64_t seg_mask,
             continue
         e.offset += s_iova_off
         e.length = s_length
-        if cur_len and not s_iova_off and (dma_addr & seg_mask) and max_len - cur_len >= s_length:
+        if cur_len and not s_iova_off and (dma_addr & seg_mask) and <uint32_t>(max32 - cur_len) >= s_length:
             cur_len += s_length
         else:
             if k > 0:
@@ -263,7 +267,7 @@ cdef int64_t _finalise_sg(sg_table *t, uint64_t dma_addr, uint64_t seg_mask,
             cur_len = s_length
             count += 1
             t.slots[cur].dma_address = dma_addr + s_iova_off
-        t.slots[cur].dma_length = <uint32_t>cur_len
+        t.slots[cur].dma_length = cur_len
         dma_addr += s_iova_len
         if <uint64_t>s_length + s_iova_off < s_iova_len:
             cur_len = 0

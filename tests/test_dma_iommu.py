@@ -63,8 +63,10 @@ def ref_map_sg(rows, seg_mask, max_seg):
         dma = base
         for e in ents:
             s_off, s_len, s_iova_len = e["stash_off"], e["stash_len"], e["length"]
-            if cur_len and not s_off and (dma & seg_mask) and max_seg - cur_len >= s_len:
-                cur_len += s_len
+            # unsigned int arithmetic, as in the kernel: once a segment is
+            # longer than max_seg the difference wraps and merging goes on.
+            if cur_len and not s_off and (dma & seg_mask) and (max_seg - cur_len) % 2**32 >= s_len:
+                cur_len = (cur_len + s_len) % 2**32
                 segs[-1][1] = cur_len
             else:
                 cur_len = s_len
@@ -269,6 +271,16 @@ def test_rules_of_the_api():
         dma_map_sgtable(d, t, 7)
     with pytest.raises(errors.InvalidArgument):
         dma_map_sgtable(d, SgTable.from_ranges([[0x1000, 0x1000]]), BIDI)
+
+
+def test_quirk_a_segment_past_max_len_keeps_merging():
+    # An entry longer than max_segment_size makes max_len - cur_len wrap
+    # (unsigned int in __finalise_sg): the next aligned entry merges into it.
+    m, d = iommu_device(max_segment_size=G)
+    t = make_table([(1003, 0x800, 0x2800), (2000, 0, 1)])
+    assert dma_map_sgtable(d, t, BIDI) == 1
+    assert t.dma_ranges()[0, 1] == 0x2801
+    dma_unmap_sgtable(d, t, BIDI)
 
 
 def test_prot_follows_direction():

@@ -445,6 +445,10 @@ class Device(_PciNode):
                  swiotlb: SwiotlbPool | None = None, force_swiotlb: bool = False,
                  description: str = "") -> None:
         super().__init__(name, bdf, parent, vendor=vendor, device_id=device_id)
+        if max_segment_size is not None and not 0 < max_segment_size <= 0xFFFFFFFF:
+            raise errors.InvalidArgument(f"{name}: max_segment_size {max_segment_size:#x} is not an unsigned int > 0")
+        if not 0 < dma_mask <= U64_MAX:
+            raise errors.InvalidArgument(f"{name}: bad DMA mask {dma_mask:#x}")
         self.machine = machine
         self.dma_mask = dma_mask
         self.bus_dma_limit = bus_dma_limit
