@@ -6,7 +6,7 @@ from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABL
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
-from libc.errno cimport (EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOSPC,
+from libc.errno cimport (EAGAIN, EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOSPC,
                          EOVERFLOW, EPERM, ERANGE)
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc

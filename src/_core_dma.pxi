@@ -359,7 +359,10 @@ cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit
         e = &t.slots[s]
         s_phys = _sg_phys(e)
         if runlen and s_phys != start + runlen:
-            rc = iommu_map_nosync(dom, iova + mapped, start, runlen, prot)
+            if runlen == PDB_PAGE_SIZE:
+                rc = pgt_map_page(&dom.pgt, iova + mapped, start, prot)
+            else:
+                rc = iommu_map_nosync(dom, iova + mapped, start, runlen, prot)
             if rc < 0:
                 break
             mapped += runlen
@@ -439,34 +442,53 @@ cdef int dma_iova_link_one(iommu_domain *dom, uint64_t state_addr, uint64_t phys
 
 cdef int64_t dma_iova_link_ranges(iommu_domain *dom, uint64_t state_addr, uint64_t offset,
                                   const uint64_t *pairs, uint64_t n, uint32_t prot,
-                                  bint all_at_offset, uint64_t *bad) noexcept nogil:
+                                  bint all_at_offset, uint64_t max_total, uint64_t *bad) noexcept nogil:
     """Link n (phys, nbytes) ranges back to back from ``offset`` (or every
     one at ``offset`` when ``all_at_offset``, the kernel helper's way), as
     dma_iova_link() each.  All or nothing: returns the bytes linked, or a
     negative errno with ``*bad`` the failing range and everything this call
-    linked unlinked again (without an IOTLB sync: nothing was synced)."""
+    linked unlinked again (without an IOTLB sync: nothing was synced).
+    -EINVAL before anything is linked if the ranges add up to more than
+    ``max_total`` (the rest of the reservation) or a length is 0."""
     cdef uint64_t i, off = offset, total = 0, p, span, iova0, first_iova = 0, done_span = 0
+    cdef uint64_t acc = 0, zero = 0, diff = 0, each, ln, big = 0, end, top = 0
+    cdef int64_t r
     cdef int rc = 0
-    cdef bint fast = True
-    cdef uint64_t each
     bad[0] = 0
     if n == 0:
         return 0
+    # Page lists (every range one 4 KiB page, aligned IOVA): one fused
+    # pass that checks while it writes.
+    each = pairs[1]
+    if not all_at_offset and each == PDB_PAGE_SIZE and ((state_addr + offset) & (PDB_PAGE_SIZE - 1)) == 0 \
+            and n <= max_total >> PDB_PAGE_SHIFT:
+        r = pgt_map_pages_fused(&dom.pgt, state_addr + offset, pairs, pairs + 1, n, 2, prot, bad)
+        if r != -EAGAIN:
+            return r
+    # One branch-free pass: alignment, zero lengths, equal lengths, the
+    # total and the highest output byte.
+    for i in range(n):
+        ln = pairs[2 * i + 1]
+        acc |= pairs[2 * i] | ln
+        zero |= ln == 0
+        diff |= ln ^ each
+        total += ln
+        big |= ln >> 62
+        end = pairs[2 * i] + ln - 1
+        big |= end < pairs[2 * i]           # wraps past 2**64
+        top = end if end > top else top
+    if zero or big or (total > max_total if not all_at_offset else each > max_total):
+        return -EINVAL
     # Fast path: every range granule aligned and a whole number of granules,
-    # back to back from an aligned IOVA: one bulk call into the page table
-    # (all ranges one length: the vectorised plain path).
-    if not all_at_offset and ((state_addr + offset) & (PDB_PAGE_SIZE - 1)) == 0:
-        each = pairs[1]
-        for i in range(n):
-            if (pairs[2 * i] | pairs[2 * i + 1]) & (PDB_PAGE_SIZE - 1) or pairs[2 * i + 1] == 0:
-                fast = False
-                break
-            if pairs[2 * i + 1] != each:
-                each = 0
-        if fast:
-            if each:
-                return pgt_map_bulk_strided(&dom.pgt, state_addr + offset, pairs, NULL, each, n, 2, prot, bad)
-            return pgt_map_bulk_strided(&dom.pgt, state_addr + offset, pairs, pairs + 1, 0, n, 2, prot, bad)
+    # back to back from an aligned IOVA, inside both address widths: one
+    # bulk call into the page table, which only looks for leaves in the way.
+    if not all_at_offset and ((state_addr + offset) | acc) & (PDB_PAGE_SIZE - 1) == 0 \
+            and (top >> dom.pgt.oas) == 0 and ((state_addr + offset + total - 1) >> dom.pgt.ias) == 0 \
+            and (prot & (PDB_IOMMU_READ | PDB_IOMMU_WRITE)) and not (prot & ~(<uint32_t>PDB_IOMMU_PROT_MASK)):
+        if diff == 0:
+            return pgt_map_bulk_prechecked(&dom.pgt, state_addr + offset, pairs, NULL, each, n, 2, prot, total, bad)
+        return pgt_map_bulk_prechecked(&dom.pgt, state_addr + offset, pairs, pairs + 1, 0, n, 2, prot, total, bad)
+    total = 0
     for i in range(n):
         p = pairs[2 * i] & (PDB_PAGE_SIZE - 1)
         rc = dma_iova_link_one(dom, state_addr, pairs[2 * i], off, pairs[2 * i + 1], prot)
@@ -638,7 +660,7 @@ def _unmap_sg_iommu(SgTable table, IommuDomain dom, uint32_t cpu):
 
 
 def _link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, uint32_t prot,
-                 bint all_at_offset=False):
+                 bint all_at_offset=False, uint64_t max_total=_U64_MAX):
     """dma_iova_link over (N, 2) (phys, nbytes) rows; bytes linked."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef const uint64_t[::1] flat = _pairs_view(pairs, "ranges")
@@ -649,14 +671,15 @@ def _link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, u
         return 0
     _acquire(dom.lock)
     with nogil:
-        rc = dma_iova_link_ranges(d, state_addr, offset, &flat[0], n, prot, all_at_offset, &bad)
+        rc = dma_iova_link_ranges(d, state_addr, offset, &flat[0], n, prot, all_at_offset, max_total, &bad)
     _release(dom.lock)
     if rc < 0:
         raise _errors.from_errno(-rc, f"dma_iova_link: range {bad} ({flat[2 * bad]:#x}, {flat[2 * bad + 1]:#x}) "
                                  f"at offset {offset:#x}: " + {
                                      -EIO: "only the first link may start inside a granule",
                                      -EEXIST: "the IOVA is already mapped",
-                                     -EINVAL: "IOVA or physical address not granule aligned",
+                                     -EINVAL: "a zero length, ranges beyond the reservation, or IOVA and "
+                                              "physical address not granule aligned",
                                      -ERANGE: "beyond the page table's address width",
                                  }.get(rc, _os_strerror(-rc)))
     return rc

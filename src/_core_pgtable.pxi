@@ -454,6 +454,21 @@ cdef int _pgt_map_range(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64_t s
     return 0
 
 
+cdef int _pgt_map_in_cursor(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64_t size,
+                            uint32_t prot) noexcept nogil:
+    cdef uint64_t *ep = &pt.cur_pte[(iova >> 12) & (PDB_PGT_ENTRIES - 1)]
+    cdef uint64_t n = size >> 12, i
+    cdef uint64_t pte = phys | (<uint64_t>prot << _PTE_PROT_SHIFT) | _PTE_TYPE_TABLE
+    for i in range(n):
+        if ep[i] != 0:
+            return -EEXIST
+    for i in range(n):
+        ep[i] = pte + (i << 12)
+    pt.c.leaf_sets += n
+    pt.c.mapped_nbytes += size
+    return 0
+
+
 cdef int pgt_map(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64_t size,
                  uint32_t prot) noexcept nogil:
     cdef uint64_t *ep
@@ -475,6 +490,11 @@ cdef int pgt_map(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64_t size,
     rc = _pgt_check_map(pt, iova, phys, size, prot)
     if rc < 0 or size == 0:
         return rc
+    # A span of pages inside the cursor's level-3 table (below 2M the
+    # page-size selection can only pick 4K): check and write, no walk.
+    if size < _SZ_2M and pt.cur_pte != NULL and (iova >> 21) == pt.cur_base \
+            and ((iova + size - 1) >> 21) == pt.cur_base:
+        return _pgt_map_in_cursor(pt, iova, phys, size, prot)
     if _pgt_span_has_leaf(pt, pt.pgd, pt.start_level, iova, iova + size - 1):
         return -EEXIST
     snap = pt.c
@@ -551,13 +571,36 @@ cdef int64_t pgt_map_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
 cdef int64_t pgt_map_bulk_strided(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
                                   const uint64_t *lens, uint64_t len_each, uint64_t n,
                                   uint64_t stride, uint32_t prot, uint64_t *bad) noexcept nogil:
+    return _pgt_map_bulk_impl(pt, iova, phys, lens, len_each, n, stride, prot, bad, 0)
+
+
+cdef int64_t pgt_map_bulk_prechecked(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
+                                     const uint64_t *lens, uint64_t len_each, uint64_t n,
+                                     uint64_t stride, uint32_t prot, uint64_t total,
+                                     uint64_t *bad) noexcept nogil:
+    """pgt_map_bulk_strided() for a caller that has already checked every
+    range is granule aligned and non-empty, ``total`` is their sum, the
+    output addresses fit ``oas`` bits, ``[iova, iova + total)`` fits
+    ``ias`` bits and ``prot`` is valid: only the leaves in the way are
+    looked for (-EEXIST then, as the full check would say)."""
+    return _pgt_map_bulk_impl(pt, iova, phys, lens, len_each, n, stride, prot, bad, total)
+
+
+cdef int64_t _pgt_map_bulk_impl(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
+                                const uint64_t *lens, uint64_t len_each, uint64_t n,
+                                uint64_t stride, uint32_t prot, uint64_t *bad,
+                                uint64_t prechecked) noexcept nogil:
     cdef int64_t total
     cdef uint64_t pbits = <uint64_t>prot << _PTE_PROT_SHIFT
     cdef uint64_t i, j, k, ln, at = iova, done = 0, idx
     cdef uint64_t *tbl
     cdef pgt_counters snap
     cdef int rc
-    if lens == NULL and _pgt_bulk_plain(pt, iova, phys, len_each, n, prot, stride):
+    if prechecked:
+        total = <int64_t>prechecked
+        if _pgt_span_has_leaf(pt, pt.pgd, pt.start_level, iova, iova + <uint64_t>total - 1):
+            total = _pgt_check_bulk(pt, iova, phys, lens, len_each, n, prot, bad, stride)
+    elif lens == NULL and _pgt_bulk_plain(pt, iova, phys, len_each, n, prot, stride):
         total = <int64_t>(n * len_each)
         if _pgt_span_has_leaf(pt, pt.pgd, pt.start_level, iova, iova + <uint64_t>total - 1):
             total = _pgt_check_bulk(pt, iova, phys, lens, len_each, n, prot, bad, stride)
@@ -601,6 +644,75 @@ cdef int64_t pgt_map_bulk_strided(io_pgtable *pt, uint64_t iova, const uint64_t 
         i += 1
     _pgt_journal_reset(pt)
     return total
+
+
+cdef int64_t pgt_map_pages_fused(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
+                                 const uint64_t *lens, uint64_t n, uint64_t stride, uint32_t prot,
+                                 uint64_t *bad) noexcept nogil:
+    """Map n 4 KiB pages at consecutive IOVAs from iova (page i at
+    phys[i * stride]) in ONE pass over the input: the pages are checked as
+    they are written, and a bad page (unaligned, beyond the output size)
+    rolls the whole call back and lets the checked path report it.  Same
+    result, errors and counters as pgt_map_bulk_strided().  With ``lens``
+    (lens[i * stride] must all be 4096) a length that is not one page rolls
+    back too and returns -EAGAIN: the caller takes its general path."""
+    cdef uint64_t pbits = <uint64_t>prot << _PTE_PROT_SHIFT
+    cdef uint64_t i, j, k, v, at = iova, done = 0, idx, acc = 0, accl = 0, total, last
+    cdef uint64_t *tbl
+    cdef pgt_counters snap
+    cdef int rc
+    if n == 0 or (iova & (_SZ_4K - 1)) or n > (PDB_U64_MAX >> 13) \
+            or pdb_add_overflow(iova, (n << 12) - 1, &last) or (last >> pt.ias) \
+            or (prot & (PDB_IOMMU_READ | PDB_IOMMU_WRITE)) == 0 or (prot & ~(<uint32_t>PDB_IOMMU_PROT_MASK)) \
+            or _pgt_span_has_leaf(pt, pt.pgd, pt.start_level, iova, last):
+        return _pgt_map_bulk_impl(pt, iova, phys, NULL, _SZ_4K, n, stride, prot, bad, 0)
+    total = n << 12
+    snap = pt.c
+    _pgt_journal_reset(pt)
+    i = 0
+    while i < n:
+        if pt.cur_pte != NULL and (at >> 21) == pt.cur_base:
+            tbl = pt.cur_pte
+            idx = (at >> 12) & (PDB_PGT_ENTRIES - 1)
+            k = PDB_PGT_ENTRIES - idx
+            if k > n - i:
+                k = n - i
+            if lens != NULL:
+                for j in range(k):
+                    v = phys[(i + j) * stride]
+                    acc |= v
+                    accl |= lens[(i + j) * stride] ^ _SZ_4K
+                    tbl[idx + j] = v | pbits | _PTE_TYPE_TABLE
+            else:
+                for j in range(k):
+                    v = phys[(i + j) * stride]
+                    acc |= v
+                    tbl[idx + j] = v | pbits | _PTE_TYPE_TABLE
+            pt.c.leaf_sets += k
+            pt.c.mapped_nbytes += k << 12
+            done += k << 12
+            at += k << 12
+            i += k
+            continue
+        v = phys[i * stride]
+        acc |= v
+        if lens != NULL:
+            accl |= lens[i * stride] ^ _SZ_4K
+        rc = _pgt_map_range(pt, at, v & ~(<uint64_t>_SZ_4K - 1), _SZ_4K, pbits, &done)
+        if rc < 0:
+            bad[0] = i
+            _pgt_rollback(pt, iova, done, &snap)
+            return rc
+        at += _SZ_4K
+        i += 1
+    if accl:
+        _pgt_rollback(pt, iova, done, &snap)
+        return -EAGAIN
+    if (acc & (_SZ_4K - 1)) or (acc >> pt.oas):
+        _pgt_rollback(pt, iova, done, &snap)
+        return _pgt_map_bulk_impl(pt, iova, phys, NULL, _SZ_4K, n, stride, prot, bad, 0)
+    _pgt_journal_reset(pt)
+    return <int64_t>total
 
 
 cdef int64_t _pgt_map_each(io_pgtable *pt, uint64_t iova, const uint64_t *phys,

@@ -202,3 +202,31 @@ def test_link_ranges_matches_one_link_at_a_time(ranges, lazy):
     a.destroy(total, BIDI)
     b.destroy(total, BIDI)
     assert d.domain.stats["mapped_nbytes"] == 0
+
+
+def test_page_list_links_check_every_page_and_change_nothing_on_failure():
+    m, d = iommu_device()
+    n = 3000
+    pages = np.empty((n, 2), dtype=np.uint64)
+    pages[:, 0] = (np.arange(n, dtype=np.uint64) * 2 + 0x100000) << np.uint64(12)
+    pages[:, 1] = G
+    s = IovaState.try_alloc(d, 0, n * G)
+    for k, bad_phys, exc in [(1234, 0x123, errors.InvalidArgument), (2999, 1 << 60, errors.OutOfRange)]:
+        rows = pages.copy()
+        rows[k, 0] = bad_phys
+        before = d.domain.stats
+        with pytest.raises(exc) as ei:
+            s.link_ranges(rows, BIDI)
+        assert f"range {k} " in str(ei.value)
+        after = d.domain.stats
+        assert after["mapped_nbytes"] == 0 and after["leaf_sets"] == before["leaf_sets"]
+        assert len(d.domain.pgtable.leaves()) == 0
+    # One range that is not a single page takes the general path.
+    rows = pages.copy()
+    rows[-1, 1] = 2 * G
+    with pytest.raises(errors.InvalidArgument):
+        s.link_ranges(rows, BIDI)  # one page more than reserved
+    rows = rows[:-1]
+    assert s.link_ranges(rows, BIDI) == (n - 1) * G
+    assert d.domain.pgtable.iova_to_phys(s.addr + 1234 * G) == int(pages[1234, 0])
+    s.destroy((n - 1) * G, BIDI)

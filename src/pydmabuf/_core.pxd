@@ -373,6 +373,17 @@ cdef int64_t pgt_map_bulk(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
 cdef int64_t pgt_map_bulk_strided(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
                                   const uint64_t *lens, uint64_t len_each, uint64_t n,
                                   uint64_t stride, uint32_t prot, uint64_t *bad) noexcept nogil
+# n 4 KiB pages at consecutive IOVAs, page i at phys[i * stride], checked
+# while written (one pass over the input; a bad page rolls back).
+cdef int64_t pgt_map_pages_fused(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
+                                 const uint64_t *lens, uint64_t n, uint64_t stride, uint32_t prot,
+                                 uint64_t *bad) noexcept nogil
+# The same for a caller that checked alignment, lengths, total, address
+# widths and prot itself; only leaves in the way are still looked for.
+cdef int64_t pgt_map_bulk_prechecked(io_pgtable *pt, uint64_t iova, const uint64_t *phys,
+                                     const uint64_t *lens, uint64_t len_each, uint64_t n,
+                                     uint64_t stride, uint32_t prot, uint64_t total,
+                                     uint64_t *bad) noexcept nogil
 cdef int64_t pgt_unmap(io_pgtable *pt, uint64_t iova, uint64_t size,
                        pgt_gather *gather) noexcept nogil
 # 0 and *phys, or -ENOENT when nothing maps iova.
@@ -539,7 +550,7 @@ cdef int dma_iova_link_one(iommu_domain *dom, uint64_t state_addr, uint64_t phys
                            uint64_t offset, uint64_t size, uint32_t prot) noexcept nogil
 cdef int64_t dma_iova_link_ranges(iommu_domain *dom, uint64_t state_addr, uint64_t offset,
                                   const uint64_t *pairs, uint64_t n, uint32_t prot,
-                                  bint all_at_offset, uint64_t *bad) noexcept nogil
+                                  bint all_at_offset, uint64_t max_total, uint64_t *bad) noexcept nogil
 cdef int64_t iommu_translate(iommu_domain *dom, uint64_t iova, uint64_t nbytes,
                              uint32_t need, uint64_t *out, uint64_t maxout,
                              uint64_t *fault_at, uint32_t *fault_prot) noexcept nogil

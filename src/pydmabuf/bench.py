@@ -114,6 +114,161 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
     return cells
 
 
+# ---------------------------------------------------------------- mapping
+
+#: Mapping strategies of the study, in the order the table prints them.
+MAPPING_STRATEGIES = ("sg_iommu", "sg_direct", "link_pages", "link_runs", "ranges_to_table", "pte_floor")
+#: The scatterlist baseline the other strategies are compared with.
+BASELINE = "sg_iommu"
+
+_BIDI = 0
+
+
+class _Bench:
+    """The devices of the default machine the study maps for."""
+
+    def __init__(self, machine: Any = None) -> None:
+        from pydmabuf.machine import Machine
+
+        self.machine = machine or Machine.default()
+        self.iommu_dev = self.machine.device("gpu0")
+        self.direct_dev = self.machine.device("direct0")
+        self.provider = self.machine.device("vfio0").p2p_provider(0)
+        # Synthetic layouts start at 4 GiB: keep them in the RAM range there.
+        r = self.machine.address_map.lookup(1 << 32)
+        self.ram_limit_pfn = (r.end >> 12) if r is not None else None
+
+    def domain_counters(self, dev: Any) -> dict[str, int]:
+        if dev.domain is None:
+            return {"pte_writes": 0, "iotlb_invalidations": 0}
+        dev.domain.flush()  # count the deferred invalidations too
+        s = dev.domain.stats
+        return {"pte_writes": s["pte_writes"], "iotlb_invalidations": s["iotlb_invalidations"]}
+
+
+def _bar_ranges(b: _Bench, phys: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The layout's runs placed inside the exporter's BAR (same lengths,
+    starts folded into the BAR), as a VFIO exporter's ranges would be."""
+    bar = b.provider.bar
+    pages = bar.nbytes >> 12
+    maxrun = int(lens.max()) >> 12 if len(lens) else 1
+    span = max(pages - maxrun, 1)
+    starts = (phys >> np.uint64(12)) % np.uint64(span)
+    out = np.empty((len(lens), 2), dtype=np.uint64)
+    out[:, 0] = np.uint64(bar.cpu_start) + (starts << np.uint64(12))
+    out[:, 1] = lens
+    return out
+
+
+def measure_pair(setup: Callable[[], Any], teardown: Callable[[Any], Any], *, min_time: float = 0.05,
+                 min_reps: int = 3, max_reps: int = 25) -> tuple[list[float], list[float]]:
+    """Time a map step and its unmap step, repeatedly, on the same input;
+    returns the durations (ns) of each."""
+    teardown(setup())  # warm up
+    maps: list[float] = []
+    unmaps: list[float] = []
+    start = time.perf_counter()
+    while len(maps) < max_reps and (len(maps) < min_reps or time.perf_counter() - start < min_time):
+        t0 = time.perf_counter_ns()
+        h = setup()
+        t1 = time.perf_counter_ns()
+        teardown(h)
+        t2 = time.perf_counter_ns()
+        maps.append(float(t1 - t0))
+        unmaps.append(float(t2 - t1))
+    return maps, unmaps
+
+
+def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
+                   strategies: Iterable[str]) -> list[Cell]:
+    """Each strategy's map step and unmap step on one input.
+
+    ``sg_*``: build the table (``sg_alloc_table_from_pages``) and
+    ``dma_map_sgtable``; unmap: ``dma_unmap_sgtable``.  ``link_*``:
+    ``dma_iova_try_alloc`` + link every range + one sync; unmap:
+    ``dma_iova_destroy``.  ``ranges_to_table``: ``dma_buf_phys_vec_to_sgt``
+    on the exporter's BAR; unmap: ``dma_buf_free_sgt``.  ``pte_floor``: one
+    8-byte write per page, nothing to undo.  Lazy domains are flushed
+    after the counting run, so deferred invalidations are counted too.
+    """
+    from pydmabuf import IovaState, dma_buf_free_sgt, dma_buf_phys_vec_to_sgt, dma_map_sgtable, dma_unmap_sgtable
+
+    nbytes = npages * PAGE_SIZE
+    phys, lens = workloads.numpy_coalesce(pfns)
+    runs = np.ascontiguousarray(np.stack([phys, lens], axis=1))
+    pages = np.empty((npages, 2), dtype=np.uint64)
+    pages[:, 0] = pfns << np.uint64(12)
+    pages[:, 1] = PAGE_SIZE
+    bar_rows = _bar_ranges(b, phys, lens)
+    floor_out = _core.floor_buffer(npages, 8)
+    cells: list[Cell] = []
+
+    def sg(dev: Any) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        def map_() -> Any:
+            t = _core.SgTable.from_pages(pfns)
+            dma_map_sgtable(dev, t, _BIDI)
+            return t
+
+        def unmap(t: Any) -> None:
+            dma_unmap_sgtable(dev, t, _BIDI)
+        return map_, unmap
+
+    def link(rows: np.ndarray) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        dev = b.iommu_dev
+
+        def map_() -> Any:
+            st = IovaState.try_alloc(dev, 0, nbytes)
+            n = st.link_ranges(rows, _BIDI)
+            st.sync(0, n)
+            return st, n
+
+        def unmap(h: Any) -> None:
+            h[0].destroy(h[1], _BIDI)
+        return map_, unmap
+
+    def table() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        return (lambda: dma_buf_phys_vec_to_sgt(b.iommu_dev, b.provider, bar_rows)), dma_buf_free_sgt
+
+    plans: dict[str, tuple[Any, tuple[Callable[[], Any], Callable[[Any], Any]]]] = {
+        "sg_iommu": (b.iommu_dev, sg(b.iommu_dev)),
+        "sg_direct": (b.direct_dev, sg(b.direct_dev)),
+        "link_pages": (b.iommu_dev, link(pages)),
+        "link_runs": (b.iommu_dev, link(runs)),
+        "ranges_to_table": (b.iommu_dev, table()),
+        "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
+    }
+    for name in strategies:
+        dev, (map_, unmap) = plans[name]
+        before = b.domain_counters(dev) if dev is not None else None
+        h = map_()
+        if name.startswith("sg_") or name == "ranges_to_table":
+            segments = int(h.nents)
+            meta = float(h.metadata_nbytes) + (16.0 if name == "ranges_to_table" else 0.0)
+        elif name.startswith("link_"):
+            segments = len(pages) if name == "link_pages" else len(runs)
+            meta = 16.0  # struct dma_iova_state
+        else:
+            segments, meta = npages, 0.0
+        unmap(h)
+        after = b.domain_counters(dev) if dev is not None else None
+        maps, unmaps = measure_pair(map_, unmap, **timing)
+        c = Cell(layout, npages, name, [m + u for m, u in zip(maps, unmaps)])
+        c.counters = {
+            "map_ns_per_page": float(np.median(maps)) / npages,
+            "unmap_ns_per_page": float(np.median(unmaps)) / npages,
+            "segments": segments,
+            "metadata_bytes_per_page": meta / npages,
+        }
+        if before is not None and after is not None:
+            c.counters["pte_writes_per_page"] = (after["pte_writes"] - before["pte_writes"]) / npages
+            c.counters["iotlb_invalidations"] = after["iotlb_invalidations"] - before["iotlb_invalidations"]
+        else:
+            c.counters["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
+            c.counters["iotlb_invalidations"] = 0
+        cells.append(c)
+    return cells
+
+
 def run_study(
     layouts: Iterable[str] = DEFAULT_LAYOUTS,
     sizes: Iterable[int] = DEFAULT_SIZES,
@@ -121,26 +276,39 @@ def run_study(
     seed: int = 1,
     quick: bool = False,
     progress: bool | None = None,
+    parts: Iterable[str] = ("sg_walk", "mapping"),
+    machine: Any = None,
 ) -> dict[str, Any]:
-    """Run the study; returns a JSON-ready dict (``machine``, ``cells``, ``notes``)."""
+    """Run the study; returns a JSON-ready dict (``machine``, ``cells``, ``notes``).
+
+    ``parts``: ``sg_walk`` (the scatterlist walk against the C floor and
+    NumPy) and ``mapping`` (each mapping strategy: scatterlist + IOMMU,
+    scatterlist + dma-direct, list-free links of pages and of runs,
+    ranges -> DMA-only table, and the one-PTE-per-page floor).
+    """
     layouts = list(layouts)
     sizes = list(sizes)
+    parts = list(parts)
     timing = {"min_time": 0.01, "min_reps": 3, "max_reps": 7} if quick else {"min_time": 0.1, "min_reps": 5, "max_reps": 25}
     notes: list[str] = []
     cells: list[Cell] = []
+    b = _Bench(machine) if "mapping" in parts else None
     prog = Progress(len(layouts) * len(sizes), progress)
     try:
         for lay in layouts:
             for npages in sizes:
                 prog.step(f"{lay} {_fmt_size(npages * PAGE_SIZE)}")
                 try:
-                    pfns, keep = workloads.layout(lay, npages, seed)
+                    pfns, keep = workloads.layout(lay, npages, seed, limit_pfn=b.ram_limit_pfn if b else None)
                 except OSError as e:
                     note = f"layout {lay!r} skipped: {e}"
                     if note not in notes:
                         notes.append(note)
                     continue
-                cells.extend(_sg_cells(lay, npages, pfns, timing))
+                if "sg_walk" in parts:
+                    cells.extend(_sg_cells(lay, npages, pfns, timing))
+                if b is not None:
+                    cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES))
                 del keep
     finally:
         prog.close()
@@ -150,6 +318,10 @@ def run_study(
         "seed": seed,
         "quick": quick,
         "machine": machine_description(),
+        "model": {"machine": b.machine.name if b else None,
+                  "iommu_device": b.iommu_dev.name if b else None,
+                  "direct_device": b.direct_dev.name if b else None,
+                  "exporter": b.provider.owner.name if b else None},
         "cells": [c.as_dict() for c in cells],
         "notes": notes,
     }
@@ -214,6 +386,33 @@ def format_table(result: dict[str, Any]) -> str:
             f"{core['ns_per_page'] / floor['ns_per_page']:>7.2f} {core['ns_per_page'] / npy['ns_per_page']:>10.2f} "
             f"{core['counters']['metadata_bytes_per_page']:>11.2f}"
         )
+    maps = [c for c in cells if c["strategy"] in MAPPING_STRATEGIES]
+    if maps:
+        lines.append("")
+        lines.append("Mapping a buffer: map and unmap ns/page (medians); x = map time against the "
+                     "sg_iommu map and the one-PTE-per-page floor")
+        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'map':>8} {'unmap':>7} {'x sg_iommu':>10} {'x floor':>8} "
+               f"{'PTE/page':>9} {'IOTLB inv':>9} {'segments':>9} {'meta B/page':>11}")
+        lines.append(hdr)
+        lines.append("-" * len(hdr))
+        for (lay, npages), strat in by_key.items():
+            base = strat.get(BASELINE)
+            floor = strat.get("pte_floor")
+            for name in MAPPING_STRATEGIES:
+                c = strat.get(name)
+                if c is None:
+                    continue
+                k = c["counters"]
+                mp = k["map_ns_per_page"]
+                rb = f"{mp / base['counters']['map_ns_per_page']:.2f}" if base else "-"
+                rf = f"{mp / floor['counters']['map_ns_per_page']:.1f}" if floor else "-"
+                lines.append(
+                    f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {mp:>8.2f} "
+                    f"{k['unmap_ns_per_page']:>7.2f} {rb:>10} {rf:>8} "
+                    f"{k['pte_writes_per_page']:>9.3f} {k['iotlb_invalidations']:>9} {k['segments']:>9} "
+                    f"{k['metadata_bytes_per_page']:>11.2f}"
+                )
+            lines.append("")
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -79,6 +79,14 @@ class DmaAttrs(enum.IntFlag):
     MMIO = 1 << 10
 
 
+def _sum_u64(col: np.ndarray, what: str) -> int:
+    """The sum of a u64 column, refusing totals past 2**64 - 1 (EOVERFLOW)."""
+    total = int(col.sum(dtype=np.uint64))
+    if float(col.sum(dtype=np.float64)) >= 2.0**64 * (1 - 1e-12) or (len(col) and total < int(col.max())):
+        raise errors.Overflow(f"{what}: the ranges add up to more than 2**64 - 1 bytes")
+    return total
+
+
 def _dir(direction: Any) -> DmaDirection:
     try:
         d = DmaDirection(direction)
@@ -564,18 +572,20 @@ class IovaState:
         dom = self._need("link")
         d = _dir(direction)
         a = _attrs(attrs)
-        rows = np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
+        rows = ranges if isinstance(ranges, np.ndarray) and ranges.dtype == np.uint64 and ranges.ndim == 2 \
+            else np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
         if len(rows) == 0:
             return 0
-        total = int(rows[:, 1].sum(dtype=np.uint64)) if not _all_at_offset else int(rows[:, 1].max())
-        if (rows[:, 1] == 0).any():
-            raise errors.InvalidArgument("IovaState.link: a range has length 0")
-        self._check_window("link", offset, total)
+        if not isinstance(offset, int) or offset < 0 or offset >= self.size:
+            raise errors.InvalidArgument(f"IovaState.link: offset {offset!r} is outside the {self.size:#x}-byte "
+                                         "reservation")
         if self.device.untrusted and ((rows[:, 0] | rows[:, 1]) & np.uint64(GMASK)).any():
             if a & DmaAttrs.MMIO:
                 raise errors.NotPermitted("dma_iova_link: unaligned MMIO on a device that must bounce")
+            self._check_window("link", offset, int(rows[:, 1].sum(dtype=object)))
             return self._link_bounced(rows, offset, d, a)
-        n = _core._link_ranges(dom, self.addr, offset, rows, _prot(self.device, d, a), _all_at_offset)
+        n = _core._link_ranges(dom, self.addr, offset, rows, _prot(self.device, d, a), _all_at_offset,
+                               self.size - offset)
         if _all_at_offset:
             self._mark(offset, int(rows[0, 1]))
         else:
@@ -780,7 +790,7 @@ def dma_buf_phys_vec_to_sgt(device: Device, provider: P2pProvider | None, ranges
     rows = np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
     if len(rows) == 0 or (rows[:, 1] == 0).any():
         raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no ranges, or a range of length 0")
-    total = int(rows[:, 1].sum(dtype=object))
+    total = _sum_u64(rows[:, 1], "dma_buf_phys_vec_to_sgt")
     if nbytes is None:
         nbytes = total
     if not device.is_pci:

@@ -974,9 +974,10 @@ def p2p_map_type(provider: P2pProvider | Device, client: Device) -> P2PMapType:
 #: pool, three host bridges (the third, ARM-style, translates CPU addresses
 #: to different PCI bus addresses), a switch with a GPU, an RDMA NIC and an
 #: NVMe drive behind it (ACS off: they reach each other by bus address), a
-#: VFIO-assigned device, an external (untrusted) device, a device doing
-#: direct DMA with a 32-bit mask, and a second switch with a GPU and a VFIO
-#: device behind the offset host bridge.
+#: VFIO-assigned device with a 16 GiB BAR, an external (untrusted) device, a
+#: device doing direct DMA with a 32-bit mask and one in a passthrough group
+#: with a 64-bit mask, and a second switch with a GPU and a VFIO device
+#: behind the offset host bridge.
 DEFAULT_SPEC: dict[str, Any] = {
     "name": "default",
     "cpu": {"vendor": "intel", "family": 6},
@@ -1034,12 +1035,15 @@ DEFAULT_SPEC: dict[str, Any] = {
         {"name": "vfio0", "bdf": "0000:41:00.0", "parent": "rp1", "vendor": 0x10DE, "device_id": 0x20B5,
          "dma_mask": 64, "iommu": "iommu0", "group": "vfio0", "vfio": True,
          "description": "VFIO-assigned device (BARs exportable as dma-bufs)",
-         "bars": [{"index": 0, "size": "64M", "prefetch": True}, {"index": 2, "size": "1M"}]},
+         "bars": [{"index": 0, "size": "16G", "prefetch": True}, {"index": 2, "size": "1M"}]},
         {"name": "ext0", "bdf": "0000:42:00.0", "parent": "rp2", "vendor": 0x8086, "device_id": 0x15F2,
          "dma_mask": 64, "iommu": "iommu0", "group": "ext0", "untrusted": True,
          "description": "external (untrusted) device: strict domain, sub-granule bounces"},
         {"name": "legacy0", "bdf": "0000:40:02.0", "parent": "hb1", "vendor": 0x8086, "device_id": 0x7020,
          "dma_mask": 32, "swiotlb": "swiotlb", "description": "direct DMA, 32-bit mask, swiotlb"},
+        {"name": "direct0", "bdf": "0000:40:04.0", "parent": "hb1", "vendor": 0x8086, "device_id": 0x0B25,
+         "dma_mask": 64, "max_segment_size": 0xFFFFFFFF, "swiotlb": "swiotlb",
+         "description": "identity (passthrough) IOMMU group: direct DMA, 64-bit"},
         {"name": "gpu1", "bdf": "0001:03:00.0", "parent": "sw1_dp0", "vendor": 0x10DE, "device_id": 0x2331,
          "dma_mask": 48, "max_segment_size": 0xFFFFFFFF, "iommu": "smmu1", "group": "sw1", "can_p2p": True,
          "description": "GPU behind the offset host bridge",

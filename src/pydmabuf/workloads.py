@@ -25,21 +25,43 @@ def contiguous(npages: int, base_pfn: int = _BASE_PFN) -> np.ndarray:
     return np.arange(base_pfn, base_pfn + npages, dtype=np.uint64)
 
 
-def random_runs(npages: int, mean_run: float, seed: int = 1, base_pfn: int = _BASE_PFN) -> np.ndarray:
+def _fit(steps: np.ndarray, brk: np.ndarray, base_pfn: int, limit_pfn: int | None) -> np.ndarray:
+    """Shrink the jumps between runs so the last frame stays below
+    ``limit_pfn``; every jump stays a jump (at least one frame skipped)."""
+    pfns = base_pfn + np.cumsum(steps, dtype=np.int64)
+    if limit_pfn is None or len(pfns) == 0 or pfns[-1] < limit_pfn:
+        return pfns.astype(np.uint64)
+    extra = steps - 1
+    room = limit_pfn - 1 - base_pfn - len(steps) - int(brk.sum())
+    if room < 0:
+        raise ValueError(f"{len(steps)} pages in runs do not fit below pfn {limit_pfn:#x}")
+    scale = room / max(int(extra.sum()), 1)
+    steps = 1 + np.where(brk, 1 + np.floor(np.maximum(extra - 1, 0) * scale).astype(np.int64), 0)
+    return (base_pfn + np.cumsum(steps, dtype=np.int64)).astype(np.uint64)
+
+
+def random_runs(npages: int, mean_run: float, seed: int = 1, base_pfn: int = _BASE_PFN,
+                limit_pfn: int | None = None) -> np.ndarray:
     """Runs of consecutive frames with mean length ``mean_run`` (1: every
-    page its own run), each run 1..1000 frames after the previous one."""
+    page its own run), each run 1..1000 frames after the previous one.
+    With ``limit_pfn`` the jumps shrink (keeping every run boundary) so
+    all frames stay below it, inside a machine's RAM."""
     rng = np.random.default_rng(seed)
     brk = rng.random(npages) < (1.0 / mean_run)
     steps = np.where(brk, 1 + rng.integers(0, 1000, npages), 1)
-    return (base_pfn + np.cumsum(steps)).astype(np.uint64)
+    return _fit(steps, brk, base_pfn, limit_pfn)
 
 
-def thp_runs(npages: int, seed: int = 1, base_pfn: int = _BASE_PFN) -> np.ndarray:
+def thp_runs(npages: int, seed: int = 1, base_pfn: int = _BASE_PFN, limit_pfn: int | None = None) -> np.ndarray:
     """2 MiB runs of 512 frames, each 2 MiB aligned, scattered like
-    transparent huge pages."""
+    transparent huge pages (closer together when ``limit_pfn`` asks)."""
     rng = np.random.default_rng(seed)
     nruns = -(-npages // 512)
     gaps = 1 + rng.integers(0, 64, nruns)
+    if limit_pfn is not None:
+        room = (limit_pfn // 512) - (base_pfn // 512) - 1
+        if gaps.sum() > room:
+            gaps = 1 + np.floor((gaps - 1) * max(room - nruns, 0) / max(int((gaps - 1).sum()), 1)).astype(np.int64)
     huge = (base_pfn // 512) + np.cumsum(gaps)
     pfns = (huge[:, None] * 512 + np.arange(512)[None, :]).reshape(-1)[:npages]
     return pfns.astype(np.uint64)
@@ -65,16 +87,18 @@ def real_pages(npages: int) -> tuple[np.ndarray, object]:
     return pagemap(view), buf
 
 
-def layout(name: str, npages: int, seed: int = 1) -> tuple[np.ndarray, object]:
-    """PFNs for a named layout; returns ``(pfns, keepalive)``."""
+def layout(name: str, npages: int, seed: int = 1, limit_pfn: int | None = None) -> tuple[np.ndarray, object]:
+    """PFNs for a named layout; returns ``(pfns, keepalive)``.  With
+    ``limit_pfn`` the synthetic layouts keep below that frame (the top of
+    a machine's RAM region starting at 4 GiB)."""
     if name == "contiguous":
         return contiguous(npages), None
     if name == "fragmented":
-        return random_runs(npages, 8, seed), None
+        return random_runs(npages, 8, seed, limit_pfn=limit_pfn), None
     if name == "scattered":
-        return random_runs(npages, 1, seed), None
+        return random_runs(npages, 1, seed, limit_pfn=limit_pfn), None
     if name == "thp":
-        return thp_runs(npages, seed), None
+        return thp_runs(npages, seed, limit_pfn=limit_pfn), None
     if name == "pagemap":
         return real_pages(npages)
     raise ValueError(f"unknown layout {name!r}; known: {', '.join(LAYOUTS)}")
