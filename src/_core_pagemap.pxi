@@ -175,3 +175,8 @@ def pagemap(buffer, populate=True):
 cdef str _os_strerror(int e):
     import os
     return os.strerror(e)
+
+
+def buffer_span(buffer):
+    """(address, nbytes) of a contiguous buffer: where its bytes are."""
+    return _buffer_span(buffer)

@@ -843,6 +843,13 @@ cdef class RangeTable:
         _check(rc, lambda: f"no range holds {a:#x}")
         return _range_obj(&out)
 
+    def remove_many(self, starts):
+        """Remove the ranges that start exactly at each of ``starts`` (a
+        sorted u64 buffer without repeats), all or nothing.
+
+        Raises NotFound (ENOENT) if one of them is not a range's start."""
+        _remove_many(self, starts)
+
     def clear(self):
         """Remove every range."""
         _acquire(self.lock)
@@ -1043,3 +1050,35 @@ cdef class RangeTable:
         from pydmabuf._types import _fmt_size
         return (f"<RangeTable {self.t.count} range{'s' if self.t.count != 1 else ''}, "
                 f"{_fmt_size(self.total_nbytes)}>")
+
+
+cdef int _rt_remove_starts(range_table *t, const uint64_t *starts, uint64_t n) noexcept nogil:
+    """Remove the ranges that start exactly at each of starts[] (sorted,
+    distinct): all or nothing, -ENOENT if one is not a range's start."""
+    cdef uint64_t i
+    cdef const rt_node *nd
+    for i in range(n):
+        nd = rt_lookup(t, starts[i])
+        if nd == NULL or nd.start != starts[i]:
+            return -ENOENT
+    for i in range(n):
+        _rt_unlink_start(t, starts[i])
+    return 0
+
+
+def _remove_many(RangeTable table, starts):
+    """Remove the ranges starting exactly at ``starts`` (a sorted u64
+    buffer without repeats), all or nothing; NotFound otherwise."""
+    cdef const uint64_t[::1] s = _as_u64_view(starts, "starts")
+    cdef uint64_t n = s.shape[0], i
+    cdef int rc
+    if n == 0:
+        return
+    for i in range(1, n):
+        if s[i] <= s[i - 1]:
+            raise ValueError("starts must be sorted and distinct")
+    _acquire(table.lock)
+    with nogil:
+        rc = _rt_remove_starts(&table.t, &s[0], n)
+    _release(table.lock)
+    _check(rc, "remove_many: a start is not the start of a range")

@@ -395,6 +395,104 @@ class SwiotlbPool:
                 f"{self.slots_used}/{self.nslabs} slots used>")
 
 
+class PageAllocator:
+    """The machine's RAM pages, handed out to buffers (the page allocator
+    the system heap and friends draw from).
+
+    Pages come in the layouts the study uses: one contiguous run, or the
+    run pattern of :func:`pydmabuf.workloads.layout` placed in a free
+    stretch of RAM; ``thp`` runs are 2 MiB aligned.  Freed pages go back.
+    """
+
+    def __init__(self, machine: Machine, kinds: tuple[RangeKind, ...] = (RangeKind.RAM,)) -> None:
+        self.machine = machine
+        self._used = RangeTable()  # in pfns; owner = allocation id
+        self._live: dict[int, tuple[Any, Any]] = {}
+        self._next = 1
+        # Everything that is not RAM of the wanted kinds is unavailable.
+        prev = 0
+        top = 1 << 64  # pfn units: everything above RAM is unavailable
+        for r in machine.address_map:
+            s, e = r.start >> 12, (r.end + 4095) >> 12
+            if r.kind in kinds:
+                if s > prev:
+                    self._used.insert(prev, s - prev, kind=RangeKind.RESERVED)
+                prev = max(prev, e)
+        if prev < top:
+            self._used.insert(prev, top - prev, kind=RangeKind.RESERVED)
+        self.total_pages = top - self._used.total_nbytes
+
+    @property
+    def allocated_pages(self) -> int:
+        return sum(int(l.sum()) for _, l in self._live.values())
+
+    @property
+    def free_pages(self) -> int:
+        return self.total_pages - self.allocated_pages
+
+    def alloc(self, npages: int, layout: str = "contiguous", seed: int = 1) -> Any:
+        """``npages`` pages in ``layout``; returns a u64 array of PFNs.
+        Raises OutOfMemory (ENOMEM) when no free stretch of RAM holds it."""
+        import numpy as np
+
+        from pydmabuf import workloads
+
+        if not isinstance(npages, int) or npages <= 0:
+            raise errors.InvalidArgument(f"alloc: npages must be a positive int (got {npages!r})")
+        if layout == "pagemap":
+            raise errors.InvalidArgument("alloc: pagemap pages belong to a Python buffer (SystemHeap.from_buffer)")
+        try:
+            pattern, _ = workloads.layout(layout, npages, seed)
+        except ValueError as e:
+            raise errors.InvalidArgument(str(e)) from None
+        pattern = pattern - pattern[0]
+        align = 512 if layout == "thp" else 1
+        span = int(pattern[-1]) + 1
+        try:
+            start = self._used.find_gap(span, align)
+        except errors.NoSpace:
+            # Too spread out for any free stretch: squeeze the jumps between
+            # runs (every run boundary stays) into at most 4x the pages, so
+            # one big buffer does not take a whole stretch of RAM.
+            big = self._largest_gap()
+            if layout not in ("fragmented", "scattered") or big < npages * 2 + 2:
+                raise errors.OutOfMemory(f"no free stretch of RAM holds {npages} pages laid out {layout!r}") from None
+            pattern, _ = workloads.layout(layout, npages, seed, limit_pfn=min(big - 1, npages * 4) + 0x100000)
+            pattern = pattern - pattern[0]
+            span = int(pattern[-1]) + 1
+            start = self._used.find_gap(span, align)
+        pfns = pattern + np.uint64(start)
+        phys, lens = workloads.numpy_coalesce(pfns)
+        starts = phys >> np.uint64(12)
+        npg = lens >> np.uint64(12)
+        aid = self._next
+        self._next += 1
+        self._used.insert_many(starts, npg, kinds=RangeKind.RAM, owners=aid)
+        self._live[aid] = (starts, npg)
+        return pfns
+
+    def _largest_gap(self) -> int:
+        best, prev = 0, 0
+        for r in self._used:
+            best = max(best, r.start - prev)
+            prev = r.end
+        return best
+
+    def free(self, pfns: Any) -> None:
+        """Give back pages from :meth:`alloc` (the whole allocation)."""
+        if len(pfns) == 0:
+            raise errors.InvalidArgument("free: no pages")
+        r = self._used.lookup(int(pfns[0]))
+        if r is None or r.kind != RangeKind.RAM or r.owner not in self._live:
+            raise errors.NotFound(f"free: pfn {int(pfns[0]):#x} is not an allocated page")
+        starts, _ = self._live.pop(r.owner)
+        self._used.remove_many(starts)
+
+    def owner_of(self, pfn: int) -> int | None:
+        r = self._used.lookup(pfn)
+        return r.owner if r is not None and r.kind == RangeKind.RAM else None
+
+
 # ------------------------------------------------------------------ devices
 
 
@@ -633,6 +731,14 @@ class Machine:
     def ram_ranges(self, kind: RangeKind = RangeKind.RAM) -> list[tuple[int, int]]:
         """(start, nbytes) of every range of ``kind``."""
         return [(r.start, r.nbytes) for r in self.address_map if r.kind == kind]
+
+    @property
+    def pages(self) -> PageAllocator:
+        """The page allocator over this machine's RAM."""
+        pa = getattr(self, "_pages", None)
+        if pa is None:
+            pa = self._pages = PageAllocator(self)
+        return pa
 
     @property
     def cpu_supports_p2pdma(self) -> bool:

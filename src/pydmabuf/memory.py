@@ -63,6 +63,20 @@ class PhysMemory:
         if nbytes:
             self.write(dst, self.read(src, nbytes))
 
+    def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> int:
+        """Copy page i of ``src_pfns`` to page i of ``dst_pfns`` (a
+        migration), touching only pages that hold written data; returns the
+        pages copied."""
+        with self._lock:
+            backed = np.fromiter(self._chunks.keys(), dtype=np.uint64, count=len(self._chunks))
+        if len(backed) == 0:
+            return 0
+        src = np.asarray(src_pfns, dtype=np.uint64)
+        hit = np.flatnonzero(np.isin(src >> np.uint64(_CHUNK_SHIFT - 12), backed))
+        for i in hit.tolist():
+            self.write(int(dst_pfns[i]) << 12, self.read(int(src[i]) << 12, 4096))
+        return len(hit)
+
     @property
     def backed_nbytes(self) -> int:
         """Bytes of model memory holding written data."""

@@ -1,0 +1,146 @@
+"""The lifetime and locking checker.
+
+The kernel spreads these rules over lockdep, ``CONFIG_DMA_API_DEBUG``,
+``CONFIG_DMABUF_DEBUG`` and WARN_ONs; pydmabuf checks them in one place:
+
+* mapping, unmapping, pinning or vmapping an attachment without holding
+  the buffer's reservation lock, or using an ``_unlocked`` call while
+  holding it; exporter invalidations (``move_notify``) without it;
+* DMA through a mapping after the exporter invalidated or revoked it
+  (attributed to the importer that ignored the notification);
+* unmapping twice or with the wrong direction, detaching with mappings or
+  pins still live, using an attachment after detach or a buffer after its
+  last reference went;
+* a buffer released with attachments, pins or mappings still live.
+
+In **strict** mode (the default) a broken rule raises
+:class:`~pydmabuf.errors.LockingError` or
+:class:`~pydmabuf.errors.LifetimeError`; in **report** mode it is recorded
+(:func:`reports`) and the call goes on as the kernel would.  Each report
+names the objects involved and where they were created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from pydmabuf import errors
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Report", "Checker", "checker", "strict", "report_mode", "reports", "clear", "created_at", "mode"]
+
+_PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def created_at(skip_package: bool = True) -> str:
+    """``file:line`` of the first caller outside pydmabuf (where a user made
+    the object), for reports."""
+    f = sys._getframe(1)
+    while f is not None:
+        fn = os.path.abspath(f.f_code.co_filename)
+        if not (skip_package and fn.startswith(_PKG_DIR)):
+            return f"{os.path.basename(fn)}:{f.f_lineno}"
+        f = f.f_back  # type: ignore[assignment]
+    return "?"
+
+
+@dataclass
+class Report:
+    """One broken rule."""
+
+    kind: str  # "locking" or "lifetime"
+    rule: str  # a short name, e.g. "map-without-resv"
+    message: str
+    objects: tuple[str, ...] = ()
+    where: str = ""
+    culprit: str = ""  # the importer or exporter held responsible
+
+    def __str__(self) -> str:
+        objs = f" [{'; '.join(self.objects)}]" if self.objects else ""
+        who = f" (culprit: {self.culprit})" if self.culprit else ""
+        return f"{self.kind}:{self.rule} at {self.where}: {self.message}{who}{objs}"
+
+
+@dataclass
+class Checker:
+    """Raises or records broken rules; one instance is shared (:data:`checker`)."""
+
+    strict: bool = True
+    reports: list[Report] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def violation(self, kind: str, rule: str, message: str, *objects: Any, culprit: Any = None) -> None:
+        descr = tuple(_describe(o) for o in objects)
+        r = Report(kind, rule, message, descr, created_at(), _describe(culprit) if culprit is not None else "")
+        if self.strict:
+            cls = errors.LockingError if kind == "locking" else errors.LifetimeError
+            err = cls(str(r.message) + (f" (culprit: {r.culprit})" if r.culprit else "")
+                      + (f" [{'; '.join(descr)}]" if descr else ""))
+            err.report = r  # type: ignore[attr-defined]
+            raise err
+        with self._lock:
+            self.reports.append(r)
+        log.warning("%s", r)
+
+    def locking(self, rule: str, message: str, *objects: Any, culprit: Any = None) -> None:
+        self.violation("locking", rule, message, *objects, culprit=culprit)
+
+    def lifetime(self, rule: str, message: str, *objects: Any, culprit: Any = None) -> None:
+        self.violation("lifetime", rule, message, *objects, culprit=culprit)
+
+
+def _describe(o: Any) -> str:
+    if o is None:
+        return "None"
+    where = getattr(o, "created_at", None)
+    return f"{o!r}" + (f" created at {where}" if where else "")
+
+
+#: The checker every pydmabuf object reports to.
+checker = Checker()
+
+
+def mode() -> str:
+    """``"strict"`` or ``"report"``."""
+    return "strict" if checker.strict else "report"
+
+
+@contextlib.contextmanager
+def strict() -> Iterator[Checker]:
+    """Raise on broken rules inside the block (the default)."""
+    old = checker.strict
+    checker.strict = True
+    try:
+        yield checker
+    finally:
+        checker.strict = old
+
+
+@contextlib.contextmanager
+def report_mode() -> Iterator[Checker]:
+    """Record broken rules inside the block instead of raising."""
+    old = checker.strict
+    checker.strict = False
+    try:
+        yield checker
+    finally:
+        checker.strict = old
+
+
+def reports(rule: str | None = None) -> list[Report]:
+    """What report mode recorded (optionally only one rule)."""
+    with checker._lock:
+        return [r for r in checker.reports if rule is None or r.rule == rule]
+
+
+def clear() -> None:
+    """Forget the recorded reports."""
+    with checker._lock:
+        checker.reports.clear()

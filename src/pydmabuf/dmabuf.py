@@ -1,0 +1,1002 @@
+"""dma-buf: exporters, buffers, attachments, invalidation, revoke, and the
+physical-range interface.
+
+The object model of ``drivers/dma-buf/dma-buf.c`` as it is upstream now
+(no cached mappings, pin-on-map for static importers of dynamic exporters,
+the reservation lock around every map), the 7.1 changes (the
+``invalidate_mappings`` name, the optional callback,
+:func:`attach_revocable` and the documented revoke sequence), and what the
+thread asked for: exporters that describe their memory as physical ranges
+for importers that declared the capability, and a generic CPU mmap on top
+of the ranges.
+
+An exporter subclasses :class:`Exporter` and overrides the ops it has;
+:func:`export` checks them as ``dma_buf_export()`` does.  An importer calls
+:meth:`DmaBuf.attach` (static) or :meth:`DmaBuf.dynamic_attach` with an
+:class:`ImporterOps`; maps and unmaps with the reservation lock held
+(:meth:`Attachment.map`), or with the ``_unlocked`` variants.
+
+Broken rules go to :mod:`pydmabuf.checks` (strict mode raises).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, NamedTuple
+
+import numpy as np
+
+from pydmabuf import checks, dma, errors, files
+from pydmabuf._core import SgTable
+from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
+from pydmabuf.machine import Device, P2pProvider, P2PMapType
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Exporter",
+    "ImporterOps",
+    "DmaBuf",
+    "Attachment",
+    "PhysVec",
+    "CpuMapping",
+    "export",
+    "dma_buf_get",
+    "close",
+    "attach_revocable",
+    "PHYS_NAMESPACE",
+    "DMA_BUF_NAME_LEN",
+]
+
+#: The gated interface importers declare to get physical ranges (the model
+#: of a kernel symbol namespace: ``MODULE_IMPORT_NS``).
+PHYS_NAMESPACE = "DMA_BUF_PHYS"
+#: Names are at most 31 characters (32 bytes with the NUL).
+DMA_BUF_NAME_LEN = 32
+
+_BIDI = DmaDirection.BIDIRECTIONAL
+
+
+class PhysVec(NamedTuple):
+    """An exporter's memory as physical ranges: ``ranges`` is an (N, 2) u64
+    array of (physical address, nbytes); ``provider`` the P2P provider of
+    MMIO (a PCI BAR), None for RAM."""
+
+    ranges: np.ndarray
+    provider: P2pProvider | None
+
+
+# ------------------------------------------------------------------ importer
+
+
+class ImporterOps:
+    """``struct dma_buf_attach_ops``: what makes an attachment dynamic.
+
+    Subclass it and override :meth:`invalidate_mappings` (the 7.1 name) or
+    :meth:`move_notify` (the older one); either is the callback, called
+    with the reservation lock held when the exporter invalidates.  Since
+    7.1 the callback is optional: an ImporterOps with neither is a dynamic
+    importer the exporter cannot ask to stop (see :func:`attach_revocable`).
+
+    Class attributes
+    ----------------
+    allow_peer2peer : bool
+        The importer handles addresses with no struct page (PCI BARs).
+    import_namespaces : frozenset of str
+        Gated interfaces the importer declares; ``PHYS_NAMESPACE`` gives
+        access to :meth:`Attachment.phys_vec`.
+    """
+
+    allow_peer2peer: bool = False
+    import_namespaces: frozenset[str] = frozenset()
+
+    def invalidate_mappings(self, attachment: Attachment) -> None:
+        """The exporter is about to move or revoke the memory: drop or
+        refresh the mappings of ``attachment`` before any further DMA."""
+        raise NotImplementedError
+
+    def move_notify(self, attachment: Attachment) -> None:
+        """The pre-7.1 name of :meth:`invalidate_mappings`."""
+        raise NotImplementedError
+
+    @classmethod
+    def _callback(cls) -> Callable[[ImporterOps, Attachment], None] | None:
+        inv = cls.invalidate_mappings is not ImporterOps.invalidate_mappings
+        mv = cls.move_notify is not ImporterOps.move_notify
+        if inv:
+            return cls.invalidate_mappings
+        if mv:
+            return cls.move_notify
+        return None
+
+    @property
+    def has_invalidate(self) -> bool:
+        return type(self)._callback() is not None
+
+
+# ------------------------------------------------------------------ exporter
+
+
+class Exporter:
+    """``struct dma_buf_ops``: subclass and override the ops you have.
+
+    Mandatory: :meth:`map_dma_buf`, :meth:`unmap_dma_buf`, :meth:`release`.
+    :meth:`pin` and :meth:`unpin` go together; having them makes the
+    exporter dynamic (it can move its memory).  ``map``/``unmap``/``pin``/
+    ``unpin``/``vmap``/``vunmap`` and :meth:`get_phys_vec` run with the
+    reservation lock held (do not take it); ``attach``/``detach``/
+    ``release``/``mmap``/CPU access run without it.
+    """
+
+    #: Name shown in reprs (``exp_name``).
+    name: str = "exporter"
+
+    # -- ops (override) --
+    def attach(self, attachment: Attachment) -> None:
+        """May refuse the attachment by raising (EBUSY: storage unusable for
+        that device, EOPNOTSUPP, ENODEV ...)."""
+
+    def detach(self, attachment: Attachment) -> None:
+        """Clean up what :meth:`attach` set up."""
+
+    def pin(self, attachment: Attachment) -> None:  # pragma: no cover - presence is what counts
+        raise NotImplementedError
+
+    def unpin(self, attachment: Attachment) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def map_dma_buf(self, attachment: Attachment, direction: DmaDirection) -> SgTable:
+        """Return a new mapped table for ``attachment.device`` (the caller
+        owns it).  Returning None means ENOMEM."""
+        raise NotImplementedError
+
+    def unmap_dma_buf(self, attachment: Attachment, table: SgTable, direction: DmaDirection) -> None:
+        raise NotImplementedError
+
+    def release(self, dmabuf: DmaBuf) -> None:
+        raise NotImplementedError
+
+    def get_phys_vec(self, attachment: Attachment) -> PhysVec:
+        """The memory as physical ranges (the physical-range op)."""
+        raise errors.NotSupported(f"{self.name} does not describe its memory as physical ranges")
+
+    def mmap(self, dmabuf: DmaBuf, mapping: CpuMapping) -> None:
+        """Accept (or refuse by raising) a CPU mapping of the buffer; the
+        generic implementation resolves faults through :meth:`get_phys_vec`."""
+        raise errors.InvalidArgument(f"{self.name} cannot be mmapped")
+
+    def vmap(self, dmabuf: DmaBuf) -> Any:
+        raise errors.InvalidArgument(f"{self.name} has no vmap")
+
+    def vunmap(self, dmabuf: DmaBuf, mapping: Any) -> None:
+        pass
+
+    def begin_cpu_access(self, dmabuf: DmaBuf, direction: DmaDirection) -> None:
+        pass
+
+    def end_cpu_access(self, dmabuf: DmaBuf, direction: DmaDirection) -> None:
+        pass
+
+    def migrate(self, dmabuf: DmaBuf) -> Callable[[], None] | None:
+        """Move the memory (new backing, contents copied) and return what
+        frees the old backing once fences allow; the model's hook for
+        :meth:`DmaBuf.move`."""
+        raise errors.NotSupported(f"{self.name} cannot move its memory")
+
+    # -- introspection --
+    @classmethod
+    def has(cls, op: str) -> bool:
+        """Does this exporter provide ``op`` (override the base class)?"""
+        return getattr(cls, op) is not getattr(Exporter, op)
+
+    @classmethod
+    def is_dynamic(cls) -> bool:
+        """``dma_buf_is_dynamic()``: the exporter has ``pin``."""
+        return cls.has("pin")
+
+
+# ---------------------------------------------------------------- mappings
+
+
+class _Mapping:
+    """A table handed to an importer, as the checker tracks it."""
+
+    __slots__ = ("attachment", "table", "direction", "stale", "created_at", "dma", "pinned", "__weakref__")
+
+    def __init__(self, attachment: Attachment, table: SgTable | None, direction: DmaDirection,
+                 dma: np.ndarray, pinned: bool) -> None:
+        self.attachment = attachment
+        self.table = table
+        self.direction = direction
+        self.stale = False
+        self.created_at = checks.created_at()
+        self.dma = dma
+        self.pinned = pinned
+
+    def covers(self, addr: int, nbytes: int) -> bool:
+        d = self.dma
+        if len(d) == 0:
+            return False
+        lo = d[:, 0]
+        hi = d[:, 0] + d[:, 1]
+        return bool(((lo < np.uint64(addr + nbytes)) & (hi > np.uint64(addr))).any())
+
+    def __repr__(self) -> str:
+        return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
+
+
+_device_maps: "weakref.WeakKeyDictionary[Device, set[_Mapping]]" = weakref.WeakKeyDictionary()
+_maps_lock = threading.Lock()
+
+
+def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
+    """DMA by ``device``: through a mapping its importer was told to drop?"""
+    with _maps_lock:
+        maps = list(_device_maps.get(device, ()))
+    for m in maps:
+        if m.stale and m.covers(addr, nbytes):
+            a = m.attachment
+            what = "revoked" if a.dmabuf.revoked else "invalidated"
+            checks.checker.lifetime(
+                "dma-after-invalidate",
+                f"{device.name} did DMA at {addr:#x} through a mapping of {a.dmabuf.name!r} that the "
+                f"exporter {what}; the importer must drop or refresh its mappings first",
+                m, a.dmabuf, culprit=a.importer_ops or a)
+
+
+dma._access_hooks.append(_access_hook)
+
+
+# ------------------------------------------------------------------ buffers
+
+
+class DmaBuf:
+    """``struct dma_buf``: a fixed-size, refcounted buffer shared by
+    reference; one reservation object (``resv``) orders its state changes.
+
+    Create one with :func:`export`.  References: :meth:`get` / :meth:`put`
+    (the exporter's ``release`` runs once, when the last goes); pass it
+    around as a file descriptor with :meth:`fd` / :func:`dma_buf_get`.
+    """
+
+    def __init__(self) -> None:
+        raise TypeError("use pydmabuf.export(exporter, nbytes)")
+
+    @classmethod
+    def _new(cls, exporter: Exporter, nbytes: int, resv: Any, name: str | None) -> DmaBuf:
+        from pydmabuf._core import Resv
+
+        self = object.__new__(cls)
+        self.exporter = exporter
+        self.size = nbytes
+        self.resv = resv if resv is not None else Resv()
+        self._own_resv = resv is None
+        self._name = ""
+        self._refs = 1
+        self._released = False
+        self._lock = threading.RLock()
+        self._attachments: list[Attachment] = []
+        self._mappings: set[_Mapping] = set()
+        self._idle = threading.Condition(self._lock)
+        self._vmap_count = 0
+        self._vmap_ptr: Any = None
+        self._cpu_maps: "weakref.WeakSet[CpuMapping]" = weakref.WeakSet()
+        self.revoked = False
+        self.created_at = checks.created_at()
+        if name is not None:
+            self.set_name(name)
+        return self
+
+    # ------------------------------------------------------ identity, refs
+
+    @property
+    def name(self) -> str:
+        return self._name or f"dmabuf@{id(self):x}"
+
+    def set_name(self, name: str) -> None:
+        """``DMA_BUF_SET_NAME``: at most 31 bytes (EINVAL otherwise); allowed
+        while attached (the kernel documents EBUSY but never returns it)."""
+        if not isinstance(name, str):
+            raise TypeError("name must be a str")
+        if len(name.encode()) >= DMA_BUF_NAME_LEN:
+            raise errors.InvalidArgument(f"name {name!r} is longer than {DMA_BUF_NAME_LEN - 1} bytes")
+        self._name = name
+
+    @property
+    def refcount(self) -> int:
+        return self._refs
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def _alive(self, what: str) -> None:
+        if self._released:
+            checks.checker.lifetime("use-after-release", f"{what} on a released dma-buf", self)
+
+    def get(self) -> DmaBuf:
+        """``get_dma_buf()``: a new reference (returns self)."""
+        with self._lock:
+            self._alive("get")
+            self._refs += 1
+        return self
+
+    def put(self) -> None:
+        """``dma_buf_put()``: drop a reference; the last runs ``release``.
+        A put after the last is a LifetimeError."""
+        with self._lock:
+            if self._released or self._refs <= 0:
+                checks.checker.lifetime("put-after-release", "dma_buf_put on a released dma-buf", self)
+                return
+            self._refs -= 1
+            last = self._refs == 0
+        if last:
+            self._release()
+
+    def _release(self) -> None:
+        problems = []
+        if self._attachments:
+            problems.append(f"{len(self._attachments)} attachment(s)")
+        live = [m for m in self._mappings]
+        if live:
+            problems.append(f"{len(live)} live mapping(s)")
+        pins = sum(a.pin_count for a in self._attachments)
+        if pins:
+            problems.append(f"{pins} pin(s)")
+        if self._vmap_count:
+            problems.append("a live vmap")
+        self._released = True
+        if problems:
+            checks.checker.lifetime("release-with-users", f"{self.name} released with " + ", ".join(problems),
+                                    self, *self._attachments)
+        self.exporter.release(self)
+
+    def fd(self) -> int:
+        """``dma_buf_fd()``: install in the fd table; the fd takes over the
+        caller's reference."""
+        self._alive("dma_buf_fd")
+        return files.install(self)
+
+    # ------------------------------------------------------------ attaching
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        """Newest first, as the kernel keeps the list."""
+        return list(self._attachments)
+
+    def attach(self, device: Device) -> Attachment:
+        """``dma_buf_attach()``: a static importer (no invalidation, and a
+        dynamic exporter pins the buffer on every map)."""
+        return self.dynamic_attach(device, None)
+
+    def dynamic_attach(self, device: Device, importer_ops: ImporterOps | None, importer_priv: Any = None) -> Attachment:
+        """``dma_buf_dynamic_attach()``: an importer that takes the
+        reservation lock to map and drops its mappings when told.
+
+        The exporter's ``attach`` runs first, without the reservation lock,
+        and may refuse; then the attachment is put at the head of the list
+        under the lock.  Must not be called with the lock held.
+        """
+        self._alive("attach")
+        if not isinstance(device, Device):
+            raise errors.InvalidArgument(f"dma_buf_attach: {device!r} is not a device")
+        if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
+            raise TypeError("importer_ops must be an ImporterOps")
+        if self.resv.held_by_current_thread():
+            checks.checker.locking("attach-with-resv", "dma_buf_attach with the reservation lock held", self)
+        a = Attachment._new(self, device, importer_ops, importer_priv)
+        self.exporter.attach(a)
+        self.resv.lock()
+        try:
+            with self._lock:
+                self._attachments.insert(0, a)
+        finally:
+            self.resv.unlock()
+        return a
+
+    def detach(self, attachment: Attachment) -> None:
+        """``dma_buf_detach()``: take the attachment off the list (under the
+        lock), then the exporter's ``detach``.  Detaching with mappings or
+        pins still live is a LifetimeError (the kernel does not check)."""
+        if not isinstance(attachment, Attachment) or attachment.dmabuf is not self:
+            checks.checker.lifetime("detach-foreign", "dma_buf_detach of an attachment of another buffer",
+                                    self, attachment)
+            return
+        if attachment.detached:
+            checks.checker.lifetime("double-detach", "dma_buf_detach of a detached attachment", attachment)
+            return
+        if self.resv.held_by_current_thread():
+            checks.checker.locking("detach-with-resv", "dma_buf_detach with the reservation lock held", attachment)
+        if attachment.live_mappings or attachment.pin_count:
+            checks.checker.lifetime("detach-with-mappings",
+                                    f"detach with {attachment.live_mappings} live mapping(s) and "
+                                    f"{attachment.pin_count} pin(s)", attachment,
+                                    culprit=attachment.importer_ops or attachment)
+        self.resv.lock()
+        try:
+            with self._lock:
+                self._attachments.remove(attachment)
+        finally:
+            self.resv.unlock()
+        attachment.detached = True
+        self.exporter.detach(attachment)
+
+    # --------------------------------------------------------- invalidation
+
+    def invalidate_mappings(self) -> None:
+        """``dma_buf_invalidate_mappings()`` (``dma_buf_move_notify()`` before
+        7.1): called by the exporter with the reservation lock held; every
+        dynamic importer with the callback is told, newest attachment first.
+        Their current mappings are marked stale: DMA through them after this
+        is a LifetimeError attributed to the importer."""
+        if not self.resv.held_by_current_thread():
+            checks.checker.locking("invalidate-without-resv",
+                                   "dma_buf_invalidate_mappings without the reservation lock", self)
+        with self._lock:
+            for m in self._mappings:
+                m.stale = True
+            for c in self._cpu_maps:
+                c._zap()
+            targets = list(self._attachments)
+        for a in targets:
+            ops = a.importer_ops
+            if ops is None:
+                continue
+            cb = type(ops)._callback()
+            if cb is not None:
+                a.invalidations += 1
+                cb(ops, a)
+
+    move_notify = invalidate_mappings
+
+    def move(self) -> None:
+        """Migrate the backing memory (the exporter's ``migrate``), with the
+        reservation lock held as for ``move_notify``: refused (EBUSY) while
+        an attachment is pinned; importers are invalidated first; the old
+        backing is freed once the BOOKKEEP fences signal; the move itself is
+        published as a signalled KERNEL fence."""
+        from pydmabuf._core import Fence, FenceArray, fence_context_alloc
+
+        self._alive("move")
+        if not self.resv.held_by_current_thread():
+            checks.checker.locking("move-without-resv", "moving a dma-buf without its reservation lock", self)
+        if not self.exporter.has("migrate"):
+            raise errors.NotSupported(f"{self.exporter.name} cannot move its memory")
+        pinned = [a for a in self._attachments if a.pin_count]
+        if pinned:
+            raise errors.Busy(f"{self.name} has {len(pinned)} pinned attachment(s) and cannot move")
+        self.invalidate_mappings()
+        busy = self.resv.get_fences(Usage.BOOKKEEP)
+        self.resv.reserve_fences(1)
+        release_old = self.exporter.migrate(self)
+        f = Fence(fence_context_alloc(), 1)
+        f.signal()
+        self.resv.add_fence(f, Usage.KERNEL)
+        if release_old is None:
+            return
+        if not busy:
+            release_old()
+            return
+        gate = busy[0] if len(busy) == 1 else FenceArray(list(busy))
+        try:
+            gate.add_callback(lambda _f: release_old())
+        except errors.NotFound:  # signalled meanwhile
+            release_old()
+
+    def revoke(self, timeout: float | None = None) -> None:
+        """The permanent revoke, in the documented 7.1 sequence; call it
+        without the reservation lock (it takes and drops it, as VFIO does).
+
+        Under the lock: mark revoked (new maps fail with ENODEV), invalidate
+        every importer, wait for the BOOKKEEP fences; then, unlocked, wait
+        for every importer to unmap.  The kernel waits forever; the model
+        raises :class:`~pydmabuf.errors.TimedOut` after ``timeout`` seconds
+        (the buffer stays revoked).
+        """
+        if self.resv.held_by_current_thread():
+            checks.checker.locking("revoke-with-resv", "revoke takes the reservation lock itself", self)
+            return
+        self.resv.lock()
+        try:
+            self.revoked = True
+            self.invalidate_mappings()
+            if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
+                raise errors.TimedOut(f"revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
+        finally:
+            self.resv.unlock()
+        self.wait_unmapped(timeout)
+
+    def unrevoke(self) -> None:
+        """Allow new maps again (VFIO when memory decoding comes back):
+        under the lock, invalidate once more (so dynamic importers re-map),
+        wait for the fences, then clear the flag."""
+        self.resv.lock()
+        try:
+            self.invalidate_mappings()
+            self.resv.wait(Usage.BOOKKEEP)
+            self.revoked = False
+        finally:
+            self.resv.unlock()
+
+    def wait_unmapped(self, timeout: float | None = None) -> None:
+        """Block until no importer holds a mapping of this buffer."""
+        with self._idle:
+            if not self._idle.wait_for(lambda: not self._mappings, timeout):
+                who = sorted({m.attachment.device.name for m in self._mappings})
+                raise errors.TimedOut(f"{self.name}: {len(self._mappings)} mapping(s) still live after "
+                                      f"{timeout}s (held by {', '.join(who)})")
+
+    # ------------------------------------------------------------- CPU side
+
+    def mmap(self, offset: int = 0, nbytes: int | None = None) -> CpuMapping:
+        """``dma_buf_mmap()``: a CPU mapping of ``[offset, offset + nbytes)``
+        (whole pages; EINVAL past the end, EOVERFLOW if it wraps).  Faults
+        resolve through the exporter's physical ranges under the
+        reservation lock; invalidation zaps the mapping (the next access
+        refaults), revoke makes accesses fail as SIGBUS would."""
+        self._alive("mmap")
+        if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
+            raise errors.InvalidArgument(f"mmap: offset {offset!r} must be a page multiple")
+        if nbytes is None:
+            nbytes = self.size - offset
+        if not isinstance(nbytes, int) or nbytes <= 0:
+            raise errors.InvalidArgument("mmap: nbytes must be positive")
+        npages = -(-nbytes // PAGE_SIZE)
+        if offset // PAGE_SIZE + npages > self.size // PAGE_SIZE:
+            raise errors.InvalidArgument(f"mmap: {npages} pages at page {offset // PAGE_SIZE} are past the "
+                                         f"{self.size // PAGE_SIZE} whole pages of {self.name}")
+        m = CpuMapping(self, offset, npages * PAGE_SIZE)
+        self.exporter.mmap(self, m)
+        with self._lock:
+            self._cpu_maps.add(m)
+        return m
+
+    def vmap(self) -> Any:
+        """``dma_buf_vmap()`` (reservation lock held): the exporter's kernel
+        mapping, cached and counted."""
+        if not self.resv.held_by_current_thread():
+            checks.checker.locking("vmap-without-resv", "dma_buf_vmap without the reservation lock", self)
+        if not self.exporter.has("vmap"):
+            raise errors.InvalidArgument(f"{self.exporter.name} has no vmap")
+        with self._lock:
+            if self._vmap_count:
+                self._vmap_count += 1
+                return self._vmap_ptr
+        ptr = self.exporter.vmap(self)
+        with self._lock:
+            self._vmap_ptr = ptr
+            self._vmap_count = 1
+        return ptr
+
+    def vunmap(self, mapping: Any) -> None:
+        if not self.resv.held_by_current_thread():
+            checks.checker.locking("vunmap-without-resv", "dma_buf_vunmap without the reservation lock", self)
+        with self._lock:
+            if not self._vmap_count or mapping is not self._vmap_ptr:
+                checks.checker.lifetime("bad-vunmap", "dma_buf_vunmap of a mapping that is not the live vmap", self)
+                return
+            self._vmap_count -= 1
+            last = self._vmap_count == 0
+            if last:
+                self._vmap_ptr = None
+        if last:
+            self.exporter.vunmap(self, mapping)
+
+    def begin_cpu_access(self, direction: DmaDirection | int) -> None:
+        """``dma_buf_begin_cpu_access()`` (lock NOT held): the exporter's op,
+        then wait for the implicit fences (writers' for reads, all for
+        writes)."""
+        d = DmaDirection(direction)
+        if self.resv.held_by_current_thread():
+            checks.checker.locking("cpu-access-with-resv", "begin_cpu_access with the reservation lock held", self)
+        self.exporter.begin_cpu_access(self, d)
+        write = d in (DmaDirection.BIDIRECTIONAL, DmaDirection.TO_DEVICE)
+        self.resv.wait(Usage.READ if write else Usage.WRITE, interruptible=True)
+
+    def end_cpu_access(self, direction: DmaDirection | int) -> None:
+        self.exporter.end_cpu_access(self, DmaDirection(direction))
+
+    # -------------------------------------------------------------- reports
+
+    @property
+    def live_mappings(self) -> int:
+        return len(self._mappings)
+
+    def __repr__(self) -> str:
+        state = []
+        if self._released:
+            state.append("released")
+        if self.revoked:
+            state.append("revoked")
+        if self._attachments:
+            state.append(f"{len(self._attachments)} attached")
+        if self._mappings:
+            state.append(f"{len(self._mappings)} mapped")
+        return (f"<DmaBuf {self.name!r} {_fmt_size(self.size)} by {self.exporter.name}, refs={self._refs}"
+                f"{', ' + ', '.join(state) if state else ''}>")
+
+    def __del__(self) -> None:
+        if getattr(self, "_refs", 0) > 0 and not getattr(self, "_released", True):
+            warnings.warn(f"{self!r} collected with {self._refs} reference(s) never put", ResourceWarning,
+                          stacklevel=2)
+
+
+class Attachment:
+    """``struct dma_buf_attachment``: one device's use of a buffer."""
+
+    def __init__(self) -> None:
+        raise TypeError("use DmaBuf.attach() or DmaBuf.dynamic_attach()")
+
+    @classmethod
+    def _new(cls, dmabuf: DmaBuf, device: Device, ops: ImporterOps | None, priv: Any) -> Attachment:
+        self = object.__new__(cls)
+        self.dmabuf = dmabuf
+        self.device = device
+        self.importer_ops = ops
+        self.importer_priv = priv
+        self.peer2peer = bool(ops.allow_peer2peer) if ops is not None else False
+        self.priv: Any = None  # the exporter's
+        self.pin_count = 0
+        self.invalidations = 0
+        self.detached = False
+        self._maps: set[_Mapping] = set()
+        self.created_at = checks.created_at()
+        return self
+
+    @property
+    def dynamic(self) -> bool:
+        """``dma_buf_attachment_is_dynamic()``: has importer ops."""
+        return self.importer_ops is not None
+
+    @property
+    def live_mappings(self) -> int:
+        return len(self._maps)
+
+    def _usable(self, what: str) -> bool:
+        if self.detached:
+            checks.checker.lifetime("use-after-detach", f"{what} on a detached attachment", self)
+            return False
+        if self.dmabuf.released:
+            checks.checker.lifetime("use-after-release", f"{what} on an attachment of a released dma-buf", self)
+            return False
+        return True
+
+    def _require_resv(self, what: str) -> None:
+        if not self.dmabuf.resv.held_by_current_thread():
+            checks.checker.locking(f"{what}-without-resv",
+                                   f"dma_buf_{what} without the reservation lock held", self)
+
+    # ------------------------------------------------------------- mapping
+
+    def map(self, direction: DmaDirection | int = _BIDI) -> SgTable:
+        """``dma_buf_map_attachment()``: the reservation lock must be held.
+
+        A static importer of a dynamic exporter pins the buffer first (and
+        unpins it at unmap); a static importer then waits (interruptibly)
+        for the KERNEL fences.  Returns a new table the caller owns; the
+        exporter refusing raises its error (ENODEV once revoked).
+        """
+        d = dma._dir(direction)
+        if not self._usable("map"):
+            raise errors.LifetimeError("map on a dead attachment")
+        self._require_resv("map")
+        buf = self.dmabuf
+        if buf.revoked:
+            raise errors.Revoked(f"{buf.name} was revoked: no new mappings")
+        exp = buf.exporter
+        pin = exp.is_dynamic() and not self.dynamic
+        if pin:
+            exp.pin(self)
+            self.pin_count += 1
+        try:
+            table = exp.map_dma_buf(self, d)
+            if table is None:
+                raise errors.OutOfMemory(f"{exp.name}: map_dma_buf returned no table")
+        except BaseException:
+            if pin:
+                self.pin_count -= 1
+                exp.unpin(self)
+            raise
+        if not self.dynamic:
+            try:
+                buf.resv.wait(Usage.KERNEL, interruptible=True)
+            except BaseException:
+                exp.unmap_dma_buf(self, table, d)
+                if pin:
+                    self.pin_count -= 1
+                    exp.unpin(self)
+                raise
+        self._track(table, d, pin)
+        return table
+
+    def _track(self, table: SgTable | None, d: DmaDirection, pinned: bool, dma_ranges: Any = None) -> _Mapping:
+        if dma_ranges is None:
+            dma_ranges = table.dma_ranges() if table is not None else np.zeros((0, 2), dtype=np.uint64)
+        m = _Mapping(self, table, d, np.asarray(dma_ranges, dtype=np.uint64).reshape(-1, 2), pinned)
+        buf = self.dmabuf
+        with buf._lock:
+            self._maps.add(m)
+            buf._mappings.add(m)
+        with _maps_lock:
+            _device_maps.setdefault(self.device, set()).add(m)
+        if table is not None:
+            table._dmabuf_map = m  # type: ignore[attr-defined]
+        return m
+
+    def _untrack(self, m: _Mapping) -> None:
+        buf = self.dmabuf
+        with buf._lock:
+            self._maps.discard(m)
+            buf._mappings.discard(m)
+            buf._idle.notify_all()
+        with _maps_lock:
+            s = _device_maps.get(self.device)
+            if s is not None:
+                s.discard(m)
+
+    def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
+        """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
+        then unpin if the map pinned."""
+        d = dma._dir(direction)
+        self._require_resv("unmap")
+        m = getattr(table, "_dmabuf_map", None)
+        if m is None or m.attachment is not self or m not in self._maps:
+            checks.checker.lifetime("bad-unmap", "dma_buf_unmap_attachment of a table that is not a live "
+                                    "mapping of this attachment (a double unmap?)", self, culprit=self.importer_ops)
+            return
+        if m.direction != d:
+            checks.checker.lifetime("unmap-direction", f"mapped {m.direction.name}, unmapped {d.name}", self)
+        exp = self.dmabuf.exporter
+        exp.unmap_dma_buf(self, table, m.direction)
+        table._dmabuf_map = None  # type: ignore[attr-defined]
+        self._untrack(m)
+        if m.pinned:
+            self.pin_count -= 1
+            exp.unpin(self)
+
+    def map_unlocked(self, direction: DmaDirection | int = _BIDI) -> SgTable:
+        """Take the reservation lock, :meth:`map`, drop it; must not be
+        called with the lock held (LockingError)."""
+        buf = self.dmabuf
+        if buf.resv.held_by_current_thread():
+            checks.checker.locking("unlocked-with-resv", "map_attachment_unlocked with the reservation lock held",
+                                   self)
+            return self.map(direction)
+        buf.resv.lock()
+        try:
+            return self.map(direction)
+        finally:
+            buf.resv.unlock()
+
+    def unmap_unlocked(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
+        buf = self.dmabuf
+        if buf.resv.held_by_current_thread():
+            checks.checker.locking("unlocked-with-resv", "unmap_attachment_unlocked with the reservation lock held",
+                                   self)
+            self.unmap(table, direction)
+            return
+        buf.resv.lock()
+        try:
+            self.unmap(table, direction)
+        finally:
+            buf.resv.unlock()
+
+    # ------------------------------------------------------------- pinning
+
+    def pin(self) -> None:
+        """``dma_buf_pin()`` (lock held): the exporter's pin, if it has one.
+        For long pins only (scanout); static attachments only WARN in the
+        kernel, here a LockingError in strict mode."""
+        if not self._usable("pin"):
+            return
+        self._require_resv("pin")
+        if not self.dynamic:
+            checks.checker.lifetime("pin-static", "dma_buf_pin on a static attachment", self)
+        exp = self.dmabuf.exporter
+        if exp.has("pin"):
+            exp.pin(self)
+        self.pin_count += 1
+
+    def unpin(self) -> None:
+        if not self._usable("unpin"):
+            return
+        self._require_resv("unpin")
+        if self.pin_count <= 0:
+            checks.checker.lifetime("unbalanced-unpin", "dma_buf_unpin without a pin", self)
+            return
+        self.pin_count -= 1
+        exp = self.dmabuf.exporter
+        if exp.has("unpin"):
+            exp.unpin(self)
+
+    # ------------------------------------------------------ physical ranges
+
+    def phys_vec(self) -> PhysVec:
+        """The buffer's memory as physical ranges, for importers that map it
+        themselves (iommufd, KVM, RDMA).  Lock held; only for importers
+        that declared ``PHYS_NAMESPACE`` (EPERM otherwise, as a module that
+        did not import the namespace cannot link the symbol); private
+        (confidential) memory only for devices trusted for it (EPERM).
+        Raises ENODEV once revoked."""
+        ops = self.importer_ops
+        if ops is None or PHYS_NAMESPACE not in ops.import_namespaces:
+            raise errors.NotPermitted(f"{self.device.name}: the importer did not declare {PHYS_NAMESPACE!r}")
+        if not self._usable("phys_vec"):
+            raise errors.LifetimeError("phys_vec on a dead attachment")
+        self._require_resv("phys_vec")
+        if self.dmabuf.revoked:
+            raise errors.Revoked(f"{self.dmabuf.name} was revoked")
+        pv = self.dmabuf.exporter.get_phys_vec(self)
+        if not self.device.cc_trusted and _touches(self.device.machine, pv.ranges, RangeKind.PRIVATE):
+            raise errors.NotPermitted(f"{self.device.name} is not trusted for confidential memory")
+        return pv
+
+    def track_dma(self, dma_ranges: Any, direction: DmaDirection | int = _BIDI) -> Any:
+        """Tell the checker about DMA addresses an importer mapped itself
+        (from :meth:`phys_vec` with the list-free API): DMA through them
+        after an invalidation is then caught.  Returns a handle for
+        :meth:`untrack_dma`."""
+        return self._track(None, dma._dir(direction), False, dma_ranges)
+
+    def untrack_dma(self, handle: Any) -> None:
+        if handle in self._maps:
+            self._untrack(handle)
+
+    @property
+    def p2p_route(self) -> P2PMapType | None:
+        """How this device reaches the exporter's MMIO (None for RAM)."""
+        try:
+            prov = self.dmabuf.exporter.provider  # type: ignore[attr-defined]
+        except AttributeError:
+            return None
+        if prov is None:
+            return None
+        return self.device.machine.p2p_map_type(prov, self.device)
+
+    def __repr__(self) -> str:
+        kind = "dynamic" if self.dynamic else "static"
+        state = ["detached"] if self.detached else []
+        if self._maps:
+            state.append(f"{len(self._maps)} mapped")
+        if self.pin_count:
+            state.append(f"pinned x{self.pin_count}")
+        return f"<Attachment {self.device.name} -> {self.dmabuf.name!r} {kind}{', ' + ', '.join(state) if state else ''}>"
+
+    def __del__(self) -> None:
+        if not getattr(self, "detached", True) and not self.dmabuf.released:
+            warnings.warn(f"{self!r} collected while still attached", ResourceWarning, stacklevel=2)
+
+
+def _touches(machine: Any, ranges: np.ndarray, kind: RangeKind) -> bool:
+    for p, n in np.asarray(ranges, dtype=np.uint64).reshape(-1, 2).tolist():
+        if any(r.kind == kind for r in machine.address_map.overlapping(p, n)):
+            return True
+    return False
+
+
+# ------------------------------------------------------------- CPU mapping
+
+
+class CpuMapping:
+    """A CPU mapping of a dma-buf (the generic mmap over physical ranges).
+
+    Each page is "faulted in" on first access: resolved through the
+    exporter's ranges under the reservation lock and kept until the
+    exporter invalidates (the mapping is zapped: the next access refaults
+    and sees the new memory).  After a revoke an access raises
+    :class:`~pydmabuf.errors.IOFailure` with the message SIGBUS, as the
+    process would get SIGBUS.
+    """
+
+    def __init__(self, dmabuf: DmaBuf, offset: int, nbytes: int, *, takes_lock: bool = True) -> None:
+        self.dmabuf = dmabuf
+        self.offset = offset
+        self.nbytes = nbytes
+        self.takes_lock = takes_lock  # False for a vmap (its user holds the lock)
+        self._ranges: np.ndarray | None = None
+        self.faults = 0
+        self.zaps = 0
+        self.created_at = checks.created_at()
+
+    def _zap(self) -> None:
+        if self._ranges is not None:
+            self.zaps += 1
+        self._ranges = None
+
+    def _resolve(self) -> np.ndarray:
+        if self._ranges is not None:
+            return self._ranges
+        buf = self.dmabuf
+        if self.takes_lock:
+            buf.resv.lock()
+        try:
+            if buf.revoked or buf.released:
+                raise errors.IOFailure(f"SIGBUS: {buf.name} was revoked; its CPU mapping is gone")
+            pv = buf.exporter.get_phys_vec(None)  # type: ignore[arg-type]
+            self.faults += 1
+            self._ranges = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
+        finally:
+            if self.takes_lock:
+                buf.resv.unlock()
+        return self._ranges
+
+    def _runs(self, off: int, n: int) -> list[tuple[int, int]]:
+        if off < 0 or n < 0 or off + n > self.nbytes:
+            raise errors.IOFailure(f"SIGBUS: access [{off:#x}, +{n:#x}) beyond the {self.nbytes:#x}-byte mapping")
+        rows = self._resolve()
+        pos = self.offset + off
+        out = []
+        ends = np.cumsum(rows[:, 1].astype(object))
+        starts = ends - rows[:, 1].astype(object)
+        i = int(np.searchsorted(ends.astype(np.float64), pos, side="right"))
+        while n > 0 and i < len(rows):
+            inner = pos - int(starts[i])
+            take = min(n, int(rows[i, 1]) - inner)
+            out.append((int(rows[i, 0]) + inner, take))
+            pos += take
+            n -= take
+            i += 1
+        return out
+
+    def read(self, off: int, nbytes: int) -> bytes:
+        mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]
+        return b"".join(mem.read(p, n) for p, n in self._runs(off, nbytes))
+
+    def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        buf = memoryview(data).cast("B")
+        mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]
+        pos = 0
+        for p, n in self._runs(off, len(buf)):
+            mem.write(p, buf[pos : pos + n])
+            pos += n
+
+    def __repr__(self) -> str:
+        return (f"<CpuMapping {self.dmabuf.name!r} [{self.offset:#x}, +{self.nbytes:#x}] faults={self.faults} "
+                f"zaps={self.zaps}>")
+
+
+# --------------------------------------------------------------- functions
+
+
+def export(exporter: Exporter, nbytes: int, *, resv: Any = None, name: str | None = None) -> DmaBuf:
+    """``dma_buf_export()``: a new dma-buf of ``nbytes`` backed by ``exporter``.
+
+    Raises InvalidArgument (EINVAL) if ``map_dma_buf``, ``unmap_dma_buf``
+    or ``release`` is missing, or exactly one of ``pin``/``unpin`` is.
+    """
+    if not isinstance(exporter, Exporter):
+        raise TypeError("exporter must be an Exporter")
+    cls = type(exporter)
+    for op in ("map_dma_buf", "unmap_dma_buf", "release"):
+        if not cls.has(op):
+            raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has no {op}")
+    if cls.has("pin") != cls.has("unpin"):
+        raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has pin without unpin or unpin without pin")
+    if not isinstance(nbytes, int) or nbytes <= 0:
+        raise errors.InvalidArgument(f"dma_buf_export: size {nbytes!r} must be positive")
+    return DmaBuf._new(exporter, nbytes, resv, name)
+
+
+def dma_buf_get(fd: int) -> DmaBuf:
+    """``dma_buf_get()``: a new reference to the dma-buf behind ``fd``
+    (EBADF for a closed fd, EINVAL for a file that is not a dma-buf)."""
+    obj = files.lookup(fd)
+    if not isinstance(obj, DmaBuf):
+        raise errors.InvalidArgument(f"fd {fd} is not a dma-buf")
+    return obj.get()
+
+
+def close(fd: int) -> None:
+    """Close an fd from :meth:`DmaBuf.fd` (drops its reference)."""
+    files.close(fd)
+
+
+def attach_revocable(attachment: Attachment) -> bool:
+    """``dma_buf_attach_revocable()`` (7.1): can the exporter revoke this
+    importer, i.e. is it dynamic with an invalidation callback?"""
+    ops = attachment.importer_ops
+    return ops is not None and ops.has_invalidate

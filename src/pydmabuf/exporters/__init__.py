@@ -1,0 +1,10 @@
+"""Exporters: where dma-bufs come from.
+
+* :class:`SystemHeap`: buffers of RAM pages from the machine (a chosen
+  layout, or the pages of a real Python buffer), mapped through
+  scatterlists; movable (a dynamic exporter) or not.
+"""
+
+from pydmabuf.exporters.system_heap import SystemHeap
+
+__all__ = ["SystemHeap"]
