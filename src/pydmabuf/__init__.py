@@ -9,14 +9,40 @@ IOVA API.  See the README for a tour.
 from __future__ import annotations
 
 from pydmabuf import errors
-from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection, Range, RangeKind
+from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection, Range, RangeKind, Usage
 from pydmabuf._core import (
     MAX_SG_ENT_SZ,
     SCATTERLIST_MAX_SEGMENT,
+    AcquireContext,
+    Fence,
+    FenceArray,
+    FenceCallback,
+    FenceChain,
     RangeTable,
+    Resv,
+    ResvIter,
     SgTable,
+    WwClass,
+    WwMutex,
+    begin_signalling,
+    end_signalling,
+    fence_chain_contained,
+    fence_chain_find_seqno,
+    fence_context_alloc,
+    fence_merge,
+    fence_unwrap,
+    fence_wait_any,
+    flush_signals,
+    get_stub_fence,
+    in_signalling_section,
     pagemap,
+    private_stub_fence,
+    reservation_ww_class,
+    signal_pending,
+    signal_thread,
+    usage_rw,
 )
+from pydmabuf.locking import locked, signalling_section
 
 try:
     from pydmabuf._version import version as __version__
@@ -41,4 +67,33 @@ __all__ = [
     "RangeTable",
     "SgTable",
     "pagemap",
+    # reservation locking and fences
+    "WwClass",
+    "WwMutex",
+    "AcquireContext",
+    "reservation_ww_class",
+    "locked",
+    "Fence",
+    "FenceCallback",
+    "FenceArray",
+    "FenceChain",
+    "fence_context_alloc",
+    "fence_wait_any",
+    "fence_unwrap",
+    "fence_merge",
+    "fence_chain_find_seqno",
+    "fence_chain_contained",
+    "get_stub_fence",
+    "private_stub_fence",
+    "Resv",
+    "ResvIter",
+    "Usage",
+    "usage_rw",
+    "begin_signalling",
+    "end_signalling",
+    "in_signalling_section",
+    "signalling_section",
+    "signal_thread",
+    "signal_pending",
+    "flush_signals",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-__all__ = ["RangeKind", "Range", "DmaDirection", "PAGE_SIZE", "PAGE_SHIFT"]
+__all__ = ["RangeKind", "Range", "DmaDirection", "Usage", "PAGE_SIZE", "PAGE_SHIFT"]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -62,6 +62,22 @@ class DmaDirection(enum.IntEnum):
     TO_DEVICE = 1
     FROM_DEVICE = 2
     NONE = 3
+
+
+class Usage(enum.IntEnum):
+    """``enum dma_resv_usage``: how a fence in a reservation object uses
+    the buffer.
+
+    Ordered ``KERNEL < WRITE < READ < BOOKKEEP``; asking a
+    :class:`~pydmabuf.Resv` for usage U returns every fence of usage <= U.
+    A fence may be promoted to a smaller usage by adding it again, never
+    degraded.
+    """
+
+    KERNEL = 0  #: kernel memory management (moves, clears): everyone waits
+    WRITE = 1  #: implicit-sync writers
+    READ = 2  #: implicit-sync readers
+    BOOKKEEP = 3  #: not part of implicit sync (preemption, page tables)
 
 
 def _fmt_size(n: int) -> str:
