@@ -414,6 +414,16 @@ def end_signalling(cookie):
     _sig_exit(t, False)
 
 
+def _thread_lock_state():
+    """Test/debug hook: this thread's bookkeeping as a dict (held: ww
+    mutexes held; in_section; signal_pending)."""
+    cdef pdb_task *t = pdb_task_peek_c()
+    if t == NULL:
+        return {"held": 0, "in_section": False, "signal_pending": False}
+    return {"held": t.held_total, "in_section": bool(t.sig_depth),
+            "signal_pending": bool(pdb_load_int(&t.sigpending))}
+
+
 def in_signalling_section():
     """True while this thread is inside a fence-signalling section."""
     cdef pdb_task *t = pdb_task_peek_c()
