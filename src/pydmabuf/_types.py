@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-__all__ = ["RangeKind", "Range", "DmaDirection", "IommuProt", "PAGE_SIZE", "PAGE_SHIFT"]
+__all__ = ["RangeKind", "Range", "DmaDirection", "IommuProt", "Usage", "PAGE_SIZE", "PAGE_SHIFT"]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -76,6 +76,22 @@ class IommuProt(enum.IntFlag):
     NOEXEC = 1 << 3  #: no instruction fetch through this mapping
     MMIO = 1 << 4  #: device memory (MSI doorbells, PCI BARs): never cacheable
     PRIV = 1 << 5  #: privileged accesses only
+
+
+class Usage(enum.IntEnum):
+    """``enum dma_resv_usage``: how a fence in a reservation object uses
+    the buffer.
+
+    Ordered ``KERNEL < WRITE < READ < BOOKKEEP``; asking a
+    :class:`~pydmabuf.Resv` for usage U returns every fence of usage <= U.
+    A fence may be promoted to a smaller usage by adding it again, never
+    degraded.
+    """
+
+    KERNEL = 0  #: kernel memory management (moves, clears): everyone waits
+    WRITE = 1  #: implicit-sync writers
+    READ = 2  #: implicit-sync readers
+    BOOKKEEP = 3  #: not part of implicit sync (preemption, page tables)
 
 
 def _fmt_size(nbytes: int) -> str:

@@ -1,0 +1,1353 @@
+# Wound/wait mutexes: the kernel's ww_class, ww_mutex and ww_acquire_ctx
+# (include/linux/ww_mutex.h, kernel/locking/ww_mutex.h, the ww parts of
+# kernel/locking/mutex.c), with the debug checks of DEBUG_WW_MUTEXES and
+# the lockdep rules that concern them always on, as LockingError.
+#
+# Threads block for real: a waiter parks on its task (pdb_task, the model's
+# task_struct) with the GIL released; whoever must wake it (an unlock, a
+# wound, a die) sets the task's wake token.  Wait lists, stamps, the
+# wait-die and wound-wait decisions follow the kernel's functions of the
+# same names (__ww_mutex_add_waiter, __ww_mutex_check_kill, ...) step by
+# step; the owner word with its WAITERS flag follows struct mutex.
+#
+# The per-thread state of the fence-signalling checker (signalling
+# sections) lives in the task too; the checker itself is used by the fence
+# and resv code that follows.
+
+from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
+from libc.errno cimport EINTR
+from libc.stdint cimport int32_t
+from cpython.pythread cimport PyThread_get_thread_ident
+
+cdef extern from "<errno.h>":
+    enum:
+        EDEADLK
+        EALREADY
+
+cdef extern from *:
+    """
+    #include <time.h>
+    #include <errno.h>
+    #include <stdlib.h>
+
+    static __thread pdb_task *pdb_tls_task;
+    static pthread_key_t pdb_task_key;
+    static int pdb_task_key_ok;
+    static pthread_mutex_t pdb_tasks_mu = PTHREAD_MUTEX_INITIALIZER;
+    static pdb_task *pdb_tasks_head;
+
+    static int64_t pdb_now_ns_c(void)
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+    }
+
+    static void pdb_task_get_c(pdb_task *t)
+    {
+        __atomic_add_fetch(&t->refs, 1, __ATOMIC_RELAXED);
+    }
+
+    static void pdb_task_put_c(pdb_task *t)
+    {
+        if (__atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) != 0)
+            return;
+        pthread_mutex_lock(&pdb_tasks_mu);
+        if (t->prev)
+            t->prev->next = t->next;
+        else
+            pdb_tasks_head = t->next;
+        if (t->next)
+            t->next->prev = t->prev;
+        pthread_mutex_unlock(&pdb_tasks_mu);
+        pthread_cond_destroy(&t->cv);
+        pthread_mutex_destroy(&t->mu);
+        free(t);
+    }
+
+    /* Thread exit.  A thread that dies holding ww mutexes keeps its task
+       (the mutexes still name it as their owner, as a dead task would in
+       the kernel); otherwise the thread's reference goes. */
+    static void pdb_task_exit(void *p)
+    {
+        pdb_task *t = (pdb_task *)p;
+        __atomic_store_n(&t->alive, 0, __ATOMIC_SEQ_CST);
+        if (t->held_total == 0)
+            pdb_task_put_c(t);
+    }
+
+    static int pdb_task_init_key(void)
+    {
+        if (pthread_key_create(&pdb_task_key, pdb_task_exit) != 0)
+            return -1;
+        pdb_task_key_ok = 1;
+        return 0;
+    }
+
+    static pdb_task *pdb_task_new_current(void)
+    {
+        pthread_condattr_t attr;
+        pdb_task *t = (pdb_task *)calloc(1, sizeof(*t));
+        if (!t)
+            return NULL;
+        pthread_mutex_init(&t->mu, NULL);
+        pthread_condattr_init(&attr);
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
+        pthread_cond_init(&t->cv, &attr);
+        pthread_condattr_destroy(&attr);
+        t->refs = 1;
+        t->alive = 1;
+        t->ident = PyThread_get_thread_ident();
+        pthread_mutex_lock(&pdb_tasks_mu);
+        t->next = pdb_tasks_head;
+        if (pdb_tasks_head)
+            pdb_tasks_head->prev = t;
+        pdb_tasks_head = t;
+        pthread_mutex_unlock(&pdb_tasks_mu);
+        if (pdb_task_key_ok)
+            pthread_setspecific(pdb_task_key, t);
+        pdb_tls_task = t;
+        return t;
+    }
+
+    static inline pdb_task *pdb_task_current_c(void)
+    {
+        pdb_task *t = pdb_tls_task;
+        return t ? t : pdb_task_new_current();
+    }
+
+    static inline pdb_task *pdb_task_peek_c(void)
+    {
+        return pdb_tls_task;
+    }
+
+    static void pdb_wake_c(pdb_task *t)
+    {
+        pthread_mutex_lock(&t->mu);
+        t->token = 1;
+        pthread_cond_signal(&t->cv);
+        pthread_mutex_unlock(&t->mu);
+    }
+
+    static int pdb_park_c(pdb_task *t, int64_t deadline)
+    {
+        int rc = 0;
+        pthread_mutex_lock(&t->mu);
+        while (!t->token) {
+            if (deadline < 0) {
+                pthread_cond_wait(&t->cv, &t->mu);
+            } else {
+                struct timespec ts;
+                ts.tv_sec = (time_t)(deadline / 1000000000LL);
+                ts.tv_nsec = (long)(deadline % 1000000000LL);
+                if (pthread_cond_timedwait(&t->cv, &t->mu, &ts) == ETIMEDOUT) {
+                    rc = -ETIMEDOUT;
+                    break;
+                }
+            }
+        }
+        t->token = 0;
+        pthread_mutex_unlock(&t->mu);
+        return rc;
+    }
+
+    /* Make a signal pending for the live thread ``ident`` and wake it. */
+    static int pdb_signal_ident_c(unsigned long ident)
+    {
+        int found = 0;
+        pdb_task *t;
+        pthread_mutex_lock(&pdb_tasks_mu);
+        for (t = pdb_tasks_head; t; t = t->next) {
+            if (t->ident == ident && __atomic_load_n(&t->alive, __ATOMIC_SEQ_CST)) {
+                __atomic_store_n(&t->sigpending, 1, __ATOMIC_SEQ_CST);
+                pdb_wake_c(t);
+                found = 1;
+            }
+        }
+        pthread_mutex_unlock(&pdb_tasks_mu);
+        return found;
+    }
+    """
+    int64_t pdb_now_ns_c() nogil
+    void pdb_task_get_c(pdb_task *t) nogil
+    void pdb_task_put_c(pdb_task *t) nogil
+    int pdb_task_init_key() nogil
+    pdb_task *pdb_task_current_c() nogil
+    pdb_task *pdb_task_peek_c() nogil
+    void pdb_wake_c(pdb_task *t) nogil
+    int pdb_park_c(pdb_task *t, int64_t deadline) nogil
+    int pdb_signal_ident_c(unsigned long ident) nogil
+
+cdef extern from "Python.h":
+    PyObject *PyEval_GetFrame()
+
+if pdb_task_init_key() != 0:
+    raise ImportError("pydmabuf: cannot create the thread-exit key")
+
+import sys as _sys
+
+
+# ------------------------------------------------------------------ tasks
+
+cdef pdb_task *pdb_current_task() noexcept nogil:
+    return pdb_task_current_c()
+
+
+cdef void pdb_wake(pdb_task *t) noexcept nogil:
+    pdb_wake_c(t)
+
+
+cdef int pdb_park(pdb_task *t, int64_t deadline_ns) noexcept nogil:
+    return pdb_park_c(t, deadline_ns)
+
+
+cdef int64_t pdb_now_ns() noexcept nogil:
+    return pdb_now_ns_c()
+
+
+cdef inline pdb_task *_cur_task() except NULL:
+    cdef pdb_task *t = pdb_task_current_c()
+    if t == NULL:
+        raise MemoryError("cannot allocate the per-thread lock state")
+    return t
+
+
+cdef int64_t _deadline(object timeout, str what) except -2:
+    """Seconds (None: forever) -> absolute CLOCK_MONOTONIC ns, -1 = forever.
+
+    Negative or NaN timeouts are the kernel's -EINVAL
+    (dma_fence_wait_timeout warns and refuses them).
+    """
+    cdef double secs
+    if timeout is None:
+        return -1
+    secs = timeout
+    if not secs >= 0.0:
+        raise _errors.InvalidArgument(f"{what}: timeout must be >= 0 seconds or None (got {timeout!r})")
+    if secs > 9.0e9:
+        return -1
+    return pdb_now_ns_c() + <int64_t>(secs * 1e9)
+
+
+def signal_thread(ident):
+    """Make a signal pending for a thread, as ``kill()`` would for a task.
+
+    The thread's interruptible waits (``lock_interruptible``,
+    ``Fence.wait(interruptible=True)``, ``Resv.wait(interruptible=True)``)
+    then fail with :class:`~pydmabuf.errors.Interrupted` (EINTR, or
+    ERESTARTSYS for fence waits), waking it if it is asleep; uninterruptible
+    waits ignore it.  The signal stays pending until an interruptible wait
+    reports it (the model's "return to user space") or
+    :func:`flush_signals` clears it.
+
+    Parameters
+    ----------
+    ident : int
+        ``threading.get_ident()`` of the target thread.
+
+    Returns
+    -------
+    bool
+        False when no live thread with that ident has used pydmabuf's
+        locks or fences yet (nothing to signal).
+    """
+    return bool(pdb_signal_ident_c(<unsigned long>ident))
+
+
+def signal_pending():
+    """True when a signal (see :func:`signal_thread`) is pending for this thread."""
+    cdef pdb_task *t = pdb_task_peek_c()
+    return t != NULL and pdb_load_int(&t.sigpending) != 0
+
+
+def flush_signals():
+    """Clear this thread's pending signal, if any."""
+    cdef pdb_task *t = pdb_task_peek_c()
+    if t != NULL:
+        pdb_store_int(&t.sigpending, 0)
+
+
+cdef inline object _interrupted(pdb_task *t, int err, str what):
+    """Report an interrupted wait; the pending signal is consumed."""
+    pdb_store_int(&t.sigpending, 0)
+    raise _errors.from_errno(err, what)
+
+
+# ------------------------------------------- per-thread lock bookkeeping
+#
+# What lockdep would know: how many ww mutexes of each class this thread
+# holds, with and without an acquire context.  A thread rarely holds more
+# than one or two classes at once; past PDB_TASK_CLASSES the extra classes
+# are counted in held_total only and escape the per-class checks.
+
+cdef inline int _task_slot(pdb_task *t, pdb_ww_class *cls, bint create) noexcept nogil:
+    cdef int i
+    cdef int free_slot = -1
+    for i in range(PDB_TASK_CLASSES):
+        if t.held_cls[i] == <void *>cls:
+            return i
+        if free_slot < 0 and t.held_plain[i] == 0 and t.held_ctx[i] == 0:
+            free_slot = i
+    if create and free_slot >= 0:
+        t.held_cls[free_slot] = <void *>cls
+        return free_slot
+    return -1
+
+
+cdef inline void _task_account(pdb_task *t, pdb_ww_class *cls, bint with_ctx,
+                               int delta) noexcept nogil:
+    cdef int i = _task_slot(t, cls, delta > 0)
+    t.held_total += delta
+    if i < 0:
+        return
+    if with_ctx:
+        t.held_ctx[i] += delta
+    else:
+        t.held_plain[i] += delta
+    if t.held_ctx[i] == 0 and t.held_plain[i] == 0:
+        t.held_cls[i] = NULL
+
+
+cdef inline unsigned int _task_held(pdb_task *t, pdb_ww_class *cls, bint with_ctx) noexcept nogil:
+    cdef int i = _task_slot(t, cls, False)
+    if i < 0:
+        return 0
+    return t.held_ctx[i] if with_ctx else t.held_plain[i]
+
+
+# ------------------------------------------------------ signalling sections
+#
+# dma_fence_begin_signalling() / end(): the critical section from the
+# point a fence is published to its signal.  Fence.signal() opens one
+# itself around its callbacks.  Inside a section, waiting on a fence or
+# taking a reservation lock is a LockingError naming both places.
+
+cdef object _locking_mod = None
+
+
+cdef object _locking():
+    global _locking_mod
+    if _locking_mod is None:
+        from pydmabuf import locking as mod
+        _locking_mod = mod
+    return _locking_mod
+
+
+cdef inline bint _sig_enter_implicit(pdb_task *t, object fence):
+    """Fence.signal()'s own section; True when it nests in an open one."""
+    if t.sig_depth:
+        return True
+    t.sig_depth = 1
+    t.sig_frame = <void *>PyEval_GetFrame()
+    t.sig_fence = <void *>fence
+    return False
+
+
+cdef inline void _sig_exit(pdb_task *t, bint nested):
+    cdef PyObject *site
+    if nested:
+        return
+    t.sig_depth = 0
+    t.sig_frame = NULL
+    t.sig_fence = NULL
+    site = <PyObject *>t.sig_site
+    t.sig_site = NULL
+    if site != NULL:
+        Py_DECREF(<object>site)
+
+
+cdef int _sig_violation(pdb_task *t, str what) except -1:
+    """Raise the LockingError for ``what`` done inside a signalling section."""
+    cdef object begin
+    mod = _locking()
+    if t.sig_site != NULL:
+        begin = <object>t.sig_site
+    else:
+        fence = <object>t.sig_fence if t.sig_fence != NULL else None
+        begin = mod._signal_site(<size_t>t.sig_frame, fence)
+    raise mod._signalling_error(what, begin)
+
+
+def begin_signalling():
+    """Open a fence-signalling critical section (dma_fence_begin_signalling).
+
+    Code between a fence becoming visible to others and its signal must not
+    wait on fences nor take reservation locks: such a wait could depend on
+    the very fence being signalled.  Inside a section pydmabuf reports
+    either as :class:`~pydmabuf.errors.LockingError`, naming where the
+    section began and where the offending call was made.  Sections nest;
+    only the outermost one counts, as in the kernel.
+
+    Returns
+    -------
+    bool
+        The cookie for :func:`end_signalling`: True when a section was
+        already open (nothing was opened).
+    """
+    cdef pdb_task *t = _cur_task()
+    if t.sig_depth:
+        return True
+    site = _locking()._caller_site()
+    Py_INCREF(site)
+    t.sig_site = <void *>site
+    t.sig_depth = 1
+    return False
+
+
+def end_signalling(cookie):
+    """Close the section opened by the :func:`begin_signalling` that
+    returned ``cookie`` (a True cookie closes nothing).
+
+    Raises
+    ------
+    LockingError
+        No section opened by :func:`begin_signalling` is open in this
+        thread.
+    """
+    cdef pdb_task *t
+    if cookie:
+        return
+    t = _cur_task()
+    if not t.sig_depth or t.sig_site == NULL:
+        raise _errors.LockingError(
+            "end_signalling(False) without a matching begin_signalling() in this thread")
+    _sig_exit(t, False)
+
+
+def _thread_lock_state():
+    """Test/debug hook: this thread's bookkeeping as a dict (held: ww
+    mutexes held; in_section; signal_pending)."""
+    cdef pdb_task *t = pdb_task_peek_c()
+    if t == NULL:
+        return {"held": 0, "in_section": False, "signal_pending": False}
+    return {"held": t.held_total, "in_section": bool(t.sig_depth),
+            "signal_pending": bool(pdb_load_int(&t.sigpending))}
+
+
+def in_signalling_section():
+    """True while this thread is inside a fence-signalling section."""
+    cdef pdb_task *t = pdb_task_peek_c()
+    return t != NULL and t.sig_depth != 0
+
+
+# ------------------------------------------------------------- ww kernels
+
+cdef inline pdb_task *_owner(size_t word) noexcept nogil:
+    return <pdb_task *>(word & ~PDB_MUTEX_WAITERS)
+
+
+cdef inline bint _ctx_less(pdb_ww_ctx *a, pdb_ww_ctx *b) noexcept nogil:
+    """__ww_ctx_less(): a is younger than b (wrap-safe on the stamps)."""
+    return <long>(a.stamp - b.stamp) > 0
+
+
+cdef inline bint _mutex_trylock(pdb_ww_mutex *m, pdb_task *t) noexcept nogil:
+    """__mutex_trylock(): take a free mutex, keeping its flags."""
+    cdef size_t o = pdb_load_sz(&m.owner)
+    while _owner(o) == NULL:
+        if pdb_cas_sz(&m.owner, &o, <size_t>t | (o & PDB_MUTEX_WAITERS)):
+            m.owner_ident = t.ident
+            return True
+    return False
+
+
+cdef inline void _waiter_add(pdb_ww_mutex *m, pdb_ww_waiter *w,
+                             pdb_ww_waiter *pos) noexcept nogil:
+    """Queue ``w`` before ``pos`` (at the tail when pos is NULL); set WAITERS."""
+    if pos == NULL:
+        w.next = NULL
+        w.prev = m.wait_last
+        if m.wait_last != NULL:
+            m.wait_last.next = w
+        else:
+            m.wait_first = w
+        m.wait_last = w
+    else:
+        w.next = pos
+        w.prev = pos.prev
+        if pos.prev != NULL:
+            pos.prev.next = w
+        else:
+            m.wait_first = w
+        pos.prev = w
+    pdb_or_sz(&m.owner, PDB_MUTEX_WAITERS)
+
+
+cdef inline void _waiter_remove(pdb_ww_mutex *m, pdb_ww_waiter *w) noexcept nogil:
+    if w.prev != NULL:
+        w.prev.next = w.next
+    else:
+        m.wait_first = w.next
+    if w.next != NULL:
+        w.next.prev = w.prev
+    else:
+        m.wait_last = w.prev
+    w.next = w.prev = NULL
+    if m.wait_first == NULL:
+        pdb_and_sz(&m.owner, ~PDB_MUTEX_WAITERS)
+
+
+cdef inline bint _ww_die(pdb_ww_waiter *waiter, pdb_ww_ctx *ww_ctx) noexcept nogil:
+    """__ww_mutex_die(): wait-die wakes a younger waiter holding locks so it
+    can back off.  True for wait-die classes (decision made)."""
+    if not ww_ctx.is_wait_die:
+        return False
+    if pdb_load_uint(&waiter.ctx.acquired) > 0 and _ctx_less(waiter.ctx, ww_ctx):
+        pdb_wake_c(waiter.task)
+    return True
+
+
+cdef inline bint _ww_wound(pdb_ww_mutex *m, pdb_ww_ctx *ww_ctx, pdb_ww_ctx *hold_ctx,
+                           pdb_task *cur) noexcept nogil:
+    """__ww_mutex_wound(): wound-wait wounds a younger holder when the
+    requester holds locks."""
+    cdef pdb_task *owner = _owner(pdb_load_sz(&m.owner))
+    if hold_ctx == NULL or owner == NULL:
+        return False
+    if pdb_load_uint(&ww_ctx.acquired) > 0 and _ctx_less(hold_ctx, ww_ctx):
+        pdb_store_int(&hold_ctx.wounded, 1)
+        if owner != cur:
+            pdb_wake_c(owner)
+        return True
+    return False
+
+
+cdef inline void _ww_check_waiters(pdb_ww_mutex *m, pdb_ww_ctx *ww_ctx,
+                                   pdb_task *cur) noexcept nogil:
+    """__ww_mutex_check_waiters(): we just took ``m`` with ``ww_ctx``; the
+    first context waiter may have to die, or may wound us.  wait_lock held."""
+    cdef pdb_ww_waiter *w = m.wait_first
+    while w != NULL:
+        if w.ctx != NULL:
+            if _ww_die(w, ww_ctx) or _ww_wound(m, w.ctx, ww_ctx, cur):
+                break
+        w = w.next
+
+
+cdef inline int _ww_kill(pdb_ww_mutex *m, pdb_ww_ctx *ctx) noexcept nogil:
+    """__ww_mutex_kill(): -EDEADLK when the context holds locks."""
+    if ctx.acquired > 0:
+        ctx.contending = m
+        return -EDEADLK
+    return 0
+
+
+cdef inline int _ww_check_kill(pdb_ww_mutex *m, pdb_ww_waiter *waiter,
+                               pdb_ww_ctx *ctx) noexcept nogil:
+    """__ww_mutex_check_kill(): must this waiter back off now?"""
+    cdef pdb_ww_ctx *hold_ctx = pdb_load_ctx(&m.ctx)
+    cdef pdb_ww_waiter *cur
+    if ctx.acquired == 0:
+        return 0
+    if not ctx.is_wait_die:
+        if pdb_load_int(&ctx.wounded):
+            return _ww_kill(m, ctx)
+        return 0
+    if hold_ctx != NULL and _ctx_less(ctx, hold_ctx):
+        return _ww_kill(m, ctx)
+    cur = waiter.prev
+    while cur != NULL:
+        if cur.ctx != NULL:
+            return _ww_kill(m, ctx)
+        cur = cur.prev
+    return 0
+
+
+cdef inline int _ww_add_waiter(pdb_ww_waiter *waiter, pdb_ww_mutex *m,
+                               pdb_ww_ctx *ww_ctx, pdb_task *cur) noexcept nogil:
+    """__ww_mutex_add_waiter(): queue in stamp order (context-less waiters
+    keep FIFO places); wait-die may die at once, wound-wait wounds a
+    younger holder."""
+    cdef pdb_ww_waiter *w
+    cdef pdb_ww_waiter *pos = NULL
+    cdef int ret
+    if ww_ctx == NULL:
+        _waiter_add(m, waiter, NULL)
+        return 0
+    w = m.wait_last
+    while w != NULL:
+        if w.ctx != NULL:
+            if _ctx_less(ww_ctx, w.ctx):
+                if ww_ctx.is_wait_die:
+                    ret = _ww_kill(m, ww_ctx)
+                    if ret:
+                        return ret
+                break
+            pos = w
+            _ww_die(w, ww_ctx)
+        w = w.prev
+    _waiter_add(m, waiter, pos)
+    if not ww_ctx.is_wait_die:
+        _ww_wound(m, ww_ctx, pdb_load_ctx(&m.ctx), cur)
+    return 0
+
+
+cdef inline void _held_add(pdb_ww_ctx *ctx, pdb_ww_mutex *m) noexcept nogil:
+    m.held_prev = NULL
+    m.held_next = ctx.held
+    if ctx.held != NULL:
+        ctx.held.held_prev = m
+    ctx.held = m
+
+
+cdef inline void _held_remove(pdb_ww_ctx *ctx, pdb_ww_mutex *m) noexcept nogil:
+    if m.held_prev != NULL:
+        m.held_prev.held_next = m.held_next
+    else:
+        ctx.held = m.held_next
+    if m.held_next != NULL:
+        m.held_next.held_prev = m.held_prev
+    m.held_next = m.held_prev = NULL
+
+
+cdef inline void _ww_lock_acquired(pdb_ww_mutex *m, pdb_ww_ctx *ctx) noexcept nogil:
+    """ww_mutex_lock_acquired(): associate the mutex with its context."""
+    pdb_store_uint(&ctx.acquired, ctx.acquired + 1)
+    ctx.contending = NULL
+    _held_add(ctx, m)
+    pdb_store_ctx(&m.ctx, ctx)
+
+
+cdef int ww_mutex_init(pdb_ww_mutex *m, pdb_ww_class *cls) noexcept nogil:
+    pthread_mutex_init(&m.wait_lock, NULL)
+    m.owner = 0
+    m.owner_ident = 0
+    m.ctx = NULL
+    m.cls = cls
+    m.wait_first = m.wait_last = NULL
+    m.held_next = m.held_prev = NULL
+    m.destroyed = 0
+    m.is_resv = cls.is_reservation if cls != NULL else 0
+    return 0
+
+
+cdef inline void _lock_wait_lock(pdb_ww_mutex *m) noexcept nogil:
+    pthread_mutex_lock(&m.wait_lock)
+
+
+cdef bint ww_lock_fast(pdb_ww_mutex *m, pdb_ww_ctx *ctx, pdb_task *t) noexcept nogil:
+    """The uncontended path of __mutex_lock_common() and
+    ww_mutex_set_context_fastpath()."""
+    if ctx != NULL and ctx.acquired == 0:
+        pdb_store_int(&ctx.wounded, 0)
+    if not _mutex_trylock(m, t):
+        return False
+    _task_account(t, m.cls, ctx != NULL, 1)
+    if ctx != NULL:
+        _ww_lock_acquired(m, ctx)
+        # Waiters may have queued while we took it: they may have to die,
+        # or wound us (the store of m.ctx above pairs with their setting
+        # of the WAITERS flag before reading m.ctx).
+        if pdb_load_sz(&m.owner) & PDB_MUTEX_WAITERS:
+            _lock_wait_lock(m)
+            _ww_check_waiters(m, ctx, t)
+            pthread_mutex_unlock(&m.wait_lock)
+    return True
+
+
+cdef int ww_lock_slow(pdb_ww_mutex *m, pdb_ww_ctx *ctx, pdb_task *t,
+                      bint interruptible) noexcept nogil:
+    """The waiting part of __mutex_lock_common() for ww mutexes."""
+    cdef pdb_ww_waiter waiter
+    cdef int ret = 0
+    cdef bint was_first
+    if ctx != NULL and ctx.acquired == 0:
+        pdb_store_int(&ctx.wounded, 0)
+    _lock_wait_lock(m)
+    if _mutex_trylock(m, t):
+        if ctx != NULL:
+            _ww_check_waiters(m, ctx, t)
+    else:
+        waiter.task = t
+        waiter.ctx = ctx
+        waiter.next = waiter.prev = NULL
+        ret = _ww_add_waiter(&waiter, m, ctx, t)
+        if ret:
+            pthread_mutex_unlock(&m.wait_lock)
+            return ret
+        while True:
+            if _mutex_trylock(m, t):
+                break
+            if interruptible and pdb_load_int(&t.sigpending):
+                ret = -EINTR
+                break
+            if ctx != NULL:
+                ret = _ww_check_kill(m, &waiter, ctx)
+                if ret:
+                    break
+            pthread_mutex_unlock(&m.wait_lock)
+            pdb_park_c(t, -1)
+            _lock_wait_lock(m)
+        if ret:
+            _waiter_remove(m, &waiter)
+            pthread_mutex_unlock(&m.wait_lock)
+            return ret
+        was_first = m.wait_first == &waiter
+        if ctx != NULL and not ctx.is_wait_die and not was_first:
+            _ww_check_waiters(m, ctx, t)    # we stole it: we may be wounded
+        _waiter_remove(m, &waiter)
+    _task_account(t, m.cls, ctx != NULL, 1)
+    if ctx != NULL:
+        _ww_lock_acquired(m, ctx)
+    pthread_mutex_unlock(&m.wait_lock)
+    return 0
+
+
+cdef bint ww_trylock(pdb_ww_mutex *m, pdb_ww_ctx *ctx, pdb_task *t) noexcept nogil:
+    """ww_mutex_trylock(): never blocks; 0 also when this ctx holds it."""
+    return ww_lock_fast(m, ctx, t)
+
+
+cdef inline void _mutex_release_locked(pdb_ww_mutex *m) noexcept nogil:
+    """Release with wait_lock held: clear the owner, wake the first waiter."""
+    m.owner_ident = 0
+    pdb_and_sz(&m.owner, PDB_MUTEX_WAITERS)
+    if m.wait_first != NULL:
+        pdb_wake_c(m.wait_first.task)
+
+
+cdef void ww_unlock(pdb_ww_mutex *m, pdb_task *t) noexcept nogil:
+    """ww_mutex_unlock(): detach the context, release, wake a waiter."""
+    cdef pdb_ww_ctx *ctx = m.ctx
+    cdef size_t expect = <size_t>t
+    _task_account(t, m.cls, ctx != NULL, -1)
+    if ctx != NULL:
+        _lock_wait_lock(m)
+        pdb_store_ctx(&m.ctx, NULL)
+        if ctx.acquired > 0:
+            pdb_store_uint(&ctx.acquired, ctx.acquired - 1)
+        _held_remove(ctx, m)
+        _mutex_release_locked(m)
+        pthread_mutex_unlock(&m.wait_lock)
+        return
+    m.owner_ident = 0
+    if pdb_cas_sz(&m.owner, &expect, 0):
+        return
+    m.owner_ident = t.ident
+    _lock_wait_lock(m)
+    _mutex_release_locked(m)
+    pthread_mutex_unlock(&m.wait_lock)
+
+
+# --------------------------------------------------------- Python classes
+
+cdef enum:
+    _LOCK = 0
+    _LOCK_INTR = 1
+    _SLOW = 2
+    _SLOW_INTR = 3
+    _TRY = 4
+
+
+cdef class WwClass:
+    """A class of wound/wait mutexes (``struct ww_class``).
+
+    Mutexes of one class may be locked in any order by acquire contexts of
+    that class; the class chooses how contention between two contexts is
+    resolved:
+
+    * **wait-die** (``wait_die=True``, the kernel's ``DEFINE_WD_CLASS``):
+      a younger context that meets an older holder dies (its ``lock``
+      raises :class:`~pydmabuf.errors.WouldDeadlock`); an older one waits.
+    * **wound-wait** (``wait_die=False``, ``DEFINE_WW_CLASS``): an older
+      context wounds a younger holder, which backs off at its next
+      contended lock; a younger one waits.
+
+    Either way a context that holds no locks simply waits, and the oldest
+    context never backs off.  Reservation objects use the wait-die class
+    :data:`~pydmabuf.reservation_ww_class`.
+
+    Parameters
+    ----------
+    name : str
+        For messages (the kernel names lockdep classes after it).
+    wait_die : bool, default False
+        The algorithm, as above.
+    """
+
+    def __init__(self, str name not None, *, bint wait_die=False):
+        self.name = name
+        self.c.is_wait_die = wait_die
+        self.c.stamp = 0
+        self.c.is_reservation = 0
+
+    @property
+    def is_wait_die(self):
+        """True for wait-die, False for wound-wait."""
+        return bool(self.c.is_wait_die)
+
+    @property
+    def stamp(self):
+        """The last stamp handed to an acquire context (0: none yet)."""
+        return self.c.stamp
+
+    @property
+    def acquire_name(self):
+        """The lockdep name of its acquire contexts, ``<name>_acquire``."""
+        return self.name + "_acquire"
+
+    @property
+    def mutex_name(self):
+        """The lockdep name of its mutexes, ``<name>_mutex``."""
+        return self.name + "_mutex"
+
+    def _set_stamp(self, stamp):
+        """Test hook: make the next context's stamp ``stamp + 1`` (mod 2**64),
+        to exercise the wrap-safe age comparison."""
+        self.c.stamp = <unsigned long>(stamp & 0xFFFFFFFFFFFFFFFF)
+
+    def __repr__(self):
+        return (f"WwClass({self.name!r}, "
+                f"{'wait-die' if self.c.is_wait_die else 'wound-wait'}, stamp={self.c.stamp})")
+
+
+reservation_ww_class = WwClass("reservation_ww_class", wait_die=True)
+(<WwClass>reservation_ww_class).c.is_reservation = 1
+
+
+cdef inline str _ident_str(unsigned long ident):
+    return f"{ident:#x}"
+
+
+cdef int _ww_check(WwMutex self, AcquireContext ctx, pdb_task *t, int mode) except -1:
+    """The debug checks of DEBUG_WW_MUTEXES and lockdep, before any state
+    changes (the kernel warns after the fact; the model refuses)."""
+    cdef pdb_ww_mutex *m = &self.m
+    cdef pdb_ww_ctx *c
+    cdef bint blocking = mode != _TRY
+    if m.cls == NULL:
+        raise _errors.LockingError(f"{self!r} was never initialised (call WwMutex.__init__)")
+    if m.destroyed:
+        raise _errors.LockingError(f"{self!r} was destroyed; it may not be used again")
+    if ctx is not None:
+        c = &ctx.c
+        if c.task == NULL:
+            raise _errors.LockingError(f"{ctx!r} was never initialised")
+        if c.task != t:
+            raise _errors.LockingError(
+                f"{ctx!r} belongs to thread {_ident_str(c.task.ident)}, not to this thread "
+                f"({_ident_str(t.ident)}): an acquire context is used by the task that made it")
+        if c.finished:
+            raise _errors.LockingError(f"{ctx!r} is finished (fini() was called); make a new one")
+        if (mode == _SLOW or mode == _SLOW_INTR) and c.contending == NULL:
+            raise _errors.LockingError(
+                f"lock_slow() of {self!r} without a preceding EDEADLK on {ctx!r}: "
+                f"lock_slow is only for the contended lock after a back-off")
+        if blocking and pdb_load_ctx(&m.ctx) == c:
+            raise _errors.AlreadyLockedError(f"{self!r} is already held by {ctx!r}")
+        if c.done_acquire:
+            raise _errors.LockingError(
+                f"locking {self!r} with {ctx!r} after done(): the acquire phase is over")
+        if c.cls != m.cls:
+            raise _errors.LockingError(
+                f"mixing classes: {self!r} is of class {self.ww_class.name!r} but {ctx!r} "
+                f"is of class {ctx.ww_class.name!r}")
+        if c.contending != NULL:
+            if c.contending != m:
+                raise _errors.LockingError(
+                    f"after EDEADLK on {ctx._contending!r}, {ctx!r} must lock that one "
+                    f"(lock_slow) before any other; tried {self!r}")
+            if c.acquired > 0:
+                raise _errors.LockingError(
+                    f"after EDEADLK, {ctx!r} must unlock everything it holds before taking "
+                    f"{self!r} again; it still holds {c.acquired} lock(s): {ctx.held()!r}")
+        if c.acquired == 0 and t.held_total and _task_held(t, m.cls, True) > 0:
+            raise _errors.LockingError(
+                f"this thread already holds {self.ww_class.name!r} locks through another acquire "
+                f"context; two contexts of one class in one thread can deadlock undetected")
+    elif blocking:
+        if _owner(pdb_load_sz(&m.owner)) == t:
+            raise _errors.LockingError(
+                f"recursive locking: this thread already holds {self!r}; locking it again "
+                f"without a context would deadlock")
+        if t.held_total and _task_held(t, m.cls, False) + _task_held(t, m.cls, True) > 0:
+            raise _errors.LockingError(
+                f"locking {self!r} without an acquire context while this thread holds other "
+                f"{self.ww_class.name!r} locks: nothing would detect the deadlock; use one "
+                f"AcquireContext for all of them (trylock is allowed)")
+    if blocking:
+        if m.is_resv and t.sig_depth:
+            _sig_violation(t, f"taking the reservation lock of {self!r}")
+        if ctx is not None and _owner(pdb_load_sz(&m.owner)) == t:
+            raise _errors.LockingError(
+                f"this thread already holds {self!r} (without {ctx!r}); waiting for it would "
+                f"deadlock")
+    return 0
+
+
+cdef inline void _ww_took(WwMutex self, AcquireContext ctx):
+    """Python-side ownership after a successful lock: a held mutex keeps
+    itself and its context alive."""
+    Py_INCREF(self)
+    if ctx is not None:
+        Py_INCREF(ctx)
+        self.ctx_ref = <void *>ctx
+
+
+cdef int _ww_release(WwMutex self, pdb_task *t) except -1:
+    """ww_unlock() plus the references _ww_took() made."""
+    cdef void *ref = self.ctx_ref
+    self.ctx_ref = NULL
+    ww_unlock(&self.m, t)
+    if ref != NULL:
+        Py_DECREF(<object>ref)
+    Py_DECREF(self)
+    return 0
+
+
+cdef int _ww_lock(WwMutex self, AcquireContext ctx, int mode) except -1:
+    """Lock ``self`` (modes _LOCK/_LOCK_INTR/_SLOW/_SLOW_INTR); raises."""
+    cdef pdb_task *t = _cur_task()
+    cdef pdb_ww_ctx *c = NULL
+    cdef int rc
+    cdef bint intr = mode == _LOCK_INTR or mode == _SLOW_INTR
+    cdef unsigned int tmp
+    _ww_check(self, ctx, t, mode)
+    if ctx is not None:
+        c = &ctx.c
+    if not ww_lock_fast(&self.m, c, t):
+        with nogil:
+            rc = ww_lock_slow(&self.m, c, t, intr)
+        if rc == -EDEADLK:
+            ctx._contending = self
+            raise _errors.WouldDeadlock(
+                f"{self!r}: {ctx!r} must back off: unlock every lock it holds, then "
+                f"lock_slow() this one and take the others again")
+        if rc == -EINTR:
+            _interrupted(t, EINTR, f"interrupted while waiting for {self!r}")
+        if rc < 0:
+            _check(rc, f"locking {self!r}")
+    _ww_took(self, ctx)
+    # CONFIG_DEBUG_WW_MUTEX_SLOWPATH: pretend to die now and then.
+    if c != NULL and c.inject and c.acquired > 1 and (mode == _LOCK or mode == _LOCK_INTR):
+        if c.inject_countdown == 0:
+            tmp = c.inject_interval
+            c.inject_interval = 0xFFFFFFFF if tmp > 0xFFFFFFFF // 4 else tmp * 2 + tmp + tmp // 2
+            c.inject_countdown = c.inject_interval
+            _ww_release(self, t)
+            c.contending = &self.m
+            ctx._contending = self
+            raise _errors.WouldDeadlock(
+                f"{self!r}: injected back-off (inject_deadlocks) for {ctx!r}")
+        c.inject_countdown -= 1
+    return 0
+
+
+cdef int _ww_unlock(WwMutex self) except -1:
+    cdef pdb_task *t = pdb_task_peek_c()
+    cdef pdb_task *o = _owner(pdb_load_sz(&self.m.owner))
+    if o == NULL:
+        raise _errors.LockingError(f"unlocking {self!r}, which is not locked")
+    if o != t:
+        raise _errors.LockingError(
+            f"unlocking {self!r}, held by thread {_ident_str(self.m.owner_ident)}, from thread "
+            f"{_ident_str(t.ident if t != NULL else PyThread_get_thread_ident())}: only the "
+            f"owner may unlock")
+    return _ww_release(self, t)
+
+
+cdef class WwMutex:
+    """A wound/wait mutex (``struct ww_mutex``) of a :class:`WwClass`.
+
+    Lock it alone with ``lock()`` (a plain mutex: no deadlock detection) or
+    together with others through an :class:`AcquireContext`, in any order:
+    ``lock(ctx)`` returns when the mutex is held, or raises
+
+    * :class:`~pydmabuf.errors.WouldDeadlock` (EDEADLK): back off — unlock
+      everything the context holds, ``lock_slow(ctx)`` this mutex, retake
+      the others (:meth:`AcquireContext.lock_all` does all of it);
+    * :class:`~pydmabuf.errors.AlreadyLockedError` (EALREADY): the context
+      already holds it.
+
+    Waiting blocks the calling thread with the GIL released.  The kernel's
+    debug checks are always on and raise
+    :class:`~pydmabuf.errors.LockingError`: locking after ``done()``,
+    mixing classes, unlocking a mutex the thread does not hold, destroying
+    a held mutex, any lock after EDEADLK other than the contended one once
+    everything else is unlocked, using a context from another thread, and
+    the lockdep rules (no context-less blocking lock of a class while the
+    thread holds another lock of it; two contexts of one class holding
+    locks in one thread; no reservation lock inside a fence-signalling
+    section).  Used as a context manager it locks without a context.
+
+    A held mutex keeps itself (and the context holding it) alive, as
+    kernel memory holding a locked mutex must not be freed.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        ww_mutex_init(&self.m, NULL)
+        self.m.pyobj = <void *>self
+        self.ctx_ref = NULL
+
+    def __init__(self, WwClass ww_class not None):
+        if self.ww_class is not None:
+            raise _errors.LockingError(f"{self!r} is already initialised")
+        self.ww_class = ww_class
+        self.m.cls = &ww_class.c
+        self.m.is_resv = ww_class.c.is_reservation
+
+    def __dealloc__(self):
+        pthread_mutex_destroy(&self.m.wait_lock)
+
+    def lock(self, AcquireContext ctx=None):
+        """Lock it (``ww_mutex_lock``), through ``ctx`` or alone.
+
+        Raises
+        ------
+        WouldDeadlock
+            EDEADLK: ``ctx`` must back off (only when it holds other locks).
+        AlreadyLockedError
+            EALREADY: ``ctx`` already holds this mutex.
+        LockingError
+            A broken locking rule (see the class docstring).
+        """
+        _ww_lock(self, ctx, _LOCK)
+
+    def lock_interruptible(self, AcquireContext ctx=None):
+        """As :meth:`lock`, but a signal (:func:`signal_thread`) arriving
+        while it waits raises :class:`~pydmabuf.errors.Interrupted` (EINTR).
+        An uncontended lock succeeds even with a signal pending."""
+        _ww_lock(self, ctx, _LOCK_INTR)
+
+    def lock_slow(self, AcquireContext ctx not None):
+        """After EDEADLK and unlocking everything, wait for this, the
+        contended mutex (``ww_mutex_lock_slow``).  It cannot die.
+
+        Raises
+        ------
+        LockingError
+            No EDEADLK preceded it, it is not the contended mutex, or the
+            context still holds locks.
+        """
+        _ww_lock(self, ctx, _SLOW)
+
+    def lock_slow_interruptible(self, AcquireContext ctx not None):
+        """:meth:`lock_slow` that a signal interrupts (EINTR)."""
+        _ww_lock(self, ctx, _SLOW_INTR)
+
+    def trylock(self, AcquireContext ctx=None):
+        """Take it if free (``ww_mutex_trylock``); never blocks, never dies.
+
+        Returns False when it is held, including by ``ctx`` itself (no
+        EALREADY from a trylock).
+        """
+        cdef pdb_task *t = _cur_task()
+        _ww_check(self, ctx, t, _TRY)
+        if ww_trylock(&self.m, &ctx.c if ctx is not None else NULL, t):
+            _ww_took(self, ctx)
+            return True
+        return False
+
+    cdef int _unlock(self) except -1:
+        return _ww_unlock(self)
+
+    def unlock(self):
+        """Release it (``ww_mutex_unlock``); only the holding thread may."""
+        self._unlock()
+
+    def destroy(self):
+        """Mark it unusable (``ww_mutex_destroy``); it must be unlocked."""
+        if _owner(pdb_load_sz(&self.m.owner)) != NULL:
+            raise _errors.LockingError(f"destroying {self!r}, which is locked")
+        self.m.destroyed = 1
+
+    def is_locked(self):
+        """True while anyone holds it (``ww_mutex_is_locked``)."""
+        return _owner(pdb_load_sz(&self.m.owner)) != NULL
+
+    def locking_ctx(self):
+        """The :class:`AcquireContext` holding it, or None (free, or held
+        without a context)."""
+        cdef pdb_ww_ctx *c
+        cdef object obj = None
+        if pthread_mutex_trylock(&self.m.wait_lock) != 0:
+            with nogil:
+                pthread_mutex_lock(&self.m.wait_lock)
+        c = pdb_load_ctx(&self.m.ctx)
+        if c != NULL:
+            obj = <object>c.pyobj
+        pthread_mutex_unlock(&self.m.wait_lock)
+        return obj
+
+    def held_by_current_thread(self):
+        """True when the calling thread holds it (``dma_resv_held``)."""
+        cdef pdb_task *t = pdb_task_peek_c()
+        return t != NULL and _owner(pdb_load_sz(&self.m.owner)) == t
+
+    def assert_held(self):
+        """Raise :class:`~pydmabuf.errors.LockingError` unless the calling
+        thread holds it (``lockdep_assert_held``)."""
+        cdef pdb_task *t = pdb_task_peek_c()
+        if t == NULL or _owner(pdb_load_sz(&self.m.owner)) != t:
+            raise _errors.LockingError(f"{self!r} must be held by this thread here")
+
+    @property
+    def owner_thread(self):
+        """``threading.get_ident()`` of the holder, or None when free."""
+        if _owner(pdb_load_sz(&self.m.owner)) == NULL:
+            return None
+        return self.m.owner_ident
+
+    def __enter__(self):
+        _ww_lock(self, None, _LOCK)
+        return self
+
+    def __exit__(self, *exc):
+        self._unlock()
+        return False
+
+    def _state(self):
+        cdef size_t o = pdb_load_sz(&self.m.owner)
+        if _owner(o) == NULL:
+            return "unlocked"
+        s = f"locked by thread {_ident_str(self.m.owner_ident)}"
+        if pdb_load_ctx(&self.m.ctx) != NULL:
+            s += f" ctx stamp {pdb_load_ctx(&self.m.ctx).stamp}"
+        if o & PDB_MUTEX_WAITERS:
+            s += ", waiters"
+        return s
+
+    def __repr__(self):
+        cls = self.ww_class.name if self.ww_class is not None else "?"
+        return f"<WwMutex {cls} at {id(self):#x} {self._state()}>"
+
+
+cdef int _ctx_mine(AcquireContext ctx) except -1:
+    """The context must be initialised and belong to this thread."""
+    cdef pdb_task *t = pdb_task_peek_c()
+    if ctx.c.task == NULL:
+        raise _errors.LockingError(f"{ctx!r} was never initialised")
+    if ctx.c.task != t:
+        raise _errors.LockingError(
+            f"{ctx!r} belongs to thread {_ident_str(ctx.c.task.ident)}, not to this thread "
+            f"({_ident_str(PyThread_get_thread_ident())})")
+    return 0
+
+
+cdef class AcquireContext:
+    """One locking transaction over mutexes of a class (``ww_acquire_ctx``).
+
+    Its stamp, taken from the class at creation, orders transactions:
+    smaller is older, and older wins.  Keep the same context across
+    back-offs so it ages.  A context belongs to the thread that made it
+    (using it from another thread is a
+    :class:`~pydmabuf.errors.LockingError`), must end with :meth:`fini`
+    after all its mutexes are unlocked, and may mark the end of its
+    acquire phase with :meth:`done`.  As a context manager it finishes
+    itself; leaving with an exception unlocks what it still holds first.
+
+    Parameters
+    ----------
+    ww_class : WwClass
+    inject_deadlocks : bool, default False
+        ``CONFIG_DEBUG_WW_MUTEX_SLOWPATH``: now and then a successful lock
+        (with other locks held) is undone and reported as EDEADLK, so
+        back-off paths get exercised.  The interval grows 1, 3, 10, 35 ...
+        from an initial countdown of ``stamp & 15``.
+    """
+
+    def __cinit__(self, *args, **kwargs):
+        self.c.task = NULL
+        self.c.finished = 1
+        self.c.held = NULL
+        self.c.contending = NULL
+        self.c.pyobj = <void *>self
+
+    def __init__(self, WwClass ww_class not None, *, bint inject_deadlocks=False):
+        cdef pdb_task *t
+        if self.ww_class is not None:
+            raise _errors.LockingError(f"{self!r} is already initialised (ww_acquire_init twice)")
+        t = _cur_task()
+        pdb_task_get_c(t)
+        self.ww_class = ww_class
+        self.c.task = t
+        self.c.cls = &ww_class.c
+        self.c.stamp = pdb_inc_ulong(&ww_class.c.stamp)
+        self.c.acquired = 0
+        self.c.wounded = 0
+        self.c.is_wait_die = ww_class.c.is_wait_die
+        self.c.done_acquire = 0
+        self.c.finished = 0
+        self.c.inject = inject_deadlocks
+        self.c.inject_interval = 1
+        self.c.inject_countdown = <unsigned int>(self.c.stamp & 0xf)
+
+    def __dealloc__(self):
+        if self.c.task != NULL:
+            pdb_task_put_c(self.c.task)
+            self.c.task = NULL
+
+    def __del__(self):
+        if self.ww_class is not None and not self.c.finished:
+            import warnings
+            warnings.warn(f"{self!r} was never finished (fini())", ResourceWarning, stacklevel=1)
+
+
+    @property
+    def stamp(self):
+        """The age of the transaction (smaller is older)."""
+        return self.c.stamp
+
+    @property
+    def acquired(self):
+        """How many mutexes it holds now."""
+        return self.c.acquired
+
+    @property
+    def wounded(self):
+        """Wound-wait: an older context wounded it; it backs off at its next
+        contended lock (reset when it holds nothing)."""
+        return bool(pdb_load_int(&self.c.wounded))
+
+    @property
+    def is_wait_die(self):
+        return bool(self.c.is_wait_die)
+
+    @property
+    def is_done(self):
+        """True after :meth:`done` or :meth:`fini`."""
+        return bool(self.c.done_acquire)
+
+    @property
+    def is_finished(self):
+        return bool(self.c.finished)
+
+    @property
+    def thread(self):
+        """``threading.get_ident()`` of the thread it belongs to."""
+        return self.c.task.ident if self.c.task != NULL else None
+
+    @property
+    def contending(self):
+        """The mutex of the last EDEADLK, until it is locked again; else None."""
+        return self._contending if self.c.contending != NULL else None
+
+    def held(self):
+        """The mutexes it holds, most recently locked first."""
+        cdef pdb_ww_mutex *m = self.c.held
+        out = []
+        while m != NULL:
+            out.append(<object>m.pyobj)
+            m = m.held_next
+        return out
+
+    def done(self):
+        """End the acquire phase (``ww_acquire_done``): later locks through
+        this context are a LockingError."""
+        _ctx_mine(self)
+        if self.c.finished:
+            raise _errors.LockingError(f"{self!r} is finished")
+        if self.c.done_acquire:
+            raise _errors.LockingError(f"done() called twice on {self!r}")
+        self.c.done_acquire = 1
+
+    def fini(self):
+        """Finish it (``ww_acquire_fini``); everything must be unlocked.
+
+        Raises
+        ------
+        LockingError
+            Mutexes are still held, or it was finished already.
+        """
+        _ctx_mine(self)
+        if self.c.finished:
+            raise _errors.LockingError(f"fini() called twice on {self!r}")
+        if self.c.acquired:
+            raise _errors.LockingError(
+                f"fini() of {self!r} while it holds {self.c.acquired} lock(s): {self.held()!r}")
+        self.c.finished = 1
+        self.c.done_acquire = 1
+
+    def unlock_all(self):
+        """Unlock every mutex it holds (the first step of a back-off)."""
+        cdef WwMutex m
+        _ctx_mine(self)
+        for m in self.held():
+            m._unlock()
+
+    def lock_all(self, objs, *, bint interruptible=False):
+        """Lock every mutex in ``objs`` with the full back-off protocol.
+
+        On EDEADLK it unlocks everything the context holds, waits for the
+        contended mutex with ``lock_slow`` and starts over, keeping its
+        stamp, so the caller never sees EDEADLK.  Duplicates in ``objs``
+        and mutexes the context already held are fine (EALREADY is
+        skipped); those it held before are retaken after a back-off too.
+
+        Parameters
+        ----------
+        objs : iterable of WwMutex (or Resv)
+        interruptible : bool
+            Wait with ``lock_interruptible`` / ``lock_slow_interruptible``.
+
+        Returns
+        -------
+        int
+            How many times it backed off.
+
+        Raises
+        ------
+        Interrupted
+            A signal arrived while waiting; the context then holds nothing.
+        LockingError
+            A broken rule; the context then holds nothing.
+        """
+        cdef list wanted = self.held()
+        cdef WwMutex m
+        cdef WwMutex contended = None
+        cdef int backoffs = 0
+        cdef bint finished_pass
+        _ctx_mine(self)
+        for obj in objs:
+            if not isinstance(obj, WwMutex):
+                raise TypeError(f"lock_all() takes WwMutex or Resv objects, not {type(obj).__name__}")
+            wanted.append(obj)
+        while True:
+            try:
+                for m in wanted:
+                    if pdb_load_ctx(&m.m.ctx) == &self.c:
+                        continue
+                    _ww_lock(m, self, _LOCK_INTR if interruptible else _LOCK)
+                return backoffs
+            except _errors.WouldDeadlock:
+                backoffs += 1
+                contended = self._contending
+                self.unlock_all()
+                try:
+                    _ww_lock(contended, self, _SLOW_INTR if interruptible else _SLOW)
+                except BaseException:
+                    self.unlock_all()
+                    raise
+            except BaseException:
+                self.unlock_all()
+                raise
+
+    def __enter__(self):
+        _ctx_mine(self)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        _ctx_mine(self)
+        if self.c.finished:
+            return False
+        if exc_type is not None:
+            self.unlock_all()
+            self.fini()
+            return False
+        if self.c.acquired:
+            left = self.held()
+            self.unlock_all()
+            self.fini()
+            raise _errors.LockingError(
+                f"{self!r} left its with-block still holding {left!r}; they were unlocked, but "
+                f"every lock must be unlocked before the context is finished")
+        self.fini()
+        return False
+
+    def __repr__(self):
+        name = self.ww_class.name if self.ww_class is not None else "?"
+        state = "finished" if self.c.finished else (
+            f"{self.c.acquired} held" + (", done" if self.c.done_acquire else ""))
+        if pdb_load_int(&self.c.wounded):
+            state += ", wounded"
+        return f"<AcquireContext {name} stamp={self.c.stamp} {state}>"

@@ -1,0 +1,58 @@
+"""Helpers shared by the reservation-locking tests: threads that report
+their exceptions, and a fixture checking a test leaves the thread clean."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from pydmabuf._core import _thread_lock_state
+
+JOIN_TIMEOUT = 60.0
+
+
+class Worker(threading.Thread):
+    """Runs ``fn(*args)``; :meth:`result` joins and re-raises its exception."""
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, name: str | None = None) -> None:
+        super().__init__(daemon=True, name=name)
+        self.fn = fn
+        self.args = args
+        self.value: Any = None
+        self.exc: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(*self.args)
+        except BaseException as e:  # reported by result()
+            self.exc = e
+        finally:
+            state = _thread_lock_state()
+            if self.exc is None and (state["held"] or state["in_section"]):
+                self.exc = AssertionError(f"{self.name} ended with {state}")
+
+    def result(self, timeout: float = JOIN_TIMEOUT) -> Any:
+        self.join(timeout)
+        if self.is_alive():
+            raise AssertionError(f"{self.name} did not finish in {timeout} s (deadlock?)")
+        if self.exc is not None:
+            raise self.exc
+        return self.value
+
+
+def spawn(fn: Callable[..., Any], *args: Any, name: str | None = None) -> Worker:
+    w = Worker(fn, *args, name=name)
+    w.start()
+    return w
+
+
+@pytest.fixture(autouse=True)
+def clean_thread() -> Any:
+    """Every test must leave the main thread holding no lock and outside
+    any signalling section."""
+    yield
+    state = _thread_lock_state()
+    assert state["held"] == 0 and not state["in_section"], f"test left {state}"
