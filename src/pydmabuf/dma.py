@@ -768,12 +768,14 @@ class PhysVecMapping:
         return self.device.name
 
 
-def dma_buf_phys_vec_to_sgt(device: Device, provider: P2pProvider | None, ranges: Any,
+def dma_buf_phys_vec_to_sgt(device: Any, provider: P2pProvider | None, ranges: Any,
                             nbytes: int | None = None, direction: DmaDirection | int = DmaDirection.BIDIRECTIONAL,
                             *, kernel_compat: bool = False) -> SgTable:
     """``dma_buf_phys_vec_to_sgt()``: a DMA-only table for MMIO ranges.
 
-    The route is ``pci_p2pdma_map_type(provider, device)``: BUS_ADDR
+    ``device`` is a :class:`Device`, or an :class:`~pydmabuf.dmabuf.Attachment`
+    (then its reservation lock must be held, as the kernel asserts).  The
+    route is ``pci_p2pdma_map_type(provider, device)``: BUS_ADDR
     entries are ``phys + bus_offset`` (nothing mapped); THRU_HOST_BRIDGE
     reserves one IOVA range and links every range into it (one sync), or
     without an IOMMU maps each range with :func:`dma_map_phys` (MMIO);
@@ -785,6 +787,15 @@ def dma_buf_phys_vec_to_sgt(device: Device, provider: P2pProvider | None, ranges
     what the kernel does, to show both.
     """
     d = _dir(direction)
+    if not isinstance(device, Device):
+        # An attachment: the dma-buf helper proper, under its reservation lock.
+        attach = device
+        if not attach.dmabuf.resv.held_by_current_thread():
+            from pydmabuf import checks
+
+            checks.checker.locking("phys-vec-to-sgt-without-resv",
+                                   "dma_buf_phys_vec_to_sgt without the reservation lock", attach)
+        device = attach.device
     if provider is None:
         raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no P2P provider (not MMIO)")
     rows = np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))

@@ -230,6 +230,7 @@ class _Mapping:
 
 
 _device_maps: "weakref.WeakKeyDictionary[Device, set[_Mapping]]" = weakref.WeakKeyDictionary()
+_table_maps: "weakref.WeakKeyDictionary[SgTable, _Mapping]" = weakref.WeakKeyDictionary()
 _maps_lock = threading.Lock()
 
 
@@ -394,6 +395,7 @@ class DmaBuf:
         try:
             with self._lock:
                 self._attachments.insert(0, a)
+                a._listed = True
         finally:
             self.resv.unlock()
         return a
@@ -643,6 +645,7 @@ class Attachment:
         self.pin_count = 0
         self.invalidations = 0
         self.detached = False
+        self._listed = False  # on the buffer's list (the exporter accepted it)
         self._maps: set[_Mapping] = set()
         self.created_at = checks.created_at()
         return self
@@ -724,7 +727,8 @@ class Attachment:
         with _maps_lock:
             _device_maps.setdefault(self.device, set()).add(m)
         if table is not None:
-            table._dmabuf_map = m  # type: ignore[attr-defined]
+            with _maps_lock:
+                _table_maps[table] = m
         return m
 
     def _untrack(self, m: _Mapping) -> None:
@@ -743,7 +747,8 @@ class Attachment:
         then unpin if the map pinned."""
         d = dma._dir(direction)
         self._require_resv("unmap")
-        m = getattr(table, "_dmabuf_map", None)
+        with _maps_lock:
+            m = _table_maps.get(table) if isinstance(table, SgTable) else None
         if m is None or m.attachment is not self or m not in self._maps:
             checks.checker.lifetime("bad-unmap", "dma_buf_unmap_attachment of a table that is not a live "
                                     "mapping of this attachment (a double unmap?)", self, culprit=self.importer_ops)
@@ -752,7 +757,8 @@ class Attachment:
             checks.checker.lifetime("unmap-direction", f"mapped {m.direction.name}, unmapped {d.name}", self)
         exp = self.dmabuf.exporter
         exp.unmap_dma_buf(self, table, m.direction)
-        table._dmabuf_map = None  # type: ignore[attr-defined]
+        with _maps_lock:
+            _table_maps.pop(table, None)
         self._untrack(m)
         if m.pinned:
             self.pin_count -= 1
@@ -867,7 +873,7 @@ class Attachment:
         return f"<Attachment {self.device.name} -> {self.dmabuf.name!r} {kind}{', ' + ', '.join(state) if state else ''}>"
 
     def __del__(self) -> None:
-        if not getattr(self, "detached", True) and not self.dmabuf.released:
+        if getattr(self, "_listed", False) and not self.detached and not self.dmabuf.released:
             warnings.warn(f"{self!r} collected while still attached", ResourceWarning, stacklevel=2)
 
 

@@ -1,0 +1,629 @@
+"""dma-buf: export, references, attachments, mapping rules, invalidation,
+move, revoke, physical ranges, CPU access and the checker (research
+dma-buf.md section 1, behaviours 1-12)."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import pydmabuf
+from pydmabuf import DmaDirection, Fence, Machine, Usage, checks, errors, fence_context_alloc
+from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, attach_revocable, close, dma_buf_get,
+                             export)
+from pydmabuf.exporters import SystemHeap
+
+G = 4096
+BIDI = DmaDirection.BIDIRECTIONAL
+
+
+@pytest.fixture
+def m():
+    return Machine.default()
+
+
+class Recorder(Exporter):
+    """A dynamic exporter that records every op call."""
+
+    name = "recorder"
+
+    def __init__(self, machine, npages=4, fail_map=False):
+        self.machine = machine
+        self.calls = []
+        self.fail_map = fail_map
+        self.pfns = np.arange(0x200000, 0x200000 + npages, dtype=np.uint64)
+
+    def attach(self, a):
+        self.calls.append(("attach", a.device.name))
+
+    def detach(self, a):
+        self.calls.append(("detach", a.device.name))
+
+    def pin(self, a):
+        assert a.dmabuf.resv.held_by_current_thread()
+        self.calls.append(("pin", a.device.name))
+
+    def unpin(self, a):
+        self.calls.append(("unpin", a.device.name))
+
+    def map_dma_buf(self, a, d):
+        assert a.dmabuf.resv.held_by_current_thread()
+        self.calls.append(("map", a.device.name))
+        if self.fail_map:
+            return None
+        t = pydmabuf.SgTable.from_pages(self.pfns)
+        pydmabuf.dma_map_sgtable(a.device, t, d)
+        return t
+
+    def unmap_dma_buf(self, a, t, d):
+        self.calls.append(("unmap", a.device.name))
+        pydmabuf.dma_unmap_sgtable(a.device, t, d)
+
+    def release(self, buf):
+        self.calls.append(("release",))
+
+    def get_phys_vec(self, a):
+        return PhysVec(np.array([[0x200000 << 12, len(self.pfns) * G]], dtype=np.uint64), None)
+
+
+class Static(Recorder):
+    """The same without pin/unpin: a static exporter."""
+
+    pin = Exporter.pin
+    unpin = Exporter.unpin
+
+
+class Dyn(ImporterOps):
+    allow_peer2peer = True
+
+    def __init__(self):
+        self.calls = []
+
+    def invalidate_mappings(self, a):
+        assert a.dmabuf.resv.held_by_current_thread()
+        self.calls.append(a)
+
+
+class OldName(ImporterOps):
+    def __init__(self):
+        self.calls = []
+
+    def move_notify(self, a):
+        self.calls.append(a)
+
+
+class NoOp(ImporterOps):
+    pass
+
+
+class PhysImporter(Dyn):
+    import_namespaces = frozenset({PHYS_NAMESPACE})
+
+
+# --------------------------------------------------------------- exporting
+
+
+def test_export_checks_mandatory_ops_and_pin_pairs(m):
+    class NoRelease(Exporter):
+        def map_dma_buf(self, a, d): ...
+        def unmap_dma_buf(self, a, t, d): ...
+
+    class PinOnly(Recorder):
+        unpin = Exporter.unpin
+
+    with pytest.raises(errors.InvalidArgument):
+        export(NoRelease(), G)
+    with pytest.raises(errors.InvalidArgument):
+        export(PinOnly(m), G)
+    with pytest.raises(errors.InvalidArgument):
+        export(Recorder(m), 0)
+    assert Recorder.is_dynamic() and not Static.is_dynamic()
+
+
+def test_references_and_release_once(m):
+    e = Recorder(m)
+    b = export(e, 4 * G, name="buf")
+    assert b.refcount == 1 and b.size == 4 * G and b.name == "buf"
+    assert b.get() is b and b.refcount == 2
+    b.put()
+    assert e.calls == []
+    b.put()
+    assert e.calls == [("release",)] and b.released
+    with pytest.raises(errors.LifetimeError):
+        b.put()
+    with checks.report_mode():
+        checks.clear()
+        b.put()
+        assert [r.rule for r in checks.reports()] == ["put-after-release"]
+    assert e.calls == [("release",)]
+
+
+def test_names(m):
+    b = export(Recorder(m), G)
+    b.set_name("x" * 31)
+    with pytest.raises(errors.InvalidArgument):
+        b.set_name("x" * 32)
+    b.put()
+
+
+def test_passed_around_as_a_file_descriptor(m):
+    e = Recorder(m)
+    b = export(e, G)
+    fd = b.fd()  # the fd holds the only reference now
+    b2 = dma_buf_get(fd)
+    assert b2 is b and b.refcount == 2
+    b2.put()
+    close(fd)
+    assert e.calls == [("release",)]
+    with pytest.raises(errors.BadHandle):
+        dma_buf_get(fd)
+    other = pydmabuf.files.install(object())
+    with pytest.raises(errors.InvalidArgument):
+        dma_buf_get(other)
+    pydmabuf.files.close(other)
+
+
+# -------------------------------------------------------------- attaching
+
+
+def test_attachments_are_newest_first_and_refusals_change_nothing(m):
+    class Picky(Recorder):
+        def attach(self, a):
+            if a.device.name == "legacy0":
+                raise errors.Busy("storage not usable by a 32-bit device")
+            super().attach(a)
+
+    b = export(Picky(m), G)
+    a1 = b.attach(m.device("gpu0"))
+    a2 = b.dynamic_attach(m.device("nic0"), Dyn())
+    assert b.attachments == [a2, a1]
+    with pytest.raises(errors.Busy):
+        b.attach(m.device("legacy0"))
+    assert b.attachments == [a2, a1]
+    assert not a1.dynamic and a2.dynamic and a2.peer2peer and not a1.peer2peer
+    b.detach(a1)
+    b.detach(a2)
+    assert b.exporter.calls[-2:] == [("detach", "gpu0"), ("detach", "nic0")]
+    with pytest.raises(errors.LifetimeError):
+        b.detach(a1)
+    other = export(Recorder(m), G)
+    a3 = other.attach(m.device("gpu0"))
+    with pytest.raises(errors.LifetimeError):
+        b.detach(a3)
+    other.detach(a3)
+    other.put()
+    b.put()
+
+
+def test_item3_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
+    e = Recorder(m)
+    b = export(e, 4 * G)
+    a = b.attach(m.device("gpu0"))
+    assert a.pin_count == 0 and ("pin", "gpu0") not in e.calls
+    with b.resv.locked() if hasattr(b.resv, "locked") else _locked(b.resv):
+        t1 = a.map(BIDI)
+        assert a.pin_count == 1
+        t2 = a.map(BIDI)  # no caching: a second map and a second pin
+        assert a.pin_count == 2 and e.calls.count(("map", "gpu0")) == 2
+        a.unmap(t1, BIDI)
+        a.unmap(t2, BIDI)
+    assert a.pin_count == 0 and e.calls.count(("unpin", "gpu0")) == 2
+    b.detach(a)
+    b.put()
+
+
+class _locked:
+    def __init__(self, resv):
+        self.resv = resv
+
+    def __enter__(self):
+        self.resv.lock()
+
+    def __exit__(self, *exc):
+        self.resv.unlock()
+
+
+def test_item4_locking_rules_of_map(m):
+    b = export(Recorder(m), 4 * G)
+    a = b.dynamic_attach(m.device("gpu0"), Dyn())
+    with pytest.raises(errors.LockingError):
+        a.map(BIDI)
+    t = a.map_unlocked(BIDI)
+    with _locked(b.resv):
+        with pytest.raises(errors.LockingError):
+            a.map_unlocked(BIDI)
+        with pytest.raises(errors.LockingError):
+            b.attach(m.device("nic0"))
+    with pytest.raises(errors.LockingError):
+        a.unmap(t, BIDI)
+    a.unmap_unlocked(t, BIDI)
+    b.detach(a)
+    b.put()
+
+
+def test_item5_static_importer_waits_for_kernel_fences(m):
+    e = Recorder(m)
+    b = export(e, 4 * G)
+    a = b.attach(m.device("gpu0"))
+    f = Fence(fence_context_alloc(), 1)
+    with _locked(b.resv):
+        b.resv.reserve_fences(1)
+        b.resv.add_fence(f, Usage.KERNEL)
+    threading.Timer(0.05, f.signal).start()
+    t0 = time.monotonic()
+    t = a.map_unlocked(BIDI)
+    assert time.monotonic() - t0 >= 0.04
+    a.unmap_unlocked(t, BIDI)
+    # Interrupted while waiting: the exporter saw map then unmap, pin then unpin.
+    f2 = Fence(fence_context_alloc(), 1)
+    with _locked(b.resv):
+        b.resv.reserve_fences(1)
+        b.resv.add_fence(f2, Usage.KERNEL)
+    me = threading.get_ident()
+    e.calls.clear()
+    threading.Timer(0.05, lambda: pydmabuf.signal_thread(me)).start()
+    with pytest.raises(errors.Interrupted):
+        a.map_unlocked(BIDI)
+    pydmabuf.flush_signals()
+    assert e.calls == [("pin", "gpu0"), ("map", "gpu0"), ("unmap", "gpu0"), ("unpin", "gpu0")]
+    assert a.pin_count == 0 and a.live_mappings == 0
+    f2.signal()
+    b.detach(a)
+    b.put()
+
+
+def test_item6_exporter_returning_no_table_is_enomem_and_unpins(m):
+    e = Recorder(m, fail_map=True)
+    b = export(e, 4 * G)
+    a = b.attach(m.device("gpu0"))
+    with pytest.raises(errors.OutOfMemory):
+        a.map_unlocked(BIDI)
+    assert e.calls[-3:] == [("pin", "gpu0"), ("map", "gpu0"), ("unpin", "gpu0")] and a.pin_count == 0
+    b.detach(a)
+    b.put()
+
+
+def test_item7_invalidation_order_and_lock(m):
+    b = export(Recorder(m), 4 * G)
+    seen = []
+
+    class Tell(ImporterOps):
+        def __init__(self, tag):
+            self.tag = tag
+
+        def invalidate_mappings(self, a):
+            seen.append(self.tag)
+
+    a1 = b.attach(m.device("gpu0"))
+    a2 = b.dynamic_attach(m.device("nic0"), Tell("with-op"))
+    a3 = b.dynamic_attach(m.device("nvme0"), NoOp())
+    a4 = b.dynamic_attach(m.device("gpu1"), Tell("newest"))
+    with pytest.raises(errors.LockingError):
+        b.invalidate_mappings()
+    with _locked(b.resv):
+        b.move_notify()  # the old name is the same call
+    assert seen == ["newest", "with-op"]
+    assert b.move_notify == b.invalidate_mappings
+    for a in (a1, a2, a3, a4):
+        b.detach(a)
+    b.put()
+
+
+def test_both_callback_names_work(m):
+    b = export(Recorder(m), 4 * G)
+    old = OldName()
+    a = b.dynamic_attach(m.device("nic0"), old)
+    with _locked(b.resv):
+        b.invalidate_mappings()
+    assert old.calls == [a]
+    b.detach(a)
+    b.put()
+
+
+def test_item8_attach_revocable(m):
+    b = export(Recorder(m), 4 * G)
+    assert not attach_revocable(b.attach(m.device("gpu0")))
+    assert not attach_revocable(b.dynamic_attach(m.device("nic0"), NoOp()))
+    assert attach_revocable(b.dynamic_attach(m.device("nvme0"), Dyn()))
+    assert attach_revocable(b.dynamic_attach(m.device("gpu1"), OldName()))
+    for a in b.attachments:
+        b.detach(a)
+    b.put()
+
+
+def test_item11_mmap_bounds_and_vmap_refcount(m):
+    heap = SystemHeap(m)
+    b = heap.allocate(2 * G + G // 2)  # two and a half pages
+    with pytest.raises(errors.InvalidArgument):
+        b.mmap(0, 3 * G)
+    c = b.mmap(0, 2 * G)
+    c.write(0x10, b"hello")
+    assert c.read(0x10, 5) == b"hello"
+    with _locked(b.resv):
+        v1 = b.vmap()
+        v2 = b.vmap()
+        assert v1 is v2 and b._vmap_count == 2
+        assert v1.read(0x10, 5) == b"hello"
+        with pytest.raises(errors.LifetimeError):
+            b.vunmap(object())
+        b.vunmap(v1)
+        b.vunmap(v2)
+    b.put()
+
+
+def test_item12_release_with_users_is_reported_and_release_still_runs(m):
+    e = Recorder(m)
+    b = export(e, 4 * G)
+    a = b.attach(m.device("gpu0"))
+    with checks.report_mode():
+        checks.clear()
+        b.put()
+        assert [r.rule for r in checks.reports()] == ["release-with-users"]
+        assert "gpu0" in str(checks.reports()[0])
+    assert e.calls[-1] == ("release",)
+    with pytest.raises(errors.LifetimeError):
+        a.map_unlocked(BIDI)
+
+
+def test_detach_with_live_mappings_is_a_lifetime_error(m):
+    b = export(Recorder(m), 4 * G)
+    a = b.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    with pytest.raises(errors.LifetimeError) as ei:
+        b.detach(a)
+    assert "1 live mapping" in str(ei.value)
+    a.unmap_unlocked(t, BIDI)
+    with pytest.raises(errors.LifetimeError):
+        a.unmap_unlocked(t, BIDI)  # double unmap
+    b.detach(a)
+    with pytest.raises(errors.LifetimeError):
+        a.map_unlocked(BIDI)  # use after detach
+    b.put()
+
+
+# ------------------------------------------------- invalidation and its abuse
+
+
+def test_dma_through_an_invalidated_mapping_is_caught(m):
+    heap = SystemHeap(m)
+    b = heap.allocate(16 * G, layout="contiguous", movable=True, name="moving")
+    nic = m.device("nic0")
+
+    class Lazy(ImporterOps):  # acknowledges, keeps using the old mapping
+        def invalidate_mappings(self, a):
+            pass
+
+    ignorer = Lazy()
+    a = b.dynamic_attach(nic, ignorer)
+    t = a.map_unlocked(BIDI)
+    addr = int(t.dma_ranges()[0, 0])
+    nic.dma_write(addr, b"ok before")
+    with _locked(b.resv):
+        b.invalidate_mappings()
+    with pytest.raises(errors.LifetimeError) as ei:
+        nic.dma_read(addr, 4)
+    assert "Lazy" in str(ei.value) and "invalidated" in str(ei.value)
+    with checks.report_mode():
+        checks.clear()
+        assert nic.dma_read(addr, 9) == b"ok before"  # the stale mapping still works, as in the kernel
+        (r,) = checks.reports("dma-after-invalidate")
+        assert "Lazy" in r.culprit
+    # Re-mapping gives a fresh mapping that is fine to use.
+    a.unmap_unlocked(t, BIDI)
+    t2 = a.map_unlocked(BIDI)
+    nic.dma_read(int(t2.dma_ranges()[0, 0]), 4)
+    a.unmap_unlocked(t2, BIDI)
+    b.detach(a)
+    b.put()
+
+
+def test_move_migrates_pages_and_keeps_contents(m):
+    heap = SystemHeap(m)
+    b = heap.allocate(8 * G, layout="fragmented", movable=True)
+    exp = b.exporter
+    c = b.mmap()
+    c.write(5 * G + 7, b"survives a move")
+    old = exp.pfns.copy()
+    dyn = Dyn()
+    a = b.dynamic_attach(m.device("nic0"), dyn)
+    st = b.attach(m.device("gpu0"))
+    f = Fence(fence_context_alloc(), 1)
+    with _locked(b.resv):
+        b.resv.reserve_fences(1)
+        b.resv.add_fence(f, Usage.BOOKKEEP)  # a job still using the old pages
+        t = st.map(BIDI)  # a static map pins the buffer...
+        with pytest.raises(errors.Busy):
+            b.move()
+        st.unmap(t, BIDI)  # ...until it is unmapped
+        b.move()
+        assert dyn.calls == [a]
+        assert not np.array_equal(exp.pfns, old)
+        assert m.pages.owner_of(int(old[0])) is not None  # old pages wait for the fence
+        # The move is published as a KERNEL fence (already signalled).
+        kernel = [f_ for f_, _u in b.resv.iter_fences(Usage.KERNEL)]
+        assert len(kernel) == 1 and kernel[0].is_signaled()
+    assert c.read(5 * G + 7, 15) == b"survives a move"  # refaulted through the new ranges
+    assert c.zaps == 1 and c.faults == 2
+    f.signal()
+    assert m.pages.owner_of(int(old[0])) is None  # freed once the fence signalled
+    b.detach(a)
+    b.detach(st)
+    b.put()
+
+
+def test_static_heap_cannot_move(m):
+    b = SystemHeap(m).allocate(4 * G)
+    with _locked(b.resv):
+        with pytest.raises(errors.NotSupported):
+            b.move()
+    b.put()
+
+
+def test_revoke_sequence(m):
+    heap = SystemHeap(m)
+    b = heap.allocate(4 * G, movable=True)
+    nic = m.device("nic0")
+    done = threading.Event()
+
+    class Polite(ImporterOps):
+        """Unmaps from another thread shortly after being told."""
+
+        def __init__(self):
+            self.tables = []
+
+        def invalidate_mappings(self, a):
+            tables = list(self.tables)
+            self.tables.clear()
+
+            def later():
+                time.sleep(0.05)
+                for t in tables:
+                    a.unmap_unlocked(t, BIDI)
+                done.set()
+            threading.Thread(target=later).start()
+
+    imp = Polite()
+    a = b.dynamic_attach(nic, imp)
+    imp.tables.append(a.map_unlocked(BIDI))
+    with pytest.raises(errors.LockingError):
+        with _locked(b.resv):
+            b.revoke()
+    b.revoke(timeout=5)
+    assert done.is_set() and b.live_mappings == 0 and b.revoked
+    with pytest.raises(errors.Revoked) as ei:
+        a.map_unlocked(BIDI)
+    assert ei.value.errno == 19
+    b.unrevoke()
+    a.unmap_unlocked(a.map_unlocked(BIDI), BIDI)
+    b.detach(a)
+    b.put()
+
+
+def test_revoke_times_out_when_an_importer_never_unmaps(m):
+    b = SystemHeap(m).allocate(4 * G, movable=True)
+    a = b.dynamic_attach(m.device("nic0"), NoOp())  # cannot be told
+    t = a.map_unlocked(BIDI)
+    with pytest.raises(errors.TimedOut) as ei:
+        b.revoke(timeout=0.05)
+    assert "nic0" in str(ei.value)
+    a.unmap_unlocked(t, BIDI)
+    b.detach(a)
+    b.put()
+
+
+def test_revoke_waits_for_bookkeep_fences(m):
+    b = SystemHeap(m).allocate(4 * G)
+    f = Fence(fence_context_alloc(), 1)
+    with _locked(b.resv):
+        b.resv.reserve_fences(1)
+        b.resv.add_fence(f, Usage.BOOKKEEP)
+    with pytest.raises(errors.TimedOut):
+        b.revoke(timeout=0.05)
+    f.signal()
+    b.revoke(timeout=1)
+    b.put()
+
+
+# ------------------------------------------------------- physical ranges
+
+
+def test_phys_vec_is_gated_by_the_namespace(m):
+    b = SystemHeap(m).allocate(8 * G, layout="fragmented")
+    plain = b.dynamic_attach(m.device("nic0"), Dyn())
+    capable = b.dynamic_attach(m.device("gpu0"), PhysImporter())
+    with _locked(b.resv):
+        with pytest.raises(errors.NotPermitted):
+            plain.phys_vec()
+        pv = capable.phys_vec()
+    assert pv.provider is None and int(pv.ranges[:, 1].sum()) == 8 * G
+    assert (pv.ranges[:, 0] >> np.uint64(12)).tolist() == \
+        pydmabuf.workloads.numpy_coalesce(b.exporter.pfns)[0].__rshift__(np.uint64(12)).tolist()
+    with pytest.raises(errors.LockingError):
+        capable.phys_vec()
+    # A capable importer maps the ranges itself with the list-free API and
+    # tells the checker, which then watches its DMA too.
+    dev = m.device("gpu0")
+    st = pydmabuf.IovaState.try_alloc(dev, 0, 8 * G)
+    st.link_ranges(pv.ranges, BIDI)
+    st.sync()
+    h = capable.track_dma([[st.addr, 8 * G]])
+    with _locked(b.resv):
+        b.invalidate_mappings()
+    with pytest.raises(errors.LifetimeError):
+        dev.dma_read(st.addr, 4)
+    capable.untrack_dma(h)
+    st.destroy(8 * G, BIDI)
+    b.detach(plain)
+    b.detach(capable)
+    b.put()
+
+
+def test_private_memory_only_for_trusted_importers(m):
+    class Private(Recorder):
+        def get_phys_vec(self, a):
+            return PhysVec(np.array([[61 << 30, 4 * G]], dtype=np.uint64), None)
+
+    b = export(Private(m), 4 * G)
+    untrusted = b.dynamic_attach(m.device("nic0"), PhysImporter())
+    trusted = b.dynamic_attach(m.device("gpu0"), PhysImporter())
+    with _locked(b.resv):
+        with pytest.raises(errors.NotPermitted):
+            untrusted.phys_vec()
+        assert trusted.phys_vec().ranges.tolist() == [[61 << 30, 4 * G]]
+    b.detach(untrusted)
+    b.detach(trusted)
+    b.put()
+
+
+def test_cpu_mapping_sigbus_after_revoke(m):
+    b = SystemHeap(m).allocate(4 * G)
+    c = b.mmap()
+    c.write(0, b"x")
+    b.revoke(timeout=1)
+    with pytest.raises(errors.IOFailure) as ei:
+        c.read(0, 1)
+    assert "SIGBUS" in str(ei.value)
+    b.put()
+
+
+def test_begin_cpu_access_waits_for_writers(m):
+    b = SystemHeap(m).allocate(4 * G)
+    f = Fence(fence_context_alloc(), 1)
+    with _locked(b.resv):
+        b.resv.reserve_fences(1)
+        b.resv.add_fence(f, Usage.WRITE)
+    threading.Timer(0.05, f.signal).start()
+    t0 = time.monotonic()
+    b.begin_cpu_access(DmaDirection.FROM_DEVICE)
+    assert time.monotonic() - t0 >= 0.04
+    b.end_cpu_access(DmaDirection.FROM_DEVICE)
+    b.put()
+
+
+def test_real_pages_of_a_python_buffer(m):
+    data = bytearray(5 * G)
+    try:
+        b = SystemHeap(m).from_buffer(data)
+    except (errors.NotPermitted, errors.InvalidArgument):
+        pytest.skip("this host's PFNs cannot be read or fall outside the model's RAM")
+    a = b.attach(m.device("direct0"))
+    t = a.map_unlocked(BIDI)
+    assert t.cpu_nbytes == 5 * G
+    a.unmap_unlocked(t, BIDI)
+    b.detach(a)
+    b.put()
+
+
+def test_resource_warnings(m):
+    b = SystemHeap(m).allocate(G)
+    a = b.attach(m.device("gpu0"))
+    with pytest.warns(ResourceWarning):
+        a.__del__()
+    b.detach(a)
+    with pytest.warns(ResourceWarning):
+        b.__del__()
+    b.put()
