@@ -592,7 +592,7 @@ cdef int64_t _pgt_map_bulk_impl(io_pgtable *pt, uint64_t iova, const uint64_t *p
                                 uint64_t prechecked) noexcept nogil:
     cdef int64_t total
     cdef uint64_t pbits = <uint64_t>prot << _PTE_PROT_SHIFT
-    cdef uint64_t i, j, k, ln, at = iova, done = 0, idx
+    cdef uint64_t i, j, k, ln, at = iova, done = 0, idx, pte
     cdef uint64_t *tbl
     cdef pgt_counters snap
     cdef int rc
@@ -633,6 +633,22 @@ cdef int64_t _pgt_map_bulk_impl(io_pgtable *pt, uint64_t iova, const uint64_t *p
             done += k << 12
             at += k << 12
             i += k
+            continue
+        if ln and ln < _SZ_2M and pt.cur_pte != NULL and (at >> 21) == pt.cur_base \
+                and ((at + ln - 1) >> 21) == pt.cur_base:
+            # A run of pages inside the cursor's table (the span was checked
+            # for leaves above): what the map_pages call writes, no walk.
+            tbl = pt.cur_pte
+            idx = (at >> 12) & (PDB_PGT_ENTRIES - 1)
+            k = ln >> 12
+            pte = phys[i * stride] | pbits | _PTE_TYPE_TABLE
+            for j in range(k):
+                tbl[idx + j] = pte + (j << 12)
+            pt.c.leaf_sets += k
+            pt.c.mapped_nbytes += ln
+            done += ln
+            at += ln
+            i += 1
             continue
         if ln:
             rc = _pgt_map_range(pt, at, phys[i * stride], ln, pbits, &done)

@@ -55,6 +55,19 @@ def test_bench_quick_json_and_csv(tmp_path):
     assert lines[0].startswith("layout,") and len(lines) == 1 + len(data["cells"])
 
 
+def test_bench_plot_and_compare(tmp_path):
+    pytest.importorskip("matplotlib")
+    a, b, png = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "p.png"
+    args = ["bench", "--quick", "--layouts", "fragmented", "--sizes", "64K,1M", "--no-progress"]
+    assert run_cli(*args, "--json", str(a), "--plot", str(png)).returncode == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert run_cli(*args, "--json", str(b)).returncode == 0
+    r = run_cli("bench", "--compare", str(a), str(b))
+    assert r.returncode == 0 and "geometric mean new/old" in r.stdout
+    assert "dmabuf_dynamic" in r.stdout and "link_pages" in r.stdout
+    assert run_cli("bench", "--compare", str(a), str(tmp_path / "missing.json")).returncode == 2
+
+
 def test_bench_rejects_unknown_layouts_and_bad_sizes():
     assert run_cli("bench", "--layouts", "nonsense").returncode == 2
     assert run_cli("bench", "--sizes", "1000").returncode == 2

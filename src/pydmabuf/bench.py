@@ -117,7 +117,8 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
 # ---------------------------------------------------------------- mapping
 
 #: Mapping strategies of the study, in the order the table prints them.
-MAPPING_STRATEGIES = ("sg_iommu", "sg_direct", "link_pages", "link_runs", "ranges_to_table", "pte_floor")
+MAPPING_STRATEGIES = ("sg_iommu", "sg_direct", "link_pages", "link_runs", "ranges_to_table",
+                      "dmabuf_static", "dmabuf_dynamic", "pte_floor")
 #: The scatterlist baseline the other strategies are compared with.
 BASELINE = "sg_iommu"
 
@@ -229,19 +230,52 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
     def table() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         return (lambda: dma_buf_phys_vec_to_sgt(b.iommu_dev, b.provider, bar_rows)), dma_buf_free_sgt
 
+    def dmabuf(dynamic: bool) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        """The whole dma-buf path: attach, map (under the reservation lock),
+        unmap, detach, on a system-heap buffer of exactly these pages."""
+        from pydmabuf.dmabuf import ImporterOps, export
+        from pydmabuf.exporters.system_heap import HeapBuffer
+
+        buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
+        dev = b.iommu_dev
+
+        class Importer(ImporterOps):
+            def invalidate_mappings(self, attachment: Any) -> None:
+                pass
+
+        ops = Importer() if dynamic else None
+
+        def map_() -> Any:
+            a = buf.dynamic_attach(dev, ops)
+            return a, a.map_unlocked(_BIDI)
+
+        def unmap(h: Any) -> None:
+            a, t = h
+            a.unmap_unlocked(t, _BIDI)
+            buf.detach(a)
+        plans_keep.append(buf)
+        return map_, unmap
+
+    plans_keep: list[Any] = []
+
     plans: dict[str, tuple[Any, tuple[Callable[[], Any], Callable[[Any], Any]]]] = {
         "sg_iommu": (b.iommu_dev, sg(b.iommu_dev)),
         "sg_direct": (b.direct_dev, sg(b.direct_dev)),
         "link_pages": (b.iommu_dev, link(pages)),
         "link_runs": (b.iommu_dev, link(runs)),
         "ranges_to_table": (b.iommu_dev, table()),
+        "dmabuf_static": (b.iommu_dev, dmabuf(False)),
+        "dmabuf_dynamic": (b.iommu_dev, dmabuf(True)),
         "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
     }
     for name in strategies:
         dev, (map_, unmap) = plans[name]
         before = b.domain_counters(dev) if dev is not None else None
         h = map_()
-        if name.startswith("sg_") or name == "ranges_to_table":
+        if name.startswith("dmabuf_"):
+            segments = int(h[1].nents)
+            meta = float(h[1].metadata_nbytes)
+        elif name.startswith("sg_") or name == "ranges_to_table":
             segments = int(h.nents)
             meta = float(h.metadata_nbytes) + (16.0 if name == "ranges_to_table" else 0.0)
         elif name.startswith("link_"):
@@ -266,6 +300,8 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
             c.counters["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
             c.counters["iotlb_invalidations"] = 0
         cells.append(c)
+    for buf in plans_keep:
+        buf.put()
     return cells
 
 
@@ -439,3 +475,72 @@ def to_csv(result: dict[str, Any]) -> str:
 
 def to_json(result: dict[str, Any]) -> str:
     return json.dumps(result, indent=2, sort_keys=False) + "\n"
+
+
+# ------------------------------------------------------------- plot, compare
+
+
+def plot(result: dict[str, Any], path: str) -> None:
+    """Throughput against buffer size, one line per strategy, one panel per
+    layout; written to ``path`` (PNG).  Needs matplotlib (``pip install
+    'pydmabuf[plot]'``)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
+    cells = [c for c in result["cells"] if c["strategy"] in MAPPING_STRATEGIES or c["strategy"] == "sg_from_pages"]
+    layouts = list(dict.fromkeys(c["layout"] for c in cells))
+    if not layouts:
+        raise ValueError("nothing to plot")
+    fig, axes = plt.subplots(1, len(layouts), figsize=(4.2 * len(layouts), 4.2), sharey=True, squeeze=False)
+    for ax, lay in zip(axes[0], layouts):
+        for strat in dict.fromkeys(c["strategy"] for c in cells):
+            pts = sorted((c["nbytes"], c) for c in cells if c["layout"] == lay and c["strategy"] == strat)
+            if not pts:
+                continue
+            xs = [n for n, _ in pts]
+            ns = [c["counters"].get("map_ns_per_page", c["ns_per_page"]) for _, c in pts]
+            gbps = [PAGE_SIZE / v if v > 0 else float("nan") for v in ns]  # bytes per ns = GB/s
+            ax.plot(xs, gbps, marker="o", ms=3, label=strat)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(lay)
+        ax.set_xlabel("buffer size (bytes)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("mapping throughput (GB/s, map step)")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    m = result["machine"]
+    fig.suptitle(f"pydmabuf bench {result['version']} - {m['cpu']}, seed {result['seed']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Ratios new / old of the map time (ns/page) of every cell both have."""
+    def key(c: dict[str, Any]) -> tuple[str, int, str]:
+        return (c["layout"], c["npages"], c["strategy"])
+
+    def ns(c: dict[str, Any]) -> float:
+        return float(c["counters"].get("map_ns_per_page", c["ns_per_page"]))
+
+    a = {key(c): c for c in old["cells"]}
+    lines = [f"{'layout':<11} {'size':>8} {'strategy':<16} {'old ns/page':>12} {'new ns/page':>12} {'new/old':>8}"]
+    lines.append("-" * len(lines[0]))
+    ratios = []
+    for c in new["cells"]:
+        o = a.get(key(c))
+        if o is None:
+            continue
+        r = ns(c) / ns(o) if ns(o) > 0 else float("nan")
+        ratios.append(r)
+        lines.append(f"{c['layout']:<11} {_fmt_size(c['nbytes']):>8} {c['strategy']:<16} {ns(o):>12.3f} "
+                     f"{ns(c):>12.3f} {r:>8.2f}")
+    if not ratios:
+        return "no cells in common"
+    geo = float(np.exp(np.mean(np.log([r for r in ratios if r > 0]))))
+    lines.append(f"\n{len(ratios)} cells in common; geometric mean new/old = {geo:.3f}")
+    return "\n".join(lines)

@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=1, help="seed of the random layouts (default 1)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     b.add_argument("--csv", metavar="FILE", help="write the results as CSV ('-' for stdout)")
+    b.add_argument("--plot", metavar="FILE.png", help="draw throughput against buffer size (needs matplotlib)")
+    b.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
+                   help="print the ratios between two saved results instead of running")
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     return p
 
@@ -62,8 +65,24 @@ def _write(path: str, text: str) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import json
+
     from pydmabuf import bench, workloads
 
+    if args.compare:
+        try:
+            old, new = (json.loads(open(p).read()) for p in args.compare)
+        except (OSError, ValueError) as e:
+            print(f"pydmabuf bench --compare: {e}", file=sys.stderr)
+            return 2
+        print(bench.compare(old, new))
+        return 0
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("pydmabuf bench --plot needs matplotlib: pip install 'pydmabuf[plot]'", file=sys.stderr)
+            return 2
     layouts = args.layouts.split(",") if args.layouts else list(bench.DEFAULT_LAYOUTS)
     for lay in layouts:
         if lay not in workloads.LAYOUTS:
@@ -76,6 +95,8 @@ def _bench(args: argparse.Namespace) -> int:
         _write(args.json, bench.to_json(result))
     if args.csv:
         _write(args.csv, bench.to_csv(result))
+    if args.plot:
+        bench.plot(result, args.plot)
     if "-" not in (args.json, args.csv):
         print(bench.format_table(result))
     return 0
