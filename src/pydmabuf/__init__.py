@@ -66,6 +66,21 @@ from pydmabuf.dma import (
     dma_unmap_phys,
     dma_unmap_sgtable,
 )
+from pydmabuf.dmabuf import (
+    DMA_BUF_NAME_LEN,
+    PHYS_NAMESPACE,
+    Attachment,
+    CpuMapping,
+    DmaBuf,
+    Exporter,
+    ImporterOps,
+    PhysVec,
+    attach_revocable,
+    close,
+    dma_buf_get,
+    export,
+)
+from pydmabuf import checks
 
 try:
     from pydmabuf._version import version as __version__
@@ -138,4 +153,17 @@ __all__ = [
     "signal_thread",
     "signal_pending",
     "flush_signals",
+    "checks",
+    "Exporter",
+    "ImporterOps",
+    "DmaBuf",
+    "Attachment",
+    "PhysVec",
+    "CpuMapping",
+    "export",
+    "dma_buf_get",
+    "close",
+    "attach_revocable",
+    "PHYS_NAMESPACE",
+    "DMA_BUF_NAME_LEN",
 ]

@@ -118,7 +118,7 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
 
 #: Mapping strategies of the study, in the order the table prints them.
 MAPPING_STRATEGIES = ("sg_iommu", "sg_direct", "link_pages", "link_runs", "ranges_to_table",
-                      "dmabuf_static", "dmabuf_dynamic", "pte_floor")
+                      "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges", "pte_floor")
 #: The scatterlist baseline the other strategies are compared with.
 BASELINE = "sg_iommu"
 
@@ -256,6 +256,40 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
         plans_keep.append(buf)
         return map_, unmap
 
+    def dmabuf_ranges() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        """An importer that declared the physical-range namespace: attach,
+        take the ranges under the lock, link them itself into one IOVA
+        range, one sync; undo: destroy the IOVA state, detach."""
+        from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps, export
+        from pydmabuf.exporters.system_heap import HeapBuffer
+
+        buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
+        dev = b.iommu_dev
+
+        class Importer(ImporterOps):
+            import_namespaces = frozenset({PHYS_NAMESPACE})
+
+            def invalidate_mappings(self, attachment: Any) -> None:
+                pass
+
+        ops = Importer()
+
+        def map_() -> Any:
+            a = buf.dynamic_attach(dev, ops)
+            with buf.resv:
+                rows = a.phys_vec().ranges
+            st = IovaState.try_alloc(dev, 0, nbytes)
+            n = st.link_ranges(rows, _BIDI)
+            st.sync(0, n)
+            return a, st, n
+
+        def unmap(h: Any) -> None:
+            a, st, n = h
+            st.destroy(n, _BIDI)
+            buf.detach(a)
+        plans_keep.append(buf)
+        return map_, unmap
+
     plans_keep: list[Any] = []
 
     plans: dict[str, tuple[Any, tuple[Callable[[], Any], Callable[[Any], Any]]]] = {
@@ -266,21 +300,23 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
         "ranges_to_table": (b.iommu_dev, table()),
         "dmabuf_static": (b.iommu_dev, dmabuf(False)),
         "dmabuf_dynamic": (b.iommu_dev, dmabuf(True)),
+        "dmabuf_ranges": (b.iommu_dev, dmabuf_ranges()),
         "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
     }
     for name in strategies:
         dev, (map_, unmap) = plans[name]
         before = b.domain_counters(dev) if dev is not None else None
         h = map_()
-        if name.startswith("dmabuf_"):
+        if name in ("dmabuf_static", "dmabuf_dynamic"):
             segments = int(h[1].nents)
             meta = float(h[1].metadata_nbytes)
         elif name.startswith("sg_") or name == "ranges_to_table":
             segments = int(h.nents)
             meta = float(h.metadata_nbytes) + (16.0 if name == "ranges_to_table" else 0.0)
-        elif name.startswith("link_"):
+        elif name.startswith("link_") or name == "dmabuf_ranges":
             segments = len(pages) if name == "link_pages" else len(runs)
-            meta = 16.0  # struct dma_iova_state
+            # struct dma_iova_state; plus the exporter's phys_vec array
+            meta = 16.0 + (16.0 * len(runs) if name == "dmabuf_ranges" else 0.0)
         else:
             segments, meta = npages, 0.0
         unmap(h)
