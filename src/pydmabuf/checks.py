@@ -37,15 +37,17 @@ log = logging.getLogger(__name__)
 __all__ = ["Report", "Checker", "checker", "strict", "report_mode", "reports", "clear", "created_at", "mode"]
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
+#: Files inside the package written as user code (examples).
+_USER_CODE = (os.sep + "_scenario_library.py",)
 
 
 def created_at(skip_package: bool = True) -> str:
     """``file:line`` of the first caller outside pydmabuf (where a user made
-    the object), for reports."""
+    the object), for reports.  The bundled scenarios count as user code."""
     f = sys._getframe(1)
     while f is not None:
         fn = os.path.abspath(f.f_code.co_filename)
-        if not (skip_package and fn.startswith(_PKG_DIR)):
+        if not (skip_package and fn.startswith(_PKG_DIR)) or fn.endswith(_USER_CODE):
             return f"{os.path.basename(fn)}:{f.f_lineno}"
         f = f.f_back  # type: ignore[assignment]
     return "?"

@@ -53,6 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
                    help="print the ratios between two saved results instead of running")
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+    s = sub.add_parser(
+        "scenario",
+        help="run a narrated driver scenario (VFIO, iommufd, KVM, RDMA, GPU ...)",
+        description="Run one of the built-in scenarios on the default machine, "
+        "narrating each step and ending with a summary.",
+    )
+    s.add_argument("name", nargs="?", help="the scenario to run (see --list)")
+    s.add_argument("--list", action="store_true", help="list the scenarios")
+    s.add_argument("--all", action="store_true", help="run every scenario in turn")
     return p
 
 
@@ -102,6 +112,29 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scenario(args: argparse.Namespace) -> int:
+    from pydmabuf import errors, scenarios
+
+    if args.list or (args.name is None and not args.all):
+        width = max(len(n) for n in scenarios.names())
+        for n in scenarios.names():
+            print(f"{n:<{width}}  {scenarios.get(n).title}")
+        return 0
+    if not args.verbose:
+        # The narration shows what the checker records; do not repeat it.
+        logging.getLogger("pydmabuf.checks").setLevel(logging.ERROR)
+    todo = scenarios.names() if args.all else [args.name]
+    for i, n in enumerate(todo):
+        if i:
+            print()
+        try:
+            scenarios.run(n)
+        except errors.NotFound as e:
+            print(f"pydmabuf scenario: {e.strerror}", file=sys.stderr)
+            return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pydmabuf`` console script."""
     args = _parser().parse_args(argv)
@@ -111,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "scenario":
+        return _scenario(args)
     raise AssertionError(args.command)
 
 

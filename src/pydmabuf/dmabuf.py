@@ -117,6 +117,11 @@ class ImporterOps:
     def has_invalidate(self) -> bool:
         return type(self)._callback() is not None
 
+    def __repr__(self) -> str:
+        # The class name is what reports blame; no addresses, so the same
+        # run gives the same text.
+        return f"<importer {type(self).__qualname__.rsplit('.<locals>.', 1)[-1]}>"
+
 
 # ------------------------------------------------------------------ exporter
 
