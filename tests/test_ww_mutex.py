@@ -13,7 +13,7 @@ import weakref
 
 import pytest
 
-from lockhelp import clean_thread, spawn  # noqa: F401  (autouse fixture)
+from lockhelp import bounded, clean_thread, spawn  # noqa: F401  (autouse fixture)
 from pydmabuf import (
     AcquireContext,
     Resv,
@@ -68,6 +68,7 @@ def test_stamps_increase_per_class():
 
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("flags", range(8))
+@bounded()
 def test_mutual_exclusion(cls, flags):
     """__test_mutex(): the worker may not get the lock while main holds it."""
     spin, tryl, with_ctx = flags & 1, flags & 2, flags & 4
@@ -143,6 +144,7 @@ def test_ealready_comes_before_done_check():
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("trylock", [False, True])
 @pytest.mark.parametrize("resolve", [False, True])
+@bounded()
 def test_abba(cls, trylock, resolve):
     a, b = WwMutex(cls), WwMutex(cls)
     a_ready, b_ready = threading.Event(), threading.Event()
@@ -186,6 +188,7 @@ def test_abba(cls, trylock, resolve):
 
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("n", [2, 3, 4, 6])
+@bounded()
 def test_cycle(cls, n):
     """Each thread holds its lock and wants the next one's: a cycle every
     algorithm must resolve."""
@@ -237,6 +240,7 @@ def hold_in_thread(locks, cls, before=None):
     return spawn(run), box, release, holding
 
 
+@bounded()
 def test_wait_die_younger_dies_at_older_holder():
     x, y = WwMutex(WD), WwMutex(WD)
     w, box, release, holding = hold_in_thread([x], WD)
@@ -256,6 +260,7 @@ def test_wait_die_younger_dies_at_older_holder():
     w.result()
 
 
+@bounded()
 def test_context_holding_nothing_always_waits():
     x = WwMutex(WD)
     w, box, release, holding = hold_in_thread([x], WD)
@@ -267,6 +272,7 @@ def test_context_holding_nothing_always_waits():
     w.result()
 
 
+@bounded()
 def test_wait_die_older_waits_for_younger_holder():
     x, z = WwMutex(WD), WwMutex(WD)
     go = threading.Event()
@@ -282,6 +288,7 @@ def test_wait_die_older_waits_for_younger_holder():
     w.result()
 
 
+@bounded()
 def test_wait_die_dies_behind_an_older_waiter():
     """__ww_mutex_add_waiter(): an older context already queued makes a
     younger one holding locks die at once, even behind a plain holder."""
@@ -318,6 +325,7 @@ def test_wait_die_dies_behind_an_older_waiter():
     w.result()
 
 
+@bounded()
 def test_wait_die_waiting_younger_is_woken_to_die():
     """A younger waiter holding locks is woken to die when an older context
     queues ahead of it (__ww_mutex_die from add_waiter)."""
@@ -360,6 +368,7 @@ def test_wait_die_waiting_younger_is_woken_to_die():
 # ---------------------------------------------------- wound-wait decisions
 
 
+@bounded()
 def test_wound_wait_older_wounds_younger_holder():
     a, b, c = WwMutex(WW), WwMutex(WW), WwMutex(WW)
     older_made, young_holds, older_waits = threading.Event(), threading.Event(), threading.Event()
@@ -393,6 +402,7 @@ def test_wound_wait_older_wounds_younger_holder():
     w.result()
 
 
+@bounded()
 def test_wound_wait_younger_waits_for_older():
     x, y = WwMutex(WW), WwMutex(WW)
     w, box, release, holding = hold_in_thread([x], WW)
@@ -406,6 +416,7 @@ def test_wound_wait_younger_waits_for_older():
     w.result()
 
 
+@bounded()
 def test_wound_wakes_a_sleeping_younger_holder():
     """A wounded holder that is asleep on another lock is woken and backs off."""
     a, b, p = WwMutex(WW), WwMutex(WW), WwMutex(WW)
@@ -440,6 +451,7 @@ def test_wound_wakes_a_sleeping_younger_holder():
     p.unlock()
 
 
+@bounded()
 def test_stamp_wraparound_is_age_safe():
     c = WwClass("wrap", wait_die=True)
     c._set_stamp(2**64 - 2)
@@ -462,6 +474,7 @@ def test_stamp_wraparound_is_age_safe():
 
 
 @pytest.mark.parametrize("slow", [False, True])
+@bounded()
 def test_interruptible_lock(slow):
     x = WwMutex(WD)
     w, box, release, holding = hold_in_thread([x], WD)
@@ -501,6 +514,7 @@ def test_uncontended_interruptible_lock_succeeds_with_signal_pending():
     assert not signal_pending()
 
 
+@bounded()
 def test_uninterruptible_lock_ignores_signals():
     x = WwMutex(WD)
     w, box, release, holding = hold_in_thread([x], WD)
