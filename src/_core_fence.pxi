@@ -256,7 +256,7 @@ cdef class Fence:
         kernel does for most fences.
     """
 
-    def __cinit__(self, *args, **kwargs):
+    def __cinit__(self):
         fence_init(&self.f, 0, 0)
         self._callbacks = None
         self._hooks = 0 if type(self) is Fence else _hooks_of(type(self))

@@ -974,7 +974,7 @@ cdef class WwMutex:
     kernel memory holding a locked mutex must not be freed.
     """
 
-    def __cinit__(self, *args, **kwargs):
+    def __cinit__(self):
         ww_mutex_init(&self.m, NULL)
         self.m.pyobj = <void *>self
         self.ctx_ref = NULL
@@ -1146,7 +1146,7 @@ cdef class AcquireContext:
         from an initial countdown of ``stamp & 15``.
     """
 
-    def __cinit__(self, *args, **kwargs):
+    def __cinit__(self):
         self.c.task = NULL
         self.c.finished = 1
         self.c.held = NULL
