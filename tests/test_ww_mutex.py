@@ -240,6 +240,29 @@ def hold_in_thread(locks, cls, before=None):
     return spawn(run), box, release, holding
 
 
+def lock_then_lock(cls, first, second, before=None, made=None, holding=None):
+    """In a new context (made after ``before`` is set, reporting ``made``):
+    lock ``first`` (reporting ``holding``), then ``second``.  Returns "died"
+    when the second lock raised EDEADLK (``first`` is then unlocked), else
+    "got it"."""
+    if before is not None:
+        before.wait()
+    with AcquireContext(cls) as ctx:
+        if made is not None:
+            made.set()
+        first.lock(ctx)
+        if holding is not None:
+            holding.set()
+        try:
+            second.lock(ctx)
+        except errors.WouldDeadlock:
+            first.unlock()
+            return "died"
+        second.unlock()
+        first.unlock()
+        return "got it"
+
+
 @bounded()
 def test_wait_die_younger_dies_at_older_holder():
     x, y = WwMutex(WD), WwMutex(WD)
@@ -308,19 +331,7 @@ def test_wait_die_dies_behind_an_older_waiter():
     old_in.wait()
     wait_until(lambda: waiting_on(x))
 
-    def younger():
-        with AcquireContext(WD) as ctx:
-            b.lock(ctx)
-            try:
-                x.lock(ctx)
-            except errors.WouldDeadlock:
-                b.unlock()
-                return "died"
-            x.unlock()
-            b.unlock()
-            return "got it"
-
-    assert spawn(younger).result() == "died"
+    assert spawn(lock_then_lock, WD, b, x).result() == "died"
     x.unlock()
     w.result()
 
@@ -334,20 +345,6 @@ def test_wait_die_waiting_younger_is_woken_to_die():
     order = threading.Event()
     young_waiting = threading.Event()
 
-    def young():
-        order.wait()
-        with AcquireContext(WD) as ctx:
-            b.lock(ctx)
-            young_waiting.set()
-            try:
-                x.lock(ctx)
-            except errors.WouldDeadlock:
-                b.unlock()
-                return "died"
-            x.unlock()
-            b.unlock()
-            return "got it"
-
     def old():
         with AcquireContext(WD) as ctx:
             order.set()  # the young context is made after this one
@@ -358,7 +355,7 @@ def test_wait_die_waiting_younger_is_woken_to_die():
             x.unlock()
             a.unlock()
 
-    wy = spawn(young)
+    wy = spawn(lock_then_lock, WD, b, x, order, None, young_waiting)
     wo = spawn(old)
     assert wy.result() == "died"
     x.unlock()
@@ -423,28 +420,14 @@ def test_wound_wakes_a_sleeping_younger_holder():
     p.lock()  # a plain holder the young context will sleep on
     young_made, young_sleeps = threading.Event(), threading.Event()
 
-    def young():
-        with AcquireContext(WW) as ctx:
-            young_made.set()
-            a.lock(ctx)
-            young_sleeps.set()
-            try:
-                p.lock(ctx)
-            except errors.WouldDeadlock:
-                a.unlock()
-                return "backed off"
-            p.unlock()
-            a.unlock()
-            return "not wounded"
-
     old_ctx = AcquireContext(WW)  # older than the young one
-    wy = spawn(young)
+    wy = spawn(lock_then_lock, WW, a, p, None, young_made, young_sleeps)
     young_made.wait()
     young_sleeps.wait()
     wait_until(lambda: waiting_on(p))
     b.lock(old_ctx)
     a.lock(old_ctx)  # wounds the young holder, which wakes and backs off
-    assert wy.result() == "backed off"
+    assert wy.result() == "died"  # the wounded holder backed off
     a.unlock()
     b.unlock()
     old_ctx.fini()
