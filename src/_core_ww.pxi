@@ -1182,7 +1182,6 @@ cdef class AcquireContext:
             import warnings
             warnings.warn(f"{self!r} was never finished (fini())", ResourceWarning, stacklevel=1)
 
-
     @property
     def stamp(self):
         """The age of the transaction (smaller is older)."""
@@ -1201,6 +1200,7 @@ cdef class AcquireContext:
 
     @property
     def is_wait_die(self):
+        """True when its class is wait-die, False for wound-wait."""
         return bool(self.c.is_wait_die)
 
     @property
@@ -1210,6 +1210,7 @@ cdef class AcquireContext:
 
     @property
     def is_finished(self):
+        """True after :meth:`fini`."""
         return bool(self.c.finished)
 
     @property
@@ -1296,7 +1297,6 @@ cdef class AcquireContext:
         cdef WwMutex m
         cdef WwMutex contended = None
         cdef int backoffs = 0
-        cdef bint finished_pass
         _ctx_mine(self)
         for obj in objs:
             if not isinstance(obj, WwMutex):
