@@ -256,7 +256,7 @@ cdef class Fence:
         kernel does for most fences.
     """
 
-    def __cinit__(self, *args, **kwargs):
+    def __cinit__(self):
         fence_init(&self.f, 0, 0)
         self._callbacks = None
         self._hooks = 0 if type(self) is Fence else _hooks_of(type(self))
@@ -273,7 +273,6 @@ cdef class Fence:
     def __del__(self):
         # dma_fence_release(): a fence dropped unsignalled with callbacks
         # still queued is signalled with -EDEADLK so nothing hangs on it.
-        cdef int64_t now
         if self._callbacks and not (pdb_load_flags(&self.f.flags) & PDB_FENCE_SIGNALED):
             self.f.error = -EDEADLK
             try:
@@ -416,7 +415,7 @@ cdef class Fence:
         when it was signalled already (an EINVAL when ``strict``)."""
         cdef list cbs
         cdef FenceCallback cb
-        cdef pdb_task *t
+        cdef pdb_task *t = _cur_task()     # before anything changes
         cdef bint nested
         cdef object first = None
         _lock_mu(&self.f.mu)
@@ -437,7 +436,6 @@ cdef class Fence:
         for cb in cbs:
             cb.state = _CB_IDLE
         pthread_mutex_unlock(&self.f.mu)
-        t = _cur_task()
         nested = _sig_enter_implicit(t, self)
         try:
             for cb in cbs:

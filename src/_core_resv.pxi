@@ -87,6 +87,36 @@ cdef int _resv_publish(Resv resv, resv_entry *table, unsigned int num,
     return 0
 
 
+cdef list _resv_snapshot(Resv resv, unsigned int usage, bint first_only):
+    """The unsignalled fences of usage <= ``usage``: the slots are copied
+    under the list lock in one go, then filtered (is_signaled may run
+    Python ops) and the whole walk starts over if a new list was published
+    meanwhile, as the kernel's unlocked walk does."""
+    cdef list out, cand
+    cdef unsigned int i
+    cdef uint64_t gen
+    cdef Fence f
+    while True:
+        cand = []
+        _acquire(resv.lock)
+        gen = resv.gen
+        for i in range(resv.num):
+            if resv.table[i].usage <= usage:
+                cand.append(<object>resv.table[i].fence)
+        _release(resv.lock)
+        out = []
+        for f in cand:
+            if not f._is_signaled():
+                out.append(f)
+                if first_only:
+                    break
+        _acquire(resv.lock)
+        if resv.gen == gen:
+            _release(resv.lock)
+            return out
+        _release(resv.lock)
+
+
 cdef class Resv(WwMutex):
     """A reservation object (``struct dma_resv``): the lock and the fences
     of one shared buffer.
@@ -110,7 +140,7 @@ cdef class Resv(WwMutex):
         (e.g. a wound-wait one) is a model extension for experiments.
     """
 
-    def __cinit__(self, *args, **kwargs):
+    def __cinit__(self):
         self.table = NULL
         self.num = 0
         self.max = 0
@@ -345,13 +375,7 @@ cdef class Resv(WwMutex):
     def get_fences(self, usage=_Usage.BOOKKEEP):
         """The unsignalled fences of usage <= ``usage``, in slot order
         (``dma_resv_get_fences``); no lock needed."""
-        cdef ResvIter it = ResvIter._make(self, _usage(usage), False)
-        cdef list out = []
-        for f, u in it:
-            if it.is_restarted:
-                out = []
-            out.append(f)
-        return out
+        return _resv_snapshot(self, _usage(usage), False)
 
     def get_singleton(self, usage=_Usage.BOOKKEEP):
         """One fence for all of :meth:`get_fences` (``dma_resv_get_singleton``):
@@ -367,9 +391,7 @@ cdef class Resv(WwMutex):
     def test_signaled(self, usage=_Usage.BOOKKEEP):
         """True when no unsignalled fence of usage <= ``usage`` is left
         (``dma_resv_test_signaled``); no lock needed."""
-        for _ in ResvIter._make(self, _usage(usage), False):
-            return False
-        return True
+        return not _resv_snapshot(self, _usage(usage), True)
 
     def wait(self, usage=_Usage.BOOKKEEP, timeout=None, *, bint interruptible=False):
         """Wait for every fence of usage <= ``usage`` (``dma_resv_wait_timeout``).

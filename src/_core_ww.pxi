@@ -974,7 +974,7 @@ cdef class WwMutex:
     kernel memory holding a locked mutex must not be freed.
     """
 
-    def __cinit__(self, *args, **kwargs):
+    def __cinit__(self):
         ww_mutex_init(&self.m, NULL)
         self.m.pyobj = <void *>self
         self.ctx_ref = NULL
@@ -1146,7 +1146,7 @@ cdef class AcquireContext:
         from an initial countdown of ``stamp & 15``.
     """
 
-    def __cinit__(self, *args, **kwargs):
+    def __cinit__(self):
         self.c.task = NULL
         self.c.finished = 1
         self.c.held = NULL
@@ -1182,7 +1182,6 @@ cdef class AcquireContext:
             import warnings
             warnings.warn(f"{self!r} was never finished (fini())", ResourceWarning, stacklevel=1)
 
-
     @property
     def stamp(self):
         """The age of the transaction (smaller is older)."""
@@ -1201,6 +1200,7 @@ cdef class AcquireContext:
 
     @property
     def is_wait_die(self):
+        """True when its class is wait-die, False for wound-wait."""
         return bool(self.c.is_wait_die)
 
     @property
@@ -1210,6 +1210,7 @@ cdef class AcquireContext:
 
     @property
     def is_finished(self):
+        """True after :meth:`fini`."""
         return bool(self.c.finished)
 
     @property
@@ -1296,7 +1297,6 @@ cdef class AcquireContext:
         cdef WwMutex m
         cdef WwMutex contended = None
         cdef int backoffs = 0
-        cdef bint finished_pass
         _ctx_mine(self)
         for obj in objs:
             if not isinstance(obj, WwMutex):

@@ -35,6 +35,15 @@ def mock_fence(ctx=0, seqno=0):
     return f
 
 
+def locked_with(f, usage):
+    """A locked Resv holding ``f`` in the one slot reserved for it."""
+    r = Resv()
+    r.lock()
+    r.reserve_fences(1)
+    r.add_fence(f, usage)
+    return r
+
+
 # --------------------------------------------------------- st-dma-resv.c
 
 
@@ -50,10 +59,7 @@ def test_sanitycheck():
 @pytest.mark.parametrize("usage", USAGES)
 def test_signaling(usage):
     f = mock_fence()
-    r = Resv()
-    r.lock()
-    r.reserve_fences(1)
-    r.add_fence(f, usage)
+    r = locked_with(f, usage)
     assert not r.test_signaled(usage)
     f.signal()
     assert r.test_signaled(usage)
@@ -63,10 +69,7 @@ def test_signaling(usage):
 @pytest.mark.parametrize("usage", USAGES)
 def test_for_each(usage):
     f = mock_fence()
-    r = Resv()
-    r.lock()
-    r.reserve_fences(1)
-    r.add_fence(f, usage)
+    r = locked_with(f, usage)
     it = r.iter_fences(usage)
     items = []
     for fence, u in it:
@@ -79,10 +82,7 @@ def test_for_each(usage):
 @pytest.mark.parametrize("usage", USAGES)
 def test_for_each_unlocked(usage):
     f = mock_fence()
-    r = Resv()
-    r.lock()
-    r.reserve_fences(1)
-    r.add_fence(f, usage)
+    r = locked_with(f, usage)
     r.unlock()
     it = r.iter_fences_unlocked(usage)
     seen = []
@@ -99,10 +99,7 @@ def test_for_each_unlocked(usage):
 @pytest.mark.parametrize("usage", USAGES)
 def test_get_fences(usage):
     f = mock_fence()
-    r = Resv()
-    r.lock()
-    r.reserve_fences(1)
-    r.add_fence(f, usage)
+    r = locked_with(f, usage)
     r.unlock()
     assert r.get_fences(usage) == [f]
     f.signal()

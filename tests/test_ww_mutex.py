@@ -13,7 +13,7 @@ import weakref
 
 import pytest
 
-from lockhelp import clean_thread, spawn  # noqa: F401  (autouse fixture)
+from lockhelp import bounded, clean_thread, spawn  # noqa: F401  (autouse fixture)
 from pydmabuf import (
     AcquireContext,
     Resv,
@@ -68,6 +68,7 @@ def test_stamps_increase_per_class():
 
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("flags", range(8))
+@bounded()
 def test_mutual_exclusion(cls, flags):
     """__test_mutex(): the worker may not get the lock while main holds it."""
     spin, tryl, with_ctx = flags & 1, flags & 2, flags & 4
@@ -143,6 +144,7 @@ def test_ealready_comes_before_done_check():
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("trylock", [False, True])
 @pytest.mark.parametrize("resolve", [False, True])
+@bounded()
 def test_abba(cls, trylock, resolve):
     a, b = WwMutex(cls), WwMutex(cls)
     a_ready, b_ready = threading.Event(), threading.Event()
@@ -186,6 +188,7 @@ def test_abba(cls, trylock, resolve):
 
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("n", [2, 3, 4, 6])
+@bounded()
 def test_cycle(cls, n):
     """Each thread holds its lock and wants the next one's: a cycle every
     algorithm must resolve."""
@@ -237,6 +240,30 @@ def hold_in_thread(locks, cls, before=None):
     return spawn(run), box, release, holding
 
 
+def lock_then_lock(cls, first, second, before=None, made=None, holding=None):
+    """In a new context (made after ``before`` is set, reporting ``made``):
+    lock ``first`` (reporting ``holding``), then ``second``.  Returns "died"
+    when the second lock raised EDEADLK (``first`` is then unlocked), else
+    "got it"."""
+    if before is not None:
+        before.wait()
+    with AcquireContext(cls) as ctx:
+        if made is not None:
+            made.set()
+        first.lock(ctx)
+        if holding is not None:
+            holding.set()
+        try:
+            second.lock(ctx)
+        except errors.WouldDeadlock:
+            first.unlock()
+            return "died"
+        second.unlock()
+        first.unlock()
+        return "got it"
+
+
+@bounded()
 def test_wait_die_younger_dies_at_older_holder():
     x, y = WwMutex(WD), WwMutex(WD)
     w, box, release, holding = hold_in_thread([x], WD)
@@ -256,6 +283,7 @@ def test_wait_die_younger_dies_at_older_holder():
     w.result()
 
 
+@bounded()
 def test_context_holding_nothing_always_waits():
     x = WwMutex(WD)
     w, box, release, holding = hold_in_thread([x], WD)
@@ -267,6 +295,7 @@ def test_context_holding_nothing_always_waits():
     w.result()
 
 
+@bounded()
 def test_wait_die_older_waits_for_younger_holder():
     x, z = WwMutex(WD), WwMutex(WD)
     go = threading.Event()
@@ -282,6 +311,7 @@ def test_wait_die_older_waits_for_younger_holder():
     w.result()
 
 
+@bounded()
 def test_wait_die_dies_behind_an_older_waiter():
     """__ww_mutex_add_waiter(): an older context already queued makes a
     younger one holding locks die at once, even behind a plain holder."""
@@ -301,23 +331,12 @@ def test_wait_die_dies_behind_an_older_waiter():
     old_in.wait()
     wait_until(lambda: waiting_on(x))
 
-    def younger():
-        with AcquireContext(WD) as ctx:
-            b.lock(ctx)
-            try:
-                x.lock(ctx)
-            except errors.WouldDeadlock:
-                b.unlock()
-                return "died"
-            x.unlock()
-            b.unlock()
-            return "got it"
-
-    assert spawn(younger).result() == "died"
+    assert spawn(lock_then_lock, WD, b, x).result() == "died"
     x.unlock()
     w.result()
 
 
+@bounded()
 def test_wait_die_waiting_younger_is_woken_to_die():
     """A younger waiter holding locks is woken to die when an older context
     queues ahead of it (__ww_mutex_die from add_waiter)."""
@@ -325,20 +344,6 @@ def test_wait_die_waiting_younger_is_woken_to_die():
     x.lock()
     order = threading.Event()
     young_waiting = threading.Event()
-
-    def young():
-        order.wait()
-        with AcquireContext(WD) as ctx:
-            b.lock(ctx)
-            young_waiting.set()
-            try:
-                x.lock(ctx)
-            except errors.WouldDeadlock:
-                b.unlock()
-                return "died"
-            x.unlock()
-            b.unlock()
-            return "got it"
 
     def old():
         with AcquireContext(WD) as ctx:
@@ -350,7 +355,7 @@ def test_wait_die_waiting_younger_is_woken_to_die():
             x.unlock()
             a.unlock()
 
-    wy = spawn(young)
+    wy = spawn(lock_then_lock, WD, b, x, order, None, young_waiting)
     wo = spawn(old)
     assert wy.result() == "died"
     x.unlock()
@@ -360,6 +365,7 @@ def test_wait_die_waiting_younger_is_woken_to_die():
 # ---------------------------------------------------- wound-wait decisions
 
 
+@bounded()
 def test_wound_wait_older_wounds_younger_holder():
     a, b, c = WwMutex(WW), WwMutex(WW), WwMutex(WW)
     older_made, young_holds, older_waits = threading.Event(), threading.Event(), threading.Event()
@@ -393,6 +399,7 @@ def test_wound_wait_older_wounds_younger_holder():
     w.result()
 
 
+@bounded()
 def test_wound_wait_younger_waits_for_older():
     x, y = WwMutex(WW), WwMutex(WW)
     w, box, release, holding = hold_in_thread([x], WW)
@@ -406,40 +413,28 @@ def test_wound_wait_younger_waits_for_older():
     w.result()
 
 
+@bounded()
 def test_wound_wakes_a_sleeping_younger_holder():
     """A wounded holder that is asleep on another lock is woken and backs off."""
     a, b, p = WwMutex(WW), WwMutex(WW), WwMutex(WW)
     p.lock()  # a plain holder the young context will sleep on
     young_made, young_sleeps = threading.Event(), threading.Event()
 
-    def young():
-        with AcquireContext(WW) as ctx:
-            young_made.set()
-            a.lock(ctx)
-            young_sleeps.set()
-            try:
-                p.lock(ctx)
-            except errors.WouldDeadlock:
-                a.unlock()
-                return "backed off"
-            p.unlock()
-            a.unlock()
-            return "not wounded"
-
     old_ctx = AcquireContext(WW)  # older than the young one
-    wy = spawn(young)
+    wy = spawn(lock_then_lock, WW, a, p, None, young_made, young_sleeps)
     young_made.wait()
     young_sleeps.wait()
     wait_until(lambda: waiting_on(p))
     b.lock(old_ctx)
     a.lock(old_ctx)  # wounds the young holder, which wakes and backs off
-    assert wy.result() == "backed off"
+    assert wy.result() == "died"  # the wounded holder backed off
     a.unlock()
     b.unlock()
     old_ctx.fini()
     p.unlock()
 
 
+@bounded()
 def test_stamp_wraparound_is_age_safe():
     c = WwClass("wrap", wait_die=True)
     c._set_stamp(2**64 - 2)
@@ -462,6 +457,7 @@ def test_stamp_wraparound_is_age_safe():
 
 
 @pytest.mark.parametrize("slow", [False, True])
+@bounded()
 def test_interruptible_lock(slow):
     x = WwMutex(WD)
     w, box, release, holding = hold_in_thread([x], WD)
@@ -501,6 +497,7 @@ def test_uncontended_interruptible_lock_succeeds_with_signal_pending():
     assert not signal_pending()
 
 
+@bounded()
 def test_uninterruptible_lock_ignores_signals():
     x = WwMutex(WD)
     w, box, release, holding = hold_in_thread([x], WD)
