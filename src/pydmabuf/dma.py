@@ -87,7 +87,15 @@ def _sum_u64(col: np.ndarray, what: str) -> int:
     return total
 
 
+#: The directions one can map with, by value (a dict lookup is the fast path).
+_DIRS: dict[int, DmaDirection] = {int(d): d for d in DmaDirection if d != DmaDirection.NONE}
+
+
 def _dir(direction: Any) -> DmaDirection:
+    if type(direction) is int or type(direction) is DmaDirection:
+        d = _DIRS.get(direction)
+        if d is not None:
+            return d
     try:
         d = DmaDirection(direction)
     except ValueError:
@@ -97,29 +105,53 @@ def _dir(direction: Any) -> DmaDirection:
     return d
 
 
+_ATTRS: dict[int, DmaAttrs] = {}
+
+
 def _attrs(attrs: Any) -> DmaAttrs:
+    a = _ATTRS.get(attrs) if type(attrs) is int or type(attrs) is DmaAttrs else None
+    if a is not None:
+        return a
     if not isinstance(attrs, int) or attrs < 0 or attrs >= 1 << 11:
         raise errors.InvalidArgument(f"{attrs!r} is not a set of DMA attributes")
-    return DmaAttrs(attrs)
+    a = _ATTRS[int(attrs)] = DmaAttrs(attrs)
+    return a
+
+
+_tls = threading.local()
 
 
 def _cpu(device: Device) -> int:
+    """The CPU this thread stands for (per-CPU IOVA caches, flush queues):
+    its native thread id, read once per thread."""
     g = device.iommu_group
     n = g.iommu.ncpus if g is not None else 1
-    return threading.get_native_id() % n
+    try:
+        tid: int = _tls.tid
+    except AttributeError:
+        tid = _tls.tid = threading.get_native_id()
+    return tid % n
+
+
+_PROTS: dict[tuple[bool, int, int], int] = {}
 
 
 def _prot(device: Device, direction: DmaDirection, attrs: int) -> int:
     """``dma_info_to_prot()``."""
+    key = (bool(device.coherent), int(direction), int(attrs))
+    prot = _PROTS.get(key)
+    if prot is not None:
+        return prot
     if attrs & DmaAttrs.MMIO:
-        prot = IommuProt.MMIO
+        p = IommuProt.MMIO
     else:
-        prot = IommuProt.CACHE if device.coherent else 0
+        p = IommuProt.CACHE if device.coherent else IommuProt(0)
     if attrs & DmaAttrs.PRIVILEGED:
-        prot |= IommuProt.PRIV
-    return int(prot | {DmaDirection.BIDIRECTIONAL: IommuProt.READ | IommuProt.WRITE,
-                       DmaDirection.TO_DEVICE: IommuProt.READ,
-                       DmaDirection.FROM_DEVICE: IommuProt.WRITE}[direction])
+        p |= IommuProt.PRIV
+    prot = _PROTS[key] = int(p | {DmaDirection.BIDIRECTIONAL: IommuProt.READ | IommuProt.WRITE,
+                                   DmaDirection.TO_DEVICE: IommuProt.READ,
+                                   DmaDirection.FROM_DEVICE: IommuProt.WRITE}[direction])
+    return prot
 
 
 def _pool(device: Device) -> Any:

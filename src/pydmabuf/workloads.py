@@ -74,17 +74,32 @@ def real_pages(npages: int) -> tuple[np.ndarray, object]:
     use.  Raises :class:`pydmabuf.errors.NotPermitted` where the process
     may not read PFNs.
     """
-    from pydmabuf import pagemap
+    from pydmabuf import errors, pagemap
 
-    buf = np.ones(npages * PAGE_SIZE, dtype=np.uint8)
-    addr = buf.__array_interface__["data"][0]
-    start = (-addr) % PAGE_SIZE
-    if start:  # keep exactly npages whole pages
-        buf = np.ones(npages * PAGE_SIZE + PAGE_SIZE, dtype=np.uint8)
-        addr = buf.__array_interface__["data"][0]
-        start = (-addr) % PAGE_SIZE
-    view = buf[start : start + npages * PAGE_SIZE]
+    nbytes = npages * PAGE_SIZE
+    avail = _mem_available()
+    if avail is not None and nbytes > avail // 2:
+        raise errors.OutOfMemory(f"a {nbytes >> 20} MiB buffer would take more than half of the "
+                                 f"{avail >> 20} MiB of memory available")
+    # One allocation with a page of slack, so a page-aligned view of exactly
+    # npages exists; touch one byte per page so every page has a frame.
+    buf = np.empty(nbytes + PAGE_SIZE, dtype=np.uint8)
+    start = (-buf.__array_interface__["data"][0]) % PAGE_SIZE
+    view = buf[start : start + nbytes]
+    view[::PAGE_SIZE] = 1
     return pagemap(view), buf
+
+
+def _mem_available() -> int | None:
+    """``MemAvailable`` from /proc/meminfo in bytes, None where unreadable."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def layout(name: str, npages: int, seed: int = 1, limit_pfn: int | None = None) -> tuple[np.ndarray, object]:
