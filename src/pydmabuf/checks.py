@@ -41,14 +41,28 @@ _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 _USER_CODE = (os.sep + "_scenario_library.py",)
 
 
+#: co_filename -> basename for user code, None for pydmabuf's own files.
+_FILE_KIND: dict[str, str | None] = {}
+
+
+def _user_file(co_filename: str) -> str | None:
+    try:
+        return _FILE_KIND[co_filename]
+    except KeyError:
+        fn = os.path.abspath(co_filename)
+        user = not fn.startswith(_PKG_DIR) or fn.endswith(_USER_CODE)
+        kind = _FILE_KIND[co_filename] = os.path.basename(fn) if user else None
+        return kind
+
+
 def created_at(skip_package: bool = True) -> str:
     """``file:line`` of the first caller outside pydmabuf (where a user made
     the object), for reports.  The bundled scenarios count as user code."""
     f = sys._getframe(1)
     while f is not None:
-        fn = os.path.abspath(f.f_code.co_filename)
-        if not (skip_package and fn.startswith(_PKG_DIR)) or fn.endswith(_USER_CODE):
-            return f"{os.path.basename(fn)}:{f.f_lineno}"
+        name = _user_file(f.f_code.co_filename)
+        if name is not None or not skip_package:
+            return f"{name or os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
         f = f.f_back  # type: ignore[assignment]
     return "?"
 
