@@ -240,11 +240,51 @@ cdef object _as_u64_view(object obj, str name):
     return v
 
 
+cdef object _small_ints_to_u64(object seq):
+    """The fast path of :func:`_ints_to_u64` for short lists of ints or of
+    equal-length rows of ints, all in range; None for anything else (the
+    general path then converts it or raises the right error)."""
+    cdef Py_ssize_t n = len(seq), w = 0, i, j
+    cdef uint64_t[::1] v
+    first = seq[0]
+    if type(first) is not int:
+        if type(first) is not list and type(first) is not tuple:
+            return None
+        w = len(first)
+        if w == 0:
+            return None
+    np = _np()
+    if w == 0:
+        out = np.empty(n, dtype=np.uint64)
+    else:
+        out = np.empty((n, w), dtype=np.uint64)
+    v = out.reshape(-1)
+    for i in range(n):
+        x = seq[i]
+        if w == 0:
+            if type(x) is not int or x < 0 or x > 0xFFFFFFFFFFFFFFFF:
+                return None
+            v[i] = <uint64_t>x
+        else:
+            if (type(x) is not list and type(x) is not tuple) or len(x) != w:
+                return None
+            for j in range(w):
+                y = x[j]
+                if type(y) is not int or y < 0 or y > 0xFFFFFFFFFFFFFFFF:
+                    return None
+                v[i * w + j] = <uint64_t>y
+    return out
+
+
 cdef object _ints_to_u64(object seq, str name):
     """A list or tuple of ints as a NumPy u64 array (a copy), strictly."""
     np = _np()
     if len(seq) == 0:
         return np.zeros(0, dtype=np.uint64)
+    if len(seq) <= 1024:
+        fast = _small_ints_to_u64(seq)
+        if fast is not None:
+            return fast
     try:
         a = np.asarray(seq)
     except (ValueError, TypeError) as e:

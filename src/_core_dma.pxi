@@ -685,6 +685,34 @@ def _link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, u
     return rc
 
 
+def _ranges_total(pairs, str what):
+    """Validate (N, 2) (phys, nbytes) rows for the phys-vec helpers in one
+    pass: at least one row, no zero length, total below 2**64 (EINVAL,
+    EOVERFLOW).  Returns the total in bytes."""
+    cdef const uint64_t[::1] flat = _pairs_view(pairs, "ranges")
+    cdef Py_ssize_t n = flat.shape[0] // 2, i
+    cdef uint64_t total = 0, ln
+    cdef Py_ssize_t zero = -1
+    cdef bint over = False
+    with nogil:
+        for i in range(n):
+            ln = flat[2 * i + 1]
+            if ln == 0:
+                zero = i
+                break
+            if total + ln < total:
+                over = True
+                break
+            total += ln
+    if n == 0:
+        raise _errors.InvalidArgument(f"{what}: no ranges")
+    if zero >= 0:
+        raise _errors.InvalidArgument(f"{what}: range {zero} has length 0")
+    if over:
+        raise _errors.Overflow(f"{what}: the ranges add up to more than 2**64 - 1 bytes")
+    return total
+
+
 def _translate(IommuDomain dom, uint64_t iova, uint64_t nbytes, uint32_t need):
     """Runs of (phys, nbytes) for a device access; raises IommuFault."""
     cdef iommu_domain *d = _dom_of(dom)

@@ -463,7 +463,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append("Mapping a buffer: map and unmap ns/page (medians); x = map time against the "
                      "sg_iommu map and the one-PTE-per-page floor")
-        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'map':>8} {'unmap':>7} {'x sg_iommu':>10} {'x floor':>8} "
+        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'map':>8} {'unmap':>7} {'+-%':>4} {'x sg_iommu':>10} {'x floor':>8} "
                f"{'PTE/page':>9} {'IOTLB inv':>9} {'segments':>9} {'meta B/page':>11}")
         lines.append(hdr)
         lines.append("-" * len(hdr))
@@ -480,7 +480,7 @@ def format_table(result: dict[str, Any]) -> str:
                 rf = f"{mp / floor['counters']['map_ns_per_page']:.1f}" if floor else "-"
                 lines.append(
                     f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {mp:>8.2f} "
-                    f"{k['unmap_ns_per_page']:>7.2f} {rb:>10} {rf:>8} "
+                    f"{k['unmap_ns_per_page']:>7.2f} {_spread_pct(c):>4} {rb:>10} {rf:>8} "
                     f"{k['pte_writes_per_page']:>9.3f} {k['iotlb_invalidations']:>9} {k['segments']:>9} "
                     f"{k['metadata_bytes_per_page']:>11.2f}"
                 )
@@ -488,6 +488,62 @@ def format_table(result: dict[str, Any]) -> str:
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def _spread_pct(c: dict[str, Any]) -> str:
+    """Half the interquartile range of the repeats, as a percentage of the
+    median (map + unmap)."""
+    med = c["ns_per_page"]
+    if not med:
+        return "-"
+    return f"{50.0 * (c['ns_per_page_q3'] - c['ns_per_page_q1']) / med:.0f}"
+
+
+def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) -> str:
+    """A Markdown summary of the mapping part, for a README: per buffer
+    size, one row per layout, one column per strategy, each cell the map
+    cost in ns/page and its ratio to the scatterlist + IOMMU baseline."""
+    m = result["machine"]
+    cells = [c for c in result["cells"] if c["strategy"] in MAPPING_STRATEGIES]
+    have = sorted({c["npages"] for c in cells})
+    want = [n for n in (sizes if sizes is not None else have) if n in have]
+    by: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
+    layouts: list[str] = []
+    for c in cells:
+        by.setdefault((c["npages"], c["layout"]), {})[c["strategy"]] = c
+        if c["layout"] not in layouts:
+            layouts.append(c["layout"])
+    out = [f"Measured with `pydmabuf bench` {result['version']} (seed {result['seed']}"
+           f"{', --quick' if result.get('quick') else ''}) on {m['cpu']}, {m['cpus']} CPUs, "
+           f"Linux {m.get('kernel', '?')}, Python {m['python']}, NumPy {m['numpy']}; "
+           f"model: the default machine, importer {result['model']['iommu_device']} behind its IOMMU.",
+           "",
+           "Map cost in ns per 4 KiB page (median), and in brackets its ratio to `sg_iommu` "
+           "(build a scatterlist, `dma_map_sgtable` through the IOMMU).", ""]
+    for npages in want:
+        out.append(f"**{_fmt_size(npages * PAGE_SIZE)}**")
+        out.append("")
+        out.append("| layout | " + " | ".join(MAPPING_STRATEGIES) + " |")
+        out.append("|---|" + "---:|" * len(MAPPING_STRATEGIES))
+        for lay in layouts:
+            row = by.get((npages, lay))
+            if not row:
+                continue
+            base = row.get(BASELINE)
+            cols = []
+            for name in MAPPING_STRATEGIES:
+                c = row.get(name)
+                if c is None:
+                    cols.append("-")
+                    continue
+                mp = c["counters"]["map_ns_per_page"]
+                ratio = f" ({mp / base['counters']['map_ns_per_page']:.2f})" if base else ""
+                cols.append(f"{mp:.2f}{ratio}")
+            out.append(f"| {lay} | " + " | ".join(cols) + " |")
+        out.append("")
+    for n in result.get("notes", []):
+        out.append(f"Note: {n}")
+    return "\n".join(out).rstrip() + "\n"
 
 
 def to_csv(result: dict[str, Any]) -> str:

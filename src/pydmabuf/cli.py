@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=1, help="seed of the random layouts (default 1)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     b.add_argument("--csv", metavar="FILE", help="write the results as CSV ('-' for stdout)")
+    b.add_argument("--markdown", metavar="FILE", help="write a Markdown summary of the mapping costs ('-' for stdout)")
     b.add_argument("--plot", metavar="FILE.png", help="draw throughput against buffer size (needs matplotlib)")
     b.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
                    help="print the ratios between two saved results instead of running")
@@ -105,9 +106,11 @@ def _bench(args: argparse.Namespace) -> int:
         _write(args.json, bench.to_json(result))
     if args.csv:
         _write(args.csv, bench.to_csv(result))
+    if args.markdown:
+        _write(args.markdown, bench.format_markdown(result))
     if args.plot:
         bench.plot(result, args.plot)
-    if "-" not in (args.json, args.csv):
+    if "-" not in (args.json, args.csv, args.markdown):
         print(bench.format_table(result))
     return 0
 

@@ -79,14 +79,6 @@ class DmaAttrs(enum.IntFlag):
     MMIO = 1 << 10
 
 
-def _sum_u64(col: np.ndarray, what: str) -> int:
-    """The sum of a u64 column, refusing totals past 2**64 - 1 (EOVERFLOW)."""
-    total = int(col.sum(dtype=np.uint64))
-    if float(col.sum(dtype=np.float64)) >= 2.0**64 * (1 - 1e-12) or (len(col) and total < int(col.max())):
-        raise errors.Overflow(f"{what}: the ranges add up to more than 2**64 - 1 bytes")
-    return total
-
-
 #: The directions one can map with, by value (a dict lookup is the fast path).
 _DIRS: dict[int, DmaDirection] = {int(d): d for d in DmaDirection if d != DmaDirection.NONE}
 
@@ -830,10 +822,10 @@ def dma_buf_phys_vec_to_sgt(device: Any, provider: P2pProvider | None, ranges: A
         device = attach.device
     if provider is None:
         raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no P2P provider (not MMIO)")
-    rows = np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
-    if len(rows) == 0 or (rows[:, 1] == 0).any():
-        raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no ranges, or a range of length 0")
-    total = _sum_u64(rows[:, 1], "dma_buf_phys_vec_to_sgt")
+    rows = ranges if (type(ranges) is np.ndarray and ranges.dtype == np.uint64 and ranges.ndim == 2
+                      and ranges.shape[1] == 2 and ranges.flags.c_contiguous) \
+        else np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
+    total = int(_core._ranges_total(rows, "dma_buf_phys_vec_to_sgt"))
     if nbytes is None:
         nbytes = total
     if not device.is_pci:
