@@ -6,6 +6,16 @@ page (median, with the spread of the middle half), beside references run in
 the same process on the same input: the C floor compiled into the core
 (``pydmabuf._core.floor_coalesce``) and the NumPy code a user would write
 (:func:`pydmabuf.workloads.numpy_coalesce`).
+
+The mapping part times, per strategy, a map step and its unmap step on the
+same pages.  Its counters cover one map and its unmap: ``pte_writes_per_page``
+(every page-table entry set or cleared, leaf or table; an unmap that frees
+a whole table page clears one entry, as io-pgtable does),
+``iotlb_invalidations`` (range and walk invalidations and full flushes,
+with lazy domains flushed so deferred ones count), ``segments`` (DMA
+segments of the mapped table, or ranges linked) and
+``metadata_bytes_per_page`` (scatterlist entries, the IOVA state, the
+exporter's range array).
 """
 
 from __future__ import annotations
@@ -461,10 +471,11 @@ def format_table(result: dict[str, Any]) -> str:
     maps = [c for c in cells if c["strategy"] in MAPPING_STRATEGIES]
     if maps:
         lines.append("")
-        lines.append("Mapping a buffer: map and unmap ns/page (medians); x = map time against the "
-                     "sg_iommu map and the one-PTE-per-page floor")
+        lines.append("Mapping a buffer: map and unmap ns/page (medians), +-% half the interquartile range; "
+                     "x = map time against the sg_iommu map and the one-PTE-per-page floor; "
+                     "PTE writes and IOTLB invalidations over one map + unmap")
         hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'map':>8} {'unmap':>7} {'+-%':>4} {'x sg_iommu':>10} {'x floor':>8} "
-               f"{'PTE/page':>9} {'IOTLB inv':>9} {'segments':>9} {'meta B/page':>11}")
+               f"{'PTE w/pg':>9} {'IOTLB inv':>9} {'segments':>9} {'meta B/page':>11}")
         lines.append(hdr)
         lines.append("-" * len(hdr))
         for (lay, npages), strat in by_key.items():

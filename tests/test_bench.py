@@ -1,0 +1,101 @@
+"""The study behind ``pydmabuf bench``: what each cell counts, and that a
+run leaves the model machine as it found it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pydmabuf import Machine, bench
+
+
+@pytest.fixture(scope="module")
+def study():
+    m = Machine.default()
+    before = _live(m)
+    result = bench.run_study(["contiguous", "scattered"], [16, 256], quick=True, progress=False, machine=m)
+    return m, before, result
+
+
+def _live(m):
+    out = {}
+    for name in ("gpu0", "direct0"):
+        d = m.device(name).domain
+        if d is not None:
+            d.flush()
+            s = d.stats
+            out[name] = (s["iova_live_ranges"], s["mapped_nbytes"])
+    out["pages"] = m.pages.allocated_pages
+    return out
+
+
+def _cells(result, **match):
+    return [c for c in result["cells"] if all(c[k] == v for k, v in match.items())]
+
+
+def test_every_strategy_is_measured_for_every_cell(study):
+    _, _, result = study
+    for layout in ("contiguous", "scattered"):
+        for npages in (16, 256):
+            got = {c["strategy"] for c in _cells(result, layout=layout, npages=npages)}
+            assert set(bench.MAPPING_STRATEGIES) | {"sg_from_pages", "c_floor", "numpy"} == got
+
+
+def test_the_study_leaves_nothing_mapped(study):
+    m, before, _ = study
+    assert _live(m) == before
+
+
+def test_counters_mean_what_they_say(study):
+    _, _, result = study
+
+    def one(**kw):
+        (c,) = _cells(result, **kw)
+        return c["counters"]
+
+    for npages in (16, 256):
+        assert one(layout="scattered", npages=npages, strategy="pte_floor")["pte_writes_per_page"] == 1.0
+        assert one(layout="scattered", npages=npages, strategy="sg_direct")["pte_writes_per_page"] == 0.0
+        # dma-direct on scattered pages: one DMA segment per page.
+        assert one(layout="scattered", npages=npages, strategy="sg_direct")["segments"] == npages
+        # The IOMMU merges scattered pages into one IOVA segment.
+        assert one(layout="scattered", npages=npages, strategy="sg_iommu")["segments"] == 1
+        # Linking page by page: one range per page; runs: one per run.
+        assert one(layout="scattered", npages=npages, strategy="link_pages")["segments"] == npages
+        assert one(layout="contiguous", npages=npages, strategy="link_runs")["segments"] == 1
+        # Over one map and its unmap, every IOMMU path writes each leaf PTE
+        # twice (set, clear) below a whole table page, plus the upper-level
+        # entries the first map creates.
+        for s in ("sg_iommu", "link_pages", "link_runs", "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges"):
+            k = one(layout="scattered", npages=npages, strategy=s)
+            assert 2.0 <= k["pte_writes_per_page"] <= 2.0 + 4.0 / npages, (s, k)
+            assert k["iotlb_invalidations"] >= 1
+    # A scatterlist costs 32 bytes per entry: one entry per scattered page.
+    assert one(layout="scattered", npages=256, strategy="sg_iommu")["metadata_bytes_per_page"] >= 32.0
+    assert one(layout="contiguous", npages=256, strategy="link_runs")["metadata_bytes_per_page"] < 1.0
+
+
+def test_outputs_round_trip(study, tmp_path):
+    _, _, result = study
+    again = json.loads(bench.to_json(result))
+    assert again["cells"] == json.loads(json.dumps(result["cells"]))
+    csv_lines = bench.to_csv(result).splitlines()
+    assert len(csv_lines) == 1 + len(result["cells"])
+    table = bench.format_table(result)
+    assert "Scatterlist walk" in table and "Mapping a buffer" in table
+    md = bench.format_markdown(result)
+    assert md.startswith("Measured with `pydmabuf bench`")
+    assert "| layout | " + " | ".join(bench.MAPPING_STRATEGIES) + " |" in md
+    assert md.count("| scattered |") == 2 and "**64 KiB**" in md and "**1 MiB**" in md
+    # Every baseline cell reads (1.00) against itself.
+    for line in md.splitlines():
+        if line.startswith("| contiguous") or line.startswith("| scattered"):
+            assert line.split("|")[2].strip().endswith("(1.00)")
+
+
+def test_compare_of_a_result_with_itself_is_one(study):
+    _, _, result = study
+    out = bench.compare(result, result)
+    assert "geometric mean new/old = 1.000" in out
+    assert bench.compare(result, {"cells": []}) == "no cells in common"

@@ -1,0 +1,68 @@
+"""Every scenario of ``pydmabuf scenario`` runs as a test, and says what
+it should."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pydmabuf import checks, errors, scenarios
+
+#: What each scenario's summary must say (a subset of its facts).
+EXPECTED = {
+    "stale-importer": {
+        "invalidations delivered": 2,
+        "stale DMA caught": 1,
+        "culprit": "LazyNic",
+        "data after the move": "packet 1",
+    },
+    "ranges-to-table": {
+        "ranges": 3,
+        "model layout": "each range at its running offset",
+        "kernel_compat": "second range collides: AlreadyExists (EEXIST)",
+    },
+}
+
+
+def test_every_scenario_has_expectations():
+    assert set(scenarios.names()) == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_scenario(name):
+    checks.clear()
+    r = scenarios.run(name, out=None)
+    for k, v in EXPECTED[name].items():
+        assert r.summary[k] == v, (k, r.text)
+    assert r.summary["left behind"].startswith("nothing")
+    assert r.text.startswith(f"{name}: ") and "\nSummary\n" in r.text
+    assert r.steps >= 3
+    assert checks.mode() == "strict"  # a scenario restores the checker's mode
+    assert not checks.reports()
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_scenario_output_is_repeatable(name):
+    assert scenarios.run(name, out=None).text == scenarios.run(name, out=None).text
+
+
+def test_unknown_scenario():
+    with pytest.raises(errors.NotFound):
+        scenarios.run("no-such-thing", out=None)
+
+
+def test_cli_lists_and_runs():
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "pydmabuf.cli", "scenario", *args],
+                              capture_output=True, text=True, timeout=300)
+
+    r = cli("--list")
+    assert r.returncode == 0
+    assert [line.split()[0] for line in r.stdout.splitlines()] == scenarios.names()
+    r = cli("stale-importer")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == scenarios.run("stale-importer", out=None).text
+    assert r.stderr == ""  # the checker's report-mode log stays quiet
+    assert cli("nope").returncode == 2
