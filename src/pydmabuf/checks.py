@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, Iterator
 
 from pydmabuf import errors
@@ -44,12 +45,12 @@ _USER_CODE = (os.sep + "_scenario_library.py",)
 def created_at(skip_package: bool = True) -> str:
     """``file:line`` of the first caller outside pydmabuf (where a user made
     the object), for reports.  The bundled scenarios count as user code."""
-    f = sys._getframe(1)
+    f: FrameType | None = sys._getframe(1)
     while f is not None:
         fn = os.path.abspath(f.f_code.co_filename)
         if not (skip_package and fn.startswith(_PKG_DIR)) or fn.endswith(_USER_CODE):
             return f"{os.path.basename(fn)}:{f.f_lineno}"
-        f = f.f_back  # type: ignore[assignment]
+        f = f.f_back
     return "?"
 
 
@@ -83,9 +84,9 @@ class Checker:
         r = Report(kind, rule, message, descr, created_at(), _describe(culprit) if culprit is not None else "")
         if self.strict:
             cls = errors.LockingError if kind == "locking" else errors.LifetimeError
-            err = cls(str(r.message) + (f" (culprit: {r.culprit})" if r.culprit else "")
-                      + (f" [{'; '.join(descr)}]" if descr else ""))
-            err.report = r  # type: ignore[attr-defined]
+            err: errors.DmaBufError = cls(str(r.message) + (f" (culprit: {r.culprit})" if r.culprit else "")
+                                          + (f" [{'; '.join(descr)}]" if descr else ""))
+            err.report = r  # type: ignore[attr-defined]  # the Report rides along for handlers
             raise err
         with self._lock:
             self.reports.append(r)
