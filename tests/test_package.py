@@ -73,6 +73,18 @@ def test_bench_rejects_unknown_layouts_and_bad_sizes():
     assert run_cli("bench", "--sizes", "1000").returncode == 2
 
 
+def test_bench_mapping_needs_the_exporters_bar():
+    # The mapping study exports ranges of vfio0's BAR0; a machine without a
+    # memory BAR0 there is refused up front, naming it.
+    from pydmabuf import bench, errors
+    from pydmabuf.machine import Machine
+
+    m = Machine.default()
+    m.device("vfio0").bars.clear()
+    with pytest.raises(errors.NoDevice, match="vfio0 has no memory BAR0"):
+        bench.run_study(["contiguous"], [16], parts=["mapping"], machine=m, quick=True, progress=False)
+
+
 def test_console_script_is_installed():
     exe = Path(sys.executable).parent / "pydmabuf"
     if not exe.exists():
