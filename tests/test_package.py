@@ -124,6 +124,21 @@ def test_stubs_type_check_a_user_program(tmp_path):
     assert f"user.py:{bad_line}:" in errors[0] and '"int"' in errors[0], out
 
 
+def test_the_package_type_checks_strictly(tmp_path, monkeypatch):
+    # mypy with the project's own configuration ([tool.mypy] in
+    # pyproject.toml: strict, files = src/pydmabuf), from the repository
+    # root as a developer runs it: zero errors.
+    api = pytest.importorskip("mypy.api")
+    root = Path(__file__).resolve().parent.parent
+    config = root / "pyproject.toml"
+    if not (config.is_file() and (root / "src" / "pydmabuf" / "__init__.py").is_file()):
+        pytest.skip("no source tree next to the tests (running against an installed package)")
+    monkeypatch.chdir(root)
+    out, err, status = api.run(["--config-file", str(config), "--cache-dir", str(tmp_path / ".mypy")])
+    assert status == 0, out + err
+    assert out.startswith("Success: no issues found"), out + err
+
+
 CONSUMER = '''
 # cython: language_level=3
 cimport pydmabuf._core as core
