@@ -40,6 +40,21 @@ def test_item12_without_a_pool_it_fails():
     assert (t.entries == before).all() and t.mapping is None
 
 
+def test_forced_bouncing_without_a_pool_fails_cleanly():
+    # Forced bouncing needs a pool to bounce through: without one the
+    # kernel's swiotlb_tbl_map_single() fails (DMA_MAPPING_ERROR), so a
+    # single map is ENOMEM and map_sg is -EIO; nothing stays mapped.
+    m, d = direct_device(force_swiotlb=True)
+    with pytest.raises(errors.OutOfMemory):
+        dma_map_phys(d, 0x4000, 0x1000, TO)
+    t = make_table([(0x100, 0, G), (0x200, 0, G)])
+    before = t.entries.copy()
+    with pytest.raises(errors.IOFailure) as ei:
+        dma_map_sgtable(d, t, TO)
+    assert ei.value.errno == 5
+    assert (t.entries == before).all() and t.mapping is None and t.nents == t.orig_nents
+
+
 def test_item13_bus_dma_limit_wins():
     m, d = direct_device(dma_mask=64, bus_dma_limit=0x3FFFFFFF)
     assert d.dma_limit == 0x3FFFFFFF

@@ -73,6 +73,18 @@ def test_bench_rejects_unknown_layouts_and_bad_sizes():
     assert run_cli("bench", "--sizes", "1000").returncode == 2
 
 
+def test_bench_mapping_needs_the_exporters_bar():
+    # The mapping study exports ranges of vfio0's BAR0; a machine without a
+    # memory BAR0 there is refused up front, naming it.
+    from pydmabuf import bench, errors
+    from pydmabuf.machine import Machine
+
+    m = Machine.default()
+    m.device("vfio0").bars.clear()
+    with pytest.raises(errors.NoDevice, match="vfio0 has no memory BAR0"):
+        bench.run_study(["contiguous"], [16], parts=["mapping"], machine=m, quick=True, progress=False)
+
+
 def test_console_script_is_installed():
     exe = Path(sys.executable).parent / "pydmabuf"
     if not exe.exists():
@@ -110,6 +122,21 @@ def test_stubs_type_check_a_user_program(tmp_path):
     bad_line = prog.read_text().splitlines().index("bad: str = t.nents") + 1
     assert len(errors) == 1, out
     assert f"user.py:{bad_line}:" in errors[0] and '"int"' in errors[0], out
+
+
+def test_the_package_type_checks_strictly(tmp_path, monkeypatch):
+    # mypy with the project's own configuration ([tool.mypy] in
+    # pyproject.toml: strict, files = src/pydmabuf), from the repository
+    # root as a developer runs it: zero errors.
+    api = pytest.importorskip("mypy.api")
+    root = Path(__file__).resolve().parent.parent
+    config = root / "pyproject.toml"
+    if not (config.is_file() and (root / "src" / "pydmabuf" / "__init__.py").is_file()):
+        pytest.skip("no source tree next to the tests (running against an installed package)")
+    monkeypatch.chdir(root)
+    out, err, status = api.run(["--config-file", str(config), "--cache-dir", str(tmp_path / ".mypy")])
+    assert status == 0, out + err
+    assert out.startswith("Success: no issues found"), out + err
 
 
 CONSUMER = '''

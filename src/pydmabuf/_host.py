@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pydmabuf import errors
@@ -54,7 +55,7 @@ def parse_iomem(text: str) -> list[_Entry]:
     return roots
 
 
-def _walk(entries: list[_Entry]):
+def _walk(entries: list[_Entry]) -> Iterator[_Entry]:
     for e in entries:
         yield e
         yield from _walk(e.children)
@@ -93,8 +94,8 @@ def build(cls: type[Machine], *, iomem: str, sysfs: str) -> Machine:
     try:
         with open(iomem) as f:
             text = f.read()
-    except OSError as e:
-        raise errors.from_errno(e.errno or 5, f"cannot read {iomem}: {e.strerror}") from None
+    except OSError as exc:
+        raise errors.from_errno(exc.errno or 5, f"cannot read {iomem}: {exc.strerror}") from None
     roots = parse_iomem(text)
     if not roots:
         raise errors.InvalidArgument(f"{iomem}: no ranges found")
@@ -144,11 +145,11 @@ def build(cls: type[Machine], *, iomem: str, sysfs: str) -> Machine:
     # PCI functions.
     try:
         names = sorted(n for n in os.listdir(sysfs) if _BDF.match(n))
-    except OSError as e:
+    except OSError as exc:
         if not windows:
             names = []
         else:
-            raise errors.from_errno(e.errno or 5, f"cannot list {sysfs}: {e.strerror}") from None
+            raise errors.from_errno(exc.errno or 5, f"cannot list {sysfs}: {exc.strerror}") from None
 
     for key, wins in windows.items():
         seg, bus = key.split(":")
@@ -167,6 +168,7 @@ def build(cls: type[Machine], *, iomem: str, sysfs: str) -> Machine:
     for n in names:
         path, chain, hbkey, cls_code = info[n]
         parent_bdf = chain[-2] if len(chain) >= 2 else None
+        parent: PciPort | HostBridge
         if parent_bdf is not None and parent_bdf in m.ports:
             parent = m.ports[parent_bdf]
         else:
@@ -185,9 +187,9 @@ def build(cls: type[Machine], *, iomem: str, sysfs: str) -> Machine:
             if devfn == "00.0" or (cls_code >> 8) == 0x0604:
                 hb.root_vendor, hb.root_device = vendor, device_id
         if (cls_code >> 8) == 0x0604:  # PCI-to-PCI bridge
-            kind = "root_port" if isinstance(parent, HostBridge) else (
+            port_kind = "root_port" if isinstance(parent, HostBridge) else (
                 "switch_upstream" if getattr(parent, "kind", "") != "switch_upstream" else "switch_downstream")
-            m.add_port(PciPort(n, n, parent, kind=kind, acs_redirect=acs, vendor=vendor, device_id=device_id))
+            m.add_port(PciPort(n, n, parent, kind=port_kind, acs_redirect=acs, vendor=vendor, device_id=device_id))
             continue
         bits = _read(os.path.join(path, "dma_mask_bits"))
         mask = (1 << int(bits)) - 1 if bits and bits.isdigit() and 0 < int(bits) <= 64 else 2**64 - 1

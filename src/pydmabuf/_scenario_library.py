@@ -15,6 +15,7 @@ from pydmabuf._types import DmaDirection, _fmt_size
 from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import ImporterOps
 from pydmabuf.exporters import SystemHeap
+from pydmabuf.exporters.system_heap import HeapBuffer
 from pydmabuf.machine import Machine
 from pydmabuf.scenarios import Story, scenario
 
@@ -87,8 +88,10 @@ def stale_importer(story: Story) -> None:
             LazyNic.invalidations += 1
 
     buf = SystemHeap(m).allocate(64 << 10, layout="fragmented", seed=3, movable=True, name="shared")
+    heap = buf.exporter
+    assert isinstance(heap, HeapBuffer)
     story.step(f"the system heap exports {buf.name!r}: {_fmt_size(buf.size)} of movable RAM pages, "
-               f"{len(buf.exporter.pfns)} pages")
+               f"{len(heap.pfns)} pages")
     g_ops, n_ops = ObedientGpu(), LazyNic()
     ga = buf.dynamic_attach(gpu, g_ops)
     na = buf.dynamic_attach(nic, n_ops)
@@ -102,10 +105,10 @@ def stale_importer(story: Story) -> None:
 
     story.step("the exporter moves the buffer (DmaBuf.move under the reservation lock): "
                "importers are invalidated newest first, then the pages migrate")
-    old_first = int(buf.exporter.pfns[0])
+    old_first = int(heap.pfns[0])
     with buf.resv:
         buf.move()
-    story.detail(f"first page moved from pfn {old_first:#x} to {int(buf.exporter.pfns[0]):#x}; "
+    story.detail(f"first page moved from pfn {old_first:#x} to {int(heap.pfns[0]):#x}; "
                  f"gpu0 dropped its mapping ({g_ops.invalidations} invalidation), "
                  f"nic0 acknowledged and kept its ({n_ops.invalidations} invalidation)")
 
@@ -155,6 +158,7 @@ def ranges_to_table(story: Story) -> None:
     before = _live(m)
     vfio, gpu = m.device("vfio0"), m.device("gpu0")
     prov = vfio.p2p_provider(0)
+    assert prov is not None  # the default machine's vfio0 has a memory BAR0
     base = prov.bar.cpu_start
     rows = np.array([[base, 0x4000], [base + 0x100000, 0x2000], [base + 0x300000, 0x1000]], dtype=np.uint64)
     story.step(f"vfio0's BAR0 at {base:#x}: three slices "
@@ -180,5 +184,6 @@ def ranges_to_table(story: Story) -> None:
 
     story.fact("ranges", len(rows))
     story.fact("model layout", "each range at its running offset" if all(layout) else "WRONG")
-    story.fact("kernel_compat", f"second range collides: {type(e).__name__} ({errors.errno_name(e.errno)})")
+    code = errors.errno_name(e.errno) if e.errno is not None else "?"
+    story.fact("kernel_compat", f"second range collides: {type(e).__name__} ({code})")
     _clean(story, m, before)

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pydmabuf import _core, workloads
+from pydmabuf import _core, errors, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,10 @@ class _Bench:
         self.machine = machine or Machine.default()
         self.iommu_dev = self.machine.device("gpu0")
         self.direct_dev = self.machine.device("direct0")
-        self.provider = self.machine.device("vfio0").p2p_provider(0)
+        provider = self.machine.device("vfio0").p2p_provider(0)
+        if provider is None:
+            raise errors.NoDevice(f"machine {self.machine.name!r}: vfio0 has no memory BAR0 to export ranges from")
+        self.provider = provider
         # Synthetic layouts start at 4 GiB: keep them in the RAM range there.
         r = self.machine.address_map.lookup(1 << 32)
         self.ram_limit_pfn = (r.end >> 12) if r is not None else None
@@ -480,7 +483,7 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("-" * len(hdr))
         for (lay, npages), strat in by_key.items():
             base = strat.get(BASELINE)
-            floor = strat.get("pte_floor")
+            pte_floor = strat.get("pte_floor")
             for name in MAPPING_STRATEGIES:
                 c = strat.get(name)
                 if c is None:
@@ -488,7 +491,7 @@ def format_table(result: dict[str, Any]) -> str:
                 k = c["counters"]
                 mp = k["map_ns_per_page"]
                 rb = f"{mp / base['counters']['map_ns_per_page']:.2f}" if base else "-"
-                rf = f"{mp / floor['counters']['map_ns_per_page']:.1f}" if floor else "-"
+                rf = f"{mp / pte_floor['counters']['map_ns_per_page']:.1f}" if pte_floor else "-"
                 lines.append(
                     f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {mp:>8.2f} "
                     f"{k['unmap_ns_per_page']:>7.2f} {_spread_pct(c):>4} {rb:>10} {rf:>8} "

@@ -28,6 +28,7 @@ import os
 import sys
 import threading
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, Iterator
 
 from pydmabuf import errors
@@ -58,12 +59,12 @@ def _user_file(co_filename: str) -> str | None:
 def created_at(skip_package: bool = True) -> str:
     """``file:line`` of the first caller outside pydmabuf (where a user made
     the object), for reports.  The bundled scenarios count as user code."""
-    f = sys._getframe(1)
+    f: FrameType | None = sys._getframe(1)
     while f is not None:
         name = _user_file(f.f_code.co_filename)
         if name is not None or not skip_package:
             return f"{name or os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
-        f = f.f_back  # type: ignore[assignment]
+        f = f.f_back
     return "?"
 
 
@@ -97,9 +98,9 @@ class Checker:
         r = Report(kind, rule, message, descr, created_at(), _describe(culprit) if culprit is not None else "")
         if self.strict:
             cls = errors.LockingError if kind == "locking" else errors.LifetimeError
-            err = cls(str(r.message) + (f" (culprit: {r.culprit})" if r.culprit else "")
-                      + (f" [{'; '.join(descr)}]" if descr else ""))
-            err.report = r  # type: ignore[attr-defined]
+            err: errors.DmaBufError = cls(str(r.message) + (f" (culprit: {r.culprit})" if r.culprit else "")
+                                          + (f" [{'; '.join(descr)}]" if descr else ""))
+            err.report = r  # type: ignore[attr-defined]  # the Report rides along for handlers
             raise err
         with self._lock:
             self.reports.append(r)

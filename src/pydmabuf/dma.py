@@ -38,7 +38,7 @@ import numpy as np
 from pydmabuf import _core, errors
 from pydmabuf._core import SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, IommuProt, RangeKind
-from pydmabuf.machine import DMA_MAPPING_ERROR, U64_MAX, Bar, Device, P2pProvider, P2PMapType
+from pydmabuf.machine import DMA_MAPPING_ERROR, U64_MAX, Bar, Device, P2pProvider, P2PMapType, SwiotlbPool
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def _prot(device: Device, direction: DmaDirection, attrs: int) -> int:
     return prot
 
 
-def _pool(device: Device) -> Any:
+def _pool(device: Device) -> SwiotlbPool | None:
     if device.swiotlb is not None:
         return device.swiotlb
     return next(iter(device.machine.swiotlb_pools.values()), None)
@@ -156,7 +156,7 @@ def p2p_context(device: Device) -> _core.P2pContext:
     """The P2P routes from ``device`` to every BAR of its machine, for the
     walks (cached; rebuilt when the machine gains ranges)."""
     m = device.machine
-    cache = getattr(device, "_p2p_ctx", None)
+    cache: tuple[int, _core.P2pContext] | None = getattr(device, "_p2p_ctx", None)
     if cache is not None and cache[0] == len(m._owners):
         return cache[1]
     n = len(m._owners)
@@ -167,7 +167,7 @@ def p2p_context(device: Device) -> _core.P2pContext:
             states[i] = int(m.p2p_map_type(o.owner, device))
             offs[i] = o.bus_offset & U64_MAX
     ctx = _core.P2pContext(m.address_map, states, offs)
-    device._p2p_ctx = (n, ctx)  # type: ignore[attr-defined]
+    device._p2p_ctx = (n, ctx)  # type: ignore[attr-defined]  # this module's cache, kept on the device
     return ctx
 
 
@@ -197,7 +197,7 @@ def _entry_phys(table: SgTable, slots: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return (e["page_link"] & _SG_LINK_MASK) + e["offset"].astype(np.uint64), e["length"].astype(np.uint64)
 
 
-def _bounce_in(device: Device, pool: Any, orig: int, size: int, direction: DmaDirection, attrs: int,
+def _bounce_in(device: Device, pool: SwiotlbPool, orig: int, size: int, direction: DmaDirection, attrs: int,
                align_mask: int = 0) -> int:
     """swiotlb_tbl_map_single(): take slots, copy to the bounce buffer for
     TO_DEVICE / BIDIRECTIONAL; returns the bounce buffer's physical address."""
@@ -210,7 +210,9 @@ def _bounce_in(device: Device, pool: Any, orig: int, size: int, direction: DmaDi
     return tlb
 
 
-def _bounce_out(device: Device, pool: Any, tlb: int, direction: DmaDirection, attrs: int, free: bool = True) -> None:
+def _bounce_out(device: Device, pool: SwiotlbPool | None, tlb: int, direction: DmaDirection, attrs: int,
+                free: bool = True) -> None:
+    pool = _bounced_through(device, pool)
     orig, size = pool.original(tlb)
     if direction in (DmaDirection.FROM_DEVICE, DmaDirection.BIDIRECTIONAL) and not attrs & DmaAttrs.SKIP_CPU_SYNC:
         device.machine.memory.copy(orig, tlb, size)
@@ -219,7 +221,16 @@ def _bounce_out(device: Device, pool: Any, tlb: int, direction: DmaDirection, at
         pool.free(tlb)
 
 
-def _swiotlb_map(device: Device, pool: Any, phys: int, nbytes: int, d: DmaDirection, a: int) -> int:
+def _bounced_through(device: Device, pool: SwiotlbPool | None) -> SwiotlbPool:
+    """The pool a live bounce mapping of ``device`` was made through: it
+    cannot be gone while the mapping lives (LifetimeError if it was taken
+    away, e.g. ``device.swiotlb`` reset)."""
+    if pool is None:
+        raise errors.LifetimeError(f"{device.name} has live bounce mappings but no swiotlb pool")
+    return pool
+
+
+def _swiotlb_map(device: Device, pool: SwiotlbPool, phys: int, nbytes: int, d: DmaDirection, a: int) -> int:
     """swiotlb_map(): bounce, then check the device can reach the bounce
     buffer (the kernel unmaps it and fails otherwise)."""
     tlb = _bounce_in(device, pool, phys, nbytes, d, a)
@@ -285,6 +296,11 @@ def _map_sg_direct(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs,
                                  int(a), ctx)
     m = SgMapping(device, d, a, "direct")
     if len(slots):
+        if pool is None:
+            # Only force_swiotlb without a pool gets here: with no io_tlb_mem
+            # swiotlb_tbl_map_single() fails, so dma_direct_map_sg() is -EIO.
+            _core._clear_dma(table)
+            raise errors.IOFailure(f"dma_map_sgtable: {device.name} must bounce and has no swiotlb pool")
         phys, lens = _entry_phys(table, slots)
         dmas = []
         try:
@@ -378,8 +394,8 @@ def dma_sync_sgtable_for_device(device: Device, table: SgTable, direction: DmaDi
     if not isinstance(m, SgMapping) or m.device is not device:
         raise errors.LifetimeError("dma_sync_sgtable_for_device: the table is not mapped for this device")
     if d in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
-        pool = device.swiotlb
         for _, tlb, orig, size in m.bounces:
+            pool = _bounced_through(device, device.swiotlb)
             device.machine.memory.copy(tlb, orig, size)
             pool.bounced_to_device += size
 
@@ -400,7 +416,7 @@ class _Single:
 def _singles(device: Device) -> dict[int, _Single]:
     s = getattr(device, "_single_maps", None)
     if s is None:
-        s = device._single_maps = {}  # type: ignore[attr-defined]
+        s = device._single_maps = {}  # type: ignore[attr-defined]  # this module's registry, kept on the device
     return s
 
 
@@ -427,6 +443,8 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
         if device.force_swiotlb:
             if mmio:
                 raise errors.OutOfMemory(f"dma_map_phys: {device.name} must bounce and MMIO cannot bounce")
+            if pool is None:  # swiotlb_tbl_map_single() with no io_tlb_mem: DMA_MAPPING_ERROR
+                raise errors.OutOfMemory(f"dma_map_phys: {device.name} must bounce and has no swiotlb pool")
             dma = _swiotlb_map(device, pool, phys, nbytes, d, a)
             reg[dma] = _Single(phys, nbytes, d, a, "direct", pool.tlb_of(dma, device))
             return dma
@@ -447,12 +465,13 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
         return dma
     # iommu_dma_map_phys()
     tlb = None
+    bounce_pool = None
     target = phys
     if not mmio and device.untrusted and ((phys | nbytes) & GMASK):
-        pool = _pool(device)
-        if pool is None:
+        bounce_pool = _pool(device)
+        if bounce_pool is None:
             raise errors.OutOfMemory(f"dma_map_phys: {device.name} must bounce and has no pool")
-        tlb = _bounce_in(device, pool, phys, nbytes, d, a, align_mask=GMASK)
+        tlb = _bounce_in(device, bounce_pool, phys, nbytes, d, a, align_mask=GMASK)
         target = tlb
     elif mmio and device.untrusted and ((phys | nbytes) & GMASK):
         raise errors.OutOfMemory("dma_map_phys: unaligned MMIO on a device that must bounce")
@@ -460,8 +479,8 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
         dma, p32 = _core._map_single(dom, target, nbytes, _prot(device, d, a), device.dma_limit,
                                      device.prefer_32bit_iova, _cpu(device))
     except errors.DmaBufError:
-        if tlb is not None:
-            _pool(device).free(tlb)
+        if bounce_pool is not None and tlb is not None:
+            bounce_pool.free(tlb)
         raise
     device.prefer_32bit_iova = bool(p32)
     reg[dma] = _Single(phys, nbytes, d, a, "iommu", tlb)
@@ -514,6 +533,18 @@ class IovaState:
     linked, use after destroy or free (LifetimeError).
     """
 
+    # Set by try_alloc (no __init__ runs); declared for type checkers only.
+    device: Device
+    addr: int
+    size: int
+    uses_swiotlb: bool
+    _dom: _core.IommuDomain | None
+    _offset: int
+    _reserved: int
+    _linked: _core.RangeTable
+    _live: bool
+    _bounces: list[int]  # set by the first bounced link
+
     def __init__(self) -> None:
         raise TypeError("use IovaState.try_alloc(device, phys, nbytes)")
 
@@ -562,8 +593,9 @@ class IovaState:
     def linked_nbytes(self) -> int:
         return int(self._linked.total_nbytes)
 
-    def _need(self, what: str) -> Any:
-        if not self.uses_iova:
+    def _need(self, what: str) -> _core.IommuDomain:
+        # uses_iova implies a domain: try_alloc reserved the IOVA in it.
+        if self._dom is None or not self.uses_iova:
             raise errors.NotSupported(f"IovaState.{what}: the state does not use IOVA (use dma_map_phys)")
         if not self._live:
             raise errors.LifetimeError(f"IovaState.{what}: the state was destroyed or freed")
@@ -607,7 +639,7 @@ class IovaState:
             if a & DmaAttrs.MMIO:
                 raise errors.NotPermitted("dma_iova_link: unaligned MMIO on a device that must bounce")
             self._check_window("link", offset, int(rows[:, 1].sum(dtype=object)))
-            return self._link_bounced(rows, offset, d, a)
+            return self._link_bounced(dom, rows, offset, d, a)
         n = _core._link_ranges(dom, self.addr, offset, rows, _prot(self.device, d, a), _all_at_offset,
                                self.size - offset)
         if _all_at_offset:
@@ -624,7 +656,8 @@ class IovaState:
             self._linked.erase(r.start, r.nbytes)
         self._linked.insert(lo, hi - lo, kind=RangeKind.IOVA)
 
-    def _link_bounced(self, rows: np.ndarray, offset: int, d: DmaDirection, a: DmaAttrs) -> int:
+    def _link_bounced(self, dom: _core.IommuDomain, rows: np.ndarray, offset: int, d: DmaDirection,
+                      a: DmaAttrs) -> int:
         """iommu_dma_iova_link_swiotlb(): bounce the sub-granule head and
         tail of each range, link the aligned middle directly."""
         pool = _pool(self.device)
@@ -653,12 +686,12 @@ class IovaState:
                     if bounce:
                         target = _bounce_in(self.device, pool, p, ln, d, a, align_mask=GMASK)
                         bounces.append(target)
-                    _core._link_ranges(self._dom, self.addr, off, np.array([[target, ln]], dtype=np.uint64), prot)
+                    _core._link_ranges(dom, self.addr, off, np.array([[target, ln]], dtype=np.uint64), prot)
                     done.append((off, ln))
                     off += ln
         except errors.DmaBufError:
             for o, ln in done:
-                self._unmap(o, ln)
+                self._unmap(dom, o, ln)
             for t in bounces:
                 pool.free(t)
             raise
@@ -667,10 +700,10 @@ class IovaState:
         self._mark(offset, off - offset)
         return off - offset
 
-    def _unmap(self, offset: int, nbytes: int) -> int:
+    def _unmap(self, dom: _core.IommuDomain, offset: int, nbytes: int) -> int:
         start = (self.addr + offset) & ~GMASK
         end = (self.addr + offset + nbytes + GMASK) & ~GMASK
-        return int(self._dom.unmap(start, end - start))
+        return int(dom.unmap(start, end - start))
 
     def sync(self, offset: int = 0, nbytes: int | None = None) -> None:
         """``dma_iova_sync()``: one ``iotlb_sync_map`` for the linked span."""
@@ -686,14 +719,14 @@ class IovaState:
         """``dma_iova_unlink()``: unmap a linked part now, with an immediate
         IOTLB invalidation even on a lazy domain; the IOVA stays reserved.
         Unlinking what is not linked raises LifetimeError."""
-        self._need("unlink")
+        dom = self._need("unlink")
         _dir(direction)
         _attrs(attrs)
         self._check_window("unlink", offset, nbytes)
         covered = sum(min(r.end, offset + nbytes) - max(r.start, offset) for r in self._linked.overlapping(offset, nbytes))
         if covered != nbytes:
             raise errors.LifetimeError(f"dma_iova_unlink: [{offset:#x}, +{nbytes:#x}) is not all linked")
-        self._unmap(offset, nbytes)
+        self._unmap(dom, offset, nbytes)
         self._linked.erase(offset, nbytes)
 
     def destroy(self, mapped_nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import numpy as np
 
 from pydmabuf import checks, dma, errors, files
-from pydmabuf._core import SgTable
+from pydmabuf._core import Resv, SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
 
@@ -165,8 +165,10 @@ class Exporter:
     def release(self, dmabuf: DmaBuf) -> None:
         raise NotImplementedError
 
-    def get_phys_vec(self, attachment: Attachment) -> PhysVec:
-        """The memory as physical ranges (the physical-range op)."""
+    def get_phys_vec(self, attachment: Attachment | None) -> PhysVec:
+        """The memory as physical ranges (the physical-range op).
+        ``attachment`` is None when the generic CPU mmap resolves a fault
+        (:class:`CpuMapping`): there is no importer then."""
         raise errors.NotSupported(f"{self.name} does not describe its memory as physical ranges")
 
     def mmap(self, dmabuf: DmaBuf, mapping: CpuMapping) -> None:
@@ -269,13 +271,30 @@ class DmaBuf:
     around as a file descriptor with :meth:`fd` / :func:`dma_buf_get`.
     """
 
+    # Set by _new (no __init__ runs).  Annotations only, no class values:
+    # __del__'s getattr() must still see a half-built object as one.
+    exporter: Exporter
+    size: int
+    resv: Resv
+    revoked: bool
+    created_at: str
+    _own_resv: bool
+    _name: str
+    _refs: int
+    _released: bool
+    _lock: threading.RLock
+    _attachments: list[Attachment]
+    _mappings: set[_Mapping]
+    _idle: threading.Condition
+    _vmap_count: int
+    _vmap_ptr: Any  # whatever the exporter's vmap returned
+    _cpu_maps: weakref.WeakSet[CpuMapping]
+
     def __init__(self) -> None:
         raise TypeError("use pydmabuf.export(exporter, nbytes)")
 
     @classmethod
-    def _new(cls, exporter: Exporter, nbytes: int, resv: Any, name: str | None) -> DmaBuf:
-        from pydmabuf._core import Resv
-
+    def _new(cls, exporter: Exporter, nbytes: int, resv: Resv | None, name: str | None) -> DmaBuf:
         self = object.__new__(cls)
         self.exporter = exporter
         self.size = nbytes
@@ -285,12 +304,12 @@ class DmaBuf:
         self._refs = 1
         self._released = False
         self._lock = threading.RLock()
-        self._attachments: list[Attachment] = []
-        self._mappings: set[_Mapping] = set()
+        self._attachments = []
+        self._mappings = set()
         self._idle = threading.Condition(self._lock)
         self._vmap_count = 0
-        self._vmap_ptr: Any = None
-        self._cpu_maps: "weakref.WeakSet[CpuMapping]" = weakref.WeakSet()
+        self._vmap_ptr = None
+        self._cpu_maps = weakref.WeakSet()
         self.revoked = False
         self.created_at = checks.created_at()
         if name is not None:
@@ -635,6 +654,20 @@ class DmaBuf:
 class Attachment:
     """``struct dma_buf_attachment``: one device's use of a buffer."""
 
+    # Set by _new (no __init__ runs); declared for type checkers only.
+    dmabuf: DmaBuf
+    device: Device
+    importer_ops: ImporterOps | None
+    importer_priv: Any  # the importer's, opaque
+    peer2peer: bool
+    priv: Any  # the exporter's, opaque
+    pin_count: int
+    invalidations: int
+    detached: bool
+    created_at: str
+    _listed: bool
+    _maps: set[_Mapping]
+
     def __init__(self) -> None:
         raise TypeError("use DmaBuf.attach() or DmaBuf.dynamic_attach()")
 
@@ -646,12 +679,12 @@ class Attachment:
         self.importer_ops = ops
         self.importer_priv = priv
         self.peer2peer = bool(ops.allow_peer2peer) if ops is not None else False
-        self.priv: Any = None  # the exporter's
+        self.priv = None  # the exporter's
         self.pin_count = 0
         self.invalidations = 0
         self.detached = False
         self._listed = False  # on the buffer's list (the exporter accepted it)
-        self._maps: set[_Mapping] = set()
+        self._maps = set()
         self.created_at = checks.created_at()
         return self
 
@@ -861,6 +894,7 @@ class Attachment:
     def p2p_route(self) -> P2PMapType | None:
         """How this device reaches the exporter's MMIO (None for RAM)."""
         try:
+            # Duck-typed: only exporters of MMIO have a provider.
             prov = self.dmabuf.exporter.provider  # type: ignore[attr-defined]
         except AttributeError:
             return None
@@ -927,7 +961,7 @@ class CpuMapping:
         try:
             if buf.revoked or buf.released:
                 raise errors.IOFailure(f"SIGBUS: {buf.name} was revoked; its CPU mapping is gone")
-            pv = buf.exporter.get_phys_vec(None)  # type: ignore[arg-type]
+            pv = buf.exporter.get_phys_vec(None)
             self.faults += 1
             self._ranges = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
         finally:
@@ -954,12 +988,12 @@ class CpuMapping:
         return out
 
     def read(self, off: int, nbytes: int) -> bytes:
-        mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]
+        mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]  # mmappable exporters know their machine
         return b"".join(mem.read(p, n) for p, n in self._runs(off, nbytes))
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
         buf = memoryview(data).cast("B")
-        mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]
+        mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]  # mmappable exporters know their machine
         pos = 0
         for p, n in self._runs(off, len(buf)):
             mem.write(p, buf[pos : pos + n])
@@ -973,7 +1007,7 @@ class CpuMapping:
 # --------------------------------------------------------------- functions
 
 
-def export(exporter: Exporter, nbytes: int, *, resv: Any = None, name: str | None = None) -> DmaBuf:
+def export(exporter: Exporter, nbytes: int, *, resv: Resv | None = None, name: str | None = None) -> DmaBuf:
     """``dma_buf_export()``: a new dma-buf of ``nbytes`` backed by ``exporter``.
 
     Raises InvalidArgument (EINVAL) if ``map_dma_buf``, ``unmap_dma_buf``

@@ -23,6 +23,7 @@ import enum
 import logging
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -1024,10 +1025,10 @@ class Machine:
     @classmethod
     def from_toml(cls, source: str | os.PathLike[str]) -> Machine:
         """A machine from TOML text or a TOML file (the :meth:`from_spec` schema)."""
-        try:
+        if sys.version_info >= (3, 11):
             import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
+        else:  # Python 3.10: the backport
+            import tomli as tomllib
         text = str(source)
         if os.path.exists(text):
             with open(text, "rb") as f:

@@ -9,6 +9,7 @@ one per chunk touched.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -25,7 +26,7 @@ class PhysMemory:
         self._chunks: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
 
-    def _pieces(self, phys: int, nbytes: int):
+    def _pieces(self, phys: int, nbytes: int) -> Iterator[tuple[int, int, int]]:
         end = phys + nbytes
         while phys < end:
             idx = phys >> _CHUNK_SHIFT
@@ -48,7 +49,10 @@ class PhysMemory:
 
     def write(self, phys: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         """Store ``data`` at ``phys``."""
-        src = np.frombuffer(memoryview(data).cast("B"), dtype=np.uint8)
+        # An array's .data is the memoryview memoryview(array) would give
+        # (NumPy's stubs declare no buffer protocol before Python 3.12).
+        view = data.data if isinstance(data, np.ndarray) else memoryview(data)
+        src = np.frombuffer(view.cast("B"), dtype=np.uint8)
         pos = 0
         with self._lock:
             for idx, off, n in self._pieces(phys, len(src)):

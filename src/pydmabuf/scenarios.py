@@ -21,9 +21,11 @@ from __future__ import annotations
 import io
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, TextIO, TypeVar, overload
 
 from pydmabuf import errors
+
+_E = TypeVar("_E", bound=BaseException)
 
 __all__ = ["Scenario", "Story", "Result", "scenario", "names", "get", "run", "SCENARIOS"]
 
@@ -60,6 +62,12 @@ class Story:
     def detail(self, text: str) -> None:
         """What came of the last step."""
         self._emit(f"       {text}")
+
+    # Typed so the caller gets the class it expects back (its errno ...).
+    @overload
+    def refused(self, fn: Callable[..., Any], *args: Any, expect: type[_E], **kw: Any) -> _E: ...
+    @overload
+    def refused(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> errors.DmaBufError: ...
 
     def refused(self, fn: Callable[..., Any], *args: Any, expect: type[BaseException] = errors.DmaBufError,
                 **kw: Any) -> BaseException:
