@@ -590,6 +590,49 @@ def test_cpu_mapping_sigbus_after_revoke(m):
     b.put()
 
 
+def test_cpu_access_is_atomic_against_a_move(m):
+    """A CPU access translates and copies under the reservation lock, so a
+    move cannot free the pages in between (found by the thread stress: a
+    read raced a move and returned another buffer's bytes)."""
+    b = SystemHeap(m).allocate(4 * G, layout="scattered", movable=True)
+    c = b.mmap()
+    c.write(8, b"mine")
+    holder_in, release = threading.Event(), threading.Event()
+    seen = []
+
+    def mover():
+        with b.resv:
+            holder_in.set()
+            release.wait(5)
+            b.move()
+
+    t = threading.Thread(target=mover)
+    t.start()
+    holder_in.wait(5)
+    reader = threading.Thread(target=lambda: seen.append(c.read(8, 4)))
+    reader.start()
+    time.sleep(0.05)
+    assert reader.is_alive()  # waits for the lock instead of reading the old pages
+    release.set()
+    t.join(5)
+    reader.join(5)
+    assert seen == [b"mine"] and c.zaps == 1 and c.faults == 2
+    b.put()
+
+
+def test_a_fault_while_holding_the_lock_is_refused(m):
+    b = SystemHeap(m).allocate(4 * G, movable=True)
+    c = b.mmap()
+    c.write(0, b"ok")  # faulted in
+    with b.resv:
+        assert c.read(0, 2) == b"ok"  # already mapped: no fault, no lock needed
+        b.move()  # zaps it
+        with pytest.raises(errors.LockingError, match="deadlock"):
+            c.read(0, 2)
+    assert c.read(0, 2) == b"ok"
+    b.put()
+
+
 def test_begin_cpu_access_waits_for_writers(m):
     b = SystemHeap(m).allocate(4 * G)
     f = Fence(fence_context_alloc(), 1)

@@ -953,21 +953,38 @@ class CpuMapping:
         self._ranges = None
 
     def _resolve(self) -> np.ndarray:
+        """The ranges, faulting them in if zapped; the reservation lock is
+        held (by :meth:`_access`, or by a vmap's user)."""
         if self._ranges is not None:
             return self._ranges
         buf = self.dmabuf
-        if self.takes_lock:
+        if buf.revoked or buf.released:
+            raise errors.IOFailure(f"SIGBUS: {buf.name} was revoked; its CPU mapping is gone")
+        pv = buf.exporter.get_phys_vec(None)
+        self.faults += 1
+        self._ranges = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
+        return self._ranges
+
+    def _access(self, off: int, n: int, fn: Callable[[list[tuple[int, int]]], Any]) -> Any:
+        """One CPU access, atomic against the exporter: under the
+        reservation lock a move or revoke cannot zap the mapping and free
+        the pages between the translation and the copy (on a CPU the zap
+        and its TLB shootdown order the two the same way).  A thread that
+        already holds the lock may use a mapping that is faulted in; a
+        fault would take the lock again, a deadlock in the kernel, and is
+        refused."""
+        buf = self.dmabuf
+        take = self.takes_lock and not buf.resv.held_by_current_thread()
+        if self.takes_lock and not take and self._ranges is None:
+            checks.checker.locking("cpu-fault-under-resv", "a CPU access faults on a dma-buf mapping while this "
+                                   "thread holds its reservation lock (the fault handler would deadlock)", self)
+        if take:
             buf.resv.lock()
         try:
-            if buf.revoked or buf.released:
-                raise errors.IOFailure(f"SIGBUS: {buf.name} was revoked; its CPU mapping is gone")
-            pv = buf.exporter.get_phys_vec(None)
-            self.faults += 1
-            self._ranges = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
+            return fn(self._runs(off, n))
         finally:
-            if self.takes_lock:
+            if take:
                 buf.resv.unlock()
-        return self._ranges
 
     def _runs(self, off: int, n: int) -> list[tuple[int, int]]:
         if off < 0 or n < 0 or off + n > self.nbytes:
@@ -988,16 +1005,22 @@ class CpuMapping:
         return out
 
     def read(self, off: int, nbytes: int) -> bytes:
+        """Read ``nbytes`` at ``off`` of the mapping (IOFailure "SIGBUS"
+        outside it or once revoked)."""
         mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]  # mmappable exporters know their machine
-        return b"".join(mem.read(p, n) for p, n in self._runs(off, nbytes))
+        return bytes(self._access(off, nbytes, lambda runs: b"".join(mem.read(p, n) for p, n in runs)))
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``off`` of the mapping."""
         buf = memoryview(data).cast("B")
         mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]  # mmappable exporters know their machine
-        pos = 0
-        for p, n in self._runs(off, len(buf)):
-            mem.write(p, buf[pos : pos + n])
-            pos += n
+
+        def copy(runs: list[tuple[int, int]]) -> None:
+            pos = 0
+            for p, n in runs:
+                mem.write(p, buf[pos : pos + n])
+                pos += n
+        self._access(off, len(buf), copy)
 
     def __repr__(self) -> str:
         return (f"<CpuMapping {self.dmabuf.name!r} [{self.offset:#x}, +{self.nbytes:#x}] faults={self.faults} "
