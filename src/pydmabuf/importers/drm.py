@@ -48,6 +48,13 @@ class DrmGpu:
         The mapped table kept for the object's life (``obj->sgt``).
     """
 
+    device: Device
+    dmabuf: DmaBuf
+    attachment: Attachment
+    table: SgTable
+    freed: bool
+    _segments: np.ndarray
+
     def __init__(self) -> None:
         raise TypeError("use DrmGpu.prime_import(device, dmabuf)")
 
@@ -85,8 +92,8 @@ class DrmGpu:
         self = object.__new__(cls)
         self.device = device
         self.dmabuf = buf
-        self.attachment: Attachment = attach
-        self.table: SgTable = table
+        self.attachment = attach
+        self.table = table
         self.freed = False
         self._segments = table.dma_ranges()
         return self

@@ -226,7 +226,7 @@ class NvmeQueue:
             vecs, gap, kind, bus_off, mixed, total = _core._blk_map_iter(
                 _rows(bvecs), self.max_segment_size, self.seg_boundary_mask, p2p_context(dev))
         except errors.InvalidArgument as e:
-            raise _fail(BlkStatus.INVAL, e.strerror) from e
+            raise _fail(BlkStatus.INVAL, str(e.strerror)) from e
         route = P2PMapType(kind)
         if mixed:
             raise _fail(BlkStatus.INVAL, "the request mixes memory of different kinds (RAM and peer BARs)")
@@ -245,7 +245,7 @@ class NvmeQueue:
         try:
             batch = dma_map_phys_many(dev, vecs, d, attrs)
         except errors.DmaBufError as e:
-            raise _fail(BlkStatus.RESOURCE, e.strerror) from e
+            raise _fail(BlkStatus.RESOURCE, str(e.strerror)) from e
         m = NvmeMapping(self, d, "direct", route, batch.dma_ranges, int(total), len(vecs), batch=batch,
                         need_unmap=self._need_unmap(batch))
         return self._done(m)
@@ -257,12 +257,12 @@ class NvmeQueue:
             mapped = st.link_ranges(vecs, d, attrs)  # all or nothing
         except errors.DmaBufError as e:
             st.free()
-            raise _fail(BlkStatus.from_errno(e.errno), e.strerror) from e
+            raise _fail(BlkStatus.from_errno(e.errno or 0), str(e.strerror)) from e
         try:
             st.sync(0, mapped)
         except errors.DmaBufError as e:
             st.destroy(mapped, d, attrs)
-            raise _fail(BlkStatus.from_errno(e.errno), f"dma_iova_sync: {e.strerror}") from e
+            raise _fail(BlkStatus.from_errno(e.errno or 0), f"dma_iova_sync: {e.strerror}") from e
         segs = np.array([[st.addr, st.size]], dtype=np.uint64)
         return NvmeMapping(self, d, "iova", route, segs, total, len(vecs), state=st)
 

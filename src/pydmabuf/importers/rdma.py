@@ -208,6 +208,22 @@ class UmemDmabuf:
         The driver's object (mlx5: the MR).
     """
 
+    device: Device
+    dmabuf: DmaBuf
+    attachment: Attachment
+    address: int
+    length: int
+    writable: bool
+    kernel_version: str
+    pinned: bool
+    revoked: bool
+    released: bool
+    table: SgTable | None
+    private: Any
+    maps: int
+    unsupported_invalidations: int
+    _trim: _Trim
+
     def __init__(self) -> None:
         raise TypeError("use UmemDmabuf.get() or UmemDmabuf.get_pinned()")
 
@@ -262,9 +278,9 @@ class UmemDmabuf:
             self.pinned = False
             self.revoked = False
             self.released = False
-            self.table: SgTable | None = None
+            self.table = None
             self._trim = _Trim()
-            self.private: Any = None
+            self.private = None
             self.maps = 0
             self.unsupported_invalidations = 0
             # ib_umem_num_pages() counts from umem->iova, still 0 here.
@@ -451,6 +467,18 @@ class RdmaMr:
         per page of the umem per translation update).
     """
 
+    umem: UmemDmabuf
+    device: Device
+    iova: int
+    is_pinned: bool
+    fence_timeout: float | None
+    faults: int
+    zaps: int
+    mtt_writes: int
+    deregistered: bool
+    _xlt: np.ndarray | None
+    _lock: threading.Lock
+
     def __init__(self) -> None:
         raise TypeError("use RdmaMr.register() or RdmaMr.register_pinned()")
 
@@ -466,7 +494,7 @@ class RdmaMr:
         self.zaps = 0
         self.mtt_writes = 0
         self.deregistered = False
-        self._xlt: np.ndarray | None = None  # the translation: DMA segments of the window
+        self._xlt = None  # the translation: DMA segments of the window
         self._lock = threading.Lock()  # the hardware's view: an access and a zap do not overlap
         return self
 
