@@ -25,31 +25,24 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import errors, workloads
-from pydmabuf._core import SgTable
-from pydmabuf._types import PAGE_SIZE, DmaDirection
-from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
-from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, export
+from pydmabuf import errors
+from pydmabuf._types import PAGE_SIZE
+from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, PhysVec, export
+from pydmabuf.exporters.system_heap import HeapBuffer
 
 __all__ = ["PrivateMemory", "PrivateBuffer"]
 
 
-class PrivateBuffer(Exporter):
-    """The exporter behind one buffer of private pages (static: the pages
-    never move)."""
+class PrivateBuffer(HeapBuffer):
+    """The exporter behind one buffer of private pages: the system heap's
+    static exporter (same tables, same ranges) with the confidential
+    rules on top."""
 
     name = "cc-private"
 
     def __init__(self, machine: Any, pfns: np.ndarray, nbytes: int, layout: str) -> None:
-        self.machine = machine
-        self.pfns = pfns
-        self.nbytes = nbytes
-        self.layout = layout
-        self.provider = None
-        self.maps = 0
-        self.unmaps = 0
+        super().__init__(machine, pfns, nbytes, owned=False, layout=layout, seed=0)
         self.refused = 0
-        self.released = 0
 
     def attach(self, attachment: Attachment) -> None:
         """Refuse (EPERM) every device the TEE has not accepted."""
@@ -59,18 +52,8 @@ class PrivateBuffer(Exporter):
             raise errors.NotPermitted(f"{dev.name} is not trusted for confidential memory: it may not attach "
                                       "to a private dma-buf")
 
-    def map_dma_buf(self, attachment: Attachment, direction: DmaDirection) -> SgTable:
-        t = SgTable.from_pages(self.pfns, nbytes=self.nbytes)
-        dma_map_sgtable(attachment.device, t, direction)
-        self.maps += 1
-        return t
-
-    def unmap_dma_buf(self, attachment: Attachment, table: SgTable, direction: DmaDirection) -> None:
-        dma_unmap_sgtable(attachment.device, table, direction)
-        self.unmaps += 1
-
     def release(self, dmabuf: DmaBuf) -> None:
-        self.released += 1
+        super().release(dmabuf)
         self.machine.private_pages.free(self.pfns)
 
     def get_phys_vec(self, attachment: Attachment | None) -> PhysVec:
@@ -78,12 +61,7 @@ class PrivateBuffer(Exporter):
         generic CPU mapping, which this exporter never allows."""
         if attachment is None:
             raise errors.NotPermitted("the host may not map confidential memory")
-        phys, lens = workloads.numpy_coalesce(self.pfns)
-        rows = np.ascontiguousarray(np.stack([phys, lens], axis=1))
-        excess = int(rows[:, 1].sum()) - self.nbytes
-        if excess:
-            rows[-1, 1] -= np.uint64(excess)
-        return PhysVec(rows, None)
+        return super().get_phys_vec(attachment)
 
     def mmap(self, dmabuf: DmaBuf, mapping: CpuMapping) -> None:
         raise errors.NotPermitted(f"{dmabuf.name}: the host may not map confidential memory (mmap)")

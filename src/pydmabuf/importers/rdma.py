@@ -498,17 +498,26 @@ class RdmaMr:
         self._lock = threading.Lock()  # the hardware's view: an access and a zap do not overlap
         return self
 
-    @staticmethod
-    def _check_iova(offset: int, iova: int | None) -> int:
-        if iova is None:
-            return offset
-        if not isinstance(iova, int) or isinstance(iova, bool) or iova < 0 or iova > U64_MAX:
-            raise errors.InvalidArgument(f"iova {iova!r} is not a u64")
-        # mlx5_umem_dmabuf_default_pgsz(): mkeys for dma-bufs are fixed at
-        # PAGE_SIZE, so the IOVA and the buffer offset must share the page offset.
-        if (iova ^ offset) & _PMASK:
-            raise errors.InvalidArgument(f"iova {iova:#x} and offset {offset:#x} differ in their page offset")
-        return iova
+    @classmethod
+    def _adopt(cls, umem: UmemDmabuf, iova: int | None, fence_timeout: float | None, *, pinned: bool) -> RdmaMr:
+        """The MR over a new umem, once its IOVA passes
+        ``mlx5_umem_dmabuf_default_pgsz()`` (mkeys for dma-bufs are fixed at
+        PAGE_SIZE, so the IOVA and the buffer offset must share the page
+        offset: EINVAL, and the umem is released)."""
+        offset = umem.address
+        try:
+            if iova is None:
+                iova = offset
+            elif not isinstance(iova, int) or isinstance(iova, bool) or iova < 0 or iova > U64_MAX:
+                raise errors.InvalidArgument(f"iova {iova!r} is not a u64")
+            elif (iova ^ offset) & _PMASK:
+                raise errors.InvalidArgument(f"iova {iova:#x} and offset {offset:#x} differ in their page offset")
+        except BaseException:
+            umem.release()
+            raise
+        self = cls._new(umem, iova, fence_timeout, pinned=pinned)
+        umem.private = self
+        return self
 
     @classmethod
     def register(cls, device: Device, dmabuf: DmaBuf | int, offset: int, nbytes: int, *, iova: int | None = None,
@@ -519,13 +528,7 @@ class RdmaMr:
         attached or mapped) and raises what :meth:`fault` raised."""
         umem = UmemDmabuf.get(device, dmabuf, offset, nbytes, _Mlx5DmabufOps(), writable=writable,
                               kernel_version=kernel_version)
-        try:
-            iova = cls._check_iova(offset, iova)
-        except BaseException:
-            umem.release()
-            raise
-        self = cls._new(umem, iova, fence_timeout, pinned=False)
-        umem.private = self
+        self = cls._adopt(umem, iova, fence_timeout, pinned=False)
         try:
             self.fault()
         except BaseException:
@@ -543,13 +546,7 @@ class RdmaMr:
         (EOPNOTSUPP) by exporters that require revocable importers."""
         umem = UmemDmabuf.get_pinned(device, dmabuf, offset, nbytes, writable=writable,
                                      kernel_version=kernel_version, fence_timeout=fence_timeout)
-        try:
-            iova = cls._check_iova(offset, iova)
-        except BaseException:
-            umem.release()
-            raise
-        self = cls._new(umem, iova, fence_timeout, pinned=True)
-        umem.private = self
+        self = cls._adopt(umem, iova, fence_timeout, pinned=True)
         resv = umem.dmabuf.resv
         resv.lock()
         try:
