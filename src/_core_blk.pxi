@@ -36,11 +36,11 @@ cdef int64_t blk_map_phys_vecs(const uint64_t *bvecs, uint64_t n, uint64_t max_s
     page decides the whole request), whether any vec differs (the block
     layer never builds such a request), the OR of every interior seam
     (end of a vec | start of the next: req_phys_gap_mask()) and the total.
-    Returns the number of vecs, or -EINVAL (``w.bad`` = the bvec) for a
-    zero length, a range that wraps, or a total above UINT_MAX (a request's
+    With ``out`` NULL it only counts.  Returns the number of vecs, or
+    -EINVAL (``w.bad`` = the bvec) for a zero length, a range that wraps, or a total above UINT_MAX (a request's
     ``__data_len`` is an unsigned int)."""
     cdef uint64_t i = 0, done = 0, k = 0
-    cdef uint64_t paddr, left, maxsz, take, nxt, nlen, total = 0, end
+    cdef uint64_t paddr, left, maxsz, take, nxt, nlen, total = 0, end, prev_end = 0
     cdef uint64_t off = 0, noff = 0
     cdef uint8_t kind, nkind
     w.gap = 0
@@ -85,9 +85,11 @@ cdef int64_t blk_map_phys_vecs(const uint64_t *bvecs, uint64_t n, uint64_t max_s
                 take += nlen
                 i += 1
         if k > 0:
-            w.gap |= (out[2 * k - 2] + out[2 * k - 1]) | paddr
-        out[2 * k] = paddr
-        out[2 * k + 1] = take
+            w.gap |= prev_end | paddr
+        if out != NULL:
+            out[2 * k] = paddr
+            out[2 * k + 1] = take
+        prev_end = paddr + take
         k += 1
     return <int64_t>k
 
@@ -152,7 +154,6 @@ def _blk_map_iter(bvecs, max_segment_size, seg_boundary_mask, P2pContext pc=None
     cdef uint64_t n = flat.shape[0] // 2
     cdef uint64_t max_seg = _u64(max_segment_size, "max_segment_size")
     cdef uint64_t mask = _u64(seg_boundary_mask, "seg_boundary_mask")
-    cdef uint64_t bound = 0, cap, i
     cdef p2p_ctx c
     cdef blk_walk w
     cdef _Buffer b
@@ -164,20 +165,18 @@ def _blk_map_iter(bvecs, max_segment_size, seg_boundary_mask, P2pContext pc=None
                                       f"of {PDB_PAGE_SIZE:#x}")
     if mask < PDB_PAGE_SIZE - 1:
         raise _errors.InvalidArgument(f"seg_boundary_mask {mask:#x} is below PAGE_SIZE - 1")
-    # A bvec yields at most an unaligned head, one vec per page and a tail;
-    # past UINT_MAX bytes the kernel refuses the request anyway.
-    cap = 2 * n + (0xFFFFFFFFULL >> PDB_PAGE_SHIFT) + 1
-    for i in range(n):
-        bound += 2 + (flat[2 * i + 1] >> PDB_PAGE_SHIFT)
-        if bound > cap:
-            bound = cap
-            break
     if pc is not None:
         pc.fill(&c)
-    b = _new_buffer(<Py_ssize_t>bound, 2, 8, b"Q")
+    # Count, then fill a buffer of exactly that many rows (a bound would be
+    # several times larger for page-sized bvecs, and zeroing it costs more
+    # than a second walk).
     with nogil:
-        rc = blk_map_phys_vecs(&flat[0], n, max_seg, mask, &c if pc is not None else NULL,
-                               <uint64_t *>b.data, &w)
+        rc = blk_map_phys_vecs(&flat[0], n, max_seg, mask, &c if pc is not None else NULL, NULL, &w)
+    if rc >= 0:
+        b = _new_buffer(<Py_ssize_t>rc, 2, 8, b"Q")
+        with nogil:
+            rc = blk_map_phys_vecs(&flat[0], n, max_seg, mask, &c if pc is not None else NULL,
+                                   <uint64_t *>b.data, &w)
     if rc < 0:
         j = w.bad
         raise _errors.InvalidArgument(
