@@ -556,6 +556,31 @@ cdef int64_t iommu_translate(iommu_domain *dom, uint64_t iova, uint64_t nbytes,
                              uint64_t *fault_at, uint32_t *fault_prot) noexcept nogil
 
 
+# ------------------------------------------------- block layer DMA helpers
+#
+# block/blk-mq-dma.c: blk_map_iter_next()'s merge of a request's bio_vecs
+# into phys_vecs, and many __iommu_dma_map() / __iommu_dma_unmap() calls
+# in one walk (the per-segment fallback of blk_rq_dma_map_iter_*).
+
+cdef struct blk_walk:
+    uint64_t gap                        # OR of every interior seam
+    uint64_t total                      # payload bytes
+    uint64_t bus_offset                 # of the first vec (BUS_ADDR P2P)
+    uint64_t bad                        # the bvec a -EINVAL names
+    uint8_t kind                        # PDB_P2P_* of the first vec
+    bint mixed                          # a later vec differs in kind
+
+cdef uint64_t blk_max_segment(uint64_t paddr, uint64_t seg_mask, uint64_t max_seg) noexcept nogil
+cdef int64_t blk_map_phys_vecs(const uint64_t *bvecs, uint64_t n, uint64_t max_seg,
+                               uint64_t seg_mask, p2p_ctx *pc, uint64_t *out,
+                               blk_walk *w) noexcept nogil
+cdef int64_t iommu_dma_map_ranges(iommu_domain *dom, const uint64_t *pairs, uint64_t n,
+                                  uint32_t prot, uint64_t dma_limit, bint *prefer32,
+                                  uint32_t cpu, uint64_t *out, uint64_t *bad) noexcept nogil
+cdef int64_t iommu_dma_unmap_ranges(iommu_domain *dom, const uint64_t *pairs, uint64_t n,
+                                    uint32_t cpu, uint64_t *bad) noexcept nogil
+
+
 # ---------------------------------------------------- reservation locking
 #
 # Wound/wait mutexes (struct ww_mutex, ww_acquire_ctx, ww_class), fences

@@ -50,6 +50,9 @@ __all__ = [
     "dma_sync_sgtable_for_device",
     "dma_map_phys",
     "dma_unmap_phys",
+    "dma_map_phys_many",
+    "dma_unmap_phys_many",
+    "PhysBatch",
     "IovaState",
     "dma_buf_phys_vec_to_sgt",
     "dma_buf_free_sgt",
@@ -509,6 +512,105 @@ def dma_unmap_phys(device: Device, dma_addr: int, nbytes: int, direction: DmaDir
     elif s.tlb is not None:
         _bounce_out(device, device.swiotlb, s.tlb, d, a)
     del reg[dma_addr]
+
+
+@dataclass(eq=False)
+class PhysBatch:
+    """The mappings of one :func:`dma_map_phys_many` call: what a driver
+    that maps range by range keeps per segment, ``{dma_addr, len}``.
+
+    ``dma_ranges`` is an (N, 2) u64 array of (DMA address, nbytes) rows in
+    the order of the input; ``metadata_nbytes`` is 16 bytes per row.
+    Give it back with :func:`dma_unmap_phys_many`.
+    """
+
+    device: Device
+    direction: DmaDirection
+    attrs: DmaAttrs
+    dma_ranges: np.ndarray
+    kind: str  # "iommu", "direct" or "singles" (one dma_map_phys each, for bounces)
+    live: bool = True
+
+    @property
+    def metadata_nbytes(self) -> int:
+        return 16 * len(self.dma_ranges)
+
+    def __repr__(self) -> str:
+        return (f"<PhysBatch {self.device.name} {len(self.dma_ranges)} range(s) {self.kind}"
+                f"{'' if self.live else ' unmapped'}>")
+
+
+def dma_map_phys_many(device: Device, ranges: Any, direction: DmaDirection | int, attrs: int = 0) -> PhysBatch:
+    """:func:`dma_map_phys` for every (phys, nbytes) row of ``ranges``, in
+    one call: the loop a driver runs when it maps segment by segment (the
+    block layer's fallback when it cannot use one IOVA range).
+
+    Behind an IOMMU each row gets its own IOVA (``__iommu_dma_map()`` per
+    row, in the core, without the GIL); with direct DMA the addresses are
+    computed in bulk.  Rows that must bounce (an untrusted device's
+    unaligned RAM, memory out of a direct device's reach, forced swiotlb)
+    take the single-range path one by one.  All or nothing: a failure
+    unmaps what this call mapped and raises as :func:`dma_map_phys` does.
+    """
+    d = _dir(direction)
+    a = _attrs(attrs)
+    rows = np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
+    if len(rows) and ((rows[:, 1] == 0).any() or (rows[:, 0] + (rows[:, 1] - np.uint64(1)) < rows[:, 0]).any()):
+        raise errors.InvalidArgument("dma_map_phys: an empty range, or one that wraps past 2**64 - 1")
+    mmio = bool(a & DmaAttrs.MMIO)
+    dom = device.domain
+    out = rows.copy()
+    if dom is not None and not (device.untrusted and ((rows[:, 0] | rows[:, 1]) & np.uint64(GMASK)).any()):
+        dmas, p32 = _core._map_single_many(dom, rows, _prot(device, d, a), device.dma_limit,
+                                           device.prefer_32bit_iova, _cpu(device))
+        device.prefer_32bit_iova = bool(p32)
+        out[:, 0] = dmas
+        return PhysBatch(device, d, a, out, "iommu")
+    if dom is None and not device.force_swiotlb:
+        if mmio or not device.dma_ranges:
+            dmas = rows[:, 0].copy()
+        else:
+            dmas = np.full(len(rows), DMA_MAPPING_ERROR, dtype=np.uint64)
+            for r in device.dma_ranges:
+                inside = (rows[:, 0] >= np.uint64(r.cpu_start)) & (rows[:, 0] - np.uint64(r.cpu_start) < np.uint64(r.size))
+                dmas = np.where(inside & (dmas == np.uint64(DMA_MAPPING_ERROR)),
+                                rows[:, 0] - np.uint64(r.cpu_start) + np.uint64(r.dma_start), dmas)
+        ok = (dmas != np.uint64(DMA_MAPPING_ERROR)) & (dmas + (rows[:, 1] - np.uint64(1)) <= np.uint64(device.dma_limit))
+        if ok.all():
+            out[:, 0] = dmas
+            return PhysBatch(device, d, a, out, "direct")
+    # Bounces: one range at a time, as dma_map_phys() would.
+    done: list[tuple[int, int]] = []
+    try:
+        for p, n in rows.tolist():
+            done.append((dma_map_phys(device, p, n, d, a), n))
+    except errors.DmaBufError:
+        for dma, n in done:
+            dma_unmap_phys(device, dma, n, d, a | DmaAttrs.SKIP_CPU_SYNC)
+        raise
+    out[:, 0] = [dma for dma, _ in done]
+    return PhysBatch(device, d, a, out, "singles")
+
+
+def dma_unmap_phys_many(batch: PhysBatch, direction: DmaDirection | int | None = None, attrs: int | None = None) -> None:
+    """Undo :func:`dma_map_phys_many` (every row; direction and attributes
+    must be those of the map: LifetimeError otherwise, as for a double
+    unmap)."""
+    if not isinstance(batch, PhysBatch):
+        raise TypeError("batch must be a PhysBatch")
+    if not batch.live:
+        raise errors.LifetimeError(f"dma_unmap_phys: {batch!r} was unmapped already")
+    if direction is not None and _dir(direction) != batch.direction:
+        raise errors.LifetimeError(f"dma_unmap_phys: mapped {batch.direction.name}, unmapped {_dir(direction).name}")
+    if attrs is not None and bool(_attrs(attrs) & DmaAttrs.MMIO) != bool(batch.attrs & DmaAttrs.MMIO):
+        raise errors.LifetimeError("dma_unmap_phys: mapped and unmapped with different MMIO attributes")
+    dev = batch.device
+    if batch.kind == "iommu":
+        _core._unmap_single_many(dev.domain, batch.dma_ranges, _cpu(dev))
+    elif batch.kind == "singles":
+        for dma, n in batch.dma_ranges.tolist():
+            dma_unmap_phys(dev, dma, n, batch.direction, batch.attrs)
+    batch.live = False
 
 
 # ------------------------------------------------------- two-step IOVA API

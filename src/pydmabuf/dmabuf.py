@@ -458,16 +458,23 @@ class DmaBuf:
         7.1): called by the exporter with the reservation lock held; every
         dynamic importer with the callback is told, newest attachment first.
         Their current mappings are marked stale: DMA through them after this
-        is a LifetimeError attributed to the importer."""
+        is a LifetimeError attributed to the importer.  A mapping of an
+        importer with the callback goes stale when its callback returns (DMA
+        already in flight while the importer stops is allowed: mappings stay
+        usable until the importer drops them); mappings of attachments that
+        cannot be told go stale at once."""
         if not self.resv.held_by_current_thread():
             checks.checker.locking("invalidate-without-resv",
                                    "dma_buf_invalidate_mappings without the reservation lock", self)
         with self._lock:
+            targets = list(self._attachments)
+            told = {a: list(a._maps) for a in targets
+                    if a.importer_ops is not None and type(a.importer_ops)._callback() is not None}
             for m in self._mappings:
-                m.stale = True
+                if m.attachment not in told:
+                    m.stale = True
             for c in self._cpu_maps:
                 c._zap()
-            targets = list(self._attachments)
         for a in targets:
             ops = a.importer_ops
             if ops is None:
@@ -476,6 +483,8 @@ class DmaBuf:
             if cb is not None:
                 a.invalidations += 1
                 cb(ops, a)
+                for m in told[a]:
+                    m.stale = True
 
     move_notify = invalidate_mappings
 

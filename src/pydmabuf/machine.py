@@ -742,6 +742,16 @@ class Machine:
         return pa
 
     @property
+    def private_pages(self) -> PageAllocator:
+        """The page allocator over this machine's confidential-computing
+        PRIVATE memory (one per machine, like :attr:`pages`, so two
+        exporters of private memory never hand out the same page)."""
+        pa = getattr(self, "_private_pages", None)
+        if pa is None:
+            pa = self._private_pages = PageAllocator(self, kinds=(RangeKind.PRIVATE,))
+        return pa
+
+    @property
     def cpu_supports_p2pdma(self) -> bool:
         """``cpu_supports_p2pdma()``: AMD Zen (family 0x17) or newer."""
         return self.cpu_vendor == "amd" and self.cpu_family >= 0x17
