@@ -635,6 +635,9 @@ class IovaState:
     linked, use after destroy or free (LifetimeError).
     """
 
+    __slots__ = ("device", "addr", "size", "uses_swiotlb", "_dom", "_offset", "_reserved", "_linked", "_live",
+                 "_bounces", "__weakref__")
+
     # Set by try_alloc (no __init__ runs); declared for type checkers only.
     device: Device
     addr: int
@@ -643,7 +646,7 @@ class IovaState:
     _dom: _core.IommuDomain | None
     _offset: int
     _reserved: int
-    _linked: _core.RangeTable
+    _linked: list[tuple[int, int]]  # linked [start, end) offsets, sorted, touching parts merged
     _live: bool
     _bounces: list[int]  # set by the first bounced link
 
@@ -665,7 +668,7 @@ class IovaState:
         self._dom = device.domain
         self._offset = 0
         self._reserved = 0
-        self._linked = _core.RangeTable()
+        self._linked = []
         self._live = False
         if not isinstance(phys, int) or not isinstance(nbytes, int):
             raise TypeError("phys and nbytes must be ints")
@@ -693,7 +696,7 @@ class IovaState:
 
     @property
     def linked_nbytes(self) -> int:
-        return int(self._linked.total_nbytes)
+        return sum(e - s for s, e in self._linked)
 
     def _need(self, what: str) -> _core.IommuDomain:
         # uses_iova implies a domain: try_alloc reserved the IOVA in it.
@@ -753,10 +756,15 @@ class IovaState:
     def _mark(self, offset: int, nbytes: int) -> None:
         """Record [offset, +nbytes) as linked, merged with touching parts."""
         lo, hi = offset, offset + nbytes
-        for r in self._linked.overlapping(max(lo - 1, 0), hi - max(lo - 1, 0) + 1):
-            lo, hi = min(lo, r.start), max(hi, r.end)
-            self._linked.erase(r.start, r.nbytes)
-        self._linked.insert(lo, hi - lo, kind=RangeKind.IOVA)
+        keep = []
+        for s, e in self._linked:
+            if e < lo or s > hi:
+                keep.append((s, e))
+            else:
+                lo, hi = min(lo, s), max(hi, e)
+        keep.append((lo, hi))
+        keep.sort()
+        self._linked = keep
 
     def _link_bounced(self, dom: _core.IommuDomain, rows: np.ndarray, offset: int, d: DmaDirection,
                       a: DmaAttrs) -> int:
@@ -825,11 +833,18 @@ class IovaState:
         _dir(direction)
         _attrs(attrs)
         self._check_window("unlink", offset, nbytes)
-        covered = sum(min(r.end, offset + nbytes) - max(r.start, offset) for r in self._linked.overlapping(offset, nbytes))
+        end = offset + nbytes
+        covered = sum(max(0, min(e, end) - max(s, offset)) for s, e in self._linked)
         if covered != nbytes:
             raise errors.LifetimeError(f"dma_iova_unlink: [{offset:#x}, +{nbytes:#x}) is not all linked")
         self._unmap(dom, offset, nbytes)
-        self._linked.erase(offset, nbytes)
+        keep = []
+        for s, e in self._linked:
+            if s < offset:
+                keep.append((s, min(e, offset)))
+            if e > end:
+                keep.append((max(s, end), e))
+        self._linked = keep
 
     def destroy(self, mapped_nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:
         """``dma_iova_destroy()``: end the transaction.  ``[0,
@@ -848,15 +863,16 @@ class IovaState:
                 raise errors.LifetimeError("dma_iova_destroy(0) with ranges still linked")
             self.free()
             return
-        linked = [(r.start, r.nbytes) for r in self._linked]
+        linked = [(s, e - s) for s, e in self._linked]
         if linked != [(0, mapped_nbytes)]:
             raise errors.LifetimeError(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes:#x} but linked {linked}")
         span = (mapped_nbytes + self._offset + GMASK) & ~GMASK
         _core._destroy_span(dom, self.addr - self._offset, span, self._reserved, _cpu(self.device))
-        for t in getattr(self, "_bounces", []):
-            _bounce_out(self.device, _pool(self.device), t, d, a)
-        self._bounces = []
-        self._linked.clear()
+        if self.uses_swiotlb:
+            for t in getattr(self, "_bounces", []):
+                _bounce_out(self.device, _pool(self.device), t, d, a)
+            self._bounces = []
+        self._linked = []
         self._end()
 
     def free(self) -> None:
@@ -882,7 +898,7 @@ class IovaState:
     def __exit__(self, *exc: Any) -> None:
         if self._live:
             if self.linked_nbytes:
-                linked = [(r.start, r.nbytes) for r in self._linked]
+                linked = [(s, e - s) for s, e in self._linked]
                 if len(linked) == 1 and linked[0][0] == 0:
                     self.destroy(linked[0][1], DmaDirection.BIDIRECTIONAL)
                     return
