@@ -18,6 +18,12 @@ EXPECTED = {
         "culprit": "LazyNic",
         "data after the move": "packet 1",
     },
+    "private-memory": {
+        "trusted importers served": 1,
+        "untrusted imports refused": "2 (EPERM)",
+        "host mmap": "refused (EPERM)",
+        "untrusted DMA that reached the pages": "2 faulted (EFAULT)",
+    },
     "ranges-to-table": {
         "ranges": 3,
         "model layout": "each range at its running offset",

@@ -14,7 +14,8 @@ from pydmabuf import checks, errors
 from pydmabuf._types import DmaDirection, _fmt_size
 from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import ImporterOps
-from pydmabuf.exporters import SystemHeap
+from pydmabuf.exporters import PrivateMemory, SystemHeap
+from pydmabuf.importers import DrmGpu, RdmaMr
 from pydmabuf.exporters.system_heap import HeapBuffer
 from pydmabuf.machine import Machine
 from pydmabuf.scenarios import Story, scenario
@@ -25,7 +26,8 @@ BIDI = DmaDirection.BIDIRECTIONAL
 def _live(m: Machine) -> dict[str, int]:
     """What is still mapped on the machine: IOVA ranges, bytes in IO page
     tables, swiotlb slots, pages the heap handed out."""
-    out = {"iova ranges": 0, "mapped bytes": 0, "bounce slots": 0, "heap pages": m.pages.allocated_pages}
+    out = {"iova ranges": 0, "mapped bytes": 0, "bounce slots": 0, "heap pages": m.pages.allocated_pages,
+           "private pages": m.private_pages.allocated_pages}
     seen = set()
     for dev in m:
         d = dev.domain
@@ -45,7 +47,7 @@ def _clean(story: Story, m: Machine, before: dict[str, int]) -> None:
     leaked = {k: after[k] - before[k] for k in after if after[k] != before[k]}
     if leaked:
         raise AssertionError(f"the scenario left resources behind: {leaked}")
-    story.fact("left behind", "nothing (IOVA, page tables, bounce slots and heap pages as before)")
+    story.fact("left behind", "nothing (IOVA, page tables, bounce slots, RAM and private pages as before)")
 
 
 def _addr(t: Any) -> str:
@@ -186,4 +188,50 @@ def ranges_to_table(story: Story) -> None:
     story.fact("model layout", "each range at its running offset" if all(layout) else "WRONG")
     code = errors.errno_name(e.errno) if e.errno is not None else "?"
     story.fact("kernel_compat", f"second range collides: {type(e).__name__} ({code})")
+    _clean(story, m, before)
+
+
+# ---------------------------------------------------------------- private memory
+
+
+@scenario("private-memory", "confidential-computing private memory offered to a trusted and an untrusted importer")
+def private_memory(story: Story) -> None:
+    """A confidential VM's private memory exported as a dma-buf (after the
+    TDX Connect / TDISP proposals; nothing is merged upstream).  gpu0 is a
+    TDISP device the TEE accepted (``cc_trusted``); nic0 and direct0 are
+    not.  Only gpu0 may attach; the host may not map it; DMA that still
+    reaches the pages from an untrusted device faults."""
+    m = Machine.default()
+    before = _live(m)
+    gpu, nic, direct = m.device("gpu0"), m.device("nic0"), m.device("direct0")
+    buf = PrivateMemory(m).allocate(64 << 10, name="cvm-private")
+    lo = int(buf.exporter.pfns[0]) << 12
+    story.step(f"private memory exports {buf.name!r}: {_fmt_size(buf.size)} at {lo:#x} "
+               f"({m.what_is(lo)[0].name} memory)")
+
+    story.step("gpu0 (TDISP, trusted) imports it as a DRM GPU would and runs a job")
+    g = DrmGpu.prime_import(gpu, buf)
+    g.write(0, b"secret")
+    story.detail(f"gpu0 maps it at {_addr(g.table)} and reads back {g.read(0, 6)!r}")
+
+    story.step("nic0 (not trusted) tries to import it as a DRM GPU")
+    e1 = story.refused(DrmGpu.prime_import, nic, buf, expect=errors.NotPermitted)
+    story.step("nic0 tries to register it as an RDMA memory region")
+    e2 = story.refused(RdmaMr.register, nic, buf, 0, buf.size, expect=errors.NotPermitted)
+    story.step("the host tries to mmap it")
+    e3 = story.refused(buf.mmap, expect=errors.NotPermitted)
+
+    story.step("nic0 shares gpu0's IOMMU domain (group sw0) and DMAs to gpu0's IOVA anyway")
+    e4 = story.refused(nic.dma_read, int(g.table.dma_ranges()[0, 0]), 6, expect=errors.IommuFault)
+    story.step("direct0 (no IOMMU) DMAs straight at the private physical address")
+    e5 = story.refused(direct.dma_read, direct.phys_to_dma(lo), 6, expect=errors.IommuFault)
+
+    story.step("gpu0 frees its import; the buffer's last reference goes")
+    g.free()
+    buf.put()
+    story.fact("trusted importers served", 1)
+    story.fact("untrusted imports refused", f"{sum(isinstance(e, errors.NotPermitted) for e in (e1, e2))} (EPERM)")
+    story.fact("host mmap", f"refused ({errors.errno_name(e3.errno)})")
+    story.fact("untrusted DMA that reached the pages", f"{sum(isinstance(e, errors.IommuFault) for e in (e4, e5))} "
+               "faulted (EFAULT)")
     _clean(story, m, before)
