@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 
 from pydmabuf import checks, errors
-from pydmabuf._types import DmaDirection, _fmt_size
+from pydmabuf._types import DmaDirection, RangeKind, _fmt_size
 from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import ImporterOps
 from pydmabuf.exporters import PrivateMemory, SystemHeap
+from pydmabuf.exporters.private import PrivateBuffer
 from pydmabuf.importers import DrmGpu, RdmaMr
 from pydmabuf.exporters.system_heap import HeapBuffer
 from pydmabuf.machine import Machine
@@ -205,9 +206,13 @@ def private_memory(story: Story) -> None:
     before = _live(m)
     gpu, nic, direct = m.device("gpu0"), m.device("nic0"), m.device("direct0")
     buf = PrivateMemory(m).allocate(64 << 10, name="cvm-private")
-    lo = int(buf.exporter.pfns[0]) << 12
+    exp = buf.exporter
+    assert isinstance(exp, PrivateBuffer)
+    lo = int(exp.pfns[0]) << 12
+    what = m.what_is(lo)
+    kind = RangeKind(what[0]).name if what is not None else "unmapped"
     story.step(f"private memory exports {buf.name!r}: {_fmt_size(buf.size)} at {lo:#x} "
-               f"({m.what_is(lo)[0].name} memory)")
+               f"(a {kind} range of the address map)")
 
     story.step("gpu0 (TDISP, trusted) imports it as a DRM GPU would and runs a job")
     g = DrmGpu.prime_import(gpu, buf)
@@ -231,7 +236,7 @@ def private_memory(story: Story) -> None:
     buf.put()
     story.fact("trusted importers served", 1)
     story.fact("untrusted imports refused", f"{sum(isinstance(e, errors.NotPermitted) for e in (e1, e2))} (EPERM)")
-    story.fact("host mmap", f"refused ({errors.errno_name(e3.errno)})")
+    story.fact("host mmap", f"refused ({errors.errno_name(e3.errno or 0)})")
     story.fact("untrusted DMA that reached the pages", f"{sum(isinstance(e, errors.IommuFault) for e in (e4, e5))} "
                "faulted (EFAULT)")
     _clean(story, m, before)
