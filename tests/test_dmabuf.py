@@ -627,3 +627,19 @@ def test_resource_warnings(m):
     with pytest.warns(ResourceWarning):
         b.__del__()
     b.put()
+
+
+def test_unrevoke_times_out_on_bookkeep_fences_and_stays_revoked(m):
+    b = SystemHeap(m).allocate(4 * G)
+    b.revoke(timeout=1)
+    f = Fence(fence_context_alloc(), 1)
+    with _locked(b.resv):
+        b.resv.reserve_fences(1)
+        b.resv.add_fence(f, Usage.BOOKKEEP)
+    with pytest.raises(errors.TimedOut):
+        b.unrevoke(timeout=0.05)
+    assert b.revoked
+    f.signal()
+    b.unrevoke(timeout=1)
+    assert not b.revoked
+    b.put()
