@@ -3,8 +3,13 @@
 * :class:`SystemHeap`: buffers of RAM pages from the machine (a chosen
   layout, or the pages of a real Python buffer), mapped through
   scatterlists; movable (a dynamic exporter) or not.
+* :class:`VfioPciBar`: slices of a VFIO device's PCI BAR
+  (``VFIO_DEVICE_FEATURE_DMA_BUF``): MMIO with no CPU side, DMA-only
+  tables for peer-to-peer importers, revoked when the device stops
+  decoding its BARs.
 """
 
 from pydmabuf.exporters.system_heap import SystemHeap
+from pydmabuf.exporters.vfio import VfioPciBar
 
-__all__ = ["SystemHeap"]
+__all__ = ["SystemHeap", "VfioPciBar"]
