@@ -108,7 +108,7 @@ class _DmaBufPages(ImporterOps):
             if self.revoked:
                 return
             for area, hwpt in self.tracker:
-                hwpt.domain.unmap(area.iova, area.nbytes)
+                hwpt.unmap(area.iova, area.nbytes)
             self.phys_len = 0
             self.revokes += 1
 
@@ -118,14 +118,14 @@ class _DmaBufPages(ImporterOps):
             if any(a is area and h is hwpt for a, h in self.tracker):
                 raise errors.InvalidArgument(f"{area!r} is already tracked in {hwpt!r}")
             if not self.revoked:
-                hwpt.domain.map(area.iova, self.paddr + self.start, area.nbytes, area.prot)
+                hwpt.map(area.iova, self.paddr + self.start, area.nbytes, area.prot)
             self.tracker.append((area, hwpt))
 
     def unmap_domain(self, area: IoasArea, hwpt: HwPagetable) -> None:
         """Unmap (unless revoked: then it is already unmapped) and untrack."""
         with self.lock:
             if not self.revoked:
-                hwpt.domain.unmap(area.iova, area.nbytes)
+                hwpt.unmap(area.iova, area.nbytes)
             self.tracker = [(a, h) for a, h in self.tracker if not (a is area and h is hwpt)]
 
     def release(self) -> None:
@@ -174,6 +174,8 @@ class HwPagetable:
         IOVA allocator is unused: the IOAS places areas).
     iommu : Iommu
     devices : list of Device
+    map_calls, unmap_calls : int
+        ``iommu_map`` / ``iommu_unmap`` calls iommufd made on the domain.
     """
 
     def __init__(self, ioas: IommufdIoas, iommu: Iommu, hwpt_id: int) -> None:
@@ -183,6 +185,16 @@ class HwPagetable:
         self.domain = IommuDomain(strict=True, aperture_bits=iommu.aperture_bits, granule=iommu.granule,
                                   ncpus=iommu.ncpus, fq_timeout=None)
         self.devices: list[Device] = []
+        self.map_calls = 0
+        self.unmap_calls = 0
+
+    def map(self, iova: int, phys: int, nbytes: int, prot: int) -> None:
+        self.domain.map(iova, phys, nbytes, prot)
+        self.map_calls += 1
+
+    def unmap(self, iova: int, nbytes: int) -> None:
+        self.domain.unmap(iova, nbytes)
+        self.unmap_calls += 1
 
     @property
     def aperture_end(self) -> int:
