@@ -449,4 +449,4 @@ class IoasLifecycle(RuleBasedStateMachine):
 
 
 TestIoasLifecycle = IoasLifecycle.TestCase
-TestIoasLifecycle.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+TestIoasLifecycle.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)

@@ -316,4 +316,4 @@ class KvmLifecycle(RuleBasedStateMachine):
 
 
 TestKvmLifecycle = KvmLifecycle.TestCase
-TestKvmLifecycle.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+TestKvmLifecycle.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)

@@ -870,4 +870,4 @@ class VfioLifecycle(RuleBasedStateMachine):
 
 
 TestVfioLifecycle = VfioLifecycle.TestCase
-TestVfioLifecycle.settings = settings(max_examples=60, stateful_step_count=25, deadline=None)
+TestVfioLifecycle.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
