@@ -36,7 +36,9 @@ attaches with no device, which the merged dma-buf core refuses (EINVAL),
 so the model attaches from a non-PCI stand-in device of the VM; the RFC
 never forbids changing ``KVM_MEM_VFIO_DMABUF`` on an existing slot, the
 model does (EINVAL); a fault holds the reservation lock until the entry is
-written, where KVM retries on its invalidation sequence count; the model's
+written, where KVM retries on its invalidation sequence count (an
+invalidation right after the fault, before the data moves, is like one
+right after the access); the model's
 second-stage table takes 48-bit guest addresses (EINVAL beyond).
 """
 
@@ -84,6 +86,8 @@ TASK_SIZE = 1 << 47
 GPA_BITS = 48
 _PRIVATE = KVM_MEM_GUEST_MEMFD | KVM_MEM_VFIO_DMABUF
 _NOT_MAPPED = np.uint64(U64_MAX)
+#: Second-stage entries of MMIO: read, write, uncached device memory.
+_EPT_PROT = int(IommuProt.READ | IommuProt.WRITE | IommuProt.MMIO)
 
 
 class _SlotBinding(ImporterOps):
@@ -365,57 +369,72 @@ class KvmVm:
         r = self._gpa[as_id].lookup(gpa)
         return None if r is None else self._slots[r.owner - 1]
 
-    def _fault_in(self, slot: KvmMemslot, gfns: np.ndarray) -> None:
-        """Fault the slot's missing ``gfns`` in: ``get_pfn`` under the
-        reservation lock, then one second-stage write per page."""
+    def _fault_in(self, slot: KvmMemslot, gfns: np.ndarray) -> np.ndarray:
+        """Fault the slot's missing ``gfns`` (sorted) in: ``get_pfn`` under
+        the reservation lock, then one second-stage write per page.
+        Returns the pages' physical addresses."""
         buf, a = slot.dmabuf, slot.attachment
         assert buf is not None and a is not None
+        where = f"KVM_RUN: -EIO (KVM_EXIT_MEMORY_FAULT at gpa {int(gfns[0]) << PAGE_SHIFT:#x})"
         buf.resv.lock()
         try:
             if not isinstance(buf.exporter, VfioPciDmaBuf):
-                raise errors.IOFailure(f"KVM_RUN: -EIO (KVM_EXIT_MEMORY_FAULT at gpa {int(gfns[0]) << PAGE_SHIFT:#x}): "
-                                       f"{buf.exporter.name} has no get_pfn op")
+                raise errors.IOFailure(f"{where}: {buf.exporter.name} has no get_pfn op")
             try:
                 pv = a.phys_vec()
             except errors.DmaBufError as e:
-                raise errors.IOFailure(f"KVM_RUN: -EIO (KVM_EXIT_MEMORY_FAULT at gpa {int(gfns[0]) << PAGE_SHIFT:#x}): "
-                                       f"get_pfn failed: {e.strerror}") from None
+                raise errors.IOFailure(f"{where}: get_pfn failed: {e.strerror}") from None
             rows = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
             off = (gfns - np.uint64(slot.base_gfn)) << np.uint64(PAGE_SHIFT)
-            ends = np.cumsum(rows[:, 1])
-            idx = np.searchsorted(ends, off, side="right")
-            phys = rows[idx, 0] + (off - (ends[idx] - rows[idx, 1]))
-            prot = int(IommuProt.READ | IommuProt.WRITE | IommuProt.MMIO)
+            if len(rows) == 1:
+                phys = off + rows[0, 0]
+            else:
+                ends = np.cumsum(rows[:, 1])
+                idx = np.searchsorted(ends, off, side="right")
+                phys = rows[idx, 0] + (off - (ends[idx] - rows[idx, 1]))
+            prot = _EPT_PROT
+            brk = np.flatnonzero(gfns[1:] != gfns[:-1] + np.uint64(1)) + 1
             with self.mmu_lock:
-                brk = np.flatnonzero(gfns[1:] != gfns[:-1] + np.uint64(1)) + 1
-                for part_g, part_p in zip(np.split(gfns, brk), np.split(phys, brk)):
-                    self.ept.map_many(int(part_g[0]) << PAGE_SHIFT, np.ascontiguousarray(part_p), PAGE_SIZE, prot)
+                if len(brk) == 0:
+                    self.ept.map_many(int(gfns[0]) << PAGE_SHIFT, phys, PAGE_SIZE, prot)
+                else:
+                    for part_g, part_p in zip(np.split(gfns, brk), np.split(phys, brk)):
+                        self.ept.map_many(int(part_g[0]) << PAGE_SHIFT, np.ascontiguousarray(part_p), PAGE_SIZE, prot)
                 slot.faults += len(gfns)
                 self.faults += len(gfns)
+            return phys
         finally:
             buf.resv.unlock()
 
-    def _translate(self, gpa: int, nbytes: int) -> list[tuple[int, int]]:
+    def _present(self, gpa: int, nbytes: int) -> np.ndarray:
+        """The host physical address of every page of the access, faulting
+        the missing ones in, slot by slot in address order (pages of an
+        earlier slot stay faulted in if a later one fails)."""
         if nbytes <= 0 or gpa + nbytes > 1 << GPA_BITS:
             raise errors.InvalidArgument(f"bad guest access [{gpa:#x}, +{nbytes:#x})")
         first, last = gpa >> PAGE_SHIFT, (gpa + nbytes - 1) >> PAGE_SHIFT
         gfns = np.arange(first, last + 1, dtype=np.uint64)
         phys = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
-        missing = gfns[phys == _NOT_MAPPED]
-        while len(missing):
-            g0 = int(missing[0])
+        hole = np.flatnonzero(phys == _NOT_MAPPED)
+        while len(hole):
+            g0 = int(gfns[hole[0]])
             slot = self._slot_at(0, g0 << PAGE_SHIFT)
             if slot is None:
                 raise errors.IommuFault(f"{self.name}: guest access at gpa {g0 << PAGE_SHIFT:#x} hits no memslot "
                                         "(KVM would exit to user space to emulate MMIO)")
-            end = slot.base_gfn + slot.npages
-            mine = missing[missing < np.uint64(end)]
-            self._fault_in(slot, mine)
-            missing = missing[len(mine):]
-        phys = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
-        if (phys == _NOT_MAPPED).any():  # zapped again between fault and read
-            return self._translate(gpa, nbytes)
-        lens = np.full(len(gfns), PAGE_SIZE, dtype=np.uint64)
+            mine = hole[gfns[hole] < np.uint64(slot.base_gfn + slot.npages)]
+            phys[mine] = self._fault_in(slot, gfns[mine])
+            hole = hole[len(mine):]
+        return phys
+
+    def _translate(self, gpa: int, nbytes: int) -> list[tuple[int, int]]:
+        inner = gpa & (PAGE_SIZE - 1)
+        if 0 < nbytes <= PAGE_SIZE - inner and gpa < 1 << GPA_BITS:  # one page: no arrays when present
+            p = self.ept.iova_to_phys(gpa - inner)
+            if p is not None:
+                return [(p + inner, nbytes)]
+        phys = self._present(gpa, nbytes)
+        lens = np.full(len(phys), PAGE_SIZE, dtype=np.uint64)
         lens[0] -= np.uint64(gpa & (PAGE_SIZE - 1))
         phys[0] += np.uint64(gpa & (PAGE_SIZE - 1))
         lens[-1] -= np.uint64(PAGE_SIZE - 1 - ((gpa + nbytes - 1) & (PAGE_SIZE - 1)))
@@ -429,7 +448,7 @@ class KvmVm:
         an access; returns the pages faulted.  Raises as a guest access."""
         before = self.faults
         self._need_open("pre_fault_memory")
-        self._translate(as_uint(gpa, "gpa"), as_uint(nbytes, "nbytes"))
+        self._present(as_uint(gpa, "gpa"), as_uint(nbytes, "nbytes"))
         return self.faults - before
 
     def guest_read(self, gpa: int, nbytes: int) -> bytes:
