@@ -22,15 +22,15 @@ def as_uint(value: Any, name: str, bits: int = 64) -> int:
     (EOVERFLOW) for one that does not fit."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         try:
-            value = value.__index__()
+            value = int(value.__index__())
         except AttributeError:
             raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
-    value = int(value)
-    if value < 0:
-        raise errors.InvalidArgument(f"{name} must not be negative (got {value})")
-    if value >> bits:
-        raise errors.Overflow(f"{name} does not fit in {bits} bits (got {value:#x})")
-    return value
+    v = int(value)
+    if v < 0:
+        raise errors.InvalidArgument(f"{name} must not be negative (got {v})")
+    if v >> bits:
+        raise errors.Overflow(f"{name} does not fit in {bits} bits (got {v:#x})")
+    return v
 
 
 def as_u64_pairs(rows: Any, name: str) -> np.ndarray:

@@ -42,8 +42,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-from pydmabuf import errors
-from pydmabuf._core import IommuDomain, RangeTable
+from pydmabuf import IommuDomain, RangeTable, errors
 from pydmabuf._types import PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, dma_buf_get
@@ -312,7 +311,7 @@ class IommufdIoas:
     def locked_vm_pages(self) -> int:
         """Pages charged to the user's ``locked_vm``: dma-buf areas are not
         accounted (``IOPT_PAGES_ACCOUNT_NONE``)."""
-        return sum(a.accounted_pages for a in self.areas)
+        return sum([a.accounted_pages for a in self.areas], 0)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -323,12 +322,12 @@ class IommufdIoas:
             areas = self.areas
             return {
                 "areas": len(areas),
-                "revoked_areas": sum(a.revoked for a in areas),
+                "revoked_areas": sum(1 for a in areas if a.revoked),
                 "nbytes": sum(a.nbytes for a in areas),
                 "npages": sum(a.npages for a in areas),
-                "locked_vm_pages": sum(a.accounted_pages for a in areas),
-                "pinned_attachments": sum(1 for a in areas if a.pages.attachment is not None
-                                          and a.pages.attachment.pin_count),
+                "locked_vm_pages": self.locked_vm_pages,
+                "pinned_attachments": len([a for a in areas
+                                           if a.pages.attachment is not None and a.pages.attachment.pin_count > 0]),
                 "hwpts": len(self._hwpts),
                 "devices": len(self._dev_hwpt),
             }

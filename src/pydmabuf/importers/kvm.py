@@ -51,8 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import errors
-from pydmabuf._core import IoPageTable, RangeTable
+from pydmabuf import IoPageTable, RangeTable, errors
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, dma_buf_get
@@ -386,6 +385,7 @@ class KvmVm:
                 raise errors.IOFailure(f"{where}: get_pfn failed: {e.strerror}") from None
             rows = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
             off = (gfns - np.uint64(slot.base_gfn)) << np.uint64(PAGE_SHIFT)
+            phys: np.ndarray
             if len(rows) == 1:
                 phys = off + rows[0, 0]
             else:
@@ -414,7 +414,7 @@ class KvmVm:
             raise errors.InvalidArgument(f"bad guest access [{gpa:#x}, +{nbytes:#x})")
         first, last = gpa >> PAGE_SHIFT, (gpa + nbytes - 1) >> PAGE_SHIFT
         gfns = np.arange(first, last + 1, dtype=np.uint64)
-        phys = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
+        phys: np.ndarray = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
         hole = np.flatnonzero(phys == _NOT_MAPPED)
         while len(hole):
             g0 = int(gfns[hole[0]])
