@@ -38,6 +38,8 @@ from pydmabuf.importers.iommufd import (IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MA
                                         IOMMU_IOAS_MAP_WRITEABLE)
 from pydmabuf.importers.kvm import KVM_MEM_VFIO_DMABUF
 
+from benchutil import pedantic
+
 G = 4096
 GIB = 1 << 30
 NPAGES = GIB // G
@@ -47,24 +49,6 @@ FIXED_RW = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_
 
 def _record(benchmark, npages=NPAGES):
     benchmark.extra_info["ns_per_page"] = benchmark.stats.stats.min * 1e9 / npages
-
-
-def _pedantic(benchmark, setup, fn, teardown, rounds=5):
-    """Time fn(*setup()) only; teardown(result) between rounds."""
-    state = {}
-
-    def _setup():
-        if "last" in state:
-            teardown(state.pop("last"))
-        return setup(), {}
-
-    def _fn(*args):
-        state["last"] = fn(*args)
-        return state["last"]
-
-    benchmark.pedantic(_fn, setup=_setup, rounds=rounds, iterations=1, warmup_rounds=1)
-    if "last" in state:
-        teardown(state.pop("last"))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +80,7 @@ def _iova_link(benchmark, m, phys):
         st.sync()
         return st
 
-    _pedantic(benchmark, lambda: (), link, lambda st: st.destroy(GIB, BIDI, DmaAttrs.MMIO))
+    pedantic(benchmark, lambda: (), link, lambda st: st.destroy(GIB, BIDI, DmaAttrs.MMIO))
     _record(benchmark)
 
 
@@ -105,7 +89,7 @@ def test_iommufd_map_file(benchmark, world, kind):
     m, v, bufs, ioas, hwpt = world
     benchmark.group = f"iommufd-map-1g-{kind}"
     b = bufs[kind]
-    _pedantic(benchmark, lambda: (), lambda: ioas.map_file(b, 0, GIB), lambda iova: ioas.unmap(iova, GIB))
+    pedantic(benchmark, lambda: (), lambda: ioas.map_file(b, 0, GIB), lambda iova: ioas.unmap(iova, GIB))
     _record(benchmark)
     iova = ioas.map_file(b, 0, GIB)
     benchmark.extra_info["leaves"] = len(hwpt.domain.pgtable.leaves())
@@ -116,7 +100,7 @@ def test_iommufd_map_file_fixed_1g_iova(benchmark, world):
     m, v, bufs, ioas, hwpt = world
     benchmark.group = "iommufd-map-1g-aligned"
     b = bufs["aligned"]
-    _pedantic(benchmark, lambda: (), lambda: ioas.map_file(b, 0, GIB, iova=GIB, flags=FIXED_RW),
+    pedantic(benchmark, lambda: (), lambda: ioas.map_file(b, 0, GIB, iova=GIB, flags=FIXED_RW),
               lambda iova: ioas.unmap(iova, GIB))
     _record(benchmark)
 
@@ -142,7 +126,7 @@ def test_iommufd_revoke(benchmark, world):
     def revoke():
         v.set_memory_decode(False, timeout=60)
 
-    _pedantic(benchmark, setup, revoke, lambda _: None)
+    pedantic(benchmark, setup, revoke, lambda _: None)
     assert ioas.areas[0].revoked and hwpt.domain.stats["mapped_nbytes"] == 0
     ioas.unmap_all()
     v.set_memory_decode(True)
@@ -163,7 +147,7 @@ def test_ref_iova_unlink(benchmark, world):
         states.append(st)
         return (st,)
 
-    _pedantic(benchmark, setup, lambda st: st.unlink(0, GIB, BIDI, DmaAttrs.MMIO), lambda _: states.pop().free())
+    pedantic(benchmark, setup, lambda st: st.unlink(0, GIB, BIDI, DmaAttrs.MMIO), lambda _: states.pop().free())
     _record(benchmark)
 
 
@@ -193,7 +177,7 @@ def test_kvm_first_touch(benchmark, kvm_world):
         v.reset()  # revoke and un-revoke: the slot is zapped
         return ()
 
-    _pedantic(benchmark, setup, lambda: vm.pre_fault_memory(1 << 32, GIB), lambda n: None)
+    pedantic(benchmark, setup, lambda: vm.pre_fault_memory(1 << 32, GIB), lambda n: None)
     _record(benchmark)
     benchmark.extra_info["faults_per_round"] = NPAGES
 
@@ -203,7 +187,7 @@ def test_ref_ept_map_many(benchmark, kvm_world):
     benchmark.group = "kvm-first-touch"
     phys = int(b.exporter.ranges[0, 0]) + np.arange(NPAGES, dtype=np.uint64) * np.uint64(G)
     prot = int(IommuProt.READ | IommuProt.WRITE | IommuProt.MMIO)
-    _pedantic(benchmark, lambda: (IoPageTable(ias=48),), lambda t: (t.map_many(1 << 32, phys, G, prot), t)[1],
+    pedantic(benchmark, lambda: (IoPageTable(ias=48),), lambda t: (t.map_many(1 << 32, phys, G, prot), t)[1],
               lambda t: None)
     _record(benchmark)
 
@@ -225,5 +209,5 @@ def test_kvm_touch_per_access(benchmark, kvm_world, present):
         for k in range(n):
             vm.guest_read(base + k * G, 1)
 
-    _pedantic(benchmark, setup, touch, lambda _: None, rounds=3)
+    pedantic(benchmark, setup, touch, lambda _: None, rounds=3)
     _record(benchmark, n)

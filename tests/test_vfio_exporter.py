@@ -8,17 +8,18 @@ import errno
 import threading
 import time
 
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, Usage, checks, errors, fence_context_alloc
+from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, Usage, errors, fence_context_alloc
 from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps, close, dma_buf_get
 from pydmabuf.exporters import SystemHeap, VfioPciBar
 from pydmabuf.exporters.vfio import IOMMUFD_MODULE, VfioFeature, vfio_pci_dma_buf_iommufd_map, vfio_pci_hot_reset
 from pydmabuf.files import open_fds
+
+from driver_helpers import Polite, attached, errno_of, vfio_export
 
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
@@ -28,30 +29,6 @@ U64 = 2**64 - 1
 @pytest.fixture
 def m():
     return Machine.default()
-
-
-class Polite(ImporterOps):
-    """Unmaps everything it holds inside the callback (under the lock)."""
-
-    allow_peer2peer = True
-
-    def __init__(self):
-        self.tables = []
-        self.calls = 0
-        self.decode_seen = []
-
-    def invalidate_mappings(self, a):
-        assert a.dmabuf.resv.held_by_current_thread()
-        self.calls += 1
-        self.decode_seen.append(a.dmabuf.exporter.device.memory_decode)
-        for t in self.tables:
-            a.unmap(t, BIDI)
-        self.tables.clear()
-
-    def map(self, a):
-        t = a.map_unlocked(BIDI)
-        self.tables.append(t)
-        return t
 
 
 class Stubborn(ImporterOps):
@@ -77,14 +54,6 @@ class PhysReader(Polite):
 
 class IommufdLike(Polite):
     import_namespaces = frozenset({IOMMUFD_MODULE})
-
-
-def errno_of(fn, *a, **kw):
-    try:
-        fn(*a, **kw)
-    except errors.DmaBufError as e:
-        return e.errno
-    return 0
 
 
 # --------------------------------------------------- the feature's checks
@@ -287,19 +256,15 @@ def _op_bits(op):
 
 
 def test_item21_born_revoked_without_memory_decode(m):
-    dev = m.device("vfio1")
-    dev.memory_decode = False
-    v = VfioPciBar(m, dev)
-    b = v.export()
-    assert b.revoked
-    with pytest.raises(errors.Revoked):
-        b.dynamic_attach(m.device("gpu1"), Polite())
-    assert not b.attachments
-    v.set_memory_decode(True)
-    a = b.dynamic_attach(m.device("gpu1"), Polite())
-    b.detach(a)
-    b.put()
-    v.close()
+    m.device("vfio1").memory_decode = False
+    with vfio_export(m, "vfio1") as (v, b):
+        assert b.revoked
+        with pytest.raises(errors.Revoked):
+            b.dynamic_attach(m.device("gpu1"), Polite())
+        assert not b.attachments
+        v.set_memory_decode(True)
+        with attached(b, m.device("gpu1"), Polite()):
+            pass
 
 
 def test_item21_born_revoked_in_d3hot(m):
@@ -314,29 +279,21 @@ def test_item21_born_revoked_in_d3hot(m):
 
 
 def test_item22_attach_gates_and_their_order(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
-    gpu = m.device("gpu1")
-    assert errno_of(b.attach, gpu) == errno.EOPNOTSUPP  # static: no peer2peer
-    assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EOPNOTSUPP
-    assert errno_of(b.dynamic_attach, gpu, NoInvalidate()) == errno.EOPNOTSUPP  # 7.1: not revocable
-    v.set_memory_decode(False)
-    assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EOPNOTSUPP  # peer2peer is checked first
-    assert errno_of(b.dynamic_attach, gpu, NoInvalidate()) == errno.ENODEV  # revoked before revocable
-    assert not b.attachments
-    b.put()
-    v.close()
+    with vfio_export(m, "vfio1") as (v, b):
+        gpu = m.device("gpu1")
+        assert errno_of(b.attach, gpu) == errno.EOPNOTSUPP  # static: no peer2peer
+        assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EOPNOTSUPP
+        assert errno_of(b.dynamic_attach, gpu, NoInvalidate()) == errno.EOPNOTSUPP  # 7.1: not revocable
+        v.set_memory_decode(False)
+        assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EOPNOTSUPP  # peer2peer is checked first
+        assert errno_of(b.dynamic_attach, gpu, NoInvalidate()) == errno.ENODEV  # revoked before revocable
+        assert not b.attachments
 
 
-def test_item22_on_619_an_importer_without_invalidate_is_accepted():
-    m = Machine.default()
-    v = VfioPciBar(m, "vfio1", kernel="6.19")
-    b = v.export()
-    a = b.dynamic_attach(m.device("gpu1"), NoInvalidate())
-    assert errno_of(b.attach, m.device("gpu1")) == errno.EOPNOTSUPP  # still no static importers
-    b.detach(a)
-    b.put()
-    v.close()
+def test_item22_on_619_an_importer_without_invalidate_is_accepted(m):
+    with vfio_export(m, "vfio1", kernel="6.19") as (v, b):
+        with attached(b, m.device("gpu1"), NoInvalidate()):
+            assert errno_of(b.attach, m.device("gpu1")) == errno.EOPNOTSUPP  # still no static importers
 
 
 def test_maps_are_dma_only_tables_on_the_importers_route(m):
@@ -388,54 +345,42 @@ def _platform(m):
 
 
 def test_no_cpu_side_and_the_physical_ranges(m):
-    v = VfioPciBar(m, "vfio0", bar=2, offset=G, nbytes=4 * G)
-    b = v.export()
-    assert errno_of(b.mmap) == errno.EINVAL
-    b.resv.lock()
-    try:
-        assert errno_of(b.vmap) == errno.EINVAL
-    finally:
-        b.resv.unlock()
-    a = b.dynamic_attach(m.device("gpu0"), PhysReader())
-    b.resv.lock()
-    try:
-        pv = a.phys_vec()
-    finally:
-        b.resv.unlock()
-    bar = m.device("vfio0").bar(2)
-    assert pv.ranges.tolist() == [[bar.cpu_start + G, 4 * G]] and pv.provider.bar is bar
-    b.detach(a)
-    b.put()
-    v.close()
+    with vfio_export(m, "vfio0", bar=2, offset=G, nbytes=4 * G) as (v, b):
+        assert errno_of(b.mmap) == errno.EINVAL
+        b.resv.lock()
+        try:
+            assert errno_of(b.vmap) == errno.EINVAL
+        finally:
+            b.resv.unlock()
+        with attached(b, m.device("gpu0"), PhysReader()) as a:
+            b.resv.lock()
+            try:
+                pv = a.phys_vec()
+            finally:
+                b.resv.unlock()
+        bar = m.device("vfio0").bar(2)
+        assert pv.ranges.tolist() == [[bar.cpu_start + G, 4 * G]] and pv.provider.bar is bar
 
 
 # ------------------------------------------------------ revoke, un-revoke
 
 
 def test_item23_decode_off_revokes_before_the_write_and_decode_on_unrevokes(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
     imp = Polite()
-    a = b.dynamic_attach(m.device("gpu1"), imp)
-    imp.map(a)
-    v.set_memory_decode(False, timeout=5)
-    assert imp.calls == 1 and imp.decode_seen == [True]  # told before the BAR stopped decoding
-    assert b.revoked and b.live_mappings == 0 and not m.device("vfio1").memory_decode
-    assert errno_of(a.map_unlocked, BIDI) == errno.ENODEV
-    v.set_memory_decode(True, timeout=5)
-    assert imp.calls == 2 and not b.revoked  # told again, to re-map
-    imp.map(a)
-    v.set_memory_decode(True)  # a write that changes nothing notifies nobody
-    assert imp.calls == 2
-    a.unmap_unlocked(imp.tables.pop(), BIDI)
-    b.detach(a)
-    b.put()
-    v.close()
+    with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), imp) as a:
+        imp.map(a)
+        v.set_memory_decode(False, timeout=5)
+        assert imp.calls == 1 and imp.decode_seen == [True]  # told before the BAR stopped decoding
+        assert b.revoked and b.live_mappings == 0 and not m.device("vfio1").memory_decode
+        assert errno_of(a.map_unlocked, BIDI) == errno.ENODEV
+        v.set_memory_decode(True, timeout=5)
+        assert imp.calls == 2 and not b.revoked  # told again, to re-map
+        imp.map(a)
+        v.set_memory_decode(True)  # a write that changes nothing notifies nobody
+        assert imp.calls == 2
 
 
 def test_item23_the_config_write_waits_for_the_importer_to_unmap(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
     tables = []
     unmapped_at = []
 
@@ -450,49 +395,38 @@ def test_item23_the_config_write_waits_for_the_importer_to_unmap(m):
                 unmapped_at.append(time.monotonic())
             threading.Thread(target=go).start()
 
-    a = b.dynamic_attach(m.device("gpu1"), Later())
-    tables.append(a.map_unlocked(BIDI))
-    v.set_memory_decode(False, timeout=5)
-    returned = time.monotonic()
-    assert unmapped_at and unmapped_at[0] <= returned and b.live_mappings == 0
-    b.detach(a)
-    b.put()
-    v.close()
+    with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), Later()) as a:
+        tables.append(a.map_unlocked(BIDI))
+        v.set_memory_decode(False, timeout=5)
+        returned = time.monotonic()
+        assert unmapped_at and unmapped_at[0] <= returned and b.live_mappings == 0
 
 
 def test_reset_times_out_on_an_importer_that_never_unmaps(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
-    a = b.dynamic_attach(m.device("gpu1"), Stubborn())
-    t = a.map_unlocked(BIDI)
-    with pytest.raises(errors.TimedOut) as ei:
-        v.reset(timeout=0.05)
-    assert "gpu1" in str(ei.value)
-    assert v.resets == 0 and b.revoked  # where the kernel blocks: no reset yet
-    a.unmap_unlocked(t, BIDI)
-    v.reset(timeout=1)  # already revoked: nothing to wait for; reset, un-revoke
-    assert v.resets == 1 and not b.revoked
-    b.detach(a)
-    b.put()
-    v.close()
+    with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), Stubborn()) as a:
+        t = a.map_unlocked(BIDI)
+        with pytest.raises(errors.TimedOut) as ei:
+            v.reset(timeout=0.05)
+        assert "gpu1" in str(ei.value)
+        assert v.resets == 0 and b.revoked  # where the kernel blocks: no reset yet
+        a.unmap_unlocked(t, BIDI)
+        v.reset(timeout=1)  # already revoked: nothing to wait for; reset, un-revoke
+        assert v.resets == 1 and not b.revoked
 
 
 def test_decode_off_times_out_and_leaves_the_bar_decoding(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
-    f = Fence(fence_context_alloc(), 1)
-    b.resv.lock()
-    b.resv.reserve_fences(1)
-    b.resv.add_fence(f, Usage.BOOKKEEP)
-    b.resv.unlock()
-    with pytest.raises(errors.TimedOut):
-        v.set_memory_decode(False, timeout=0.05)
-    assert m.device("vfio1").memory_decode and b.revoked
-    f.signal()
-    v.set_memory_decode(True, timeout=1)  # memory still enabled: un-revoke
-    assert not b.revoked
-    b.put()
-    v.close()
+    with vfio_export(m, "vfio1") as (v, b):
+        f = Fence(fence_context_alloc(), 1)
+        b.resv.lock()
+        b.resv.reserve_fences(1)
+        b.resv.add_fence(f, Usage.BOOKKEEP)
+        b.resv.unlock()
+        with pytest.raises(errors.TimedOut):
+            v.set_memory_decode(False, timeout=0.05)
+        assert m.device("vfio1").memory_decode and b.revoked
+        f.signal()
+        v.set_memory_decode(True, timeout=1)  # memory still enabled: un-revoke
+        assert not b.revoked
 
 
 def test_device_dma_to_the_bar_faults_while_it_does_not_decode(m):
@@ -513,57 +447,37 @@ def test_device_dma_to_the_bar_faults_while_it_does_not_decode(m):
     v.close()
 
 
-def test_power_states(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
+def test_power_states_low_power_and_reset(m):
     imp = Polite()
-    a = b.dynamic_attach(m.device("gpu1"), imp)
-    imp.map(a)
-    v.set_power_state("D3hot")
-    assert b.revoked and imp.calls == 1
-    v.set_memory_decode(False)
-    v.set_power_state("D0")
-    assert b.revoked  # D0 without decoding: still revoked
-    v.set_memory_decode(True)
-    assert not b.revoked
-    with pytest.raises(errors.InvalidArgument):
-        v.set_power_state("D3cold")
-    assert v.power_state == "D0"
-    b.detach(a)
-    b.put()
-    v.close()
-
-
-def test_low_power_entry_and_exit(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
-    v.low_power_entry()
-    assert b.revoked and v.power_state == "D3hot"
-    with pytest.raises(errors.InvalidArgument):
+    with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), imp) as a:
+        imp.map(a)
+        v.set_power_state("D3hot")
+        assert b.revoked and imp.calls == 1
+        v.set_memory_decode(False)
+        v.set_power_state("D0")
+        assert b.revoked  # D0 without decoding: still revoked
+        v.set_memory_decode(True)
+        assert not b.revoked
+        with pytest.raises(errors.InvalidArgument):
+            v.set_power_state("D3cold")
+        assert v.power_state == "D0"
+        # runtime low power
         v.low_power_entry()
-    assert b.revoked
-    v.low_power_exit()
-    assert not b.revoked and v.power_state == "D0"
-    v.low_power_exit()  # not engaged: nothing to do
-    b.put()
-    v.close()
-
-
-def test_reset_revokes_around_the_reset(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
-    imp = Polite()
-    a = b.dynamic_attach(m.device("gpu1"), imp)
-    imp.map(a)
-    v.set_power_state("D3hot")
-    v.reset()  # the reset brings the device to D0: memory enabled again
-    assert v.power_state == "D0" and not b.revoked and v.resets == 1 and imp.calls == 2
-    v.set_memory_decode(False)
-    v.reset()
-    assert b.revoked  # decoding stays off across the reset
-    b.detach(a)
-    b.put()
-    v.close()
+        assert b.revoked and v.power_state == "D3hot"
+        with pytest.raises(errors.InvalidArgument):
+            v.low_power_entry()
+        assert b.revoked
+        v.low_power_exit()
+        assert not b.revoked and v.power_state == "D0"
+        v.low_power_exit()  # not engaged: nothing to do
+        # a reset brings the device to D0: memory enabled again
+        calls = imp.calls
+        v.set_power_state("D3hot")
+        v.reset()
+        assert v.power_state == "D0" and not b.revoked and v.resets == 1 and imp.calls == calls + 2
+        v.set_memory_decode(False)
+        v.reset()
+        assert b.revoked  # decoding stays off across the reset
 
 
 def test_unrevoke_ordering_619_vs_71():
@@ -572,8 +486,6 @@ def test_unrevoke_ordering_619_vs_71():
     cleared the flag first."""
     for kernel, want in (("7.1", errno.ENODEV), ("6.19", 0)):
         m = Machine.default()
-        v = VfioPciBar(m, "vfio1", kernel=kernel)
-        b = v.export()
         got = []
         phase = []
 
@@ -581,130 +493,91 @@ def test_unrevoke_ordering_619_vs_71():
             allow_peer2peer = True
 
             def invalidate_mappings(self, a):
-                if phase != ["on"]:
-                    return
-                try:
-                    t = a.map(BIDI)
-                except errors.DmaBufError as e:
-                    got.append(e.errno)
-                else:
-                    a.unmap(t, BIDI)
-                    got.append(0)
+                if phase == ["on"]:
+                    got.append(errno_of(lambda: a.unmap(a.map(BIDI), BIDI)))
 
-        a = b.dynamic_attach(m.device("gpu1"), Eager())
-        v.set_memory_decode(False)
-        phase.append("on")
+        with vfio_export(m, "vfio1", kernel=kernel) as (v, b), attached(b, m.device("gpu1"), Eager()):
+            v.set_memory_decode(False)
+            phase.append("on")
+            v.set_memory_decode(True)
+            assert got == [want] and not b.revoked
+
+
+def test_619_revoke_does_not_wait_and_the_checker_catches_stale_dma(m):
+    with vfio_export(m, "vfio1", kernel="6.19") as (v, b), attached(b, m.device("gpu1"), Stubborn()) as a:
+        t = a.map_unlocked(BIDI)
+        v.set_memory_decode(False)  # returns although the mapping is live
+        assert b.revoked and b.live_mappings == 1
         v.set_memory_decode(True)
-        assert got == [want] and not b.revoked
-        b.detach(a)
-        b.put()
-        v.close()
-
-
-def test_619_revoke_does_not_wait_and_the_checker_catches_stale_dma():
-    m = Machine.default()
-    v = VfioPciBar(m, "vfio1", kernel="6.19")
-    b = v.export()
-    a = b.dynamic_attach(m.device("gpu1"), Stubborn())
-    t = a.map_unlocked(BIDI)
-    v.set_memory_decode(False)  # returns although the mapping is live
-    assert b.revoked and b.live_mappings == 1
-    v.set_memory_decode(True)
-    with pytest.raises(errors.LifetimeError):
-        m.device("gpu1").dma_read(int(t.dma_ranges()[0, 0]), 4)
-    a.unmap_unlocked(t, BIDI)
-    b.detach(a)
-    b.put()
-    v.close()
+        with pytest.raises(errors.LifetimeError):
+            m.device("gpu1").dma_read(int(t.dma_ranges()[0, 0]), 4)
+        a.unmap_unlocked(t, BIDI)
 
 
 # --------------------------------------------------------------- closing
 
 
 def test_close_revokes_for_good(m):
-    v = VfioPciBar(m, "vfio1")
-    other = VfioPciBar(m, "vfio1")  # a second open of the same device
-    b = v.export()
     imp = Polite()
-    a = b.dynamic_attach(m.device("gpu1"), imp)
-    imp.map(a)
-    other.close()  # not the last close: nothing happens to the buffers
-    assert not b.revoked and v.dmabufs == [b]
-    v.close(timeout=5)
-    assert b.revoked and imp.calls == 1 and not b.exporter.linked
-    assert errno_of(a.map_unlocked, BIDI) == errno.ENODEV
-    assert errno_of(b.dynamic_attach, m.device("gpu1"), NoP2p()) == errno.EOPNOTSUPP  # peer2peer first
-    assert errno_of(b.dynamic_attach, m.device("gpu1"), Polite()) == errno.ENODEV
-    for call in (v.close, v.reset, v.export, lambda: v.set_memory_decode(True)):
-        assert errno_of(call) == errno.EBADF
-    # Opening the device again does not bring the old buffers back.
-    again = VfioPciBar(m, "vfio1")
-    again.set_memory_decode(True)
-    assert b.revoked and again.dmabufs == []
-    again.close()
-    b.detach(a)
-    b.put()
+    other = VfioPciBar(m, "vfio1")  # a second open of the same device
+    with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), imp) as a:
+        imp.map(a)
+        other.close()  # not the last close: nothing happens to the buffers
+        assert not b.revoked and v.dmabufs == [b]
+        v.close(timeout=5)
+        assert b.revoked and imp.calls == 1 and not b.exporter.linked
+        assert errno_of(a.map_unlocked, BIDI) == errno.ENODEV
+        assert errno_of(b.dynamic_attach, m.device("gpu1"), NoP2p()) == errno.EOPNOTSUPP  # peer2peer first
+        assert errno_of(b.dynamic_attach, m.device("gpu1"), Polite()) == errno.ENODEV
+        for call in (v.close, v.reset, v.export, lambda: v.set_memory_decode(True)):
+            assert errno_of(call) == errno.EBADF
+        # Opening the device again does not bring the old buffers back.
+        with VfioPciBar(m, "vfio1") as again:
+            again.set_memory_decode(True)
+            assert b.revoked and again.dmabufs == []
 
 
 def test_close_times_out_and_leaves_the_device_open(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
-    a = b.dynamic_attach(m.device("gpu1"), Stubborn())
-    t = a.map_unlocked(BIDI)
-    with pytest.raises(errors.TimedOut):
-        v.close(timeout=0.05)
-    assert v.is_open and b.exporter.linked
-    a.unmap_unlocked(t, BIDI)
-    v.close()
-    assert not v.is_open and not b.exporter.linked and b.revoked
-    b.detach(a)
-    b.put()
+    with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), Stubborn()) as a:
+        t = a.map_unlocked(BIDI)
+        with pytest.raises(errors.TimedOut):
+            v.close(timeout=0.05)
+        assert v.is_open and b.exporter.linked
+        a.unmap_unlocked(t, BIDI)
+        v.close()
+        assert not v.is_open and not b.exporter.linked and b.revoked
 
 
-def test_close_on_619():
-    m = Machine.default()
-    v = VfioPciBar(m, "vfio1", kernel="6.19")
-    b = v.export()
+def test_close_on_619(m):
     imp = Polite()
-    a = b.dynamic_attach(m.device("gpu1"), imp)
-    v.close()
-    assert b.revoked and imp.calls == 1 and not b.exporter.linked
-    b.detach(a)
-    b.put()
+    with vfio_export(m, "vfio1", kernel="6.19") as (v, b), attached(b, m.device("gpu1"), imp):
+        v.close()
+        assert b.revoked and imp.calls == 1 and not b.exporter.linked
 
 
 def test_release_unlinks_from_the_device(m):
-    v = VfioPciBar(m, "vfio1")
-    b1, b2 = v.export(), v.export()
-    assert v.dmabufs == [b1, b2]
-    b1.put()
-    assert v.dmabufs == [b2] and not b1.exporter.linked
-    v.set_memory_decode(False)  # b1 is gone and not visited
-    assert b2.revoked and not b1.revoked
-    b2.put()
-    v.close()
+    with vfio_export(m, "vfio1") as (v, b1):
+        b2 = v.export()
+        assert v.dmabufs == [b1, b2]
+        b1.put()
+        assert v.dmabufs == [b2] and not b1.exporter.linked
+        v.set_memory_decode(False)  # b1 is gone and not visited
+        assert b2.revoked and not b1.revoked
+        b2.put()
 
 
 def test_hot_reset_unrevokes_only_open_devices(m):
-    v = VfioPciBar(m, "vfio1")
-    b = v.export()
     imp = Polite()
-    a = b.dynamic_attach(m.device("gpu1"), imp)
-    vfio0 = m.device("vfio0")  # in the set, never opened
-    vfio_pci_hot_reset([v, vfio0], timeout=5)
-    assert imp.calls == 2 and not b.revoked and v.resets == 1
-    later = VfioPciBar(m, vfio0)
-    assert later.resets == 0  # nothing touched the device nobody had opened
-    later.close()
-    closed = VfioPciBar(m, "vfio0")
-    closed.close()
-    vfio_pci_hot_reset([closed, v])  # a closed device: reset, nothing to un-revoke
-    assert imp.calls == 4
-    with pytest.raises(TypeError):
-        vfio_pci_hot_reset(["vfio1"])
-    b.detach(a)
-    b.put()
-    v.close()
+    with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), imp):
+        vfio0 = m.device("vfio0")  # in the set, never opened
+        vfio_pci_hot_reset([v, vfio0], timeout=5)
+        assert imp.calls == 2 and not b.revoked and v.resets == 1
+        with VfioPciBar(m, vfio0) as later:
+            assert later.resets == 0  # nothing touched the device nobody had opened
+        vfio_pci_hot_reset([later, v])  # a closed device: reset, nothing to un-revoke
+        assert imp.calls == 4
+        with pytest.raises(TypeError):
+            vfio_pci_hot_reset(["vfio1"])
 
 
 # --------------------------------------------- the iommufd private call
