@@ -391,10 +391,12 @@ class VfioPciBar:
 
     @property
     def kernel(self) -> str:
+        """The driver rules in force: ``"7.1"`` or ``"6.19"``."""
         return self._core.kernel
 
     @property
     def is_open(self) -> bool:
+        """This device file is open (:meth:`close` not called yet)."""
         return self._open
 
     @property
@@ -546,8 +548,15 @@ class VfioPciBar:
         return buf.fd()
 
     def export(self) -> DmaBuf:
-        """Export this handle's slice(s) of ``bar``: a dma-buf holding one
-        reference for the caller.  Raises as :meth:`feature_dma_buf`."""
+        """Export this handle's slice(s) of ``bar``.
+
+        Returns
+        -------
+        DmaBuf
+            A new dma-buf holding one reference for the caller (drop it with
+            :meth:`~pydmabuf.dmabuf.DmaBuf.put`).  Raises as
+            :meth:`feature_dma_buf`.
+        """
         fd = self.feature_dma_buf(self.bar, 0, os.O_RDWR | os.O_CLOEXEC, self.ranges)
         buf = dma_buf_get(fd)
         close(fd)

@@ -188,15 +188,19 @@ class HwPagetable:
         self.unmap_calls = 0
 
     def map(self, iova: int, phys: int, nbytes: int, prot: int) -> None:
+        """``iommu_map()`` of ``[iova, +nbytes)`` to ``phys`` (counted);
+        raises as :meth:`~pydmabuf.IommuDomain.map`."""
         self.domain.map(iova, phys, nbytes, prot)
         self.map_calls += 1
 
     def unmap(self, iova: int, nbytes: int) -> None:
+        """``iommu_unmap()`` of ``[iova, +nbytes)`` (counted)."""
         self.domain.unmap(iova, nbytes)
         self.unmap_calls += 1
 
     @property
     def aperture_end(self) -> int:
+        """The highest IOVA the domain translates (inclusive)."""
         return int(self.domain.aperture_end)
 
     def __repr__(self) -> str:
@@ -217,10 +221,12 @@ class IoasArea:
 
     @property
     def last(self) -> int:
+        """The inclusive last IOVA."""
         return self.iova + self.nbytes - 1
 
     @property
     def dmabuf(self) -> DmaBuf:
+        """The dma-buf the area maps a slice of."""
         return self.pages.dmabuf
 
     @property
@@ -230,10 +236,12 @@ class IoasArea:
 
     @property
     def revoked(self) -> bool:
+        """VFIO revoked the buffer: the area is unmapped everywhere, for good."""
         return self.pages.revoked
 
     @property
     def npages(self) -> int:
+        """4 KiB pages in the area."""
         return self.nbytes // PAGE_SIZE
 
     @property
@@ -282,22 +290,25 @@ class IommufdIoas:
 
     @property
     def areas(self) -> list[IoasArea]:
-        """The areas, in IOVA order."""
+        """The areas, in IOVA order (a copy of the list)."""
         with self._lock:
             return [self._by_owner[r.owner] for r in self._areas]
 
     def area_at(self, iova: int) -> IoasArea | None:
+        """The area holding ``iova``, or None."""
         with self._lock:
             r = self._areas.lookup(as_uint(iova, "iova"))
             return None if r is None else self._by_owner[r.owner]
 
     @property
     def hwpts(self) -> list[HwPagetable]:
+        """The hardware page tables, oldest first."""
         with self._lock:
             return list(self._hwpts)
 
     @property
     def devices(self) -> list[Device]:
+        """The attached devices."""
         with self._lock:
             return list(self._dev_hwpt)
 

@@ -123,14 +123,17 @@ class KvmMemslot:
 
     @property
     def as_id(self) -> int:
+        """The address space (``slot >> 16``)."""
         return self.slot >> 16
 
     @property
     def gpa(self) -> int:
+        """The first guest physical address."""
         return self.base_gfn << PAGE_SHIFT
 
     @property
     def nbytes(self) -> int:
+        """The slot's size in bytes."""
         return self.npages << PAGE_SHIFT
 
     def __repr__(self) -> str:
@@ -182,6 +185,7 @@ class KvmVm:
 
     @property
     def memslots(self) -> list[KvmMemslot]:
+        """The slots, by address space and guest address."""
         with self.slots_lock:
             return sorted(self._slots.values(), key=lambda s: (s.as_id, s.base_gfn))
 
