@@ -18,6 +18,8 @@ import pytest
 from pydmabuf import (IovaState, Machine, SgTable, _core, dma_buf_free_sgt, dma_buf_phys_vec_to_sgt,
                       dma_map_sgtable, dma_unmap_sgtable, workloads)
 
+from benchutil import pedantic
+
 NPAGES = 1 << 20
 LAYOUTS = ["contiguous", "fragmented", "scattered", "thp"]
 
@@ -46,30 +48,12 @@ def _record(benchmark, dev=None, before=None):
         benchmark.extra_info["domain_pte_writes_total"] = dev.domain.stats["pte_writes"] - before
 
 
-def _pedantic(benchmark, setup, fn, teardown, rounds=5):
-    """Time fn(*setup()) only; teardown(result) between rounds."""
-    state = {}
-
-    def _setup():
-        if "last" in state:
-            teardown(state.pop("last"))
-        return setup(), {}
-
-    def _fn(*args):
-        state["last"] = fn(*args)
-        return state["last"]
-
-    benchmark.pedantic(_fn, setup=_setup, rounds=rounds, iterations=1, warmup_rounds=1)
-    if "last" in state:
-        teardown(state.pop("last"))
-
-
 def test_sg_iommu_map(benchmark, machine, layout):
     name, pfns, pages, runs = layout
     benchmark.group = f"map-{name}"
     dev = machine.device("gpu0")
     before = dev.domain.stats["pte_writes"]
-    _pedantic(benchmark, lambda: (SgTable.from_pages(pfns),),
+    pedantic(benchmark, lambda: (SgTable.from_pages(pfns),),
               lambda t: (dma_map_sgtable(dev, t, 0), t)[1], lambda t: dma_unmap_sgtable(dev, t, 0))
     _record(benchmark, dev, before)
 
@@ -78,7 +62,7 @@ def test_sg_direct_map(benchmark, machine, layout):
     name, pfns, pages, runs = layout
     benchmark.group = f"map-{name}"
     dev = machine.device("direct0")
-    _pedantic(benchmark, lambda: (SgTable.from_pages(pfns),),
+    pedantic(benchmark, lambda: (SgTable.from_pages(pfns),),
               lambda t: (dma_map_sgtable(dev, t, 0), t)[1], lambda t: dma_unmap_sgtable(dev, t, 0))
     _record(benchmark)
 
@@ -96,7 +80,7 @@ def test_link(benchmark, machine, layout, what):
         st.sync(0, n)
         return st, n
 
-    _pedantic(benchmark, lambda: (IovaState.try_alloc(dev, 0, NPAGES * 4096),), link,
+    pedantic(benchmark, lambda: (IovaState.try_alloc(dev, 0, NPAGES * 4096),), link,
               lambda h: h[0].destroy(h[1], 0))
     _record(benchmark, dev, before)
     benchmark.extra_info["ranges"] = len(rows)
@@ -111,7 +95,7 @@ def test_ranges_to_table(benchmark, machine, layout):
     rows = runs.copy()
     rows[:, 0] = np.uint64(prov.bar.cpu_start) + (((runs[:, 0] >> np.uint64(12)) % np.uint64(bar_pages - 2048))
                                                   << np.uint64(12))
-    _pedantic(benchmark, lambda: (), lambda: dma_buf_phys_vec_to_sgt(dev, prov, rows), dma_buf_free_sgt)
+    pedantic(benchmark, lambda: (), lambda: dma_buf_phys_vec_to_sgt(dev, prov, rows), dma_buf_free_sgt)
     _record(benchmark)
 
 

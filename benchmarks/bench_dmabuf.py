@@ -31,6 +31,8 @@ from pydmabuf import (DmaAttrs, DmaDirection, Exporter, ImporterOps, IovaState, 
 from pydmabuf.dmabuf import PHYS_NAMESPACE, PhysVec
 from pydmabuf.exporters import SystemHeap
 
+from benchutil import pedantic
+
 BIDI = DmaDirection.BIDIRECTIONAL
 GIB_PAGES = 1 << 18
 ROUNDTRIP_PAGES = [16, 4096]  # 64 KiB, 16 MiB
@@ -72,24 +74,6 @@ class BarSlices(Exporter):
 
     def get_phys_vec(self, attachment):
         return PhysVec(self.rows, self.provider)
-
-
-def _pedantic(benchmark, setup, fn, teardown, rounds=7):
-    """Time fn(*setup()) only; teardown(result) between rounds."""
-    state = {}
-
-    def _setup():
-        if "last" in state:
-            teardown(state.pop("last"))
-        return setup(), {}
-
-    def _fn(*args):
-        state["last"] = fn(*args)
-        return state["last"]
-
-    benchmark.pedantic(_fn, setup=_setup, rounds=rounds, iterations=1, warmup_rounds=1)
-    if "last" in state:
-        teardown(state.pop("last"))
 
 
 def _per_page(benchmark, npages):
@@ -162,7 +146,7 @@ def test_map_1g_scatterlist(benchmark, machine, gib):
     layout, heap, bar, rows = gib
     benchmark.group = f"dmabuf-map-1G-{layout}"
     a = heap.attach(machine.device("gpu0"))
-    _pedantic(benchmark, lambda: (), lambda: a.map_unlocked(BIDI), lambda t: a.unmap_unlocked(t, BIDI))
+    pedantic(benchmark, lambda: (), lambda: a.map_unlocked(BIDI), lambda t: a.unmap_unlocked(t, BIDI))
     heap.detach(a)
     _per_page(benchmark, GIB_PAGES)
     benchmark.extra_info["ranges"] = len(rows)
@@ -172,7 +156,7 @@ def test_map_1g_ranges_to_table(benchmark, machine, gib):
     layout, heap, bar, rows = gib
     benchmark.group = f"dmabuf-map-1G-{layout}"
     a = bar.dynamic_attach(machine.device("gpu0"), Importer())
-    _pedantic(benchmark, lambda: (), lambda: a.map_unlocked(BIDI), lambda t: a.unmap_unlocked(t, BIDI))
+    pedantic(benchmark, lambda: (), lambda: a.map_unlocked(BIDI), lambda t: a.unmap_unlocked(t, BIDI))
     bar.detach(a)
     _per_page(benchmark, GIB_PAGES)
 
@@ -191,7 +175,7 @@ def test_map_1g_importer_links(benchmark, machine, gib):
         st.sync(0, n)
         return st, n
 
-    _pedantic(benchmark, lambda: (), link, lambda h: h[0].destroy(h[1], BIDI, DmaAttrs.MMIO))
+    pedantic(benchmark, lambda: (), link, lambda h: h[0].destroy(h[1], BIDI, DmaAttrs.MMIO))
     bar.detach(a)
     _per_page(benchmark, GIB_PAGES)
 

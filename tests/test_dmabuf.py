@@ -515,16 +515,29 @@ def test_revoke_times_out_when_an_importer_never_unmaps(m):
     b.put()
 
 
-def test_revoke_waits_for_bookkeep_fences(m):
-    b = SystemHeap(m).allocate(4 * G)
+def _bookkeep_fence(b):
     f = Fence(fence_context_alloc(), 1)
     with _locked(b.resv):
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.BOOKKEEP)
+    return f
+
+
+def test_revoke_waits_for_bookkeep_fences(m):
+    b = SystemHeap(m).allocate(4 * G)
+    f = _bookkeep_fence(b)
     with pytest.raises(errors.TimedOut):
         b.revoke(timeout=0.05)
     f.signal()
     b.revoke(timeout=1)
+    # Un-revoking waits for them too, and stays revoked when it gives up.
+    f2 = _bookkeep_fence(b)
+    with pytest.raises(errors.TimedOut):
+        b.unrevoke(timeout=0.05)
+    assert b.revoked
+    f2.signal()
+    b.unrevoke(timeout=1)
+    assert not b.revoked
     b.put()
 
 
@@ -670,3 +683,4 @@ def test_resource_warnings(m):
     with pytest.warns(ResourceWarning):
         b.__del__()
     b.put()
+

@@ -14,6 +14,7 @@ CASES = [
     (errno.ENOMEM, errors.OutOfMemory, None),
     (errno.ENOSPC, errors.NoSpace, None),
     (errno.EEXIST, errors.AlreadyExists, FileExistsError),
+    (errno.EADDRINUSE, errors.AddressInUse, None),
     (errno.ENOENT, errors.NotFound, LookupError),
     (errno.EBUSY, errors.Busy, None),
     (errno.EDEADLK, errors.WouldDeadlock, None),

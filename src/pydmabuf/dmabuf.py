@@ -545,14 +545,20 @@ class DmaBuf:
             self.resv.unlock()
         self.wait_unmapped(timeout)
 
-    def unrevoke(self) -> None:
+    def unrevoke(self, timeout: float | None = None) -> None:
         """Allow new maps again (VFIO when memory decoding comes back):
         under the lock, invalidate once more (so dynamic importers re-map),
-        wait for the fences, then clear the flag."""
+        wait for the BOOKKEEP fences, then clear the flag.
+
+        The kernel waits for the fences without a bound; the model raises
+        :class:`~pydmabuf.errors.TimedOut` after ``timeout`` seconds (None:
+        forever) and leaves the buffer revoked.
+        """
         self.resv.lock()
         try:
             self.invalidate_mappings()
-            self.resv.wait(Usage.BOOKKEEP)
+            if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
+                raise errors.TimedOut(f"un-revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
             self.revoked = False
         finally:
             self.resv.unlock()

@@ -34,6 +34,7 @@ __all__ = [
     "OutOfMemory",
     "NoSpace",
     "AlreadyExists",
+    "AddressInUse",
     "NotFound",
     "Busy",
     "WouldDeadlock",
@@ -116,6 +117,13 @@ class AlreadyExists(DmaBufError, FileExistsError):
     """EEXIST: the range or mapping overlaps one that is already there."""
 
     default_errno = _errno.EEXIST
+
+
+class AddressInUse(DmaBufError):
+    """EADDRINUSE: an address range is already taken (iommufd: a reserved
+    IOVA region meets an existing area)."""
+
+    default_errno = _errno.EADDRINUSE
 
 
 class NotFound(DmaBufError, LookupError):
@@ -236,6 +244,7 @@ _BY_ERRNO: dict[int, type[DmaBufError]] = {
         OutOfMemory,
         NoSpace,
         AlreadyExists,
+        AddressInUse,
         NotFound,
         Busy,
         WouldDeadlock,

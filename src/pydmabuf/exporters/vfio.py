@@ -1,0 +1,726 @@
+"""VFIO PCI: slices of a BAR exported as dma-bufs (``VFIO_DEVICE_FEATURE_DMA_BUF``).
+
+The model of ``drivers/vfio/pci/vfio_pci_dmabuf.c`` and its callers in
+``vfio_pci_core.c`` / ``vfio_pci_config.c``, as merged for 6.19 and
+changed for 7.1 (``kernel="7.1"``, the default; ``kernel="6.19"`` gives
+the earlier rules where they differ):
+
+* :meth:`VfioPciBar.feature_dma_buf` is the ioctl, validating in the
+  kernel's order with the kernel's errno; :meth:`VfioPciBar.export` is the
+  usual ``GET`` of the handle's slice.
+* The buffer (:class:`VfioPciDmaBuf`, the exporter of one dma-buf) has no
+  CPU side: no pages, no mmap, no vmap.  Maps are DMA-only tables built by
+  :func:`~pydmabuf.dma.dma_buf_phys_vec_to_sgt` for the importer's route to
+  the BAR.  Its physical-range op gives the BAR ranges and the BAR's P2P
+  provider.
+* Attach refuses, in this order: importers that cannot take peer-to-peer
+  addresses (EOPNOTSUPP), revoked buffers (ENODEV), and (7.1) importers
+  that cannot be revoked (EOPNOTSUPP).
+* A buffer is born revoked when the device does not decode memory (command
+  register MEMORY bit off, or D3hot).  Turning decoding off, entering
+  D3hot or runtime low power, a function or hot reset, and closing the
+  device revoke every buffer of the device (7.1: the documented sequence,
+  :meth:`~pydmabuf.dmabuf.DmaBuf.revoke`, waiting for fences and unmaps);
+  decoding coming back un-revokes them for new maps.  Closing revokes for
+  good.  ``device.memory_decode`` and ``device.power_state`` follow, so
+  device accesses to the BAR fault while it does not decode.
+* :func:`vfio_pci_dma_buf_iommufd_map` is the private interconnect only
+  iommufd may use.
+
+Where the kernel waits forever (7.1 revoke: fences and unmaps, holding
+``memory_lock``) every call here takes a ``timeout``: on expiry it raises
+:class:`~pydmabuf.errors.TimedOut` at the point where the kernel would
+block, without making the hardware change it was about to make (no
+decode change, no power change, no reset, the device stays open); the
+buffers revoked so far stay revoked and the next call that finds memory
+enabled un-revokes them.  Where the kernel is loose (research notes
+section 10) the model is correct by default: it links multi-range buffers
+at running IOVA offsets, and un-revokes only devices that are open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import threading
+import weakref
+from typing import Any, Iterable
+
+import numpy as np
+
+from pydmabuf import checks, errors
+from pydmabuf._core import SgTable
+from pydmabuf._types import PAGE_SIZE, DmaDirection, _fmt_size
+from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
+from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
+from pydmabuf.dmabuf import Attachment, DmaBuf, Exporter, PhysVec, attach_revocable, close, dma_buf_get, export
+from pydmabuf.machine import Device, P2pProvider
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "VfioPciBar",
+    "VfioPciDmaBuf",
+    "VfioFeature",
+    "vfio_pci_dma_buf_iommufd_map",
+    "vfio_pci_hot_reset",
+    "VFIO_DEVICE_FEATURE_DMA_BUF",
+    "VFIO_PCI_ROM_REGION_INDEX",
+    "IOMMUFD_MODULE",
+    "POWER_STATES",
+]
+
+#: ``VFIO_DEVICE_FEATURE_DMA_BUF``.
+VFIO_DEVICE_FEATURE_DMA_BUF = 11
+#: Region indexes below this are BAR0-BAR5.
+VFIO_PCI_ROM_REGION_INDEX = 6
+#: ``sizeof(struct vfio_device_feature_dma_buf)``: the header before the ranges.
+DMA_BUF_FEATURE_MINSZ = 16
+#: ``sizeof(struct vfio_region_dma_range)``.
+DMA_RANGE_SIZE = 16
+#: ``DMA_IOVA_USE_SWIOTLB``: a dma-buf size with this bit set is refused.
+DMA_IOVA_USE_SWIOTLB = 1 << 63
+#: The only module allowed to link :func:`vfio_pci_dma_buf_iommufd_map`
+#: (``EXPORT_SYMBOL_FOR_MODULES(..., "iommufd")``); importers declare it in
+#: ``import_namespaces``.
+IOMMUFD_MODULE = "iommufd"
+#: Power states the model's devices take.
+POWER_STATES = ("D0", "D3hot")
+KERNELS = ("6.19", "7.1")
+_GMASK = np.uint64(PAGE_SIZE - 1)
+
+
+class VfioFeature(enum.IntFlag):
+    """The operation bits of ``struct vfio_device_feature.flags``."""
+
+    GET = 1 << 16
+    SET = 1 << 17
+    PROBE = 1 << 18
+
+
+def _feature_op(op: Any) -> VfioFeature:
+    if isinstance(op, str):
+        bits = VfioFeature(0)
+        for part in filter(None, (p.strip().upper() for p in op.split("|"))):
+            try:
+                bits |= VfioFeature[part]
+            except KeyError:
+                raise ValueError(f"op: {part!r} is not GET, SET or PROBE") from None
+        return bits
+    v = as_uint(op, "op", 32)
+    if v & ~int(VfioFeature.GET | VfioFeature.SET | VfioFeature.PROBE):
+        raise errors.InvalidArgument(f"op {v:#x} has bits other than GET, SET and PROBE")
+    return VfioFeature(v)
+
+
+# ------------------------------------------------------------- the device
+
+
+class _VfioPciCore:
+    """``struct vfio_pci_core_device``: what every open of one device shares.
+
+    ``memory_lock`` is the kernel's rw-semaphore, always taken for write
+    here (the paths modelled are all writers)."""
+
+    def __init__(self, device: Device, kernel: str, has_dmabuf_phys: bool) -> None:
+        self.device = device
+        self.kernel = kernel
+        self.has_dmabuf_phys = has_dmabuf_phys
+        self.memory_lock = threading.RLock()
+        self.open_count = 0
+        self.user_power_state = device.power_state
+        self.pm_runtime_engaged = False
+        self.dmabufs: list[VfioPciDmaBuf] = []
+        self.resets = 0
+        self.bar_zaps = 0
+
+    def memory_enabled(self) -> bool:
+        """``__vfio_pci_memory_enabled()``: the device is in D0 and its
+        command register decodes memory."""
+        return self.device.power_state == "D0" and bool(self.device.memory_decode)
+
+    def apply_power(self) -> None:
+        low = self.user_power_state != "D0" or self.pm_runtime_engaged
+        self.device.power_state = "D3hot" if low else "D0"
+
+    def zap_bars(self) -> None:
+        """``vfio_pci_zap_bars()``: user mmaps of the BARs go (counted only:
+        the model has no user mappings of BARs)."""
+        self.bar_zaps += 1
+
+    def move(self, revoked: bool, timeout: float | None) -> None:
+        """``vfio_pci_dma_buf_move()``; ``memory_lock`` held.  Buffers being
+        released are skipped; only those whose state differs change."""
+        for priv in list(self.dmabufs):
+            buf = priv.dmabuf
+            if buf is None or buf.released:
+                continue  # get_file_active() failed: the buffer is dying
+            buf.get()
+            try:
+                if buf.revoked == revoked:
+                    continue
+                if self.kernel == "6.19":
+                    _flip_619(buf, revoked)
+                elif revoked:
+                    buf.revoke(timeout)
+                else:
+                    buf.unrevoke(timeout)
+            finally:
+                buf.put()
+
+
+def _flip_619(buf: DmaBuf, revoked: bool) -> None:
+    """6.19: set the flag and move_notify under the lock, wait for nothing."""
+    buf.resv.lock()
+    try:
+        buf.revoked = revoked
+        buf.invalidate_mappings()
+    finally:
+        buf.resv.unlock()
+
+
+_cores: "weakref.WeakKeyDictionary[Device, _VfioPciCore]" = weakref.WeakKeyDictionary()
+_cores_lock = threading.Lock()
+
+
+def _core_for(device: Device, kernel: str, has_dmabuf_phys: bool) -> _VfioPciCore:
+    with _cores_lock:
+        core = _cores.get(device)
+        if core is None:
+            core = _cores[device] = _VfioPciCore(device, kernel, has_dmabuf_phys)
+        elif core.kernel != kernel or core.has_dmabuf_phys != has_dmabuf_phys:
+            raise errors.InvalidArgument(
+                f"{device.name} is already driven as kernel {core.kernel} with has_dmabuf_phys="
+                f"{core.has_dmabuf_phys}; one device has one driver")
+        return core
+
+
+# ------------------------------------------------------------- the buffer
+
+
+class VfioPciDmaBuf(Exporter):
+    """The exporter of one VFIO dma-buf (``struct vfio_pci_dma_buf``).
+
+    Attributes
+    ----------
+    device : Device
+        The VFIO device whose BAR this is.
+    provider : P2pProvider
+        The BAR's P2P provider.
+    ranges : numpy.ndarray
+        (N, 2) u64 rows of (CPU physical address, nbytes), in the order
+        asked for (ranges may repeat or overlap).
+    nbytes : int
+        The dma-buf's size, the sum of the range lengths.
+    region_index : int
+        The BAR.
+    maps, unmaps : int
+        Calls of the map and unmap ops.
+    """
+
+    name = "vfio-pci"
+
+    def __init__(self, core: _VfioPciCore, provider: P2pProvider, ranges: np.ndarray, nbytes: int,
+                 region_index: int, open_flags: int) -> None:
+        self._core: _VfioPciCore | None = core
+        self.kernel = core.kernel
+        self.device = core.device
+        self.machine = core.device.machine
+        self.provider = provider
+        self.ranges = ranges
+        self.nbytes = nbytes
+        self.region_index = region_index
+        self.open_flags = open_flags
+        self.dmabuf: DmaBuf | None = None
+        self.maps = 0
+        self.unmaps = 0
+
+    @property
+    def linked(self) -> bool:
+        """Still on its device's list (False once the device was closed)."""
+        return self._core is not None
+
+    def attach(self, attachment: Attachment) -> None:
+        # vfio_pci_dma_buf_attach(): unlocked, so the revoked test races
+        # with a revoke in the kernel; map tests it again under the lock.
+        if not attachment.peer2peer:
+            raise errors.NotSupported(f"{attachment.device.name}: a VFIO BAR needs an importer that allows "
+                                      "peer-to-peer addresses (allow_peer2peer)")
+        if attachment.dmabuf.revoked:
+            raise errors.Revoked(f"{attachment.dmabuf.name} is revoked: the device does not decode its BAR "
+                                 "or was closed")
+        if self.kernel != "6.19" and not attach_revocable(attachment):
+            raise errors.NotSupported(f"{attachment.device.name}: VFIO accepts only importers it can revoke "
+                                      "(dynamic, with invalidate_mappings)")
+
+    def map_dma_buf(self, attachment: Attachment, direction: DmaDirection) -> SgTable:
+        buf = attachment.dmabuf
+        if buf.revoked:
+            raise errors.Revoked(f"{buf.name} is revoked")
+        table = dma_buf_phys_vec_to_sgt(attachment, self.provider, self.ranges, self.nbytes, direction)
+        self.maps += 1
+        return table
+
+    def unmap_dma_buf(self, attachment: Attachment, table: SgTable, direction: DmaDirection) -> None:
+        dma_buf_free_sgt(table, direction)
+        self.unmaps += 1
+
+    def release(self, dmabuf: DmaBuf) -> None:
+        core = self._core
+        if core is not None:
+            with core.memory_lock:
+                if self in core.dmabufs:
+                    core.dmabufs.remove(self)
+            self._core = None
+
+    def get_phys_vec(self, attachment: Attachment | None) -> PhysVec:
+        return PhysVec(self.ranges.copy(), self.provider)
+
+    def __repr__(self) -> str:
+        state = "linked" if self.linked else "unlinked"
+        return (f"<VfioPciDmaBuf {self.device.name} BAR{self.region_index}: {len(self.ranges)} range(s), "
+                f"{_fmt_size(self.nbytes)}, {state}>")
+
+
+def vfio_pci_dma_buf_iommufd_map(attachment: Attachment) -> tuple[int, int]:
+    """``vfio_pci_dma_buf_iommufd_map()``: the one physical range of a VFIO
+    dma-buf, for iommufd only.
+
+    The reservation lock must be held.  Returns ``(phys, nbytes)``.
+
+    Raises
+    ------
+    NotPermitted
+        (EPERM) the importer did not declare :data:`IOMMUFD_MODULE` (the
+        kernel exports the symbol to the iommufd module alone).
+    NotSupported
+        (EOPNOTSUPP) the dma-buf is not a VFIO one, or has more than one
+        range.
+    Revoked
+        (ENODEV) the buffer is revoked.
+
+    A successful call is a promise from VFIO: one MMIO range, and an
+    invalidation of this attachment means revoke, not move.
+    """
+    ops = attachment.importer_ops
+    if ops is None or IOMMUFD_MODULE not in ops.import_namespaces:
+        raise errors.NotPermitted(f"{attachment.device.name}: vfio_pci_dma_buf_iommufd_map is exported to the "
+                                  f"{IOMMUFD_MODULE!r} module only")
+    buf = attachment.dmabuf
+    if not buf.resv.held_by_current_thread():
+        checks.checker.locking("iommufd-map-without-resv",
+                               "vfio_pci_dma_buf_iommufd_map without the reservation lock", attachment)
+    exp = buf.exporter
+    if not isinstance(exp, VfioPciDmaBuf):
+        raise errors.NotSupported(f"{buf.name} was not exported by VFIO ({exp.name})")
+    if buf.revoked:
+        raise errors.Revoked(f"{buf.name} is revoked")
+    if len(exp.ranges) != 1:
+        raise errors.NotSupported(f"{buf.name} has {len(exp.ranges)} ranges; iommufd takes exactly one")
+    return int(exp.ranges[0, 0]), int(exp.ranges[0, 1])
+
+
+# ------------------------------------------------------------- the handle
+
+
+class VfioPciBar:
+    """An open VFIO PCI device and a slice of one of its BARs.
+
+    Each instance is one open of the device (its file descriptor); the
+    device's state (its dma-bufs, ``memory_lock``, low-power engagement)
+    is shared by all opens.  Closing the last open revokes every dma-buf
+    of the device for good.
+
+    Parameters
+    ----------
+    machine : Machine
+    device : Device or str
+        A device of ``machine`` assigned to VFIO (``vfio`` set in its
+        spec); NoDevice (ENODEV) otherwise.
+    bar : int
+        The BAR (region index) :meth:`export` uses.
+    offset, nbytes : int
+        The slice :meth:`export` exports: ``[offset, offset + nbytes)`` of
+        the BAR; ``nbytes`` defaults to the rest of the BAR.
+    ranges : sequence of (offset, nbytes), optional
+        Several slices of the BAR instead (exported as one dma-buf, in this
+        order); then ``offset`` and ``nbytes`` must be left alone.
+    kernel : str
+        ``"7.1"`` (revoke waits for fences and unmaps; only revocable
+        importers) or ``"6.19"`` (revoke only notifies).
+    has_dmabuf_phys : bool
+        The driver provides ``get_dmabuf_phys`` (vfio-pci and nvgrace-gpu
+        do); False models a variant driver that does not (EOPNOTSUPP).
+
+    Slices are checked when exported, with the kernel's errors.
+    """
+
+    def __init__(self, machine: Any, device: Device | str, bar: int = 0, offset: int = 0,
+                 nbytes: int | None = None, ranges: Iterable[tuple[int, int]] | None = None, *,
+                 kernel: str = "7.1", has_dmabuf_phys: bool = True) -> None:
+        dev = machine.device(device) if isinstance(device, str) else device
+        if not isinstance(dev, Device):
+            raise TypeError(f"device must be a Device or a device name, not {type(device).__name__}")
+        if dev.machine is not machine:
+            raise errors.InvalidArgument(f"{dev.name} is not a device of {machine!r}")
+        if not dev.vfio:
+            raise errors.NoDevice(f"{dev.name} is not bound to vfio-pci")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, not {kernel!r}")
+        self.machine = machine
+        self.device = dev
+        self.bar = as_uint(bar, "bar", 32)
+        if ranges is None:
+            off = as_uint(offset, "offset")
+            if nbytes is None:
+                size = dev.bars[self.bar].nbytes if self.bar in dev.bars else 0
+                nbytes = max(size - off, 0)
+            self.ranges = as_u64_pairs([[off, as_uint(nbytes, "nbytes")]], "ranges")
+        else:
+            if offset != 0 or nbytes is not None:
+                raise ValueError("give either offset/nbytes or ranges, not both")
+            self.ranges = as_u64_pairs(ranges, "ranges")
+        self._core = _core_for(dev, kernel, bool(has_dmabuf_phys))
+        with self._core.memory_lock:
+            self._core.open_count += 1
+        self._open = True
+
+    # ------------------------------------------------------------- state
+
+    @property
+    def kernel(self) -> str:
+        """The driver rules in force: ``"7.1"`` or ``"6.19"``."""
+        return self._core.kernel
+
+    @property
+    def is_open(self) -> bool:
+        """This device file is open (:meth:`close` not called yet)."""
+        return self._open
+
+    @property
+    def memory_decode(self) -> bool:
+        """The command register's MEMORY bit."""
+        return bool(self.device.memory_decode)
+
+    @property
+    def power_state(self) -> str:
+        """``"D0"`` or ``"D3hot"`` (also while runtime low power is engaged)."""
+        return str(self.device.power_state)
+
+    @property
+    def memory_enabled(self) -> bool:
+        """``__vfio_pci_memory_enabled()``: what decides revoked or not."""
+        return self._core.memory_enabled()
+
+    @property
+    def dmabufs(self) -> list[DmaBuf]:
+        """The device's live dma-bufs, oldest first."""
+        with self._core.memory_lock:
+            return [p.dmabuf for p in self._core.dmabufs if p.dmabuf is not None and not p.dmabuf.released]
+
+    @property
+    def resets(self) -> int:
+        """Function and hot resets done on the device."""
+        return self._core.resets
+
+    def _need_open(self, what: str) -> _VfioPciCore:
+        if not self._open:
+            raise errors.BadHandle(f"{what}: this VFIO device file was closed")
+        return self._core
+
+    # ----------------------------------------------------------- the ioctl
+
+    def feature_dma_buf(self, region_index: int, flags: int, open_flags: int, ranges: Any, *,
+                        op: str | int = "GET", argsz: int | None = None) -> int:
+        """``VFIO_DEVICE_FEATURE`` with ``VFIO_DEVICE_FEATURE_DMA_BUF``.
+
+        Parameters
+        ----------
+        region_index : int
+            The BAR (0-5).
+        flags : int
+            ``vfio_device_feature_dma_buf.flags``: must be 0.
+        open_flags : int
+            File flags of the new fd (not validated, as in the kernel).
+        ranges : sequence of (offset, nbytes) or (N, 2) u64 array
+            Slices of the BAR; both page aligned, lengths non-zero.  Ranges
+            may overlap and repeat.
+        op : str or int
+            ``"GET"``, ``"SET"``, ``"PROBE"``, a ``|``-joined mix, or
+            :class:`VfioFeature` bits.
+        argsz : int, optional
+            The ioctl's ``argsz``; default the header plus the ranges.
+
+        Returns
+        -------
+        int
+            For GET, the new dma-buf's fd (take it with
+            :func:`~pydmabuf.dmabuf.dma_buf_get`; close it with
+            :func:`~pydmabuf.dmabuf.close`); 0 for PROBE.
+
+        Raises
+        ------
+        In the kernel's order (``vfio_pci_core_feature_dma_buf``):
+
+        NotSupported
+            (EOPNOTSUPP) the driver has no ``get_dmabuf_phys`` (PROBE too).
+        InvalidArgument
+            (EINVAL) SET asked for, neither GET nor SET without PROBE,
+            ``argsz`` below the 16-byte header; then no ranges or ``flags``
+            not 0.
+        NoDevice
+            (ENODEV) ``region_index`` is not BAR0-BAR5, or the device has
+            no such BAR (its resources cannot be claimed).
+        InvalidArgument
+            (EINVAL) a range of length 0 or not page aligned, a total that
+            overflows or has bit 63 set; then (per range, in order) the
+            BAR is not a memory BAR (no P2P provider) ...
+        Overflow
+            (EOVERFLOW) ... the BAR's address plus the offset, or plus the
+            length, wraps past 2**64 - 1 ...
+        InvalidArgument
+            (EINVAL) ... the range ends past the BAR.
+        BadHandle
+            (EBADF) this device file was closed.
+
+        A failed call exports nothing.
+        """
+        core = self._need_open("feature_dma_buf")
+        bits = _feature_op(op)
+        region = as_uint(region_index, "region_index", 32)
+        flags = as_uint(flags, "flags", 32)
+        open_flags = as_uint(open_flags, "open_flags", 32)
+        rows = as_u64_pairs(ranges, "ranges")
+        nr = len(rows)
+        if nr > U32_MAX:
+            raise errors.Overflow(f"{nr} ranges do not fit nr_ranges (u32)")
+        argsz = as_uint(DMA_BUF_FEATURE_MINSZ + DMA_RANGE_SIZE * nr if argsz is None else argsz, "argsz")
+        dev = self.device
+        # 1. the driver must describe its BARs physically
+        if not core.has_dmabuf_phys:
+            raise errors.NotSupported(f"{dev.name}: the driver has no get_dmabuf_phys")
+        # 2. vfio_check_feature(): GET only
+        if bits & (VfioFeature.GET | VfioFeature.SET) & ~VfioFeature.GET:
+            raise errors.InvalidArgument("VFIO_DEVICE_FEATURE_DMA_BUF supports GET only")
+        if bits & VfioFeature.PROBE:
+            return 0
+        if not bits & (VfioFeature.GET | VfioFeature.SET):
+            raise errors.InvalidArgument("VFIO_DEVICE_FEATURE needs GET or SET without PROBE")
+        if argsz < DMA_BUF_FEATURE_MINSZ:
+            raise errors.InvalidArgument(f"argsz {argsz} is below the {DMA_BUF_FEATURE_MINSZ}-byte header")
+        # 3. header
+        if nr == 0 or flags:
+            raise errors.InvalidArgument("nr_ranges must not be 0" if nr == 0 else f"flags {flags:#x} must be 0")
+        # 4. region: a standard BAR whose resources VFIO holds
+        if region >= VFIO_PCI_ROM_REGION_INDEX or region not in dev.bars:
+            raise errors.NoDevice(f"{dev.name}: region {region} is not a BAR the device has")
+        # 6. validate_dmabuf_input(): alignment, no empty range, sane total
+        offs, lens = rows[:, 0], rows[:, 1]
+        bad = (lens == 0) | ((offs & _GMASK) != 0) | ((lens & _GMASK) != 0)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise errors.InvalidArgument(f"range {i} ({int(offs[i]):#x}, {int(lens[i]):#x}): lengths must be "
+                                         "non-zero and offsets and lengths page aligned")
+        total = int(lens.astype(object).sum())
+        if total > U64_MAX:
+            raise errors.InvalidArgument(f"the ranges add up to {total:#x}, past 2**64 - 1")
+        if total & DMA_IOVA_USE_SWIOTLB:
+            raise errors.InvalidArgument(f"the ranges add up to {total:#x}: bit 63 is DMA_IOVA_USE_SWIOTLB")
+        # 8. get_dmabuf_phys(): the provider, then each range inside the BAR
+        provider = dev.p2p_provider(region)
+        if provider is None:
+            raise errors.InvalidArgument(f"{dev.name} BAR{region} is not a memory BAR (no P2P provider)")
+        phys = _fill_phys_vec(rows, provider)
+        # 10-12. export, link under memory_lock and the lock (born revoked
+        # unless memory is enabled), install the fd
+        priv = VfioPciDmaBuf(core, provider, phys, total, region, open_flags)
+        buf = export(priv, total, name=f"vfio {dev.name} BAR{region}"[:31])
+        priv.dmabuf = buf
+        with core.memory_lock:
+            buf.resv.lock()
+            try:
+                buf.revoked = not core.memory_enabled()
+                core.dmabufs.append(priv)
+            finally:
+                buf.resv.unlock()
+        return buf.fd()
+
+    def export(self) -> DmaBuf:
+        """Export this handle's slice(s) of ``bar``.
+
+        Returns
+        -------
+        DmaBuf
+            A new dma-buf holding one reference for the caller (drop it with
+            :meth:`~pydmabuf.dmabuf.DmaBuf.put`).  Raises as
+            :meth:`feature_dma_buf`.
+        """
+        fd = self.feature_dma_buf(self.bar, 0, os.O_RDWR | os.O_CLOEXEC, self.ranges)
+        buf = dma_buf_get(fd)
+        close(fd)
+        return buf
+
+    # ---------------------------------------------- what revokes and un-revokes
+
+    def set_memory_decode(self, enabled: bool, *, timeout: float | None = None) -> None:
+        """A config write of the command register's MEMORY bit.
+
+        Clearing it zaps user BAR mmaps and revokes every dma-buf first
+        (7.1: importers told, fences and unmaps awaited); the write comes
+        after, so the BAR stops decoding only once nobody maps it.
+        Setting it (or any write that leaves memory enabled) un-revokes
+        them for new maps.
+
+        Raises TimedOut (see the module notes) and BadHandle (EBADF)
+        after close.
+        """
+        core = self._need_open("set_memory_decode")
+        with core.memory_lock:
+            if not enabled:
+                core.zap_bars()
+                core.move(True, timeout)
+            self.device.memory_decode = bool(enabled)
+            if core.memory_enabled():
+                core.move(False, timeout)
+
+    def set_power_state(self, state: str, *, timeout: float | None = None) -> None:
+        """A PMCSR write: ``"D3hot"`` revokes first, then powers down;
+        ``"D0"`` powers up and un-revokes if memory decoding is on.
+        InvalidArgument (EINVAL) for other states."""
+        if state not in POWER_STATES:
+            raise errors.InvalidArgument(f"power state {state!r} is not one of {POWER_STATES}")
+        core = self._need_open("set_power_state")
+        with core.memory_lock:
+            if state != "D0":
+                core.zap_bars()
+                core.move(True, timeout)
+            core.user_power_state = state
+            core.apply_power()
+            if core.memory_enabled():
+                core.move(False, timeout)
+
+    def low_power_entry(self, *, timeout: float | None = None) -> None:
+        """``VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY``: revoke, then let the
+        device runtime-suspend (the model puts it in D3hot).  InvalidArgument
+        (EINVAL) if already engaged (after the revoke, as the kernel)."""
+        core = self._need_open("low_power_entry")
+        with core.memory_lock:
+            core.zap_bars()
+            core.move(True, timeout)
+            if core.pm_runtime_engaged:
+                raise errors.InvalidArgument(f"{self.device.name}: low power is already engaged")
+            core.pm_runtime_engaged = True
+            core.apply_power()
+
+    def low_power_exit(self, *, timeout: float | None = None) -> None:
+        """``VFIO_DEVICE_FEATURE_LOW_POWER_EXIT``: resume (D0) and un-revoke
+        if memory decoding is on."""
+        core = self._need_open("low_power_exit")
+        with core.memory_lock:
+            if core.pm_runtime_engaged:
+                core.pm_runtime_engaged = False
+                core.user_power_state = "D0"
+                core.apply_power()
+            if core.memory_enabled():
+                core.move(False, timeout)
+
+    def reset(self, *, timeout: float | None = None) -> None:
+        """``VFIO_DEVICE_RESET``: revoke around a function reset (which puts
+        the device in D0), un-revoke after if memory is enabled."""
+        core = self._need_open("reset")
+        with core.memory_lock:
+            core.zap_bars()
+            core.move(True, timeout)
+            core.user_power_state = "D0"
+            core.apply_power()
+            core.resets += 1
+            if core.memory_enabled():
+                core.move(False, timeout)
+
+    def close(self, *, timeout: float | None = None) -> None:
+        """Close this VFIO device file.  The last close of the device
+        revokes every dma-buf for good (``vfio_pci_dma_buf_cleanup``): the
+        buffers stay valid, attach and map fail with ENODEV.  BadHandle
+        (EBADF) if already closed; TimedOut leaves the device open."""
+        core = self._need_open("close")
+        with core.memory_lock:
+            if core.open_count == 1:
+                if core.kernel == "6.19":
+                    for priv in list(core.dmabufs):
+                        buf = priv.dmabuf
+                        if buf is None or buf.released:
+                            continue
+                        priv._core = None
+                        _flip_619(buf, True)
+                else:
+                    core.move(True, timeout)
+                for priv in core.dmabufs:
+                    priv._core = None
+                core.dmabufs.clear()
+            core.open_count -= 1
+            self._open = False
+
+    def __enter__(self) -> VfioPciBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._open:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        dec = "decoding" if self.device.memory_decode else "decode off"
+        return (f"<VfioPciBar {self.device.name} BAR{self.bar} {len(self.ranges)} range(s), {state}, {dec}, "
+                f"{self.device.power_state}, {len(self._core.dmabufs)} dma-buf(s), kernel {self.kernel}>")
+
+
+def _fill_phys_vec(rows: np.ndarray, provider: P2pProvider) -> np.ndarray:
+    """``vfio_pci_core_fill_phys_vec()``: BAR offsets to CPU physical
+    ranges, the first failing range deciding the error."""
+    bar = provider.bar
+    start = np.uint64(bar.cpu_start)
+    max_addr = bar.cpu_start + bar.nbytes
+    offs, lens = rows[:, 0], rows[:, 1]
+    with np.errstate(over="ignore"):
+        paddr = offs + start
+        end = paddr + lens
+    wrapped = (paddr < offs) | (end < paddr)
+    past = ~wrapped & (end.astype(object) > max_addr)
+    fail = wrapped | past
+    if fail.any():
+        i = int(np.argmax(fail))
+        what = f"range {i} (offset {int(offs[i]):#x}, length {int(lens[i]):#x})"
+        if wrapped[i]:
+            raise errors.Overflow(f"{what}: {bar!r} start plus the range wraps past 2**64 - 1")
+        raise errors.InvalidArgument(f"{what} ends past the {_fmt_size(bar.nbytes)} BAR")
+    return np.ascontiguousarray(np.stack([paddr, lens], axis=1))
+
+
+def vfio_pci_hot_reset(devices: Iterable[Device | VfioPciBar], *, timeout: float | None = None) -> None:
+    """``VFIO_DEVICE_PCI_HOT_RESET`` of a device set: every device's
+    dma-bufs are revoked, the bus is reset, and the devices that are open
+    and decode memory get them back.  Devices of the set nobody opened are
+    left alone (the kernel once read their unset virtual config here,
+    research note 10.18).  The caller owns the set's choice of devices."""
+    devs = [d.device if isinstance(d, VfioPciBar) else d for d in devices]
+    cores = []
+    for d in devs:
+        if not isinstance(d, Device):
+            raise TypeError(f"expected Devices or VfioPciBar handles, not {type(d).__name__}")
+        core = _cores.get(d)
+        if core is not None:
+            cores.append(core)
+    with contextlib.ExitStack() as stack:
+        for core in cores:
+            stack.enter_context(core.memory_lock)
+            core.zap_bars()
+            core.move(True, timeout)
+        for core in cores:
+            core.user_power_state = "D0"
+            core.apply_power()
+            core.resets += 1
+        for core in cores:
+            if core.open_count and core.memory_enabled():
+                core.move(False, timeout)
