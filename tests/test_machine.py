@@ -191,6 +191,30 @@ def test_spec_errors_name_the_entry(mutate, exc, text):
     assert text in str(ei.value)
 
 
+def test_host_bridge_windows_may_not_overlap():
+    spec = copy.deepcopy(DEFAULT_SPEC)
+    spec["host_bridges"][2]["windows"].append({"cpu": "230G", "size": "1G"})  # inside hb0's window
+    with pytest.raises(errors.AlreadyExists, match="overlaps hb0"):
+        Machine.from_spec(spec)
+    spec = copy.deepcopy(DEFAULT_SPEC)
+    spec["host_bridges"][0]["windows"].append({"cpu": 0xC0100000, "size": "1M"})  # inside its own
+    with pytest.raises(errors.AlreadyExists, match="overlap"):
+        Machine.from_spec(spec)
+
+
+def test_bus_addresses_route_only_inside_their_own_hierarchy():
+    """gpu1 (under hb2, bus offset) reaches vfio1's BAR by bus address; the
+    BAR's CPU physical address, which lies in no window of hb2 as a bus
+    address, goes to gpu1's IOMMU and faults."""
+    m = Machine.default()
+    gpu1 = m.device("gpu1")
+    bar = m.device("vfio1").bar(0)
+    m.memory.write(bar.cpu_start, b"peer")
+    assert gpu1.dma_read(bar.bus_start, 4) == b"peer"
+    with pytest.raises(errors.IommuFault, match="no IOMMU mapping"):
+        gpu1.dma_read(bar.cpu_start, 4)
+
+
 def test_default_spec_round_trips_through_toml(tmp_path):
     text = textwrap.dedent('''
         name = "tiny"

@@ -18,6 +18,28 @@ EXPECTED = {
         "culprit": "LazyNic",
         "data after the move": "packet 1",
     },
+    "vfio-iommufd-kvm": {
+        "iommufd page tables": 2,
+        "DMA after the revoke": "2 faulted (EFAULT)",
+        "guest access while revoked": "EIO (IOFailure)",
+        "after decode comes back": "KVM re-faults (BAR data); iommufd stays revoked",
+    },
+    "vfio-rdma-p2p": {
+        "route": "THRU_HOST_BRIDGE (IOMMU-mapped MMIO)",
+        "MR faults": "2 (registration, then after the reset)",
+        "zaps by the reset": 1,
+    },
+    "vfio-gpu-bus-offset": {
+        "route": "BUS_ADDR (through the switch, no IOMMU)",
+        "DMA address": "phys - 0x3000000000",
+        "CPU physical address on the bus": "IommuFault",
+        "gpu0 (other host bridge)": "NOT_SUPPORTED: map refused (EINVAL)",
+    },
+    "device-reset": {
+        "importers told": 4,
+        "importers working after the reset": "3 of 3 dynamic",
+        "faults afterwards": "1 deliberate stale access (IommuFault) + iommufd's revoked area (IommuFault)",
+    },
     "private-memory": {
         "trusted importers served": 1,
         "untrusted imports refused": "2 (EPERM)",

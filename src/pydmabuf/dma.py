@@ -1075,8 +1075,10 @@ def _peer_bus_target(device: Device, addr: int, nbytes: int) -> int | None:
     BUS_ADDR route bypasses the IOMMU): its CPU physical address."""
     if not device.is_pci:
         return None
+    # Bus addresses mean something only inside the device's own PCI
+    # hierarchy: a switch routes them to a peer below the same host bridge.
     m = device.machine
-    for hb in m.host_bridges.values():
+    for hb in (device.host_bridge,):
         for w in hb.windows:
             if w.bus_start <= addr < w.bus_start + w.nbytes:
                 cpu = (addr - w.bus_offset) & U64_MAX

@@ -782,6 +782,18 @@ class Machine:
     def add_host_bridge(self, hb: HostBridge) -> HostBridge:
         if hb.name in self.host_bridges:
             raise errors.AlreadyExists(f"host bridge {hb.name!r} exists")
+        mine = sorted((w.cpu_start, w.cpu_start + w.nbytes) for w in hb.windows)
+        for (a0, a1), (b0, b1) in zip(mine, mine[1:]):
+            if b0 < a1:
+                raise errors.AlreadyExists(f"host bridge {hb.name!r}: windows [{a0:#x}, {a1:#x}) and "
+                                           f"[{b0:#x}, {b1:#x}) overlap")
+        for other in self.host_bridges.values():
+            for w in other.windows:
+                for lo, hi in mine:
+                    if lo < w.cpu_start + w.nbytes and w.cpu_start < hi:
+                        raise errors.AlreadyExists(
+                            f"host bridge {hb.name!r}: window [{lo:#x}, {hi:#x}) overlaps {other.name}'s "
+                            f"[{w.cpu_start:#x}, {w.cpu_start + w.nbytes:#x})")
         self.host_bridges[hb.name] = hb
         return hb
 
@@ -1116,7 +1128,7 @@ DEFAULT_SPEC: dict[str, Any] = {
     "host_bridges": [
         {"name": "hb0", "segment": 0, "bus": 0x00, "root_vendor": 0x8086, "root_device": 0x2020,
          "windows": [{"cpu": 0xC0000000, "size": "512M"},
-                     {"cpu": "224G", "size": "64G", "prefetch": True}]},
+                     {"cpu": "224G", "size": "32G", "prefetch": True}]},
         {"name": "hb1", "segment": 0, "bus": 0x40, "root_vendor": 0x8086, "root_device": 0x2020,
          "windows": [{"cpu": 0xE0000000, "size": "256M"},
                      {"cpu": "288G", "size": "64G", "prefetch": True}]},
