@@ -94,3 +94,13 @@ def test_cli_lists_and_runs():
     assert r.stdout == scenarios.run("stale-importer", out=None).text
     assert r.stderr == ""  # the checker's report-mode log stays quiet
     assert cli("nope").returncode == 2
+
+
+def test_the_docs_show_every_scenario_as_it_runs():
+    """docs/scenarios.md is the output of ``python -m pydmabuf.scenarios``."""
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parent.parent / "docs" / "scenarios.md"
+    if not doc.exists():
+        pytest.skip("no docs/ next to the tests (not a source checkout)")
+    assert doc.read_text() == scenarios.markdown(), "regenerate: python -m pydmabuf.scenarios > docs/scenarios.md"

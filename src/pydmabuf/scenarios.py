@@ -18,6 +18,7 @@ pin, IOVA or page-table entry) and checks that itself before it returns.
 
 from __future__ import annotations
 
+import inspect
 import io
 import sys
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from pydmabuf import errors
 
 _E = TypeVar("_E", bound=BaseException)
 
-__all__ = ["Scenario", "Story", "Result", "scenario", "names", "get", "run", "SCENARIOS"]
+__all__ = ["Scenario", "Story", "Result", "scenario", "names", "get", "run", "markdown", "SCENARIOS"]
 
 
 class Story:
@@ -120,7 +121,7 @@ def scenario(name: str, title: str) -> Callable[[Callable[[Story], None]], Calla
     def deco(fn: Callable[[Story], None]) -> Callable[[Story], None]:
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} registered twice")
-        doc = (fn.__doc__ or "").strip()
+        doc = inspect.cleandoc(fn.__doc__ or "")
         SCENARIOS[name] = Scenario(name, title, fn, doc)
         return fn
 
@@ -152,3 +153,27 @@ def run(name: str, out: TextIO | None = sys.stdout) -> Result:
     sc.fn(story)
     story.finish()
     return Result(sc.name, story.text, dict(story.summary), story.steps)
+
+
+def markdown() -> str:
+    """Every scenario as a Markdown document: what it shows, the command
+    that runs it, and its narration (``docs/scenarios.md`` is this)."""
+    out = ["# Scenarios", "",
+           "The driver pairs of the seed thread, run on the default machine model and narrated step by step.",
+           "Each is also a test (`tests/test_scenarios.py`); the source is `src/pydmabuf/_scenario_library.py`.",
+           "Regenerate this file with `python -m pydmabuf.scenarios > docs/scenarios.md`.", ""]
+    for name in names():
+        sc = get(name)
+        out += [f"## {sc.name}", "", sc.doc, "", f"    pydmabuf scenario {sc.name}", "", "```"]
+        out += run(name, out=None).text.rstrip("\n").splitlines()
+        out += ["```", ""]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import logging
+
+    from pydmabuf import scenarios as _registry  # the module the library registers in, not __main__
+
+    logging.getLogger("pydmabuf.checks").setLevel(logging.ERROR)
+    sys.stdout.write(_registry.markdown())
