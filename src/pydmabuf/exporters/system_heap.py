@@ -35,6 +35,8 @@ class HeapBuffer(Exporter):
         self.unmaps = 0
         self.released = 0
         self.provider = None
+        self._ranges: np.ndarray | None = None
+        self._ranges_of: np.ndarray | None = None  # the pfns array _ranges describes
 
     def _table(self) -> SgTable:
         return SgTable.from_pages(self.pfns, offset=self.offset, nbytes=self.nbytes)
@@ -56,13 +58,19 @@ class HeapBuffer(Exporter):
         self.keepalive = None
 
     def get_phys_vec(self, attachment: Attachment | None) -> PhysVec:
-        phys, lens = workloads.numpy_coalesce(self.pfns)
-        rows = np.ascontiguousarray(np.stack([phys, lens], axis=1))
-        if self.offset or rows[:, 1].sum() != self.nbytes:
-            rows[0, 0] += np.uint64(self.offset)
-            rows[0, 1] -= np.uint64(self.offset)
-            rows[-1, 1] -= np.uint64(int(rows[:, 1].sum()) - self.nbytes)
-        return PhysVec(rows, None)
+        """The pages as physical ranges (runs of consecutive frames),
+        worked out once per set of pages (again after a migration) and
+        handed out read-only."""
+        if self._ranges is None or self._ranges_of is not self.pfns:
+            phys, lens = workloads.numpy_coalesce(self.pfns)
+            rows = np.ascontiguousarray(np.stack([phys, lens], axis=1))
+            if self.offset or rows[:, 1].sum() != self.nbytes:
+                rows[0, 0] += np.uint64(self.offset)
+                rows[0, 1] -= np.uint64(self.offset)
+                rows[-1, 1] -= np.uint64(int(rows[:, 1].sum()) - self.nbytes)
+            rows.flags.writeable = False
+            self._ranges, self._ranges_of = rows, self.pfns
+        return PhysVec(self._ranges, None)
 
     def mmap(self, dmabuf: DmaBuf, mapping: CpuMapping) -> None:
         pass
