@@ -17,8 +17,11 @@ def python_blocks():
 def test_tour_runs(capsys):
     blocks = python_blocks()
     assert blocks, "the README has a Python tour"
+    ns = {"__name__": "readme"}  # one tour: later blocks use what earlier ones made
     for code in blocks:
-        exec(compile(code, str(README), "exec"), {"__name__": "readme"})
+        exec(compile(code, str(README), "exec"), ns)
     out = capsys.readouterr().out
     assert "[EINVAL] max_segment 0xfff rounds down below PAGE_SIZE" in out
     assert "[EEXIST]" in out
+    assert "without the reservation lock" in out  # the checker refused the unlocked map
+    assert "DMA fault at" in out  # the revoked iommufd area

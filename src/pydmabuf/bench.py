@@ -555,6 +555,24 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
                 cols.append(f"{mp:.2f}{ratio}")
             out.append(f"| {lay} | " + " | ".join(cols) + " |")
         out.append("")
+    walks = [c for c in result["cells"] if c["strategy"] == "sg_from_pages"]
+    if walks:
+        big = max(c["npages"] for c in walks)
+        out.append(f"**Scatterlist walk** (`sg_alloc_table_from_pages`) on {_fmt_size(big * PAGE_SIZE)}, ns per page "
+                   "(median), against the C floor and the NumPy code a user would write, run on the same PFNs:")
+        out.append("")
+        out.append("| layout | segments | core | C floor | NumPy | core / C | core / NumPy |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        at_big = {(c["layout"], c["strategy"]): c for c in result["cells"] if c["npages"] == big}
+        for lay in layouts or sorted({c["layout"] for c in walks}):
+            core, floor, npy = (at_big.get((lay, k)) for k in ("sg_from_pages", "c_floor", "numpy"))
+            if core is None or floor is None or npy is None:
+                continue
+            out.append(f"| {lay} | {core['counters']['segments']} | {core['ns_per_page']:.2f} | "
+                       f"{floor['ns_per_page']:.2f} | {npy['ns_per_page']:.2f} | "
+                       f"{core['ns_per_page'] / floor['ns_per_page']:.2f} | "
+                       f"{core['ns_per_page'] / npy['ns_per_page']:.2f} |")
+        out.append("")
     for n in result.get("notes", []):
         out.append(f"Note: {n}")
     return "\n".join(out).rstrip() + "\n"
