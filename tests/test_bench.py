@@ -87,9 +87,12 @@ def test_outputs_round_trip(study, tmp_path):
     md = bench.format_markdown(result)
     assert md.startswith("Measured with `pydmabuf bench`")
     assert "| layout | " + " | ".join(bench.MAPPING_STRATEGIES) + " |" in md
-    assert md.count("| scattered |") == 2 and "**64 KiB**" in md and "**1 MiB**" in md
-    # Every baseline cell reads (1.00) against itself.
-    for line in md.splitlines():
+    # Two mapping tables (one per size) and the walk table.
+    assert md.count("| scattered |") == 3 and "**64 KiB**" in md and "**1 MiB**" in md
+    assert "| layout | segments | core | C floor | NumPy |" in md
+    # Every baseline cell of the mapping tables reads (1.00) against itself.
+    mapping = md.split("**Scatterlist walk**")[0]
+    for line in mapping.splitlines():
         if line.startswith("| contiguous") or line.startswith("| scattered"):
             assert line.split("|")[2].strip().endswith("(1.00)")
 
