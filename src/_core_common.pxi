@@ -13,6 +13,7 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 
 import errno as _errno
+import warnings as _warnings
 
 from pydmabuf import errors as _errors
 

@@ -1161,6 +1161,12 @@ cdef class SgTable:
     def __len__(self):
         return self.t.nents
 
+    def __del__(self):
+        # A table collected while mapped leaves its IOVA, page-table
+        # entries or bounce slots behind (the DMA API never frees them).
+        if self.mapping is not None:
+            _warnings.warn(f"{self!r} collected while mapped: unmap it first", ResourceWarning, stacklevel=2)
+
     def __repr__(self):
         from pydmabuf._types import _fmt_size
         if self.t.nslots == 0:

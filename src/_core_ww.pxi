@@ -1179,8 +1179,7 @@ cdef class AcquireContext:
 
     def __del__(self):
         if self.ww_class is not None and not self.c.finished:
-            import warnings
-            warnings.warn(f"{self!r} was never finished (fini())", ResourceWarning, stacklevel=1)
+            _warnings.warn(f"{self!r} collected without fini()", ResourceWarning, stacklevel=1)
 
     @property
     def stamp(self):

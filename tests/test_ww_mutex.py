@@ -747,7 +747,7 @@ def test_context_manager_exit_with_locks_held():
 
 
 def test_unfinished_context_warns():
-    with pytest.warns(ResourceWarning, match="never finished"):
+    with pytest.warns(ResourceWarning, match="without fini"):
         ctx = AcquireContext(WD)
         del ctx
         gc.collect()

@@ -29,6 +29,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import weakref
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -918,7 +919,9 @@ class IovaState:
                 f"linked={self.linked_nbytes:#x} {state}{' swiotlb' if self.uses_swiotlb else ''}>")
 
 
-_live_states: set[IovaState] = set()
+#: IOVA states with a live reservation (weak: a leaked state is collected
+#: and warns).
+_live_states: weakref.WeakSet[IovaState] = weakref.WeakSet()
 
 
 # ------------------------------------------------ dma-buf's phys_vec helper

@@ -236,8 +236,11 @@ class _Mapping:
         return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
 
 
-_device_maps: "weakref.WeakKeyDictionary[Device, set[_Mapping]]" = weakref.WeakKeyDictionary()
-_table_maps: "weakref.WeakKeyDictionary[SgTable, _Mapping]" = weakref.WeakKeyDictionary()
+# What the checker watches, weakly on both sides: a mapping lives as long as
+# its attachment keeps it, so nothing here keeps a leaked buffer (and the
+# ResourceWarning it owes) from being collected.
+_device_maps: "weakref.WeakKeyDictionary[Device, weakref.WeakSet[_Mapping]]" = weakref.WeakKeyDictionary()
+_table_maps: "weakref.WeakValueDictionary[int, _Mapping]" = weakref.WeakValueDictionary()  # by id(table)
 _maps_lock = threading.Lock()
 
 
@@ -778,10 +781,10 @@ class Attachment:
             self._maps.add(m)
             buf._mappings.add(m)
         with _maps_lock:
-            _device_maps.setdefault(self.device, set()).add(m)
+            _device_maps.setdefault(self.device, weakref.WeakSet()).add(m)
         if table is not None:
             with _maps_lock:
-                _table_maps[table] = m
+                _table_maps[id(table)] = m  # m holds the table: its id stays its own
         return m
 
     def _untrack(self, m: _Mapping) -> None:
@@ -801,7 +804,9 @@ class Attachment:
         d = dma._dir(direction)
         self._require_resv("unmap")
         with _maps_lock:
-            m = _table_maps.get(table) if isinstance(table, SgTable) else None
+            m = _table_maps.get(id(table)) if isinstance(table, SgTable) else None
+            if m is not None and m.table is not table:
+                m = None
         if m is None or m.attachment is not self or m not in self._maps:
             checks.checker.lifetime("bad-unmap", "dma_buf_unmap_attachment of a table that is not a live "
                                     "mapping of this attachment (a double unmap?)", self, culprit=self.importer_ops)
@@ -811,7 +816,7 @@ class Attachment:
         exp = self.dmabuf.exporter
         exp.unmap_dma_buf(self, table, m.direction)
         with _maps_lock:
-            _table_maps.pop(table, None)
+            _table_maps.pop(id(table), None)
         self._untrack(m)
         if m.pinned:
             self.pin_count -= 1

@@ -45,7 +45,7 @@ import enum
 import logging
 import os
 import threading
-import weakref
+import warnings
 from typing import Any, Iterable
 
 import numpy as np
@@ -181,15 +181,23 @@ def _flip_619(buf: DmaBuf, revoked: bool) -> None:
         buf.resv.unlock()
 
 
-_cores: "weakref.WeakKeyDictionary[Device, _VfioPciCore]" = weakref.WeakKeyDictionary()
+# A device's VFIO state lives on the device (as vfio_pci_core_device is the
+# driver data of the PCI device), not in a global table: a table keyed by
+# the device whose values refer back to it would keep both alive forever.
 _cores_lock = threading.Lock()
+
+
+def _core_of(device: Device) -> _VfioPciCore | None:
+    core = getattr(device, "_vfio_core", None)
+    return core if isinstance(core, _VfioPciCore) else None
 
 
 def _core_for(device: Device, kernel: str, has_dmabuf_phys: bool) -> _VfioPciCore:
     with _cores_lock:
-        core = _cores.get(device)
+        core = _core_of(device)
         if core is None:
-            core = _cores[device] = _VfioPciCore(device, kernel, has_dmabuf_phys)
+            core = _VfioPciCore(device, kernel, has_dmabuf_phys)
+            setattr(device, "_vfio_core", core)
         elif core.kernel != kernel or core.has_dmabuf_phys != has_dmabuf_phys:
             raise errors.InvalidArgument(
                 f"{device.name} is already driven as kernel {core.kernel} with has_dmabuf_phys="
@@ -393,6 +401,11 @@ class VfioPciBar:
     def kernel(self) -> str:
         """The driver rules in force: ``"7.1"`` or ``"6.19"``."""
         return self._core.kernel
+
+    def __del__(self) -> None:
+        if getattr(self, "_open", False):
+            warnings.warn(f"{self!r} collected while open: close() it (its dma-bufs are revoked only then)",
+                          ResourceWarning, stacklevel=2)
 
     @property
     def is_open(self) -> bool:
@@ -709,7 +722,7 @@ def vfio_pci_hot_reset(devices: Iterable[Device | VfioPciBar], *, timeout: float
     for d in devs:
         if not isinstance(d, Device):
             raise TypeError(f"expected Devices or VfioPciBar handles, not {type(d).__name__}")
-        core = _cores.get(d)
+        core = _core_of(d)
         if core is not None:
             cores.append(core)
     with contextlib.ExitStack() as stack:

@@ -11,6 +11,7 @@ goes through the generic dma-buf mmap, the GPU's own DMA through the table.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -142,6 +143,11 @@ class DrmGpu:
         self.attachment.unmap_unlocked(self.table, _BIDI)
         self.dmabuf.detach(self.attachment)
         self.dmabuf.put()
+
+    def __del__(self) -> None:
+        if getattr(self, "freed", True) is False:
+            warnings.warn(f"{self!r} collected without free(): its mapping, attachment and reference leak",
+                          ResourceWarning, stacklevel=2)
 
     def __enter__(self) -> DrmGpu:
         return self

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import weakref
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,7 +144,6 @@ class _DmaBufPages(ImporterOps):
         buf.put()
 
 
-_global_devices: "weakref.WeakKeyDictionary[Any, Device]" = weakref.WeakKeyDictionary()
 _global_lock = threading.Lock()
 
 
@@ -153,9 +152,10 @@ def _global_device(machine: Any) -> Device:
     device, not a PCI device (so any exporter that tried to map for it
     would find no peer-to-peer route)."""
     with _global_lock:
-        d = _global_devices.get(machine)
-        if d is None:
-            d = _global_devices[machine] = Device(machine, "iommufd", description="iommufd misc device")
+        d = getattr(machine, "_iommufd_device", None)  # on the machine: collected with it
+        if not isinstance(d, Device):
+            d = Device(machine, "iommufd", description="iommufd misc device")
+            setattr(machine, "_iommufd_device", d)
         return d
 
 
@@ -730,6 +730,11 @@ class IommufdIoas:
             for d in list(self._dev_hwpt):
                 self.detach_device(d)
             self.closed = True
+
+    def __del__(self) -> None:
+        if getattr(self, "closed", True) is False and (getattr(self, "_dev_hwpt", None) or self.areas):
+            warnings.warn(f"{self!r} collected without close(): its areas stay pinned and mapped",
+                          ResourceWarning, stacklevel=2)
 
     def __enter__(self) -> IommufdIoas:
         return self

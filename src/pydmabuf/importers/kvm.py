@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -497,6 +498,11 @@ class KvmVm:
             for s in list(self._slots.values()):
                 self._delete(s)
             self.closed = True
+
+    def __del__(self) -> None:
+        if getattr(self, "closed", True) is False and getattr(self, "_slots", None):
+            warnings.warn(f"{self!r} collected without close(): its slots stay bound to their dma-bufs",
+                          ResourceWarning, stacklevel=2)
 
     def __enter__(self) -> KvmVm:
         return self

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,10 @@ class NvmeMapping:
     def _live(self, what: str) -> None:
         if not self.live:
             raise errors.LifetimeError(f"{what} through an unmapped request")
+
+    def __del__(self) -> None:
+        if getattr(self, "live", False) and getattr(self, "path", "bus") != "bus":
+            warnings.warn(f"{self!r} collected while mapped: unmap it with its queue", ResourceWarning, stacklevel=2)
 
     def __repr__(self) -> str:
         return (f"<NvmeMapping {self.queue.device.name} {self.nbytes:#x} bytes, {self.nvecs} vec(s) -> "

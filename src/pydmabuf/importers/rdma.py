@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -710,6 +711,11 @@ class RdmaMr:
             resv.unlock()
         self.deregistered = True
         self.umem.release()
+
+    def __del__(self) -> None:
+        if getattr(self, "deregistered", True) is False:
+            warnings.warn(f"{self!r} collected without dereg(): its attachment and mapping leak",
+                          ResourceWarning, stacklevel=2)
 
     def __enter__(self) -> RdmaMr:
         return self
