@@ -513,6 +513,74 @@ cdef int _rt_item_cmp(const void *a, const void *b) noexcept nogil:
     return -1 if x < y else (1 if x > y else 0)
 
 
+cdef int _rt_sort_items(_rt_item *items, uint64_t n) noexcept nogil:
+    """Sort items by start: nothing to do when already sorted (the common
+    bulk case), qsort for short inputs, otherwise an LSD radix sort of
+    (start, index) pairs by 16-bit digits, skipping digits every key
+    shares, then one permutation.  0, or -ENOMEM (nothing changed)."""
+    cdef uint64_t i, d, pos, c
+    cdef uint64_t *keys
+    cdef uint64_t *tmp
+    cdef uint32_t *idx
+    cdef uint32_t *tidx
+    cdef uint64_t *cnt
+    cdef uint64_t all_or = 0, all_and = <uint64_t>-1
+    cdef _rt_item *out
+    cdef int shift
+    for i in range(1, n):
+        if items[i].start < items[i - 1].start:
+            break
+    else:
+        return 0
+    if n < 256 or n > UINT32_MAX:
+        qsort(items, n, sizeof(_rt_item), _rt_item_cmp)
+        return 0
+    keys = <uint64_t *>malloc(2 * n * sizeof(uint64_t))
+    idx = <uint32_t *>malloc(2 * n * sizeof(uint32_t))
+    cnt = <uint64_t *>malloc(65536 * sizeof(uint64_t))
+    out = <_rt_item *>malloc(n * sizeof(_rt_item))
+    if keys == NULL or idx == NULL or cnt == NULL or out == NULL:
+        free(keys)
+        free(idx)
+        free(cnt)
+        free(out)
+        return -ENOMEM
+    tmp = keys + n
+    tidx = idx + n
+    for i in range(n):
+        keys[i] = items[i].start
+        idx[i] = <uint32_t>i
+        all_or |= keys[i]
+        all_and &= keys[i]
+    for shift in range(0, 64, 16):
+        if ((all_or ^ all_and) >> shift) & 0xFFFF == 0:
+            continue  # every key has this digit: the pass would not move anything
+        memset(cnt, 0, 65536 * sizeof(uint64_t))
+        for i in range(n):
+            cnt[(keys[i] >> shift) & 0xFFFF] += 1
+        pos = 0
+        for d in range(65536):
+            c = cnt[d]
+            cnt[d] = pos
+            pos += c
+        for i in range(n):
+            d = (keys[i] >> shift) & 0xFFFF
+            tmp[cnt[d]] = keys[i]
+            tidx[cnt[d]] = idx[i]
+            cnt[d] += 1
+        keys, tmp = tmp, keys
+        idx, tidx = tidx, idx
+    for i in range(n):
+        out[i] = items[idx[i]]
+    memcpy(items, out, n * sizeof(_rt_item))
+    # keys/idx may point at the upper halves after an odd number of passes.
+    free(keys if keys < tmp else tmp)
+    free(idx if idx < tidx else tidx)
+    free(cnt)
+    free(out)
+    return 0
+
+
 cdef uint32_t _rt_build(range_table *t, const _rt_item *items, int64_t lo, int64_t hi) noexcept nogil:
     """A balanced subtree over sorted items[lo..hi]; nodes are reserved."""
     cdef int64_t mid
@@ -543,7 +611,9 @@ cdef int64_t _rt_insert_items(range_table *t, _rt_item *items, uint64_t n) noexc
     cdef int rc
     if n == 0:
         return 0
-    qsort(items, n, sizeof(_rt_item), _rt_item_cmp)
+    rc = _rt_sort_items(items, n)
+    if rc < 0:
+        return rc
     for i in range(1, n):
         if items[i].start <= items[i - 1].last:
             return -EEXIST
@@ -613,9 +683,14 @@ cdef int64_t _rt_check(const rt_node *N, uint32_t i, uint64_t *count) noexcept n
 
 # ----------------------------------------------------------- Python class
 
+_tuple_new = tuple.__new__
+
+
 cdef inline object _range_obj(const rt_node *n):
-    return _Range(n.start, <object>n.last - <object>n.start + 1, _KIND_OBJ[n.kind],
-                  n.owner, n.flags)
+    # tuple.__new__ straight away: the NamedTuple's own __new__ is a Python
+    # function and costs more than the tree walk.
+    return _tuple_new(_Range, (n.start, <object>n.last - <object>n.start + 1, _KIND_OBJ[n.kind],
+                                n.owner, n.flags))
 
 
 cdef uint8_t _kind_arg(object kind) except? 255:
