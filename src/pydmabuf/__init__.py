@@ -66,20 +66,8 @@ from pydmabuf.dma import (
     dma_unmap_phys,
     dma_unmap_sgtable,
 )
-from pydmabuf.dmabuf import (
-    DMA_BUF_NAME_LEN,
-    PHYS_NAMESPACE,
-    Attachment,
-    CpuMapping,
-    DmaBuf,
-    Exporter,
-    ImporterOps,
-    PhysVec,
-    attach_revocable,
-    close,
-    dma_buf_get,
-    export,
-)
+from pydmabuf import dmabuf as _dmabuf
+from pydmabuf.dmabuf import *  # noqa: F403 - the dma-buf names, as dmabuf.__all__ lists them
 from pydmabuf import checks
 
 try:
@@ -154,16 +142,5 @@ __all__ = [
     "signal_pending",
     "flush_signals",
     "checks",
-    "Exporter",
-    "ImporterOps",
-    "DmaBuf",
-    "Attachment",
-    "PhysVec",
-    "CpuMapping",
-    "export",
-    "dma_buf_get",
-    "close",
-    "attach_revocable",
-    "PHYS_NAMESPACE",
-    "DMA_BUF_NAME_LEN",
 ]
+__all__ += _dmabuf.__all__

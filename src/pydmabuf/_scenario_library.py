@@ -409,18 +409,9 @@ def stale_importer(story: Story) -> None:
     before = _live(m)
     gpu, nic = m.device("gpu0"), m.device("nic0")
 
-    class ObedientGpu(ImporterOps):
-        """Drops its mapping when told; maps again before the next job."""
-
-        def __init__(self) -> None:
-            self.table: Any = None
-            self.invalidations = 0
-
-        def invalidate_mappings(self, attachment: Any) -> None:
-            self.invalidations += 1
-            if self.table is not None:
-                attachment.unmap(self.table, BIDI)  # the lock is held in the callback
-                self.table = None
+    class ObedientGpu(_Polite):
+        """Drops its mapping when told (under the lock the exporter holds);
+        maps again before the next job."""
 
     class LazyNic(ImporterOps):
         """Says nothing, does nothing: keeps DMAing to the old addresses."""
