@@ -102,3 +102,19 @@ def test_compare_of_a_result_with_itself_is_one(study):
     out = bench.compare(result, result)
     assert "geometric mean new/old = 1.000" in out
     assert bench.compare(result, {"cells": []}) == "no cells in common"
+
+
+def test_unreadable_pfns_skip_the_pagemap_layout_with_a_note(monkeypatch):
+    """Where the process may not read PFNs (no CAP_SYS_ADMIN), the real-page
+    layout is skipped and the study says so instead of failing."""
+    from pydmabuf import errors, workloads
+
+    def refuse(npages):
+        raise errors.NotPermitted("reading PFNs from /proc/self/pagemap needs CAP_SYS_ADMIN")
+
+    monkeypatch.setattr(workloads, "real_pages", refuse)
+    result = bench.run_study(["pagemap", "contiguous"], [16], quick=True, progress=False)
+    assert {c["layout"] for c in result["cells"]} == {"contiguous"}
+    (note,) = result["notes"]
+    assert "pagemap" in note and "CAP_SYS_ADMIN" in note
+    assert "note: layout 'pagemap' skipped" in bench.format_table(result)
