@@ -243,6 +243,8 @@ cdef object _as_u64_view(object obj, str name):
     unsigned; lists and tuples of ints are converted (a copy).
     """
     cdef const uint64_t[::1] v
+    if obj is None:     # a typed memoryview would take None as empty
+        raise TypeError(f"{name} must be a C-contiguous buffer of unsigned 64-bit integers, not None")
     if isinstance(obj, (list, tuple)):
         obj = _ints_to_u64(obj, name)
     try:
