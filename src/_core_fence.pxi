@@ -788,7 +788,10 @@ cdef class FenceArray(Fence):
     cdef readonly bint signal_on_any
 
     def __init__(self, fences, bint signal_on_any=False, *, context=None, seqno=1):
-        cdef tuple fs = tuple(fences)
+        cdef tuple fs
+        if self._fences is not None:
+            raise _errors.InvalidArgument(f"{self!r} is already initialised (dma_fence_array_init twice)")
+        fs = tuple(fences)
         if not fs:
             raise _errors.InvalidArgument("a FenceArray needs at least one fence")
         for x in fs:
@@ -948,10 +951,20 @@ cdef class FenceChain(Fence):
     cdef object _prev
     cdef Fence _fence
     cdef readonly uint64_t prev_seqno
+    cdef bint _inited
+
+    def __cinit__(self):
+        # A node made with __new__ and never initialised holds the signalled
+        # stub: every walk then treats it as a completed point, and no C
+        # code ever meets a NULL fence.
+        self._fence = get_stub_fence()
+        self._inited = False
 
     def __init__(self, prev, Fence fence not None, seqno):
         cdef uint64_t s = _u64(seqno, "seqno")
         cdef FenceChain pc = None
+        if self._inited:
+            raise _errors.InvalidArgument(f"{self!r} is already initialised (dma_fence_chain_init twice)")
         if prev is not None and not isinstance(prev, Fence):
             raise TypeError(f"prev must be a fence or None, not {type(prev).__name__}")
         if isinstance(fence, FenceChain):
@@ -970,6 +983,7 @@ cdef class FenceChain(Fence):
         Fence.__init__(self, ctx, s, seqno64=True)
         self._prev = prev
         self._fence = fence
+        self._inited = True
 
     def get_driver_name(self):
         return "dma_fence_chain"
@@ -1084,7 +1098,7 @@ cdef object _chain_walk(object fence):
         if prev is None:
             return None
         if isinstance(prev, FenceChain):
-            if not (<FenceChain>prev)._fence._is_signaled():
+            if not _contained(<Fence>prev)._is_signaled():
                 return prev
             replacement = (<FenceChain>prev)._get_prev()
         else:

@@ -482,6 +482,7 @@ cdef class ResvIter:
     def _invalidate(self):
         """Test hook: forget the list snapshot, forcing the next step of an
         unlocked walk to start over (what st-dma-resv does to its cursor)."""
+        _iter_made(self)
         self.gen = ~self.resv.gen
 
     cdef bint _changed(self):
@@ -522,6 +523,7 @@ cdef class ResvIter:
         cdef object f
         cdef bint restart
         cdef unsigned int u
+        _iter_made(self)
         if self.locked:
             _resv_held(self.resv, "iterating the fences with the lock held")
             while self.index < self.resv.num:
@@ -550,3 +552,9 @@ cdef class ResvIter:
         if f is None:
             raise StopIteration
         return (f, _USAGES[self._last_usage])
+
+
+cdef int _iter_made(ResvIter it) except -1:
+    if it.resv is None:     # made with ResvIter.__new__: no object to walk
+        raise TypeError("this ResvIter was not made by Resv.iter_fences() / iter_fences_unlocked()")
+    return 0
