@@ -717,14 +717,22 @@ def _translate(IommuDomain dom, uint64_t iova, uint64_t nbytes, uint32_t need):
     """Runs of (phys, nbytes) for a device access; raises IommuFault."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef uint64_t maxout = nbytes // PDB_PAGE_SIZE + 2
-    cdef _Buffer b = _new_buffer(maxout, 2, 8, b"Q")
+    cdef _Buffer b
     cdef uint64_t fault_at = 0
     cdef uint32_t fprot = 0
     cdef int64_t rc
     _acquire(dom.lock)
-    with nogil:
-        rc = iommu_translate(d, iova, nbytes, need, <uint64_t *>b.data, maxout, &fault_at, &fprot)
-    _release(dom.lock)
+    try:
+        # Every run is at least one mapped granule: no more runs than the
+        # domain maps pages, however long the access (a 2**63-byte read
+        # must fault, not size a buffer for 2**51 runs).
+        if maxout > d.pgt.c.mapped_nbytes // PDB_PAGE_SIZE + 2:
+            maxout = d.pgt.c.mapped_nbytes // PDB_PAGE_SIZE + 2
+        b = _new_buffer(<Py_ssize_t>maxout, 2, 8, b"Q")
+        with nogil:
+            rc = iommu_translate(d, iova, nbytes, need, <uint64_t *>b.data, maxout, &fault_at, &fprot)
+    finally:
+        _release(dom.lock)
     if rc == -EFAULT:
         return None, fault_at, fprot
     _check(rc, "translate")
