@@ -463,6 +463,11 @@ cdef int64_t dma_iova_link_ranges(iommu_domain *dom, uint64_t state_addr, uint64
     if not all_at_offset and each == PDB_PAGE_SIZE and ((state_addr + offset) & (PDB_PAGE_SIZE - 1)) == 0 \
             and n <= max_total >> PDB_PAGE_SHIFT:
         r = pgt_map_pages_fused(&dom.pgt, state_addr + offset, pairs, pairs + 1, n, 2, prot, bad)
+        # A page that is not granule aligned fails the page table's check
+        # (-EINVAL, nothing changed); dma_iova_link() refuses it earlier, with
+        # -EIO, when it is not the first link at offset 0.
+        if r == -EINVAL and (pairs[2 * bad[0]] & (PDB_PAGE_SIZE - 1)) and (offset > 0 or bad[0] > 0):
+            return -EIO
         if r != -EAGAIN:
             return r
     # One branch-free pass: alignment, zero lengths, equal lengths, the
