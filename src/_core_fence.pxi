@@ -159,11 +159,23 @@ cdef int _fence_wait_any(pdb_fence **fs, Py_ssize_t n, pdb_task *t, int64_t dead
     return ret
 
 
+cdef int64_t _s64(object value, str name) except? -1:
+    """A Python int in the range of a signed 64-bit ``ktime_t``."""
+    if not isinstance(value, int):
+        try:
+            value = value.__index__()
+        except AttributeError:
+            raise TypeError(f"{name} must be an integer (ns), not {type(value).__name__}") from None
+    if value < -0x8000000000000000 or value > 0x7FFFFFFFFFFFFFFF:
+        raise _errors.Overflow(f"{name} {value} does not fit a signed 64-bit ktime_t")
+    return value
+
+
 cdef int64_t _ts_arg(object timestamp) except? -1:
     """A signal timestamp argument: ns (int), None for now."""
     if timestamp is None:
         return pdb_now_ns_c()
-    return timestamp
+    return _s64(timestamp, "timestamp")
 
 
 cdef inline void _lock_mu(pthread_mutex_t *mu):
@@ -482,7 +494,7 @@ cdef class Fence:
         Linux 7.0).  Returns True when it *was* already signalled."""
         return self._signal(_ts_arg(timestamp), False) == 1
 
-    def set_error(self, int error):
+    def set_error(self, error):
         """Record why the fence will complete unsuccessfully
         (``dma_fence_set_error``); must come before the signal.
 
@@ -497,6 +509,8 @@ cdef class Fence:
             The fence is already signalled, or ``error`` is not a negative
             errno (the kernel warns on both).
         """
+        if not isinstance(error, int):
+            raise TypeError(f"set_error(): the error must be a negative errno (int), not {type(error).__name__}")
         if not (-4095 <= error < 0):
             raise _errors.InvalidArgument(f"set_error({error}): the error must be in [-4095, -1]")
         _lock_mu(&self.f.mu)
@@ -641,7 +655,7 @@ cdef class Fence:
     def set_deadline_hint(self, deadline_ns):
         """``dma_fence_set_deadline``: pass the hint to the ``set_deadline``
         op unless the fence is signalled."""
-        cdef int64_t d = deadline_ns
+        cdef int64_t d = _s64(deadline_ns, "deadline_ns")
         if not self._is_signaled():
             self._op_set_deadline(d)
 
@@ -822,7 +836,7 @@ cdef class FenceArray(Fence):
     def get_timeline_name(self):
         return "unbound"
 
-    def set_error(self, int error):
+    def set_error(self, error):
         Fence.set_error(self, error)
         self._latched = True
 

@@ -15,13 +15,11 @@ cdef tuple _USAGE_NAMES = ("kernel", "write", "read", "bookkeep")
 
 
 cdef unsigned int _usage(object usage) except 0xFFFFFFFF:
-    cdef Py_ssize_t u
     if not isinstance(usage, int):
         raise TypeError(f"usage must be a pydmabuf.Usage, not {type(usage).__name__}")
-    u = usage
-    if u < 0 or u > 3:
+    if usage < 0 or usage > 3:
         raise _errors.InvalidArgument(f"usage must be KERNEL, WRITE, READ or BOOKKEEP (0..3), not {usage}")
-    return <unsigned int>u
+    return <unsigned int>usage
 
 
 def usage_rw(bint write):
@@ -427,7 +425,9 @@ cdef class Resv(WwMutex):
     def set_deadline(self, usage, deadline_ns):
         """``dma_resv_set_deadline``: pass a deadline hint to every pending
         fence of usage <= ``usage``."""
-        for f, u in ResvIter._make(self, _usage(usage), False):
+        cdef unsigned int us = _usage(usage)
+        _s64(deadline_ns, "deadline_ns")
+        for f, u in ResvIter._make(self, us, False):
             f.set_deadline_hint(deadline_ns)
 
     def describe(self):
