@@ -23,6 +23,21 @@ from libc.errno cimport ENOENT
 _log = _logging.getLogger("pydmabuf")
 
 cdef uint64_t _fence_context_counter = 1
+
+cdef extern from *:
+    """
+    /* Take k values from *p (atomically); -1 if that would pass 2**64 - 1. */
+    static int pdb_reserve_u64(uint64_t *p, uint64_t k, uint64_t *first) {
+        uint64_t old = __atomic_load_n(p, __ATOMIC_RELAXED), next;
+        do {
+            if (__builtin_add_overflow(old, k, &next))
+                return -1;
+        } while (!__atomic_compare_exchange_n(p, &old, next, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        *first = old;
+        return 0;
+    }
+    """
+    int pdb_reserve_u64(uint64_t *p, uint64_t k, uint64_t *first) nogil
 cdef int _ERESTARTSYS = 512
 cdef int _PENDING_ERROR = 1         # dma-fence-array's "no error yet" marker
 
@@ -49,9 +64,15 @@ def fence_context_alloc(n=1):
         ``n`` is 0 (the kernel warns and reserves nothing).
     """
     cdef uint64_t k = _u64(n, "n")
+    cdef uint64_t first = 0
     if k == 0:
         raise _errors.InvalidArgument("fence_context_alloc(0) reserves nothing")
-    return pdb_fetch_add_u64(&_fence_context_counter, k)
+    # The kernel's counter is never expected to wrap; a model caller can
+    # ask for 2**64 - 1 at once.  Refuse what would wrap (contexts would be
+    # handed out twice) and leave the counter as it was.
+    if pdb_reserve_u64(&_fence_context_counter, k, &first) < 0:
+        raise _errors.Overflow(f"fence_context_alloc({k}): fewer than {k} contexts are left")
+    return first
 
 
 cdef int fence_init(pdb_fence *f, uint64_t context, uint64_t seqno) noexcept nogil:

@@ -207,6 +207,8 @@ cdef class Resv(WwMutex):
         _resv_held(self, "reserve_fences()")
         if k == 0:
             raise _errors.InvalidArgument("reserve_fences(0): reserve at least one slot")
+        if k > 0xFFFFFFF:   # before num + k, which could wrap
+            raise _errors.OutOfMemory(f"reserve_fences({k}): more slots than the model allocates")
         if self.max and self.num + k <= self.max:
             return
         if self.max:
