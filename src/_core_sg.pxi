@@ -961,7 +961,8 @@ cdef class SgTable:
         if rc == -EBUSY:
             raise BufferError("append_pages: the table is exported (a NumPy view of its "
                               "entries exists) and its slots would have to move")
-        _check(rc, "append_pages")
+        _check(rc, lambda: {-ERANGE: "append_pages: a PFN is beyond 52-bit physical addresses",
+                            -ENOMEM: "append_pages: cannot allocate the table's chunks"}.get(rc, "append_pages"))
         if PYDMABUF_DEBUG:
             _acquire(self.lock)
             rc = _sg_verify(&self.t)
