@@ -690,6 +690,17 @@ def _link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, u
     return rc
 
 
+def _u64_pairs(pairs, str name="ranges"):
+    """``pairs`` as an (N, 2) NumPy array of u64 (address, nbytes) rows,
+    parsed exactly as the core's entry points parse such buffers (same
+    errors: TypeError, ValueError for a dtype, shape or layout, EINVAL for
+    negative or too large ints in a list).  No copy for a u64 buffer."""
+    cdef const uint64_t[::1] flat = _pairs_view(pairs, name)
+    if isinstance(pairs, (list, tuple)):
+        return _np().asarray(flat).reshape(-1, 2)     # flat owns the conversion
+    return _np().asarray(pairs).reshape(-1, 2)
+
+
 def _ranges_total(pairs, str what):
     """Validate (N, 2) (phys, nbytes) rows for the phys-vec helpers in one
     pass: at least one row, no zero length, total below 2**64 (EINVAL,

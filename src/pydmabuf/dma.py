@@ -110,6 +110,24 @@ def _attrs(attrs: Any) -> DmaAttrs:
     return a
 
 
+def _need_device(device: Any, what: str) -> Device:
+    if not isinstance(device, Device):
+        raise TypeError(f"{what}: device must be a pydmabuf Device, not {type(device).__name__}")
+    return device
+
+
+def _need_table(table: Any, what: str) -> SgTable:
+    if not isinstance(table, SgTable):
+        raise TypeError(f"{what}: table must be an SgTable, not {type(table).__name__}")
+    return table
+
+
+def _need_int(what: str, **values: Any) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int):
+            raise TypeError(f"{what}: {name} must be an int, not {type(v).__name__}")
+
+
 _tls = threading.local()
 
 
@@ -596,11 +614,11 @@ class IovaState:
         dom = self._need("link")
         d = _dir(direction)
         a = _attrs(attrs)
-        rows = ranges if isinstance(ranges, np.ndarray) and ranges.dtype == np.uint64 and ranges.ndim == 2 \
-            else np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
+        rows = _core._u64_pairs(ranges, "dma_iova_link ranges")
         if len(rows) == 0:
             return 0
-        if not isinstance(offset, int) or offset < 0 or offset >= self.size:
+        _need_int("dma_iova_link", offset=offset)
+        if offset < 0 or offset >= self.size:
             raise errors.InvalidArgument(f"IovaState.link: offset {offset!r} is outside the {self.size:#x}-byte "
                                          "reservation")
         if self.device.untrusted and ((rows[:, 0] | rows[:, 1]) & np.uint64(GMASK)).any():
@@ -822,12 +840,17 @@ def dma_buf_phys_vec_to_sgt(device: Any, provider: P2pProvider | None, ranges: A
         device = attach.device
     if provider is None:
         raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no P2P provider (not MMIO)")
+    if not isinstance(provider, P2pProvider):
+        raise TypeError(f"dma_buf_phys_vec_to_sgt: provider must be a P2pProvider, not {type(provider).__name__}")
     rows = ranges if (type(ranges) is np.ndarray and ranges.dtype == np.uint64 and ranges.ndim == 2
                       and ranges.shape[1] == 2 and ranges.flags.c_contiguous) \
-        else np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
+        else np.ascontiguousarray(_core._u64_pairs(ranges, "dma_buf_phys_vec_to_sgt ranges"))
     total = int(_core._ranges_total(rows, "dma_buf_phys_vec_to_sgt"))
     if nbytes is None:
         nbytes = total
+    _need_int("dma_buf_phys_vec_to_sgt", nbytes=nbytes)
+    if nbytes <= 0:
+        raise errors.InvalidArgument(f"dma_buf_phys_vec_to_sgt: size {nbytes} must be positive")
     if not device.is_pci:
         raise errors.InvalidArgument(f"dma_buf_phys_vec_to_sgt: {device.name} is not a PCI device")
     route = device.machine.p2p_map_type(provider, device)

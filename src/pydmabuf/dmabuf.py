@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import numpy as np
 
 from pydmabuf import checks, dma, errors, files
-from pydmabuf._core import SgTable
+from pydmabuf._core import SgTable, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
 
@@ -724,7 +724,7 @@ class Attachment:
     def _track(self, table: SgTable | None, d: DmaDirection, pinned: bool, dma_ranges: Any = None) -> _Mapping:
         if dma_ranges is None:
             dma_ranges = table.dma_ranges() if table is not None else np.zeros((0, 2), dtype=np.uint64)
-        m = _Mapping(self, table, d, np.asarray(dma_ranges, dtype=np.uint64).reshape(-1, 2), pinned)
+        m = _Mapping(self, table, d, _u64_pairs(dma_ranges, "dma ranges"), pinned)
         buf = self.dmabuf
         with buf._lock:
             self._maps.add(m)
