@@ -477,9 +477,13 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
     try:
         dma, p32 = _core._map_single(dom, target, nbytes, _prot(device, d, a), device.dma_limit,
                                      device.prefer_32bit_iova, _cpu(device))
-    except errors.DmaBufError:
+    except errors.DmaBufError as e:
         if tlb is not None:
             _pool(device).free(tlb)
+        if isinstance(e, errors.OutOfRange):
+            # __iommu_dma_map() turns iommu_map()'s -ERANGE into
+            # DMA_MAPPING_ERROR like every other failure: ENOMEM here.
+            raise errors.OutOfMemory(e.strerror) from None
         raise
     device.prefer_32bit_iova = bool(p32)
     reg[dma] = _Single(phys, nbytes, d, a, "iommu", tlb)
