@@ -257,6 +257,24 @@ def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
 dma._access_hooks.append(_access_hook)
 
 
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError("name must be a str")
+    if len(name.encode()) >= DMA_BUF_NAME_LEN:
+        raise errors.InvalidArgument(f"name {name!r} is longer than {DMA_BUF_NAME_LEN - 1} bytes")
+    return name
+
+
+def _timeout_arg(timeout: Any, what: str) -> None:
+    """Seconds (int or float, >= 0) or None, as the fence waits take them."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{what}: timeout must be seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise errors.InvalidArgument(f"{what}: timeout must be >= 0 seconds or None (got {timeout!r})")
+
+
 # ------------------------------------------------------------------ buffers
 
 
@@ -306,11 +324,7 @@ class DmaBuf:
     def set_name(self, name: str) -> None:
         """``DMA_BUF_SET_NAME``: at most 31 bytes (EINVAL otherwise); allowed
         while attached (the kernel documents EBUSY but never returns it)."""
-        if not isinstance(name, str):
-            raise TypeError("name must be a str")
-        if len(name.encode()) >= DMA_BUF_NAME_LEN:
-            raise errors.InvalidArgument(f"name {name!r} is longer than {DMA_BUF_NAME_LEN - 1} bytes")
-        self._name = name
+        self._name = _check_name(name)
 
     @property
     def refcount(self) -> int:
@@ -338,12 +352,22 @@ class DmaBuf:
             if self._released or self._refs <= 0:
                 checks.checker.lifetime("put-after-release", "dma_buf_put on a released dma-buf", self)
                 return
+            if self._refs == 1:
+                # Checked before the reference goes: in strict mode the
+                # violation raises and the buffer stays as it was.
+                self._check_users()
             self._refs -= 1
             last = self._refs == 0
         if last:
             self._release()
 
-    def _release(self) -> None:
+    def _check_users(self) -> None:
+        problems = self._users()
+        if problems:
+            checks.checker.lifetime("release-with-users", f"{self.name} released with " + ", ".join(problems),
+                                    self, *self._attachments)
+
+    def _users(self) -> list[str]:
         problems = []
         if self._attachments:
             problems.append(f"{len(self._attachments)} attachment(s)")
@@ -355,10 +379,10 @@ class DmaBuf:
             problems.append(f"{pins} pin(s)")
         if self._vmap_count:
             problems.append("a live vmap")
+        return problems
+
+    def _release(self) -> None:
         self._released = True
-        if problems:
-            checks.checker.lifetime("release-with-users", f"{self.name} released with " + ", ".join(problems),
-                                    self, *self._attachments)
         self.exporter.release(self)
 
     def fd(self) -> int:
@@ -390,6 +414,10 @@ class DmaBuf:
         self._alive("attach")
         if not isinstance(device, Device):
             raise errors.InvalidArgument(f"dma_buf_attach: {device!r} is not a device")
+        machine = getattr(self.exporter, "machine", None)
+        if machine is not None and device.machine is not machine:
+            raise errors.InvalidArgument(f"dma_buf_attach: {device.name} is a device of machine "
+                                         f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
         if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
             raise TypeError("importer_ops must be an ImporterOps")
         if self.resv.held_by_current_thread():
@@ -507,6 +535,7 @@ class DmaBuf:
         if self.resv.held_by_current_thread():
             checks.checker.locking("revoke-with-resv", "revoke takes the reservation lock itself", self)
             return
+        _timeout_arg(timeout, "revoke")  # before anything is revoked
         self.resv.lock()
         try:
             self.revoked = True
@@ -531,6 +560,7 @@ class DmaBuf:
 
     def wait_unmapped(self, timeout: float | None = None) -> None:
         """Block until no importer holds a mapping of this buffer."""
+        _timeout_arg(timeout, "wait_unmapped")
         with self._idle:
             if not self._idle.wait_for(lambda: not self._mappings, timeout):
                 who = sorted({m.attachment.device.name for m in self._mappings})
@@ -704,6 +734,8 @@ class Attachment:
             table = exp.map_dma_buf(self, d)
             if table is None:
                 raise errors.OutOfMemory(f"{exp.name}: map_dma_buf returned no table")
+            if not isinstance(table, SgTable):
+                raise TypeError(f"{exp.name}: map_dma_buf returned a {type(table).__name__}, not an SgTable")
         except BaseException:
             if pin:
                 self.pin_count -= 1
@@ -987,8 +1019,17 @@ def export(exporter: Exporter, nbytes: int, *, resv: Any = None, name: str | Non
             raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has no {op}")
     if cls.has("pin") != cls.has("unpin"):
         raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has pin without unpin or unpin without pin")
-    if not isinstance(nbytes, int) or nbytes <= 0:
+    if not isinstance(nbytes, int):
+        raise TypeError(f"dma_buf_export: size must be an int, not {type(nbytes).__name__}")
+    if nbytes <= 0:
         raise errors.InvalidArgument(f"dma_buf_export: size {nbytes!r} must be positive")
+    if resv is not None:
+        from pydmabuf._core import Resv
+
+        if not isinstance(resv, Resv):
+            raise TypeError(f"dma_buf_export: resv must be a Resv, not {type(resv).__name__}")
+    if name is not None:
+        _check_name(name)  # before the buffer exists: a failed export leaves nothing behind
     return DmaBuf._new(exporter, nbytes, resv, name)
 
 
