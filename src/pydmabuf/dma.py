@@ -88,6 +88,8 @@ def _dir(direction: Any) -> DmaDirection:
         d = _DIRS.get(direction)
         if d is not None:
             return d
+    if not isinstance(direction, int):  # DmaDirection(0.0) would be BIDIRECTIONAL
+        raise errors.InvalidArgument(f"{direction!r} is not a DMA direction")
     try:
         d = DmaDirection(direction)
     except ValueError:
@@ -272,8 +274,8 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     """
     d = _dir(direction)
     a = _attrs(attrs)
-    if not isinstance(table, SgTable):
-        raise TypeError(f"table must be an SgTable, not {type(table).__name__}")
+    _need_device(device, "dma_map_sgtable")
+    _need_table(table, "dma_map_sgtable")
     if table.orig_nents == 0:
         raise errors.InvalidArgument("dma_map_sgtable: the table has no CPU entries (a DMA-only table)")
     if table.mapping is not None:
@@ -356,7 +358,8 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
     """
     d = _dir(direction)
     a = _attrs(attrs)
-    m = table.mapping
+    _need_device(device, "dma_unmap_sgtable")
+    m = _need_table(table, "dma_unmap_sgtable").mapping
     if not isinstance(m, SgMapping):
         raise errors.LifetimeError("dma_unmap_sgtable: the table is not mapped")
     if m.device is not device:
@@ -381,7 +384,8 @@ def dma_sync_sgtable_for_cpu(device: Device, table: SgTable, direction: DmaDirec
     """Give the CPU the device's writes: copy bounce buffers back
     (FROM_DEVICE / BIDIRECTIONAL); slots stay taken."""
     d = _dir(direction)
-    m = table.mapping
+    _need_device(device, "dma_sync_sgtable_for_cpu")
+    m = _need_table(table, "dma_sync_sgtable_for_cpu").mapping
     if not isinstance(m, SgMapping) or m.device is not device:
         raise errors.LifetimeError("dma_sync_sgtable_for_cpu: the table is not mapped for this device")
     for _, tlb, _, _ in m.bounces:
@@ -392,7 +396,8 @@ def dma_sync_sgtable_for_device(device: Device, table: SgTable, direction: DmaDi
     """Give the device the CPU's writes: copy into bounce buffers
     (TO_DEVICE / BIDIRECTIONAL)."""
     d = _dir(direction)
-    m = table.mapping
+    _need_device(device, "dma_sync_sgtable_for_device")
+    m = _need_table(table, "dma_sync_sgtable_for_device").mapping
     if not isinstance(m, SgMapping) or m.device is not device:
         raise errors.LifetimeError("dma_sync_sgtable_for_device: the table is not mapped for this device")
     if d in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
@@ -433,6 +438,7 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
     """
     d = _dir(direction)
     a = _attrs(attrs)
+    _need_device(device, "dma_map_phys")
     if not isinstance(phys, int) or not isinstance(nbytes, int):
         raise TypeError("phys and nbytes must be ints")
     if nbytes <= 0 or phys < 0 or phys + nbytes - 1 > U64_MAX:
@@ -496,6 +502,8 @@ def dma_unmap_phys(device: Device, dma_addr: int, nbytes: int, direction: DmaDir
     of the map (LifetimeError otherwise, as DMA-API debugging reports)."""
     d = _dir(direction)
     a = _attrs(attrs)
+    _need_device(device, "dma_unmap_phys")
+    _need_int("dma_unmap_phys", dma_addr=dma_addr, nbytes=nbytes)
     reg = _singles(device)
     s = reg.get(dma_addr)
     if s is None:
@@ -546,6 +554,7 @@ class IovaState:
         used).  Never raises for lack of IOVA: the state's ``uses_iova`` is
         False then (and for size 0, sizes with bit 63, and devices without
         an IOMMU)."""
+        _need_device(device, "dma_iova_try_alloc")
         self = object.__new__(cls)
         self.device = device
         self.addr = 0
@@ -608,6 +617,9 @@ class IovaState:
         RAM through swiotlb, and refuses unaligned MMIO (EPERM).  No IOTLB
         work: call :meth:`sync` once after a batch of links.
         """
+        _need_int("dma_iova_link", phys=phys, offset=offset, nbytes=nbytes)
+        if phys < 0 or nbytes <= 0 or phys + nbytes - 1 > U64_MAX:
+            raise errors.InvalidArgument(f"dma_iova_link: bad range [{phys:#x}, +{nbytes:#x})")
         self.link_ranges(np.array([[phys, nbytes]], dtype=np.uint64), direction, attrs, offset=offset)
 
     def link_ranges(self, ranges: Any, direction: DmaDirection | int, attrs: int = 0, *, offset: int = 0,
@@ -728,7 +740,8 @@ class IovaState:
         dom = self._need("destroy")
         d = _dir(direction)
         a = _attrs(attrs)
-        if not isinstance(mapped_nbytes, int) or mapped_nbytes < 0 or mapped_nbytes > self.size:
+        _need_int("dma_iova_destroy", mapped_nbytes=mapped_nbytes)
+        if mapped_nbytes < 0 or mapped_nbytes > self.size:
             raise errors.InvalidArgument(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes!r} is not in 0..{self.size:#x}")
         if mapped_nbytes == 0:
             if self.linked_nbytes:
@@ -832,7 +845,12 @@ def dma_buf_phys_vec_to_sgt(device: Any, provider: P2pProvider | None, ranges: A
     links each range at its running offset.  ``kernel_compat=True`` does
     what the kernel does, to show both.
     """
+    from pydmabuf.dmabuf import Attachment
+
     d = _dir(direction)
+    if not isinstance(device, (Device, Attachment)):
+        raise TypeError(f"dma_buf_phys_vec_to_sgt: device must be a Device or an Attachment, "
+                        f"not {type(device).__name__}")
     if not isinstance(device, Device):
         # An attachment: the dma-buf helper proper, under its reservation lock.
         attach = device
@@ -924,7 +942,7 @@ def _compat_link(st: IovaState, rows: np.ndarray, d: DmaDirection) -> int:
 
 def dma_buf_free_sgt(table: SgTable, direction: DmaDirection | int | None = None) -> None:
     """``dma_buf_free_sgt()``: undo :func:`dma_buf_phys_vec_to_sgt`."""
-    m = table.mapping
+    m = _need_table(table, "dma_buf_free_sgt").mapping
     if not isinstance(m, PhysVecMapping):
         raise errors.LifetimeError("dma_buf_free_sgt: the table did not come from dma_buf_phys_vec_to_sgt "
                                    "or was freed already")

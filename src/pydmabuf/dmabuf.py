@@ -576,11 +576,13 @@ class DmaBuf:
         reservation lock; invalidation zaps the mapping (the next access
         refaults), revoke makes accesses fail as SIGBUS would."""
         self._alive("mmap")
-        if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
+        if not isinstance(offset, int) or (nbytes is not None and not isinstance(nbytes, int)):
+            raise TypeError("mmap: offset and nbytes must be ints")
+        if offset < 0 or offset % PAGE_SIZE:
             raise errors.InvalidArgument(f"mmap: offset {offset!r} must be a page multiple")
         if nbytes is None:
             nbytes = self.size - offset
-        if not isinstance(nbytes, int) or nbytes <= 0:
+        if nbytes <= 0:
             raise errors.InvalidArgument("mmap: nbytes must be positive")
         npages = -(-nbytes // PAGE_SIZE)
         if offset // PAGE_SIZE + npages > self.size // PAGE_SIZE:
@@ -936,6 +938,8 @@ class CpuMapping:
     """
 
     def __init__(self, dmabuf: DmaBuf, offset: int, nbytes: int, *, takes_lock: bool = True) -> None:
+        if not isinstance(dmabuf, DmaBuf):
+            raise TypeError(f"CpuMapping: dmabuf must be a DmaBuf, not {type(dmabuf).__name__}")
         self.dmabuf = dmabuf
         self.offset = offset
         self.nbytes = nbytes
@@ -968,6 +972,8 @@ class CpuMapping:
         return self._ranges
 
     def _runs(self, off: int, n: int) -> list[tuple[int, int]]:
+        if not isinstance(off, int) or not isinstance(n, int):
+            raise TypeError("CpuMapping: offset and length must be ints")
         if off < 0 or n < 0 or off + n > self.nbytes:
             raise errors.IOFailure(f"SIGBUS: access [{off:#x}, +{n:#x}) beyond the {self.nbytes:#x}-byte mapping")
         rows = self._resolve()
@@ -1050,5 +1056,7 @@ def close(fd: int) -> None:
 def attach_revocable(attachment: Attachment) -> bool:
     """``dma_buf_attach_revocable()`` (7.1): can the exporter revoke this
     importer, i.e. is it dynamic with an invalidation callback?"""
+    if not isinstance(attachment, Attachment):
+        raise TypeError(f"attach_revocable: {type(attachment).__name__} is not an Attachment")
     ops = attachment.importer_ops
     return ops is not None and ops.has_invalidate
