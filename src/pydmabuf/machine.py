@@ -437,8 +437,13 @@ class PageAllocator:
 
         from pydmabuf import workloads
 
-        if not isinstance(npages, int) or npages <= 0:
-            raise errors.InvalidArgument(f"alloc: npages must be a positive int (got {npages!r})")
+        if not isinstance(npages, int):
+            raise TypeError(f"alloc: npages must be an int, not {type(npages).__name__}")
+        if npages <= 0:
+            raise errors.InvalidArgument(f"alloc: npages must be positive (got {npages!r})")
+        if npages > self.free_pages:
+            # Before the layout is drawn: its arrays are npages long.
+            raise errors.OutOfMemory(f"alloc: {npages} pages is more than the {self.free_pages} free pages of RAM")
         if layout == "pagemap":
             raise errors.InvalidArgument("alloc: pagemap pages belong to a Python buffer (SystemHeap.from_buffer)")
         try:
