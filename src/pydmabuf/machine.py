@@ -806,6 +806,8 @@ class Machine:
         the device's host bridge, naturally aligned, lowest free address."""
         if nbytes < PAGE_SIZE or nbytes & (nbytes - 1):
             raise errors.InvalidArgument(f"{dev.name} BAR{index}: size {nbytes:#x} must be a power of two >= 4 KiB")
+        if index in dev.bars:
+            raise errors.AlreadyExists(f"{dev.name} already has a BAR{index}")
         hb = dev.host_bridge
         if cpu_start is None:
             cands = [window] if window is not None else sorted(hb.windows, key=lambda w: (not w.prefetch) if prefetch else w.prefetch)
@@ -896,8 +898,12 @@ class Machine:
         change is not seen (the kernel never invalidates the cache either).
         """
         owner = provider.owner if isinstance(provider, P2pProvider) else provider
+        if not isinstance(owner, Device) or not isinstance(client, Device):
+            raise TypeError("p2p_map_type: provider and client must be devices (or a P2pProvider)")
         if not owner.is_pci or not client.is_pci:
             return P2PMapType.NOT_SUPPORTED
+        if owner.machine is not client.machine:
+            return P2PMapType.NOT_SUPPORTED  # no PCI path between two machines
         owner.p2pdma_init()
         key = client.key()
         cached = owner._map_type_cache.get(key)
@@ -1033,7 +1039,9 @@ class Machine:
             import tomllib
         except ImportError:  # Python 3.10
             import tomli as tomllib  # type: ignore[no-redef]
-        text = str(source)
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"from_toml: source must be TOML text or a path, not {type(source).__name__}")
+        text = os.fspath(source)
         if os.path.exists(text):
             with open(text, "rb") as f:
                 return cls.from_spec(tomllib.load(f))
@@ -1071,12 +1079,18 @@ class Machine:
         """
         from pydmabuf import _host
 
+        for name, path in (("iomem", iomem), ("sysfs", sysfs)):
+            # An int would be taken as an open file descriptor.
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"from_host: {name} must be a path, not {type(path).__name__}")
         return _host.build(cls, iomem=iomem, sysfs=sysfs)
 
 
 def p2p_map_type(provider: P2pProvider | Device, client: Device) -> P2PMapType:
     """``pci_p2pdma_map_type()`` on the provider's machine."""
     owner = provider.owner if isinstance(provider, P2pProvider) else provider
+    if not isinstance(owner, Device):
+        raise TypeError(f"p2p_map_type: provider must be a P2pProvider or a Device, not {type(provider).__name__}")
     return owner.machine.p2p_map_type(provider, client)
 
 
