@@ -102,4 +102,6 @@ def floor_buffer(n, itemsize):
         raise TypeError("n and itemsize must be ints")
     if n < 1 or itemsize not in (8, 32):
         raise ValueError("n must be >= 1 and itemsize 8 or 32")
+    if n > PY_SSIZE_T_MAX:
+        raise _errors.OutOfMemory(f"floor_buffer: {n} items do not fit in memory")
     return _new_buffer(n, 0, itemsize, b"Q" if itemsize == 8 else b"32B")

@@ -752,6 +752,8 @@ class Machine:
 
     def iova_stats(self, device: Device) -> dict[str, int]:
         """Live IOVA of the device's domain: ranges, bytes, reserved."""
+        if not isinstance(device, Device):
+            raise TypeError(f"iova_stats: {type(device).__name__} is not a Device")
         dom = device.domain
         if dom is None:
             return {"live_ranges": 0, "live_nbytes": 0, "reserved_ranges": 0}
@@ -918,11 +920,13 @@ class Machine:
         is incompatible (clients that are not PCI devices count as their
         nearest PCI parent, as the kernel walks to it)."""
         clients = list(clients)
+        if not isinstance(provider, Device) or not all(isinstance(c, Device) for c in clients):
+            raise TypeError("p2p_distance: the provider and the clients must be devices")
         if not clients:
             return -1
         total = 0
         for c in clients:
-            if not c.is_pci:
+            if not c.is_pci or c.machine is not provider.machine:
                 return -1
             t, dist = self._calc_map_type_and_dist(provider, c)
             provider._map_type_cache[c.key()] = t
