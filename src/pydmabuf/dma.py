@@ -274,8 +274,9 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     """
     d = _dir(direction)
     a = _attrs(attrs)
-    _need_device(device, "dma_map_sgtable")
-    _need_table(table, "dma_map_sgtable")
+    if type(device) is not Device or type(table) is not SgTable:
+        _need_device(device, "dma_map_sgtable")
+        _need_table(table, "dma_map_sgtable")
     if table.orig_nents == 0:
         raise errors.InvalidArgument("dma_map_sgtable: the table has no CPU entries (a DMA-only table)")
     if table.mapping is not None:
@@ -358,8 +359,10 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
     """
     d = _dir(direction)
     a = _attrs(attrs)
-    _need_device(device, "dma_unmap_sgtable")
-    m = _need_table(table, "dma_unmap_sgtable").mapping
+    if type(device) is not Device or type(table) is not SgTable:
+        _need_device(device, "dma_unmap_sgtable")
+        _need_table(table, "dma_unmap_sgtable")
+    m = table.mapping
     if not isinstance(m, SgMapping):
         raise errors.LifetimeError("dma_unmap_sgtable: the table is not mapped")
     if m.device is not device:
@@ -438,7 +441,8 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
     """
     d = _dir(direction)
     a = _attrs(attrs)
-    _need_device(device, "dma_map_phys")
+    if type(device) is not Device:  # the common case without a call
+        _need_device(device, "dma_map_phys")
     if not isinstance(phys, int) or not isinstance(nbytes, int):
         raise TypeError("phys and nbytes must be ints")
     if nbytes <= 0 or phys < 0 or phys + nbytes - 1 > U64_MAX:
@@ -502,8 +506,10 @@ def dma_unmap_phys(device: Device, dma_addr: int, nbytes: int, direction: DmaDir
     of the map (LifetimeError otherwise, as DMA-API debugging reports)."""
     d = _dir(direction)
     a = _attrs(attrs)
-    _need_device(device, "dma_unmap_phys")
-    _need_int("dma_unmap_phys", dma_addr=dma_addr, nbytes=nbytes)
+    if type(device) is not Device:
+        _need_device(device, "dma_unmap_phys")
+    if type(dma_addr) is not int or type(nbytes) is not int:
+        _need_int("dma_unmap_phys", dma_addr=dma_addr, nbytes=nbytes)
     reg = _singles(device)
     s = reg.get(dma_addr)
     if s is None:
