@@ -773,6 +773,10 @@ cdef class WwClass:
     """
 
     def __init__(self, str name not None, *, bint wait_die=False):
+        if self.name is not None:
+            # It would reset the stamps of a class in use (and could turn
+            # reservation_ww_class into an ordinary class for everyone).
+            raise _errors.LockingError(f"{self!r} is already initialised")
         self.name = name
         self.c.is_wait_die = wait_die
         self.c.stamp = 0

@@ -1733,6 +1733,10 @@ _plain = ww_state("plain")
 _inctx = ww_state("ctx")
 add("WwClass().name=int", _free, lambda s: WwClass(5), TypeError)
 add("WwClass().name=None", _free, lambda s: WwClass(None), TypeError)
+add("WwClass.reinit", _free, lambda s: WD.__init__("renamed", wait_die=False), E.LockingError,
+    snap=lambda s: (snapshot(s.watch), WD.name, WD.is_wait_die, WD.stamp))
+add("reservation_ww_class.reinit", _free, lambda s: pydmabuf.reservation_ww_class.__init__("x"), E.LockingError,
+    snap=lambda s: (pydmabuf.reservation_ww_class.name, pydmabuf.reservation_ww_class.stamp))
 add("WwMutex().None", _free, lambda s: WwMutex(None), TypeError)
 add("WwMutex().str", _free, lambda s: WwMutex("class"), TypeError)
 add("WwMutex.reinit", _free, lambda s: s.m1.__init__(WW), E.LockingError)
