@@ -3,6 +3,7 @@
 
 cimport cython
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABLE
+from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
                                PyThread_release_lock, PyThread_type_lock)
@@ -178,12 +179,23 @@ cdef class _Buffer:
 
 cdef _Buffer _new_buffer(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t itemsize,
                          bytes fmt, bint readonly=False):
-    """A zeroed owning buffer of ``rows`` x ``cols`` items (cols 0 = 1-D)."""
-    cdef _Buffer b = _Buffer.__new__(_Buffer)
-    cdef size_t n = <size_t>rows * <size_t>(cols if cols > 0 else 1) * <size_t>itemsize
+    """A zeroed owning buffer of ``rows`` x ``cols`` items (cols 0 = 1-D).
+
+    A size that is negative or does not fit in Py_ssize_t bytes (a u64
+    count cast by the caller), or memory the C allocator refuses, raises
+    :class:`~pydmabuf.errors.OutOfMemory` (ENOMEM, as kmalloc would)."""
+    cdef _Buffer b
+    cdef size_t width = <size_t>(cols if cols > 0 else 1)
+    cdef size_t n
+    if rows < 0 or cols < 0 or itemsize <= 0 or \
+            <size_t>rows > <size_t>PY_SSIZE_T_MAX // width // <size_t>itemsize:
+        raise _errors.OutOfMemory(f"cannot allocate {rows} x {width} items of {itemsize} bytes: "
+                                  "the size does not fit in memory")
+    n = <size_t>rows * width * <size_t>itemsize
+    b = _Buffer.__new__(_Buffer)
     b.data = <char *>calloc(n if n > 0 else 1, 1)
     if b.data == NULL:
-        raise MemoryError(f"cannot allocate {n} bytes")
+        raise _errors.OutOfMemory(f"cannot allocate {n} bytes")
     b.owns = True
     b.itemsize = itemsize
     b.fmt = fmt
@@ -232,6 +244,8 @@ cdef object _as_u64_view(object obj, str name):
     unsigned; lists and tuples of ints are converted (a copy).
     """
     cdef const uint64_t[::1] v
+    if obj is None:     # a typed memoryview would take None as empty
+        raise TypeError(f"{name} must be a C-contiguous buffer of unsigned 64-bit integers, not None")
     if isinstance(obj, (list, tuple)):
         obj = _ints_to_u64(obj, name)
     try:

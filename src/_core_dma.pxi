@@ -463,6 +463,11 @@ cdef int64_t dma_iova_link_ranges(iommu_domain *dom, uint64_t state_addr, uint64
     if not all_at_offset and each == PDB_PAGE_SIZE and ((state_addr + offset) & (PDB_PAGE_SIZE - 1)) == 0 \
             and n <= max_total >> PDB_PAGE_SHIFT:
         r = pgt_map_pages_fused(&dom.pgt, state_addr + offset, pairs, pairs + 1, n, 2, prot, bad)
+        # A page that is not granule aligned fails the page table's check
+        # (-EINVAL, nothing changed); dma_iova_link() refuses it earlier, with
+        # -EIO, when it is not the first link at offset 0.
+        if r == -EINVAL and (pairs[2 * bad[0]] & (PDB_PAGE_SIZE - 1)) and (offset > 0 or bad[0] > 0):
+            return -EIO
         if r != -EAGAIN:
             return r
     # One branch-free pass: alignment, zero lengths, equal lengths, the
@@ -685,6 +690,17 @@ def _link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, u
     return rc
 
 
+def _u64_pairs(pairs, str name="ranges"):
+    """``pairs`` as an (N, 2) NumPy array of u64 (address, nbytes) rows,
+    parsed exactly as the core's entry points parse such buffers (same
+    errors: TypeError, ValueError for a dtype, shape or layout, EINVAL for
+    negative or too large ints in a list).  No copy for a u64 buffer."""
+    cdef const uint64_t[::1] flat = _pairs_view(pairs, name)
+    if isinstance(pairs, (list, tuple)):
+        return _np().asarray(flat).reshape(-1, 2)     # flat owns the conversion
+    return _np().asarray(pairs).reshape(-1, 2)
+
+
 def _ranges_total(pairs, str what):
     """Validate (N, 2) (phys, nbytes) rows for the phys-vec helpers in one
     pass: at least one row, no zero length, total below 2**64 (EINVAL,
@@ -717,14 +733,22 @@ def _translate(IommuDomain dom, uint64_t iova, uint64_t nbytes, uint32_t need):
     """Runs of (phys, nbytes) for a device access; raises IommuFault."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef uint64_t maxout = nbytes // PDB_PAGE_SIZE + 2
-    cdef _Buffer b = _new_buffer(maxout, 2, 8, b"Q")
+    cdef _Buffer b
     cdef uint64_t fault_at = 0
     cdef uint32_t fprot = 0
     cdef int64_t rc
     _acquire(dom.lock)
-    with nogil:
-        rc = iommu_translate(d, iova, nbytes, need, <uint64_t *>b.data, maxout, &fault_at, &fprot)
-    _release(dom.lock)
+    try:
+        # Every run is at least one mapped granule: no more runs than the
+        # domain maps pages, however long the access (a 2**63-byte read
+        # must fault, not size a buffer for 2**51 runs).
+        if maxout > d.pgt.c.mapped_nbytes // PDB_PAGE_SIZE + 2:
+            maxout = d.pgt.c.mapped_nbytes // PDB_PAGE_SIZE + 2
+        b = _new_buffer(<Py_ssize_t>maxout, 2, 8, b"Q")
+        with nogil:
+            rc = iommu_translate(d, iova, nbytes, need, <uint64_t *>b.data, maxout, &fault_at, &fprot)
+    finally:
+        _release(dom.lock)
     if rc == -EFAULT:
         return None, fault_at, fprot
     _check(rc, "translate")

@@ -23,6 +23,21 @@ from libc.errno cimport ENOENT
 _log = _logging.getLogger("pydmabuf")
 
 cdef uint64_t _fence_context_counter = 1
+
+cdef extern from *:
+    """
+    /* Take k values from *p (atomically); -1 if that would pass 2**64 - 1. */
+    static int pdb_reserve_u64(uint64_t *p, uint64_t k, uint64_t *first) {
+        uint64_t old = __atomic_load_n(p, __ATOMIC_RELAXED), next;
+        do {
+            if (__builtin_add_overflow(old, k, &next))
+                return -1;
+        } while (!__atomic_compare_exchange_n(p, &old, next, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
+        *first = old;
+        return 0;
+    }
+    """
+    int pdb_reserve_u64(uint64_t *p, uint64_t k, uint64_t *first) nogil
 cdef int _ERESTARTSYS = 512
 cdef int _PENDING_ERROR = 1         # dma-fence-array's "no error yet" marker
 
@@ -49,9 +64,15 @@ def fence_context_alloc(n=1):
         ``n`` is 0 (the kernel warns and reserves nothing).
     """
     cdef uint64_t k = _u64(n, "n")
+    cdef uint64_t first = 0
     if k == 0:
         raise _errors.InvalidArgument("fence_context_alloc(0) reserves nothing")
-    return pdb_fetch_add_u64(&_fence_context_counter, k)
+    # The kernel's counter is never expected to wrap; a model caller can
+    # ask for 2**64 - 1 at once.  Refuse what would wrap (contexts would be
+    # handed out twice) and leave the counter as it was.
+    if pdb_reserve_u64(&_fence_context_counter, k, &first) < 0:
+        raise _errors.Overflow(f"fence_context_alloc({k}): fewer than {k} contexts are left")
+    return first
 
 
 cdef int fence_init(pdb_fence *f, uint64_t context, uint64_t seqno) noexcept nogil:
@@ -159,11 +180,23 @@ cdef int _fence_wait_any(pdb_fence **fs, Py_ssize_t n, pdb_task *t, int64_t dead
     return ret
 
 
+cdef int64_t _s64(object value, str name) except? -1:
+    """A Python int in the range of a signed 64-bit ``ktime_t``."""
+    if not isinstance(value, int):
+        try:
+            value = value.__index__()
+        except AttributeError:
+            raise TypeError(f"{name} must be an integer (ns), not {type(value).__name__}") from None
+    if value < -0x8000000000000000 or value > 0x7FFFFFFFFFFFFFFF:
+        raise _errors.Overflow(f"{name} {value} does not fit a signed 64-bit ktime_t")
+    return value
+
+
 cdef int64_t _ts_arg(object timestamp) except? -1:
     """A signal timestamp argument: ns (int), None for now."""
     if timestamp is None:
         return pdb_now_ns_c()
-    return timestamp
+    return _s64(timestamp, "timestamp")
 
 
 cdef inline void _lock_mu(pthread_mutex_t *mu):
@@ -482,7 +515,7 @@ cdef class Fence:
         Linux 7.0).  Returns True when it *was* already signalled."""
         return self._signal(_ts_arg(timestamp), False) == 1
 
-    def set_error(self, int error):
+    def set_error(self, error):
         """Record why the fence will complete unsuccessfully
         (``dma_fence_set_error``); must come before the signal.
 
@@ -497,6 +530,8 @@ cdef class Fence:
             The fence is already signalled, or ``error`` is not a negative
             errno (the kernel warns on both).
         """
+        if not isinstance(error, int):
+            raise TypeError(f"set_error(): the error must be a negative errno (int), not {type(error).__name__}")
         if not (-4095 <= error < 0):
             raise _errors.InvalidArgument(f"set_error({error}): the error must be in [-4095, -1]")
         _lock_mu(&self.f.mu)
@@ -641,7 +676,7 @@ cdef class Fence:
     def set_deadline_hint(self, deadline_ns):
         """``dma_fence_set_deadline``: pass the hint to the ``set_deadline``
         op unless the fence is signalled."""
-        cdef int64_t d = deadline_ns
+        cdef int64_t d = _s64(deadline_ns, "deadline_ns")
         if not self._is_signaled():
             self._op_set_deadline(d)
 
@@ -788,7 +823,10 @@ cdef class FenceArray(Fence):
     cdef readonly bint signal_on_any
 
     def __init__(self, fences, bint signal_on_any=False, *, context=None, seqno=1):
-        cdef tuple fs = tuple(fences)
+        cdef tuple fs
+        if self._fences is not None:
+            raise _errors.InvalidArgument(f"{self!r} is already initialised (dma_fence_array_init twice)")
+        fs = tuple(fences)
         if not fs:
             raise _errors.InvalidArgument("a FenceArray needs at least one fence")
         for x in fs:
@@ -819,7 +857,7 @@ cdef class FenceArray(Fence):
     def get_timeline_name(self):
         return "unbound"
 
-    def set_error(self, int error):
+    def set_error(self, error):
         Fence.set_error(self, error)
         self._latched = True
 
@@ -948,10 +986,20 @@ cdef class FenceChain(Fence):
     cdef object _prev
     cdef Fence _fence
     cdef readonly uint64_t prev_seqno
+    cdef bint _inited
+
+    def __cinit__(self):
+        # A node made with __new__ and never initialised holds the signalled
+        # stub: every walk then treats it as a completed point, and no C
+        # code ever meets a NULL fence.
+        self._fence = get_stub_fence()
+        self._inited = False
 
     def __init__(self, prev, Fence fence not None, seqno):
         cdef uint64_t s = _u64(seqno, "seqno")
         cdef FenceChain pc = None
+        if self._inited:
+            raise _errors.InvalidArgument(f"{self!r} is already initialised (dma_fence_chain_init twice)")
         if prev is not None and not isinstance(prev, Fence):
             raise TypeError(f"prev must be a fence or None, not {type(prev).__name__}")
         if isinstance(fence, FenceChain):
@@ -970,6 +1018,7 @@ cdef class FenceChain(Fence):
         Fence.__init__(self, ctx, s, seqno64=True)
         self._prev = prev
         self._fence = fence
+        self._inited = True
 
     def get_driver_name(self):
         return "dma_fence_chain"
@@ -1084,7 +1133,7 @@ cdef object _chain_walk(object fence):
         if prev is None:
             return None
         if isinstance(prev, FenceChain):
-            if not (<FenceChain>prev)._fence._is_signaled():
+            if not _contained(<Fence>prev)._is_signaled():
                 return prev
             replacement = (<FenceChain>prev)._get_prev()
         else:

@@ -61,7 +61,7 @@ cdef extern from *:
     void pdb_floor_pte(const uint64_t *pfn, size_t n, uint64_t *pte) nogil
 
 
-def floor_coalesce(pfns, uint64_t max_segment=0xFFFFF000, _Buffer out=None):
+def floor_coalesce(pfns, max_segment=0xFFFFF000, _Buffer out=None):
     """Run the C floor of the scatterlist walk over ``pfns``.
 
     Writes up to ``len(pfns)`` 32-byte entries into ``out`` (allocated if
@@ -72,12 +72,13 @@ def floor_coalesce(pfns, uint64_t max_segment=0xFFFFF000, _Buffer out=None):
     cdef const uint64_t[::1] p = _as_u64_view(pfns, "pfns")
     cdef size_t n = p.shape[0]
     cdef size_t k
+    cdef uint64_t maxseg = _u64(max_segment, "max_segment")
     if out is None:
         out = _new_buffer(n if n else 1, 0, 32, b"32B")
     elif <size_t>out.shape[0] * <size_t>out.itemsize < n * 32:
         raise ValueError("out is too small")
     with nogil:
-        k = pdb_floor_coalesce(&p[0] if n else NULL, n, max_segment, out.data)
+        k = pdb_floor_coalesce(&p[0] if n else NULL, n, maxseg, out.data)
     return k
 
 
@@ -95,8 +96,12 @@ def floor_pte(pfns, _Buffer out=None):
     return n
 
 
-def floor_buffer(Py_ssize_t n, Py_ssize_t itemsize):
+def floor_buffer(n, itemsize):
     """An output buffer for the floors, so a benchmark times only the loop."""
+    if not isinstance(n, int) or not isinstance(itemsize, int):
+        raise TypeError("n and itemsize must be ints")
     if n < 1 or itemsize not in (8, 32):
         raise ValueError("n must be >= 1 and itemsize 8 or 32")
+    if n > PY_SSIZE_T_MAX:
+        raise _errors.OutOfMemory(f"floor_buffer: {n} items do not fit in memory")
     return _new_buffer(n, 0, itemsize, b"Q" if itemsize == 8 else b"32B")

@@ -357,8 +357,9 @@ cdef class IommuDomain:
         cdef int rc
         self.d = NULL
         self.lock = NULL
-        if not isinstance(aperture_bits, int) or not isinstance(ncpus, int) or not isinstance(fq_size, int):
-            raise TypeError("aperture_bits, ncpus and fq_size must be ints")
+        if not isinstance(aperture_bits, int) or not isinstance(ncpus, int) or not isinstance(fq_size, int) \
+                or not isinstance(granule, int):
+            raise TypeError("aperture_bits, granule, ncpus and fq_size must be ints")
         if granule != PDB_PAGE_SIZE:
             raise _errors.NotSupported(f"only a 4096-byte IOVA granule is modelled (got {granule})")
         if aperture_bits < 32 or aperture_bits > 48:

@@ -957,6 +957,8 @@ cdef class IovaDomain:
                 sp = &sv[0]
         if lim == PDB_U64_MAX:
             raise _errors.InvalidArgument("alloc_many: limit_pfn 2**64 - 1 is the anchor")
+        if n > <uint64_t>PY_SSIZE_T_MAX // 8:
+            raise _errors.OutOfMemory(f"alloc_many: no room for {n} pfns in memory")
         b = _new_buffer(<Py_ssize_t>n, 0, 8, b"Q")
         _acquire(self.lock)
         with nogil:

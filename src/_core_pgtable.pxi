@@ -1240,8 +1240,9 @@ cdef class IoPageTable:
     def _fail_alloc_after(self, n):
         """Test hook: let ``n`` more table allocations succeed, fail the
         next one (once); ``None`` turns it off."""
+        cdef uint64_t after = PDB_U64_MAX if n is None else _u64(n, "n")
         _acquire(self.lock)
-        self.pt.fail_alloc_after = PDB_U64_MAX if n is None else _u64(n, "n")
+        self.pt.fail_alloc_after = after
         _release(self.lock)
 
     def __repr__(self):

@@ -15,13 +15,11 @@ cdef tuple _USAGE_NAMES = ("kernel", "write", "read", "bookkeep")
 
 
 cdef unsigned int _usage(object usage) except 0xFFFFFFFF:
-    cdef Py_ssize_t u
     if not isinstance(usage, int):
         raise TypeError(f"usage must be a pydmabuf.Usage, not {type(usage).__name__}")
-    u = usage
-    if u < 0 or u > 3:
+    if usage < 0 or usage > 3:
         raise _errors.InvalidArgument(f"usage must be KERNEL, WRITE, READ or BOOKKEEP (0..3), not {usage}")
-    return <unsigned int>u
+    return <unsigned int>usage
 
 
 def usage_rw(bint write):
@@ -209,6 +207,8 @@ cdef class Resv(WwMutex):
         _resv_held(self, "reserve_fences()")
         if k == 0:
             raise _errors.InvalidArgument("reserve_fences(0): reserve at least one slot")
+        if k > 0xFFFFFFF:   # before num + k, which could wrap
+            raise _errors.OutOfMemory(f"reserve_fences({k}): more slots than the model allocates")
         if self.max and self.num + k <= self.max:
             return
         if self.max:
@@ -427,7 +427,9 @@ cdef class Resv(WwMutex):
     def set_deadline(self, usage, deadline_ns):
         """``dma_resv_set_deadline``: pass a deadline hint to every pending
         fence of usage <= ``usage``."""
-        for f, u in ResvIter._make(self, _usage(usage), False):
+        cdef unsigned int us = _usage(usage)
+        _s64(deadline_ns, "deadline_ns")
+        for f, u in ResvIter._make(self, us, False):
             f.set_deadline_hint(deadline_ns)
 
     def describe(self):
@@ -482,6 +484,7 @@ cdef class ResvIter:
     def _invalidate(self):
         """Test hook: forget the list snapshot, forcing the next step of an
         unlocked walk to start over (what st-dma-resv does to its cursor)."""
+        _iter_made(self)
         self.gen = ~self.resv.gen
 
     cdef bint _changed(self):
@@ -522,6 +525,7 @@ cdef class ResvIter:
         cdef object f
         cdef bint restart
         cdef unsigned int u
+        _iter_made(self)
         if self.locked:
             _resv_held(self.resv, "iterating the fences with the lock held")
             while self.index < self.resv.num:
@@ -550,3 +554,9 @@ cdef class ResvIter:
         if f is None:
             raise StopIteration
         return (f, _USAGES[self._last_usage])
+
+
+cdef int _iter_made(ResvIter it) except -1:
+    if it.resv is None:     # made with ResvIter.__new__: no object to walk
+        raise TypeError("this ResvIter was not made by Resv.iter_fences() / iter_fences_unlocked()")
+    return 0

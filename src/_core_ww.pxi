@@ -16,6 +16,7 @@
 
 from cpython.ref cimport PyObject, Py_INCREF, Py_DECREF
 from libc.errno cimport EINTR
+from libc.limits cimport ULONG_MAX
 from libc.stdint cimport int32_t
 from cpython.pythread cimport PyThread_get_thread_ident
 
@@ -221,6 +222,8 @@ cdef int64_t _deadline(object timeout, str what) except -2:
     cdef double secs
     if timeout is None:
         return -1
+    if isinstance(timeout, int) and timeout > 9_000_000_000:
+        return -1       # a float could not hold it; it is "forever" anyway
     secs = timeout
     if not secs >= 0.0:
         raise _errors.InvalidArgument(f"{what}: timeout must be >= 0 seconds or None (got {timeout!r})")
@@ -251,6 +254,10 @@ def signal_thread(ident):
         False when no live thread with that ident has used pydmabuf's
         locks or fences yet (nothing to signal).
     """
+    if not isinstance(ident, int):
+        raise TypeError(f"ident must be a thread ident (int), not {type(ident).__name__}")
+    if ident < 0 or ident > <object>ULONG_MAX:
+        return False    # no thread has that ident
     return bool(pdb_signal_ident_c(<unsigned long>ident))
 
 
@@ -766,6 +773,10 @@ cdef class WwClass:
     """
 
     def __init__(self, str name not None, *, bint wait_die=False):
+        if self.name is not None:
+            # It would reset the stamps of a class in use (and could turn
+            # reservation_ww_class into an ordinary class for everyone).
+            raise _errors.LockingError(f"{self!r} is already initialised")
         self.name = name
         self.c.is_wait_die = wait_die
         self.c.stamp = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any, Mapping
 
 from pydmabuf import errors
@@ -59,9 +61,23 @@ def _timeout(v: Any, where: str) -> float | None:
     return float(v)
 
 
+_BDF = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+
+
+def _bdf(v: Any, where: str) -> str | None:
+    """A PCI address ``DDDD:BB:DD.F`` (or None)."""
+    if v is None:
+        return None
+    if not isinstance(v, str) or not _BDF.match(v):
+        raise errors.InvalidArgument(f"{where}: bdf {v!r} is not a PCI address DDDD:BB:DD.F")
+    return v
+
+
 def build(cls: type[Machine], spec: Mapping[str, Any]) -> Machine:
     _check_keys(spec, "top", "machine")
     cpu = spec.get("cpu", {})
+    if not isinstance(cpu, Mapping):
+        raise errors.InvalidArgument(f"machine: cpu must be a table/dict, got {type(cpu).__name__}")
     m = cls(spec.get("name", "machine"), cpu_vendor=str(cpu.get("vendor", "intel")),
             cpu_family=_num(cpu.get("family", 6), "cpu.family"))
 
@@ -120,7 +136,7 @@ def build(cls: type[Machine], spec: Mapping[str, Any]) -> Machine:
         kind = str(e.get("kind", "root_port"))
         if kind not in ("root_port", "switch_upstream", "switch_downstream"):
             raise errors.InvalidArgument(f"{where}: kind {kind!r} is not root_port/switch_upstream/switch_downstream")
-        m.add_port(PciPort(str(_req(e, "name", where)), e.get("bdf"), parent_of(str(_req(e, "parent", where)), where),
+        m.add_port(PciPort(str(_req(e, "name", where)), _bdf(e.get("bdf"), where), parent_of(str(_req(e, "parent", where)), where),
                            kind=kind, acs_redirect=bool(e.get("acs_redirect", False)),
                            vendor=_num(e.get("vendor", 0), where), device_id=_num(e.get("device_id", 0), where)))
 
@@ -131,10 +147,15 @@ def build(cls: type[Machine], spec: Mapping[str, Any]) -> Machine:
         name = str(_req(e, "name", where))
         where = f"device {name!r}"
         parent = parent_of(str(e["parent"]), where) if "parent" in e else None
-        bdf = e.get("bdf")
+        bdf = _bdf(e.get("bdf"), where)
         if bdf is not None and parent is None:
             raise errors.InvalidArgument(f"{where}: a PCI device (bdf {bdf}) needs a parent port or host bridge")
-        ranges = [DmaRange(_num(r[0], where), _num(r[1], where), _num(r[2], where)) for r in e.get("dma_ranges", [])]
+        ranges = []
+        for r in e.get("dma_ranges", []):
+            if isinstance(r, (str, bytes)) or not isinstance(r, Sequence) or len(r) != 3:
+                raise errors.InvalidArgument(f"{where}: a dma_ranges entry must be [cpu_start, dma_start, size], "
+                                             f"not {r!r}")
+            ranges.append(DmaRange(_num(r[0], where), _num(r[1], where), _num(r[2], where)))
         if "dma_offset" in e:
             off = _num(e["dma_offset"], where)
             if ranges:

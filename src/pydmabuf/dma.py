@@ -92,6 +92,8 @@ def _dir(direction: Any) -> DmaDirection:
         d = _DIRS.get(direction)
         if d is not None:
             return d
+    if not isinstance(direction, int):  # DmaDirection(0.0) would be BIDIRECTIONAL
+        raise errors.InvalidArgument(f"{direction!r} is not a DMA direction")
     try:
         d = DmaDirection(direction)
     except ValueError:
@@ -112,6 +114,24 @@ def _attrs(attrs: Any) -> DmaAttrs:
         raise errors.InvalidArgument(f"{attrs!r} is not a set of DMA attributes")
     a = _ATTRS[int(attrs)] = DmaAttrs(attrs)
     return a
+
+
+def _need_device(device: Any, what: str) -> Device:
+    if not isinstance(device, Device):
+        raise TypeError(f"{what}: device must be a pydmabuf Device, not {type(device).__name__}")
+    return device
+
+
+def _need_table(table: Any, what: str) -> SgTable:
+    if not isinstance(table, SgTable):
+        raise TypeError(f"{what}: table must be an SgTable, not {type(table).__name__}")
+    return table
+
+
+def _need_int(what: str, **values: Any) -> None:
+    for name, v in values.items():
+        if not isinstance(v, int):
+            raise TypeError(f"{what}: {name} must be an int, not {type(v).__name__}")
 
 
 _tls = threading.local()
@@ -269,8 +289,9 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     """
     d = _dir(direction)
     a = _attrs(attrs)
-    if not isinstance(table, SgTable):
-        raise TypeError(f"table must be an SgTable, not {type(table).__name__}")
+    if type(device) is not Device or type(table) is not SgTable:
+        _need_device(device, "dma_map_sgtable")
+        _need_table(table, "dma_map_sgtable")
     if table.orig_nents == 0:
         raise errors.InvalidArgument("dma_map_sgtable: the table has no CPU entries (a DMA-only table)")
     if table.mapping is not None:
@@ -358,6 +379,9 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
     """
     d = _dir(direction)
     a = _attrs(attrs)
+    if type(device) is not Device or type(table) is not SgTable:
+        _need_device(device, "dma_unmap_sgtable")
+        _need_table(table, "dma_unmap_sgtable")
     m = table.mapping
     if not isinstance(m, SgMapping):
         raise errors.LifetimeError("dma_unmap_sgtable: the table is not mapped")
@@ -383,7 +407,8 @@ def dma_sync_sgtable_for_cpu(device: Device, table: SgTable, direction: DmaDirec
     """Give the CPU the device's writes: copy bounce buffers back
     (FROM_DEVICE / BIDIRECTIONAL); slots stay taken."""
     d = _dir(direction)
-    m = table.mapping
+    _need_device(device, "dma_sync_sgtable_for_cpu")
+    m = _need_table(table, "dma_sync_sgtable_for_cpu").mapping
     if not isinstance(m, SgMapping) or m.device is not device:
         raise errors.LifetimeError("dma_sync_sgtable_for_cpu: the table is not mapped for this device")
     for _, tlb, _, _ in m.bounces:
@@ -394,7 +419,8 @@ def dma_sync_sgtable_for_device(device: Device, table: SgTable, direction: DmaDi
     """Give the device the CPU's writes: copy into bounce buffers
     (TO_DEVICE / BIDIRECTIONAL)."""
     d = _dir(direction)
-    m = table.mapping
+    _need_device(device, "dma_sync_sgtable_for_device")
+    m = _need_table(table, "dma_sync_sgtable_for_device").mapping
     if not isinstance(m, SgMapping) or m.device is not device:
         raise errors.LifetimeError("dma_sync_sgtable_for_device: the table is not mapped for this device")
     if d in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
@@ -435,6 +461,8 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
     """
     d = _dir(direction)
     a = _attrs(attrs)
+    if type(device) is not Device:  # the common case without a call
+        _need_device(device, "dma_map_phys")
     if not isinstance(phys, int) or not isinstance(nbytes, int):
         raise TypeError("phys and nbytes must be ints")
     if nbytes <= 0 or phys < 0 or phys + nbytes - 1 > U64_MAX:
@@ -482,9 +510,13 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
     try:
         dma, p32 = _core._map_single(dom, target, nbytes, _prot(device, d, a), device.dma_limit,
                                      device.prefer_32bit_iova, _cpu(device))
-    except errors.DmaBufError:
+    except errors.DmaBufError as e:
         if bounce_pool is not None and tlb is not None:
             bounce_pool.free(tlb)
+        if isinstance(e, errors.OutOfRange):
+            # __iommu_dma_map() turns iommu_map()'s -ERANGE into
+            # DMA_MAPPING_ERROR like every other failure: ENOMEM here.
+            raise errors.OutOfMemory(e.strerror) from None
         raise
     device.prefer_32bit_iova = bool(p32)
     reg[dma] = _Single(phys, nbytes, d, a, "iommu", tlb)
@@ -497,6 +529,10 @@ def dma_unmap_phys(device: Device, dma_addr: int, nbytes: int, direction: DmaDir
     of the map (LifetimeError otherwise, as DMA-API debugging reports)."""
     d = _dir(direction)
     a = _attrs(attrs)
+    if type(device) is not Device:
+        _need_device(device, "dma_unmap_phys")
+    if type(dma_addr) is not int or type(nbytes) is not int:
+        _need_int("dma_unmap_phys", dma_addr=dma_addr, nbytes=nbytes)
     reg = _singles(device)
     s = reg.get(dma_addr)
     if s is None:
@@ -661,6 +697,7 @@ class IovaState:
         used).  Never raises for lack of IOVA: the state's ``uses_iova`` is
         False then (and for size 0, sizes with bit 63, and devices without
         an IOMMU)."""
+        _need_device(device, "dma_iova_try_alloc")
         self = object.__new__(cls)
         self.device = device
         self.addr = 0
@@ -724,6 +761,9 @@ class IovaState:
         RAM through swiotlb, and refuses unaligned MMIO (EPERM).  No IOTLB
         work: call :meth:`sync` once after a batch of links.
         """
+        _need_int("dma_iova_link", phys=phys, offset=offset, nbytes=nbytes)
+        if phys < 0 or nbytes <= 0 or phys + nbytes - 1 > U64_MAX:
+            raise errors.InvalidArgument(f"dma_iova_link: bad range [{phys:#x}, +{nbytes:#x})")
         self.link_ranges(np.array([[phys, nbytes]], dtype=np.uint64), direction, attrs, offset=offset)
 
     def link_ranges(self, ranges: Any, direction: DmaDirection | int, attrs: int = 0, *, offset: int = 0,
@@ -734,11 +774,11 @@ class IovaState:
         dom = self._need("link")
         d = _dir(direction)
         a = _attrs(attrs)
-        rows = ranges if isinstance(ranges, np.ndarray) and ranges.dtype == np.uint64 and ranges.ndim == 2 \
-            else np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
+        rows = _core._u64_pairs(ranges, "dma_iova_link ranges")
         if len(rows) == 0:
             return 0
-        if not isinstance(offset, int) or offset < 0 or offset >= self.size:
+        _need_int("dma_iova_link", offset=offset)
+        if offset < 0 or offset >= self.size:
             raise errors.InvalidArgument(f"IovaState.link: offset {offset!r} is outside the {self.size:#x}-byte "
                                          "reservation")
         if self.device.untrusted and ((rows[:, 0] | rows[:, 1]) & np.uint64(GMASK)).any():
@@ -857,7 +897,8 @@ class IovaState:
         dom = self._need("destroy")
         d = _dir(direction)
         a = _attrs(attrs)
-        if not isinstance(mapped_nbytes, int) or mapped_nbytes < 0 or mapped_nbytes > self.size:
+        _need_int("dma_iova_destroy", mapped_nbytes=mapped_nbytes)
+        if mapped_nbytes < 0 or mapped_nbytes > self.size:
             raise errors.InvalidArgument(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes!r} is not in 0..{self.size:#x}")
         if mapped_nbytes == 0:
             if self.linked_nbytes:
@@ -964,7 +1005,12 @@ def dma_buf_phys_vec_to_sgt(device: Any, provider: P2pProvider | None, ranges: A
     links each range at its running offset.  ``kernel_compat=True`` does
     what the kernel does, to show both.
     """
+    from pydmabuf.dmabuf import Attachment
+
     d = _dir(direction)
+    if not isinstance(device, (Device, Attachment)):
+        raise TypeError(f"dma_buf_phys_vec_to_sgt: device must be a Device or an Attachment, "
+                        f"not {type(device).__name__}")
     if not isinstance(device, Device):
         # An attachment: the dma-buf helper proper, under its reservation lock.
         attach = device
@@ -976,12 +1022,17 @@ def dma_buf_phys_vec_to_sgt(device: Any, provider: P2pProvider | None, ranges: A
         device = attach.device
     if provider is None:
         raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no P2P provider (not MMIO)")
+    if not isinstance(provider, P2pProvider):
+        raise TypeError(f"dma_buf_phys_vec_to_sgt: provider must be a P2pProvider, not {type(provider).__name__}")
     rows = ranges if (type(ranges) is np.ndarray and ranges.dtype == np.uint64 and ranges.ndim == 2
                       and ranges.shape[1] == 2 and ranges.flags.c_contiguous) \
-        else np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
+        else np.ascontiguousarray(_core._u64_pairs(ranges, "dma_buf_phys_vec_to_sgt ranges"))
     total = int(_core._ranges_total(rows, "dma_buf_phys_vec_to_sgt"))
     if nbytes is None:
         nbytes = total
+    _need_int("dma_buf_phys_vec_to_sgt", nbytes=nbytes)
+    if nbytes <= 0:
+        raise errors.InvalidArgument(f"dma_buf_phys_vec_to_sgt: size {nbytes} must be positive")
     if not device.is_pci:
         raise errors.InvalidArgument(f"dma_buf_phys_vec_to_sgt: {device.name} is not a PCI device")
     route = device.machine.p2p_map_type(provider, device)
@@ -1051,7 +1102,7 @@ def _compat_link(st: IovaState, rows: np.ndarray, d: DmaDirection) -> int:
 
 def dma_buf_free_sgt(table: SgTable, direction: DmaDirection | int | None = None) -> None:
     """``dma_buf_free_sgt()``: undo :func:`dma_buf_phys_vec_to_sgt`."""
-    m = table.mapping
+    m = _need_table(table, "dma_buf_free_sgt").mapping
     if not isinstance(m, PhysVecMapping):
         raise errors.LifetimeError("dma_buf_free_sgt: the table did not come from dma_buf_phys_vec_to_sgt "
                                    "or was freed already")

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import numpy as np
 
 from pydmabuf import checks, dma, errors, files
-from pydmabuf._core import Resv, SgTable
+from pydmabuf._core import Resv, SgTable, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
 
@@ -262,6 +262,24 @@ def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
 dma._access_hooks.append(_access_hook)
 
 
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str):
+        raise TypeError("name must be a str")
+    if len(name.encode()) >= DMA_BUF_NAME_LEN:
+        raise errors.InvalidArgument(f"name {name!r} is longer than {DMA_BUF_NAME_LEN - 1} bytes")
+    return name
+
+
+def _timeout_arg(timeout: Any, what: str) -> None:
+    """Seconds (int or float, >= 0) or None, as the fence waits take them."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise TypeError(f"{what}: timeout must be seconds or None, not {type(timeout).__name__}")
+    if not timeout >= 0:
+        raise errors.InvalidArgument(f"{what}: timeout must be >= 0 seconds or None (got {timeout!r})")
+
+
 # ------------------------------------------------------------------ buffers
 
 
@@ -328,11 +346,7 @@ class DmaBuf:
     def set_name(self, name: str) -> None:
         """``DMA_BUF_SET_NAME``: at most 31 bytes (EINVAL otherwise); allowed
         while attached (the kernel documents EBUSY but never returns it)."""
-        if not isinstance(name, str):
-            raise TypeError("name must be a str")
-        if len(name.encode()) >= DMA_BUF_NAME_LEN:
-            raise errors.InvalidArgument(f"name {name!r} is longer than {DMA_BUF_NAME_LEN - 1} bytes")
-        self._name = name
+        self._name = _check_name(name)
 
     @property
     def refcount(self) -> int:
@@ -360,12 +374,22 @@ class DmaBuf:
             if self._released or self._refs <= 0:
                 checks.checker.lifetime("put-after-release", "dma_buf_put on a released dma-buf", self)
                 return
+            if self._refs == 1:
+                # Checked before the reference goes: in strict mode the
+                # violation raises and the buffer stays as it was.
+                self._check_users()
             self._refs -= 1
             last = self._refs == 0
         if last:
             self._release()
 
-    def _release(self) -> None:
+    def _check_users(self) -> None:
+        problems = self._users()
+        if problems:
+            checks.checker.lifetime("release-with-users", f"{self.name} released with " + ", ".join(problems),
+                                    self, *self._attachments)
+
+    def _users(self) -> list[str]:
         problems = []
         if self._attachments:
             problems.append(f"{len(self._attachments)} attachment(s)")
@@ -377,10 +401,10 @@ class DmaBuf:
             problems.append(f"{pins} pin(s)")
         if self._vmap_count:
             problems.append("a live vmap")
+        return problems
+
+    def _release(self) -> None:
         self._released = True
-        if problems:
-            checks.checker.lifetime("release-with-users", f"{self.name} released with " + ", ".join(problems),
-                                    self, *self._attachments)
         self.exporter.release(self)
 
     def fd(self) -> int:
@@ -412,6 +436,10 @@ class DmaBuf:
         self._alive("attach")
         if not isinstance(device, Device):
             raise errors.InvalidArgument(f"dma_buf_attach: {device!r} is not a device")
+        machine = getattr(self.exporter, "machine", None)
+        if machine is not None and device.machine is not machine:
+            raise errors.InvalidArgument(f"dma_buf_attach: {device.name} is a device of machine "
+                                         f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
         if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
             raise TypeError("importer_ops must be an ImporterOps")
         if self.resv.held_by_current_thread():
@@ -538,6 +566,7 @@ class DmaBuf:
         if self.resv.held_by_current_thread():
             checks.checker.locking("revoke-with-resv", "revoke takes the reservation lock itself", self)
             return
+        _timeout_arg(timeout, "revoke")  # before anything is revoked
         self.resv.lock()
         try:
             self.revoked = True
@@ -568,6 +597,7 @@ class DmaBuf:
 
     def wait_unmapped(self, timeout: float | None = None) -> None:
         """Block until no importer holds a mapping of this buffer."""
+        _timeout_arg(timeout, "wait_unmapped")
         with self._idle:
             if not self._idle.wait_for(lambda: not self._mappings, timeout):
                 who = sorted({m.attachment.device.name for m in self._mappings})
@@ -583,11 +613,13 @@ class DmaBuf:
         reservation lock; invalidation zaps the mapping (the next access
         refaults), revoke makes accesses fail as SIGBUS would."""
         self._alive("mmap")
-        if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
+        if not isinstance(offset, int) or (nbytes is not None and not isinstance(nbytes, int)):
+            raise TypeError("mmap: offset and nbytes must be ints")
+        if offset < 0 or offset % PAGE_SIZE:
             raise errors.InvalidArgument(f"mmap: offset {offset!r} must be a page multiple")
         if nbytes is None:
             nbytes = self.size - offset
-        if not isinstance(nbytes, int) or nbytes <= 0:
+        if nbytes <= 0:
             raise errors.InvalidArgument("mmap: nbytes must be positive")
         npages = -(-nbytes // PAGE_SIZE)
         if offset // PAGE_SIZE + npages > self.size // PAGE_SIZE:
@@ -755,6 +787,8 @@ class Attachment:
             table = exp.map_dma_buf(self, d)
             if table is None:
                 raise errors.OutOfMemory(f"{exp.name}: map_dma_buf returned no table")
+            if not isinstance(table, SgTable):
+                raise TypeError(f"{exp.name}: map_dma_buf returned a {type(table).__name__}, not an SgTable")
         except BaseException:
             if pin:
                 self.pin_count -= 1
@@ -775,7 +809,7 @@ class Attachment:
     def _track(self, table: SgTable | None, d: DmaDirection, pinned: bool, dma_ranges: Any = None) -> _Mapping:
         if dma_ranges is None:
             dma_ranges = table.dma_ranges() if table is not None else np.zeros((0, 2), dtype=np.uint64)
-        m = _Mapping(self, table, d, np.asarray(dma_ranges, dtype=np.uint64).reshape(-1, 2), pinned)
+        m = _Mapping(self, table, d, _u64_pairs(dma_ranges, "dma ranges"), pinned)
         buf = self.dmabuf
         with buf._lock:
             self._maps.add(m)
@@ -958,6 +992,8 @@ class CpuMapping:
     """
 
     def __init__(self, dmabuf: DmaBuf, offset: int, nbytes: int, *, takes_lock: bool = True) -> None:
+        if not isinstance(dmabuf, DmaBuf):
+            raise TypeError(f"CpuMapping: dmabuf must be a DmaBuf, not {type(dmabuf).__name__}")
         self.dmabuf = dmabuf
         self.offset = offset
         self.nbytes = nbytes
@@ -1007,6 +1043,8 @@ class CpuMapping:
                 buf.resv.unlock()
 
     def _runs(self, off: int, n: int) -> list[tuple[int, int]]:
+        if not isinstance(off, int) or not isinstance(n, int):
+            raise TypeError("CpuMapping: offset and length must be ints")
         if off < 0 or n < 0 or off + n > self.nbytes:
             raise errors.IOFailure(f"SIGBUS: access [{off:#x}, +{n:#x}) beyond the {self.nbytes:#x}-byte mapping")
         rows = self._resolve()
@@ -1064,8 +1102,17 @@ def export(exporter: Exporter, nbytes: int, *, resv: Resv | None = None, name: s
             raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has no {op}")
     if cls.has("pin") != cls.has("unpin"):
         raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has pin without unpin or unpin without pin")
-    if not isinstance(nbytes, int) or nbytes <= 0:
+    if not isinstance(nbytes, int):
+        raise TypeError(f"dma_buf_export: size must be an int, not {type(nbytes).__name__}")
+    if nbytes <= 0:
         raise errors.InvalidArgument(f"dma_buf_export: size {nbytes!r} must be positive")
+    if resv is not None:
+        from pydmabuf._core import Resv
+
+        if not isinstance(resv, Resv):
+            raise TypeError(f"dma_buf_export: resv must be a Resv, not {type(resv).__name__}")
+    if name is not None:
+        _check_name(name)  # before the buffer exists: a failed export leaves nothing behind
     return DmaBuf._new(exporter, nbytes, resv, name)
 
 
@@ -1086,5 +1133,7 @@ def close(fd: int) -> None:
 def attach_revocable(attachment: Attachment) -> bool:
     """``dma_buf_attach_revocable()`` (7.1): can the exporter revoke this
     importer, i.e. is it dynamic with an invalidation callback?"""
+    if not isinstance(attachment, Attachment):
+        raise TypeError(f"attach_revocable: {type(attachment).__name__} is not an Attachment")
     ops = attachment.importer_ops
     return ops is not None and ops.has_invalidate

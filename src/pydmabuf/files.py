@@ -45,6 +45,8 @@ def lookup(fd: int) -> Any:
 
 def close(fd: int) -> None:
     """Close ``fd``: the table drops its reference (``put``)."""
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        raise TypeError(f"fd must be an int, not {type(fd).__name__}")
     with _lock:
         try:
             obj = _table.pop(fd)

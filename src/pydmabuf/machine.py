@@ -438,8 +438,13 @@ class PageAllocator:
 
         from pydmabuf import workloads
 
-        if not isinstance(npages, int) or npages <= 0:
-            raise errors.InvalidArgument(f"alloc: npages must be a positive int (got {npages!r})")
+        if not isinstance(npages, int):
+            raise TypeError(f"alloc: npages must be an int, not {type(npages).__name__}")
+        if npages <= 0:
+            raise errors.InvalidArgument(f"alloc: npages must be positive (got {npages!r})")
+        if npages > self.free_pages:
+            # Before the layout is drawn: its arrays are npages long.
+            raise errors.OutOfMemory(f"alloc: {npages} pages is more than the {self.free_pages} free pages of RAM")
         if layout == "pagemap":
             raise errors.InvalidArgument("alloc: pagemap pages belong to a Python buffer (SystemHeap.from_buffer)")
         try:
@@ -758,6 +763,8 @@ class Machine:
 
     def iova_stats(self, device: Device) -> dict[str, int]:
         """Live IOVA of the device's domain: ranges, bytes, reserved."""
+        if not isinstance(device, Device):
+            raise TypeError(f"iova_stats: {type(device).__name__} is not a Device")
         dom = device.domain
         if dom is None:
             return {"live_ranges": 0, "live_nbytes": 0, "reserved_ranges": 0}
@@ -824,6 +831,8 @@ class Machine:
         the device's host bridge, naturally aligned, lowest free address."""
         if nbytes < PAGE_SIZE or nbytes & (nbytes - 1):
             raise errors.InvalidArgument(f"{dev.name} BAR{index}: size {nbytes:#x} must be a power of two >= 4 KiB")
+        if index in dev.bars:
+            raise errors.AlreadyExists(f"{dev.name} already has a BAR{index}")
         hb = dev.host_bridge
         if cpu_start is None:
             cands = [window] if window is not None else sorted(hb.windows, key=lambda w: (not w.prefetch) if prefetch else w.prefetch)
@@ -914,8 +923,12 @@ class Machine:
         change is not seen (the kernel never invalidates the cache either).
         """
         owner = provider.owner if isinstance(provider, P2pProvider) else provider
+        if not isinstance(owner, Device) or not isinstance(client, Device):
+            raise TypeError("p2p_map_type: provider and client must be devices (or a P2pProvider)")
         if not owner.is_pci or not client.is_pci:
             return P2PMapType.NOT_SUPPORTED
+        if owner.machine is not client.machine:
+            return P2PMapType.NOT_SUPPORTED  # no PCI path between two machines
         owner.p2pdma_init()
         key = client.key()
         cached = owner._map_type_cache.get(key)
@@ -930,11 +943,13 @@ class Machine:
         is incompatible (clients that are not PCI devices count as their
         nearest PCI parent, as the kernel walks to it)."""
         clients = list(clients)
+        if not isinstance(provider, Device) or not all(isinstance(c, Device) for c in clients):
+            raise TypeError("p2p_distance: the provider and the clients must be devices")
         if not clients:
             return -1
         total = 0
         for c in clients:
-            if not c.is_pci:
+            if not c.is_pci or c.machine is not provider.machine:
                 return -1
             t, dist = self._calc_map_type_and_dist(provider, c)
             provider._map_type_cache[c.key()] = t
@@ -1051,7 +1066,9 @@ class Machine:
             import tomllib
         else:  # Python 3.10: the backport
             import tomli as tomllib
-        text = str(source)
+        if not isinstance(source, (str, os.PathLike)):
+            raise TypeError(f"from_toml: source must be TOML text or a path, not {type(source).__name__}")
+        text = os.fspath(source)
         if os.path.exists(text):
             with open(text, "rb") as f:
                 return cls.from_spec(tomllib.load(f))
@@ -1089,12 +1106,18 @@ class Machine:
         """
         from pydmabuf import _host
 
+        for name, path in (("iomem", iomem), ("sysfs", sysfs)):
+            # An int would be taken as an open file descriptor.
+            if not isinstance(path, (str, os.PathLike)):
+                raise TypeError(f"from_host: {name} must be a path, not {type(path).__name__}")
         return _host.build(cls, iomem=iomem, sysfs=sysfs)
 
 
 def p2p_map_type(provider: P2pProvider | Device, client: Device) -> P2PMapType:
     """``pci_p2pdma_map_type()`` on the provider's machine."""
     owner = provider.owner if isinstance(provider, P2pProvider) else provider
+    if not isinstance(owner, Device):
+        raise TypeError(f"p2p_map_type: provider must be a P2pProvider or a Device, not {type(provider).__name__}")
     return owner.machine.p2p_map_type(provider, client)
 
 

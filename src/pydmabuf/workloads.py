@@ -46,6 +46,8 @@ def random_runs(npages: int, mean_run: float, seed: int = 1, base_pfn: int = _BA
     page its own run), each run 1..1000 frames after the previous one.
     With ``limit_pfn`` the jumps shrink (keeping every run boundary) so
     all frames stay below it, inside a machine's RAM."""
+    if not mean_run >= 1:
+        raise ValueError(f"mean_run must be at least 1 page (got {mean_run!r})")
     rng = np.random.default_rng(seed)
     brk = rng.random(npages) < (1.0 / mean_run)
     steps = np.where(brk, 1 + rng.integers(0, 1000, npages), 1)
@@ -106,6 +108,10 @@ def layout(name: str, npages: int, seed: int = 1, limit_pfn: int | None = None) 
     """PFNs for a named layout; returns ``(pfns, keepalive)``.  With
     ``limit_pfn`` the synthetic layouts keep below that frame (the top of
     a machine's RAM region starting at 4 GiB)."""
+    if not isinstance(npages, int):
+        raise TypeError(f"npages must be an int, not {type(npages).__name__}")
+    if npages < 0:
+        raise ValueError(f"npages must not be negative (got {npages})")
     if name == "contiguous":
         return contiguous(npages), None
     if name == "fragmented":
@@ -125,6 +131,10 @@ def numpy_coalesce(pfns: np.ndarray, max_pages: int = 0xFFFFF) -> tuple[np.ndarr
     The reference the core's scatterlist walk is measured against: runs of
     consecutive PFNs, split every ``max_pages`` pages.
     """
+    if max_pages < 1:
+        raise ValueError(f"max_pages must be at least 1 (got {max_pages})")
+    if len(pfns) == 0:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64)
     brk = np.flatnonzero(np.diff(pfns) != 1) + 1
     starts = np.concatenate(([0], brk))
     ends = np.concatenate((brk, [len(pfns)]))

@@ -124,6 +124,10 @@ class SystemHeap:
     """
 
     def __init__(self, machine: Any) -> None:
+        from pydmabuf.machine import Machine
+
+        if not isinstance(machine, Machine):
+            raise TypeError(f"SystemHeap: machine must be a Machine, not {type(machine).__name__}")
         self.machine = machine
 
     def allocate(self, nbytes: int, *, layout: str = "fragmented", seed: int = 1, movable: bool = False,
@@ -135,7 +139,9 @@ class SystemHeap:
         makes it repeatable.  ``movable`` gives a dynamic exporter whose
         pages :meth:`DmaBuf.move` can migrate.  ENOMEM when RAM is short.
         """
-        if not isinstance(nbytes, int) or nbytes <= 0:
+        if not isinstance(nbytes, int):
+            raise TypeError(f"allocate: nbytes must be an int, not {type(nbytes).__name__}")
+        if nbytes <= 0:
             raise errors.InvalidArgument(f"allocate: nbytes must be positive (got {nbytes!r})")
         npages = -(-nbytes // PAGE_SIZE)
         pfns = self.machine.pages.alloc(npages, layout, seed)
