@@ -28,6 +28,14 @@ def test_version():
     assert r.stdout.strip() == f"pydmabuf {pydmabuf.__version__}"
 
 
+def test_python_dash_m_pydmabuf_is_the_command():
+    r = subprocess.run([sys.executable, "-m", "pydmabuf", "--version"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"pydmabuf {pydmabuf.__version__}"
+    r = subprocess.run([sys.executable, "-m", "pydmabuf", "scenario", "--no-such-flag"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "usage: pydmabuf" in r.stderr  # argparse's exit status reaches the shell
+
+
 def test_help_lists_the_commands():
     r = run_cli("--help")
     assert r.returncode == 0
