@@ -33,14 +33,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pydmabuf
-from hostile_support import (BAD_U64, E, FILES, Case, S, bad_pair_buffers, bad_u64_buffers, check_exception,
-                             errno, in_thread, snapshot)
+from hostile_support import (BAD_U64, E, FILES, SPEC, Case, S, bad_pair_buffers, bad_u64_buffers, check_exception,
+                             errno, in_thread, mach, snapshot)
 from pydmabuf import (AcquireContext, DmaDirection, Fence, FenceArray, FenceChain, IommuDomain, IoPageTable,
                       IovaDomain, IovaState, Machine, RangeKind, RangeTable, Resv, SgTable, Usage, WwClass, WwMutex,
                       checks, files, workloads)
 from pydmabuf.dmabuf import Exporter, ImporterOps, PhysVec, export
 from pydmabuf.exporters import SystemHeap
-from pydmabuf.machine import DEFAULT_SPEC
 
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
@@ -131,20 +130,6 @@ def iommu(strict: bool = False) -> S:
     d.unmap_dma(b, 0x1000)  # queued on a lazy domain
     d.map(0x7000_0000, 0x300000, 0x2000)
     return S(watch=[d], d=d, a=a, b=b)
-
-
-def _spec() -> dict[str, Any]:
-    spec = copy.deepcopy(DEFAULT_SPEC)
-    for io in spec["iommus"]:
-        io["fq_timeout"] = None  # deterministic: no timer flushes
-    return spec
-
-
-_SPEC = _spec()
-
-
-def mach() -> Machine:
-    return Machine.from_spec(copy.deepcopy(_SPEC))
 
 
 def mach_state() -> S:
@@ -654,7 +639,7 @@ def _bad_spec(path: str, value: Any, *, delete: bool = False) -> Callable[[], di
     """The built-in spec with one item changed: ``path`` like
     "devices.0.bdf" (list indices as numbers)."""
     def make() -> dict[str, Any]:
-        spec = copy.deepcopy(_SPEC)
+        spec = copy.deepcopy(SPEC)
         *parents, last = path.split(".")
         node: Any = spec
         for p in parents:
