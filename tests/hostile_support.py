@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import copy
 import errno
+import gc
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 
 import pydmabuf
-from pydmabuf import errors, files
+from pydmabuf import checks, errors, files
 from pydmabuf.dma import IovaState
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf
 from pydmabuf.exporters.vfio import VfioPciBar
@@ -118,6 +121,42 @@ SPEC = _spec()
 def mach() -> Machine:
     """A fresh default machine whose lazy IOMMUs never flush on a timer."""
     return Machine.from_spec(copy.deepcopy(SPEC))
+
+
+# ---------------------------------------------------------------- the run
+
+#: The calling thread's lock state between cases: nothing held.
+CLEAN = {"held": 0, "in_section": False, "signal_pending": False}
+
+
+def run_case(case: Case) -> None:
+    """Build the case's state, make the call, check the exception and
+    that the watched state is as before; clean up (quietly if it failed)."""
+    assert checks.mode() == "strict"
+    assert pydmabuf._core._thread_lock_state() == CLEAN, "an earlier case leaked a lock, section or signal"
+    s = case.make()
+    ok = False
+    try:
+        snap = case.snap or (lambda st: snapshot(st.watch))
+        before = snap(s)
+        with pytest.raises(Exception) as info:
+            case.call(s)
+        check_exception(case, info.value)
+        assert snap(s) == before, f"{case.id}: the failed call changed state"
+        ok = True
+    finally:
+        if ok:
+            s.cleanup()
+            assert pydmabuf._core._thread_lock_state() == CLEAN, f"{case.id}: a lock, section or signal leaked"
+        else:  # do not let a half-cleaned case warn in later tests
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    s.cleanup()
+                except Exception:
+                    pass
+                del s
+                gc.collect()
 
 
 # ---------------------------------------------------------------- snapshots
@@ -366,5 +405,5 @@ def bad_pair_buffers() -> list[tuple[str, Any, type[BaseException]]]:
     ]
 
 
-__all__ = ["E", "S", "Case", "SPEC", "mach", "check_exception", "snapshot", "in_thread", "BAD_U64", "bad_u64_buffers",
+__all__ = ["E", "S", "Case", "SPEC", "mach", "run_case", "CLEAN", "check_exception", "snapshot", "in_thread", "BAD_U64", "bad_u64_buffers",
            "bad_pair_buffers", "FILES", "errno"]

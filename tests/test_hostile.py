@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 
 import pydmabuf
 from hostile_support import (BAD_U64, E, FILES, SPEC, Case, S, bad_pair_buffers, bad_u64_buffers, check_exception,
-                             errno, in_thread, mach, snapshot)
+                             errno, in_thread, mach, run_case, snapshot)
+from hostile_support import CLEAN as _CLEAN
 from pydmabuf import (AcquireContext, DmaDirection, Fence, FenceArray, FenceChain, IommuDomain, IoPageTable,
                       IovaDomain, IovaState, Machine, RangeKind, RangeTable, Resv, SgTable, Usage, WwClass, WwMutex,
                       checks, files, workloads)
@@ -1942,7 +1943,6 @@ for _label, _n, _size, _exp in [("n=0", 0, 8, ValueError), ("n=-1", -1, 8, Value
 
 #@@CASES-END@@
 
-_CLEAN = {"held": 0, "in_section": False, "signal_pending": False}
 _IDS = [c.id for c in CASES]
 assert len(set(_IDS)) == len(_IDS), sorted({i for i in _IDS if _IDS.count(i) > 1})
 
@@ -1950,31 +1950,7 @@ assert len(set(_IDS)) == len(_IDS), sorted({i for i in _IDS if _IDS.count(i) > 1
 @pytest.mark.parametrize("case", CASES, ids=_IDS)
 def test_hostile(case: Case) -> None:
     """The call fails with the expected exception and changes nothing."""
-    assert checks.mode() == "strict"
-    assert pydmabuf._core._thread_lock_state() == _CLEAN, "an earlier case leaked a lock, section or signal"
-    s = case.make()
-    ok = False
-    try:
-        snap = case.snap or (lambda st: snapshot(st.watch))
-        before = snap(s)
-        with pytest.raises(Exception) as info:
-            case.call(s)
-        check_exception(case, info.value)
-        assert snap(s) == before, f"{case.id}: the failed call changed state"
-        ok = True
-    finally:
-        if ok:
-            s.cleanup()
-            assert pydmabuf._core._thread_lock_state() == _CLEAN, f"{case.id}: a lock, section or signal leaked"
-        else:  # do not let a half-cleaned case warn in later tests
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    s.cleanup()
-                except Exception:
-                    pass
-                del s
-                gc.collect()
+    run_case(case)
 
 
 # ====================================================== beyond the matrix
