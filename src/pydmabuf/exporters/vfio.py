@@ -505,10 +505,8 @@ class VfioPciBar:
         region = as_uint(region_index, "region_index", 32)
         flags = as_uint(flags, "flags", 32)
         open_flags = as_uint(open_flags, "open_flags", 32)
-        rows = as_u64_pairs(ranges, "ranges")
+        rows = as_u64_pairs(ranges, "ranges", max_rows=U32_MAX)  # nr_ranges is a u32
         nr = len(rows)
-        if nr > U32_MAX:
-            raise errors.Overflow(f"{nr} ranges do not fit nr_ranges (u32)")
         argsz = as_uint(DMA_BUF_FEATURE_MINSZ + DMA_RANGE_SIZE * nr if argsz is None else argsz, "argsz")
         dev = self.device
         # 1. the driver must describe its BARs physically
