@@ -56,7 +56,7 @@ from pydmabuf._types import PAGE_SIZE, DmaDirection, _fmt_size
 from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
 from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import Attachment, DmaBuf, Exporter, PhysVec, attach_revocable, close, dma_buf_get, export
-from pydmabuf.machine import Device, P2pProvider
+from pydmabuf.machine import Device, Machine, P2pProvider
 
 log = logging.getLogger(__name__)
 
@@ -368,6 +368,8 @@ class VfioPciBar:
     def __init__(self, machine: Any, device: Device | str, bar: int = 0, offset: int = 0,
                  nbytes: int | None = None, ranges: Iterable[tuple[int, int]] | None = None, *,
                  kernel: str = "7.1", has_dmabuf_phys: bool = True) -> None:
+        if not isinstance(machine, Machine):
+            raise TypeError(f"machine must be a Machine, not {type(machine).__name__}")
         dev = machine.device(device) if isinstance(device, str) else device
         if not isinstance(dev, Device):
             raise TypeError(f"device must be a Device or a device name, not {type(device).__name__}")
