@@ -312,6 +312,8 @@ def vfio_pci_dma_buf_iommufd_map(attachment: Attachment) -> tuple[int, int]:
     A successful call is a promise from VFIO: one MMIO range, and an
     invalidation of this attachment means revoke, not move.
     """
+    if not isinstance(attachment, Attachment):
+        raise TypeError(f"vfio_pci_dma_buf_iommufd_map: {type(attachment).__name__} is not an Attachment")
     ops = attachment.importer_ops
     if ops is None or IOMMUFD_MODULE not in ops.import_namespaces:
         raise errors.NotPermitted(f"{attachment.device.name}: vfio_pci_dma_buf_iommufd_map is exported to the "
