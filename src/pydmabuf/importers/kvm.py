@@ -57,7 +57,7 @@ from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_si
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, dma_buf_get
 from pydmabuf.exporters.vfio import VfioPciDmaBuf
-from pydmabuf.machine import Device
+from pydmabuf.machine import Device, Machine
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ class KvmVm:
 
     def __init__(self, machine: Any, *, private_mem: bool = False, readonly_mem: bool = True,
                  name: str = "vm") -> None:
+        if not isinstance(machine, Machine):
+            raise TypeError(f"machine must be a Machine, not {type(machine).__name__}")
         self.machine = machine
         self.name = name
         self.private_mem = bool(private_mem)
