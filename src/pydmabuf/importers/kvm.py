@@ -420,6 +420,15 @@ class KvmVm:
         if nbytes <= 0 or gpa + nbytes > 1 << GPA_BITS:
             raise errors.InvalidArgument(f"bad guest access [{gpa:#x}, +{nbytes:#x})")
         first, last = gpa >> PAGE_SHIFT, (gpa + nbytes - 1) >> PAGE_SHIFT
+        # Walk no further than the first page no slot holds: the access
+        # faults there, and the page arrays never outgrow the slots.
+        pos = gpa
+        for r in self._gpa[0].overlapping(gpa, nbytes):
+            if r.start > pos:
+                break
+            pos = r.last + 1
+        if pos < gpa + nbytes:
+            last = min(last, pos >> PAGE_SHIFT)
         gfns = np.arange(first, last + 1, dtype=np.uint64)
         phys: np.ndarray = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
         hole = np.flatnonzero(phys == _NOT_MAPPED)
