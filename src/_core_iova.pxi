@@ -942,7 +942,7 @@ cdef class IovaDomain:
         cdef uint32_t c = _cpu_arg(cpu, self.d.ncpus)
         cdef bint f = bool(fast)
         cdef bint al = bool(size_aligned)
-        cdef uint64_t k, i
+        cdef uint64_t k, i, cap
         cdef _Buffer b
         if isinstance(npages, int):
             each = _npages_arg(npages)
@@ -957,6 +957,14 @@ cdef class IovaDomain:
                 sp = &sv[0]
         if lim == PDB_U64_MAX:
             raise _errors.InvalidArgument("alloc_many: limit_pfn 2**64 - 1 is the anchor")
+        if sp == NULL and n:
+            # At most (lim - start + 1) // each ranges of ``each`` pfns can be
+            # live below the limit at once, so attempt cap + 1 stops the
+            # loop: counting only that far is the same walk, and the result
+            # buffer stays the size of what can be returned, not of ``count``.
+            cap = 0 if lim < self.d.start_pfn else (lim - self.d.start_pfn + 1) // each
+            if n > cap + 1:
+                n = cap + 1
         if n > <uint64_t>PY_SSIZE_T_MAX // 8:
             raise _errors.OutOfMemory(f"alloc_many: no room for {n} pfns in memory")
         b = _new_buffer(<Py_ssize_t>n, 0, 8, b"Q")

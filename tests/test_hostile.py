@@ -389,10 +389,10 @@ for _label, _buf, _exp in bad_u64_buffers():
     if _label != "int":  # an int is one size for all
         add(f"IovaDomain.alloc_many.npages={_label}", iovad, lambda s, b=_buf: s.d.alloc_many(b, 2, 0xFFFFF), _exp)
     add(f"IovaDomain.free_many.pfns={_label}", iovad, lambda s, b=_buf: s.d.free_many(b), _exp)
-add("IovaDomain.alloc_many.count=2**61", iovad, lambda s: s.d.alloc_many(1, 2**61, 0xFFFFF), E.OutOfMemory)
-add("IovaDomain.alloc_many.count=2**63", iovad, lambda s: s.d.alloc_many(1, 2**63, 0xFFFFF), E.OutOfMemory)
-add("IovaDomain.alloc_many.count=2**64-1", iovad, lambda s: s.d.alloc_many(1, U64, 0xFFFFF), E.OutOfMemory)
-add("IovaDomain.alloc_many.count=2**40", iovad, lambda s: s.d.alloc_many(1, 2**40, 0xFFFFF), E.OutOfMemory)
+add("IovaDomain.alloc_many.count=2**61", iovad, lambda s: s.d.alloc_many(1, 2**61, U64 - 1), E.OutOfMemory)
+add("IovaDomain.alloc_many.count=2**63", iovad, lambda s: s.d.alloc_many(1, 2**63, U64 - 1), E.OutOfMemory)
+add("IovaDomain.alloc_many.count=2**64-1", iovad, lambda s: s.d.alloc_many(1, U64, U64 - 1), E.OutOfMemory)
+add("IovaDomain.alloc_many.count=2**40", iovad, lambda s: s.d.alloc_many(1, 2**40, U64 - 1), E.OutOfMemory)
 add("IovaDomain.alloc_many.npages=0", iovad, lambda s: s.d.alloc_many(0, 2, 0xFFFFF), E.InvalidArgument)
 add("IovaDomain.alloc_many.sizes-with-0", iovad,
     lambda s: s.d.alloc_many(np.array([1, 0], dtype=np.uint64), 2, 0xFFFFF), E.InvalidArgument)

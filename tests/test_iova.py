@@ -753,3 +753,14 @@ def test_roundtrips_recycle_one_range():
     d2 = IovaDomain()
     d2._roundtrips(1000, 1, LIM32, fast=False)
     assert d2.stats["tree_allocs"] == 1000 and len(d2) == 0
+
+
+def test_alloc_many_count_beyond_the_space_returns_what_fits():
+    # 2**40 ranges cannot fit below pfn 0xFFF: the walk stops at the first
+    # failure, so the call returns the ranges that fit without sizing its
+    # result for the count asked.
+    d = IovaDomain(start_pfn=0x800)
+    got = d.alloc_many(1, 2**40, 0xFFF)
+    assert len(got) == 0x800 and sorted(got.tolist()) == list(range(0x800, 0x1000))
+    assert len(d.alloc_many(4, 2**63, 0xFFF, fast=False)) == 0  # nothing left
+    d.check()
