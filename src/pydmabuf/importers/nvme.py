@@ -359,9 +359,9 @@ class NvmeQueue:
 
 
 def _rows(bvecs: Any) -> np.ndarray:
-    if isinstance(bvecs, np.ndarray) and bvecs.dtype == np.uint64 and bvecs.ndim == 2 and bvecs.flags.c_contiguous:
-        return bvecs
-    try:
-        return np.ascontiguousarray(np.asarray(bvecs, dtype=np.uint64).reshape(-1, 2))
-    except (ValueError, TypeError, OverflowError) as e:
-        raise ValueError(f"bvecs must be (N, 2) rows of (physical address, nbytes): {e}") from None
+    """The request's bvecs as (N, 2) u64 (physical address, nbytes) rows,
+    parsed as the core parses its (N, 2) buffers (``_core._u64_pairs``):
+    TypeError for what is not a table of ints, ValueError for a dtype,
+    shape or layout that is not C-contiguous (N, 2) u64, EINVAL for a
+    negative or too large int in a list.  Nothing is cast or reshaped."""
+    return _core._u64_pairs(bvecs, "bvecs")
