@@ -183,10 +183,12 @@ class NvmeQueue:
         if not isinstance(device, Device):
             raise TypeError("device must be a Device")
         mss = device.dma_get_max_seg_size() if max_segment_size is None else max_segment_size
-        if not isinstance(mss, int) or mss < PAGE_SIZE or mss > 0xFFFFFFFF:
+        for name, v in (("max_segment_size", mss), ("seg_boundary_mask", seg_boundary_mask)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+        if mss < PAGE_SIZE or mss > 0xFFFFFFFF:
             raise errors.InvalidArgument(f"max_segment_size {mss!r} must be in [PAGE_SIZE, UINT_MAX]")
-        if not isinstance(seg_boundary_mask, int) or seg_boundary_mask < _PMASK or seg_boundary_mask >> 64 \
-                or seg_boundary_mask & (seg_boundary_mask + 1):
+        if seg_boundary_mask < _PMASK or seg_boundary_mask >> 64 or seg_boundary_mask & (seg_boundary_mask + 1):
             raise errors.InvalidArgument(f"seg_boundary_mask {seg_boundary_mask!r} must be 2**k - 1 >= PAGE_SIZE - 1")
         self.device = device
         self.max_segment_size = mss
