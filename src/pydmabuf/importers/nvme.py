@@ -281,8 +281,11 @@ class NvmeQueue:
         """``blk_rq_dma_unmap()``, and the per-segment ``dma_unmap_phys``
         the driver does when it returns false: bus addresses need nothing,
         the IOVA path one ``dma_iova_destroy``, the fallback every segment.
-        Twice: LifetimeError."""
-        if not isinstance(mapping, NvmeMapping) or mapping.queue is not self:
+        Twice, or a request of another queue: LifetimeError; not a request
+        at all: TypeError."""
+        if not isinstance(mapping, NvmeMapping):
+            raise TypeError(f"blk_rq_dma_unmap: mapping must be an NvmeMapping, not {type(mapping).__name__}")
+        if mapping.queue is not self:
             raise errors.LifetimeError("blk_rq_dma_unmap: not a request mapped by this queue")
         if not mapping.live:
             raise errors.LifetimeError("blk_rq_dma_unmap: the request was unmapped already")
@@ -350,6 +353,8 @@ class NvmeQueue:
     def unmap_sg(self, table: SgTable) -> None:
         """``dma_unmap_sgtable`` of a table from :meth:`map_sg` /
         :meth:`map_pages_sg`."""
+        if not isinstance(table, SgTable):
+            raise TypeError(f"dma_unmap_sgtable: table must be an SgTable, not {type(table).__name__}")
         m = table.mapping
         if m is None:
             raise errors.LifetimeError("dma_unmap_sgtable: the table is not mapped")
