@@ -44,7 +44,7 @@ import numpy as np
 
 from pydmabuf import _core, errors
 from pydmabuf._core import SCATTERLIST_MAX_SEGMENT, SG_CHAIN, SgTable
-from pydmabuf._types import PAGE_SIZE, DmaDirection
+from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection
 from pydmabuf.dma import (DmaAttrs, IovaState, PhysBatch, dma_map_phys_many, dma_map_sgtable, dma_unmap_phys_many,
                           dma_unmap_sgtable, p2p_context)
 from pydmabuf.importers import _walk
@@ -55,6 +55,8 @@ __all__ = ["NvmeQueue", "NvmeMapping", "BlkStatus", "BLK_SEG_BOUNDARY_MASK"]
 #: The block layer's default segment boundary: no segment crosses 4 GiB.
 BLK_SEG_BOUNDARY_MASK = 0xFFFFFFFF
 _PMASK = PAGE_SIZE - 1
+#: PFNs of 52-bit physical addresses (the core's page-list limit).
+_PFN_LIMIT = 1 << (52 - PAGE_SHIFT)
 
 
 class BlkStatus(enum.IntEnum):
@@ -302,10 +304,17 @@ class NvmeQueue:
     def bvecs_from_pages(pfns: Any, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
         """One bvec per page of a buffer (``bio_add_page``): (N, 2) u64
         rows, the first starting ``offset`` into its page, ``nbytes`` in
-        all (default: to the end of the last page)."""
-        p = np.ascontiguousarray(np.asarray(pfns, dtype=np.uint64).reshape(-1))
+        all (default: to the end of the last page).
+
+        ``pfns`` is parsed as the core parses its u64 buffers (TypeError,
+        ValueError for a dtype or shape, EINVAL for a negative or too large
+        int in a list); a PFN beyond 52-bit physical addresses is
+        OutOfRange (ERANGE), as for :meth:`SgTable.from_pages`."""
+        p = _core._u64_array(pfns, "pfns")
         if len(p) == 0:
             raise errors.InvalidArgument("a request needs at least one page")
+        if int(p.max()) >= _PFN_LIMIT:
+            raise errors.OutOfRange("bvecs_from_pages: a PFN is beyond 52-bit physical addresses")
         if not isinstance(offset, int) or not 0 <= offset < PAGE_SIZE:
             raise errors.InvalidArgument(f"offset {offset!r} must be inside the first page")
         room = len(p) * PAGE_SIZE - offset
