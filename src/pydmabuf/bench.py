@@ -370,10 +370,13 @@ def run_study(
     NumPy) and ``mapping`` (each mapping strategy: scatterlist + IOMMU,
     scatterlist + dma-direct, list-free links of pages and of runs,
     ranges -> DMA-only table, and the one-PTE-per-page floor).
+
+    The arguments are checked before anything runs (TypeError for the
+    wrong type, ValueError for an unknown layout or part or a size that is
+    not a positive number of pages); OutOfMemory (ENOMEM) when a layout or
+    a table does not fit in memory.
     """
-    layouts = list(layouts)
-    sizes = list(sizes)
-    parts = list(parts)
+    layouts, sizes, parts = _study_args(layouts, sizes, parts, machine)
     timing = {"min_time": 0.01, "min_reps": 3, "max_reps": 7} if quick else {"min_time": 0.1, "min_reps": 5, "max_reps": 25}
     notes: list[str] = []
     cells: list[Cell] = []
@@ -395,6 +398,8 @@ def run_study(
                 if b is not None:
                     cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES))
                 del keep
+    except MemoryError:  # NumPy could not allocate the layout or a table
+        raise errors.OutOfMemory(f"no memory to study the {lay} layout of {npages} pages") from None
     finally:
         prog.close()
     return {
@@ -410,6 +415,34 @@ def run_study(
         "cells": [c.as_dict() for c in cells],
         "notes": notes,
     }
+
+
+#: The parts of a study.
+PARTS = ("sg_walk", "mapping")
+
+
+def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any) -> tuple[list[str], list[int], list[str]]:
+    """:func:`run_study`'s arguments, checked before anything runs:
+    TypeError for the wrong type, ValueError for an unknown layout or
+    part or a size that is not a positive number of pages of a buffer
+    below 2**64 bytes."""
+    from pydmabuf.machine import Machine
+
+    if machine is not None and not isinstance(machine, Machine):
+        raise TypeError(f"machine must be a Machine or None, not {type(machine).__name__}")
+    layouts, sizes, parts = list(layouts), list(sizes), list(parts)
+    for lay in layouts:
+        if lay not in workloads.LAYOUTS:
+            raise ValueError(f"unknown layout {lay!r}; known: {', '.join(workloads.LAYOUTS)}")
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; known: {', '.join(PARTS)}")
+    for n in sizes:
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"sizes must be ints (pages), not {type(n).__name__}")
+        if n < 1 or n * PAGE_SIZE >> 64:
+            raise ValueError(f"size {n} pages: must be at least 1 page and below 2**64 bytes")
+    return layouts, sizes, parts
 
 
 def _version() -> str:
