@@ -89,6 +89,28 @@ class Case:
         return None
 
 
+
+class Cases(list):  # type: ignore[type-arg]
+    """A matrix of :class:`Case` as data: :meth:`add` one call, or
+    :meth:`sweep` a table of bad values through one argument."""
+
+    def add(self, id: str, make: Callable[[], S], call: Callable[[S], Any], raises: type[BaseException],
+            errno: int | None = None, snap: Callable[[S], Any] | None = None) -> None:
+        self.append(Case(id, make, call, raises, errno, snap))
+
+    def sweep(self, prefix: str, make: Callable[[], S], call: Callable[[S, Any], Any],
+              table: list[tuple[str, Any, type[BaseException]]],
+              override: dict[str, type[BaseException] | None] | None = None) -> None:
+        """One case per ``(label, value, exception)`` of ``table``;
+        ``override`` changes a label's expectation, or with None drops it
+        (the value is valid for that argument)."""
+        for label, value, exp in table:
+            if override and label in override:
+                if override[label] is None:
+                    continue
+                exp = override[label]  # type: ignore[assignment]
+            self.append(Case(f"{prefix}={label}", make, (lambda s, v=value: call(s, v)), exp))
+
 def check_exception(case: Case, exc: BaseException) -> None:
     """The raised exception is the expected kind, carries the errno, and is
     none of the kinds that betray a bug inside the package."""

@@ -33,8 +33,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pydmabuf
-from hostile_support import (BAD_U64, E, FILES, SPEC, Case, S, bad_pair_buffers, bad_u64_buffers, check_exception,
-                             errno, in_thread, mach, run_case, snapshot)
+from hostile_support import (BAD_U64, E, FILES, SPEC, Case, Cases, S, bad_pair_buffers, bad_u64_buffers,
+                             check_exception, errno, in_thread, mach, run_case, snapshot)
 from hostile_support import CLEAN as _CLEAN
 from pydmabuf import (AcquireContext, DmaDirection, Fence, FenceArray, FenceChain, IommuDomain, IoPageTable,
                       IovaDomain, IovaState, Machine, RangeKind, RangeTable, Resv, SgTable, Usage, WwClass, WwMutex,
@@ -59,25 +59,8 @@ BAD_INT: list[tuple[str, Any, type[BaseException]]] = [
     ("2**200", 2**200, E.InvalidArgument),
 ]
 
-CASES: list[Case] = []
-
-
-def add(id: str, make: Callable[[], S], call: Callable[[S], Any], raises: type[BaseException],
-        errno: int | None = None, snap: Callable[[S], Any] | None = None) -> None:
-    CASES.append(Case(id, make, call, raises, errno, snap))
-
-
-def sweep(prefix: str, make: Callable[[], S], call: Callable[[S, Any], Any],
-          table: list[tuple[str, Any, type[BaseException]]],
-          override: dict[str, type[BaseException] | None] | None = None) -> None:
-    """One case per bad value of ``table``; ``override`` changes the
-    expectation for a label, or with None drops it (the value is fine)."""
-    for label, value, exp in table:
-        if override and label in override:
-            exp = override[label]
-            if exp is None:
-                continue
-        CASES.append(Case(f"{prefix}={label}", make, (lambda s, v=value: call(s, v)), exp))
+CASES = Cases()
+add, sweep = CASES.add, CASES.sweep
 
 
 # ================================================================== factories

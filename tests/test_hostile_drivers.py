@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import pydmabuf
-from hostile_support import (BAD_U64, E, FILES, Case, S, bad_pair_buffers, errno, mach, run_case, snapshot)
+from hostile_support import (BAD_U64, E, FILES, Case, Cases, S, bad_pair_buffers, errno, mach, run_case, snapshot)
 from pydmabuf import DmaDirection, Fence, Usage, bench, checks, files, scenarios
 from pydmabuf.dmabuf import ImporterOps, close
 from pydmabuf.exporters import PrivateMemory, SystemHeap, VfioPciBar
@@ -54,25 +54,8 @@ _UAPI_PAIRS = {"float64": TypeError, "object": None, "list-2**64": E.Overflow, "
                "broadcast-2**40": E.OutOfMemory, "bytes": TypeError, "memoryview-int64": ValueError,
                "int64": None}
 
-CASES: list[Case] = []
-
-
-def add(id: str, make: Callable[[], S], call: Callable[[S], Any], raises: type[BaseException],
-        errno: int | None = None, snap: Callable[[S], Any] | None = None) -> None:
-    CASES.append(Case(id, make, call, raises, errno, snap))
-
-
-def sweep(prefix: str, make: Callable[[], S], call: Callable[[S, Any], Any],
-          table: list[tuple[str, Any, type[BaseException]]],
-          override: dict[str, type[BaseException] | None] | None = None) -> None:
-    """One case per bad value; ``override`` changes a label's expectation
-    or drops it (None: the value is valid there)."""
-    for label, value, exp in table:
-        if override and label in override:
-            exp = override[label]  # type: ignore[assignment]
-            if exp is None:
-                continue
-        CASES.append(Case(f"{prefix}={label}", make, (lambda s, v=value: call(s, v)), exp))
+CASES = Cases()
+add, sweep = CASES.add, CASES.sweep
 
 
 def mach_state() -> S:
