@@ -701,6 +701,14 @@ def _u64_pairs(pairs, str name="ranges"):
     return _np().asarray(pairs).reshape(-1, 2)
 
 
+def _u64_array(obj, str name="values"):
+    """``obj`` as a 1-D NumPy array of u64, parsed exactly as the core's
+    entry points parse their u64 buffers (``_as_u64_view``: TypeError,
+    ValueError for a dtype, shape or layout, EINVAL for negative or too
+    large ints in a list).  No copy for a u64 buffer."""
+    return _np().asarray(_as_u64_view(obj, name))
+
+
 def _ranges_total(pairs, str what):
     """Validate (N, 2) (phys, nbytes) rows for the phys-vec helpers in one
     pass: at least one row, no zero length, total below 2**64 (EINVAL,

@@ -9,18 +9,26 @@ for every pydmabuf object.
 
 from __future__ import annotations
 
+import copy
 import errno
+import gc
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import pytest
 
 import pydmabuf
-from pydmabuf import errors, files
+from pydmabuf import checks, errors, files
 from pydmabuf.dma import IovaState
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf
-from pydmabuf.machine import Device, Machine
+from pydmabuf.exporters.vfio import VfioPciBar
+from pydmabuf.importers import DrmGpu, IommufdIoas, KvmVm, NvmeQueue, RdmaMr
+from pydmabuf.importers.nvme import NvmeMapping
+from pydmabuf.importers.rdma import UmemDmabuf
+from pydmabuf.machine import DEFAULT_SPEC, Device, Machine
 
 E = errors
 
@@ -81,6 +89,28 @@ class Case:
         return None
 
 
+
+class Cases(list):  # type: ignore[type-arg]
+    """A matrix of :class:`Case` as data: :meth:`add` one call, or
+    :meth:`sweep` a table of bad values through one argument."""
+
+    def add(self, id: str, make: Callable[[], S], call: Callable[[S], Any], raises: type[BaseException],
+            errno: int | None = None, snap: Callable[[S], Any] | None = None) -> None:
+        self.append(Case(id, make, call, raises, errno, snap))
+
+    def sweep(self, prefix: str, make: Callable[[], S], call: Callable[[S, Any], Any],
+              table: list[tuple[str, Any, type[BaseException]]],
+              override: dict[str, type[BaseException] | None] | None = None) -> None:
+        """One case per ``(label, value, exception)`` of ``table``;
+        ``override`` changes a label's expectation, or with None drops it
+        (the value is valid for that argument)."""
+        for label, value, exp in table:
+            if override and label in override:
+                if override[label] is None:
+                    continue
+                exp = override[label]  # type: ignore[assignment]
+            self.append(Case(f"{prefix}={label}", make, (lambda s, v=value: call(s, v)), exp))
+
 def check_exception(case: Case, exc: BaseException) -> None:
     """The raised exception is the expected kind, carries the errno, and is
     none of the kinds that betray a bug inside the package."""
@@ -95,6 +125,60 @@ def check_exception(case: Case, exc: BaseException) -> None:
     else:
         assert isinstance(exc, ALLOWED_PLAIN), f"{case.id}: {type(exc).__name__} is not an allowed failure: {exc}"
         assert str(exc), f"{case.id}: an error without a message"
+
+
+# ---------------------------------------------------------------- machines
+
+
+def _spec() -> dict[str, Any]:
+    spec = copy.deepcopy(DEFAULT_SPEC)
+    for io in spec["iommus"]:
+        io["fq_timeout"] = None  # deterministic: no timer flushes
+    return spec
+
+
+SPEC = _spec()
+
+
+def mach() -> Machine:
+    """A fresh default machine whose lazy IOMMUs never flush on a timer."""
+    return Machine.from_spec(copy.deepcopy(SPEC))
+
+
+# ---------------------------------------------------------------- the run
+
+#: The calling thread's lock state between cases: nothing held.
+CLEAN = {"held": 0, "in_section": False, "signal_pending": False}
+
+
+def run_case(case: Case) -> None:
+    """Build the case's state, make the call, check the exception and
+    that the watched state is as before; clean up (quietly if it failed)."""
+    assert checks.mode() == "strict"
+    assert pydmabuf._core._thread_lock_state() == CLEAN, "an earlier case leaked a lock, section or signal"
+    s = case.make()
+    ok = False
+    try:
+        snap = case.snap or (lambda st: snapshot(st.watch))
+        before = snap(s)
+        with pytest.raises(Exception) as info:
+            case.call(s)
+        check_exception(case, info.value)
+        assert snap(s) == before, f"{case.id}: the failed call changed state"
+        ok = True
+    finally:
+        if ok:
+            s.cleanup()
+            assert pydmabuf._core._thread_lock_state() == CLEAN, f"{case.id}: a lock, section or signal leaked"
+        else:  # do not let a half-cleaned case warn in later tests
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    s.cleanup()
+                except Exception:
+                    pass
+                del s
+                gc.collect()
 
 
 # ---------------------------------------------------------------- snapshots
@@ -160,12 +244,14 @@ def snapshot(obj: Any) -> Any:
                 list(getattr(obj, "_bounces", [])), obj.uses_swiotlb)
     if isinstance(obj, Device):
         maps = getattr(obj, "_single_maps", {})
-        return ("Device", obj.name, obj.prefer_32bit_iova, sorted((k, v.size) for k, v in maps.items()),
+        return ("Device", obj.name, obj.prefer_32bit_iova, obj.memory_decode, obj.power_state, sorted((k, v.size) for k, v in maps.items()),
                 _domain_held(obj.domain), (obj.swiotlb.slots_used, obj.swiotlb.mappings) if obj.swiotlb else None)
     if isinstance(obj, Machine):
-        return ("Machine", snapshot(obj.address_map), obj.pages.allocated_pages,
+        return ("Machine", snapshot(obj.address_map), obj.pages.allocated_pages, obj.private_pages.allocated_pages,
                 sorted((n, p.slots_used, p.mappings) for n, p in obj.swiotlb_pools.items()),
                 sorted(obj.devices), [_domain_held(g.domain) for g in obj.groups.values()])
+    if isinstance(obj, _DRIVERS):
+        return _driver_snap(obj)
     if isinstance(obj, Files):
         return ("fds", sorted((fd, id(o)) for fd, o in files.open_fds().items()))
     raise TypeError(f"no snapshot for {type(obj).__name__}")
@@ -205,6 +291,40 @@ def _exporter_counters(exp: Any) -> tuple[Any, ...]:
     # counts one of each).
     return (getattr(exp, "maps", 0) - getattr(exp, "unmaps", 0),) + tuple(
         getattr(exp, k, None) for k in ("live", "released", "pins", "moves"))
+
+
+_DRIVERS = (VfioPciBar, IommufdIoas, KvmVm, RdmaMr, UmemDmabuf, DrmGpu, NvmeQueue, NvmeMapping)
+
+
+def _driver_snap(obj: Any) -> Any:
+    """What the driver models show: the device file's and the device's
+    VFIO state, IOAS areas and page tables, VM slots and second stage, MR
+    and umem state, GEM objects, block queues and their requests."""
+    if isinstance(obj, VfioPciBar):
+        c = obj._core
+        return ("VfioPciBar", obj.is_open, obj.memory_decode, obj.power_state, obj.resets, c.open_count,
+                c.user_power_state, c.pm_runtime_engaged, c.bar_zaps,
+                [(id(b), b.revoked, b.refcount) for b in obj.dmabufs], snapshot(obj.device))
+    if isinstance(obj, IommufdIoas):
+        return ("IommufdIoas", obj.closed, [(a.iova, a.nbytes, a.prot, a.revoked, a.phys, id(a.dmabuf))
+                                            for a in obj.areas],
+                [(h.id, [d.name for d in h.devices], h.domain.pgtable.leaves().tolist()) for h in obj.hwpts],
+                obj.reserved, [d.name for d in obj.devices], obj.stats)
+    if isinstance(obj, KvmVm):
+        return ("KvmVm", obj.closed, [(s.slot, s.base_gfn, s.npages, s.flags, s.faults, s.zaps,
+                                       id(s.dmabuf), id(s.attachment)) for s in obj.memslots],
+                obj.stats, obj.ept.leaves().tolist())
+    if isinstance(obj, RdmaMr):
+        return ("RdmaMr", obj.deregistered, obj.faults, obj.zaps, obj.mtt_writes, obj.translation_valid,
+                obj.dma_ranges().tolist(), snapshot(obj.umem))
+    if isinstance(obj, UmemDmabuf):
+        return ("UmemDmabuf", obj.pinned, obj.revoked, obj.released, obj.mapped, obj.maps,
+                obj.dma_ranges().tolist())
+    if isinstance(obj, DrmGpu):
+        return ("DrmGpu", obj.freed, obj.dma_ranges().tolist())
+    if isinstance(obj, NvmeQueue):
+        return ("NvmeQueue", obj.requests, obj.max_segment_size, obj.seg_boundary_mask)
+    return ("NvmeMapping", obj.live, obj.segments.tolist())
 
 
 class Files:
@@ -307,5 +427,5 @@ def bad_pair_buffers() -> list[tuple[str, Any, type[BaseException]]]:
     ]
 
 
-__all__ = ["E", "S", "Case", "check_exception", "snapshot", "in_thread", "BAD_U64", "bad_u64_buffers",
+__all__ = ["E", "S", "Case", "SPEC", "mach", "run_case", "CLEAN", "check_exception", "snapshot", "in_thread", "BAD_U64", "bad_u64_buffers",
            "bad_pair_buffers", "FILES", "errno"]

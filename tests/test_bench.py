@@ -104,6 +104,23 @@ def test_compare_of_a_result_with_itself_is_one(study):
     assert bench.compare(result, {"cells": []}) == "no cells in common"
 
 
+def test_zero_times_have_no_ratio(study):
+    """A result with zero times (hand-edited or truncated: a measured time
+    never is) still formats: its ratios are "-", nothing divides by zero."""
+    _, _, result = study
+    zero = json.loads(json.dumps(result))
+    for c in zero["cells"]:
+        c["ns_per_page"] = 0.0
+        if "map_ns_per_page" in c["counters"]:
+            c["counters"]["map_ns_per_page"] = 0.0
+    table = bench.format_table(zero)
+    assert " - " in table
+    assert "(-)" in bench.format_markdown(zero)
+    assert bench.to_csv(zero).count("\n") == len(zero["cells"]) + 1
+    assert "geometric mean new/old = -" in bench.compare(result, zero)
+    assert "geometric mean new/old = -" in bench.compare(zero, result)
+
+
 def test_unreadable_pfns_skip_the_pagemap_layout_with_a_note(monkeypatch):
     """Where the process may not read PFNs (no CAP_SYS_ADMIN), the real-page
     layout is skipped and the study says so instead of failing."""

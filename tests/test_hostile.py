@@ -33,14 +33,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pydmabuf
-from hostile_support import (BAD_U64, E, FILES, Case, S, bad_pair_buffers, bad_u64_buffers, check_exception,
-                             errno, in_thread, snapshot)
+from hostile_support import (BAD_U64, E, FILES, SPEC, Case, Cases, S, bad_pair_buffers, bad_u64_buffers,
+                             check_exception, errno, in_thread, mach, run_case, snapshot)
+from hostile_support import CLEAN as _CLEAN
 from pydmabuf import (AcquireContext, DmaDirection, Fence, FenceArray, FenceChain, IommuDomain, IoPageTable,
                       IovaDomain, IovaState, Machine, RangeKind, RangeTable, Resv, SgTable, Usage, WwClass, WwMutex,
                       checks, files, workloads)
 from pydmabuf.dmabuf import Exporter, ImporterOps, PhysVec, export
 from pydmabuf.exporters import SystemHeap
-from pydmabuf.machine import DEFAULT_SPEC
 
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
@@ -59,25 +59,8 @@ BAD_INT: list[tuple[str, Any, type[BaseException]]] = [
     ("2**200", 2**200, E.InvalidArgument),
 ]
 
-CASES: list[Case] = []
-
-
-def add(id: str, make: Callable[[], S], call: Callable[[S], Any], raises: type[BaseException],
-        errno: int | None = None, snap: Callable[[S], Any] | None = None) -> None:
-    CASES.append(Case(id, make, call, raises, errno, snap))
-
-
-def sweep(prefix: str, make: Callable[[], S], call: Callable[[S, Any], Any],
-          table: list[tuple[str, Any, type[BaseException]]],
-          override: dict[str, type[BaseException] | None] | None = None) -> None:
-    """One case per bad value of ``table``; ``override`` changes the
-    expectation for a label, or with None drops it (the value is fine)."""
-    for label, value, exp in table:
-        if override and label in override:
-            exp = override[label]
-            if exp is None:
-                continue
-        CASES.append(Case(f"{prefix}={label}", make, (lambda s, v=value: call(s, v)), exp))
+CASES = Cases()
+add, sweep = CASES.add, CASES.sweep
 
 
 # ================================================================== factories
@@ -131,20 +114,6 @@ def iommu(strict: bool = False) -> S:
     d.unmap_dma(b, 0x1000)  # queued on a lazy domain
     d.map(0x7000_0000, 0x300000, 0x2000)
     return S(watch=[d], d=d, a=a, b=b)
-
-
-def _spec() -> dict[str, Any]:
-    spec = copy.deepcopy(DEFAULT_SPEC)
-    for io in spec["iommus"]:
-        io["fq_timeout"] = None  # deterministic: no timer flushes
-    return spec
-
-
-_SPEC = _spec()
-
-
-def mach() -> Machine:
-    return Machine.from_spec(copy.deepcopy(_SPEC))
 
 
 def mach_state() -> S:
@@ -654,7 +623,7 @@ def _bad_spec(path: str, value: Any, *, delete: bool = False) -> Callable[[], di
     """The built-in spec with one item changed: ``path`` like
     "devices.0.bdf" (list indices as numbers)."""
     def make() -> dict[str, Any]:
-        spec = copy.deepcopy(_SPEC)
+        spec = copy.deepcopy(SPEC)
         *parents, last = path.split(".")
         node: Any = spec
         for p in parents:
@@ -1957,7 +1926,6 @@ for _label, _n, _size, _exp in [("n=0", 0, 8, ValueError), ("n=-1", -1, 8, Value
 
 #@@CASES-END@@
 
-_CLEAN = {"held": 0, "in_section": False, "signal_pending": False}
 _IDS = [c.id for c in CASES]
 assert len(set(_IDS)) == len(_IDS), sorted({i for i in _IDS if _IDS.count(i) > 1})
 
@@ -1965,31 +1933,7 @@ assert len(set(_IDS)) == len(_IDS), sorted({i for i in _IDS if _IDS.count(i) > 1
 @pytest.mark.parametrize("case", CASES, ids=_IDS)
 def test_hostile(case: Case) -> None:
     """The call fails with the expected exception and changes nothing."""
-    assert checks.mode() == "strict"
-    assert pydmabuf._core._thread_lock_state() == _CLEAN, "an earlier case leaked a lock, section or signal"
-    s = case.make()
-    ok = False
-    try:
-        snap = case.snap or (lambda st: snapshot(st.watch))
-        before = snap(s)
-        with pytest.raises(Exception) as info:
-            case.call(s)
-        check_exception(case, info.value)
-        assert snap(s) == before, f"{case.id}: the failed call changed state"
-        ok = True
-    finally:
-        if ok:
-            s.cleanup()
-            assert pydmabuf._core._thread_lock_state() == _CLEAN, f"{case.id}: a lock, section or signal leaked"
-        else:  # do not let a half-cleaned case warn in later tests
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                try:
-                    s.cleanup()
-                except Exception:
-                    pass
-                del s
-                gc.collect()
+    run_case(case)
 
 
 # ====================================================== beyond the matrix

@@ -33,19 +33,33 @@ def as_uint(value: Any, name: str, bits: int = 64) -> int:
     return v
 
 
-def as_u64_pairs(rows: Any, name: str) -> np.ndarray:
+def as_u64_pairs(rows: Any, name: str, max_rows: int | None = None) -> np.ndarray:
     """An (N, 2) u64 array from a u64 array or a sequence of integer
-    pairs (a copy unless already u64 and contiguous).  ValueError for the
-    wrong shape, TypeError for non-integers, InvalidArgument (EINVAL) for
-    a negative entry, Overflow (EOVERFLOW) for one above 2**64 - 1."""
+    pairs (a copy unless already u64 and contiguous).  TypeError for what
+    is not a table at all (None, a string, a number) or holds
+    non-integers, ValueError for the wrong shape, InvalidArgument (EINVAL)
+    for a negative entry, Overflow (EOVERFLOW) for one above 2**64 - 1 or
+    more than ``max_rows`` rows (checked before anything is copied),
+    OutOfMemory (ENOMEM) when the copy does not fit in memory."""
     try:
         a = np.asarray(rows)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{name}: not a table of integer pairs: {e}") from None
+    if a.ndim == 0:
+        raise TypeError(f"{name} must be a table of (N, 2) integers, not {type(rows).__name__}")
     if a.size == 0:
         return np.zeros((0, 2), dtype=np.uint64)
     if a.ndim != 2 or a.shape[1] != 2:
         raise ValueError(f"{name} must have shape (N, 2), not {a.shape}")
+    if max_rows is not None and a.shape[0] > max_rows:
+        raise errors.Overflow(f"{name}: {a.shape[0]} rows, more than {max_rows}")
+    try:
+        return _u64_rows(a, rows, name)
+    except MemoryError:
+        raise errors.OutOfMemory(f"{name}: no memory for a copy of {a.shape[0]} rows") from None
+
+
+def _u64_rows(a: np.ndarray, rows: Any, name: str) -> np.ndarray:
     kind = a.dtype.kind
     if kind == "u":
         return np.ascontiguousarray(a, dtype=np.uint64)

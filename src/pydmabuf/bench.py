@@ -370,10 +370,13 @@ def run_study(
     NumPy) and ``mapping`` (each mapping strategy: scatterlist + IOMMU,
     scatterlist + dma-direct, list-free links of pages and of runs,
     ranges -> DMA-only table, and the one-PTE-per-page floor).
+
+    The arguments are checked before anything runs (TypeError for the
+    wrong type, ValueError for an unknown layout or part or a size that is
+    not a positive number of pages); OutOfMemory (ENOMEM) when a layout or
+    a table does not fit in memory.
     """
-    layouts = list(layouts)
-    sizes = list(sizes)
-    parts = list(parts)
+    layouts, sizes, parts = _study_args(layouts, sizes, parts, machine)
     timing = {"min_time": 0.01, "min_reps": 3, "max_reps": 7} if quick else {"min_time": 0.1, "min_reps": 5, "max_reps": 25}
     notes: list[str] = []
     cells: list[Cell] = []
@@ -395,6 +398,8 @@ def run_study(
                 if b is not None:
                     cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES))
                 del keep
+    except MemoryError:  # NumPy could not allocate the layout or a table
+        raise errors.OutOfMemory(f"no memory to study the {lay} layout of {npages} pages") from None
     finally:
         prog.close()
     return {
@@ -410,6 +415,34 @@ def run_study(
         "cells": [c.as_dict() for c in cells],
         "notes": notes,
     }
+
+
+#: The parts of a study.
+PARTS = ("sg_walk", "mapping")
+
+
+def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any) -> tuple[list[str], list[int], list[str]]:
+    """:func:`run_study`'s arguments, checked before anything runs:
+    TypeError for the wrong type, ValueError for an unknown layout or
+    part or a size that is not a positive number of pages of a buffer
+    below 2**64 bytes."""
+    from pydmabuf.machine import Machine
+
+    if machine is not None and not isinstance(machine, Machine):
+        raise TypeError(f"machine must be a Machine or None, not {type(machine).__name__}")
+    layouts, sizes, parts = list(layouts), list(sizes), list(parts)
+    for lay in layouts:
+        if lay not in workloads.LAYOUTS:
+            raise ValueError(f"unknown layout {lay!r}; known: {', '.join(workloads.LAYOUTS)}")
+    for part in parts:
+        if part not in PARTS:
+            raise ValueError(f"unknown part {part!r}; known: {', '.join(PARTS)}")
+    for n in sizes:
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"sizes must be ints (pages), not {type(n).__name__}")
+        if n < 1 or n * PAGE_SIZE >> 64:
+            raise ValueError(f"size {n} pages: must be at least 1 page and below 2**64 bytes")
+    return layouts, sizes, parts
 
 
 def _version() -> str:
@@ -442,10 +475,61 @@ def machine_description() -> dict[str, Any]:
 
 # ------------------------------------------------------------------ output
 
+#: What every cell of a result holds (:meth:`Cell.as_dict`).
+_CELL_KEYS = ("layout", "npages", "strategy", "nbytes", "ns_per_page", "ns_per_page_q1", "ns_per_page_q3", "repeats",
+              "counters")
+#: The counters each kind of cell holds.
+_SG_COUNTERS = {"sg_from_pages": ("segments", "metadata_bytes_per_page"), "c_floor": ("segments",),
+                "numpy": ("segments",)}
+_MAPPING_COUNTERS = ("map_ns_per_page", "unmap_ns_per_page", "segments", "metadata_bytes_per_page",
+                     "pte_writes_per_page", "iotlb_invalidations")
+_MACHINE_KEYS = ("cpu", "cpus", "python", "numpy")
+
+
+def _need(d: dict[str, Any], keys: Iterable[str], what: str) -> None:
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise ValueError(f"{what} lacks {', '.join(map(repr, missing))}")
+
+
+def _check_result(result: Any, what: str, *, header: bool = True) -> list[dict[str, Any]]:
+    """The cells of a study result (:func:`run_study`, or its JSON read
+    back), checked before anything is formatted: TypeError for what is not
+    a dict of a list of dict cells, ValueError for a missing key (and, with
+    ``header``, the run's description)."""
+    if not isinstance(result, dict):
+        raise TypeError(f"{what}: a study result is a dict, not {type(result).__name__}")
+    _need(result, ("cells",) + (("version", "seed", "machine") if header else ()), f"{what}: the result")
+    cells = result["cells"]
+    if not isinstance(cells, list):
+        raise TypeError(f"{what}: the result's cells are a list, not {type(cells).__name__}")
+    if header:
+        if not isinstance(result["machine"], dict):
+            raise TypeError(f"{what}: the result's machine is a dict, not {type(result['machine']).__name__}")
+        _need(result["machine"], _MACHINE_KEYS, f"{what}: the result's machine")
+    for c in cells:
+        if not isinstance(c, dict):
+            raise TypeError(f"{what}: a cell is a dict, not {type(c).__name__}")
+        _need(c, _CELL_KEYS, f"{what}: a cell")
+        k = c["counters"]
+        if not isinstance(k, dict):
+            raise TypeError(f"{what}: a cell's counters are a dict, not {type(k).__name__}")
+        st = c["strategy"]
+        _need(k, _MAPPING_COUNTERS if st in MAPPING_STRATEGIES else _SG_COUNTERS.get(st, ()),
+              f"{what}: the counters of a {st!r} cell")
+    return cells
+
+
+def _ratio(num: float, den: float, fmt: str) -> str:
+    """``num / den`` formatted, or "-" when ``den`` is not positive (a
+    hand-edited or truncated result; a measured time never is)."""
+    return format(num / den, fmt) if den > 0 else "-"
+
 
 def format_table(result: dict[str, Any]) -> str:
-    """The study as a table for people."""
-    cells = result["cells"]
+    """The study as a table for people.  TypeError or ValueError for what
+    is not a study result."""
+    cells = _check_result(result, "format_table")
     by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
     for c in cells:
         by_key.setdefault((c["layout"], c["npages"]), {})[c["strategy"]] = c
@@ -468,7 +552,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(
             f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {core['counters']['segments']:>9} {q:>18} "
             f"{floor['ns_per_page']:>8.2f} {npy['ns_per_page']:>8.2f} "
-            f"{core['ns_per_page'] / floor['ns_per_page']:>7.2f} {core['ns_per_page'] / npy['ns_per_page']:>10.2f} "
+            f"{_ratio(core['ns_per_page'], floor['ns_per_page'], '.2f'):>7} "
+            f"{_ratio(core['ns_per_page'], npy['ns_per_page'], '.2f'):>10} "
             f"{core['counters']['metadata_bytes_per_page']:>11.2f}"
         )
     maps = [c for c in cells if c["strategy"] in MAPPING_STRATEGIES]
@@ -485,16 +570,16 @@ def format_table(result: dict[str, Any]) -> str:
             base = strat.get(BASELINE)
             pte_floor = strat.get("pte_floor")
             for name in MAPPING_STRATEGIES:
-                c = strat.get(name)
-                if c is None:
+                mc = strat.get(name)
+                if mc is None:
                     continue
-                k = c["counters"]
+                k = mc["counters"]
                 mp = k["map_ns_per_page"]
-                rb = f"{mp / base['counters']['map_ns_per_page']:.2f}" if base else "-"
-                rf = f"{mp / pte_floor['counters']['map_ns_per_page']:.1f}" if pte_floor else "-"
+                rb = _ratio(mp, base["counters"]["map_ns_per_page"], ".2f") if base else "-"
+                rf = _ratio(mp, pte_floor["counters"]["map_ns_per_page"], ".1f") if pte_floor else "-"
                 lines.append(
                     f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {mp:>8.2f} "
-                    f"{k['unmap_ns_per_page']:>7.2f} {_spread_pct(c):>4} {rb:>10} {rf:>8} "
+                    f"{k['unmap_ns_per_page']:>7.2f} {_spread_pct(mc):>4} {rb:>10} {rf:>8} "
                     f"{k['pte_writes_per_page']:>9.3f} {k['iotlb_invalidations']:>9} {k['segments']:>9} "
                     f"{k['metadata_bytes_per_page']:>11.2f}"
                 )
@@ -516,9 +601,14 @@ def _spread_pct(c: dict[str, Any]) -> str:
 def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) -> str:
     """A Markdown summary of the mapping part, for a README: per buffer
     size, one row per layout, one column per strategy, each cell the map
-    cost in ns/page and its ratio to the scatterlist + IOMMU baseline."""
+    cost in ns/page and its ratio to the scatterlist + IOMMU baseline.
+    TypeError or ValueError for what is not a study result."""
+    all_cells = _check_result(result, "format_markdown")
+    model = result.get("model")
+    if not isinstance(model, dict) or "iommu_device" not in model:
+        raise ValueError("format_markdown: the result lacks the model's 'iommu_device'")
     m = result["machine"]
-    cells = [c for c in result["cells"] if c["strategy"] in MAPPING_STRATEGIES]
+    cells = [c for c in all_cells if c["strategy"] in MAPPING_STRATEGIES]
     have = sorted({c["npages"] for c in cells})
     want = [n for n in (sizes if sizes is not None else have) if n in have]
     by: dict[tuple[int, str], dict[str, dict[str, Any]]] = {}
@@ -530,7 +620,7 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
     out = [f"Measured with `pydmabuf bench` {result['version']} (seed {result['seed']}"
            f"{', --quick' if result.get('quick') else ''}) on {m['cpu']}, {m['cpus']} CPUs, "
            f"Linux {m.get('kernel', '?')}, Python {m['python']}, NumPy {m['numpy']}; "
-           f"model: the default machine, importer {result['model']['iommu_device']} behind its IOMMU.",
+           f"model: the default machine, importer {model['iommu_device']} behind its IOMMU.",
            "",
            "Map cost in ns per 4 KiB page (median), and in brackets its ratio to `sg_iommu` "
            "(build a scatterlist, `dma_map_sgtable` through the IOMMU).", ""]
@@ -546,16 +636,16 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
             base = row.get(BASELINE)
             cols = []
             for name in MAPPING_STRATEGIES:
-                c = row.get(name)
-                if c is None:
+                mc = row.get(name)
+                if mc is None:
                     cols.append("-")
                     continue
-                mp = c["counters"]["map_ns_per_page"]
-                ratio = f" ({mp / base['counters']['map_ns_per_page']:.2f})" if base else ""
+                mp = mc["counters"]["map_ns_per_page"]
+                ratio = f" ({_ratio(mp, base['counters']['map_ns_per_page'], '.2f')})" if base else ""
                 cols.append(f"{mp:.2f}{ratio}")
             out.append(f"| {lay} | " + " | ".join(cols) + " |")
         out.append("")
-    walks = [c for c in result["cells"] if c["strategy"] == "sg_from_pages"]
+    walks = [c for c in all_cells if c["strategy"] == "sg_from_pages"]
     if walks:
         big = max(c["npages"] for c in walks)
         out.append(f"**Scatterlist walk** (`sg_alloc_table_from_pages`) on {_fmt_size(big * PAGE_SIZE)}, ns per page "
@@ -563,15 +653,15 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
         out.append("")
         out.append("| layout | segments | core | C floor | NumPy | core / C | core / NumPy |")
         out.append("|---|---:|---:|---:|---:|---:|---:|")
-        at_big = {(c["layout"], c["strategy"]): c for c in result["cells"] if c["npages"] == big}
+        at_big = {(c["layout"], c["strategy"]): c for c in all_cells if c["npages"] == big}
         for lay in layouts or sorted({c["layout"] for c in walks}):
             core, floor, npy = (at_big.get((lay, k)) for k in ("sg_from_pages", "c_floor", "numpy"))
             if core is None or floor is None or npy is None:
                 continue
             out.append(f"| {lay} | {core['counters']['segments']} | {core['ns_per_page']:.2f} | "
                        f"{floor['ns_per_page']:.2f} | {npy['ns_per_page']:.2f} | "
-                       f"{core['ns_per_page'] / floor['ns_per_page']:.2f} | "
-                       f"{core['ns_per_page'] / npy['ns_per_page']:.2f} |")
+                       f"{_ratio(core['ns_per_page'], floor['ns_per_page'], '.2f')} | "
+                       f"{_ratio(core['ns_per_page'], npy['ns_per_page'], '.2f')} |")
         out.append("")
     for n in result.get("notes", []):
         out.append(f"Note: {n}")
@@ -579,10 +669,11 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
 
 
 def to_csv(result: dict[str, Any]) -> str:
-    """One row per cell, counters flattened."""
+    """One row per cell, counters flattened.  TypeError or ValueError for
+    what is not a study result."""
     rows = []
     keys: list[str] = []
-    for c in result["cells"]:
+    for c in _check_result(result, "to_csv", header=False):
         row = {k: v for k, v in c.items() if k != "counters"}
         for k, v in c["counters"].items():
             row[f"counter_{k}"] = v
@@ -615,7 +706,8 @@ def plot(result: dict[str, Any], path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
-    cells = [c for c in result["cells"] if c["strategy"] in MAPPING_STRATEGIES or c["strategy"] == "sg_from_pages"]
+    cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES
+             or c["strategy"] == "sg_from_pages"]
     layouts = list(dict.fromkeys(c["layout"] for c in cells))
     if not layouts:
         raise ValueError("nothing to plot")
@@ -644,18 +736,22 @@ def plot(result: dict[str, Any], path: str) -> None:
 
 
 def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Ratios new / old of the map time (ns/page) of every cell both have."""
+    """Ratios new / old of the map time (ns/page) of every cell both have.
+    TypeError or ValueError for what is not a study result."""
+    old_cells = _check_result(old, "compare old", header=False)
+    new_cells = _check_result(new, "compare new", header=False)
+
     def key(c: dict[str, Any]) -> tuple[str, int, str]:
         return (c["layout"], c["npages"], c["strategy"])
 
     def ns(c: dict[str, Any]) -> float:
         return float(c["counters"].get("map_ns_per_page", c["ns_per_page"]))
 
-    a = {key(c): c for c in old["cells"]}
+    a = {key(c): c for c in old_cells}
     lines = [f"{'layout':<11} {'size':>8} {'strategy':<16} {'old ns/page':>12} {'new ns/page':>12} {'new/old':>8}"]
     lines.append("-" * len(lines[0]))
     ratios = []
-    for c in new["cells"]:
+    for c in new_cells:
         o = a.get(key(c))
         if o is None:
             continue
@@ -665,6 +761,7 @@ def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
                      f"{ns(c):>12.3f} {r:>8.2f}")
     if not ratios:
         return "no cells in common"
-    geo = float(np.exp(np.mean(np.log([r for r in ratios if r > 0]))))
-    lines.append(f"\n{len(ratios)} cells in common; geometric mean new/old = {geo:.3f}")
+    pos = [r for r in ratios if r > 0]  # a zero time has no ratio (a measured one is never zero)
+    geo = f"{float(np.exp(np.mean(np.log(pos)))):.3f}" if pos else "-"
+    lines.append(f"\n{len(ratios)} cells in common; geometric mean new/old = {geo}")
     return "\n".join(lines)

@@ -83,10 +83,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.compare:
         try:
             old, new = (json.loads(open(p).read()) for p in args.compare)
-        except (OSError, ValueError) as e:
+            text = bench.compare(old, new)  # TypeError, ValueError: not a study result
+        except (OSError, ValueError, TypeError) as e:
             print(f"pydmabuf bench --compare: {e}", file=sys.stderr)
             return 2
-        print(bench.compare(old, new))
+        print(text)
         return 0
     if args.plot:
         try:

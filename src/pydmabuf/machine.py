@@ -20,6 +20,7 @@ the running host (:meth:`Machine.from_host`).
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import re
@@ -1061,7 +1062,12 @@ class Machine:
 
     @classmethod
     def from_toml(cls, source: str | os.PathLike[str]) -> Machine:
-        """A machine from TOML text or a TOML file (the :meth:`from_spec` schema)."""
+        """A machine from TOML text or a TOML file (the :meth:`from_spec` schema).
+
+        A path object is always a file; a str is a file if one exists
+        there, else TOML text.  A file that cannot be read raises the
+        class of its errno (NotFound for ENOENT ...); malformed TOML is
+        ValueError (``tomllib.TOMLDecodeError``)."""
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # Python 3.10: the backport
@@ -1069,9 +1075,14 @@ class Machine:
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError(f"from_toml: source must be TOML text or a path, not {type(source).__name__}")
         text = os.fspath(source)
-        if os.path.exists(text):
-            with open(text, "rb") as f:
-                return cls.from_spec(tomllib.load(f))
+        if isinstance(source, os.PathLike) or os.path.exists(text):
+            try:
+                with open(text, "rb") as f:
+                    spec = tomllib.load(f)
+            except OSError as exc:
+                raise errors.from_errno(exc.errno or errno.EIO, f"from_toml: cannot read {text}: {exc.strerror}") \
+                    from None
+            return cls.from_spec(spec)
         return cls.from_spec(tomllib.loads(text))
 
     @classmethod

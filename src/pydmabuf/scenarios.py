@@ -36,6 +36,8 @@ class Story:
     the summary facts.  ``out=None`` narrates into :attr:`text` only."""
 
     def __init__(self, out: TextIO | None = None) -> None:
+        if out is not None and not callable(getattr(out, "write", None)):
+            raise TypeError(f"out must be a text stream or None, not {type(out).__name__}")
         self._out = out
         self._buf = io.StringIO()
         self.steps = 0

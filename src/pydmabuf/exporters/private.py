@@ -84,6 +84,10 @@ class PrivateMemory:
     """
 
     def __init__(self, machine: Any) -> None:
+        from pydmabuf.machine import Machine
+
+        if not isinstance(machine, Machine):
+            raise TypeError(f"PrivateMemory: machine must be a Machine, not {type(machine).__name__}")
         self.machine = machine
 
     def allocate(self, nbytes: int, *, layout: str = "contiguous", seed: int = 1, name: str | None = None) -> DmaBuf:

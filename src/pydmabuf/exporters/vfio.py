@@ -55,8 +55,9 @@ from pydmabuf._core import SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, _fmt_size
 from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
 from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
-from pydmabuf.dmabuf import Attachment, DmaBuf, Exporter, PhysVec, attach_revocable, close, dma_buf_get, export
-from pydmabuf.machine import Device, P2pProvider
+from pydmabuf.dmabuf import (Attachment, DmaBuf, Exporter, PhysVec, _timeout_arg, attach_revocable, close,
+                             dma_buf_get, export)
+from pydmabuf.machine import Device, Machine, P2pProvider
 
 log = logging.getLogger(__name__)
 
@@ -312,6 +313,8 @@ def vfio_pci_dma_buf_iommufd_map(attachment: Attachment) -> tuple[int, int]:
     A successful call is a promise from VFIO: one MMIO range, and an
     invalidation of this attachment means revoke, not move.
     """
+    if not isinstance(attachment, Attachment):
+        raise TypeError(f"vfio_pci_dma_buf_iommufd_map: {type(attachment).__name__} is not an Attachment")
     ops = attachment.importer_ops
     if ops is None or IOMMUFD_MODULE not in ops.import_namespaces:
         raise errors.NotPermitted(f"{attachment.device.name}: vfio_pci_dma_buf_iommufd_map is exported to the "
@@ -368,6 +371,8 @@ class VfioPciBar:
     def __init__(self, machine: Any, device: Device | str, bar: int = 0, offset: int = 0,
                  nbytes: int | None = None, ranges: Iterable[tuple[int, int]] | None = None, *,
                  kernel: str = "7.1", has_dmabuf_phys: bool = True) -> None:
+        if not isinstance(machine, Machine):
+            raise TypeError(f"machine must be a Machine, not {type(machine).__name__}")
         dev = machine.device(device) if isinstance(device, str) else device
         if not isinstance(dev, Device):
             raise TypeError(f"device must be a Device or a device name, not {type(device).__name__}")
@@ -505,10 +510,8 @@ class VfioPciBar:
         region = as_uint(region_index, "region_index", 32)
         flags = as_uint(flags, "flags", 32)
         open_flags = as_uint(open_flags, "open_flags", 32)
-        rows = as_u64_pairs(ranges, "ranges")
+        rows = as_u64_pairs(ranges, "ranges", max_rows=U32_MAX)  # nr_ranges is a u32
         nr = len(rows)
-        if nr > U32_MAX:
-            raise errors.Overflow(f"{nr} ranges do not fit nr_ranges (u32)")
         argsz = as_uint(DMA_BUF_FEATURE_MINSZ + DMA_RANGE_SIZE * nr if argsz is None else argsz, "argsz")
         dev = self.device
         # 1. the driver must describe its BARs physically
@@ -589,6 +592,7 @@ class VfioPciBar:
         Raises TimedOut (see the module notes) and BadHandle (EBADF)
         after close.
         """
+        _timeout_arg(timeout, "set_memory_decode")  # before anything is zapped or revoked
         core = self._need_open("set_memory_decode")
         with core.memory_lock:
             if not enabled:
@@ -604,6 +608,7 @@ class VfioPciBar:
         InvalidArgument (EINVAL) for other states."""
         if state not in POWER_STATES:
             raise errors.InvalidArgument(f"power state {state!r} is not one of {POWER_STATES}")
+        _timeout_arg(timeout, "set_power_state")  # before anything is zapped or revoked
         core = self._need_open("set_power_state")
         with core.memory_lock:
             if state != "D0":
@@ -618,6 +623,7 @@ class VfioPciBar:
         """``VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY``: revoke, then let the
         device runtime-suspend (the model puts it in D3hot).  InvalidArgument
         (EINVAL) if already engaged (after the revoke, as the kernel)."""
+        _timeout_arg(timeout, "low_power_entry")  # before anything is zapped or revoked
         core = self._need_open("low_power_entry")
         with core.memory_lock:
             core.zap_bars()
@@ -630,6 +636,7 @@ class VfioPciBar:
     def low_power_exit(self, *, timeout: float | None = None) -> None:
         """``VFIO_DEVICE_FEATURE_LOW_POWER_EXIT``: resume (D0) and un-revoke
         if memory decoding is on."""
+        _timeout_arg(timeout, "low_power_exit")  # before anything is zapped or revoked
         core = self._need_open("low_power_exit")
         with core.memory_lock:
             if core.pm_runtime_engaged:
@@ -642,6 +649,7 @@ class VfioPciBar:
     def reset(self, *, timeout: float | None = None) -> None:
         """``VFIO_DEVICE_RESET``: revoke around a function reset (which puts
         the device in D0), un-revoke after if memory is enabled."""
+        _timeout_arg(timeout, "reset")  # before anything is zapped or revoked
         core = self._need_open("reset")
         with core.memory_lock:
             core.zap_bars()
@@ -657,6 +665,7 @@ class VfioPciBar:
         revokes every dma-buf for good (``vfio_pci_dma_buf_cleanup``): the
         buffers stay valid, attach and map fail with ENODEV.  BadHandle
         (EBADF) if already closed; TimedOut leaves the device open."""
+        _timeout_arg(timeout, "close")  # before anything is zapped or revoked
         core = self._need_open("close")
         with core.memory_lock:
             if core.open_count == 1:
@@ -717,6 +726,7 @@ def vfio_pci_hot_reset(devices: Iterable[Device | VfioPciBar], *, timeout: float
     and decode memory get them back.  Devices of the set nobody opened are
     left alone (the kernel once read their unset virtual config here,
     research note 10.18).  The caller owns the set's choice of devices."""
+    _timeout_arg(timeout, "vfio_pci_hot_reset")  # before anything is zapped or revoked
     devs = [d.device if isinstance(d, VfioPciBar) else d for d in devices]
     cores = []
     for d in devs:

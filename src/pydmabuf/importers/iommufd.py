@@ -362,7 +362,8 @@ class IommufdIoas:
         NoDevice
             (ENODEV) the device is not behind an IOMMU.
         InvalidArgument
-            (EINVAL) the device is already attached.
+            (EINVAL) the device is already attached, or belongs to another
+            machine.
         AddressInUse
             (EADDRINUSE) an area lies in the device's reserved IOVA or
             past the new domain's aperture.
@@ -371,6 +372,8 @@ class IommufdIoas:
             raise TypeError(f"device must be a Device, not {type(device).__name__}")
         with self._lock:
             self._need_open("attach_device")
+            if device.machine is not self.machine:
+                raise errors.InvalidArgument(f"{device.name} is not a device of {self.machine!r}")
             g = device.iommu_group
             if g is None:
                 raise errors.NoDevice(f"{device.name} is not behind an IOMMU")

@@ -57,7 +57,7 @@ from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_si
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, dma_buf_get
 from pydmabuf.exporters.vfio import VfioPciDmaBuf
-from pydmabuf.machine import Device
+from pydmabuf.machine import Device, Machine
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,8 @@ class KvmVm:
 
     def __init__(self, machine: Any, *, private_mem: bool = False, readonly_mem: bool = True,
                  name: str = "vm") -> None:
+        if not isinstance(machine, Machine):
+            raise TypeError(f"machine must be a Machine, not {type(machine).__name__}")
         self.machine = machine
         self.name = name
         self.private_mem = bool(private_mem)
@@ -418,6 +420,15 @@ class KvmVm:
         if nbytes <= 0 or gpa + nbytes > 1 << GPA_BITS:
             raise errors.InvalidArgument(f"bad guest access [{gpa:#x}, +{nbytes:#x})")
         first, last = gpa >> PAGE_SHIFT, (gpa + nbytes - 1) >> PAGE_SHIFT
+        # Walk no further than the first page no slot holds: the access
+        # faults there, and the page arrays never outgrow the slots.
+        pos = gpa
+        for r in self._gpa[0].overlapping(gpa, nbytes):
+            if r.start > pos:
+                break
+            pos = r.last + 1
+        if pos < gpa + nbytes:
+            last = min(last, pos >> PAGE_SHIFT)
         gfns = np.arange(first, last + 1, dtype=np.uint64)
         phys: np.ndarray = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
         hole = np.flatnonzero(phys == _NOT_MAPPED)

@@ -44,7 +44,7 @@ import numpy as np
 
 from pydmabuf import _core, errors
 from pydmabuf._core import SCATTERLIST_MAX_SEGMENT, SG_CHAIN, SgTable
-from pydmabuf._types import PAGE_SIZE, DmaDirection
+from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection
 from pydmabuf.dma import (DmaAttrs, IovaState, PhysBatch, dma_map_phys_many, dma_map_sgtable, dma_unmap_phys_many,
                           dma_unmap_sgtable, p2p_context)
 from pydmabuf.importers import _walk
@@ -55,6 +55,8 @@ __all__ = ["NvmeQueue", "NvmeMapping", "BlkStatus", "BLK_SEG_BOUNDARY_MASK"]
 #: The block layer's default segment boundary: no segment crosses 4 GiB.
 BLK_SEG_BOUNDARY_MASK = 0xFFFFFFFF
 _PMASK = PAGE_SIZE - 1
+#: PFNs of 52-bit physical addresses (the core's page-list limit).
+_PFN_LIMIT = 1 << (52 - PAGE_SHIFT)
 
 
 class BlkStatus(enum.IntEnum):
@@ -183,10 +185,12 @@ class NvmeQueue:
         if not isinstance(device, Device):
             raise TypeError("device must be a Device")
         mss = device.dma_get_max_seg_size() if max_segment_size is None else max_segment_size
-        if not isinstance(mss, int) or mss < PAGE_SIZE or mss > 0xFFFFFFFF:
+        for name, v in (("max_segment_size", mss), ("seg_boundary_mask", seg_boundary_mask)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+        if mss < PAGE_SIZE or mss > 0xFFFFFFFF:
             raise errors.InvalidArgument(f"max_segment_size {mss!r} must be in [PAGE_SIZE, UINT_MAX]")
-        if not isinstance(seg_boundary_mask, int) or seg_boundary_mask < _PMASK or seg_boundary_mask >> 64 \
-                or seg_boundary_mask & (seg_boundary_mask + 1):
+        if seg_boundary_mask < _PMASK or seg_boundary_mask >> 64 or seg_boundary_mask & (seg_boundary_mask + 1):
             raise errors.InvalidArgument(f"seg_boundary_mask {seg_boundary_mask!r} must be 2**k - 1 >= PAGE_SIZE - 1")
         self.device = device
         self.max_segment_size = mss
@@ -279,8 +283,11 @@ class NvmeQueue:
         """``blk_rq_dma_unmap()``, and the per-segment ``dma_unmap_phys``
         the driver does when it returns false: bus addresses need nothing,
         the IOVA path one ``dma_iova_destroy``, the fallback every segment.
-        Twice: LifetimeError."""
-        if not isinstance(mapping, NvmeMapping) or mapping.queue is not self:
+        Twice, or a request of another queue: LifetimeError; not a request
+        at all: TypeError."""
+        if not isinstance(mapping, NvmeMapping):
+            raise TypeError(f"blk_rq_dma_unmap: mapping must be an NvmeMapping, not {type(mapping).__name__}")
+        if mapping.queue is not self:
             raise errors.LifetimeError("blk_rq_dma_unmap: not a request mapped by this queue")
         if not mapping.live:
             raise errors.LifetimeError("blk_rq_dma_unmap: the request was unmapped already")
@@ -297,10 +304,17 @@ class NvmeQueue:
     def bvecs_from_pages(pfns: Any, offset: int = 0, nbytes: int | None = None) -> np.ndarray:
         """One bvec per page of a buffer (``bio_add_page``): (N, 2) u64
         rows, the first starting ``offset`` into its page, ``nbytes`` in
-        all (default: to the end of the last page)."""
-        p = np.ascontiguousarray(np.asarray(pfns, dtype=np.uint64).reshape(-1))
+        all (default: to the end of the last page).
+
+        ``pfns`` is parsed as the core parses its u64 buffers (TypeError,
+        ValueError for a dtype or shape, EINVAL for a negative or too large
+        int in a list); a PFN beyond 52-bit physical addresses is
+        OutOfRange (ERANGE), as for :meth:`SgTable.from_pages`."""
+        p = _core._u64_array(pfns, "pfns")
         if len(p) == 0:
             raise errors.InvalidArgument("a request needs at least one page")
+        if int(p.max()) >= _PFN_LIMIT:
+            raise errors.OutOfRange("bvecs_from_pages: a PFN is beyond 52-bit physical addresses")
         if not isinstance(offset, int) or not 0 <= offset < PAGE_SIZE:
             raise errors.InvalidArgument(f"offset {offset!r} must be inside the first page")
         room = len(p) * PAGE_SIZE - offset
@@ -348,6 +362,8 @@ class NvmeQueue:
     def unmap_sg(self, table: SgTable) -> None:
         """``dma_unmap_sgtable`` of a table from :meth:`map_sg` /
         :meth:`map_pages_sg`."""
+        if not isinstance(table, SgTable):
+            raise TypeError(f"dma_unmap_sgtable: table must be an SgTable, not {type(table).__name__}")
         m = table.mapping
         if m is None:
             raise errors.LifetimeError("dma_unmap_sgtable: the table is not mapped")
@@ -359,9 +375,9 @@ class NvmeQueue:
 
 
 def _rows(bvecs: Any) -> np.ndarray:
-    if isinstance(bvecs, np.ndarray) and bvecs.dtype == np.uint64 and bvecs.ndim == 2 and bvecs.flags.c_contiguous:
-        return bvecs
-    try:
-        return np.ascontiguousarray(np.asarray(bvecs, dtype=np.uint64).reshape(-1, 2))
-    except (ValueError, TypeError, OverflowError) as e:
-        raise ValueError(f"bvecs must be (N, 2) rows of (physical address, nbytes): {e}") from None
+    """The request's bvecs as (N, 2) u64 (physical address, nbytes) rows,
+    parsed as the core parses its (N, 2) buffers (``_core._u64_pairs``):
+    TypeError for what is not a table of ints, ValueError for a dtype,
+    shape or layout that is not C-contiguous (N, 2) u64, EINVAL for a
+    negative or too large int in a list.  Nothing is cast or reshaped."""
+    return _core._u64_pairs(bvecs, "bvecs")

@@ -39,7 +39,7 @@ import numpy as np
 from pydmabuf import errors
 from pydmabuf._core import SG_CHAIN, SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, Usage
-from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, dma_buf_get
+from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _timeout_arg, dma_buf_get
 from pydmabuf.importers import _walk
 from pydmabuf.machine import U64_MAX, Device, P2PMapType
 
@@ -58,6 +58,18 @@ def _version(v: str) -> str:
     if v not in KERNEL_VERSIONS:
         raise ValueError(f"kernel_version must be one of {KERNEL_VERSIONS}, not {v!r}")
     return v
+
+
+def _iova_arg(iova: Any) -> int | None:
+    """The MR's ``virt_addr`` (None: the buffer offset), parsed before
+    anything is attached: TypeError for a non-int, EINVAL outside u64."""
+    if iova is None:
+        return None
+    if not isinstance(iova, int) or isinstance(iova, bool):
+        raise TypeError(f"iova must be an int or None, not {type(iova).__name__}")
+    if iova < 0 or iova > U64_MAX:
+        raise errors.InvalidArgument(f"iova {iova:#x} is not a u64")
+    return iova
 
 
 # --------------------------------------------------------- the in-place trim
@@ -249,6 +261,8 @@ class UmemDmabuf:
             Whatever the exporter's ``attach`` refuses with.
         """
         v = _version(kernel_version)
+        if not isinstance(device, Device):
+            raise TypeError(f"ib_umem_dmabuf_get: device must be a Device, not {type(device).__name__}")
         if not isinstance(offset, int) or not isinstance(nbytes, int) or isinstance(offset, bool) \
                 or isinstance(nbytes, bool):
             raise TypeError("offset and nbytes must be ints")
@@ -304,6 +318,7 @@ class UmemDmabuf:
         pinned ops at attach (EOPNOTSUPP); a static exporter (no ``pin``
         op, like the system heap) accepts and the pin does nothing."""
         v = _version(kernel_version)
+        _timeout_arg(fence_timeout, "ib_umem_dmabuf_get_pinned")  # before anything is attached
         ops = _PinnedOps() if v == "7.1" else _PinnedOpsLegacy()
         self = cls.get(device, dmabuf, offset, nbytes, ops, writable=writable, kernel_version=v)
         resv = self.dmabuf.resv
@@ -369,6 +384,7 @@ class UmemDmabuf:
         As in the kernel, a timed-out wait leaves the table mapped (the
         next call only waits)."""
         self._assert_held("map_pages")
+        _timeout_arg(fence_timeout, "ib_umem_dmabuf_map_pages")  # before anything is mapped
         if self.revoked:
             raise errors.InvalidArgument(f"ib_umem_dmabuf_map_pages: the umem of {self.dmabuf.name} was revoked")
         if self.table is None:
@@ -509,8 +525,6 @@ class RdmaMr:
         try:
             if iova is None:
                 iova = offset
-            elif not isinstance(iova, int) or isinstance(iova, bool) or iova < 0 or iova > U64_MAX:
-                raise errors.InvalidArgument(f"iova {iova!r} is not a u64")
             elif (iova ^ offset) & _PMASK:
                 raise errors.InvalidArgument(f"iova {iova:#x} and offset {offset:#x} differ in their page offset")
         except BaseException:
@@ -526,7 +540,11 @@ class RdmaMr:
         """``mlx5_ib_reg_user_mr_dmabuf()``: :meth:`UmemDmabuf.get` with
         the mlx5 ops, then the first page fault with ENABLE (the MR is
         mapped at registration).  A failure deregisters (nothing stays
-        attached or mapped) and raises what :meth:`fault` raised."""
+        attached or mapped) and raises what :meth:`fault` raised.  A
+        non-int ``iova`` or ``fence_timeout`` is TypeError, out of range
+        EINVAL, before anything is attached."""
+        iova = _iova_arg(iova)
+        _timeout_arg(fence_timeout, "mlx5_ib_reg_user_mr_dmabuf")
         umem = UmemDmabuf.get(device, dmabuf, offset, nbytes, _Mlx5DmabufOps(), writable=writable,
                               kernel_version=kernel_version)
         self = cls._adopt(umem, iova, fence_timeout, pinned=False)
@@ -544,7 +562,12 @@ class RdmaMr:
                         fence_timeout: float | None = None) -> RdmaMr:
         """An MR over :meth:`UmemDmabuf.get_pinned`: mapped and pinned
         once, translation written once, no page faults.  Refused at attach
-        (EOPNOTSUPP) by exporters that require revocable importers."""
+        (EOPNOTSUPP) by exporters that require revocable importers.
+        ``iova`` and ``fence_timeout`` are checked as :meth:`register`
+        checks them; the page-offset rule on ``iova`` comes after the
+        umem is mapped, in the kernel's order."""
+        iova = _iova_arg(iova)
+        _timeout_arg(fence_timeout, "mlx5_ib_reg_user_mr_dmabuf")
         umem = UmemDmabuf.get_pinned(device, dmabuf, offset, nbytes, writable=writable,
                                      kernel_version=kernel_version, fence_timeout=fence_timeout)
         self = cls._adopt(umem, iova, fence_timeout, pinned=True)
