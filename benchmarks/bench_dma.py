@@ -18,7 +18,7 @@ import pytest
 from pydmabuf import (IovaState, Machine, SgTable, _core, dma_buf_free_sgt, dma_buf_phys_vec_to_sgt,
                       dma_map_sgtable, dma_unmap_sgtable, workloads)
 
-from benchutil import pedantic
+from benchutil import min_ns, pedantic
 
 NPAGES = 1 << 20
 LAYOUTS = ["contiguous", "fragmented", "scattered", "thp"]
@@ -42,7 +42,7 @@ def layout(request, machine):
 
 
 def _record(benchmark, dev=None, before=None):
-    benchmark.extra_info["ns_per_page"] = benchmark.stats.stats.min * 1e9 / NPAGES
+    benchmark.extra_info["ns_per_page"] = min_ns(benchmark, NPAGES)
     if dev is not None and before is not None:
         dev.domain.flush()
         benchmark.extra_info["domain_pte_writes_total"] = dev.domain.stats["pte_writes"] - before

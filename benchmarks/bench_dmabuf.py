@@ -31,7 +31,7 @@ from pydmabuf import (DmaAttrs, DmaDirection, Exporter, ImporterOps, IovaState, 
 from pydmabuf.dmabuf import PHYS_NAMESPACE, PhysVec
 from pydmabuf.exporters import SystemHeap
 
-from benchutil import pedantic
+from benchutil import min_ns, pedantic
 
 BIDI = DmaDirection.BIDIRECTIONAL
 GIB_PAGES = 1 << 18
@@ -77,7 +77,7 @@ class BarSlices(Exporter):
 
 
 def _per_page(benchmark, npages):
-    benchmark.extra_info["ns_per_page"] = benchmark.stats.stats.min * 1e9 / npages
+    benchmark.extra_info["ns_per_page"] = min_ns(benchmark, npages)
 
 
 # ------------------------------------------------------------ round trips

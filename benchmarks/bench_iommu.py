@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from benchutil import min_ns
 
 from pydmabuf import IoPageTable, IovaDomain
 from pydmabuf import _core
@@ -27,7 +28,7 @@ ROUNDS = 1 << 16
 
 
 def _ns(benchmark, per):
-    return benchmark.stats.stats.min * 1e9 / per
+    return min_ns(benchmark, per)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ plain C loop compiled into the core (``floor_coalesce``, the loop of
 """
 
 import pytest
+from benchutil import min_ns
 
 from pydmabuf import SgTable, _core, workloads
 
@@ -26,7 +27,7 @@ def layout(request):
 
 def _record(benchmark, npages):
     benchmark.extra_info["npages"] = npages
-    benchmark.extra_info["ns_per_page"] = benchmark.stats.stats.min * 1e9 / npages
+    benchmark.extra_info["ns_per_page"] = min_ns(benchmark, npages)
 
 
 def test_core_from_pages(benchmark, layout):

@@ -3,7 +3,17 @@ tear-down outside the measurement."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
+
+
+def min_ns(benchmark: Any, per: int = 1, stat: str = "min") -> float:
+    """The benchmark's ``stat`` time in ns, divided by ``per`` (pages,
+    operations); NaN under ``--benchmark-disable``, where each benchmark
+    runs once as a plain test and pytest-benchmark keeps no statistics."""
+    if benchmark.stats is None:
+        return math.nan
+    return float(getattr(benchmark.stats.stats, stat)) * 1e9 / per
 
 
 def pedantic(benchmark: Any, setup: Callable[[], tuple[Any, ...]], fn: Callable[..., Any],
