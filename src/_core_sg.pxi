@@ -782,10 +782,10 @@ cdef object _pages_args(object pfns_obj, object offset, object nbytes, object ma
         nbytes = full
     if not isinstance(nbytes, int):
         raise TypeError("nbytes must be an int or None")
-    if nbytes > full or nbytes <= full - PDB_PAGE_SIZE:
+    if nbytes < 0 or nbytes > full or nbytes <= full - PDB_PAGE_SIZE:
         raise _errors.InvalidArgument(
             f"nbytes {nbytes:#x} must end inside the last of the {n} pages "
-            f"(after offset {offset:#x}: {full - PDB_PAGE_SIZE + 1:#x} .. {full:#x})")
+            f"(after offset {offset:#x}: {max(full - PDB_PAGE_SIZE + 1, 0):#x} .. {full:#x})")
     size[0] = nbytes
     if not isinstance(max_segment, int):
         raise TypeError("max_segment must be an int")
