@@ -450,6 +450,13 @@ def _singles(device: Device) -> dict[int, _Single]:
     return s
 
 
+def _bad_range(start: int, nbytes: int) -> bool:
+    """``[start, start + nbytes)`` is not a byte range the DMA API can
+    take: empty, below 0, past 2**64 - 1, or a size that does not fit a
+    size_t (2**64, even from 0)."""
+    return nbytes <= 0 or nbytes > U64_MAX or start < 0 or start + nbytes - 1 > U64_MAX
+
+
 def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection | int,
                  attrs: int = 0) -> int:
     """``dma_map_phys()``: the DMA address of ``[phys, phys + nbytes)``.
@@ -465,7 +472,7 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
         _need_device(device, "dma_map_phys")
     if not isinstance(phys, int) or not isinstance(nbytes, int):
         raise TypeError("phys and nbytes must be ints")
-    if nbytes <= 0 or phys < 0 or phys + nbytes - 1 > U64_MAX:
+    if _bad_range(phys, nbytes):
         raise errors.InvalidArgument(f"dma_map_phys: bad range [{phys:#x}, +{nbytes:#x})")
     mmio = bool(a & DmaAttrs.MMIO)
     dom = device.domain
@@ -762,7 +769,7 @@ class IovaState:
         work: call :meth:`sync` once after a batch of links.
         """
         _need_int("dma_iova_link", phys=phys, offset=offset, nbytes=nbytes)
-        if phys < 0 or nbytes <= 0 or phys + nbytes - 1 > U64_MAX:
+        if _bad_range(phys, nbytes):
             raise errors.InvalidArgument(f"dma_iova_link: bad range [{phys:#x}, +{nbytes:#x})")
         self.link_ranges(np.array([[phys, nbytes]], dtype=np.uint64), direction, attrs, offset=offset)
 
@@ -1147,7 +1154,7 @@ def _peer_bus_target(device: Device, addr: int, nbytes: int) -> int | None:
 def _resolve(device: Device, addr: int, nbytes: int, write: bool) -> list[tuple[int, int]]:
     if not isinstance(addr, int) or not isinstance(nbytes, int):
         raise TypeError("addr and nbytes must be ints")
-    if nbytes <= 0 or addr < 0 or addr + nbytes - 1 > U64_MAX:
+    if _bad_range(addr, nbytes):
         raise errors.InvalidArgument(f"bad access [{addr:#x}, +{nbytes:#x})")
     for hook in list(_access_hooks):
         hook(device, addr, nbytes, write)
