@@ -241,6 +241,8 @@ add("SgTable.from_pages.offset=np.int64", sg_empty, lambda s: SgTable.from_pages
     TypeError)
 sweep("SgTable.from_pages.nbytes", sg_empty, lambda s, v: SgTable.from_pages([1, 2], nbytes=v), BAD_INT, {"None": None})
 add("SgTable.from_pages.nbytes=0", sg_empty, lambda s: SgTable.from_pages([1], nbytes=0), E.InvalidArgument)
+add("SgTable.from_pages.nbytes=-1-offset-4095", sg_empty, lambda s: SgTable.from_pages([1], 4095, -1),
+    E.InvalidArgument)  # one valid byte: the window below it must not admit negatives
 add("SgTable.from_pages.nbytes-past-last-page", sg_empty, lambda s: SgTable.from_pages([1], nbytes=4097),
     E.InvalidArgument)
 add("SgTable.from_pages.nbytes-short-of-last-page", sg_empty,
@@ -573,6 +575,8 @@ for _name in ("gpu1", "gpu0", "legacy0", "direct0"):
     sweep(f"Device.dma_write[{_name}].addr", dev(_name), lambda s, v: s.d.dma_write(v, b"x"), BAD_ADDR)
     add(f"Device.dma_read[{_name}].nbytes=0", dev(_name), lambda s: s.d.dma_read(0x1000, 0), E.InvalidArgument)
     add(f"Device.dma_read[{_name}].wraps", dev(_name), lambda s: s.d.dma_read(U64, 2), E.InvalidArgument)
+    add(f"Device.dma_read[{_name}].nbytes=2**64-from-0", dev(_name), lambda s: s.d.dma_read(0, 2**64),
+        E.InvalidArgument)
     add(f"Device.dma_read[{_name}].nbytes=2**63", dev(_name), lambda s: s.d.dma_read(0x1000, 2**63), E.IommuFault)
     add(f"Device.dma_read[{_name}].nbytes=2**64-4096", dev(_name), lambda s: s.d.dma_read(0x1000, 2**64 - G),
         E.IommuFault)
@@ -893,6 +897,8 @@ for _name in ("gpu1", "gpu0", "legacy0", "direct0", "ext0"):
         E.InvalidArgument)
     add(f"dma_map_phys[{_name}].wraps", _mk, lambda s: pydmabuf.dma_map_phys(s.d, U64, 2, BIDI),
         E.InvalidArgument)
+    add(f"dma_map_phys[{_name}].nbytes=2**64-from-0", _mk, lambda s: pydmabuf.dma_map_phys(s.d, 0, 2**64, BIDI),
+        E.InvalidArgument)  # ends at 2**64 - 1, but no size_t holds the size
     add(f"dma_unmap_phys[{_name}].never-mapped", _mk, lambda s: pydmabuf.dma_unmap_phys(s.d, 0x1000, G, BIDI),
         E.LifetimeError)
     add(f"dma_unmap_phys[{_name}].addr=str", _mk, lambda s: pydmabuf.dma_unmap_phys(s.d, "0x1000", G, BIDI),
@@ -980,6 +986,7 @@ sweep("IovaState.link.nbytes", _st, lambda s, v: s.st.link(0x100000000, 0, v, BI
 sweep("IovaState.link.direction", _st, lambda s, v: s.st.link(0x100000000, 0, G, v), BAD_DIRECTIONS)
 sweep("IovaState.link.attrs", _st, lambda s, v: s.st.link(0x100000000, 0, G, BIDI, v), BAD_ATTRS)
 add("IovaState.link.nbytes=0", _st, lambda s: s.st.link(0x100000000, 0, 0, BIDI), E.InvalidArgument)
+add("IovaState.link.nbytes=2**64-from-0", _st, lambda s: s.st.link(0, 0, 2**64, BIDI), E.InvalidArgument)
 add("IovaState.link.past-reservation", _st, lambda s: s.st.link(0x100000000, 4 * G, 8 * G, BIDI),
     E.InvalidArgument)
 add("IovaState.link.offset-past-end", _st, lambda s: s.st.link(0x100000000, 8 * G, G, BIDI), E.InvalidArgument)
@@ -2220,6 +2227,6 @@ def test_fuzz_iova_state_link(name: str, npages: int, ranges: Any, offset: int, 
         _hostile_call([m, d, st_], lambda: st_.link_ranges(ranges, BIDI, attrs, offset=offset))
     finally:
         if st_.linked_nbytes:
-            for r in list(st_._linked):
-                st_.unlink(r.start, r.nbytes, BIDI)
+            for start, end in list(st_._linked):
+                st_.unlink(start, end - start, BIDI, attrs)
         st_.free()
