@@ -84,7 +84,7 @@ DMA_RANGE_SIZE = 16
 #: ``DMA_IOVA_USE_SWIOTLB``: a dma-buf size with this bit set is refused.
 DMA_IOVA_USE_SWIOTLB = 1 << 63
 #: The only module allowed to link :func:`vfio_pci_dma_buf_iommufd_map`
-#: (``EXPORT_SYMBOL_FOR_MODULES(..., "iommufd")``); importers declare it in
+#: (upstream exports the symbol to iommufd alone); importers declare it in
 #: ``import_namespaces``.
 IOMMUFD_MODULE = "iommufd"
 #: Power states the model's devices take.
