@@ -177,3 +177,24 @@ def test_bad_ranges(args, exc):
     m, d = direct_device()
     with pytest.raises(exc):
         dma_map_phys(d, *args, TO)
+
+
+def test_map_phys_many_translates_through_an_offset_and_parses_like_the_core():
+    from pydmabuf.dma import dma_map_phys_many, dma_unmap_phys_many
+
+    # A plain dma_offset is a window of 2**64 bytes: the bulk path must
+    # translate through it as dma_map_phys does.
+    m, d = direct_device(dma_offset=0x1000_0000, swiotlb="swiotlb")
+    rows = np.array([[0x2000, 0x1000], [0x9000, 0x2000]], dtype=np.uint64)
+    batch = dma_map_phys_many(d, rows, TO)
+    assert batch.dma_ranges.tolist() == [[0x1000_2000, 0x1000], [0x1000_9000, 0x2000]]
+    dma_unmap_phys_many(batch)
+    for bad, exc in [(np.zeros((2, 3), dtype=np.uint64), ValueError),  # not read as 3 rows
+                     ([[0x2000 + 0.5, 0x1000]], TypeError),  # not truncated
+                     ([[-1, 0x1000]], errors.InvalidArgument),
+                     ([[2**64, 1]], errors.InvalidArgument),
+                     (None, TypeError)]:
+        with pytest.raises(exc):
+            dma_map_phys_many(d, bad, TO)
+    with pytest.raises(TypeError):
+        dma_map_phys_many("gpu0", rows, TO)  # type: ignore[arg-type]

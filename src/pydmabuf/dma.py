@@ -312,12 +312,18 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     return int(table.nents)
 
 
+def _dma_range_map(device: Device) -> np.ndarray:
+    """The device's ``dma_range_map`` as flat u64 (cpu_start, dma_start,
+    size) triples; a window of 2**64 bytes (a plain offset) is clamped to
+    2**64 - 1, which no u64 comparison can tell apart."""
+    return np.array([[r.cpu_start, r.dma_start, min(r.size, U64_MAX)] for r in device.dma_ranges],
+                    dtype=np.uint64).reshape(-1)
+
+
 def _map_sg_direct(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs,
                    ctx: _core.P2pContext) -> SgMapping:
     pool = device.swiotlb
-    ranges = np.array([[r.cpu_start, r.dma_start, min(r.size, U64_MAX)] for r in device.dma_ranges],
-                      dtype=np.uint64).reshape(-1)
-    slots = _core._map_sg_direct(table, device.dma_limit, ranges, device.force_swiotlb, pool is not None,
+    slots = _core._map_sg_direct(table, device.dma_limit, _dma_range_map(device), device.force_swiotlb, pool is not None,
                                  int(a), ctx)
     m = SgMapping(device, d, a, "direct")
     if len(slots):
@@ -596,9 +602,10 @@ def dma_map_phys_many(device: Device, ranges: Any, direction: DmaDirection | int
     take the single-range path one by one.  All or nothing: a failure
     unmaps what this call mapped and raises as :func:`dma_map_phys` does.
     """
+    _need_device(device, "dma_map_phys_many")
     d = _dir(direction)
     a = _attrs(attrs)
-    rows = np.ascontiguousarray(np.asarray(ranges, dtype=np.uint64).reshape(-1, 2))
+    rows = _core._u64_pairs(ranges, "dma_map_phys_many ranges")
     if len(rows) and ((rows[:, 1] == 0).any() or (rows[:, 0] + (rows[:, 1] - np.uint64(1)) < rows[:, 0]).any()):
         raise errors.InvalidArgument("dma_map_phys: an empty range, or one that wraps past 2**64 - 1")
     mmio = bool(a & DmaAttrs.MMIO)
@@ -615,10 +622,10 @@ def dma_map_phys_many(device: Device, ranges: Any, direction: DmaDirection | int
             dmas = rows[:, 0].copy()
         else:
             dmas = np.full(len(rows), DMA_MAPPING_ERROR, dtype=np.uint64)
-            for r in device.dma_ranges:
-                inside = (rows[:, 0] >= np.uint64(r.cpu_start)) & (rows[:, 0] - np.uint64(r.cpu_start) < np.uint64(r.size))
-                dmas = np.where(inside & (dmas == np.uint64(DMA_MAPPING_ERROR)),
-                                rows[:, 0] - np.uint64(r.cpu_start) + np.uint64(r.dma_start), dmas)
+            for cpu_start, dma_start, size in _dma_range_map(device).reshape(-1, 3):  # a few windows
+                inside = (rows[:, 0] >= cpu_start) & (rows[:, 0] - cpu_start < size)
+                dmas = np.where(inside & (dmas == np.uint64(DMA_MAPPING_ERROR)), rows[:, 0] - cpu_start + dma_start,
+                                dmas)
         ok = (dmas != np.uint64(DMA_MAPPING_ERROR)) & (dmas + (rows[:, 1] - np.uint64(1)) <= np.uint64(device.dma_limit))
         if ok.all():
             out[:, 0] = dmas
