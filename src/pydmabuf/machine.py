@@ -422,11 +422,13 @@ class PageAllocator:
                 prev = max(prev, e)
         if prev < top:
             self._used.insert(prev, top - prev, kind=RangeKind.RESERVED)
-        self.total_pages = top - self._used.total_nbytes
+        self._reserved_pages = self._used.total_nbytes
+        self.total_pages = top - self._reserved_pages
 
     @property
     def allocated_pages(self) -> int:
-        return sum(int(l.sum()) for _, l in self._live.values())
+        # The table keeps its total: no walk over the live allocations.
+        return self._used.total_nbytes - self._reserved_pages
 
     @property
     def free_pages(self) -> int:
