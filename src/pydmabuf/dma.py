@@ -1038,9 +1038,7 @@ def dma_buf_phys_vec_to_sgt(device: Any, provider: P2pProvider | None, ranges: A
         raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no P2P provider (not MMIO)")
     if not isinstance(provider, P2pProvider):
         raise TypeError(f"dma_buf_phys_vec_to_sgt: provider must be a P2pProvider, not {type(provider).__name__}")
-    rows = ranges if (type(ranges) is np.ndarray and ranges.dtype == np.uint64 and ranges.ndim == 2
-                      and ranges.shape[1] == 2 and ranges.flags.c_contiguous) \
-        else np.ascontiguousarray(_core._u64_pairs(ranges, "dma_buf_phys_vec_to_sgt ranges"))
+    rows = _core._u64_pairs(ranges, "dma_buf_phys_vec_to_sgt ranges")  # no copy for a u64 table
     total = int(_core._ranges_total(rows, "dma_buf_phys_vec_to_sgt"))
     if nbytes is None:
         nbytes = total
