@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from pydmabuf import errors
+from pydmabuf._spec import _BDF  # a PCI address, domain:bus:device.function
 from pydmabuf._types import PAGE_SIZE, RangeKind
 from pydmabuf.machine import Device, HostBridge, Iommu, Machine, PciPort, Window
 
 log = logging.getLogger(__name__)
 
 _LINE = re.compile(r"^(\s*)([0-9a-fA-F]+)-([0-9a-fA-F]+) : (.*)$")
-_BDF = re.compile(r"^[0-9a-fA-F]{4}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
 _PCI_BUS = re.compile(r"^PCI Bus ([0-9a-fA-F]{4}):([0-9a-fA-F]{2})$")
 
 PCI_EXT_CAP_ID_ACS = 0x0D
@@ -210,10 +210,8 @@ def build(cls: type[Machine], *, iomem: str, sysfs: str) -> Machine:
                 continue
             if hb.window_for(start) is None:
                 hb.windows.append(Window(start, size, 0, bool(flags & IORESOURCE_PREFETCH), "from BAR"))
-            clash = m.address_map.overlapping(start, size)
-            for r in clash:
-                if r.kind == RangeKind.RESERVED:
-                    m.address_map.erase(start, size)
+            if any(r.kind == RangeKind.RESERVED for r in m.address_map.overlapping(start, size)):
+                m.address_map.erase(start, size)  # one erase clears the whole window
             try:
                 m.add_bar(dev, idx, size, prefetch=bool(flags & IORESOURCE_PREFETCH), cpu_start=start)
             except errors.DmaBufError as e:
