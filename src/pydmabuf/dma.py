@@ -1144,15 +1144,14 @@ def _peer_bus_target(device: Device, addr: int, nbytes: int) -> int | None:
     # Bus addresses mean something only inside the device's own PCI
     # hierarchy: a switch routes them to a peer below the same host bridge.
     m = device.machine
-    for hb in (device.host_bridge,):
-        for w in hb.windows:
-            if w.bus_start <= addr < w.bus_start + w.nbytes:
-                cpu = (addr - w.bus_offset) & U64_MAX
-                bar = m.bar_at(cpu)
-                if bar is not None and m.p2p_map_type(bar.owner, device) == P2PMapType.BUS_ADDR:
-                    if cpu + nbytes - 1 > bar.last:
-                        raise _fault(device, addr, "access runs past the peer's BAR")
-                    return cpu
+    for w in device.host_bridge.windows:
+        if w.bus_start <= addr < w.bus_start + w.nbytes:
+            cpu = (addr - w.bus_offset) & U64_MAX
+            bar = m.bar_at(cpu)
+            if bar is not None and m.p2p_map_type(bar.owner, device) == P2PMapType.BUS_ADDR:
+                if cpu + nbytes - 1 > bar.last:
+                    raise _fault(device, addr, "access runs past the peer's BAR")
+                return cpu
     return None
 
 
