@@ -77,8 +77,16 @@ class PhysMemory:
             return 0
         src = np.asarray(src_pfns, dtype=np.uint64)
         hit = np.flatnonzero(np.isin(src >> np.uint64(_CHUNK_SHIFT - 12), backed))
-        for i in hit.tolist():
-            self.write(int(dst_pfns[i]) << 12, self.read(int(src[i]) << 12, 4096))
+        dst = np.asarray(dst_pfns, dtype=np.uint64)
+        per = _CHUNK >> 12  # pages per chunk: a page never straddles two
+        chunks = self._chunks
+        with self._lock:  # chunk to chunk, without a bytes copy of each page
+            for s, d in zip(src[hit].tolist(), dst[hit].tolist()):
+                so, do = (s % per) << 12, (d % per) << 12
+                c = chunks.get(d // per)
+                if c is None:
+                    c = chunks[d // per] = np.zeros(_CHUNK, dtype=np.uint8)
+                c[do : do + 4096] = chunks[s // per][so : so + 4096]
         return len(hit)
 
     @property
