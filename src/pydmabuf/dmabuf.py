@@ -971,9 +971,35 @@ class Attachment:
 
 
 def _touches(machine: Any, ranges: np.ndarray, kind: RangeKind) -> bool:
-    for p, n in np.asarray(ranges, dtype=np.uint64).reshape(-1, 2).tolist():
-        if any(r.kind == kind for r in machine.address_map.overlapping(p, n)):
+    """Whether any of the (address, nbytes) rows meets a range of ``kind``
+    in the machine's address map.
+
+    Vectorised: the map's ranges are sorted and disjoint, so the only one
+    that can meet a row ``[lo, hi]`` is the last of ``kind`` starting at or
+    below ``hi``; it meets the row when its (inclusive) last is >= ``lo``.
+    A row of zero bytes or one running past 2**64 - 1 raises as
+    ``RangeTable.overlapping`` would (EINVAL, EOVERFLOW) unless an earlier
+    row already touched.
+    """
+    rows = np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
+    lo, n = rows[:, 0], rows[:, 1]
+    # Rows that are no window: zero bytes, or lo + n - 1 past 2**64 - 1.
+    bad = (n == 0) | (n - np.uint64(1) > ~lo)
+    amap = machine.address_map.as_array()
+    amap = amap[amap["kind"] == int(kind)]
+    first_bad = int(np.argmax(bad)) if bad.any() else len(rows)
+    if len(amap) and first_bad:
+        ok = slice(0, first_bad)
+        hi = lo[ok] + (n[ok] - np.uint64(1))
+        i = np.searchsorted(amap["start"], hi, side="right") - 1
+        hit = (i >= 0) & (amap["last"][np.maximum(i, 0)] >= lo[ok])
+        if hit.any():
             return True
+    if first_bad < len(rows):
+        p, nb = int(lo[first_bad]), int(n[first_bad])
+        if nb == 0:
+            raise errors.InvalidArgument(f"overlapping: nbytes must be positive (got {nb})")
+        raise errors.Overflow(f"overlapping: [{p:#x}, +{nb:#x}) runs past 2**64 - 1")
     return False
 
 
