@@ -747,3 +747,55 @@ def test_touches_edges():
     assert not _touches(m, np.array([[0, 0x10000]], dtype=np.uint64), RangeKind.SWIOTLB)
     with pytest.raises(errors.InvalidArgument):
         _touches(m, np.array([[0x5000, 0]], dtype=np.uint64), RangeKind.SWIOTLB)
+
+
+# ------------------------------------------- CPU mapping past 2**53 bytes
+
+
+class _HugeRanges(Exporter):
+    """An mmappable exporter of given physical ranges (no DMA)."""
+
+    name = "huge-ranges"
+
+    def __init__(self, machine, rows):
+        self.machine = machine
+        self.rows = np.array(rows, dtype=np.uint64)
+
+    def map_dma_buf(self, a, d):
+        raise errors.NotSupported("CPU only")
+
+    def unmap_dma_buf(self, a, t, d):
+        pass
+
+    def release(self, b):
+        pass
+
+    def get_phys_vec(self, a):
+        return PhysVec(self.rows, None)
+
+    def mmap(self, b, mapping):
+        pass
+
+
+def test_cpu_mapping_finds_the_right_range_past_2_53_bytes(m):
+    # The byte before 2**60 + G is the last of the first range: a float64
+    # search rounds it up into the second.
+    first = 2**60 + G
+    b = export(_HugeRanges(m, [[0x1_0000_0000, first], [0x2_0000_0000, G]]), first + G)
+    c = b.mmap(2**60, 2 * G)
+    m.memory.write(0x1_0000_0000 + first - 1, b"A")
+    m.memory.write(0x2_0000_0000, b"B")
+    assert c.read(G - 1, 2) == b"AB"
+    c.write(G - 2, b"yz")
+    assert m.memory.read(0x1_0000_0000 + first - 2, 2) == b"yz"
+    assert c.read(0, 0) == b"" and c.faults == 1
+    b.put()
+
+
+def test_cpu_mapping_past_the_exporters_ranges_is_sigbus(m):
+    b = export(_HugeRanges(m, [[0x1_0000_0000, G]]), 2 * G)
+    c = b.mmap()
+    assert len(c.read(G - 4, 4)) == 4
+    with pytest.raises(errors.IOFailure, match="SIGBUS"):
+        c.read(G - 4, 8)
+    b.put()

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from pydmabuf import checks, dma, errors, files
+from pydmabuf import _walk, checks, dma, errors, files
 from pydmabuf._core import Resv, SgTable, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
@@ -1025,6 +1025,7 @@ class CpuMapping:
         self.nbytes = nbytes
         self.takes_lock = takes_lock  # False for a vmap (its user holds the lock)
         self._ranges: np.ndarray | None = None
+        self._ends: np.ndarray | None = None  # cumulative lengths of _ranges
         self.faults = 0
         self.zaps = 0
         self.created_at = checks.created_at()
@@ -1033,6 +1034,7 @@ class CpuMapping:
         if self._ranges is not None:
             self.zaps += 1
         self._ranges = None
+        self._ends = None
 
     def _resolve(self) -> np.ndarray:
         """The ranges, faulting them in if zapped; the reservation lock is
@@ -1045,6 +1047,7 @@ class CpuMapping:
         pv = buf.exporter.get_phys_vec(None)
         self.faults += 1
         self._ranges = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
+        self._ends = _walk.ends_of(self._ranges)  # kept with the ranges: each access searches it
         return self._ranges
 
     def _access(self, off: int, n: int, fn: Callable[[list[tuple[int, int]]], Any]) -> Any:
@@ -1074,19 +1077,15 @@ class CpuMapping:
         if off < 0 or n < 0 or off + n > self.nbytes:
             raise errors.IOFailure(f"SIGBUS: access [{off:#x}, +{n:#x}) beyond the {self.nbytes:#x}-byte mapping")
         rows = self._resolve()
+        if n == 0:
+            return []
         pos = self.offset + off
-        out = []
-        ends = np.cumsum(rows[:, 1].astype(object))
-        starts = ends - rows[:, 1].astype(object)
-        i = int(np.searchsorted(ends.astype(np.float64), pos, side="right"))
-        while n > 0 and i < len(rows):
-            inner = pos - int(starts[i])
-            take = min(n, int(rows[i, 1]) - inner)
-            out.append((int(rows[i, 0]) + inner, take))
-            pos += take
-            n -= take
-            i += 1
-        return out
+        assert self._ends is not None  # set with the ranges
+        total = int(self._ends[-1]) if len(self._ends) else 0
+        if pos + n > total:  # the exporter's ranges stop short of the mapping: no page to fault in
+            raise errors.IOFailure(f"SIGBUS: access [{off:#x}, +{n:#x}) beyond the {total:#x} bytes "
+                                   f"{self.dmabuf.name} resolves to")
+        return _walk.runs(rows, pos, n, "CPU access", self._ends)
 
     def read(self, off: int, nbytes: int) -> bytes:
         """Read ``nbytes`` at ``off`` of the mapping (IOFailure "SIGBUS"

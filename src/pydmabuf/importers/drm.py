@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import errors
+from pydmabuf import _walk, errors
 from pydmabuf._core import SgTable
 from pydmabuf._types import DmaDirection
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, dma_buf_get
-from pydmabuf.importers import _walk
 from pydmabuf.machine import Device
 
 __all__ = ["DrmGpu"]

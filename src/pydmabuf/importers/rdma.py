@@ -36,11 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import errors
+from pydmabuf import _walk, errors
 from pydmabuf._core import SG_CHAIN, SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, Usage
 from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _timeout_arg, dma_buf_get
-from pydmabuf.importers import _walk
 from pydmabuf.machine import U64_MAX, Device, P2PMapType
 
 log = logging.getLogger(__name__)
