@@ -1150,6 +1150,18 @@ def dma_buf_get(fd: int) -> DmaBuf:
     return obj.get()
 
 
+def _dma_buf_ref(obj: DmaBuf | int, what: str) -> DmaBuf:
+    """A new reference for an importer handed a dma-buf or its fd:
+    ``get_dma_buf()`` on a DmaBuf, :func:`dma_buf_get` on an int fd (its
+    EBADF / EINVAL propagate); TypeError for anything else.  ``what`` names
+    the caller in that message."""
+    if isinstance(obj, DmaBuf):
+        return obj.get()
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return dma_buf_get(obj)
+    raise TypeError(f"{what}: dmabuf must be a DmaBuf or a file descriptor, not {type(obj).__name__}")
+
+
 def close(fd: int) -> None:
     """Close an fd from :meth:`DmaBuf.fd` (drops its reference)."""
     files.close(fd)

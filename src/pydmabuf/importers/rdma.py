@@ -39,7 +39,7 @@ import numpy as np
 from pydmabuf import _walk, errors
 from pydmabuf._core import SG_CHAIN, SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, Usage
-from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _timeout_arg, dma_buf_get
+from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref, _timeout_arg
 from pydmabuf.machine import U64_MAX, Device, P2PMapType
 
 log = logging.getLogger(__name__)
@@ -269,12 +269,7 @@ class UmemDmabuf:
         if v != "7.1" and (ops is None or not ops.has_invalidate):
             raise errors.InvalidArgument("ib_umem_dmabuf_get: the importer ops have no invalidation callback "
                                          f"(required up to 7.0; kernel_version={v})")
-        if isinstance(dmabuf, DmaBuf):
-            buf = dmabuf.get()
-        elif isinstance(dmabuf, int) and not isinstance(dmabuf, bool):
-            buf = dma_buf_get(dmabuf)
-        else:
-            raise TypeError("dmabuf must be a DmaBuf or a file descriptor")
+        buf = _dma_buf_ref(dmabuf, "ib_umem_dmabuf_get")
         try:
             end = offset + nbytes
             if buf.size < end:
