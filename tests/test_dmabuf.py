@@ -7,14 +7,17 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from hypothesis import given, strategies as st
 
 import pydmabuf
-from pydmabuf import DmaDirection, Fence, Machine, Usage, checks, errors, fence_context_alloc
-from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, attach_revocable, close, dma_buf_get,
-                             export)
+from pydmabuf import (DmaDirection, Fence, Machine, RangeKind, RangeTable, Usage, checks, errors,
+                      fence_context_alloc)
+from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, _touches, attach_revocable, close,
+                             dma_buf_get, export)
 from pydmabuf.exporters import SystemHeap
 
 G = 4096
@@ -684,3 +687,115 @@ def test_resource_warnings(m):
         b.__del__()
     b.put()
 
+
+
+# ------------------------------------------- _touches against the per-range walk
+
+U64_MAX = 2**64 - 1
+
+
+def _touches_ref(amap, rows, kind):
+    """The obvious walk: ask the map about each row in turn."""
+    for p, n in rows:
+        if any(r.kind == kind for r in amap.overlapping(p, n)):
+            return True
+    return False
+
+
+_addr = st.one_of(st.integers(0, 1 << 16), st.integers(U64_MAX - (1 << 16), U64_MAX))
+
+
+@given(
+    table=st.lists(st.tuples(_addr, st.integers(1, 1 << 12), st.sampled_from([1, 2, 3])), max_size=12),
+    rows=st.lists(st.tuples(_addr, st.integers(0, 1 << 13)), max_size=12),
+)
+def test_touches_matches_the_per_range_walk(table, rows):
+    amap = RangeTable()
+    for s, n, k in table:
+        n = min(n, U64_MAX - s + 1)
+        if not amap.overlapping(s, n):
+            amap.insert(s, n, kind=k)
+    machine = SimpleNamespace(address_map=amap)
+    arr = np.array(rows, dtype=np.uint64).reshape(-1, 2)
+    try:
+        want = _touches_ref(amap, rows, RangeKind.PRIVATE)
+    except errors.DmaBufError as e:
+        with pytest.raises(type(e)):
+            _touches(machine, arr, RangeKind.PRIVATE)
+    else:
+        assert _touches(machine, arr, RangeKind.PRIVATE) is want
+
+
+def test_touches_edges():
+    amap = RangeTable()
+    amap.insert(0x1000, 0x1000, kind=RangeKind.PRIVATE)
+    amap.insert(U64_MAX - 0xFFF, 0x1000, kind=RangeKind.PRIVATE)
+    m = SimpleNamespace(address_map=amap)
+    P = RangeKind.PRIVATE
+    assert not _touches(m, np.array([[0, 0x1000], [0x2000, 0x1000]], dtype=np.uint64), P)
+    assert _touches(m, np.array([[0, 0x1001]], dtype=np.uint64), P)
+    assert _touches(m, np.array([[0x1FFF, 1]], dtype=np.uint64), P)
+    assert _touches(m, np.array([[U64_MAX, 1]], dtype=np.uint64), P)
+    assert not _touches(m, np.empty((0, 2), dtype=np.uint64), P)
+    with pytest.raises(errors.InvalidArgument):
+        _touches(m, np.array([[0x5000, 0]], dtype=np.uint64), P)
+    with pytest.raises(errors.Overflow):
+        _touches(m, np.array([[U64_MAX, 2]], dtype=np.uint64), P)
+    # A touching row before a bad one answers first, as the walk did.
+    assert _touches(m, np.array([[0x1000, 1], [0x5000, 0]], dtype=np.uint64), P)
+    # No range of the kind: still no window from a bad row.
+    assert not _touches(m, np.array([[0, 0x10000]], dtype=np.uint64), RangeKind.SWIOTLB)
+    with pytest.raises(errors.InvalidArgument):
+        _touches(m, np.array([[0x5000, 0]], dtype=np.uint64), RangeKind.SWIOTLB)
+
+
+# ------------------------------------------- CPU mapping past 2**53 bytes
+
+
+class _HugeRanges(Exporter):
+    """An mmappable exporter of given physical ranges (no DMA)."""
+
+    name = "huge-ranges"
+
+    def __init__(self, machine, rows):
+        self.machine = machine
+        self.rows = np.array(rows, dtype=np.uint64)
+
+    def map_dma_buf(self, a, d):
+        raise errors.NotSupported("CPU only")
+
+    def unmap_dma_buf(self, a, t, d):
+        pass
+
+    def release(self, b):
+        pass
+
+    def get_phys_vec(self, a):
+        return PhysVec(self.rows, None)
+
+    def mmap(self, b, mapping):
+        pass
+
+
+def test_cpu_mapping_finds_the_right_range_past_2_53_bytes(m):
+    # The byte before 2**60 + G is the last of the first range: a float64
+    # search rounds it up into the second.
+    first = 2**60 + G
+    b = export(_HugeRanges(m, [[0x1_0000_0000, first], [0x2_0000_0000, G]]), first + G)
+    c = b.mmap(2**60, 2 * G)
+    m.memory.write(0x1_0000_0000 + first - 1, b"A")
+    m.memory.write(0x2_0000_0000, b"B")
+    assert c.read(G - 1, 2) == b"AB"
+    c.write(G - 2, b"yz")
+    assert m.memory.read(0x1_0000_0000 + first - 2, 2) == b"yz"
+    assert c.read(0, 0) == b"" and c.faults == 1
+    b.put()
+
+
+def test_cpu_mapping_past_the_exporters_ranges_is_sigbus(m):
+    b = export(_HugeRanges(m, [[0x1_0000_0000, G]]), 2 * G)
+    c = b.mmap()
+    assert len(c.read(G - 4, 4)) == 4
+    with pytest.raises(errors.IOFailure, match="SIGBUS"):
+        c.read(G - 4, 8)
+    b.put()

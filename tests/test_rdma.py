@@ -15,7 +15,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 import pydmabuf
 from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, SgTable, Usage, checks, errors, fence_context_alloc
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
+from pydmabuf._core import SG_CHAIN
+from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt, dma_map_sgtable, dma_unmap_sgtable
 from pydmabuf.dmabuf import Exporter, ImporterOps, attach_revocable, close, export
 from pydmabuf.exporters import SystemHeap
 from pydmabuf.exporters.system_heap import HeapBuffer
@@ -215,6 +216,29 @@ def test_trim_matches_the_kernels_loop(lens, data):
         assert _window(t, tr).tolist() == want[first[0]:first[0] + nmap]
     _untrim_table(t, tr)
     assert np.array_equal(t.entries, before)
+
+
+@pytest.mark.parametrize("dev", ["direct0", "nic0"])
+def test_window_is_the_dma_segments_of_a_chained_mapped_table(m, dev):
+    """The window is a slice of the table's DMA segments: the non-chain
+    slots in order, cut at ``nents`` (the definition _trim_table uses),
+    also across chain links and after an IOMMU merged segments."""
+    pfns, _ = pydmabuf.workloads.layout("fragmented", 5000, seed=2)
+    t = SgTable.from_pages(pfns)
+    e = t.entries
+    assert ((e["page_link"] & np.uint64(SG_CHAIN)) != 0).any()
+    d = m.device(dev)
+    dma_map_sgtable(d, t, DmaDirection.BIDIRECTIONAL)
+    total = int(t.dma_ranges()[:, 1].sum())
+    for start, end in [(0, total), (3 * G, total - 5 * G), (G, 2 * G)]:
+        tr = _trim_table(t, start, end)
+        e = t.entries
+        slots = np.flatnonzero((e["page_link"] & np.uint64(SG_CHAIN)) == 0)[: t.nents]
+        slots = slots[tr.first_index : tr.first_index + tr.nmap]
+        want = np.stack([e["dma_address"][slots].astype(np.uint64), e["dma_length"][slots].astype(np.uint64)], 1)
+        assert np.array_equal(_window(t, tr), want) and len(want) == tr.nmap
+        _untrim_table(t, tr)
+    dma_unmap_sgtable(d, t, DmaDirection.BIDIRECTIONAL)
 
 
 def kernel_best_pgsz(segs, address, length, iova, bitmap=G):

@@ -99,6 +99,10 @@ def test_item20_ranges(m):
     assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0xFFFF_FFFF_FFFF_F000, G)]) == errno.EOVERFLOW
     assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0, 1 << 63)]) == errno.EINVAL  # DMA_IOVA_USE_SWIOTLB
     assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0, U64 - G + 1), (0, G)]) == errno.EINVAL  # total wraps
+    # A total that carries past 2**64 only at the last row: EINVAL, named so
+    # (not the bit-63 rule, not EOVERFLOW from the core's sum).
+    with pytest.raises(errors.InvalidArgument, match=r"more than 2\*\*64 - 1"):
+        v.feature_dma_buf(0, 0, 0, [(0, 1 << 62)] * 3 + [(0, (1 << 62) - G), (0, G)])
     # The bit-63 total is refused before any range meets the BAR.
     assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0xFFFF_FFFF_FFFF_F000, G), (0, 1 << 63)]) == errno.EINVAL
     # The BAR's address plus the offset fits, plus the length wraps.

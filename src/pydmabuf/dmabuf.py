@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from pydmabuf import checks, dma, errors, files
+from pydmabuf import _walk, checks, dma, errors, files
 from pydmabuf._core import Resv, SgTable, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
@@ -971,9 +971,35 @@ class Attachment:
 
 
 def _touches(machine: Any, ranges: np.ndarray, kind: RangeKind) -> bool:
-    for p, n in np.asarray(ranges, dtype=np.uint64).reshape(-1, 2).tolist():
-        if any(r.kind == kind for r in machine.address_map.overlapping(p, n)):
+    """Whether any of the (address, nbytes) rows meets a range of ``kind``
+    in the machine's address map.
+
+    Vectorised: the map's ranges are sorted and disjoint, so the only one
+    that can meet a row ``[lo, hi]`` is the last of ``kind`` starting at or
+    below ``hi``; it meets the row when its (inclusive) last is >= ``lo``.
+    A row of zero bytes or one running past 2**64 - 1 raises as
+    ``RangeTable.overlapping`` would (EINVAL, EOVERFLOW) unless an earlier
+    row already touched.
+    """
+    rows = np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
+    lo, n = rows[:, 0], rows[:, 1]
+    # Rows that are no window: zero bytes, or lo + n - 1 past 2**64 - 1.
+    bad = (n == 0) | (n - np.uint64(1) > ~lo)
+    amap = machine.address_map.as_array()
+    amap = amap[amap["kind"] == int(kind)]
+    first_bad = int(np.argmax(bad)) if bad.any() else len(rows)
+    if len(amap) and first_bad:
+        ok = slice(0, first_bad)
+        hi = lo[ok] + (n[ok] - np.uint64(1))
+        i = np.searchsorted(amap["start"], hi, side="right") - 1
+        hit = (i >= 0) & (amap["last"][np.maximum(i, 0)] >= lo[ok])
+        if hit.any():
             return True
+    if first_bad < len(rows):
+        p, nb = int(lo[first_bad]), int(n[first_bad])
+        if nb == 0:
+            raise errors.InvalidArgument(f"overlapping: nbytes must be positive (got {nb})")
+        raise errors.Overflow(f"overlapping: [{p:#x}, +{nb:#x}) runs past 2**64 - 1")
     return False
 
 
@@ -999,6 +1025,7 @@ class CpuMapping:
         self.nbytes = nbytes
         self.takes_lock = takes_lock  # False for a vmap (its user holds the lock)
         self._ranges: np.ndarray | None = None
+        self._ends: np.ndarray | None = None  # cumulative lengths of _ranges
         self.faults = 0
         self.zaps = 0
         self.created_at = checks.created_at()
@@ -1007,6 +1034,7 @@ class CpuMapping:
         if self._ranges is not None:
             self.zaps += 1
         self._ranges = None
+        self._ends = None
 
     def _resolve(self) -> np.ndarray:
         """The ranges, faulting them in if zapped; the reservation lock is
@@ -1019,6 +1047,7 @@ class CpuMapping:
         pv = buf.exporter.get_phys_vec(None)
         self.faults += 1
         self._ranges = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
+        self._ends = _walk.ends_of(self._ranges)  # kept with the ranges: each access searches it
         return self._ranges
 
     def _access(self, off: int, n: int, fn: Callable[[list[tuple[int, int]]], Any]) -> Any:
@@ -1048,19 +1077,15 @@ class CpuMapping:
         if off < 0 or n < 0 or off + n > self.nbytes:
             raise errors.IOFailure(f"SIGBUS: access [{off:#x}, +{n:#x}) beyond the {self.nbytes:#x}-byte mapping")
         rows = self._resolve()
+        if n == 0:
+            return []
         pos = self.offset + off
-        out = []
-        ends = np.cumsum(rows[:, 1].astype(object))
-        starts = ends - rows[:, 1].astype(object)
-        i = int(np.searchsorted(ends.astype(np.float64), pos, side="right"))
-        while n > 0 and i < len(rows):
-            inner = pos - int(starts[i])
-            take = min(n, int(rows[i, 1]) - inner)
-            out.append((int(rows[i, 0]) + inner, take))
-            pos += take
-            n -= take
-            i += 1
-        return out
+        assert self._ends is not None  # set with the ranges
+        total = int(self._ends[-1]) if len(self._ends) else 0
+        if pos + n > total:  # the exporter's ranges stop short of the mapping: no page to fault in
+            raise errors.IOFailure(f"SIGBUS: access [{off:#x}, +{n:#x}) beyond the {total:#x} bytes "
+                                   f"{self.dmabuf.name} resolves to")
+        return _walk.runs(rows, pos, n, "CPU access", self._ends)
 
     def read(self, off: int, nbytes: int) -> bytes:
         """Read ``nbytes`` at ``off`` of the mapping (IOFailure "SIGBUS"
@@ -1123,6 +1148,18 @@ def dma_buf_get(fd: int) -> DmaBuf:
     if not isinstance(obj, DmaBuf):
         raise errors.InvalidArgument(f"fd {fd} is not a dma-buf")
     return obj.get()
+
+
+def _dma_buf_ref(obj: DmaBuf | int, what: str) -> DmaBuf:
+    """A new reference for an importer handed a dma-buf or its fd:
+    ``get_dma_buf()`` on a DmaBuf, :func:`dma_buf_get` on an int fd (its
+    EBADF / EINVAL propagate); TypeError for anything else.  ``what`` names
+    the caller in that message."""
+    if isinstance(obj, DmaBuf):
+        return obj.get()
+    if isinstance(obj, int) and not isinstance(obj, bool):
+        return dma_buf_get(obj)
+    raise TypeError(f"{what}: dmabuf must be a DmaBuf or a file descriptor, not {type(obj).__name__}")
 
 
 def close(fd: int) -> None:

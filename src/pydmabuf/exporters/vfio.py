@@ -50,7 +50,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from pydmabuf import checks, errors
+from pydmabuf import _core, checks, errors
 from pydmabuf._core import SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, _fmt_size
 from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
@@ -539,9 +539,13 @@ class VfioPciBar:
             i = int(np.argmax(bad))
             raise errors.InvalidArgument(f"range {i} ({int(offs[i]):#x}, {int(lens[i]):#x}): lengths must be "
                                          "non-zero and offsets and lengths page aligned")
-        total = int(lens.astype(object).sum())
-        if total > U64_MAX:
-            raise errors.InvalidArgument(f"the ranges add up to {total:#x}, past 2**64 - 1")
+        # The core sums in u64 with a carry check (zero lengths and an empty
+        # table were refused above); a carry is EINVAL here, as in
+        # validate_dmabuf_input() (check_add_overflow on the total).
+        try:
+            total = int(_core._ranges_total(rows, "VFIO_DEVICE_FEATURE_DMA_BUF"))
+        except errors.Overflow:
+            raise errors.InvalidArgument("the ranges add up to more than 2**64 - 1 bytes") from None
         if total & DMA_IOVA_USE_SWIOTLB:
             raise errors.InvalidArgument(f"the ranges add up to {total:#x}: bit 63 is DMA_IOVA_USE_SWIOTLB")
         # 8. get_dmabuf_phys(): the provider, then each range inside the BAR
@@ -709,7 +713,8 @@ def _fill_phys_vec(rows: np.ndarray, provider: P2pProvider) -> np.ndarray:
         paddr = offs + start
         end = paddr + lens
     wrapped = (paddr < offs) | (end < paddr)
-    past = ~wrapped & (end.astype(object) > max_addr)
+    # A row that did not wrap has offs + lens <= end <= 2**64 - 1: u64 is exact.
+    past = ~wrapped & (end > np.uint64(max_addr)) if max_addr <= U64_MAX else np.zeros_like(wrapped)
     fail = wrapped | past
     if fail.any():
         i = int(np.argmax(fail))

@@ -16,11 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import errors
+from pydmabuf import _walk, errors
 from pydmabuf._core import SgTable
 from pydmabuf._types import DmaDirection
-from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, dma_buf_get
-from pydmabuf.importers import _walk
+from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, _dma_buf_ref
 from pydmabuf.machine import Device
 
 __all__ = ["DrmGpu"]
@@ -72,24 +71,17 @@ class DrmGpu:
         stays attached or referenced after a failure."""
         if not isinstance(device, Device):
             raise TypeError("device must be a Device")
-        if isinstance(dmabuf, DmaBuf):
-            buf = dmabuf
-        elif isinstance(dmabuf, int) and not isinstance(dmabuf, bool):
-            buf = dma_buf_get(dmabuf)  # the fd's reference, dropped after the import
-        else:
-            raise TypeError("dmabuf must be a DmaBuf or a file descriptor")
+        buf = _dma_buf_ref(dmabuf, "drm_gem_prime_import")  # the object's reference
         try:
             attach = buf.attach(device)
-            buf.get()
             try:
                 table = attach.map_unlocked(_BIDI)
             except BaseException:
                 buf.detach(attach)
-                buf.put()
                 raise
-        finally:
-            if buf is not dmabuf:
-                buf.put()
+        except BaseException:
+            buf.put()
+            raise
         self = object.__new__(cls)
         self.device = device
         self.dmabuf = buf

@@ -45,7 +45,7 @@ from typing import Any
 from pydmabuf import IommuDomain, RangeTable, errors
 from pydmabuf._types import PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
-from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, dma_buf_get
+from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref
 from pydmabuf.exporters.vfio import IOMMUFD_MODULE, vfio_pci_dma_buf_iommufd_map
 from pydmabuf.machine import MSI_WINDOW, Device, Iommu
 
@@ -546,10 +546,8 @@ class IommufdIoas:
 
     @staticmethod
     def _get_dmabuf(fd: int | DmaBuf) -> DmaBuf:
-        if isinstance(fd, DmaBuf):
-            return fd.get()
         try:
-            return dma_buf_get(fd)
+            return _dma_buf_ref(fd, "IOMMU_IOAS_MAP_FILE")
         except errors.InvalidArgument:
             raise errors.NotSupported(f"fd {fd} is not a dma-buf; memfd areas are not modelled") from None
 

@@ -55,7 +55,7 @@ import numpy as np
 from pydmabuf import IoPageTable, RangeTable, errors
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
-from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, dma_buf_get
+from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, _dma_buf_ref
 from pydmabuf.exporters.vfio import VfioPciDmaBuf
 from pydmabuf.machine import Device, Machine
 
@@ -324,7 +324,7 @@ class KvmVm:
 
     def _bind(self, slot: KvmMemslot, fd: int | DmaBuf) -> None:
         """``kvm_vfio_dmabuf_bind()``."""
-        buf = fd.get() if isinstance(fd, DmaBuf) else dma_buf_get(fd)
+        buf = _dma_buf_ref(fd, "kvm_vfio_dmabuf_bind")
         try:
             if slot.nbytes != buf.size:
                 raise errors.InvalidArgument(f"the dma-buf is {_fmt_size(buf.size)}, the slot "

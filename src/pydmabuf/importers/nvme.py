@@ -42,12 +42,11 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import _core, errors
+from pydmabuf import _core, _walk, errors
 from pydmabuf._core import SCATTERLIST_MAX_SEGMENT, SG_CHAIN, SgTable
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection
 from pydmabuf.dma import (DmaAttrs, IovaState, PhysBatch, dma_map_phys_many, dma_map_sgtable, dma_unmap_phys_many,
                           dma_unmap_sgtable, p2p_context)
-from pydmabuf.importers import _walk
 from pydmabuf.machine import Device, P2PMapType
 
 __all__ = ["NvmeQueue", "NvmeMapping", "BlkStatus", "BLK_SEG_BOUNDARY_MASK"]

@@ -36,11 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import errors
+from pydmabuf import _walk, errors
 from pydmabuf._core import SG_CHAIN, SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, Usage
-from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _timeout_arg, dma_buf_get
-from pydmabuf.importers import _walk
+from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref, _timeout_arg
 from pydmabuf.machine import U64_MAX, Device, P2PMapType
 
 log = logging.getLogger(__name__)
@@ -138,13 +137,11 @@ def _untrim_table(table: SgTable, tr: _Trim) -> None:
 
 def _window(table: SgTable, tr: _Trim) -> np.ndarray:
     """The umem's view: ``nmap`` (DMA address, nbytes) rows from the first
-    trimmed segment."""
+    trimmed segment (the table's DMA segments are its non-chain slots in
+    order, so a slice of its ``dma_ranges``)."""
     if tr.first_index < 0:
         return np.zeros((0, 2), dtype=np.uint64)
-    slots = _dma_slots(table)[tr.first_index : tr.first_index + tr.nmap]
-    e = table.entries
-    return np.ascontiguousarray(np.stack([e["dma_address"][slots].astype(np.uint64),
-                                          e["dma_length"][slots].astype(np.uint64)], axis=1))
+    return table.dma_ranges()[tr.first_index : tr.first_index + tr.nmap]
 
 
 def best_page_size(segments: np.ndarray, address: int, length: int, iova: int, pgsz_bitmap: int = PAGE_SIZE) -> int:
@@ -272,12 +269,7 @@ class UmemDmabuf:
         if v != "7.1" and (ops is None or not ops.has_invalidate):
             raise errors.InvalidArgument("ib_umem_dmabuf_get: the importer ops have no invalidation callback "
                                          f"(required up to 7.0; kernel_version={v})")
-        if isinstance(dmabuf, DmaBuf):
-            buf = dmabuf.get()
-        elif isinstance(dmabuf, int) and not isinstance(dmabuf, bool):
-            buf = dma_buf_get(dmabuf)
-        else:
-            raise TypeError("dmabuf must be a DmaBuf or a file descriptor")
+        buf = _dma_buf_ref(dmabuf, "ib_umem_dmabuf_get")
         try:
             end = offset + nbytes
             if buf.size < end:
@@ -574,8 +566,9 @@ class RdmaMr:
         resv = umem.dmabuf.resv
         resv.lock()
         try:
-            self._check_page_size()
-            self._write_xlt()
+            ranges = umem.dma_ranges()
+            self._check_page_size(ranges)
+            self._write_xlt(ranges)
         except BaseException:
             resv.unlock()
             self.dereg()
@@ -621,16 +614,18 @@ class RdmaMr:
 
     # ----------------------------------------------------- translation
 
-    def _check_page_size(self) -> None:
+    def _check_page_size(self, ranges: np.ndarray) -> None:
+        """``ranges``: the umem's :meth:`UmemDmabuf.dma_ranges`."""
         u = self.umem
-        if best_page_size(u.dma_ranges(), u.address, u.length, self.iova) == 0:
+        if best_page_size(ranges, u.address, u.length, self.iova) == 0:
             raise errors.InvalidArgument(f"{self.device.name}: the DMA segments of {u.dmabuf.name} cannot be "
                                          "mapped with PAGE_SIZE MTT entries at this IOVA")
 
-    def _write_xlt(self) -> None:
-        """UMR update with ENABLE: the MTT of every page of the window."""
+    def _write_xlt(self, ranges: np.ndarray) -> None:
+        """UMR update with ENABLE: the MTT of every page of the window
+        (``ranges``: the umem's :meth:`UmemDmabuf.dma_ranges`)."""
         with self._lock:
-            self._xlt = self.umem.dma_ranges()
+            self._xlt = ranges
             self.mtt_writes += self.umem.num_pages_from(self.iova)
 
     def _zap(self) -> None:
@@ -656,12 +651,13 @@ class RdmaMr:
         resv.lock()
         try:
             self.umem.map_pages(self.fence_timeout)
+            ranges = self.umem.dma_ranges()
             try:
-                self._check_page_size()
+                self._check_page_size(ranges)
             except errors.InvalidArgument:
                 self.umem.unmap_pages()
                 raise
-            self._write_xlt()
+            self._write_xlt(ranges)
             self.faults += 1
         finally:
             resv.unlock()

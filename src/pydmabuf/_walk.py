@@ -1,5 +1,7 @@
-"""Device access through a list of DMA segments: one device access per
-contiguous DMA segment an access touches (never one per page)."""
+"""Access through a list of segments ((address, nbytes) rows): one access
+per contiguous segment an access touches (never one per page).  Devices
+use it over DMA segments, :class:`~pydmabuf.dmabuf.CpuMapping` over the
+exporter's physical ranges."""
 
 from __future__ import annotations
 
@@ -9,20 +11,29 @@ import numpy as np
 
 from pydmabuf import errors
 
-__all__ = ["runs", "read", "write"]
+__all__ = ["ends_of", "runs", "read", "write"]
 
 
-def runs(segments: np.ndarray, offset: int, nbytes: int, what: str = "access") -> list[tuple[int, int]]:
+def ends_of(segments: np.ndarray) -> np.ndarray:
+    """The cumulative lengths of the (N, 2) ``segments`` rows (u64): the
+    byte offset just past each segment, for :func:`runs`."""
+    return np.cumsum(np.asarray(segments, dtype=np.uint64).reshape(-1, 2)[:, 1], dtype=np.uint64)
+
+
+def runs(segments: np.ndarray, offset: int, nbytes: int, what: str = "access",
+         ends: np.ndarray | None = None) -> list[tuple[int, int]]:
     """The (DMA address, nbytes) pieces of ``[offset, offset + nbytes)`` of
     the byte stream the (N, 2) ``segments`` rows describe, in order.
+    ``ends``: :func:`ends_of` the segments, if the caller keeps it.
     InvalidArgument if the window is empty or runs past the segments."""
     if not isinstance(offset, int) or not isinstance(nbytes, int):
         raise TypeError("offset and nbytes must be ints")
     segs = np.asarray(segments, dtype=np.uint64).reshape(-1, 2)
-    total = int(segs[:, 1].sum(dtype=np.uint64)) if len(segs) else 0
+    if ends is None:
+        ends = ends_of(segs)
+    total = int(ends[-1]) if len(ends) else 0
     if offset < 0 or nbytes <= 0 or offset + nbytes > total:
         raise errors.InvalidArgument(f"{what}: [{offset:#x}, +{nbytes:#x}) is not inside the {total:#x} bytes mapped")
-    ends = np.cumsum(segs[:, 1], dtype=np.uint64)
     i = int(np.searchsorted(ends, np.uint64(offset), side="right"))
     j = int(np.searchsorted(ends, np.uint64(offset + nbytes - 1), side="right"))
     out = []
