@@ -459,22 +459,9 @@ cdef int _pgt_map_in_cursor(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64
 
 cdef int pgt_map(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64_t size,
                  uint32_t prot) noexcept nogil:
-    cdef uint64_t *ep
     cdef uint64_t done = 0
     cdef pgt_counters snap
     cdef int rc
-    # One page inside the cursor's table: check and write, no walk.
-    if size == _SZ_4K and pt.cur_pte != NULL and (iova >> 21) == pt.cur_base \
-            and ((iova | phys) & (_SZ_4K - 1)) == 0 and (phys >> pt.oas) == 0 \
-            and (prot & (PDB_IOMMU_READ | PDB_IOMMU_WRITE)) != 0 \
-            and (prot & ~(<uint32_t>PDB_IOMMU_PROT_MASK)) == 0:
-        ep = &pt.cur_pte[(iova >> 12) & (PDB_PGT_ENTRIES - 1)]
-        if ep[0] != 0:
-            return -EEXIST
-        ep[0] = phys | (<uint64_t>prot << _PTE_PROT_SHIFT) | _PTE_TYPE_TABLE
-        pt.c.leaf_sets += 1
-        pt.c.mapped_nbytes += _SZ_4K
-        return 0
     rc = _pgt_check_map(pt, iova, phys, size, prot)
     if rc < 0 or size == 0:
         return rc
