@@ -358,7 +358,7 @@ cdef class IommuDomain:
             raise _errors.InvalidArgument(f"aperture_bits must be in 32..48 (got {aperture_bits})")
         if ncpus < 1 or ncpus > PDB_IOVA_MAX_CPUS:
             raise _errors.InvalidArgument(f"ncpus must be in 1..{PDB_IOVA_MAX_CPUS} (got {ncpus})")
-        if fq_size < 2 or fq_size > (1 << 20) or fq_size & (fq_size - 1):
+        if fq_size < 2 or fq_size > (1 << 20) or not _is_pow2(fq_size):
             raise _errors.InvalidArgument(f"fq_size must be a power of two in 2..2**20 (got {fq_size})")
         tmo = _fq_timeout_arg(fq_timeout)
         self.lock = _new_lock()
