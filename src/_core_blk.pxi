@@ -118,20 +118,41 @@ cdef int64_t iommu_dma_map_ranges(iommu_domain *dom, const uint64_t *pairs, uint
 cdef int64_t iommu_dma_unmap_ranges(iommu_domain *dom, const uint64_t *pairs, uint64_t n,
                                     uint32_t cpu, uint64_t *bad) noexcept nogil:
     """iommu_dma_unmap() for each (dma, nbytes) row.  Every row is checked
-    to be a live IOVA range first (-EINVAL / -ENOENT at row ``bad`` with
-    nothing changed); returns the bytes unmapped."""
+    to be a live IOVA range first, and a distinct one: a scratch mark on
+    each range finds one named twice, which the second unmap would find
+    gone (-EINVAL / -ENOENT at row ``bad`` with nothing changed; -ENOMEM
+    for the scratch array).  Returns the bytes unmapped."""
     cdef uint64_t i, off, span
-    cdef int64_t rc, total = 0
+    cdef int64_t rc = 0, total = 0
+    cdef rt_node **nodes
+    cdef rt_node *nd = NULL
+    nodes = <rt_node **>malloc((n if n else 1) * sizeof(rt_node *))
+    if nodes == NULL:
+        return -ENOMEM
     for i in range(n):
         off = pairs[2 * i] & (PDB_PAGE_SIZE - 1)
         if pairs[2 * i + 1] == 0 or pdb_add_overflow(pairs[2 * i + 1], off + PDB_PAGE_SIZE - 1, &span):
-            bad[0] = i
-            return -EINVAL
-        span &= ~(<uint64_t>PDB_PAGE_SIZE - 1)
-        rc = iova_check_free_fast(&dom.iovad, (pairs[2 * i] - off) >> PDB_PAGE_SHIFT, span >> PDB_PAGE_SHIFT)
+            rc = -EINVAL
+        else:
+            span &= ~(<uint64_t>PDB_PAGE_SIZE - 1)
+            rc = _iova_check_free_fast(&dom.iovad, (pairs[2 * i] - off) >> PDB_PAGE_SHIFT,
+                                       span >> PDB_PAGE_SHIFT, &nd)
+            if rc == 0 and (nd.flags & PDB_IOVA_FLAG_MARK):
+                rc = -ENOENT
         if rc < 0:
             bad[0] = i
+            while i > 0:
+                i -= 1
+                nodes[i].flags &= ~(<uint32_t>PDB_IOVA_FLAG_MARK)
+            free(nodes)
             return rc
+        nd.flags |= PDB_IOVA_FLAG_MARK
+        nodes[i] = nd
+    # Clear every mark before the first unmap: unmapping frees or queues
+    # ranges, and nothing may see a stale scratch bit.
+    for i in range(n):
+        nodes[i].flags &= ~(<uint32_t>PDB_IOVA_FLAG_MARK)
+    free(nodes)
     for i in range(n):
         rc = iommu_dma_unmap(dom, pairs[2 * i], pairs[2 * i + 1], cpu)
         if rc > 0:
@@ -212,7 +233,8 @@ def _map_single_many(IommuDomain dom, pairs, uint32_t prot, uint64_t dma_limit, 
 
 def _unmap_single_many(IommuDomain dom, pairs, uint32_t cpu):
     """iommu_dma_unmap() per (dma, nbytes) row; nothing changes if any row
-    is not a live IOVA range (NotFound / InvalidArgument)."""
+    is not a live IOVA range, or names a range an earlier row names
+    (NotFound / InvalidArgument)."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef const uint64_t[::1] flat = _pairs_view(pairs, "ranges")
     cdef uint64_t n = flat.shape[0] // 2
@@ -226,7 +248,9 @@ def _unmap_single_many(IommuDomain dom, pairs, uint32_t cpu):
     with nogil:
         rc = iommu_dma_unmap_ranges(d, &flat[0], n, cpu, &bad)
     _release(dom.lock)
+    if rc == -ENOMEM:
+        raise _errors.OutOfMemory(f"dma_unmap_phys: no memory for the check of {n} ranges")
     if rc < 0:
         raise _errors.from_errno(-rc, f"dma_unmap_phys: range {bad} ({flat[2 * bad]:#x}, +{flat[2 * bad + 1]:#x}) "
-                                      "is not a live IOVA mapping")
+                                      "is not a live IOVA mapping, or an earlier row names it too")
     return rc

@@ -189,7 +189,8 @@ cdef _Buffer _new_buffer(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t itemsize,
     cdef size_t n
     if rows < 0 or cols < 0 or itemsize <= 0 or \
             <size_t>rows > <size_t>PY_SSIZE_T_MAX // width // <size_t>itemsize:
-        raise _errors.OutOfMemory(f"cannot allocate {rows} x {width} items of {itemsize} bytes: "
+        # Name the count the caller had: a negative rows is a u64 cast.
+        raise _errors.OutOfMemory(f"cannot allocate {<uint64_t>rows} x {width} items of {itemsize} bytes: "
                                   "the size does not fit in memory")
     n = <size_t>rows * width * <size_t>itemsize
     b = _Buffer.__new__(_Buffer)

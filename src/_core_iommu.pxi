@@ -10,17 +10,9 @@
 # after it was armed, checked at the next domain operation against the
 # monotonic clock), or on an explicit flush().
 
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-
 import logging as _logging
 
 _log = _logging.getLogger("pydmabuf.iommu")
-
-
-cdef inline uint64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
 
 
 cdef int _iommu_domain_init(iommu_domain *dom, bint strict, uint32_t aperture_bits,
@@ -178,7 +170,7 @@ cdef void _queue_iova(iommu_domain *dom, uint64_t pfn, uint64_t pages, pgt_gathe
         dom.fq_timer_on = True
         dom.fq_timer_cpu = cpu
         if dom.fq_timeout_ns:
-            dom.fq_deadline_ns = _now_ns() + dom.fq_timeout_ns
+            dom.fq_deadline_ns = <uint64_t>pdb_now_ns() + dom.fq_timeout_ns
 
 
 cdef uint64_t iommu_fq_flush(iommu_domain *dom) noexcept nogil:
@@ -197,7 +189,7 @@ cdef uint64_t iommu_fq_flush(iommu_domain *dom) noexcept nogil:
 
 
 cdef uint64_t iommu_fq_poll(iommu_domain *dom) noexcept nogil:
-    if dom.fq != NULL and dom.fq_timer_on and dom.fq_timeout_ns and _now_ns() >= dom.fq_deadline_ns:
+    if dom.fq != NULL and dom.fq_timer_on and dom.fq_timeout_ns and <uint64_t>pdb_now_ns() >= dom.fq_deadline_ns:
         return iommu_fq_flush(dom)
     return 0
 
@@ -366,7 +358,7 @@ cdef class IommuDomain:
             raise _errors.InvalidArgument(f"aperture_bits must be in 32..48 (got {aperture_bits})")
         if ncpus < 1 or ncpus > PDB_IOVA_MAX_CPUS:
             raise _errors.InvalidArgument(f"ncpus must be in 1..{PDB_IOVA_MAX_CPUS} (got {ncpus})")
-        if fq_size < 2 or fq_size > (1 << 20) or fq_size & (fq_size - 1):
+        if fq_size < 2 or fq_size > (1 << 20) or not _is_pow2(fq_size):
             raise _errors.InvalidArgument(f"fq_size must be a power of two in 2..2**20 (got {fq_size})")
         tmo = _fq_timeout_arg(fq_timeout)
         self.lock = _new_lock()

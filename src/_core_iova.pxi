@@ -965,8 +965,8 @@ cdef class IovaDomain:
             cap = 0 if lim < self.d.start_pfn else (lim - self.d.start_pfn + 1) // each
             if n > cap + 1:
                 n = cap + 1
-        if n > <uint64_t>PY_SSIZE_T_MAX // 8:
-            raise _errors.OutOfMemory(f"alloc_many: no room for {n} pfns in memory")
+        # A count past Py_ssize_t casts negative: _new_buffer() refuses it,
+        # and any count whose bytes do not fit, with OutOfMemory.
         b = _new_buffer(<Py_ssize_t>n, 0, 8, b"Q")
         _acquire(self.lock)
         with nogil:

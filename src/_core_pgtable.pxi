@@ -426,22 +426,10 @@ cdef int64_t _pgt_map_pages(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64
 
 cdef int _pgt_map_range(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64_t size,
                         uint64_t pbits, uint64_t *done) noexcept nogil:
-    """The iommu_map_nosync() loop over a checked span."""
-    cdef uint64_t pgsize, count, i, n, idx, pte
+    """The iommu_map_nosync() loop over a checked span.  Each caller has
+    already written a span that fits the cursor's level-3 table itself."""
+    cdef uint64_t pgsize, count
     cdef int64_t r
-    if size < _SZ_2M and pt.cur_pte != NULL and (iova >> 21) == pt.cur_base \
-            and ((iova + size - 1) >> 21) == pt.cur_base:
-        # Below 2M inside the cursor's table iommu_pgsize() picks 4K pages
-        # and one map_pages call writes them all.
-        idx = (iova >> 12) & (PDB_PGT_ENTRIES - 1)
-        n = size >> 12
-        pte = phys | pbits | _PTE_TYPE_TABLE
-        for i in range(n):
-            pt.cur_pte[idx + i] = pte + (i << 12)
-        pt.c.leaf_sets += n
-        pt.c.mapped_nbytes += size
-        done[0] += size
-        return 0
     while size:
         pgsize = _iommu_pgsize(iova, phys, size, &count)
         r = _pgt_map_pages(pt, iova, phys, pgsize, count, pbits)
@@ -471,22 +459,9 @@ cdef int _pgt_map_in_cursor(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64
 
 cdef int pgt_map(io_pgtable *pt, uint64_t iova, uint64_t phys, uint64_t size,
                  uint32_t prot) noexcept nogil:
-    cdef uint64_t *ep
     cdef uint64_t done = 0
     cdef pgt_counters snap
     cdef int rc
-    # One page inside the cursor's table: check and write, no walk.
-    if size == _SZ_4K and pt.cur_pte != NULL and (iova >> 21) == pt.cur_base \
-            and ((iova | phys) & (_SZ_4K - 1)) == 0 and (phys >> pt.oas) == 0 \
-            and (prot & (PDB_IOMMU_READ | PDB_IOMMU_WRITE)) != 0 \
-            and (prot & ~(<uint32_t>PDB_IOMMU_PROT_MASK)) == 0:
-        ep = &pt.cur_pte[(iova >> 12) & (PDB_PGT_ENTRIES - 1)]
-        if ep[0] != 0:
-            return -EEXIST
-        ep[0] = phys | (<uint64_t>prot << _PTE_PROT_SHIFT) | _PTE_TYPE_TABLE
-        pt.c.leaf_sets += 1
-        pt.c.mapped_nbytes += _SZ_4K
-        return 0
     rc = _pgt_check_map(pt, iova, phys, size, prot)
     if rc < 0 or size == 0:
         return rc

@@ -251,6 +251,42 @@ def test_strict_domain_invalidates_once_per_unmap():
     assert d.domain.stats["iotlb_range_invalidations"] == 1
 
 
+@pytest.mark.parametrize("mode", ["strict", "lazy"])
+@pytest.mark.parametrize("dup", [(0, 0), (1, 2)])
+def test_unmap_many_with_a_range_named_twice_changes_nothing(mode, dup):
+    # All or nothing: a batch whose rows name one live range twice must
+    # fail as a row that is not live does, before anything is unmapped
+    # (the second unmap would find the range gone, or queue it twice).
+    from pydmabuf.dma import PhysBatch, dma_map_phys_many, dma_unmap_phys_many
+
+    m, d = iommu_device(mode)
+    batch = dma_map_phys_many(d, [(100 * G, G), (300 * G + 0x10, 0x2000), (500 * G, 3 * G)], BIDI)
+    assert batch.kind == "iommu"
+    rows = batch.dma_ranges
+    first, second = dup
+    bad = np.concatenate([rows, rows[first:first + 1]]) if first == second else \
+        np.concatenate([rows[:second], rows[first:first + 1], rows[second:]])
+    before = (d.domain.stats, d.domain.iovad.ranges(with_state=True).copy(),
+              d.domain.pgtable.leaves().copy())
+    forged = PhysBatch(d, batch.direction, batch.attrs, bad, "iommu")
+    with pytest.raises(errors.NotFound) as exc:
+        dma_unmap_phys_many(forged)
+    assert exc.value.errno == 2  # ENOENT, as for a row that is not live
+    # The same errno as a row naming no live range at all.
+    gone = np.concatenate([rows, np.array([[0x1000, G]], dtype=np.uint64)])
+    with pytest.raises(errors.NotFound):
+        dma_unmap_phys_many(PhysBatch(d, batch.direction, batch.attrs, gone, "iommu"))
+    after = (d.domain.stats, d.domain.iovad.ranges(with_state=True), d.domain.pgtable.leaves())
+    assert after[0] == before[0]
+    assert (after[1] == before[1]).all() and (after[2] == before[2]).all()
+    d.domain.iovad.check()  # no scratch mark left behind
+    assert forged.live  # the failed unmap did not retire it
+    dma_unmap_phys_many(batch)
+    d.domain.flush()
+    assert d.domain.stats["iova_live_ranges"] == 0 and d.domain.stats["mapped_nbytes"] == 0
+    d.domain.iovad.check()
+
+
 def test_rules_of_the_api():
     m, d = iommu_device()
     m2, other = iommu_device()
