@@ -298,7 +298,7 @@ def test_slot_deletion_against_guest_faults_leaves_no_mapping_and_no_keyerror(m)
     never a bare KeyError; and the last slot's bytes are what is read."""
     import threading
 
-    rounds, nbytes = 60, 8 * G
+    rounds, nbytes = 150, 8 * G
     with vfio_export(m, "vfio1", nbytes=nbytes) as (_, a), vfio_export(m, "vfio0", nbytes=nbytes) as (_, b), \
             KvmVm(m, private_mem=True) as vm:
         for buf, fill in ((a, b"A"), (b, b"B")):

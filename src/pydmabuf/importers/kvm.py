@@ -431,19 +431,23 @@ class KvmVm:
                 idx = np.searchsorted(ends, off, side="right")
                 phys = rows[idx, 0] + (off - (ends[idx] - rows[idx, 1]))
             prot = _EPT_PROT
-            brk = np.flatnonzero(gfns[1:] != gfns[:-1] + np.uint64(1)) + 1
             with self.mmu_lock:
                 if slot.deleted:  # deleted since the lookup: map nothing
                     raise errors.IommuFault(f"{self.name}: guest access at gpa {int(gfns[0]) << PAGE_SHIFT:#x} "
                                             "hits no memslot (deleted while the fault ran)")
+                # Another vCPU may have faulted some of these pages in since
+                # the lookup (same buffer generation: we hold its lock): KVM
+                # finds the entry present and takes the fault as spurious.
+                now = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
+                todo = now == _NOT_MAPPED
+                mg, mp = gfns[todo], phys[todo]
                 slot.lease = lease
-                if len(brk) == 0:
-                    self.ept.map_many(int(gfns[0]) << PAGE_SHIFT, phys, PAGE_SIZE, prot)
-                else:
-                    for part_g, part_p in zip(np.split(gfns, brk), np.split(phys, brk)):
+                if len(mg):
+                    brk = np.flatnonzero(mg[1:] != mg[:-1] + np.uint64(1)) + 1
+                    for part_g, part_p in zip(np.split(mg, brk), np.split(mp, brk)):
                         self.ept.map_many(int(part_g[0]) << PAGE_SHIFT, np.ascontiguousarray(part_p), PAGE_SIZE, prot)
-                slot.faults += len(gfns)
-                self.faults += len(gfns)
+                slot.faults += len(mg)
+                self.faults += len(mg)
             return phys
         finally:
             buf.resv.unlock()
@@ -485,6 +489,13 @@ class KvmVm:
         if nbytes <= PAGE_SIZE - inner:  # one page: no arrays
             p = self.ept.iova_to_phys(gpa - inner)
             return None if p is None else [(p + inner, nbytes)]
+        pos = gpa  # slots must hold the whole access before its pages are listed
+        for r in self._gpa[0].overlapping(gpa, nbytes):
+            if r.start > pos:
+                break
+            pos = r.last + 1
+        if pos < gpa + nbytes:
+            return None  # a hole: the fault path names it
         gfns = np.arange(gpa >> PAGE_SHIFT, ((gpa + nbytes - 1) >> PAGE_SHIFT) + 1, dtype=np.uint64)
         phys: np.ndarray = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
         if (phys == _NOT_MAPPED).any():
