@@ -34,6 +34,7 @@ from typing import Any, Callable, Protocol
 from pydmabuf import errors
 from pydmabuf._types import RangeKind
 from pydmabuf.machine import Bar
+from pydmabuf.memory import PhysMemory
 
 __all__ = ["Accessor", "Lease", "PageOwner", "access", "add_check", "bounce_check", "bounce_copy",
            "migrate_pages", "DEVICE", "CPU", "GUEST"]
@@ -206,7 +207,7 @@ def access(acc: Accessor, addr: int, nbytes: int, translate: Callable[[], Runs],
         if why is not None:
             raise acc.fault(addr, f"stale mapping: {why}")
     _check_runs(acc, runs, addr)
-    mem = acc.machine.memory
+    mem: PhysMemory = acc.machine.memory
     if data is None:
         if len(runs) == 1:
             return mem._raw_read(runs[0][0], runs[0][1])
@@ -234,7 +235,7 @@ def bounce_copy(acc: Accessor, dst: int, src: int, nbytes: int) -> None:
     on behalf of ``acc``; both ends pass the address-map checks."""
     if nbytes:
         _check_runs(acc, [(src, nbytes), (dst, nbytes)], src, forbidden_only=True)
-        mem = acc.machine.memory
+        mem: PhysMemory = acc.machine.memory
         mem._raw_write(dst, mem._raw_read(src, nbytes))
 
 

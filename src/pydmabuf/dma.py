@@ -368,11 +368,11 @@ def _map_sg_iommu_swiotlb(device: Device, table: SgTable, d: DmaDirection, a: Dm
             dma = dma_map_phys(device, p, n, d, a)
             m.singles.append((slot, dma, n))
             dmas.append(dma)
-    except errors.DmaBufError as e:
+    except errors.DmaBufError as err:
         for _, dma, n in m.singles:
             dma_unmap_phys(device, dma, n, d, a | DmaAttrs.SKIP_CPU_SYNC)
         _core._clear_dma(table)
-        if isinstance(e, errors.IommuFault):  # the access gate refused a bounce: its fault as it is
+        if isinstance(err, errors.IommuFault):  # the access gate refused a bounce: its fault as it is
             raise
         raise errors.IOFailure("dma_map_sgtable: mapping an entry of the untrusted device failed") from None
     if m.singles:
