@@ -16,7 +16,7 @@ import pytest
 import pydmabuf
 from pydmabuf import DmaDirection, IovaState, Machine, SgTable, access, errors
 from pydmabuf.dma import dma_map_phys, dma_map_sgtable, dma_unmap_phys
-from pydmabuf.dmabuf import CpuMapping, ImporterOps, export
+from pydmabuf.dmabuf import ImporterOps, export
 from pydmabuf.exporters import SystemHeap
 from pydmabuf.exporters.system_heap import HeapBuffer
 

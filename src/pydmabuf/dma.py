@@ -32,13 +32,13 @@ import threading
 import weakref
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from pydmabuf import _core, access, errors
 from pydmabuf._core import SgTable
-from pydmabuf._types import PAGE_SIZE, DmaDirection, IommuProt, RangeKind
+from pydmabuf._types import PAGE_SIZE, DmaDirection, IommuProt
 from pydmabuf.machine import DMA_MAPPING_ERROR, U64_MAX, Bar, Device, P2pProvider, P2PMapType, SwiotlbPool
 
 log = logging.getLogger(__name__)

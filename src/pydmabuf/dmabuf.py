@@ -1095,14 +1095,24 @@ class CpuMapping:
         if self.closed:
             return
         buf = self.dmabuf
-        with buf._lock:
-            self.closed = True
-            self._zap()
-            buf._cpu_maps.discard(self)
-            ref = self._holds_ref
-            if ref:
-                self._holds_ref = False
-                buf._mmap_refs -= 1
+        # The zap is ordered against accesses as a fault is (reservation
+        # lock), so no access is still copying when the last put frees
+        # the pages.
+        take = self.takes_lock and not buf.resv.held_by_current_thread()
+        if take:
+            buf.resv.lock()
+        try:
+            with buf._lock:
+                self.closed = True
+                self._zap()
+                buf._cpu_maps.discard(self)
+                ref = self._holds_ref
+                if ref:
+                    self._holds_ref = False
+                    buf._mmap_refs -= 1
+        finally:
+            if take:
+                buf.resv.unlock()
         if ref:
             buf.put()
 
@@ -1131,6 +1141,8 @@ class CpuMapping:
         buf = self.dmabuf
         if self.closed:
             raise errors.IOFailure(f"SIGBUS: the CPU mapping of {buf.name} was closed")
+        if self._gate.machine is None:
+            raise errors.IOFailure(f"SIGBUS: {buf.exporter.name} has no machine whose memory the mapping reaches")
         if buf.revoked or buf.released:
             raise errors.IOFailure(f"SIGBUS: {buf.name} was revoked; its CPU mapping is gone")
         lease = access.Lease(buf, f"the CPU mapping [{self.offset:#x}, +{self.nbytes:#x}]")
