@@ -250,3 +250,31 @@ def test_an_access_ending_at_2_64_faults_even_with_a_stale_mapping(m, name):
         a.unmap(t, BIDI)
     b.detach(a)
     b.put()
+
+
+def test_dma_through_a_mapping_of_a_released_buffer_is_reported(m):
+    """Report mode lets a buffer be released with a live mapping (the
+    kernel WARNs and goes on); DMA through that mapping afterwards reaches
+    pages the allocator may have handed on, and the gate's dma-buf check
+    reports it, naming the importer."""
+    from pydmabuf import checks
+
+    d = m.device("gpu0")
+    b = SystemHeap(m).allocate(2 * G)
+    a = b.attach(d)
+    t = a.map_unlocked(BIDI)
+    addr = int(t.dma_ranges()[0, 0])
+    checks.clear()
+    with checks.report_mode():
+        b.put()  # release-with-users, recorded
+        assert b.released
+        d.dma_read(addr, 8)
+        rep = checks.reports("dma-after-release")
+    assert len(rep) == 1 and "gpu0" in rep[0].message and rep[0].culprit
+    with pytest.raises(errors.LifetimeError, match="released"):
+        d.dma_read(addr, 8)
+    checks.clear()
+    with checks.report_mode():
+        a.unmap_unlocked(t, BIDI)
+        b.detach(a)
+    checks.clear()

@@ -248,11 +248,21 @@ _maps_lock = threading.Lock()
 
 
 def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
-    """DMA by ``device``: through a mapping its importer was told to drop?"""
+    """The access gate's check of device DMA (:mod:`pydmabuf.access`):
+    through a mapping its importer was told to drop, or of a buffer that
+    was released under it (report mode let the release go on: its pages
+    may be someone else's now)?"""
     with _maps_lock:
         maps = list(_device_maps.get(device, ()))
     for m in maps:
-        if m.stale and m.covers(addr, nbytes):
+        if m.attachment.dmabuf._released and m.covers(addr, nbytes):
+            a = m.attachment
+            checks.checker.lifetime(
+                "dma-after-release",
+                f"{device.name} did DMA at {addr:#x} through a mapping of {a.dmabuf.name!r}, which was "
+                "released with the mapping live: its pages went back to the allocator",
+                m, a.dmabuf, culprit=a.importer_ops or a)
+        elif m.stale and m.covers(addr, nbytes):
             a = m.attachment
             what = "revoked" if a.dmabuf.revoked else "invalidated"
             checks.checker.lifetime(
