@@ -1569,6 +1569,12 @@ for _d in (DmaDirection.BIDIRECTIONAL, DmaDirection.TO_DEVICE, DmaDirection.FROM
         lambda s, d=_d: pydmabuf.dma_map_sgtable(s.d, s.t, d), E.IommuFault)
     add(f"dma_map_phys[ext0].confidential-subgranule-{_d.name}", dev("ext0"),
         lambda s, d=_d: pydmabuf.dma_map_phys(s.d, SECRET + 0x10, 0x100, d), E.IommuFault)
+add("dma_map_phys_many[legacy0].confidential-second-row", dev("legacy0"),
+    lambda s: pydmabuf.dma.dma_map_phys_many(s.d, np.array([[0x1_0000_0000, G], [SECRET, G]], dtype=np.uint64), BIDI),
+    E.IommuFault)
+add("dma_map_phys_many[ext0].confidential-subgranule-row", dev("ext0"),
+    lambda s: pydmabuf.dma.dma_map_phys_many(s.d, np.array([[0x1_0000_0000, G], [SECRET + 8, 8]], dtype=np.uint64), BIDI),
+    E.IommuFault)
 add("dma_map_sgtable[ext0].confidential-subgranule", dev_table("ext0", 0x100, 0x1200),
     lambda s: pydmabuf.dma_map_sgtable(s.d, s.t, BIDI), E.IommuFault)
 add("IovaState.link[ext0].confidential-subgranule", iova_state("ext0"),
