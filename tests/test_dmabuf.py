@@ -19,6 +19,7 @@ from pydmabuf import (DmaDirection, Fence, Machine, RangeKind, RangeTable, Usage
 from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, _touches, attach_revocable, close,
                              dma_buf_get, export)
 from pydmabuf.exporters import SystemHeap
+from pydmabuf.exporters.system_heap import HeapBuffer
 
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
@@ -339,10 +340,14 @@ def test_item8_attach_revocable(m):
 
 
 def test_item11_mmap_bounds_and_vmap_refcount(m):
-    heap = SystemHeap(m)
-    b = heap.allocate(2 * G + G // 2)  # two and a half pages
+    # An exporter of two and a half pages (the heaps page-align, so not one
+    # of theirs): the trailing partial page is never mappable.
+    exp = HeapBuffer(m, m.pages.alloc(3), 2 * G + G // 2, owned=True, layout="contiguous", seed=1)
+    b = export(exp, 2 * G + G // 2)
     with pytest.raises(errors.InvalidArgument):
         b.mmap(0, 3 * G)
+    with pytest.raises(errors.InvalidArgument):
+        b.mmap()  # the whole size, rounded to pages: the same three pages
     c = b.mmap(0, 2 * G)
     c.write(0x10, b"hello")
     assert c.read(0x10, 5) == b"hello"
@@ -781,6 +786,10 @@ def test_cpu_mapping_finds_the_right_range_past_2_53_bytes(m):
     # The byte before 2**60 + G is the last of the first range: a float64
     # search rounds it up into the second.
     first = 2**60 + G
+    # A machine with RAM behind both ranges: the access gate refuses CPU
+    # accesses where no memory is.
+    m = Machine("huge")
+    m.add_memory(0x1_0000_0000, 2**61)
     b = export(_HugeRanges(m, [[0x1_0000_0000, first], [0x2_0000_0000, G]]), first + G)
     c = b.mmap(2**60, 2 * G)
     m.memory.write(0x1_0000_0000 + first - 1, b"A")

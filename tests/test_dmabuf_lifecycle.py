@@ -1,7 +1,11 @@
 """A Hypothesis state machine over the whole dma-buf lifecycle:
 export / attach / map / invalidate / move / revoke / unmap / detach / put,
-with obedient importers, checking after every step that nothing leaks and
-that every live, current mapping translates to the buffer's current pages."""
+CPU mmap / write / read / munmap and vmap / vunmap, with obedient
+importers, checking after every step that nothing leaks, that every live,
+current mapping translates to the buffer's current pages, and that every
+CPU mapping reads what was written through the buffer's mappings (a
+mapping outliving its buffer's last put, or a vmap across a move, would
+read another buffer's pages)."""
 
 from __future__ import annotations
 
@@ -51,6 +55,10 @@ class Lifecycle(RuleBasedStateMachine):
         self.live_bufs = []  # (buf, refs)
         self.statics = {}  # attachment -> [tables]
         self.importers = {}  # attachment -> Obedient
+        self.cpu = {}  # buf -> [CpuMapping] (mmaps, each holding a reference)
+        self.vmaps = {}  # buf -> live vmap count
+        self.written = {}  # buf -> {offset: byte} written through a CPU mapping
+        self.put_by_user = set()  # bufs whose user reference went while mmapped
 
     # ---------------------------------------------------------- buffers
     @initialize(target=buffers)
@@ -66,7 +74,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(b=buffers)
     def get_put(self, b):
-        if b.released:
+        if b.released or b in self.put_by_user:
             return
         b.get()
         b.put()
@@ -74,7 +82,7 @@ class Lifecycle(RuleBasedStateMachine):
     # ------------------------------------------------------ attachments
     @rule(target=attachments, b=buffers, dev=st.sampled_from(DEVICES), dynamic=st.booleans())
     def attach(self, b, dev, dynamic):
-        if b.released:
+        if b.released or b in self.put_by_user:
             return None
         d = self.m.device(dev)
         if dynamic:
@@ -150,7 +158,7 @@ class Lifecycle(RuleBasedStateMachine):
             if not b.exporter.has("migrate"):
                 with pytest.raises(errors.NotSupported):
                     b.move()
-            elif pinned:
+            elif pinned or self.vmaps.get(b):  # a live vmap pins the pages
                 with pytest.raises(errors.Busy):
                     b.move()
             else:
@@ -178,17 +186,85 @@ class Lifecycle(RuleBasedStateMachine):
 
     @rule(b=buffers)
     def put(self, b):
-        if b.released or b.attachments:
+        if b.released or b.attachments or b in self.put_by_user or self.vmaps.get(b):
             return
         b.put()
+        if self.cpu.get(b):  # the CPU mappings hold the file: nothing goes yet
+            assert not b.released
+            self.put_by_user.add(b)
+            return
         assert b.released
         self.live_bufs.remove(b)
+
+    # --------------------------------------------------------- CPU side
+    @rule(b=buffers)
+    def mmap(self, b):
+        if b.released:
+            return
+        if b in self.put_by_user:  # only the mappings hold it: no new user reference to mmap with
+            return
+        self.cpu.setdefault(b, []).append(b.mmap())
+
+    @rule(b=buffers, page=st.integers(0, 39), byte=st.integers(1, 255))
+    def cpu_write(self, b, page, byte):
+        maps = self.cpu.get(b)
+        if not maps:
+            return
+        off = (page % (b.size // G)) * G + page
+        if b.revoked:
+            with pytest.raises(errors.IOFailure):
+                maps[-1].write(off, bytes([byte]))
+            return
+        maps[-1].write(off, bytes([byte]))
+        self.written.setdefault(b, {})[off] = byte
+
+    @rule(b=buffers)
+    def munmap(self, b):
+        maps = self.cpu.get(b)
+        if not maps:
+            return
+        maps.pop(0).close()
+        if not maps and b in self.put_by_user:  # the last reference was the mapping's
+            assert b.released
+            self.put_by_user.discard(b)
+            self.live_bufs.remove(b)
+        else:
+            assert not b.released
+
+    @rule(b=buffers)
+    def vmap(self, b):
+        if b.released or b in self.put_by_user:
+            return
+        with b.resv:
+            v = b.vmap()
+        self.vmaps[b] = self.vmaps.get(b, 0) + 1
+        if not b.revoked:
+            for off, byte in self.written.get(b, {}).items():
+                with b.resv:
+                    assert v.read(off, 1) == bytes([byte])
+
+    @rule(b=buffers)
+    def vunmap(self, b):
+        if not self.vmaps.get(b):
+            return
+        with b.resv:
+            b.vunmap(b._vmap_ptr)
+        self.vmaps[b] -= 1
 
     # -------------------------------------------------------- invariants
     @invariant()
     def pages_belong_to_live_buffers(self):
         total = sum(len(b.exporter.pfns) for b in self.live_bufs)
         assert self.m.pages.allocated_pages == total
+
+    @invariant()
+    def cpu_mappings_read_what_was_written(self):
+        for b, maps in self.cpu.items():
+            if b.revoked:
+                continue
+            for c in maps:
+                for off, byte in self.written.get(b, {}).items():
+                    assert c.read(off, 1) == bytes([byte]), f"{c!r} lost byte {off:#x}"
 
     @invariant()
     def mappings_translate_to_current_pages(self):
@@ -209,7 +285,15 @@ class Lifecycle(RuleBasedStateMachine):
                 assert got.tolist() == want.tolist()
 
     def teardown(self):
+        for b, n in self.vmaps.items():
+            for _ in range(n):
+                with b.resv:
+                    b.vunmap(b._vmap_ptr)
         for b in list(self.live_bufs):
+            for c in self.cpu.pop(b, []):
+                c.close()
+            if b.released:  # its last reference was a mapping's
+                continue
             for a in b.attachments:
                 b.resv.lock()
                 try:

@@ -587,6 +587,10 @@ for _name in ("gpu1", "gpu0", "legacy0", "direct0"):
         lambda s: s.d.dma_write(0x1000, np.zeros(8, np.uint8)[::2]), TypeError)
     add(f"Device.dma_write[{_name}].wraps", dev(_name), lambda s: s.d.dma_write(U64, b"ab"), E.InvalidArgument)
 add("Device.dma_read[gpu1].unmapped", dev("gpu1"), lambda s: s.d.dma_read(0x1000, 16), E.IommuFault)
+for _name in ("gpu1", "gpu0", "legacy0", "direct0", "ext0", "vfio0"):
+    add(f"Device.dma_read[{_name}].ends-at-2**64", dev(_name), lambda s: s.d.dma_read(2**64 - 8, 8), E.IommuFault)
+    add(f"Device.dma_write[{_name}].ends-at-2**64", dev(_name), lambda s: s.d.dma_write(2**64 - 1, b"x"),
+        E.IommuFault)
 add("Device.dma_read[legacy0].beyond-mask", dev("legacy0"), lambda s: s.d.dma_read(2**32 - 8, 16), E.IommuFault)
 add("Device.dma_read[direct0].reserved", dev("direct0"), lambda s: s.d.dma_read(0xFEE00000, 16), E.IommuFault)
 add("Device.dma_read[direct0].private", dev("direct0"), lambda s: s.d.dma_read(61 << 30, 16), E.IommuFault)
@@ -1268,6 +1272,8 @@ def buf(exporter: str = "heap", attach: str | None = None, *, device: str = "gpu
                 b.detach(s.a2)
             if a is not None and not a.detached:
                 b.detach(a)
+            if cpu_map:
+                s.cmap.close()  # its reference to the buffer goes with it
             if not b.released:
                 b.put()
 
@@ -1483,6 +1489,99 @@ def revoked_cpu_map() -> S:
 
 add("CpuMapping.read.revoked", revoked_cpu_map, lambda s: s.cmap.read(0, 16), E.IOFailure)
 add("CpuMapping.write.revoked", revoked_cpu_map, lambda s: s.cmap.write(0, b"x"), E.IOFailure)
+
+
+# The access gate (docs/access-gate.md): mappings that outlived what they map.
+
+
+def closed_cpu_map() -> S:
+    """An mmap the user closed (munmap); the buffer lives on."""
+    s = buf(cpu_map=True)()
+    s.cmap.write(0, b"x")  # faulted in before the close
+    s.cmap.close()
+    return s
+
+
+def stale_vmap() -> S:
+    """A vmap the user dropped (vunmap), then kept using after the buffer
+    moved: it points at pages of an older generation."""
+    s = buf("movable", locked=True)()
+    v = s.b.vmap()
+    v.write(0, b"old")
+    s.b.vunmap(v)
+    s.b.move()
+    s.v = v
+    s.watch = s.watch + (v,)
+    return s
+
+
+def vmapped() -> S:
+    s = buf("movable", locked=True)()
+    s.v = s.b.vmap()
+    return s.later(lambda: s.b.vunmap(s.v))
+
+
+add("CpuMapping.read.closed", closed_cpu_map, lambda s: s.cmap.read(0, 1), E.IOFailure)
+add("CpuMapping.write.closed", closed_cpu_map, lambda s: s.cmap.write(0, b"y"), E.IOFailure)
+add("CpuMapping.read.vmap-of-older-generation", stale_vmap, lambda s: s.v.read(0, 3), E.IOFailure)
+add("CpuMapping.write.vmap-of-older-generation", stale_vmap, lambda s: s.v.write(0, b"new"), E.IOFailure)
+add("DmaBuf.move.vmapped", vmapped, lambda s: s.b.move(), E.Busy)
+
+
+def stale_map(name: str) -> Callable[[], S]:
+    """A mapping whose importer was told to drop it and kept it."""
+    def make() -> S:
+        s = buf("heap", "dynamic", device=name, mapped=1)()
+        with s.b.resv:
+            s.b.invalidate_mappings()
+        return s
+
+    make.__name__ = f"stale_map_{name}"
+    return make
+
+
+for _name in ("gpu1", "gpu0", "legacy0", "direct0", "ext0"):
+    add(f"Device.dma_read[{_name}].ends-at-2**64-stale-mapping", stale_map(_name),
+        lambda s: s.a.device.dma_read(2**64 - 8, 8), E.IommuFault)
+    add(f"Device.dma_write[{_name}].ends-at-2**64-stale-mapping", stale_map(_name),
+        lambda s: s.a.device.dma_write(2**64 - 1, b"x"), E.IommuFault)
+
+# Confidential memory never reaches an untrusted device through a bounce.
+SECRET = 61 << 30
+
+
+def dev_table(name: str, offset: int = 0, nbytes: int = 2 * G) -> Callable[[], S]:
+    def make() -> S:
+        s = dev(name)()
+        s.t = SgTable.from_pages(np.array([SECRET >> 12, (SECRET >> 12) + 1], dtype=np.uint64), offset=offset,
+                                 nbytes=nbytes)
+        s.watch = s.watch + (s.t,)
+        return s
+
+    make.__name__ = f"dev_table_{name}"
+    return make
+
+
+for _d in (DmaDirection.BIDIRECTIONAL, DmaDirection.TO_DEVICE, DmaDirection.FROM_DEVICE):
+    add(f"dma_map_phys[legacy0].confidential-bounce-{_d.name}", dev("legacy0"),
+        lambda s, d=_d: pydmabuf.dma_map_phys(s.d, SECRET, G, d), E.IommuFault)
+    add(f"dma_map_sgtable[legacy0].confidential-bounce-{_d.name}", dev_table("legacy0"),
+        lambda s, d=_d: pydmabuf.dma_map_sgtable(s.d, s.t, d), E.IommuFault)
+    add(f"dma_map_phys[ext0].confidential-subgranule-{_d.name}", dev("ext0"),
+        lambda s, d=_d: pydmabuf.dma_map_phys(s.d, SECRET + 0x10, 0x100, d), E.IommuFault)
+add("dma_map_phys_many[legacy0].confidential-second-row", dev("legacy0"),
+    lambda s: pydmabuf.dma.dma_map_phys_many(s.d, np.array([[0x1_0000_0000, G], [SECRET, G]], dtype=np.uint64), BIDI),
+    E.IommuFault)
+add("dma_map_phys_many[ext0].confidential-subgranule-row", dev("ext0"),
+    lambda s: pydmabuf.dma.dma_map_phys_many(s.d, np.array([[0x1_0000_0000, G], [SECRET + 8, 8]], dtype=np.uint64), BIDI),
+    E.IommuFault)
+add("dma_map_sgtable[ext0].confidential-subgranule", dev_table("ext0", 0x100, 0x1200),
+    lambda s: pydmabuf.dma_map_sgtable(s.d, s.t, BIDI), E.IommuFault)
+add("IovaState.link[ext0].confidential-subgranule", iova_state("ext0"),
+    lambda s: s.st.link(SECRET + 0x10, 0, 0x100, BIDI), E.IommuFault)
+add("IovaState.link_ranges[ext0].confidential-tail", iova_state("ext0"),
+    lambda s: s.st.link_ranges(np.array([[0x1_0000_0000, G], [SECRET, 0x800]], dtype=np.uint64), BIDI),
+    E.IommuFault)
 add("CpuMapping().dmabuf=str", mach_state, lambda s: pydmabuf.CpuMapping("buf", 0, G).read(0, 1), TypeError)
 add("DmaBuf.vmap.no-resv", buf(), lambda s: s.b.vmap(), E.LockingError)
 add("DmaBuf.vmap.no-op", buf("plain", locked=True), lambda s: s.b.vmap(), E.InvalidArgument)

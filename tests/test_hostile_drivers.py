@@ -585,6 +585,21 @@ add("KvmVm.guest_write.revoked", vm(decode=False), lambda s: s.k.guest_write(GPA
 add("KvmVm.guest_write.closed", vm(closed=True), lambda s: s.k.guest_write(GPA, b"x"), E.BadHandle)
 add("KvmVm.guest_write.past-48-bits", _vm, lambda s: s.k.guest_write((1 << 48) - 1, b"xy"), E.InvalidArgument)
 
+
+def _vm_deleted() -> S:
+    """A slot the guest had faulted in, then deleted: nothing of it may
+    stay reachable."""
+    s = _vm()
+    s.k.guest_write(GPA, b"old")
+    s.k.set_user_memory_region2(0, DMABUF, GPA, 0)
+    return s
+
+
+for _name, _call in [("guest_read", lambda s: s.k.guest_read(GPA, 3)),
+                     ("guest_write", lambda s: s.k.guest_write(GPA, b"new")),
+                     ("pre_fault_memory", lambda s: s.k.pre_fault_memory(GPA, G))]:
+    add(f"KvmVm.{_name}.deleted-slot", _vm_deleted, _call, E.IommuFault)
+
 # ============================================================= private memory
 
 sweep("PrivateMemory.allocate.nbytes", mach_state, lambda s, v: PrivateMemory(s.m).allocate(v),

@@ -287,3 +287,60 @@ class KvmLifecycle(RuleBasedStateMachine):
 
 TestKvmLifecycle = KvmLifecycle.TestCase
 TestKvmLifecycle.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+def test_slot_deletion_against_guest_faults_leaves_no_mapping_and_no_keyerror(m):
+    """Thread stress: vCPU threads fault and access a slot while another
+    thread deletes it and creates it again over another buffer.  Right
+    after each deletion no second-stage entry of the slot's range is left
+    (a fault racing the deletion maps nothing); every racing access
+    returns whole bytes of one buffer or a guest fault (EFAULT / EIO),
+    never a bare KeyError; and the last slot's bytes are what is read."""
+    import threading
+
+    rounds, nbytes = 150, 8 * G
+    with vfio_export(m, "vfio1", nbytes=nbytes) as (_, a), vfio_export(m, "vfio0", nbytes=nbytes) as (_, b), \
+            KvmVm(m, private_mem=True) as vm:
+        for buf, fill in ((a, b"A"), (b, b"B")):
+            m.memory.write(int(buf.exporter.ranges[0, 0]), fill * nbytes)
+        stop = threading.Event()
+        bad: list[BaseException] = []
+        seen: set[bytes] = set()
+
+        def vcpu(seed: int) -> None:
+            k = seed
+            while not stop.is_set():
+                k = (k * 1103515245 + 12345) & 0x7FFFFFFF
+                off = (k % (nbytes // 8)) * 8
+                try:
+                    got = vm.guest_read(GPA + off, 8) if k & 1 else vm.pre_fault_memory(GPA + off, 2 * G)
+                except (errors.IommuFault, errors.IOFailure):
+                    continue
+                except BaseException as e:  # KeyError, or anything else the race lets out
+                    bad.append(e)
+                    return
+                if isinstance(got, bytes):
+                    seen.add(got)
+
+        threads = [threading.Thread(target=vcpu, args=(s,)) for s in (1, 2, 3)]
+        for t in threads:
+            t.start()
+        try:
+            for r in range(rounds):
+                vm.set_user_memory_region2(0, DMABUF, GPA, nbytes, guest_memfd=(a, b)[r & 1])
+                vm.pre_fault_memory(GPA, G)
+                vm.set_user_memory_region2(0, DMABUF, GPA, 0)  # delete, with the vCPUs faulting
+                leaves = vm.ept.leaves()
+                left = leaves[(leaves[:, 0] >= GPA) & (leaves[:, 0] < GPA + nbytes)] if len(leaves) else leaves
+                assert len(left) == 0, f"round {r}: {len(left)} guest mapping(s) alive with no slot"
+                with pytest.raises(errors.IommuFault):
+                    vm.guest_read(GPA, 8)
+                assert not bad, bad
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        assert not bad, bad
+        assert seen <= {b"A" * 8, b"B" * 8}
+        vm.set_user_memory_region2(0, DMABUF, GPA, nbytes, guest_memfd=b)
+        assert vm.guest_read(GPA + G, 8) == b"B" * 8

@@ -32,13 +32,13 @@ import threading
 import weakref
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from pydmabuf import _core, errors
+from pydmabuf import _core, access, errors
 from pydmabuf._core import SgTable
-from pydmabuf._types import PAGE_SIZE, DmaDirection, IommuProt, RangeKind
+from pydmabuf._types import PAGE_SIZE, DmaDirection, IommuProt
 from pydmabuf.machine import DMA_MAPPING_ERROR, U64_MAX, Bar, Device, P2pProvider, P2PMapType, SwiotlbPool
 
 log = logging.getLogger(__name__)
@@ -227,9 +227,14 @@ def _bounce_in(device: Device, pool: SwiotlbPool, orig: int, size: int, directio
     TO_DEVICE / BIDIRECTIONAL; returns the bounce buffer's physical address."""
     if size > pool.max_mapping_size:
         raise errors.OutOfMemory(f"{pool.name}: a {size}-byte bounce exceeds {pool.max_mapping_size} bytes")
+    acc = accessor(device)
+    # The bounce gives the device the original's bytes both ways: the gate
+    # refuses it (EFAULT, as the device's own access would fault) before a
+    # slot is taken, whatever the direction.
+    access.bounce_check(acc, orig, size)
     tlb = pool.alloc(orig, size, device.min_align_mask | align_mask)
     if direction in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
-        device.machine.memory.copy(tlb, orig, size)
+        access.bounce_copy(acc, tlb, orig, size)
         pool.bounced_to_device += size
     return tlb
 
@@ -239,7 +244,7 @@ def _bounce_out(device: Device, pool: SwiotlbPool | None, tlb: int, direction: D
     pool = _bounced_through(device, pool)
     orig, size = pool.original(tlb)
     if direction in (DmaDirection.FROM_DEVICE, DmaDirection.BIDIRECTIONAL) and not attrs & DmaAttrs.SKIP_CPU_SYNC:
-        device.machine.memory.copy(orig, tlb, size)
+        access.bounce_copy(accessor(device), orig, tlb, size)
         pool.bounced_to_cpu += size
     if free:
         pool.free(tlb)
@@ -343,6 +348,8 @@ def _map_sg_direct(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs,
             for _, tlb, _, _ in m.bounces:
                 pool.free(tlb)
             _core._clear_dma(table)
+            if isinstance(e, errors.IommuFault):  # the access gate refused the bounce: its fault as it is
+                raise
             raise errors.IOFailure(f"dma_map_sgtable: {device.name} cannot reach a segment and bouncing "
                                    f"failed: {e.strerror}") from None
         _core._set_dma(table, np.asarray(slots, dtype=np.uint64), np.asarray(dmas, dtype=np.uint64))
@@ -361,10 +368,12 @@ def _map_sg_iommu_swiotlb(device: Device, table: SgTable, d: DmaDirection, a: Dm
             dma = dma_map_phys(device, p, n, d, a)
             m.singles.append((slot, dma, n))
             dmas.append(dma)
-    except errors.DmaBufError:
+    except errors.DmaBufError as err:
         for _, dma, n in m.singles:
             dma_unmap_phys(device, dma, n, d, a | DmaAttrs.SKIP_CPU_SYNC)
         _core._clear_dma(table)
+        if isinstance(err, errors.IommuFault):  # the access gate refused a bounce: its fault as it is
+            raise
         raise errors.IOFailure("dma_map_sgtable: mapping an entry of the untrusted device failed") from None
     if m.singles:
         _core._set_dma(table, np.asarray(slots, dtype=np.uint64), np.asarray(dmas, dtype=np.uint64))
@@ -432,7 +441,7 @@ def dma_sync_sgtable_for_device(device: Device, table: SgTable, direction: DmaDi
     if d in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
         for _, tlb, orig, size in m.bounces:
             pool = _bounced_through(device, device.swiotlb)
-            device.machine.memory.copy(tlb, orig, size)
+            access.bounce_copy(accessor(device), tlb, orig, size)
             pool.bounced_to_device += size
 
 
@@ -1129,11 +1138,22 @@ def dma_buf_free_sgt(table: SgTable, direction: DmaDirection | int | None = None
 
 # ----------------------------------------------------------- device access
 
-_access_hooks: list[Callable[[Device, int, int, bool], None]] = []
-
 
 def _fault(device: Device, addr: int, reason: str) -> errors.IommuFault:
     return errors.IommuFault(f"{device.name}: DMA fault at {addr:#x}: {reason}")
+
+
+def accessor(device: Device) -> access.Accessor:
+    """The device as the access gate sees it (made once per device): its
+    refusals are IOMMU faults (EFAULT) naming it; it may reach
+    confidential memory only while ``cc_trusted``."""
+    acc: access.Accessor | None = getattr(device, "_gate", None)
+    if acc is None:
+        acc = access.Accessor(access.DEVICE, device.name, device.machine, device,
+                              lambda addr, reason: _fault(device, addr, reason),
+                              lambda: bool(device.cc_trusted))
+        device._gate = acc  # type: ignore[attr-defined]  # this module's cache, kept on the device
+    return acc
 
 
 def _peer_bus_target(device: Device, addr: int, nbytes: int) -> int | None:
@@ -1155,17 +1175,14 @@ def _peer_bus_target(device: Device, addr: int, nbytes: int) -> int | None:
     return None
 
 
-def _resolve(device: Device, addr: int, nbytes: int, write: bool) -> list[tuple[int, int]]:
-    if not isinstance(addr, int) or not isinstance(nbytes, int):
-        raise TypeError("addr and nbytes must be ints")
-    if _bad_range(addr, nbytes):
-        raise errors.InvalidArgument(f"bad access [{addr:#x}, +{nbytes:#x})")
-    for hook in list(_access_hooks):
-        hook(device, addr, nbytes, write)
+def _translate(device: Device, addr: int, nbytes: int, write: bool) -> list[tuple[int, int]]:
+    """The device's own translation of a DMA address (peer bus address,
+    IOMMU page table and IOTLB, or dma-direct): physical runs.  The checks
+    of what lies there are the gate's (:mod:`pydmabuf.access`)."""
     cpu = _peer_bus_target(device, addr, nbytes)
     if cpu is not None:
-        runs = [(cpu, nbytes)]
-    elif device.domain is not None:
+        return [(cpu, nbytes)]
+    if device.domain is not None:
         need = int(IommuProt.WRITE if write else IommuProt.READ)
         rows, fault_at, fprot = _core._translate(device.domain, addr, nbytes, need)
         if rows is None:
@@ -1173,51 +1190,35 @@ def _resolve(device: Device, addr: int, nbytes: int, write: bool) -> list[tuple[
                 raise _fault(device, fault_at, f"{'write' if write else 'read'} not permitted by the mapping "
                                                f"(prot {IommuProt(fprot)!r})")
             raise _fault(device, fault_at, "no IOMMU mapping (unmapped or stale IOVA)")
-        runs = [(int(p), int(n)) for p, n in rows.tolist()]
-    else:
-        if not device.dma_capable(addr, nbytes):
-            raise _fault(device, addr, f"beyond the device's {device.dma_limit.bit_length()}-bit DMA limit")
-        phys = device.dma_to_phys(addr)
-        if phys is None:
-            raise _fault(device, addr, "outside the device's dma-ranges")
-        runs = [(phys, nbytes)]
-    _check_targets(device, runs, addr)
-    return runs
+        return [(int(p), int(n)) for p, n in rows.tolist()]
+    if not device.dma_capable(addr, nbytes):
+        raise _fault(device, addr, f"beyond the device's {device.dma_limit.bit_length()}-bit DMA limit")
+    phys = device.dma_to_phys(addr)
+    if phys is None:
+        raise _fault(device, addr, "outside the device's dma-ranges")
+    return [(phys, nbytes)]
 
 
-def _check_targets(device: Device, runs: list[tuple[int, int]], addr: int) -> None:
-    m = device.machine
-    for phys, n in runs:
-        covered = 0
-        for r in m.address_map.overlapping(phys, n):
-            kind = r.kind
-            if kind == RangeKind.PRIVATE and not device.cc_trusted:
-                raise _fault(device, addr, f"untrusted device touched confidential memory at phys {phys:#x}")
-            if kind == RangeKind.RESERVED:
-                raise _fault(device, addr, f"phys {max(r.start, phys):#x} is a reserved region")
-            if kind == RangeKind.MMIO:
-                bar = m.owner_of(r.owner)
-                if isinstance(bar, Bar) and (not bar.owner.memory_decode or bar.owner.power_state != "D0"):
-                    raise _fault(device, addr, f"{bar.owner.name}'s BAR{bar.index} does not decode "
-                                               "(memory decode off or low power): unsupported request")
-            covered += min(r.end, phys + n) - max(r.start, phys)
-        if covered != n:
-            raise _fault(device, addr, f"no memory or BAR behind phys [{phys:#x}, +{n:#x})")
+def _need_access(addr: int, nbytes: int) -> None:
+    if type(addr) is not int or type(nbytes) is not int:
+        if not isinstance(addr, int) or not isinstance(nbytes, int):
+            raise TypeError("addr and nbytes must be ints")
+    if _bad_range(addr, nbytes):
+        raise errors.InvalidArgument(f"bad access [{addr:#x}, +{nbytes:#x})")
 
 
 def device_read(device: Device, addr: int, nbytes: int) -> bytes:
-    """What ``device`` reads at DMA address ``addr`` (see ``Device.dma_read``)."""
-    runs = _resolve(device, addr, nbytes, False)
-    mem = device.machine.memory
-    return b"".join(mem.read(p, n) for p, n in runs)
+    """What ``device`` reads at DMA address ``addr`` (see ``Device.dma_read``),
+    through the access gate."""
+    _need_access(addr, nbytes)
+    out = access.access(accessor(device), addr, nbytes, lambda: _translate(device, addr, nbytes, False))
+    assert out is not None  # a read returns the bytes
+    return out
 
 
 def device_write(device: Device, addr: int, data: bytes | bytearray | memoryview) -> None:
-    """``device`` writes ``data`` at DMA address ``addr``."""
+    """``device`` writes ``data`` at DMA address ``addr``, through the access gate."""
     buf = memoryview(data).cast("B")
-    runs = _resolve(device, addr, len(buf), True)
-    mem = device.machine.memory
-    pos = 0
-    for p, n in runs:
-        mem.write(p, buf[pos : pos + n])
-        pos += n
+    n = len(buf)
+    _need_access(addr, n)
+    access.access(accessor(device), addr, n, lambda: _translate(device, addr, n, True), data=buf)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from pydmabuf import _walk, checks, dma, errors, files
+from pydmabuf import _walk, access, checks, dma, errors, files
 from pydmabuf._core import Resv, SgTable, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
@@ -225,12 +225,15 @@ class _Mapping:
         self.pinned = pinned
 
     def covers(self, addr: int, nbytes: int) -> bool:
+        """Does ``[addr, +nbytes)`` touch a segment?  Compared on inclusive
+        last bytes: an access or segment may end exactly at 2**64."""
         d = self.dma
         if len(d) == 0:
             return False
         lo = d[:, 0]
-        hi = d[:, 0] + d[:, 1]
-        return bool(((lo < np.uint64(addr + nbytes)) & (hi > np.uint64(addr))).any())
+        last = lo + (d[:, 1] - np.uint64(1))
+        live = d[:, 1] != 0
+        return bool((live & (lo <= np.uint64(addr + nbytes - 1)) & (last >= np.uint64(addr))).any())
 
     def __repr__(self) -> str:
         return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
@@ -245,11 +248,21 @@ _maps_lock = threading.Lock()
 
 
 def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
-    """DMA by ``device``: through a mapping its importer was told to drop?"""
+    """The access gate's check of device DMA (:mod:`pydmabuf.access`):
+    through a mapping its importer was told to drop, or of a buffer that
+    was released under it (report mode let the release go on: its pages
+    may be someone else's now)?"""
     with _maps_lock:
         maps = list(_device_maps.get(device, ()))
     for m in maps:
-        if m.stale and m.covers(addr, nbytes):
+        if m.attachment.dmabuf._released and m.covers(addr, nbytes):
+            a = m.attachment
+            checks.checker.lifetime(
+                "dma-after-release",
+                f"{device.name} did DMA at {addr:#x} through a mapping of {a.dmabuf.name!r}, which was "
+                "released with the mapping live: its pages went back to the allocator",
+                m, a.dmabuf, culprit=a.importer_ops or a)
+        elif m.stale and m.covers(addr, nbytes):
             a = m.attachment
             what = "revoked" if a.dmabuf.revoked else "invalidated"
             checks.checker.lifetime(
@@ -259,7 +272,7 @@ def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
                 m, a.dmabuf, culprit=a.importer_ops or a)
 
 
-dma._access_hooks.append(_access_hook)
+access.add_check(access.DEVICE, _access_hook)
 
 
 def _check_name(name: Any) -> str:
@@ -310,6 +323,8 @@ class DmaBuf:
     _vmap_count: int
     _vmap_ptr: Any  # whatever the exporter's vmap returned
     _cpu_maps: weakref.WeakSet[CpuMapping]
+    _generation: int  # of the backing: bumped by every move (the access gate's leases compare it)
+    _mmap_refs: int  # of _refs, those CPU mappings hold (DmaBuf.mmap)
 
     def __init__(self) -> None:
         raise TypeError("use pydmabuf.export(exporter, nbytes)")
@@ -331,6 +346,8 @@ class DmaBuf:
         self._vmap_count = 0
         self._vmap_ptr = None
         self._cpu_maps = weakref.WeakSet()
+        self._generation = 0
+        self._mmap_refs = 0
         self.revoked = False
         self.created_at = checks.created_at()
         if name is not None:
@@ -355,6 +372,13 @@ class DmaBuf:
     @property
     def released(self) -> bool:
         return self._released
+
+    @property
+    def generation(self) -> int:
+        """Which backing the buffer has: 0 at export, one more after each
+        :meth:`move`.  A CPU mapping resolved against an older generation
+        is refused by the access gate (:mod:`pydmabuf.access`)."""
+        return self._generation
 
     def _alive(self, what: str) -> None:
         if self._released:
@@ -535,10 +559,16 @@ class DmaBuf:
         pinned = [a for a in self._attachments if a.pin_count]
         if pinned:
             raise errors.Busy(f"{self.name} has {len(pinned)} pinned attachment(s) and cannot move")
+        if self._vmap_count:
+            # A kernel vmap is a fixed kernel address of these pages: the
+            # exporters that vmap a movable buffer pin it for the vmap's
+            # life (amdgpu_dma_buf_vmap, drm_gem_vram_vmap).
+            raise errors.Busy(f"{self.name} is vmapped: a live vmap pins its pages, it cannot move")
         self.invalidate_mappings()
         busy = self.resv.get_fences(Usage.BOOKKEEP)
         self.resv.reserve_fences(1)
         release_old = self.exporter.migrate(self)
+        self._generation += 1
         f = Fence(fence_context_alloc(), 1)
         f.signal()
         self.resv.add_fence(f, Usage.KERNEL)
@@ -611,7 +641,17 @@ class DmaBuf:
         (whole pages; EINVAL past the end, EOVERFLOW if it wraps).  Faults
         resolve through the exporter's physical ranges under the
         reservation lock; invalidation zaps the mapping (the next access
-        refaults), revoke makes accesses fail as SIGBUS would."""
+        refaults), revoke makes accesses fail as SIGBUS would.
+
+        As ``dma_buf_mmap_internal()`` checks, the mapping's pages must lie
+        in the buffer's *whole* pages (``vm_pgoff + npages > size >>
+        PAGE_SHIFT`` is EINVAL): a trailing partial page is never mappable.
+        The heaps page-align their sizes, so their buffers map whole.
+
+        The mapping holds a reference to the buffer, as the vma holds the
+        dma-buf file: the buffer is released only once the mapping is
+        closed (:meth:`CpuMapping.close`, the context manager, or the
+        mapping being collected) and every other reference is put."""
         self._alive("mmap")
         if not isinstance(offset, int) or (nbytes is not None and not isinstance(nbytes, int)):
             raise TypeError("mmap: offset and nbytes must be ints")
@@ -628,6 +668,9 @@ class DmaBuf:
         m = CpuMapping(self, offset, npages * PAGE_SIZE)
         self.exporter.mmap(self, m)
         with self._lock:
+            self.get()  # the vma's file reference (get_file in dma_buf_mmap_internal's caller)
+            self._mmap_refs += 1
+            m._holds_ref = True
             self._cpu_maps.add(m)
         return m
 
@@ -696,8 +739,11 @@ class DmaBuf:
                 f"{', ' + ', '.join(state) if state else ''}>")
 
     def __del__(self) -> None:
-        if getattr(self, "_refs", 0) > 0 and not getattr(self, "_released", True):
-            warnings.warn(f"{self!r} collected with {self._refs} reference(s) never put", ResourceWarning,
+        # References held by CPU mappings are theirs to put: a mapping
+        # collected in the same garbage puts its own when it goes.
+        never_put = getattr(self, "_refs", 0) - getattr(self, "_mmap_refs", 0)
+        if never_put > 0 and not getattr(self, "_released", True):
+            warnings.warn(f"{self!r} collected with {never_put} reference(s) never put", ResourceWarning,
                           stacklevel=2)
 
 
@@ -1015,6 +1061,14 @@ class CpuMapping:
     and sees the new memory).  After a revoke an access raises
     :class:`~pydmabuf.errors.IOFailure` with the message SIGBUS, as the
     process would get SIGBUS.
+
+    Every access goes through the access gate (:mod:`pydmabuf.access`)
+    with the lease taken when the pages were faulted in: pages of an older
+    generation (the buffer moved), of a revoked or released buffer, or of
+    confidential memory are refused there (SIGBUS), whatever path the
+    mapping came from.  A mapping from :meth:`DmaBuf.mmap` holds a
+    reference to the buffer until :meth:`close` (or the context manager,
+    or its collection).
     """
 
     def __init__(self, dmabuf: DmaBuf, offset: int, nbytes: int, *, takes_lock: bool = True) -> None:
@@ -1026,15 +1080,68 @@ class CpuMapping:
         self.takes_lock = takes_lock  # False for a vmap (its user holds the lock)
         self._ranges: np.ndarray | None = None
         self._ends: np.ndarray | None = None  # cumulative lengths of _ranges
+        self._lease: access.Lease | None = None  # the generation _ranges belong to
+        self._holds_ref = False  # set by DmaBuf.mmap: the vma's file reference
+        self.closed = False
         self.faults = 0
         self.zaps = 0
         self.created_at = checks.created_at()
+        # The subject is the buffer, not the mapping: no reference cycle, so
+        # a dropped mapping goes (and puts its reference) at once.
+        self._gate = access.Accessor(access.CPU, f"CPU mapping of {dmabuf.name!r}",
+                                     getattr(dmabuf.exporter, "machine", None), dmabuf, _sigbus, _host_untrusted)
 
     def _zap(self) -> None:
         if self._ranges is not None:
             self.zaps += 1
         self._ranges = None
         self._ends = None
+        self._lease = None
+
+    def close(self) -> None:
+        """``munmap``: the mapping goes, and with it its reference to the
+        buffer (which is released if that was the last).  Accesses after
+        it raise SIGBUS; closing twice is a no-op."""
+        if self.closed:
+            return
+        buf = self.dmabuf
+        # The zap is ordered against accesses as a fault is (reservation
+        # lock), so no access is still copying when the last put frees
+        # the pages.
+        take = self.takes_lock and not buf.resv.held_by_current_thread()
+        if take:
+            buf.resv.lock()
+        try:
+            with buf._lock:
+                self.closed = True
+                self._zap()
+                buf._cpu_maps.discard(self)
+                ref = self._holds_ref
+                if ref:
+                    self._holds_ref = False
+                    buf._mmap_refs -= 1
+        finally:
+            if take:
+                buf.resv.unlock()
+        if ref:
+            buf.put()
+
+    munmap = close
+
+    def __enter__(self) -> CpuMapping:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # A collected mapping is an unmapped one (the process's vma went):
+        # its file reference goes, quietly -- nothing leaked.
+        if getattr(self, "_holds_ref", False):
+            try:
+                self.close()
+            except errors.DmaBufError as e:
+                log.warning("closing a collected CPU mapping of %s: %s", self.dmabuf.name, e)
 
     def _resolve(self) -> np.ndarray:
         """The ranges, faulting them in if zapped; the reservation lock is
@@ -1042,15 +1149,21 @@ class CpuMapping:
         if self._ranges is not None:
             return self._ranges
         buf = self.dmabuf
+        if self.closed:
+            raise errors.IOFailure(f"SIGBUS: the CPU mapping of {buf.name} was closed")
+        if self._gate.machine is None:
+            raise errors.IOFailure(f"SIGBUS: {buf.exporter.name} has no machine whose memory the mapping reaches")
         if buf.revoked or buf.released:
             raise errors.IOFailure(f"SIGBUS: {buf.name} was revoked; its CPU mapping is gone")
+        lease = access.Lease(buf, f"the CPU mapping [{self.offset:#x}, +{self.nbytes:#x}]")
         pv = buf.exporter.get_phys_vec(None)
         self.faults += 1
         self._ranges = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
         self._ends = _walk.ends_of(self._ranges)  # kept with the ranges: each access searches it
+        self._lease = lease
         return self._ranges
 
-    def _access(self, off: int, n: int, fn: Callable[[list[tuple[int, int]]], Any]) -> Any:
+    def _access(self, off: int, data: memoryview | None, n: int) -> Any:
         """One CPU access, atomic against the exporter: under the
         reservation lock a move or revoke cannot zap the mapping and free
         the pages between the translation and the copy (on a CPU the zap
@@ -1066,7 +1179,14 @@ class CpuMapping:
         if take:
             buf.resv.lock()
         try:
-            return fn(self._runs(off, n))
+            if self.closed:
+                raise errors.IOFailure(f"SIGBUS: the CPU mapping of {buf.name} was closed")
+            runs = self._runs(off, n)
+            if n == 0:
+                return b"" if data is None else None
+            lease = self._lease
+            return access.access(self._gate, self.offset + off, n, lambda: runs, data=data,
+                                 leases=() if lease is None else (lease,))
         finally:
             if take:
                 buf.resv.unlock()
@@ -1089,25 +1209,27 @@ class CpuMapping:
 
     def read(self, off: int, nbytes: int) -> bytes:
         """Read ``nbytes`` at ``off`` of the mapping (IOFailure "SIGBUS"
-        outside it or once revoked)."""
-        mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]  # mmappable exporters know their machine
-        return bytes(self._access(off, nbytes, lambda runs: b"".join(mem.read(p, n) for p, n in runs)))
+        outside it, once revoked or closed, or on pages the gate refuses)."""
+        return bytes(self._access(off, None, nbytes))
 
     def write(self, off: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``off`` of the mapping."""
         buf = memoryview(data).cast("B")
-        mem = self.dmabuf.exporter.machine.memory  # type: ignore[attr-defined]  # mmappable exporters know their machine
-
-        def copy(runs: list[tuple[int, int]]) -> None:
-            pos = 0
-            for p, n in runs:
-                mem.write(p, buf[pos : pos + n])
-                pos += n
-        self._access(off, len(buf), copy)
+        self._access(off, buf, len(buf))
 
     def __repr__(self) -> str:
         return (f"<CpuMapping {self.dmabuf.name!r} [{self.offset:#x}, +{self.nbytes:#x}] faults={self.faults} "
-                f"zaps={self.zaps}>")
+                f"zaps={self.zaps}{' closed' if self.closed else ''}>")
+
+
+def _sigbus(addr: int, reason: str) -> errors.DmaBufError:
+    """The CPU's refusal: the process would get SIGBUS (EIO here)."""
+    return errors.IOFailure(f"SIGBUS: CPU access at buffer offset {addr:#x}: {reason}")
+
+
+def _host_untrusted() -> bool:
+    """The host CPU never reaches confidential memory."""
+    return False
 
 
 # --------------------------------------------------------------- functions

@@ -4,6 +4,11 @@ The model keeps the bytes that were written: RAM, private memory, BAR
 memory and bounce buffers alike, in 64 KiB chunks allocated on first write
 (never-written memory reads as zeros).  Copies are bulk NumPy operations,
 one per chunk touched.
+
+The ``_raw_*`` methods are what :mod:`pydmabuf.access` (the one access
+gate) copies with; nothing else in the package calls them.  :meth:`read`
+and :meth:`write` are the harness's view (a debugger's look at RAM, to
+seed a BAR or check what landed where): no path of the model uses them.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ class PhysMemory:
             phys += n
 
     def read(self, phys: int, nbytes: int) -> bytes:
-        """``nbytes`` at ``phys`` (zeros where nothing was written)."""
+        """``nbytes`` at ``phys`` (zeros where nothing was written): the
+        harness's look at memory, past every rule of the model."""
+        return self._raw_read(phys, nbytes)
+
+    def write(self, phys: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
+        """Store ``data`` at ``phys``: the harness seeding memory (a BAR's
+        contents, a test pattern), past every rule of the model."""
+        self._raw_write(phys, data)
+
+    def _raw_read(self, phys: int, nbytes: int) -> bytes:
         out = np.zeros(nbytes, dtype=np.uint8)
         pos = 0
         with self._lock:
@@ -47,8 +61,7 @@ class PhysMemory:
                 pos += n
         return out.tobytes()
 
-    def write(self, phys: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
-        """Store ``data`` at ``phys``."""
+    def _raw_write(self, phys: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:
         # An array's .data is the memoryview memoryview(array) would give
         # (NumPy's stubs declare no buffer protocol before Python 3.12).
         view = data.data if isinstance(data, np.ndarray) else memoryview(data)
@@ -62,12 +75,7 @@ class PhysMemory:
                 c[off : off + n] = src[pos : pos + n]
                 pos += n
 
-    def copy(self, dst: int, src: int, nbytes: int) -> None:
-        """memmove within physical memory (bounce-buffer copies)."""
-        if nbytes:
-            self.write(dst, self.read(src, nbytes))
-
-    def copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> int:
+    def _raw_copy_pages(self, src_pfns: np.ndarray, dst_pfns: np.ndarray) -> int:
         """Copy page i of ``src_pfns`` to page i of ``dst_pfns`` (a
         migration), touching only pages that hold written data; returns the
         pages copied."""

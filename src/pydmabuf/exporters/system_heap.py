@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pydmabuf import errors, workloads
+from pydmabuf import access, errors, workloads
 from pydmabuf._core import SgTable, pagemap
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind
 from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
@@ -107,7 +107,7 @@ class MovableHeapBuffer(HeapBuffer):
             raise errors.Busy("pinned pages cannot move")
         old = self.pfns
         new = self.machine.pages.alloc(len(old), self.layout, self.seed + self.moves + 1)
-        self.machine.memory.copy_pages(old, new)
+        access.migrate_pages(self.machine, old, new)
         self.pfns = new
         self.moves += 1
         machine = self.machine
@@ -132,7 +132,8 @@ class SystemHeap:
 
     def allocate(self, nbytes: int, *, layout: str = "fragmented", seed: int = 1, movable: bool = False,
                  name: str | None = None) -> DmaBuf:
-        """A buffer of ``nbytes`` (rounded up to whole pages).
+        """A buffer of ``nbytes`` rounded up to whole pages (its ``size`` is
+        the rounded length, as the kernel's heaps export it).
 
         ``layout``: ``contiguous``, ``fragmented`` (runs of mean length 8),
         ``scattered`` (every page alone) or ``thp`` (2 MiB runs); ``seed``
@@ -144,6 +145,10 @@ class SystemHeap:
         if nbytes <= 0:
             raise errors.InvalidArgument(f"allocate: nbytes must be positive (got {nbytes!r})")
         npages = -(-nbytes // PAGE_SIZE)
+        # dma_heap_buffer_alloc(): "allocations from all heaps have to begin
+        # and end on page boundaries" -- the buffer is PAGE_ALIGN(len), so its
+        # last page is whole and mmap can map it.
+        nbytes = npages * PAGE_SIZE
         pfns = self.machine.pages.alloc(npages, layout, seed)
         cls = MovableHeapBuffer if movable else HeapBuffer
         exp = cls(self.machine, pfns, nbytes, owned=True, layout=layout, seed=seed)

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import IoPageTable, RangeTable, errors
+from pydmabuf import IoPageTable, RangeTable, access, errors
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, _dma_buf_ref
@@ -86,6 +86,9 @@ TASK_SIZE = 1 << 47
 GPA_BITS = 48
 _PRIVATE = KVM_MEM_GUEST_MEMFD | KVM_MEM_VFIO_DMABUF
 _NOT_MAPPED = np.uint64(U64_MAX)
+#: How often one guest access faults in and finds its pages zapped again
+#: before it gives up with EAGAIN (KVM would retry for ever).
+_FAULT_RETRIES = 1000
 #: Second-stage entries of MMIO: read, write, uncached device memory.
 _EPT_PROT = int(IommuProt.READ | IommuProt.WRITE | IommuProt.MMIO)
 
@@ -121,6 +124,12 @@ class KvmMemslot:
     binding: _SlotBinding | None = field(default=None, repr=False)
     faults: int = 0
     zaps: int = 0
+    #: KVM_MEMSLOT_INVALID: set under ``mmu_lock`` when the slot is being
+    #: deleted; a fault that finds it set maps nothing.
+    deleted: bool = field(default=False, repr=False)
+    #: The generation of the dma-buf the present entries were faulted from
+    #: (the access gate checks it); None while nothing is faulted in.
+    lease: access.Lease | None = field(default=None, repr=False)
 
     @property
     def as_id(self) -> int:
@@ -179,6 +188,13 @@ class KvmVm:
         self._slots: dict[int, KvmMemslot] = {}
         self._gpa = [RangeTable() for _ in range(self.nr_address_spaces)]
         self._device = Device(machine, f"kvm:{name}", description="KVM (the RFC attaches with no device)")
+        # The guest as the access gate sees it: its refusals are guest
+        # faults naming the VM; a confidential VM may reach private memory.
+        trusted = self.private_mem
+        self._gate = access.Accessor(
+            access.GUEST, name, machine, name,
+            lambda gpa, reason: errors.IommuFault(f"{name}: guest access at gpa {gpa:#x}: {reason}"),
+            lambda: trusted)
         self.faults = 0
         self.zaps = 0
         self.tlb_flushes = 0
@@ -303,8 +319,9 @@ class KvmVm:
             # kvm_set_memslot(): the old slot goes (zapped, unbound)
             if old is not None:
                 self._delete(old)
-            self._slots[slot] = new
-            self._gpa[as_id].insert(gpa, size, kind=RangeKind.OTHER, owner=slot + 1)
+            with self.mmu_lock:  # published whole: a fault sees both maps or neither
+                self._slots[slot] = new
+                self._gpa[as_id].insert(gpa, size, kind=RangeKind.OTHER, owner=slot + 1)
 
     def _check_flags(self, flags: int) -> None:
         """``check_memory_region_flags()`` with the RFC's change."""
@@ -338,12 +355,21 @@ class KvmVm:
         slot.dmabuf, slot.attachment, slot.binding = buf, a, binding
 
     def _delete(self, slot: KvmMemslot) -> None:
-        """Zap the slot, then ``kvm_vfio_dmabuf_unbind()``: detach, put."""
-        del self._slots[slot.slot]
-        self._gpa[slot.as_id].remove(slot.gpa)
-        if slot.binding is not None:
-            slot.binding.slot = None
-        self._zap(slot)
+        """``kvm_set_memslot(DELETE)``: under ``mmu_lock``, in one step,
+        mark the slot invalid, take it out of the address space and zap its
+        entries (``kvm_invalidate_memslot`` then the zap, as KVM does
+        before it publishes the new slots): a racing fault either mapped
+        before the zap (and is zapped) or finds the slot gone; a racing
+        access sees no slot.  Then ``kvm_vfio_dmabuf_unbind()``: detach,
+        put (outside ``mmu_lock``: detach takes the reservation lock,
+        which orders before it)."""
+        with self.mmu_lock:
+            slot.deleted = True
+            self._gpa[slot.as_id].remove(slot.gpa)
+            del self._slots[slot.slot]
+            if slot.binding is not None:
+                slot.binding.slot = None
+            self._zap(slot)
         if slot.attachment is not None and slot.dmabuf is not None:
             slot.dmabuf.detach(slot.attachment)
             slot.dmabuf.put()
@@ -360,6 +386,7 @@ class KvmVm:
             mine = leaves[(leaves[:, 0] >= lo) & (leaves[:, 0] < hi)]
             slot.zaps += 1
             self.zaps += 1
+            slot.lease = None
             if len(mine) == 0:
                 return
             starts, sizes = mine[:, 0], mine[:, 2]
@@ -372,8 +399,11 @@ class KvmVm:
             self.tlb_flushes += 1
 
     def _slot_at(self, as_id: int, gpa: int) -> KvmMemslot | None:
-        r = self._gpa[as_id].lookup(gpa)
-        return None if r is None else self._slots[r.owner - 1]
+        """The slot holding ``gpa`` now, or None (under ``mmu_lock``, which
+        deletion holds while it takes a slot out of both maps)."""
+        with self.mmu_lock:
+            r = self._gpa[as_id].lookup(gpa)
+            return None if r is None else self._slots.get(r.owner - 1)
 
     def _fault_in(self, slot: KvmMemslot, gfns: np.ndarray) -> np.ndarray:
         """Fault the slot's missing ``gfns`` (sorted) in: ``get_pfn`` under
@@ -384,6 +414,7 @@ class KvmVm:
         where = f"KVM_RUN: -EIO (KVM_EXIT_MEMORY_FAULT at gpa {int(gfns[0]) << PAGE_SHIFT:#x})"
         buf.resv.lock()
         try:
+            lease = access.Lease(buf, f"{self.name}'s slot {slot.slot}")
             if not isinstance(buf.exporter, VfioPciDmaBuf):
                 raise errors.IOFailure(f"{where}: {buf.exporter.name} has no get_pfn op")
             try:
@@ -400,15 +431,23 @@ class KvmVm:
                 idx = np.searchsorted(ends, off, side="right")
                 phys = rows[idx, 0] + (off - (ends[idx] - rows[idx, 1]))
             prot = _EPT_PROT
-            brk = np.flatnonzero(gfns[1:] != gfns[:-1] + np.uint64(1)) + 1
             with self.mmu_lock:
-                if len(brk) == 0:
-                    self.ept.map_many(int(gfns[0]) << PAGE_SHIFT, phys, PAGE_SIZE, prot)
-                else:
-                    for part_g, part_p in zip(np.split(gfns, brk), np.split(phys, brk)):
+                if slot.deleted:  # deleted since the lookup: map nothing
+                    raise errors.IommuFault(f"{self.name}: guest access at gpa {int(gfns[0]) << PAGE_SHIFT:#x} "
+                                            "hits no memslot (deleted while the fault ran)")
+                # Another vCPU may have faulted some of these pages in since
+                # the lookup (same buffer generation: we hold its lock): KVM
+                # finds the entry present and takes the fault as spurious.
+                now = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
+                todo = now == _NOT_MAPPED
+                mg, mp = gfns[todo], phys[todo]
+                slot.lease = lease
+                if len(mg):
+                    brk = np.flatnonzero(mg[1:] != mg[:-1] + np.uint64(1)) + 1
+                    for part_g, part_p in zip(np.split(mg, brk), np.split(mp, brk)):
                         self.ept.map_many(int(part_g[0]) << PAGE_SHIFT, np.ascontiguousarray(part_p), PAGE_SIZE, prot)
-                slot.faults += len(gfns)
-                self.faults += len(gfns)
+                slot.faults += len(mg)
+                self.faults += len(mg)
             return phys
         finally:
             buf.resv.unlock()
@@ -443,21 +482,60 @@ class KvmVm:
             hole = hole[len(mine):]
         return phys
 
-    def _translate(self, gpa: int, nbytes: int) -> list[tuple[int, int]]:
+    def _ept_runs(self, gpa: int, nbytes: int) -> list[tuple[int, int]] | None:
+        """The access's host physical runs from the second stage alone, or
+        None if a page is not present (``mmu_lock`` held)."""
         inner = gpa & (PAGE_SIZE - 1)
-        if 0 < nbytes <= PAGE_SIZE - inner and gpa < 1 << GPA_BITS:  # one page: no arrays when present
+        if nbytes <= PAGE_SIZE - inner:  # one page: no arrays
             p = self.ept.iova_to_phys(gpa - inner)
-            if p is not None:
-                return [(p + inner, nbytes)]
-        phys = self._present(gpa, nbytes)
+            return None if p is None else [(p + inner, nbytes)]
+        pos = gpa  # slots must hold the whole access before its pages are listed
+        for r in self._gpa[0].overlapping(gpa, nbytes):
+            if r.start > pos:
+                break
+            pos = r.last + 1
+        if pos < gpa + nbytes:
+            return None  # a hole: the fault path names it
+        gfns = np.arange(gpa >> PAGE_SHIFT, ((gpa + nbytes - 1) >> PAGE_SHIFT) + 1, dtype=np.uint64)
+        phys: np.ndarray = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
+        if (phys == _NOT_MAPPED).any():
+            return None
         lens = np.full(len(phys), PAGE_SIZE, dtype=np.uint64)
-        lens[0] -= np.uint64(gpa & (PAGE_SIZE - 1))
-        phys[0] += np.uint64(gpa & (PAGE_SIZE - 1))
+        lens[0] -= np.uint64(inner)
+        phys[0] += np.uint64(inner)
         lens[-1] -= np.uint64(PAGE_SIZE - 1 - ((gpa + nbytes - 1) & (PAGE_SIZE - 1)))
         brk = np.flatnonzero(phys[1:] != phys[:-1] + lens[:-1]) + 1
         starts = np.concatenate(([0], brk))
         stops = np.concatenate((brk, [len(phys)]))
         return [(int(phys[i]), int(lens[i:j].sum())) for i, j in zip(starts.tolist(), stops.tolist())]
+
+    def _leases(self, gpa: int, nbytes: int) -> tuple[access.Lease, ...]:
+        """The leases of the slots under the access (``mmu_lock`` held)."""
+        out = []
+        for r in self._gpa[0].overlapping(gpa, nbytes):
+            s = self._slots.get(r.owner - 1)
+            if s is not None and s.lease is not None:
+                out.append(s.lease)
+        return tuple(out)
+
+    def _guest_access(self, gpa: int, nbytes: int, data: memoryview | None) -> bytes | None:
+        """One guest access through the access gate: translated and copied
+        under ``mmu_lock``, so a zap (invalidation or slot deletion) comes
+        wholly before or wholly after it; missing pages fault in first
+        (without ``mmu_lock``: the fault takes the reservation lock, which
+        orders before it) and the access retries, as a vCPU re-enters the
+        guest after a fault."""
+        if nbytes <= 0 or gpa + nbytes > 1 << GPA_BITS:
+            raise errors.InvalidArgument(f"bad guest access [{gpa:#x}, +{nbytes:#x})")
+        for _ in range(_FAULT_RETRIES):
+            with self.mmu_lock:
+                runs = self._ept_runs(gpa, nbytes)
+                if runs is not None:
+                    return access.access(self._gate, gpa, nbytes, lambda: runs, data=data,
+                                         leases=self._leases(gpa, nbytes))
+            self._present(gpa, nbytes)
+        raise errors.TryAgain(f"{self.name}: guest access at gpa {gpa:#x} was zapped {_FAULT_RETRIES} times "
+                              "in a row while it faulted in")
 
     def pre_fault_memory(self, gpa: int, nbytes: int) -> int:
         """``KVM_PRE_FAULT_MEMORY``: fault ``[gpa, gpa + nbytes)`` in without
@@ -474,20 +552,15 @@ class KvmVm:
         no ``get_pfn``), IommuFault (EFAULT: no slot there), InvalidArgument
         (an empty or out-of-range access)."""
         self._need_open("guest_read")
-        runs = self._translate(as_uint(gpa, "gpa"), as_uint(nbytes, "nbytes"))
-        mem = self.machine.memory
-        return b"".join(mem.read(p, n) for p, n in runs)
+        out = self._guest_access(as_uint(gpa, "gpa"), as_uint(nbytes, "nbytes"), None)
+        assert out is not None  # a read returns the bytes
+        return out
 
     def guest_write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """The guest writes ``data`` at ``gpa``; raises as :meth:`guest_read`."""
         self._need_open("guest_write")
         buf = memoryview(data).cast("B")
-        runs = self._translate(as_uint(gpa, "gpa"), len(buf))
-        mem = self.machine.memory
-        pos = 0
-        for p, n in runs:
-            mem.write(p, buf[pos : pos + n])
-            pos += n
+        self._guest_access(as_uint(gpa, "gpa"), len(buf), buf)
 
     # ---------------------------------------------------------- lifetime
 
