@@ -21,12 +21,13 @@ Broken rules go to :mod:`pydmabuf.checks` (strict mode raises).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -262,6 +263,20 @@ def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
 dma._access_hooks.append(_access_hook)
 
 
+@contextlib.contextmanager
+def _failures_noted(failed: list[tuple[Attachment, BaseException]]) -> Iterator[None]:
+    """Around the rest of a sequence that told every importer: if it fails,
+    its exception goes out with a note naming the importers whose callback
+    raised (they are reported only when the sequence completes)."""
+    try:
+        yield
+    except BaseException as e:
+        for a, err in failed:
+            e.add_note(f"the invalidation callback of {a.importer_ops!r} on {a.device.name} raised "
+                       f"{type(err).__name__}: {err}")
+        raise
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str):
         raise TypeError("name must be a str")
@@ -493,7 +508,24 @@ class DmaBuf:
         importer with the callback goes stale when its callback returns (DMA
         already in flight while the importer stops is allowed: mappings stay
         usable until the importer drops them); mappings of attachments that
-        cannot be told go stale at once."""
+        cannot be told go stale at once.
+
+        In the kernel the callback returns void: it cannot fail, and the
+        walk always reaches every importer.  A callback that raises is a bug
+        of that importer: the walk goes on to the others (the raising
+        importer's mappings go stale all the same), and afterwards the
+        checker reports rule ``invalidate-callback-raised`` naming it, with
+        the importer's exception as the cause (strict mode raises
+        :class:`~pydmabuf.errors.LifetimeError` here, once every importer
+        was told; report mode records it and returns)."""
+        failed = self._invalidate_all()
+        self._report_failed_invalidations(failed, "dma_buf_invalidate_mappings")
+
+    def _invalidate_all(self) -> list[tuple[Attachment, BaseException]]:
+        """Tell every importer (the walk of ``dma_buf_invalidate_mappings``)
+        and return the ones whose callback raised, with what they raised;
+        the caller reports them with :meth:`_report_failed_invalidations`
+        once its own sequence is complete."""
         if not self.resv.held_by_current_thread():
             checks.checker.locking("invalidate-without-resv",
                                    "dma_buf_invalidate_mappings without the reservation lock", self)
@@ -506,16 +538,48 @@ class DmaBuf:
                     m.stale = True
             for c in self._cpu_maps:
                 c._zap()
+        failed: list[tuple[Attachment, BaseException]] = []
         for a in targets:
             ops = a.importer_ops
             if ops is None:
                 continue
             cb = type(ops)._callback()
-            if cb is not None:
-                a.invalidations += 1
+            if cb is None:
+                continue
+            a.invalidations += 1
+            try:
                 cb(ops, a)
+            except BaseException as e:  # noqa: BLE001 - the walk must reach every importer; reported after
+                failed.append((a, e))
+            finally:
+                # Told is told: whatever the callback did, DMA through what
+                # it held is now DMA through an invalidated mapping.
                 for m in told[a]:
                     m.stale = True
+        return failed
+
+    def _report_failed_invalidations(self, failed: list[tuple[Attachment, BaseException]], what: str) -> None:
+        """Report the importers whose invalidation callback raised.
+
+        A callback that raised something that is no ``Exception``
+        (KeyboardInterrupt, SystemExit) is re-raised as it was: it is no
+        importer bug to report.  Otherwise report mode records one report
+        per importer; strict mode raises one LifetimeError naming them all,
+        chained from the first importer's exception."""
+        if not failed:
+            return
+        for _a, e in failed:
+            if not isinstance(e, Exception):
+                raise e
+        who = ", ".join(f"{a.importer_ops!r} on {a.device.name}" for a, _e in failed)
+        for a, e in failed:
+            msg = (f"{what} of {self.name}: the invalidation callback of {a.importer_ops!r} raised "
+                   f"{type(e).__name__}: {e} (the kernel's callback cannot fail; every importer was told, "
+                   f"the failing ones: {who})")
+            try:
+                checks.checker.lifetime("invalidate-callback-raised", msg, a, self, culprit=a.importer_ops)
+            except errors.LifetimeError as err:
+                raise err from e
 
     move_notify = invalidate_mappings
 
@@ -524,9 +588,12 @@ class DmaBuf:
         reservation lock held as for ``move_notify``: refused (EBUSY) while
         an attachment is pinned; importers are invalidated first; the old
         backing is freed once the BOOKKEEP fences signal; the move itself is
-        published as a signalled KERNEL fence."""
-        from pydmabuf._core import Fence, FenceArray, fence_context_alloc
+        published as a signalled KERNEL fence.
 
+        An importer whose invalidation callback raises does not stop the
+        move: every importer is told, the memory moves, then the importer
+        is reported (strict mode: LifetimeError, chained from what it
+        raised)."""
         self._alive("move")
         if not self.resv.held_by_current_thread():
             checks.checker.locking("move-without-resv", "moving a dma-buf without its reservation lock", self)
@@ -535,7 +602,18 @@ class DmaBuf:
         pinned = [a for a in self._attachments if a.pin_count]
         if pinned:
             raise errors.Busy(f"{self.name} has {len(pinned)} pinned attachment(s) and cannot move")
-        self.invalidate_mappings()
+        # Every importer is told even if one's callback raises; the move
+        # then completes as the kernel's would, and the raising importer is
+        # reported last (see invalidate_mappings).
+        failed = self._invalidate_all()
+        with _failures_noted(failed):
+            self._migrate()
+        self._report_failed_invalidations(failed, "move")
+
+    def _migrate(self) -> None:
+        """The part of :meth:`move` after the importers were told."""
+        from pydmabuf._core import Fence, FenceArray, fence_context_alloc
+
         busy = self.resv.get_fences(Usage.BOOKKEEP)
         self.resv.reserve_fences(1)
         release_old = self.exporter.migrate(self)
@@ -562,6 +640,13 @@ class DmaBuf:
         for every importer to unmap.  The kernel waits forever; the model
         raises :class:`~pydmabuf.errors.TimedOut` after ``timeout`` seconds
         (the buffer stays revoked).
+
+        An importer whose invalidation callback raises cannot stop the
+        revoke: every importer is told and the fences are waited for; then,
+        after the lock is dropped and before the wait for unmaps (which the
+        failing importer may never satisfy), the checker reports it (rule
+        ``invalidate-callback-raised``; strict mode raises LifetimeError
+        naming it, chained from what it raised; the buffer stays revoked).
         """
         if self.resv.held_by_current_thread():
             checks.checker.locking("revoke-with-resv", "revoke takes the reservation lock itself", self)
@@ -570,11 +655,13 @@ class DmaBuf:
         self.resv.lock()
         try:
             self.revoked = True
-            self.invalidate_mappings()
-            if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
-                raise errors.TimedOut(f"revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
+            failed = self._invalidate_all()
+            with _failures_noted(failed):
+                if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
+                    raise errors.TimedOut(f"revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
         finally:
             self.resv.unlock()
+        self._report_failed_invalidations(failed, "revoke")
         self.wait_unmapped(timeout)
 
     def unrevoke(self, timeout: float | None = None) -> None:
@@ -584,16 +671,20 @@ class DmaBuf:
 
         The kernel waits for the fences without a bound; the model raises
         :class:`~pydmabuf.errors.TimedOut` after ``timeout`` seconds (None:
-        forever) and leaves the buffer revoked.
+        forever) and leaves the buffer revoked.  An importer whose callback
+        raises is reported once the buffer is un-revoked, as for
+        :meth:`revoke`.
         """
         self.resv.lock()
         try:
-            self.invalidate_mappings()
-            if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
-                raise errors.TimedOut(f"un-revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
+            failed = self._invalidate_all()
+            with _failures_noted(failed):
+                if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
+                    raise errors.TimedOut(f"un-revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
             self.revoked = False
         finally:
             self.resv.unlock()
+        self._report_failed_invalidations(failed, "un-revoke")
 
     def wait_unmapped(self, timeout: float | None = None) -> None:
         """Block until no importer holds a mapping of this buffer."""
@@ -887,22 +978,45 @@ class Attachment:
 
     def pin(self) -> None:
         """``dma_buf_pin()`` (lock held): the exporter's pin, if it has one.
-        For long pins only (scanout); static attachments only WARN in the
-        kernel, here a LockingError in strict mode."""
+        For long pins only (scanout), and only for dynamic importers: a
+        static attachment's pins belong to :meth:`map` / :meth:`unmap`.
+
+        The kernel WARNs on a static attachment and goes on; the model
+        refuses it (rule ``pin-static``: LifetimeError, EINVAL, in strict
+        mode; in report mode recorded, then InvalidArgument, EINVAL), so an
+        explicit pin can never be mistaken for the one a map took.  Nothing
+        changes on a refusal; an exporter's ``pin`` that raises leaves the
+        count as it was."""
         if not self._usable("pin"):
             return
         self._require_resv("pin")
         if not self.dynamic:
-            checks.checker.lifetime("pin-static", "dma_buf_pin on a static attachment", self)
+            checks.checker.lifetime("pin-static", "dma_buf_pin on a static attachment (only dynamic importers "
+                                    "pin; a static importer's pins are taken by map and dropped by unmap)", self,
+                                    culprit=self)
+            raise errors.InvalidArgument(f"dma_buf_pin: {self!r} is static: its pins belong to map/unmap")
         exp = self.dmabuf.exporter
         if exp.has("pin"):
             exp.pin(self)
         self.pin_count += 1
 
     def unpin(self) -> None:
+        """``dma_buf_unpin()`` (lock held): drop a pin :meth:`pin` took.
+
+        Refused, with nothing changed: on a static attachment (rule
+        ``unpin-static``: its pins are the ones its live mappings hold and
+        only :meth:`unmap` drops them), and without a pin (rule
+        ``unbalanced-unpin``).  Strict mode raises LifetimeError (EINVAL);
+        report mode records the report and returns (``dma_buf_unpin``
+        returns void), so a pin count never goes below zero and never
+        loses the pin of a live mapping."""
         if not self._usable("unpin"):
             return
         self._require_resv("unpin")
+        if not self.dynamic:
+            checks.checker.lifetime("unpin-static", "dma_buf_unpin on a static attachment: its pins belong to "
+                                    "its live mappings and only unmap drops them", self, culprit=self)
+            return
         if self.pin_count <= 0:
             checks.checker.lifetime("unbalanced-unpin", "dma_buf_unpin without a pin", self)
             return
