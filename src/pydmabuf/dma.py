@@ -223,14 +223,16 @@ def _entry_phys(table: SgTable, slots: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def _bounce_in(device: Device, pool: SwiotlbPool, orig: int, size: int, direction: DmaDirection, attrs: int,
                align_mask: int = 0) -> int:
-    """swiotlb_tbl_map_single(): take slots, copy to the bounce buffer for
-    TO_DEVICE / BIDIRECTIONAL; returns the bounce buffer's physical address."""
+    """swiotlb_tbl_map_single(): take slots and copy the original into the
+    bounce buffer, in every direction (for FROM_DEVICE too: the copy back
+    at unmap must give back the original's bytes where the device wrote
+    nothing, not what the slot held before, the previous user's data);
+    returns the bounce buffer's physical address."""
     if size > pool.max_mapping_size:
         raise errors.OutOfMemory(f"{pool.name}: a {size}-byte bounce exceeds {pool.max_mapping_size} bytes")
     tlb = pool.alloc(orig, size, device.min_align_mask | align_mask)
-    if direction in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
-        device.machine.memory.copy(tlb, orig, size)
-        pool.bounced_to_device += size
+    device.machine.memory.copy(tlb, orig, size)
+    pool.bounced_to_device += size
     return tlb
 
 
