@@ -970,6 +970,30 @@ for _name in ("direct0", "legacy0", "gpu1", "ext0"):
         lambda s: pydmabuf.dma_unmap_phys(s.d, s.dma, 2 * G, BIDI), E.LifetimeError)
 
 
+def phys_batch_row_gone() -> S:
+    """A bounced batch (one mapping per row) whose last row someone unmapped
+    by hand: unmapping the batch cannot complete."""
+    from pydmabuf.dma import dma_map_phys_many
+
+    m = mach()
+    d = m.device("legacy0")
+    batch = dma_map_phys_many(d, np.array([[0x100000000, G], [0x100002000, G]], dtype=np.uint64), BIDI)
+    assert batch.kind == "singles"
+    pydmabuf.dma_unmap_phys(d, int(batch.dma_ranges[1, 0]), G, BIDI)
+    s = S(watch=[m, d], m=m, d=d, batch=batch)
+
+    def end() -> None:
+        pydmabuf.dma_unmap_phys(d, int(batch.dma_ranges[0, 0]), G, BIDI)
+        assert m.swiotlb_pools["swiotlb"].slots_used == 0
+
+    return s.later(end)
+
+
+add("dma_unmap_phys_many[legacy0].a-row-gone", phys_batch_row_gone,
+    lambda s: pydmabuf.dma.dma_unmap_phys_many(s.batch), E.LifetimeError,
+    snap=lambda s: (snapshot(s.watch), s.batch.live))
+
+
 # IovaState: the two-step API
 
 
