@@ -46,7 +46,7 @@ import logging
 import os
 import threading
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -181,7 +181,7 @@ class _VfioPciCore:
 
 
 @contextlib.contextmanager
-def _every_buffer() -> Any:
+def _every_buffer() -> Iterator[Callable[..., None]]:
     """A walk over a device's buffers that an importer's raising
     invalidation callback cannot cut short: ``each(fn, *args)`` runs one
     buffer's step, keeps a LifetimeError (the checker's report of that
@@ -189,7 +189,7 @@ def _every_buffer() -> Any:
     goes on; the first one kept is raised when the walk ends."""
     kept: list[errors.LifetimeError] = []
 
-    def each(fn: Any, *args: Any) -> None:
+    def each(fn: Callable[..., Any], *args: Any) -> None:
         try:
             fn(*args)
         except errors.LifetimeError as e:
