@@ -570,6 +570,10 @@ class DmaBuf:
             return
         for _a, e in failed:
             if not isinstance(e, Exception):
+                for a2, e2 in failed:
+                    if e2 is not e:
+                        e.add_note(f"the invalidation callback of {a2.importer_ops!r} on {a2.device.name} "
+                                   f"raised {type(e2).__name__}: {e2}")
                 raise e
         who = ", ".join(f"{a.importer_ops!r} on {a.device.name}" for a, _e in failed)
         for a, e in failed:
