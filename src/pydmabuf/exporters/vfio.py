@@ -33,7 +33,10 @@ Where the kernel waits forever (7.1 revoke: fences and unmaps, holding
 block, without making the hardware change it was about to make (no
 decode change, no power change, no reset, the device stays open); the
 buffers revoked so far stay revoked and the next call that finds memory
-enabled un-revokes them.  Where the kernel is loose (research notes
+enabled un-revokes them.  An importer whose invalidation callback raises
+(a bug: the kernel's callback cannot fail) stops nothing: every buffer is
+revoked and every importer told, then the checker's report of it is raised
+at that same point, before the hardware change (strict mode).  Where the kernel is loose (research notes
 section 10) the model is correct by default: it links multi-range buffers
 at running IOVA offsets, and un-revokes only devices that are open.
 """
