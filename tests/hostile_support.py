@@ -244,7 +244,7 @@ def snapshot(obj: Any) -> Any:
                 list(getattr(obj, "_bounces", [])), obj.uses_swiotlb)
     if isinstance(obj, Device):
         maps = getattr(obj, "_single_maps", {})
-        return ("Device", obj.name, obj.prefer_32bit_iova, obj.memory_decode, obj.power_state, sorted((k, v.size) for k, v in maps.items()),
+        return ("Device", obj.name, obj.prefer_32bit_iova, obj.memory_decode, obj.power_state, sorted((k, v.size) for k, bucket in maps.items() for v in bucket),
                 _domain_held(obj.domain), (obj.swiotlb.slots_used, obj.swiotlb.mappings) if obj.swiotlb else None)
     if isinstance(obj, Machine):
         return ("Machine", snapshot(obj.address_map), obj.pages.allocated_pages, obj.private_pages.allocated_pages,

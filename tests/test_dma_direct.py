@@ -114,7 +114,10 @@ def test_bounce_copies_follow_the_direction():
     dma_unmap_sgtable(d, t, FROM)  # unmap copies back too
     assert m.memory.read(high, 8) == b"again!!!"
     pool = m.swiotlb_pools["swiotlb"]
-    assert pool.slots_used == 0 and pool.bounced_to_cpu == 2 * G and pool.bounced_to_device == G
+    # Both maps filled their bounce buffer (swiotlb_tbl_map_single() copies
+    # the original in for FROM_DEVICE too, so unwritten bytes survive the
+    # copy back); the FROM_DEVICE sync and unmap copied back.
+    assert pool.slots_used == 0 and pool.bounced_to_cpu == 2 * G and pool.bounced_to_device == 2 * G
 
 
 def test_sync_for_device_refreshes_the_bounce_buffer():
@@ -198,3 +201,57 @@ def test_map_phys_many_translates_through_an_offset_and_parses_like_the_core():
             dma_map_phys_many(d, bad, TO)
     with pytest.raises(TypeError):
         dma_map_phys_many("gpu0", rows, TO)  # type: ignore[arg-type]
+
+
+# ------------------------------------- identical mappings are separate entries
+
+
+def test_the_same_range_mapped_twice_is_two_mappings():
+    """dma-debug keeps one entry per mapping (a bucket per address): two
+    maps of one range on a device without an IOMMU share the DMA address
+    and each unmap consumes exactly one of them."""
+    m, d = direct_device()
+    TO = DmaDirection.TO_DEVICE
+    a = dma_map_phys(d, 0x100000000, 2 * G, BIDI)
+    b = dma_map_phys(d, 0x100000000, 2 * G, BIDI)
+    c = dma_map_phys(d, 0x100000000, G, TO)
+    assert a == b == c
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_phys(d, a, G, BIDI)  # matches none of the three: nothing consumed
+    dma_unmap_phys(d, c, G, TO)  # the one with that size and direction
+    dma_unmap_phys(d, a, 2 * G, BIDI)
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_phys(d, b, G, TO)  # consumed already
+    dma_unmap_phys(d, b, 2 * G, BIDI)  # the second, correct unmap
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_phys(d, b, 2 * G, BIDI)  # a third is a double unmap
+    assert not d._single_maps
+
+
+def test_threads_mapping_one_range_each_consume_their_own_entry():
+    """Thread stress: every thread maps and unmaps the same range on the
+    same direct device; every unmap is correct, so none may fail, and the
+    registry ends empty."""
+    import threading
+
+    m, d = direct_device()
+    errs = []
+    rounds = 2000
+
+    def run():
+        try:
+            for i in range(rounds):
+                dmas = [dma_map_phys(d, 0x100000000, G, BIDI) for _ in range(1 + i % 3)]
+                for dma in dmas:
+                    dma_unmap_phys(d, dma, G, BIDI)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errs.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads)
+    assert not errs, errs[0]
+    assert not d._single_maps

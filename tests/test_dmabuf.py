@@ -4,6 +4,7 @@ dma-buf.md section 1, behaviours 1-12)."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import threading
 import time
@@ -807,4 +808,195 @@ def test_cpu_mapping_past_the_exporters_ranges_is_sigbus(m):
     assert len(c.read(G - 4, 4)) == 4
     with pytest.raises(errors.IOFailure, match="SIGBUS"):
         c.read(G - 4, 8)
+    b.put()
+
+
+# ------------------------------------------- an importer whose callback raises
+
+
+class Dropper(ImporterOps):
+    """Drops its mappings when told (the callback runs under the lock)."""
+
+    allow_peer2peer = True
+
+    def __init__(self):
+        self.tables = []
+        self.told = 0
+
+    def invalidate_mappings(self, a):
+        self.told += 1
+        for t in self.tables:
+            a.unmap(t, BIDI)
+        self.tables.clear()
+
+
+class Raiser(Dropper):
+    """A buggy importer: its callback raises before dropping anything."""
+
+    def invalidate_mappings(self, a):
+        self.told += 1
+        raise RuntimeError("importer bug")
+
+
+def _three_importers(m, movable=True):
+    """A buffer with a well-behaved importer on each side of a raising one
+    (newest first: gpu1, then the raiser on nic0, then gpu0), each mapped."""
+    b = SystemHeap(m).allocate(4 * G, movable=movable, name="shared")
+    ops = [Dropper(), Raiser(), Dropper()]
+    atts = [b.dynamic_attach(m.device(n), o) for n, o in zip(("gpu0", "nic0", "gpu1"), ops)]
+    with _locked(b.resv):
+        for a, o in zip(atts, ops):
+            o.tables.append(a.map(BIDI))
+    return b, ops, atts
+
+
+def _teardown(b, ops, atts):
+    with _locked(b.resv):
+        for a, o in zip(atts, ops):
+            for t in o.tables:
+                a.unmap(t, BIDI)
+            o.tables.clear()
+    for a in atts:
+        b.detach(a)
+    b.put()
+
+
+def test_revoke_reaches_every_importer_when_one_callback_raises(m):
+    b, ops, atts = _three_importers(m)
+    raiser_table = ops[1].tables[0]
+    with pytest.raises(errors.LifetimeError) as ei:
+        b.revoke(timeout=5)
+    e = ei.value
+    # Named, with the importer's own exception as the cause and the errno
+    # of a broken API rule (the kernel's callback returns void).
+    assert e.errno == errno.EINVAL and "Raiser" in str(e) and "nic0" in str(e)
+    assert isinstance(e.__cause__, RuntimeError) and str(e.__cause__) == "importer bug"
+    assert e.report.rule == "invalidate-callback-raised"
+    # Everyone was told, on both sides of the raiser, once each.
+    assert [o.told for o in ops] == [1, 1, 1] and [a.invalidations for a in atts] == [1, 1, 1]
+    assert b.revoked and atts[0].live_mappings == 0 and atts[2].live_mappings == 0
+    # The raiser's mapping went stale: DMA through it is caught, not silent.
+    assert all(mp.stale for mp in b._mappings)
+    with pytest.raises(errors.LifetimeError):
+        m.device("nic0").dma_write(int(raiser_table.dma_ranges()[0, 0]), b"late")
+    with pytest.raises(errors.Revoked):
+        atts[0].map_unlocked(BIDI)
+    # The lock was dropped, the fences waited for; unmapping ends the wait.
+    assert not b.resv.is_locked()
+    with _locked(b.resv):
+        atts[1].unmap(raiser_table, BIDI)
+        ops[1].tables.clear()
+    b.wait_unmapped(1)
+    _teardown(b, ops, atts)
+
+
+
+def test_revoke_in_report_mode_records_the_raising_importer_and_completes(m):
+    b, ops, atts = _three_importers(m)
+    checks.clear()
+    ops[1].tables.clear()  # the importer unmaps from elsewhere, late
+
+    def late_unmap(a=atts[1], t=list(b._mappings)):
+        time.sleep(0.05)
+        for mp in t:
+            if mp.attachment is a:
+                a.unmap_unlocked(mp.table, BIDI)
+
+    with checks.report_mode():
+        th = threading.Thread(target=late_unmap)
+        th.start()
+        b.revoke(timeout=5)  # waits for the late unmap, as the kernel would
+        th.join()
+        reps = checks.reports("invalidate-callback-raised")
+        assert len(reps) == 1 and "Raiser" in reps[0].culprit
+        assert b.revoked and b.live_mappings == 0 and [o.told for o in ops] == [1, 1, 1]
+        b.unrevoke()  # tells everyone again: a second report, and the buffer is back
+    assert len(checks.reports("invalidate-callback-raised")) == 2 and not b.revoked
+    assert [o.told for o in ops] == [2, 2, 2]
+    checks.clear()
+    _teardown(b, ops, atts)
+
+
+def test_move_and_invalidate_tell_every_importer_then_report(m):
+    b, ops, atts = _three_importers(m)
+    old = b.exporter.pfns.copy()
+    with _locked(b.resv):
+        with pytest.raises(errors.LifetimeError) as ei:
+            b.move()
+        assert isinstance(ei.value.__cause__, RuntimeError)
+        # The move completed as the kernel's would: new pages, all told.
+        assert not np.array_equal(b.exporter.pfns, old)
+        assert [o.told for o in ops] == [1, 1, 1]
+        with pytest.raises(errors.LifetimeError):
+            b.invalidate_mappings()
+        assert [o.told for o in ops] == [2, 2, 2]
+    _teardown(b, ops, atts)
+
+
+def test_an_interrupt_in_a_callback_is_reraised_after_every_importer_was_told(m):
+    class Interrupted(Dropper):
+        def invalidate_mappings(self, a):
+            self.told += 1
+            raise KeyboardInterrupt
+
+    b = SystemHeap(m).allocate(4 * G, movable=True)
+    ops = [Dropper(), Interrupted(), Dropper()]
+    atts = [b.dynamic_attach(m.device(n), o) for n, o in zip(("gpu0", "nic0", "gpu1"), ops)]
+    with _locked(b.resv):
+        with pytest.raises(KeyboardInterrupt):
+            b.invalidate_mappings()
+    assert [o.told for o in ops] == [1, 1, 1]
+    _teardown(b, ops, atts)
+
+
+
+# ------------------------------------------------ pins of static attachments
+
+
+def test_a_static_attachments_pins_belong_to_map_and_unmap(m):
+    e = Recorder(m)
+    b = export(e, 4 * G)
+    a = b.attach(m.device("gpu0"))
+    with _locked(b.resv):
+        t = a.map(BIDI)
+        assert a.pin_count == 1
+        # dma_buf_unpin / dma_buf_pin are for dynamic importers only: the
+        # map's pin is not the caller's to drop, nor a new one to take.
+        with pytest.raises(errors.LifetimeError) as ei:
+            a.unpin()
+        assert ei.value.errno == errno.EINVAL and ei.value.report.rule == "unpin-static"
+        with pytest.raises(errors.LifetimeError) as ei:
+            a.pin()
+        assert ei.value.report.rule == "pin-static"
+        assert a.pin_count == 1 and e.calls.count(("pin", "gpu0")) == 1 and ("unpin", "gpu0") not in e.calls
+        checks.clear()
+        with checks.report_mode():
+            a.unpin()  # recorded, refused: the mapping keeps its pin
+            with pytest.raises(errors.InvalidArgument):
+                a.pin()
+        assert [r.rule for r in checks.reports()] == ["unpin-static", "pin-static"]
+        checks.clear()
+        assert a.pin_count == 1 and ("unpin", "gpu0") not in e.calls
+        a.unmap(t, BIDI)
+    assert a.pin_count == 0 and e.calls.count(("unpin", "gpu0")) == 1
+    b.detach(a)
+    b.put()
+
+
+def test_a_movable_buffer_moves_again_after_the_static_unmap(m):
+    b = SystemHeap(m).allocate(4 * G, movable=True)
+    a = b.attach(m.device("gpu0"))
+    with _locked(b.resv):
+        t = a.map(BIDI)
+        with checks.report_mode():
+            a.unpin()
+            a.unpin()
+        checks.clear()
+        assert a.pin_count == 1
+        with pytest.raises(errors.Busy):
+            b.move()  # still pinned by the live mapping
+        a.unmap(t, BIDI)
+        assert a.pin_count == 0
+        b.move()
+    b.detach(a)
     b.put()

@@ -1,11 +1,14 @@
 """A Hypothesis state machine over the whole dma-buf lifecycle:
-export / attach / map / invalidate / move / revoke / unmap / detach / put,
-CPU mmap / write / read / munmap and vmap / vunmap, with obedient
-importers, checking after every step that nothing leaks, that every live,
-current mapping translates to the buffer's current pages, and that every
-CPU mapping reads what was written through the buffer's mappings (a
-mapping outliving its buffer's last put, or a vmap across a move, would
-read another buffer's pages)."""
+export / attach / map / pin / unpin / invalidate / move / revoke / unmap /
+detach / put, CPU mmap / write / read / munmap and vmap / vunmap, with
+obedient importers and buggy ones whose invalidation callback raises,
+checking after every step that nothing leaks, that pin counts are what the
+maps and explicit pins say (static attachments cannot pin or unpin by
+hand), that every importer was told of every invalidation even past a
+raising one, that every live, current mapping translates to the buffer's
+current pages, and that every CPU mapping reads what was written through
+the buffer's mappings (a mapping outliving its buffer's last put, or a
+vmap across a move, would read another buffer's pages)."""
 
 from __future__ import annotations
 
@@ -44,6 +47,14 @@ class Obedient(ImporterOps):
         self.maps = keep
 
 
+class Raising(Obedient):
+    """A buggy importer: its callback raises and drops nothing (its
+    mappings go stale; it unmaps them later, in unmap_one or teardown)."""
+
+    def invalidate_mappings(self, attachment):
+        raise RuntimeError("importer bug")
+
+
 class Lifecycle(RuleBasedStateMachine):
     buffers = Bundle("buffers")
     attachments = Bundle("attachments")
@@ -54,7 +65,8 @@ class Lifecycle(RuleBasedStateMachine):
         self.heap = SystemHeap(self.m)
         self.live_bufs = []  # (buf, refs)
         self.statics = {}  # attachment -> [tables]
-        self.importers = {}  # attachment -> Obedient
+        self.importers = {}  # attachment -> Obedient or Raising
+        self.pins = {}  # dynamic attachment -> explicit pins
         self.cpu = {}  # buf -> [CpuMapping] (mmaps, each holding a reference)
         self.vmaps = {}  # buf -> live vmap count
         self.written = {}  # buf -> {offset: byte} written through a CPU mapping
@@ -80,15 +92,17 @@ class Lifecycle(RuleBasedStateMachine):
         b.put()
 
     # ------------------------------------------------------ attachments
-    @rule(target=attachments, b=buffers, dev=st.sampled_from(DEVICES), dynamic=st.booleans())
-    def attach(self, b, dev, dynamic):
+    @rule(target=attachments, b=buffers, dev=st.sampled_from(DEVICES),
+          kind=st.sampled_from(["static", "obedient", "obedient", "raising"]))
+    def attach(self, b, dev, kind):
         if b.released or b in self.put_by_user:
             return None
         d = self.m.device(dev)
-        if dynamic:
-            imp = Obedient(self.m)
+        if kind != "static":
+            imp = Obedient(self.m) if kind == "obedient" else Raising(self.m)
             a = b.dynamic_attach(d, imp)
             self.importers[a] = imp
+            self.pins[a] = 0
         else:
             a = b.attach(d)
             self.statics[a] = []
@@ -128,32 +142,80 @@ class Lifecycle(RuleBasedStateMachine):
             b.resv.unlock()
 
     @rule(a=attachments)
+    def pin(self, a):
+        if a is None or a.detached or a.dmabuf.released:
+            return
+        before = a.pin_count
+        with a.dmabuf.resv:
+            if not a.dynamic:
+                with pytest.raises(errors.LifetimeError):
+                    a.pin()  # a static attachment's pins are its maps'
+                assert a.pin_count == before
+                return
+            a.pin()
+        self.pins[a] += 1
+
+    @rule(a=attachments)
+    def unpin(self, a):
+        if a is None or a.detached or a.dmabuf.released:
+            return
+        before = a.pin_count
+        with a.dmabuf.resv:
+            if not a.dynamic or not self.pins[a]:
+                # Static: the pins belong to live mappings; dynamic: none.
+                with pytest.raises(errors.LifetimeError):
+                    a.unpin()
+                assert a.pin_count == before
+                return
+            a.unpin()
+        self.pins[a] -= 1
+
+    @rule(a=attachments)
     def detach(self, a):
         if a is None or a.detached or a.dmabuf.released:
             return
-        if a.live_mappings:
+        if a.live_mappings or a.pin_count:
             with pytest.raises(errors.LifetimeError):
                 a.dmabuf.detach(a)
             return
         a.dmabuf.detach(a)
 
     # ---------------------------------------------------------- exporter
+    def _raising(self, b):
+        return any(isinstance(self.importers.get(a), Raising) for a in b.attachments)
+
+    def _told(self, b, call, expected=None):
+        """Run an exporter call that invalidates: with a raising importer
+        attached it reports it (strict: LifetimeError) after telling every
+        importer; then every dynamic importer was told exactly once more and
+        every mapping that existed went stale or was dropped."""
+        counts = {a: a.invalidations for a in b.attachments if a.dynamic}
+        maps = list(b._mappings)
+        if self._raising(b):
+            with pytest.raises(errors.LifetimeError) as ei:
+                call()
+            assert ei.value.report.rule == "invalidate-callback-raised"
+            assert isinstance(ei.value.__cause__, RuntimeError)
+        elif expected is not None:
+            with pytest.raises(expected):
+                call()
+        else:
+            call()
+        assert all(a.invalidations == n + 1 for a, n in counts.items())
+        assert all(mp.stale or mp not in b._mappings for mp in maps)
+
     @rule(b=buffers)
     def invalidate(self, b):
         if b.released:
             return
-        b.resv.lock()
-        try:
-            b.invalidate_mappings()
-        finally:
-            b.resv.unlock()
+        with b.resv:
+            self._told(b, b.invalidate_mappings)
 
     @rule(b=buffers)
     def move(self, b):
         if b.released:
             return
-        b.resv.lock()
-        try:
+        with b.resv:
             pinned = any(a.pin_count for a in b.attachments)
             if not b.exporter.has("migrate"):
                 with pytest.raises(errors.NotSupported):
@@ -162,27 +224,28 @@ class Lifecycle(RuleBasedStateMachine):
                 with pytest.raises(errors.Busy):
                     b.move()
             else:
-                b.move()
-        finally:
-            b.resv.unlock()
+                old = b.exporter.pfns.copy()
+                self._told(b, b.move)
+                assert not np.array_equal(old, b.exporter.pfns)  # moved all the same
 
     @rule(b=buffers)
     def revoke(self, b):
         if b.released:
             return
         static_maps = sum(len(self.statics.get(a, [])) for a in b.attachments)
-        if static_maps:
-            with pytest.raises(errors.TimedOut):
-                b.revoke(timeout=0.01)
-        else:
-            b.revoke(timeout=1)
+        raising = self._raising(b)
+        self._told(b, lambda: b.revoke(timeout=0.01 if static_maps else 1),
+                   errors.TimedOut if static_maps else None)
+        assert b.revoked
+        if not static_maps and not raising:
             assert b.live_mappings == 0
 
     @rule(b=buffers)
     def unrevoke(self, b):
         if b.released or not b.revoked:
             return
-        b.unrevoke()
+        self._told(b, b.unrevoke)
+        assert not b.revoked
 
     @rule(b=buffers)
     def put(self, b):
@@ -253,6 +316,16 @@ class Lifecycle(RuleBasedStateMachine):
 
     # -------------------------------------------------------- invariants
     @invariant()
+    def pin_counts_are_what_maps_and_pins_say(self):
+        for b in self.live_bufs:
+            for a in b.attachments:
+                if a.dynamic:
+                    want = self.pins[a]
+                else:
+                    want = len(self.statics[a]) if b.exporter.is_dynamic() else 0
+                assert a.pin_count == want >= 0
+
+    @invariant()
     def pages_belong_to_live_buffers(self):
         total = sum(len(b.exporter.pfns) for b in self.live_bufs)
         assert self.m.pages.allocated_pages == total
@@ -302,6 +375,8 @@ class Lifecycle(RuleBasedStateMachine):
                         for x, t in [p for p in imp.maps if p[0] is a]:
                             a.unmap(t, BIDI)
                         imp.maps = [p for p in imp.maps if p[0] is not a]
+                        for _ in range(self.pins[a]):
+                            a.unpin()
                     else:
                         while self.statics[a]:
                             a.unmap(self.statics[a].pop(), BIDI)

@@ -7,13 +7,18 @@ the wound/wait back-off loop.  A mover migrates buffers under their lock
 (the obedient importers drop their mappings in the callback), a static
 importer pins buffers now and then (so some moves are refused), jobs leave
 fences that a signaller thread completes (so old pages are freed late), and
-a revoker revokes and restores one buffer.  Bounded in time
-(``PYDMABUF_STRESS_SECONDS``, default 3).
+a revoker revokes and restores one buffer.  That buffer also has a buggy
+importer whose invalidation callback raises (and drops nothing: a thread of
+its own unmaps later what was invalidated, then maps again).  Bounded in
+time (``PYDMABUF_STRESS_SECONDS``, default 3).
 
 Checked: every thread finishes (no deadlock), every slot holds the last
 value its thread wrote, whatever moves happened (no lost update), no DMA
-ever goes through a stale mapping (the checker is strict), and after
-teardown nothing is left mapped, pinned or allocated.
+ever goes through a stale mapping (the checker is strict), every revoke,
+un-revoke and move of the buffer with the raising importer reaches every
+other importer and reports the raising one (LifetimeError naming it, its
+exception as the cause, the buffer revoked / restored / moved all the same),
+and after teardown nothing is left mapped, pinned or allocated.
 """
 
 from __future__ import annotations
@@ -51,6 +56,29 @@ class Obedient(ImporterOps):
             self.table = None
 
 
+class Raising(ImporterOps):
+    """A buggy importer: its callback notes the call and raises, dropping
+    nothing; its own thread unmaps what was invalidated afterwards."""
+
+    allow_peer2peer = True
+
+    def __init__(self) -> None:
+        self.table = None
+        self.attachment = None
+        self.told = 0
+
+    def invalidate_mappings(self, attachment):
+        self.told += 1
+        raise RuntimeError("importer bug")
+
+
+def _reported(e: BaseException) -> bool:
+    """The checker's report of the raising importer, nothing else."""
+    return (isinstance(e, errors.LifetimeError) and getattr(e, "report", None) is not None
+            and e.report.rule == "invalidate-callback-raised" and "Raising" in e.report.culprit
+            and isinstance(e.__cause__, RuntimeError))
+
+
 def _dma_addr(table, off):
     """The DMA address of byte ``off`` of a mapped table."""
     for addr, n in table.dma_ranges().tolist():
@@ -79,7 +107,9 @@ def test_threads_share_buffers_through_moves_pins_fences_and_revoke():
             for i in range(NBUF)]
     deadline = time.monotonic() + SECONDS
     counts = {k: 0 for k in ("jobs", "dma_writes", "verifies", "unmaps", "reattach", "pair_locks",
-                             "moves", "moves_refused", "pins", "fences", "revokes", "maps_refused")}
+                             "moves", "moves_refused", "pins", "fences", "revokes", "maps_refused",
+                             "revokes_reported", "unrevokes_reported", "moves_reported", "raiser_maps",
+                             "raiser_unmaps")}
     clock = threading.Lock()
     failures: list[BaseException] = []
     pending_fences: list[Fence] = []
@@ -182,6 +212,11 @@ def test_threads_share_buffers_through_moves_pins_fences_and_revoke():
                         count("moves")
                     except errors.Busy:
                         count("moves_refused")
+                    except errors.LifetimeError as e:
+                        if not (b is bufs[0] and _reported(e)):
+                            raise
+                        count("moves")  # moved all the same, then reported
+                        count("moves_reported")
                 time.sleep(0.001)
         except BaseException as e:  # noqa: BLE001
             failures.append(e)
@@ -220,18 +255,67 @@ def test_threads_share_buffers_through_moves_pins_fences_and_revoke():
         try:
             while time.monotonic() < deadline - 0.2:
                 time.sleep(0.05)
-                b.revoke(timeout=10)
+                try:
+                    b.revoke(timeout=10)
+                except errors.LifetimeError as e:
+                    if not _reported(e):
+                        raise
+                    count("revokes_reported")
                 count("revokes")
+                # Revoked, and every importer but the raising one was told
+                # and dropped its mapping in its callback: whatever is
+                # still mapped is invalidated (DMA through it is caught).
+                assert b.revoked
+                with b.resv:
+                    assert all(mp.stale for mp in b._mappings)
+                    assert not [a for a in b.attachments if isinstance(a.importer_ops, Obedient)
+                                and a.live_mappings]
+                b.wait_unmapped(10)  # the raising importer's thread unmaps late
                 time.sleep(0.01)
-                b.unrevoke()  # takes the lock itself, as VFIO's decode-on path does
+                try:
+                    b.unrevoke()  # takes the lock itself, as VFIO's decode-on path does
+                except errors.LifetimeError as e:
+                    if not _reported(e):
+                        raise
+                    count("unrevokes_reported")
+                assert not b.revoked
         except BaseException as e:  # noqa: BLE001
             failures.append(e)
 
+    def raiser():
+        """The raising importer's own thread: unmaps what its callback was
+        told about (late, as a buggy driver might), maps again."""
+        b = bufs[0]
+        ops = raising
+        try:
+            while time.monotonic() < deadline:
+                with b.resv:
+                    if ops.told and ops.table is not None:
+                        ops.attachment.unmap(ops.table, BIDI)
+                        ops.table = None
+                        count("raiser_unmaps")
+                    ops.told = 0
+                    if ops.table is None and not b.revoked:
+                        ops.table = ops.attachment.map(BIDI)
+                        count("raiser_maps")
+                time.sleep(0.002)
+        except BaseException as e:  # noqa: BLE001
+            failures.append(e)
+        finally:
+            with b.resv:
+                if ops.table is not None:
+                    ops.attachment.unmap(ops.table, BIDI)
+                    ops.table = None
+            b.detach(ops.attachment)
+
+    raising = Raising()
+    raising.attachment = bufs[0].dynamic_attach(m.device("nvme0"), raising)
     threads = [threading.Thread(target=worker, args=(d, s, 100 + s), name=f"worker-{d}") for d, s in WORKERS]
     threads += [threading.Thread(target=mover, args=(7,), name="mover"),
                 threading.Thread(target=pinner, args=(8,), name="pinner"),
                 threading.Thread(target=signaller, name="signaller"),
-                threading.Thread(target=revoker, name="revoker")]
+                threading.Thread(target=revoker, name="revoker"),
+                threading.Thread(target=raiser, name="raiser")]
     assert checks.mode() == "strict"
     try:
         for t in threads:
@@ -258,6 +342,10 @@ def test_threads_share_buffers_through_moves_pins_fences_and_revoke():
         assert not b.attachments and b.live_mappings == 0
     assert _live(m) == before
     assert counts["jobs"] > 0 and counts["moves"] > 0 and counts["dma_writes"] > 0
+    # The raising importer was attached throughout: every revoke and
+    # un-revoke of its buffer reported it, after telling everyone.
+    assert counts["revokes"] > 0 and counts["revokes_reported"] == counts["revokes"]
+    assert counts["unrevokes_reported"] == counts["revokes"] and counts["raiser_maps"] > 0
     last_counts.clear()
     last_counts.update(counts)
     print("stress:", counts)

@@ -946,6 +946,58 @@ add("dma_map_phys[ext0].too-big-to-bounce-unaligned", dev("ext0"),
     lambda s: pydmabuf.dma_map_phys(s.d, 0x100000010, 1 << 20, BIDI), E.OutOfMemory)
 
 
+def phys_mapped_twice(name: str, unmapped: int = 0) -> Callable[[], S]:
+    """The same range mapped twice (a device without an IOMMU gets the same
+    DMA address twice: two entries); ``unmapped`` of them unmapped."""
+    def make() -> S:
+        m = mach()
+        d = m.device(name)
+        dmas = [pydmabuf.dma_map_phys(d, 0x100000000, 2 * G, BIDI) for _ in range(2)]
+        for dma in dmas[:unmapped]:
+            pydmabuf.dma_unmap_phys(d, dma, 2 * G, BIDI)
+        s = S(watch=[m, d], m=m, d=d, dma=dmas[-1], dmas=dmas)
+        for dma in dmas[unmapped:]:
+            s.later(lambda dma=dma: pydmabuf.dma_unmap_phys(d, dma, 2 * G, BIDI))
+        return s
+
+    return make
+
+
+for _name in ("direct0", "legacy0", "gpu1", "ext0"):
+    add(f"dma_unmap_phys[{_name}].twice-mapped.wrong-size", phys_mapped_twice(_name),
+        lambda s: pydmabuf.dma_unmap_phys(s.d, s.dma, G, BIDI), E.LifetimeError)
+    add(f"dma_unmap_phys[{_name}].twice-mapped.wrong-direction", phys_mapped_twice(_name),
+        lambda s: pydmabuf.dma_unmap_phys(s.d, s.dma, 2 * G, TO_DEV), E.LifetimeError)
+    add(f"dma_unmap_phys[{_name}].twice-mapped.once-unmapped.wrong-attrs", phys_mapped_twice(_name, 1),
+        lambda s: pydmabuf.dma_unmap_phys(s.d, s.dma, 2 * G, BIDI, pydmabuf.DmaAttrs.MMIO), E.LifetimeError)
+    add(f"dma_unmap_phys[{_name}].twice-mapped.third-unmap", phys_mapped_twice(_name, 2),
+        lambda s: pydmabuf.dma_unmap_phys(s.d, s.dma, 2 * G, BIDI), E.LifetimeError)
+
+
+def phys_batch_row_gone() -> S:
+    """A bounced batch (one mapping per row) whose last row someone unmapped
+    by hand: unmapping the batch cannot complete."""
+    from pydmabuf.dma import dma_map_phys_many
+
+    m = mach()
+    d = m.device("legacy0")
+    batch = dma_map_phys_many(d, np.array([[0x100000000, G], [0x100002000, G]], dtype=np.uint64), BIDI)
+    assert batch.kind == "singles"
+    pydmabuf.dma_unmap_phys(d, int(batch.dma_ranges[1, 0]), G, BIDI)
+    s = S(watch=[m, d], m=m, d=d, batch=batch)
+
+    def end() -> None:
+        pydmabuf.dma_unmap_phys(d, int(batch.dma_ranges[0, 0]), G, BIDI)
+        assert m.swiotlb_pools["swiotlb"].slots_used == 0
+
+    return s.later(end)
+
+
+add("dma_unmap_phys_many[legacy0].a-row-gone", phys_batch_row_gone,
+    lambda s: pydmabuf.dma.dma_unmap_phys_many(s.batch), E.LifetimeError,
+    snap=lambda s: (snapshot(s.watch), s.batch.live))
+
+
 # IovaState: the two-step API
 
 
@@ -1048,6 +1100,46 @@ add("IovaState.free.twice", iova_state_dead, lambda s: s.st.free(), E.LifetimeEr
 add("IovaState.free.no-iova", iova_state("direct0"), lambda s: s.st.free(), E.NotSupported)
 
 
+def iova_bounced(end: str, direction: Any = BIDI) -> Callable[[], S]:
+    """An untrusted device's state with one unaligned RAM range linked (its
+    head and tail bounce through swiotlb), ended by ``end`` ("destroy",
+    "unlink" then free, "with", or "with-split": the context manager's exit
+    with two linked parts); the end must give every bounce slot back."""
+    def make() -> S:
+        m = mach()
+        d = m.device("ext0")
+        st = IovaState.try_alloc(d, 0x100000100, 2 * G)
+        st.link(0x100000100, 0, 2 * G, direction)
+        assert st.uses_swiotlb and m.swiotlb_pools["swiotlb"].slots_used
+        s = S(watch=[m, d, st], m=m, d=d, st=st)
+
+        def finish() -> None:
+            if end == "destroy":
+                st.destroy(2 * G, direction)
+            elif end == "unlink":
+                st.unlink(0, 2 * G, direction)
+                st.free()
+            elif end == "with-split":  # the aligned middle first: two linked parts left
+                st.unlink(0xF00, G, direction)
+                st.__exit__(None, None, None)
+            else:
+                st.__exit__(None, None, None)
+            assert not st.live and all(p.slots_used == 0 and p.mappings == 0 for p in m.swiotlb_pools.values())
+
+        return s.later(finish)
+
+    return make
+
+
+for _end in ("destroy", "unlink", "with", "with-split"):
+    add(f"IovaState.unlink[ext0,{_end}].cuts-a-bounced-piece", iova_bounced(_end),
+        lambda s: s.st.unlink(0, 0x80, BIDI), E.LifetimeError)
+    add(f"IovaState.unlink[ext0,{_end}].cuts-the-bounced-tail", iova_bounced(_end, DmaDirection.FROM_DEVICE),
+        lambda s: s.st.unlink(G, G - 0x80, DmaDirection.FROM_DEVICE), E.LifetimeError)
+    add(f"IovaState.free[ext0,{_end}].with-bounced-links", iova_bounced(_end), lambda s: s.st.free(),
+        E.LifetimeError)
+
+
 # dma_buf_phys_vec_to_sgt / dma_buf_free_sgt
 
 
@@ -1134,6 +1226,40 @@ add("dma_buf_free_sgt.table=str", sg, lambda s: pydmabuf.dma_buf_free_sgt("t"), 
 add("dma_buf_free_sgt.table=None", sg, lambda s: pydmabuf.dma_buf_free_sgt(None), TypeError)
 add("dma_buf_free_sgt.plain-table", sg, lambda s: pydmabuf.dma_buf_free_sgt(s.t), E.LifetimeError)
 add("dma_buf_free_sgt.dma-mapped-table", table_for("gpu1", mapped=True),
+    lambda s: pydmabuf.dma_buf_free_sgt(s.t), E.LifetimeError)
+
+
+def phys_sgt_twice(client: str) -> Callable[[], S]:
+    """Two tables over the same BAR ranges: on a device without an IOMMU
+    both hold the same DMA addresses, each its own mapping."""
+    def make() -> S:
+        s = phys_sgt(client)()
+        s.t2 = pydmabuf.dma_buf_phys_vec_to_sgt(s.c, s.prov, s.rows)
+        s.watch = s.watch + (s.t2,)
+        return s.later(lambda: pydmabuf.dma_buf_free_sgt(s.t2))  # runs first; then t's own free
+
+    return make
+
+
+def phys_sgt_range_gone(client: str) -> Callable[[], S]:
+    """A table one of whose ranges (the last) someone else unmapped by hand:
+    its free cannot complete."""
+    def make() -> S:
+        s = phys_sgt(client)()
+        (dma, n), p = s.t.mapping.singles[-1], int(s.rows[-1, 0])
+        pydmabuf.dma_unmap_phys(s.c, dma, n, BIDI, pydmabuf.DmaAttrs.MMIO)
+        # Undone before the table's own free: map the range again.
+        return s.later(lambda: pydmabuf.dma_map_phys(s.c, p, n, BIDI, pydmabuf.DmaAttrs.MMIO))
+
+    return make
+
+
+for _route, _client in (("host-bridge-direct", "direct0"), ("host-bridge", "vfio0"), ("bus", "nic0")):
+    add(f"dma_buf_free_sgt[{_route}].twin-table-wrong-direction", phys_sgt_twice(_client),
+        lambda s: pydmabuf.dma_buf_free_sgt(s.t, TO_DEV), E.LifetimeError)
+add("dma_buf_free_sgt[host-bridge-direct].wrong-direction", phys_sgt("direct0"),
+    lambda s: pydmabuf.dma_buf_free_sgt(s.t, TO_DEV), E.LifetimeError)
+add("dma_buf_free_sgt[host-bridge-direct].a-range-gone", phys_sgt_range_gone("direct0"),
     lambda s: pydmabuf.dma_buf_free_sgt(s.t), E.LifetimeError)
 
 
@@ -1406,6 +1532,30 @@ add("Attachment[dynamic].unpin.not-pinned", buf("movable", attach="dynamic", loc
     E.LifetimeError)
 add("Attachment[dynamic].unpin.no-resv", buf("movable", attach="dynamic", pinned=True), lambda s: s.a.unpin(),
     E.LockingError)
+# A static attachment's pins are its live mappings' (dma_buf_pin/unpin are
+# for dynamic importers): refused, and the map's pin is not consumed.
+add("Attachment[static].unpin.map-pin", buf("movable", attach="static", mapped=1, locked=True),
+    lambda s: s.a.unpin(), E.LifetimeError)
+add("Attachment[static].unpin.dynamic-exporter-map-pin", buf("plaindyn", attach="static", mapped=1, locked=True),
+    lambda s: s.a.unpin(), E.LifetimeError)
+add("Attachment[static].unpin.not-mapped", buf("plaindyn", attach="static", locked=True), lambda s: s.a.unpin(),
+    E.LifetimeError)
+add("Attachment[static].pin.dynamic-exporter", buf("plaindyn", attach="static", mapped=1, locked=True),
+    lambda s: s.a.pin(), E.LifetimeError)
+
+
+def _in_report_mode(fn: Callable[[], Any]) -> Any:
+    """``fn()`` with the checker recording instead of raising (the record
+    is dropped afterwards)."""
+    try:
+        with checks.report_mode():
+            return fn()
+    finally:
+        checks.clear()
+
+
+add("Attachment[static].pin.report-mode", buf("plaindyn", attach="static", mapped=1, locked=True),
+    lambda s: _in_report_mode(s.a.pin), E.InvalidArgument)
 for _how in ("none", "garbage", "raise"):
     _err = {"none": E.OutOfMemory, "garbage": TypeError, "raise": E.OutOfMemory}[_how]
     add(f"Attachment[static].map.exporter-{_how}", buf(f"plain-{_how}", attach="static", locked=True),

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from pydmabuf import DmaAttrs, DmaDirection, IovaState, dma_map_phys, dma_unmap_phys, errors
 
@@ -231,3 +232,196 @@ def test_page_list_links_check_every_page_and_change_nothing_on_failure():
     assert s.link_ranges(rows, BIDI) == (n - 1) * G
     assert d.domain.pgtable.iova_to_phys(s.addr + 1234 * G) == int(pages[1234, 0])
     s.destroy((n - 1) * G, BIDI)
+
+
+# ------------------------------------------- bounce buffers of the IOVA API
+
+FROM_DEV = DmaDirection.FROM_DEVICE
+TO_DEV = DmaDirection.TO_DEVICE
+
+
+def _bounced_parts(phys, n):
+    """The byte ranges (relative to the piece) that bounce when an
+    untrusted device links ``[phys, +n)``: the sub-granule head and tail
+    (iommu_dma_iova_link_swiotlb)."""
+    parts = []
+    head = phys & (G - 1)
+    if head:
+        h = min(n, G - head)
+        parts.append((0, h))
+        phys, start, n = phys + h, h, n - h
+    else:
+        start = 0
+    tail = (phys + n) & (G - 1) if n else 0
+    if tail:
+        parts.append((start + n - tail, tail))
+    return parts
+
+
+def test_unlink_copies_device_writes_back_and_returns_every_slot():
+    m = machine({"name": "ext", "iommu": "strict", "untrusted": True})
+    d = m.device("ext")
+    pool = m.swiotlb_pools["swiotlb"]
+    phys, n = 0x100000100, 2 * G  # a bounced head (0xF00) and tail (0x100)
+    for direction, attrs, copied in ((FROM_DEV, 0, True), (BIDI, 0, True), (TO_DEV, 0, False),
+                                     (FROM_DEV, DmaAttrs.SKIP_CPU_SYNC, False)):
+        m.memory.write(phys, b"\x11" * n)
+        s = IovaState.try_alloc(d, phys, n)
+        s.link(phys, 0, n, direction)
+        assert pool.mappings == 2 and pool.slots_used > 0
+        if direction != TO_DEV:
+            d.dma_write(s.addr, b"\x77" * n)
+        s.unlink(0, n, direction, attrs)
+        assert pool.mappings == 0 and pool.slots_used == 0  # every slot back
+        got = m.memory.read(phys, n)
+        # The aligned middle was the device's own write (no bounce).
+        assert got[0xF00:0x1F00] == (b"\x11" if direction == TO_DEV else b"\x77") * G
+        head_tail = got[:0xF00] + got[0x1F00:]
+        assert head_tail == (b"\x77" if copied else b"\x11") * 0x1000, (direction, attrs)
+        s.free()
+    assert d.domain.stats["mapped_nbytes"] == 0
+
+
+def test_the_context_manager_gives_bounces_back_by_their_link_direction():
+    m = machine({"name": "ext", "iommu": "strict", "untrusted": True})
+    d = m.device("ext")
+    pool = m.swiotlb_pools["swiotlb"]
+    phys = 0x100000100
+    m.memory.write(phys, b"\x11" * 2 * G)
+    with IovaState.try_alloc(d, phys, 2 * G) as s:
+        s.link(phys, 0, 2 * G, FROM_DEV)
+        s.unlink(0xF00, G, FROM_DEV)  # the aligned middle: two bounced parts stay linked
+        d.dma_write(s.addr, b"\x77" * 0xF00)
+        d.dma_write(s.addr + 0x1F00, b"\x77" * 0x100)
+    assert not s.live and pool.slots_used == 0 and pool.mappings == 0
+    assert m.memory.read(phys, 0xF00) == b"\x77" * 0xF00
+    assert m.memory.read(phys + 0x1F00, 0x100) == b"\x77" * 0x100
+
+
+class BouncedIova(RuleBasedStateMachine):
+    """Links of RAM ranges into one IOVA reservation of an untrusted device
+    (their unaligned heads and tails bounce), device writes through them,
+    unlinks piece by piece with any direction and SKIP_CPU_SYNC, and an end
+    by destroy or the context manager.  Checked against a byte model: the
+    pool holds exactly the live pieces' bounce slots, a device read sees
+    the CPU bytes bounced in, and after an unlink the CPU memory holds the
+    device's bytes where they went straight through or were copied back,
+    and the old bytes where a bounce was not copied back."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = machine({"name": "ext", "iommu": "strict", "untrusted": True})
+        self.d = self.m.device("ext")
+        self.pool = self.m.swiotlb_pools["swiotlb"]
+        self.st = None
+        self.pieces = {}  # offset -> [phys, n, link direction, cpu bytes, device bytes or None]
+        self.end = 0
+        self.next_phys = 0x100000000
+
+    @initialize(head=st.integers(0, G - 1))
+    def reserve(self, head):
+        self.head = head
+        self.st = IovaState.try_alloc(self.d, head, 8 * G)
+        assert self.st.uses_iova
+        self.pieces.clear()
+        self.end = 0
+
+    @precondition(lambda self: not self.st.live)
+    @rule(head=st.integers(0, G - 1))
+    def reserve_again(self, head):
+        self.reserve(head)
+
+    def _fill(self, phys, n, seed):
+        data = bytes((seed + i * 7) & 0xFF for i in range(n))
+        self.m.memory.write(phys, data)
+        return data
+
+    @precondition(lambda self: self.st.live and (self.end == 0 or (self.head + self.end) % G == 0))
+    @rule(pages=st.integers(0, 2), tail=st.integers(0, G - 1), direction=st.sampled_from([BIDI, FROM_DEV, TO_DEV]),
+          seed=st.integers(0, 255))
+    def link(self, pages, tail, direction, seed):
+        n = pages * G + tail
+        if n == 0 or self.end + n > 8 * G:
+            return
+        phys = self.next_phys + (self.head if self.end == 0 else 0)
+        self.next_phys += 0x10000
+        cpu = self._fill(phys, n, seed)
+        self.st.link(phys, self.end, n, direction)
+        self.pieces[self.end] = [phys, n, direction, cpu, None]
+        self.end += n
+
+    def _live(self):
+        return sorted(self.pieces)
+
+    @precondition(lambda self: self.st.live and self.pieces)
+    @rule(data=st.data(), seed=st.integers(0, 255))
+    def device_writes(self, data, seed):
+        off = data.draw(st.sampled_from(self._live()))
+        p = self.pieces[off]
+        if p[2] == TO_DEV:
+            return  # read-only for the device
+        p[4] = bytes((seed * 3 + i) & 0xFF for i in range(p[1]))
+        self.d.dma_write(self.st.addr + off, p[4])
+
+    @precondition(lambda self: self.st.live and self.pieces)
+    @rule(data=st.data(), direction=st.sampled_from([BIDI, FROM_DEV, TO_DEV]), skip=st.booleans())
+    def unlink(self, data, direction, skip):
+        off = data.draw(st.sampled_from(self._live()))
+        phys, n, _d, cpu, dev = self.pieces.pop(off)
+        self.st.unlink(off, n, direction, DmaAttrs.SKIP_CPU_SYNC if skip else 0)
+        copied = direction in (BIDI, FROM_DEV) and not skip
+        self._check_bytes(phys, n, cpu, dev, copied)
+
+    def _check_bytes(self, phys, n, cpu, dev, copied):
+        want = bytearray(cpu if dev is None else dev)
+        if dev is not None and not copied:
+            for o, ln in _bounced_parts(phys, n):
+                want[o:o + ln] = cpu[o:o + ln]
+        assert self.m.memory.read(phys, n) == bytes(want)
+
+    @precondition(lambda self: self.st.live)
+    @rule(how=st.sampled_from(["destroy", "with"]))
+    def finish(self, how):
+        left = dict(self.pieces)
+        if how == "with":
+            self.st.__exit__(None, None, None)
+        elif not left:
+            self.st.free()
+        else:
+            # destroy takes exactly [0, linked): only when nothing was unlinked.
+            linked = [(s, e - s) for s, e in self.st._linked]
+            if linked != [(0, self.end)]:
+                for off, (phys, n, d_, cpu, dev) in sorted(left.items()):
+                    self.st.unlink(off, n, d_)
+                self.st.free()
+            else:
+                self.st.destroy(self.end, BIDI)
+        for off, (phys, n, d_, cpu, dev) in left.items():
+            copied = True if how == "destroy" else d_ in (BIDI, FROM_DEV)
+            self._check_bytes(phys, n, cpu, dev, copied)
+        self.pieces.clear()
+
+    @invariant()
+    def pool_holds_exactly_the_live_bounces(self):
+        want = sum(len(_bounced_parts(p[0], p[1])) for p in self.pieces.values())
+        assert self.pool.mappings == want
+        if not want:
+            assert self.pool.slots_used == 0
+
+    @invariant()
+    def the_device_reads_what_was_bounced_in(self):
+        if self.st is None or not self.st.live:
+            return
+        for off, (phys, n, d_, cpu, dev) in self.pieces.items():
+            if d_ != FROM_DEV and dev is None:
+                assert self.d.dma_read(self.st.addr + off, n) == cpu
+
+    def teardown(self):
+        if self.st is not None and self.st.live:
+            self.st.__exit__(None, None, None)
+        assert self.pool.slots_used == 0 and self.pool.mappings == 0
+        assert self.d.domain.stats["mapped_nbytes"] == 0
+
+
+BouncedIova.TestCase.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
+TestBouncedIova = BouncedIova.TestCase

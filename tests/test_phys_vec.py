@@ -158,3 +158,27 @@ def test_free_twice_is_a_lifetime_error(m):
     dma_buf_free_sgt(t)
     with pytest.raises(errors.LifetimeError):
         dma_buf_free_sgt(t)
+
+
+def test_two_tables_over_the_same_ranges_free_in_any_order(m):
+    """Without an IOMMU both tables hold the same DMA addresses: each free
+    consumes its own mappings, and a free that cannot complete changes
+    nothing."""
+    exp, fd = m.device("exp"), m.device("fardirect")
+    prov = exp.p2p_provider(0)
+    base = prov.bar.cpu_start
+    ranges = [[base, 0x2000], [base + 0x10000, 0x1000]]
+    t1 = dma_buf_phys_vec_to_sgt(fd, prov, ranges)
+    t2 = dma_buf_phys_vec_to_sgt(fd, prov, ranges)
+    assert t1.dma_ranges().tolist() == t2.dma_ranges().tolist()
+    dma_buf_free_sgt(t1)
+    assert t1.mapping is None and t2.mapping is not None
+    # Someone unmaps t2's last range behind its back: its free fails whole.
+    dma, n = t2.mapping.singles[-1]
+    pydmabuf.dma_unmap_phys(fd, dma, n, BIDI, pydmabuf.DmaAttrs.MMIO)
+    with pytest.raises(errors.LifetimeError):
+        dma_buf_free_sgt(t2)
+    assert t2.mapping is not None and sum(map(len, fd._single_maps.values())) == 1
+    pydmabuf.dma_map_phys(fd, base + 0x10000, 0x1000, BIDI, pydmabuf.DmaAttrs.MMIO)
+    dma_buf_free_sgt(t2)
+    assert not fd._single_maps

@@ -748,3 +748,44 @@ class VfioLifecycle(RuleBasedStateMachine):
 
 TestVfioLifecycle = VfioLifecycle.TestCase
 TestVfioLifecycle.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+class RaisingPolite(Polite):
+    """A buggy importer: counts the call, then raises before unmapping."""
+
+    def invalidate_mappings(self, a):
+        self.calls += 1
+        raise RuntimeError("importer bug")
+
+
+@pytest.mark.parametrize("kernel", ["7.1", "6.19"])
+def test_decode_off_revokes_every_buffer_when_an_importer_raises(m, kernel):
+    v = VfioPciBar(m, "vfio0", kernel=kernel)
+    bufs = [v.export() for _ in range(3)]
+    polite = [Polite() for _ in bufs]
+    bad = RaisingPolite()
+    atts = [b.dynamic_attach(m.device("gpu0"), p) for b, p in zip(bufs, polite)]
+    bad_att = bufs[1].dynamic_attach(m.device("nic0"), bad)  # the middle buffer, newest attachment
+    for a, p in zip(atts, polite):
+        p.map(a)
+    bad_table = bad.map(bad_att)
+    with pytest.raises(errors.LifetimeError) as ei:
+        v.set_memory_decode(False, timeout=5)
+    assert isinstance(ei.value.__cause__, RuntimeError) and "RaisingPolite" in str(ei.value)
+    # Every buffer was revoked and every importer told, before and after
+    # the one that raised; the raised report comes before the decode write.
+    assert [b.revoked for b in bufs] == [True] * 3
+    assert [p.calls for p in polite] == [1, 1, 1] and bad.calls == 1
+    assert all(b.live_mappings == 0 for b in (bufs[0], bufs[2]))
+    assert m.device("vfio0").memory_decode
+    bad_att.unmap_unlocked(bad_table, BIDI)
+    bad.tables.clear()
+    if kernel == "7.1":
+        v.set_memory_decode(False)  # nothing left to revoke: the write goes through
+        assert not m.device("vfio0").memory_decode
+    for b, a in zip(bufs, atts):
+        b.detach(a)
+    bufs[1].detach(bad_att)
+    for b in bufs:
+        b.put()
+    v.close()

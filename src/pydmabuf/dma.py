@@ -223,8 +223,11 @@ def _entry_phys(table: SgTable, slots: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 def _bounce_in(device: Device, pool: SwiotlbPool, orig: int, size: int, direction: DmaDirection, attrs: int,
                align_mask: int = 0) -> int:
-    """swiotlb_tbl_map_single(): take slots, copy to the bounce buffer for
-    TO_DEVICE / BIDIRECTIONAL; returns the bounce buffer's physical address."""
+    """swiotlb_tbl_map_single(): take slots and copy the original into the
+    bounce buffer, in every direction (for FROM_DEVICE too: the copy back
+    at unmap must give back the original's bytes where the device wrote
+    nothing, not what the slot held before, the previous user's data);
+    returns the bounce buffer's physical address."""
     if size > pool.max_mapping_size:
         raise errors.OutOfMemory(f"{pool.name}: a {size}-byte bounce exceeds {pool.max_mapping_size} bytes")
     acc = accessor(device)
@@ -233,9 +236,8 @@ def _bounce_in(device: Device, pool: SwiotlbPool, orig: int, size: int, directio
     # slot is taken, whatever the direction.
     access.bounce_check(acc, orig, size)
     tlb = pool.alloc(orig, size, device.min_align_mask | align_mask)
-    if direction in (DmaDirection.TO_DEVICE, DmaDirection.BIDIRECTIONAL):
-        access.bounce_copy(acc, tlb, orig, size)
-        pool.bounced_to_device += size
+    access.bounce_copy(acc, tlb, orig, size)
+    pool.bounced_to_device += size
     return tlb
 
 
@@ -458,11 +460,68 @@ class _Single:
     tlb: int | None = None
 
 
-def _singles(device: Device) -> dict[int, _Single]:
+def _singles(device: Device) -> dict[int, list[_Single]]:
+    """The device's live single mappings: DMA address -> the mappings at
+    that address, oldest first (``device._single_maps``)."""
     s = getattr(device, "_single_maps", None)
     if s is None:
         s = device._single_maps = {}  # type: ignore[attr-defined]  # this module's registry, kept on the device
     return s
+
+
+#: Guards every device's single-mapping registry: a bucket's check and its
+#: change happen together.
+_singles_lock = threading.Lock()
+
+
+def _record(device: Device, dma: int, single: _Single) -> None:
+    """dma-debug's ``add_dma_entry()``: every mapping is an entry of its
+    own, hashed by device and DMA address into a bucket list; identical
+    live mappings (the same range mapped twice by a device without an
+    IOMMU) are legal and each is one entry."""
+    with _singles_lock:
+        _singles(device).setdefault(dma, []).append(single)
+
+
+def _match(device: Device, dma_addr: int, nbytes: int, d: DmaDirection, a: DmaAttrs,
+           taken: dict[int, int] | None = None) -> _Single:
+    """The entry an unmap of ``[dma_addr, +nbytes)`` consumes: as dma-debug's
+    ``bucket_find_exact()`` / ``check_unmap()``, the first live entry of
+    the bucket with the same size, direction and MMIO attribute.  A bucket
+    with no such entry is a LifetimeError naming what is there (nothing,
+    another size or direction, other attributes).  ``taken`` counts
+    entries of a bucket already claimed by an earlier row of the same
+    call: they are skipped.  Call with ``_singles_lock`` held."""
+    bucket = _singles(device).get(dma_addr, [])
+    skip = taken.get(dma_addr, 0) if taken is not None else 0
+    mmio = bool(a & DmaAttrs.MMIO)
+    first: _Single | None = None
+    for s in bucket:
+        if s.size == nbytes and s.direction == d and bool(s.attrs & DmaAttrs.MMIO) == mmio:
+            if skip:
+                skip -= 1
+                continue
+            if taken is not None:
+                taken[dma_addr] = taken.get(dma_addr, 0) + 1
+            return s
+        first = first or s
+    if first is None:
+        raise errors.LifetimeError(f"dma_unmap_phys: {device.name} has no mapping at {dma_addr:#x}"
+                                   + (" left (every one is unmapped already)" if bucket else ""))
+    if first.size != nbytes or first.direction != d:
+        raise errors.LifetimeError(f"dma_unmap_phys: {dma_addr:#x} was mapped {first.size:#x} bytes "
+                                   f"{first.direction.name}, unmapped {nbytes:#x} bytes {d.name}")
+    raise errors.LifetimeError(f"dma_unmap_phys: {dma_addr:#x} mapped and unmapped with different MMIO attributes")
+
+
+def _unrecord(device: Device, dma_addr: int, single: _Single) -> None:
+    """dma-debug's ``hash_bucket_del()`` of one entry.  Call with
+    ``_singles_lock`` held."""
+    reg = _singles(device)
+    bucket = reg[dma_addr]
+    bucket.remove(single)  # by identity (_Single compares as an object)
+    if not bucket:
+        del reg[dma_addr]
 
 
 def _bad_range(start: int, nbytes: int) -> bool:
@@ -491,7 +550,6 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
         raise errors.InvalidArgument(f"dma_map_phys: bad range [{phys:#x}, +{nbytes:#x})")
     mmio = bool(a & DmaAttrs.MMIO)
     dom = device.domain
-    reg = _singles(device)
     if dom is None:
         pool = device.swiotlb
         if device.force_swiotlb:
@@ -500,22 +558,22 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
             if pool is None:  # swiotlb_tbl_map_single() with no io_tlb_mem: DMA_MAPPING_ERROR
                 raise errors.OutOfMemory(f"dma_map_phys: {device.name} must bounce and has no swiotlb pool")
             dma = _swiotlb_map(device, pool, phys, nbytes, d, a)
-            reg[dma] = _Single(phys, nbytes, d, a, "direct", pool.tlb_of(dma, device))
+            _record(device, dma, _Single(phys, nbytes, d, a, "direct", pool.tlb_of(dma, device)))
             return dma
         if mmio:
             if not device.dma_capable(phys, nbytes):
                 raise errors.OutOfMemory(f"dma_map_phys: MMIO {phys:#x} is beyond {device.name}'s DMA mask")
-            reg[phys] = _Single(phys, nbytes, d, a, "direct")
+            _record(device, phys, _Single(phys, nbytes, d, a, "direct"))
             return phys
         dma = device.phys_to_dma(phys)
         if device.dma_capable(dma, nbytes):
-            reg[dma] = _Single(phys, nbytes, d, a, "direct")
+            _record(device, dma, _Single(phys, nbytes, d, a, "direct"))
             return dma
         if pool is None:
             raise errors.OutOfMemory(f"dma_map_phys: {phys:#x} is out of {device.name}'s reach and it has "
                                      "no bounce buffer")
         dma = _swiotlb_map(device, pool, phys, nbytes, d, a)
-        reg[dma] = _Single(phys, nbytes, d, a, "direct", pool.tlb_of(dma, device))
+        _record(device, dma, _Single(phys, nbytes, d, a, "direct", pool.tlb_of(dma, device)))
         return dma
     # iommu_dma_map_phys()
     tlb = None
@@ -541,36 +599,40 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
             raise errors.OutOfMemory(e.strerror) from None
         raise
     device.prefer_32bit_iova = bool(p32)
-    reg[dma] = _Single(phys, nbytes, d, a, "iommu", tlb)
+    _record(device, dma, _Single(phys, nbytes, d, a, "iommu", tlb))
     return int(dma)
 
 
 def dma_unmap_phys(device: Device, dma_addr: int, nbytes: int, direction: DmaDirection | int,
                    attrs: int = 0) -> None:
     """``dma_unmap_phys()``: size, direction and attributes must be those
-    of the map (LifetimeError otherwise, as DMA-API debugging reports)."""
+    of the map (LifetimeError otherwise, as DMA-API debugging reports).
+
+    Each live mapping is its own entry, as in dma-debug: a device without
+    an IOMMU that maps the same range twice gets the same DMA address
+    twice, and each unmap consumes exactly one of the two."""
     d = _dir(direction)
     a = _attrs(attrs)
     if type(device) is not Device:
         _need_device(device, "dma_unmap_phys")
     if type(dma_addr) is not int or type(nbytes) is not int:
         _need_int("dma_unmap_phys", dma_addr=dma_addr, nbytes=nbytes)
-    reg = _singles(device)
-    s = reg.get(dma_addr)
-    if s is None:
-        raise errors.LifetimeError(f"dma_unmap_phys: {device.name} has no mapping at {dma_addr:#x}")
-    if s.size != nbytes or s.direction != d:
-        raise errors.LifetimeError(f"dma_unmap_phys: {dma_addr:#x} was mapped {s.size:#x} bytes {s.direction.name}, "
-                                   f"unmapped {nbytes:#x} bytes {d.name}")
-    if bool(s.attrs & DmaAttrs.MMIO) != bool(a & DmaAttrs.MMIO):
-        raise errors.LifetimeError(f"dma_unmap_phys: {dma_addr:#x} mapped and unmapped with different MMIO attributes")
-    if s.kind == "iommu":
-        device.domain.unmap_dma(dma_addr, nbytes, _cpu(device))
-        if s.tlb is not None:
-            _bounce_out(device, _pool(device), s.tlb, d, a)
-    elif s.tlb is not None:
-        _bounce_out(device, device.swiotlb, s.tlb, d, a)
-    del reg[dma_addr]
+    # The entry is claimed (taken out of its bucket) under the lock, so two
+    # threads unmapping two identical mappings consume one entry each; a
+    # teardown that fails puts it back.
+    with _singles_lock:
+        s = _match(device, dma_addr, nbytes, d, a)
+        _unrecord(device, dma_addr, s)
+    try:
+        if s.kind == "iommu":
+            device.domain.unmap_dma(dma_addr, nbytes, _cpu(device))
+            if s.tlb is not None:
+                _bounce_out(device, _pool(device), s.tlb, d, a)
+        elif s.tlb is not None:
+            _bounce_out(device, device.swiotlb, s.tlb, d, a)
+    except BaseException:
+        _record(device, dma_addr, s)
+        raise
 
 
 @dataclass(eq=False)
@@ -668,7 +730,12 @@ def dma_unmap_phys_many(batch: PhysBatch, direction: DmaDirection | int | None =
     if batch.kind == "iommu":
         _core._unmap_single_many(dev.domain, batch.dma_ranges, _cpu(dev))
     elif batch.kind == "singles":
-        for dma, n in batch.dma_ranges.tolist():
+        rows = batch.dma_ranges.tolist()
+        taken: dict[int, int] = {}
+        with _singles_lock:  # all or nothing: every row is still live before the first goes
+            for dma, n in rows:
+                _match(dev, dma, n, batch.direction, batch.attrs, taken)
+        for dma, n in rows:
             dma_unmap_phys(dev, dma, n, batch.direction, batch.attrs)
     batch.live = False
 
@@ -708,7 +775,10 @@ class IovaState:
     _reserved: int
     _linked: list[tuple[int, int]]  # linked [start, end) offsets, sorted, touching parts merged
     _live: bool
-    _bounces: list[int]  # set by the first bounced link
+    # Set by the first bounced link: one (offset, nbytes, bounce address,
+    # link direction) per bounced piece, the piece at [offset, +nbytes) of
+    # the reservation.
+    _bounces: list[tuple[int, int, int, DmaDirection]]
 
     def __init__(self) -> None:
         raise TypeError("use IovaState.try_alloc(device, phys, nbytes)")
@@ -838,7 +908,7 @@ class IovaState:
         if pool is None:
             raise errors.OutOfMemory("dma_iova_link: the device must bounce and has no swiotlb pool")
         done: list[tuple[int, int]] = []
-        bounces: list[int] = []
+        bounces: list[tuple[int, int, int, DmaDirection]] = []
         off = offset
         prot = _prot(self.device, d, a)
         try:
@@ -859,14 +929,14 @@ class IovaState:
                     target = p
                     if bounce:
                         target = _bounce_in(self.device, pool, p, ln, d, a, align_mask=GMASK)
-                        bounces.append(target)
+                        bounces.append((off, ln, target, d))
                     _core._link_ranges(dom, self.addr, off, np.array([[target, ln]], dtype=np.uint64), prot)
                     done.append((off, ln))
                     off += ln
         except errors.DmaBufError:
             for o, ln in done:
                 self._unmap(dom, o, ln)
-            for t in bounces:
+            for _o, _n, t, _d in bounces:
                 pool.free(t)
             raise
         self.uses_swiotlb = True
@@ -892,15 +962,24 @@ class IovaState:
     def unlink(self, offset: int, nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:
         """``dma_iova_unlink()``: unmap a linked part now, with an immediate
         IOTLB invalidation even on a lazy domain; the IOVA stays reserved.
-        Unlinking what is not linked raises LifetimeError."""
+
+        Bounced pieces in the part are given back as
+        ``__iommu_dma_iova_unlink()`` does through
+        ``swiotlb_tbl_unmap_single()``: for FROM_DEVICE and BIDIRECTIONAL
+        (``direction`` of this call) the bounce buffer is copied back to
+        the original memory unless ``attrs`` has SKIP_CPU_SYNC, then its
+        slots are freed.  Unlinking what is not linked, or only part of a
+        bounced piece (the kernel would free the whole bounce buffer under
+        the part left linked), raises LifetimeError and changes nothing."""
         dom = self._need("unlink")
-        _dir(direction)
-        _attrs(attrs)
+        d = _dir(direction)
+        a = _attrs(attrs)
         self._check_window("unlink", offset, nbytes)
         end = offset + nbytes
         covered = sum(max(0, min(e, end) - max(s, offset)) for s, e in self._linked)
         if covered != nbytes:
             raise errors.LifetimeError(f"dma_iova_unlink: [{offset:#x}, +{nbytes:#x}) is not all linked")
+        self._unlink_bounces(offset, end, d, a)
         self._unmap(dom, offset, nbytes)
         keep = []
         for s, e in self._linked:
@@ -933,12 +1012,36 @@ class IovaState:
             raise errors.LifetimeError(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes:#x} but linked {linked}")
         span = (mapped_nbytes + self._offset + GMASK) & ~GMASK
         _core._destroy_span(dom, self.addr - self._offset, span, self._reserved, _cpu(self.device))
-        if self.uses_swiotlb:
-            for t in getattr(self, "_bounces", []):
-                _bounce_out(self.device, _pool(self.device), t, d, a)
-            self._bounces = []
+        self._unlink_bounces(0, mapped_nbytes, d, a)
         self._linked = []
         self._end()
+
+    def _unlink_bounces(self, lo: int, hi: int, d: DmaDirection | None, a: DmaAttrs) -> None:
+        """``iommu_dma_iova_unlink_range_slow()`` for the bounced pieces in
+        ``[lo, hi)`` of the reservation: ``swiotlb_tbl_unmap_single()`` on
+        each (copy back for FROM_DEVICE / BIDIRECTIONAL without
+        SKIP_CPU_SYNC, then free the slots).  ``d`` None copies back by each
+        piece's own link direction (the context manager's teardown).  A
+        piece cut by the window is a LifetimeError, checked before anything
+        is given back."""
+        pieces = getattr(self, "_bounces", [])
+        if not pieces:
+            return
+        inside = []
+        for piece in pieces:
+            o, n = piece[0], piece[1]
+            if o + n <= lo or o >= hi:
+                continue
+            if o < lo or o + n > hi:
+                raise errors.LifetimeError(f"dma_iova_unlink: [{lo:#x}, {hi:#x}) cuts the bounced piece "
+                                           f"[{o:#x}, +{n:#x}): unlink it whole")
+            inside.append(piece)
+        if not inside:
+            return
+        pool = _pool(self.device)
+        for _o, _n, tlb, link_dir in inside:
+            _bounce_out(self.device, pool, tlb, link_dir if d is None else d, a)
+        self._bounces = [p for p in pieces if p not in inside]
 
     def free(self) -> None:
         """``dma_iova_free()``: give the reservation back now (nothing may
@@ -963,7 +1066,11 @@ class IovaState:
     def __exit__(self, *exc: Any) -> None:
         if self._live:
             if self.linked_nbytes:
+                # Bounced pieces go back by the direction they were linked
+                # with (a TO_DEVICE piece is not copied back).
                 linked = [(s, e - s) for s, e in self._linked]
+                for o, n in linked:
+                    self._unlink_bounces(o, o + n, None, DmaAttrs(0))
                 if len(linked) == 1 and linked[0][0] == 0:
                     self.destroy(linked[0][1], DmaDirection.BIDIRECTIONAL)
                     return
@@ -1129,6 +1236,13 @@ def dma_buf_free_sgt(table: SgTable, direction: DmaDirection | int | None = None
                                    "or was freed already")
     if direction is not None and _dir(direction) != m.direction:
         raise errors.LifetimeError(f"dma_buf_free_sgt: mapped {m.direction.name}, freed {_dir(direction).name}")
+    if m.singles:
+        # All or nothing: every range must still be a live mapping before
+        # the first is unmapped (a failed call changes nothing).
+        taken: dict[int, int] = {}
+        with _singles_lock:
+            for dma, n in m.singles:
+                _match(m.device, dma, n, m.direction, DmaAttrs.MMIO, taken)
     if m.state is not None:
         m.state.destroy(m.state.linked_nbytes, m.direction, DmaAttrs.MMIO)
     for dma, n in m.singles:

@@ -21,12 +21,13 @@ Broken rules go to :mod:`pydmabuf.checks` (strict mode raises).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -275,6 +276,20 @@ def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
 access.add_check(access.DEVICE, _access_hook)
 
 
+@contextlib.contextmanager
+def _failures_noted(failed: list[tuple[Attachment, BaseException]]) -> Iterator[None]:
+    """Around the rest of a sequence that told every importer: if it fails,
+    its exception goes out with a note naming the importers whose callback
+    raised (they are reported only when the sequence completes)."""
+    try:
+        yield
+    except BaseException as e:
+        for a, err in failed:
+            e.add_note(f"the invalidation callback of {a.importer_ops!r} on {a.device.name} raised "
+                       f"{type(err).__name__}: {err}")
+        raise
+
+
 def _check_name(name: Any) -> str:
     if not isinstance(name, str):
         raise TypeError("name must be a str")
@@ -517,7 +532,24 @@ class DmaBuf:
         importer with the callback goes stale when its callback returns (DMA
         already in flight while the importer stops is allowed: mappings stay
         usable until the importer drops them); mappings of attachments that
-        cannot be told go stale at once."""
+        cannot be told go stale at once.
+
+        In the kernel the callback returns void: it cannot fail, and the
+        walk always reaches every importer.  A callback that raises is a bug
+        of that importer: the walk goes on to the others (the raising
+        importer's mappings go stale all the same), and afterwards the
+        checker reports rule ``invalidate-callback-raised`` naming it, with
+        the importer's exception as the cause (strict mode raises
+        :class:`~pydmabuf.errors.LifetimeError` here, once every importer
+        was told; report mode records it and returns)."""
+        failed = self._invalidate_all()
+        self._report_failed_invalidations(failed, "dma_buf_invalidate_mappings")
+
+    def _invalidate_all(self) -> list[tuple[Attachment, BaseException]]:
+        """Tell every importer (the walk of ``dma_buf_invalidate_mappings``)
+        and return the ones whose callback raised, with what they raised;
+        the caller reports them with :meth:`_report_failed_invalidations`
+        once its own sequence is complete."""
         if not self.resv.held_by_current_thread():
             checks.checker.locking("invalidate-without-resv",
                                    "dma_buf_invalidate_mappings without the reservation lock", self)
@@ -528,18 +560,60 @@ class DmaBuf:
             for m in self._mappings:
                 if m.attachment not in told:
                     m.stale = True
-            for c in self._cpu_maps:
-                c._zap()
+            # In a method of its own: a raising callback's traceback keeps
+            # this frame alive, and a CpuMapping left in one of its locals
+            # would keep its buffer reference until the cycle collector ran.
+            self._zap_cpu_maps()
+        failed: list[tuple[Attachment, BaseException]] = []
         for a in targets:
             ops = a.importer_ops
             if ops is None:
                 continue
             cb = type(ops)._callback()
-            if cb is not None:
-                a.invalidations += 1
+            if cb is None:
+                continue
+            a.invalidations += 1
+            try:
                 cb(ops, a)
+            except BaseException as e:  # noqa: BLE001 - the walk must reach every importer; reported after
+                failed.append((a, e))
+            finally:
+                # Told is told: whatever the callback did, DMA through what
+                # it held is now DMA through an invalidated mapping.
                 for m in told[a]:
                     m.stale = True
+        return failed
+
+    def _zap_cpu_maps(self) -> None:
+        for c in self._cpu_maps:
+            c._zap()
+
+    def _report_failed_invalidations(self, failed: list[tuple[Attachment, BaseException]], what: str) -> None:
+        """Report the importers whose invalidation callback raised.
+
+        A callback that raised something that is no ``Exception``
+        (KeyboardInterrupt, SystemExit) is re-raised as it was: it is no
+        importer bug to report.  Otherwise report mode records one report
+        per importer; strict mode raises one LifetimeError naming them all,
+        chained from the first importer's exception."""
+        if not failed:
+            return
+        for _a, e in failed:
+            if not isinstance(e, Exception):
+                for a2, e2 in failed:
+                    if e2 is not e:
+                        e.add_note(f"the invalidation callback of {a2.importer_ops!r} on {a2.device.name} "
+                                   f"raised {type(e2).__name__}: {e2}")
+                raise e
+        who = ", ".join(f"{a.importer_ops!r} on {a.device.name}" for a, _e in failed)
+        for a, e in failed:
+            msg = (f"{what} of {self.name}: the invalidation callback of {a.importer_ops!r} raised "
+                   f"{type(e).__name__}: {e} (the kernel's callback cannot fail; every importer was told, "
+                   f"the failing ones: {who})")
+            try:
+                checks.checker.lifetime("invalidate-callback-raised", msg, a, self, culprit=a.importer_ops)
+            except errors.LifetimeError as err:
+                raise err from e
 
     move_notify = invalidate_mappings
 
@@ -548,9 +622,12 @@ class DmaBuf:
         reservation lock held as for ``move_notify``: refused (EBUSY) while
         an attachment is pinned; importers are invalidated first; the old
         backing is freed once the BOOKKEEP fences signal; the move itself is
-        published as a signalled KERNEL fence."""
-        from pydmabuf._core import Fence, FenceArray, fence_context_alloc
+        published as a signalled KERNEL fence.
 
+        An importer whose invalidation callback raises does not stop the
+        move: every importer is told, the memory moves, then the importer
+        is reported (strict mode: LifetimeError, chained from what it
+        raised)."""
         self._alive("move")
         if not self.resv.held_by_current_thread():
             checks.checker.locking("move-without-resv", "moving a dma-buf without its reservation lock", self)
@@ -564,7 +641,18 @@ class DmaBuf:
             # exporters that vmap a movable buffer pin it for the vmap's
             # life (amdgpu_dma_buf_vmap, drm_gem_vram_vmap).
             raise errors.Busy(f"{self.name} is vmapped: a live vmap pins its pages, it cannot move")
-        self.invalidate_mappings()
+        # Every importer is told even if one's callback raises; the move
+        # then completes as the kernel's would, and the raising importer is
+        # reported last (see invalidate_mappings).
+        failed = self._invalidate_all()
+        with _failures_noted(failed):
+            self._migrate()
+        self._report_failed_invalidations(failed, "move")
+
+    def _migrate(self) -> None:
+        """The part of :meth:`move` after the importers were told."""
+        from pydmabuf._core import Fence, FenceArray, fence_context_alloc
+
         busy = self.resv.get_fences(Usage.BOOKKEEP)
         self.resv.reserve_fences(1)
         release_old = self.exporter.migrate(self)
@@ -592,6 +680,13 @@ class DmaBuf:
         for every importer to unmap.  The kernel waits forever; the model
         raises :class:`~pydmabuf.errors.TimedOut` after ``timeout`` seconds
         (the buffer stays revoked).
+
+        An importer whose invalidation callback raises cannot stop the
+        revoke: every importer is told and the fences are waited for; then,
+        after the lock is dropped and before the wait for unmaps (which the
+        failing importer may never satisfy), the checker reports it (rule
+        ``invalidate-callback-raised``; strict mode raises LifetimeError
+        naming it, chained from what it raised; the buffer stays revoked).
         """
         if self.resv.held_by_current_thread():
             checks.checker.locking("revoke-with-resv", "revoke takes the reservation lock itself", self)
@@ -600,11 +695,13 @@ class DmaBuf:
         self.resv.lock()
         try:
             self.revoked = True
-            self.invalidate_mappings()
-            if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
-                raise errors.TimedOut(f"revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
+            failed = self._invalidate_all()
+            with _failures_noted(failed):
+                if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
+                    raise errors.TimedOut(f"revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
         finally:
             self.resv.unlock()
+        self._report_failed_invalidations(failed, "revoke")
         self.wait_unmapped(timeout)
 
     def unrevoke(self, timeout: float | None = None) -> None:
@@ -614,16 +711,20 @@ class DmaBuf:
 
         The kernel waits for the fences without a bound; the model raises
         :class:`~pydmabuf.errors.TimedOut` after ``timeout`` seconds (None:
-        forever) and leaves the buffer revoked.
+        forever) and leaves the buffer revoked.  An importer whose callback
+        raises is reported once the buffer is un-revoked, as for
+        :meth:`revoke`.
         """
         self.resv.lock()
         try:
-            self.invalidate_mappings()
-            if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
-                raise errors.TimedOut(f"un-revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
+            failed = self._invalidate_all()
+            with _failures_noted(failed):
+                if not self.resv.wait(Usage.BOOKKEEP, timeout=timeout):
+                    raise errors.TimedOut(f"un-revoke of {self.name}: BOOKKEEP fences did not signal in {timeout}s")
             self.revoked = False
         finally:
             self.resv.unlock()
+        self._report_failed_invalidations(failed, "un-revoke")
 
     def wait_unmapped(self, timeout: float | None = None) -> None:
         """Block until no importer holds a mapping of this buffer."""
@@ -933,22 +1034,45 @@ class Attachment:
 
     def pin(self) -> None:
         """``dma_buf_pin()`` (lock held): the exporter's pin, if it has one.
-        For long pins only (scanout); static attachments only WARN in the
-        kernel, here a LockingError in strict mode."""
+        For long pins only (scanout), and only for dynamic importers: a
+        static attachment's pins belong to :meth:`map` / :meth:`unmap`.
+
+        The kernel WARNs on a static attachment and goes on; the model
+        refuses it (rule ``pin-static``: LifetimeError, EINVAL, in strict
+        mode; in report mode recorded, then InvalidArgument, EINVAL), so an
+        explicit pin can never be mistaken for the one a map took.  Nothing
+        changes on a refusal; an exporter's ``pin`` that raises leaves the
+        count as it was."""
         if not self._usable("pin"):
             return
         self._require_resv("pin")
         if not self.dynamic:
-            checks.checker.lifetime("pin-static", "dma_buf_pin on a static attachment", self)
+            checks.checker.lifetime("pin-static", "dma_buf_pin on a static attachment (only dynamic importers "
+                                    "pin; a static importer's pins are taken by map and dropped by unmap)", self,
+                                    culprit=self)
+            raise errors.InvalidArgument(f"dma_buf_pin: {self!r} is static: its pins belong to map/unmap")
         exp = self.dmabuf.exporter
         if exp.has("pin"):
             exp.pin(self)
         self.pin_count += 1
 
     def unpin(self) -> None:
+        """``dma_buf_unpin()`` (lock held): drop a pin :meth:`pin` took.
+
+        Refused, with nothing changed: on a static attachment (rule
+        ``unpin-static``: its pins are the ones its live mappings hold and
+        only :meth:`unmap` drops them), and without a pin (rule
+        ``unbalanced-unpin``).  Strict mode raises LifetimeError (EINVAL);
+        report mode records the report and returns (``dma_buf_unpin``
+        returns void), so a pin count never goes below zero and never
+        loses the pin of a live mapping."""
         if not self._usable("unpin"):
             return
         self._require_resv("unpin")
+        if not self.dynamic:
+            checks.checker.lifetime("unpin-static", "dma_buf_unpin on a static attachment: its pins belong to "
+                                    "its live mappings and only unmap drops them", self, culprit=self)
+            return
         if self.pin_count <= 0:
             checks.checker.lifetime("unbalanced-unpin", "dma_buf_unpin without a pin", self)
             return
@@ -1082,6 +1206,7 @@ class CpuMapping:
         self._ends: np.ndarray | None = None  # cumulative lengths of _ranges
         self._lease: access.Lease | None = None  # the generation _ranges belong to
         self._holds_ref = False  # set by DmaBuf.mmap: the vma's file reference
+        self._inflight = 0  # accesses copying now (under dmabuf._lock)
         self.closed = False
         self.faults = 0
         self.zaps = 0
@@ -1101,30 +1226,33 @@ class CpuMapping:
     def close(self) -> None:
         """``munmap``: the mapping goes, and with it its reference to the
         buffer (which is released if that was the last).  Accesses after
-        it raise SIGBUS; closing twice is a no-op."""
-        if self.closed:
-            return
+        it raise SIGBUS; closing twice is a no-op.
+
+        Takes no reservation lock (``munmap`` takes none: it may run in a
+        thread that holds other buffers' locks, or from the garbage
+        collector): an access still copying holds the mapping busy, and
+        the last such access drops the reference instead, so the pages are
+        never freed under a copy."""
         buf = self.dmabuf
-        # The zap is ordered against accesses as a fault is (reservation
-        # lock), so no access is still copying when the last put frees
-        # the pages.
-        take = self.takes_lock and not buf.resv.held_by_current_thread()
-        if take:
-            buf.resv.lock()
-        try:
-            with buf._lock:
-                self.closed = True
-                self._zap()
-                buf._cpu_maps.discard(self)
-                ref = self._holds_ref
-                if ref:
-                    self._holds_ref = False
-                    buf._mmap_refs -= 1
-        finally:
-            if take:
-                buf.resv.unlock()
+        with buf._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._zap()
+            buf._cpu_maps.discard(self)
+            ref = self._drop_ref_locked()
         if ref:
             buf.put()
+
+    def _drop_ref_locked(self) -> bool:
+        """With ``dmabuf._lock`` held: give up the file reference once the
+        mapping is closed and no access is copying; True if the caller
+        must put it."""
+        if not (self.closed and self._holds_ref and self._inflight == 0):
+            return False
+        self._holds_ref = False
+        self.dmabuf._mmap_refs -= 1
+        return True
 
     munmap = close
 
@@ -1178,18 +1306,28 @@ class CpuMapping:
                                    "thread holds its reservation lock (the fault handler would deadlock)", self)
         if take:
             buf.resv.lock()
+        ref = False
         try:
-            if self.closed:
-                raise errors.IOFailure(f"SIGBUS: the CPU mapping of {buf.name} was closed")
-            runs = self._runs(off, n)
-            if n == 0:
-                return b"" if data is None else None
-            lease = self._lease
-            return access.access(self._gate, self.offset + off, n, lambda: runs, data=data,
-                                 leases=() if lease is None else (lease,))
+            with buf._lock:
+                if self.closed:
+                    raise errors.IOFailure(f"SIGBUS: the CPU mapping of {buf.name} was closed")
+                self._inflight += 1
+            try:
+                runs = self._runs(off, n)
+                if n == 0:
+                    return b"" if data is None else None
+                lease = self._lease
+                return access.access(self._gate, self.offset + off, n, lambda: runs, data=data,
+                                     leases=() if lease is None else (lease,))
+            finally:
+                with buf._lock:
+                    self._inflight -= 1
+                    ref = self._drop_ref_locked()
         finally:
             if take:
                 buf.resv.unlock()
+            if ref:  # closed while this access copied: its reference goes now
+                buf.put()
 
     def _runs(self, off: int, n: int) -> list[tuple[int, int]]:
         if not isinstance(off, int) or not isinstance(n, int):

@@ -33,7 +33,10 @@ Where the kernel waits forever (7.1 revoke: fences and unmaps, holding
 block, without making the hardware change it was about to make (no
 decode change, no power change, no reset, the device stays open); the
 buffers revoked so far stay revoked and the next call that finds memory
-enabled un-revokes them.  Where the kernel is loose (research notes
+enabled un-revokes them.  An importer whose invalidation callback raises
+(a bug: the kernel's callback cannot fail) stops nothing: every buffer is
+revoked and every importer told, then the checker's report of it is raised
+at that same point, before the hardware change (strict mode).  Where the kernel is loose (research notes
 section 10) the model is correct by default: it links multi-range buffers
 at running IOVA offsets, and un-revokes only devices that are open.
 """
@@ -46,7 +49,7 @@ import logging
 import os
 import threading
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -153,23 +156,53 @@ class _VfioPciCore:
 
     def move(self, revoked: bool, timeout: float | None) -> None:
         """``vfio_pci_dma_buf_move()``; ``memory_lock`` held.  Buffers being
-        released are skipped; only those whose state differs change."""
-        for priv in list(self.dmabufs):
-            buf = priv.dmabuf
-            if buf is None or buf.released:
-                continue  # get_file_active() failed: the buffer is dying
-            buf.get()
-            try:
-                if buf.revoked == revoked:
-                    continue
-                if self.kernel == "6.19":
-                    _flip_619(buf, revoked)
-                elif revoked:
-                    buf.revoke(timeout)
-                else:
-                    buf.unrevoke(timeout)
-            finally:
-                buf.put()
+        released are skipped; only those whose state differs change.
+
+        An importer whose invalidation callback raises (a LifetimeError
+        from the buffer's revoke, see :meth:`DmaBuf.revoke`) does not stop
+        the walk: every buffer is revoked and every importer told, then the
+        first such error is raised (before the hardware change, as a
+        TimedOut would be).  A TimedOut stops the walk where the kernel
+        would block."""
+        with _every_buffer() as each:
+            for priv in list(self.dmabufs):
+                buf = priv.dmabuf
+                if buf is None or buf.released:
+                    continue  # get_file_active() failed: the buffer is dying
+                buf.get()
+                try:
+                    if buf.revoked == revoked:
+                        continue
+                    if self.kernel == "6.19":
+                        each(_flip_619, buf, revoked)
+                    elif revoked:
+                        each(buf.revoke, timeout)
+                    else:
+                        each(buf.unrevoke, timeout)
+                finally:
+                    buf.put()
+
+
+@contextlib.contextmanager
+def _every_buffer() -> Iterator[Callable[..., None]]:
+    """A walk over a device's buffers that an importer's raising
+    invalidation callback cannot cut short: ``each(fn, *args)`` runs one
+    buffer's step, keeps a LifetimeError (the checker's report of that
+    importer, raised only once the buffer's own sequence completed) and
+    goes on; the first one kept is raised when the walk ends."""
+    kept: list[errors.LifetimeError] = []
+
+    def each(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            fn(*args)
+        except errors.LifetimeError as e:
+            kept.append(e)
+
+    yield each
+    if kept:
+        for e in kept[1:]:
+            kept[0].add_note(f"also: {e}")
+        raise kept[0]
 
 
 def _flip_619(buf: DmaBuf, revoked: bool) -> None:
@@ -674,12 +707,13 @@ class VfioPciBar:
         with core.memory_lock:
             if core.open_count == 1:
                 if core.kernel == "6.19":
-                    for priv in list(core.dmabufs):
-                        buf = priv.dmabuf
-                        if buf is None or buf.released:
-                            continue
-                        priv._core = None
-                        _flip_619(buf, True)
+                    with _every_buffer() as each:
+                        for priv in list(core.dmabufs):
+                            buf = priv.dmabuf
+                            if buf is None or buf.released:
+                                continue
+                            priv._core = None
+                            each(_flip_619, buf, True)
                 else:
                     core.move(True, timeout)
                 for priv in core.dmabufs:
