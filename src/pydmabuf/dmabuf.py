@@ -136,8 +136,7 @@ class Exporter:
     of preference), or the class attribute ``single_exporter_match`` (one
     :class:`~pydmabuf.mapping.MappingMatch`), or -- an exporter that
     predates mapping types -- :meth:`map_dma_buf` and :meth:`unmap_dma_buf`,
-    wrapped as one SGT entry (plus a PAL entry over :meth:`get_phys_vec`
-    when it has one), as during upstream's transition.
+    wrapped as one SGT entry, as during upstream's transition.
     :meth:`pin` and :meth:`unpin` go together; having them makes the
     exporter dynamic (it can move its memory).  ``map``/``unmap``/``pin``/
     ``unpin``/``vmap``/``vunmap`` and :meth:`get_phys_vec` run with the

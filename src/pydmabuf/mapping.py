@@ -613,10 +613,9 @@ class _LegacySgtOps:
 
 
 class _LegacyPalOps:
-    """The model's own transition step: an exporter that predates mapping
-    types but describes its memory physically (``get_phys_vec``) is offered
-    as a PAL entry after its SGT one, as upstream wraps legacy map/unmap
-    as SGT.  Refuses a revoked buffer (ENODEV), as the op it replaces."""
+    """PAL ops over the model's older physical-range op (``get_phys_vec``)
+    of an exporter that predates mapping types, for ``phys_vec`` only.
+    Refuses a revoked buffer (ENODEV), as the op it replaces."""
 
     __slots__ = ("exporter",)
 
@@ -635,8 +634,8 @@ class _LegacyPalOps:
 def exporter_matches(args: MatchArgs, exporter: Any) -> None:
     """What ``dma_buf_mapping_attach()`` does with the exporter: its
     ``match_mapping`` if it has one, else its ``single_exporter_match``,
-    else (transition) one SGT entry forwarding to its legacy ops, plus a
-    PAL entry when it has the physical-range op."""
+    else (transition, ``dma_buf_sgt_exp_compat_match``) one SGT NO_P2P
+    entry forwarding to its legacy ``map_dma_buf``/``unmap_dma_buf``."""
     cls = type(exporter)
     if cls.has("match_mapping"):
         rv = exporter.match_mapping(args)
@@ -647,16 +646,21 @@ def exporter_matches(args: MatchArgs, exporter: Any) -> None:
     if single is not None:
         match_mapping(args, [single])
         return
-    entries = [sgt_exporter(_LegacySgtOps(exporter))]
-    if cls.has("get_phys_vec"):
-        entries.append(pal_exporter(_LegacyPalOps(exporter)))
-    match_mapping(args, entries)
+    match_mapping(args, [sgt_exporter(_LegacySgtOps(exporter))])
 
 
 def exporter_pal_ops(dmabuf: DmaBuf) -> Any:
-    """The PAL ops the exporter offers, or None: the exporter is asked with
-    a one-entry PAL importer list and no attachment (used by the thin
-    ``Attachment.phys_vec`` layer for attachments of another type)."""
+    """The PAL ops the exporter offers, or None, for the thin
+    ``Attachment.phys_vec`` layer on attachments of another type: an aware
+    exporter is asked with a one-entry PAL importer list and no attachment;
+    an exporter that predates mapping types but has the model's older
+    physical-range op (``get_phys_vec``) is served through it.  (That op is
+    never offered in a negotiation: upstream wraps legacy exporters as SGT
+    only, so iommufd cannot import a system-heap buffer.)"""
+    exp = dmabuf.exporter
+    cls = type(exp)
+    if not cls.has("match_mapping") and getattr(exp, "single_exporter_match", None) is None:
+        return _LegacyPalOps(exp) if cls.has("get_phys_vec") else None
     args = MatchArgs(dmabuf, None, [pal_importer()])
     try:
         exporter_matches(args, dmabuf.exporter)
