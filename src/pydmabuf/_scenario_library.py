@@ -190,7 +190,8 @@ def vfio_rdma_p2p(story: Story) -> None:
             pass
 
     story.step("an importer without allow_peer2peer tries to attach the same buffer")
-    story.refused(buf.dynamic_attach, nic, NoP2p(), expect=errors.NotSupported)
+    story.refused(buf.dynamic_attach, nic, NoP2p(), expect=errors.InvalidArgument)
+    story.detail("(VFIO offers [PAL, SGT P2P]; a scatterlist importer that takes no P2P matches neither)")
 
     story.step("vfio0 is reset (VFIO_DEVICE_RESET): revoke, reset, un-revoke")
     vfio.reset(timeout=5)
@@ -248,13 +249,11 @@ def vfio_gpu_bus_offset(story: Story) -> None:
     story.detail("(the CPU physical address means nothing on the bus)")
 
     story.step("a classic DRM PRIME import of it (a static importer of pages, no allow_peer2peer)")
-    story.refused(DrmGpu.prime_import, gpu1, buf, expect=errors.NotSupported)
-    story.step(f"gpu0, under {gpu0.host_bridge.name}, attaches and maps: the traffic would cross {hb.name}, "
+    story.refused(DrmGpu.prime_import, gpu1, buf, expect=errors.InvalidArgument)
+    story.step(f"gpu0, under {gpu0.host_bridge.name}, attaches: the traffic would cross {hb.name}, "
                "whose root complex is not on the kernel's P2P whitelist")
-    ops0 = _Polite()
-    a0 = buf.dynamic_attach(gpu0, ops0)
-    story.refused(a0.map_unlocked, BIDI, expect=errors.InvalidArgument)
-    buf.detach(a0)
+    story.refused(buf.dynamic_attach, gpu0, _Polite(), expect=errors.InvalidArgument)
+    story.detail("(the SGT P2P entry matches only an importer with a P2P route: the negotiation refuses it)")
 
     story.step("teardown")
     a.unmap_unlocked(ops.table, BIDI)
@@ -265,7 +264,7 @@ def vfio_gpu_bus_offset(story: Story) -> None:
     story.fact("route", "BUS_ADDR (through the switch, no IOMMU)")
     story.fact("DMA address", f"phys {'-' if off < 0 else '+'} {abs(off):#x}")
     story.fact("CPU physical address on the bus", type(wrong).__name__)
-    story.fact("gpu0 (other host bridge)", "NOT_SUPPORTED: map refused (EINVAL)")
+    story.fact("gpu0 (other host bridge)", "NOT_SUPPORTED: attach refused (EINVAL)")
     _clean(story, m, before)
 
 
