@@ -529,3 +529,63 @@ def test_phys_vec_is_a_thin_layer_over_pal(m):
     v.close()
     rows = np.array([[0x10000, G]], dtype=np.uint64)
     assert mapping.PhysList(rows).ranges.tolist() == rows.tolist()
+
+
+# ------------------------------------------------- a driver-private type
+
+
+def _xe(m, **kw):
+    from pydmabuf.exporters.xe_vfio import XeSriovPf, XeVfioPciBar
+
+    sriov = XeSriovPf(m.device("gpu1"))
+    sriov.provision_vf(m.device("vfio1"), 0x2_0000_0000, 4 << 20)
+    v = XeVfioPciBar(m, "vfio1", **kw)
+    return sriov, v, v.export()
+
+
+def test_private_type_matches_only_the_pf_of_the_vf_naming_the_same_bar(m):
+    from pydmabuf.exporters.xe_vfio import XE_IOV, xe_iov_importer, xe_iov_map, xe_iov_unmap
+
+    _, v, b = _xe(m, offset=1 << 20, nbytes=1 << 20)
+    gpu1, gpu0 = m.device("gpu1"), m.device("gpu0")
+    pf = b.mapping_attach([xe_iov_importer(gpu1, 0), mapping.sgt_importer(gpu1, True)], Polite())
+    assert pf.map_type.type is XE_IOV and pf.map_type.vf is m.device("vfio1")
+    with b.resv:
+        rows = xe_iov_map(pf)
+        assert rows.tolist() == [[0x2_0000_0000 + (1 << 20), 1 << 20]]  # VRAM, not BAR addresses
+        xe_iov_unmap(pf, rows)
+    assert b.debugfs_attachments()[0] == "\tXe IOV interconnect: gpu1 <- vfio1 BAR0"
+    # Another BAR: not this pair; the importer's SGT entry is what matches then.
+    other_bar = b.mapping_attach([xe_iov_importer(gpu1, 2), mapping.sgt_importer(gpu1, True)], Polite())
+    assert other_bar.map_type.type is mapping.SGT
+    with b.resv:
+        assert errno_of(xe_iov_map, other_bar) == errno.EINVAL
+    # Not the PF (and no P2P route for its scatterlist): nothing matches.
+    assert errno_of(b.mapping_attach, [xe_iov_importer(gpu0, 0), mapping.sgt_importer(gpu0, True)],
+                    Polite()) == errno.EINVAL
+    v.set_memory_decode(False, timeout=5)
+    with b.resv:
+        assert errno_of(xe_iov_map, pf) == errno.ENODEV
+    for a in (pf, other_bar):
+        b.detach(a)
+    b.put()
+    v.close()
+
+
+def test_private_type_keeps_a_vf_inside_its_own_vram(m):
+    from pydmabuf.exporters.xe_vfio import XeVfioPciBar, xe_iov_importer, xe_iov_map
+
+    _, v, b = _xe(m, offset=2 << 20, nbytes=4 << 20)  # past the VF's 4 MiB of VRAM
+    a = b.mapping_attach([xe_iov_importer(m.device("gpu1"), 0)], Polite())
+    with b.resv:
+        assert errno_of(xe_iov_map, a) == errno.EPERM
+    b.detach(a)
+    b.put()
+    v.close()
+    # A plain VFIO device offers no IOV entry.
+    plain = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+    pb = plain.export()
+    assert errno_of(pb.mapping_attach, [xe_iov_importer(m.device("gpu1"), 0)]) == errno.EINVAL
+    pb.put()
+    plain.close()
+    assert isinstance(XeVfioPciBar, type)

@@ -47,6 +47,12 @@ EXPECTED = {
         "host mmap": "refused (EPERM)",
         "untrusted DMA that reached the pages": "2 faulted (EFAULT)",
     },
+    "mapping-types": {
+        "GPU driver": "DMA Mapped Scatter Gather Table (P2P)",
+        "iommufd": "Physical Address List (2 ranges)",
+        "PF driver": "Xe IOV interconnect",
+        "static importer": "refused (EINVAL): nothing matches",
+    },
     "ranges-to-table": {
         "ranges": 3,
         "model layout": "each range at its running offset",

@@ -397,6 +397,9 @@ class VfioPciBar:
     Slices are checked when exported, with the kernel's errors.
     """
 
+    #: The exporter of each dma-buf (a variant driver supplies its own).
+    _dmabuf_class: type[VfioPciDmaBuf] = VfioPciDmaBuf
+
     def __init__(self, machine: Any, device: Device | str, bar: int = 0, offset: int = 0,
                  nbytes: int | None = None, ranges: Iterable[tuple[int, int]] | None = None, *,
                  kernel: str = "7.1", has_dmabuf_phys: bool = True) -> None:
@@ -584,7 +587,7 @@ class VfioPciBar:
         phys = _fill_phys_vec(rows, provider)
         # 10-12. export, link under memory_lock and the lock (born revoked
         # unless memory is enabled), install the fd
-        priv = VfioPciDmaBuf(core, provider, phys, total, region, open_flags)
+        priv = self._dmabuf_class(core, provider, phys, total, region, open_flags)
         buf = export(priv, total, name=f"vfio {dev.name} BAR{region}"[:31])
         priv.dmabuf = buf
         with core.memory_lock:
