@@ -525,6 +525,12 @@ def ranges_to_table(story: Story) -> None:
 # ---------------------------------------------------------------- mapping types
 
 
+def _kind(a: Any) -> str:
+    """The name of the mapping type an attachment negotiated."""
+    mt = a.map_type
+    return str(mt.type.name) if mt is not None else "nothing"
+
+
 @scenario("mapping-types", "three importers negotiate three mapping types for one VFIO buffer")
 def mapping_types(story: Story) -> None:
     """The mapping-types RFC (2026): at attach the importer lists the types
@@ -557,9 +563,9 @@ def mapping_types(story: Story) -> None:
     ops = _Polite()
     a = buf.dynamic_attach(gpu1, ops)
     ops.table = a.map_unlocked(BIDI)
-    story.detail(f"negotiated {a.map_type.type.name!r}, P2P allowed {mapping.sgt_p2p_allowed(a)}; "
+    story.detail(f"negotiated {_kind(a)!r}, P2P allowed {mapping.sgt_p2p_allowed(a)}; "
                  f"DMA addresses {_addr(ops.table)}")
-    sgt_kind = a.map_type.type.name
+    sgt_kind = _kind(a)
 
     story.step("iommufd maps it (IOMMU_IOAS_MAP_FILE): it takes [PAL]")
     ioas = IommufdIoas(m)
@@ -568,11 +574,11 @@ def mapping_types(story: Story) -> None:
     area = ioas.areas[0]
     pa = area.pages.attachment
     assert pa is not None and area.pages.exp_phys is not None
-    story.detail(f"negotiated {pa.map_type.type.name!r}: {area.pages.exp_phys.length} ranges, mapped at IOVA "
+    story.detail(f"negotiated {_kind(pa)!r}: {area.pages.exp_phys.length} ranges, mapped at IOVA "
                  f"{iova:#x} with {h.map_calls} iommu_map calls in {area.pages.batches} batch")
     m.memory.write(int(buf.exporter.ranges[1, 0]), b"second")  # type: ignore[attr-defined]
     story.detail(f"gpu0 reads {m.device('gpu0').dma_read(iova + (1 << 20), 6)!r} one MiB in (the second range)")
-    pal_kind = pa.map_type.type.name
+    pal_kind = _kind(pa)
 
     story.step(f"{gpu1.name}'s PF driver imports its VF's BAR: it takes [Xe IOV interconnect (PF {gpu1.name}, "
                "BAR0), SGT]")
@@ -580,10 +586,10 @@ def mapping_types(story: Story) -> None:
     pfa = buf.mapping_attach([xe_iov_importer(gpu1, 0), mapping.sgt_importer(gpu1, True)], pf_ops)
     with buf.resv:
         rows = xe_iov_map(pfa)
-        story.detail(f"negotiated {pfa.map_type.type.name!r}: VRAM " +
+        story.detail(f"negotiated {_kind(pfa)!r}: VRAM " +
                      ", ".join(f"[{int(p):#x} +{_fmt_size(int(n))}]" for p, n in rows) + " (device physical)")
         xe_iov_unmap(pfa, rows)
-    iov_kind = pfa.map_type.type.name
+    iov_kind = _kind(pfa)
 
     story.step("gpu0's driver asks for the same type with the wrong PF, and a static importer tries")
     story.refused(buf.mapping_attach, [xe_iov_importer(m.device("gpu0"), 0)], _Polite(),

@@ -161,7 +161,14 @@ class MappingMatch:
         self.type = type
         self.exp_ops = exp_ops
         self._data = dict(data)
-        self.__dict__.update(data)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not real attributes: the type data.
+        data = self.__dict__.get("_data", {})
+        try:
+            return data[name]
+        except KeyError:
+            raise AttributeError(f"{self.type.name} entry has no {name!r}") from None
 
     @property
     def data(self) -> dict[str, Any]:
@@ -270,7 +277,7 @@ class _SgtType(MappingType):
 
     name = "DMA Mapped Scatter Gather Table"
 
-    def match(self, dmabuf: Any, exp: MappingMatch, imp: MappingMatch) -> None:  # type: ignore[override]
+    def match(self, dmabuf: Any, exp: MappingMatch, imp: MappingMatch) -> None:
         req = getattr(exp, "exporter_requires_p2p", SgtP2p.NO_P2P)
         if req != SgtP2p.EXPORTER_REQUIRES_P2P_DISTANCE:
             return  # NO_P2P, or a value the switch does not know: compatible

@@ -11,6 +11,7 @@ from pydmabuf._core import SgTable, pagemap
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind
 from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, export
+from pydmabuf.mapping import sgt_dma_device
 
 __all__ = ["SystemHeap", "HeapBuffer", "MovableHeapBuffer"]
 
@@ -42,13 +43,18 @@ class HeapBuffer(Exporter):
         return SgTable.from_pages(self.pfns, offset=self.offset, nbytes=self.nbytes)
 
     def map_dma_buf(self, attachment: Attachment, direction: DmaDirection) -> SgTable:
+        dev = sgt_dma_device(attachment)
+        if dev is None:
+            raise errors.InvalidArgument("map_dma_buf on an attachment that is not SGT")
         t = self._table()
-        dma_map_sgtable(attachment.device, t, direction)
+        dma_map_sgtable(dev, t, direction)
         self.maps += 1
         return t
 
     def unmap_dma_buf(self, attachment: Attachment, table: SgTable, direction: DmaDirection) -> None:
-        dma_unmap_sgtable(attachment.device, table, direction)
+        dev = sgt_dma_device(attachment)
+        assert dev is not None  # a table exists only for an SGT attachment
+        dma_unmap_sgtable(dev, table, direction)
         self.unmaps += 1
 
     def release(self, dmabuf: DmaBuf) -> None:

@@ -42,7 +42,7 @@ class _XeIovType(mapping.MappingType):
 
     name = "Xe IOV interconnect"
 
-    def match(self, dmabuf: Any, exp: mapping.MappingMatch, imp: mapping.MappingMatch) -> None:  # type: ignore[override]
+    def match(self, dmabuf: Any, exp: mapping.MappingMatch, imp: mapping.MappingMatch) -> None:
         if getattr(imp, "pf", None) is not getattr(exp, "pf", None):
             raise errors.NotSupported("the importer is not the physical function of the exporter's VF")
         if getattr(imp, "bar", None) != getattr(exp, "bar", None):
