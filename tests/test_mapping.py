@@ -589,3 +589,111 @@ def test_private_type_keeps_a_vf_inside_its_own_vram(m):
     pb.put()
     plain.close()
     assert isinstance(XeVfioPciBar, type)
+
+
+# ------------------------------------------ the matcher against its rules
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300)
+@given(st.lists(st.sampled_from("ABN"), max_size=4), st.lists(st.sampled_from("ABN"), max_size=4),
+       st.dictionaries(st.tuples(st.integers(0, 3), st.integers(0, 3)),
+                       st.sampled_from(["ok", "skip", "abort"])))
+def test_matcher_picks_the_first_compatible_pair_in_exporter_order(exp_names, imp_names, outcome):
+    """Slow reference: walk (exporter index, importer index) in
+    lexicographic order; same type and a match that says ok (or no match
+    callback) wins; an abort stops everything."""
+    calls = []
+
+    class T(MappingType):
+        def __init__(self, name):
+            self.name = name
+
+        def match(self, dmabuf, exp, imp):  # type: ignore[override]
+            key = (exp.idx, imp.idx)
+            calls.append(key)
+            o = outcome.get(key, "ok")
+            if o == "skip":
+                raise errors.NotSupported("skip")
+            if o == "abort":
+                raise errors.Busy("abort")
+
+        def finish_match(self, args, exp, imp):
+            calls.append(("finish", exp.idx, imp.idx))
+
+    class TN(T):
+        match = None
+
+    types = {"A": T("A"), "B": T("B"), "N": TN("N")}
+    exp = [MappingMatch(types[n], idx=i) for i, n in enumerate(exp_names)]
+    imp = [MappingMatch(types[n], idx=i) for i, n in enumerate(imp_names)]
+    want = "einval"
+    for i, e in enumerate(exp_names):
+        for j, n in enumerate(imp_names):
+            if n != e:
+                continue
+            o = "ok" if e == "N" else outcome.get((i, j), "ok")
+            if o == "skip":
+                continue
+            want = ("chosen", i, j) if o == "ok" else "abort"
+            break
+        if want != "einval":
+            break
+    args = MatchArgs(imp_matches=imp)
+    if want == "einval":
+        with pytest.raises(errors.InvalidArgument):
+            match_mapping(args, exp)
+        assert not any(c[0] == "finish" for c in calls)
+    elif want == "abort":
+        with pytest.raises(errors.Busy):
+            match_mapping(args, exp)
+        assert not any(c[0] == "finish" for c in calls)
+    else:
+        match_mapping(args, exp)
+        assert calls[-1] == ("finish", want[1], want[2])
+        assert args.chosen == (exp[want[1]], imp[want[2]])
+    # match only ever sees same-type pairs
+    assert all(exp_names[c[0]] == imp_names[c[1]] for c in calls if c[0] != "finish")
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.integers(0, 64), st.integers(1, 6)), min_size=1, max_size=8), st.data())
+def test_walker_matches_a_page_by_page_reference(entries, data):
+    from pydmabuf.importers.iommufd import dmabuf_runs
+
+    rows = np.array([[pfn << 12, n << 12] for pfn, n in entries], dtype=np.uint64)
+    total = sum(n for _, n in entries)
+    first = data.draw(st.integers(0, total - 1))
+    npages = data.draw(st.integers(1, total - first))
+    # Reference: every page's pfn, in order, then the contiguous runs.
+    pages = [pfn + k for pfn, n in entries for k in range(n)][first:first + npages]
+    want = []
+    for p in pages:
+        if want and want[-1][0] + want[-1][1] == p:
+            want[-1][1] += 1
+        else:
+            want.append([p, 1])
+    assert dmabuf_runs(rows, first * G, npages).tolist() == want
+
+
+def test_pal_calls_refuse_what_is_not_theirs(m):
+    with pytest.raises(TypeError):
+        mapping.pal_map_phys(None)  # type: ignore[arg-type]
+    buf, _ = _pal_buf([[0x10000, G]], G)
+    a = buf.mapping_attach([mapping.pal_importer()], PalImporter())
+    with pytest.raises(TypeError):
+        mapping.pal_unmap_phys(a, [[0x10000, G]])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        buf.mapping_attach(["PAL"])  # type: ignore[list-item]
+    with pytest.raises(TypeError):
+        buf.mapping_attach([mapping.pal_importer()], object())  # type: ignore[arg-type]
+    with buf.resv, pytest.raises(errors.LifetimeError):  # a list it never handed out
+        mapping.pal_unmap_phys(a, mapping.PhysList([[0x10000, G]]))
+    buf.detach(a)
+    with buf.resv, pytest.raises(errors.LifetimeError):
+        mapping.pal_map_phys(a)
+    assert len(buf.attachments) == 0
+    buf.put()
