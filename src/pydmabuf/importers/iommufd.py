@@ -598,10 +598,13 @@ class IommufdIoas:
         InvalidArgument
             (EINVAL) the slice ends past the dma-buf, or has 2**32 - 1
             pages or more.
+        InvalidArgument
+            (EINVAL) the exporter offers no PAL mapping (mapping types:
+            nothing matches ``[PAL]``), or its list is invalid (strict PAL
+            rules) or describes less than the slice.
         NotSupported / NoDevice
             (EOPNOTSUPP / ENODEV) the exporter refused the attachment (VFIO:
-            revoked is ENODEV), it is not a VFIO dma-buf or has several
-            ranges (EOPNOTSUPP), or it is revoked (ENODEV).
+            revoked is ENODEV) or its PAL map (revoked: ENODEV).
         InvalidArgument
             (EINVAL) ``length`` or a fixed ``iova`` is not 4 KiB aligned,
             or a fixed range meets reserved IOVA; ``start`` not 4 KiB
