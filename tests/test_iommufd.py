@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pydmabuf import DmaDirection, IommuProt, Machine, errors, mapping
+from pydmabuf import DmaDirection, IommuProt, Machine, checks, errors, mapping
 from pydmabuf.dmabuf import Exporter, ImporterOps, close, dma_buf_get, export
 from pydmabuf.exporters import SystemHeap, VfioPciBar
 from pydmabuf.importers import IommufdIoas
@@ -587,3 +587,30 @@ def test_dmabuf_revoked_mock_is_enodev_and_a_non_pal_exporter_einval(m):
     assert not buf.attachments and not heap.attachments
     buf.put()
     heap.put()
+
+
+def test_the_publish_revoke_window_exists_only_in_kernel_compat(m, monkeypatch):
+    import pydmabuf.importers.iommufd as iommufd
+
+    def revoke_now(pages):
+        pages.dmabuf.revoke(timeout=1)
+
+    monkeypatch.setattr(iommufd, "_publish_window", revoke_now)
+    buf = dmabuf_get(m, 4 * G)
+    with IommufdIoas(m) as ioas:  # default: published under the lock, the hook never runs
+        ioas.map_file(buf, 0, 4 * G)
+        assert not buf.revoked
+    buf2 = dmabuf_get(m, 4 * G)
+    with IommufdIoas(m, kernel_compat=True) as ioas:
+        with pytest.raises(errors.LifetimeError, match="NULL attachment"):
+            ioas.map_file(buf2, 0, 4 * G)
+    with checks.report_mode():
+        buf3 = dmabuf_get(m, 4 * G)
+        with IommufdIoas(m, kernel_compat=True) as ioas:
+            ioas.map_file(buf3, 0, 4 * G)
+            assert ioas.areas[0].revoked and checks.reports("iommufd-revoke-before-publish")
+        buf3.put()
+    checks.clear()
+    for b in (buf, buf2):
+        assert not b.attachments
+        b.put()

@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import IommuDomain, RangeTable, _core, errors, mapping
+from pydmabuf import IommuDomain, RangeTable, _core, checks, errors, mapping
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref
@@ -70,6 +70,9 @@ _MAP_FLAGS = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_M
 ULONG_MAX = U64_MAX
 #: The largest page count of one batch entry (u32).
 MAX_NPFNS = 2**32 - 1
+#: Called (with the pages) in the kernel's unlock-to-publish window of
+#: ``IommufdIoas(kernel_compat=True)``; tests set it to land a revoke there.
+_publish_window: Any = None
 #: ``TEMP_MEMORY_LIMIT``: the most one batch's arrays may take (bytes).
 TEMP_MEMORY_LIMIT = 65536
 #: iopt_alloc_iova() aligns no further than a transparent huge page.
@@ -119,11 +122,16 @@ class _DmaBufPages(ImporterOps):
                 return
             for area, hwpt in self.tracker:
                 hwpt.unmap(area.iova, area.nbytes)
-            # The published attachment: the model publishes it before the
-            # reservation lock drops, so the kernel's window (a revoke
-            # between unlock and publish sees NULL) cannot open here.
-            assert self.attachment is not None
-            mapping.pal_unmap_phys(self.attachment, self.exp_phys)
+            # The published attachment, as the kernel uses it.  The model
+            # publishes it before the reservation lock drops; only
+            # IommufdIoas(kernel_compat=True) opens the kernel's window.
+            if self.attachment is None:
+                checks.checker.lifetime(
+                    "iommufd-revoke-before-publish",
+                    "a revoke reached iommufd between iopt_map_dmabuf()'s unlock and the publish of its "
+                    "attachment: dma_buf_pal_unmap_phys() would get a NULL attachment (a kernel oops)",
+                    attachment, culprit=self)
+            mapping.pal_unmap_phys(attachment, self.exp_phys)
             self.exp_phys = None
             self.revokes += 1
 
@@ -374,6 +382,13 @@ class IommufdIoas:
     machine : Machine
     name : str
         For reprs.
+    kernel_compat : bool
+        Publish a dma-buf's attachment after the reservation lock drops, as
+        ``iopt_map_dmabuf()`` does: a revoke landing in between finds no
+        attachment to give the list back with (the kernel passes NULL to
+        ``dma_buf_pal_unmap_phys``); the model reports it as a
+        LifetimeError.  By default the attachment is published under the
+        lock and the window does not exist.
 
     Devices join with :meth:`attach_device` (each IOMMU instance gets one
     hardware page table, unless a separate one is asked for); dma-bufs are
@@ -381,9 +396,10 @@ class IommufdIoas:
     it (or use it as a context manager) to unmap everything and detach.
     """
 
-    def __init__(self, machine: Any, *, name: str = "ioas") -> None:
+    def __init__(self, machine: Any, *, name: str = "ioas", kernel_compat: bool = False) -> None:
         self.machine = machine
         self.name = name
+        self.kernel_compat = bool(kernel_compat)
         self._lock = threading.RLock()
         self._areas = RangeTable()
         self._by_owner: dict[int, IoasArea] = {}
@@ -687,12 +703,33 @@ class IommufdIoas:
                 except BaseException:
                     a.unpin()
                     raise
-                pages.exp_phys, pages.attachment = pl, a
+                pages.exp_phys = pl
+                if not self.kernel_compat:
+                    pages.attachment = a  # published under the lock: no window
             finally:
                 buf.resv.unlock()
         except BaseException:
             buf.detach(a)
             raise
+        if self.kernel_compat:
+            hook = _publish_window
+            try:
+                if hook is not None:
+                    hook(pages)  # where a revoke can land in the kernel
+            except BaseException:
+                # A failed map leaves nothing: the list (if the revoke did
+                # not get it back), the pin, the attachment.
+                buf.resv.lock()
+                try:
+                    if pages.exp_phys is not None:
+                        mapping.pal_unmap_phys(a, pages.exp_phys)
+                        pages.exp_phys = None
+                    a.unpin()
+                finally:
+                    buf.resv.unlock()
+                buf.detach(a)
+                raise
+            pages.attachment = a
         return pages
 
     def _map_pages(self, pages: _DmaBufPages, iova: int, length: int, start_byte: int, prot: int,
