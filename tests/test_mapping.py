@@ -697,3 +697,26 @@ def test_pal_calls_refuse_what_is_not_theirs(m):
         mapping.pal_map_phys(a)
     assert len(buf.attachments) == 0
     buf.put()
+
+
+def test_kernel_style_returns_from_match(mock):
+    """None or 0 is compatible, a negative errno is that error (-EOPNOTSUPP
+    keeps looking), a positive value is a bug."""
+    st, _, _, _ = mock
+    results = {"Z": 0, "E": -errno.EOPNOTSUPP, "M": -errno.ENOMEM, "P": 1}
+
+    class K(MockType):
+        def match(self, dmabuf, exp, imp):  # type: ignore[override]
+            return results[self.name]
+
+    Z, E_, M, P = (K(n, st) for n in "ZEMP")
+    match_mapping(MatchArgs(imp_matches=[MappingMatch(Z)]), [MappingMatch(Z)])
+    assert st.finish_called
+    with pytest.raises(errors.InvalidArgument):
+        match_mapping(MatchArgs(imp_matches=[MappingMatch(E_)]), [MappingMatch(E_)])
+    with pytest.raises(errors.OutOfMemory):
+        match_mapping(MatchArgs(imp_matches=[MappingMatch(M)]), [MappingMatch(M)])
+    with pytest.raises(TypeError):
+        match_mapping(MatchArgs(imp_matches=[MappingMatch(P)]), [MappingMatch(P)])
+    pl = mapping.PhysList([[0x1000, G]])
+    assert np.asarray(pl).tolist() == pl.tolist() == [[0x1000, G]] and pl[0].tolist() == [0x1000, G]

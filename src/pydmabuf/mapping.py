@@ -115,7 +115,7 @@ class MappingType:
     name : str
         Printed in the debugfs listing.
     match : callable or None
-        ``match(dmabuf, exp, imp)``: return (None) for compatible; raise
+        ``match(dmabuf, exp, imp)``: return None (or 0) for compatible; raise
         :class:`~pydmabuf.errors.NotSupported` (EOPNOTSUPP) for "not this
         pair, keep looking"; raise anything else to abort the negotiation
         with that error.  None (the default): same type is compatible.
@@ -214,6 +214,18 @@ class MatchArgs:
         return f"<MatchArgs {len(self.imp_matches)} importer entr{'y' if len(self.imp_matches) == 1 else 'ies'}>"
 
 
+def _match_result(rv: Any, what: str) -> None:
+    """A callback's return in kernel terms: None or 0 is success, a
+    negative errno raises its error (-EOPNOTSUPP: NotSupported); anything
+    else is a bug (the kernel would pass a positive value up as an attach
+    result that no caller recognises as an error)."""
+    if rv is None or (isinstance(rv, int) and not isinstance(rv, bool) and rv == 0):
+        return
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv < 0:
+        raise errors.from_errno(-rv, f"{what} returned {rv}")
+    raise TypeError(f"{what} returned {rv!r}; it must return None (or 0) or raise")
+
+
 def match_mapping(args: MatchArgs, exp_matches: Iterable[MappingMatch] | None) -> None:
     """``dma_buf_match_mapping()``: pick the first compatible pair.
 
@@ -232,8 +244,10 @@ def match_mapping(args: MatchArgs, exp_matches: Iterable[MappingMatch] | None) -
         Whatever a type's ``match`` raised other than NotSupported, at
         once, with no ``finish_match``.
     TypeError
-        A ``match`` returned a value (the kernel would pass a positive one
-        up as an attach result no caller recognises).
+        A ``match`` returned something other than None, 0 or a negative
+        errno (a negative errno acts as the error it names; the kernel
+        would pass a positive value up as an attach result no caller
+        recognises).
     """
     if not isinstance(args, MatchArgs):
         raise TypeError(f"match_mapping: args must be MatchArgs, not {type(args).__name__}")
@@ -248,11 +262,9 @@ def match_mapping(args: MatchArgs, exp_matches: Iterable[MappingMatch] | None) -
             m = exp.type.match
             if m is not None:
                 try:
-                    rv = m(args.dmabuf, exp, imp)
+                    _match_result(m(args.dmabuf, exp, imp), exp.type.name + ": match")
                 except errors.NotSupported:
                     continue
-                if rv is not None:
-                    raise TypeError(f"{exp.type.name}: match returned {rv!r}; it must return None or raise")
             exp.type.finish_match(args, exp, imp)
             args.chosen = (exp, imp)
             return
@@ -441,6 +453,18 @@ class PhysList:
 
     def __len__(self) -> int:
         return self.length
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The (N, 2) u64 rows (read-only), for ``numpy.asarray``."""
+        return self.ranges if dtype is None else self.ranges.astype(dtype)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.ranges[i]
+
+    def tolist(self) -> list[list[int]]:
+        """The rows as [phys, nbytes] lists."""
+        rows: list[list[int]] = self.ranges.tolist()
+        return rows
 
     def __repr__(self) -> str:
         state = "live" if self.live else "given back"
@@ -645,9 +669,7 @@ def exporter_matches(args: MatchArgs, exporter: Any) -> None:
     entry forwarding to its legacy ``map_dma_buf``/``unmap_dma_buf``."""
     cls = type(exporter)
     if cls.has("match_mapping"):
-        rv = exporter.match_mapping(args)
-        if rv is not None:
-            raise TypeError(f"{exporter.name}: match_mapping returned {rv!r}; it must return None or raise")
+        _match_result(exporter.match_mapping(args), f"{exporter.name}: match_mapping")
         return
     single = getattr(exporter, "single_exporter_match", None)
     if single is not None:
