@@ -720,3 +720,31 @@ def test_kernel_style_returns_from_match(mock):
         match_mapping(MatchArgs(imp_matches=[MappingMatch(P)]), [MappingMatch(P)])
     pl = mapping.PhysList([[0x1000, G]])
     assert np.asarray(pl).tolist() == pl.tolist() == [[0x1000, G]] and pl[0].tolist() == [0x1000, G]
+
+
+def test_a_pal_capable_heap_serves_both_kinds_of_importer(m):
+    """The study's PAL path: one round trip as an iommufd-style importer
+    does it (attach [PAL], map under the lock, link the ranges with the
+    list-free API, then undo), next to the SGT importer of the same
+    buffer."""
+    from pydmabuf import IovaState
+    from pydmabuf.exporters.system_heap import PalHeapBuffer
+
+    pfns = m.pages.alloc(16, "fragmented", 4)
+    buf = export(PalHeapBuffer(m, pfns, 16 * G, owned=True, layout="fragmented", seed=4), 16 * G)
+    dev = m.device("gpu0")
+    sgt = buf.dynamic_attach(dev, Polite())
+    assert sgt.map_type.type is mapping.SGT
+    a = buf.mapping_attach([mapping.pal_importer()], PalImporter())
+    with buf.resv:
+        pl = mapping.pal_map_phys(a)
+    st_ = IovaState.try_alloc(dev, 0, 16 * G)
+    n = st_.link_ranges(pl.ranges, BIDI)
+    st_.sync(0, n)
+    assert n == 16 * G and dev.domain.iova_to_phys(st_.addr) == int(pfns[0]) << 12
+    st_.destroy(n, BIDI)
+    with buf.resv:
+        mapping.pal_unmap_phys(a, pl)
+    buf.detach(a)
+    buf.detach(sgt)
+    buf.put()

@@ -11,9 +11,9 @@ from pydmabuf._core import SgTable, pagemap
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind
 from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, export
-from pydmabuf.mapping import sgt_dma_device
+from pydmabuf.mapping import PhysList, match_mapping, pal_exporter, sgt_dma_device, sgt_exporter
 
-__all__ = ["SystemHeap", "HeapBuffer", "MovableHeapBuffer"]
+__all__ = ["SystemHeap", "HeapBuffer", "MovableHeapBuffer", "PalHeapBuffer"]
 
 
 class HeapBuffer(Exporter):
@@ -118,6 +118,30 @@ class MovableHeapBuffer(HeapBuffer):
         self.moves += 1
         machine = self.machine
         return lambda: machine.pages.free(old)
+
+
+class PalHeapBuffer(HeapBuffer):
+    """A heap buffer whose exporter is aware of mapping types and offers
+    ``[SGT, PAL]``: scatterlist importers get the usual table, importers
+    that ask for a physical address list (iommufd-style, :data:`PAL_MODULE
+    <pydmabuf.mapping.PAL_MODULE>`) get the pages' runs.  No upstream heap
+    offers PAL (the RFC's PAL exporters are VFIO and the iommufd selftest);
+    this is the exporter the study measures the PAL path on, over the same
+    page layouts as the other paths."""
+
+    name = "system-heap-pal"
+
+    def match_mapping(self, args: Any) -> None:
+        match_mapping(args, [sgt_exporter(self), pal_exporter(self)])
+
+    def map_phys(self, attachment: Attachment) -> PhysList:
+        """The pages' runs (read-only rows, worked out once)."""
+        if attachment.dmabuf.revoked:
+            raise errors.Revoked(f"{attachment.dmabuf.name} was revoked")
+        return PhysList(self.get_phys_vec(attachment).ranges)
+
+    def unmap_phys(self, attachment: Attachment, phys_list: PhysList) -> None:
+        pass  # a copy: nothing to free
 
 
 class SystemHeap:
