@@ -38,7 +38,7 @@ from hostile_support import (BAD_U64, E, FILES, SPEC, Case, Cases, S, bad_pair_b
 from hostile_support import CLEAN as _CLEAN
 from pydmabuf import (AcquireContext, DmaDirection, Fence, FenceArray, FenceChain, IommuDomain, IoPageTable,
                       IovaDomain, IovaState, Machine, RangeKind, RangeTable, Resv, SgTable, Usage, WwClass, WwMutex,
-                      checks, files, workloads)
+                      checks, files, mapping, workloads)
 from pydmabuf.dmabuf import Exporter, ImporterOps, PhysVec, export
 from pydmabuf.exporters import SystemHeap
 
@@ -1592,6 +1592,31 @@ add("Attachment[phys].phys_vec.no-op", buf("plain", attach="phys", locked=True),
     E.NotSupported)
 add("Attachment[phys].phys_vec.private-untrusted", buf("plaindyn-private", attach="phys", locked=True),
     lambda s: s.a.phys_vec(), E.NotPermitted)
+# Mapping types: the negotiation and the PAL calls (pydmabuf.mapping)
+add("DmaBuf.mapping_attach.empty", buf(), lambda s: s.b.mapping_attach([]), E.InvalidArgument)
+add("DmaBuf.mapping_attach.pal-from-a-heap", buf(), lambda s: s.b.mapping_attach([mapping.pal_importer()], Dyn()),
+    E.InvalidArgument)
+add("DmaBuf.mapping_attach.str", buf(), lambda s: s.b.mapping_attach(["SGT"]), TypeError)
+add("DmaBuf.mapping_attach.None", buf(), lambda s: s.b.mapping_attach(None), TypeError)
+add("DmaBuf.mapping_attach.exporter-entry", buf(),
+    lambda s: s.b.mapping_attach([mapping.sgt_exporter(Plain(s.m))]), E.InvalidArgument)
+add("DmaBuf.mapping_attach.ops=str", buf(), lambda s: s.b.mapping_attach([mapping.sgt_importer(None)], "ops"),
+    TypeError)
+add("DmaBuf.mapping_attach.released", buf(released=True), lambda s: s.b.mapping_attach([mapping.sgt_importer(None)]),
+    E.LifetimeError)
+add("mapping.pal_map_phys.sgt-attachment", buf(attach="phys", locked=True), lambda s: mapping.pal_map_phys(s.a),
+    E.InvalidArgument)
+add("mapping.pal_map_phys.no-namespace", buf(attach="dynamic", locked=True), lambda s: mapping.pal_map_phys(s.a),
+    E.NotPermitted)
+add("mapping.pal_map_phys.None", buf(), lambda s: mapping.pal_map_phys(None), TypeError)
+add("mapping.pal_unmap_phys.not-a-list", buf(attach="phys", locked=True),
+    lambda s: mapping.pal_unmap_phys(s.a, [[0, G]]), TypeError)
+add("mapping.pal_unmap_phys.foreign-list", buf(attach="phys", locked=True),
+    lambda s: mapping.pal_unmap_phys(s.a, mapping.PhysList([[0, G]])), E.LifetimeError)
+add("mapping.match_mapping.no-entries", buf(), lambda s: mapping.match_mapping(mapping.MatchArgs(), []),
+    E.InvalidArgument)
+add("mapping.match_mapping.args=None", buf(), lambda s: mapping.match_mapping(None, []), TypeError)
+add("mapping.PhysList.bad-shape", buf(), lambda s: mapping.PhysList([[1, 2, 3]]), ValueError)
 add("DmaBuf.invalidate_mappings.no-resv", buf(attach="dynamic", mapped=1), lambda s: s.b.invalidate_mappings(),
     E.LockingError)
 add("DmaBuf.move.no-resv", buf("movable", attach="dynamic", mapped=1), lambda s: s.b.move(), E.LockingError)

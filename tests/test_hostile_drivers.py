@@ -314,7 +314,7 @@ add("VfioPciDmaBuf.attach.revoked", vfio(decode=False),
     lambda s: s.b.dynamic_attach(s.m.device("gpu0"), Polite()), E.Revoked)
 add("VfioPciDmaBuf.attach.closed-device", vfio(closed=True),
     lambda s: s.b.dynamic_attach(s.m.device("gpu0"), Polite()), E.Revoked)
-add("VfioPciDmaBuf.attach.static", _v, lambda s: s.b.attach(s.m.device("gpu0")), E.NotSupported)
+add("VfioPciDmaBuf.attach.static", _v, lambda s: s.b.attach(s.m.device("gpu0")), E.InvalidArgument)  # no match
 add("VfioPciDmaBuf.mmap", _v, lambda s: s.b.mmap(), E.InvalidArgument)
 add("VfioPciDmaBuf.vmap", _v, _locked(lambda s: s.b.vmap()), E.InvalidArgument)
 add("VfioPciDmaBuf.vmap-without-resv", _v, lambda s: s.b.vmap(), E.LockingError)
@@ -429,7 +429,7 @@ def _ioas_other(buf: Callable[[S], Any]) -> Callable[[], S]:
 
 
 add("IommufdIoas.map_file.heap-buffer", _ioas_other(lambda s: heap(s.m)), lambda s: s.io.map_file(s.o, 0, G),
-    E.NotSupported)
+    E.InvalidArgument)  # SGT-only exporter: no PAL to match
 add("IommufdIoas.map_file.released-buffer", _ioas_other(lambda s: (lambda b: (b.put(), b)[1])(heap(s.m))),
     lambda s: s.io.map_file(s.o, 0, G), E.LifetimeError)
 
@@ -440,8 +440,8 @@ def _two_range_buf(s: S) -> Any:
     return v.export()
 
 
-add("IommufdIoas.map_file.two-ranges", _ioas_other(_two_range_buf), lambda s: s.io.map_file(s.o, 0, G),
-    E.NotSupported)
+add("IommufdIoas.map_file.two-ranges-past-the-end", _ioas_other(_two_range_buf), lambda s: s.io.map_file(s.o, 0, 8 * G),
+    E.InvalidArgument)
 
 sweep("IommufdIoas.unmap.iova", _io, lambda s, v: s.io.unmap(v, G), BAD_U64)
 sweep("IommufdIoas.unmap.length", _io, lambda s, v: s.io.unmap(0x100000, v), BAD_U64)
@@ -746,7 +746,7 @@ add("UmemDmabuf.get.ops=None-7.0", _heap_state,
     lambda s: UmemDmabuf.get(_nic(s), s.b, 0, G, None, kernel_version="7.0"), E.InvalidArgument)
 add("UmemDmabuf.get.ops-without-invalidate-6.19", _heap_state,
     lambda s: UmemDmabuf.get(_nic(s), s.b, 0, G, ImporterOps(), kernel_version="6.19"), E.InvalidArgument)
-add("UmemDmabuf.get.vfio-static", _v, lambda s: UmemDmabuf.get(_nic(s), s.b, 0, G, None), E.NotSupported)
+add("UmemDmabuf.get.vfio-static", _v, lambda s: UmemDmabuf.get(_nic(s), s.b, 0, G, None), E.InvalidArgument)
 
 
 def _fenced(s: S) -> S:
@@ -824,7 +824,8 @@ add("DrmGpu.prime_import.not-a-dmabuf", _heap_state,
         files.install(object())), E.InvalidArgument, snap=snapshot_nofd)
 add("DrmGpu.prime_import.released", _buf_state(lambda s: (lambda b: (b.put(), b)[1])(heap(s.m))),
     lambda s: DrmGpu.prime_import(s.m.device("gpu0"), s.o), E.LifetimeError)
-add("DrmGpu.prime_import.vfio-static", _v, lambda s: DrmGpu.prime_import(s.m.device("gpu0"), s.b), E.NotSupported)
+add("DrmGpu.prime_import.vfio-static", _v, lambda s: DrmGpu.prime_import(s.m.device("gpu0"), s.b),
+    E.InvalidArgument)
 add("DrmGpu().direct", _heap_state, lambda s: DrmGpu(), TypeError)
 for _name, _call in [("read", lambda s, o, n: s.g.read(o, n)),
                      ("write", lambda s, o, n: s.g.write(o, b"x" * n if isinstance(n, int) and 0 < n < 2**20

@@ -13,8 +13,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pydmabuf import DmaDirection, IommuProt, Machine, errors
-from pydmabuf.dmabuf import ImporterOps, close, dma_buf_get
+from pydmabuf import DmaDirection, IommuProt, Machine, checks, errors, mapping
+from pydmabuf.dmabuf import Exporter, ImporterOps, close, dma_buf_get, export
 from pydmabuf.exporters import SystemHeap, VfioPciBar
 from pydmabuf.importers import IommufdIoas
 from pydmabuf.importers.iommufd import (IOMMU_IOAS_MAP_FIXED_IOVA, IOMMU_IOAS_MAP_READABLE,
@@ -72,8 +72,8 @@ def test_item26_a_two_page_area_of_mmio(m):
             assert not area.prot & IommuProt.CACHE
             assert ioas.locked_vm_pages == 0 and ioas.stats["locked_vm_pages"] == 0
             att = area.pages.attachment
-            assert att.pin_count == 1 and att.dynamic and att.device.name == "iommufd" and not att.device.is_pci
-            assert att.live_mappings == 0  # iommufd never maps the attachment
+            assert att.pin_count == 1 and att.dynamic and att.map_type.type is mapping.PAL and att.device is None
+            assert att.live_mappings == 1  # the PAL list it holds; iommufd never maps a scatterlist
             m.memory.write(paddr + 0x1ffe, b"\x01\x02\x03\x04")
             assert m.device("gpu0").dma_read(0x40ffe, 4) == b"\x01\x02\x03\x04"  # across the two pages
             # A second device behind the same IOMMU joins the same page table.
@@ -118,12 +118,13 @@ def test_item27_too_many_pages_for_one_batch(m):
     b = v.export()
     with IommufdIoas(m) as ioas:
         assert errno_of(ioas.map_file, b, 0, 16 << 40) == errno.EINVAL
-        assert errno_of(ioas.map_file, b, 0, (16 << 40) - 2 * G) == errno.EOPNOTSUPP  # 1024 ranges
+        # 1024 ranges: the RFC's multi-range walker (P24) takes them
+        assert ioas.map_file(b, 0, (16 << 40) - 2 * G) and ioas.areas[0].pages.exp_phys.length == 1024
     b.put()
     v.close()
 
 
-def test_item25_only_single_range_vfio_buffers(m):
+def test_item25_only_pal_exporters_and_several_ranges_map(m):
     heap = SystemHeap(m).allocate(8 * G)
     v = VfioPciBar(m, "vfio0", ranges=[(0, G), (2 * G, G)])
     two = v.export()
@@ -131,10 +132,11 @@ def test_item25_only_single_range_vfio_buffers(m):
     v1.set_memory_decode(False)
     revoked = v1.export()
     with IommufdIoas(m) as ioas:
-        assert errno_of(ioas.map_file, heap, 0, G) == errno.EOPNOTSUPP
-        assert errno_of(ioas.map_file, two, 0, G) == errno.EOPNOTSUPP
+        assert errno_of(ioas.map_file, heap, 0, G) == errno.EINVAL  # SGT only: no PAL to match
+        assert ioas.map_file(two, 0, 2 * G)  # two ranges: the walker maps both (P24)
         assert errno_of(ioas.map_file, revoked, 0, G) == errno.ENODEV  # VFIO's attach refuses it
-        assert ioas.areas == []
+        assert len(ioas.areas) == 1
+        ioas.unmap_all()
     for buf in (heap, two, revoked):
         assert not buf.attachments and buf.refcount == 1
         buf.put()
@@ -423,3 +425,192 @@ class IoasLifecycle(RuleBasedStateMachine):
 
 TestIoasLifecycle = IoasLifecycle.TestCase
 TestIoasLifecycle.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+
+
+# ------------------------------------ multi-range lists (the RFC's P24/P25)
+
+
+class SelftestDmabuf(Exporter):
+    """The iommufd selftest's mock exporter after P25: one separately
+    allocated page per PAGE_SIZE, one PAL entry per page, ENODEV once
+    revoked; it offers PAL only."""
+
+    name = "iommufd-selftest"
+
+    def __init__(self, m, npages, layout="fragmented", rows=None):
+        self.machine = m
+        self.pfns = m.pages.alloc(npages, layout, 3)
+        self.rows = rows if rows is not None else np.stack(
+            [self.pfns << np.uint64(12), np.full(npages, G, dtype=np.uint64)], axis=1)
+        self.given_back = 0
+
+    def match_mapping(self, args):
+        mapping.match_mapping(args, [mapping.pal_exporter(self)])
+
+    def map_phys(self, attachment):
+        if attachment.dmabuf.revoked:
+            raise errors.Revoked("the mock dma-buf was revoked")
+        return mapping.PhysList(self.rows)
+
+    def unmap_phys(self, attachment, phys_list):
+        self.given_back += 1
+
+    def release(self, dmabuf):
+        self.machine.pages.free(self.pfns)
+
+
+def dmabuf_get(m, length, **kw):
+    """``IOMMU_TEST_OP_DMABUF_GET``: length > 0, whole pages, at most 512."""
+    if length <= 0 or length % G or length > 512 * G:
+        raise errors.InvalidArgument(f"mock dma-buf length {length:#x}")
+    return export(SelftestDmabuf(m, length // G, **kw), length)
+
+
+def md_check_dmabuf(hwpt, buf, iova, length, offset):
+    """``IOMMU_TEST_OP_MD_CHECK_DMABUF``: every page of ``[iova, +length)``
+    translates to the backing page ``(offset + i) / PAGE_SIZE``."""
+    if iova % G or length % G or offset % G or offset + length > buf.size:
+        raise errors.InvalidArgument("md_check_dmabuf arguments")
+    i = np.arange(length // G, dtype=np.uint64)
+    got = hwpt.domain.pgtable.iova_to_phys_many(np.uint64(iova) + i * np.uint64(G))
+    want = buf.exporter.pfns[(offset // G) + i.astype(np.int64)] << np.uint64(12)
+    return got.tolist() == want.tolist()
+
+
+def test_dmabuf_get_checks_the_length(m):
+    for bad in (0, G + 1, 513 * G):
+        assert errno_of(dmabuf_get, m, bad) == errno.EINVAL
+
+
+@pytest.mark.parametrize("npages", [1, 64])
+def test_dmabuf_multi_page_whole_buffer(m, npages):
+    buf = dmabuf_get(m, npages * G)
+    with IommufdIoas(m) as ioas:
+        h = ioas.attach_device(m.device("gpu0"))
+        iova = ioas.map_file(buf, 0, npages * G)
+        assert md_check_dmabuf(h, buf, iova, npages * G, 0)
+        runs = mapping_runs(buf)
+        assert h.map_calls == runs and ioas.areas[0].pages.batches == 1  # one batch, one iommu_map per run
+    assert buf.exporter.given_back == 1 and not buf.attachments
+    buf.put()
+
+
+def mapping_runs(buf):
+    """Runs of physically contiguous pages of the mock buffer."""
+    p = buf.exporter.pfns
+    return int(1 + np.count_nonzero(p[1:] != p[:-1] + np.uint64(1)))
+
+
+def test_dmabuf_multi_page_offset_into_the_middle(m):
+    buf = dmabuf_get(m, 16 * G)
+    with IommufdIoas(m) as ioas:
+        h = ioas.attach_device(m.device("gpu0"))
+        iova = ioas.map_file(buf, 4 * G, 8 * G)  # seek into the list: entries 4..11
+        assert md_check_dmabuf(h, buf, iova, 8 * G, 4 * G)
+        assert not md_check_dmabuf(h, buf, iova, 8 * G, 0)
+    buf.put()
+
+
+def test_dmabuf_multi_page_two_areas_of_one_buffer(m):
+    buf = dmabuf_get(m, 16 * G)
+    with IommufdIoas(m) as ioas:
+        h = ioas.attach_device(m.device("gpu0"))
+        i1 = ioas.map_file(buf, 0, 4 * G)
+        i2 = ioas.map_file(buf, 8 * G, 4 * G)
+        assert md_check_dmabuf(h, buf, i1, 4 * G, 0) and md_check_dmabuf(h, buf, i2, 4 * G, 8 * G)
+        assert len(buf.attachments) == 2  # one attachment, one list, per area
+        buf.revoke(timeout=5)  # both give their list back inside the callback
+        assert all(a.revoked for a in ioas.areas) and buf.exporter.given_back == 2 and buf.live_mappings == 0
+        assert h.domain.stats["mapped_nbytes"] == 0
+    buf.put()
+
+
+def test_dmabuf_walker_resumes_when_the_batch_is_full(m, monkeypatch):
+    import pydmabuf.importers.iommufd as iommufd
+
+    buf = dmabuf_get(m, 64 * G, layout="fragmented")
+    runs = mapping_runs(buf)
+    assert runs >= 5
+    monkeypatch.setattr(iommufd, "TEMP_MEMORY_LIMIT", 12 * 2)  # two batch entries
+    with IommufdIoas(m) as ioas:
+        h = ioas.attach_device(m.device("gpu0"))
+        iova = ioas.map_file(buf, 0, 64 * G)
+        assert md_check_dmabuf(h, buf, iova, 64 * G, 0)
+        assert ioas.areas[0].pages.batches == -(-runs // 2) and h.map_calls == runs
+    buf.put()
+
+
+def test_dmabuf_walker_merges_contiguous_entries(m):
+    buf = dmabuf_get(m, 32 * G, layout="contiguous")
+    with IommufdIoas(m) as ioas:
+        h = ioas.attach_device(m.device("gpu0"))
+        ioas.map_file(buf, 0, 32 * G)
+        assert h.map_calls == 1  # 32 one-page entries, one run
+    buf.put()
+
+
+def test_dmabuf_runs_edge_cases():
+    from pydmabuf.importers.iommufd import dmabuf_runs
+
+    rows = np.array([[0x100000, 2 * G], [0x102000, G], [0x200000, 4 * G]], dtype=np.uint64)
+    assert dmabuf_runs(rows, 0, 7).tolist() == [[0x100, 3], [0x200, 4]]  # the first two merge
+    assert dmabuf_runs(rows, 3 * G, 2).tolist() == [[0x200, 2]]  # seek past two entries
+    assert dmabuf_runs(rows, G, 3).tolist() == [[0x101, 2], [0x200, 1]]
+    assert dmabuf_runs(rows, 0, 0).tolist() == []
+    with pytest.raises(errors.InvalidArgument):  # past the end of the list
+        dmabuf_runs(rows, 4 * G, 4)
+    sub = np.array([[0x100000, G + 0x800], [0x200000, G]], dtype=np.uint64)
+    with pytest.raises(errors.InvalidArgument):  # not whole pages: the kernel's offsets would wrap
+        dmabuf_runs(sub, 0, 2)
+    empty = np.array([[0x100000, G], [0x300000, 0], [0x200000, G]], dtype=np.uint64)
+    with pytest.raises(errors.InvalidArgument):
+        dmabuf_runs(empty, 0, 2)
+
+
+def test_dmabuf_lists_that_are_not_whole_pages_are_refused(m):
+    rows = np.array([[0x100000, G + 0x800], [0x200000, G - 0x800]], dtype=np.uint64)
+    buf = dmabuf_get(m, 2 * G, rows=rows)
+    with IommufdIoas(m) as ioas:
+        ioas.attach_device(m.device("gpu0"))
+        assert errno_of(ioas.map_file, buf, 0, 2 * G) == errno.EINVAL  # strict PAL validation
+        assert ioas.areas == [] and not buf.attachments and buf.exporter.given_back == 1
+    buf.put()
+
+
+def test_dmabuf_revoked_mock_is_enodev_and_a_non_pal_exporter_einval(m):
+    buf = dmabuf_get(m, 4 * G)
+    heap = SystemHeap(m).allocate(4 * G)
+    buf.revoke(timeout=1)
+    with IommufdIoas(m) as ioas:
+        assert errno_of(ioas.map_file, buf, 0, 4 * G) == errno.ENODEV
+        assert errno_of(ioas.map_file, heap, 0, 4 * G) == errno.EINVAL
+    assert not buf.attachments and not heap.attachments
+    buf.put()
+    heap.put()
+
+
+def test_the_publish_revoke_window_exists_only_in_kernel_compat(m, monkeypatch):
+    import pydmabuf.importers.iommufd as iommufd
+
+    def revoke_now(pages):
+        pages.dmabuf.revoke(timeout=1)
+
+    monkeypatch.setattr(iommufd, "_publish_window", revoke_now)
+    buf = dmabuf_get(m, 4 * G)
+    with IommufdIoas(m) as ioas:  # default: published under the lock, the hook never runs
+        ioas.map_file(buf, 0, 4 * G)
+        assert not buf.revoked
+    buf2 = dmabuf_get(m, 4 * G)
+    with IommufdIoas(m, kernel_compat=True) as ioas:
+        with pytest.raises(errors.LifetimeError, match="NULL attachment"):
+            ioas.map_file(buf2, 0, 4 * G)
+    with checks.report_mode():
+        buf3 = dmabuf_get(m, 4 * G)
+        with IommufdIoas(m, kernel_compat=True) as ioas:
+            ioas.map_file(buf3, 0, 4 * G)
+            assert ioas.areas[0].revoked and checks.reports("iommufd-revoke-before-publish")
+        buf3.put()
+    checks.clear()
+    for b in (buf, buf2):
+        assert not b.attachments
+        b.put()

@@ -33,7 +33,8 @@ EXPECTED = {
         "route": "BUS_ADDR (through the switch, no IOMMU)",
         "DMA address": "phys - 0x3000000000",
         "CPU physical address on the bus": "IommuFault",
-        "gpu0 (other host bridge)": "NOT_SUPPORTED: map refused (EINVAL)",
+        # mapping types: the SGT P2P match checks the route at attach
+        "gpu0 (other host bridge)": "NOT_SUPPORTED: attach refused (EINVAL)",
     },
     "device-reset": {
         "importers told": 4,
@@ -45,6 +46,12 @@ EXPECTED = {
         "untrusted imports refused": "2 (EPERM)",
         "host mmap": "refused (EPERM)",
         "untrusted DMA that reached the pages": "2 faulted (EFAULT)",
+    },
+    "mapping-types": {
+        "GPU driver": "DMA Mapped Scatter Gather Table (P2P)",
+        "iommufd": "Physical Address List (2 ranges)",
+        "PF driver": "Xe IOV interconnect",
+        "static importer": "refused (EINVAL): nothing matches",
     },
     "ranges-to-table": {
         "ranges": 3,

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, Usage, errors, fence_context_alloc
+from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, Usage, errors, fence_context_alloc, mapping
 from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps, close, dma_buf_get
 from pydmabuf.exporters import SystemHeap, VfioPciBar
 from pydmabuf.exporters.vfio import IOMMUFD_MODULE, VfioFeature, vfio_pci_dma_buf_iommufd_map, vfio_pci_hot_reset
@@ -285,11 +285,12 @@ def test_item21_born_revoked_in_d3hot(m):
 def test_item22_attach_gates_and_their_order(m):
     with vfio_export(m, "vfio1") as (v, b):
         gpu = m.device("gpu1")
-        assert errno_of(b.attach, gpu) == errno.EOPNOTSUPP  # static: no peer2peer
-        assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EOPNOTSUPP
+        # Mapping types: VFIO offers [PAL, SGT P2P]; no P2P means no match (EINVAL)
+        assert errno_of(b.attach, gpu) == errno.EINVAL  # static: never P2P
+        assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EINVAL
         assert errno_of(b.dynamic_attach, gpu, NoInvalidate()) == errno.EOPNOTSUPP  # 7.1: not revocable
         v.set_memory_decode(False)
-        assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EOPNOTSUPP  # peer2peer is checked first
+        assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EINVAL  # the negotiation comes first
         assert errno_of(b.dynamic_attach, gpu, NoInvalidate()) == errno.ENODEV  # revoked before revocable
         assert not b.attachments
 
@@ -297,7 +298,7 @@ def test_item22_attach_gates_and_their_order(m):
 def test_item22_on_619_an_importer_without_invalidate_is_accepted(m):
     with vfio_export(m, "vfio1", kernel="6.19") as (v, b):
         with attached(b, m.device("gpu1"), NoInvalidate()):
-            assert errno_of(b.attach, m.device("gpu1")) == errno.EOPNOTSUPP  # still no static importers
+            assert errno_of(b.attach, m.device("gpu1")) == errno.EINVAL  # still no static importers (no match)
 
 
 def test_maps_are_dma_only_tables_on_the_importers_route(m):
@@ -327,14 +328,13 @@ def test_maps_are_dma_only_tables_on_the_importers_route(m):
     base = m.device("vfio0").bar(0).cpu_start
     assert n == 3 * G
     assert [m.device("gpu0").domain.iova_to_phys(iova + k * G) for k in range(3)] == [base, base + G, base + (1 << 30)]
-    # A non-PCI importer has no route: the map fails, the attach did not.
-    a_plat = b0.dynamic_attach(_platform(m), Polite())
-    assert errno_of(a_plat.map_unlocked, BIDI) == errno.EINVAL
+    # A non-PCI importer has no route: the SGT P2P entry does not match it,
+    # and VFIO offers nothing else it takes (mapping types: EINVAL at attach).
+    assert errno_of(b0.dynamic_attach, _platform(m), Polite()) == errno.EINVAL
     for buf, att, im in ((b1, a, imp), (b0, a0, imp0)):
         for tt in im.tables:
             att.unmap_unlocked(tt, BIDI)
         buf.detach(att)
-    b0.detach(a_plat)
     assert b0.exporter.unmaps == 1
     b1.put()
     b0.put()
@@ -531,7 +531,7 @@ def test_close_revokes_for_good(m):
         v.close(timeout=5)
         assert b.revoked and imp.calls == 1 and not b.exporter.linked
         assert errno_of(a.map_unlocked, BIDI) == errno.ENODEV
-        assert errno_of(b.dynamic_attach, m.device("gpu1"), NoP2p()) == errno.EOPNOTSUPP  # peer2peer first
+        assert errno_of(b.dynamic_attach, m.device("gpu1"), NoP2p()) == errno.EINVAL  # the negotiation first
         assert errno_of(b.dynamic_attach, m.device("gpu1"), Polite()) == errno.ENODEV
         for call in (v.close, v.reset, v.export, lambda: v.set_memory_decode(True)):
             assert errno_of(call) == errno.EBADF
@@ -597,14 +597,15 @@ def test_item25_private_interconnect(m):
     atts = []
     for buf, ops, want in ((two, IommufdLike(), errno.EOPNOTSUPP), (heap, IommufdLike(), errno.EOPNOTSUPP),
                            (one, Polite(), errno.EPERM)):
-        a = buf.dynamic_attach(gpu, ops)
+        # iommufd's way in is the PAL type; a heap buffer has none (SGT only)
+        a = buf.dynamic_attach(gpu, ops) if buf is heap else buf.mapping_attach([mapping.pal_importer()], ops)
         atts.append((buf, a))
         buf.resv.lock()
         try:
             assert errno_of(vfio_pci_dma_buf_iommufd_map, a) == want
         finally:
             buf.resv.unlock()
-    a = one.dynamic_attach(gpu, IommufdLike())
+    a = one.mapping_attach([mapping.pal_importer()], IommufdLike())
     atts.append((one, a))
     with pytest.raises(errors.LockingError):
         vfio_pci_dma_buf_iommufd_map(a)

@@ -190,7 +190,8 @@ def vfio_rdma_p2p(story: Story) -> None:
             pass
 
     story.step("an importer without allow_peer2peer tries to attach the same buffer")
-    story.refused(buf.dynamic_attach, nic, NoP2p(), expect=errors.NotSupported)
+    story.refused(buf.dynamic_attach, nic, NoP2p(), expect=errors.InvalidArgument)
+    story.detail("(VFIO offers [PAL, SGT P2P]; a scatterlist importer that takes no P2P matches neither)")
 
     story.step("vfio0 is reset (VFIO_DEVICE_RESET): revoke, reset, un-revoke")
     vfio.reset(timeout=5)
@@ -248,13 +249,11 @@ def vfio_gpu_bus_offset(story: Story) -> None:
     story.detail("(the CPU physical address means nothing on the bus)")
 
     story.step("a classic DRM PRIME import of it (a static importer of pages, no allow_peer2peer)")
-    story.refused(DrmGpu.prime_import, gpu1, buf, expect=errors.NotSupported)
-    story.step(f"gpu0, under {gpu0.host_bridge.name}, attaches and maps: the traffic would cross {hb.name}, "
+    story.refused(DrmGpu.prime_import, gpu1, buf, expect=errors.InvalidArgument)
+    story.step(f"gpu0, under {gpu0.host_bridge.name}, attaches: the traffic would cross {hb.name}, "
                "whose root complex is not on the kernel's P2P whitelist")
-    ops0 = _Polite()
-    a0 = buf.dynamic_attach(gpu0, ops0)
-    story.refused(a0.map_unlocked, BIDI, expect=errors.InvalidArgument)
-    buf.detach(a0)
+    story.refused(buf.dynamic_attach, gpu0, _Polite(), expect=errors.InvalidArgument)
+    story.detail("(the SGT P2P entry matches only an importer with a P2P route: the negotiation refuses it)")
 
     story.step("teardown")
     a.unmap_unlocked(ops.table, BIDI)
@@ -265,7 +264,7 @@ def vfio_gpu_bus_offset(story: Story) -> None:
     story.fact("route", "BUS_ADDR (through the switch, no IOMMU)")
     story.fact("DMA address", f"phys {'-' if off < 0 else '+'} {abs(off):#x}")
     story.fact("CPU physical address on the bus", type(wrong).__name__)
-    story.fact("gpu0 (other host bridge)", "NOT_SUPPORTED: map refused (EINVAL)")
+    story.fact("gpu0 (other host bridge)", "NOT_SUPPORTED: attach refused (EINVAL)")
     _clean(story, m, before)
 
 
@@ -520,4 +519,93 @@ def ranges_to_table(story: Story) -> None:
     story.fact("model layout", "each range at its running offset" if all(layout) else "WRONG")
     code = errors.errno_name(e.errno) if e.errno is not None else "?"
     story.fact("kernel_compat", f"second range collides: {type(e).__name__} ({code})")
+    _clean(story, m, before)
+
+
+# ---------------------------------------------------------------- mapping types
+
+
+def _kind(a: Any) -> str:
+    """The name of the mapping type an attachment negotiated."""
+    mt = a.map_type
+    return str(mt.type.name) if mt is not None else "nothing"
+
+
+@scenario("mapping-types", "three importers negotiate three mapping types for one VFIO buffer")
+def mapping_types(story: Story) -> None:
+    """The mapping-types RFC (2026): at attach the importer lists the types
+    it takes, the exporter lists what it supplies in its order of
+    preference, and the first exporter entry with a compatible importer
+    entry wins.  vfio1 is declared a virtual function of gpu1 (the default
+    machine has no SR-IOV) and driven by xe-vfio-pci, whose dma-bufs offer
+    the driver-private IOV interconnect, then a physical address list
+    (PAL), then a peer-to-peer scatterlist (SGT).  gpu1's ordinary driver
+    gets the scatterlist, iommufd the address list (two ranges, walked by
+    the RFC's multi-range walker), gpu1's PF driver the private type and
+    VRAM addresses; a static importer matches nothing."""
+    from pydmabuf import mapping
+    from pydmabuf.exporters.xe_vfio import XeSriovPf, XeVfioPciBar, xe_iov_importer, xe_iov_map, xe_iov_unmap
+
+    m = Machine.default()
+    before = _live(m)
+    gpu1, vf = m.device("gpu1"), m.device("vfio1")
+    vram = 0x2_0000_0000
+    sriov = XeSriovPf(gpu1)
+    sriov.provision_vf(vf, vram, 64 << 20)
+    vfio = XeVfioPciBar(m, "vfio1", ranges=[(0, 1 << 20), (4 << 20, 1 << 20)])
+    buf = vfio.export()
+    story.step(f"xe-vfio-pci exports two slices of {vf.name}'s BAR0 as {buf.name!r}; {vf.name} is a VF of "
+               f"{gpu1.name} with VRAM [{vram:#x} +64 MiB]")
+    story.detail("the exporter offers [" + ", ".join(
+        ("Xe IOV interconnect", "Physical Address List", "DMA Mapped Scatter Gather Table (P2P)")) + "]")
+
+    story.step(f"{gpu1.name}'s driver attaches as a dynamic P2P importer: it takes [SGT]")
+    ops = _Polite()
+    a = buf.dynamic_attach(gpu1, ops)
+    ops.table = a.map_unlocked(BIDI)
+    story.detail(f"negotiated {_kind(a)!r}, P2P allowed {mapping.sgt_p2p_allowed(a)}; "
+                 f"DMA addresses {_addr(ops.table)}")
+    sgt_kind = _kind(a)
+
+    story.step("iommufd maps it (IOMMU_IOAS_MAP_FILE): it takes [PAL]")
+    ioas = IommufdIoas(m)
+    h = ioas.attach_device(m.device("gpu0"))
+    iova = ioas.map_file(buf, 0, 2 << 20)
+    area = ioas.areas[0]
+    pa = area.pages.attachment
+    assert pa is not None and area.pages.exp_phys is not None
+    story.detail(f"negotiated {_kind(pa)!r}: {area.pages.exp_phys.length} ranges, mapped at IOVA "
+                 f"{iova:#x} with {h.map_calls} iommu_map calls in {area.pages.batches} batch")
+    m.memory.write(int(buf.exporter.ranges[1, 0]), b"second")  # type: ignore[attr-defined]
+    story.detail(f"gpu0 reads {m.device('gpu0').dma_read(iova + (1 << 20), 6)!r} one MiB in (the second range)")
+    pal_kind = _kind(pa)
+
+    story.step(f"{gpu1.name}'s PF driver imports its VF's BAR: it takes [Xe IOV interconnect (PF {gpu1.name}, "
+               "BAR0), SGT]")
+    pf_ops = _Polite()
+    pfa = buf.mapping_attach([xe_iov_importer(gpu1, 0), mapping.sgt_importer(gpu1, True)], pf_ops)
+    with buf.resv:
+        rows = xe_iov_map(pfa)
+        story.detail(f"negotiated {_kind(pfa)!r}: VRAM " +
+                     ", ".join(f"[{int(p):#x} +{_fmt_size(int(n))}]" for p, n in rows) + " (device physical)")
+        xe_iov_unmap(pfa, rows)
+    iov_kind = _kind(pfa)
+
+    story.step("gpu0's driver asks for the same type with the wrong PF, and a static importer tries")
+    story.refused(buf.mapping_attach, [xe_iov_importer(m.device("gpu0"), 0)], _Polite(),
+                  expect=errors.InvalidArgument)
+    story.refused(buf.attach, gpu1, expect=errors.InvalidArgument)
+
+    story.step("teardown")
+    buf.detach(pfa)
+    a.unmap_unlocked(ops.table, BIDI)
+    ops.table = None
+    buf.detach(a)
+    ioas.close()
+    buf.put()
+    vfio.close()
+    story.fact("GPU driver", sgt_kind + " (P2P)")
+    story.fact("iommufd", f"{pal_kind} (2 ranges)")
+    story.fact("PF driver", iov_kind)
+    story.fact("static importer", "refused (EINVAL): nothing matches")
     _clean(story, m, before)

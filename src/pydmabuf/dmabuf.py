@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from pydmabuf import _walk, access, checks, dma, errors, files
+from pydmabuf import _walk, access, checks, dma, errors, files, mapping
 from pydmabuf._core import Resv, SgTable, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
@@ -53,9 +53,10 @@ __all__ = [
     "DMA_BUF_NAME_LEN",
 ]
 
-#: The gated interface importers declare to get physical ranges (the model
-#: of a kernel symbol namespace: ``MODULE_IMPORT_NS``).
-PHYS_NAMESPACE = "DMA_BUF_PHYS"
+#: The gated interface importers declare to get physical ranges: the same
+#: gate as the PAL mapping type's (:data:`pydmabuf.mapping.PAL_MODULE`),
+#: since :meth:`Attachment.phys_vec` is a thin layer over PAL.
+PHYS_NAMESPACE = mapping.PAL_MODULE
 #: Names are at most 31 characters (32 bytes with the NUL).
 DMA_BUF_NAME_LEN = 32
 
@@ -130,18 +131,36 @@ class ImporterOps:
 class Exporter:
     """``struct dma_buf_ops``: subclass and override the ops you have.
 
-    Mandatory: :meth:`map_dma_buf`, :meth:`unmap_dma_buf`, :meth:`release`.
+    Mandatory: :meth:`release`, and the mapping types the exporter
+    supplies: :meth:`match_mapping` (calls
+    :func:`pydmabuf.mapping.match_mapping` with its entries, in its order
+    of preference), or the class attribute ``single_exporter_match`` (one
+    :class:`~pydmabuf.mapping.MappingMatch`), or -- an exporter that
+    predates mapping types -- :meth:`map_dma_buf` and :meth:`unmap_dma_buf`,
+    wrapped as one SGT entry, as during upstream's transition.
     :meth:`pin` and :meth:`unpin` go together; having them makes the
     exporter dynamic (it can move its memory).  ``map``/``unmap``/``pin``/
     ``unpin``/``vmap``/``vunmap`` and :meth:`get_phys_vec` run with the
     reservation lock held (do not take it); ``attach``/``detach``/
-    ``release``/``mmap``/CPU access run without it.
+    ``release``/``mmap``/CPU access and ``match_mapping`` run without it.
     """
 
     #: Name shown in reprs (``exp_name``).
     name: str = "exporter"
+    #: ``dma_buf_ops.single_exporter_match``: the one entry of an exporter
+    #: that supplies one mapping type (None: see :meth:`match_mapping`).
+    single_exporter_match: Any = None
 
     # -- ops (override) --
+    def match_mapping(self, args: Any) -> None:
+        """``dma_buf_ops.match_mapping``: call
+        :func:`pydmabuf.mapping.match_mapping` on ``args`` (a
+        :class:`~pydmabuf.mapping.MatchArgs`) with this exporter's entries.
+        Runs at attach, before :meth:`attach`, without the reservation lock,
+        with ``args.attach`` not yet on the buffer's list; raising fails the
+        attach with that error."""
+        raise NotImplementedError
+
     def attach(self, attachment: Attachment) -> None:
         """May refuse the attachment by raising (EBUSY: storage unusable for
         that device, EOPNOTSUPP, ENODEV ...)."""
@@ -285,7 +304,7 @@ def _failures_noted(failed: list[tuple[Attachment, BaseException]]) -> Iterator[
         yield
     except BaseException as e:
         for a, err in failed:
-            e.add_note(f"the invalidation callback of {a.importer_ops!r} on {a.device.name} raised "
+            e.add_note(f"the invalidation callback of {a.importer_ops!r} on {_attached_to(a)} raised "
                        f"{type(err).__name__}: {err}")
         raise
 
@@ -460,30 +479,92 @@ class DmaBuf:
         return list(self._attachments)
 
     def attach(self, device: Device) -> Attachment:
-        """``dma_buf_attach()``: a static importer (no invalidation, and a
-        dynamic exporter pins the buffer on every map)."""
-        return self.dynamic_attach(device, None)
+        """``dma_buf_attach()`` (``dma_buf_sgt_attach()`` after the mapping
+        types series): a static importer of a scatterlist mapped for
+        ``device`` (no invalidation, and a dynamic exporter pins the buffer
+        on every map).  Never peer-to-peer: an exporter that only offers a
+        P2P scatterlist (VFIO) refuses it with EINVAL."""
+        return self._sgt_attach(device, None, None, "dma_buf_attach")
 
     def dynamic_attach(self, device: Device, importer_ops: ImporterOps | None, importer_priv: Any = None) -> Attachment:
-        """``dma_buf_dynamic_attach()``: an importer that takes the
-        reservation lock to map and drops its mappings when told.
+        """``dma_buf_dynamic_attach()`` (``dma_buf_sgt_dynamic_attach()``):
+        an importer of a scatterlist mapped for ``device`` that takes the
+        reservation lock to map and drops its mappings when told.  It
+        accepts peer-to-peer addresses when ``importer_ops.allow_peer2peer``.
 
-        The exporter's ``attach`` runs first, without the reservation lock,
-        and may refuse; then the attachment is put at the head of the list
-        under the lock.  Must not be called with the lock held.
+        One SGT importer entry negotiated as :meth:`mapping_attach` does;
+        ``importer_ops`` None is a static importer (the kernel's wrapper
+        would dereference it).  Must not be called with the lock held.
         """
-        self._alive("attach")
-        if not isinstance(device, Device):
-            raise errors.InvalidArgument(f"dma_buf_attach: {device!r} is not a device")
-        machine = getattr(self.exporter, "machine", None)
-        if machine is not None and device.machine is not machine:
-            raise errors.InvalidArgument(f"dma_buf_attach: {device.name} is a device of machine "
-                                         f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
         if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
             raise TypeError("importer_ops must be an ImporterOps")
+        return self._sgt_attach(device, importer_ops, importer_priv, "dma_buf_dynamic_attach")
+
+    def _sgt_attach(self, device: Device, ops: ImporterOps | None, priv: Any, what: str) -> Attachment:
+        self._alive("attach")
+        if not isinstance(device, Device):
+            raise errors.InvalidArgument(f"{what}: {device!r} is not a device")
+        machine = getattr(self.exporter, "machine", None)
+        if machine is not None and device.machine is not machine:
+            raise errors.InvalidArgument(f"{what}: {device.name} is a device of machine "
+                                         f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
+        accepts = ops is not None and bool(ops.allow_peer2peer)
+        return self.mapping_attach([mapping.sgt_importer(device, accepts)], ops, priv)
+
+    def mapping_attach(self, importer_matches: Iterable[Any], importer_ops: ImporterOps | None = None,
+                       importer_priv: Any = None) -> Attachment:
+        """``dma_buf_mapping_attach()``: attach with the mapping types the
+        importer takes, in its order.
+
+        The exporter's entries are matched against ``importer_matches``
+        first (:func:`pydmabuf.mapping.match_mapping`, exporter order
+        wins), without the reservation lock and before anything else; then
+        the exporter's ``attach`` runs (unlocked) and may refuse; then the
+        attachment goes at the head of the list under the lock.
+
+        Parameters
+        ----------
+        importer_matches : iterable of MappingMatch
+            Importer entries (``mapping.sgt_importer``, ``mapping.pal_importer``
+            or a driver's own type).
+        importer_ops : ImporterOps, optional
+            Makes the attachment dynamic (its invalidation callback).
+        importer_priv : object, optional
+            The importer's, opaque.
+
+        Returns
+        -------
+        Attachment
+            ``map_type`` is the negotiated entry, fixed for its life.
+
+        Raises
+        ------
+        InvalidArgument
+            (EINVAL) no compatible pair (empty lists included).
+        Exception
+            A type's ``match`` or the exporter's ``match_mapping`` or
+            ``attach`` refusing (VFIO revoked: ENODEV).
+
+        A failed attach leaves nothing behind and calls no ``detach``.
+        """
+        self._alive("attach")
+        imp = list(importer_matches)
+        if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
+            raise TypeError("importer_ops must be an ImporterOps")
+        for e in imp:
+            if not isinstance(e, mapping.MappingMatch):
+                raise TypeError(f"mapping_attach: importer entries must be MappingMatch, not {type(e).__name__}")
+            if e.exp_ops is not None:
+                raise errors.InvalidArgument("mapping_attach: an importer entry carries exporter ops")
         if self.resv.held_by_current_thread():
             checks.checker.locking("attach-with-resv", "dma_buf_attach with the reservation lock held", self)
-        a = Attachment._new(self, device, importer_ops, importer_priv)
+        a = Attachment._new(self, None, importer_ops, importer_priv)
+        args = mapping.MatchArgs(self, a, imp)
+        mapping.exporter_matches(args, self.exporter)
+        if a.map_type is None:
+            raise TypeError(f"{args.chosen[0].type.name if args.chosen else 'the type'}: finish_match recorded "
+                            "nothing on the attachment")
+        a.device = mapping.sgt_dma_device(a)
         self.exporter.attach(a)
         self.resv.lock()
         try:
@@ -493,6 +574,15 @@ class DmaBuf:
         finally:
             self.resv.unlock()
         return a
+
+    def debugfs_attachments(self) -> list[str]:
+        """The attachment lines of ``/sys/kernel/debug/dma_buf/bufinfo``:
+        a tab, the mapping type's name and a colon, then the type's own
+        text (SGT: the importing device), newest attachment first."""
+        with self._lock:
+            atts = list(self._attachments)
+        return [f"\t{a.map_type.type.name}:{a.map_type.type.debugfs_dump(a)}" for a in atts
+                if a.map_type is not None]
 
     def detach(self, attachment: Attachment) -> None:
         """``dma_buf_detach()``: take the attachment off the list (under the
@@ -602,10 +692,10 @@ class DmaBuf:
             if not isinstance(e, Exception):
                 for a2, e2 in failed:
                     if e2 is not e:
-                        e.add_note(f"the invalidation callback of {a2.importer_ops!r} on {a2.device.name} "
+                        e.add_note(f"the invalidation callback of {a2.importer_ops!r} on {_attached_to(a2)} "
                                    f"raised {type(e2).__name__}: {e2}")
                 raise e
-        who = ", ".join(f"{a.importer_ops!r} on {a.device.name}" for a, _e in failed)
+        who = ", ".join(f"{a.importer_ops!r} on {_attached_to(a)}" for a, _e in failed)
         for a, e in failed:
             msg = (f"{what} of {self.name}: the invalidation callback of {a.importer_ops!r} raised "
                    f"{type(e).__name__}: {e} (the kernel's callback cannot fail; every importer was told, "
@@ -731,7 +821,8 @@ class DmaBuf:
         _timeout_arg(timeout, "wait_unmapped")
         with self._idle:
             if not self._idle.wait_for(lambda: not self._mappings, timeout):
-                who = sorted({m.attachment.device.name for m in self._mappings})
+                who = sorted({m.attachment.device.name if m.attachment.device is not None
+                              else repr(m.attachment.importer_ops) for m in self._mappings})
                 raise errors.TimedOut(f"{self.name}: {len(self._mappings)} mapping(s) still live after "
                                       f"{timeout}s (held by {', '.join(who)})")
 
@@ -849,11 +940,16 @@ class DmaBuf:
 
 
 class Attachment:
-    """``struct dma_buf_attachment``: one device's use of a buffer."""
+    """``struct dma_buf_attachment``: one importer's use of a buffer.
+
+    ``map_type`` is the negotiated :class:`~pydmabuf.mapping.MappingMatch`;
+    ``device`` is the importing DMA device of an SGT attachment (None for
+    other types, which name no device)."""
 
     # Set by _new (no __init__ runs); declared for type checkers only.
     dmabuf: DmaBuf
-    device: Device
+    device: Device | None
+    map_type: mapping.MappingMatch | None
     importer_ops: ImporterOps | None
     importer_priv: Any  # the importer's, opaque
     peer2peer: bool
@@ -869,10 +965,11 @@ class Attachment:
         raise TypeError("use DmaBuf.attach() or DmaBuf.dynamic_attach()")
 
     @classmethod
-    def _new(cls, dmabuf: DmaBuf, device: Device, ops: ImporterOps | None, priv: Any) -> Attachment:
+    def _new(cls, dmabuf: DmaBuf, device: Device | None, ops: ImporterOps | None, priv: Any) -> Attachment:
         self = object.__new__(cls)
         self.dmabuf = dmabuf
         self.device = device
+        self.map_type = None
         self.importer_ops = ops
         self.importer_priv = priv
         self.peer2peer = bool(ops.allow_peer2peer) if ops is not None else False
@@ -921,6 +1018,10 @@ class Attachment:
         d = dma._dir(direction)
         if not self._usable("map"):
             raise errors.LifetimeError("map on a dead attachment")
+        sgt = mapping.get_sgt_ops(self)
+        if sgt is None:
+            raise errors.InvalidArgument(f"dma_buf_map_attachment: the attachment negotiated "
+                                         f"{self._type_name()!r}, not a scatterlist")
         self._require_resv("map")
         buf = self.dmabuf
         if buf.revoked:
@@ -931,7 +1032,7 @@ class Attachment:
             exp.pin(self)
             self.pin_count += 1
         try:
-            table = exp.map_dma_buf(self, d)
+            table = sgt.map_dma_buf(self, d)
             if table is None:
                 raise errors.OutOfMemory(f"{exp.name}: map_dma_buf returned no table")
             if not isinstance(table, SgTable):
@@ -945,7 +1046,7 @@ class Attachment:
             try:
                 buf.resv.wait(Usage.KERNEL, interruptible=True)
             except BaseException:
-                exp.unmap_dma_buf(self, table, d)
+                sgt.unmap_dma_buf(self, table, d)
                 if pin:
                     self.pin_count -= 1
                     exp.unpin(self)
@@ -961,6 +1062,8 @@ class Attachment:
         with buf._lock:
             self._maps.add(m)
             buf._mappings.add(m)
+        if self.device is None:
+            return m
         with _maps_lock:
             _device_maps.setdefault(self.device, weakref.WeakSet()).add(m)
         if table is not None:
@@ -974,6 +1077,8 @@ class Attachment:
             self._maps.discard(m)
             buf._mappings.discard(m)
             buf._idle.notify_all()
+        if self.device is None:
+            return
         with _maps_lock:
             s = _device_maps.get(self.device)
             if s is not None:
@@ -995,7 +1100,8 @@ class Attachment:
         if m.direction != d:
             checks.checker.lifetime("unmap-direction", f"mapped {m.direction.name}, unmapped {d.name}", self)
         exp = self.dmabuf.exporter
-        exp.unmap_dma_buf(self, table, m.direction)
+        sgt = mapping.get_sgt_ops(self)  # a tracked table means the attachment is SGT
+        sgt.unmap_dma_buf(self, table, m.direction)
         with _maps_lock:
             _table_maps.pop(id(table), None)
         self._untrack(m)
@@ -1084,24 +1190,45 @@ class Attachment:
     # ------------------------------------------------------ physical ranges
 
     def phys_vec(self) -> PhysVec:
-        """The buffer's memory as physical ranges, for importers that map it
-        themselves (iommufd, KVM, RDMA).  Lock held; only for importers
-        that declared ``PHYS_NAMESPACE`` (EPERM otherwise, as a module that
-        did not import the namespace cannot link the symbol); private
-        (confidential) memory only for devices trusted for it (EPERM).
-        Raises ENODEV once revoked."""
+        """The buffer's memory as physical ranges: a thin layer over the PAL
+        mapping type for importers that look the ranges up under the lock
+        and rely on their invalidation callback instead of holding a list
+        (KVM's fault path, the list-free importers of the study).
+
+        The PAL rules hold: reservation lock held; only importers that
+        declared ``PHYS_NAMESPACE`` (= :data:`pydmabuf.mapping.PAL_MODULE`,
+        EPERM otherwise); the exporter's PAL ``map_phys`` (the negotiated
+        one on a PAL attachment, else the PAL entry the exporter offers:
+        EOPNOTSUPP when it has none), validated strictly; private
+        (confidential) memory only for trusted devices (EPERM).  The list
+        is copied and given back at once.  Raises ENODEV once revoked.
+        """
         ops = self.importer_ops
         if ops is None or PHYS_NAMESPACE not in ops.import_namespaces:
-            raise errors.NotPermitted(f"{self.device.name}: the importer did not declare {PHYS_NAMESPACE!r}")
+            who = self.device.name if self.device is not None else "the importer"
+            raise errors.NotPermitted(f"{who}: the importer did not declare {PHYS_NAMESPACE!r}")
         if not self._usable("phys_vec"):
             raise errors.LifetimeError("phys_vec on a dead attachment")
         self._require_resv("phys_vec")
         if self.dmabuf.revoked:
             raise errors.Revoked(f"{self.dmabuf.name} was revoked")
-        pv = self.dmabuf.exporter.get_phys_vec(self)
-        if not self.device.cc_trusted and _touches(self.device.machine, pv.ranges, RangeKind.PRIVATE):
-            raise errors.NotPermitted(f"{self.device.name} is not trusted for confidential memory")
-        return pv
+        mt = self.map_type
+        pal = mt.exp_ops if mt is not None and mt.type is mapping.PAL else mapping.exporter_pal_ops(self.dmabuf)
+        if pal is None:
+            raise errors.NotSupported(f"{self.dmabuf.exporter.name} does not describe its memory as physical "
+                                      "ranges (it offers no PAL mapping)")
+        pl = mapping._resolve_phys(self, pal, "phys_vec", False)
+        ranges = pl.ranges
+        pal.unmap_phys(self, pl)
+        return PhysVec(ranges, getattr(self.dmabuf.exporter, "provider", None))
+
+    def _track_pal(self, pl: Any) -> _Mapping:
+        """A live PAL list, as the checker tracks mappings: a revoke waits
+        for it and a detach with it live is a LifetimeError."""
+        return self._track(None, _BIDI, False, np.zeros((0, 2), dtype=np.uint64))
+
+    def _type_name(self) -> str:
+        return self.map_type.type.name if self.map_type is not None else "nothing"
 
     def track_dma(self, dma_ranges: Any, direction: DmaDirection | int = _BIDI) -> Any:
         """Tell the checker about DMA addresses an importer mapped itself
@@ -1122,7 +1249,7 @@ class Attachment:
             prov = self.dmabuf.exporter.provider  # type: ignore[attr-defined]
         except AttributeError:
             return None
-        if prov is None:
+        if prov is None or self.device is None:
             return None
         return self.device.machine.p2p_map_type(prov, self.device)
 
@@ -1133,7 +1260,11 @@ class Attachment:
             state.append(f"{len(self._maps)} mapped")
         if self.pin_count:
             state.append(f"pinned x{self.pin_count}")
-        return f"<Attachment {self.device.name} -> {self.dmabuf.name!r} {kind}{', ' + ', '.join(state) if state else ''}>"
+        mt = self.map_type
+        if mt is not None and mt.type is not mapping.SGT:
+            state.append(mt.type.name)
+        who = self.device.name if self.device is not None else type(self.importer_ops).__name__
+        return f"<Attachment {who} -> {self.dmabuf.name!r} {kind}{', ' + ', '.join(state) if state else ''}>"
 
     def __del__(self) -> None:
         if getattr(self, "_listed", False) and not self.detached and not self.dmabuf.released:
@@ -1171,6 +1302,15 @@ def _touches(machine: Any, ranges: np.ndarray, kind: RangeKind) -> bool:
             raise errors.InvalidArgument(f"overlapping: nbytes must be positive (got {nb})")
         raise errors.Overflow(f"overlapping: [{p:#x}, +{nb:#x}) runs past 2**64 - 1")
     return False
+
+
+def _attached_to(a: Attachment) -> str:
+    """What an attachment is attached for, in a message: its DMA device, or
+    its mapping type when it has none (a PAL or private attachment)."""
+    if a.device is not None:
+        return a.device.name
+    mt = a.map_type
+    return f"a {mt.type.name} attachment" if mt is not None else "an attachment without a device"
 
 
 # ------------------------------------------------------------- CPU mapping
@@ -1376,15 +1516,26 @@ def _host_untrusted() -> bool:
 def export(exporter: Exporter, nbytes: int, *, resv: Resv | None = None, name: str | None = None) -> DmaBuf:
     """``dma_buf_export()``: a new dma-buf of ``nbytes`` backed by ``exporter``.
 
-    Raises InvalidArgument (EINVAL) if ``map_dma_buf``, ``unmap_dma_buf``
-    or ``release`` is missing, or exactly one of ``pin``/``unpin`` is.
+    Raises InvalidArgument (EINVAL) if ``release`` is missing; if the
+    exporter supplies no mapping type (neither ``match_mapping`` nor
+    ``single_exporter_match``, nor the legacy ``map_dma_buf`` and
+    ``unmap_dma_buf`` pair); or if exactly one of ``pin``/``unpin`` is
+    there.  With both ``match_mapping`` and ``single_exporter_match`` (as
+    the final series accepts) ``match_mapping`` is used.
     """
     if not isinstance(exporter, Exporter):
         raise TypeError("exporter must be an Exporter")
     cls = type(exporter)
-    for op in ("map_dma_buf", "unmap_dma_buf", "release"):
-        if not cls.has(op):
-            raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has no {op}")
+    if not cls.has("release"):
+        raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has no release")
+    single = getattr(exporter, "single_exporter_match", None)
+    if single is not None and not isinstance(single, mapping.MappingMatch):
+        raise TypeError(f"dma_buf_export: {cls.__name__}.single_exporter_match must be a MappingMatch")
+    if not cls.has("match_mapping") and single is None:
+        for op in ("map_dma_buf", "unmap_dma_buf"):
+            if not cls.has(op):
+                raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} supplies no mapping type (no "
+                                             f"match_mapping, no single_exporter_match, no legacy {op})")
     if cls.has("pin") != cls.has("unpin"):
         raise errors.InvalidArgument(f"dma_buf_export: {cls.__name__} has pin without unpin or unpin without pin")
     if not isinstance(nbytes, int):

@@ -46,10 +46,11 @@ class PrivateBuffer(HeapBuffer):
 
     def attach(self, attachment: Attachment) -> None:
         """Refuse (EPERM) every device the TEE has not accepted."""
-        dev = attachment.device
-        if not dev.cc_trusted:
+        dev = attachment.device  # None for an attachment that names no device (not SGT): not trusted
+        if dev is None or not dev.cc_trusted:
             self.refused += 1
-            raise errors.NotPermitted(f"{dev.name} is not trusted for confidential memory: it may not attach "
+            who = dev.name if dev is not None else repr(attachment.importer_ops)
+            raise errors.NotPermitted(f"{who} is not trusted for confidential memory: it may not attach "
                                       "to a private dma-buf")
 
     def release(self, dmabuf: DmaBuf) -> None:

@@ -11,8 +11,9 @@ from pydmabuf._core import SgTable, pagemap
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind
 from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, export
+from pydmabuf.mapping import PhysList, match_mapping, pal_exporter, sgt_dma_device, sgt_exporter
 
-__all__ = ["SystemHeap", "HeapBuffer", "MovableHeapBuffer"]
+__all__ = ["SystemHeap", "HeapBuffer", "MovableHeapBuffer", "PalHeapBuffer"]
 
 
 class HeapBuffer(Exporter):
@@ -42,13 +43,18 @@ class HeapBuffer(Exporter):
         return SgTable.from_pages(self.pfns, offset=self.offset, nbytes=self.nbytes)
 
     def map_dma_buf(self, attachment: Attachment, direction: DmaDirection) -> SgTable:
+        dev = sgt_dma_device(attachment)
+        if dev is None:
+            raise errors.InvalidArgument("map_dma_buf on an attachment that is not SGT")
         t = self._table()
-        dma_map_sgtable(attachment.device, t, direction)
+        dma_map_sgtable(dev, t, direction)
         self.maps += 1
         return t
 
     def unmap_dma_buf(self, attachment: Attachment, table: SgTable, direction: DmaDirection) -> None:
-        dma_unmap_sgtable(attachment.device, table, direction)
+        dev = sgt_dma_device(attachment)
+        assert dev is not None  # a table exists only for an SGT attachment
+        dma_unmap_sgtable(dev, table, direction)
         self.unmaps += 1
 
     def release(self, dmabuf: DmaBuf) -> None:
@@ -112,6 +118,30 @@ class MovableHeapBuffer(HeapBuffer):
         self.moves += 1
         machine = self.machine
         return lambda: machine.pages.free(old)
+
+
+class PalHeapBuffer(HeapBuffer):
+    """A heap buffer whose exporter is aware of mapping types and offers
+    ``[SGT, PAL]``: scatterlist importers get the usual table, importers
+    that ask for a physical address list (iommufd-style, :data:`PAL_MODULE
+    <pydmabuf.mapping.PAL_MODULE>`) get the pages' runs.  No upstream heap
+    offers PAL (the RFC's PAL exporters are VFIO and the iommufd selftest);
+    this is the exporter the study measures the PAL path on, over the same
+    page layouts as the other paths."""
+
+    name = "system-heap-pal"
+
+    def match_mapping(self, args: Any) -> None:
+        match_mapping(args, [sgt_exporter(self), pal_exporter(self)])
+
+    def map_phys(self, attachment: Attachment) -> PhysList:
+        """The pages' runs (read-only rows, worked out once)."""
+        if attachment.dmabuf.revoked:
+            raise errors.Revoked(f"{attachment.dmabuf.name} was revoked")
+        return PhysList(self.get_phys_vec(attachment).ranges)
+
+    def unmap_phys(self, attachment: Attachment, phys_list: PhysList) -> None:
+        pass  # a copy: nothing to free
 
 
 class SystemHeap:

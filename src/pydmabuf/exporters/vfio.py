@@ -13,9 +13,12 @@ the earlier rules where they differ):
   :func:`~pydmabuf.dma.dma_buf_phys_vec_to_sgt` for the importer's route to
   the BAR.  Its physical-range op gives the BAR ranges and the BAR's P2P
   provider.
-* Attach refuses, in this order: importers that cannot take peer-to-peer
-  addresses (EOPNOTSUPP), revoked buffers (ENODEV), and (7.1) importers
-  that cannot be revoked (EOPNOTSUPP).
+* Mapping types (the 2026 RFC, P12/P22): the exporter offers ``[PAL,
+  SGT P2P]``: iommufd gets the BAR's physical ranges, a peer-to-peer
+  capable importer with a route to the BAR a DMA-only scatterlist, any
+  other importer (static, no P2P, no route) EINVAL at attach.
+* Attach then refuses revoked buffers (ENODEV) and (7.1) importers that
+  cannot be revoked (EOPNOTSUPP).
 * A buffer is born revoked when the device does not decode memory (command
   register MEMORY bit off, or D3hot).  Turning decoding off, entering
   D3hot or runtime low power, a function or hot reset, and closing the
@@ -24,8 +27,8 @@ the earlier rules where they differ):
   decoding coming back un-revokes them for new maps.  Closing revokes for
   good.  ``device.memory_decode`` and ``device.power_state`` follow, so
   device accesses to the BAR fault while it does not decode.
-* :func:`vfio_pci_dma_buf_iommufd_map` is the private interconnect only
-  iommufd may use.
+* :func:`vfio_pci_dma_buf_iommufd_map`, the private interconnect of 6.19
+  (deleted by the RFC's P23), stays as a thin layer over PAL.
 
 Where the kernel waits forever (7.1 revoke: fences and unmaps, holding
 ``memory_lock``) every call here takes a ``timeout``: on expiry it raises
@@ -53,7 +56,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from pydmabuf import _core, checks, errors
+from pydmabuf import _core, checks, errors, mapping
 from pydmabuf._core import SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, _fmt_size
 from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
@@ -89,7 +92,7 @@ DMA_IOVA_USE_SWIOTLB = 1 << 63
 #: The only module allowed to link :func:`vfio_pci_dma_buf_iommufd_map`
 #: (upstream exports the symbol to iommufd alone); importers declare it in
 #: ``import_namespaces``.
-IOMMUFD_MODULE = "iommufd"
+IOMMUFD_MODULE = mapping.PAL_MODULE
 #: Power states the model's devices take.
 POWER_STATES = ("D0", "D3hot")
 KERNELS = ("6.19", "7.1")
@@ -278,23 +281,31 @@ class VfioPciDmaBuf(Exporter):
         self.dmabuf: DmaBuf | None = None
         self.maps = 0
         self.unmaps = 0
+        self.pal_maps = 0
+        self.pal_unmaps = 0
 
     @property
     def linked(self) -> bool:
         """Still on its device's list (False once the device was closed)."""
         return self._core is not None
 
+    def match_mapping(self, args: Any) -> None:
+        """``vfio_pci_dma_buf_match_mapping()`` (P22, with the 13 April fix:
+        no reservation-lock assertion, no device check): PAL first, then a
+        peer-to-peer scatterlist of the BAR.  An importer that takes
+        neither (static, or no P2P route) gets EINVAL from the matcher."""
+        mapping.match_mapping(args, [mapping.pal_exporter(self), mapping.sgt_exporter_p2p(self, self.device)])
+
     def attach(self, attachment: Attachment) -> None:
         # vfio_pci_dma_buf_attach(): unlocked, so the revoked test races
         # with a revoke in the kernel; map tests it again under the lock.
-        if not attachment.peer2peer:
-            raise errors.NotSupported(f"{attachment.device.name}: a VFIO BAR needs an importer that allows "
-                                      "peer-to-peer addresses (allow_peer2peer)")
+        # The peer2peer test went into the SGT P2P entry (P12).
         if attachment.dmabuf.revoked:
             raise errors.Revoked(f"{attachment.dmabuf.name} is revoked: the device does not decode its BAR "
                                  "or was closed")
         if self.kernel != "6.19" and not attach_revocable(attachment):
-            raise errors.NotSupported(f"{attachment.device.name}: VFIO accepts only importers it can revoke "
+            who = attachment.device.name if attachment.device is not None else repr(attachment.importer_ops)
+            raise errors.NotSupported(f"{who}: VFIO accepts only importers it can revoke "
                                       "(dynamic, with invalidate_mappings)")
 
     def map_dma_buf(self, attachment: Attachment, direction: DmaDirection) -> SgTable:
@@ -308,6 +319,22 @@ class VfioPciDmaBuf(Exporter):
     def unmap_dma_buf(self, attachment: Attachment, table: SgTable, direction: DmaDirection) -> None:
         dma_buf_free_sgt(table, direction)
         self.unmaps += 1
+
+    def map_phys(self, attachment: Attachment) -> mapping.PhysList:
+        """``vfio_pci_dma_pal_map_phys()``: a copy of the BAR ranges (the
+        reservation lock is held).  Strict where v1 is loose: a revoked
+        buffer is ENODEV (v1 ignores ``revoked``; ``kernel_compat`` maps
+        it)."""
+        buf = attachment.dmabuf
+        if buf.revoked and not mapping.kernel_compat_active():
+            raise errors.Revoked(f"{buf.name} is revoked")
+        self.pal_maps += 1
+        return mapping.PhysList(self.ranges)
+
+    def unmap_phys(self, attachment: Attachment, phys_list: mapping.PhysList) -> None:
+        """``vfio_pci_dma_pal_unmap_phys()``: free the copy.  The model counts
+        live lists as mappings, so a revoke waits for them (v1's FIXME)."""
+        self.pal_unmaps += 1
 
     def release(self, dmabuf: DmaBuf) -> None:
         core = self._core
@@ -350,7 +377,8 @@ def vfio_pci_dma_buf_iommufd_map(attachment: Attachment) -> tuple[int, int]:
         raise TypeError(f"vfio_pci_dma_buf_iommufd_map: {type(attachment).__name__} is not an Attachment")
     ops = attachment.importer_ops
     if ops is None or IOMMUFD_MODULE not in ops.import_namespaces:
-        raise errors.NotPermitted(f"{attachment.device.name}: vfio_pci_dma_buf_iommufd_map is exported to the "
+        who = attachment.device.name if attachment.device is not None else repr(ops)
+        raise errors.NotPermitted(f"{who}: vfio_pci_dma_buf_iommufd_map is exported to the "
                                   f"{IOMMUFD_MODULE!r} module only")
     buf = attachment.dmabuf
     if not buf.resv.held_by_current_thread():
@@ -363,7 +391,8 @@ def vfio_pci_dma_buf_iommufd_map(attachment: Attachment) -> tuple[int, int]:
         raise errors.Revoked(f"{buf.name} is revoked")
     if len(exp.ranges) != 1:
         raise errors.NotSupported(f"{buf.name} has {len(exp.ranges)} ranges; iommufd takes exactly one")
-    return int(exp.ranges[0, 0]), int(exp.ranges[0, 1])
+    rows = attachment.phys_vec().ranges  # the PAL map, through the one gate
+    return int(rows[0, 0]), int(rows[0, 1])
 
 
 # ------------------------------------------------------------- the handle
@@ -400,6 +429,9 @@ class VfioPciBar:
 
     Slices are checked when exported, with the kernel's errors.
     """
+
+    #: The exporter of each dma-buf (a variant driver supplies its own).
+    _dmabuf_class: type[VfioPciDmaBuf] = VfioPciDmaBuf
 
     def __init__(self, machine: Any, device: Device | str, bar: int = 0, offset: int = 0,
                  nbytes: int | None = None, ranges: Iterable[tuple[int, int]] | None = None, *,
@@ -588,7 +620,7 @@ class VfioPciBar:
         phys = _fill_phys_vec(rows, provider)
         # 10-12. export, link under memory_lock and the lock (born revoked
         # unless memory is enabled), install the fd
-        priv = VfioPciDmaBuf(core, provider, phys, total, region, open_flags)
+        priv = self._dmabuf_class(core, provider, phys, total, region, open_flags)
         buf = export(priv, total, name=f"vfio {dev.name} BAR{region}"[:31])
         priv.dmabuf = buf
         with core.memory_lock:

@@ -4,13 +4,14 @@ The model of ``IOMMU_IOAS_MAP_FILE`` with a dma-buf fd
 (``drivers/iommu/iommufd/pages.c``, ``io_pagetable.c``, ``ioas.c``; 6.19
 and the 7.1 pin):
 
-* :meth:`IommufdIoas.map_file` checks in the kernel's order, attaches to
-  the dma-buf as a dynamic, peer-to-peer, revocable importer (from a
-  non-PCI stand-in for ``iommufd_global_device()``), pins it (7.1
-  ``dma_buf_pin``), and takes the buffer's single physical range through
-  VFIO's private interconnect
-  (:func:`~pydmabuf.exporters.vfio.vfio_pci_dma_buf_iommufd_map`): VFIO
-  exporters only, exactly one range, otherwise EOPNOTSUPP.  It never maps
+* :meth:`IommufdIoas.map_file` checks in the kernel's order, attaches
+  asking for the PAL mapping type only (the mapping-types RFC, P23/P24:
+  an exporter without PAL is EINVAL), pins (7.1 ``dma_buf_pin``) and takes
+  the buffer's physical address list with
+  :func:`~pydmabuf.mapping.pal_map_phys`; buffers of several ranges map
+  through the RFC's walker (:func:`dmabuf_runs`: seek by cumulative
+  length, one page run per entry, contiguous runs merged, batches of
+  ``TEMP_MEMORY_LIMIT`` refilled until the area is done).  It never maps
   the attachment.
 * The area is mapped at its IOVA into the IO page table of every hardware
   page table (:class:`HwPagetable`, an unmanaged
@@ -42,11 +43,12 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from pydmabuf import IommuDomain, RangeTable, errors
-from pydmabuf._types import PAGE_SIZE, IommuProt, RangeKind, _fmt_size
+import numpy as np
+
+from pydmabuf import IommuDomain, RangeTable, _core, checks, errors, mapping
+from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref
-from pydmabuf.exporters.vfio import IOMMUFD_MODULE, vfio_pci_dma_buf_iommufd_map
 from pydmabuf.machine import MSI_WINDOW, Device, Iommu
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,11 @@ _MAP_FLAGS = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_M
 ULONG_MAX = U64_MAX
 #: The largest page count of one batch entry (u32).
 MAX_NPFNS = 2**32 - 1
+#: Called (with the pages) in the kernel's unlock-to-publish window of
+#: ``IommufdIoas(kernel_compat=True)``; tests set it to land a revoke there.
+_publish_window: Any = None
+#: ``TEMP_MEMORY_LIMIT``: the most one batch's arrays may take (bytes).
+TEMP_MEMORY_LIMIT = 65536
 #: iopt_alloc_iova() aligns no further than a transparent huge page.
 HPAGE_SIZE = 2 << 20
 
@@ -78,10 +85,11 @@ HPAGE_SIZE = 2 << 20
 class _DmaBufPages(ImporterOps):
     """``struct iopt_pages`` of type ``IOPT_ADDRESS_DMABUF`` and its
     attach ops (``iopt_dmabuf_attach_revoke_ops``).  ``lock`` is the pages
-    mutex (taken inside the reservation lock)."""
+    mutex (taken inside the reservation lock).  ``exp_phys`` is the PAL
+    list iommufd owns while the buffer is not revoked."""
 
     allow_peer2peer = True
-    import_namespaces = frozenset({IOMMUFD_MODULE})
+    import_namespaces = frozenset({mapping.PAL_MODULE})
 
     def __init__(self, dmabuf: DmaBuf, start: int, length: int, writable: bool) -> None:
         self.lock = threading.Lock()
@@ -90,25 +98,41 @@ class _DmaBufPages(ImporterOps):
         self.length = length
         self.writable = writable
         self.attachment: Attachment | None = None
-        self.paddr = 0
-        self.phys_len = 0
+        self.exp_phys: mapping.PhysList | None = None
         self.tracker: list[tuple[IoasArea, HwPagetable]] = []
         self.revokes = 0
+        self.batches = 0
 
     @property
     def revoked(self) -> bool:
-        """``iopt_dmabuf_revoked()``: the physical range is gone."""
-        return self.phys_len == 0
+        """``iopt_dmabuf_revoked()``: no list (P24: ``exp_phys == NULL``)."""
+        return self.exp_phys is None
+
+    @property
+    def paddr(self) -> int:
+        """The first range's physical address (0 when revoked)."""
+        pl = self.exp_phys
+        return int(pl.ranges[0, 0]) if pl is not None and pl.length else 0
 
     def invalidate_mappings(self, attachment: Attachment) -> None:
         # iopt_revoke_notify(): under the reservation lock; unmap every
-        # tracked (area, domain) now, once.
+        # tracked (area, domain) now, then give the list back, once.
         with self.lock:
-            if self.revoked:
+            if self.exp_phys is None:
                 return
             for area, hwpt in self.tracker:
                 hwpt.unmap(area.iova, area.nbytes)
-            self.phys_len = 0
+            # The published attachment, as the kernel uses it.  The model
+            # publishes it before the reservation lock drops; only
+            # IommufdIoas(kernel_compat=True) opens the kernel's window.
+            if self.attachment is None:
+                checks.checker.lifetime(
+                    "iommufd-revoke-before-publish",
+                    "a revoke reached iommufd between iopt_map_dmabuf()'s unlock and the publish of its "
+                    "attachment: dma_buf_pal_unmap_phys() would get a NULL attachment (a kernel oops)",
+                    attachment, culprit=self)
+            mapping.pal_unmap_phys(attachment, self.exp_phys)
+            self.exp_phys = None
             self.revokes += 1
 
     def map_domain(self, area: IoasArea, hwpt: HwPagetable) -> None:
@@ -116,8 +140,9 @@ class _DmaBufPages(ImporterOps):
         with self.lock:
             if any(a is area and h is hwpt for a, h in self.tracker):
                 raise errors.InvalidArgument(f"{area!r} is already tracked in {hwpt!r}")
-            if not self.revoked:
-                hwpt.map(area.iova, self.paddr + self.start, area.nbytes, area.prot)
+            if self.exp_phys is not None:
+                self.batches += hwpt.map_runs(area.iova, dmabuf_runs(self.exp_phys.ranges, self.start,
+                                                                     area.nbytes // PAGE_SIZE), area.prot)
             self.tracker.append((area, hwpt))
 
     def unmap_domain(self, area: IoasArea, hwpt: HwPagetable) -> None:
@@ -128,12 +153,16 @@ class _DmaBufPages(ImporterOps):
             self.tracker = [(a, h) for a, h in self.tracker if not (a is area and h is hwpt)]
 
     def release(self) -> None:
-        """``iopt_release_pages()``: unpin, detach, drop the reference."""
+        """``iopt_release_pages()``: give the list back and unpin under the
+        lock, detach, drop the reference."""
         a = self.attachment
         buf = self.dmabuf
         if a is not None:
             buf.resv.lock()
             try:
+                if self.exp_phys is not None:
+                    mapping.pal_unmap_phys(a, self.exp_phys)
+                    self.exp_phys = None
                 a.unpin()
             finally:
                 buf.resv.unlock()
@@ -142,6 +171,61 @@ class _DmaBufPages(ImporterOps):
         if self.tracker:
             log.warning("iommufd: dma-buf pages released with %d tracked domain(s)", len(self.tracker))
         buf.put()
+
+
+def dmabuf_runs(rows: Any, start: int, npages: int) -> np.ndarray:
+    """The page runs ``pfn_reader_fill_dmabuf()`` (P24) feeds the batch for
+    ``npages`` pages from byte ``start`` of the buffer, merged as
+    ``batch_add_pfn_num()`` merges physically contiguous runs.
+
+    The kernel walks entry by entry: skip entries while their cumulative
+    end is at or below ``start``, then one run per entry of
+    ``min(pages left, (len - offset) >> PAGE_SHIFT)`` pages.  Vectorised
+    here: the entries are found by a search of the cumulative lengths.
+
+    Returns an (R, 2) u64 array of (first pfn, npfns).
+
+    Raises
+    ------
+    InvalidArgument
+        (EINVAL) the request runs past the end of the list (the kernel
+        reads past the array), or an entry it walks is empty or not whole
+        pages (the kernel's arithmetic then offers an empty run or wraps
+        the next offset and yields wrong PFNs).
+    """
+    rows = np.asarray(rows, dtype=np.uint64).reshape(-1, 2)
+    if npages <= 0:
+        return np.zeros((0, 2), dtype=np.uint64)
+    end = start + npages * PAGE_SIZE
+    lens = rows[:, 1]
+    ends = np.cumsum(lens, dtype=np.uint64) if len(rows) else np.zeros(0, dtype=np.uint64)
+    total = int(lens.sum(dtype=object)) if len(rows) else 0
+    if end > total:
+        raise errors.InvalidArgument(f"pages [{start:#x}, {end:#x}) run past the {total:#x} bytes the exporter's "
+                                     f"{len(rows)} range(s) describe")
+    first = int(np.searchsorted(ends, np.uint64(start), side="right"))
+    last = int(np.searchsorted(ends, np.uint64(end - 1), side="right"))
+    sel = rows[first:last + 1]
+    bases = ends[first:last + 1] - sel[:, 1]
+    bad = np.flatnonzero((sel[:, 1] == 0) | ((sel[:, 1] & np.uint64(PAGE_SIZE - 1)) != 0)
+                         | ((sel[:, 0] & np.uint64(PAGE_SIZE - 1)) != 0))
+    if len(bad):
+        i = first + int(bad[0])
+        raise errors.InvalidArgument(f"range {i} ({int(rows[i, 0]):#x}, +{int(rows[i, 1]):#x}) is empty or not "
+                                     "whole pages")
+    lo = np.maximum(bases, np.uint64(start))
+    hi = np.minimum(ends[first:last + 1], np.uint64(end))
+    pfn = (sel[:, 0] + (lo - bases)) >> np.uint64(PAGE_SHIFT)
+    n = (hi - lo) >> np.uint64(PAGE_SHIFT)
+    # batch_add_pfn_num(): a run that starts where the previous one ends
+    # extends it (u32 counts: at most MAX_NPFNS pages per entry).
+    joins = np.concatenate(([False], pfn[1:] == pfn[:-1] + n[:-1]))
+    heads = np.flatnonzero(~joins)
+    npfns = np.add.reduceat(n, heads) if len(heads) else n
+    out = np.stack([pfn[heads], npfns], axis=1).astype(np.uint64)
+    if len(out) and int(out[:, 1].max()) > MAX_NPFNS:
+        raise errors.InvalidArgument("a merged run exceeds the batch's u32 page count")
+    return np.ascontiguousarray(out)
 
 
 _global_lock = threading.Lock()
@@ -193,6 +277,35 @@ class HwPagetable:
         self.domain.map(iova, phys, nbytes, prot)
         self.map_calls += 1
 
+    def map_runs(self, iova: int, runs: np.ndarray, prot: int) -> int:
+        """``batch_to_domain()`` for every batch of ``runs`` ((pfn, npfns)
+        rows) from ``iova``: the runs go in batches of
+        ``min(pages, TEMP_MEMORY_LIMIT // 12)`` entries (``__batch_init``:
+        8-byte pfn + 4-byte count per entry, one temporary allocation),
+        one ``iommu_map`` per entry (counted in :attr:`map_calls`).  The
+        model writes a batch's entries with one bulk page-table call and
+        one IOTLB sync.  All or nothing.  Returns the batches."""
+        if len(runs) == 0:
+            return 0
+        npages = int(runs[:, 1].sum(dtype=object))
+        cap = max(1, min(npages, TEMP_MEMORY_LIMIT // 12))
+        pairs = np.ascontiguousarray(np.stack([runs[:, 0] << np.uint64(PAGE_SHIFT),
+                                               runs[:, 1] << np.uint64(PAGE_SHIFT)], axis=1))
+        done = 0
+        nbatches = -(-len(runs) // cap)
+        try:
+            for b in range(nbatches):  # one pass per batch, as pfn_reader_next() refills it
+                part = pairs[b * cap:(b + 1) * cap]
+                n = int(_core._link_ranges(self.domain, iova + done, 0, part, prot))
+                self.domain.sync_map(iova + done, n)
+                self.map_calls += len(part)
+                done += n
+        except BaseException:
+            if done:
+                self.unmap(iova, done)
+            raise
+        return nbatches
+
     def unmap(self, iova: int, nbytes: int) -> None:
         """``iommu_unmap()`` of ``[iova, +nbytes)`` (counted)."""
         self.domain.unmap(iova, nbytes)
@@ -231,8 +344,12 @@ class IoasArea:
 
     @property
     def phys(self) -> int:
-        """The CPU physical address the area starts at (0 once revoked)."""
-        return 0 if self.pages.revoked else self.pages.paddr + self.pages.start
+        """The CPU physical address the area's first page maps to (0 once
+        revoked)."""
+        pl = self.pages.exp_phys
+        if pl is None:
+            return 0
+        return int(dmabuf_runs(pl.ranges, self.pages.start, 1)[0, 0]) << PAGE_SHIFT
 
     @property
     def revoked(self) -> bool:
@@ -265,6 +382,13 @@ class IommufdIoas:
     machine : Machine
     name : str
         For reprs.
+    kernel_compat : bool
+        Publish a dma-buf's attachment after the reservation lock drops, as
+        ``iopt_map_dmabuf()`` does: a revoke landing in between finds no
+        attachment to give the list back with (the kernel passes NULL to
+        ``dma_buf_pal_unmap_phys``); the model reports it as a
+        LifetimeError.  By default the attachment is published under the
+        lock and the window does not exist.
 
     Devices join with :meth:`attach_device` (each IOMMU instance gets one
     hardware page table, unless a separate one is asked for); dma-bufs are
@@ -272,9 +396,10 @@ class IommufdIoas:
     it (or use it as a context manager) to unmap everything and detach.
     """
 
-    def __init__(self, machine: Any, *, name: str = "ioas") -> None:
+    def __init__(self, machine: Any, *, name: str = "ioas", kernel_compat: bool = False) -> None:
         self.machine = machine
         self.name = name
+        self.kernel_compat = bool(kernel_compat)
         self._lock = threading.RLock()
         self._areas = RangeTable()
         self._by_owner: dict[int, IoasArea] = {}
@@ -489,10 +614,13 @@ class IommufdIoas:
         InvalidArgument
             (EINVAL) the slice ends past the dma-buf, or has 2**32 - 1
             pages or more.
+        InvalidArgument
+            (EINVAL) the exporter offers no PAL mapping (mapping types:
+            nothing matches ``[PAL]``), or its list is invalid (strict PAL
+            rules) or describes less than the slice.
         NotSupported / NoDevice
             (EOPNOTSUPP / ENODEV) the exporter refused the attachment (VFIO:
-            revoked is ENODEV), it is not a VFIO dma-buf or has several
-            ranges (EOPNOTSUPP), or it is revoked (ENODEV).
+            revoked is ENODEV) or its PAL map (revoked: ENODEV).
         InvalidArgument
             (EINVAL) ``length`` or a fixed ``iova`` is not 4 KiB aligned,
             or a fixed range meets reserved IOVA; ``start`` not 4 KiB
@@ -558,24 +686,50 @@ class IommufdIoas:
             raise errors.InvalidArgument(f"IOMMU_IOAS_MAP_FILE: [{start:#x}, +{length:#x}) is not inside the "
                                          f"{_fmt_size(buf.size)} dma-buf (or has too many pages)")
         pages = _DmaBufPages(buf, start - start_byte, length, writable)
-        # iopt_map_dmabuf(): attach, then under the lock pin and take the
-        # physical range through VFIO's private call
-        a = buf.dynamic_attach(_global_device(self.machine), pages, pages)
+        # iopt_map_dmabuf() (P23/P24): attach asking for [PAL], then under
+        # the lock pin and take the list; publish it before the unlock.
+        a = buf.mapping_attach([mapping.pal_importer()], pages, pages)
         try:
             buf.resv.lock()
             try:
                 a.pin()
                 try:
-                    pages.paddr, pages.phys_len = vfio_pci_dma_buf_iommufd_map(a)
+                    pl = mapping.pal_map_phys(a)
+                    need = pages.start + start_byte + length
+                    if pl.nbytes < need:
+                        mapping.pal_unmap_phys(a, pl)
+                        raise errors.InvalidArgument(f"the exporter's list describes {pl.nbytes:#x} bytes; the "
+                                                     f"area needs {need:#x}")
                 except BaseException:
                     a.unpin()
                     raise
+                pages.exp_phys = pl
+                if not self.kernel_compat:
+                    pages.attachment = a  # published under the lock: no window
             finally:
                 buf.resv.unlock()
         except BaseException:
             buf.detach(a)
             raise
-        pages.attachment = a
+        if self.kernel_compat:
+            hook = _publish_window
+            try:
+                if hook is not None:
+                    hook(pages)  # where a revoke can land in the kernel
+            except BaseException:
+                # A failed map leaves nothing: the list (if the revoke did
+                # not get it back), the pin, the attachment.
+                buf.resv.lock()
+                try:
+                    if pages.exp_phys is not None:
+                        mapping.pal_unmap_phys(a, pages.exp_phys)
+                        pages.exp_phys = None
+                    a.unpin()
+                finally:
+                    buf.resv.unlock()
+                buf.detach(a)
+                raise
+            pages.attachment = a
         return pages
 
     def _map_pages(self, pages: _DmaBufPages, iova: int, length: int, start_byte: int, prot: int,

@@ -13,8 +13,9 @@ which let a confidential VM map a host-unmappable VFIO dma-buf:
   ``KVM_MEM_GUEST_MEMFD``, no dirty logging and no read-only slots,
   ``guest_memfd_offset`` 0, and the dma-buf exactly as large as the slot;
   the slot's other checks are upstream KVM's, in its order.
-* Binding takes a dma-buf reference and attaches as a dynamic,
-  peer-to-peer importer whose invalidation zaps the slot.
+* Binding takes a dma-buf reference and attaches as a dynamic importer
+  asking for ``[PAL, SGT]`` (mapping types: VFIO gives PAL) whose
+  invalidation zaps the slot.
 * A guest access (:meth:`KvmVm.guest_read` / :meth:`KvmVm.guest_write`)
   translates through the VM's second-stage table (the EPT/NPT, an
   :class:`~pydmabuf.IoPageTable`); pages not mapped there fault in through
@@ -52,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import IoPageTable, RangeTable, access, errors
+from pydmabuf import IoPageTable, RangeTable, access, errors, mapping
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, _dma_buf_ref
@@ -347,7 +348,11 @@ class KvmVm:
                 raise errors.InvalidArgument(f"the dma-buf is {_fmt_size(buf.size)}, the slot "
                                              f"{_fmt_size(slot.nbytes)}: they must be equal")
             binding = _SlotBinding(self)
-            a = buf.dynamic_attach(self._device, binding, slot)
+            # Mapping types: the physical list first; a scatterlist for the
+            # VM's stand-in device otherwise (any exporter binds, as in the
+            # RFC; only a PAL exporter serves faults).
+            a = buf.mapping_attach([mapping.pal_importer(), mapping.sgt_importer(self._device, True)],
+                                   binding, slot)
         except BaseException:
             buf.put()
             raise
