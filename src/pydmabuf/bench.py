@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pydmabuf import _core, errors, workloads
+from pydmabuf import _core, errors, kernel_work, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,12 @@ class Cell:
     strategy: str
     samples_ns: list[float] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
+    #: What the kernel does on this path for this input (:mod:`pydmabuf.kernel_work`);
+    #: None for the references that are no kernel path (c_floor, numpy).
+    kernel_work: dict[str, int] | None = None
+    #: The kernel-cost estimate (ns per page) and its terms.
+    kernel_est_ns_per_page: float | None = None
+    kernel_est_terms: list[dict[str, Any]] | None = None
 
     @property
     def ns_per_page(self) -> float:
@@ -105,7 +111,17 @@ class Progress:
             sys.stderr.flush()
 
 
-def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]) -> list[Cell]:
+def _attach_kernel_work(c: Cell, pfns: np.ndarray, dev: Any, units: dict[str, Any] | None, **kw: Any) -> None:
+    """Count the kernel's work for cell ``c`` and, with unit costs, its estimate."""
+    w = kernel_work.cell_kernel_work(c.strategy, pfns, dev, detail=True, **kw)
+    c.kernel_work = {k: w[k] for k in kernel_work.KEYS}
+    if units is not None:
+        c.kernel_est_terms = kernel_work.estimate_terms(w, units)
+        c.kernel_est_ns_per_page = kernel_work.estimate_ns_per_page(c.kernel_est_terms, c.npages)
+
+
+def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
+              units: dict[str, Any] | None = None) -> list[Cell]:
     """The scatterlist walk and its two references on one input."""
     cells = []
     table = _core.SgTable.from_pages(pfns)
@@ -113,6 +129,7 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
     meta = int(table.metadata_nbytes)
     c = Cell(layout, npages, "sg_from_pages", measure(lambda: _core.SgTable.from_pages(pfns), **timing))
     c.counters = {"segments": segs, "metadata_bytes_per_page": meta / npages}
+    _attach_kernel_work(c, pfns, None, units)
     cells.append(c)
     out = _core.floor_buffer(npages, 32)
     c = Cell(layout, npages, "c_floor", measure(lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), **timing))
@@ -194,7 +211,7 @@ def measure_pair(setup: Callable[[], Any], teardown: Callable[[Any], Any], *, mi
 
 
 def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
-                   strategies: Iterable[str]) -> list[Cell]:
+                   strategies: Iterable[str], units: dict[str, Any] | None = None) -> list[Cell]:
     """Each strategy's map step and unmap step on one input.
 
     ``sg_*``: build the table (``sg_alloc_table_from_pages``) and
@@ -348,6 +365,14 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
         else:
             c.counters["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
             c.counters["iotlb_invalidations"] = 0
+        if name == "ranges_to_table":
+            from pydmabuf.machine import P2PMapType
+
+            route = b.machine.p2p_map_type(b.provider, b.iommu_dev)
+            _attach_kernel_work(c, pfns, dev, units, bar_ranges=bar_rows,
+                                p2p_iova=route == P2PMapType.THRU_HOST_BRIDGE and dev.domain is not None)
+        else:
+            _attach_kernel_work(c, pfns, dev, units)
         cells.append(c)
     for buf in plans_keep:
         buf.put()
@@ -363,6 +388,7 @@ def run_study(
     progress: bool | None = None,
     parts: Iterable[str] = ("sg_walk", "mapping"),
     machine: Any = None,
+    cost_profile: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the study; returns a JSON-ready dict (``machine``, ``cells``, ``notes``).
 
@@ -375,8 +401,16 @@ def run_study(
     wrong type, ValueError for an unknown layout or part or a size that is
     not a positive number of pages); OutOfMemory (ENOMEM) when a layout or
     a table does not fit in memory.
+
+    ``cost_profile``: the unit costs the host cannot measure (a TOML file's
+    path, or :func:`pydmabuf.kernel_work.load_profile`'s result; None: the
+    shipped profile).  The host's unit costs are measured once, before the
+    cells; every cell carries ``kernel_work`` (the kernel's counts) and
+    ``kernel_est_ns_per_page`` (their cost), the result ``unit_costs``.
     """
     layouts, sizes, parts = _study_args(layouts, sizes, parts, machine)
+    profile = kernel_work.load_profile(cost_profile) if not isinstance(cost_profile, dict) else cost_profile
+    units = kernel_work.unit_costs(profile, rounds=5 if quick else 9)
     timing = {"min_time": 0.01, "min_reps": 3, "max_reps": 7} if quick else {"min_time": 0.1, "min_reps": 5, "max_reps": 25}
     notes: list[str] = []
     cells: list[Cell] = []
@@ -394,9 +428,9 @@ def run_study(
                         notes.append(note)
                     continue
                 if "sg_walk" in parts:
-                    cells.extend(_sg_cells(lay, npages, pfns, timing))
+                    cells.extend(_sg_cells(lay, npages, pfns, timing, units))
                 if b is not None:
-                    cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES))
+                    cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES, units))
                 del keep
     except MemoryError:  # NumPy could not allocate the layout or a table
         raise errors.OutOfMemory(f"no memory to study the {lay} layout of {npages} pages") from None
@@ -412,6 +446,7 @@ def run_study(
                   "iommu_device": b.iommu_dev.name if b else None,
                   "direct_device": b.direct_dev.name if b else None,
                   "exporter": b.provider.owner.name if b else None},
+        "unit_costs": units,
         "cells": [c.as_dict() for c in cells],
         "notes": notes,
     }

@@ -54,7 +54,9 @@ import numpy as np
 
 from pydmabuf._types import PAGE_SIZE
 
-__all__ = ["KEYS", "kernel_work", "sg_chunk_bytes", "map_walk", "unmap_walk", "pagetable_work"]
+__all__ = ["KEYS", "PATHS", "kernel_work", "sg_chunk_bytes", "map_walk", "unmap_walk", "pagetable_work",
+           "load_profile", "measure_units", "unit_costs", "estimate_terms", "estimate_ns_per_page",
+           "parse_cell", "format_explain"]
 
 #: The keys of every ``kernel_work`` object, in the order the study prints them.
 KEYS = ("iova_allocs", "iova_frees", "iommu_map_calls", "iommu_unmap_calls", "iotlb_sync_map",
@@ -243,7 +245,7 @@ def pagetable_work(iova: np.ndarray, paddr: np.ndarray, size: np.ndarray, span: 
         "_leaves_4k": m_leaves[12], "_leaves_2m": m_leaves[21], "_leaves_1g": m_leaves[30],
         "_tables_installed": l2_freed + l3_installed, "_tables_cleared": tables_cleared,
         "_walk_invalidations": tables_cleared, "_unmap_invalidations": unmap_inv,
-        "_map_walks": int(len(mn)), "_unmap_walks": int(len(un)),
+        "_map_walks": int(len(mn)), "_unmap_walks": int(len(un)), "_queued": int(not strict),
     }
 
 
@@ -457,3 +459,205 @@ def cell_kernel_work(strategy: str, pfns: np.ndarray, dev: Any, **kw: Any) -> di
     max_seg = int(dev.dma_get_max_seg_size()) if dev is not None else _UINT_MAX
     bound = int(dev.dma_get_seg_boundary()) if dev is not None else (1 << 64) - 1
     return kernel_work(strategy, pfns, strict=strict, max_segment_size=max_seg, seg_boundary=bound, **kw)
+
+
+# ---------------------------------------------------------------- the estimate
+
+#: Unit costs the study measures on the host (:func:`measure_units`), and
+#: what each is.  A cost profile may pin any of them.
+MEASURED_UNITS = {
+    "walk": "one 4-level descent from the root (descent + leaf write, less one batched write)",
+    "pte_write": "one 8-byte entry written in a batch of 512 consecutive entries",
+    "entry_visit": "one 32-byte scatterlist entry visited by a pass (__finalise_sg's work per entry)",
+    "metadata_byte": "one byte of a zeroed 4 KiB allocation and its free (kzalloc + kfree)",
+    "iova_alloc": "half a node allocate + red-black-tree insert + erase + free, 1024 live ranges",
+    "iova_free": "half a node allocate + red-black-tree insert + erase + free, 1024 live ranges",
+}
+#: Unit costs only a cost profile gives.
+PROFILE_UNITS = ("iotlb_invalidation", "iotlb_invalidation_queued", "iotlb_sync_map", "iommu_map_call",
+                 "iommu_unmap_call")
+
+DEFAULT_PROFILE = "cost_profiles/default.toml"
+
+
+def load_profile(path: str | None = None) -> dict[str, dict[str, Any]]:
+    """Read a cost profile (TOML): ``{unit: {"ns": float, "source": str}}``.
+
+    ``path`` None reads the profile shipped with the package.  Every unit
+    of :data:`PROFILE_UNITS` must be there; units of :data:`MEASURED_UNITS`
+    may be.  ValueError naming the file and the fault for anything else (a
+    file that is not TOML, an unknown unit, a missing or negative ``ns``,
+    a missing ``source``); OSError when the file cannot be read.
+    """
+    import math
+    import tomllib
+    from importlib import resources
+
+    if path is None:
+        where = f"pydmabuf/{DEFAULT_PROFILE}"
+        text = resources.files("pydmabuf").joinpath(DEFAULT_PROFILE).read_text()
+    else:
+        where = str(path)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"cost profile {where}: not TOML: {e}") from None
+    out: dict[str, dict[str, Any]] = {}
+    for unit, v in data.items():
+        if unit not in PROFILE_UNITS and unit not in MEASURED_UNITS:
+            raise ValueError(f"cost profile {where}: unknown unit [{unit}]; known: "
+                             f"{', '.join(PROFILE_UNITS + tuple(MEASURED_UNITS))}")
+        if not isinstance(v, dict):
+            raise ValueError(f"cost profile {where}: [{unit}] must be a table with ns and source")
+        extra = set(v) - {"ns", "source"}
+        if extra:
+            raise ValueError(f"cost profile {where}: [{unit}] has unknown keys {', '.join(sorted(extra))}")
+        ns = v.get("ns")
+        if isinstance(ns, bool) or not isinstance(ns, (int, float)) or not math.isfinite(ns) or ns < 0:
+            raise ValueError(f"cost profile {where}: [{unit}] ns must be a number >= 0, not {ns!r}")
+        src = v.get("source")
+        if not isinstance(src, str) or not src.strip():
+            raise ValueError(f"cost profile {where}: [{unit}] needs a source (where the number comes from)")
+        out[unit] = {"ns": float(ns), "source": f"profile {where}: {' '.join(src.split())}"}
+    missing = [u for u in PROFILE_UNITS if u not in out]
+    if missing:
+        raise ValueError(f"cost profile {where}: missing {', '.join(f'[{u}]' for u in missing)}")
+    return out
+
+
+def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
+    """Measure the host's unit costs with the C loops of
+    ``pydmabuf._calibrate``, interleaved over ``rounds`` rounds: for each
+    unit the median ns, its interquartile range and the samples.
+    RuntimeError when the extension is not built."""
+    try:
+        from pydmabuf import _calibrate  # type: ignore[attr-defined]
+    except ImportError:
+        raise RuntimeError("the unit-cost loops (pydmabuf._calibrate) are not built: "
+                           "python setup.py build_ext --inplace") from None
+    raw = _calibrate.measure(rounds=rounds)
+    walk = [w - p for w, p in zip(raw["walk_write"], raw["pte_write"])]
+    per = {
+        "walk": walk,
+        "pte_write": raw["pte_write"],
+        "entry_visit": raw["entry_visit"],
+        "metadata_byte": [a / PAGE_SIZE for a in raw["alloc_4k"]],
+        "iova_alloc": [t / 2 for t in raw["tree_pair"]],
+        "iova_free": [t / 2 for t in raw["tree_pair"]],
+    }
+    out = {}
+    for unit, xs in per.items():
+        q1, med, q3 = np.percentile(xs, [25, 50, 75])
+        out[unit] = {"ns": float(med), "q1": float(q1), "q3": float(q3), "samples": [float(x) for x in xs],
+                     "source": f"measured on this host: {MEASURED_UNITS[unit]} (median of {len(xs)} interleaved rounds)"}
+    return out
+
+
+def unit_costs(profile: dict[str, dict[str, Any]] | None = None, *, rounds: int = 7) -> dict[str, dict[str, Any]]:
+    """Every unit cost the estimate needs: measured on the host unless the
+    profile pins it, the rest from the profile (the shipped one when
+    ``profile`` is None)."""
+    prof = load_profile() if profile is None else profile
+    todo = [u for u in MEASURED_UNITS if u not in prof]
+    units = dict(prof)
+    if todo:
+        measured = measure_units(rounds)
+        for u in todo:
+            units[u] = measured[u]
+    return units
+
+
+def estimate_terms(work: dict[str, int], units: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The terms of the kernel-cost estimate of one cell: for each count, the
+    count, the unit cost it is multiplied by and the product (ns).
+
+    ``work`` is :func:`kernel_work` with ``detail=True`` (the split of the
+    invalidations into those issued now and those queued is in the detail).
+    """
+    inv_now = work.get("_walk_invalidations", 0)
+    unmap_inv = work.get("_unmap_invalidations", 0)
+    queued = bool(work.get("_queued", 0))
+    if queued:
+        inv_queued = unmap_inv
+    else:
+        inv_now += unmap_inv
+        inv_queued = 0
+    if inv_now + inv_queued != work["iotlb_invalidations"]:
+        raise ValueError("estimate_terms: the work lacks its detail (kernel_work(..., detail=True))")
+    rows = [
+        ("iova_allocs", work["iova_allocs"], "iova_alloc"),
+        ("iova_frees", work["iova_frees"], "iova_free"),
+        ("iommu_map_calls", work["iommu_map_calls"], "iommu_map_call"),
+        ("iommu_unmap_calls", work["iommu_unmap_calls"], "iommu_unmap_call"),
+        ("iotlb_sync_map", work["iotlb_sync_map"], "iotlb_sync_map"),
+        ("iotlb_invalidations (issued)", inv_now, "iotlb_invalidation"),
+        ("iotlb_invalidations (queued)", inv_queued, "iotlb_invalidation_queued"),
+        ("pte_writes", work["pte_writes"], "pte_write"),
+        ("pt_walks", work["pt_walks"], "walk"),
+        ("sg_entry_visits", work["sg_entry_visits"], "entry_visit"),
+        ("metadata_bytes", work["metadata_bytes"], "metadata_byte"),
+    ]
+    return [{"count_of": name, "count": int(n), "unit": unit, "unit_ns": units[unit]["ns"],
+             "ns": int(n) * units[unit]["ns"]} for name, n, unit in rows]
+
+
+def estimate_ns_per_page(terms: list[dict[str, Any]], npages: int) -> float:
+    """The estimate: the sum of the terms over the buffer's pages."""
+    return float(sum(t["ns"] for t in terms)) / npages if npages else 0.0
+
+
+def parse_cell(text: str) -> tuple[str, int, str]:
+    """``LAYOUT:PAGES:STRATEGY`` (e.g. ``scattered:65536:sg_iommu``; PAGES
+    may also be a size with a K/M/G suffix, e.g. ``scattered:256M:link_pages``)
+    -> (layout, npages, strategy).  ValueError for anything else."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(parts):
+        raise ValueError(f"cell {text!r}: expected LAYOUT:PAGES:STRATEGY, e.g. scattered:65536:sg_iommu")
+    lay, size, strat = parts
+    s = size.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if s and s[-1] in "KMG":
+            nbytes = int(float(s[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[s[-1]])
+            if nbytes % PAGE_SIZE or nbytes <= 0:
+                raise ValueError
+            npages = nbytes // PAGE_SIZE
+        else:
+            npages = int(s)
+    except ValueError:
+        raise ValueError(f"cell {text!r}: PAGES must be a page count or a size like 256M") from None
+    if npages < 1:
+        raise ValueError(f"cell {text!r}: PAGES must be at least 1")
+    return lay, npages, strat
+
+
+def format_explain(cell: dict[str, Any], units: dict[str, dict[str, Any]] | None = None) -> str:
+    """One cell's estimate written out: each count x unit cost = ns, the
+    total and per page, with the model's own CPU time beside it.  ``cell``
+    is a cell of a study result (it must carry ``kernel_est_terms``)."""
+    terms = cell.get("kernel_est_terms")
+    if not terms:
+        raise ValueError(f"cell {cell.get('layout')}:{cell.get('npages')}:{cell.get('strategy')} "
+                         "has no kernel estimate")
+    n = cell["npages"]
+    lines = [f"{cell['layout']}:{n}:{cell['strategy']}  ({n} pages, {n * PAGE_SIZE} bytes)",
+             f"kernel path: {PATHS.get(cell['strategy'], '?')}", ""]
+    w = max(len(t["count_of"]) for t in terms)
+    lines.append(f"{'count of':<{w}} {'count':>12}   {'unit (ns)':>10}   {'ns':>14}   unit")
+    total = 0.0
+    for t in terms:
+        total += t["ns"]
+        lines.append(f"{t['count_of']:<{w}} {t['count']:>12} x {t['unit_ns']:>10.4g} = {t['ns']:>14.1f}   {t['unit']}")
+    lines.append(f"{'total':<{w}} {'':>12}   {'':>10}   {total:>14.1f}")
+    lines.append(f"kernel estimate: {total / n:.3f} ns/page")
+    k = cell.get("counters", {})
+    lines.append(f"model CPU time (this model's implementation, not the kernel): {cell['ns_per_page']:.3f} ns/page"
+                 + (f" (map {k['map_ns_per_page']:.3f} + unmap {k['unmap_ns_per_page']:.3f})"
+                    if "map_ns_per_page" in k else ""))
+    if units:
+        lines.append("")
+        lines.append("unit costs:")
+        for u in sorted({t["unit"] for t in terms}):
+            lines.append(f"  {u} = {units[u]['ns']:.4g} ns: {units[u]['source']}")
+    return "\n".join(lines)

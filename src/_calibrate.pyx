@@ -1,0 +1,256 @@
+# cython: language_level=3
+"""Unit costs of kernel operations, measured on this host by small C loops.
+
+Each loop does one kind of work the kernel does on a mapping path, with
+data shaped as the kernel's (8-byte entries in 512-entry tables, 32-byte
+scatterlist entries, a red-black tree of ranges, zeroed allocations), so
+``pydmabuf bench`` can turn exact counts of kernel work into nanoseconds.
+They are measuring sticks, compiled apart from the model's core so the
+product's hot path carries none of them.
+"""
+
+from libc.stdint cimport uint64_t
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <stdlib.h>
+    #include <string.h>
+    #include <search.h>
+    #include <time.h>
+
+    static uint64_t pcal_now(void)
+    {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    }
+
+    /* A 4-level table with 4 KiB granule: one L0, one L1, `nl2` L2 tables,
+     * `nl3` L3 tables spread over them; entries are pointers | 3 (valid,
+     * table) as io-pgtable-arm stores them. */
+    struct pcal_pt {
+        uint64_t *l0, *l1, **l2, **l3;
+        size_t nl2, nl3;
+    };
+
+    static void pcal_pt_free(struct pcal_pt *pt)
+    {
+        size_t i;
+        if (pt->l3) for (i = 0; i < pt->nl3; i++) free(pt->l3[i]);
+        if (pt->l2) for (i = 0; i < pt->nl2; i++) free(pt->l2[i]);
+        free(pt->l3); free(pt->l2); free(pt->l1); free(pt->l0);
+        memset(pt, 0, sizeof(*pt));
+    }
+
+    static int pcal_pt_init(struct pcal_pt *pt, size_t nl3)
+    {
+        size_t i;
+        memset(pt, 0, sizeof(*pt));
+        pt->nl3 = nl3;
+        pt->nl2 = (nl3 + 511) / 512;
+        pt->l0 = aligned_alloc(4096, 4096);
+        pt->l1 = aligned_alloc(4096, 4096);
+        pt->l2 = calloc(pt->nl2, sizeof(uint64_t *));
+        pt->l3 = calloc(nl3, sizeof(uint64_t *));
+        if (!pt->l0 || !pt->l1 || !pt->l2 || !pt->l3) { pcal_pt_free(pt); return -1; }
+        memset(pt->l0, 0, 4096); memset(pt->l1, 0, 4096);
+        pt->l0[0] = (uint64_t)(uintptr_t)pt->l1 | 3;
+        for (i = 0; i < pt->nl2; i++) {
+            pt->l2[i] = aligned_alloc(4096, 4096);
+            if (!pt->l2[i]) { pcal_pt_free(pt); return -1; }
+            memset(pt->l2[i], 0, 4096);
+            pt->l1[i] = (uint64_t)(uintptr_t)pt->l2[i] | 3;
+        }
+        for (i = 0; i < nl3; i++) {
+            pt->l3[i] = aligned_alloc(4096, 4096);
+            if (!pt->l3[i]) { pcal_pt_free(pt); return -1; }
+            memset(pt->l3[i], 0, 4096);
+            pt->l2[i / 512][i % 512] = (uint64_t)(uintptr_t)pt->l3[i] | 3;
+        }
+        return 0;
+    }
+
+    static inline uint64_t *pcal_next(uint64_t e)
+    {
+        return (uint64_t *)(uintptr_t)(e & ~(uint64_t)0xfff);
+    }
+
+    /* n descents from the root, each ending in one leaf write; the IOVAs
+     * step through the L3 tables in a scattered order (stride 97 tables)
+     * so consecutive walks do not share a last-level line. */
+    static uint64_t pcal_walk(struct pcal_pt *pt, size_t n)
+    {
+        uint64_t t0 = pcal_now(), e;
+        size_t i, t = 0, slot = 0;
+        uint64_t *p;
+        for (i = 0; i < n; i++) {
+            uint64_t iova = ((uint64_t)t << 21) | ((uint64_t)slot << 12);
+            e = pt->l0[(iova >> 39) & 511];
+            if (!(e & 1)) return 0;
+            p = pcal_next(e);
+            e = p[(iova >> 30) & 511];
+            if (!(e & 1)) return 0;
+            p = pcal_next(e);
+            e = p[(iova >> 21) & 511];
+            if (!(e & 1)) return 0;
+            p = pcal_next(e);
+            ((volatile uint64_t *)p)[(iova >> 12) & 511] = (iova + 0x40000000ull) | 3;
+            t += 97;
+            if (t >= pt->nl3) { t -= pt->nl3; slot = (slot + 1) & 511; }
+        }
+        return pcal_now() - t0;
+    }
+
+    /* n leaf writes in batches of 512 consecutive entries (one table each):
+     * what one descent's map_pages/unmap_pages does after the descent. */
+    static uint64_t pcal_batch(struct pcal_pt *pt, size_t n)
+    {
+        uint64_t t0 = pcal_now();
+        size_t i, t = 0;
+        for (i = 0; i < n; i += 512) {
+            volatile uint64_t *p = pt->l3[t];
+            for (size_t j = 0; j < 512; j++)
+                p[j] = ((uint64_t)(i + j) << 12) | 3;
+            if (++t >= pt->nl3) t = 0;
+        }
+        return pcal_now() - t0;
+    }
+
+    struct pcal_sg { uint64_t page_link; uint32_t offset, length; uint64_t dma_address; uint32_t dma_length, dma_flags; };
+
+    /* One pass over n 32-byte entries doing what __finalise_sg does to each:
+     * read the stashed fields, write them back, write the DMA side. */
+    static uint64_t pcal_visit(struct pcal_sg *sg, size_t n)
+    {
+        uint64_t t0 = pcal_now(), dma = 0x100000000ull;
+        for (size_t i = 0; i < n; i++) {
+            uint32_t off = (uint32_t)sg[i].dma_address, len = sg[i].dma_length;
+            sg[i].offset += off;
+            sg[i].length = len ? len : 4096;
+            sg[i].dma_address = dma + off;
+            sg[i].dma_length = sg[i].length;
+            dma += sg[i].length;
+        }
+        return pcal_now() - t0;
+    }
+
+    /* n zeroed allocations of `bytes` and their frees (kzalloc + kfree). */
+    static uint64_t pcal_alloc(size_t n, size_t bytes)
+    {
+        uint64_t t0 = pcal_now();
+        for (size_t i = 0; i < n; i++) {
+            void *volatile p = malloc(bytes);
+            if (!p) return 0;
+            memset(p, 0, bytes);
+            free(p);
+        }
+        return pcal_now() - t0;
+    }
+
+    /* A red-black tree of [lo, hi] ranges (glibc tsearch is one), `live`
+     * nodes in it; n times: allocate a node, insert it, erase it, free it
+     * -- the tree work of alloc_iova + __free_iova without the gap search. */
+    static int pcal_cmp(const void *a, const void *b)
+    {
+        uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+        return x < y ? -1 : x > y;
+    }
+
+    static void pcal_nofree(void *p) { (void)p; }
+
+    static uint64_t pcal_tree(size_t n, size_t live)
+    {
+        void *root = NULL;
+        uint64_t *keys = malloc(live * sizeof(uint64_t));
+        uint64_t t0, dt, x = 88172645463325252ull;
+        size_t i;
+        if (!keys) return 0;
+        for (i = 0; i < live; i++) {
+            keys[i] = (uint64_t)(i * 2 + 1) << 20;
+            if (!tsearch(&keys[i], &root, pcal_cmp)) { free(keys); return 0; }
+        }
+        t0 = pcal_now();
+        for (i = 0; i < n; i++) {
+            uint64_t *node = malloc(2 * sizeof(uint64_t));
+            if (!node) { dt = 0; goto out; }
+            x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+            node[0] = ((x % live) * 2) << 20;   /* a gap between two live ranges */
+            node[1] = node[0] + 0xfff;
+            tsearch(node, &root, pcal_cmp);
+            tdelete(node, &root, pcal_cmp);
+            free(node);
+        }
+        dt = pcal_now() - t0;
+    out:
+        tdestroy(root, pcal_nofree);
+        free(keys);
+        return dt;
+    }
+    """
+    struct pcal_pt:
+        pass
+    struct pcal_sg:
+        pass
+    int pcal_pt_init(pcal_pt *pt, size_t nl3) nogil
+    void pcal_pt_free(pcal_pt *pt) nogil
+    uint64_t pcal_walk(pcal_pt *pt, size_t n) nogil
+    uint64_t pcal_batch(pcal_pt *pt, size_t n) nogil
+    uint64_t pcal_visit(pcal_sg *sg, size_t n) nogil
+    uint64_t pcal_alloc(size_t n, size_t nbytes) nogil
+    uint64_t pcal_tree(size_t n, size_t live) nogil
+
+from libc.stdlib cimport calloc, free
+
+
+def measure(int rounds=7, size_t walks=20000, size_t entries=65536, size_t allocs=4000,
+            size_t tree_ops=20000, size_t tree_live=1024):
+    """Run every loop ``rounds`` times, interleaved (one of each per round);
+    returns ``{name: [ns per unit of each round]}``.
+
+    Units: ``walk_write`` one 4-level descent ending in one leaf write;
+    ``pte_write`` one entry written in a batch of 512; ``entry_visit`` one
+    32-byte scatterlist entry visited by a pass; ``alloc_4k`` one zeroed
+    4 KiB allocation and its free; ``tree_pair`` one node allocated,
+    inserted into and erased from a red-black tree of ``tree_live`` ranges,
+    then freed.  MemoryError when the buffers cannot be allocated.
+    """
+    if rounds < 1 or walks < 1 or entries < 1 or allocs < 1 or tree_ops < 1 or tree_live < 1:
+        raise ValueError("rounds and sizes must be positive")
+    cdef pcal_pt pt
+    cdef pcal_sg *sg = <pcal_sg *>calloc(entries, 32)
+    cdef uint64_t t
+    if sg == NULL:
+        raise MemoryError("calibration: no memory for the entries")
+    if pcal_pt_init(&pt, 2048) < 0:
+        free(sg)
+        raise MemoryError("calibration: no memory for the page table")
+    out = {"walk_write": [], "pte_write": [], "entry_visit": [], "alloc_4k": [], "tree_pair": []}
+    try:
+        with nogil:
+            pcal_walk(&pt, walks)          # warm up: fault everything in
+            pcal_batch(&pt, 2048 * 512)
+            pcal_visit(sg, entries)
+        for _ in range(rounds):
+            with nogil:
+                t = pcal_walk(&pt, walks)
+            out["walk_write"].append(t / walks)
+            with nogil:
+                t = pcal_batch(&pt, 512 * 64)
+            out["pte_write"].append(t / (512.0 * 64))
+            with nogil:
+                t = pcal_visit(sg, entries)
+            out["entry_visit"].append(t / entries)
+            with nogil:
+                t = pcal_alloc(allocs, 4096)
+            out["alloc_4k"].append(t / allocs)
+            with nogil:
+                t = pcal_tree(tree_ops, tree_live)
+            out["tree_pair"].append(t / tree_ops)
+    finally:
+        pcal_pt_free(&pt)
+        free(sg)
+    for k, v in out.items():
+        if not all(x > 0 for x in v):
+            raise RuntimeError(f"calibration: the {k} loop failed (clock or allocation)")
+    return out
