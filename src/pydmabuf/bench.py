@@ -594,11 +594,14 @@ def format_table(result: dict[str, Any]) -> str:
     maps = [c for c in cells if c["strategy"] in MAPPING_STRATEGIES]
     if maps:
         lines.append("")
-        lines.append("Mapping a buffer: map and unmap ns/page (medians), +-% half the interquartile range; "
-                     "x = map time against the sg_iommu map and the one-PTE-per-page floor; "
-                     "PTE writes and IOTLB invalidations over one map + unmap")
-        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'map':>8} {'unmap':>7} {'+-%':>4} {'x sg_iommu':>10} {'x floor':>8} "
-               f"{'PTE w/pg':>9} {'IOTLB inv':>9} {'segments':>9} {'meta B/page':>11}")
+        lines.append("Mapping a buffer, one map + unmap.  kernel est: the kernel's CPU cost, ns/page "
+                     "(its counted work x unit costs; --explain CELL shows the terms), x = against sg_iommu; "
+                     "map calls, walks, PTE writes/page and IOTLB invalidations: the kernel's counts.  "
+                     "model: this model's own CPU time, map and unmap ns/page (medians), +-% half the "
+                     "interquartile range, x = model map time against the sg_iommu map and the floor")
+        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'kernel est':>10} {'x':>5} {'map calls':>9} "
+               f"{'walks':>8} {'PTE w/pg':>9} {'IOTLB inv':>9} | {'model map':>9} {'unmap':>7} {'+-%':>4} "
+               f"{'x sg_iommu':>10} {'x floor':>8} {'segments':>9} {'meta B/page':>11}")
         lines.append(hdr)
         lines.append("-" * len(hdr))
         for (lay, npages), strat in by_key.items():
@@ -613,15 +616,27 @@ def format_table(result: dict[str, Any]) -> str:
                 rb = _ratio(mp, base["counters"]["map_ns_per_page"], ".2f") if base else "-"
                 rf = _ratio(mp, pte_floor["counters"]["map_ns_per_page"], ".1f") if pte_floor else "-"
                 lines.append(
-                    f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {mp:>8.2f} "
+                    f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {_kernel_columns(mc, base)} | {mp:>9.2f} "
                     f"{k['unmap_ns_per_page']:>7.2f} {_spread_pct(mc):>4} {rb:>10} {rf:>8} "
-                    f"{k['pte_writes_per_page']:>9.3f} {k['iotlb_invalidations']:>9} {k['segments']:>9} "
-                    f"{k['metadata_bytes_per_page']:>11.2f}"
+                    f"{k['segments']:>9} {k['metadata_bytes_per_page']:>11.2f}"
                 )
             lines.append("")
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def _kernel_columns(c: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """The kernel's side of a mapping row: the estimate (and its ratio to
+    the baseline's), map calls, walks, PTE writes per page, invalidations;
+    dashes for a result without them (written before the estimate existed)."""
+    est, w = c.get("kernel_est_ns_per_page"), c.get("kernel_work")
+    if est is None or not isinstance(w, dict):
+        return f"{'-':>10} {'-':>5} {'-':>9} {'-':>8} {'-':>9} {'-':>9}"
+    b = base.get("kernel_est_ns_per_page") if base else None
+    x = _ratio(est, b, ".2f") if b is not None else "-"
+    return (f"{est:>10.2f} {x:>5} {w['iommu_map_calls']:>9} {w['pt_walks']:>8} "
+            f"{w['pte_writes'] / c['npages']:>9.3f} {w['iotlb_invalidations']:>9}")
 
 
 def _spread_pct(c: dict[str, Any]) -> str:
@@ -657,8 +672,10 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
            f"Linux {m.get('kernel', '?')}, Python {m['python']}, NumPy {m['numpy']}; "
            f"model: the default machine, importer {model['iommu_device']} behind its IOMMU.",
            "",
-           "Map cost in ns per 4 KiB page (median), and in brackets its ratio to `sg_iommu` "
-           "(build a scatterlist, `dma_map_sgtable` through the IOMMU).", ""]
+           "Each cell: the kernel's estimated CPU cost of one map + unmap in ns per 4 KiB page "
+           "(its counted work x unit costs, `pydmabuf bench --explain CELL`) with its ratio to `sg_iommu` "
+           "(build a scatterlist, `dma_map_sgtable` through the IOMMU) in brackets, then the model's own "
+           "map time (median ns per page; it measures this model, not the kernel).", ""]
     for npages in want:
         out.append(f"**{_fmt_size(npages * PAGE_SIZE)}**")
         out.append("")
@@ -676,8 +693,14 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
                     cols.append("-")
                     continue
                 mp = mc["counters"]["map_ns_per_page"]
-                ratio = f" ({_ratio(mp, base['counters']['map_ns_per_page'], '.2f')})" if base else ""
-                cols.append(f"{mp:.2f}{ratio}")
+                est = mc.get("kernel_est_ns_per_page")
+                best = base.get("kernel_est_ns_per_page") if base else None
+                if est is None:
+                    ratio = f" ({_ratio(mp, base['counters']['map_ns_per_page'], '.2f')})" if base else ""
+                    cols.append(f"model {mp:.2f}{ratio}")
+                else:
+                    ratio = f" ({_ratio(est, best, '.2f')})" if best is not None else ""
+                    cols.append(f"{est:.2f}{ratio} · model {mp:.2f}")
             out.append(f"| {lay} | " + " | ".join(cols) + " |")
         out.append("")
     walks = [c for c in all_cells if c["strategy"] == "sg_from_pages"]
@@ -709,9 +732,14 @@ def to_csv(result: dict[str, Any]) -> str:
     rows = []
     keys: list[str] = []
     for c in _check_result(result, "to_csv", header=False):
-        row = {k: v for k, v in c.items() if k != "counters"}
+        row = {k: v for k, v in c.items() if k not in ("counters", "kernel_work", "kernel_est_terms")}
         for k, v in c["counters"].items():
             row[f"counter_{k}"] = v
+        for k in kernel_work.KEYS:  # empty for a reference cell, which is no kernel path
+            kw = c.get("kernel_work")
+            row[f"kernel_{k}"] = kw[k] if isinstance(kw, dict) else ""
+        for t in c.get("kernel_est_terms") or ():
+            row[f"kernel_est_ns_{t['count_of'].replace(' (', '_').rstrip(')')}"] = t["ns"]
         for k in row:
             if k not in keys:
                 keys.append(k)
@@ -721,6 +749,18 @@ def to_csv(result: dict[str, Any]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+def explain(result: dict[str, Any], cell: str) -> str:
+    """The kernel-cost estimate of one cell of ``result`` written out term by
+    term (:func:`pydmabuf.kernel_work.format_explain`).  ``cell`` is
+    ``LAYOUT:PAGES:STRATEGY``, e.g. ``scattered:65536:sg_iommu``.  ValueError
+    for a malformed cell or one the result does not hold."""
+    lay, npages, strat = kernel_work.parse_cell(cell)
+    for c in _check_result(result, "explain", header=False):
+        if (c["layout"], c["npages"], c["strategy"]) == (lay, npages, strat):
+            return kernel_work.format_explain(c, result.get("unit_costs"))
+    raise ValueError(f"cell {cell!r} is not in this result")
 
 
 def to_json(result: dict[str, Any]) -> str:
