@@ -203,8 +203,8 @@ cdef extern from *:
 from libc.stdlib cimport calloc, free
 
 
-def measure(int rounds=7, size_t walks=20000, size_t entries=65536, size_t allocs=4000,
-            size_t tree_ops=20000, size_t tree_live=1024):
+def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t allocs=4000,
+            size_t tree_ops=8000, size_t tree_live=1024):
     """Run every loop ``rounds`` times, interleaved (one of each per round);
     returns ``{name: [ns per unit of each round]}``.
 
@@ -236,8 +236,8 @@ def measure(int rounds=7, size_t walks=20000, size_t entries=65536, size_t alloc
                 t = pcal_walk(&pt, walks)
             out["walk_write"].append(t / walks)
             with nogil:
-                t = pcal_batch(&pt, 512 * 64)
-            out["pte_write"].append(t / (512.0 * 64))
+                t = pcal_batch(&pt, 512 * 512)
+            out["pte_write"].append(t / (512.0 * 512))
             with nogil:
                 t = pcal_visit(sg, entries)
             out["entry_visit"].append(t / entries)

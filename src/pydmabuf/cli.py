@@ -118,12 +118,12 @@ def _bench(args: argparse.Namespace) -> int:
             sizes = sizes if args.sizes else [npages]
         result = bench.run_study(layouts, sizes, seed=args.seed, quick=args.quick,
                                  progress=False if args.no_progress else None, cost_profile=profile)
-        text = bench.explain(result, args.explain) if args.explain else None
+        explained = bench.explain(result, args.explain) if args.explain else None
     except (OSError, ValueError) as e:  # a bad profile or cell; run_study checks before it runs anything
         print(f"pydmabuf bench: {e}", file=sys.stderr)
         return 2
-    if text is not None:
-        print(text)
+    if explained is not None:
+        print(explained)
     if args.json:
         _write(args.json, bench.to_json(result))
     if args.csv:
@@ -132,7 +132,7 @@ def _bench(args: argparse.Namespace) -> int:
         _write(args.markdown, bench.format_markdown(result))
     if args.plot:
         bench.plot(result, args.plot)
-    if "-" not in (args.json, args.csv, args.markdown) and text is None:
+    if "-" not in (args.json, args.csv, args.markdown) and explained is None:
         print(bench.format_table(result))
     return 0
 
