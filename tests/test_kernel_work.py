@@ -231,3 +231,20 @@ def test_cell_syntax(text: str, want: tuple[str, int, str]) -> None:
 def test_bad_cells_are_refused(text: str) -> None:
     with pytest.raises(ValueError):
         kw.parse_cell(text)
+
+
+def test_4g_of_runs_takes_1g_leaves_and_a_table_under_the_last() -> None:
+    # 4 GiB contiguous from a 1 GiB-aligned pfn, linked as the study's runs:
+    # numpy_coalesce cuts at 0xFFFFF pages -> runs of 4 GiB - 4 KiB and 4 KiB.
+    p = np.arange(A, A + (1 << 20), dtype=np.uint64)
+    w = kw.kernel_work("link_runs", p, detail=True)
+    # run 1: 3 x 1 GiB (one descent), 511 x 2 MiB (the cut at the 1 GiB
+    # boundary is out of reach: count = (1G - 4K) >> 21 = 511, one descent),
+    # 511 x 4 KiB (one descent); run 2: 1 x 4 KiB (one descent)
+    assert (w["_leaves_1g"], w["_leaves_2m"], w["_leaves_4k"], w["_map_walks"]) == (3, 511, 512, 4)
+    # unmap of 4 GiB: 4 x 1 GiB entries in one descent; the 4th holds a
+    # table (no 1 GiB leaf there): cleared twice, the L2 table freed with
+    # its one L3 table; the next map installs both again (1 + 512 - 511)
+    assert (w["_unmap_walks"], w["_tables_cleared"], w["_tables_installed"]) == (1, 1, 2)
+    assert w["pte_writes"] == (3 + 511 + 512 + 2) + (4 + 1)
+    assert w["iotlb_invalidations"] == 1 + 1

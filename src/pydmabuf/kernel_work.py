@@ -431,6 +431,11 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
         rows = np.asarray(bar_ranges, dtype=_U64).reshape(-1, 2)
         size = int(rows[:, 1].sum())
         if p2p_iova:
+            # dma_iova_try_alloc, one dma_iova_link per range, one
+            # dma_iova_sync; dma_buf_free_sgt -> dma_iova_destroy.  The
+            # kernel links every range at offset 0 (they collide from the
+            # second on); the model and these counts use the running offset
+            # the helper means -- the same calls, each at its own IOVA.
             w = {**zero, **_link_work(rows[:, 1].copy(), rows[:, 0].copy(), strict)}
             ents = -(-size // _SG_MAX_SEGMENT)   # calc_sg_nents, IOVA case
             meta = _kmalloc_size(_DMA_BUF_DMA) + _kmalloc_size(_IOVA_STATE) + sg_chunk_bytes(ents)
