@@ -206,6 +206,10 @@ def test_profile_can_pin_measured_units_and_estimate_sums_terms(tmp_path) -> Non
     by = {t["count_of"]: t for t in terms}
     assert by["pt_walks"]["count"] == 3 and by["pt_walks"]["ns"] == 3 * units["walk"]["ns"]
     assert by["iotlb_invalidations (queued)"]["count"] == 1
+    # 4 granules: alloc_iova_fast serves it from the per-CPU rcache; 64: the tree
+    assert by["iova_allocs"]["unit"] == "iova_rcache_alloc" and by["iova_frees"]["unit"] == "iova_rcache_free"
+    big = kw.estimate_terms(kw.kernel_work("link_runs", np.arange(A, A + 64, dtype=np.uint64), detail=True), units)
+    assert {t["count_of"]: t["unit"] for t in big}["iova_allocs"] == "iova_alloc"
     with pytest.raises(ValueError, match="detail"):
         kw.estimate_terms(kw.kernel_work("sg_iommu", pfns(A, A + 1, B, B + 1)), units)
 

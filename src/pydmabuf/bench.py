@@ -409,6 +409,8 @@ def run_study(
     ``kernel_est_ns_per_page`` (their cost), the result ``unit_costs``.
     """
     layouts, sizes, parts = _study_args(layouts, sizes, parts, machine)
+    if cost_profile is not None and not isinstance(cost_profile, (str, dict)):
+        raise TypeError(f"cost_profile must be a path, a loaded profile or None, not {type(cost_profile).__name__}")
     profile = kernel_work.load_profile(cost_profile) if not isinstance(cost_profile, dict) else cost_profile
     units = kernel_work.unit_costs(profile, rounds=5 if quick else 9)
     timing = {"min_time": 0.01, "min_reps": 3, "max_reps": 7} if quick else {"min_time": 0.1, "min_reps": 5, "max_reps": 25}

@@ -318,6 +318,7 @@ def _link_work(lens: np.ndarray, phys: np.ndarray, strict: bool) -> dict[str, in
     # dma_iova_link -> __dma_iova_link -> iommu_map_nosync, once per call
     pt = pagetable_work(_U64(_IOVA_BASE) + offs, phys, lens, (_IOVA_BASE, total), strict=strict)
     return {
+        "_iova_granules": -(-total // PAGE_SIZE),
         "iova_allocs": 1,       # dma_iova_try_alloc -> iommu_dma_alloc_iova -> alloc_iova_fast
         "iova_frees": 1,        # dma_iova_destroy -> __iommu_dma_iova_unlink -> iommu_dma_free_iova
         "iotlb_sync_map": 1,    # dma_iova_sync -> iommu_sync_map
@@ -348,7 +349,7 @@ def _sg_map_iommu(entry_lens: np.ndarray, run_phys: np.ndarray, run_lens: np.nda
     # for a coherent device without swiotlb (dev_use_sg_swiotlb is false).
     visits = n + (n + 1) + n + 1 + count + (1 if count < n else 0)
     return {"iova_allocs": 1, "iova_frees": 1, "iotlb_sync_map": 1, **pt, "sg_entry_visits": visits,
-            "_segments": count}
+            "_segments": count, "_iova_granules": -(-total // PAGE_SIZE)}
 
 
 def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_segment_size: int = _UINT_MAX,
@@ -475,9 +476,15 @@ MEASURED_UNITS = {
     "walk": "one 4-level descent from the root (descent + leaf write, less one batched write)",
     "pte_write": "one 8-byte entry written in a batch of 512 consecutive entries",
     "entry_visit": "one 32-byte scatterlist entry visited by a pass (__finalise_sg's work per entry)",
-    "metadata_byte": "one byte of a zeroed 4 KiB allocation and its free (kzalloc + kfree)",
-    "iova_alloc": "half a node allocate + red-black-tree insert + erase + free, 1024 live ranges",
-    "iova_free": "half a node allocate + red-black-tree insert + erase + free, 1024 live ranges",
+    "metadata_byte": "one byte of a zeroed 4 KiB allocation and its free (kzalloc + kfree; a small "
+                     "kmalloc costs more per byte, its fixed cost is not counted)",
+    "iova_alloc": "IOVA tree path (> 32 granules, alloc_iova): half a node allocate + red-black-tree "
+                  "insert + erase + free, 1024 live ranges",
+    "iova_free": "IOVA tree path (> 32 granules, __free_iova): as iova_alloc",
+    "iova_rcache_alloc": "IOVA rcache path (<= 32 granules, iova_rcache_get): one pfn popped from a "
+                         "127-entry magazine under a spin lock",
+    "iova_rcache_free": "IOVA rcache path (<= 32 granules, iova_rcache_insert): one pfn pushed back into "
+                        "the magazine under a spin lock",
 }
 #: Unit costs only a cost profile gives.
 PROFILE_UNITS = ("iotlb_invalidation", "iotlb_invalidation_queued", "iotlb_sync_map", "iommu_map_call",
@@ -556,6 +563,8 @@ def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
         "metadata_byte": [a / PAGE_SIZE for a in raw["alloc_4k"]],
         "iova_alloc": [t / 2 for t in raw["tree_pair"]],
         "iova_free": [t / 2 for t in raw["tree_pair"]],
+        "iova_rcache_alloc": [t / 2 for t in raw["magazine_pair"]],
+        "iova_rcache_free": [t / 2 for t in raw["magazine_pair"]],
     }
     out = {}
     for unit, xs in per.items():
@@ -601,9 +610,15 @@ def estimate_terms(work: dict[str, int], units: dict[str, dict[str, Any]]) -> li
         inv_queued = 0
     if inv_now + inv_queued != work["iotlb_invalidations"]:
         raise ValueError("estimate_terms: the work lacks its detail (kernel_work(..., detail=True))")
+    # alloc_iova_fast rounds a request below 32 granules up to a power of
+    # two and serves every size up to 32 from the per-CPU rcache
+    # (iova_rcache_get; IOVA_RANGE_CACHE_MAX_SIZE = 6 bins); a repeated
+    # map + unmap finds its range there again (free_iova_fast put it back).
+    # Larger ranges take the tree both ways.
+    small = 0 < work.get("_iova_granules", 0) <= 32
     rows = [
-        ("iova_allocs", work["iova_allocs"], "iova_alloc"),
-        ("iova_frees", work["iova_frees"], "iova_free"),
+        ("iova_allocs", work["iova_allocs"], "iova_rcache_alloc" if small else "iova_alloc"),
+        ("iova_frees", work["iova_frees"], "iova_rcache_free" if small else "iova_free"),
         ("iommu_map_calls", work["iommu_map_calls"], "iommu_map_call"),
         ("iommu_unmap_calls", work["iommu_unmap_calls"], "iommu_unmap_call"),
         ("iotlb_sync_map", work["iotlb_sync_map"], "iotlb_sync_map"),
