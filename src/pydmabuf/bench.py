@@ -112,7 +112,8 @@ class Progress:
 
 
 def _attach_kernel_work(c: Cell, pfns: np.ndarray, dev: Any, units: dict[str, Any] | None, **kw: Any) -> None:
-    """Count the kernel's work for cell ``c`` and, with unit costs, its estimate."""
+    """Count the kernel's work for cell ``c`` and, with unit costs, its
+    estimate.  ``cache``: shared by the cells of one input."""
     w = kernel_work.cell_kernel_work(c.strategy, pfns, dev, detail=True, **kw)
     c.kernel_work = {k: w[k] for k in kernel_work.KEYS}
     if units is not None:
@@ -233,6 +234,7 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
     bar_rows = _bar_ranges(b, phys, lens)
     floor_out = _core.floor_buffer(npages, 8)
     cells: list[Cell] = []
+    kw_cache: dict[Any, Any] = {}  # page-table work the paths on these pages share
 
     def sg(dev: Any) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         def map_() -> Any:
@@ -372,7 +374,7 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
             _attach_kernel_work(c, pfns, dev, units, bar_ranges=bar_rows,
                                 p2p_iova=route == P2PMapType.THRU_HOST_BRIDGE and dev.domain is not None)
         else:
-            _attach_kernel_work(c, pfns, dev, units)
+            _attach_kernel_work(c, pfns, dev, units, cache=kw_cache)
         cells.append(c)
     for buf in plans_keep:
         buf.put()

@@ -354,7 +354,7 @@ def _sg_map_iommu(entry_lens: np.ndarray, run_phys: np.ndarray, run_lens: np.nda
 
 def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_segment_size: int = _UINT_MAX,
                 seg_boundary: int = (1 << 64) - 1, bar_ranges: np.ndarray | None = None,
-                p2p_iova: bool = True, detail: bool = False) -> dict[str, int]:
+                p2p_iova: bool = True, detail: bool = False, cache: dict[Any, Any] | None = None) -> dict[str, int]:
     """The kernel's work for one map + unmap of the buffer ``pfns`` by
     ``strategy`` (a name of :data:`PATHS`).
 
@@ -376,6 +376,10 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
         IOVA range), not BUS_ADDR (nothing mapped).
     detail : bool
         Also return the terms behind the counts (keys starting with ``_``).
+    cache : dict, optional
+        Shared by calls on the same ``pfns`` (and device): the page-table
+        work common to several paths (the scatterlist paths, the run
+        links) is worked out once.  Pass a fresh dict for other pages.
 
     Returns
     -------
@@ -405,7 +409,14 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
         w = {**zero, "sg_entries": nents, "sg_entry_visits": 3 * nents, "metadata_bytes": sg_chunk_bytes(nents)}
     elif strategy in ("sg_iommu", "dmabuf_static", "dmabuf_dynamic"):
         entry_lens = _sg_entry_lens(run_lens)
-        w = {**zero, **_sg_map_iommu(entry_lens, run_phys, run_lens, max_segment_size, strict)}
+        key = ("sg", strict, max_segment_size)
+        if cache is None or key not in cache:
+            got = _sg_map_iommu(entry_lens, run_phys, run_lens, max_segment_size, strict)
+            if cache is not None:
+                cache[key] = got
+        else:
+            got = cache[key]
+        w = {**zero, **got}
         w["sg_entries"] = nents
         if strategy == "sg_iommu":
             w["sg_entry_visits"] += nents           # the builder writes each entry once
@@ -424,8 +435,15 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
         # the same ranges the system heap's phys_vec holds
         from pydmabuf.workloads import numpy_coalesce
 
-        phys, lens = numpy_coalesce(pfns)
-        w = {**zero, **_link_work(lens, phys, strict)}
+        key = ("runs", strict)
+        if cache is None or key not in cache:
+            phys, lens = numpy_coalesce(pfns)
+            got = _link_work(lens, phys, strict)
+            if cache is not None:
+                cache[key] = got
+        else:
+            got = cache[key]
+        w = {**zero, **got}
     else:  # ranges_to_table
         if bar_ranges is None:
             raise ValueError("kernel_work: ranges_to_table needs bar_ranges")
