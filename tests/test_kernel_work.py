@@ -167,6 +167,8 @@ def test_unknown_strategy_and_segment_boundary_are_refused() -> None:
         kw.kernel_work("sg_magic", pfns(A))
     with pytest.raises(ValueError, match="segment boundary"):
         kw.kernel_work("sg_iommu", pfns(A), seg_boundary=0xFFFF)
+    with pytest.raises(ValueError, match="max segment"):
+        kw.kernel_work("sg_iommu", np.arange(A, A + 32, dtype=np.uint64), max_segment_size=0x10000)
 
 
 # ------------------------------------------------------------------ estimate

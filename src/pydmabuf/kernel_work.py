@@ -334,6 +334,10 @@ def _sg_map_iommu(entry_lens: np.ndarray, run_phys: np.ndarray, run_lens: np.nda
     """iommu_dma_map_sg + iommu_dma_unmap_sg of a table of ``entry_lens``
     (coherent, trusted device, no segment boundary)."""
     n = len(entry_lens)
+    if n and int(entry_lens.max()) > max_seg:
+        # __finalise_sg's unsigned max_len - cur_len wraps past such an
+        # entry and merges what follows: not counted here
+        raise ValueError(f"kernel_work: an entry longer than the device's max segment ({max_seg:#x}) is not counted")
     total = int(run_lens.sum())
     offs = np.concatenate(([0], np.cumsum(run_lens.astype(np.int64))[:-1])).astype(_U64)
     # iommu_map_sg: one iommu_map_nosync per physically contiguous run of
