@@ -254,3 +254,30 @@ def test_4g_of_runs_takes_1g_leaves_and_a_table_under_the_last() -> None:
     assert (w["_unmap_walks"], w["_tables_cleared"], w["_tables_installed"]) == (1, 1, 2)
     assert w["pte_writes"] == (3 + 511 + 512 + 2) + (4 + 1)
     assert w["iotlb_invalidations"] == 1 + 1
+
+
+def test_strict_unmap_syncs_again_when_the_leaf_size_changes() -> None:
+    # 513 contiguous pages from a 2 MiB-aligned pfn: one 2 MiB leaf and one
+    # 4 KiB leaf, each its own descent; the unmap clears them in two
+    # descents.  Strict: the gather holds the 2 MiB page; adding the 4 KiB
+    # page changes the size, so iommu_iotlb_gather_add_page syncs first
+    # (1), and iommu_iotlb_sync at the end issues the second (2).
+    p = np.arange(A, A + 513, dtype=np.uint64)
+    w = kw.kernel_work("link_runs", p, strict=True, detail=True)
+    assert (w["_leaves_2m"], w["_leaves_4k"], w["_map_walks"], w["_unmap_walks"]) == (1, 1, 2, 2)
+    assert w["iotlb_invalidations"] == 2 and w["pte_writes"] == 2 + 2
+    # lazy: nothing gathered, one flush-queue entry
+    assert kw.kernel_work("link_runs", p)["iotlb_invalidations"] == 1
+
+
+def test_ranges_to_table_splits_entries_at_max_sg_ent_sz() -> None:
+    five_g = 5 << 30
+    rows = np.array([[0x4800000000, five_g]], dtype=np.uint64)
+    # calc_sg_nents: DIV_ROUND_UP(5 GiB, 0xFFFFF000) = 2 entries on either route
+    w = kw.kernel_work("ranges_to_table", pfns(A), bar_ranges=rows, detail=True)
+    assert w["sg_entries"] == 2 and w["sg_entry_visits"] == 2
+    assert w["metadata_bytes"] == 32 + 16 + 64
+    # one dma_iova_link of 5 GiB at a 1 GiB-aligned phys: 5 x 1 GiB leaves, one descent
+    assert (w["iommu_map_calls"], w["_leaves_1g"], w["_map_walks"]) == (1, 5, 1)
+    bus = kw.kernel_work("ranges_to_table", pfns(A), bar_ranges=rows, p2p_iova=False)
+    assert bus["sg_entries"] == 2 and bus["iommu_map_calls"] == 0
