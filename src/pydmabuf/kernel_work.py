@@ -413,7 +413,7 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
         w = {**zero, "sg_entries": nents, "sg_entry_visits": 3 * nents, "metadata_bytes": sg_chunk_bytes(nents)}
     elif strategy in ("sg_iommu", "dmabuf_static", "dmabuf_dynamic"):
         entry_lens = _sg_entry_lens(run_lens)
-        key = ("sg", strict, max_segment_size)
+        key: tuple[Any, ...] = ("sg", strict, max_segment_size)
         if cache is None or key not in cache:
             got = _sg_map_iommu(entry_lens, run_phys, run_lens, max_segment_size, strict)
             if cache is not None:
@@ -568,7 +568,7 @@ def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
     unit the median ns, its interquartile range and the samples.
     RuntimeError when the extension is not built."""
     try:
-        from pydmabuf import _calibrate  # type: ignore[attr-defined]
+        from pydmabuf import _calibrate
     except ImportError:
         raise RuntimeError("the unit-cost loops (pydmabuf._calibrate) are not built: "
                            "python setup.py build_ext --inplace") from None
