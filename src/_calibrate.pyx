@@ -76,28 +76,130 @@ cdef extern from *:
         return (uint64_t *)(uintptr_t)(e & ~(uint64_t)0xfff);
     }
 
-    /* n descents from the root, each ending in one leaf write; the IOVAs
-     * step through the L3 tables in a scattered order (stride 97 tables)
-     * so consecutive walks do not share a last-level line. */
+    /* The shape of io-pgtable-arm's map: __arm_lpae_map recurses from the
+     * root, one call per level, and at the level whose block size matches
+     * writes up to the end of that table (reading each old entry first, as
+     * arm_lpae_init_pte checks it). */
+    static __attribute__((noinline)) int pcal_lpae_map(uint64_t *table, int lvl, uint64_t iova,
+                                                       uint64_t paddr, size_t size, size_t pgcount,
+                                                       uint64_t prot, size_t *mapped)
+    {
+        unsigned shift = 12 + 9 * (3 - lvl);
+        unsigned idx = (unsigned)((iova >> shift) & 511);
+        uint64_t *ptep = table + idx, pte;
+        if (size == ((size_t)1 << shift)) {
+            size_t max = 512 - idx, num = pgcount < max ? pgcount : max;
+            for (size_t i = 0; i < num; i++) {
+                if (((volatile uint64_t *)ptep)[i] & 2 && lvl < 3)
+                    return -17;
+                ((volatile uint64_t *)ptep)[i] = (paddr + i * size) | prot;
+            }
+            *mapped += num * size;
+            return 0;
+        }
+        if (lvl >= 3)
+            return -22;
+        pte = ((volatile uint64_t *)ptep)[0];
+        if (!(pte & 1))
+            return -12;
+        return pcal_lpae_map(pcal_next(pte), lvl + 1, iova, paddr, size, pgcount, prot, mapped);
+    }
+
+    typedef int (*pcal_map_pages_fn)(struct pcal_pt *pt, uint64_t iova, uint64_t paddr, size_t pgsize,
+                                     size_t pgcount, int prot, size_t *mapped);
+
+    /* arm_lpae_map_pages: argument checks, prot to PTE bits, the descent */
+    static __attribute__((noinline)) int pcal_map_pages(struct pcal_pt *pt, uint64_t iova, uint64_t paddr,
+                                                        size_t pgsize, size_t pgcount, int prot, size_t *mapped)
+    {
+        uint64_t pteprot = 3 | ((uint64_t)1 << 10);
+        if (!pgsize || (pgsize & 0x40201000ull) != pgsize || !pgcount)
+            return -22;
+        if ((int64_t)iova >> 48)
+            return -34;
+        if (!(prot & 3))
+            return 0;
+        if (!(prot & 2))
+            pteprot |= (uint64_t)1 << 7;
+        return pcal_lpae_map((uint64_t *)pt->l0, 0, iova, paddr, pgsize, pgcount, pteprot, mapped);
+    }
+
+    static pcal_map_pages_fn volatile pcal_ops_map_pages = pcal_map_pages;
+
+    /* iommu_pgsize() */
+    static size_t pcal_pgsize(uint64_t bitmap, uint64_t iova, uint64_t paddr, size_t size, size_t *count)
+    {
+        unsigned idx, nidx;
+        uint64_t addr_merge = paddr | iova, sizes, next, off;
+        sizes = bitmap & (((uint64_t)2 << (63 - __builtin_clzll(size))) - 1);
+        if (addr_merge)
+            sizes &= ((uint64_t)2 << __builtin_ctzll(addr_merge)) - 1;
+        idx = 63 - __builtin_clzll(sizes);
+        sizes = bitmap & ~(((uint64_t)2 << idx) - 1);
+        if (sizes) {
+            nidx = __builtin_ctzll(sizes);
+            next = (uint64_t)1 << nidx;
+            if (!((iova ^ paddr) & (next - 1))) {
+                off = next - (addr_merge & (next - 1));
+                if (off + next <= size)
+                    size = off;
+            }
+        }
+        *count = size >> idx;
+        return (size_t)1 << idx;
+    }
+
+    /* iommu_map_nosync -> __iommu_map: alignment check, then pgsize + one
+     * indirect map_pages call per step */
+    static __attribute__((noinline)) int pcal_iommu_map(struct pcal_pt *pt, uint64_t iova, uint64_t paddr,
+                                                        size_t size, int prot)
+    {
+        const uint64_t bitmap = 0x40201000ull;
+        size_t min_pagesz = (size_t)1 << __builtin_ctzll(bitmap);
+        if ((iova | paddr | size) & (min_pagesz - 1))
+            return -22;
+        while (size) {
+            size_t count, mapped = 0, pgsize = pcal_pgsize(bitmap, iova, paddr, size, &count);
+            int ret = pcal_ops_map_pages(pt, iova, paddr, pgsize, count, prot, &mapped);
+            size -= mapped;
+            if (ret)
+                return ret;
+            iova += mapped;
+            paddr += mapped;
+        }
+        return 0;
+    }
+
+    /* the IOVAs of the loops: consecutive pages, as the study's paths map
+     * them (each run or page right after the previous one in one IOVA
+     * range), wrapping over the tables */
+    #define PCAL_NEXT_IOVA(pt, t, slot) do { if (++(slot) == 512) { (slot) = 0; \
+        if (++(t) >= (pt)->nl3) (t) = 0; } } while (0)
+
+    /* n descents from the root, each ending in one leaf write */
     static uint64_t pcal_walk(struct pcal_pt *pt, size_t n)
     {
-        uint64_t t0 = pcal_now(), e;
-        size_t i, t = 0, slot = 0;
-        uint64_t *p;
+        uint64_t t0 = pcal_now();
+        size_t i, t = 0, slot = 0, mapped = 0;
         for (i = 0; i < n; i++) {
             uint64_t iova = ((uint64_t)t << 21) | ((uint64_t)slot << 12);
-            e = pt->l0[(iova >> 39) & 511];
-            if (!(e & 1)) return 0;
-            p = pcal_next(e);
-            e = p[(iova >> 30) & 511];
-            if (!(e & 1)) return 0;
-            p = pcal_next(e);
-            e = p[(iova >> 21) & 511];
-            if (!(e & 1)) return 0;
-            p = pcal_next(e);
-            ((volatile uint64_t *)p)[(iova >> 12) & 511] = (iova + 0x40000000ull) | 3;
-            t += 97;
-            if (t >= pt->nl3) { t -= pt->nl3; slot = (slot + 1) & 511; }
+            if (pcal_lpae_map((uint64_t *)pt->l0, 0, iova, iova + 0x40000000ull, 4096, 1, 3, &mapped))
+                return 0;
+            PCAL_NEXT_IOVA(pt, t, slot);
+        }
+        return pcal_now() - t0;
+    }
+
+    /* n one-page iommu_map_nosync calls (call, pgsize, indirect call, descent, write) */
+    static uint64_t pcal_calls(struct pcal_pt *pt, size_t n)
+    {
+        uint64_t t0 = pcal_now();
+        size_t i, t = 0, slot = 0;
+        for (i = 0; i < n; i++) {
+            uint64_t iova = ((uint64_t)t << 21) | ((uint64_t)slot << 12);
+            if (pcal_iommu_map(pt, iova, iova + 0x40000000ull, 4096, 3))
+                return 0;
+            PCAL_NEXT_IOVA(pt, t, slot);
         }
         return pcal_now() - t0;
     }
@@ -228,6 +330,7 @@ cdef extern from *:
     int pcal_pt_init(pcal_pt *pt, size_t nl3) nogil
     void pcal_pt_free(pcal_pt *pt) nogil
     uint64_t pcal_walk(pcal_pt *pt, size_t n) nogil
+    uint64_t pcal_calls(pcal_pt *pt, size_t n) nogil
     uint64_t pcal_batch(pcal_pt *pt, size_t n) nogil
     uint64_t pcal_visit(pcal_sg *sg, size_t n) nogil
     uint64_t pcal_alloc(size_t n, size_t nbytes) nogil
@@ -242,7 +345,10 @@ def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t all
     """Run every loop ``rounds`` times, interleaved (one of each per round);
     returns ``{name: [ns per unit of each round]}``.
 
-    Units: ``walk_write`` one 4-level descent ending in one leaf write;
+    Units: ``walk_write`` one 4-level descent ending in one leaf write
+    (io-pgtable-arm's recursive __arm_lpae_map shape); ``map_call`` one
+    one-page iommu_map_nosync-shaped call (checks, iommu_pgsize, an indirect
+    map_pages call, the same descent and write);
     ``pte_write`` one entry written in a batch of 512; ``entry_visit`` one
     32-byte scatterlist entry visited by a pass; ``alloc_4k`` one zeroed
     4 KiB allocation and its free; ``tree_pair`` one node allocated,
@@ -261,7 +367,7 @@ def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t all
     if pcal_pt_init(&pt, 2048) < 0:
         free(sg)
         raise MemoryError("calibration: no memory for the page table")
-    out = {"walk_write": [], "pte_write": [], "entry_visit": [], "alloc_4k": [], "tree_pair": [],
+    out = {"walk_write": [], "map_call": [], "pte_write": [], "entry_visit": [], "alloc_4k": [], "tree_pair": [],
            "magazine_pair": []}
     try:
         with nogil:
@@ -272,6 +378,9 @@ def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t all
             with nogil:
                 t = pcal_walk(&pt, walks)
             out["walk_write"].append(t / walks)
+            with nogil:
+                t = pcal_calls(&pt, walks)
+            out["map_call"].append(t / walks)
             with nogil:
                 t = pcal_batch(&pt, 512 * 512)
             out["pte_write"].append(t / (512.0 * 512))
