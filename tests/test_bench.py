@@ -191,6 +191,11 @@ def test_cli_explain_and_cost_profile(tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--no-progress", "--explain", "contiguous:16:link_pages"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("contiguous:16:link_pages") and "iommu_map_calls" in out and "x" in out
+    # several cells of one run, with the same unit costs
+    assert cli.main(["bench", "--quick", "--no-progress", "--explain", "scattered:16:sg_iommu",
+                     "--explain", "scattered:16:link_pages"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("kernel estimate:") == 2 and "scattered:16:link_pages" in out
     bad = tmp_path / "bad.toml"
     bad.write_text("[iotlb_invalidation]\nns = -5\nsource = 'x'\n")
     assert cli.main(["bench", "--quick", "--no-progress", "--cost-profile", str(bad)]) == 2

@@ -57,11 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--cost-profile", metavar="FILE",
                    help="TOML unit costs for the kernel-cost estimate (default: the shipped profile; "
                         "each unit a table with ns and source)")
-    b.add_argument("--explain", metavar="CELL",
+    b.add_argument("--explain", metavar="CELL", action="append",
                    help="print one cell's kernel-cost estimate term by term (count x unit cost = ns) beside "
                         "the model's own time; CELL is LAYOUT:PAGES:STRATEGY, PAGES a page count or a size "
-                        "(e.g. scattered:65536:sg_iommu or scattered:256M:link_pages); runs only that "
-                        "layout and size unless --layouts/--sizes say otherwise")
+                        "(e.g. scattered:65536:sg_iommu or scattered:256M:link_pages); repeat it to explain "
+                        "several cells of one run (same unit costs); runs only those layouts and sizes "
+                        "unless --layouts/--sizes say otherwise")
 
     s = sub.add_parser(
         "scenario",
@@ -110,15 +111,16 @@ def _bench(args: argparse.Namespace) -> int:
     try:
         profile = kernel_work.load_profile(args.cost_profile) if args.cost_profile else None
         if args.explain:
-            lay, npages, strat = kernel_work.parse_cell(args.explain)
-            if strat not in bench.MAPPING_STRATEGIES and strat != "sg_from_pages":
-                raise ValueError(f"--explain {args.explain}: no kernel estimate for strategy {strat!r}; known: "
-                                 f"{', '.join(bench.MAPPING_STRATEGIES + ('sg_from_pages',))}")
-            layouts = layouts if args.layouts else [lay]
-            sizes = sizes if args.sizes else [npages]
+            cells = [kernel_work.parse_cell(c) for c in args.explain]
+            for text, (lay, npages, strat) in zip(args.explain, cells):
+                if strat not in bench.MAPPING_STRATEGIES and strat != "sg_from_pages":
+                    raise ValueError(f"--explain {text}: no kernel estimate for strategy {strat!r}; known: "
+                                     f"{', '.join(bench.MAPPING_STRATEGIES + ('sg_from_pages',))}")
+            layouts = layouts if args.layouts else list(dict.fromkeys(c[0] for c in cells))
+            sizes = sizes if args.sizes else list(dict.fromkeys(c[1] for c in cells))
         result = bench.run_study(layouts, sizes, seed=args.seed, quick=args.quick,
                                  progress=False if args.no_progress else None, cost_profile=profile)
-        explained = bench.explain(result, args.explain) if args.explain else None
+        explained = "\n\n".join(bench.explain(result, c) for c in args.explain) if args.explain else None
     except (OSError, ValueError) as e:  # a bad profile or cell; run_study checks before it runs anything
         print(f"pydmabuf bench: {e}", file=sys.stderr)
         return 2

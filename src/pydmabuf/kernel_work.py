@@ -716,8 +716,8 @@ def format_explain(cell: dict[str, Any], units: dict[str, dict[str, Any]] | None
     lines.append(f"kernel estimate: {total / n:.3f} ns/page")
     k = cell.get("counters", {})
     lines.append(f"model CPU time (this model's implementation, not the kernel): {cell['ns_per_page']:.3f} ns/page"
-                 + (f" (map {k['map_ns_per_page']:.3f} + unmap {k['unmap_ns_per_page']:.3f})"
-                    if "map_ns_per_page" in k else ""))
+                 + (f" (median of map + unmap; medians apart: map {k['map_ns_per_page']:.3f}, "
+                    f"unmap {k['unmap_ns_per_page']:.3f})" if "map_ns_per_page" in k else ""))
     if units:
         lines.append("")
         lines.append("unit costs:")
