@@ -45,9 +45,17 @@ ext = Extension(
     extra_link_args=ldflags,
 )
 
+# Unit-cost loops for the study's kernel-cost estimate, kept out of the core.
+calibrate = Extension(
+    "pydmabuf._calibrate",
+    sources=["src/_calibrate.pyx"],
+    extra_compile_args=(["-O1", "-g"] if debug else ["-O2"]) + ["-Wno-unused-function"],
+    extra_link_args=ldflags,
+)
+
 setup(
     ext_modules=cythonize(
-        [ext],
+        [ext, calibrate],
         include_path=["src"],
         compiler_directives=directives,
     ),

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pydmabuf import _core, errors, workloads
+from pydmabuf import _core, errors, kernel_work, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,12 @@ class Cell:
     strategy: str
     samples_ns: list[float] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
+    #: What the kernel does on this path for this input (:mod:`pydmabuf.kernel_work`);
+    #: None for the references that are no kernel path (c_floor, numpy).
+    kernel_work: dict[str, int] | None = None
+    #: The kernel-cost estimate (ns per page) and its terms.
+    kernel_est_ns_per_page: float | None = None
+    kernel_est_terms: list[dict[str, Any]] | None = None
 
     @property
     def ns_per_page(self) -> float:
@@ -105,7 +111,18 @@ class Progress:
             sys.stderr.flush()
 
 
-def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]) -> list[Cell]:
+def _attach_kernel_work(c: Cell, pfns: np.ndarray, dev: Any, units: dict[str, Any] | None, **kw: Any) -> None:
+    """Count the kernel's work for cell ``c`` and, with unit costs, its
+    estimate.  ``cache``: shared by the cells of one input."""
+    w = kernel_work.cell_kernel_work(c.strategy, pfns, dev, detail=True, **kw)
+    c.kernel_work = {k: w[k] for k in kernel_work.KEYS}
+    if units is not None:
+        c.kernel_est_terms = kernel_work.estimate_terms(w, units)
+        c.kernel_est_ns_per_page = kernel_work.estimate_ns_per_page(c.kernel_est_terms, c.npages)
+
+
+def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
+              units: dict[str, Any] | None = None) -> list[Cell]:
     """The scatterlist walk and its two references on one input."""
     cells = []
     table = _core.SgTable.from_pages(pfns)
@@ -113,6 +130,7 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
     meta = int(table.metadata_nbytes)
     c = Cell(layout, npages, "sg_from_pages", measure(lambda: _core.SgTable.from_pages(pfns), **timing))
     c.counters = {"segments": segs, "metadata_bytes_per_page": meta / npages}
+    _attach_kernel_work(c, pfns, None, units)
     cells.append(c)
     out = _core.floor_buffer(npages, 32)
     c = Cell(layout, npages, "c_floor", measure(lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), **timing))
@@ -194,7 +212,7 @@ def measure_pair(setup: Callable[[], Any], teardown: Callable[[Any], Any], *, mi
 
 
 def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
-                   strategies: Iterable[str]) -> list[Cell]:
+                   strategies: Iterable[str], units: dict[str, Any] | None = None) -> list[Cell]:
     """Each strategy's map step and unmap step on one input.
 
     ``sg_*``: build the table (``sg_alloc_table_from_pages``) and
@@ -216,6 +234,7 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
     bar_rows = _bar_ranges(b, phys, lens)
     floor_out = _core.floor_buffer(npages, 8)
     cells: list[Cell] = []
+    kw_cache: dict[Any, Any] = {}  # page-table work the paths on these pages share
 
     def sg(dev: Any) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         def map_() -> Any:
@@ -348,6 +367,14 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
         else:
             c.counters["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
             c.counters["iotlb_invalidations"] = 0
+        if name == "ranges_to_table":
+            from pydmabuf.machine import P2PMapType
+
+            route = b.machine.p2p_map_type(b.provider, b.iommu_dev)
+            _attach_kernel_work(c, pfns, dev, units, bar_ranges=bar_rows,
+                                p2p_iova=route == P2PMapType.THRU_HOST_BRIDGE and dev.domain is not None)
+        else:
+            _attach_kernel_work(c, pfns, dev, units, cache=kw_cache)
         cells.append(c)
     for buf in plans_keep:
         buf.put()
@@ -363,6 +390,7 @@ def run_study(
     progress: bool | None = None,
     parts: Iterable[str] = ("sg_walk", "mapping"),
     machine: Any = None,
+    cost_profile: str | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the study; returns a JSON-ready dict (``machine``, ``cells``, ``notes``).
 
@@ -375,8 +403,18 @@ def run_study(
     wrong type, ValueError for an unknown layout or part or a size that is
     not a positive number of pages); OutOfMemory (ENOMEM) when a layout or
     a table does not fit in memory.
+
+    ``cost_profile``: the unit costs the host cannot measure (a TOML file's
+    path, or :func:`pydmabuf.kernel_work.load_profile`'s result; None: the
+    shipped profile).  The host's unit costs are measured once, before the
+    cells; every cell carries ``kernel_work`` (the kernel's counts) and
+    ``kernel_est_ns_per_page`` (their cost), the result ``unit_costs``.
     """
     layouts, sizes, parts = _study_args(layouts, sizes, parts, machine)
+    if cost_profile is not None and not isinstance(cost_profile, (str, dict)):
+        raise TypeError(f"cost_profile must be a path, a loaded profile or None, not {type(cost_profile).__name__}")
+    profile = kernel_work.load_profile(cost_profile) if not isinstance(cost_profile, dict) else cost_profile
+    units = kernel_work.unit_costs(profile, rounds=5 if quick else 9)
     timing = {"min_time": 0.01, "min_reps": 3, "max_reps": 7} if quick else {"min_time": 0.1, "min_reps": 5, "max_reps": 25}
     notes: list[str] = []
     cells: list[Cell] = []
@@ -394,9 +432,9 @@ def run_study(
                         notes.append(note)
                     continue
                 if "sg_walk" in parts:
-                    cells.extend(_sg_cells(lay, npages, pfns, timing))
+                    cells.extend(_sg_cells(lay, npages, pfns, timing, units))
                 if b is not None:
-                    cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES))
+                    cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES, units))
                 del keep
     except MemoryError:  # NumPy could not allocate the layout or a table
         raise errors.OutOfMemory(f"no memory to study the {lay} layout of {npages} pages") from None
@@ -412,6 +450,7 @@ def run_study(
                   "iommu_device": b.iommu_dev.name if b else None,
                   "direct_device": b.direct_dev.name if b else None,
                   "exporter": b.provider.owner.name if b else None},
+        "unit_costs": units,
         "cells": [c.as_dict() for c in cells],
         "notes": notes,
     }
@@ -559,11 +598,14 @@ def format_table(result: dict[str, Any]) -> str:
     maps = [c for c in cells if c["strategy"] in MAPPING_STRATEGIES]
     if maps:
         lines.append("")
-        lines.append("Mapping a buffer: map and unmap ns/page (medians), +-% half the interquartile range; "
-                     "x = map time against the sg_iommu map and the one-PTE-per-page floor; "
-                     "PTE writes and IOTLB invalidations over one map + unmap")
-        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'map':>8} {'unmap':>7} {'+-%':>4} {'x sg_iommu':>10} {'x floor':>8} "
-               f"{'PTE w/pg':>9} {'IOTLB inv':>9} {'segments':>9} {'meta B/page':>11}")
+        lines.append("Mapping a buffer, one map + unmap.  kernel est: the kernel's CPU cost, ns/page "
+                     "(its counted work x unit costs; --explain CELL shows the terms), x = against sg_iommu; "
+                     "map calls, walks, PTE writes/page and IOTLB invalidations: the kernel's counts.  "
+                     "model: this model's own CPU time, map and unmap ns/page (medians), +-% half the "
+                     "interquartile range, x = model map time against the sg_iommu map and the floor")
+        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'kernel est':>10} {'x':>5} {'map calls':>9} "
+               f"{'walks':>8} {'PTE w/pg':>9} {'IOTLB inv':>9} | {'model map':>9} {'unmap':>7} {'+-%':>4} "
+               f"{'x sg_iommu':>10} {'x floor':>8} {'segments':>9} {'meta B/page':>11}")
         lines.append(hdr)
         lines.append("-" * len(hdr))
         for (lay, npages), strat in by_key.items():
@@ -578,15 +620,27 @@ def format_table(result: dict[str, Any]) -> str:
                 rb = _ratio(mp, base["counters"]["map_ns_per_page"], ".2f") if base else "-"
                 rf = _ratio(mp, pte_floor["counters"]["map_ns_per_page"], ".1f") if pte_floor else "-"
                 lines.append(
-                    f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {mp:>8.2f} "
+                    f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {_kernel_columns(mc, base)} | {mp:>9.2f} "
                     f"{k['unmap_ns_per_page']:>7.2f} {_spread_pct(mc):>4} {rb:>10} {rf:>8} "
-                    f"{k['pte_writes_per_page']:>9.3f} {k['iotlb_invalidations']:>9} {k['segments']:>9} "
-                    f"{k['metadata_bytes_per_page']:>11.2f}"
+                    f"{k['segments']:>9} {k['metadata_bytes_per_page']:>11.2f}"
                 )
             lines.append("")
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def _kernel_columns(c: dict[str, Any], base: dict[str, Any] | None) -> str:
+    """The kernel's side of a mapping row: the estimate (and its ratio to
+    the baseline's), map calls, walks, PTE writes per page, invalidations;
+    dashes for a result without them (written before the estimate existed)."""
+    est, w = c.get("kernel_est_ns_per_page"), c.get("kernel_work")
+    if est is None or not isinstance(w, dict):
+        return f"{'-':>10} {'-':>5} {'-':>9} {'-':>8} {'-':>9} {'-':>9}"
+    b = base.get("kernel_est_ns_per_page") if base else None
+    x = _ratio(est, b, ".2f") if b is not None else "-"
+    return (f"{est:>10.2f} {x:>5} {w['iommu_map_calls']:>9} {w['pt_walks']:>8} "
+            f"{w['pte_writes'] / c['npages']:>9.3f} {w['iotlb_invalidations']:>9}")
 
 
 def _spread_pct(c: dict[str, Any]) -> str:
@@ -622,8 +676,10 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
            f"Linux {m.get('kernel', '?')}, Python {m['python']}, NumPy {m['numpy']}; "
            f"model: the default machine, importer {model['iommu_device']} behind its IOMMU.",
            "",
-           "Map cost in ns per 4 KiB page (median), and in brackets its ratio to `sg_iommu` "
-           "(build a scatterlist, `dma_map_sgtable` through the IOMMU).", ""]
+           "Each cell: the kernel's estimated CPU cost of one map + unmap in ns per 4 KiB page "
+           "(its counted work x unit costs, `pydmabuf bench --explain CELL`) with its ratio to `sg_iommu` "
+           "(build a scatterlist, `dma_map_sgtable` through the IOMMU) in brackets, then the model's own "
+           "map time (median ns per page; it measures this model, not the kernel).", ""]
     for npages in want:
         out.append(f"**{_fmt_size(npages * PAGE_SIZE)}**")
         out.append("")
@@ -641,8 +697,14 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
                     cols.append("-")
                     continue
                 mp = mc["counters"]["map_ns_per_page"]
-                ratio = f" ({_ratio(mp, base['counters']['map_ns_per_page'], '.2f')})" if base else ""
-                cols.append(f"{mp:.2f}{ratio}")
+                est = mc.get("kernel_est_ns_per_page")
+                best = base.get("kernel_est_ns_per_page") if base else None
+                if est is None:
+                    ratio = f" ({_ratio(mp, base['counters']['map_ns_per_page'], '.2f')})" if base else ""
+                    cols.append(f"model {mp:.2f}{ratio}")
+                else:
+                    ratio = f" ({_ratio(est, best, '.2f')})" if best is not None else ""
+                    cols.append(f"{est:.2f}{ratio} · model {mp:.2f}")
             out.append(f"| {lay} | " + " | ".join(cols) + " |")
         out.append("")
     walks = [c for c in all_cells if c["strategy"] == "sg_from_pages"]
@@ -674,9 +736,14 @@ def to_csv(result: dict[str, Any]) -> str:
     rows = []
     keys: list[str] = []
     for c in _check_result(result, "to_csv", header=False):
-        row = {k: v for k, v in c.items() if k != "counters"}
+        row = {k: v for k, v in c.items() if k not in ("counters", "kernel_work", "kernel_est_terms")}
         for k, v in c["counters"].items():
             row[f"counter_{k}"] = v
+        for k in kernel_work.KEYS:  # empty for a reference cell, which is no kernel path
+            kw = c.get("kernel_work")
+            row[f"kernel_{k}"] = kw[k] if isinstance(kw, dict) else ""
+        for t in c.get("kernel_est_terms") or ():
+            row[f"kernel_est_ns_{t['count_of'].replace(' (', '_').rstrip(')')}"] = t["ns"]
         for k in row:
             if k not in keys:
                 keys.append(k)
@@ -686,6 +753,18 @@ def to_csv(result: dict[str, Any]) -> str:
     w.writeheader()
     w.writerows(rows)
     return buf.getvalue()
+
+
+def explain(result: dict[str, Any], cell: str) -> str:
+    """The kernel-cost estimate of one cell of ``result`` written out term by
+    term (:func:`pydmabuf.kernel_work.format_explain`).  ``cell`` is
+    ``LAYOUT:PAGES:STRATEGY``, e.g. ``scattered:65536:sg_iommu``.  ValueError
+    for a malformed cell or one the result does not hold."""
+    lay, npages, strat = kernel_work.parse_cell(cell)
+    for c in _check_result(result, "explain", header=False):
+        if (c["layout"], c["npages"], c["strategy"]) == (lay, npages, strat):
+            return kernel_work.format_explain(c, result.get("unit_costs"))
+    raise ValueError(f"cell {cell!r} is not in this result")
 
 
 def to_json(result: dict[str, Any]) -> str:

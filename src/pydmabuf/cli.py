@@ -54,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
                    help="print the ratios between two saved results instead of running")
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    b.add_argument("--cost-profile", metavar="FILE",
+                   help="TOML unit costs for the kernel-cost estimate (default: the shipped profile; "
+                        "each unit a table with ns and source)")
+    b.add_argument("--explain", metavar="CELL", action="append",
+                   help="print one cell's kernel-cost estimate term by term (count x unit cost = ns) beside "
+                        "the model's own time; CELL is LAYOUT:PAGES:STRATEGY, PAGES a page count or a size "
+                        "(e.g. scattered:65536:sg_iommu or scattered:256M:link_pages); repeat it to explain "
+                        "several cells of one run (same unit costs); runs only those layouts and sizes "
+                        "unless --layouts/--sizes say otherwise")
 
     s = sub.add_parser(
         "scenario",
@@ -97,12 +106,26 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
     layouts = args.layouts.split(",") if args.layouts else list(bench.DEFAULT_LAYOUTS)
     sizes = args.sizes or list(bench.QUICK_SIZES if args.quick else bench.DEFAULT_SIZES)
+    from pydmabuf import kernel_work
+
     try:
+        profile = kernel_work.load_profile(args.cost_profile) if args.cost_profile else None
+        if args.explain:
+            cells = [kernel_work.parse_cell(c) for c in args.explain]
+            for text, (lay, npages, strat) in zip(args.explain, cells):
+                if strat not in bench.MAPPING_STRATEGIES and strat != "sg_from_pages":
+                    raise ValueError(f"--explain {text}: no kernel estimate for strategy {strat!r}; known: "
+                                     f"{', '.join(bench.MAPPING_STRATEGIES + ('sg_from_pages',))}")
+            layouts = layouts if args.layouts else list(dict.fromkeys(c[0] for c in cells))
+            sizes = sizes if args.sizes else list(dict.fromkeys(c[1] for c in cells))
         result = bench.run_study(layouts, sizes, seed=args.seed, quick=args.quick,
-                                 progress=False if args.no_progress else None)
-    except ValueError as e:  # an unknown layout: run_study checks before it runs anything
+                                 progress=False if args.no_progress else None, cost_profile=profile)
+        explained = "\n\n".join(bench.explain(result, c) for c in args.explain) if args.explain else None
+    except (OSError, ValueError) as e:  # a bad profile or cell; run_study checks before it runs anything
         print(f"pydmabuf bench: {e}", file=sys.stderr)
         return 2
+    if explained is not None:
+        print(explained)
     if args.json:
         _write(args.json, bench.to_json(result))
     if args.csv:
@@ -111,7 +134,7 @@ def _bench(args: argparse.Namespace) -> int:
         _write(args.markdown, bench.format_markdown(result))
     if args.plot:
         bench.plot(result, args.plot)
-    if "-" not in (args.json, args.csv, args.markdown):
+    if "-" not in (args.json, args.csv, args.markdown) and explained is None:
         print(bench.format_table(result))
     return 0
 
