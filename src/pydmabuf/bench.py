@@ -700,10 +700,10 @@ def plot(result: dict[str, Any], path: str) -> None:
     layout; written to ``path`` (PNG).  Needs matplotlib (``pip install
     'pydmabuf[plot]'``)."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]  # the optional [plot] extra
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
     cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES

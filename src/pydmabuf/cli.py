@@ -91,7 +91,7 @@ def _bench(args: argparse.Namespace) -> int:
         return 0
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
         except ImportError:
             print("pydmabuf bench --plot needs matplotlib: pip install 'pydmabuf[plot]'", file=sys.stderr)
             return 2
