@@ -804,6 +804,10 @@ cdef object _pages_args(object pfns_obj, object offset, object nbytes, object ma
     return p
 
 
+# See SgTable.__enter__; set by _set_sg_with_hook.
+cdef object _sg_with_hook = None
+
+
 @cython.final
 cdef class SgTable:
     """A scatterlist table, ``struct sg_table`` as on 64-bit Linux.
@@ -1179,6 +1183,28 @@ cdef class SgTable:
         return (f"<SgTable {self.t.orig_nents} entr{'ies' if self.t.orig_nents != 1 else 'y'} "
                 f"({_fmt_size(self.cpu_nbytes)}), nents={self.t.nents}, "
                 f"{self.t.nchunks} chunk{'s' if self.t.nchunks != 1 else ''}{state}>")
+
+    # ``with attachment.map(direction) as table:`` unmaps at the end.  Who
+    # owns a mapped table is the dma-buf layer's business, so the table asks
+    # it through one hook (pydmabuf.dmabuf registers it on import); a table
+    # that is not a dma-buf mapping refuses the with statement.
+    def __enter__(self):
+        if _sg_with_hook is None:
+            raise TypeError("only a dma-buf mapping (Attachment.map) is a context manager")
+        _sg_with_hook(self, True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if _sg_with_hook is not None:
+            _sg_with_hook(self, False)
+        return False
+
+
+def _set_sg_with_hook(hook):
+    """Register ``hook(table, entering)``, run by ``SgTable.__enter__`` and
+    ``__exit__`` (pydmabuf.dmabuf's, which unmaps the mapping at exit)."""
+    global _sg_with_hook
+    _sg_with_hook = hook
 
 
 cdef object _pairs_view(object pairs, str name):

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 import numpy as np
 
 from pydmabuf import _walk, checks, dma, errors, files
-from pydmabuf._core import Resv, SgTable, _u64_pairs
+from pydmabuf._core import Resv, SgTable, _set_sg_with_hook, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
 
@@ -242,6 +242,46 @@ class _Mapping:
 _device_maps: "weakref.WeakKeyDictionary[Device, weakref.WeakSet[_Mapping]]" = weakref.WeakKeyDictionary()
 _table_maps: "weakref.WeakValueDictionary[int, _Mapping]" = weakref.WeakValueDictionary()  # by id(table)
 _maps_lock = threading.Lock()
+
+
+def _table_with(table: SgTable, entering: bool) -> None:
+    """``SgTable.__enter__`` / ``__exit__``: ``with a.map(d) as table:``
+    unmaps the mapping at the end of the block.
+
+    The unmap needs the reservation lock, static or dynamic attachment
+    alike: inside ``with buf.resv:`` it is held and the exit unmaps under
+    it; otherwise the exit takes it, as :meth:`Attachment.unmap_unlocked`
+    does.  Whether the mapping is still live is looked up under the lock,
+    because a dynamic importer's ``invalidate_mappings`` (run by the
+    exporter with the lock held) may have unmapped it already; then, or
+    after an unmap by hand, the exit does nothing.
+    """
+    def live() -> _Mapping | None:
+        with _maps_lock:
+            m = _table_maps.get(id(table))
+        return m if m is not None and m.table is table and m in m.attachment._maps else None
+
+    m = live()
+    if entering:
+        if m is None:
+            raise TypeError("only a live dma-buf mapping (Attachment.map) is a context manager")
+        return
+    if m is None:
+        return
+    resv = m.attachment.dmabuf.resv
+    held = resv.held_by_current_thread()
+    if not held:
+        resv.lock()
+    try:
+        m = live()
+        if m is not None:
+            m.attachment.unmap(table, m.direction)
+    finally:
+        if not held:
+            resv.unlock()
+
+
+_set_sg_with_hook(_table_with)
 
 
 def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
@@ -695,6 +735,26 @@ class DmaBuf:
         return (f"<DmaBuf {self.name!r} {_fmt_size(self.size)} by {self.exporter.name}, refs={self._refs}"
                 f"{', ' + ', '.join(state) if state else ''}>")
 
+    def __enter__(self) -> DmaBuf:
+        """``with heap.allocate(n) as buf:`` -- the block owns the reference
+        it was given and puts it at the end.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> with SystemHeap(Machine.default()).allocate(1 << 16) as buf:
+        ...     buf.refcount
+        1
+        >>> buf.released
+        True
+        """
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._released:  # a put by hand inside the block was the last
+            self.put()
+
     def __del__(self) -> None:
         if getattr(self, "_refs", 0) > 0 and not getattr(self, "_released", True):
             warnings.warn(f"{self!r} collected with {self._refs} reference(s) never put", ResourceWarning,
@@ -964,6 +1024,29 @@ class Attachment:
         if self.pin_count:
             state.append(f"pinned x{self.pin_count}")
         return f"<Attachment {self.device.name} -> {self.dmabuf.name!r} {kind}{', ' + ', '.join(state) if state else ''}>"
+
+    def __enter__(self) -> Attachment:
+        """``with buf.attach(dev) as a:`` detaches at the end (unless
+        detached by hand inside the block).  Mappings still live then are
+        the checker's ``detach-with-mappings``, as with :meth:`DmaBuf.detach`.
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> with SystemHeap(m).allocate(1 << 16) as buf, buf.attach(m.device("gpu0")) as a:
+        ...     with buf.resv, a.map(DmaDirection.TO_DEVICE) as table:
+        ...         table.nents > 0
+        True
+        >>> a.detached
+        True
+        """
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.detached:
+            self.dmabuf.detach(self)
 
     def __del__(self) -> None:
         if getattr(self, "_listed", False) and not self.detached and not self.dmabuf.released:
