@@ -34,6 +34,7 @@ import numpy as np
 
 from pydmabuf import _core, errors, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
+from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,19 @@ MAPPING_STRATEGIES = ("sg_iommu", "sg_direct", "link_pages", "link_runs", "range
 BASELINE = "sg_iommu"
 
 _BIDI = 0
+
+
+class _QuietImporter(ImporterOps):
+    """The study's dynamic importer: nothing moves the buffer while it runs."""
+
+    def invalidate_mappings(self, attachment: Any) -> None:
+        pass
+
+
+class _QuietPhysImporter(_QuietImporter):
+    """The same, declaring the physical-range namespace (dmabuf_ranges)."""
+
+    import_namespaces = frozenset({PHYS_NAMESPACE})
 
 
 class _Bench:
@@ -246,17 +260,13 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
     def dmabuf(dynamic: bool) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         """The whole dma-buf path: attach, map (under the reservation lock),
         unmap, detach, on a system-heap buffer of exactly these pages."""
-        from pydmabuf.dmabuf import ImporterOps, export
+        from pydmabuf.dmabuf import export
         from pydmabuf.exporters.system_heap import HeapBuffer
 
         buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
         dev = b.iommu_dev
 
-        class Importer(ImporterOps):
-            def invalidate_mappings(self, attachment: Any) -> None:
-                pass
-
-        ops = Importer() if dynamic else None
+        ops = _QuietImporter() if dynamic else None
 
         def map_() -> Any:
             a = buf.dynamic_attach(dev, ops)
@@ -273,19 +283,13 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
         """An importer that declared the physical-range namespace: attach,
         take the ranges under the lock, link them itself into one IOVA
         range, one sync; undo: destroy the IOVA state, detach."""
-        from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps, export
+        from pydmabuf.dmabuf import export
         from pydmabuf.exporters.system_heap import HeapBuffer
 
         buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
         dev = b.iommu_dev
 
-        class Importer(ImporterOps):
-            import_namespaces = frozenset({PHYS_NAMESPACE})
-
-            def invalidate_mappings(self, attachment: Any) -> None:
-                pass
-
-        ops = Importer()
+        ops = _QuietPhysImporter()
 
         def map_() -> Any:
             a = buf.dynamic_attach(dev, ops)
