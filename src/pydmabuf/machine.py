@@ -23,14 +23,13 @@ import enum
 import errno
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 from pydmabuf import errors
 from pydmabuf._core import RangeTable
-from pydmabuf._types import PAGE_SIZE, RangeKind, _fmt_size
+from pydmabuf._types import PAGE_SIZE, RangeKind, _fmt_size, _parse_size
 from pydmabuf.memory import PhysMemory
 
 log = logging.getLogger(__name__)
@@ -75,21 +74,18 @@ class P2PMapType(enum.IntEnum):
 
 # ------------------------------------------------------------------ parsing
 
-_SIZE_RE = re.compile(r"^\s*(0x[0-9a-fA-F_]+|\d[\d_]*)\s*([KMGTP]?)(I?B)?\s*$", re.I)
-
-
 def _num(v: Any, what: str) -> int:
-    """An int from an int or a string like ``"64M"``, ``"0x1000"``, ``"4 GiB"``."""
+    """An int from an int or a size string like ``"64M"``, ``"0x1000"``,
+    ``"4 GiB"`` (the syntax ``pydmabuf bench --sizes`` shares, see
+    :func:`pydmabuf._types._parse_size`)."""
     if isinstance(v, bool):
         raise TypeError(f"{what}: expected a number, not {v!r}")
     if isinstance(v, int):
         return v
     if isinstance(v, str):
-        m = _SIZE_RE.match(v)
-        if m:
-            base = int(m.group(1).replace("_", ""), 0)
-            unit = m.group(2).upper()
-            return base << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[unit]
+        n = _parse_size(v)
+        if n is not None:
+            return n
     raise errors.InvalidArgument(f"{what}: cannot read {v!r} as a number or size")
 
 
