@@ -409,7 +409,19 @@ class DmaBuf:
 
     def put(self) -> None:
         """``dma_buf_put()``: drop a reference; the last runs ``release``.
-        A put after the last is a LifetimeError."""
+        A put after the last is a LifetimeError.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> buf = SystemHeap(Machine.default()).allocate(1 << 16)
+        >>> buf.get().refcount
+        2
+        >>> buf.put(); buf.put()
+        >>> buf.released
+        True
+        """
         with self._lock:
             if self._released or self._refs <= 0:
                 checks.checker.lifetime("put-after-release", "dma_buf_put on a released dma-buf", self)
@@ -462,7 +474,20 @@ class DmaBuf:
 
     def attach(self, device: Device) -> Attachment:
         """``dma_buf_attach()``: a static importer (no invalidation, and a
-        dynamic exporter pins the buffer on every map)."""
+        dynamic exporter pins the buffer on every map).
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> a.dynamic
+        False
+        >>> buf.detach(a)
+        >>> buf.put()
+        """
         return self.dynamic_attach(device, None)
 
     def dynamic_attach(self, device: Device, importer_ops: ImporterOps | None, importer_priv: Any = None) -> Attachment:
@@ -472,6 +497,21 @@ class DmaBuf:
         The exporter's ``attach`` runs first, without the reservation lock,
         and may refuse; then the attachment is put at the head of the list
         under the lock.  Must not be called with the lock held.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> class Nic(ImporterOps):
+        ...     def invalidate_mappings(self, attachment):
+        ...         pass                    # a real importer unmaps here (lock held)
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.dynamic_attach(m.device("nic0"), Nic())
+        >>> a.dynamic
+        True
+        >>> buf.detach(a)
+        >>> buf.put()
         """
         self._alive("attach")
         if not isinstance(device, Device):
@@ -498,7 +538,20 @@ class DmaBuf:
     def detach(self, attachment: Attachment) -> None:
         """``dma_buf_detach()``: take the attachment off the list (under the
         lock), then the exporter's ``detach``.  Detaching with mappings or
-        pins still live is a LifetimeError (the kernel does not check)."""
+        pins still live is a LifetimeError (the kernel does not check).
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> buf.detach(a)
+        >>> a.detached, buf.attachments
+        (True, [])
+        >>> buf.put()
+        """
         if not isinstance(attachment, Attachment) or attachment.dmabuf is not self:
             checks.checker.lifetime("detach-foreign", "dma_buf_detach of an attachment of another buffer",
                                     self, attachment)
@@ -564,7 +617,20 @@ class DmaBuf:
         reservation lock held as for ``move_notify``: refused (EBUSY) while
         an attachment is pinned; importers are invalidated first; the old
         backing is freed once the BOOKKEEP fences signal; the move itself is
-        published as a signalled KERNEL fence."""
+        published as a signalled KERNEL fence.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> buf = SystemHeap(Machine.default()).allocate(1 << 16, movable=True)
+        >>> first = int(buf.exporter.pfns[0])
+        >>> with buf.resv:
+        ...     buf.move()
+        >>> int(buf.exporter.pfns[0]) != first
+        True
+        >>> buf.put()
+        """
         from pydmabuf._core import Fence, FenceArray, fence_context_alloc
 
         self._alive("move")
@@ -830,6 +896,23 @@ class Attachment:
         unpins it at unmap); a static importer then waits (interruptibly)
         for the KERNEL fences.  Returns a new table the caller owns; the
         exporter refusing raises its error (ENODEV once revoked).
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16, layout="contiguous")
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> with buf.resv:
+        ...     table = a.map(DmaDirection.BIDIRECTIONAL)
+        ...     a.live_mappings
+        1
+        >>> table.dma_ranges().shape
+        (1, 2)
+        >>> with buf.resv:
+        ...     a.unmap(table, DmaDirection.BIDIRECTIONAL)
+        >>> buf.detach(a); buf.put()
         """
         d = dma._dir(direction)
         if not self._usable("map"):
@@ -894,7 +977,22 @@ class Attachment:
 
     def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
         """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
-        then unpin if the map pinned."""
+        then unpin if the map pinned.
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> with buf.resv:
+        ...     table = a.map(DmaDirection.TO_DEVICE)
+        ...     a.unmap(table, DmaDirection.TO_DEVICE)
+        >>> a.live_mappings
+        0
+        >>> buf.detach(a); buf.put()
+        """
         d = dma._dir(direction)
         self._require_resv("unmap")
         with _maps_lock:
@@ -918,7 +1016,19 @@ class Attachment:
 
     def map_unlocked(self, direction: DmaDirection | int = _BIDI) -> SgTable:
         """Take the reservation lock, :meth:`map`, drop it; must not be
-        called with the lock held (LockingError)."""
+        called with the lock held (LockingError).
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> table = a.map_unlocked(DmaDirection.TO_DEVICE)
+        >>> a.unmap_unlocked(table, DmaDirection.TO_DEVICE)
+        >>> buf.detach(a); buf.put()
+        """
         buf = self.dmabuf
         if buf.resv.held_by_current_thread():
             checks.checker.locking("unlocked-with-resv", "map_attachment_unlocked with the reservation lock held",

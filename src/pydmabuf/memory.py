@@ -36,7 +36,16 @@ class PhysMemory:
             phys += n
 
     def read(self, phys: int, nbytes: int) -> bytes:
-        """``nbytes`` at ``phys`` (zeros where nothing was written)."""
+        """``nbytes`` at ``phys`` (zeros where nothing was written).
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> m = Machine.default()
+        >>> m.memory.write(0x2000, b"abc")
+        >>> m.memory.read(0x2000, 3)
+        b'abc'
+        """
         out = np.zeros(nbytes, dtype=np.uint8)
         pos = 0
         with self._lock:
