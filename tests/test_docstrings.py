@@ -8,9 +8,10 @@ import inspect
 
 import pytest
 
-from pydmabuf import IovaState, Machine, dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf import IovaState, Machine, checks, dma_map_sgtable, dma_unmap_sgtable
 from pydmabuf.dmabuf import Attachment, DmaBuf
-from pydmabuf.exporters import SystemHeap
+from pydmabuf.exporters import SystemHeap, VfioPciBar
+from pydmabuf.importers import IommufdIoas
 from pydmabuf.machine import Device
 from pydmabuf.memory import PhysMemory
 
@@ -42,6 +43,15 @@ SHOWN = {
     "Attachment.unmap": Attachment.unmap,
     "Attachment.map_unlocked": Attachment.map_unlocked,
     "Attachment.__enter__": Attachment.__enter__,
+    "checks.report_mode": checks.report_mode,
+    "VfioPciBar": VfioPciBar,
+    "VfioPciBar.export": VfioPciBar.export,
+    "VfioPciBar.set_memory_decode": VfioPciBar.set_memory_decode,
+    "VfioPciBar.close": VfioPciBar.close,
+    "IommufdIoas": IommufdIoas,
+    "IommufdIoas.attach_device": IommufdIoas.attach_device,
+    "IommufdIoas.map_file": IommufdIoas.map_file,
+    "IommufdIoas.close": IommufdIoas.close,
 }
 
 
