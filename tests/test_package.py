@@ -111,6 +111,28 @@ def test_a_closed_pipe_stops_the_command_quietly():
     assert err == ""
 
 
+def test_bench_tables_align():
+    # Every row of each table is exactly as long as its header: the columns
+    # grow to their widest cell (a wide "median [q1-q3]" cell used to push
+    # its row out of line).
+    from pydmabuf import bench
+
+    result = bench.run_study(["contiguous", "scattered"], [16, 4096], quick=True, progress=False)
+    lines = bench.format_table(result).splitlines()
+    tables = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+    assert len(tables) == 2
+    for i in tables:
+        width = len(lines[i - 1])
+        assert len(lines[i]) == width
+        rows = []
+        for line in lines[i + 1:]:
+            if line.startswith(("Mapping", "note:")):
+                break
+            if line:
+                rows.append(line)
+        assert rows and all(len(r) == width for r in rows), "\n".join(lines[i - 1:i + 1] + rows)
+
+
 def test_sizes_share_one_syntax_with_machine_files():
     from pydmabuf import cli, errors
     from pydmabuf.machine import _num

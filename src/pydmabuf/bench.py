@@ -543,9 +543,7 @@ def format_table(result: dict[str, Any]) -> str:
                  f"Python {m['python']}, NumPy {m['numpy']}, seed {result['seed']}")
     lines.append("")
     lines.append("Scatterlist walk (sg_alloc_table_from_pages): ns/page, median [q1-q3]")
-    hdr = f"{'layout':<11} {'size':>8} {'segments':>9} {'core':>18} {'C floor':>8} {'NumPy':>8} {'core/C':>7} {'core/NumPy':>10} {'meta B/page':>11}"
-    lines.append(hdr)
-    lines.append("-" * len(hdr))
+    rows: list[list[str]] = []
     for (lay, npages), strat in by_key.items():
         core = strat.get("sg_from_pages")
         if core is None:
@@ -553,23 +551,20 @@ def format_table(result: dict[str, Any]) -> str:
         floor = strat["c_floor"]
         npy = strat["numpy"]
         q = f"{core['ns_per_page']:.2f} [{core['ns_per_page_q1']:.2f}-{core['ns_per_page_q3']:.2f}]"
-        lines.append(
-            f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {core['counters']['segments']:>9} {q:>18} "
-            f"{floor['ns_per_page']:>8.2f} {npy['ns_per_page']:>8.2f} "
-            f"{_ratio(core['ns_per_page'], floor['ns_per_page'], '.2f'):>7} "
-            f"{_ratio(core['ns_per_page'], npy['ns_per_page'], '.2f'):>10} "
-            f"{core['counters']['metadata_bytes_per_page']:>11.2f}"
-        )
+        rows.append([lay, _fmt_size(npages * PAGE_SIZE), str(core["counters"]["segments"]), q,
+                     f"{floor['ns_per_page']:.2f}", f"{npy['ns_per_page']:.2f}",
+                     _ratio(core["ns_per_page"], floor["ns_per_page"], ".2f"),
+                     _ratio(core["ns_per_page"], npy["ns_per_page"], ".2f"),
+                     f"{core['counters']['metadata_bytes_per_page']:.2f}"])
+    lines += _columns(["layout", "size", "segments", "core", "C floor", "NumPy", "core/C", "core/NumPy",
+                       "meta B/page"], rows, left=1)
     maps = [c for c in cells if c["strategy"] in MAPPING_STRATEGIES]
     if maps:
         lines.append("")
         lines.append("Mapping a buffer: map and unmap ns/page (medians), +-% half the interquartile range; "
                      "x = map time against the sg_iommu map and the one-PTE-per-page floor; "
                      "PTE writes and IOTLB invalidations over one map + unmap")
-        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'map':>8} {'unmap':>7} {'+-%':>4} {'x sg_iommu':>10} {'x floor':>8} "
-               f"{'PTE w/pg':>9} {'IOTLB inv':>9} {'segments':>9} {'meta B/page':>11}")
-        lines.append(hdr)
-        lines.append("-" * len(hdr))
+        rows = []
         for (lay, npages), strat in by_key.items():
             base = strat.get(BASELINE)
             pte_floor = strat.get("pte_floor")
@@ -581,16 +576,29 @@ def format_table(result: dict[str, Any]) -> str:
                 mp = k["map_ns_per_page"]
                 rb = _ratio(mp, base["counters"]["map_ns_per_page"], ".2f") if base else "-"
                 rf = _ratio(mp, pte_floor["counters"]["map_ns_per_page"], ".1f") if pte_floor else "-"
-                lines.append(
-                    f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {mp:>8.2f} "
-                    f"{k['unmap_ns_per_page']:>7.2f} {_spread_pct(mc):>4} {rb:>10} {rf:>8} "
-                    f"{k['pte_writes_per_page']:>9.3f} {k['iotlb_invalidations']:>9} {k['segments']:>9} "
-                    f"{k['metadata_bytes_per_page']:>11.2f}"
-                )
-            lines.append("")
+                rows.append([lay, _fmt_size(npages * PAGE_SIZE), name, f"{mp:.2f}", f"{k['unmap_ns_per_page']:.2f}",
+                             _spread_pct(mc), rb, rf, f"{k['pte_writes_per_page']:.3f}",
+                             str(k["iotlb_invalidations"]), str(k["segments"]), f"{k['metadata_bytes_per_page']:.2f}"])
+            rows.append([])  # a blank line between buffers
+        lines += _columns(["layout", "size", "strategy", "map", "unmap", "+-%", "x sg_iommu", "x floor", "PTE w/pg",
+                           "IOTLB inv", "segments", "meta B/page"], rows, left=1, text=(2,))
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def _columns(header: list[str], rows: list[list[str]], *, left: int = 1, text: tuple[int, ...] = ()) -> list[str]:
+    """A plain-text table whose columns are as wide as their widest cell:
+    the first ``left`` columns and those in ``text`` left-aligned, numbers
+    right-aligned; an empty row is a blank line."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows if r]) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return " ".join(c.ljust(w) if i < left or i in text else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    head = line(header)
+    return [head, "-" * len(head)] + [line(r) if r else "" for r in rows]
 
 
 def _spread_pct(c: dict[str, Any]) -> str:
