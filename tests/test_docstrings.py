@@ -8,7 +8,7 @@ import inspect
 
 import pytest
 
-from pydmabuf import IovaState, Machine, checks, dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf import IovaState, Machine, RangeTable, SgTable, checks, dma_map_sgtable, dma_unmap_sgtable
 from pydmabuf.dmabuf import Attachment, DmaBuf
 from pydmabuf.exporters import SystemHeap, VfioPciBar
 from pydmabuf.importers import IommufdIoas
@@ -17,6 +17,14 @@ from pydmabuf.memory import PhysMemory
 
 # What the README's blocks call, by the name a reader looks up.
 SHOWN = {
+    "SgTable.from_pages": SgTable.from_pages,
+    "SgTable.from_ranges": SgTable.from_ranges,
+    "SgTable.from_buffer": SgTable.from_buffer,
+    "SgTable.append_pages": SgTable.append_pages,
+    "SgTable.cpu_ranges": SgTable.cpu_ranges,
+    "SgTable.dma_ranges": SgTable.dma_ranges,
+    "RangeTable.insert": RangeTable.insert,
+    "RangeTable.find_gap": RangeTable.find_gap,
     "Machine.default": Machine.default,
     "Machine.device": Machine.device,
     "Machine.describe": Machine.describe,
