@@ -8,6 +8,16 @@ Environment switches (read at build time):
 ``PYDMABUF_SANITIZE=address,undefined``
     Build with the named ``-fsanitize=`` options (implies the debug build).
     Run the tests with ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)``.
+
+The release build is ``-O3 -g0``.  The flags given here come after
+Python's own CFLAGS (``-g -O3`` on most builds of CPython), so they win.
+Measured on a 2-CPU VM (gcc 12, the 8 MB C file Cython writes for the
+core; Cython itself takes 5 s): ``-O3 -g`` 79-87 s, ``-O3 -g0`` 54 s,
+``-O2 -g0`` 47 s, ``-O1 -g0`` 28 s.  Debug info cost a third of the build
+and 7.5 of the 8.9 MB of the shared object, and nobody debugs a release
+wheel with it.  ``-O2`` was not taken: in interleaved runs of the core's
+benchmarks it made ``SgTable.from_pages`` on contiguous pages 2.1x and on
+fragmented pages 1.2x slower than ``-O3``, for 7 s less of build.
 """
 
 import os
@@ -28,9 +38,13 @@ directives = {
     "wraparound": debug,
     "initializedcheck": debug,
     "cdivision": True,
+    # The core's objects stand for kernel objects with identity and locks;
+    # Cython's automatic pickling only made half-valid copies of the few
+    # whose fields happened to be convertible (ResvIter, FenceCallback).
+    "auto_pickle": False,
 }
 
-cflags = ["-O1", "-g", "-UNDEBUG", "-DPYDMABUF_DEBUG=1"] if debug else ["-O3", "-DNDEBUG"]
+cflags = ["-O1", "-g", "-UNDEBUG", "-DPYDMABUF_DEBUG=1"] if debug else ["-O3", "-g0", "-DNDEBUG"]
 cflags += ["-Wno-unused-function", "-fno-strict-aliasing"]
 ldflags = []
 if sanitize:

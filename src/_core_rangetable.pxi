@@ -770,6 +770,16 @@ cdef class RangeTable:
             (EINVAL) ``nbytes`` is not positive, or a bad kind or flags.
         Overflow
             (EOVERFLOW) the range runs past ``2**64 - 1``.
+
+        Examples
+        --------
+        >>> from pydmabuf import RangeKind
+        >>> r = RangeTable()
+        >>> r.insert(0, 1 << 30, kind=RangeKind.RAM)
+        >>> r.insert(0x3FFF_F000, 0x2000)
+        Traceback (most recent call last):
+            ...
+        pydmabuf.errors.AlreadyExists: [EEXIST] ...
         """
         cdef uint64_t first, last
         cdef uint8_t k = _kind_arg(kind)
@@ -1026,6 +1036,15 @@ cdef class RangeTable:
             (ENOSPC) nothing fits.
         InvalidArgument
             (EINVAL) ``align`` is not a power of two or ``nbytes`` < 1.
+
+        Examples
+        --------
+        >>> r = RangeTable()
+        >>> r.insert(0, 1 << 30)
+        >>> hex(r.find_gap(1 << 20, align=1 << 20))
+        '0x40000000'
+        >>> hex(r.find_gap(1 << 20, align=1 << 20, top_down=True))
+        '0xfffffffffff00000'
         """
         cdef uint64_t l = _u64(lo, "lo")
         cdef uint64_t h = _u64(hi, "hi")

@@ -804,6 +804,10 @@ cdef object _pages_args(object pfns_obj, object offset, object nbytes, object ma
     return p
 
 
+# See SgTable.__enter__; set by _set_sg_with_hook.
+cdef object _sg_with_hook = None
+
+
 @cython.final
 cdef class SgTable:
     """A scatterlist table, ``struct sg_table`` as on 64-bit Linux.
@@ -871,6 +875,13 @@ cdef class SgTable:
             offset or ``nbytes`` outside the pages.
         OutOfRange
             (ERANGE) a PFN beyond 52-bit physical addresses.
+
+        Examples
+        --------
+        >>> import numpy as np
+        >>> t = SgTable.from_pages(np.array([10, 11, 12, 40], dtype=np.uint64), offset=0x100)
+        >>> t.nents, [[hex(a), hex(n)] for a, n in t.cpu_ranges().tolist()]
+        (2, [['0xa100', '0x2f00'], ['0x28000', '0x1000']])
         """
         cdef SgTable t = SgTable.__new__(SgTable)
         t.append_pages(pfns, offset=offset, nbytes=nbytes, max_segment=max_segment)
@@ -898,6 +909,12 @@ cdef class SgTable:
 
         Raises InvalidArgument for an empty input or a zero length, Overflow
         for a range running past 2**64.
+
+        Examples
+        --------
+        >>> t = SgTable.from_ranges([[0x8000_0000_0000, 5 << 30]])   # split at 0xFFFFF000
+        >>> t.orig_nents, t.nents
+        (0, 2)
         """
         cdef const uint64_t[::1] flat
         cdef SgTable t = SgTable.__new__(SgTable)
@@ -915,7 +932,19 @@ cdef class SgTable:
 
     @staticmethod
     def from_buffer(buffer, max_segment=SCATTERLIST_MAX_SEGMENT):
-        """The pages behind a Python buffer, read through :func:`pagemap`."""
+        """The pages behind a Python buffer, read through :func:`pagemap`.
+
+        Examples
+        --------
+        >>> from pydmabuf import errors
+        >>> buf = bytearray(1 << 16)
+        >>> try:
+        ...     t = SgTable.from_buffer(buf)
+        ...     print(t.cpu_nbytes)
+        ... except errors.NotPermitted:         # reading PFNs needs CAP_SYS_ADMIN
+        ...     print(len(buf))
+        65536
+        """
         cdef uint64_t addr, length
         pfns = pagemap(buffer)
         addr, length = _buffer_span(buffer)
@@ -937,6 +966,13 @@ cdef class SgTable:
 
         On failure the table is unchanged.  Raises as :meth:`from_pages`,
         plus ``BufferError`` if the slots must move while exported.
+
+        Examples
+        --------
+        >>> t = SgTable.from_pages([10, 11])
+        >>> t.append_pages([12, 40])           # 12 continues the last entry, 40 starts one
+        >>> t.cpu_ranges().tolist()
+        [[40960, 12288], [163840, 4096]]
         """
         cdef const uint64_t[::1] p
         cdef uint32_t off, left
@@ -1055,11 +1091,23 @@ cdef class SgTable:
         return _np().asarray(self)
 
     def cpu_ranges(self):
-        """(orig_nents, 2) u64 array of (physical address, nbytes) rows."""
+        """(orig_nents, 2) u64 array of (physical address, nbytes) rows.
+
+        Examples
+        --------
+        >>> SgTable.from_pages([10, 11, 40]).cpu_ranges().tolist()
+        [[40960, 8192], [163840, 4096]]
+        """
         return self._ranges(False)
 
     def dma_ranges(self):
-        """(nents, 2) u64 array of (DMA address, nbytes) rows."""
+        """(nents, 2) u64 array of (DMA address, nbytes) rows.
+
+        Examples
+        --------
+        >>> SgTable.from_ranges([[0x1000, 0x3000]]).dma_ranges().tolist()
+        [[4096, 12288]]
+        """
         return self._ranges(True)
 
     cdef object _ranges(self, bint dma):
@@ -1179,6 +1227,28 @@ cdef class SgTable:
         return (f"<SgTable {self.t.orig_nents} entr{'ies' if self.t.orig_nents != 1 else 'y'} "
                 f"({_fmt_size(self.cpu_nbytes)}), nents={self.t.nents}, "
                 f"{self.t.nchunks} chunk{'s' if self.t.nchunks != 1 else ''}{state}>")
+
+    # ``with attachment.map(direction) as table:`` unmaps at the end.  Who
+    # owns a mapped table is the dma-buf layer's business, so the table asks
+    # it through one hook (pydmabuf.dmabuf registers it on import); a table
+    # that is not a dma-buf mapping refuses the with statement.
+    def __enter__(self):
+        if _sg_with_hook is None:
+            raise TypeError("only a dma-buf mapping (Attachment.map) is a context manager")
+        _sg_with_hook(self, True)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if _sg_with_hook is not None:
+            _sg_with_hook(self, False)
+        return False
+
+
+def _set_sg_with_hook(hook):
+    """Register ``hook(table, entering)``, run by ``SgTable.__enter__`` and
+    ``__exit__`` (pydmabuf.dmabuf's, which unmaps the mapping at exit)."""
+    global _sg_with_hook
+    _sg_with_hook = hook
 
 
 cdef object _pairs_view(object pairs, str name):

@@ -81,6 +81,71 @@ def test_bench_rejects_unknown_layouts_and_bad_sizes():
     assert run_cli("bench", "--sizes", "1000").returncode == 2
 
 
+def test_bare_command_prints_usage_and_exits_2():
+    r = run_cli()
+    assert r.returncode == 2
+    assert r.stderr.startswith("usage: pydmabuf") and "name a command" in r.stderr and not r.stdout
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv", "--markdown", "--plot"])
+def test_bench_refuses_an_unwritable_output_before_running(tmp_path, option):
+    missing = tmp_path / "no-such-dir" / "out"
+    r = run_cli("bench", "--quick", "--no-progress", option, str(missing), timeout=60)
+    assert r.returncode == 2
+    assert r.stderr == f"pydmabuf bench: {option} {missing}: no directory {missing.parent}\n"
+    assert not r.stdout  # refused before the run: no table
+    r = run_cli("bench", "--quick", "--no-progress", option, str(tmp_path), timeout=60)
+    assert r.returncode == 2 and r.stderr == f"pydmabuf bench: {option} {tmp_path}: is a directory\n"
+
+
+def test_a_closed_pipe_stops_the_command_quietly():
+    # The reader is gone before the table is written, as with
+    # `pydmabuf bench | head -1` on a table longer than the pipe holds.
+    with subprocess.Popen([sys.executable, "-m", "pydmabuf", "bench", "--quick", "--layouts", "contiguous",
+                           "--sizes", "64K", "--no-progress"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        assert p.stdout is not None and p.stderr is not None
+        p.stdout.close()
+        err = p.stderr.read()
+        assert p.wait(timeout=300) == 141, err
+    assert err == ""
+
+
+def test_bench_tables_align():
+    # Every row of each table is exactly as long as its header: the columns
+    # grow to their widest cell (a wide "median [q1-q3]" cell used to push
+    # its row out of line).
+    from pydmabuf import bench
+
+    result = bench.run_study(["contiguous", "scattered"], [16, 4096], quick=True, progress=False)
+    lines = bench.format_table(result).splitlines()
+    tables = [i for i, line in enumerate(lines) if line and set(line) == {"-"}]
+    assert len(tables) == 2
+    for i in tables:
+        width = len(lines[i - 1])
+        assert len(lines[i]) == width
+        rows = []
+        for line in lines[i + 1:]:
+            if line.startswith(("Mapping", "note:")):
+                break
+            if line:
+                rows.append(line)
+        assert rows and all(len(r) == width for r in rows), "\n".join(lines[i - 1:i + 1] + rows)
+
+
+def test_sizes_share_one_syntax_with_machine_files():
+    from pydmabuf import cli, errors
+    from pydmabuf.machine import _num
+
+    texts = ["4096", "0x2000", "16K", "16 KiB", "16kb", "1M", "2_048K", "1 GiB"]
+    assert cli._sizes(",".join(texts)) == [_num(t, "size") // 4096 for t in texts] == [
+        1, 2, 4, 4, 4, 256, 512, 262144]
+    for bad in ["1.5M", "4X", "", "-4K"]:
+        with pytest.raises(errors.InvalidArgument):
+            _num(bad, "size")
+        assert run_cli("bench", "--sizes", bad, timeout=60).returncode == 2
+
+
 def test_bench_mapping_needs_the_exporters_bar():
     # The mapping study exports ranges of vfio0's BAR0; a machine without a
     # memory BAR0 there is refused up front, naming it.
@@ -145,6 +210,35 @@ def test_the_package_type_checks_strictly(tmp_path, monkeypatch):
     out, err, status = api.run(["--config-file", str(config), "--cache-dir", str(tmp_path / ".mypy")])
     assert status == 0, out + err
     assert out.startswith("Success: no issues found"), out + err
+
+
+@pytest.mark.slow  # about 20 s: mypy analyses the whole package
+def test_stubtest_passes():
+    # The stubs against the built module and the package's own inferred
+    # types; the allowlist holds only what Cython generates (see the file).
+    pytest.importorskip("mypy.stubtest")
+    root = Path(__file__).resolve().parent.parent
+    allowlist = root / "stubtest-allowlist.txt"
+    if not allowlist.is_file():
+        pytest.skip("no source tree next to the tests (running against an installed package)")
+    r = subprocess.run([sys.executable, "-m", "mypy.stubtest", "pydmabuf", "--allowlist", str(allowlist)],
+                       capture_output=True, text=True, timeout=600, cwd=root)
+    assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
+    assert "Success: no issues found" in r.stdout
+
+
+def test_all_is_static_and_complete():
+    # pydmabuf.__all__ is one literal list (type checkers and stubtest read
+    # it as written) and re-exports every dma-buf name.
+    import ast
+
+    from pydmabuf import dmabuf
+
+    tree = ast.parse((PKG_DIR / "__init__.py").read_text())
+    assert not [n for n in ast.walk(tree) if isinstance(n, ast.AugAssign)
+                and getattr(n.target, "id", None) == "__all__"]
+    assert set(dmabuf.__all__) <= set(pydmabuf.__all__)
+    assert all(hasattr(pydmabuf, name) for name in pydmabuf.__all__)
 
 
 CONSUMER = '''

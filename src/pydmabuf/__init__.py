@@ -66,8 +66,21 @@ from pydmabuf.dma import (
     dma_unmap_phys,
     dma_unmap_sgtable,
 )
-from pydmabuf import dmabuf as _dmabuf
-from pydmabuf.dmabuf import *  # noqa: F403 - the dma-buf names, as dmabuf.__all__ lists them
+# The dma-buf names, exactly dmabuf.__all__ (a test keeps the two equal).
+from pydmabuf.dmabuf import (
+    Attachment,
+    CpuMapping,
+    DMA_BUF_NAME_LEN,
+    DmaBuf,
+    Exporter,
+    ImporterOps,
+    PHYS_NAMESPACE,
+    PhysVec,
+    attach_revocable,
+    close,
+    dma_buf_get,
+    export,
+)
 from pydmabuf import checks
 
 try:
@@ -142,5 +155,17 @@ __all__ = [
     "signal_pending",
     "flush_signals",
     "checks",
+    # dma-buf
+    "Exporter",
+    "ImporterOps",
+    "DmaBuf",
+    "Attachment",
+    "PhysVec",
+    "CpuMapping",
+    "export",
+    "dma_buf_get",
+    "close",
+    "attach_revocable",
+    "PHYS_NAMESPACE",
+    "DMA_BUF_NAME_LEN",
 ]
-__all__ += _dmabuf.__all__

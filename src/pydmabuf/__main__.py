@@ -5,4 +5,5 @@ import sys
 
 from pydmabuf.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module (stubtest, pydoc) runs nothing
+    sys.exit(main())

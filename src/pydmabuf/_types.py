@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import re
 from typing import NamedTuple
 
 __all__ = ["RangeKind", "Range", "DmaDirection", "IommuProt", "Usage", "PAGE_SIZE", "PAGE_SHIFT"]
@@ -104,3 +105,29 @@ def _fmt_size(nbytes: int) -> str:
             return f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+_SIZE_RE = re.compile(r"^\s*(0x[0-9a-f_]+|\d[\d_]*)\s*(?:([kmgtpe])(i?b)?|b)?\s*$", re.I)
+_SIZE_SHIFT = {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50, "E": 60}
+
+
+def _parse_size(text: str) -> int | None:
+    """A byte count written as machine files and ``pydmabuf bench --sizes``
+    write them, or None if ``text`` is not one.
+
+    An integer (decimal or ``0x`` hex, ``_`` allowed between digits), then
+    an optional binary unit: ``K``, ``M``, ``G``, ``T``, ``P`` or ``E``, alone
+    or followed by ``B`` or ``iB``, in any case (``4K`` = ``4 KiB`` =
+    ``4kb`` = 4096).  A lone ``B`` means bytes.
+
+    Examples
+    --------
+    >>> [_parse_size(t) for t in ("4096", "0x1000", "4K", "64 MiB", "1gb", "3 B")]
+    [4096, 4096, 4096, 67108864, 1073741824, 3]
+    >>> _parse_size("1.5M") is None
+    True
+    """
+    m = _SIZE_RE.match(text)
+    if m is None:
+        return None
+    return int(m.group(1).replace("_", ""), 0) << _SIZE_SHIFT[(m.group(2) or "").upper()]

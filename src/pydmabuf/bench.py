@@ -34,6 +34,7 @@ import numpy as np
 
 from pydmabuf import _core, errors, kernel_work, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
+from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,19 @@ BASELINE = "sg_iommu"
 _BIDI = 0
 
 
+class _QuietImporter(ImporterOps):
+    """The study's dynamic importer: nothing moves the buffer while it runs."""
+
+    def invalidate_mappings(self, attachment: Any) -> None:
+        pass
+
+
+class _QuietPhysImporter(_QuietImporter):
+    """The same, declaring the physical-range namespace (dmabuf_ranges)."""
+
+    import_namespaces = frozenset({PHYS_NAMESPACE})
+
+
 class _Bench:
     """The devices of the default machine the study maps for."""
 
@@ -265,17 +279,13 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
     def dmabuf(dynamic: bool) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
         """The whole dma-buf path: attach, map (under the reservation lock),
         unmap, detach, on a system-heap buffer of exactly these pages."""
-        from pydmabuf.dmabuf import ImporterOps, export
+        from pydmabuf.dmabuf import export
         from pydmabuf.exporters.system_heap import HeapBuffer
 
         buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
         dev = b.iommu_dev
 
-        class Importer(ImporterOps):
-            def invalidate_mappings(self, attachment: Any) -> None:
-                pass
-
-        ops = Importer() if dynamic else None
+        ops = _QuietImporter() if dynamic else None
 
         def map_() -> Any:
             a = buf.dynamic_attach(dev, ops)
@@ -292,19 +302,13 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
         """An importer that declared the physical-range namespace: attach,
         take the ranges under the lock, link them itself into one IOVA
         range, one sync; undo: destroy the IOVA state, detach."""
-        from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps, export
+        from pydmabuf.dmabuf import export
         from pydmabuf.exporters.system_heap import HeapBuffer
 
         buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
         dev = b.iommu_dev
 
-        class Importer(ImporterOps):
-            import_namespaces = frozenset({PHYS_NAMESPACE})
-
-            def invalidate_mappings(self, attachment: Any) -> None:
-                pass
-
-        ops = Importer()
+        ops = _QuietPhysImporter()
 
         def map_() -> Any:
             a = buf.dynamic_attach(dev, ops)
@@ -578,9 +582,7 @@ def format_table(result: dict[str, Any]) -> str:
                  f"Python {m['python']}, NumPy {m['numpy']}, seed {result['seed']}")
     lines.append("")
     lines.append("Scatterlist walk (sg_alloc_table_from_pages): ns/page, median [q1-q3]")
-    hdr = f"{'layout':<11} {'size':>8} {'segments':>9} {'core':>18} {'C floor':>8} {'NumPy':>8} {'core/C':>7} {'core/NumPy':>10} {'meta B/page':>11}"
-    lines.append(hdr)
-    lines.append("-" * len(hdr))
+    rows: list[list[str]] = []
     for (lay, npages), strat in by_key.items():
         core = strat.get("sg_from_pages")
         if core is None:
@@ -588,13 +590,13 @@ def format_table(result: dict[str, Any]) -> str:
         floor = strat["c_floor"]
         npy = strat["numpy"]
         q = f"{core['ns_per_page']:.2f} [{core['ns_per_page_q1']:.2f}-{core['ns_per_page_q3']:.2f}]"
-        lines.append(
-            f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {core['counters']['segments']:>9} {q:>18} "
-            f"{floor['ns_per_page']:>8.2f} {npy['ns_per_page']:>8.2f} "
-            f"{_ratio(core['ns_per_page'], floor['ns_per_page'], '.2f'):>7} "
-            f"{_ratio(core['ns_per_page'], npy['ns_per_page'], '.2f'):>10} "
-            f"{core['counters']['metadata_bytes_per_page']:>11.2f}"
-        )
+        rows.append([lay, _fmt_size(npages * PAGE_SIZE), str(core["counters"]["segments"]), q,
+                     f"{floor['ns_per_page']:.2f}", f"{npy['ns_per_page']:.2f}",
+                     _ratio(core["ns_per_page"], floor["ns_per_page"], ".2f"),
+                     _ratio(core["ns_per_page"], npy["ns_per_page"], ".2f"),
+                     f"{core['counters']['metadata_bytes_per_page']:.2f}"])
+    lines += _columns(["layout", "size", "segments", "core", "C floor", "NumPy", "core/C", "core/NumPy",
+                       "meta B/page"], rows, left=1)
     maps = [c for c in cells if c["strategy"] in MAPPING_STRATEGIES]
     if maps:
         lines.append("")
@@ -603,11 +605,7 @@ def format_table(result: dict[str, Any]) -> str:
                      "map calls, walks, PTE writes/page and IOTLB invalidations: the kernel's counts.  "
                      "model: this model's own CPU time, map and unmap ns/page (medians), +-% half the "
                      "interquartile range, x = model map time against the sg_iommu map and the floor")
-        hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'kernel est':>10} {'x':>5} {'map calls':>9} "
-               f"{'walks':>8} {'PTE w/pg':>9} {'IOTLB inv':>9} | {'model map':>9} {'unmap':>7} {'+-%':>4} "
-               f"{'x sg_iommu':>10} {'x floor':>8} {'segments':>9} {'meta B/page':>11}")
-        lines.append(hdr)
-        lines.append("-" * len(hdr))
+        rows = []
         for (lay, npages), strat in by_key.items():
             base = strat.get(BASELINE)
             pte_floor = strat.get("pte_floor")
@@ -619,28 +617,43 @@ def format_table(result: dict[str, Any]) -> str:
                 mp = k["map_ns_per_page"]
                 rb = _ratio(mp, base["counters"]["map_ns_per_page"], ".2f") if base else "-"
                 rf = _ratio(mp, pte_floor["counters"]["map_ns_per_page"], ".1f") if pte_floor else "-"
-                lines.append(
-                    f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {_kernel_columns(mc, base)} | {mp:>9.2f} "
-                    f"{k['unmap_ns_per_page']:>7.2f} {_spread_pct(mc):>4} {rb:>10} {rf:>8} "
-                    f"{k['segments']:>9} {k['metadata_bytes_per_page']:>11.2f}"
-                )
-            lines.append("")
+                rows.append([lay, _fmt_size(npages * PAGE_SIZE), name, *_kernel_columns(mc, base), "|",
+                             f"{mp:.2f}", f"{k['unmap_ns_per_page']:.2f}", _spread_pct(mc), rb, rf,
+                             str(k["segments"]), f"{k['metadata_bytes_per_page']:.2f}"])
+            rows.append([])  # a blank line between buffers
+        lines += _columns(["layout", "size", "strategy", "kernel est", "x", "map calls", "walks", "PTE w/pg",
+                           "IOTLB inv", "|", "model map", "unmap", "+-%", "x sg_iommu", "x floor", "segments",
+                           "meta B/page"], rows, left=1, text=(2, 9))
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
     return "\n".join(lines)
 
 
-def _kernel_columns(c: dict[str, Any], base: dict[str, Any] | None) -> str:
+def _kernel_columns(c: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
     """The kernel's side of a mapping row: the estimate (and its ratio to
     the baseline's), map calls, walks, PTE writes per page, invalidations;
     dashes for a result without them (written before the estimate existed)."""
     est, w = c.get("kernel_est_ns_per_page"), c.get("kernel_work")
     if est is None or not isinstance(w, dict):
-        return f"{'-':>10} {'-':>5} {'-':>9} {'-':>8} {'-':>9} {'-':>9}"
+        return ["-"] * 6
     b = base.get("kernel_est_ns_per_page") if base else None
     x = _ratio(est, b, ".2f") if b is not None else "-"
-    return (f"{est:>10.2f} {x:>5} {w['iommu_map_calls']:>9} {w['pt_walks']:>8} "
-            f"{w['pte_writes'] / c['npages']:>9.3f} {w['iotlb_invalidations']:>9}")
+    return [f"{est:.2f}", x, str(w["iommu_map_calls"]), str(w["pt_walks"]), f"{w['pte_writes'] / c['npages']:.3f}",
+            str(w["iotlb_invalidations"])]
+
+
+def _columns(header: list[str], rows: list[list[str]], *, left: int = 1, text: tuple[int, ...] = ()) -> list[str]:
+    """A plain-text table whose columns are as wide as their widest cell:
+    the first ``left`` columns and those in ``text`` left-aligned, numbers
+    right-aligned; an empty row is a blank line."""
+    widths = [max([len(h)] + [len(r[i]) for r in rows if r]) for i, h in enumerate(header)]
+
+    def line(cells: list[str]) -> str:
+        return " ".join(c.ljust(w) if i < left or i in text else c.rjust(w)
+                        for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    head = line(header)
+    return [head, "-" * len(head)] + [line(r) if r else "" for r in rows]
 
 
 def _spread_pct(c: dict[str, Any]) -> str:
@@ -779,10 +792,10 @@ def plot(result: dict[str, Any], path: str) -> None:
     layout; written to ``path`` (PNG).  Needs matplotlib (``pip install
     'pydmabuf[plot]'``)."""
     try:
-        import matplotlib
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]  # the optional [plot] extra
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
     cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES

@@ -142,7 +142,21 @@ def strict() -> Iterator[Checker]:
 
 @contextlib.contextmanager
 def report_mode() -> Iterator[Checker]:
-    """Record broken rules inside the block instead of raising."""
+    """Record broken rules inside the block instead of raising.
+
+    Examples
+    --------
+    >>> from pydmabuf import Machine
+    >>> from pydmabuf.exporters import SystemHeap
+    >>> buf = SystemHeap(Machine.default()).allocate(1 << 16)
+    >>> buf.put()
+    >>> with report_mode():
+    ...     clear()
+    ...     buf.put()                       # a put after the last: recorded, not raised
+    ...     [r.rule for r in reports()]
+    ['put-after-release']
+    >>> clear()
+    """
     old = checker.strict
     checker.strict = False
     try:

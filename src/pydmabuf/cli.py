@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -11,19 +12,35 @@ __all__ = ["main"]
 
 
 def _sizes(text: str) -> list[int]:
-    """Sizes as a comma list of byte counts with optional K/M/G suffixes."""
+    """``--sizes``: a comma list of sizes in the machine files' syntax
+    (``4096``, ``0x1000``, ``64K``, ``4 GiB``), each a whole number of pages;
+    returned as page counts."""
+    from pydmabuf._types import _parse_size
+
     out = []
     for part in text.split(","):
-        part = part.strip().upper().removesuffix("B").removesuffix("I")
-        mult = 1
-        if part and part[-1] in "KMG":
-            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[part[-1]]
-            part = part[:-1]
-        nbytes = int(float(part) * mult)
+        nbytes = _parse_size(part)
+        if nbytes is None:
+            raise argparse.ArgumentTypeError(f"{part.strip()!r} is not a size (e.g. 4096, 0x1000, 64K, 4 GiB)")
         if nbytes < 4096 or nbytes % 4096:
             raise argparse.ArgumentTypeError(f"{text!r}: sizes must be whole pages (multiples of 4 KiB)")
         out.append(nbytes // 4096)
     return out
+
+
+def _check_output(path: str | None, option: str) -> str | None:
+    """Why ``path`` cannot be written, or None: checked before a run so a
+    typo does not cost the run."""
+    if path is None or path == "-":
+        return None
+    if os.path.isdir(path):
+        return f"{option} {path}: is a directory"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        return f"{option} {path}: no directory {parent}"
+    if not os.access(parent if not os.path.exists(path) else path, os.W_OK):
+        return f"{option} {path}: permission denied"
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -98,9 +115,14 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
         print(text)
         return 0
+    for option in ("json", "csv", "markdown", "plot"):
+        problem = _check_output(getattr(args, option), f"--{option}")
+        if problem:
+            print(f"pydmabuf bench: {problem}", file=sys.stderr)
+            return 2
     if args.plot:
         try:
-            import matplotlib  # noqa: F401
+            import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
         except ImportError:
             print("pydmabuf bench --plot needs matplotlib: pip install 'pydmabuf[plot]'", file=sys.stderr)
             return 2
@@ -166,14 +188,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pydmabuf`` console script."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    if args.command is None:
-        _parser().print_help()
-        return 0
-    if args.command == "bench":
-        return _bench(args)
-    if args.command == "scenario":
-        return _scenario(args)
-    raise AssertionError(args.command)
+    if args.command is None:  # as argparse does for a missing argument
+        parser = _parser()
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: name a command (bench, scenario); see pydmabuf --help", file=sys.stderr)
+        return 2
+    commands = {"bench": _bench, "scenario": _scenario}
+    try:
+        status = commands[args.command](args)
+        sys.stdout.flush()  # here, where a closed pipe can still be caught
+        return status
+    except BrokenPipeError:
+        # The reader went away (`pydmabuf bench | head -1`): stop quietly,
+        # and keep Python from reporting the failed flush of stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a killed writer
 
 
 if __name__ == "__main__":

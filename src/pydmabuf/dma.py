@@ -293,6 +293,16 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
         (EREMOTEIO) peer memory the device cannot reach.
     Busy
         (EBUSY) the table is already mapped.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pydmabuf import DmaDirection, Machine, SgTable
+    >>> gpu = Machine.default().device("gpu0")
+    >>> t = SgTable.from_pages(np.array([0x100000, 0x100001, 0x100007], dtype=np.uint64))
+    >>> dma_map_sgtable(gpu, t, DmaDirection.TO_DEVICE)       # nents: one IOVA segment
+    1
+    >>> dma_unmap_sgtable(gpu, t, DmaDirection.TO_DEVICE)
     """
     d = _dir(direction)
     a = _attrs(attrs)
@@ -393,6 +403,17 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
     and the table's DMA side is cleared (``nents`` back to ``orig_nents``).
     Unmapping a table that is not mapped, or with another device or
     direction than it was mapped with, raises LifetimeError.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pydmabuf import DmaDirection, Machine, SgTable
+    >>> gpu = Machine.default().device("gpu0")
+    >>> t = SgTable.from_pages(np.arange(0x100000, 0x100004, dtype=np.uint64))
+    >>> n = dma_map_sgtable(gpu, t, DmaDirection.FROM_DEVICE)
+    >>> dma_unmap_sgtable(gpu, t, DmaDirection.FROM_DEVICE)
+    >>> t.mapping is None
+    True
     """
     d = _dir(direction)
     a = _attrs(attrs)
@@ -789,7 +810,16 @@ class IovaState:
         ``phys``'s offset within a granule (only that offset of ``phys`` is
         used).  Never raises for lack of IOVA: the state's ``uses_iova`` is
         False then (and for size 0, sizes with bit 63, and devices without
-        an IOMMU)."""
+        an IOMMU).
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> gpu = Machine.default().device("gpu0")
+        >>> with IovaState.try_alloc(gpu, 0x100000000, 2 * 4096) as st:
+        ...     st.uses_iova, st.size
+        (True, 8192)
+        """
         _need_device(device, "dma_iova_try_alloc")
         self = object.__new__(cls)
         self.device = device
@@ -863,7 +893,18 @@ class IovaState:
                     _all_at_offset: bool = False) -> int:
         """Link an (N, 2) u64 buffer of (phys, nbytes) rows back to back
         from ``offset`` in one call; returns the bytes linked.  All or
-        nothing: on failure nothing this call linked stays."""
+        nothing: on failure nothing this call linked stays.
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> gpu = Machine.default().device("gpu0")
+        >>> st = IovaState.try_alloc(gpu, 0, 3 * 4096)
+        >>> st.link_ranges([[0x100000000, 0x2000], [0x100007000, 0x1000]], DmaDirection.BIDIRECTIONAL)
+        12288
+        >>> st.sync(0, 12288)
+        >>> st.destroy(12288, DmaDirection.BIDIRECTIONAL)
+        """
         dom = self._need("link")
         d = _dir(direction)
         a = _attrs(attrs)
@@ -950,7 +991,21 @@ class IovaState:
         return int(dom.unmap(start, end - start))
 
     def sync(self, offset: int = 0, nbytes: int | None = None) -> None:
-        """``dma_iova_sync()``: one ``iotlb_sync_map`` for the linked span."""
+        """``dma_iova_sync()``: one ``iotlb_sync_map`` for the linked span.
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> m = Machine.default()
+        >>> gpu = m.device("gpu0")
+        >>> st = IovaState.try_alloc(gpu, 0, 4096)
+        >>> n = st.link_ranges([[0x100000000, 0x1000]], DmaDirection.TO_DEVICE)
+        >>> st.sync(0, n)                       # one IOTLB sync for everything linked
+        >>> m.memory.write(0x100000000, b"ok")
+        >>> gpu.dma_read(st.addr, 2)
+        b'ok'
+        >>> st.destroy(n, DmaDirection.TO_DEVICE)
+        """
         dom = self._need("sync")
         if nbytes is None:
             nbytes = self.size - offset
@@ -995,7 +1050,18 @@ class IovaState:
         otherwise; the kernel would free a wrongly sized range).  Unlinks it
         and frees the whole reservation: at once on a strict domain, through
         the flush queue on a lazy one.  ``mapped_nbytes == 0`` is
-        :meth:`free`."""
+        :meth:`free`.
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> gpu = Machine.default().device("gpu0")
+        >>> st = IovaState.try_alloc(gpu, 0, 4096)
+        >>> n = st.link_ranges([[0x100000000, 0x1000]], DmaDirection.TO_DEVICE)
+        >>> st.destroy(n, DmaDirection.TO_DEVICE)
+        >>> st.live
+        False
+        """
         dom = self._need("destroy")
         d = _dir(direction)
         a = _attrs(attrs)

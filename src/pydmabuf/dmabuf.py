@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 
 from pydmabuf import _walk, access, checks, dma, errors, files, mapping
-from pydmabuf._core import Resv, SgTable, _u64_pairs
+from pydmabuf._core import Resv, SgTable, _set_sg_with_hook, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
 
@@ -267,6 +267,46 @@ _table_maps: "weakref.WeakValueDictionary[int, _Mapping]" = weakref.WeakValueDic
 _maps_lock = threading.Lock()
 
 
+def _table_with(table: SgTable, entering: bool) -> None:
+    """``SgTable.__enter__`` / ``__exit__``: ``with a.map(d) as table:``
+    unmaps the mapping at the end of the block.
+
+    The unmap needs the reservation lock, static or dynamic attachment
+    alike: inside ``with buf.resv:`` it is held and the exit unmaps under
+    it; otherwise the exit takes it, as :meth:`Attachment.unmap_unlocked`
+    does.  Whether the mapping is still live is looked up under the lock,
+    because a dynamic importer's ``invalidate_mappings`` (run by the
+    exporter with the lock held) may have unmapped it already; then, or
+    after an unmap by hand, the exit does nothing.
+    """
+    def live() -> _Mapping | None:
+        with _maps_lock:
+            m = _table_maps.get(id(table))
+        return m if m is not None and m.table is table and m in m.attachment._maps else None
+
+    m = live()
+    if entering:
+        if m is None:
+            raise TypeError("only a live dma-buf mapping (Attachment.map) is a context manager")
+        return
+    if m is None:
+        return
+    resv = m.attachment.dmabuf.resv
+    held = resv.held_by_current_thread()
+    if not held:
+        resv.lock()
+    try:
+        m = live()
+        if m is not None:
+            m.attachment.unmap(table, m.direction)
+    finally:
+        if not held:
+            resv.unlock()
+
+
+_set_sg_with_hook(_table_with)
+
+
 def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
     """The access gate's check of device DMA (:mod:`pydmabuf.access`):
     through a mapping its importer was told to drop, or of a buffer that
@@ -427,7 +467,19 @@ class DmaBuf:
 
     def put(self) -> None:
         """``dma_buf_put()``: drop a reference; the last runs ``release``.
-        A put after the last is a LifetimeError."""
+        A put after the last is a LifetimeError.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> buf = SystemHeap(Machine.default()).allocate(1 << 16)
+        >>> buf.get().refcount
+        2
+        >>> buf.put(); buf.put()
+        >>> buf.released
+        True
+        """
         with self._lock:
             if self._released or self._refs <= 0:
                 checks.checker.lifetime("put-after-release", "dma_buf_put on a released dma-buf", self)
@@ -483,7 +535,20 @@ class DmaBuf:
         types series): a static importer of a scatterlist mapped for
         ``device`` (no invalidation, and a dynamic exporter pins the buffer
         on every map).  Never peer-to-peer: an exporter that only offers a
-        P2P scatterlist (VFIO) refuses it with EINVAL."""
+        P2P scatterlist (VFIO) refuses it with EINVAL.
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> a.dynamic
+        False
+        >>> buf.detach(a)
+        >>> buf.put()
+        """
         return self._sgt_attach(device, None, None, "dma_buf_attach")
 
     def dynamic_attach(self, device: Device, importer_ops: ImporterOps | None, importer_priv: Any = None) -> Attachment:
@@ -495,6 +560,21 @@ class DmaBuf:
         One SGT importer entry negotiated as :meth:`mapping_attach` does;
         ``importer_ops`` None is a static importer (the kernel's wrapper
         would dereference it).  Must not be called with the lock held.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> class Nic(ImporterOps):
+        ...     def invalidate_mappings(self, attachment):
+        ...         pass                    # a real importer unmaps here (lock held)
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.dynamic_attach(m.device("nic0"), Nic())
+        >>> a.dynamic
+        True
+        >>> buf.detach(a)
+        >>> buf.put()
         """
         if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
             raise TypeError("importer_ops must be an ImporterOps")
@@ -587,7 +667,20 @@ class DmaBuf:
     def detach(self, attachment: Attachment) -> None:
         """``dma_buf_detach()``: take the attachment off the list (under the
         lock), then the exporter's ``detach``.  Detaching with mappings or
-        pins still live is a LifetimeError (the kernel does not check)."""
+        pins still live is a LifetimeError (the kernel does not check).
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> buf.detach(a)
+        >>> a.detached, buf.attachments
+        (True, [])
+        >>> buf.put()
+        """
         if not isinstance(attachment, Attachment) or attachment.dmabuf is not self:
             checks.checker.lifetime("detach-foreign", "dma_buf_detach of an attachment of another buffer",
                                     self, attachment)
@@ -717,7 +810,20 @@ class DmaBuf:
         An importer whose invalidation callback raises does not stop the
         move: every importer is told, the memory moves, then the importer
         is reported (strict mode: LifetimeError, chained from what it
-        raised)."""
+        raised).
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> buf = SystemHeap(Machine.default()).allocate(1 << 16, movable=True)
+        >>> first = int(buf.exporter.pfns[0])
+        >>> with buf.resv:
+        ...     buf.move()
+        >>> int(buf.exporter.pfns[0]) != first
+        True
+        >>> buf.put()
+        """
         self._alive("move")
         if not self.resv.held_by_current_thread():
             checks.checker.locking("move-without-resv", "moving a dma-buf without its reservation lock", self)
@@ -930,6 +1036,26 @@ class DmaBuf:
         return (f"<DmaBuf {self.name!r} {_fmt_size(self.size)} by {self.exporter.name}, refs={self._refs}"
                 f"{', ' + ', '.join(state) if state else ''}>")
 
+    def __enter__(self) -> DmaBuf:
+        """``with heap.allocate(n) as buf:`` -- the block owns the reference
+        it was given and puts it at the end.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> with SystemHeap(Machine.default()).allocate(1 << 16) as buf:
+        ...     buf.refcount
+        1
+        >>> buf.released
+        True
+        """
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._released:  # a put by hand inside the block was the last
+            self.put()
+
     def __del__(self) -> None:
         # References held by CPU mappings are theirs to put: a mapping
         # collected in the same garbage puts its own when it goes.
@@ -1014,6 +1140,23 @@ class Attachment:
         unpins it at unmap); a static importer then waits (interruptibly)
         for the KERNEL fences.  Returns a new table the caller owns; the
         exporter refusing raises its error (ENODEV once revoked).
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16, layout="contiguous")
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> with buf.resv:
+        ...     table = a.map(DmaDirection.BIDIRECTIONAL)
+        ...     a.live_mappings
+        1
+        >>> table.dma_ranges().shape
+        (1, 2)
+        >>> with buf.resv:
+        ...     a.unmap(table, DmaDirection.BIDIRECTIONAL)
+        >>> buf.detach(a); buf.put()
         """
         d = dma._dir(direction)
         if not self._usable("map"):
@@ -1086,7 +1229,22 @@ class Attachment:
 
     def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
         """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
-        then unpin if the map pinned."""
+        then unpin if the map pinned.
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> with buf.resv:
+        ...     table = a.map(DmaDirection.TO_DEVICE)
+        ...     a.unmap(table, DmaDirection.TO_DEVICE)
+        >>> a.live_mappings
+        0
+        >>> buf.detach(a); buf.put()
+        """
         d = dma._dir(direction)
         self._require_resv("unmap")
         with _maps_lock:
@@ -1111,7 +1269,19 @@ class Attachment:
 
     def map_unlocked(self, direction: DmaDirection | int = _BIDI) -> SgTable:
         """Take the reservation lock, :meth:`map`, drop it; must not be
-        called with the lock held (LockingError)."""
+        called with the lock held (LockingError).
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> buf = SystemHeap(m).allocate(1 << 16)
+        >>> a = buf.attach(m.device("gpu0"))
+        >>> table = a.map_unlocked(DmaDirection.TO_DEVICE)
+        >>> a.unmap_unlocked(table, DmaDirection.TO_DEVICE)
+        >>> buf.detach(a); buf.put()
+        """
         buf = self.dmabuf
         if buf.resv.held_by_current_thread():
             checks.checker.locking("unlocked-with-resv", "map_attachment_unlocked with the reservation lock held",
@@ -1265,6 +1435,29 @@ class Attachment:
             state.append(mt.type.name)
         who = self.device.name if self.device is not None else type(self.importer_ops).__name__
         return f"<Attachment {who} -> {self.dmabuf.name!r} {kind}{', ' + ', '.join(state) if state else ''}>"
+
+    def __enter__(self) -> Attachment:
+        """``with buf.attach(dev) as a:`` detaches at the end (unless
+        detached by hand inside the block).  Mappings still live then are
+        the checker's ``detach-with-mappings``, as with :meth:`DmaBuf.detach`.
+
+        Examples
+        --------
+        >>> from pydmabuf import DmaDirection, Machine
+        >>> from pydmabuf.exporters import SystemHeap
+        >>> m = Machine.default()
+        >>> with SystemHeap(m).allocate(1 << 16) as buf, buf.attach(m.device("gpu0")) as a:
+        ...     with buf.resv, a.map(DmaDirection.TO_DEVICE) as table:
+        ...         table.nents > 0
+        True
+        >>> a.detached
+        True
+        """
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.detached:
+            self.dmabuf.detach(self)
 
     def __del__(self) -> None:
         if getattr(self, "_listed", False) and not self.detached and not self.dmabuf.released:

@@ -23,14 +23,13 @@ import enum
 import errno
 import logging
 import os
-import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Mapping
 
 from pydmabuf import errors
 from pydmabuf._core import RangeTable
-from pydmabuf._types import PAGE_SIZE, RangeKind, _fmt_size
+from pydmabuf._types import PAGE_SIZE, RangeKind, _fmt_size, _parse_size
 from pydmabuf.memory import PhysMemory
 
 log = logging.getLogger(__name__)
@@ -75,21 +74,18 @@ class P2PMapType(enum.IntEnum):
 
 # ------------------------------------------------------------------ parsing
 
-_SIZE_RE = re.compile(r"^\s*(0x[0-9a-fA-F_]+|\d[\d_]*)\s*([KMGTP]?)(I?B)?\s*$", re.I)
-
-
 def _num(v: Any, what: str) -> int:
-    """An int from an int or a string like ``"64M"``, ``"0x1000"``, ``"4 GiB"``."""
+    """An int from an int or a size string like ``"64M"``, ``"0x1000"``,
+    ``"4 GiB"`` (the syntax ``pydmabuf bench --sizes`` shares, see
+    :func:`pydmabuf._types._parse_size`)."""
     if isinstance(v, bool):
         raise TypeError(f"{what}: expected a number, not {v!r}")
     if isinstance(v, int):
         return v
     if isinstance(v, str):
-        m = _SIZE_RE.match(v)
-        if m:
-            base = int(m.group(1).replace("_", ""), 0)
-            unit = m.group(2).upper()
-            return base << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40, "P": 50}[unit]
+        n = _parse_size(v)
+        if n is not None:
+            return n
     raise errors.InvalidArgument(f"{what}: cannot read {v!r} as a number or size")
 
 
@@ -661,13 +657,29 @@ class Device(_PciNode):
         the mapping allows reads, and returns the bytes.  Raises
         :class:`~pydmabuf.errors.IommuFault` (EFAULT) naming the device, the
         address and the reason when nothing usable is mapped there.
+
+        Examples
+        --------
+        >>> m = Machine.default()
+        >>> m.memory.write(0x100000, b"hi")
+        >>> m.device("direct0").dma_read(0x100000, 2)
+        b'hi'
         """
         from pydmabuf import dma
 
         return dma.device_read(self, addr, nbytes)
 
     def dma_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` at DMA address ``addr`` as this device would."""
+        """Write ``data`` at DMA address ``addr`` as this device would.
+
+        Examples
+        --------
+        >>> m = Machine.default()
+        >>> direct = m.device("direct0")        # no IOMMU: DMA addresses are physical
+        >>> direct.dma_write(0x100000, b"hi")
+        >>> m.memory.read(0x100000, 2)
+        b'hi'
+        """
         from pydmabuf import dma
 
         dma.device_write(self, addr, data)
@@ -711,6 +723,13 @@ class Machine:
         return dict(self._devices)
 
     def device(self, name: str) -> Device:
+        """The device called ``name``; NoDevice (ENODEV) lists the ones there are.
+
+        Examples
+        --------
+        >>> Machine.default().device("nic0").name
+        'nic0'
+        """
         try:
             return self._devices[name]
         except KeyError:
@@ -1022,7 +1041,14 @@ class Machine:
     # ---------------------------------------------------------- describing
 
     def describe(self) -> str:
-        """A readable listing: memory map, PCI tree, IOMMUs, devices."""
+        """A readable listing: memory map, PCI tree, IOMMUs, devices.
+
+        Examples
+        --------
+        >>> print(Machine.default().describe())
+        Machine 'default' (intel, P2P through host bridges by whitelist)
+        ...
+        """
         out = [f"Machine {self.name!r} ({self.cpu_vendor}, P2P through host bridges "
                f"{'by CPU' if self.cpu_supports_p2pdma else 'by whitelist'})", "", "Physical address map:"]
         for r in self.address_map:
@@ -1059,7 +1085,16 @@ class Machine:
 
     @classmethod
     def default(cls) -> Machine:
-        """The built-in machine; see :data:`DEFAULT_SPEC` and the README."""
+        """The built-in machine; see :data:`DEFAULT_SPEC` and the README.
+
+        Examples
+        --------
+        >>> m = Machine.default()
+        >>> m
+        <Machine 'default': ...>
+        >>> m.device("gpu0").name
+        'gpu0'
+        """
         return cls.from_spec(DEFAULT_SPEC)
 
     @classmethod
@@ -1069,7 +1104,17 @@ class Machine:
         A path object is always a file; a str is a file if one exists
         there, else TOML text.  A file that cannot be read raises the
         class of its errno (NotFound for ENOENT ...); malformed TOML is
-        ValueError (``tomllib.TOMLDecodeError``)."""
+        ValueError (``tomllib.TOMLDecodeError``).
+
+        Examples
+        --------
+        >>> m = Machine.from_toml('''
+        ... memory = [{start = 0, size = "1G"}]
+        ... devices = [{name = "dev"}]
+        ... ''')
+        >>> m.device("dev").name
+        'dev'
+        """
         if sys.version_info >= (3, 11):
             import tomllib
         else:  # Python 3.10: the backport
@@ -1103,6 +1148,12 @@ class Machine:
         coherent, vfio, bars: [{index, size, prefetch}]}``).  Sizes and
         addresses may be ints or strings like ``"64M"``.  Errors name the
         offending entry.
+
+        Examples
+        --------
+        >>> m = Machine.from_spec({"memory": [{"start": 0, "size": "1G"}], "devices": [{"name": "dev"}]})
+        >>> m.device("dev").name
+        'dev'
         """
         from pydmabuf import _spec
 
@@ -1116,6 +1167,12 @@ class Machine:
         processes: then this raises :class:`~pydmabuf.errors.NotPermitted`)
         and ``/sys/bus/pci/devices``.  DMA masks, IOMMU groups and ACS
         settings are taken from sysfs where readable.
+
+        Examples
+        --------
+        >>> m = Machine.from_host()      # what /proc/iomem and sysfs show (as root)
+        >>> isinstance(m, Machine)
+        True
         """
         from pydmabuf import _host
 

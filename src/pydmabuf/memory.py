@@ -42,7 +42,16 @@ class PhysMemory:
 
     def read(self, phys: int, nbytes: int) -> bytes:
         """``nbytes`` at ``phys`` (zeros where nothing was written): the
-        harness's look at memory, past every rule of the model."""
+        harness's look at memory, past every rule of the model.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> m = Machine.default()
+        >>> m.memory.write(0x2000, b"abc")
+        >>> m.memory.read(0x2000, 3)
+        b'abc'
+        """
         return self._raw_read(phys, nbytes)
 
     def write(self, phys: int, data: bytes | bytearray | memoryview | np.ndarray) -> None:

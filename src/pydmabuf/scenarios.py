@@ -117,10 +117,13 @@ class Result:
 SCENARIOS: dict[str, Scenario] = {}
 
 
-def scenario(name: str, title: str) -> Callable[[Callable[[Story], None]], Callable[[Story], None]]:
+_ScenarioFn = TypeVar("_ScenarioFn", bound=Callable[["Story"], None])
+
+
+def scenario(name: str, title: str) -> Callable[[_ScenarioFn], _ScenarioFn]:
     """Register ``fn(story)`` as the scenario ``name``."""
 
-    def deco(fn: Callable[[Story], None]) -> Callable[[Story], None]:
+    def deco(fn: _ScenarioFn) -> _ScenarioFn:
         if name in SCENARIOS:
             raise ValueError(f"scenario {name!r} registered twice")
         doc = inspect.cleandoc(fn.__doc__ or "")

@@ -169,6 +169,14 @@ class SystemHeap:
         ``scattered`` (every page alone) or ``thp`` (2 MiB runs); ``seed``
         makes it repeatable.  ``movable`` gives a dynamic exporter whose
         pages :meth:`DmaBuf.move` can migrate.  ENOMEM when RAM is short.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> buf = SystemHeap(Machine.default()).allocate(64 << 10, layout="scattered", name="frames")
+        >>> buf.size, buf.name
+        (65536, 'frames')
+        >>> buf.put()
         """
         if not isinstance(nbytes, int):
             raise TypeError(f"allocate: nbytes must be an int, not {type(nbytes).__name__}")

@@ -428,6 +428,16 @@ class VfioPciBar:
         do); False models a variant driver that does not (EOPNOTSUPP).
 
     Slices are checked when exported, with the kernel's errors.
+
+    Examples
+    --------
+    >>> from pydmabuf import Machine
+    >>> m = Machine.default()
+    >>> vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+    >>> bar = vfio.export()                 # a dma-buf of the first MiB of BAR 0
+    >>> bar.size
+    1048576
+    >>> bar.put(); vfio.close()
     """
 
     #: The exporter of each dma-buf (a variant driver supplies its own).
@@ -641,6 +651,16 @@ class VfioPciBar:
             A new dma-buf holding one reference for the caller (drop it with
             :meth:`~pydmabuf.dmabuf.DmaBuf.put`).  Raises as
             :meth:`feature_dma_buf`.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> m = Machine.default()
+        >>> vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+        >>> bar = vfio.export()
+        >>> bar
+        <DmaBuf 'vfio vfio0 BAR0' 1 MiB by vfio-pci, refs=1>
+        >>> bar.put(); vfio.close()
         """
         fd = self.feature_dma_buf(self.bar, 0, os.O_RDWR | os.O_CLOEXEC, self.ranges)
         buf = dma_buf_get(fd)
@@ -660,6 +680,18 @@ class VfioPciBar:
 
         Raises TimedOut (see the module notes) and BadHandle (EBADF)
         after close.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> m = Machine.default()
+        >>> vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+        >>> bar = vfio.export()
+        >>> vfio.set_memory_decode(False, timeout=5)      # revokes the dma-buf
+        >>> bar.revoked
+        True
+        >>> vfio.set_memory_decode(True, timeout=5)
+        >>> bar.put(); vfio.close()
         """
         _timeout_arg(timeout, "set_memory_decode")  # before anything is zapped or revoked
         core = self._need_open("set_memory_decode")
@@ -733,7 +765,16 @@ class VfioPciBar:
         """Close this VFIO device file.  The last close of the device
         revokes every dma-buf for good (``vfio_pci_dma_buf_cleanup``): the
         buffers stay valid, attach and map fail with ENODEV.  BadHandle
-        (EBADF) if already closed; TimedOut leaves the device open."""
+        (EBADF) if already closed; TimedOut leaves the device open.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> m = Machine.default()
+        >>> vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+        >>> vfio.export().put()
+        >>> vfio.close()
+        """
         _timeout_arg(timeout, "close")  # before anything is zapped or revoked
         core = self._need_open("close")
         with core.memory_lock:

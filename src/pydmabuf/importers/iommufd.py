@@ -394,6 +394,20 @@ class IommufdIoas:
     hardware page table, unless a separate one is asked for); dma-bufs are
     mapped with :meth:`map_file` and unmapped with :meth:`unmap`.  Close
     it (or use it as a context manager) to unmap everything and detach.
+
+    Examples
+    --------
+    >>> from pydmabuf import Machine
+    >>> from pydmabuf.exporters import VfioPciBar
+    >>> m = Machine.default()
+    >>> vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+    >>> bar = vfio.export()
+    >>> ioas = IommufdIoas(m)
+    >>> hwpt = ioas.attach_device(m.device("gpu0"))
+    >>> iova = ioas.map_file(bar, 0, 1 << 20)
+    >>> m.device("gpu0").dma_read(iova, 4) is not None
+    True
+    >>> ioas.close(); bar.put(); vfio.close()
     """
 
     def __init__(self, machine: Any, *, name: str = "ioas", kernel_compat: bool = False) -> None:
@@ -492,6 +506,19 @@ class IommufdIoas:
         AddressInUse
             (EADDRINUSE) an area lies in the device's reserved IOVA or
             past the new domain's aperture.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import VfioPciBar
+        >>> m = Machine.default()
+        >>> vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+        >>> bar = vfio.export()
+        >>> ioas = IommufdIoas(m)
+        >>> hwpt = ioas.attach_device(m.device("gpu0"))
+        >>> hwpt is not None
+        True
+        >>> ioas.close(); bar.put(); vfio.close()
         """
         if not isinstance(device, Device):
             raise TypeError(f"device must be a Device, not {type(device).__name__}")
@@ -633,6 +660,23 @@ class IommufdIoas:
             (ENOSPC) no free IOVA for it.
 
         A failed call maps nothing and leaves no attachment.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import VfioPciBar
+        >>> m = Machine.default()
+        >>> vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+        >>> bar = vfio.export()
+        >>> ioas = IommufdIoas(m)
+        >>> hwpt = ioas.attach_device(m.device("gpu0"))
+        >>> iova = ioas.map_file(bar, 0, 1 << 20)       # IOMMU_IOAS_MAP_FILE
+        >>> vfio.set_memory_decode(False, timeout=5)    # revoked: iommufd unmaps at once
+        >>> m.device("gpu0").dma_read(iova, 4)
+        Traceback (most recent call last):
+            ...
+        pydmabuf.errors.IommuFault: ...
+        >>> ioas.close(); bar.put(); vfio.close()
         """
         flags = as_uint(flags, "flags", 32)
         iova = as_uint(iova, "iova")
@@ -877,7 +921,21 @@ class IommufdIoas:
     # ---------------------------------------------------------- lifetime
 
     def close(self) -> None:
-        """Destroy the IOAS: unmap every area, detach every device."""
+        """Destroy the IOAS: unmap every area, detach every device.
+
+        Examples
+        --------
+        >>> from pydmabuf import Machine
+        >>> from pydmabuf.exporters import VfioPciBar
+        >>> m = Machine.default()
+        >>> vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
+        >>> bar = vfio.export()
+        >>> ioas = IommufdIoas(m)
+        >>> hwpt = ioas.attach_device(m.device("gpu0"))
+        >>> iova = ioas.map_file(bar, 0, 1 << 20)
+        >>> ioas.close()                        # unmaps and detaches everything
+        >>> bar.put(); vfio.close()
+        """
         with self._lock:
             if self.closed:
                 return
