@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 
-from pydmabuf import _walk, access, checks, dma, errors, files
+from pydmabuf import _walk, access, checks, dma, errors, files, iotlb
 from pydmabuf._core import Resv, SgTable, _u64_pairs
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
@@ -273,6 +273,22 @@ def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
 
 
 access.add_check(access.DEVICE, _access_hook)
+
+
+def _iotlb_describer(device: Device, addr: int, nbytes: int) -> tuple[Any, Any] | None:
+    """For the IOTLB (:mod:`pydmabuf.iotlb`): the importer's mapping a DMA
+    address belongs to, asked when an access fills the cache, so a later
+    hit on the stale entry names the mapping and the importer that
+    unmapped it."""
+    with _maps_lock:
+        maps = list(_device_maps.get(device, ()))
+    for m in maps:
+        if m.covers(addr, nbytes):
+            return m, m.attachment.importer_ops or m.attachment
+    return None
+
+
+iotlb.add_describer(_iotlb_describer)
 
 
 def _check_name(name: Any) -> str:
