@@ -32,7 +32,7 @@ import numpy as np
 
 from pydmabuf import _walk, access, checks, dma, errors, files, iotlb
 from pydmabuf._core import Resv, SgTable, _u64_pairs
-from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
+from pydmabuf._types import PAGE_SIZE, Caching, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
 
 log = logging.getLogger(__name__)
@@ -1101,6 +1101,10 @@ class CpuMapping:
         self.closed = False
         self.faults = 0
         self.zaps = 0
+        #: The memory type of the mapping's PTEs: write-back for system
+        #: memory; the exporter's ``mmap`` op sets it for device memory
+        #: (VFIO: uncached, or write-combine on request).
+        self.caching = Caching.WRITE_BACK
         self.created_at = checks.created_at()
         # The subject is the buffer, not the mapping: no reference cycle, so
         # a dropped mapping goes (and puts its reference) at once.
@@ -1234,7 +1238,8 @@ class CpuMapping:
         self._access(off, buf, len(buf))
 
     def __repr__(self) -> str:
-        return (f"<CpuMapping {self.dmabuf.name!r} [{self.offset:#x}, +{self.nbytes:#x}] faults={self.faults} "
+        return (f"<CpuMapping {self.dmabuf.name!r} [{self.offset:#x}, +{self.nbytes:#x}] {self.caching} "
+                f"faults={self.faults} "
                 f"zaps={self.zaps}{' closed' if self.closed else ''}>")
 
 
