@@ -402,6 +402,7 @@ def lazy_iotlb_window(story: Story) -> None:
         story.step(f"{dom.type} domain: gpu0's driver maps {buf.name!r} at {addr:#x} and gpu0 reads "
                    f"{gpu0.dma_read(addr, 7)!r} (the IOTLB caches the translation)")
         a.unmap_unlocked(table, BIDI)
+        assert gpu0.iommu_group is not None  # gpu0 sits behind iommu0
         w = stale_window(dom, gpu0.iommu_group.iommu.iotlb)
         story.detail(f"the driver unmaps: {w.queued_unmaps} unmap(s) queued, {_fmt_size(w.queued_bytes)} with "
                      f"cleared PTEs and no invalidation, {w.cached_stale_pages} of its pages cached stale")

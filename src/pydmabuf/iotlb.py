@@ -245,7 +245,8 @@ class Iotlb:
         dead = np.zeros(self.entries, bool)
         dead[ch[~live]] = True
         self._drop(dead)
-        return ch[live]
+        out: np.ndarray = ch[live]
+        return out
 
     def _translate_stale(self, device: Any, dom: Any, addr: int, nbytes: int, need: int, stale: np.ndarray,
                          sel: np.ndarray, walk: Callable[[int, int], "tuple[Any, int, int]"],
