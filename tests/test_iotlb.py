@@ -229,3 +229,11 @@ def test_iotlb_size_is_configurable_and_checked():
         _machine(entries=0)
     with pytest.raises(TypeError):
         Iotlb(True)
+
+
+def test_python_misuse_is_a_type_error():
+    tlb = _machine().iommus["io0"].iotlb
+    for call in (lambda: stale_window(None), lambda: stale_window(_machine().device("dev0").domain, iotlb=3),
+                 lambda: tlb.cached("dom"), lambda: tlb.stale_pages(1)):
+        with pytest.raises(TypeError):
+            call()

@@ -176,6 +176,7 @@ class Iotlb:
     def cached(self, dom: Any) -> np.ndarray:
         """The IOVAs (of pages) cached for ``dom``, LRU first: a u64 array (a
         copy)."""
+        _need_domain(dom, "Iotlb.cached")
         with self._lock:
             t = self._tags.get(id(dom))
             if t is None:
@@ -198,6 +199,7 @@ class Iotlb:
         entry are taken from it (a coherent entry agrees with the walk; a
         stale one does not and wins, as in hardware); the others are
         walked, and filled."""
+        _need_domain(dom, "Iotlb.translate")
         with self._lock:
             tag = self._tag_of(dom)
             full = self._sync(dom, tag)
@@ -357,6 +359,7 @@ class Iotlb:
     def stale_pages(self, dom: Any) -> int:
         """Pages cached for ``dom`` whose translation was cleared but not
         yet invalidated (a device can still reach them)."""
+        _need_domain(dom, "Iotlb.stale_pages")
         with self._lock:
             t = self._tags.get(id(dom))
             if t is None:
@@ -367,6 +370,13 @@ class Iotlb:
 
     def __repr__(self) -> str:
         return f"<Iotlb {int((self._tag != 0).sum())}/{self.entries} entries>"
+
+
+def _need_domain(dom: Any, what: str) -> None:
+    from pydmabuf import IommuDomain
+
+    if not isinstance(dom, IommuDomain):
+        raise TypeError(f"{what}: domain must be an IommuDomain, not {type(dom).__name__}")
 
 
 def _phys_pages(runs: list[tuple[int, int]], addr: int, pfns: np.ndarray) -> np.ndarray:
@@ -409,6 +419,9 @@ def stale_window(domain: Any, iotlb: Iotlb | None = None) -> StaleWindow:
         ``cached_stale_pages`` / ``cached_stale_bytes`` (what this model's
         cache does reach).
     """
+    _need_domain(domain, "stale_window")
+    if iotlb is not None and not isinstance(iotlb, Iotlb):
+        raise TypeError(f"stale_window: iotlb must be an Iotlb or None, not {type(iotlb).__name__}")
     q = domain.queued()
     pages = iotlb.stale_pages(domain) if iotlb is not None else 0
     return StaleWindow(int(len(q)), int(q[:, 1].sum()) if len(q) else 0, pages, pages * _PAGE)
