@@ -12,6 +12,8 @@ from __future__ import annotations
 import time
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from pydmabuf import checks, errors
 from pydmabuf.dma import DmaDirection, dma_map_phys, dma_unmap_phys
@@ -237,3 +239,70 @@ def test_python_misuse_is_a_type_error():
                  lambda: tlb.cached("dom"), lambda: tlb.stale_pages(1)):
         with pytest.raises(TypeError):
             call()
+
+
+# A reference of what hardware does, independent of the model: a cache of
+# page translations filled by reads, emptied by the invalidations the
+# domain issues (strict: the unmapped range at once; lazy: everything at
+# the flush), never by the page-table update itself.
+
+_REF_STATS = {"stale": 0, "flushes": 0}
+_OPS = st.lists(st.tuples(st.sampled_from(["map", "map", "read", "read", "read", "unmap", "flush"]),
+                          st.integers(0, 3)), max_size=40)
+
+
+@settings(max_examples=80, deadline=None)
+@given(strict=st.booleans(), ops=_OPS)
+@example(strict=False, ops=[("map", 0), ("read", 0), ("unmap", 0), ("read", 0), ("flush", 0), ("read", 0)])
+def test_the_iotlb_matches_a_reference_of_the_hardware(strict, ops):
+    m = _machine(strict=strict, entries=1024)  # no eviction here: LRU is pinned above
+    d = m.device("dev0")
+    for k in range(8):
+        m.memory.write(OLD + k * PAGE, bytes([65 + k]) * 8)
+    live: dict[int, int] = {}  # slot -> iova (mapped)
+    pte: dict[int, int] = {}  # iova -> phys
+    cache: dict[int, int] = {}  # iova -> phys (the reference IOTLB)
+    queued: set[int] = set()
+    dead: list[int] = []  # unmapped IOVAs, to read through later
+    stats = _REF_STATS
+    checks.clear()
+    with checks.report_mode():
+        for op, k in ops:
+            if op == "map" and k not in live:
+                a = dma_map_phys(d, OLD + k * PAGE, PAGE, BIDI)
+                assert a not in queued  # queue_iova holds the IOVA until the flush
+                live[k], pte[a] = a, OLD + k * PAGE
+            elif op == "unmap" and k in live:
+                a = live.pop(k)
+                dma_unmap_phys(d, a, PAGE, BIDI)
+                del pte[a]
+                dead.append(a)
+                if strict:
+                    cache.pop(a, None)  # iommu_iotlb_sync at unmap
+                else:
+                    queued.add(a)
+            elif op == "flush":
+                d.domain.flush()
+                if queued:  # fq_flush_timeout flushes only when something is queued
+                    cache.clear()  # fq_flush_iotlb: flush_iotlb_all
+                queued.clear()
+                stats["flushes"] += 1
+            elif op == "read":
+                # k < 2: the most recently unmapped IOVAs; else a live one.
+                targets = dead[::-1] if (k < 2 and dead) or not live else list(live.values())
+                if not targets:
+                    continue
+                a = targets[k % len(targets)]
+                n_reports = len(checks.reports("stale-iotlb"))
+                if a in cache and pte.get(a) != cache[a]:
+                    assert d.dma_read(a, 8) == m.memory.read(cache[a], 8)  # the old page
+                    stats["stale"] += 1
+                    assert len(checks.reports("stale-iotlb")) == n_reports + 1
+                elif a in pte:
+                    assert d.dma_read(a, 8) == m.memory.read(pte[a], 8)
+                    cache[a] = pte[a]
+                    assert len(checks.reports("stale-iotlb")) == n_reports
+                else:
+                    with pytest.raises(errors.IommuFault):
+                        d.dma_read(a, 8)
+    checks.clear()
