@@ -135,6 +135,7 @@ class Iotlb:
         self._prov = np.zeros(entries, np.int64)  # key into _provenance (0: none)
         self._clock = 0
         self._doms: dict[int, Any] = {}  # tag -> domain (while entries carry the tag)
+        self._seen: dict[int, int] = {}  # tag -> the domain's full-flush count when last synced
         self._tags: dict[int, int] = {}  # id(domain) -> tag
         self._next_tag = 1
         self._provenance: dict[int, tuple[Any, Any]] = {}
@@ -165,7 +166,9 @@ class Iotlb:
         ``fq_flush_timeout``); returns the domain's flush count."""
         dom.poll()
         full = int(dom.pgtable.stats["iotlb_full_flushes"])
-        self._drop((self._tag == tag) & (self._flushes < full))
+        if self._seen.get(tag) != full:  # a flush since this tag was last looked at
+            self._drop((self._tag == tag) & (self._flushes < full))
+            self._seen[tag] = full
         return full
 
     def flush(self) -> None:
@@ -355,6 +358,7 @@ class Iotlb:
             for t in [t for t in self._doms if t not in live_t]:
                 d = self._doms.pop(t)
                 self._tags.pop(id(d), None)
+                self._seen.pop(t, None)
 
     def stale_pages(self, dom: Any) -> int:
         """Pages cached for ``dom`` whose translation was cleared but not
