@@ -15,8 +15,9 @@ says:
   the unmap returns), and so does ``iommu_unmap()`` on any domain;
 * a lazy domain (``IOMMU_DOMAIN_DMA_FQ``) invalidates nothing at a DMA-API
   unmap: ``iommu_dma_free_iova`` hands the IOVA to ``queue_iova`` and the
-  cached translation survives until ``fq_flush_iotlb`` runs
-  ``flush_iotlb_all`` (from ``fq_flush_timeout`` when the 10 ms timer
+  cached translation survives until ``fq_flush_iotlb`` runs the
+  domain's ``flush_iotlb_all`` (the cookie's flush callback,
+  ``iommu_dma_flush_iotlb_all``; from ``fq_flush_timeout`` when the 10 ms timer
   fires, from ``queue_iova`` when a ring is full, or
   ``IommuDomain.flush()``); only then are the IOVAs freed, so the stale
   entry can only ever point at the page that was unmapped.
