@@ -315,7 +315,21 @@ add("VfioPciDmaBuf.attach.revoked", vfio(decode=False),
 add("VfioPciDmaBuf.attach.closed-device", vfio(closed=True),
     lambda s: s.b.dynamic_attach(s.m.device("gpu0"), Polite()), E.Revoked)
 add("VfioPciDmaBuf.attach.static", _v, lambda s: s.b.attach(s.m.device("gpu0")), E.InvalidArgument)  # no match
-add("VfioPciDmaBuf.mmap", _v, lambda s: s.b.mmap(), E.InvalidArgument)
+# vfio_pci_dma_buf_mmap (Evans series, on 7.1): a revoked buffer is ENODEV;
+# 6.19 has no mmap op (dma_buf_mmap_internal: EINVAL).
+add("VfioPciDmaBuf.mmap.619", vfio("vfio1", kernel="6.19"), lambda s: s.b.mmap(), E.InvalidArgument)
+add("VfioPciDmaBuf.mmap.revoked", vfio(decode=False), lambda s: s.b.mmap(), E.Revoked)
+add("VfioPciDmaBuf.mmap.closed-device", vfio(closed=True), lambda s: s.b.mmap(), E.Revoked)
+add("VfioPciDmaBuf.mmap.past-the-end", _v, lambda s: s.b.mmap(0, 17 * G), E.InvalidArgument)
+# VFIO_DEVICE_FEATURE_DMA_BUF_MEMATTR: ENOENT for an unsupported memattr,
+# EBADF for a closed device or an fd that is not open (ENODEV for another
+# exporter's buffer: tests/test_vfio_exporter.py).
+add("VfioPciBar.set_dma_buf_memattr.write-back", _v, lambda s: s.v.set_dma_buf_memattr(s.b, "write-back"),
+    E.NotFound)
+add("VfioPciBar.set_dma_buf_memattr.junk", _v, lambda s: s.v.set_dma_buf_memattr(s.b, 99), E.NotFound)
+add("VfioPciBar.set_dma_buf_memattr.bad-fd", _v, lambda s: s.v.set_dma_buf_memattr(10**6, "uncached"), E.BadHandle)
+add("VfioPciBar.set_dma_buf_memattr.closed-device", vfio(closed=True),
+    lambda s: s.v.set_dma_buf_memattr(s.b, "uncached"), E.BadHandle)
 add("VfioPciDmaBuf.vmap", _v, _locked(lambda s: s.b.vmap()), E.InvalidArgument)
 add("VfioPciDmaBuf.vmap-without-resv", _v, lambda s: s.b.vmap(), E.LockingError)
 

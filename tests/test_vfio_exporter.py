@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, Usage, errors, fence_context_alloc, mapping
+from pydmabuf import Caching, DmaDirection, Fence, Machine, P2PMapType, Usage, errors, fence_context_alloc, mapping
 from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps, close, dma_buf_get
 from pydmabuf.exporters import SystemHeap, VfioPciBar
 from pydmabuf.exporters.vfio import IOMMUFD_MODULE, VfioFeature, vfio_pci_dma_buf_iommufd_map, vfio_pci_hot_reset
@@ -348,9 +348,8 @@ def _platform(m):
     return Device(m, "platform-dev")
 
 
-def test_no_cpu_side_and_the_physical_ranges(m):
+def test_no_vmap_and_the_physical_ranges(m):
     with vfio_export(m, "vfio0", bar=2, offset=G, nbytes=4 * G) as (v, b):
-        assert errno_of(b.mmap) == errno.EINVAL
         b.resv.lock()
         try:
             assert errno_of(b.vmap) == errno.EINVAL
@@ -364,6 +363,92 @@ def test_no_cpu_side_and_the_physical_ranges(m):
                 b.resv.unlock()
         bar = m.device("vfio0").bar(2)
         assert pv.ranges.tolist() == [[bar.cpu_start + G, 4 * G]] and pv.provider.bar is bar
+
+
+# ------------------------------------------------------------- mmap (MMIO)
+#
+# After Matt Evans's "vfio/pci: Support mmap() of a VFIO DMABUF" (v4, July
+# 2026): vfio_pci_dma_buf_mmap, its fault handler, revoke_mmap_mappings
+# and VFIO_DEVICE_FEATURE_DMA_BUF_MEMATTR.
+
+
+def test_mmap_on_619_has_no_mmap_op(m):
+    # dma_buf_mmap_internal(): no ->mmap in 6.19's vfio_pci_dmabuf_ops -> EINVAL.
+    with vfio_export(m, "vfio1", kernel="6.19") as (v, b):
+        assert errno_of(b.mmap) == errno.EINVAL
+
+
+def test_mmap_maps_the_bar_uncached_and_reaches_it(m):
+    # vfio_pci_dma_buf_mmap: pgprot_noncached; the fault inserts the BAR pfns.
+    with vfio_export(m, "vfio0", bar=2, offset=G, nbytes=4 * G) as (v, b):
+        bar = m.device("vfio0").bar(2)
+        with b.mmap() as cpu:
+            assert cpu.caching is Caching.UNCACHED and str(cpu.caching) == "uncached"
+            cpu.write(G, b"to the BAR")
+            assert m.memory.read(bar.cpu_start + 2 * G, 10) == b"to the BAR"
+            m.memory.write(bar.cpu_start + G, b"from the BAR")
+            assert cpu.read(0, 12) == b"from the BAR"
+
+
+def test_system_memory_mappings_are_write_back(m):
+    b = SystemHeap(m).allocate(2 * G)
+    with b.mmap() as cpu:
+        assert cpu.caching is Caching.WRITE_BACK
+    b.resv.lock()
+    try:
+        vm = b.vmap()
+        assert vm.caching is Caching.WRITE_BACK
+        b.vunmap(vm)
+    finally:
+        b.resv.unlock()
+    b.put()
+
+
+def test_memattr_write_combine_applies_to_later_mmaps(m):
+    # vfio_pci_core_feature_dma_buf_memattr: NC default, WC on request; the
+    # vma's prot is chosen in vfio_pci_dma_buf_mmap, so existing maps keep theirs.
+    with vfio_export(m, "vfio0", nbytes=4 * G) as (v, b):
+        before = b.mmap()
+        v.set_dma_buf_memattr(b, Caching.WRITE_COMBINE)
+        after = b.mmap()
+        assert (before.caching, after.caching) == (Caching.UNCACHED, Caching.WRITE_COMBINE)
+        after.write(0, b"wc")
+        assert before.read(0, 2) == b"wc"
+        assert errno_of(v.set_dma_buf_memattr, b, "write-back") == errno.ENOENT
+        assert errno_of(v.set_dma_buf_memattr, b, 7) == errno.ENOENT
+        other = SystemHeap(m).allocate(G)
+        assert errno_of(v.set_dma_buf_memattr, other, "uncached") == errno.ENODEV  # not this device's
+        other.put()
+        v.set_dma_buf_memattr(b.fd(), "uncached")  # by fd, as the ioctl takes it
+        assert b.mmap().caching is Caching.UNCACHED
+        before.close()
+        after.close()
+
+
+def test_revoke_zaps_the_mmap_sigbus_and_unrevoke_faults_it_back(m):
+    # revoke_mmap_mappings (unmap_mapping_range) at vfio_pci_dma_buf_move(revoked);
+    # the fault handler gives VM_FAULT_SIGBUS while revoked, inserts again after.
+    with vfio_export(m, "vfio0", nbytes=4 * G) as (v, b):
+        cpu = b.mmap()
+        cpu.write(0, b"live")
+        faults = cpu.faults
+        v.set_memory_decode(False, timeout=5)
+        assert cpu.zaps == 1
+        e = pytest.raises(errors.IOFailure, cpu.read, 0, 4).value
+        assert "SIGBUS" in str(e)
+        assert errno_of(b.mmap) == errno.ENODEV  # vfio_pci_dma_buf_mmap refuses a revoked buffer
+        v.set_memory_decode(True, timeout=5)
+        assert cpu.read(0, 4) == b"live" and cpu.faults == faults + 1
+        cpu.close()
+
+
+def test_closing_the_device_revokes_the_mmap_for_good(m):
+    with vfio_export(m, "vfio0", nbytes=4 * G) as (v, b):
+        cpu = b.mmap()
+        cpu.read(0, 4)
+        v.close(timeout=5)
+        pytest.raises(errors.IOFailure, cpu.read, 0, 4)
+        cpu.close()
 
 
 # ------------------------------------------------------ revoke, un-revoke

@@ -9,7 +9,7 @@ IOVA API.  See the README for a tour.
 from __future__ import annotations
 
 from pydmabuf import errors
-from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection, IommuProt, Range, RangeKind, Usage
+from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, Caching, DmaDirection, IommuProt, Range, RangeKind, Usage
 from pydmabuf._core import (
     MAX_SG_ENT_SZ,
     SCATTERLIST_MAX_SEGMENT,
@@ -100,6 +100,7 @@ __all__ = [
     "PAGE_SIZE",
     "MAX_SG_ENT_SZ",
     "SCATTERLIST_MAX_SEGMENT",
+    "Caching",
     "DmaDirection",
     "IommuDomain",
     "IommuProt",

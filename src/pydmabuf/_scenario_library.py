@@ -19,6 +19,7 @@ from pydmabuf.exporters.private import PrivateBuffer
 from pydmabuf.exporters.vfio import VfioPciBar
 from pydmabuf.importers import DrmGpu, IommufdIoas, KvmVm, RdmaMr
 from pydmabuf.importers.kvm import KVM_MEM_VFIO_DMABUF
+from pydmabuf.iotlb import stale_window
 from pydmabuf.exporters.system_heap import HeapBuffer
 from pydmabuf.machine import Machine
 from pydmabuf.scenarios import Story, scenario
@@ -303,7 +304,13 @@ def device_reset(story: Story) -> None:
     and stops; VFIO waits until nothing is mapped, resets, and un-revokes.
     Afterwards the dynamic importers map again and work, iommufd's area
     stays revoked, and the one access made on purpose through a dropped
-    address faults."""
+    address faults once the IOTLB was invalidated: gpu0's domain is lazy
+    (DMA-FQ), so its driver's unmap at the revoke only queued the
+    invalidation, and until the flush queue's timer fires a translation
+    gpu0 cached before the reset still reaches the BAR (see
+    ``lazy-iotlb-window``).  The scenario waits for that flush (it runs
+    the timer's work with ``IommuDomain.flush()``) before the stale
+    access; only then does hardware promise a fault."""
     m = Machine.default()
     before = _live(m)
     gpu0, nic = m.device("gpu0"), m.device("nic0")
@@ -325,8 +332,9 @@ def device_reset(story: Story) -> None:
     a = buf.dynamic_attach(gpu0, ops)
     ops.table = a.map_unlocked(BIDI)
     old = int(ops.table.dma_ranges()[0, 0])
+    gpu0.dma_read(old, 4)  # gpu0's IOTLB now caches the translation
     story.detail(f"iommufd for gpu1 at IOVA {iova:#x}; KVM slot at GPA {gpa:#x}; nic0 MR {_addr(mr)}; "
-                 f"gpu0 driver {_addr(ops.table)}")
+                 f"gpu0 driver {_addr(ops.table)} (gpu0 has read through it)")
     story.detail(f"{len(buf.attachments)} attachments, {buf.live_mappings} live mappings, "
                  f"{sum(at.pin_count for at in buf.attachments)} pin (iommufd)")
 
@@ -337,6 +345,11 @@ def device_reset(story: Story) -> None:
                  f"iommufd area revoked={ioas.areas[0].revoked}")
     story.detail(f"after the reset: {buf.live_mappings} live mappings, device resets {vfio.resets}")
 
+    story.step("gpu0's lazy domain flushes its queue (the 10 ms timer's work: one IOTLB flush)")
+    dom0 = gpu0.domain
+    dom0.flush()
+    story.detail("the driver's unmap at the revoke was queued with no invalidation: until the flush, the "
+                 "translation gpu0 cached still reached the BAR; the flush invalidates the IOTLB and frees the IOVA")
     story.step("gpu0 uses the address it had before (deliberately stale)")
     stale = story.refused(gpu0.dma_read, old, 4, expect=errors.IommuFault)
 
@@ -365,7 +378,81 @@ def device_reset(story: Story) -> None:
     story.fact("importers working after the reset", f"{sum(d == b'before' for d in results.values())} of 3 dynamic")
     story.fact("faults afterwards", f"1 deliberate stale access ({type(stale).__name__}) + iommufd's revoked area "
                f"({type(dead).__name__})")
+    story.fact("stale access faults", f"after the IOTLB flush ({dom0.type} domain)")
     _clean(story, m, before)
+
+
+# ---------------------------------------------------------------- the IOTLB
+
+
+def _iotlb_machine(strict: bool) -> Machine:
+    """The default machine, its IOMMUs strict or lazy with no flush-queue
+    timer (so the window closes only at the flush the scenario runs)."""
+    from pydmabuf.machine import DEFAULT_SPEC
+
+    spec = dict(DEFAULT_SPEC)
+    spec["iommus"] = [dict(io, strict=strict, fq_timeout=False) for io in DEFAULT_SPEC["iommus"]]
+    return Machine.from_spec(spec)
+
+
+@scenario("lazy-iotlb-window", "a lazy IOMMU domain's stale IOTLB window after an importer unmaps")
+def lazy_iotlb_window(story: Story) -> None:
+    """A GPU driver maps a heap buffer, its device reads it (the IOMMU
+    caches the translation) and the driver unmaps.  On a lazy (DMA-FQ)
+    domain the unmap clears the page-table entries but issues no
+    invalidation: ``iommu_dma_free_iova`` puts the IOVA on the flush queue
+    (``queue_iova``) and the IOTLB is invalidated only when the queue
+    flushes (``fq_flush_timeout`` after 10 ms, or a full ring), and only
+    then is the IOVA freed.  A device that keeps using the address in that
+    window still reaches the old page, as hardware does; the checker names
+    the stale entry and the importer.  After the flush the same access
+    faults; on a strict domain it faults at once.  The flush-queue timer is
+    off here so the window closes exactly where the scenario flushes."""
+    for strict in (False, True):
+        m = _iotlb_machine(strict)
+        before = _live(m)
+        gpu0 = m.device("gpu0")
+        dom = gpu0.domain
+        heap = SystemHeap(m)
+        buf = heap.allocate(64 << 10, name="frame")
+        with buf.mmap() as cpu:
+            cpu.write(0, b"frame 1")
+        ops = _Polite()
+        a = buf.dynamic_attach(gpu0, ops)
+        table = a.map_unlocked(BIDI)
+        addr = int(table.dma_ranges()[0, 0])
+        story.step(f"{dom.type} domain: gpu0's driver maps {buf.name!r} at {addr:#x} and gpu0 reads "
+                   f"{gpu0.dma_read(addr, 7)!r} (the IOTLB caches the translation)")
+        a.unmap_unlocked(table, BIDI)
+        assert gpu0.iommu_group is not None  # gpu0 sits behind iommu0
+        w = stale_window(dom, gpu0.iommu_group.iommu.iotlb)
+        story.detail(f"the driver unmaps: {w.queued_unmaps} unmap(s) queued, {_fmt_size(w.queued_bytes)} with "
+                     f"cleared PTEs and no invalidation, {w.cached_stale_pages} of its pages cached stale")
+        if not strict:
+            story.step("gpu0 reads the address again before the flush (a driver bug: the device outlived the unmap)")
+            with checks.report_mode():
+                checks.clear()
+                data = gpu0.dma_read(addr, 7)
+                reps = checks.reports("stale-iotlb")
+                checks.clear()
+            story.detail(f"it reaches the old page: {data!r}; the checker: {reps[0].message}")
+            story.detail(f"culprit: {reps[0].culprit.split(' created at')[0]}")
+            story.fact("lazy: before the flush", f"stale hit reaches the old page ({data!r})")
+            story.fact("lazy: stale window", f"{w.queued_unmaps} queued unmap(s), {_fmt_size(w.queued_bytes)}")
+            story.fact("culprit", reps[0].culprit.split(' created at')[0])
+            q = dom.queued()
+            story.detail(f"IOVA [{int(q[0, 0]):#x} +{_fmt_size(int(q[0, 1]))}] stays allocated on the flush "
+                         "queue: no new mapping can take it while the stale entry points at the old page")
+            story.step("the flush queue flushes (the timer's work): one IOTLB flush, then the IOVA is freed")
+            released = dom.flush()
+            story.detail(f"{released} IOVA range released")
+        else:
+            story.step("strict domain: the unmap invalidated the range before it returned")
+        err = story.refused(gpu0.dma_read, addr, 7, expect=errors.IommuFault)
+        story.fact(f"{dom.type}: after {'the flush' if not strict else 'the unmap'}", f"{type(err).__name__} (EFAULT)")
+        buf.detach(a)
+        buf.put()
+        _clean(story, m, before)
 
 
 # ---------------------------------------------------------------- private memory

@@ -26,7 +26,7 @@ _KNOWN = {
     "top": {"name", "cpu", "memory", "swiotlb", "iommus", "host_bridges", "ports", "devices"},
     "memory": {"start", "size", "kind", "name"},
     "swiotlb": {"name", "start", "size"},
-    "iommu": {"name", "strict", "aperture_bits", "granule", "ncpus", "fq_timeout"},
+    "iommu": {"name", "strict", "aperture_bits", "granule", "ncpus", "fq_timeout", "iotlb_entries"},
     "host_bridge": {"name", "segment", "bus", "root_vendor", "root_device", "windows"},
     "window": {"cpu", "size", "bus_offset", "prefetch", "name"},
     "port": {"name", "bdf", "parent", "kind", "acs_redirect", "vendor", "device_id"},
@@ -105,7 +105,8 @@ def build(cls: type[Machine], spec: Mapping[str, Any]) -> Machine:
         m.add_iommu(Iommu(str(_req(e, "name", where)), strict=bool(e.get("strict", False)),
                           aperture_bits=_num(e.get("aperture_bits", 48), where),
                           granule=_num(e.get("granule", 4096), where), ncpus=_num(e.get("ncpus", 1), where),
-                          fq_timeout=_timeout(e.get("fq_timeout", 0.01), where)))
+                          fq_timeout=_timeout(e.get("fq_timeout", 0.01), where),
+                          iotlb_entries=_num(e.get("iotlb_entries", 64), where)))
 
     for i, e in enumerate(spec.get("host_bridges", [])):
         where = f"host_bridges[{i}]"

@@ -6,7 +6,7 @@ import enum
 import re
 from typing import NamedTuple
 
-__all__ = ["RangeKind", "Range", "DmaDirection", "IommuProt", "Usage", "PAGE_SIZE", "PAGE_SHIFT"]
+__all__ = ["Caching", "RangeKind", "Range", "DmaDirection", "IommuProt", "Usage", "PAGE_SIZE", "PAGE_SHIFT"]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
@@ -26,6 +26,24 @@ class RangeKind(enum.IntEnum):
     RESERVED = 4  #: holes, firmware, IOMMU reserved regions, MSI windows
     IOVA = 5  #: an allocated IO virtual address range
     SWIOTLB = 6  #: a bounce-buffer pool
+
+
+class Caching(str, enum.Enum):
+    """The memory type of a CPU mapping's page-table entries (its
+    ``vm_page_prot`` caching bits).
+
+    System memory is mapped write-back; device memory (a BAR) uncached
+    (``pgprot_noncached``) or write-combining (``pgprot_writecombine``),
+    never write-back: a read must reach the device and a write must not
+    linger in the CPU's caches.
+    """
+
+    WRITE_BACK = "write-back"
+    UNCACHED = "uncached"
+    WRITE_COMBINE = "write-combine"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 class Range(NamedTuple):

@@ -10,7 +10,11 @@ guest access through KVM's second stage all reach physical memory through
    kind (:func:`add_check`; dma-buf registers "DMA through a mapping its
    importer was told to drop");
 2. translates the address with the path's own ``translate`` (IOMMU page
-   table, dma_range_map, EPT, the exporter's ranges ...);
+   table and IOTLB, dma_range_map, EPT, the exporter's ranges ...) and
+   checks the outcome: a translation through a stale IOTLB entry (its
+   page-table entry was cleared, the invalidation not yet issued) reaches
+   the old page as hardware does, and is the ``stale-iotlb`` lifetime
+   rule (:func:`stale_translation`);
 3. checks the lease, when the path holds one: the pages' owner is still
    the generation the mapping was made against, not revoked, not
    released (:class:`Lease`);
@@ -31,12 +35,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from pydmabuf import errors
+from pydmabuf import checks, errors
 from pydmabuf._types import RangeKind
 from pydmabuf.machine import Bar
 from pydmabuf.memory import PhysMemory
 
-__all__ = ["Accessor", "Lease", "PageOwner", "access", "add_check", "bounce_check", "bounce_copy",
+__all__ = ["Accessor", "Lease", "PageOwner", "Translation", "access", "stale_translation", "add_check", "bounce_check", "bounce_copy",
            "migrate_pages", "DEVICE", "CPU", "GUEST"]
 
 #: Accessor kinds.
@@ -138,6 +142,36 @@ class Accessor:
         return f"<Accessor {self.kind} {self.name}>"
 
 
+class Translation:
+    """What a ``translate`` callable may return instead of bare runs: the
+    runs and the stale IOTLB entries (:class:`pydmabuf.iotlb.StaleHit`)
+    the translation went through."""
+
+    __slots__ = ("runs", "stale")
+
+    def __init__(self, runs: Runs, stale: list[Any]) -> None:
+        self.runs = runs
+        self.stale = stale
+
+
+def stale_translation(acc: Accessor, addr: int, hits: list[Any]) -> None:
+    """The gate's ``stale-iotlb`` check: the access reached pages through
+    IOTLB entries whose page-table entries were cleared but not yet
+    invalidated (a lazy domain's unmap waits on the flush queue:
+    ``iommu_dma_free_iova`` -> ``queue_iova``; the invalidation comes with
+    ``fq_flush_iotlb``).  Hardware reaches the old page; the checker raises
+    (strict) or records (report mode, and the access goes on)."""
+    for h in hits:
+        what = (f"through a mapping of {h.mapping!r}" if h.mapping is not None
+                else "through an IOVA that was unmapped")
+        checks.checker.lifetime(
+            "stale-iotlb",
+            f"{acc.name} did DMA at {addr:#x} {what}: it hit a {h.describe()}; the mapping was unmapped "
+            "but the IOMMU has not been invalidated yet (lazy flush queue), so the device still reaches "
+            "the old page",
+            *((h.mapping,) if h.mapping is not None else ()), culprit=h.culprit)
+
+
 Check = Callable[[Any, int, int, bool], None]
 _checks: dict[str, list[Check]] = {DEVICE: [], CPU: [], GUEST: []}
 
@@ -185,14 +219,15 @@ def _check_runs(acc: Accessor, runs: Runs, addr: int, forbidden_only: bool = Fal
             raise acc.fault(addr, f"no memory or BAR behind phys [{phys:#x}, +{n:#x})")
 
 
-def access(acc: Accessor, addr: int, nbytes: int, translate: Callable[[], Runs], *,
+def access(acc: Accessor, addr: int, nbytes: int, translate: Callable[[], Runs | Translation], *,
            data: memoryview | None = None, leases: tuple[Lease, ...] = ()) -> bytes | None:
     """One access of ``nbytes`` at ``addr`` (in the accessor's address
     space) through the gate: read (``data`` None, returns the bytes) or
     write ``data`` (its length must be ``nbytes``).
 
     ``translate()`` turns the address into physical runs, (phys, nbytes)
-    in order, summing to ``nbytes``; it raises the path's own fault.
+    in order, summing to ``nbytes`` (or a :class:`Translation` carrying
+    the stale IOTLB entries it used); it raises the path's own fault.
     ``leases``: the claims of the mapping the path translated through
     (every one must still hold).  Nothing is read or written unless every
     step passes; a refusal raises the accessor's error naming it (and the
@@ -202,6 +237,10 @@ def access(acc: Accessor, addr: int, nbytes: int, translate: Callable[[], Runs],
     for fn in _checks[acc.kind]:
         fn(subject, addr, nbytes, write)
     runs = translate()
+    if isinstance(runs, Translation):
+        if runs.stale:
+            stale_translation(acc, addr, runs.stale)
+        runs = runs.runs
     for lease in leases:
         why = lease.stale()
         if why is not None:

@@ -1355,22 +1355,30 @@ def _peer_bus_target(device: Device, addr: int, nbytes: int) -> int | None:
     return None
 
 
-def _translate(device: Device, addr: int, nbytes: int, write: bool) -> list[tuple[int, int]]:
+def _translate(device: Device, addr: int, nbytes: int, write: bool) -> list[tuple[int, int]] | access.Translation:
     """The device's own translation of a DMA address (peer bus address,
     IOMMU page table and IOTLB, or dma-direct): physical runs.  The checks
     of what lies there are the gate's (:mod:`pydmabuf.access`)."""
     cpu = _peer_bus_target(device, addr, nbytes)
     if cpu is not None:
         return [(cpu, nbytes)]
-    if device.domain is not None:
+    dom = device.domain
+    if dom is not None:
         need = int(IommuProt.WRITE if write else IommuProt.READ)
-        rows, fault_at, fprot = _core._translate(device.domain, addr, nbytes, need)
-        if rows is None:
+
+        def walk(a: int, n: int) -> tuple[Any, int, int]:
+            r: tuple[Any, int, int] = _core._translate(dom, a, n, need)
+            return r
+
+        def fault(at: int, fprot: int) -> errors.IommuFault:
             if fprot:
-                raise _fault(device, fault_at, f"{'write' if write else 'read'} not permitted by the mapping "
-                                               f"(prot {IommuProt(fprot)!r})")
-            raise _fault(device, fault_at, "no IOMMU mapping (unmapped or stale IOVA)")
-        return [(int(p), int(n)) for p, n in rows.tolist()]
+                return _fault(device, at, f"{'write' if write else 'read'} not permitted by the mapping "
+                                          f"(prot {IommuProt(fprot)!r})")
+            return _fault(device, at, "no IOMMU mapping (unmapped or stale IOVA)")
+
+        assert device.iommu_group is not None  # a device with a domain is in a group
+        runs, stale = device.iommu_group.iommu.iotlb.translate(device, dom, addr, nbytes, need, walk, fault)
+        return access.Translation(runs, stale) if stale else runs
     if not device.dma_capable(addr, nbytes):
         raise _fault(device, addr, f"beyond the device's {device.dma_limit.bit_length()}-bit DMA limit")
     phys = device.dma_to_phys(addr)

@@ -31,9 +31,9 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from pydmabuf import _walk, access, checks, dma, errors, files, mapping
+from pydmabuf import _walk, access, checks, dma, errors, files, iotlb, mapping
 from pydmabuf._core import Resv, SgTable, _set_sg_with_hook, _u64_pairs
-from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind, Usage, _fmt_size
+from pydmabuf._types import PAGE_SIZE, Caching, DmaDirection, RangeKind, Usage, _fmt_size
 from pydmabuf.machine import Device, P2pProvider, P2PMapType
 
 log = logging.getLogger(__name__)
@@ -347,6 +347,22 @@ def _failures_noted(failed: list[tuple[Attachment, BaseException]]) -> Iterator[
             e.add_note(f"the invalidation callback of {a.importer_ops!r} on {_attached_to(a)} raised "
                        f"{type(err).__name__}: {err}")
         raise
+
+
+def _iotlb_describer(device: Device, addr: int, nbytes: int) -> tuple[Any, Any] | None:
+    """For the IOTLB (:mod:`pydmabuf.iotlb`): the importer's mapping a DMA
+    address belongs to, asked when an access fills the cache, so a later
+    hit on the stale entry names the mapping and the importer that
+    unmapped it."""
+    with _maps_lock:
+        maps = list(_device_maps.get(device, ()))
+    for m in maps:
+        if m.covers(addr, nbytes):
+            return m, m.attachment.importer_ops or m.attachment
+    return None
+
+
+iotlb.add_describer(_iotlb_describer)
 
 
 def _check_name(name: Any) -> str:
@@ -1543,6 +1559,10 @@ class CpuMapping:
         self.closed = False
         self.faults = 0
         self.zaps = 0
+        #: The memory type of the mapping's PTEs: write-back for system
+        #: memory; the exporter's ``mmap`` op sets it for device memory
+        #: (VFIO: uncached, or write-combine on request).
+        self.caching = Caching.WRITE_BACK
         self.created_at = checks.created_at()
         # The subject is the buffer, not the mapping: no reference cycle, so
         # a dropped mapping goes (and puts its reference) at once.
@@ -1689,7 +1709,8 @@ class CpuMapping:
         self._access(off, buf, len(buf))
 
     def __repr__(self) -> str:
-        return (f"<CpuMapping {self.dmabuf.name!r} [{self.offset:#x}, +{self.nbytes:#x}] faults={self.faults} "
+        return (f"<CpuMapping {self.dmabuf.name!r} [{self.offset:#x}, +{self.nbytes:#x}] {self.caching} "
+                f"faults={self.faults} "
                 f"zaps={self.zaps}{' closed' if self.closed else ''}>")
 
 

@@ -257,10 +257,14 @@ class P2pProvider:
 class Iommu:
     """An IOMMU instance: its page-size granule, input width, and whether its
     DMA domains invalidate strictly (``IOMMU_DOMAIN_DMA``) or through a flush
-    queue (``IOMMU_DOMAIN_DMA_FQ``)."""
+    queue (``IOMMU_DOMAIN_DMA_FQ``), and its IOTLB of ``iotlb_entries``
+    4 KiB translations (LRU; :data:`pydmabuf.iotlb.DEFAULT_ENTRIES` by
+    default)."""
 
     def __init__(self, name: str, *, strict: bool = False, aperture_bits: int = 48, granule: int = PAGE_SIZE,
-                 ncpus: int = 1, fq_timeout: float | None = 0.01) -> None:
+                 ncpus: int = 1, fq_timeout: float | None = 0.01, iotlb_entries: int | None = None) -> None:
+        from pydmabuf.iotlb import DEFAULT_ENTRIES, Iotlb
+
         self.name = name
         self.strict = strict
         self.aperture_bits = aperture_bits
@@ -269,6 +273,8 @@ class Iommu:
         #: Seconds before a lazy domain's flush queue flushes by timer (the
         #: kernel's 10 ms); None: only on a full ring or ``domain.flush()``.
         self.fq_timeout = fq_timeout
+        #: The translation cache device DMA goes through (:mod:`pydmabuf.iotlb`).
+        self.iotlb = Iotlb(DEFAULT_ENTRIES if iotlb_entries is None else iotlb_entries)
         self.groups: list[IommuGroup] = []
 
     def __repr__(self) -> str:
@@ -1139,7 +1145,7 @@ class Machine:
         Keys: ``name``; ``cpu`` (``{vendor, family}``); ``memory`` (a list of
         ``{start, size, kind, name}``, kind one of ram/reserved/private);
         ``swiotlb`` (``{name, start, size}`` list); ``iommus`` (``{name,
-        strict, aperture_bits, granule}``); ``host_bridges`` (``{name,
+        strict, aperture_bits, granule, ncpus, fq_timeout, iotlb_entries}``); ``host_bridges`` (``{name,
         segment, bus, root_vendor, root_device, windows: [{cpu, size,
         bus_offset, prefetch}]}``); ``ports`` (``{name, bdf, parent, kind,
         acs_redirect}``); ``devices`` (``{name, bdf, parent, dma_mask,

@@ -9,7 +9,7 @@ the earlier rules where they differ):
   kernel's order with the kernel's errno; :meth:`VfioPciBar.export` is the
   usual ``GET`` of the handle's slice.
 * The buffer (:class:`VfioPciDmaBuf`, the exporter of one dma-buf) has no
-  CPU side: no pages, no mmap, no vmap.  Maps are DMA-only tables built by
+  pages and no vmap.  Maps are DMA-only tables built by
   :func:`~pydmabuf.dma.dma_buf_phys_vec_to_sgt` for the importer's route to
   the BAR.  Its physical-range op gives the BAR ranges and the BAR's P2P
   provider.
@@ -29,6 +29,19 @@ the earlier rules where they differ):
   device accesses to the BAR fault while it does not decode.
 * :func:`vfio_pci_dma_buf_iommufd_map`, the private interconnect of 6.19
   (deleted by the RFC's P23), stays as a thin layer over PAL.
+* mmap (``kernel="7.1"``; 6.19 has no ``mmap`` op, so
+  ``dma_buf_mmap_internal`` fails with EINVAL): as Matt Evans's series
+  "vfio/pci: Support mmap() of a VFIO DMABUF" (v4, July 2026, on the 7.1
+  revoke code) does it.  ``vfio_pci_dma_buf_mmap`` refuses a revoked
+  buffer (ENODEV) and maps the BAR pages uncached
+  (``pgprot_noncached``), or write-combining once user space asked for it
+  with ``VFIO_DEVICE_FEATURE_DMA_BUF_MEMATTR``
+  (:meth:`VfioPciBar.set_dma_buf_memattr`, for later mmaps only; the
+  kernel does not look at the BAR's prefetchable bit, and neither does the
+  model).  The fault handler inserts the BAR's pfns under ``memory_lock``
+  and gives SIGBUS once revoked; a revoke zaps the mapping
+  (``unmap_mapping_range`` of the buffer's file) and an un-revoke lets the
+  next access fault it back in (:class:`~pydmabuf.dmabuf.CpuMapping`).
 
 Where the kernel waits forever (7.1 revoke: fences and unmaps, holding
 ``memory_lock``) every call here takes a ``timeout``: on expiry it raises
@@ -58,11 +71,11 @@ import numpy as np
 
 from pydmabuf import _core, checks, errors, mapping
 from pydmabuf._core import SgTable
-from pydmabuf._types import PAGE_SIZE, DmaDirection, _fmt_size
+from pydmabuf._types import PAGE_SIZE, Caching, DmaDirection, _fmt_size
 from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
 from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
-from pydmabuf.dmabuf import (Attachment, DmaBuf, Exporter, PhysVec, _timeout_arg, attach_revocable, close,
-                             dma_buf_get, export)
+from pydmabuf.dmabuf import (Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, _timeout_arg, attach_revocable,
+                             close, dma_buf_get, export)
 from pydmabuf.machine import Device, Machine, P2pProvider
 
 log = logging.getLogger(__name__)
@@ -283,6 +296,8 @@ class VfioPciDmaBuf(Exporter):
         self.unmaps = 0
         self.pal_maps = 0
         self.pal_unmaps = 0
+        #: ``priv->memattr``: the caching later mmaps get (NC by default).
+        self.memattr = Caching.UNCACHED
 
     @property
     def linked(self) -> bool:
@@ -346,6 +361,18 @@ class VfioPciDmaBuf(Exporter):
 
     def get_phys_vec(self, attachment: Attachment | None) -> PhysVec:
         return PhysVec(self.ranges.copy(), self.provider)
+
+    def mmap(self, dmabuf: DmaBuf, mapping: CpuMapping) -> None:
+        """``vfio_pci_dma_buf_mmap()`` (the Evans series): MMIO pages,
+        uncached or write-combining as ``memattr`` says; faults resolve the
+        BAR ranges (``get_phys_vec``) and give SIGBUS while revoked."""
+        if self.kernel == "6.19":
+            # dma_buf_mmap_internal(): no ->mmap op in 6.19's vfio_pci_dmabuf_ops.
+            raise errors.InvalidArgument(f"{dmabuf.name}: VFIO dma-bufs cannot be mmapped before 7.1 "
+                                         "(no mmap op)")
+        if dmabuf.revoked:
+            raise errors.Revoked(f"{dmabuf.name} is revoked: mmap refused")
+        mapping.caching = self.memattr
 
     def __repr__(self) -> str:
         state = "linked" if self.linked else "unlinked"
@@ -641,6 +668,33 @@ class VfioPciBar:
             finally:
                 buf.resv.unlock()
         return buf.fd()
+
+    def set_dma_buf_memattr(self, dmabuf: DmaBuf | int, memattr: Caching | str) -> None:
+        """``VFIO_DEVICE_FEATURE_DMA_BUF_MEMATTR`` (SET; the Evans series'
+        ``vfio_pci_core_feature_dma_buf_memattr``): the caching of later
+        mmaps of ``dmabuf``, a buffer (or fd) this device exported;
+        mappings that exist keep theirs.
+
+        Raises :class:`~pydmabuf.errors.NoDevice` (ENODEV) for a buffer of
+        another device or exporter, :class:`~pydmabuf.errors.NotFound`
+        (ENOENT) for a memattr other than uncached (NC) or write-combine
+        (WC)."""
+        core = self._need_open("VFIO_DEVICE_FEATURE_DMA_BUF_MEMATTR")
+        buf = dmabuf if isinstance(dmabuf, DmaBuf) else dma_buf_get(dmabuf)
+        try:
+            priv = buf.exporter
+            if not isinstance(priv, VfioPciDmaBuf) or priv._core is not core:
+                raise errors.NoDevice(f"{buf.name} is not a dma-buf of {self.device.name}")
+            try:
+                attr = Caching(memattr)
+            except ValueError:
+                attr = None
+            if attr not in (Caching.UNCACHED, Caching.WRITE_COMBINE):
+                raise errors.NotFound(f"memattr {memattr!r}: only uncached (NC) and write-combine (WC)")
+            priv.memattr = attr
+        finally:
+            if buf is not dmabuf:
+                buf.put()
 
     def export(self) -> DmaBuf:
         """Export this handle's slice(s) of ``bar``.
