@@ -24,7 +24,10 @@ import csv
 import io
 import json
 import logging
+import math
+import os
 import platform
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +35,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pydmabuf import _core, errors, workloads
+from pydmabuf import _core, _stats, errors, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 
 log = logging.getLogger(__name__)
@@ -42,15 +45,31 @@ QUICK_SIZES = (16, 4096, 65536)
 DEFAULT_LAYOUTS = ("contiguous", "fragmented", "scattered", "thp", "pagemap")
 
 
+#: The level of every confidence interval of the study.
+CI_LEVEL = 0.95
+#: A cell whose median or ratio interval is wider than this (half-width
+#: over the value) is marked ``wide_ci``: it cannot tell a 10% difference.
+WIDE_CI = 0.05
+
+
 @dataclass
 class Cell:
-    """One measured (layout, size, strategy)."""
+    """One measured (layout, size, strategy).
+
+    ``samples_ns`` holds one sample per round of its group (step + undo:
+    map + unmap, or build + free), ``samples_map_ns`` the map step alone
+    (mapping cells).  ``ratio`` is the median of the per-round ratios to
+    ``baseline``, timed in the same rounds, with its interval.
+    """
 
     layout: str
     npages: int
     strategy: str
     samples_ns: list[float] = field(default_factory=list)
     counters: dict[str, float] = field(default_factory=dict)
+    samples_map_ns: list[float] | None = None
+    baseline: str | None = None
+    ratio: tuple[float, float, float] | None = None
 
     @property
     def ns_per_page(self) -> float:
@@ -62,12 +81,34 @@ class Cell:
         return float(q1) / self.npages, float(q3) / self.npages
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["nbytes"] = self.npages * PAGE_SIZE
-        d["ns_per_page"] = self.ns_per_page
+        """The cell as JSON: the fields every reader knows (``layout``,
+        ``npages``, ``strategy``, ``nbytes``, ``ns_per_page`` and its
+        quartiles, ``repeats``, ``counters``), then the interval of the
+        median (``ns_per_page_ci``, at ``ci_level``, exact ``ci_coverage``),
+        the ratio to the group's ``baseline`` (``ratio_to_baseline``,
+        ``ratio_ci``), ``wide_ci`` and the raw samples."""
+        med, lo, hi = _stats.median_ci(self.samples_ns, CI_LEVEL)
+        d: dict[str, Any] = {"layout": self.layout, "npages": self.npages, "strategy": self.strategy,
+                             "nbytes": self.npages * PAGE_SIZE, "ns_per_page": med / self.npages}
         d["ns_per_page_q1"], d["ns_per_page_q3"] = self.spread
         d["repeats"] = len(self.samples_ns)
-        del d["samples_ns"]
+        d["counters"] = dict(self.counters)
+        d["ns_per_page_ci"] = [lo / self.npages, hi / self.npages]
+        d["ci_level"] = CI_LEVEL
+        d["ci_coverage"] = _stats.coverage(len(self.samples_ns), CI_LEVEL)
+        d["baseline"] = self.baseline
+        wide = _stats.rel_half_width((med, lo, hi)) > WIDE_CI or d["ci_coverage"] < CI_LEVEL
+        if self.ratio is not None and not math.isnan(self.ratio[0]):
+            d["ratio_to_baseline"] = self.ratio[0]
+            d["ratio_ci"] = [self.ratio[1], self.ratio[2]]
+            wide = wide or _stats.rel_half_width(self.ratio) > WIDE_CI
+        else:
+            d["ratio_to_baseline"] = None
+            d["ratio_ci"] = None
+        d["wide_ci"] = bool(wide)
+        d["samples_ns"] = [int(x) for x in self.samples_ns]
+        if self.samples_map_ns is not None:
+            d["samples_map_ns"] = [int(x) for x in self.samples_map_ns]
         return d
 
 
@@ -106,21 +147,50 @@ class Progress:
 
 
 def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]) -> list[Cell]:
-    """The scatterlist walk and its two references on one input."""
-    cells = []
+    """The scatterlist walk and its two references on one input, timed in
+    interleaved rounds (:func:`pydmabuf._stats.interleave`); the ratios are
+    to the C floor.  A sample is the build and the free of the result."""
     table = _core.SgTable.from_pages(pfns)
     segs = int(table.nents)
     meta = int(table.metadata_nbytes)
-    c = Cell(layout, npages, "sg_from_pages", measure(lambda: _core.SgTable.from_pages(pfns), **timing))
-    c.counters = {"segments": segs, "metadata_bytes_per_page": meta / npages}
-    cells.append(c)
+    del table
     out = _core.floor_buffer(npages, 32)
-    c = Cell(layout, npages, "c_floor", measure(lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), **timing))
-    c.counters = {"segments": _core.floor_coalesce(pfns, 0xFFFFF000, out)}
-    cells.append(c)
-    c = Cell(layout, npages, "numpy", measure(lambda: workloads.numpy_coalesce(pfns), **timing))
-    c.counters = {"segments": len(workloads.numpy_coalesce(pfns)[1])}
-    cells.append(c)
+    counters: dict[str, dict[str, float]] = {
+        "sg_from_pages": {"segments": segs, "metadata_bytes_per_page": meta / npages},
+        "c_floor": {"segments": _core.floor_coalesce(pfns, 0xFFFFF000, out)},
+        "numpy": {"segments": len(workloads.numpy_coalesce(pfns)[1])},
+    }
+    plans: dict[str, _stats.Plan] = {
+        "sg_from_pages": (lambda: _core.SgTable.from_pages(pfns), _drop),
+        "c_floor": (lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), _drop),
+        "numpy": (lambda: workloads.numpy_coalesce(pfns), _drop),
+    }
+    samples, _ = _stats.interleave(plans, baseline="c_floor", **timing)
+    return _group_cells(layout, npages, samples, counters, "c_floor", with_map=False)
+
+
+def _drop(handle: Any) -> None:
+    """The undo of a step whose result is only freed (the handle is dropped
+    by the timing loop, inside the undo's time)."""
+
+
+def _group_cells(layout: str, npages: int, samples: dict[str, tuple[list[int], list[int]]],
+                 counters: dict[str, dict[str, float]], baseline: str | None, *, with_map: bool) -> list[Cell]:
+    """The cells of one interleaved group: per plan the step + undo samples
+    of each round, the ratio of each round to the baseline's same round."""
+    totals = {n: [float(a + b) for a, b in zip(st, un)] for n, (st, un) in samples.items()}
+    base = totals.get(baseline) if baseline is not None else None
+    cells = []
+    for name, (st, un) in samples.items():
+        c = Cell(layout, npages, name, totals[name], dict(counters[name]))
+        if with_map:
+            c.samples_map_ns = [float(x) for x in st]
+            c.counters["map_ns_per_page"] = float(np.median(st)) / npages
+            c.counters["unmap_ns_per_page"] = float(np.median(un)) / npages
+        if base is not None:
+            c.baseline = baseline
+            c.ratio = (1.0, 1.0, 1.0) if name == baseline else _stats.paired_ratio_ci(totals[name], base, CI_LEVEL)
+        cells.append(c)
     return cells
 
 
@@ -174,27 +244,8 @@ def _bar_ranges(b: _Bench, phys: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return out
 
 
-def measure_pair(setup: Callable[[], Any], teardown: Callable[[Any], Any], *, min_time: float = 0.05,
-                 min_reps: int = 3, max_reps: int = 25) -> tuple[list[float], list[float]]:
-    """Time a map step and its unmap step, repeatedly, on the same input;
-    returns the durations (ns) of each."""
-    teardown(setup())  # warm up
-    maps: list[float] = []
-    unmaps: list[float] = []
-    start = time.perf_counter()
-    while len(maps) < max_reps and (len(maps) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter_ns()
-        h = setup()
-        t1 = time.perf_counter_ns()
-        teardown(h)
-        t2 = time.perf_counter_ns()
-        maps.append(float(t1 - t0))
-        unmaps.append(float(t2 - t1))
-    return maps, unmaps
-
-
 def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
-                   strategies: Iterable[str]) -> list[Cell]:
+                   strategies: Iterable[str], skipped: list[dict[str, Any]] | None = None) -> list[Cell]:
     """Each strategy's map step and unmap step on one input.
 
     ``sg_*``: build the table (``sg_alloc_table_from_pages``) and
@@ -305,53 +356,91 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
 
     plans_keep: list[Any] = []
 
-    plans: dict[str, tuple[Any, tuple[Callable[[], Any], Callable[[Any], Any]]]] = {
-        "sg_iommu": (b.iommu_dev, sg(b.iommu_dev)),
-        "sg_direct": (b.direct_dev, sg(b.direct_dev)),
-        "link_pages": (b.iommu_dev, link(pages)),
-        "link_runs": (b.iommu_dev, link(runs)),
-        "ranges_to_table": (b.iommu_dev, table()),
-        "dmabuf_static": (b.iommu_dev, dmabuf(False)),
-        "dmabuf_dynamic": (b.iommu_dev, dmabuf(True)),
-        "dmabuf_ranges": (b.iommu_dev, dmabuf_ranges()),
-        "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
-    }
-    for name in strategies:
-        dev, (map_, unmap) = plans[name]
-        before = b.domain_counters(dev) if dev is not None else None
-        h = map_()
-        if name in ("dmabuf_static", "dmabuf_dynamic"):
-            segments = int(h[1].nents)
-            meta = float(h[1].metadata_nbytes)
-        elif name.startswith("sg_") or name == "ranges_to_table":
-            segments = int(h.nents)
-            meta = float(h.metadata_nbytes) + (16.0 if name == "ranges_to_table" else 0.0)
-        elif name.startswith("link_") or name == "dmabuf_ranges":
-            segments = len(pages) if name == "link_pages" else len(runs)
-            # struct dma_iova_state; plus the exporter's phys_vec array
-            meta = 16.0 + (16.0 * len(runs) if name == "dmabuf_ranges" else 0.0)
-        else:
-            segments, meta = npages, 0.0
-        unmap(h)
-        after = b.domain_counters(dev) if dev is not None else None
-        maps, unmaps = measure_pair(map_, unmap, **timing)
-        c = Cell(layout, npages, name, [m + u for m, u in zip(maps, unmaps)])
-        c.counters = {
-            "map_ns_per_page": float(np.median(maps)) / npages,
-            "unmap_ns_per_page": float(np.median(unmaps)) / npages,
-            "segments": segments,
-            "metadata_bytes_per_page": meta / npages,
+    counters: dict[str, dict[str, float]] = {}
+    timed: dict[str, _stats.Plan] = {}
+    try:
+        plans: dict[str, tuple[Any, tuple[Callable[[], Any], Callable[[Any], Any]]]] = {
+            "sg_iommu": (b.iommu_dev, sg(b.iommu_dev)),
+            "sg_direct": (b.direct_dev, sg(b.direct_dev)),
+            "link_pages": (b.iommu_dev, link(pages)),
+            "link_runs": (b.iommu_dev, link(runs)),
+            "ranges_to_table": (b.iommu_dev, table()),
+            "dmabuf_static": (b.iommu_dev, dmabuf(False)),
+            "dmabuf_dynamic": (b.iommu_dev, dmabuf(True)),
+            "dmabuf_ranges": (b.iommu_dev, dmabuf_ranges()),
+            "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
         }
-        if before is not None and after is not None:
-            c.counters["pte_writes_per_page"] = (after["pte_writes"] - before["pte_writes"]) / npages
-            c.counters["iotlb_invalidations"] = after["iotlb_invalidations"] - before["iotlb_invalidations"]
-        else:
-            c.counters["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
-            c.counters["iotlb_invalidations"] = 0
-        cells.append(c)
-    for buf in plans_keep:
-        buf.put()
-    return cells
+        for name in strategies:
+            dev, (map_, unmap) = plans[name]
+            try:
+                before = b.domain_counters(dev) if dev is not None else None
+                h = map_()
+                if name in ("dmabuf_static", "dmabuf_dynamic"):
+                    segments = int(h[1].nents)
+                    meta = float(h[1].metadata_nbytes)
+                elif name.startswith("sg_") or name == "ranges_to_table":
+                    segments = int(h.nents)
+                    meta = float(h.metadata_nbytes) + (16.0 if name == "ranges_to_table" else 0.0)
+                elif name.startswith("link_") or name == "dmabuf_ranges":
+                    segments = len(pages) if name == "link_pages" else len(runs)
+                    # struct dma_iova_state; plus the exporter's phys_vec array
+                    meta = 16.0 + (16.0 * len(runs) if name == "dmabuf_ranges" else 0.0)
+                else:
+                    segments, meta = npages, 0.0
+                unmap(h)
+                after = b.domain_counters(dev) if dev is not None else None
+            except Exception as e:  # one strategy failing loses none of the others
+                if skipped is None:
+                    raise
+                skipped.append(_skip(layout, npages, name, e))
+                continue
+            k: dict[str, float] = {"segments": segments, "metadata_bytes_per_page": meta / npages}
+            if before is not None and after is not None:
+                k["pte_writes_per_page"] = (after["pte_writes"] - before["pte_writes"]) / npages
+                k["iotlb_invalidations"] = after["iotlb_invalidations"] - before["iotlb_invalidations"]
+            else:
+                k["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
+                k["iotlb_invalidations"] = 0
+            counters[name] = k
+            timed[name] = (map_, unmap)
+        if not timed:
+            return []
+        # Every strategy of the cell, round-robin within each round.
+        samples, _ = _stats.interleave(timed, baseline=BASELINE if BASELINE in timed else None, **timing)
+        return _group_cells(layout, npages, samples, counters, BASELINE if BASELINE in timed else None,
+                            with_map=True)
+    finally:
+        for buf in plans_keep:
+            buf.put()
+
+
+def _skip(layout: str, npages: int | None, strategy: str | None, e: BaseException) -> dict[str, Any]:
+    """A skipped cell (or group, ``strategy`` None; or layout, ``npages``
+    None) and why, for the result's ``skipped`` list."""
+    log.debug("skipped %s %s %s", layout, npages, strategy, exc_info=e)
+    reason = str(e) or type(e).__name__
+    if isinstance(e, MemoryError):
+        reason = "out of memory (MemoryError)"
+    elif not isinstance(e, (OSError, ValueError)):
+        reason = f"{type(e).__name__}: {reason}"
+    return {"layout": layout, "npages": npages, "strategy": strategy, "reason": reason}
+
+
+#: The largest ``pagemap`` buffer a run makes unless asked (``max_real_pages``,
+#: or sizes given explicitly on the command line): 256 MiB of real memory.
+DEFAULT_MAX_REAL_PAGES = 65536
+
+#: Interleaved timing (:func:`pydmabuf._stats.interleave`) of a default run
+#: and of ``--quick``, per cell group: the mapping strategies, and the walk
+#: with its references.
+TIMING = {
+    "mapping": {"min_rounds": 9, "max_rounds": 1000, "budget_s": 0.8, "target": 0.015, "warmup": 2},
+    "sg_walk": {"min_rounds": 9, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2},
+}
+QUICK_TIMING = {
+    "mapping": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.03, "target": 0.05, "warmup": 1},
+    "sg_walk": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.01, "target": 0.05, "warmup": 1},
+}
 
 
 def run_study(
@@ -363,65 +452,133 @@ def run_study(
     progress: bool | None = None,
     parts: Iterable[str] = ("sg_walk", "mapping"),
     machine: Any = None,
+    max_real_pages: int | None = DEFAULT_MAX_REAL_PAGES,
+    result: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the study; returns a JSON-ready dict (``machine``, ``cells``, ``notes``).
+    """Run the study; returns a JSON-ready dict (``machine``, ``cells``,
+    ``notes``, ``skipped``, ``timing``, ``resources``).
 
     ``parts``: ``sg_walk`` (the scatterlist walk against the C floor and
     NumPy) and ``mapping`` (each mapping strategy: scatterlist + IOMMU,
     scatterlist + dma-direct, list-free links of pages and of runs,
     ranges -> DMA-only table, and the one-PTE-per-page floor).
 
+    Each (layout, size) is a group: its strategies are timed in
+    interleaved rounds until their medians and ratios are tight or the
+    group's time budget is spent (``TIMING``, ``QUICK_TIMING``); every
+    cell keeps its samples and the confidence interval of its median and
+    of its ratio to the group's baseline.
+
     The arguments are checked before anything runs (TypeError for the
-    wrong type, ValueError for an unknown layout or part or a size that is
-    not a positive number of pages); OutOfMemory (ENOMEM) when a layout or
-    a table does not fit in memory.
+    wrong type, ValueError for an unknown layout or part, a size that is
+    not a positive number of pages, or a negative seed); OutOfMemory
+    (ENOMEM) for a size whose frame list alone would not fit in the
+    memory available.  After that a failing cell, group or layout is
+    skipped, said in ``notes`` and listed in ``skipped``, and the run goes
+    on.  ``pagemap`` buffers above ``max_real_pages`` pages (None: no cap)
+    are skipped with a note: they take that much real memory.
+
+    ``result``: a dict to fill instead of a new one.  It is filled even
+    when the run is interrupted (KeyboardInterrupt propagates, the dict
+    holds what was measured, ``interrupted`` set), so a caller can still
+    write it out.
     """
-    layouts, sizes, parts = _study_args(layouts, sizes, parts, machine)
-    timing = {"min_time": 0.01, "min_reps": 3, "max_reps": 7} if quick else {"min_time": 0.1, "min_reps": 5, "max_reps": 25}
+    layouts, sizes, parts = _study_args(layouts, sizes, parts, machine, seed, max_real_pages)
+    timing = QUICK_TIMING if quick else TIMING
     notes: list[str] = []
+    skipped: list[dict[str, Any]] = []
     cells: list[Cell] = []
     b = _Bench(machine) if "mapping" in parts else None
+    out = result if result is not None else {}
     prog = Progress(len(layouts) * len(sizes), progress)
+    t0 = time.monotonic()
+    interrupted = False
+    where = ""
+
+    def skip(lay: str, npages: int | None, strategy: str | None, e: BaseException) -> None:
+        skipped.append(_skip(lay, npages, strategy, e))
+
     try:
         for lay in layouts:
             for npages in sizes:
-                prog.step(f"{lay} {_fmt_size(npages * PAGE_SIZE)}")
+                where = f"{lay} {_fmt_size(npages * PAGE_SIZE)}"
+                prog.step(where)
+                if lay == "pagemap" and max_real_pages is not None and npages > max_real_pages:
+                    skipped.append({"layout": lay, "npages": npages, "strategy": None,
+                                    "reason": f"a {_fmt_size(npages * PAGE_SIZE)} buffer of real memory is opt-in "
+                                              f"(above {_fmt_size(max_real_pages * PAGE_SIZE)}; ask for the size "
+                                              "with --sizes)"})
+                    continue
                 try:
                     pfns, keep = workloads.layout(lay, npages, seed, limit_pfn=b.ram_limit_pfn if b else None)
-                except OSError as e:
-                    note = f"layout {lay!r} skipped: {e}"
-                    if note not in notes:
-                        notes.append(note)
+                except (OSError, MemoryError) as e:
+                    if lay == "pagemap" and isinstance(e, errors.NotPermitted):
+                        note = f"layout {lay!r} skipped: {e}"  # the same for every size: one note
+                        if note not in notes:
+                            notes.append(note)
+                    else:
+                        skip(lay, npages, None, e)
                     continue
-                if "sg_walk" in parts:
-                    cells.extend(_sg_cells(lay, npages, pfns, timing))
-                if b is not None:
-                    cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES))
-                del keep
-    except MemoryError:  # NumPy could not allocate the layout or a table
-        raise errors.OutOfMemory(f"no memory to study the {lay} layout of {npages} pages") from None
+                try:
+                    if "sg_walk" in parts:
+                        try:
+                            cells.extend(_sg_cells(lay, npages, pfns, timing["sg_walk"]))
+                        except Exception as e:  # noqa: BLE001 - the run goes on; the note says why
+                            skip(lay, npages, "sg_walk", e)
+                    if b is not None:
+                        try:
+                            cells.extend(_mapping_cells(b, lay, npages, pfns, timing["mapping"],
+                                                        MAPPING_STRATEGIES, skipped))
+                        except Exception as e:  # noqa: BLE001
+                            skip(lay, npages, "mapping", e)
+                finally:
+                    del pfns, keep
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         prog.close()
-    return {
-        "tool": "pydmabuf bench",
-        "version": _version(),
-        "seed": seed,
-        "quick": quick,
-        "machine": machine_description(),
-        "model": {"machine": b.machine.name if b else None,
-                  "iommu_device": b.iommu_dev.name if b else None,
-                  "direct_device": b.direct_dev.name if b else None,
-                  "exporter": b.provider.owner.name if b else None},
-        "cells": [c.as_dict() for c in cells],
-        "notes": notes,
-    }
+        for sk in skipped:
+            what = " ".join(str(x) for x in (sk["layout"], _fmt_size(sk["npages"] * PAGE_SIZE) if sk["npages"]
+                                              else None, sk["strategy"]) if x)
+            notes.append(f"{what} skipped: {sk['reason']}")
+        if interrupted:
+            notes.append(f"interrupted during {where}: the cells measured before it are kept")
+        out.update({
+            "tool": "pydmabuf bench",
+            "version": _version(),
+            "seed": seed,
+            "quick": quick,
+            "machine": machine_description(),
+            "model": {"machine": b.machine.name if b else None,
+                      "iommu_device": b.iommu_dev.name if b else None,
+                      "direct_device": b.direct_dev.name if b else None,
+                      "exporter": b.provider.owner.name if b else None},
+            "timing": {"interleaved": True, "gc_disabled": True, "ci_level": CI_LEVEL, "wide_ci": WIDE_CI,
+                       "clock": "thread CPU time (CLOCK_THREAD_CPUTIME_ID) less the clock's own cost",
+                       "ci": "order-statistic interval of the median; ratios: median of per-round ratios",
+                       **{k: dict(v) for k, v in timing.items()}},
+            "cells": [c.as_dict() for c in cells],
+            "skipped": skipped,
+            "interrupted": interrupted,
+            "resources": {"seconds": round(time.monotonic() - t0, 3), "peak_rss_bytes": peak_rss()},
+            "notes": notes,
+        })
+    return out
+
+
+def peak_rss() -> int:
+    """The peak resident set size of this process so far, in bytes."""
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(ru) * (1 if sys.platform == "darwin" else 1024)
 
 
 #: The parts of a study.
 PARTS = ("sg_walk", "mapping")
 
 
-def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any) -> tuple[list[str], list[int], list[str]]:
+def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any, seed: Any = 1,
+                max_real_pages: Any = None) -> tuple[list[str], list[int], list[str]]:
     """:func:`run_study`'s arguments, checked before anything runs:
     TypeError for the wrong type, ValueError for an unknown layout or
     part or a size that is not a positive number of pages of a buffer
@@ -442,6 +599,19 @@ def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any) -> tuple[lis
             raise TypeError(f"sizes must be ints (pages), not {type(n).__name__}")
         if n < 1 or n * PAGE_SIZE >> 64:
             raise ValueError(f"size {n} pages: must be at least 1 page and below 2**64 bytes")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, not {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must not be negative (got {seed})")
+    if max_real_pages is not None and (not isinstance(max_real_pages, int) or isinstance(max_real_pages, bool)):
+        raise TypeError(f"max_real_pages must be an int or None, not {type(max_real_pages).__name__}")
+    avail = workloads._mem_available()
+    for n in sizes:
+        # The frame list alone takes 8 bytes a page: a size it does not fit
+        # is refused before anything runs.
+        if avail is not None and n * 8 > avail:
+            raise errors.OutOfMemory(f"size {n} pages: its frame list alone needs {_fmt_size(n * 8)}, more than the "
+                                     f"{_fmt_size(avail)} of memory available")
     return layouts, sizes, parts
 
 
@@ -538,7 +708,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"pydmabuf bench {result['version']} on {m['cpu']} ({m['cpus']} CPUs), "
                  f"Python {m['python']}, NumPy {m['numpy']}, seed {result['seed']}")
     lines.append("")
-    lines.append("Scatterlist walk (sg_alloc_table_from_pages): ns/page, median [q1-q3]")
+    lines.append("Scatterlist walk (sg_alloc_table_from_pages): ns/page, median [95% interval]; "
+                 "core/C paired per round; ~ = interval too wide to trust")
     hdr = f"{'layout':<11} {'size':>8} {'segments':>9} {'core':>18} {'C floor':>8} {'NumPy':>8} {'core/C':>7} {'core/NumPy':>10} {'meta B/page':>11}"
     lines.append(hdr)
     lines.append("-" * len(hdr))
@@ -548,19 +719,21 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         floor = strat["c_floor"]
         npy = strat["numpy"]
-        q = f"{core['ns_per_page']:.2f} [{core['ns_per_page_q1']:.2f}-{core['ns_per_page_q3']:.2f}]"
+        lo, hi = core.get("ns_per_page_ci") or (core["ns_per_page_q1"], core["ns_per_page_q3"])
+        q = f"{core['ns_per_page']:.2f} [{lo:.2f}-{hi:.2f}]{_wide(core)}"
         lines.append(
             f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {core['counters']['segments']:>9} {q:>18} "
             f"{floor['ns_per_page']:>8.2f} {npy['ns_per_page']:>8.2f} "
-            f"{_ratio(core['ns_per_page'], floor['ns_per_page'], '.2f'):>7} "
+            f"{_base_ratio(core, floor, 'ns_per_page', '.2f'):>7} "
             f"{_ratio(core['ns_per_page'], npy['ns_per_page'], '.2f'):>10} "
             f"{core['counters']['metadata_bytes_per_page']:>11.2f}"
         )
     maps = [c for c in cells if c["strategy"] in MAPPING_STRATEGIES]
     if maps:
         lines.append("")
-        lines.append("Mapping a buffer: map and unmap ns/page (medians), +-% half the interquartile range; "
-                     "x = map time against the sg_iommu map and the one-PTE-per-page floor; "
+        lines.append("Mapping a buffer: map and unmap ns/page (medians, model CPU time), +-% half the 95% interval "
+                     "of map + unmap; x sg_iommu = map + unmap against sg_iommu's, paired per round; x floor = map "
+                     "time against the one-PTE-per-page floor; ~ = interval too wide to trust; "
                      "PTE writes and IOTLB invalidations over one map + unmap")
         hdr = (f"{'layout':<11} {'size':>8} {'strategy':<16} {'map':>8} {'unmap':>7} {'+-%':>4} {'x sg_iommu':>10} {'x floor':>8} "
                f"{'PTE w/pg':>9} {'IOTLB inv':>9} {'segments':>9} {'meta B/page':>11}")
@@ -575,7 +748,7 @@ def format_table(result: dict[str, Any]) -> str:
                     continue
                 k = mc["counters"]
                 mp = k["map_ns_per_page"]
-                rb = _ratio(mp, base["counters"]["map_ns_per_page"], ".2f") if base else "-"
+                rb = _base_ratio(mc, base, "map_ns_per_page", ".2f") + _wide(mc) if base else "-"
                 rf = _ratio(mp, pte_floor["counters"]["map_ns_per_page"], ".1f") if pte_floor else "-"
                 lines.append(
                     f"{lay:<11} {_fmt_size(npages * PAGE_SIZE):>8} {name:<16} {mp:>8.2f} "
@@ -586,16 +759,38 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append("")
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
+    res = result.get("resources")
+    if isinstance(res, dict) and "seconds" in res and "peak_rss_bytes" in res:
+        lines.append(f"run: {res['seconds']:.1f} s, peak RSS {res['peak_rss_bytes'] / (1 << 20):.0f} MiB"
+                     f"{', interrupted' if result.get('interrupted') else ''}")
     return "\n".join(lines)
 
 
 def _spread_pct(c: dict[str, Any]) -> str:
-    """Half the interquartile range of the repeats, as a percentage of the
-    median (map + unmap)."""
+    """Half the 95% interval of the median (map + unmap) as a percentage
+    of the median; half the interquartile range for a result without
+    intervals."""
     med = c["ns_per_page"]
     if not med:
         return "-"
-    return f"{50.0 * (c['ns_per_page_q3'] - c['ns_per_page_q1']) / med:.0f}"
+    lo, hi = c.get("ns_per_page_ci") or (c["ns_per_page_q1"], c["ns_per_page_q3"])
+    return f"{50.0 * (hi - lo) / med:.0f}"
+
+
+def _wide(c: dict[str, Any]) -> str:
+    """The table's mark of a cell whose interval is too wide to trust."""
+    return "~" if c.get("wide_ci") else ""
+
+
+def _base_ratio(c: dict[str, Any], base: dict[str, Any], counter: str, fmt: str) -> str:
+    """A cell against its group's baseline: the paired per-round ratio the
+    cell holds when ``base`` is that baseline, else the ratio of the two
+    cells' ``counter`` (a result without paired ratios)."""
+    if c.get("baseline") == base["strategy"] and c.get("ratio_to_baseline") is not None:
+        return format(c["ratio_to_baseline"], fmt)
+    num = c["counters"].get(counter, c["ns_per_page"]) if counter != "ns_per_page" else c["ns_per_page"]
+    den = base["counters"].get(counter, base["ns_per_page"]) if counter != "ns_per_page" else base["ns_per_page"]
+    return _ratio(num, den, fmt)
 
 
 def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) -> str:
@@ -695,73 +890,278 @@ def to_json(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------- plot, compare
 
 
-def plot(result: dict[str, Any], path: str) -> None:
-    """Throughput against buffer size, one line per strategy, one panel per
-    layout; written to ``path`` (PNG).  Needs matplotlib (``pip install
-    'pydmabuf[plot]'``)."""
+#: The work counts of the second figure: (kernel_work key, the model
+#: counter used when a cell has no kernel_work, label).
+_WORK_PANELS = (("pte_writes", "pte_writes_per_page", "PTE writes / page"),
+                ("iotlb_invalidations", "iotlb_invalidations", "IOTLB invalidations / page"),
+                ("metadata_bytes", "metadata_bytes_per_page", "metadata bytes / page"))
+
+
+def _size_label(nbytes: float, _pos: Any = None) -> str:
+    """A tick label: 4 KiB, 16 MiB, 4 GiB."""
+    n = int(round(nbytes))
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.3g} {unit}"
+    return f"{n} B"
+
+
+def plot_quantity(cells: list[dict[str, Any]]) -> tuple[str, str]:
+    """What the main figure draws: ``("kernel_est_ns_per_page", "kernel
+    CPU estimate")`` when every mapping cell has a kernel estimate, else
+    ``("ns_per_page", "model CPU time")``, the model's own cost."""
+    if cells and all(_kernel_est(c) is not None for c in cells):
+        return "kernel_est_ns_per_page", "kernel CPU estimate"
+    return "ns_per_page", "model CPU time"
+
+
+def plot(result: dict[str, Any], path: str) -> list[str]:
+    """Draw the study; returns the paths written.
+
+    ``path`` (PNG): one panel per layout, ns/page on a log axis against
+    the buffer size, one line per mapping strategy with its 95% band, the
+    legend once.  It draws ``kernel_est_ns_per_page`` when the cells have
+    it, else the model's own CPU time, and says which on its axis.  Points
+    whose interval is too wide to trust are drawn hollow.  A second
+    figure, ``<path stem>-work.png``, draws the work counts per page (PTE
+    writes, IOTLB invalidations, metadata bytes) from each cell's
+    ``kernel_work``, or from the model's counters when cells have none.
+    Needs matplotlib (``pip install 'pydmabuf[plot]'``).  TypeError or
+    ValueError for what is not a study result or has nothing to draw.
+    """
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
-    cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES
-             or c["strategy"] == "sg_from_pages"]
+    cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES]
     layouts = list(dict.fromkeys(c["layout"] for c in cells))
     if not layouts:
-        raise ValueError("nothing to plot")
-    fig, axes = plt.subplots(1, len(layouts), figsize=(4.2 * len(layouts), 4.2), sharey=True, squeeze=False)
-    for ax, lay in zip(axes[0], layouts):
-        for strat in dict.fromkeys(c["strategy"] for c in cells):
-            pts = sorted((c["nbytes"], c) for c in cells if c["layout"] == lay and c["strategy"] == strat)
-            if not pts:
-                continue
-            xs = [n for n, _ in pts]
-            ns = [c["counters"].get("map_ns_per_page", c["ns_per_page"]) for _, c in pts]
-            gbps = [PAGE_SIZE / v if v > 0 else float("nan") for v in ns]  # bytes per ns = GB/s
-            ax.plot(xs, gbps, marker="o", ms=3, label=strat)
+        raise ValueError("plot: the result has no mapping cells to draw")
+    strategies = [s for s in MAPPING_STRATEGIES if any(c["strategy"] == s for c in cells)]
+    sizes = sorted({float(c["nbytes"]) for c in cells})
+    colors = {s: f"C{i}" for i, s in enumerate(strategies)}
+    quantity, ylabel = plot_quantity(cells)
+    m = result["machine"]
+    title = (f"pydmabuf bench {result['version']} - {m['cpu']}, {m['cpus']} CPUs, seed {result['seed']}"
+             f"{', --quick' if result.get('quick') else ''}")
+
+    def panels(nrows: int) -> tuple[Any, Any]:
+        ncols = min(len(layouts), 3)
+        rows_per = -(-len(layouts) // ncols)
+        fig, axes = plt.subplots(nrows * rows_per, ncols, figsize=(4.6 * ncols, 3.6 * nrows * rows_per + 0.9),
+                                 squeeze=False, sharex=True)
+        return fig, axes
+
+    def style(ax: Any, lay: str, ylab: str | None) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(lay)
-        ax.set_xlabel("buffer size (bytes)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("mapping throughput (GB/s, map step)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    m = result["machine"]
-    fig.suptitle(f"pydmabuf bench {result['version']} - {m['cpu']}, seed {result['seed']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(_size_label))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.tick_params(axis="x", labelsize=7, labelbottom=True, labelrotation=30)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(lay, fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.set_xlabel("buffer size", fontsize=8)
+        if ylab:
+            ax.set_ylabel(ylab, fontsize=8)
+
+    def finish(fig: Any, axes: Any, used: int, out: str, note: str) -> None:
+        flat = list(axes.flat)
+        for ax in flat[used:]:
+            ax.set_visible(False)
+        handles = [plt.Line2D([], [], color=colors[s], marker="o", ms=4, label=s) for s in strategies]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+        fig.suptitle(f"{title}\n{note}", fontsize=9)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+
+    fig, axes = panels(1)
+    flat = list(axes.flat)
+    for i, lay in enumerate(layouts):
+        ax = flat[i]
+        for s in strategies:
+            pts = sorted((c["nbytes"], c) for c in cells if c["layout"] == lay and c["strategy"] == s)
+            if not pts:
+                continue
+            xs = np.array([n for n, _ in pts], dtype=np.float64)
+            if quantity == "kernel_est_ns_per_page":
+                ys = np.array([_kernel_est(c) for _, c in pts], dtype=np.float64)
+                band = [c.get("kernel_est_ci") for _, c in pts]
+            else:
+                ys = np.array([c["ns_per_page"] for _, c in pts], dtype=np.float64)
+                band = [c.get("ns_per_page_ci") for _, c in pts]
+            ys[ys <= 0] = np.nan  # a log axis has no zero
+            ax.plot(xs, ys, color=colors[s], lw=1.2, marker="o", ms=3)
+            wide = np.array([bool(c.get("wide_ci")) for _, c in pts])
+            if wide.any():
+                ax.plot(xs[wide], ys[wide], ls="none", marker="o", ms=6, mfc="white", mec=colors[s])
+            if all(isinstance(b, list) and len(b) == 2 for b in band):
+                lo = np.array([b[0] for b in band], dtype=np.float64)
+                hi = np.array([b[1] for b in band], dtype=np.float64)
+                lo[lo <= 0] = np.nan
+                ax.fill_between(xs, lo, hi, color=colors[s], alpha=0.18, lw=0)
+        style(ax, lay, f"{ylabel}, ns/page" if i % axes.shape[1] == 0 else None)
+    finish(fig, axes, len(layouts), path,
+           "model CPU time of map + unmap (median; band: 95% interval; hollow: too wide to trust) - "
+           "the model's own cost, not a kernel estimate" if quantity == "ns_per_page"
+           else "kernel CPU estimate of map + unmap: exact work counts x unit costs (kernel_est_ns_per_page)")
+    written = [path]
+
+    stem = path[:-4] if path.lower().endswith(".png") else path
+    work_path = f"{stem}-work.png"
+    has_work = all(isinstance(c.get("kernel_work"), dict) for c in cells)
+    fig, axes = plt.subplots(len(_WORK_PANELS), len(layouts), figsize=(3.4 * len(layouts), 2.9 * len(_WORK_PANELS)
+                                                                       + 0.9), squeeze=False, sharex=True)
+    for row, (key, counter, label) in enumerate(_WORK_PANELS):
+        for col, lay in enumerate(layouts):
+            ax = axes[row][col]
+            for s in strategies:
+                pts = sorted((c["nbytes"], c) for c in cells if c["layout"] == lay and c["strategy"] == s)
+                xs = np.array([n for n, _ in pts], dtype=np.float64)
+                if has_work:
+                    ys = np.array([float(c["kernel_work"].get(key, np.nan)) / c["npages"] for _, c in pts])
+                else:
+                    ys = np.array([float(c["counters"].get(counter, np.nan)) / (c["npages"] if counter ==
+                                   "iotlb_invalidations" else 1) for _, c in pts])
+                ys[ys <= 0] = np.nan
+                ax.plot(xs, ys, color=colors[s], lw=1.2, marker="o", ms=3)
+            style(ax, lay if row == 0 else "", label if col == 0 else None)
+    finish(fig, axes, axes.size, work_path,
+           ("work per page from each cell's kernel_work (exact counts)" if has_work
+            else "work per page from the model's counters (cells have no kernel_work)") + "; zero is not drawn")
+    written.append(work_path)
+    return written
 
 
-def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Ratios new / old of the map time (ns/page) of every cell both have.
-    TypeError or ValueError for what is not a study result."""
+def _est(c: dict[str, Any]) -> tuple[float, float, float] | None:
+    """A cell's ns/page with its interval: the stored interval, else one
+    computed from its samples, else None (a result without either)."""
+    v = float(c["ns_per_page"])
+    ci = c.get("ns_per_page_ci")
+    if isinstance(ci, list) and len(ci) == 2:
+        return v, float(ci[0]), float(ci[1])
+    samples = c.get("samples_ns")
+    if isinstance(samples, list) and samples:
+        _, lo, hi = _stats.median_ci(samples, CI_LEVEL)
+        return v, lo / c["npages"], hi / c["npages"]
+    return None
+
+
+def _ratio_est(c: dict[str, Any]) -> tuple[float, float, float] | None:
+    """A cell's ratio to its baseline with its interval, None where the
+    cell has none (its own baseline, or an older result)."""
+    r = c.get("ratio_to_baseline")
+    ci = c.get("ratio_ci")
+    if r is None or c.get("baseline") in (None, c["strategy"]) or not isinstance(ci, list) or len(ci) != 2:
+        return None
+    return float(r), float(ci[0]), float(ci[1])
+
+
+def _kernel_est(c: dict[str, Any]) -> float | None:
+    v = c.get("kernel_est_ns_per_page", c["counters"].get("kernel_est_ns_per_page"))
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _fmt_ci(e: tuple[float, float, float] | None, fmt: str = ".3g") -> str:
+    if e is None:
+        return "-"
+    return f"{format(e[0], fmt)} [{format(e[1], fmt)}-{format(e[2], fmt)}]"
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False, tol: float = 0.10,
+            min_effect: float = 0.02) -> str:
+    """Which cells of two results differ significantly, and how well the
+    two runs agree.
+
+    For every cell both results have, ``new / old`` of the ns/page
+    (median of map + unmap) with a 95% interval combining the two cells'
+    intervals (:func:`pydmabuf._stats.ratio_of_medians_ci`); the same for
+    every ratio to the baseline of the cell's group (``strategy /
+    sg_iommu``, ``... / c_floor``).  A difference is significant when its
+    interval excludes 1 and it is at least ``min_effect`` (relative).
+    Only significant rows are listed unless ``show_all``.  The summary
+    gives the agreement fractions: how many ratio cells, ns/page cells and
+    (when the results have them) ``kernel_est_ns_per_page`` cells agree
+    within ``+-tol``.  TypeError or ValueError for what is not a study
+    result.
+    """
     old_cells = _check_result(old, "compare old", header=False)
     new_cells = _check_result(new, "compare new", header=False)
 
     def key(c: dict[str, Any]) -> tuple[str, int, str]:
         return (c["layout"], c["npages"], c["strategy"])
 
-    def ns(c: dict[str, Any]) -> float:
-        return float(c["counters"].get("map_ns_per_page", c["ns_per_page"]))
-
     a = {key(c): c for c in old_cells}
-    lines = [f"{'layout':<11} {'size':>8} {'strategy':<16} {'old ns/page':>12} {'new ns/page':>12} {'new/old':>8}"]
-    lines.append("-" * len(lines[0]))
-    ratios = []
-    for c in new_cells:
-        o = a.get(key(c))
-        if o is None:
-            continue
-        r = ns(c) / ns(o) if ns(o) > 0 else float("nan")
-        ratios.append(r)
-        lines.append(f"{c['layout']:<11} {_fmt_size(c['nbytes']):>8} {c['strategy']:<16} {ns(o):>12.3f} "
-                     f"{ns(c):>12.3f} {r:>8.2f}")
-    if not ratios:
+    pairs = [(a[key(c)], c) for c in new_cells if key(c) in a]
+    if not pairs:
         return "no cells in common"
+    rows: list[str] = []
+    ratio_rows: list[str] = []
+    n_sig = n_rsig = 0
+    ns_pairs: list[tuple[float, float]] = []
+    base_pairs: list[tuple[float, float]] = []
+    other_ratio_pairs: list[tuple[float, float]] = []
+    est_pairs: list[tuple[float, float]] = []
+    ratios: list[float] = []
+    for o, c in pairs:
+        where = f"{c['layout']:<11} {_fmt_size(c['nbytes']):>8} {c['strategy']:<16}"
+        on, nn = float(o["ns_per_page"]), float(c["ns_per_page"])
+        ns_pairs.append((on, nn))
+        ratios.append(nn / on if on > 0 else float("nan"))
+        eo, en = _est(o), _est(c)
+        if eo is not None and en is not None:
+            rr = _stats.ratio_of_medians_ci(en, eo)
+            sig = _stats.significant(rr, min_effect)
+        else:
+            rr, sig = (nn / on if on > 0 else math.nan, math.nan, math.nan), False
+        n_sig += sig
+        if sig or show_all:
+            rows.append(f"{where} {_fmt_ci(eo):>26} {_fmt_ci(en):>26} {_fmt_ci(rr, '.3f'):>23} {'*' if sig else ''}")
+        ro, rn = _ratio_est(o), _ratio_est(c)
+        if ro is not None and rn is not None and o.get("baseline") == c.get("baseline"):
+            (base_pairs if c.get("baseline") == BASELINE else other_ratio_pairs).append((ro[0], rn[0]))
+            q = _stats.ratio_of_medians_ci(rn, ro)
+            qsig = _stats.significant(q, min_effect)
+            n_rsig += qsig
+            if qsig or show_all:
+                ratio_rows.append(f"{where} {'/ ' + str(c['baseline']):<10} {_fmt_ci(ro):>23} {_fmt_ci(rn):>23} "
+                                  f"{_fmt_ci(q, '.3f'):>23} {'*' if qsig else ''}")
+        ko, kn = _kernel_est(o), _kernel_est(c)
+        if ko is not None and kn is not None:
+            est_pairs.append((ko, kn))
+    out = [f"Compared: {len(pairs)} cells in common.  Intervals are 95%; * = significant: the interval of new/old "
+           f"excludes 1 and new/old is at least {min_effect:.0%} away from 1."]
+    out.append("")
+    out.append("ns/page (map + unmap, median [interval])" + ("" if show_all else ", significant differences only"))
+    hdr = f"{'layout':<11} {'size':>8} {'strategy':<16} {'old':>26} {'new':>26} {'new/old':>23}"
+    out += [hdr, "-" * len(hdr)] + (rows or ["(none)"])
+    out.append("")
+    out.append("Ratios to the baseline of the cell (same run, paired rounds)"
+               + ("" if show_all else ", significant differences only"))
+    hdr = f"{'layout':<11} {'size':>8} {'strategy':<16} {'ratio':<10} {'old':>23} {'new':>23} {'new/old':>23}"
+    out += [hdr, "-" * len(hdr)] + (ratio_rows or ["(none)"])
+    out.append("")
     pos = [r for r in ratios if r > 0]  # a zero time has no ratio (a measured one is never zero)
     geo = f"{float(np.exp(np.mean(np.log(pos)))):.3f}" if pos else "-"
-    lines.append(f"\n{len(ratios)} cells in common; geometric mean new/old = {geo}")
-    return "\n".join(lines)
+    out.append(f"{len(ratios)} cells in common; geometric mean new/old = {geo}")
+    out.append(f"significant differences: {n_sig} of {len(pairs)} cells, {n_rsig} of "
+               f"{len(base_pairs) + len(other_ratio_pairs)} ratios")
+
+    def frac(name: str, ps: list[tuple[float, float]]) -> str:
+        ok, n = _stats.agreement(ps, tol)
+        return f"  {name}: {ok}/{n} = {ok / n:.1%}" if n else f"  {name}: none in both results"
+
+    out.append(f"agreement within +-{tol:.0%}:")
+    out.append(frac(f"ratio cells (strategy / {BASELINE})", base_pairs))
+    out.append(frac("other ratio cells (walk / c_floor)", other_ratio_pairs))
+    out.append(frac("ns/page cells", ns_pairs))
+    out.append(frac("kernel_est_ns_per_page cells", est_pairs))
+    return "\n".join(out)
