@@ -176,7 +176,7 @@ def agreement(pairs: Sequence[tuple[float, float]], tol: float = 0.10) -> tuple[
 def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_rounds: int = 5,
                max_rounds: int = 1000, budget_s: float = 1.0, target: float = 0.02, warmup: int = 1,
                confidence: float = 0.95, clock: Callable[[], int] = time.thread_time_ns,
-               ) -> tuple[dict[str, tuple[list[int], list[int]]], dict[str, Any]]:
+               overhead_ns: int | None = None) -> tuple[dict[str, tuple[list[int], list[int]]], dict[str, Any]]:
     """Time every plan once per round, round-robin, until the estimates are
     tight or the budget is spent.
 
@@ -217,6 +217,8 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
         fraction of the samples and makes medians jump between modes.  Its
         own cost (a few hundred ns a read) is measured first and taken off
         every sample (:func:`clock_overhead`).
+    overhead_ns : int, optional
+        The clock's own cost to take off each sample; measured when None.
 
     Returns
     -------
@@ -235,7 +237,7 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
     k = len(names)
     steps: dict[str, list[int]] = {n: [] for n in names}
     undos: dict[str, list[int]] = {n: [] for n in names}
-    overhead = clock_overhead(clock)
+    overhead = clock_overhead(clock) if overhead_ns is None else overhead_ns
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()

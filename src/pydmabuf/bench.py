@@ -403,15 +403,24 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
                 k["iotlb_invalidations"] = 0
             counters[name] = k
             timed[name] = (map_, unmap)
-        if not timed:
-            return []
-        # Every strategy of the cell, round-robin within each round.
-        samples, _ = _stats.interleave(timed, baseline=BASELINE if BASELINE in timed else None, **timing)
-        return _group_cells(layout, npages, samples, counters, BASELINE if BASELINE in timed else None,
-                            with_map=True)
-    finally:
+        if timed:
+            # Every strategy of the cell, round-robin within each round.
+            samples, _ = _stats.interleave(timed, baseline=BASELINE if BASELINE in timed else None, **timing)
+            cells = _group_cells(layout, npages, samples, counters, BASELINE if BASELINE in timed else None,
+                                 with_map=True)
+    except BaseException:
+        # Interrupted or failed, perhaps between a map and its unmap: let
+        # go of the buffers without letting their complaint about a live
+        # mapping replace what is propagating.
         for buf in plans_keep:
-            buf.put()
+            try:
+                buf.put()
+            except errors.DmaBufError as e:
+                log.debug("releasing a study buffer after a failure: %s", e)
+        raise
+    for buf in plans_keep:
+        buf.put()
+    return cells
 
 
 def _skip(layout: str, npages: int | None, strategy: str | None, e: BaseException) -> dict[str, Any]:
@@ -795,8 +804,13 @@ def _base_ratio(c: dict[str, Any], base: dict[str, Any], counter: str, fmt: str)
 
 def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) -> str:
     """A Markdown summary of the mapping part, for a README: per buffer
-    size, one row per layout, one column per strategy, each cell the map
-    cost in ns/page and its ratio to the scatterlist + IOMMU baseline.
+    size, one row per layout, one column per strategy, each cell its cost
+    in ns/page and its ratio to the scatterlist + IOMMU baseline.
+
+    The cost is the kernel CPU estimate (``kernel_est_ns_per_page``) when
+    every mapping cell has one, else the model's own CPU time of map +
+    unmap (median; the ratio is the paired per-round one); the text says
+    which.  A ``~`` marks a cell whose interval is too wide to trust.
     TypeError or ValueError for what is not a study result."""
     all_cells = _check_result(result, "format_markdown")
     model = result.get("model")
@@ -812,13 +826,25 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
         by.setdefault((c["npages"], c["layout"]), {})[c["strategy"]] = c
         if c["layout"] not in layouts:
             layouts.append(c["layout"])
+    quantity, _ = plot_quantity(cells)
+    res = result.get("resources")
+    run = (f" The run took {res['seconds']:.0f} s, peak RSS {res['peak_rss_bytes'] / (1 << 20):.0f} MiB."
+           if isinstance(res, dict) and "seconds" in res and "peak_rss_bytes" in res else "")
     out = [f"Measured with `pydmabuf bench` {result['version']} (seed {result['seed']}"
            f"{', --quick' if result.get('quick') else ''}) on {m['cpu']}, {m['cpus']} CPUs, "
            f"Linux {m.get('kernel', '?')}, Python {m['python']}, NumPy {m['numpy']}; "
-           f"model: the default machine, importer {model['iommu_device']} behind its IOMMU.",
-           "",
-           "Map cost in ns per 4 KiB page (median), and in brackets its ratio to `sg_iommu` "
-           "(build a scatterlist, `dma_map_sgtable` through the IOMMU).", ""]
+           f"model: the default machine, importer {model['iommu_device']} behind its IOMMU.{run}",
+           ""]
+    if quantity == "kernel_est_ns_per_page":
+        out.append("Kernel CPU estimate of map + unmap in ns per 4 KiB page (`kernel_est_ns_per_page`: the exact "
+                   "kernel work of the path times unit costs), and in brackets its ratio to `sg_iommu` (build a "
+                   "scatterlist, `dma_map_sgtable` through the IOMMU).")
+    else:
+        out.append("Model CPU time of map + unmap in ns per 4 KiB page (median of interleaved rounds; the "
+                   "model's own cost, not a kernel estimate), and in brackets its ratio to `sg_iommu` (build a "
+                   "scatterlist, `dma_map_sgtable` through the IOMMU), paired per round; ~ marks a cell whose "
+                   "95% interval is wider than +-5%.")
+    out.append("")
     for npages in want:
         out.append(f"**{_fmt_size(npages * PAGE_SIZE)}**")
         out.append("")
@@ -835,9 +861,14 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
                 if mc is None:
                     cols.append("-")
                     continue
-                mp = mc["counters"]["map_ns_per_page"]
-                ratio = f" ({_ratio(mp, base['counters']['map_ns_per_page'], '.2f')})" if base else ""
-                cols.append(f"{mp:.2f}{ratio}")
+                if quantity == "kernel_est_ns_per_page":
+                    v = _kernel_est(mc) or 0.0
+                    bv = _kernel_est(base) if base else None
+                    ratio = f" ({_ratio(v, bv, '.2f')})" if bv is not None else ""
+                else:
+                    v = float(mc["ns_per_page"])
+                    ratio = f" ({_base_ratio(mc, base, 'ns_per_page', '.2f')})" if base else ""
+                cols.append(f"{v:.2f}{ratio}{_wide(mc) if quantity == 'ns_per_page' else ''}")
             out.append(f"| {lay} | " + " | ".join(cols) + " |")
         out.append("")
     walks = [c for c in all_cells if c["strategy"] == "sg_from_pages"]
@@ -935,6 +966,7 @@ def plot(result: dict[str, Any], path: str) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.lines import Line2D
         from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
@@ -976,7 +1008,7 @@ def plot(result: dict[str, Any], path: str) -> list[str]:
         flat = list(axes.flat)
         for ax in flat[used:]:
             ax.set_visible(False)
-        handles = [plt.Line2D([], [], color=colors[s], marker="o", ms=4, label=s) for s in strategies]
+        handles = [Line2D([], [], color=colors[s], marker="o", ms=4, label=s) for s in strategies]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
         fig.suptitle(f"{title}\n{note}", fontsize=9)
         fig.tight_layout(rect=(0, 0.07, 1, 1))
@@ -1003,9 +1035,10 @@ def plot(result: dict[str, Any], path: str) -> list[str]:
             wide = np.array([bool(c.get("wide_ci")) for _, c in pts])
             if wide.any():
                 ax.plot(xs[wide], ys[wide], ls="none", marker="o", ms=6, mfc="white", mec=colors[s])
-            if all(isinstance(b, list) and len(b) == 2 for b in band):
-                lo = np.array([b[0] for b in band], dtype=np.float64)
-                hi = np.array([b[1] for b in band], dtype=np.float64)
+            bounds = [b for b in band if isinstance(b, list) and len(b) == 2]
+            if len(bounds) == len(band):
+                lo = np.array([b[0] for b in bounds], dtype=np.float64)
+                hi = np.array([b[1] for b in bounds], dtype=np.float64)
                 lo[lo <= 0] = np.nan
                 ax.fill_between(xs, lo, hi, color=colors[s], alpha=0.18, lw=0)
         style(ax, lay, f"{ylabel}, ns/page" if i % axes.shape[1] == 0 else None)
