@@ -443,8 +443,8 @@ DEFAULT_MAX_REAL_PAGES = 65536
 #: and of ``--quick``, per cell group: the mapping strategies, and the walk
 #: with its references.
 TIMING = {
-    "mapping": {"min_rounds": 9, "max_rounds": 1000, "budget_s": 0.8, "target": 0.015, "warmup": 2},
-    "sg_walk": {"min_rounds": 9, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2},
+    "mapping": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.8, "target": 0.015, "warmup": 2},
+    "sg_walk": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2},
 }
 QUICK_TIMING = {
     "mapping": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.03, "target": 0.05, "warmup": 1},
