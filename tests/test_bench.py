@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from pydmabuf import Machine, bench
@@ -229,6 +230,20 @@ def test_interleaving_stops_early_once_the_intervals_are_tight():
                                       baseline="a", min_rounds=8, max_rounds=500, budget_s=60.0,
                                       clock=lambda: next(ticks), overhead_ns=0)
     assert info["stopped"] == "tight" and info["rounds"] == 8
+
+
+def test_unit_costs_divide_each_loop_by_its_operations():
+    from pydmabuf import _core, _stats
+
+    pfns = np.arange(1 << 12, dtype=np.uint64)
+    out = _core.floor_buffer(len(pfns), 8)
+    costs = _stats.unit_costs({"pte": (lambda: _core.floor_pte(pfns, out), len(pfns)),
+                               "pte_twice": (lambda: (_core.floor_pte(pfns, out), _core.floor_pte(pfns, out)),
+                                             len(pfns))}, min_rounds=5, budget_s=0.05)
+    for name, (v, lo, hi) in costs.items():
+        assert 0 <= lo <= v <= hi, name
+    with pytest.raises(ValueError, match="positive whole number"):
+        _stats.unit_costs({"x": (lambda: None, 0)})
 
 
 # ------------------------------------------------------------ compare

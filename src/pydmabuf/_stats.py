@@ -45,7 +45,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 __all__ = ["Z95", "median_ci", "paired_ratio_ci", "ratio_of_medians_ci", "rel_half_width", "interleave",
-           "Plan", "agreement", "clock_overhead", "coverage", "significant"]
+           "Plan", "agreement", "clock_overhead", "coverage", "significant", "unit_costs"]
 
 #: The two-sided 95% normal quantile.
 Z95 = 1.959963984540054
@@ -306,3 +306,43 @@ def _tight(steps: Mapping[str, list[int]], undos: Mapping[str, list[int]], basel
             if rel_half_width(paired_ratio_ci(t, totals[baseline], confidence)) > target:
                 return False
     return True
+
+
+def unit_costs(loops: Mapping[str, tuple[Callable[[], Any], int]], *, min_rounds: int = 15, max_rounds: int = 1000,
+               budget_s: float = 0.5, target: float = 0.01, warmup: int = 2,
+               confidence: float = 0.95) -> dict[str, tuple[float, float, float]]:
+    """The cost of one operation of each loop, in ns, with its interval.
+
+    For calibrating a cost model: each loop (a C loop doing ``n``
+    operations per call, say) is timed in the same interleaved rounds as
+    the others (:func:`interleave`, on this thread's CPU time), and its
+    median per call is divided by its ``n``.
+
+    Parameters
+    ----------
+    loops : mapping of str to (callable, int)
+        Per name, a call that does ``n`` operations, and ``n`` (> 0).
+    min_rounds, max_rounds, budget_s, target, warmup, confidence
+        As for :func:`interleave`.
+
+    Returns
+    -------
+    dict
+        Per name, ``(ns_per_op, low, high)``: the median and its interval.
+    """
+    for name, (_, n) in loops.items():
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"unit_costs: {name!r} must do a positive whole number of operations, not {n!r}")
+
+    def drop(handle: Any) -> None:
+        pass
+
+    plans = {name: (fn, drop) for name, (fn, _) in loops.items()}
+    samples, _ = interleave(plans, min_rounds=min_rounds, max_rounds=max_rounds, budget_s=budget_s, target=target,
+                            warmup=warmup, confidence=confidence)
+    out = {}
+    for name, (steps, undos) in samples.items():
+        n = loops[name][1]
+        med, lo, hi = median_ci(np.add(steps, undos, dtype=np.float64), confidence)
+        out[name] = (med / n, lo / n, hi / n)
+    return out
