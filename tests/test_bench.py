@@ -164,6 +164,19 @@ def test_every_cell_keeps_its_samples_one_per_round(study):
                 assert "samples_map_ns" not in c
 
 
+def test_the_work_counted_does_not_depend_on_how_long_earlier_groups_ran():
+    """Each group maps on a machine of its own, so the counts of a cell
+    follow from its input alone, not from the groups before it nor from
+    the number of rounds the adaptive timing gave them."""
+    first = bench.run_study(["contiguous", "scattered"], [16, 256], quick=True, progress=False)
+    again = bench.run_study(["scattered", "contiguous"], [256, 16], quick=True, progress=False)
+
+    def counts(result):
+        return {(c["layout"], c["npages"], c["strategy"]): bench._work_key(c) for c in result["cells"]}
+
+    assert counts(again) == counts(first)
+
+
 def test_every_cell_has_a_sane_interval(study):
     _, _, result = study
     for c in result["cells"]:

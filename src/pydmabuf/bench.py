@@ -472,7 +472,8 @@ def run_study(
     scatterlist + dma-direct, list-free links of pages and of runs,
     ranges -> DMA-only table, and the one-PTE-per-page floor).
 
-    Each (layout, size) is a group: its strategies are timed in
+    Each (layout, size) is a group, mapped on a machine of its own (a new
+    default machine, unless ``machine`` is given): its strategies are timed in
     interleaved rounds until their medians and ratios are tight or the
     group's time budget is spent (``TIMING``, ``QUICK_TIMING``); every
     cell keeps its samples and the confidence interval of its median and
@@ -536,7 +537,11 @@ def run_study(
                             skip(lay, npages, "sg_walk", e)
                     if b is not None:
                         try:
-                            cells.extend(_mapping_cells(b, lay, npages, pfns, timing["mapping"],
+                            # A fresh default machine per group: the work a path does (page-table
+                            # entries it must create, IOVA placement) then depends on the input
+                            # alone, not on how many rounds earlier groups ran.
+                            gb = b if machine is not None else _Bench()
+                            cells.extend(_mapping_cells(gb, lay, npages, pfns, timing["mapping"],
                                                         MAPPING_STRATEGIES, skipped))
                         except Exception as e:  # noqa: BLE001
                             skip(lay, npages, "mapping", e)
@@ -1098,6 +1103,14 @@ def _ratio_est(c: dict[str, Any]) -> tuple[float, float, float] | None:
     return float(r), float(ci[0]), float(ci[1])
 
 
+def _work_key(c: dict[str, Any]) -> tuple[Any, ...]:
+    """What a cell's input made the path do: its counters other than
+    times, and its kernel work when it has one."""
+    k = tuple(sorted((n, v) for n, v in c["counters"].items() if not n.endswith("ns_per_page")))
+    w = c.get("kernel_work")
+    return k + (tuple(sorted(w.items())) if isinstance(w, dict) else ())
+
+
 def _kernel_est(c: dict[str, Any]) -> float | None:
     v = c.get("kernel_est_ns_per_page", c["counters"].get("kernel_est_ns_per_page"))
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
@@ -1136,6 +1149,11 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
     pairs = [(a[key(c)], c) for c in new_cells if key(c) in a]
     if not pairs:
         return "no cells in common"
+    # A group whose work differs between the runs had a different input
+    # (the pagemap layout reads the frames of a new buffer each run): its
+    # times are not a measure of reproducibility.
+    differs = sorted({(c["layout"], c["npages"]) for o, c in pairs if _work_key(o) != _work_key(c)},
+                     key=lambda g: (g[0], g[1]))
     rows: list[str] = []
     ratio_rows: list[str] = []
     n_sig = n_rsig = 0
@@ -1143,11 +1161,15 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
     base_pairs: list[tuple[float, float]] = []
     other_ratio_pairs: list[tuple[float, float]] = []
     est_pairs: list[tuple[float, float]] = []
+    same: dict[str, list[tuple[float, float]]] = {"base": [], "other": [], "ns": [], "est": []}
     ratios: list[float] = []
     for o, c in pairs:
         where = f"{c['layout']:<11} {_fmt_size(c['nbytes']):>8} {c['strategy']:<16}"
         on, nn = float(o["ns_per_page"]), float(c["ns_per_page"])
+        same_input = (c["layout"], c["npages"]) not in differs
         ns_pairs.append((on, nn))
+        if same_input:
+            same["ns"].append((on, nn))
         ratios.append(nn / on if on > 0 else float("nan"))
         eo, en = _est(o), _est(c)
         if eo is not None and en is not None:
@@ -1160,7 +1182,10 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
             rows.append(f"{where} {_fmt_ci(eo):>26} {_fmt_ci(en):>26} {_fmt_ci(rr, '.3f'):>23} {'*' if sig else ''}")
         ro, rn = _ratio_est(o), _ratio_est(c)
         if ro is not None and rn is not None and o.get("baseline") == c.get("baseline"):
-            (base_pairs if c.get("baseline") == BASELINE else other_ratio_pairs).append((ro[0], rn[0]))
+            kind = "base" if c.get("baseline") == BASELINE else "other"
+            (base_pairs if kind == "base" else other_ratio_pairs).append((ro[0], rn[0]))
+            if same_input:
+                same[kind].append((ro[0], rn[0]))
             q = _stats.ratio_of_medians_ci(rn, ro)
             qsig = _stats.significant(q, min_effect)
             n_rsig += qsig
@@ -1170,6 +1195,8 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
         ko, kn = _kernel_est(o), _kernel_est(c)
         if ko is not None and kn is not None:
             est_pairs.append((ko, kn))
+            if same_input:
+                same["est"].append((ko, kn))
     out = [f"Compared: {len(pairs)} cells in common.  Intervals are 95%; * = significant: the interval of new/old "
            f"excludes 1 and new/old is at least {min_effect:.0%} away from 1."]
     out.append("")
@@ -1188,13 +1215,22 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
     out.append(f"significant differences: {n_sig} of {len(pairs)} cells, {n_rsig} of "
                f"{len(base_pairs) + len(other_ratio_pairs)} ratios")
 
-    def frac(name: str, ps: list[tuple[float, float]]) -> str:
+    def frac(name: str, ps: list[tuple[float, float]], kind: str) -> str:
         ok, n = _stats.agreement(ps, tol)
-        return f"  {name}: {ok}/{n} = {ok / n:.1%}" if n else f"  {name}: none in both results"
+        if not n:
+            return f"  {name}: none in both results"
+        line = f"  {name}: {ok}/{n} = {ok / n:.1%}"
+        if differs:
+            ok, n = _stats.agreement(same[kind], tol)
+            line += f"; on the same input: {ok}/{n} = {ok / n:.1%}" if n else "; none on the same input"
+        return line
 
     out.append(f"agreement within +-{tol:.0%}:")
-    out.append(frac(f"ratio cells (strategy / {BASELINE})", base_pairs))
-    out.append(frac("other ratio cells (walk / c_floor)", other_ratio_pairs))
-    out.append(frac("ns/page cells", ns_pairs))
-    out.append(frac("kernel_est_ns_per_page cells", est_pairs))
+    out.append(frac(f"ratio cells (strategy / {BASELINE})", base_pairs, "base"))
+    out.append(frac("other ratio cells (walk / c_floor)", other_ratio_pairs, "other"))
+    out.append(frac("ns/page cells", ns_pairs, "ns"))
+    out.append(frac("kernel_est_ns_per_page cells", est_pairs, "est"))
+    if differs:
+        out.append(f"the input differs between the runs (other work counts) in {len(differs)} groups: "
+                   + ", ".join(f"{lay} {_fmt_size(n * PAGE_SIZE)}" for lay, n in differs))
     return "\n".join(out)
