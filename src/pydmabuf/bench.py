@@ -1,11 +1,18 @@
 """``pydmabuf bench``: the mapping-throughput study.
 
-A study is a grid of cells (page layout x buffer size x strategy).  Each
-cell is timed over repeated runs on the same input and reported in ns per
-page (median, with the spread of the middle half), beside references run in
-the same process on the same input: the C floor compiled into the core
-(``pydmabuf._core.floor_coalesce``) and the NumPy code a user would write
-(:func:`pydmabuf.workloads.numpy_coalesce`).
+A study is a grid of cells (page layout x buffer size x strategy).  The
+strategies of one (layout, size) form a group, timed together in
+interleaved rounds (:func:`pydmabuf._stats.interleave`): every round runs
+each strategy once, round-robin, on the same pre-built input, on this
+thread's CPU time with the garbage collector off, until every median and
+every ratio to the group's baseline has a tight 95% interval or the
+group's time budget is spent.  Each cell keeps its raw samples, reports
+ns per page (median) with its interval, and its ratio to the baseline
+(the median of the per-round ratios, paired, so a drift of the machine
+cancels); a cell whose interval is wider than :data:`WIDE_CI` is marked
+``wide_ci``.  The walk is timed beside references on the same input: the
+C floor compiled into the core (``pydmabuf._core.floor_coalesce``) and the
+NumPy code a user would write (:func:`pydmabuf.workloads.numpy_coalesce`).
 
 The mapping part times, per strategy, a map step and its unmap step on the
 same pages.  Its counters cover one map and its unmap: ``pte_writes_per_page``
@@ -30,7 +37,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -113,15 +120,16 @@ class Cell:
 
 
 def measure(fn: Callable[[], Any], *, min_time: float = 0.05, min_reps: int = 3, max_reps: int = 25) -> list[float]:
-    """Time ``fn`` repeatedly; returns the duration of each call in ns."""
-    fn()  # warm up (page faults, caches)
-    out: list[float] = []
-    start = time.perf_counter()
-    while len(out) < max_reps and (len(out) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append(float(time.perf_counter_ns() - t0))
-    return out
+    """Time ``fn`` repeatedly after one warm-up call: at least ``min_reps``
+    calls, then until ``min_time`` seconds passed or ``max_reps`` calls
+    ran; returns the duration of each call in ns (this thread's CPU time,
+    as :func:`pydmabuf._stats.interleave` measures it).  To compare several
+    callables, time them together with :func:`~pydmabuf._stats.interleave`
+    or :func:`~pydmabuf._stats.unit_costs` instead."""
+    samples, _ = _stats.interleave({"fn": (fn, _drop)}, min_rounds=min_reps, max_rounds=max_reps,
+                                   budget_s=min_time, target=0.0, warmup=1)
+    steps, undos = samples["fn"]
+    return [float(a + b) for a, b in zip(steps, undos)]
 
 
 class Progress:
