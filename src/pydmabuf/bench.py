@@ -980,7 +980,7 @@ def plot(result: dict[str, Any], path: str) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.lines import Line2D
-        from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
     cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES]
@@ -1008,7 +1008,6 @@ def plot(result: dict[str, Any], path: str) -> list[str]:
         ax.xaxis.set_major_locator(FixedLocator(sizes))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(FuncFormatter(_size_label))
-        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.tick_params(axis="x", labelsize=7, labelbottom=True, labelrotation=30)
         ax.tick_params(axis="y", labelsize=7)
         ax.set_title(lay, fontsize=9)
@@ -1065,7 +1064,8 @@ def plot(result: dict[str, Any], path: str) -> list[str]:
     work_path = f"{stem}-work.png"
     has_work = all(isinstance(c.get("kernel_work"), dict) for c in cells)
     fig, axes = plt.subplots(len(_WORK_PANELS), len(layouts), figsize=(3.4 * len(layouts), 2.9 * len(_WORK_PANELS)
-                                                                       + 0.9), squeeze=False, sharex=True)
+                                                                       + 0.9), squeeze=False, sharex=True,
+                             sharey="row")
     for row, (key, counter, label) in enumerate(_WORK_PANELS):
         for col, lay in enumerate(layouts):
             ax = axes[row][col]
