@@ -908,12 +908,24 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
 
 
 def to_csv(result: dict[str, Any]) -> str:
-    """One row per cell, counters flattened.  TypeError or ValueError for
+    """One row per cell: counters flattened (``counter_*``), intervals as
+    ``*_lo`` and ``*_hi``, other dicts (``kernel_work``) as ``<key>_*``;
+    the raw samples are left to the JSON.  TypeError or ValueError for
     what is not a study result."""
     rows = []
     keys: list[str] = []
     for c in _check_result(result, "to_csv", header=False):
-        row = {k: v for k, v in c.items() if k != "counters"}
+        row: dict[str, Any] = {}
+        for k, v in c.items():
+            if k == "counters" or k.startswith("samples_"):
+                continue
+            if isinstance(v, list) and len(v) == 2:
+                row[f"{k}_lo"], row[f"{k}_hi"] = v
+            elif isinstance(v, dict):
+                for kk, vv in v.items():
+                    row[f"{k}_{kk}"] = vv
+            else:
+                row[k] = v
         for k, v in c["counters"].items():
             row[f"counter_{k}"] = v
         for k in row:
@@ -928,7 +940,24 @@ def to_csv(result: dict[str, Any]) -> str:
 
 
 def to_json(result: dict[str, Any]) -> str:
-    return json.dumps(result, indent=2, sort_keys=False) + "\n"
+    """The result as indented JSON, each list of samples on one line."""
+    cells = result.get("cells")
+    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+        return json.dumps(result, indent=2, sort_keys=False) + "\n"
+    compact: dict[str, str] = {}
+    shown = []
+    for i, c in enumerate(cells):
+        d = dict(c)
+        for k, v in c.items():
+            if k.startswith("samples_") and isinstance(v, list):
+                token = f"@@pydmabuf-samples-{i}-{k}@@"
+                compact[json.dumps(token)] = json.dumps(v, separators=(",", ":"))
+                d[k] = token
+        shown.append(d)
+    text = json.dumps({**result, "cells": shown}, indent=2, sort_keys=False)
+    for token, samples in compact.items():
+        text = text.replace(token, samples, 1)
+    return text + "\n"
 
 
 # ------------------------------------------------------------- plot, compare
