@@ -259,6 +259,22 @@ def test_unit_costs_divide_each_loop_by_its_operations():
         _stats.unit_costs({"x": (lambda: None, 0)})
 
 
+def test_a_time_cap_ends_a_group_of_long_calls_before_min_rounds(monkeypatch):
+    import time
+
+    from pydmabuf import _stats
+
+    now = [0.0]
+
+    def slow():
+        now[0] += 1.0  # each call "takes" a second of wall time
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    samples, info = _stats.interleave({"a": (slow, lambda h: None)}, min_rounds=15, max_rounds=100,
+                                      budget_s=0.5, cap_s=3.0, warmup=0, overhead_ns=0)
+    assert info["stopped"] == "cap" and info["rounds"] == 5 and len(samples["a"][0]) == 5
+
+
 # ------------------------------------------------------------ compare
 
 

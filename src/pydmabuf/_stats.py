@@ -175,6 +175,7 @@ def agreement(pairs: Sequence[tuple[float, float]], tol: float = 0.10) -> tuple[
 
 def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_rounds: int = 5,
                max_rounds: int = 1000, budget_s: float = 1.0, target: float = 0.02, warmup: int = 1,
+               cap_s: float | None = None,
                confidence: float = 0.95, clock: Callable[[], int] = time.thread_time_ns,
                overhead_ns: int | None = None) -> tuple[dict[str, tuple[list[int], list[int]]], dict[str, Any]]:
     """Time every plan once per round, round-robin, until the estimates are
@@ -187,7 +188,8 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
     (step + undo) and every plan's paired ratio to ``baseline`` have an
     interval of relative half-width at most ``target``; or ``budget_s``
     seconds of timed rounds have passed; or ``max_rounds`` rounds were run.
-    At least ``min_rounds`` rounds always run.  The garbage collector is
+    At least ``min_rounds`` rounds run, unless a round is so long that
+    ``cap_s`` seconds pass first (then at least 5).  The garbage collector is
     collected before and disabled during the rounds, so that a collection
     triggered by one plan is not charged to another.
 
@@ -207,6 +209,10 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
         The relative half-width every interval must reach to stop early.
     warmup : int
         Untimed rounds first (page faults, caches, allocator pools).
+    cap_s : float, optional
+        Seconds of timed rounds after which no new round starts even below
+        ``min_rounds`` (once 5 ran): keeps groups of very long calls, on a
+        loaded machine, within a run's time.
     confidence : float
         The level of the intervals of the stopping rule.
     clock : callable
@@ -226,7 +232,7 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
         Per plan, ``(step_ns, undo_ns)``: one entry per timed round.
     info : dict
         ``rounds``, ``seconds`` (wall time of the timed rounds), ``stopped``
-        (``"tight"``, ``"budget"`` or ``"max_rounds"``) and
+        (``"tight"``, ``"budget"``, ``"cap"`` or ``"max_rounds"``) and
         ``clock_overhead_ns``.
     """
     if min_rounds < 1 or max_rounds < min_rounds:
@@ -264,6 +270,9 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
                 undos[name].append(max(t2 - t1 - overhead, 0))
             rounds += 1
             if rounds < min_rounds:
+                if cap_s is not None and rounds >= min(5, min_rounds) and time.perf_counter() - start >= cap_s:
+                    stopped = "cap"
+                    break
                 continue
             if time.perf_counter() - start >= budget_s:
                 stopped = "budget"

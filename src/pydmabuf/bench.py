@@ -154,7 +154,8 @@ class Progress:
             sys.stderr.flush()
 
 
-def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]) -> list[Cell]:
+def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
+              groups: list[dict[str, Any]] | None = None) -> list[Cell]:
     """The scatterlist walk and its two references on one input, timed in
     interleaved rounds (:func:`pydmabuf._stats.interleave`); the ratios are
     to the C floor.  A sample is the build and the free of the result."""
@@ -173,7 +174,9 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
         "c_floor": (lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), _drop),
         "numpy": (lambda: workloads.numpy_coalesce(pfns), _drop),
     }
-    samples, _ = _stats.interleave(plans, baseline="c_floor", **timing)
+    samples, info = _stats.interleave(plans, baseline="c_floor", **timing)
+    if groups is not None:
+        groups.append({"layout": layout, "npages": npages, "part": "sg_walk", **info})
     return _group_cells(layout, npages, samples, counters, "c_floor", with_map=False)
 
 
@@ -253,7 +256,8 @@ def _bar_ranges(b: _Bench, phys: np.ndarray, lens: np.ndarray) -> np.ndarray:
 
 
 def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
-                   strategies: Iterable[str], skipped: list[dict[str, Any]] | None = None) -> list[Cell]:
+                   strategies: Iterable[str], skipped: list[dict[str, Any]] | None = None,
+                   groups: list[dict[str, Any]] | None = None) -> list[Cell]:
     """Each strategy's map step and unmap step on one input.
 
     ``sg_*``: build the table (``sg_alloc_table_from_pages``) and
@@ -413,7 +417,9 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
             timed[name] = (map_, unmap)
         if timed:
             # Every strategy of the cell, round-robin within each round.
-            samples, _ = _stats.interleave(timed, baseline=BASELINE if BASELINE in timed else None, **timing)
+            samples, info = _stats.interleave(timed, baseline=BASELINE if BASELINE in timed else None, **timing)
+            if groups is not None:
+                groups.append({"layout": layout, "npages": npages, "part": "mapping", **info})
             cells = _group_cells(layout, npages, samples, counters, BASELINE if BASELINE in timed else None,
                                  with_map=True)
     except BaseException:
@@ -451,12 +457,12 @@ DEFAULT_MAX_REAL_PAGES = 65536
 #: and of ``--quick``, per cell group: the mapping strategies, and the walk
 #: with its references.
 TIMING = {
-    "mapping": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.8, "target": 0.015, "warmup": 2},
-    "sg_walk": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2},
+    "mapping": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.8, "target": 0.015, "warmup": 2, "cap_s": 2.5},
+    "sg_walk": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2, "cap_s": 1.0},
 }
 QUICK_TIMING = {
-    "mapping": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.03, "target": 0.05, "warmup": 1},
-    "sg_walk": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.01, "target": 0.05, "warmup": 1},
+    "mapping": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.03, "target": 0.05, "warmup": 1, "cap_s": 0.3},
+    "sg_walk": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.01, "target": 0.05, "warmup": 1, "cap_s": 0.1},
 }
 
 
@@ -473,7 +479,8 @@ def run_study(
     result: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the study; returns a JSON-ready dict (``machine``, ``cells``,
-    ``notes``, ``skipped``, ``timing``, ``resources``).
+    ``notes``, ``skipped``, ``timing``, ``groups`` (the rounds each group
+    ran, in how many seconds, and why it stopped), ``resources``).
 
     ``parts``: ``sg_walk`` (the scatterlist walk against the C floor and
     NumPy) and ``mapping`` (each mapping strategy: scatterlist + IOMMU,
@@ -505,6 +512,7 @@ def run_study(
     timing = QUICK_TIMING if quick else TIMING
     notes: list[str] = []
     skipped: list[dict[str, Any]] = []
+    groups: list[dict[str, Any]] = []
     cells: list[Cell] = []
     b = _Bench(machine) if "mapping" in parts else None
     out = result if result is not None else {}
@@ -540,7 +548,7 @@ def run_study(
                 try:
                     if "sg_walk" in parts:
                         try:
-                            cells.extend(_sg_cells(lay, npages, pfns, timing["sg_walk"]))
+                            cells.extend(_sg_cells(lay, npages, pfns, timing["sg_walk"], groups))
                         except Exception as e:  # noqa: BLE001 - the run goes on; the note says why
                             skip(lay, npages, "sg_walk", e)
                     if b is not None:
@@ -550,7 +558,7 @@ def run_study(
                             # alone, not on how many rounds earlier groups ran.
                             gb = b if machine is not None else _Bench()
                             cells.extend(_mapping_cells(gb, lay, npages, pfns, timing["mapping"],
-                                                        MAPPING_STRATEGIES, skipped))
+                                                        MAPPING_STRATEGIES, skipped, groups))
                         except Exception as e:  # noqa: BLE001
                             skip(lay, npages, "mapping", e)
                 finally:
@@ -580,6 +588,7 @@ def run_study(
                        "clock": "thread CPU time (CLOCK_THREAD_CPUTIME_ID) less the clock's own cost",
                        "ci": "order-statistic interval of the median; ratios: median of per-round ratios",
                        **{k: dict(v) for k, v in timing.items()}},
+            "groups": groups,
             "cells": [c.as_dict() for c in cells],
             "skipped": skipped,
             "interrupted": interrupted,
