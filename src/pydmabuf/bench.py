@@ -908,7 +908,7 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
                 continue
             out.append(f"| {lay} | {core['counters']['segments']} | {core['ns_per_page']:.2f} | "
                        f"{floor['ns_per_page']:.2f} | {npy['ns_per_page']:.2f} | "
-                       f"{_ratio(core['ns_per_page'], floor['ns_per_page'], '.2f')} | "
+                       f"{_base_ratio(core, floor, 'ns_per_page', '.2f')} | "
                        f"{_ratio(core['ns_per_page'], npy['ns_per_page'], '.2f')} |")
         out.append("")
     for n in result.get("notes", []):
