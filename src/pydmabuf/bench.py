@@ -663,8 +663,6 @@ def machine_description() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    import os
-
     return {
         "cpu": cpu,
         "cpus": os.cpu_count(),

@@ -40,8 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="run the mapping-throughput study",
-        description="Time the mapping walks on page layouts and buffer sizes, "
-        "against a C floor and NumPy run in the same process.",
+        description="Time the mapping strategies on page layouts and buffer sizes, interleaved in rounds, "
+        "with a 95%% interval per cell, against a C floor and NumPy run in the same process.",
     )
     b.add_argument("--quick", action="store_true", help="a run of a few seconds")
     b.add_argument("--layouts", default=None, help="comma list of layouts (default: all)")
@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     b.add_argument("--csv", metavar="FILE", help="write the results as CSV ('-' for stdout)")
     b.add_argument("--markdown", metavar="FILE", help="write a Markdown summary of the mapping costs ('-' for stdout)")
-    b.add_argument("--plot", metavar="FILE.png", help="draw throughput against buffer size (needs matplotlib)")
+    b.add_argument("--plot", metavar="FILE.png",
+                   help="draw ns/page against buffer size per layout, and the work per page in FILE-work.png "
+                   "(needs matplotlib)")
     b.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
                    help="compare two saved results instead of running: the significant differences "
                    "and how well the runs agree")
