@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
         "bench",
         help="run the mapping-throughput study",
         description="Time the mapping strategies on page layouts and buffer sizes, interleaved in rounds, "
-        "with a 95%% interval per cell, against a C floor and NumPy run in the same process.",
+        "with a 95% interval per cell, against a C floor and NumPy run in the same process.",
     )
     b.add_argument("--quick", action="store_true", help="a run of a few seconds")
     b.add_argument("--layouts", default=None, help="comma list of layouts (default: all)")
