@@ -452,6 +452,9 @@ def _skip(layout: str, npages: int | None, strategy: str | None, e: BaseExceptio
 #: The largest ``pagemap`` buffer a run makes unless asked (``max_real_pages``,
 #: or sizes given explicitly on the command line): 256 MiB of real memory.
 DEFAULT_MAX_REAL_PAGES = 65536
+#: The same for ``--quick``: 16 MiB (touching 256 MiB of fresh memory alone
+#: takes about a second).
+QUICK_MAX_REAL_PAGES = 4096
 
 #: Interleaved timing (:func:`pydmabuf._stats.interleave`) of a default run
 #: and of ``--quick``, per cell group: the mapping strategies, and the walk

@@ -117,7 +117,7 @@ def _bench(args: argparse.Namespace) -> int:
     layouts = args.layouts.split(",") if args.layouts else list(bench.DEFAULT_LAYOUTS)
     sizes = args.sizes or list(bench.QUICK_SIZES if args.quick else bench.DEFAULT_SIZES)
     # Sizes named on the command line are made even for the pagemap layout.
-    max_real = None if args.sizes else bench.DEFAULT_MAX_REAL_PAGES
+    max_real = None if args.sizes else bench.QUICK_MAX_REAL_PAGES if args.quick else bench.DEFAULT_MAX_REAL_PAGES
     result: dict[str, object] = {}
     rc = 0
     try:
