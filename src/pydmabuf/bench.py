@@ -1163,10 +1163,26 @@ def _kernel_est(c: dict[str, Any]) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
 
 
-def _fmt_ci(e: tuple[float, float, float] | None, fmt: str = ".3g") -> str:
+def _num(v: float) -> str:
+    """A time or ratio with three or four significant digits, no exponent."""
+    if math.isnan(v):
+        return "nan"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def _fmt_ci(e: tuple[float, float, float] | None, fmt: str | None = None) -> str:
+    """``value [low-high]``, with ``fmt`` or :func:`_num`; "-" for None."""
     if e is None:
         return "-"
-    return f"{format(e[0], fmt)} [{format(e[1], fmt)}-{format(e[2], fmt)}]"
+    f = (lambda v: format(v, fmt)) if fmt else _num
+    return f"{f(e[0])} [{f(e[1])}-{f(e[2])}]"
 
 
 def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False, tol: float = 0.10,
