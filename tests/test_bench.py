@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from pydmabuf import Machine, bench, kernel_work
@@ -95,7 +96,7 @@ def test_outputs_round_trip(study, tmp_path):
     mapping = md.split("**Scatterlist walk**")[0]
     for line in mapping.splitlines():
         if line.startswith("| contiguous") or line.startswith("| scattered"):
-            assert "(1.00) · model " in line.split("|")[2]
+            assert line.split("|")[2].strip().rstrip("~").endswith("(1.00)")
     # CSV: the kernel's counts flattened, the estimate and its terms.
     header = csv_lines[0].split(",")
     assert {f"kernel_{k}" for k in kernel_work.KEYS} <= set(header)
@@ -117,6 +118,7 @@ def test_zero_times_have_no_ratio(study):
     zero = json.loads(json.dumps(result))
     for c in zero["cells"]:
         c["ns_per_page"] = 0.0
+        c["ratio_to_baseline"] = c["ratio_ci"] = None  # no paired ratio to fall back on
         if "map_ns_per_page" in c["counters"]:
             c["counters"]["map_ns_per_page"] = 0.0
         if c.get("kernel_est_ns_per_page") is not None:
@@ -202,3 +204,396 @@ def test_cli_explain_and_cost_profile(tmp_path, capsys):
     assert "ns must be a number" in capsys.readouterr().err
     assert cli.main(["bench", "--quick", "--no-progress", "--explain", "contiguous:16"]) == 2
     assert "LAYOUT:PAGES:STRATEGY" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ timing, kept
+
+
+def _groups(result):
+    out = {}
+    for c in result["cells"]:
+        out.setdefault((c["layout"], c["npages"], c["baseline"]), []).append(c)
+    return out
+
+
+def test_every_cell_keeps_its_samples_one_per_round(study):
+    _, _, result = study
+    for (lay, npages, base), cells in _groups(result).items():
+        # Interleaved: every strategy of a group ran in the same rounds.
+        assert len({c["repeats"] for c in cells}) == 1, (lay, npages)
+        for c in cells:
+            assert len(c["samples_ns"]) == c["repeats"] >= 3
+            assert all(isinstance(x, int) and x >= 0 for x in c["samples_ns"])
+            if c["strategy"] in bench.MAPPING_STRATEGIES:
+                assert len(c["samples_map_ns"]) == c["repeats"]
+                assert all(m <= t for m, t in zip(c["samples_map_ns"], c["samples_ns"]))
+            else:
+                assert "samples_map_ns" not in c
+
+
+def test_the_work_counted_does_not_depend_on_how_long_earlier_groups_ran():
+    """Each group maps on a machine of its own, so the counts of a cell
+    follow from its input alone, not from the groups before it nor from
+    the number of rounds the adaptive timing gave them."""
+    first = bench.run_study(["contiguous", "scattered"], [16, 256], quick=True, progress=False)
+    again = bench.run_study(["scattered", "contiguous"], [256, 16], quick=True, progress=False)
+
+    def counts(result):
+        return {(c["layout"], c["npages"], c["strategy"]): bench._work_key(c) for c in result["cells"]}
+
+    assert counts(again) == counts(first)
+
+
+def test_every_cell_has_a_sane_interval(study):
+    _, _, result = study
+    for c in result["cells"]:
+        lo, hi = c["ns_per_page_ci"]
+        assert 0 <= lo <= c["ns_per_page"] <= hi
+        assert c["ci_level"] == 0.95 and 0.0 < c["ci_coverage"] <= 1.0
+        assert isinstance(c["wide_ci"], bool)
+        if c["ci_coverage"] < 0.95:  # too few rounds for a 95% interval: not to be trusted
+            assert c["wide_ci"]
+        if c["strategy"] == c["baseline"]:
+            assert c["ratio_to_baseline"] == 1.0 and c["ratio_ci"] == [1.0, 1.0]
+        else:
+            rlo, rhi = c["ratio_ci"]
+            assert 0 < rlo <= c["ratio_to_baseline"] <= rhi
+    assert {c["baseline"] for c in result["cells"]} == {"sg_iommu", "c_floor"}
+
+
+def test_the_median_interval_takes_the_textbook_ranks():
+    """The distribution-free interval of the median: for n = 10, 20, 100
+    the 95% ranks are the 2nd/9th, 6th/15th and 40th/61st order statistics
+    (Binomial(n, 1/2) tables); below 6 samples it is the whole range."""
+    from pydmabuf import _stats
+
+    for n, (j, k) in {10: (2, 9), 20: (6, 15), 100: (40, 61)}.items():
+        x = list(range(1000, 1000 + n))
+        med, lo, hi = _stats.median_ci(x[::-1])
+        assert (lo, hi) == (x[j - 1], x[k - 1])
+        assert _stats.coverage(n) >= 0.95
+    assert _stats.median_ci([5, 1, 3]) == (3.0, 1.0, 5.0)
+    assert _stats.coverage(3) == 0.75
+    with pytest.raises(ValueError):
+        _stats.median_ci([])
+
+
+def test_interleaving_runs_every_plan_once_a_round_rotating_with_gc_off():
+    import gc
+
+    from pydmabuf import _stats
+
+    calls = []
+    gc_state = []
+
+    def plan(name):
+        def step():
+            calls.append(name)
+            gc_state.append(gc.isenabled())
+            return name
+
+        return step, lambda h: None
+
+    ticks = iter(range(0, 10**9, 100))
+    samples, info = _stats.interleave({n: plan(n) for n in "abc"}, baseline="a", min_rounds=4, max_rounds=4,
+                                      warmup=1, clock=lambda: next(ticks), overhead_ns=0)
+    assert calls == list("abc" + "abc" "bca" "cab" "abc")  # warm-up round, then rotating starts
+    assert not any(gc_state) and gc.isenabled()
+    assert info["rounds"] == 4 and all(len(s) == 4 and len(u) == 4 for s, u in samples.values())
+
+
+def test_interleaving_stops_early_once_the_intervals_are_tight():
+    from pydmabuf import _stats
+
+    ticks = iter(range(0, 10**12, 1000))  # every interval the same: as tight as it gets
+    samples, info = _stats.interleave({"a": (lambda: None, lambda h: None), "b": (lambda: None, lambda h: None)},
+                                      baseline="a", min_rounds=8, max_rounds=500, budget_s=60.0,
+                                      clock=lambda: next(ticks), overhead_ns=0)
+    assert info["stopped"] == "tight" and info["rounds"] == 8
+
+
+def test_unit_costs_divide_each_loop_by_its_operations():
+    from pydmabuf import _core, _stats
+
+    pfns = np.arange(1 << 12, dtype=np.uint64)
+    out = _core.floor_buffer(len(pfns), 8)
+    costs = _stats.unit_costs({"pte": (lambda: _core.floor_pte(pfns, out), len(pfns)),
+                               "pte_twice": (lambda: (_core.floor_pte(pfns, out), _core.floor_pte(pfns, out)),
+                                             len(pfns))}, min_rounds=5, budget_s=0.05)
+    for name, (v, lo, hi) in costs.items():
+        assert 0 <= lo <= v <= hi, name
+    with pytest.raises(ValueError, match="positive whole number"):
+        _stats.unit_costs({"x": (lambda: None, 0)})
+
+
+def test_a_time_cap_ends_a_group_of_long_calls_before_min_rounds(monkeypatch):
+    import time
+
+    from pydmabuf import _stats
+
+    now = [0.0]
+
+    def slow():
+        now[0] += 1.0  # each call "takes" a second of wall time
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    samples, info = _stats.interleave({"a": (slow, lambda h: None)}, min_rounds=15, max_rounds=100,
+                                      budget_s=0.5, cap_s=3.0, warmup=0, overhead_ns=0)
+    assert info["stopped"] == "cap" and info["rounds"] == 5 and len(samples["a"][0]) == 5
+
+
+# ------------------------------------------------------------ compare
+
+
+def _synthetic(scale=None, seed=0, n=60, spread=0.01):
+    """A two-strategy study from synthetic samples: sg_iommu about 1000 ns
+    a call, link_pages about 500 ns, times ``scale[strategy]``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    scale = scale or {}
+    cells = []
+    base = None
+    for name, ns in (("sg_iommu", 1000.0), ("link_pages", 500.0)):
+        t = ns * scale.get(name, 1.0) * (1 + spread * rng.standard_normal(n))
+        if base is None:
+            base = t
+        c = bench.Cell("scattered", 16, name, [float(x) for x in t], samples_map_ns=[float(x) / 2 for x in t])
+        c.counters = {"map_ns_per_page": 0.0, "unmap_ns_per_page": 0.0, "segments": 1,
+                      "metadata_bytes_per_page": 0.0, "pte_writes_per_page": 2.0, "iotlb_invalidations": 1}
+        c.baseline = "sg_iommu"
+        c.ratio = (1.0, 1.0, 1.0) if name == "sg_iommu" else bench._stats.paired_ratio_ci(t, base)
+        cells.append(c.as_dict())
+    return {"cells": cells}
+
+
+def test_compare_of_identical_samples_finds_nothing_significant():
+    a = _synthetic()
+    out = bench.compare(a, json.loads(json.dumps(a)))
+    assert "significant differences: 0 of 2 cells, 0 of 1 ratios" in out
+    assert not any(line.endswith("*") for line in out.splitlines())
+    assert "ratio cells (strategy / sg_iommu): 1/1 = 100.0%" in out
+    assert "ns/page cells: 2/2 = 100.0%" in out
+
+
+def test_compare_of_independent_runs_of_the_same_costs_finds_nothing_significant():
+    out = bench.compare(_synthetic(seed=1), _synthetic(seed=2))
+    assert "significant differences: 0 of 2 cells, 0 of 1 ratios" in out
+
+
+def test_compare_flags_a_doubling_with_tight_samples():
+    out = bench.compare(_synthetic(), _synthetic({"link_pages": 2.0}, seed=3))
+    assert "significant differences: 1 of 2 cells, 1 of 1 ratios" in out
+    flagged = [line for line in out.splitlines() if line.endswith("*")]
+    assert len(flagged) == 2 and all("link_pages" in line for line in flagged)
+    assert "ratio cells (strategy / sg_iommu): 0/1 = 0.0%" in out
+    assert "ns/page cells: 1/2 = 50.0%" in out
+    # --all lists the unchanged cell too, unmarked.
+    every = bench.compare(_synthetic(), _synthetic({"link_pages": 2.0}, seed=3), show_all=True)
+    assert any("sg_iommu" in line and not line.endswith("*") for line in every.splitlines()
+               if line.startswith("scattered"))
+
+
+def test_compare_does_not_flag_a_shift_below_the_minimum_effect_nor_one_the_noise_hides():
+    # 1% slower with very tight samples: real, but below the 2% that matters.
+    out = bench.compare(_synthetic(spread=0.001, n=400), _synthetic({"link_pages": 1.01}, spread=0.001, n=400))
+    assert "significant differences: 0 of 2 cells" in out
+    # 20% slower inside +-60% noise over 7 samples: not shown significant.
+    out = bench.compare(_synthetic(spread=0.6, n=7), _synthetic({"link_pages": 1.2}, seed=5, spread=0.6, n=7))
+    assert "significant differences: 0 of 2 cells" in out
+
+
+def test_compare_counts_kernel_estimates_when_both_runs_have_them():
+    a, b = _synthetic(), _synthetic()
+    for c, k in zip(a["cells"], (10.0, 4.0)):
+        c["kernel_est_ns_per_page"] = k
+    for c, k in zip(b["cells"], (10.5, 5.0)):
+        c["kernel_est_ns_per_page"] = k
+    assert "kernel_est_ns_per_page cells: 1/2 = 50.0%" in bench.compare(a, b)
+    assert "kernel_est_ns_per_page cells: none in both results" in bench.compare(_synthetic(), _synthetic())
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "not json at all", '{"tool": "other"}', '{"cells": {}}'])
+def test_compare_refuses_a_file_that_is_not_a_study(tmp_path, capsys, content):
+    from pydmabuf import cli
+
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_synthetic()))
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    assert cli.main(["bench", "--compare", str(bad), str(good)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.json: not a pydmabuf bench study" in err and "Traceback" not in err
+    assert cli.main(["bench", "--compare", str(good), str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ resources
+
+
+def test_a_failing_strategy_is_skipped_and_the_others_kept(monkeypatch):
+    import pydmabuf
+    from pydmabuf import errors
+
+    def refuse(*a, **k):
+        raise errors.OutOfMemory("no memory for the DMA-only table")
+
+    monkeypatch.setattr(pydmabuf, "dma_buf_phys_vec_to_sgt", refuse)
+    m = Machine.default()
+    before = _live(m)
+    result = bench.run_study(["contiguous"], [16, 256], quick=True, progress=False, machine=m)
+    got = {(c["npages"], c["strategy"]) for c in result["cells"]}
+    for npages in (16, 256):
+        assert (npages, "ranges_to_table") not in got
+        assert {(npages, s) for s in bench.MAPPING_STRATEGIES if s != "ranges_to_table"} <= got
+    assert [(s["npages"], s["strategy"]) for s in result["skipped"]] == [(16, "ranges_to_table"),
+                                                                         (256, "ranges_to_table")]
+    assert all("no memory for the DMA-only table" in s["reason"] for s in result["skipped"])
+    assert "note: contiguous 64 KiB ranges_to_table skipped: [ENOMEM] no memory" in bench.format_table(result)
+    assert _live(m) == before
+
+
+def test_a_failing_group_is_skipped_and_the_run_goes_on(monkeypatch):
+    from pydmabuf import workloads
+
+    real = workloads.random_runs
+
+    def fail_big(npages, *a, **k):
+        if npages == 256:
+            raise MemoryError
+        return real(npages, *a, **k)
+
+    monkeypatch.setattr(workloads, "random_runs", fail_big)
+    result = bench.run_study(["scattered", "contiguous"], [16, 256], quick=True, progress=False)
+    got = {(c["layout"], c["npages"]) for c in result["cells"]}
+    assert got == {("scattered", 16), ("contiguous", 16), ("contiguous", 256)}
+    assert result["skipped"] == [{"layout": "scattered", "npages": 256, "strategy": None,
+                                  "reason": "out of memory (MemoryError)"}]
+    assert "scattered 1 MiB skipped: out of memory (MemoryError)" in result["notes"]
+
+
+def test_big_real_memory_buffers_are_opt_in(monkeypatch):
+    from pydmabuf import workloads
+
+    made = []
+
+    def fake_real_pages(npages):
+        made.append(npages)
+        return workloads.contiguous(npages), None
+
+    monkeypatch.setattr(workloads, "real_pages", fake_real_pages)
+    result = bench.run_study(["pagemap"], [16, 64], quick=True, progress=False, parts=["sg_walk"],
+                             max_real_pages=16)
+    assert made == [16]
+    (sk,) = result["skipped"]
+    assert sk["npages"] == 64 and "opt-in" in sk["reason"] and "--sizes" in sk["reason"]
+    made.clear()
+    bench.run_study(["pagemap"], [16, 64], quick=True, progress=False, parts=["sg_walk"], max_real_pages=None)
+    assert made == [16, 64]
+    # The default run's 4 GiB size is above the default cap.
+    assert max(bench.DEFAULT_SIZES) > bench.DEFAULT_MAX_REAL_PAGES
+    assert bench.DEFAULT_MAX_REAL_PAGES * 4096 <= 256 << 20
+
+
+def test_an_interrupted_run_keeps_what_it_measured(monkeypatch):
+    real = bench._sg_cells
+    seen = []
+
+    def interrupt_second(layout, npages, *a):
+        seen.append(npages)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(layout, npages, *a)
+
+    monkeypatch.setattr(bench, "_sg_cells", interrupt_second)
+    out: dict = {}
+    with pytest.raises(KeyboardInterrupt):
+        bench.run_study(["contiguous"], [16, 256, 4096], quick=True, progress=False, parts=["sg_walk"], result=out)
+    assert out["interrupted"] is True
+    assert {c["npages"] for c in out["cells"]} == {16}
+    assert "interrupted during contiguous 1 MiB" in out["notes"][-1]
+    json.loads(bench.to_json(out))
+    assert "interrupted" in bench.format_table(out)
+
+
+def test_the_cli_writes_what_was_measured_when_interrupted(monkeypatch, tmp_path, capsys):
+    from pydmabuf import cli
+
+    real = bench._sg_cells
+    seen = []
+
+    def interrupt_second(layout, npages, *a):
+        seen.append(npages)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return real(layout, npages, *a)
+
+    monkeypatch.setattr(bench, "_sg_cells", interrupt_second)
+    path = tmp_path / "partial.json"
+    rc = cli.main(["bench", "--quick", "--layouts", "contiguous", "--sizes", "64K,1M", "--json", str(path),
+                   "--no-progress"])
+    assert rc == 130
+    saved = json.loads(path.read_text())
+    assert saved["interrupted"] and {c["npages"] for c in saved["cells"]} == {16}
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_the_run_reports_its_duration_and_peak_memory(study):
+    _, _, result = study
+    res = result["resources"]
+    assert res["seconds"] > 0 and res["peak_rss_bytes"] > 1 << 20
+    assert result["timing"]["interleaved"] and result["timing"]["gc_disabled"]
+    assert f"peak RSS {res['peak_rss_bytes'] / (1 << 20):.0f} MiB" in bench.format_table(result)
+
+
+def test_quick_json_round_trip_through_the_cli(tmp_path, capsys):
+    from pydmabuf import cli
+
+    path = tmp_path / "quick.json"
+    assert cli.main(["bench", "--quick", "--layouts", "scattered", "--sizes", "64K", "--json", str(path),
+                     "--no-progress"]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["quick"] and saved["skipped"] == [] and not saved["interrupted"]
+    assert {c["strategy"] for c in saved["cells"]} == set(bench.MAPPING_STRATEGIES) | {"sg_from_pages", "c_floor",
+                                                                                      "numpy"}
+    assert bench.format_table(saved) and bench.format_markdown(saved)
+    capsys.readouterr()
+    assert cli.main(["bench", "--compare", str(path), str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "significant differences: 0 of 12 cells, 0 of 10 ratios" in out
+    assert "ratio cells (strategy / sg_iommu): 8/8 = 100.0%" in out
+
+
+def test_a_wide_interval_is_marked_in_the_table(study):
+    _, _, result = study
+    r = json.loads(json.dumps(result))
+    for c in r["cells"]:
+        c["wide_ci"] = c["strategy"] == "link_pages"
+    lines = [ln for ln in bench.format_table(r).splitlines() if " link_pages " in ln]
+    assert lines and all("~" in ln for ln in lines)
+    assert not any("~" in ln for ln in bench.format_table(r).splitlines() if " link_runs " in ln)
+
+
+# ------------------------------------------------------------ plot
+
+
+def test_the_plot_draws_the_estimate_and_model_time_for_cells_without_one(study, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, _, result = study
+    maps = [c for c in result["cells"] if c["strategy"] in bench.MAPPING_STRATEGIES]
+    assert bench.plot_quantity(maps)[0] == "kernel_est_ns_per_page"
+    written = bench.plot(result, str(tmp_path / "study.png"))
+    assert written == [str(tmp_path / "study.png"), str(tmp_path / "study-work.png")]
+    for p in written:
+        with open(p, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "Kernel CPU estimate" in bench.format_markdown(result)
+    # A result written before the estimate existed: the model's time, said so.
+    r = json.loads(json.dumps(result))
+    for c in r["cells"]:
+        c.pop("kernel_est_ns_per_page")
+        c.pop("kernel_work")
+    assert bench.plot_quantity([c for c in r["cells"] if c["strategy"] in bench.MAPPING_STRATEGIES]) == \
+        ("ns_per_page", "model CPU time")
+    assert "Model CPU time" in bench.format_markdown(r)
+    assert len(bench.plot(r, str(tmp_path / "model.png"))) == 2

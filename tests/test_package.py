@@ -69,9 +69,12 @@ def test_bench_plot_and_compare(tmp_path):
     args = ["bench", "--quick", "--layouts", "fragmented", "--sizes", "64K,1M", "--no-progress"]
     assert run_cli(*args, "--json", str(a), "--plot", str(png)).returncode == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "p-work.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run_cli(*args, "--json", str(b)).returncode == 0
     r = run_cli("bench", "--compare", str(a), str(b))
     assert r.returncode == 0 and "geometric mean new/old" in r.stdout
+    assert "agreement within +-10%" in r.stdout
+    r = run_cli("bench", "--compare", str(a), str(b), "--all")
     assert "dmabuf_dynamic" in r.stdout and "link_pages" in r.stdout
     assert run_cli("bench", "--compare", str(a), str(tmp_path / "missing.json")).returncode == 2
 
@@ -126,7 +129,7 @@ def test_bench_tables_align():
         assert len(lines[i]) == width
         rows = []
         for line in lines[i + 1:]:
-            if line.startswith(("Mapping", "note:")):
+            if line.startswith(("Mapping", "note:", "run:")):
                 break
             if line:
                 rows.append(line)

@@ -1,11 +1,18 @@
 """``pydmabuf bench``: the mapping-throughput study.
 
-A study is a grid of cells (page layout x buffer size x strategy).  Each
-cell is timed over repeated runs on the same input and reported in ns per
-page (median, with the spread of the middle half), beside references run in
-the same process on the same input: the C floor compiled into the core
-(``pydmabuf._core.floor_coalesce``) and the NumPy code a user would write
-(:func:`pydmabuf.workloads.numpy_coalesce`).
+A study is a grid of cells (page layout x buffer size x strategy).  The
+strategies of one (layout, size) form a group, timed together in
+interleaved rounds (:func:`pydmabuf._stats.interleave`): every round runs
+each strategy once, round-robin, on the same pre-built input, on this
+thread's CPU time with the garbage collector off, until every median and
+every ratio to the group's baseline has a tight 95% interval or the
+group's time budget is spent.  Each cell keeps its raw samples, reports
+ns per page (median) with its interval, and its ratio to the baseline
+(the median of the per-round ratios, paired, so a drift of the machine
+cancels); a cell whose interval is wider than :data:`WIDE_CI` is marked
+``wide_ci``.  The walk is timed beside references on the same input: the
+C floor compiled into the core (``pydmabuf._core.floor_coalesce``) and the
+NumPy code a user would write (:func:`pydmabuf.workloads.numpy_coalesce`).
 
 The mapping part times, per strategy, a map step and its unmap step on the
 same pages.  Its counters cover one map and its unmap: ``pte_writes_per_page``
@@ -24,15 +31,18 @@ import csv
 import io
 import json
 import logging
+import math
+import os
 import platform
+import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pydmabuf import _core, errors, kernel_work, workloads
+from pydmabuf import _core, _stats, errors, kernel_work, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps
 
@@ -43,9 +53,22 @@ QUICK_SIZES = (16, 4096, 65536)
 DEFAULT_LAYOUTS = ("contiguous", "fragmented", "scattered", "thp", "pagemap")
 
 
+#: The level of every confidence interval of the study.
+CI_LEVEL = 0.95
+#: A cell whose median or ratio interval is wider than this (half-width
+#: over the value) is marked ``wide_ci``: it cannot tell a 10% difference.
+WIDE_CI = 0.05
+
+
 @dataclass
 class Cell:
-    """One measured (layout, size, strategy)."""
+    """One measured (layout, size, strategy).
+
+    ``samples_ns`` holds one sample per round of its group (step + undo:
+    map + unmap, or build + free), ``samples_map_ns`` the map step alone
+    (mapping cells).  ``ratio`` is the median of the per-round ratios to
+    ``baseline``, timed in the same rounds, with its interval.
+    """
 
     layout: str
     npages: int
@@ -58,6 +81,9 @@ class Cell:
     #: The kernel-cost estimate (ns per page) and its terms.
     kernel_est_ns_per_page: float | None = None
     kernel_est_terms: list[dict[str, Any]] | None = None
+    samples_map_ns: list[float] | None = None
+    baseline: str | None = None
+    ratio: tuple[float, float, float] | None = None
 
     @property
     def ns_per_page(self) -> float:
@@ -69,25 +95,51 @@ class Cell:
         return float(q1) / self.npages, float(q3) / self.npages
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["nbytes"] = self.npages * PAGE_SIZE
-        d["ns_per_page"] = self.ns_per_page
+        """The cell as JSON: the fields every reader knows (``layout``,
+        ``npages``, ``strategy``, ``nbytes``, ``ns_per_page`` and its
+        quartiles, ``repeats``, ``counters``), then the interval of the
+        median (``ns_per_page_ci``, at ``ci_level``, exact ``ci_coverage``),
+        the ratio to the group's ``baseline`` (``ratio_to_baseline``,
+        ``ratio_ci``), ``wide_ci`` and the raw samples."""
+        med, lo, hi = _stats.median_ci(self.samples_ns, CI_LEVEL)
+        d: dict[str, Any] = {"layout": self.layout, "npages": self.npages, "strategy": self.strategy,
+                             "nbytes": self.npages * PAGE_SIZE, "ns_per_page": med / self.npages}
         d["ns_per_page_q1"], d["ns_per_page_q3"] = self.spread
         d["repeats"] = len(self.samples_ns)
-        del d["samples_ns"]
+        d["counters"] = dict(self.counters)
+        d["ns_per_page_ci"] = [lo / self.npages, hi / self.npages]
+        d["ci_level"] = CI_LEVEL
+        d["ci_coverage"] = _stats.coverage(len(self.samples_ns), CI_LEVEL)
+        d["baseline"] = self.baseline
+        wide = _stats.rel_half_width((med, lo, hi)) > WIDE_CI or d["ci_coverage"] < CI_LEVEL
+        if self.ratio is not None and not math.isnan(self.ratio[0]):
+            d["ratio_to_baseline"] = self.ratio[0]
+            d["ratio_ci"] = [self.ratio[1], self.ratio[2]]
+            wide = wide or _stats.rel_half_width(self.ratio) > WIDE_CI
+        else:
+            d["ratio_to_baseline"] = None
+            d["ratio_ci"] = None
+        d["wide_ci"] = bool(wide)
+        d["kernel_work"] = dict(self.kernel_work) if self.kernel_work is not None else None
+        d["kernel_est_ns_per_page"] = self.kernel_est_ns_per_page
+        d["kernel_est_terms"] = self.kernel_est_terms
+        d["samples_ns"] = [int(x) for x in self.samples_ns]
+        if self.samples_map_ns is not None:
+            d["samples_map_ns"] = [int(x) for x in self.samples_map_ns]
         return d
 
 
 def measure(fn: Callable[[], Any], *, min_time: float = 0.05, min_reps: int = 3, max_reps: int = 25) -> list[float]:
-    """Time ``fn`` repeatedly; returns the duration of each call in ns."""
-    fn()  # warm up (page faults, caches)
-    out: list[float] = []
-    start = time.perf_counter()
-    while len(out) < max_reps and (len(out) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter_ns()
-        fn()
-        out.append(float(time.perf_counter_ns() - t0))
-    return out
+    """Time ``fn`` repeatedly after one warm-up call: at least ``min_reps``
+    calls, then until ``min_time`` seconds passed or ``max_reps`` calls
+    ran; returns the duration of each call in ns (this thread's CPU time,
+    as :func:`pydmabuf._stats.interleave` measures it).  To compare several
+    callables, time them together with :func:`~pydmabuf._stats.interleave`
+    or :func:`~pydmabuf._stats.unit_costs` instead."""
+    samples, _ = _stats.interleave({"fn": (fn, _drop)}, min_rounds=min_reps, max_rounds=max_reps,
+                                   budget_s=min_time, target=0.0, warmup=1)
+    steps, undos = samples["fn"]
+    return [float(a + b) for a, b in zip(steps, undos)]
 
 
 class Progress:
@@ -123,23 +175,57 @@ def _attach_kernel_work(c: Cell, pfns: np.ndarray, dev: Any, units: dict[str, An
 
 
 def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
-              units: dict[str, Any] | None = None) -> list[Cell]:
-    """The scatterlist walk and its two references on one input."""
-    cells = []
+              groups: list[dict[str, Any]] | None = None, units: dict[str, Any] | None = None) -> list[Cell]:
+    """The scatterlist walk and its two references on one input, timed in
+    interleaved rounds (:func:`pydmabuf._stats.interleave`); the ratios are
+    to the C floor.  A sample is the build and the free of the result."""
     table = _core.SgTable.from_pages(pfns)
     segs = int(table.nents)
     meta = int(table.metadata_nbytes)
-    c = Cell(layout, npages, "sg_from_pages", measure(lambda: _core.SgTable.from_pages(pfns), **timing))
-    c.counters = {"segments": segs, "metadata_bytes_per_page": meta / npages}
-    _attach_kernel_work(c, pfns, None, units)
-    cells.append(c)
+    del table
     out = _core.floor_buffer(npages, 32)
-    c = Cell(layout, npages, "c_floor", measure(lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), **timing))
-    c.counters = {"segments": _core.floor_coalesce(pfns, 0xFFFFF000, out)}
-    cells.append(c)
-    c = Cell(layout, npages, "numpy", measure(lambda: workloads.numpy_coalesce(pfns), **timing))
-    c.counters = {"segments": len(workloads.numpy_coalesce(pfns)[1])}
-    cells.append(c)
+    counters: dict[str, dict[str, float]] = {
+        "sg_from_pages": {"segments": segs, "metadata_bytes_per_page": meta / npages},
+        "c_floor": {"segments": _core.floor_coalesce(pfns, 0xFFFFF000, out)},
+        "numpy": {"segments": len(workloads.numpy_coalesce(pfns)[1])},
+    }
+    plans: dict[str, _stats.Plan] = {
+        "sg_from_pages": (lambda: _core.SgTable.from_pages(pfns), _drop),
+        "c_floor": (lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), _drop),
+        "numpy": (lambda: workloads.numpy_coalesce(pfns), _drop),
+    }
+    samples, info = _stats.interleave(plans, baseline="c_floor", **timing)
+    if groups is not None:
+        groups.append({"layout": layout, "npages": npages, "part": "sg_walk", **info})
+    cells = _group_cells(layout, npages, samples, counters, "c_floor", with_map=False)
+    for c in cells:
+        if c.strategy == "sg_from_pages":  # the references are no kernel path
+            _attach_kernel_work(c, pfns, None, units)
+    return cells
+
+
+def _drop(handle: Any) -> None:
+    """The undo of a step whose result is only freed (the handle is dropped
+    by the timing loop, inside the undo's time)."""
+
+
+def _group_cells(layout: str, npages: int, samples: dict[str, tuple[list[int], list[int]]],
+                 counters: dict[str, dict[str, float]], baseline: str | None, *, with_map: bool) -> list[Cell]:
+    """The cells of one interleaved group: per plan the step + undo samples
+    of each round, the ratio of each round to the baseline's same round."""
+    totals = {n: [float(a + b) for a, b in zip(st, un)] for n, (st, un) in samples.items()}
+    base = totals.get(baseline) if baseline is not None else None
+    cells = []
+    for name, (st, un) in samples.items():
+        c = Cell(layout, npages, name, totals[name], dict(counters[name]))
+        if with_map:
+            c.samples_map_ns = [float(x) for x in st]
+            c.counters["map_ns_per_page"] = float(np.median(st)) / npages
+            c.counters["unmap_ns_per_page"] = float(np.median(un)) / npages
+        if base is not None:
+            c.baseline = baseline
+            c.ratio = (1.0, 1.0, 1.0) if name == baseline else _stats.paired_ratio_ci(totals[name], base, CI_LEVEL)
+        cells.append(c)
     return cells
 
 
@@ -206,27 +292,10 @@ def _bar_ranges(b: _Bench, phys: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return out
 
 
-def measure_pair(setup: Callable[[], Any], teardown: Callable[[Any], Any], *, min_time: float = 0.05,
-                 min_reps: int = 3, max_reps: int = 25) -> tuple[list[float], list[float]]:
-    """Time a map step and its unmap step, repeatedly, on the same input;
-    returns the durations (ns) of each."""
-    teardown(setup())  # warm up
-    maps: list[float] = []
-    unmaps: list[float] = []
-    start = time.perf_counter()
-    while len(maps) < max_reps and (len(maps) < min_reps or time.perf_counter() - start < min_time):
-        t0 = time.perf_counter_ns()
-        h = setup()
-        t1 = time.perf_counter_ns()
-        teardown(h)
-        t2 = time.perf_counter_ns()
-        maps.append(float(t1 - t0))
-        unmaps.append(float(t2 - t1))
-    return maps, unmaps
-
-
 def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
-                   strategies: Iterable[str], units: dict[str, Any] | None = None) -> list[Cell]:
+                   strategies: Iterable[str], skipped: list[dict[str, Any]] | None = None,
+                   groups: list[dict[str, Any]] | None = None,
+                   units: dict[str, Any] | None = None) -> list[Cell]:
     """Each strategy's map step and unmap step on one input.
 
     ``sg_*``: build the table (``sg_alloc_table_from_pages``) and
@@ -328,61 +397,115 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
 
     plans_keep: list[Any] = []
 
-    plans: dict[str, tuple[Any, tuple[Callable[[], Any], Callable[[Any], Any]]]] = {
-        "sg_iommu": (b.iommu_dev, sg(b.iommu_dev)),
-        "sg_direct": (b.direct_dev, sg(b.direct_dev)),
-        "link_pages": (b.iommu_dev, link(pages)),
-        "link_runs": (b.iommu_dev, link(runs)),
-        "ranges_to_table": (b.iommu_dev, table()),
-        "dmabuf_static": (b.iommu_dev, dmabuf(False)),
-        "dmabuf_dynamic": (b.iommu_dev, dmabuf(True)),
-        "dmabuf_ranges": (b.iommu_dev, dmabuf_ranges()),
-        "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
-    }
-    for name in strategies:
-        dev, (map_, unmap) = plans[name]
-        before = b.domain_counters(dev) if dev is not None else None
-        h = map_()
-        if name in ("dmabuf_static", "dmabuf_dynamic"):
-            segments = int(h[1].nents)
-            meta = float(h[1].metadata_nbytes)
-        elif name.startswith("sg_") or name == "ranges_to_table":
-            segments = int(h.nents)
-            meta = float(h.metadata_nbytes) + (16.0 if name == "ranges_to_table" else 0.0)
-        elif name.startswith("link_") or name == "dmabuf_ranges":
-            segments = len(pages) if name == "link_pages" else len(runs)
-            # struct dma_iova_state; plus the exporter's phys_vec array
-            meta = 16.0 + (16.0 * len(runs) if name == "dmabuf_ranges" else 0.0)
-        else:
-            segments, meta = npages, 0.0
-        unmap(h)
-        after = b.domain_counters(dev) if dev is not None else None
-        maps, unmaps = measure_pair(map_, unmap, **timing)
-        c = Cell(layout, npages, name, [m + u for m, u in zip(maps, unmaps)])
-        c.counters = {
-            "map_ns_per_page": float(np.median(maps)) / npages,
-            "unmap_ns_per_page": float(np.median(unmaps)) / npages,
-            "segments": segments,
-            "metadata_bytes_per_page": meta / npages,
+    counters: dict[str, dict[str, float]] = {}
+    timed: dict[str, _stats.Plan] = {}
+    try:
+        plans: dict[str, tuple[Any, tuple[Callable[[], Any], Callable[[Any], Any]]]] = {
+            "sg_iommu": (b.iommu_dev, sg(b.iommu_dev)),
+            "sg_direct": (b.direct_dev, sg(b.direct_dev)),
+            "link_pages": (b.iommu_dev, link(pages)),
+            "link_runs": (b.iommu_dev, link(runs)),
+            "ranges_to_table": (b.iommu_dev, table()),
+            "dmabuf_static": (b.iommu_dev, dmabuf(False)),
+            "dmabuf_dynamic": (b.iommu_dev, dmabuf(True)),
+            "dmabuf_ranges": (b.iommu_dev, dmabuf_ranges()),
+            "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
         }
-        if before is not None and after is not None:
-            c.counters["pte_writes_per_page"] = (after["pte_writes"] - before["pte_writes"]) / npages
-            c.counters["iotlb_invalidations"] = after["iotlb_invalidations"] - before["iotlb_invalidations"]
-        else:
-            c.counters["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
-            c.counters["iotlb_invalidations"] = 0
-        if name == "ranges_to_table":
-            from pydmabuf.machine import P2PMapType
+        for name in strategies:
+            dev, (map_, unmap) = plans[name]
+            try:
+                before = b.domain_counters(dev) if dev is not None else None
+                h = map_()
+                if name in ("dmabuf_static", "dmabuf_dynamic"):
+                    segments = int(h[1].nents)
+                    meta = float(h[1].metadata_nbytes)
+                elif name.startswith("sg_") or name == "ranges_to_table":
+                    segments = int(h.nents)
+                    meta = float(h.metadata_nbytes) + (16.0 if name == "ranges_to_table" else 0.0)
+                elif name.startswith("link_") or name == "dmabuf_ranges":
+                    segments = len(pages) if name == "link_pages" else len(runs)
+                    # struct dma_iova_state; plus the exporter's phys_vec array
+                    meta = 16.0 + (16.0 * len(runs) if name == "dmabuf_ranges" else 0.0)
+                else:
+                    segments, meta = npages, 0.0
+                unmap(h)
+                after = b.domain_counters(dev) if dev is not None else None
+            except Exception as e:  # one strategy failing loses none of the others
+                if skipped is None:
+                    raise
+                skipped.append(_skip(layout, npages, name, e))
+                continue
+            k: dict[str, float] = {"segments": segments, "metadata_bytes_per_page": meta / npages}
+            if before is not None and after is not None:
+                k["pte_writes_per_page"] = (after["pte_writes"] - before["pte_writes"]) / npages
+                k["iotlb_invalidations"] = after["iotlb_invalidations"] - before["iotlb_invalidations"]
+            else:
+                k["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
+                k["iotlb_invalidations"] = 0
+            counters[name] = k
+            timed[name] = (map_, unmap)
+        if timed:
+            # Every strategy of the cell, round-robin within each round.
+            samples, info = _stats.interleave(timed, baseline=BASELINE if BASELINE in timed else None, **timing)
+            if groups is not None:
+                groups.append({"layout": layout, "npages": npages, "part": "mapping", **info})
+            cells = _group_cells(layout, npages, samples, counters, BASELINE if BASELINE in timed else None,
+                                 with_map=True)
+            for c in cells:
+                if c.strategy == "ranges_to_table":
+                    from pydmabuf.machine import P2PMapType
 
-            route = b.machine.p2p_map_type(b.provider, b.iommu_dev)
-            _attach_kernel_work(c, pfns, dev, units, bar_ranges=bar_rows,
-                                p2p_iova=route == P2PMapType.THRU_HOST_BRIDGE and dev.domain is not None)
-        else:
-            _attach_kernel_work(c, pfns, dev, units, cache=kw_cache)
-        cells.append(c)
+                    dev = plans[c.strategy][0]
+                    route = b.machine.p2p_map_type(b.provider, b.iommu_dev)
+                    _attach_kernel_work(c, pfns, dev, units, bar_ranges=bar_rows,
+                                        p2p_iova=route == P2PMapType.THRU_HOST_BRIDGE and dev.domain is not None)
+                else:
+                    _attach_kernel_work(c, pfns, plans[c.strategy][0], units, cache=kw_cache)
+    except BaseException:
+        # Interrupted or failed, perhaps between a map and its unmap: let
+        # go of the buffers without letting their complaint about a live
+        # mapping replace what is propagating.
+        for buf in plans_keep:
+            try:
+                buf.put()
+            except errors.DmaBufError as e:
+                log.debug("releasing a study buffer after a failure: %s", e)
+        raise
     for buf in plans_keep:
         buf.put()
     return cells
+
+
+def _skip(layout: str, npages: int | None, strategy: str | None, e: BaseException) -> dict[str, Any]:
+    """A skipped cell (or group, ``strategy`` None; or layout, ``npages``
+    None) and why, for the result's ``skipped`` list."""
+    log.debug("skipped %s %s %s", layout, npages, strategy, exc_info=e)
+    reason = str(e) or type(e).__name__
+    if isinstance(e, MemoryError):
+        reason = "out of memory (MemoryError)"
+    elif not isinstance(e, (OSError, ValueError)):
+        reason = f"{type(e).__name__}: {reason}"
+    return {"layout": layout, "npages": npages, "strategy": strategy, "reason": reason}
+
+
+#: The largest ``pagemap`` buffer a run makes unless asked (``max_real_pages``,
+#: or sizes given explicitly on the command line): 256 MiB of real memory.
+DEFAULT_MAX_REAL_PAGES = 65536
+#: The same for ``--quick``: 16 MiB (touching 256 MiB of fresh memory alone
+#: takes about a second).
+QUICK_MAX_REAL_PAGES = 4096
+
+#: Interleaved timing (:func:`pydmabuf._stats.interleave`) of a default run
+#: and of ``--quick``, per cell group: the mapping strategies, and the walk
+#: with its references.
+TIMING = {
+    "mapping": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.8, "target": 0.015, "warmup": 2, "cap_s": 2.5},
+    "sg_walk": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2, "cap_s": 1.0},
+}
+QUICK_TIMING = {
+    "mapping": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.03, "target": 0.05, "warmup": 1, "cap_s": 0.3},
+    "sg_walk": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.01, "target": 0.05, "warmup": 1, "cap_s": 0.1},
+}
 
 
 def run_study(
@@ -395,18 +518,38 @@ def run_study(
     parts: Iterable[str] = ("sg_walk", "mapping"),
     machine: Any = None,
     cost_profile: str | dict[str, Any] | None = None,
+    max_real_pages: int | None = DEFAULT_MAX_REAL_PAGES,
+    result: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run the study; returns a JSON-ready dict (``machine``, ``cells``, ``notes``).
+    """Run the study; returns a JSON-ready dict (``machine``, ``cells``,
+    ``notes``, ``skipped``, ``timing``, ``groups`` (the rounds each group
+    ran, in how many seconds, and why it stopped), ``resources``).
 
     ``parts``: ``sg_walk`` (the scatterlist walk against the C floor and
     NumPy) and ``mapping`` (each mapping strategy: scatterlist + IOMMU,
     scatterlist + dma-direct, list-free links of pages and of runs,
     ranges -> DMA-only table, and the one-PTE-per-page floor).
 
+    Each (layout, size) is a group, mapped on a machine of its own (a new
+    default machine, unless ``machine`` is given): its strategies are timed in
+    interleaved rounds until their medians and ratios are tight or the
+    group's time budget is spent (``TIMING``, ``QUICK_TIMING``); every
+    cell keeps its samples and the confidence interval of its median and
+    of its ratio to the group's baseline.
+
     The arguments are checked before anything runs (TypeError for the
-    wrong type, ValueError for an unknown layout or part or a size that is
-    not a positive number of pages); OutOfMemory (ENOMEM) when a layout or
-    a table does not fit in memory.
+    wrong type, ValueError for an unknown layout or part, a size that is
+    not a positive number of pages, or a negative seed); OutOfMemory
+    (ENOMEM) for a size whose frame list alone would not fit in the
+    memory available.  After that a failing cell, group or layout is
+    skipped, said in ``notes`` and listed in ``skipped``, and the run goes
+    on.  ``pagemap`` buffers above ``max_real_pages`` pages (None: no cap)
+    are skipped with a note: they take that much real memory.
+
+    ``result``: a dict to fill instead of a new one.  It is filled even
+    when the run is interrupted (KeyboardInterrupt propagates, the dict
+    holds what was measured, ``interrupted`` set), so a caller can still
+    write it out.
 
     ``cost_profile``: the unit costs the host cannot measure (a TOML file's
     path, or :func:`pydmabuf.kernel_work.load_profile`'s result; None: the
@@ -414,57 +557,113 @@ def run_study(
     cells; every cell carries ``kernel_work`` (the kernel's counts) and
     ``kernel_est_ns_per_page`` (their cost), the result ``unit_costs``.
     """
-    layouts, sizes, parts = _study_args(layouts, sizes, parts, machine)
+    layouts, sizes, parts = _study_args(layouts, sizes, parts, machine, seed, max_real_pages)
+    timing = QUICK_TIMING if quick else TIMING
     if cost_profile is not None and not isinstance(cost_profile, (str, dict)):
         raise TypeError(f"cost_profile must be a path, a loaded profile or None, not {type(cost_profile).__name__}")
     profile = kernel_work.load_profile(cost_profile) if not isinstance(cost_profile, dict) else cost_profile
     units = kernel_work.unit_costs(profile, rounds=5 if quick else 9)
-    timing = {"min_time": 0.01, "min_reps": 3, "max_reps": 7} if quick else {"min_time": 0.1, "min_reps": 5, "max_reps": 25}
     notes: list[str] = []
+    skipped: list[dict[str, Any]] = []
+    groups: list[dict[str, Any]] = []
     cells: list[Cell] = []
     b = _Bench(machine) if "mapping" in parts else None
+    out = result if result is not None else {}
     prog = Progress(len(layouts) * len(sizes), progress)
+    t0 = time.monotonic()
+    interrupted = False
+    where = ""
+
+    def skip(lay: str, npages: int | None, strategy: str | None, e: BaseException) -> None:
+        skipped.append(_skip(lay, npages, strategy, e))
+
     try:
         for lay in layouts:
             for npages in sizes:
-                prog.step(f"{lay} {_fmt_size(npages * PAGE_SIZE)}")
+                where = f"{lay} {_fmt_size(npages * PAGE_SIZE)}"
+                prog.step(where)
+                if lay == "pagemap" and max_real_pages is not None and npages > max_real_pages:
+                    skipped.append({"layout": lay, "npages": npages, "strategy": None,
+                                    "reason": f"a {_fmt_size(npages * PAGE_SIZE)} buffer of real memory is opt-in "
+                                              f"(above {_fmt_size(max_real_pages * PAGE_SIZE)}; ask for the size "
+                                              "with --sizes)"})
+                    continue
                 try:
                     pfns, keep = workloads.layout(lay, npages, seed, limit_pfn=b.ram_limit_pfn if b else None)
-                except OSError as e:
-                    note = f"layout {lay!r} skipped: {e}"
-                    if note not in notes:
-                        notes.append(note)
+                except (OSError, MemoryError) as e:
+                    if lay == "pagemap" and isinstance(e, errors.NotPermitted):
+                        note = f"layout {lay!r} skipped: {e}"  # the same for every size: one note
+                        if note not in notes:
+                            notes.append(note)
+                    else:
+                        skip(lay, npages, None, e)
                     continue
-                if "sg_walk" in parts:
-                    cells.extend(_sg_cells(lay, npages, pfns, timing, units))
-                if b is not None:
-                    cells.extend(_mapping_cells(b, lay, npages, pfns, timing, MAPPING_STRATEGIES, units))
-                del keep
-    except MemoryError:  # NumPy could not allocate the layout or a table
-        raise errors.OutOfMemory(f"no memory to study the {lay} layout of {npages} pages") from None
+                try:
+                    if "sg_walk" in parts:
+                        try:
+                            cells.extend(_sg_cells(lay, npages, pfns, timing["sg_walk"], groups, units))
+                        except Exception as e:  # noqa: BLE001 - the run goes on; the note says why
+                            skip(lay, npages, "sg_walk", e)
+                    if b is not None:
+                        try:
+                            # A fresh default machine per group: the work a path does (page-table
+                            # entries it must create, IOVA placement) then depends on the input
+                            # alone, not on how many rounds earlier groups ran.
+                            gb = b if machine is not None else _Bench()
+                            cells.extend(_mapping_cells(gb, lay, npages, pfns, timing["mapping"],
+                                                        MAPPING_STRATEGIES, skipped, groups, units))
+                        except Exception as e:  # noqa: BLE001
+                            skip(lay, npages, "mapping", e)
+                finally:
+                    del pfns, keep
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         prog.close()
-    return {
-        "tool": "pydmabuf bench",
-        "version": _version(),
-        "seed": seed,
-        "quick": quick,
-        "machine": machine_description(),
-        "model": {"machine": b.machine.name if b else None,
-                  "iommu_device": b.iommu_dev.name if b else None,
-                  "direct_device": b.direct_dev.name if b else None,
-                  "exporter": b.provider.owner.name if b else None},
-        "unit_costs": units,
-        "cells": [c.as_dict() for c in cells],
-        "notes": notes,
-    }
+        for sk in skipped:
+            what = " ".join(str(x) for x in (sk["layout"], _fmt_size(sk["npages"] * PAGE_SIZE) if sk["npages"]
+                                              else None, sk["strategy"]) if x)
+            notes.append(f"{what} skipped: {sk['reason']}")
+        if interrupted:
+            notes.append(f"interrupted during {where}: the cells measured before it are kept")
+        out.update({
+            "tool": "pydmabuf bench",
+            "version": _version(),
+            "seed": seed,
+            "quick": quick,
+            "machine": machine_description(),
+            "model": {"machine": b.machine.name if b else None,
+                      "iommu_device": b.iommu_dev.name if b else None,
+                      "direct_device": b.direct_dev.name if b else None,
+                      "exporter": b.provider.owner.name if b else None},
+            "timing": {"interleaved": True, "gc_disabled": True, "ci_level": CI_LEVEL, "wide_ci": WIDE_CI,
+                       "clock": "thread CPU time (CLOCK_THREAD_CPUTIME_ID) less the clock's own cost",
+                       "ci": "order-statistic interval of the median; ratios: median of per-round ratios",
+                       **{k: dict(v) for k, v in timing.items()}},
+            "groups": groups,
+            "unit_costs": units,
+            "cells": [c.as_dict() for c in cells],
+            "skipped": skipped,
+            "interrupted": interrupted,
+            "resources": {"seconds": round(time.monotonic() - t0, 3), "peak_rss_bytes": peak_rss()},
+            "notes": notes,
+        })
+    return out
+
+
+def peak_rss() -> int:
+    """The peak resident set size of this process so far, in bytes."""
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(ru) * (1 if sys.platform == "darwin" else 1024)
 
 
 #: The parts of a study.
 PARTS = ("sg_walk", "mapping")
 
 
-def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any) -> tuple[list[str], list[int], list[str]]:
+def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any, seed: Any = 1,
+                max_real_pages: Any = None) -> tuple[list[str], list[int], list[str]]:
     """:func:`run_study`'s arguments, checked before anything runs:
     TypeError for the wrong type, ValueError for an unknown layout or
     part or a size that is not a positive number of pages of a buffer
@@ -485,6 +684,19 @@ def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any) -> tuple[lis
             raise TypeError(f"sizes must be ints (pages), not {type(n).__name__}")
         if n < 1 or n * PAGE_SIZE >> 64:
             raise ValueError(f"size {n} pages: must be at least 1 page and below 2**64 bytes")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int, not {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must not be negative (got {seed})")
+    if max_real_pages is not None and (not isinstance(max_real_pages, int) or isinstance(max_real_pages, bool)):
+        raise TypeError(f"max_real_pages must be an int or None, not {type(max_real_pages).__name__}")
+    avail = workloads._mem_available()
+    for n in sizes:
+        # The frame list alone takes 8 bytes a page: a size it does not fit
+        # is refused before anything runs.
+        if avail is not None and n * 8 > avail:
+            raise errors.OutOfMemory(f"size {n} pages: its frame list alone needs {_fmt_size(n * 8)}, more than the "
+                                     f"{_fmt_size(avail)} of memory available")
     return layouts, sizes, parts
 
 
@@ -505,8 +717,6 @@ def machine_description() -> dict[str, Any]:
                     break
     except OSError:
         pass
-    import os
-
     return {
         "cpu": cpu,
         "cpus": os.cpu_count(),
@@ -581,7 +791,8 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"pydmabuf bench {result['version']} on {m['cpu']} ({m['cpus']} CPUs), "
                  f"Python {m['python']}, NumPy {m['numpy']}, seed {result['seed']}")
     lines.append("")
-    lines.append("Scatterlist walk (sg_alloc_table_from_pages): ns/page, median [q1-q3]")
+    lines.append("Scatterlist walk (sg_alloc_table_from_pages): ns/page, median [95% interval]; "
+                 "core/C paired per round; ~ = interval too wide to trust")
     rows: list[list[str]] = []
     for (lay, npages), strat in by_key.items():
         core = strat.get("sg_from_pages")
@@ -589,10 +800,11 @@ def format_table(result: dict[str, Any]) -> str:
             continue
         floor = strat["c_floor"]
         npy = strat["numpy"]
-        q = f"{core['ns_per_page']:.2f} [{core['ns_per_page_q1']:.2f}-{core['ns_per_page_q3']:.2f}]"
+        lo, hi = core.get("ns_per_page_ci") or (core["ns_per_page_q1"], core["ns_per_page_q3"])
+        q = f"{core['ns_per_page']:.2f} [{lo:.2f}-{hi:.2f}]{_wide(core)}"
         rows.append([lay, _fmt_size(npages * PAGE_SIZE), str(core["counters"]["segments"]), q,
                      f"{floor['ns_per_page']:.2f}", f"{npy['ns_per_page']:.2f}",
-                     _ratio(core["ns_per_page"], floor["ns_per_page"], ".2f"),
+                     _base_ratio(core, floor, "ns_per_page", ".2f"),
                      _ratio(core["ns_per_page"], npy["ns_per_page"], ".2f"),
                      f"{core['counters']['metadata_bytes_per_page']:.2f}"])
     lines += _columns(["layout", "size", "segments", "core", "C floor", "NumPy", "core/C", "core/NumPy",
@@ -603,8 +815,10 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append("Mapping a buffer, one map + unmap.  kernel est: the kernel's CPU cost, ns/page "
                      "(its counted work x unit costs; --explain CELL shows the terms), x = against sg_iommu; "
                      "map calls, walks, PTE writes/page and IOTLB invalidations: the kernel's counts.  "
-                     "model: this model's own CPU time, map and unmap ns/page (medians), +-% half the "
-                     "interquartile range, x = model map time against the sg_iommu map and the floor")
+                     "model: this model's own CPU time, map and unmap ns/page (medians), +-% half the 95% "
+                     "interval of map + unmap, x sg_iommu = model map + unmap against sg_iommu's, paired per "
+                     "round, x floor = model map time against the one-PTE-per-page floor; ~ = interval too "
+                     "wide to trust")
         rows = []
         for (lay, npages), strat in by_key.items():
             base = strat.get(BASELINE)
@@ -615,7 +829,7 @@ def format_table(result: dict[str, Any]) -> str:
                     continue
                 k = mc["counters"]
                 mp = k["map_ns_per_page"]
-                rb = _ratio(mp, base["counters"]["map_ns_per_page"], ".2f") if base else "-"
+                rb = _base_ratio(mc, base, "map_ns_per_page", ".2f") + _wide(mc) if base else "-"
                 rf = _ratio(mp, pte_floor["counters"]["map_ns_per_page"], ".1f") if pte_floor else "-"
                 rows.append([lay, _fmt_size(npages * PAGE_SIZE), name, *_kernel_columns(mc, base), "|",
                              f"{mp:.2f}", f"{k['unmap_ns_per_page']:.2f}", _spread_pct(mc), rb, rf,
@@ -626,6 +840,10 @@ def format_table(result: dict[str, Any]) -> str:
                            "meta B/page"], rows, left=1, text=(2, 9))
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
+    res = result.get("resources")
+    if isinstance(res, dict) and "seconds" in res and "peak_rss_bytes" in res:
+        lines.append(f"run: {res['seconds']:.1f} s, peak RSS {res['peak_rss_bytes'] / (1 << 20):.0f} MiB"
+                     f"{', interrupted' if result.get('interrupted') else ''}")
     return "\n".join(lines)
 
 
@@ -657,18 +875,41 @@ def _columns(header: list[str], rows: list[list[str]], *, left: int = 1, text: t
 
 
 def _spread_pct(c: dict[str, Any]) -> str:
-    """Half the interquartile range of the repeats, as a percentage of the
-    median (map + unmap)."""
+    """Half the 95% interval of the median (map + unmap) as a percentage
+    of the median; half the interquartile range for a result without
+    intervals."""
     med = c["ns_per_page"]
     if not med:
         return "-"
-    return f"{50.0 * (c['ns_per_page_q3'] - c['ns_per_page_q1']) / med:.0f}"
+    lo, hi = c.get("ns_per_page_ci") or (c["ns_per_page_q1"], c["ns_per_page_q3"])
+    return f"{50.0 * (hi - lo) / med:.0f}"
+
+
+def _wide(c: dict[str, Any]) -> str:
+    """The table's mark of a cell whose interval is too wide to trust."""
+    return "~" if c.get("wide_ci") else ""
+
+
+def _base_ratio(c: dict[str, Any], base: dict[str, Any], counter: str, fmt: str) -> str:
+    """A cell against its group's baseline: the paired per-round ratio the
+    cell holds when ``base`` is that baseline, else the ratio of the two
+    cells' ``counter`` (a result without paired ratios)."""
+    if c.get("baseline") == base["strategy"] and c.get("ratio_to_baseline") is not None:
+        return format(c["ratio_to_baseline"], fmt)
+    num = c["counters"].get(counter, c["ns_per_page"]) if counter != "ns_per_page" else c["ns_per_page"]
+    den = base["counters"].get(counter, base["ns_per_page"]) if counter != "ns_per_page" else base["ns_per_page"]
+    return _ratio(num, den, fmt)
 
 
 def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) -> str:
     """A Markdown summary of the mapping part, for a README: per buffer
-    size, one row per layout, one column per strategy, each cell the map
-    cost in ns/page and its ratio to the scatterlist + IOMMU baseline.
+    size, one row per layout, one column per strategy, each cell its cost
+    in ns/page and its ratio to the scatterlist + IOMMU baseline.
+
+    The cost is the kernel CPU estimate (``kernel_est_ns_per_page``) when
+    every mapping cell has one, else the model's own CPU time of map +
+    unmap (median; the ratio is the paired per-round one); the text says
+    which.  A ``~`` marks a cell whose interval is too wide to trust.
     TypeError or ValueError for what is not a study result."""
     all_cells = _check_result(result, "format_markdown")
     model = result.get("model")
@@ -684,15 +925,25 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
         by.setdefault((c["npages"], c["layout"]), {})[c["strategy"]] = c
         if c["layout"] not in layouts:
             layouts.append(c["layout"])
+    quantity, _ = plot_quantity(cells)
+    res = result.get("resources")
+    run = (f" The run took {res['seconds']:.0f} s, peak RSS {res['peak_rss_bytes'] / (1 << 20):.0f} MiB."
+           if isinstance(res, dict) and "seconds" in res and "peak_rss_bytes" in res else "")
     out = [f"Measured with `pydmabuf bench` {result['version']} (seed {result['seed']}"
            f"{', --quick' if result.get('quick') else ''}) on {m['cpu']}, {m['cpus']} CPUs, "
            f"Linux {m.get('kernel', '?')}, Python {m['python']}, NumPy {m['numpy']}; "
-           f"model: the default machine, importer {model['iommu_device']} behind its IOMMU.",
-           "",
-           "Each cell: the kernel's estimated CPU cost of one map + unmap in ns per 4 KiB page "
-           "(its counted work x unit costs, `pydmabuf bench --explain CELL`) with its ratio to `sg_iommu` "
-           "(build a scatterlist, `dma_map_sgtable` through the IOMMU) in brackets, then the model's own "
-           "map time (median ns per page; it measures this model, not the kernel).", ""]
+           f"model: the default machine, importer {model['iommu_device']} behind its IOMMU.{run}",
+           ""]
+    if quantity == "kernel_est_ns_per_page":
+        out.append("Kernel CPU estimate of map + unmap in ns per 4 KiB page (`kernel_est_ns_per_page`: the exact "
+                   "kernel work of the path times unit costs), and in brackets its ratio to `sg_iommu` (build a "
+                   "scatterlist, `dma_map_sgtable` through the IOMMU).")
+    else:
+        out.append("Model CPU time of map + unmap in ns per 4 KiB page (median of interleaved rounds; the "
+                   "model's own cost, not a kernel estimate), and in brackets its ratio to `sg_iommu` (build a "
+                   "scatterlist, `dma_map_sgtable` through the IOMMU), paired per round; ~ marks a cell whose "
+                   "95% interval is wider than +-5%.")
+    out.append("")
     for npages in want:
         out.append(f"**{_fmt_size(npages * PAGE_SIZE)}**")
         out.append("")
@@ -709,15 +960,14 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
                 if mc is None:
                     cols.append("-")
                     continue
-                mp = mc["counters"]["map_ns_per_page"]
-                est = mc.get("kernel_est_ns_per_page")
-                best = base.get("kernel_est_ns_per_page") if base else None
-                if est is None:
-                    ratio = f" ({_ratio(mp, base['counters']['map_ns_per_page'], '.2f')})" if base else ""
-                    cols.append(f"model {mp:.2f}{ratio}")
+                if quantity == "kernel_est_ns_per_page":
+                    v = _kernel_est(mc) or 0.0
+                    bv = _kernel_est(base) if base else None
+                    ratio = f" ({_ratio(v, bv, '.2f')})" if bv is not None else ""
                 else:
-                    ratio = f" ({_ratio(est, best, '.2f')})" if best is not None else ""
-                    cols.append(f"{est:.2f}{ratio} · model {mp:.2f}")
+                    v = float(mc["ns_per_page"])
+                    ratio = f" ({_base_ratio(mc, base, 'ns_per_page', '.2f')})" if base else ""
+                cols.append(f"{v:.2f}{ratio}{_wide(mc) if quantity == 'ns_per_page' else ''}")
             out.append(f"| {lay} | " + " | ".join(cols) + " |")
         out.append("")
     walks = [c for c in all_cells if c["strategy"] == "sg_from_pages"]
@@ -735,7 +985,7 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
                 continue
             out.append(f"| {lay} | {core['counters']['segments']} | {core['ns_per_page']:.2f} | "
                        f"{floor['ns_per_page']:.2f} | {npy['ns_per_page']:.2f} | "
-                       f"{_ratio(core['ns_per_page'], floor['ns_per_page'], '.2f')} | "
+                       f"{_base_ratio(core, floor, 'ns_per_page', '.2f')} | "
                        f"{_ratio(core['ns_per_page'], npy['ns_per_page'], '.2f')} |")
         out.append("")
     for n in result.get("notes", []):
@@ -744,12 +994,24 @@ def format_markdown(result: dict[str, Any], sizes: Iterable[int] | None = None) 
 
 
 def to_csv(result: dict[str, Any]) -> str:
-    """One row per cell, counters flattened.  TypeError or ValueError for
+    """One row per cell: counters flattened (``counter_*``), intervals as
+    ``*_lo`` and ``*_hi``, other dicts (``kernel_work``) as ``<key>_*``;
+    the raw samples are left to the JSON.  TypeError or ValueError for
     what is not a study result."""
     rows = []
     keys: list[str] = []
     for c in _check_result(result, "to_csv", header=False):
-        row = {k: v for k, v in c.items() if k not in ("counters", "kernel_work", "kernel_est_terms")}
+        row: dict[str, Any] = {}
+        for k, v in c.items():
+            if k in ("counters", "kernel_work", "kernel_est_terms") or k.startswith("samples_"):
+                continue
+            if isinstance(v, list) and len(v) == 2:
+                row[f"{k}_lo"], row[f"{k}_hi"] = v
+            elif isinstance(v, dict):
+                for kk, vv in v.items():
+                    row[f"{k}_{kk}"] = vv
+            else:
+                row[k] = v
         for k, v in c["counters"].items():
             row[f"counter_{k}"] = v
         for k in kernel_work.KEYS:  # empty for a reference cell, which is no kernel path
@@ -781,79 +1043,350 @@ def explain(result: dict[str, Any], cell: str) -> str:
 
 
 def to_json(result: dict[str, Any]) -> str:
-    return json.dumps(result, indent=2, sort_keys=False) + "\n"
+    """The result as indented JSON, each list of samples on one line."""
+    cells = result.get("cells")
+    if not isinstance(cells, list) or not all(isinstance(c, dict) for c in cells):
+        return json.dumps(result, indent=2, sort_keys=False) + "\n"
+    compact: dict[str, str] = {}
+    shown = []
+    for i, c in enumerate(cells):
+        d = dict(c)
+        for k, v in c.items():
+            if k.startswith("samples_") and isinstance(v, list):
+                token = f"@@pydmabuf-samples-{i}-{k}@@"
+                compact[json.dumps(token)] = json.dumps(v, separators=(",", ":"))
+                d[k] = token
+        shown.append(d)
+    text = json.dumps({**result, "cells": shown}, indent=2, sort_keys=False)
+    for token, samples in compact.items():
+        text = text.replace(token, samples, 1)
+    return text + "\n"
 
 
 # ------------------------------------------------------------- plot, compare
 
 
-def plot(result: dict[str, Any], path: str) -> None:
-    """Throughput against buffer size, one line per strategy, one panel per
-    layout; written to ``path`` (PNG).  Needs matplotlib (``pip install
-    'pydmabuf[plot]'``)."""
+#: The work counts of the second figure: (kernel_work key, the model
+#: counter used when a cell has no kernel_work, label).
+_WORK_PANELS = (("pte_writes", "pte_writes_per_page", "PTE writes / page"),
+                ("iotlb_invalidations", "iotlb_invalidations", "IOTLB invalidations / page"),
+                ("metadata_bytes", "metadata_bytes_per_page", "metadata bytes / page"))
+
+
+def _size_label(nbytes: float, _pos: Any = None) -> str:
+    """A tick label: 4 KiB, 16 MiB, 4 GiB."""
+    n = int(round(nbytes))
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            v = n / (1 << shift)
+            return f"{v:.0f} {unit}" if v == int(v) else f"{v:.3g} {unit}"
+    return f"{n} B"
+
+
+def plot_quantity(cells: list[dict[str, Any]]) -> tuple[str, str]:
+    """What the main figure draws: ``("kernel_est_ns_per_page", "kernel
+    CPU estimate")`` when every mapping cell has a kernel estimate, else
+    ``("ns_per_page", "model CPU time")``, the model's own cost."""
+    if cells and all(_kernel_est(c) is not None for c in cells):
+        return "kernel_est_ns_per_page", "kernel CPU estimate"
+    return "ns_per_page", "model CPU time"
+
+
+def plot(result: dict[str, Any], path: str) -> list[str]:
+    """Draw the study; returns the paths written.
+
+    ``path`` (PNG): one panel per layout, ns/page on a log axis against
+    the buffer size, one line per mapping strategy with its 95% band, the
+    legend once.  It draws ``kernel_est_ns_per_page`` when the cells have
+    it, else the model's own CPU time, and says which on its axis.  Points
+    whose interval is too wide to trust are drawn hollow.  A second
+    figure, ``<path stem>-work.png``, draws the work counts per page (PTE
+    writes, IOTLB invalidations, metadata bytes) from each cell's
+    ``kernel_work``, or from the model's counters when cells have none.
+    Needs matplotlib (``pip install 'pydmabuf[plot]'``).  TypeError or
+    ValueError for what is not a study result or has nothing to draw.
+    """
     try:
         import matplotlib  # type: ignore[import-not-found, unused-ignore]  # the optional [plot] extra
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
+        from matplotlib.lines import Line2D
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
-    cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES
-             or c["strategy"] == "sg_from_pages"]
+    cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES]
     layouts = list(dict.fromkeys(c["layout"] for c in cells))
     if not layouts:
-        raise ValueError("nothing to plot")
-    fig, axes = plt.subplots(1, len(layouts), figsize=(4.2 * len(layouts), 4.2), sharey=True, squeeze=False)
-    for ax, lay in zip(axes[0], layouts):
-        for strat in dict.fromkeys(c["strategy"] for c in cells):
-            pts = sorted((c["nbytes"], c) for c in cells if c["layout"] == lay and c["strategy"] == strat)
-            if not pts:
-                continue
-            xs = [n for n, _ in pts]
-            ns = [c["counters"].get("map_ns_per_page", c["ns_per_page"]) for _, c in pts]
-            gbps = [PAGE_SIZE / v if v > 0 else float("nan") for v in ns]  # bytes per ns = GB/s
-            ax.plot(xs, gbps, marker="o", ms=3, label=strat)
+        raise ValueError("plot: the result has no mapping cells to draw")
+    strategies = [s for s in MAPPING_STRATEGIES if any(c["strategy"] == s for c in cells)]
+    sizes = sorted({float(c["nbytes"]) for c in cells})
+    colors = {s: f"C{i}" for i, s in enumerate(strategies)}
+    quantity, ylabel = plot_quantity(cells)
+    m = result["machine"]
+    title = (f"pydmabuf bench {result['version']} - {m['cpu']}, {m['cpus']} CPUs, seed {result['seed']}"
+             f"{', --quick' if result.get('quick') else ''}")
+
+    def panels(nrows: int) -> tuple[Any, Any]:
+        ncols = min(len(layouts), 3)
+        rows_per = -(-len(layouts) // ncols)
+        fig, axes = plt.subplots(nrows * rows_per, ncols, figsize=(4.6 * ncols, 3.6 * nrows * rows_per + 0.9),
+                                 squeeze=False, sharex=True)
+        return fig, axes
+
+    def style(ax: Any, lay: str, ylab: str | None) -> None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(lay)
-        ax.set_xlabel("buffer size (bytes)")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("mapping throughput (GB/s, map step)")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    m = result["machine"]
-    fig.suptitle(f"pydmabuf bench {result['version']} - {m['cpu']}, seed {result['seed']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(_size_label))
+        ax.tick_params(axis="x", labelsize=7, labelbottom=True, labelrotation=30)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(lay, fontsize=9)
+        ax.grid(True, which="both", alpha=0.25)
+        ax.set_xlabel("buffer size", fontsize=8)
+        if ylab:
+            ax.set_ylabel(ylab, fontsize=8)
+
+    def finish(fig: Any, axes: Any, used: int, out: str, note: str) -> None:
+        flat = list(axes.flat)
+        for ax in flat[used:]:
+            ax.set_visible(False)
+        handles = [Line2D([], [], color=colors[s], marker="o", ms=4, label=s) for s in strategies]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+        fig.suptitle(f"{title}\n{note}", fontsize=9)
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+
+    fig, axes = panels(1)
+    flat = list(axes.flat)
+    for i, lay in enumerate(layouts):
+        ax = flat[i]
+        for s in strategies:
+            pts = sorted((c["nbytes"], c) for c in cells if c["layout"] == lay and c["strategy"] == s)
+            if not pts:
+                continue
+            xs = np.array([n for n, _ in pts], dtype=np.float64)
+            if quantity == "kernel_est_ns_per_page":
+                ys = np.array([_kernel_est(c) for _, c in pts], dtype=np.float64)
+                band = [c.get("kernel_est_ci") for _, c in pts]
+            else:
+                ys = np.array([c["ns_per_page"] for _, c in pts], dtype=np.float64)
+                band = [c.get("ns_per_page_ci") for _, c in pts]
+            ys[ys <= 0] = np.nan  # a log axis has no zero
+            ax.plot(xs, ys, color=colors[s], lw=1.2, marker="o", ms=3)
+            wide = np.array([bool(c.get("wide_ci")) for _, c in pts])
+            if wide.any():
+                ax.plot(xs[wide], ys[wide], ls="none", marker="o", ms=6, mfc="white", mec=colors[s])
+            bounds = [b for b in band if isinstance(b, list) and len(b) == 2]
+            if len(bounds) == len(band):
+                lo = np.array([b[0] for b in bounds], dtype=np.float64)
+                hi = np.array([b[1] for b in bounds], dtype=np.float64)
+                lo[lo <= 0] = np.nan
+                ax.fill_between(xs, lo, hi, color=colors[s], alpha=0.18, lw=0)
+        style(ax, lay, f"{ylabel}, ns/page" if i % axes.shape[1] == 0 else None)
+    finish(fig, axes, len(layouts), path,
+           "model CPU time of map + unmap (median; band: 95% interval; hollow: too wide to trust) - "
+           "the model's own cost, not a kernel estimate" if quantity == "ns_per_page"
+           else "kernel CPU estimate of map + unmap: exact work counts x unit costs (kernel_est_ns_per_page)")
+    written = [path]
+
+    stem = path[:-4] if path.lower().endswith(".png") else path
+    work_path = f"{stem}-work.png"
+    has_work = all(isinstance(c.get("kernel_work"), dict) for c in cells)
+    fig, axes = plt.subplots(len(_WORK_PANELS), len(layouts), figsize=(3.4 * len(layouts), 2.9 * len(_WORK_PANELS)
+                                                                       + 0.9), squeeze=False, sharex=True,
+                             sharey="row")
+    for row, (key, counter, label) in enumerate(_WORK_PANELS):
+        for col, lay in enumerate(layouts):
+            ax = axes[row][col]
+            for s in strategies:
+                pts = sorted((c["nbytes"], c) for c in cells if c["layout"] == lay and c["strategy"] == s)
+                xs = np.array([n for n, _ in pts], dtype=np.float64)
+                if has_work:
+                    ys = np.array([float(c["kernel_work"].get(key, np.nan)) / c["npages"] for _, c in pts])
+                else:
+                    ys = np.array([float(c["counters"].get(counter, np.nan)) / (c["npages"] if counter ==
+                                   "iotlb_invalidations" else 1) for _, c in pts])
+                ys[ys <= 0] = np.nan
+                ax.plot(xs, ys, color=colors[s], lw=1.2, marker="o", ms=3)
+            style(ax, lay if row == 0 else "", label if col == 0 else None)
+    finish(fig, axes, axes.size, work_path,
+           ("work per page from each cell's kernel_work (exact counts)" if has_work
+            else "work per page from the model's counters (cells have no kernel_work)") + "; zero is not drawn")
+    written.append(work_path)
+    return written
 
 
-def compare(old: dict[str, Any], new: dict[str, Any]) -> str:
-    """Ratios new / old of the map time (ns/page) of every cell both have.
-    TypeError or ValueError for what is not a study result."""
+def _est(c: dict[str, Any]) -> tuple[float, float, float] | None:
+    """A cell's ns/page with its interval: the stored interval, else one
+    computed from its samples, else None (a result without either)."""
+    v = float(c["ns_per_page"])
+    ci = c.get("ns_per_page_ci")
+    if isinstance(ci, list) and len(ci) == 2:
+        return v, float(ci[0]), float(ci[1])
+    samples = c.get("samples_ns")
+    if isinstance(samples, list) and samples:
+        _, lo, hi = _stats.median_ci(samples, CI_LEVEL)
+        return v, lo / c["npages"], hi / c["npages"]
+    return None
+
+
+def _ratio_est(c: dict[str, Any]) -> tuple[float, float, float] | None:
+    """A cell's ratio to its baseline with its interval, None where the
+    cell has none (its own baseline, or an older result)."""
+    r = c.get("ratio_to_baseline")
+    ci = c.get("ratio_ci")
+    if r is None or c.get("baseline") in (None, c["strategy"]) or not isinstance(ci, list) or len(ci) != 2:
+        return None
+    return float(r), float(ci[0]), float(ci[1])
+
+
+def _work_key(c: dict[str, Any]) -> tuple[Any, ...]:
+    """What a cell's input made the path do: its counters other than
+    times, and its kernel work when it has one."""
+    k = tuple(sorted((n, v) for n, v in c["counters"].items() if not n.endswith("ns_per_page")))
+    w = c.get("kernel_work")
+    return k + (tuple(sorted(w.items())) if isinstance(w, dict) else ())
+
+
+def _kernel_est(c: dict[str, Any]) -> float | None:
+    v = c.get("kernel_est_ns_per_page", c["counters"].get("kernel_est_ns_per_page"))
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _num(v: float) -> str:
+    """A time or ratio with three or four significant digits, no exponent."""
+    if math.isnan(v):
+        return "nan"
+    a = abs(v)
+    if a >= 100:
+        return f"{v:.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def _fmt_ci(e: tuple[float, float, float] | None, fmt: str | None = None) -> str:
+    """``value [low-high]``, with ``fmt`` or :func:`_num`; "-" for None."""
+    if e is None:
+        return "-"
+    f = (lambda v: format(v, fmt)) if fmt else _num
+    return f"{f(e[0])} [{f(e[1])}-{f(e[2])}]"
+
+
+def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False, tol: float = 0.10,
+            min_effect: float = 0.02) -> str:
+    """Which cells of two results differ significantly, and how well the
+    two runs agree.
+
+    For every cell both results have, ``new / old`` of the ns/page
+    (median of map + unmap) with a 95% interval combining the two cells'
+    intervals (:func:`pydmabuf._stats.ratio_of_medians_ci`); the same for
+    every ratio to the baseline of the cell's group (``strategy /
+    sg_iommu``, ``... / c_floor``).  A difference is significant when its
+    interval excludes 1 and it is at least ``min_effect`` (relative).
+    Only significant rows are listed unless ``show_all``.  The summary
+    gives the agreement fractions: how many ratio cells, ns/page cells and
+    (when the results have them) ``kernel_est_ns_per_page`` cells agree
+    within ``+-tol``.  TypeError or ValueError for what is not a study
+    result.
+    """
     old_cells = _check_result(old, "compare old", header=False)
     new_cells = _check_result(new, "compare new", header=False)
 
     def key(c: dict[str, Any]) -> tuple[str, int, str]:
         return (c["layout"], c["npages"], c["strategy"])
 
-    def ns(c: dict[str, Any]) -> float:
-        return float(c["counters"].get("map_ns_per_page", c["ns_per_page"]))
-
     a = {key(c): c for c in old_cells}
-    lines = [f"{'layout':<11} {'size':>8} {'strategy':<16} {'old ns/page':>12} {'new ns/page':>12} {'new/old':>8}"]
-    lines.append("-" * len(lines[0]))
-    ratios = []
-    for c in new_cells:
-        o = a.get(key(c))
-        if o is None:
-            continue
-        r = ns(c) / ns(o) if ns(o) > 0 else float("nan")
-        ratios.append(r)
-        lines.append(f"{c['layout']:<11} {_fmt_size(c['nbytes']):>8} {c['strategy']:<16} {ns(o):>12.3f} "
-                     f"{ns(c):>12.3f} {r:>8.2f}")
-    if not ratios:
+    pairs = [(a[key(c)], c) for c in new_cells if key(c) in a]
+    if not pairs:
         return "no cells in common"
+    # A group whose work differs between the runs had a different input
+    # (the pagemap layout reads the frames of a new buffer each run): its
+    # times are not a measure of reproducibility.
+    differs = sorted({(c["layout"], c["npages"]) for o, c in pairs if _work_key(o) != _work_key(c)},
+                     key=lambda g: (g[0], g[1]))
+    rows: list[str] = []
+    ratio_rows: list[str] = []
+    n_sig = n_rsig = 0
+    ns_pairs: list[tuple[float, float]] = []
+    base_pairs: list[tuple[float, float]] = []
+    other_ratio_pairs: list[tuple[float, float]] = []
+    est_pairs: list[tuple[float, float]] = []
+    same: dict[str, list[tuple[float, float]]] = {"base": [], "other": [], "ns": [], "est": []}
+    ratios: list[float] = []
+    for o, c in pairs:
+        where = f"{c['layout']:<11} {_fmt_size(c['nbytes']):>8} {c['strategy']:<16}"
+        on, nn = float(o["ns_per_page"]), float(c["ns_per_page"])
+        same_input = (c["layout"], c["npages"]) not in differs
+        ns_pairs.append((on, nn))
+        if same_input:
+            same["ns"].append((on, nn))
+        ratios.append(nn / on if on > 0 else float("nan"))
+        eo, en = _est(o), _est(c)
+        if eo is not None and en is not None:
+            rr = _stats.ratio_of_medians_ci(en, eo)
+            sig = _stats.significant(rr, min_effect)
+        else:
+            rr, sig = (nn / on if on > 0 else math.nan, math.nan, math.nan), False
+        n_sig += sig
+        if sig or show_all:
+            rows.append(f"{where} {_fmt_ci(eo):>26} {_fmt_ci(en):>26} {_fmt_ci(rr, '.3f'):>23} {'*' if sig else ''}")
+        ro, rn = _ratio_est(o), _ratio_est(c)
+        if ro is not None and rn is not None and o.get("baseline") == c.get("baseline"):
+            kind = "base" if c.get("baseline") == BASELINE else "other"
+            (base_pairs if kind == "base" else other_ratio_pairs).append((ro[0], rn[0]))
+            if same_input:
+                same[kind].append((ro[0], rn[0]))
+            q = _stats.ratio_of_medians_ci(rn, ro)
+            qsig = _stats.significant(q, min_effect)
+            n_rsig += qsig
+            if qsig or show_all:
+                ratio_rows.append(f"{where} {'/ ' + str(c['baseline']):<10} {_fmt_ci(ro):>23} {_fmt_ci(rn):>23} "
+                                  f"{_fmt_ci(q, '.3f'):>23} {'*' if qsig else ''}")
+        ko, kn = _kernel_est(o), _kernel_est(c)
+        if ko is not None and kn is not None:
+            est_pairs.append((ko, kn))
+            if same_input:
+                same["est"].append((ko, kn))
+    out = [f"Compared: {len(pairs)} cells in common.  Intervals are 95%; * = significant: the interval of new/old "
+           f"excludes 1 and new/old is at least {min_effect:.0%} away from 1."]
+    out.append("")
+    out.append("ns/page (map + unmap, median [interval])" + ("" if show_all else ", significant differences only"))
+    hdr = f"{'layout':<11} {'size':>8} {'strategy':<16} {'old':>26} {'new':>26} {'new/old':>23}"
+    out += [hdr, "-" * len(hdr)] + (rows or ["(none)"])
+    out.append("")
+    out.append("Ratios to the baseline of the cell (same run, paired rounds)"
+               + ("" if show_all else ", significant differences only"))
+    hdr = f"{'layout':<11} {'size':>8} {'strategy':<16} {'ratio':<10} {'old':>23} {'new':>23} {'new/old':>23}"
+    out += [hdr, "-" * len(hdr)] + (ratio_rows or ["(none)"])
+    out.append("")
     pos = [r for r in ratios if r > 0]  # a zero time has no ratio (a measured one is never zero)
     geo = f"{float(np.exp(np.mean(np.log(pos)))):.3f}" if pos else "-"
-    lines.append(f"\n{len(ratios)} cells in common; geometric mean new/old = {geo}")
-    return "\n".join(lines)
+    out.append(f"{len(ratios)} cells in common; geometric mean new/old = {geo}")
+    out.append(f"significant differences: {n_sig} of {len(pairs)} cells, {n_rsig} of "
+               f"{len(base_pairs) + len(other_ratio_pairs)} ratios")
+
+    def frac(name: str, ps: list[tuple[float, float]], kind: str) -> str:
+        ok, n = _stats.agreement(ps, tol)
+        if not n:
+            return f"  {name}: none in both results"
+        line = f"  {name}: {ok}/{n} = {ok / n:.1%}"
+        if differs:
+            ok, n = _stats.agreement(same[kind], tol)
+            line += f"; on the same input: {ok}/{n} = {ok / n:.1%}" if n else "; none on the same input"
+        return line
+
+    out.append(f"agreement within +-{tol:.0%}:")
+    out.append(frac(f"ratio cells (strategy / {BASELINE})", base_pairs, "base"))
+    out.append(frac("other ratio cells (walk / c_floor)", other_ratio_pairs, "other"))
+    out.append(frac("ns/page cells", ns_pairs, "ns"))
+    out.append(frac("kernel_est_ns_per_page cells", est_pairs, "est"))
+    if differs:
+        out.append(f"the input differs between the runs (other work counts) in {len(differs)} groups: "
+                   + ", ".join(f"{lay} {_fmt_size(n * PAGE_SIZE)}" for lay, n in differs))
+    return "\n".join(out)

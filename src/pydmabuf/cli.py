@@ -57,19 +57,25 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser(
         "bench",
         help="run the mapping-throughput study",
-        description="Time the mapping walks on page layouts and buffer sizes, "
-        "against a C floor and NumPy run in the same process.",
+        description="Time the mapping strategies on page layouts and buffer sizes, interleaved in rounds, "
+        "with a 95% interval per cell, against a C floor and NumPy run in the same process.",
     )
     b.add_argument("--quick", action="store_true", help="a run of a few seconds")
     b.add_argument("--layouts", default=None, help="comma list of layouts (default: all)")
-    b.add_argument("--sizes", type=_sizes, default=None, help="comma list of buffer sizes, e.g. 4K,1M,4G")
+    b.add_argument("--sizes", type=_sizes, default=None,
+                   help="comma list of buffer sizes, e.g. 4K,1M,4G (default 4K..4G; a pagemap buffer above "
+                   "256 MiB is made only when its size is given here)")
     b.add_argument("--seed", type=int, default=1, help="seed of the random layouts (default 1)")
     b.add_argument("--json", metavar="FILE", help="write the results as JSON ('-' for stdout)")
     b.add_argument("--csv", metavar="FILE", help="write the results as CSV ('-' for stdout)")
     b.add_argument("--markdown", metavar="FILE", help="write a Markdown summary of the mapping costs ('-' for stdout)")
-    b.add_argument("--plot", metavar="FILE.png", help="draw throughput against buffer size (needs matplotlib)")
+    b.add_argument("--plot", metavar="FILE.png",
+                   help="draw ns/page against buffer size per layout, and the work per page in FILE-work.png "
+                   "(needs matplotlib)")
     b.add_argument("--compare", nargs=2, metavar=("OLD.json", "NEW.json"),
-                   help="print the ratios between two saved results instead of running")
+                   help="compare two saved results instead of running: the significant differences "
+                   "and how well the runs agree")
+    b.add_argument("--all", action="store_true", help="with --compare: list every cell, not only significant ones")
     b.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     b.add_argument("--cost-profile", metavar="FILE",
                    help="TOML unit costs for the kernel-cost estimate (default: the shipped profile; "
@@ -101,15 +107,28 @@ def _write(path: str, text: str) -> None:
             f.write(text)
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _load_study(path: str) -> dict[str, object]:
+    """A saved study, or ValueError saying why the file is not one."""
     import json
 
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a pydmabuf bench study (not JSON: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cells"), list):
+        raise ValueError(f"{path}: not a pydmabuf bench study (no list of cells; write one with "
+                         "'pydmabuf bench --json FILE')")
+    return data
+
+
+def _bench(args: argparse.Namespace) -> int:
     from pydmabuf import bench
 
     if args.compare:
         try:
-            old, new = (json.loads(open(p).read()) for p in args.compare)
-            text = bench.compare(old, new)  # TypeError, ValueError: not a study result
+            old, new = (_load_study(p) for p in args.compare)
+            text = bench.compare(old, new, show_all=args.all)  # TypeError, ValueError: not a study result
         except (OSError, ValueError, TypeError) as e:
             print(f"pydmabuf bench --compare: {e}", file=sys.stderr)
             return 2
@@ -130,6 +149,10 @@ def _bench(args: argparse.Namespace) -> int:
     sizes = args.sizes or list(bench.QUICK_SIZES if args.quick else bench.DEFAULT_SIZES)
     from pydmabuf import kernel_work
 
+    # Sizes named on the command line are made even for the pagemap layout.
+    max_real = None if args.sizes else bench.QUICK_MAX_REAL_PAGES if args.quick else bench.DEFAULT_MAX_REAL_PAGES
+    result: dict[str, object] = {}
+    rc = 0
     try:
         profile = kernel_work.load_profile(args.cost_profile) if args.cost_profile else None
         if args.explain:
@@ -140,13 +163,33 @@ def _bench(args: argparse.Namespace) -> int:
                                      f"{', '.join(bench.MAPPING_STRATEGIES + ('sg_from_pages',))}")
             layouts = layouts if args.layouts else list(dict.fromkeys(c[0] for c in cells))
             sizes = sizes if args.sizes else list(dict.fromkeys(c[1] for c in cells))
-        result = bench.run_study(layouts, sizes, seed=args.seed, quick=args.quick,
-                                 progress=False if args.no_progress else None, cost_profile=profile)
-        explained = "\n\n".join(bench.explain(result, c) for c in args.explain) if args.explain else None
-    except (OSError, ValueError) as e:  # a bad profile or cell; run_study checks before it runs anything
+            if not args.sizes:
+                max_real = None  # the cells asked for are measured, whatever their size
+    except (OSError, ValueError) as e:  # a bad profile or cell, refused before anything runs
         print(f"pydmabuf bench: {e}", file=sys.stderr)
         return 2
-    if explained is not None:
+    try:
+        bench.run_study(layouts, sizes, seed=args.seed, quick=args.quick,
+                        progress=False if args.no_progress else None, max_real_pages=max_real, result=result,
+                        cost_profile=profile)
+    except (ValueError, TypeError) as e:  # an unknown layout: run_study checks before it runs anything
+        print(f"pydmabuf bench: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. a size too big for memory, refused before anything runs
+        print(f"pydmabuf bench: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pydmabuf bench: interrupted; writing the cells measured so far", file=sys.stderr)
+        rc = 130
+    if not result.get("cells") and rc:
+        return rc
+    explained = None
+    if args.explain:
+        try:
+            explained = "\n\n".join(bench.explain(result, c) for c in args.explain)
+        except ValueError as e:  # the cell was skipped or interrupted
+            print(f"pydmabuf bench: {e}", file=sys.stderr)
+            return 1
         print(explained)
     if args.json:
         _write(args.json, bench.to_json(result))
@@ -155,10 +198,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.markdown:
         _write(args.markdown, bench.format_markdown(result))
     if args.plot:
-        bench.plot(result, args.plot)
+        for path in bench.plot(result, args.plot):
+            print(f"wrote {path}", file=sys.stderr)
     if "-" not in (args.json, args.csv, args.markdown) and explained is None:
         print(bench.format_table(result))
-    return 0
+    return rc
 
 
 def _scenario(args: argparse.Namespace) -> int:
