@@ -131,7 +131,7 @@ def vfio_iommufd_kvm(story: Story) -> None:
     revokes, iommufd unmaps every page table for good, KVM zaps its
     second-stage entries.  Decoding comes back: KVM faults the pages in
     again, iommufd's area stays dead until user space maps it anew."""
-    m = Machine.default()
+    m = _machine()
     before = _live(m)
     gpu0, gpu1 = m.device("gpu0"), m.device("gpu1")
     vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
@@ -197,7 +197,7 @@ def vfio_rdma_p2p(story: Story) -> None:
     is THRU_HOST_BRIDGE and the NIC's IOMMU maps the BAR (MMIO, no CACHE).
     The MR is an on-demand-paging MR on a dynamic attachment: a device
     reset invalidates it, the NIC's next access faults it back in."""
-    m = Machine.default()
+    m = _machine()
     before = _live(m)
     nic = m.device("nic0")
     vfio = VfioPciBar(m, "vfio0", offset=2 << 20, nbytes=2 << 20)
@@ -247,7 +247,7 @@ def vfio_gpu_bus_offset(story: Story) -> None:
     address, phys + offset, not the CPU physical address.  gpu0, under
     another host bridge, cannot reach it: the path crosses hb2, whose root
     complex is not on the kernel's P2P whitelist."""
-    m = Machine.default()
+    m = _machine()
     before = _live(m)
     gpu1, gpu0 = m.device("gpu1"), m.device("gpu0")
     hb = gpu1.host_bridge
@@ -311,7 +311,7 @@ def device_reset(story: Story) -> None:
     ``lazy-iotlb-window``).  The scenario waits for that flush (it runs
     the timer's work with ``IommuDomain.flush()``) before the stale
     access; only then does hardware promise a fault."""
-    m = Machine.default()
+    m = _machine()
     before = _live(m)
     gpu0, nic = m.device("gpu0"), m.device("nic0")
     vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20)
@@ -385,14 +385,24 @@ def device_reset(story: Story) -> None:
 # ---------------------------------------------------------------- the IOTLB
 
 
-def _iotlb_machine(strict: bool) -> Machine:
-    """The default machine, its IOMMUs strict or lazy with no flush-queue
-    timer (so the window closes only at the flush the scenario runs)."""
+def _machine(strict: bool | None = None) -> Machine:
+    """The default machine with no flush-queue timer on its IOMMUs (and,
+    with ``strict``, every domain strict or lazy): a lazy domain then
+    flushes only when its queue fills or the scenario flushes it, so what
+    a scenario narrates (which IOVA is reused, whether a stale IOTLB entry
+    still hits) does not depend on whether 10 ms of wall time passed."""
     from pydmabuf.machine import DEFAULT_SPEC
 
     spec = dict(DEFAULT_SPEC)
-    spec["iommus"] = [dict(io, strict=strict, fq_timeout=False) for io in DEFAULT_SPEC["iommus"]]
+    spec["iommus"] = [dict(io, fq_timeout=False, **({} if strict is None else {"strict": strict}))
+                      for io in DEFAULT_SPEC["iommus"]]
     return Machine.from_spec(spec)
+
+
+def _iotlb_machine(strict: bool) -> Machine:
+    """The default machine, its IOMMUs strict or lazy with no flush-queue
+    timer (so the window closes only at the flush the scenario runs)."""
+    return _machine(strict)
 
 
 @scenario("lazy-iotlb-window", "a lazy IOMMU domain's stale IOTLB window after an importer unmaps")
@@ -465,7 +475,7 @@ def private_memory(story: Story) -> None:
     TDISP device the TEE accepted (``cc_trusted``); nic0 and direct0 are
     not.  Only gpu0 may attach; the host may not map it; DMA that still
     reaches the pages from an untrusted device faults."""
-    m = Machine.default()
+    m = _machine()
     before = _live(m)
     gpu, nic, direct = m.device("gpu0"), m.device("nic0"), m.device("direct0")
     buf = PrivateMemory(m).allocate(64 << 10, name="cvm-private")
@@ -514,7 +524,7 @@ def stale_importer(story: Story) -> None:
     and a NIC whose importer acknowledges it and keeps using its old
     mapping.  The exporter moves the buffer; the NIC's next DMA goes through
     the stale mapping and the checker names the culprit."""
-    m = Machine.default()
+    m = _machine()
     before = _live(m)
     gpu, nic = m.device("gpu0"), m.device("nic0")
 
@@ -585,7 +595,7 @@ def ranges_to_table(story: Story) -> None:
     0, so the second range collides with the first; pydmabuf links at the
     running offset by default and shows the kernel's behaviour with
     ``kernel_compat=True``."""
-    m = Machine.default()
+    m = _machine()
     before = _live(m)
     vfio, gpu = m.device("vfio0"), m.device("gpu0")
     prov = vfio.p2p_provider(0)
@@ -644,7 +654,7 @@ def mapping_types(story: Story) -> None:
     from pydmabuf import mapping
     from pydmabuf.exporters.xe_vfio import XeSriovPf, XeVfioPciBar, xe_iov_importer, xe_iov_map, xe_iov_unmap
 
-    m = Machine.default()
+    m = _machine()
     before = _live(m)
     gpu1, vf = m.device("gpu1"), m.device("vfio1")
     vram = 0x2_0000_0000
