@@ -597,3 +597,26 @@ def test_the_plot_draws_the_estimate_and_model_time_for_cells_without_one(study,
         ("ns_per_page", "model CPU time")
     assert "Model CPU time" in bench.format_markdown(r)
     assert len(bench.plot(r, str(tmp_path / "model.png"))) == 2
+
+
+def test_the_stale_iotlb_window_each_unmap_leaves_is_counted():
+    """gpu0's domain is lazy (flush queue): every unmap through it queues
+    its IOVA with the PTEs cleared and the IOTLB not yet invalidated
+    (iommu_dma_free_iova -> queue_iova), so the whole buffer stays
+    reachable through a cached translation until the flush; dma-direct
+    (sg_direct) and the floor leave nothing behind."""
+    r = bench.run_study(["fragmented"], [16], quick=True, progress=False, parts=("mapping",))
+    by = {c["strategy"]: c["counters"] for c in r["cells"]}
+    for name in ("sg_iommu", "link_pages", "link_runs", "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges"):
+        assert (by[name]["stale_window_unmaps"], by[name]["stale_window_bytes"]) == (1, 16 * 4096), name
+    for name in ("sg_direct", "pte_floor"):
+        assert (by[name]["stale_window_unmaps"], by[name]["stale_window_bytes"]) == (0, 0), name
+    assert "stale window" in bench.format_table(r)
+
+
+def test_a_strict_domain_leaves_no_stale_window():
+    from pydmabuf import Machine
+
+    r = bench.run_study(["fragmented"], [16], quick=True, progress=False, parts=("mapping",),
+                        machine=Machine.default(flush_timer=False, strict=True))
+    assert all(c["counters"]["stale_window_bytes"] == 0 for c in r["cells"])

@@ -391,12 +391,7 @@ def _machine(strict: bool | None = None) -> Machine:
     flushes only when its queue fills or the scenario flushes it, so what
     a scenario narrates (which IOVA is reused, whether a stale IOTLB entry
     still hits) does not depend on whether 10 ms of wall time passed."""
-    from pydmabuf.machine import DEFAULT_SPEC
-
-    spec = dict(DEFAULT_SPEC)
-    spec["iommus"] = [dict(io, fq_timeout=False, **({} if strict is None else {"strict": strict}))
-                      for io in DEFAULT_SPEC["iommus"]]
-    return Machine.from_spec(spec)
+    return Machine.default(flush_timer=False, strict=strict)
 
 
 def _iotlb_machine(strict: bool) -> Machine:

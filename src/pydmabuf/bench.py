@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pydmabuf import _core, _stats, errors, kernel_work, workloads
+from pydmabuf import _core, _stats, errors, iotlb, kernel_work, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps
 
@@ -259,7 +259,10 @@ class _Bench:
     def __init__(self, machine: Any = None) -> None:
         from pydmabuf.machine import Machine
 
-        self.machine = machine or Machine.default()
+        # No flush-queue timer: a lazy domain's 10 ms timer reads the wall
+        # clock, and a flush landing inside a counted map + unmap would
+        # change the counts and the stale window from run to run.
+        self.machine = machine or Machine.default(flush_timer=False)
         self.iommu_dev = self.machine.device("gpu0")
         self.direct_dev = self.machine.device("direct0")
         provider = self.machine.device("vfio0").p2p_provider(0)
@@ -290,6 +293,18 @@ def _bar_ranges(b: _Bench, phys: np.ndarray, lens: np.ndarray) -> np.ndarray:
     out[:, 0] = np.uint64(bar.cpu_start) + (starts << np.uint64(12))
     out[:, 1] = lens
     return out
+
+
+def _stale_window(dev: Any) -> tuple[int, int]:
+    """(unmaps, bytes) a strategy's unmap left on its domain's flush queue:
+    page-table entries cleared, IOTLB not yet invalidated, so a device with
+    a cached translation still reaches the old pages
+    (:func:`pydmabuf.iotlb.stale_window`; zero on a strict domain and
+    without an IOMMU)."""
+    if dev is None or dev.domain is None:
+        return 0, 0
+    w = iotlb.stale_window(dev.domain)
+    return w.queued_unmaps, w.queued_bytes
 
 
 def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
@@ -429,6 +444,9 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
                 else:
                     segments, meta = npages, 0.0
                 unmap(h)
+                # What the unmap left reachable through cached translations
+                # until the flush below (a lazy domain's queued unmaps).
+                window = _stale_window(dev)
                 after = b.domain_counters(dev) if dev is not None else None
             except Exception as e:  # one strategy failing loses none of the others
                 if skipped is None:
@@ -442,6 +460,7 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
             else:
                 k["pte_writes_per_page"] = 1.0 if name == "pte_floor" else 0.0
                 k["iotlb_invalidations"] = 0
+            k["stale_window_unmaps"], k["stale_window_bytes"] = window
             counters[name] = k
             timed[name] = (map_, unmap)
         if timed:
@@ -818,7 +837,8 @@ def format_table(result: dict[str, Any]) -> str:
                      "model: this model's own CPU time, map and unmap ns/page (medians), +-% half the 95% "
                      "interval of map + unmap, x sg_iommu = model map + unmap against sg_iommu's, paired per "
                      "round, x floor = model map time against the one-PTE-per-page floor; ~ = interval too "
-                     "wide to trust")
+                     "wide to trust.  stale window: unmaps the lazy domain queued x the bytes a cached "
+                     "translation still reached until the flush")
         rows = []
         for (lay, npages), strat in by_key.items():
             base = strat.get(BASELINE)
@@ -831,13 +851,13 @@ def format_table(result: dict[str, Any]) -> str:
                 mp = k["map_ns_per_page"]
                 rb = _base_ratio(mc, base, "map_ns_per_page", ".2f") + _wide(mc) if base else "-"
                 rf = _ratio(mp, pte_floor["counters"]["map_ns_per_page"], ".1f") if pte_floor else "-"
-                rows.append([lay, _fmt_size(npages * PAGE_SIZE), name, *_kernel_columns(mc, base), "|",
+                rows.append([lay, _fmt_size(npages * PAGE_SIZE), name, *_kernel_columns(mc, base), _stale(k), "|",
                              f"{mp:.2f}", f"{k['unmap_ns_per_page']:.2f}", _spread_pct(mc), rb, rf,
                              str(k["segments"]), f"{k['metadata_bytes_per_page']:.2f}"])
             rows.append([])  # a blank line between buffers
         lines += _columns(["layout", "size", "strategy", "kernel est", "x", "map calls", "walks", "PTE w/pg",
-                           "IOTLB inv", "|", "model map", "unmap", "+-%", "x sg_iommu", "x floor", "segments",
-                           "meta B/page"], rows, left=1, text=(2, 9))
+                           "IOTLB inv", "stale window", "|", "model map", "unmap", "+-%", "x sg_iommu", "x floor",
+                           "segments", "meta B/page"], rows, left=1, text=(2, 10))
     for n in result.get("notes", []):
         lines.append(f"note: {n}")
     res = result.get("resources")
@@ -845,6 +865,16 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"run: {res['seconds']:.1f} s, peak RSS {res['peak_rss_bytes'] / (1 << 20):.0f} MiB"
                      f"{', interrupted' if result.get('interrupted') else ''}")
     return "\n".join(lines)
+
+
+def _stale(k: dict[str, Any]) -> str:
+    """The stale-IOTLB window a mapping row's unmap left open: queued
+    unmaps x the bytes they still expose ("-": none, or a result from
+    before the window was counted)."""
+    n, b = k.get("stale_window_unmaps"), k.get("stale_window_bytes")
+    if not n or b is None:
+        return "-"
+    return f"{n} x {_fmt_size(int(b))}"
 
 
 def _kernel_columns(c: dict[str, Any], base: dict[str, Any] | None) -> list[str]:
