@@ -404,10 +404,23 @@ def test_system_memory_mappings_are_write_back(m):
     b.put()
 
 
-def test_memattr_write_combine_applies_to_later_mmaps(m):
-    # vfio_pci_core_feature_dma_buf_memattr: NC default, WC on request; the
-    # vma's prot is chosen in vfio_pci_dma_buf_mmap, so existing maps keep theirs.
+def test_a_prefetchable_bar_maps_write_combining_the_others_uncached(m):
+    # PCI's own BAR mmap offers WC only for prefetchable resources
+    # (resourceN_wc); vfio0's BAR0 is prefetchable, its BAR2 is not.
+    assert m.device("vfio0").bar(0).prefetch and not m.device("vfio0").bar(2).prefetch
     with vfio_export(m, "vfio0", nbytes=4 * G) as (v, b):
+        with b.mmap() as cpu:
+            assert cpu.caching is Caching.WRITE_COMBINE
+    with vfio_export(m, "vfio0", bar=2, offset=G, nbytes=4 * G) as (v, b):
+        with b.mmap() as cpu:
+            assert cpu.caching is Caching.UNCACHED
+
+
+def test_memattr_applies_to_later_mmaps(m):
+    # vfio_pci_core_feature_dma_buf_memattr: NC or WC on request; the vma's
+    # prot is chosen in vfio_pci_dma_buf_mmap, so existing maps keep theirs.
+    with vfio_export(m, "vfio0", nbytes=4 * G) as (v, b):
+        v.set_dma_buf_memattr(b, Caching.UNCACHED)
         before = b.mmap()
         v.set_dma_buf_memattr(b, Caching.WRITE_COMBINE)
         after = b.mmap()

@@ -33,12 +33,13 @@ the earlier rules where they differ):
   ``dma_buf_mmap_internal`` fails with EINVAL): as Matt Evans's series
   "vfio/pci: Support mmap() of a VFIO DMABUF" (v4, July 2026, on the 7.1
   revoke code) does it.  ``vfio_pci_dma_buf_mmap`` refuses a revoked
-  buffer (ENODEV) and maps the BAR pages uncached
-  (``pgprot_noncached``), or write-combining once user space asked for it
-  with ``VFIO_DEVICE_FEATURE_DMA_BUF_MEMATTR``
-  (:meth:`VfioPciBar.set_dma_buf_memattr`, for later mmaps only; the
-  kernel does not look at the BAR's prefetchable bit, and neither does the
-  model).  The fault handler inserts the BAR's pfns under ``memory_lock``
+  buffer (ENODEV) and maps the BAR pages write-combining where the BAR is
+  prefetchable and uncached (``pgprot_noncached``) where it is not, as
+  PCI's own BAR mmap allows WC only on prefetchable resources; user space
+  can choose either for later mmaps with
+  ``VFIO_DEVICE_FEATURE_DMA_BUF_MEMATTR``
+  (:meth:`VfioPciBar.set_dma_buf_memattr`).  The posted series is looser:
+  it starts every buffer uncached and never looks at the prefetchable bit.  The fault handler inserts the BAR's pfns under ``memory_lock``
   and gives SIGBUS once revoked; a revoke zaps the mapping
   (``unmap_mapping_range`` of the buffer's file) and an un-revoke lets the
   next access fault it back in (:class:`~pydmabuf.dmabuf.CpuMapping`).
@@ -296,8 +297,13 @@ class VfioPciDmaBuf(Exporter):
         self.unmaps = 0
         self.pal_maps = 0
         self.pal_unmaps = 0
-        #: ``priv->memattr``: the caching later mmaps get (NC by default).
-        self.memattr = Caching.UNCACHED
+        #: ``priv->memattr``: the caching later mmaps get.  Write-combining
+        #: for a prefetchable BAR, uncached otherwise: the rule PCI's own
+        #: mmap of a BAR keeps (``resourceN_wc`` exists only for
+        #: prefetchable resources).  The posted series starts every buffer
+        #: at NC and leaves WC to the DMA_BUF_MEMATTR feature, which can
+        #: still set either here.
+        self.memattr = Caching.WRITE_COMBINE if provider.bar.prefetch else Caching.UNCACHED
 
     @property
     def linked(self) -> bool:
