@@ -61,6 +61,9 @@ _U64_MAX = (1 << 64) - 1
 TRACE_MAX_ENTRIES = 128
 #: A line longer than this is malformed (no kernel event prints one: 3 arrays of 128 u64).
 MAX_LINE = 1 << 16
+#: A mapping of more pages than this (64 GiB) is counted but not replayed:
+#: the counts take its page frames as an array.
+MAX_OP_PAGES = 1 << 24
 
 # ----------------------------------------------------------------- parsing
 
@@ -393,8 +396,13 @@ def _sg_ranges(f: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, int, list[str
             lens[-1] = max(seg_total - per * (n - 1), 1)
         return phys, lens, seg_total, assumed
     assumed.append("sg_truncated")
-    per = (rest // extra) & ~_PAGE_MASK if rest >= extra * PAGE else max(int(lens.sum()) // n, 1)
-    last = rest - per * (extra - 1) if rest >= extra * PAGE else per
+    # the rest of the DMA length shared evenly (whole pages when it has
+    # them); a byte each when the traced entries already cover it all
+    if rest >= extra:
+        per = (rest // extra) & ~_PAGE_MASK if rest >= extra * PAGE else rest // extra
+        last = rest - per * (extra - 1)
+    else:
+        per = last = 1
     # fresh physical addresses above everything traced, a page apart
     # from each other so no two untraced entries merge
     top = (int(phys.max()) + (1 << 30)) & ~((1 << 30) - 1)
@@ -569,6 +577,7 @@ class DeviceStats:
     swiotlb_bytes: int = 0
     faults: int = 0
     model_errors: int = 0
+    not_replayed: Counter[str] = field(default_factory=Counter)
     strategies: dict[str, dict[str, Any]] = field(default_factory=dict)
     iova: dict[str, dict[str, Any]] = field(default_factory=dict)
     agreement: dict[str, Any] | None = None
@@ -851,6 +860,18 @@ class Replay:
         assert op.phys is not None and op.lens is not None
         st.maps += 1
         st.bytes_mapped += op.nbytes
+        # (the page arithmetic below must not wrap: keep two pages of room)
+        if bool(np.any(op.lens > _U64(_U64_MAX - 2 * PAGE))) or \
+                bool(np.any(op.phys > _U64(_U64_MAX - 2 * PAGE) - op.lens)):
+            st.not_replayed["range_wraps_past_2**64"] += 1
+            return
+        pages = int((((op.phys & _U64(_PAGE_MASK)) + op.lens + _U64(_PAGE_MASK)) >> _U64(12)).sum())
+        if pages > MAX_OP_PAGES:
+            st.not_replayed[f"more_than_{MAX_OP_PAGES}_pages"] += 1
+            return
+        if pages == 0:
+            st.not_replayed["no_bytes"] += 1
+            return
         assumed = list(op.assumed)
         # how the traced kernel mapped it
         if g is not None:
@@ -958,6 +979,7 @@ class Replay:
                 "coherent_allocs": d.coherent_allocs, "coherent_bytes": d.coherent_bytes,
                 "swiotlb": {"bounces": d.swiotlb_bounces, "bytes": d.swiotlb_bytes},
                 "io_page_faults": d.faults, "model_errors": d.model_errors,
+                "not_replayed": dict(sorted(d.not_replayed.items())),
                 "iova_agreement": d.agreement, "stale_iotlb": stale,
             }
         total: dict[str, Any] = {}
