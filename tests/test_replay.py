@@ -232,7 +232,7 @@ def test_replay_streams_an_endless_trace() -> None:
 @pytest.mark.parametrize("flavour", ["trace", "report"])
 @pytest.mark.parametrize("strict", [False, True])
 def test_iova_choices_agree_with_a_trace_of_the_models_allocator(flavour: str, strict: bool) -> None:
-    geo = {"0000:03:00.0": replay.DeviceGeometry("g", strict, 48, 2, 0.01, (1 << 64) - 1, True, 65536)}
+    geo = {"0000:03:00.0": replay.DeviceGeometry("g", strict, 48, 2, 0.01, (1 << 64) - 1, True)}
     text = list(replay.synthesize_trace(ops=150, seed=5, flavour=flavour, strict=strict, ncpus=2))
     res = replay.replay(text, geometry=geo, strategies=["traced"])
     ag = res["devices"]["0000:03:00.0"]["iova_agreement"]
@@ -244,7 +244,7 @@ def test_iova_agreement_detects_a_wrong_geometry() -> None:
     text = list(replay.synthesize_trace(ops=150, seed=5, strict=False, ncpus=2))
     # the trace was made with a 32-bit-preferring PCI device; a non-PCI device
     # allocates from the top of the 48-bit aperture instead
-    wrong = {"0000:03:00.0": replay.DeviceGeometry("g", False, 48, 2, 0.01, (1 << 64) - 1, False, 65536)}
+    wrong = {"0000:03:00.0": replay.DeviceGeometry("g", False, 48, 2, 0.01, (1 << 64) - 1, False)}
     ag = replay.replay(text, geometry=wrong, strategies=["traced"])["devices"]["0000:03:00.0"]["iova_agreement"]
     assert ag["compared"] == 150 and ag["agree"] == 0 and ag["first_disagreement_line"] is not None
 

@@ -298,7 +298,7 @@ def _lines(source: str | os.PathLike[str] | IO[str] | IO[bytes] | Iterable[str])
         with open(source, "rb") as f:
             yield from _lines(f)
         return
-    for ln in source:   # type: ignore[union-attr]
+    for ln in source:
         yield ln.decode("utf-8", "replace") if isinstance(ln, (bytes, bytearray)) else ln
 
 
@@ -624,7 +624,6 @@ class DeviceGeometry:
     fq_timeout: float | None
     dma_limit: int
     pci: bool
-    max_segment_size: int
     direct: bool = False
 
 
@@ -635,13 +634,11 @@ def geometry_from_machine(machine: Any) -> dict[str, DeviceGeometry]:
     for dev in machine:
         grp = dev.iommu_group
         if grp is None:
-            g = DeviceGeometry(dev.name, False, 48, 1, None, dev.dma_limit, dev.is_pci,
-                               dev.dma_get_max_seg_size(), direct=True)
+            g = DeviceGeometry(dev.name, False, 48, 1, None, dev.dma_limit, dev.is_pci, direct=True)
         else:
             iommu = grp.iommu
             g = DeviceGeometry(grp.name, bool(iommu.strict or dev.untrusted), int(iommu.aperture_bits),
-                               int(iommu.ncpus), iommu.fq_timeout, dev.dma_limit, dev.is_pci,
-                               dev.dma_get_max_seg_size())
+                               int(iommu.ncpus), iommu.fq_timeout, dev.dma_limit, dev.is_pci)
         out[dev.name] = g
         if dev.bdf:
             out[dev.bdf] = g
@@ -765,25 +762,33 @@ class Replay:
         self.only = device
         self.stats = TraceStats()
         self._cache: dict[tuple[Any, ...], tuple[dict[str, int], float]] = {}
-        self._live: dict[str, dict[tuple[Any, ...], tuple[int, int, str]]] = {}
+        self._base: dict[tuple[Any, ...], dict[str, int]] = {}
+        self._live: dict[str, dict[tuple[Any, ...], tuple[int, int, int]]] = {}
         self._iova: dict[tuple[str, bool], _IovaModel] = {}
         self._pref: dict[str, bool] = {}
 
     # -- per-op kernel work
-    def _work(self, path: str, strict: bool, four_k: bool, phys: np.ndarray, lens: np.ndarray,
-              max_seg: int) -> tuple[dict[str, int], float]:
+    @staticmethod
+    def _shape(phys: np.ndarray, lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, bytes]:
+        """A mapping's page frames, its physically contiguous runs (in
+        pages) and the key of everything its counts depend on: the runs'
+        lengths and, for runs that can hold a 2 MiB leaf, their physical
+        alignment within 1 GiB (kernel_work maps at a fixed, size-aligned
+        IOVA)."""
         pfns = _pfns(phys, lens)
         brk = np.flatnonzero(np.diff(pfns) != _U64(1)) + 1 if len(pfns) > 1 else np.zeros(0, dtype=np.int64)
         starts = np.concatenate(([0], brk)).astype(np.int64)
         runs = np.diff(np.concatenate((starts, [len(pfns)]))).astype(np.int64)
-        # the counts depend on the runs' lengths and, for runs that can hold
-        # a 2 MiB leaf, on their physical alignment within 1 GiB
         align = np.where(runs >= 512, (pfns[starts] & _U64((1 << 18) - 1)).astype(np.int64), -1)
-        key = (path, strict, four_k, max_seg, runs.tobytes(), align.tobytes())
-        hit = self._cache.get(key)
+        return pfns, runs, runs.tobytes() + b"|" + align.tobytes()
+
+    def _base_work(self, path: str, strict: bool, pfns: np.ndarray, shape: bytes) -> dict[str, int]:
+        key = (path, strict, shape)
+        hit = self._base.get(key)
         if hit is not None:
             return hit
         if path == "direct_single":
+            # dma_direct_map_phys: no IOVA, no page table, no list
             w = {k: 0 for k in kernel_work.KEYS}
             w.update(_iova_granules=0, _walk_invalidations=0, _unmap_invalidations=0, _queued=0)
         elif path == "iommu_single":
@@ -798,6 +803,18 @@ class Replay:
             # to UINT_MAX rounded down to a page): kernel_work's device with no
             # segment limit
             w = kernel_work.kernel_work(path, pfns, strict=strict, detail=True)
+        if len(self._base) >= self.CACHE_MAX:
+            self._base.clear()
+        self._base[key] = w
+        return w
+
+    def _work(self, path: str, strict: bool, four_k: bool, pfns: np.ndarray, runs: np.ndarray,
+              shape: bytes) -> tuple[dict[str, int], float]:
+        key = (path, strict, four_k, shape)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        w = dict(self._base_work(path, strict, pfns, shape))
         if four_k and path not in ("direct_single", "sg_direct"):
             if path == "sg_iommu":
                 calls = runs   # iommu_map_sg: one call per physically contiguous run
@@ -881,16 +898,15 @@ class Replay:
             assumed.append("direct_by_address")
         for a in assumed:
             st.assumed[a] += 1
-        max_seg = g.max_segment_size if g is not None else 0xFFFFFFFF
+        pfns, runs, shape = self._shape(op.phys, op.lens)
         for name in self.strategies:
-            path, strict, four_k = STRATEGIES[name]
+            path, mode, four_k = STRATEGIES[name]
+            strict = self._strict_of(op.device) if mode is None else mode
             if path == "traced":
-                strict = self._strict_of(op.device)
                 path = ("sg_direct" if op.sg else "direct_single") if direct else \
                     ("sg_iommu" if op.sg else "iommu_single")
-            assert strict is not None
             try:
-                w, est = self._work(path, strict, four_k, op.phys, op.lens, max_seg)
+                w, est = self._work(path, strict, four_k, pfns, runs, shape)
             except ValueError:
                 st.model_errors += 1
                 continue
