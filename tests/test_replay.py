@@ -344,7 +344,7 @@ _HEXNUM = st.one_of(st.integers(0, (1 << 64) - 1), st.sampled_from([0, 1, (1 << 
 @given(st.lists(st.tuples(st.sampled_from(["dma_map_phys", "dma_unmap_phys", "dma_map_sg", "dma_unmap_sg"]),
                           _HEXNUM, _HEXNUM, st.integers(0, (1 << 64) - 1), st.integers(0, 300), st.integers(0, 300)),
                 max_size=12))
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_fuzz_well_formed_events_with_extreme_values(evs: list) -> None:
     """Addresses near 2**64, sizes of 2**64 - 1, nents far beyond the
     arrays: parsed or refused, counted, never a crash or a huge allocation."""
@@ -364,3 +364,14 @@ def test_fuzz_well_formed_events_with_extreme_values(evs: list) -> None:
         lines.append(f"  x-1 [000] ..... 1.0: {name}: {t}\n")
     res = replay.replay(lines, strategies=["traced", "sg_iommu:strict:4k", "link_runs:lazy"])
     assert res["malformed_count"] <= len(lines)
+
+
+def test_progress_line_on_stderr_for_long_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "long.trace"
+    p.write_text("#\n" * 70000 + TRACEFS_MAP + "\n")
+    res = replay.replay(p, progress=True, strategies=["traced"])
+    err = capsys.readouterr().err
+    assert "replay: 65,536 lines" in err and "%" in err
+    assert res["devices"]["0000:05:00.0"]["maps"] == 1
+    replay.replay(p, progress=False, strategies=["traced"])
+    assert capsys.readouterr().err == ""

@@ -1286,7 +1286,9 @@ def synthesize_trace(*, ops: int = 200, seed: int = 1, flavour: str = "trace", d
     dirs = ("TO_DEVICE", "FROM_DEVICE", "BIDIRECTIONAL")
     done = 0
     while done < ops or live:
-        ts += float(rng.integers(1, 4000)) * 1e-6
+        # the time as printed (microseconds), so the flush-queue timer
+        # fires here exactly where the replay, reading the text, fires it
+        ts = round(ts + float(rng.integers(1, 4000)) * 1e-6, 6)
         cpu = int(rng.integers(0, ncpus))
         tick()
         if done < ops and (len(live) < live_max and (not live or rng.random() < 0.55)):
