@@ -375,3 +375,12 @@ def test_progress_line_on_stderr_for_long_inputs(tmp_path: Path, capsys: pytest.
     assert res["devices"]["0000:05:00.0"]["maps"] == 1
     replay.replay(p, progress=False, strategies=["traced"])
     assert capsys.readouterr().err == ""
+
+
+def test_same_key_mapped_twice_pairs_first_in_first_out() -> None:
+    m = "  x-1 [000] ..... 1.{}: dma_map_phys: d0 dir=TO_DEVICE dma_addr=5000 size=4096 phys_addr=5000 attrs=\n"
+    u = "  x-1 [000] ..... 1.{}: dma_unmap_phys: d0 dir=TO_DEVICE dma_addr=5000 size=4096 attrs=\n"
+    res = replay.replay([m.format(1), m.format(2), u.format(3), u.format(4), u.format(5)], strategies=["traced"])
+    d = res["devices"]["d0"]
+    assert (d["maps"], d["unmaps"], d["unmatched_unmaps"], d["live_at_end"]) == (2, 2, 1, 0)
+    assert d["assumed"] == {"direct_by_address": 2}

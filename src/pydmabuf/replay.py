@@ -766,7 +766,11 @@ class Replay:
         self.stats = TraceStats()
         self._cache: dict[tuple[Any, ...], tuple[dict[str, int], float]] = {}
         self._base: dict[tuple[Any, ...], dict[str, int]] = {}
-        self._live: dict[str, dict[tuple[Any, ...], tuple[int, int, int]]] = {}
+        # live mappings per device, by what pairs an unmap with its map; a
+        # key mapped twice (the same page mapped twice by dma-direct, the
+        # same first entry in two tables) pairs first-in first-out
+        self._live: dict[str, dict[tuple[Any, ...], list[tuple[int, int, int]]]] = {}
+        self._nlive: Counter[str] = Counter()
         self._iova: dict[tuple[str, bool], _IovaModel] = {}
         self._pref: dict[str, bool] = {}
 
@@ -860,10 +864,14 @@ class Replay:
         g = self.geometry.get(op.device)
         if op.kind == "unmap":
             live = self._live.setdefault(op.device, {})
-            got = live.pop(op.key, None)
-            if got is None:
+            stack = live.get(op.key)
+            if not stack:
                 st.unmatched_unmaps += 1
                 return
+            got = stack.pop(0)
+            if not stack:
+                del live[op.key]
+            self._nlive[op.device] -= 1
             st.unmaps += 1
             for a in op.assumed:
                 st.assumed[a] += 1
@@ -951,9 +959,8 @@ class Replay:
                     elif ag["first_disagreement_line"] is None:
                         ag["first_disagreement_line"] = op.lineno
         live = self._live.setdefault(op.device, {})
-        if op.key in live:   # a second map under the same key before its unmap: keep the newer
-            st.model_errors += 1
-        live[op.key] = (iovas[0], iovas[1], size)
+        live.setdefault(op.key, []).append((iovas[0], iovas[1], size))
+        self._nlive[op.device] += 1
 
     def _modes(self, dev: str) -> tuple[bool, ...]:
         modes = set()
@@ -988,7 +995,7 @@ class Replay:
                 group = g.group if g is not None else name
                 stale = {("strict" if k[1] else "lazy"): iotlb_probe(m.dom) for k, m in self._iova.items()
                          if k[0] == group}
-            live = len(self._live.get(name, {}))
+            live = self._nlive[name]
             devices[name] = {
                 "events": dict(sorted(d.events.items())), "maps": d.maps, "unmaps": d.unmaps,
                 "bytes_mapped": d.bytes_mapped, "assumed": dict(sorted(d.assumed.items())),
