@@ -1177,7 +1177,7 @@ def format_markdown(result: dict[str, Any]) -> str:
         if d["iova_agreement"]:
             a = d["iova_agreement"]
             out.append(f"IOVA agreement with the trace: {a['agree']}/{a['compared']}")
-        out.append(f"stale IOTLB exposure: {d['stale_iotlb'] if isinstance(d['stale_iotlb'], str) else d['stale_iotlb']}")
+        out.append(f"stale IOTLB exposure: {d['stale_iotlb']}")
         out.append("")
         out.append("| strategy | " + " | ".join(cols) + " | kernel est. | IOVA peak | frag. |")
         out.append("|---|" + "---:|" * (len(cols) + 3))
@@ -1247,7 +1247,8 @@ def _segments(entry_lens: np.ndarray, max_seg: int) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-def _arr(a: Iterable[int], width32: bool = False) -> str:
+def _arr(a: Iterable[int]) -> str:
+    """``__print_array``'s text: ``{0x1,0x2}``."""
     return "{" + ",".join(f"0x{int(x):x}" for x in a) + "}"
 
 
@@ -1285,7 +1286,8 @@ def synthesize_trace(*, ops: int = 200, seed: int = 1, flavour: str = "trace", d
     def line(cpu: int, name: str, text: str) -> str:
         if flavour == "trace":
             return f"     kworker/{cpu}:1-{40 + cpu:<6} [{cpu:03d}] ..... {ts:12.6f}: {name}: {text}\n"
-        return f"     kworker/{cpu}:1-{40 + cpu:<6} [{cpu:03d}] {ts:12.6f}: {name}: {' ' * max(0, 20 - len(name))}{text}\n"
+        pad = " " * max(0, 20 - len(name))   # trace-cmd pads the event name
+        return f"     kworker/{cpu}:1-{40 + cpu:<6} [{cpu:03d}] {ts:12.6f}: {name}: {pad}{text}\n"
 
     def tick() -> None:
         nonlocal first_queued
