@@ -204,6 +204,9 @@ def test_sample_trace_reports_truncation_swiotlb_faults_and_iommu_calls(geometry
     assert nic["strategies"]["traced"]["kernel_work"] == {k: 0 for k in kernel_work.KEYS}
     assert nic["strategies"]["traced"]["iova"] is None
     assert res["iommu_events"] == {"map": 1, "map_bytes": 4096, "unmap": 1, "unmap_bytes": 4096}
+    calls = res["total"]["strategies"]["traced"]["kernel_work"]["iommu_map_calls"]
+    assert f"iommu:map events in the trace: 1 (every domain and device); the model's 'traced' " \
+           f"iommu_map_calls for the DMA-API mappings read: {calls}" in replay.format_table(res)
     assert nvme["stale_iotlb"] == replay.NOT_MODELLED
 
 

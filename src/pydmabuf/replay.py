@@ -332,7 +332,8 @@ ASSUMPTIONS = {
     "unmap_sg_by_first_phys": "dma_unmap_sg records physical addresses only: matched to the live dma_map_sg "
                               "whose first entry has the same physical address",
     "direct_by_address": "no machine spec for the device: a mapping whose DMA address equals its physical "
-                         "address is taken as dma-direct, any other as through the IOMMU",
+                         "address is taken as dma-direct, any other as through the IOMMU (a dma-direct "
+                         "mapping bounced through swiotlb or behind a DMA offset is misread: give --machine)",
 }
 
 
@@ -1196,6 +1197,7 @@ def format_markdown(result: dict[str, Any]) -> str:
     out.append("")
     out.append(f"skipped events: {result['skipped'] or 'none'}; malformed lines: {result['malformed_count']}"
                + (f" (first: {result['malformed'][:10]})" if result["malformed"] else ""))
+    out.extend(_iommu_check(result))
     for k, v in result["assumptions"].items():
         out.append(f"- assumed {k}: {v}")
     return "\n".join(out) + "\n"
@@ -1227,7 +1229,20 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"{name}: " + "; ".join(extra))
     lines.append(f"skipped: {result['skipped'] or 'none'}; malformed lines: {result['malformed_count']}"
                  + (f" {result['malformed'][:10]}" if result["malformed"] else ""))
+    lines.extend(_iommu_check(result))
     return "\n".join(lines)
+
+
+def _iommu_check(result: dict[str, Any]) -> list[str]:
+    """The IOMMU's own map tracepoint (one event per iommu_map_nosync call,
+    any device, no device name) beside the model's count for the traced
+    strategy."""
+    ev = result.get("iommu_events") or {}
+    traced = result["total"]["strategies"].get("traced")
+    if not ev.get("map") or traced is None:
+        return []
+    return [f"iommu:map events in the trace: {ev['map']} (every domain and device); the model's 'traced' "
+            f"iommu_map_calls for the DMA-API mappings read: {traced['kernel_work']['iommu_map_calls']}"]
 
 
 # ------------------------------------------------------------- synthesis

@@ -4,7 +4,8 @@ The dma_map_phys / dma_map_sg / unmap lines come from
 ``pydmabuf.replay.synthesize_trace`` (DMA addresses chosen by the model's
 IOVA allocator with the geometry of ``machine.toml``); the other lines
 are written here in the kernel's print formats: a swiotlb bounce of a
-32-bit device doing direct DMA, the IOMMU's own map/unmap calls, an IO
+32-bit device doing direct DMA (swiotlb_bounced prints the
+original address, dma_map_page the bounce slot's), the IOMMU's own map/unmap calls, an IO
 page fault, a sync, 6.12-format dma_map_page / dma_map_sg lines (no
 nents=/ents=) of a device the machine file does not describe, and an
 event the replay does not know (sched_switch).
@@ -26,7 +27,7 @@ def _extra_trace() -> list[str]:
         "     kworker/1:1-41     [001] .....   101.000100: swiotlb_bounced: dev_name: 0000:05:00.0 "
         "dma_mask=ffffffff dev_addr=17f000200 size=1500\n",
         "     kworker/1:1-41     [001] .....   101.000110: dma_map_page: 0000:05:00.0 dir=TO_DEVICE "
-        "dma_addr=7c001200 size=1500 phys_addr=7c001200 attrs=\n",
+        "dma_addr=7c001200 size=1500 phys_addr=17f000200 attrs=\n",
         "     kworker/1:1-41     [001] .....   101.000300: dma_unmap_page: 0000:05:00.0 dir=TO_DEVICE "
         "dma_addr=7c001200 size=1500 attrs=\n",
         "     kworker/0:1-40     [000] .....   101.000400: map: IOMMU: iova=0x00000000fe000000 - "
