@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["main"]
 
@@ -96,7 +96,33 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="?", help="the scenario to run (see --list)")
     s.add_argument("--list", action="store_true", help="list the scenarios")
     s.add_argument("--all", action="store_true", help="run every scenario in turn")
+    _replay_parser(sub)
     return p
+
+
+def _replay_parser(sub: Any) -> None:
+    from pydmabuf.replay import STRATEGIES
+
+    r = sub.add_parser(
+        "replay",
+        help="replay a real machine's DMA trace (tracefs trace / trace-cmd report) through the model",
+        description="Read the text of tracefs's trace file or of trace-cmd report (events dma:*, iommu:*, "
+        "swiotlb:*), rebuild each device's map/unmap stream and replay it on each mapping strategy: kernel "
+        "work counts, kernel-cost estimate, IOVA high-water mark and fragmentation, swiotlb use. See docs/replay.md.",
+    )
+    r.add_argument("trace", metavar="TRACE", help="the trace text ('-' for stdin)")
+    r.add_argument("--machine", metavar="SPEC.toml",
+                   help="the traced machine (its IOMMU domains' geometry): the model's IOVA choices are "
+                        "compared with the trace's DMA addresses")
+    r.add_argument("--strategies", default=None,
+                   help=f"comma list (default: all): {', '.join(STRATEGIES)}")
+    r.add_argument("--device", metavar="NAME", help="replay only this device (its name in the trace)")
+    r.add_argument("--limit", type=int, metavar="N", help="stop after N map/unmap operations")
+    r.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
+    r.add_argument("--csv", metavar="FILE", help="write one row per device and strategy as CSV ('-' for stdout)")
+    r.add_argument("--markdown", metavar="FILE", help="write a Markdown report ('-' for stdout)")
+    r.add_argument("--cost-profile", metavar="FILE", help="TOML unit costs for the kernel-cost estimate")
+    r.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
 def _write(path: str, text: str) -> None:
@@ -228,6 +254,41 @@ def _scenario(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replay(args: argparse.Namespace) -> int:
+    from pydmabuf import errors, kernel_work, replay
+
+    strategies = [x.strip() for x in args.strategies.split(",") if x.strip()] if args.strategies else \
+        list(replay.STRATEGIES)
+    try:
+        if args.limit is not None and args.limit < 0:
+            raise ValueError("--limit must be >= 0")
+        bad = [x for x in strategies if x not in replay.STRATEGIES]
+        if bad or not strategies:
+            raise ValueError(f"unknown strategy {', '.join(bad) or '(none)'}; known: {', '.join(replay.STRATEGIES)}")
+        geometry = None
+        if args.machine:
+            from pydmabuf import Machine
+
+            geometry = replay.geometry_from_machine(Machine.from_toml(args.machine))
+        profile = kernel_work.load_profile(args.cost_profile) if args.cost_profile else None
+        units = kernel_work.unit_costs(profile, rounds=5)
+        source: Any = sys.stdin.buffer if args.trace == "-" else args.trace
+        result = replay.replay(source, strategies=strategies, units=units, geometry=geometry, device=args.device,
+                               limit=args.limit, progress=False if args.no_progress else None)
+    except (OSError, ValueError, errors.DmaBufError) as e:
+        print(f"pydmabuf replay: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        _write(args.json, replay.to_json(result))
+    if args.csv:
+        _write(args.csv, replay.to_csv(result))
+    if args.markdown:
+        _write(args.markdown, replay.format_markdown(result))
+    if "-" not in (args.json, args.csv, args.markdown):
+        print(replay.format_table(result))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pydmabuf`` console script."""
     args = _parser().parse_args(argv)
@@ -235,9 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # as argparse does for a missing argument
         parser = _parser()
         parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: name a command (bench, scenario); see pydmabuf --help", file=sys.stderr)
+        print(f"{parser.prog}: error: name a command (bench, scenario, replay); see pydmabuf --help", file=sys.stderr)
         return 2
-    commands = {"bench": _bench, "scenario": _scenario}
+    commands = {"bench": _bench, "scenario": _scenario, "replay": _replay}
     try:
         status = commands[args.command](args)
         sys.stdout.flush()  # here, where a closed pipe can still be caught
