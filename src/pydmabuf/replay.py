@@ -45,11 +45,11 @@ from typing import IO, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from pydmabuf import _core, errors, kernel_work
+from pydmabuf import _core, errors, iotlb, kernel_work
 
 __all__ = ["Event", "Malformed", "Op", "ASSUMPTIONS", "STRATEGIES", "KNOWN_EVENTS", "parse_line", "parse_events",
            "rebuild_ops", "pagetable_work_4k", "Replay", "DeviceGeometry", "replay", "synthesize_trace",
-           "iotlb_probe", "to_json", "to_csv", "format_markdown", "format_table"]
+           "iotlb_probe", "stale_window", "to_json", "to_csv", "format_markdown", "format_table"]
 
 log = logging.getLogger(__name__)
 
@@ -550,12 +550,27 @@ STRATEGY_HELP = {
 
 # ------------------------------------------------------------ stale IOTLB
 
-#: Extension point for the IOTLB model of :class:`pydmabuf._core.IommuDomain`
-#: (being added separately): a callable taking a replay domain and
-#: returning its stale-IOTLB exposure counts (``dict[str, int]``), called
-#: at the end of a device's replay.  None: the report says "not modelled
-#: in this build".
-iotlb_probe: Callable[[Any], dict[str, int]] | None = None
+def stale_window(model: Any) -> dict[str, int]:
+    """The stale-IOTLB exposure of one replayed domain (lazy domains; a
+    strict one gives zeros): every unmap a flush queue took leaves its
+    bytes reachable through a cached translation until the next flush
+    (``iommu_dma_free_iova`` -> ``queue_iova``; invalidated by
+    ``fq_flush_iotlb``, on the 10 ms timer in trace time or a full ring).
+    ``queued_unmaps`` / ``queued_bytes``: unmaps and bytes that went
+    through the queue; ``peak_queued_bytes``: the most bytes reachable that
+    way at once; ``flushes``: the queue's flushes; ``queued_at_end_bytes``:
+    still reachable when the trace ends (:func:`pydmabuf.iotlb.stale_window`
+    of the domain)."""
+    w = iotlb.stale_window(model.dom)
+    return {"queued_unmaps": model.queued_unmaps, "queued_bytes": model.queued_bytes,
+            "peak_queued_bytes": model.peak_queued, "flushes": model.flushes,
+            "queued_at_end_bytes": w.queued_bytes}
+
+
+#: How a replay reports the stale-IOTLB window of each domain: a callable
+#: taking the replayed domain's model and returning counts; None: the
+#: report says "not modelled in this build".
+iotlb_probe: Callable[[Any], dict[str, int]] | None = stale_window
 NOT_MODELLED = "not modelled in this build"
 
 
@@ -669,6 +684,10 @@ class _IovaModel:
         self.failures = 0
         self.frag_max = 0.0
         self.since_sample = 0
+        self.queued_unmaps = 0
+        self.queued_bytes = 0
+        self.peak_queued = 0
+        self.flushes = 0
 
     def tick(self, ts: float) -> None:
         """The flush queue's timer (fq_flush_timeout), driven by trace time:
@@ -676,6 +695,7 @@ class _IovaModel:
         next operation."""
         if self.first_queued is not None and self.timeout is not None and ts - self.first_queued >= self.timeout:
             self.dom.flush()
+            self.flushes += 1
             self.first_queued = None
 
     def alloc(self, size: int, limit: int, pci: bool, pref: bool, cpu: int,
@@ -703,9 +723,20 @@ class _IovaModel:
         return iova, pref
 
     def free(self, iova: int, size: int, cpu: int, ts: float) -> None:
+        if self.dom.strict:
+            self.dom.unmap_dma(iova, size, cpu % self.ncpus)
+            self.held -= size
+            return
+        before = self.dom.iovad.stats["queued_pages"]
         self.dom.unmap_dma(iova, size, cpu % self.ncpus)
         self.held -= size
-        if not self.dom.strict and self.first_queued is None:
+        after = self.dom.iovad.stats["queued_pages"]
+        if after < before + (size >> 12):  # the ring was full: queue_iova flushed it first
+            self.flushes += 1
+        self.queued_unmaps += 1
+        self.queued_bytes += size
+        self.peak_queued = max(self.peak_queued, after << 12)
+        if self.first_queued is None:
             self.first_queued = ts
 
     def sample(self) -> None:
@@ -994,7 +1025,7 @@ class Replay:
             if iotlb_probe is not None:
                 g = self.geometry.get(name)
                 group = g.group if g is not None else name
-                stale = {("strict" if k[1] else "lazy"): iotlb_probe(m.dom) for k, m in self._iova.items()
+                stale = {("strict" if k[1] else "lazy"): iotlb_probe(m) for k, m in self._iova.items()
                          if k[0] == group}
             live = self._nlive[name]
             devices[name] = {
