@@ -46,6 +46,7 @@ from pydmabuf import IommuDomain, RangeTable, errors
 from pydmabuf._types import PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref
+from pydmabuf.locking import Mutex
 from pydmabuf.exporters.vfio import IOMMUFD_MODULE, vfio_pci_dma_buf_iommufd_map
 from pydmabuf.machine import MSI_WINDOW, Device, Iommu
 
@@ -84,7 +85,7 @@ class _DmaBufPages(ImporterOps):
     import_namespaces = frozenset({IOMMUFD_MODULE})
 
     def __init__(self, dmabuf: DmaBuf, start: int, length: int, writable: bool) -> None:
-        self.lock = threading.Lock()
+        self.lock = Mutex("&pages->mutex")
         self.dmabuf = dmabuf
         self.start = start
         self.length = length
@@ -564,6 +565,10 @@ class IommufdIoas:
         try:
             buf.resv.lock()
             try:
+                # iopt_map_dmabuf() primes lockdep: the pages mutex nests
+                # inside the reservation lock (taken and dropped once here).
+                with pages.lock:
+                    pass
                 a.pin()
                 try:
                     pages.paddr, pages.phys_len = vfio_pci_dma_buf_iommufd_map(a)
