@@ -227,8 +227,10 @@ class _Lockdep:
                             continue
                         self.reported.add((a, key))
                         where = site or _edge_site()
+                        stack = " > ".join(h[0] for h in held)
                         msg = (f"possible circular locking dependency: taking {key} while holding {a} "
-                               f"at {where} makes {a} -> {key}, but the graph already has "
+                               f"(this thread holds {stack}) at {where} makes {a} -> {key}, but the graph "
+                               f"already has "
                                f"{' -> '.join(back)} ({self.chain(back)}). Two threads taking these "
                                f"classes in these orders deadlock")
                         deps.setdefault(a, {})[key] = where  # report mode: the edge stands

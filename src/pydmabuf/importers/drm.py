@@ -216,6 +216,14 @@ class DrmDynamicGpu:
     attachment: Attachment
     table: SgTable | None
     freed: bool
+    wait_kernel_fences: bool
+    fence_timeout: float | None
+    invalidated: bool
+    invalidations: int
+    remaps: int
+    fence_waits: int
+    _segments: np.ndarray
+    _ops: _DynamicOps
 
     def __init__(self) -> None:
         raise TypeError("use DrmDynamicGpu.import_buffer(device, dmabuf)")
