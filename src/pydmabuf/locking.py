@@ -279,21 +279,7 @@ class _Lockdep:
                 del held[i]
                 return
 
-    # --- the core's hooks --------------------------------------------------
-
-    def ww_acquire(self, m: Any, with_ctx: bool, trylock: bool) -> None:
-        cls = m.ww_class
-        key = self.ww_keys.get(cls)
-        if key is None:
-            key = self.ww_keys[cls] = cls.mutex_name
-        try:
-            held: list[_Held] = self.tls.held
-        except AttributeError:
-            held = self.tls.held = []
-        if held:
-            self.acquire(key, m, trylock=trylock, ww=True)
-        else:  # the fast path: nothing held, no edge to add
-            held.append((key, m, True))
+    # --- the core's hooks (acquire/release: _fast_hooks) ---------------------
 
     def signal(self, entering: bool) -> None:
         # dma_fence_begin_signalling(): a read trylock of dma_fence_map (no
