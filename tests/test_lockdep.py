@@ -175,6 +175,9 @@ def test_the_same_mutex_twice_raises_in_every_mode():
     with checks.report_mode(), x:
         with pytest.raises(errors.LockingError, match="would deadlock"):
             x.lock()
+        assert x.trylock() is False  # mutex_trylock() of a held mutex: 0, no report
+    assert x.trylock() is True and locking.held_locks() == [x.lock_class]
+    x.unlock()
 
 
 def test_unlock_by_a_non_owner_and_nest_lock_not_held():

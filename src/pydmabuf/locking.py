@@ -519,7 +519,10 @@ class Mutex:
         self._owner = threading.get_ident()
 
     def trylock(self) -> bool:
-        """``mutex_trylock()``: take it if free, never wait."""
+        """``mutex_trylock()``: take it if free, never wait (False when
+        held, by this thread too)."""
+        if self._owner == threading.get_ident():
+            return False
         key = self._check(0, None)
         if not self._mu.acquire(blocking=False):
             return False

@@ -231,6 +231,7 @@ class VramBuffer(Exporter):
 
     def release(self, dmabuf: DmaBuf) -> None:
         self.released = True
+        self.dmabuf = None  # no cycle back to the buffer that is going
         self.vdev._release(self)
 
     def __repr__(self) -> str:
