@@ -307,3 +307,27 @@ def test_threads_hold_their_own_stacks():
     t.join()
     assert seen == [[a.lock_class]]
     assert a.lock_class not in locking.dependencies().get(RESV_CLASS, {})
+
+
+def test_vfio_memory_lock_orders_before_the_reservation_lock():
+    # vfio_pci_dma_buf_move() runs under memory_lock and takes each
+    # buffer's reservation lock: memory_lock -> resv.  A path that took
+    # memory_lock under a reservation lock would invert it.
+    from pydmabuf import Machine
+    from pydmabuf.exporters import VfioPciBar
+
+    m = Machine.default()
+    v = VfioPciBar(m, "vfio1", nbytes=1 << 16)
+    b = v.export()
+    try:
+        v.set_memory_decode(False, timeout=5)
+        assert RESV_CLASS in locking.dependencies()["&vdev->memory_lock"]
+        core_lock = v._core.memory_lock
+        with b.resv:
+            with pytest.raises(errors.LockingError) as ei:
+                core_lock.lock()
+        assert "&vdev->memory_lock" in str(ei.value) and not core_lock.locked()
+        v.set_memory_decode(True, timeout=5)
+    finally:
+        b.put()
+        v.close()
