@@ -446,6 +446,15 @@ def test_guest_reads_racing_revokes_never_reach_a_revoked_bar(m):
                 except errors.IOFailure:
                     outcomes["eio"] += 1
                     continue
+                except errors.IommuFault as e:
+                    # The access gate refuses an entry of a buffer already
+                    # marked revoked whose zap has not run yet (the model is
+                    # stricter than hardware in that window).
+                    if "was revoked" not in str(e):
+                        bad.append(e)
+                        return
+                    outcomes["eio"] += 1
+                    continue
                 except BaseException as e:  # anything else is a bug
                     bad.append(e)
                     return
