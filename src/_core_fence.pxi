@@ -470,6 +470,8 @@ cdef class Fence:
             cb.state = _CB_IDLE
         pthread_mutex_unlock(&self.f.mu)
         nested = _sig_enter_implicit(t, self)
+        if not nested and _ld_signal is not None:
+            _ld_signal(True)
         try:
             for cb in cbs:
                 try:
@@ -481,6 +483,8 @@ cdef class Fence:
                         _log.error("another callback of %r raised", self, exc_info=e)
         finally:
             _sig_exit(t, nested)
+            if not nested and _ld_signal is not None:
+                _ld_signal(False)
             _lock_mu(&self.f.mu)
             pdb_or_flags(&self.f.flags, PDB_FENCE_CB_DONE)
             _fence_wake_all(&self.f)
@@ -657,6 +661,8 @@ cdef class Fence:
         cdef int rc
         if t.sig_depth:
             _sig_violation(t, f"waiting on {self!r}")
+        if _ld_wait is not None:
+            _ld_wait()
         deadline = _deadline(timeout, "Fence.wait")
         self.enable_sw_signaling()
         flags = pdb_load_flags(&self.f.flags)
@@ -725,6 +731,8 @@ def fence_wait_any(fences, timeout=None, *, bint interruptible=False):
         raise _errors.InvalidArgument("fence_wait_any() of no fences")
     if t.sig_depth:
         _sig_violation(t, f"waiting on any of {fs!r}")
+    if _ld_wait is not None:
+        _ld_wait()
     deadline = _deadline(timeout, "fence_wait_any")
     if timeout is not None and timeout == 0:
         for i in range(n):

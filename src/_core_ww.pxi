@@ -322,6 +322,28 @@ cdef inline unsigned int _task_held(pdb_task *t, pdb_ww_class *cls, bint with_ct
     return t.held_ctx[i] if with_ctx else t.held_plain[i]
 
 
+
+# ------------------------------------------------------------ lockdep hooks
+#
+# The lock-class dependency graph lives in pydmabuf.locking (Python).  When
+# it is enabled it installs these hooks; when they are None (tracking off)
+# the lock and unlock paths pay one pointer compare.
+
+cdef object _ld_acquire = None   # (mutex, with_ctx, trylock) -> None; raises to refuse
+cdef object _ld_release = None   # (mutex) -> None
+cdef object _ld_signal = None    # (entering) -> None: the dma_fence_map pseudo-lock
+cdef object _ld_wait = None      # () -> None: __dma_fence_might_wait()
+
+
+def _set_lockdep_hooks(acquire, release, signal, wait):
+    """Install (or, with Nones, remove) the lock-class tracking hooks of
+    :mod:`pydmabuf.locking`.  Internal."""
+    global _ld_acquire, _ld_release, _ld_signal, _ld_wait
+    _ld_acquire = acquire
+    _ld_release = release
+    _ld_signal = signal
+    _ld_wait = wait
+
 # ------------------------------------------------------ signalling sections
 #
 # dma_fence_begin_signalling() / end(): the critical section from the
@@ -398,6 +420,8 @@ def begin_signalling():
     Py_INCREF(site)
     t.sig_site = <void *>site
     t.sig_depth = 1
+    if _ld_signal is not None:
+        _ld_signal(True)
     return False
 
 
@@ -419,6 +443,8 @@ def end_signalling(cookie):
         raise _errors.LockingError(
             "end_signalling(False) without a matching begin_signalling() in this thread")
     _sig_exit(t, False)
+    if _ld_signal is not None:
+        _ld_signal(False)
 
 
 def _thread_lock_state():
@@ -900,6 +926,8 @@ cdef int _ww_release(WwMutex self, pdb_task *t) except -1:
     cdef void *ref = self.ctx_ref
     self.ctx_ref = NULL
     ww_unlock(&self.m, t)
+    if _ld_release is not None:
+        _ld_release(self)
     if ref != NULL:
         Py_DECREF(<object>ref)
     Py_DECREF(self)
@@ -929,6 +957,12 @@ cdef int _ww_lock(WwMutex self, AcquireContext ctx, int mode) except -1:
         if rc < 0:
             _check(rc, f"locking {self!r}")
     _ww_took(self, ctx)
+    if _ld_acquire is not None:
+        try:
+            _ld_acquire(self, ctx is not None, False)
+        except BaseException:
+            _ww_release(self, t)  # refused: the failed call changes nothing
+            raise
     # CONFIG_DEBUG_WW_MUTEX_SLOWPATH: pretend to die now and then.
     if c != NULL and c.inject and c.acquired > 1 and (mode == _LOCK or mode == _LOCK_INTR):
         if c.inject_countdown == 0:
@@ -1046,6 +1080,12 @@ cdef class WwMutex:
         _ww_check(self, ctx, t, _TRY)
         if ww_trylock(&self.m, &ctx.c if ctx is not None else NULL, t):
             _ww_took(self, ctx)
+            if _ld_acquire is not None:
+                try:
+                    _ld_acquire(self, ctx is not None, True)
+                except BaseException:
+                    _ww_release(self, t)
+                    raise
             return True
         return False
 

@@ -62,6 +62,13 @@ EXPECTED = {
         "PF driver": "Xe IOV interconnect",
         "static importer": "refused (EINVAL): nothing matches",
     },
+    "vram-eviction": {
+        "moves": 3,
+        "DMA before the move fence caught": 1,
+        "culprit": "B (skips the fence wait)",
+        "A read after waiting": "frame 0001",
+        "pinned eviction": "refused (EBUSY)",
+    },
     "ranges-to-table": {
         "ranges": 3,
         "model layout": "each range at its running offset",

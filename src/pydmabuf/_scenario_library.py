@@ -17,7 +17,9 @@ from pydmabuf.dmabuf import ImporterOps
 from pydmabuf.exporters import PrivateMemory, SystemHeap
 from pydmabuf.exporters.private import PrivateBuffer
 from pydmabuf.exporters.vfio import VfioPciBar
+from pydmabuf.exporters.vram import VramDevice
 from pydmabuf.importers import DrmGpu, IommufdIoas, KvmVm, RdmaMr
+from pydmabuf.importers.drm import DrmDynamicGpu
 from pydmabuf.importers.kvm import KVM_MEM_VFIO_DMABUF
 from pydmabuf.iotlb import stale_window
 from pydmabuf.exporters.system_heap import HeapBuffer
@@ -711,4 +713,116 @@ def mapping_types(story: Story) -> None:
     story.fact("iommufd", f"{pal_kind} (2 ranges)")
     story.fact("PF driver", iov_kind)
     story.fact("static importer", "refused (EINVAL): nothing matches")
+    _clean(story, m, before)
+
+
+# ---------------------------------------------------------------- VRAM eviction
+
+
+def _two_gpu_machine() -> Machine:
+    """The default machine with a second GPU (gpu2) on a spare downstream
+    port of gpu0's switch, so it reaches gpu0's VRAM BAR peer to peer."""
+    import copy
+
+    from pydmabuf.machine import DEFAULT_SPEC
+
+    spec = copy.deepcopy(DEFAULT_SPEC)
+    spec["ports"].append({"name": "sw0_dp3", "bdf": "0000:02:03.0", "parent": "sw0_up", "kind": "switch_downstream"})
+    spec["devices"].append({"name": "gpu2", "bdf": "0000:06:00.0", "parent": "sw0_dp3", "vendor": 0x1002,
+                            "device_id": 0x744C, "dma_mask": 44, "max_segment_size": 0xFFFFFFFF,
+                            "iommu": "iommu0", "group": "sw0", "can_p2p": True,
+                            "description": "second GPU behind gpu0's switch (P2P to its VRAM BAR)"})
+    spec["iommus"] = [dict(io, fq_timeout=False) for io in spec["iommus"]]  # as _machine(): no wall-clock flushes
+    return Machine.from_spec(spec)
+
+
+@scenario("vram-eviction", "VRAM evicted by a fenced copy: one importer waits for the move, one does not")
+def vram_eviction(story: Story) -> None:
+    """gpu0 exports a buffer from its BAR-visible VRAM (TTM style).  gpu2
+    imports it twice, dynamically and peer to peer: importer A waits for
+    the KERNEL fences after every re-map, importer B skips the wait.
+    Memory pressure evicts the buffer to system memory with an
+    asynchronous copy whose fence goes into the reservation object; B's
+    DMA lands before the copy finished and the checker names it, A's waits
+    and reads the data.  A GPU the PCI topology keeps from the BAR (gpu1)
+    pins the buffer: it is migrated to system memory first, and while
+    pinned it cannot be evicted (EBUSY)."""
+    m = _two_gpu_machine()
+    before = _live(m)
+    gpu0, gpu1, gpu2 = m.device("gpu0"), m.device("gpu1"), m.device("gpu2")
+    vram = VramDevice(gpu0, vram_bytes=256 << 10)
+    story.step(f"gpu0's VRAM manager over BAR{vram.bar.index} ({_fmt_size(vram.bar.nbytes)} prefetchable; the model "
+               f"uses {_fmt_size(vram.vram_free)} of it to make pressure easy): {vram.vram_free >> 10} KiB free")
+    buf = vram.allocate(128 << 10, name="frame")
+    story.detail(f"{buf.name!r}: {_fmt_size(buf.size)} in VRAM, {vram.vram_free >> 10} KiB left")
+
+    story.step("gpu2 imports it twice, dynamically and peer to peer: A waits for KERNEL fences, B does not")
+    a = DrmDynamicGpu.import_buffer(gpu2, buf, fence_timeout=5.0)
+    b = DrmDynamicGpu.import_buffer(gpu2, buf, wait_kernel_fences=False)
+    a.write(0, b"frame 0001")
+    story.detail(f"A writes 'frame 0001' through the BAR (peer2peer={a.attachment.peer2peer}: "
+                 f"{_addr(a.table)})")
+    story.detail(f"B reads {b.read(0, 10)!r}")
+
+    story.step("memory pressure: a 192 KiB allocation evicts 'frame' to system memory (ttm_bo_evict_alloc)")
+    other = vram.allocate(192 << 10, name="pressure")
+    (job,) = vram.pending_copies
+    fence = buf.resv.get_fences()[-1]
+    story.detail(f"the new placement is published at once ({buf.exporter!r}); the copy {job.src_placement} -> "
+                 f"{job.dst_placement} is queued; its fence is in the reservation object as KERNEL "
+                 f"(signalled: {fence.is_signaled()})")
+    story.detail(f"both importers were told (A: {a.invalidations}, B: {b.invalidations} invalidation)")
+
+    story.step("B re-maps and DMAs at once, without waiting for the move fence (checker in report mode)")
+    with checks.report_mode():
+        checks.clear()
+        got_b = b.read(0, 10)
+        reports = checks.reports("dma-before-move-fence")
+        checks.clear()
+    story.detail(f"B reads {got_b!r}: the copy has not run, the new pages hold something else")
+    for r in reports:
+        story.detail(f"report: {r.rule}, culprit {r.culprit}")
+
+    story.step("A re-maps and waits for the KERNEL fences; the copy engine runs the copy, the fence signals")
+    import threading
+    import time
+
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.append(a.read(0, 10)), name="A")
+    reader.start()
+    while a.fence_waits == 0 and reader.is_alive():  # A is about to block on the fence
+        time.sleep(0.001)
+    vram.run_copies()
+    reader.join()
+    got_a = out[0]
+    story.detail(f"A waited {a.fence_waits} time(s) and reads {got_a!r} from system memory ({_addr(a.table)})")
+
+    story.step("the buffer comes back into VRAM on request, evicting 'pressure' (which nobody imports)")
+    vram.restore(buf)
+    vram.run_copies()
+    story.detail(f"{buf.exporter!r}; {other.exporter!r}")
+    story.detail(f"A reads {a.read(0, 10)!r} through the BAR again ({a.remaps} maps so far)")
+
+    story.step("gpu1 (no P2P route to gpu0's BAR) imports it statically: the pin migrates it to system memory first")
+    with vram.engine():
+        g1 = DrmGpu.prime_import(gpu1, buf)
+    story.detail(f"{buf.exporter!r}; gpu1 reads {g1.read(0, 10)!r}")
+    story.step("while gpu1 holds its pin, eviction and restore are refused")
+    e = story.refused(vram.restore, buf, expect=errors.Busy)
+
+    story.step("teardown: importers free their objects, the buffers' last references go")
+    g1.free()
+    a.free()
+    b.free()
+    buf.put()
+    other.put()
+    vram.run_copies()
+    story.detail(f"{vram.vram_free >> 10} KiB of VRAM free")
+
+    story.fact("moves", buf.exporter.moves)
+    story.fact("DMA before the move fence caught", len(reports))
+    story.fact("culprit", "B (skips the fence wait)" if reports and "skips the fence wait" in reports[0].culprit
+               else "?")
+    story.fact("A read after waiting", got_a.decode())
+    story.fact("pinned eviction", "refused (EBUSY)" if isinstance(e, errors.Busy) else "?")
     _clean(story, m, before)

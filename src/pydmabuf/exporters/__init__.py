@@ -9,10 +9,14 @@
   decoding its BARs.
 * :class:`PrivateMemory`: confidential-computing private memory, for
   trusted devices only and never mapped by the host CPU.
+* :class:`VramDevice`: a GPU's BAR-visible VRAM managed as TTM does
+  (amdgpu, xe): buffers evicted to system memory and back by fenced,
+  asynchronous copies.
 """
 
 from pydmabuf.exporters.private import PrivateMemory
 from pydmabuf.exporters.system_heap import SystemHeap
 from pydmabuf.exporters.vfio import VfioPciBar
+from pydmabuf.exporters.vram import VramDevice
 
-__all__ = ["PrivateMemory", "SystemHeap", "VfioPciBar"]
+__all__ = ["PrivateMemory", "SystemHeap", "VfioPciBar", "VramDevice"]

@@ -77,6 +77,7 @@ from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
 from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import (Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, _timeout_arg, attach_revocable,
                              close, dma_buf_get, export)
+from pydmabuf.locking import Mutex
 from pydmabuf.machine import Device, Machine, P2pProvider
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ class _VfioPciCore:
         self.device = device
         self.kernel = kernel
         self.has_dmabuf_phys = has_dmabuf_phys
-        self.memory_lock = threading.RLock()
+        self.memory_lock = Mutex("&vdev->memory_lock")
         self.open_count = 0
         self.user_power_state = device.power_state
         self.pm_runtime_engaged = False
@@ -236,6 +237,8 @@ def _flip_619(buf: DmaBuf, revoked: bool) -> None:
 # driver data of the PCI device), not in a global table: a table keyed by
 # the device whose values refer back to it would keep both alive forever.
 _cores_lock = threading.Lock()
+#: ``vdev->vdev.dev_set->lock`` (one set for the model's devices).
+_dev_set_lock = Mutex("&dev_set->lock")
 
 
 def _core_of(device: Device) -> _VfioPciCore | None:
@@ -908,8 +911,12 @@ def vfio_pci_hot_reset(devices: Iterable[Device | VfioPciBar], *, timeout: float
         if core is not None:
             cores.append(core)
     with contextlib.ExitStack() as stack:
+        # vfio_pci_dev_set_hot_reset(): under the set's lock, every
+        # device's memory_lock (down_write_nest_lock(..., &dev_set->lock)).
+        stack.enter_context(_dev_set_lock)
         for core in cores:
-            stack.enter_context(core.memory_lock)
+            core.memory_lock.lock(nest_lock=_dev_set_lock)
+            stack.callback(core.memory_lock.unlock)
             core.zap_bars()
             core.move(True, timeout)
         for core in cores:

@@ -49,6 +49,7 @@ from pydmabuf import IommuDomain, RangeTable, _core, checks, errors, mapping
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref
+from pydmabuf.locking import Mutex
 from pydmabuf.machine import MSI_WINDOW, Device, Iommu
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class _DmaBufPages(ImporterOps):
     import_namespaces = frozenset({mapping.PAL_MODULE})
 
     def __init__(self, dmabuf: DmaBuf, start: int, length: int, writable: bool) -> None:
-        self.lock = threading.Lock()
+        self.lock = Mutex("&pages->mutex")
         self.dmabuf = dmabuf
         self.start = start
         self.length = length
@@ -736,6 +737,10 @@ class IommufdIoas:
         try:
             buf.resv.lock()
             try:
+                # iopt_map_dmabuf() primes lockdep: the pages mutex nests
+                # inside the reservation lock (taken and dropped once here).
+                with pages.lock:
+                    pass
                 a.pin()
                 try:
                     pl = mapping.pal_map_phys(a)

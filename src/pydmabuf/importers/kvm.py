@@ -24,6 +24,13 @@ which let a confidential VM map a host-unmappable VFIO dma-buf:
 * The exporter invalidating (VFIO revoking) zaps every entry of the slot
   and flushes; the next access faults again and, while the buffer is
   revoked, fails.
+* A fault follows KVM's invalidation protocol: it reads
+  ``mmu_invalidate_seq`` before ``get_pfn`` (which takes and drops the
+  reservation lock) and installs the entries under ``mmu_lock`` only if
+  ``mmu_invalidate_retry_gfn()`` finds no invalidation in progress over
+  them and none completed since; otherwise it retries
+  (``fault_retries``).  Locks: the reservation lock before ``mmu_lock``
+  (the invalidation runs under the first and takes the second).
 
 Errors of guest accesses (chosen, as the RFC has no guest-visible ABI for
 them): a failed ``get_pfn`` (revoked buffer, or an exporter without the
@@ -36,10 +43,7 @@ Model choices where the RFC is loose or could not work upstream: the RFC
 attaches with no device, which the merged dma-buf core refuses (EINVAL),
 so the model attaches from a non-PCI stand-in device of the VM; the RFC
 never forbids changing ``KVM_MEM_VFIO_DMABUF`` on an existing slot, the
-model does (EINVAL); a fault holds the reservation lock until the entry is
-written, where KVM retries on its invalidation sequence count (an
-invalidation right after the fault, before the data moves, is like one
-right after the access); the model's
+model does (EINVAL); the model's
 second-stage table takes 48-bit guest addresses (EINVAL beyond).
 """
 
@@ -58,6 +62,7 @@ from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_si
 from pydmabuf._uapi import U64_MAX, as_uint
 from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, _dma_buf_ref
 from pydmabuf.exporters.vfio import VfioPciDmaBuf
+from pydmabuf.locking import Mutex
 from pydmabuf.machine import Device, Machine
 
 log = logging.getLogger(__name__)
@@ -125,6 +130,8 @@ class KvmMemslot:
     binding: _SlotBinding | None = field(default=None, repr=False)
     faults: int = 0
     zaps: int = 0
+    #: Faults that found an invalidation raced them and started again.
+    fault_retries: int = 0
     #: KVM_MEMSLOT_INVALID: set under ``mmu_lock`` when the slot is being
     #: deleted; a fault that finds it set maps nothing.
     deleted: bool = field(default=False, repr=False)
@@ -182,8 +189,9 @@ class KvmVm:
         self.private_mem = bool(private_mem)
         self.readonly_mem = bool(readonly_mem)
         self.ept = IoPageTable(ias=GPA_BITS, oas=52)
-        self.slots_lock = threading.RLock()
-        self.mmu_lock = threading.RLock()
+        self.slots_lock = Mutex("&kvm->slots_lock")
+        #: An rwlock (x86) taken for write on every path modelled here.
+        self.mmu_lock = Mutex("&kvm->mmu_lock")
         #: x86: two address spaces (SMM) unless the VM has protected state.
         self.nr_address_spaces = 1 if self.private_mem else 2
         self._slots: dict[int, KvmMemslot] = {}
@@ -199,6 +207,17 @@ class KvmVm:
         self.faults = 0
         self.zaps = 0
         self.tlb_flushes = 0
+        #: kvm->mmu_invalidate_seq / _in_progress / _range_start/_end (gfns).
+        self.mmu_invalidate_seq = 0
+        self.mmu_invalidate_in_progress = 0
+        self.mmu_invalidate_range_start = 0
+        self.mmu_invalidate_range_end = 0
+        self.fault_retries = 0
+        #: Test hooks for deterministic interleavings: called between a
+        #: fault's get_pfn and its mmu_lock section (slot, gfns), and
+        #: between an invalidation's begin and end (slot).
+        self._after_get_pfn: Any = None
+        self._after_invalidate_begin: Any = None
         self.closed = False
 
     # ------------------------------------------------------------ slots
@@ -374,7 +393,7 @@ class KvmVm:
             del self._slots[slot.slot]
             if slot.binding is not None:
                 slot.binding.slot = None
-            self._zap(slot)
+            self._zap_locked(slot)
         if slot.attachment is not None and slot.dmabuf is not None:
             slot.dmabuf.detach(slot.attachment)
             slot.dmabuf.put()
@@ -383,25 +402,61 @@ class KvmVm:
     # ------------------------------------------------------ the second stage
 
     def _zap(self, slot: KvmMemslot) -> None:
-        """``kv_dmabuf_move_notify()``: drop every second-stage entry of the
-        slot (private and shared) and flush the TLBs if any went."""
+        """``kv_dmabuf_move_notify()``: an invalidation of the slot's range
+        bracketed as KVM brackets every invalidation
+        (``kvm_mmu_invalidate_begin()`` / ``kvm_mmu_invalidate_range_add()``
+        then the zap, under ``mmu_lock``; ``kvm_mmu_invalidate_end()``
+        bumps ``mmu_invalidate_seq`` under it again), so a fault that read
+        the pfns before it retries instead of installing them."""
+        start, end = slot.base_gfn, slot.base_gfn + slot.npages
         with self.mmu_lock:
-            leaves = self.ept.leaves()
-            lo, hi = np.uint64(slot.gpa), np.uint64(slot.gpa + slot.nbytes)
-            mine = leaves[(leaves[:, 0] >= lo) & (leaves[:, 0] < hi)]
-            slot.zaps += 1
-            self.zaps += 1
-            slot.lease = None
-            if len(mine) == 0:
-                return
-            starts, sizes = mine[:, 0], mine[:, 2]
-            brk = np.flatnonzero(starts[1:] != starts[:-1] + sizes[:-1]) + 1
-            first = np.concatenate(([0], brk))
-            last = np.concatenate((brk, [len(mine)])) - 1
-            for i, j in zip(first.tolist(), last.tolist()):
-                s = int(starts[i])
-                self.ept.unmap(s, int(starts[j] + sizes[j]) - s)
-            self.tlb_flushes += 1
+            # kvm_mmu_invalidate_begin() + kvm_mmu_invalidate_range_add()
+            self.mmu_invalidate_in_progress += 1
+            if self.mmu_invalidate_in_progress == 1:
+                self.mmu_invalidate_range_start, self.mmu_invalidate_range_end = start, end
+            else:
+                self.mmu_invalidate_range_start = min(self.mmu_invalidate_range_start, start)
+                self.mmu_invalidate_range_end = max(self.mmu_invalidate_range_end, end)
+            self._zap_locked(slot)
+        hook = self._after_invalidate_begin
+        if hook is not None:
+            hook(slot)
+        with self.mmu_lock:
+            # kvm_mmu_invalidate_end(): the sequence first, then the count.
+            self.mmu_invalidate_seq += 1
+            self.mmu_invalidate_in_progress -= 1
+
+    def _retry_gfn(self, mmu_seq: int, gfns: np.ndarray) -> bool:
+        """``mmu_invalidate_retry_gfn()`` (``mmu_lock`` held): an
+        invalidation covering one of ``gfns`` is in progress, or one
+        finished since the fault read ``mmu_seq``."""
+        self.mmu_lock.assert_held()
+        if self.mmu_invalidate_in_progress:
+            lo, hi = np.uint64(self.mmu_invalidate_range_start), np.uint64(self.mmu_invalidate_range_end)
+            if bool(((gfns >= lo) & (gfns < hi)).any()):
+                return True
+        return self.mmu_invalidate_seq != mmu_seq
+
+    def _zap_locked(self, slot: KvmMemslot) -> None:
+        """Drop every second-stage entry of the slot (private and shared)
+        and flush the TLBs if any went (``mmu_lock`` held)."""
+        self.mmu_lock.assert_held()
+        leaves = self.ept.leaves()
+        lo, hi = np.uint64(slot.gpa), np.uint64(slot.gpa + slot.nbytes)
+        mine = leaves[(leaves[:, 0] >= lo) & (leaves[:, 0] < hi)]
+        slot.zaps += 1
+        self.zaps += 1
+        slot.lease = None
+        if len(mine) == 0:
+            return
+        starts, sizes = mine[:, 0], mine[:, 2]
+        brk = np.flatnonzero(starts[1:] != starts[:-1] + sizes[:-1]) + 1
+        first = np.concatenate(([0], brk))
+        last = np.concatenate((brk, [len(mine)])) - 1
+        for i, j in zip(first.tolist(), last.tolist()):
+            s = int(starts[i])
+            self.ept.unmap(s, int(starts[j] + sizes[j]) - s)
+        self.tlb_flushes += 1
 
     def _slot_at(self, as_id: int, gpa: int) -> KvmMemslot | None:
         """The slot holding ``gpa`` now, or None (under ``mmu_lock``, which
@@ -411,21 +466,31 @@ class KvmVm:
             return None if r is None else self._slots.get(r.owner - 1)
 
     def _fault_in(self, slot: KvmMemslot, gfns: np.ndarray) -> np.ndarray:
-        """Fault the slot's missing ``gfns`` (sorted) in: ``get_pfn`` under
-        the reservation lock, then one second-stage write per page.
-        Returns the pages' physical addresses."""
+        """Fault the slot's missing ``gfns`` (sorted) in, the RFC's fault
+        path with KVM's invalidation retry (``kvm_faultin_pfn()`` then
+        ``is_page_fault_stale()`` of ``arch/x86/kvm/mmu/mmu.c``): read
+        ``mmu_invalidate_seq``; ``get_pfn`` (the reservation lock taken and
+        dropped inside, as ``dma_buf_get_pfn_unlocked``); then under
+        ``mmu_lock`` install the entries unless
+        ``mmu_invalidate_retry_gfn()`` says an invalidation ran or is
+        running over them, in which case the fault starts again (counted in
+        ``fault_retries``).  Returns the pages' physical addresses."""
         buf, a = slot.dmabuf, slot.attachment
         assert buf is not None and a is not None
         where = f"KVM_RUN: -EIO (KVM_EXIT_MEMORY_FAULT at gpa {int(gfns[0]) << PAGE_SHIFT:#x})"
-        buf.resv.lock()
-        try:
-            lease = access.Lease(buf, f"{self.name}'s slot {slot.slot}")
-            if not isinstance(buf.exporter, VfioPciDmaBuf):
-                raise errors.IOFailure(f"{where}: {buf.exporter.name} has no get_pfn op")
+        if not isinstance(buf.exporter, VfioPciDmaBuf):
+            raise errors.IOFailure(f"{where}: {buf.exporter.name} has no get_pfn op")
+        for _ in range(_FAULT_RETRIES):
+            mmu_seq = self.mmu_invalidate_seq  # then smp_rmb(): read before the pfns
+            buf.resv.lock()
             try:
-                pv = a.phys_vec()
-            except errors.DmaBufError as e:
-                raise errors.IOFailure(f"{where}: get_pfn failed: {e.strerror}") from None
+                lease = access.Lease(buf, f"{self.name}'s slot {slot.slot}")
+                try:
+                    pv = a.phys_vec()
+                except errors.DmaBufError as e:
+                    raise errors.IOFailure(f"{where}: get_pfn failed: {e.strerror}") from None
+            finally:
+                buf.resv.unlock()
             rows = np.asarray(pv.ranges, dtype=np.uint64).reshape(-1, 2)
             off = (gfns - np.uint64(slot.base_gfn)) << np.uint64(PAGE_SHIFT)
             phys: np.ndarray
@@ -435,13 +500,20 @@ class KvmVm:
                 ends = np.cumsum(rows[:, 1])
                 idx = np.searchsorted(ends, off, side="right")
                 phys = rows[idx, 0] + (off - (ends[idx] - rows[idx, 1]))
-            prot = _EPT_PROT
+            hook = self._after_get_pfn
+            if hook is not None:
+                hook(slot, gfns)
             with self.mmu_lock:
                 if slot.deleted:  # deleted since the lookup: map nothing
                     raise errors.IommuFault(f"{self.name}: guest access at gpa {int(gfns[0]) << PAGE_SHIFT:#x} "
                                             "hits no memslot (deleted while the fault ran)")
+                if self._retry_gfn(mmu_seq, gfns):
+                    # is_page_fault_stale(): the pfns may be gone; retry.
+                    slot.fault_retries += 1
+                    self.fault_retries += 1
+                    continue
                 # Another vCPU may have faulted some of these pages in since
-                # the lookup (same buffer generation: we hold its lock): KVM
+                # the lookup (no invalidation since: same pages); KVM
                 # finds the entry present and takes the fault as spurious.
                 now = self.ept.iova_to_phys_many(gfns << np.uint64(PAGE_SHIFT))
                 todo = now == _NOT_MAPPED
@@ -450,12 +522,13 @@ class KvmVm:
                 if len(mg):
                     brk = np.flatnonzero(mg[1:] != mg[:-1] + np.uint64(1)) + 1
                     for part_g, part_p in zip(np.split(mg, brk), np.split(mp, brk)):
-                        self.ept.map_many(int(part_g[0]) << PAGE_SHIFT, np.ascontiguousarray(part_p), PAGE_SIZE, prot)
+                        self.ept.map_many(int(part_g[0]) << PAGE_SHIFT, np.ascontiguousarray(part_p), PAGE_SIZE,
+                                          _EPT_PROT)
                 slot.faults += len(mg)
                 self.faults += len(mg)
-            return phys
-        finally:
-            buf.resv.unlock()
+                return phys
+        raise errors.TryAgain(f"{self.name}: a fault at gpa {int(gfns[0]) << PAGE_SHIFT:#x} raced "
+                              f"{_FAULT_RETRIES} invalidations in a row")
 
     def _present(self, gpa: int, nbytes: int) -> np.ndarray:
         """The host physical address of every page of the access, faulting
