@@ -1179,37 +1179,3 @@ cdef class SgTable:
         return (f"<SgTable {self.t.orig_nents} entr{'ies' if self.t.orig_nents != 1 else 'y'} "
                 f"({_fmt_size(self.cpu_nbytes)}), nents={self.t.nents}, "
                 f"{self.t.nchunks} chunk{'s' if self.t.nchunks != 1 else ''}{state}>")
-
-
-cdef object _pairs_view(object pairs, str name):
-    """A flat const u64 view of an (N, 2) buffer of (address, nbytes) rows."""
-    cdef const uint64_t[:, ::1] two
-    cdef const uint64_t[::1] flat
-    if pairs is None:   # a typed memoryview would take None as empty
-        raise TypeError(f"{name} must be a C-contiguous (N, 2) buffer of u64, not None")
-    if isinstance(pairs, (list, tuple)):
-        pairs = _ints_to_u64(pairs, name)
-        if (pairs.ndim != 2 or pairs.shape[1] != 2) and pairs.size != 0:
-            raise ValueError(f"{name} must be (N, 2) rows of (address, nbytes), not shape {pairs.shape}")
-        # The converted array is a temporary: the view must own it (a
-        # pointer cast below would outlive it).
-        flat = pairs.reshape(-1)
-        return flat
-    try:
-        two = pairs
-    except (ValueError, TypeError, BufferError) as e:
-        try:
-            flat = pairs
-        except (ValueError, TypeError, BufferError):
-            raise type(e)(f"{name} must be a C-contiguous (N, 2) buffer of u64: {e}") from None
-        if flat.shape[0] % 2:
-            raise ValueError(f"{name} must hold (address, nbytes) pairs: odd length {flat.shape[0]}")
-        return flat
-    if two.shape[1] != 2:
-        raise ValueError(f"{name} must have 2 columns, not {two.shape[1]}")
-    if two.shape[0] == 0:
-        return _as_u64_view(_np().zeros(0, dtype=_np().uint64), name)
-    # A view of the caller's buffer without a reference to it: valid while
-    # the caller holds ``pairs`` (every caller does, for the whole call).
-    flat = <const uint64_t[:two.shape[0] * 2]>&two[0, 0]
-    return flat
