@@ -2314,6 +2314,160 @@ def test_every_core_user_is_listed() -> None:
     assert users <= listed, f"core users of u64 buffers missing from U64_USERS: {sorted(users - listed)}"
 
 
+# ------------------------------------------- re-entrant fence ops (Resv)
+
+
+class ReentrantFence(Fence):
+    """A fence whose ``signaled()`` op runs ``action`` (legal: the op runs
+    in the thread that holds the reservation lock, so it may call back into
+    the object), on its first ``times`` calls, then reports ``done``."""
+
+    def __init__(self, ctx: int, seqno: int, action: Callable[["ReentrantFence"], Any], times: int = 1,
+                 done: bool = False) -> None:
+        super().__init__(ctx, seqno)
+        self.action, self.times, self.done = action, times, done
+        self.calls = 0
+
+    def signaled(self) -> bool:
+        self.calls += 1
+        if self.calls <= self.times:
+            self.action(self)
+        return self.done
+
+
+class _Reentry:
+    """The scene of one re-entrancy case: a locked Resv holding plain
+    fences, the re-entrant fence, and a source Resv for copies."""
+
+    def __init__(self) -> None:
+        self.r = Resv()
+        self.src = Resv()
+        self.ctx = pydmabuf.fence_context_alloc(4)
+        self.plain = [Fence(self.ctx + 1, k) for k in range(1, 4)]
+        self.added: list[Fence] = []     # by the op, into r
+        self.outer_fence: Fence | None = None
+        self.src_fences = [Fence(self.ctx + 2, 1), Fence(self.ctx + 2, 2)]
+        self.src.lock()
+        self.src.reserve_fences(2)
+        for f in self.src_fences:
+            self.src.add_fence(f, Usage.READ)
+        self.src.unlock()
+        self.r.lock()
+
+    def mine(self) -> Fence:
+        """The fence the call under test adds."""
+        self.outer_fence = Fence(self.ctx + 3, 1000)
+        return self.outer_fence
+
+    def new(self) -> Fence:
+        f = Fence(self.ctx + 3, len(self.added) + 1)
+        self.added.append(f)
+        return f
+
+
+#: What a fence's signaled() op does to the Resv it sits in.  ``removes``:
+#: the action may legitimately take fences out of the list.
+_REENTER: list[tuple[str, Callable[[_Reentry, ReentrantFence], Any], bool]] = [
+    ("reserve", lambda z, f: z.r.reserve_fences(64), False),                   # reallocates the list
+    ("add", lambda z, f: (z.r.reserve_fences(1), z.r.add_fence(z.new(), Usage.WRITE)), False),
+    ("add-many", lambda z, f: [(z.r.reserve_fences(1), z.r.add_fence(z.new(), Usage.READ)) for _ in range(9)],
+     False),
+    ("add-self-later", lambda z, f: (z.r.reserve_fences(1), z.r.add_fence(f, Usage.KERNEL)), False),
+    ("replace", lambda z, f: z.r.replace_fences(z.ctx + 1, z.new(), Usage.READ), True),
+    ("copy", lambda z, f: z.r.copy_fences(z.src), True),
+    ("copy-empty", lambda z, f: z.r.copy_fences(Resv()), True),                # no list at all
+    ("get", lambda z, f: z.r.get_fences(), False),
+    ("iter-locked", lambda z, f: list(z.r.iter_fences()), False),
+    ("signal-others", lambda z, f: [p.signal() for p in z.plain if not p.is_signaled()], True),
+    ("signal-self", lambda z, f: f.signal(), True),
+    ("raise", lambda z, f: (_ for _ in ()).throw(RuntimeError("op failed")), False),
+    ("reserve-then-raise", lambda z, f: (z.r.reserve_fences(64), (_ for _ in ()).throw(RuntimeError("op"))),
+     False),
+    ("unlock", lambda z, f: z.r.unlock(), False),
+]
+
+#: The calls whose walks run the op: (id, needs the lock, call).
+_REENTERED: list[tuple[str, Callable[[_Reentry], Any]]] = [
+    ("reserve_fences", lambda z: z.r.reserve_fences(32)),
+    ("add_fence-new-context", lambda z: (z.r.reserve_fences(1), z.r.add_fence(z.mine(), Usage.READ))),
+    ("add_fence-no-room", lambda z: z.r.add_fence(Fence(z.ctx + 1, 99), Usage.BOOKKEEP)),
+    ("replace_fences", lambda z: z.r.replace_fences(z.ctx + 1, Fence(z.ctx + 1, 50), Usage.READ)),
+    ("copy_fences-from-self", lambda z: z.r.copy_fences(z.r)),
+    ("get_fences", lambda z: z.r.get_fences()),
+    ("get_singleton", lambda z: z.r.get_singleton()),
+    ("test_signaled", lambda z: z.r.test_signaled()),
+    ("wait-0", lambda z: z.r.wait(timeout=0)),
+    ("set_deadline", lambda z: z.r.set_deadline(Usage.BOOKKEEP, 10)),
+    ("iter_fences_unlocked", lambda z: list(z.r.iter_fences_unlocked())),
+    ("iter_fences", lambda z: list(z.r.iter_fences())),
+    ("describe", lambda z: z.r.describe()),
+]
+
+
+def _reentry_scene(action: Callable[[_Reentry, ReentrantFence], Any], times: int, done: bool,
+                   where: int) -> tuple[_Reentry, ReentrantFence]:
+    z = _Reentry()
+    f = ReentrantFence(z.ctx, 1, lambda fence: action(z, fence), times=0, done=done)
+    fences = list(z.plain)
+    fences.insert(where, f)
+    z.r.reserve_fences(len(fences))
+    for x in fences:
+        z.r.add_fence(x, Usage.WRITE)   # asks f's op: quiet until set up
+    f.times = times
+    return z, f
+
+
+@pytest.mark.parametrize("times,done", [(1, False), (3, True)], ids=["once", "thrice-then-done"])
+@pytest.mark.parametrize("where", [0, 3], ids=["first", "last"])
+@pytest.mark.parametrize("outer", _REENTERED, ids=[o[0] for o in _REENTERED])
+@pytest.mark.parametrize("inner", _REENTER, ids=[i[0] for i in _REENTER])
+def test_reentrant_fence_ops(inner: tuple[str, Any, bool], outer: tuple[str, Any], where: int, times: int,
+                             done: bool) -> None:
+    """Every walk of the Resv's list that calls a fence op survives the op
+    re-entering the object: no slot of a replaced list is read, no fence is
+    lost or freed early, the counts stay coherent.  The call either
+    succeeds or fails with the op's own exception or a pydmabuf error."""
+    name, action, removes = inner
+    z, f = _reentry_scene(action, times, done, where)
+    f.times = 0
+    unsignalled_before = [x for x, _ in z.r.iter_fences() if not x.is_signaled()]
+    f.times, f.calls = times, 0
+    ok = False
+    try:
+        outer[1](z)
+        ok = True
+    except RuntimeError as e:
+        assert "op" in str(e)
+    except E.DmaBufError as e:
+        assert isinstance(e, (E.LockingError,)), f"{outer[0]} with a {name} op: {e!r}"
+    f.times = 0           # the checks below run the op too: quietly now
+    held = z.r.held_by_current_thread()
+    if not held:
+        z.r.lock()
+    try:
+        slots = list(z.r.iter_fences())
+        assert all(isinstance(x, Fence) for x, _ in slots)
+        assert z.r.num_fences == len(slots)
+        assert z.r.num_fences <= z.r.max_fences or z.r.max_fences == 0 == z.r.num_fences
+        assert [x for x in z.r.get_fences()] == [x for x, _ in slots if not x.is_signaled()]
+        if not removes and outer[0] != "copy_fences-from-self":   # a copy replaces the list wholesale
+            # A fence is covered by itself or by a later one of its context
+            # (add_fence replaces the older; waiting for the later waits for both).
+            mine = [z.outer_fence] if ok and z.outer_fence is not None else []
+            lost = [x for x in unsignalled_before + z.added + mine if not x.is_signaled()
+                    and not any(y.context == x.context and (y is x or y.is_later(x)) for y, _ in slots)
+                    and not (outer[0] == "replace_fences" and x.context == z.ctx + 1)]
+            assert not lost, f"{outer[0]} with a {name} op lost unsignalled fences: {lost}"
+    finally:
+        z.r.unlock()
+        for x in [f] + z.plain + z.added + z.src_fences + ([z.outer_fence] if z.outer_fence else []):
+            if not x.is_signaled():
+                x.signal()
+        assert pydmabuf._core._thread_lock_state() == _CLEAN
+    del z, f, slots
+    gc.collect()
+
+
 def _new(cls: type) -> Any:
     return cls.__new__(cls)
 
