@@ -145,6 +145,74 @@ def test_references_and_release_once(m):
     assert e.calls == [("release",)]
 
 
+def test_report_mode_is_per_thread(m):
+    """report_mode() affects its own thread only: two threads in
+    overlapping blocks (entered and left in the worst order) each see
+    report mode inside and strict outside, a third thread stays strict
+    throughout and its violation raises, and the process is strict after."""
+    e = Recorder(m)
+    b = export(e, G)
+    b.put()                                    # released: every further put() is a violation
+    a_in, b_in, a_may_leave, b_left = (threading.Event() for _ in range(4))
+    seen: dict[str, object] = {}
+
+    def thread_a():
+        with checks.report_mode():
+            a_in.set()
+            b_in.wait(10)
+            seen["a-inside"] = checks.mode()
+            b.put()                            # recorded, not raised
+            a_may_leave.wait(10)
+        seen["a-after"] = checks.mode()
+
+    def thread_b():
+        a_in.wait(10)
+        with checks.report_mode():
+            b_in.set()
+            seen["b-inside"] = checks.mode()
+        b_left.set()                           # leaves first: the old global switch restored "report" here
+        seen["b-after"] = checks.mode()
+
+    def thread_c():
+        b_left.wait(10)
+        seen["c"] = checks.mode()
+        try:
+            b.put()
+        except errors.LifetimeError:
+            seen["c-raised"] = True
+        a_may_leave.set()
+
+    checks.clear()
+    ts = [threading.Thread(target=f) for f in (thread_a, thread_b, thread_c)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert seen == {"a-inside": "report", "b-inside": "report", "b-after": "strict", "c": "strict",
+                    "c-raised": True, "a-after": "strict"}
+    assert [r.rule for r in checks.reports()] == ["put-after-release"]    # thread a's only
+    assert checks.mode() == "strict"
+    with pytest.raises(errors.LifetimeError):
+        b.put()
+    checks.clear()
+
+
+def test_mode_blocks_nest_and_restore_exactly():
+    with checks.report_mode():
+        with checks.strict():
+            assert checks.mode() == "strict"
+            with checks.report_mode():
+                assert checks.mode() == "report"
+            assert checks.mode() == "strict"
+        assert checks.mode() == "report"
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(checks.mode()))
+        t.start()
+        t.join(10)
+        assert seen == ["strict"]              # a new thread starts from the process default
+    assert checks.mode() == "strict"
+
+
 def test_names(m):
     b = export(Recorder(m), G)
     b.set_name("x" * 31)
