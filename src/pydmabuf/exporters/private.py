@@ -104,6 +104,7 @@ class PrivateMemory:
         if pages.total_pages == 0:
             raise errors.OutOfMemory(f"machine {self.machine.name!r} has no private memory")
         pfns = pages.alloc(npages, layout, seed)
+        self.machine.memory.zero_pages(pfns)    # as the heap: never the last owner's bytes
         try:
             return export(PrivateBuffer(self.machine, pfns, nbytes, layout), nbytes, name=name)
         except BaseException:

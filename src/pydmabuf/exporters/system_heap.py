@@ -107,6 +107,9 @@ class MovableHeapBuffer(HeapBuffer):
             raise errors.Busy("pinned pages cannot move")
         old = self.pfns
         new = self.machine.pages.alloc(len(old), self.layout, self.seed + self.moves + 1)
+        # The copy moves only pages that hold written data: clear the rest
+        # of the new pages first, or they would show their last owner's.
+        self.machine.memory.zero_pages(new)
         self.machine.memory.copy_pages(old, new)
         self.pfns = new
         self.moves += 1
@@ -132,7 +135,8 @@ class SystemHeap:
 
     def allocate(self, nbytes: int, *, layout: str = "fragmented", seed: int = 1, movable: bool = False,
                  name: str | None = None) -> DmaBuf:
-        """A buffer of ``nbytes`` (rounded up to whole pages).
+        """A buffer of ``nbytes`` (rounded up to whole pages), zero-filled
+        (the kernel's heap allocates with ``__GFP_ZERO``).
 
         ``layout``: ``contiguous``, ``fragmented`` (runs of mean length 8),
         ``scattered`` (every page alone) or ``thp`` (2 MiB runs); ``seed``
@@ -145,6 +149,9 @@ class SystemHeap:
             raise errors.InvalidArgument(f"allocate: nbytes must be positive (got {nbytes!r})")
         npages = -(-nbytes // PAGE_SIZE)
         pfns = self.machine.pages.alloc(npages, layout, seed)
+        # system_heap_allocate() takes its pages with __GFP_ZERO: a buffer
+        # never shows what the pages' last owner wrote.
+        self.machine.memory.zero_pages(pfns)
         cls = MovableHeapBuffer if movable else HeapBuffer
         exp = cls(self.machine, pfns, nbytes, owned=True, layout=layout, seed=seed)
         try:
