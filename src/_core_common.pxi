@@ -19,6 +19,9 @@ import sys as _sys
 import warnings as _warnings
 
 from pydmabuf import errors as _errors
+# Bound at import: reprs run from __del__ at interpreter shutdown, when
+# nothing can be imported any more.
+from pydmabuf._types import _fmt_size
 
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 

@@ -1165,11 +1165,21 @@ cdef class SgTable:
     def __del__(self):
         # A table collected while mapped leaves its IOVA, page-table
         # entries or bounce slots behind (the DMA API never frees them).
-        if self.mapping is not None:
-            _warnings.warn(f"{self!r} collected while mapped: unmap it first", ResourceWarning, stacklevel=2)
+        # At interpreter shutdown this may run after modules are torn down:
+        # it imports nothing, and a repr that fails only shortens the
+        # message (the warning itself still goes out).
+        cdef object warn
+        if self.mapping is None:
+            return
+        try:
+            what = repr(self)
+        except Exception:
+            what = f"<SgTable {self.t.orig_nents} entries>"
+        warn = getattr(_warnings, "warn", None)
+        if warn is not None:
+            warn(f"{what} collected while mapped: unmap it first", ResourceWarning, stacklevel=2)
 
     def __repr__(self):
-        from pydmabuf._types import _fmt_size
         if self.t.nslots == 0:
             return "<SgTable empty>"
         state = f", mapped by {self.mapping.device_name}" if self.mapping is not None else ""
