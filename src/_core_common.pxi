@@ -2,7 +2,8 @@
 # buffer object the core hands its bulk outputs out in.
 
 cimport cython
-from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABLE
+from cpython.buffer cimport (PyBUF_FORMAT, PyBUF_FULL_RO, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABLE,
+                             PyBuffer_IsContiguous, PyBuffer_Release, PyObject_GetBuffer)
 from cpython.pyport cimport PY_SSIZE_T_MAX
 from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
                                PyThread_allocate_lock, PyThread_free_lock,
@@ -14,9 +15,13 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memcpy, memmove, memset
 
 import errno as _errno
+import sys as _sys
 import warnings as _warnings
 
 from pydmabuf import errors as _errors
+# Bound at import: reprs run from __del__ at interpreter shutdown, when
+# nothing can be imported any more.
+from pydmabuf._types import _fmt_size
 
 _U64_MAX = 0xFFFFFFFFFFFFFFFF
 
@@ -237,23 +242,172 @@ cdef inline object _np():
     return numpy
 
 
-cdef object _as_u64_view(object obj, str name):
-    """A read-only ``const uint64_t[::1]`` view of any buffer of u64.
+# --------------------------------------------------- u64 buffer arguments
+#
+# Every argument that must be a buffer of u64 (PFNs, addresses, lengths) or
+# of (address, nbytes) u64 pairs is parsed here, once, into a _U64Arg: a
+# held, validated view of the caller's buffer.  The format and item size
+# are checked by this code before any typed memoryview is taken (Cython's
+# own format parser must never see a caller's format: it has crashed on
+# structured formats), and the caller's buffer stays exported, so nobody
+# can resize or free it, for as long as the _U64Arg lives -- which is the
+# whole call, since the typed memoryview the entry point takes of it keeps
+# it alive.
 
-    Accepts NumPy arrays of any unsigned 64-bit dtype, memoryviews,
-    ``array.array('Q')`` and bytes-like objects whose format is 8-byte
-    unsigned; lists and tuples of ints are converted (a copy).
+cdef bytes _U64_FMT = b"Q"
+cdef uint64_t _u64_empty = 0
+#: The byte-order prefix that means native order with standard sizes here.
+cdef bytes _NATIVE_STD = b"<" if _sys.byteorder == "little" else b">"
+
+
+cdef class _U64Arg:
+    """A caller's buffer of u64, validated and held (see above).
+
+    Exports itself as a read-only, C-contiguous 1-D buffer of ``n`` items of
+    format ``Q``; the caller's buffer is released when this object dies.
     """
-    cdef const uint64_t[::1] v
-    if obj is None:     # a typed memoryview would take None as empty
-        raise TypeError(f"{name} must be a C-contiguous buffer of unsigned 64-bit integers, not None")
-    if isinstance(obj, (list, tuple)):
-        obj = _ints_to_u64(obj, name)
+    cdef Py_buffer src
+    cdef bint held
+    cdef const uint64_t *data
+    cdef Py_ssize_t n
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+    #: A NumPy array converted from a list (owned here), else None.
+    cdef object owned
+
+    def __cinit__(self):
+        self.held = False
+        self.data = &_u64_empty
+        self.n = 0
+
+    def __init__(self):
+        raise TypeError("_U64Arg objects are made by the core only")
+
+    def __dealloc__(self):
+        if self.held:
+            self.held = False
+            PyBuffer_Release(&self.src)
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        if flags & PyBUF_WRITABLE:
+            raise BufferError("a u64 argument is read-only")
+        self.shape[0] = self.n
+        self.strides[0] = 8
+        view.buf = <void *>self.data
+        view.obj = self
+        view.len = self.n * 8
+        view.readonly = 1
+        view.itemsize = 8
+        view.format = <char *>_U64_FMT if (flags & PyBUF_FORMAT) else NULL
+        view.ndim = 1
+        view.shape = self.shape if (flags & PyBUF_ND) else NULL
+        view.strides = self.strides if (flags & PyBUF_STRIDES) else NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *view):
+        pass
+
+    def __len__(self):
+        return self.n
+
+
+cdef bint _is_u64_format(const char *fmt, Py_ssize_t itemsize) noexcept:
+    """True for a PEP 3118 format of one unsigned 8-byte integer in native
+    byte order: ``Q`` or ``L`` (the C type ``unsigned long`` is 8 bytes on
+    LP64), optionally after ``@``, ``=`` or the native order's ``<``/``>``.
+    Anything else -- structured (``T{...}``), repeated (``2Q``), signed,
+    floating, other sizes, the other byte order -- is refused."""
+    cdef const char *f = fmt
+    if itemsize != 8:
+        return False
+    if f == NULL:       # no format means bytes ("B")
+        return False
+    if f[0] == b'@' or f[0] == b'=' or f[0] == (<const char *>_NATIVE_STD)[0]:
+        f += 1
+    return (f[0] == b'Q' or f[0] == b'L') and f[1] == 0
+
+
+cdef _U64Arg _hold_u64(object obj, str name, str what, bint pairs):
+    """Export ``obj``, check it is ``what`` and hold it in a _U64Arg.
+
+    ``pairs``: accept (N, 2) rows or an even-length 1-D buffer (the flat
+    rows); else exactly 1-D.  TypeError for an object without the buffer
+    protocol; ValueError for the wrong format, item size, shape or layout;
+    a ``BufferError`` from the exporter passes through.
+    """
+    cdef _U64Arg a = _U64Arg.__new__(_U64Arg)
+    cdef Py_buffer *v = &a.src
+    cdef bytes fmt
     try:
-        v = obj
+        PyObject_GetBuffer(obj, v, PyBUF_FULL_RO)
     except (ValueError, TypeError, BufferError) as e:
-        raise type(e)(f"{name} must be a C-contiguous buffer of unsigned 64-bit integers: {e}") from None
-    return v
+        raise type(e)(f"{name} must be {what}: {e}") from None
+    a.held = True
+    if not _is_u64_format(v.format, v.itemsize):
+        fmt = v.format if v.format != NULL else b"B"
+        raise ValueError(f"{name} must be {what}, not a buffer of format "
+                         f"{fmt.decode('ascii', 'replace')!r} with {v.itemsize}-byte items")
+    if v.suboffsets != NULL or not PyBuffer_IsContiguous(v, b'C'):
+        raise ValueError(f"{name} must be {what}: the buffer is not C-contiguous")
+    if pairs:
+        if v.ndim == 2:
+            if v.shape[1] != 2:
+                raise ValueError(f"{name} must have 2 columns, not {v.shape[1]}")
+        elif v.ndim == 1:
+            if v.shape[0] % 2:
+                raise ValueError(f"{name} must hold (address, nbytes) pairs: odd length {v.shape[0]}")
+        else:
+            raise ValueError(f"{name} must be {what}, not {v.ndim}-dimensional")
+    elif v.ndim != 1:
+        raise ValueError(f"{name} must be {what}, not {v.ndim}-dimensional")
+    a.n = v.len // 8
+    if a.n > 0:
+        a.data = <const uint64_t *>v.buf
+    return a
+
+
+cdef object _as_u64_view(object obj, str name):
+    """The caller's buffer of u64 as a held, validated :class:`_U64Arg`.
+
+    Accepts C-contiguous 1-D buffers of unsigned 64-bit integers in native
+    order (NumPy ``uint64``, ``array.array('Q')``, memoryviews cast to
+    ``'Q'``, read-only ones too); lists and tuples of ints are converted (a
+    copy, owned by the result).  Assign the result to a
+    ``const uint64_t[::1]`` local: the local keeps the caller's buffer
+    exported until the call returns.
+    """
+    cdef _U64Arg a
+    what = "a C-contiguous 1-D buffer of unsigned 64-bit integers"
+    if obj is None:     # a typed memoryview would take None as empty
+        raise TypeError(f"{name} must be {what}, not None")
+    if isinstance(obj, (list, tuple)):
+        conv = _ints_to_u64(obj, name)
+        if conv.ndim != 1:
+            raise ValueError(f"{name} must be a flat sequence of integers, not shape {conv.shape}")
+        a = _hold_u64(conv, name, what, False)
+        a.owned = conv
+        return a
+    return _hold_u64(obj, name, what, False)
+
+
+cdef object _pairs_view(object pairs, str name):
+    """The caller's (N, 2) buffer of (address, nbytes) u64 rows (or its flat
+    even-length form) as a held, validated :class:`_U64Arg` of 2N items.
+
+    Same rules as :func:`_as_u64_view`; lists of pairs are converted."""
+    cdef _U64Arg a
+    what = "a C-contiguous (N, 2) buffer of u64"
+    if pairs is None:   # a typed memoryview would take None as empty
+        raise TypeError(f"{name} must be {what}, not None")
+    if isinstance(pairs, (list, tuple)):
+        conv = _ints_to_u64(pairs, name)
+        if (conv.ndim != 2 or conv.shape[1] != 2) and conv.size != 0:
+            raise ValueError(f"{name} must be (N, 2) rows of (address, nbytes), not shape {conv.shape}")
+        a = _hold_u64(conv.reshape(-1), name, what, True)
+        a.owned = conv
+        return a
+    return _hold_u64(pairs, name, what, True)
 
 
 cdef object _small_ints_to_u64(object seq):

@@ -695,10 +695,9 @@ def _u64_pairs(pairs, str name="ranges"):
     parsed exactly as the core's entry points parse such buffers (same
     errors: TypeError, ValueError for a dtype, shape or layout, EINVAL for
     negative or too large ints in a list).  No copy for a u64 buffer."""
-    cdef const uint64_t[::1] flat = _pairs_view(pairs, name)
-    if isinstance(pairs, (list, tuple)):
-        return _np().asarray(flat).reshape(-1, 2)     # flat owns the conversion
-    return _np().asarray(pairs).reshape(-1, 2)
+    # The array views the held argument, which keeps the caller's buffer
+    # exported (or owns the conversion of a list) as long as it lives.
+    return _np().asarray(_pairs_view(pairs, name)).reshape(-1, 2)
 
 
 def _u64_array(obj, str name="values"):

@@ -634,7 +634,6 @@ cdef class IommuDomain:
         return s
 
     def __repr__(self):
-        from pydmabuf._types import _fmt_size
         return (f"<IommuDomain {self.type}, {self.d.aperture_bits}-bit aperture, "
                 f"{_fmt_size(self.d.pgt.c.mapped_nbytes)} mapped, "
                 f"{self.d.iovad.c.alloc_ranges - self.d.iovad.c.cached_ranges} live IOVA ranges, "

@@ -1215,7 +1215,6 @@ cdef class IovaDomain:
         return True
 
     def __repr__(self):
-        from pydmabuf._types import _fmt_size
         live = self.d.c.alloc_ranges - self.d.c.cached_ranges - self.d.c.queued_ranges
         nb = (self.d.c.alloc_pages - self.d.c.cached_pages - self.d.c.queued_pages) * self.d.granule
         return (f"<IovaDomain granule {_fmt_size(self.d.granule)}, start_pfn {self.d.start_pfn:#x}, "

@@ -1221,7 +1221,6 @@ cdef class IoPageTable:
         _release(self.lock)
 
     def __repr__(self):
-        from pydmabuf._types import _fmt_size
         return (f"<IoPageTable {self.pt.ias}-bit IOVA, {4 - self.pt.start_level} levels, "
                 f"{_fmt_size(self.pt.c.mapped_nbytes)} mapped, {self.pt.c.table_pages} table pages, "
                 f"{self.pt.c.leaf_sets + self.pt.c.leaf_clears + self.pt.c.table_sets + self.pt.c.table_clears}"

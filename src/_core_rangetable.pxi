@@ -1141,7 +1141,6 @@ cdef class RangeTable:
         return True
 
     def __repr__(self):
-        from pydmabuf._types import _fmt_size
         return (f"<RangeTable {self.t.count} range{'s' if self.t.count != 1 else ''}, "
                 f"{_fmt_size(self.total_nbytes)}>")
 

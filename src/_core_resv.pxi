@@ -199,10 +199,11 @@ cdef class Resv(WwMutex):
         """
         cdef uint64_t k = _u64(n, "n")
         cdef uint64_t want
-        cdef unsigned int i, j, cnt
+        cdef unsigned int i, j
         cdef resv_entry *table
         cdef list dropped = []
-        cdef list keep
+        cdef list snap
+        cdef set signalled
         cdef Fence f
         _resv_held(self, "reserve_fences()")
         if k == 0:
@@ -211,6 +212,21 @@ cdef class Resv(WwMutex):
             raise _errors.OutOfMemory(f"reserve_fences({k}): more slots than the model allocates")
         if self.max and self.num + k <= self.max:
             return
+        # Ask every fence whether it has signalled first, as the kernel's
+        # copy loop does (dma_fence_is_signaled() per slot, in order), but
+        # of a snapshot holding references: is_signaled() may run Python
+        # ops and signal callbacks, and those may re-enter this object (its
+        # lock is this thread's) and add, replace or reallocate the list.
+        # No slot is read across an op: the new list is built below from
+        # the list as it is then, with no Python run until it is published.
+        snap = [<object>self.table[i].fence for i in range(self.num)]
+        signalled = set()
+        for f in snap:
+            if f._is_signaled():
+                signalled.add(id(f))      # snap keeps f alive: its id is unique
+        _resv_held(self, "reserve_fences() (a fence op dropped the lock)")
+        if self.max and self.num + k <= self.max:
+            return      # an op made the room meanwhile
         if self.max:
             want = max(self.num + k, 2 * <uint64_t>self.max)
         else:
@@ -218,19 +234,17 @@ cdef class Resv(WwMutex):
         if want > 0xFFFFFFF:
             raise _errors.OutOfMemory(f"reserve_fences({k}): {want} slots is more than the model allocates")
         want = _resv_list_max(want)
-        # Decide which fences survive before touching the list: is_signaled()
-        # may run Python ops.
-        cnt = self.num
-        keep = [not (<Fence>self.table[i].fence)._is_signaled() for i in range(cnt)]
         table = <resv_entry *>malloc(want * sizeof(resv_entry))
         if table == NULL:
             raise _errors.OutOfMemory(f"reserve_fences({k}): cannot allocate {want} slots")
         j = 0
-        for i in range(cnt):
-            if keep[i]:
+        for i in range(self.num):
+            if id(<object>self.table[i].fence) not in signalled:
                 table[j] = self.table[i]
                 j += 1
             else:
+                # dropped keeps the reference until after the publish: no
+                # fence is freed (no release op runs) mid-copy.
                 dropped.append(<object>self.table[i].fence)
                 Py_DECREF(<object>self.table[i].fence)
         _resv_publish(self, table, j, <unsigned int>want)
@@ -266,6 +280,7 @@ cdef class Resv(WwMutex):
             if ((old.f.context == fence.f.context and self.table[i].usage >= u
                     and (old is fence or fence_is_later(&fence.f, &old.f)))
                     or old._is_signaled()):
+                _resv_held(self, "add_fence() (a fence op dropped the lock)")
                 if i >= self.num or self.table[i].fence != <void *>old:
                     i = 0           # an op changed the list under us: rescan
                     continue
@@ -277,6 +292,7 @@ cdef class Resv(WwMutex):
                 Py_DECREF(old)
                 return
             i += 1
+        _resv_held(self, "add_fence() (a fence op dropped the lock)")
         if self.num >= self.max:
             raise _errors.LockingError(
                 f"add_fence() on {self!r} without a reserved slot: call reserve_fences(n) after "

@@ -1213,11 +1213,21 @@ cdef class SgTable:
     def __del__(self):
         # A table collected while mapped leaves its IOVA, page-table
         # entries or bounce slots behind (the DMA API never frees them).
-        if self.mapping is not None:
-            _warnings.warn(f"{self!r} collected while mapped: unmap it first", ResourceWarning, stacklevel=2)
+        # At interpreter shutdown this may run after modules are torn down:
+        # it imports nothing, and a repr that fails only shortens the
+        # message (the warning itself still goes out).
+        cdef object warn
+        if self.mapping is None:
+            return
+        try:
+            what = repr(self)
+        except Exception:
+            what = f"<SgTable {self.t.orig_nents} entries>"
+        warn = getattr(_warnings, "warn", None)
+        if warn is not None:
+            warn(f"{what} collected while mapped: unmap it first", ResourceWarning, stacklevel=2)
 
     def __repr__(self):
-        from pydmabuf._types import _fmt_size
         if self.t.nslots == 0:
             return "<SgTable empty>"
         state = f", mapped by {self.mapping.device_name}" if self.mapping is not None else ""
@@ -1249,37 +1259,3 @@ def _set_sg_with_hook(hook):
     ``__exit__`` (pydmabuf.dmabuf's, which unmaps the mapping at exit)."""
     global _sg_with_hook
     _sg_with_hook = hook
-
-
-cdef object _pairs_view(object pairs, str name):
-    """A flat const u64 view of an (N, 2) buffer of (address, nbytes) rows."""
-    cdef const uint64_t[:, ::1] two
-    cdef const uint64_t[::1] flat
-    if pairs is None:   # a typed memoryview would take None as empty
-        raise TypeError(f"{name} must be a C-contiguous (N, 2) buffer of u64, not None")
-    if isinstance(pairs, (list, tuple)):
-        pairs = _ints_to_u64(pairs, name)
-        if (pairs.ndim != 2 or pairs.shape[1] != 2) and pairs.size != 0:
-            raise ValueError(f"{name} must be (N, 2) rows of (address, nbytes), not shape {pairs.shape}")
-        # The converted array is a temporary: the view must own it (a
-        # pointer cast below would outlive it).
-        flat = pairs.reshape(-1)
-        return flat
-    try:
-        two = pairs
-    except (ValueError, TypeError, BufferError) as e:
-        try:
-            flat = pairs
-        except (ValueError, TypeError, BufferError):
-            raise type(e)(f"{name} must be a C-contiguous (N, 2) buffer of u64: {e}") from None
-        if flat.shape[0] % 2:
-            raise ValueError(f"{name} must hold (address, nbytes) pairs: odd length {flat.shape[0]}")
-        return flat
-    if two.shape[1] != 2:
-        raise ValueError(f"{name} must have 2 columns, not {two.shape[1]}")
-    if two.shape[0] == 0:
-        return _as_u64_view(_np().zeros(0, dtype=_np().uint64), name)
-    # A view of the caller's buffer without a reference to it: valid while
-    # the caller holds ``pairs`` (every caller does, for the whole call).
-    flat = <const uint64_t[:two.shape[0] * 2]>&two[0, 0]
-    return flat

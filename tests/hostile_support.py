@@ -10,6 +10,7 @@ for every pydmabuf object.
 from __future__ import annotations
 
 import copy
+import ctypes
 import errno
 import gc
 import threading
@@ -397,7 +398,7 @@ def bad_u64_buffers() -> list[tuple[str, Any, type[BaseException]]]:
         ("memoryview-int64", memoryview(np.ones(4, dtype=np.int64)), ValueError),
         ("array-q", __import__("array").array("q", [1, 2]), ValueError),
         ("0-d", np.uint64(5), ValueError),
-    ]
+    ] + hostile_u64_buffers()
 
 
 def bad_pair_buffers() -> list[tuple[str, Any, type[BaseException]]]:
@@ -424,8 +425,95 @@ def bad_pair_buffers() -> list[tuple[str, Any, type[BaseException]]]:
         ("list-2**64", [[4096, 2**64]], E.InvalidArgument),
         ("bytes", b"\0" * 32, ValueError),
         ("memoryview-int64", memoryview(np.ones(4, dtype=np.int64)), ValueError),
+    ] + hostile_pair_buffers()
+
+
+# The kinds of input that used to crash the interpreter or be read after
+# their hold was dropped: structured dtypes of every shape (Cython's own
+# format parser crashed on them), the table's own exports, formats of the
+# right size but the wrong meaning, released and non-contiguous views.  A
+# u64 buffer argument must refuse every one with a ValueError (TypeError
+# for what has no buffer at all) before reading an element.
+
+_SG_FOR_EXPORTS = pydmabuf.SgTable.from_pages(np.array([1, 2, 9], dtype=np.uint64))
+
+
+def _structured() -> list[tuple[str, np.dtype]]:
+    return [
+        ("u8-u4", np.dtype([("a", "<u8"), ("b", "<u4")])),             # first u64, then another size
+        ("u8-u1-packed", np.dtype([("a", "<u8"), ("b", "u1")])),       # 9-byte items
+        ("u8-u8", np.dtype([("a", "<u8"), ("b", "<u8")])),             # 16 bytes: a pair, but structured
+        ("u8-only", np.dtype([("a", "<u8")])),                         # the right size, but a record
+        ("u1-u8", np.dtype([("a", "u1"), ("b", "<u8")])),
+        ("u4-u4", np.dtype([("a", "<u4"), ("b", "<u4")])),             # 8 bytes of two fields
+        ("nested", np.dtype([("a", [("x", "<u8"), ("y", "<u4")]), ("b", "<u8")])),
+        ("subarray", np.dtype([("a", "<u8", (2,)), ("b", "<u4")])),
+        ("aligned", np.dtype([("a", "u1"), ("b", "<u8"), ("c", "<u2")], align=True)),
     ]
 
 
+def _released() -> memoryview:
+    m = memoryview(np.arange(4, dtype=np.uint64))
+    m.release()
+    return m
+
+
+def hostile_u64_buffers() -> list[tuple[str, Any, type[BaseException]]]:
+    """New kinds of bad input for a 1-D u64 buffer parameter."""
+    out: list[tuple[str, Any, type[BaseException]]] = []
+    for tag, dt in _structured():
+        out.append((f"struct-{tag}", np.zeros(4, dtype=dt), ValueError))
+    out += [
+        ("struct-0-d", np.zeros((), dtype=_structured()[0][1]), ValueError),
+        ("sg-entries", _SG_FOR_EXPORTS.entries, ValueError),
+        ("sg-table", _SG_FOR_EXPORTS, ValueError),
+        ("big-endian", np.arange(4, dtype=">u8"), ValueError),
+        ("uint32", np.arange(4, dtype=np.uint32), ValueError),
+        ("complex64", np.zeros(4, dtype=np.complex64), ValueError),     # 8 bytes, not an integer
+        ("datetime64", np.zeros(4, dtype="M8[ns]"), ValueError),
+        ("read-only-int64", _readonly(np.arange(4, dtype=np.int64)), ValueError),
+        ("read-only-strided", _readonly(np.arange(8, dtype=np.uint64))[::2], ValueError),
+        ("memoryview-strided", memoryview(np.arange(8, dtype=np.uint64))[::2], ValueError),
+        ("memoryview-2-D", memoryview(bytearray(32)).cast("Q", (2, 2)), ValueError),
+        ("memoryview-released", _released(), ValueError),
+        ("array-d", __import__("array").array("d", [1.0, 2.0]), ValueError),
+        ("ctypes-struct", (_CPair * 2)(), ValueError),
+        ("bytearray", bytearray(16), ValueError),
+    ]
+    return out
+
+
+def hostile_pair_buffers() -> list[tuple[str, Any, type[BaseException]]]:
+    """New kinds of bad input for an (N, 2) u64 pairs parameter."""
+    out: list[tuple[str, Any, type[BaseException]]] = []
+    for tag, dt in _structured():
+        out.append((f"struct-{tag}", np.zeros((2, 2), dtype=dt), ValueError))
+    out += [
+        ("struct-rows", np.zeros(2, dtype=[("addr", "<u8"), ("len", "<u8")]), ValueError),
+        ("struct-0-d", np.zeros((), dtype=_structured()[0][1]), ValueError),
+        ("sg-entries", _SG_FOR_EXPORTS.entries, ValueError),
+        ("sg-table", _SG_FOR_EXPORTS, ValueError),
+        ("0-d", np.uint64(4096), ValueError),
+        ("big-endian", np.full((2, 2), 4096, dtype=">u8"), ValueError),
+        ("uint32", np.full((2, 2), 4096, dtype=np.uint32), ValueError),
+        ("fortran", np.asfortranarray(np.full((3, 2), 4096, dtype=np.uint64)), ValueError),
+        ("read-only-int64", _readonly(np.full((2, 2), 4096, dtype=np.int64)), ValueError),
+        ("read-only-3-columns", _readonly(np.full((2, 3), 4096, dtype=np.uint64)), ValueError),
+        ("memoryview-strided", memoryview(np.full((4, 2), 4096, dtype=np.uint64))[::2], ValueError),
+        ("memoryview-released", _released(), ValueError),
+        ("ctypes-struct", (_CPair * 2)(), ValueError),
+    ]
+    return out
+
+
+class _CPair(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint64), ("len", ctypes.c_uint32)]
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
 __all__ = ["E", "S", "Case", "SPEC", "mach", "run_case", "CLEAN", "check_exception", "snapshot", "in_thread", "BAD_U64", "bad_u64_buffers",
-           "bad_pair_buffers", "FILES", "errno"]
+           "bad_pair_buffers", "hostile_u64_buffers", "hostile_pair_buffers", "FILES", "errno"]

@@ -255,3 +255,25 @@ def test_threads_mapping_one_range_each_consume_their_own_entry():
     assert not any(t.is_alive() for t in threads)
     assert not errs, errs[0]
     assert not d._single_maps
+
+
+@pytest.mark.parametrize("how", ["dma_offset", "dma_ranges"])
+def test_ram_seen_at_bus_address_zero(how):
+    """RAM at 0x8000_0000 reached at bus address 0 (a negative dma_offset,
+    as on several ARM SoCs): translation is u64 arithmetic, as in the
+    kernel's translate_phys_to_dma(), so DMA addresses wrap to 0 instead of
+    running past 2**64, and the device reaches the right bytes."""
+    kw = {"dma_offset": -0x8000_0000} if how == "dma_offset" else {"dma_ranges": [[0x8000_0000, 0, 0x4000_0000]]}
+    m, d = direct_device(**kw)
+    assert d.phys_to_dma(0x8000_0000) == 0 and d.phys_to_dma(0x8000_1234) == 0x1234
+    assert d.dma_to_phys(0x1000) == 0x8000_1000
+    t = SgTable.from_pages(np.array([0x80000, 0x80001, 0x80005], dtype=np.uint64))
+    assert dma_map_sgtable(d, t, BIDI) == 2
+    assert t.dma_ranges().tolist() == [[0, 2 * G], [5 * G, G]]
+    m.memory.write(0x8000_5000, b"arm!")
+    assert d.dma_read(5 * G, 4) == b"arm!"
+    d.dma_write(0x10, b"dev")
+    assert m.memory.read(0x8000_0010, 3) == b"dev"
+    dma_unmap_sgtable(d, t, BIDI)
+    assert dma_map_phys(d, 0x8000_2000, G, TO) == 0x2000
+    dma_unmap_phys(d, 0x2000, G, TO)

@@ -147,6 +147,74 @@ def test_references_and_release_once(m):
     assert e.calls == [("release",)]
 
 
+def test_report_mode_is_per_thread(m):
+    """report_mode() affects its own thread only: two threads in
+    overlapping blocks (entered and left in the worst order) each see
+    report mode inside and strict outside, a third thread stays strict
+    throughout and its violation raises, and the process is strict after."""
+    e = Recorder(m)
+    b = export(e, G)
+    b.put()                                    # released: every further put() is a violation
+    a_in, b_in, a_may_leave, b_left = (threading.Event() for _ in range(4))
+    seen: dict[str, object] = {}
+
+    def thread_a():
+        with checks.report_mode():
+            a_in.set()
+            b_in.wait(10)
+            seen["a-inside"] = checks.mode()
+            b.put()                            # recorded, not raised
+            a_may_leave.wait(10)
+        seen["a-after"] = checks.mode()
+
+    def thread_b():
+        a_in.wait(10)
+        with checks.report_mode():
+            b_in.set()
+            seen["b-inside"] = checks.mode()
+        b_left.set()                           # leaves first: the old global switch restored "report" here
+        seen["b-after"] = checks.mode()
+
+    def thread_c():
+        b_left.wait(10)
+        seen["c"] = checks.mode()
+        try:
+            b.put()
+        except errors.LifetimeError:
+            seen["c-raised"] = True
+        a_may_leave.set()
+
+    checks.clear()
+    ts = [threading.Thread(target=f) for f in (thread_a, thread_b, thread_c)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(20)
+    assert seen == {"a-inside": "report", "b-inside": "report", "b-after": "strict", "c": "strict",
+                    "c-raised": True, "a-after": "strict"}
+    assert [r.rule for r in checks.reports()] == ["put-after-release"]    # thread a's only
+    assert checks.mode() == "strict"
+    with pytest.raises(errors.LifetimeError):
+        b.put()
+    checks.clear()
+
+
+def test_mode_blocks_nest_and_restore_exactly():
+    with checks.report_mode():
+        with checks.strict():
+            assert checks.mode() == "strict"
+            with checks.report_mode():
+                assert checks.mode() == "report"
+            assert checks.mode() == "strict"
+        assert checks.mode() == "report"
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(checks.mode()))
+        t.start()
+        t.join(10)
+        assert seen == ["strict"]              # a new thread starts from the process default
+    assert checks.mode() == "strict"
+
+
 def test_names(m):
     b = export(Recorder(m), G)
     b.set_name("x" * 31)
@@ -1000,3 +1068,81 @@ def test_a_movable_buffer_moves_again_after_the_static_unmap(m):
         b.move()
     b.detach(a)
     b.put()
+
+
+# ------------------------------------------------ the system heap zeroes its pages
+
+
+def _fill(b, byte):
+    with _locked(b.resv):
+        vm = b.vmap()
+        vm.write(0, bytes([byte]) * b.size)
+        b.vunmap(vm)
+
+
+def _contents(b):
+    with _locked(b.resv):
+        vm = b.vmap()
+        try:
+            return vm.read(0, b.size)
+        finally:
+            b.vunmap(vm)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "fragmented", "scattered"])
+def test_heap_buffer_never_shows_the_last_owners_bytes(m, layout):
+    """The kernel's system heap allocates with __GFP_ZERO: a buffer on
+    pages another buffer wrote and freed reads zeros; a live neighbour
+    sharing the model's 64 KiB chunks keeps its bytes."""
+    heap = SystemHeap(m)
+    neighbour = heap.allocate(5 * G, layout="contiguous")
+    old = heap.allocate(37 * G, layout=layout, seed=3)
+    _fill(neighbour, 0x5A)
+    _fill(old, 0xA5)
+    old_pfns = set(old.exporter.pfns.tolist())
+    old.put()
+    new = heap.allocate(37 * G, layout=layout, seed=3)
+    assert old_pfns & set(new.exporter.pfns.tolist()), "the test needs the pages reused"
+    assert _contents(new) == bytes(new.size)
+    assert _contents(neighbour) == b"\x5a" * neighbour.size
+    new.put()
+    neighbour.put()
+
+
+def test_moved_buffer_gets_clean_pages_and_keeps_its_own(m):
+    """A migration copies the pages that hold data and clears the rest of
+    the new pages, which may have held another buffer's bytes."""
+    heap = SystemHeap(m)
+    b = heap.allocate(48 * G, movable=True, layout="contiguous")   # pages past 17 hold no data
+    with _locked(b.resv):
+        vm = b.vmap()
+        vm.write(G, b"kept")
+        b.vunmap(vm)
+    # Dirty the pages the move will draw (the allocator is deterministic:
+    # same request, same free RAM, same pages), then give them back.
+    e = b.exporter
+    junk = m.pages.alloc(48, e.layout, e.seed + e.moves + 1)
+    for p in junk.tolist():
+        m.memory.write(p << 12, b"\xee" * G)
+    dirty = set(junk.tolist())
+    m.pages.free(junk)
+    with _locked(b.resv):
+        b.move()
+    assert dirty & set(b.exporter.pfns.tolist()), "the test needs the move to reuse the dirty pages"
+    data = _contents(b)
+    assert data[G:G + 4] == b"kept"
+    assert data[:G] == bytes(G) and data[G + 4:] == bytes(48 * G - G - 4)
+    b.put()
+
+
+def test_zero_pages_clears_exactly_the_pages_given(m):
+    mem = m.memory
+    base = 0x100000
+    mem.write(base << 12, b"\x11" * (40 * G))
+    pf = np.array([base + 1, base + 16, base + 17, base + 39] + list(range(base + 18, base + 32)), dtype=np.uint64)
+    assert mem._raw_zero_pages(pf) == len(pf)
+    got = np.frombuffer(mem.read(base << 12, 40 * G), dtype=np.uint8).reshape(40, G)
+    cleared = {int(p - base) for p in pf}
+    for i in range(40):
+        assert (got[i] == 0).all() if i in cleared else (got[i] == 0x11).all(), i
+    assert mem._raw_zero_pages(np.array([base + 200], dtype=np.uint64)) == 0   # never written: nothing to do

@@ -25,7 +25,8 @@ import numpy as np
 import pytest
 
 import pydmabuf
-from hostile_support import (BAD_U64, E, FILES, Case, Cases, S, bad_pair_buffers, errno, mach, run_case, snapshot)
+from hostile_support import (BAD_U64, E, FILES, Case, Cases, S, bad_pair_buffers, errno, hostile_pair_buffers, mach,
+                             run_case, snapshot)
 from pydmabuf import DmaDirection, Fence, Usage, bench, checks, files, scenarios
 from pydmabuf.dmabuf import ImporterOps, close
 from pydmabuf.exporters import PrivateMemory, SystemHeap, VfioPciBar
@@ -53,6 +54,11 @@ BAD_U32 = BAD_U64
 _UAPI_PAIRS = {"float64": TypeError, "object": None, "list-2**64": E.Overflow, "strided-rows": None,
                "broadcast-2**40": E.OutOfMemory, "bytes": TypeError, "memoryview-int64": ValueError,
                "int64": None}
+# The parser copies any integer table (other widths, byte orders, layouts)
+# and refuses records (structured buffers) as non-integers.
+_UAPI_PAIRS.update({label: TypeError for label, _, _ in hostile_pair_buffers() if label.startswith(("struct-", "sg-"))})
+_UAPI_PAIRS.update({"ctypes-struct": TypeError, "0-d": TypeError, "big-endian": None, "uint32": None, "fortran": None,
+                    "read-only-int64": None, "memoryview-strided": None})
 
 CASES = Cases()
 add, sweep = CASES.add, CASES.sweep

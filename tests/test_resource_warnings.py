@@ -112,3 +112,45 @@ def test_the_drivers(kind):
             h.extra.close()
 
     _leak(make, clean)
+
+
+_AT_EXIT = r"""
+import numpy as np
+import pydmabuf
+from pydmabuf import AcquireContext, DmaDirection, IovaState, Machine, SgTable, dma_map_sgtable, reservation_ww_class
+from pydmabuf.machine import DEFAULT_SPEC
+
+m = Machine.from_spec(DEFAULT_SPEC)
+t = SgTable.from_pages(np.array([0x100000, 0x100001], dtype=np.uint64))
+dma_map_sgtable(m.device("gpu1"), t, DmaDirection.BIDIRECTIONAL)
+st = IovaState.try_alloc(m.device("gpu1"), 0, 8192)
+ctx = AcquireContext(reservation_ww_class)
+
+
+class Holder:
+    pass
+
+
+h = Holder()
+h.me, h.t, h.st, h.ctx, h.m = h, t, st, ctx, m   # a cycle: collected after the modules are torn down
+if {global_too}:
+    keep = t                                         # and a module global, cleared during shutdown
+del t, st, ctx
+"""
+
+
+@pytest.mark.parametrize("global_too", [False, True], ids=["cycle", "global"])
+def test_leaks_at_interpreter_exit_warn_without_a_traceback(global_too):
+    """Objects still live at interpreter exit (a mapped table, a reserved
+    IOVA, an unfinished acquire context) warn with ResourceWarning as the
+    interpreter collects them; nothing they do then imports (that raised
+    ImportError tracebacks: 'sys.meta_path is None')."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-W", "always::ResourceWarning", "-c", _AT_EXIT.format(global_too=global_too)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "SgTable" in p.stderr and "collected while mapped" in p.stderr and "ResourceWarning" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and "ImportError" not in p.stderr and "Exception ignored" not in p.stderr, (
+        p.stderr)

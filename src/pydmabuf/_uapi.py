@@ -41,6 +41,8 @@ def as_u64_pairs(rows: Any, name: str, max_rows: int | None = None) -> np.ndarra
     for a negative entry, Overflow (EOVERFLOW) for one above 2**64 - 1 or
     more than ``max_rows`` rows (checked before anything is copied),
     OutOfMemory (ENOMEM) when the copy does not fit in memory."""
+    if not isinstance(rows, (list, tuple)):
+        _refuse_records(rows, name)
     try:
         a = np.asarray(rows)
     except (ValueError, TypeError) as e:
@@ -57,6 +59,23 @@ def as_u64_pairs(rows: Any, name: str, max_rows: int | None = None) -> np.ndarra
         return _u64_rows(a, rows, name)
     except MemoryError:
         raise errors.OutOfMemory(f"{name}: no memory for a copy of {a.shape[0]} rows") from None
+
+
+def _refuse_records(rows: Any, name: str) -> None:
+    """Refuse a buffer of records (a structured format such as the
+    scatterlist's own entries, or a ctypes structure) before NumPy guesses
+    at it: TypeError, as for any table that does not hold integers.  A
+    released view is a ValueError.  Objects without the buffer protocol
+    pass (NumPy converts sequences)."""
+    try:
+        with memoryview(rows) as m:
+            fmt = m.format
+    except TypeError:
+        return
+    except ValueError as e:
+        raise ValueError(f"{name}: not a table of integer pairs: {e}") from None
+    if "{" in fmt or ":" in fmt:
+        raise TypeError(f"{name} must hold integers, not records of format {fmt!r}")
 
 
 def _u64_rows(a: np.ndarray, rows: Any, name: str) -> np.ndarray:

@@ -280,7 +280,18 @@ def bounce_copy(acc: Accessor, dst: int, src: int, nbytes: int) -> None:
 
 def migrate_pages(machine: Any, src_pfns: Any, dst_pfns: Any) -> int:
     """The exporter's migration copy (the kernel's own, trusted: the pages
-    are the exporter's on both sides, under the reservation lock).
-    Returns the pages copied."""
+    are the exporter's on both sides, under the reservation lock).  The
+    destination ends as an exact copy: its pages are cleared first, since
+    the copy moves only pages that hold written data and the rest must not
+    show their last owner's bytes.  Returns the pages copied."""
+    machine.memory._raw_zero_pages(dst_pfns)
     n: int = machine.memory._raw_copy_pages(src_pfns, dst_pfns)
+    return n
+
+
+def zero_pages(machine: Any, pfns: Any) -> int:
+    """The page allocator's clearing of newly allocated pages
+    (``__GFP_ZERO``; the kernel's, trusted): no buffer ever shows its
+    pages' previous owner's bytes.  Returns the pages cleared."""
+    n: int = machine.memory._raw_zero_pages(pfns)
     return n

@@ -23,11 +23,12 @@ names the objects involved and where they were created.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import os
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any, Iterator
 
@@ -85,13 +86,35 @@ class Report:
         return f"{self.kind}:{self.rule} at {self.where}: {self.message}{who}{objs}"
 
 
-@dataclass
-class Checker:
-    """Raises or records broken rules; one instance is shared (:data:`checker`)."""
+#: This thread's (or asyncio task's) strict/report choice, set by
+#: :func:`strict` and :func:`report_mode` blocks; None: the process default.
+#: A ContextVar starts empty in every new thread, so a block in one thread
+#: never changes what another thread's violations do.
+_STRICT_OVERRIDE: contextvars.ContextVar[bool | None] = contextvars.ContextVar("pydmabuf_checker_strict",
+                                                                              default=None)
 
-    strict: bool = True
-    reports: list[Report] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+class Checker:
+    """Raises or records broken rules; one instance is shared (:data:`checker`).
+
+    ``strict`` reads the calling thread's choice (a :func:`strict` or
+    :func:`report_mode` block), else the process default; assigning it sets
+    the process default.
+    """
+
+    def __init__(self, strict: bool = True) -> None:
+        self._default_strict = bool(strict)
+        self.reports: list[Report] = []
+        self._lock = threading.Lock()
+
+    @property
+    def strict(self) -> bool:
+        o = _STRICT_OVERRIDE.get()
+        return self._default_strict if o is None else o
+
+    @strict.setter
+    def strict(self, value: bool) -> None:
+        self._default_strict = bool(value)
 
     def violation(self, kind: str, rule: str, message: str, *objects: Any, culprit: Any = None) -> None:
         descr = tuple(_describe(o) for o in objects)
@@ -125,24 +148,36 @@ checker = Checker()
 
 
 def mode() -> str:
-    """``"strict"`` or ``"report"``."""
+    """``"strict"`` or ``"report"``: what a violation in the calling thread does."""
     return "strict" if checker.strict else "report"
 
 
 @contextlib.contextmanager
-def strict() -> Iterator[Checker]:
-    """Raise on broken rules inside the block (the default)."""
-    old = checker.strict
-    checker.strict = True
+def _mode_block(value: bool) -> Iterator[Checker]:
+    token = _STRICT_OVERRIDE.set(value)
     try:
         yield checker
     finally:
-        checker.strict = old
+        _STRICT_OVERRIDE.reset(token)   # exactly what this thread had before
+
+
+@contextlib.contextmanager
+def strict() -> Iterator[Checker]:
+    """Raise on broken rules inside the block (the default).
+
+    The choice is the calling thread's (or asyncio task's) only; other
+    threads keep theirs, and the block restores exactly what this thread
+    had, however blocks of several threads overlap."""
+    with _mode_block(True) as c:
+        yield c
 
 
 @contextlib.contextmanager
 def report_mode() -> Iterator[Checker]:
     """Record broken rules inside the block instead of raising.
+
+    Like :func:`strict`, it affects the calling thread (or asyncio task)
+    only: a violation in another thread still raises.
 
     Examples
     --------
@@ -157,12 +192,8 @@ def report_mode() -> Iterator[Checker]:
     ['put-after-release']
     >>> clear()
     """
-    old = checker.strict
-    checker.strict = False
-    try:
-        yield checker
-    finally:
-        checker.strict = old
+    with _mode_block(False) as c:
+        yield c
 
 
 def reports(rule: str | None = None) -> list[Report]:

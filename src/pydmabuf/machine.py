@@ -613,17 +613,24 @@ class Device(_PciNode):
         (2**64 - 1) when no region covers ``phys``."""
         if not self.dma_ranges:
             return phys
+        # translate_phys_to_dma(): u64 arithmetic, so a window whose bus
+        # address is below its CPU address (a "negative" offset) wraps
+        # instead of running past 2**64.
         for r in self.dma_ranges:
-            if r.cpu_start <= phys < r.cpu_start + r.size:
-                return r.dma_start + (phys - r.cpu_start)
+            off = (phys - r.cpu_start) & U64_MAX
+            if phys >= r.cpu_start and off < r.size:
+                return (r.dma_start + off) & U64_MAX
         return DMA_MAPPING_ERROR
 
     def dma_to_phys(self, dma: int) -> int | None:
         if not self.dma_ranges:
             return dma
+        # translate_dma_to_phys(): (dma - dma_start) < size in u64, so a
+        # window of a wrapped offset (dma_start near 2**64) covers bus 0 up.
         for r in self.dma_ranges:
-            if r.dma_start <= dma < r.dma_start + r.size:
-                return r.cpu_start + (dma - r.dma_start)
+            off = (dma - r.dma_start) & U64_MAX
+            if off < r.size:
+                return (r.cpu_start + off) & U64_MAX
         return None
 
     def dma_capable(self, addr: int, size: int) -> bool:

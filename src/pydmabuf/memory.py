@@ -106,6 +106,40 @@ class PhysMemory:
                 c[do : do + 4096] = chunks[s // per][so : so + 4096]
         return len(hit)
 
+    def _raw_zero_pages(self, pfns: np.ndarray) -> int:
+        """Zero whole pages, as ``__GFP_ZERO`` does for an allocation.
+
+        One vectorised pass finds the pages that lie in chunks holding
+        written data (the others read as zeros already); each such chunk is
+        then cleared in one step (dropped when every page of it is in
+        ``pfns``), so the work follows the chunks touched, not the pages.
+        Returns the pages cleared."""
+        pf = np.asarray(pfns, dtype=np.uint64).reshape(-1)
+        if len(pf) == 0:
+            return 0
+        per = _CHUNK >> 12
+        with self._lock:
+            if not self._chunks:
+                return 0
+            backed = np.fromiter(self._chunks.keys(), dtype=np.uint64, count=len(self._chunks))
+            idx = pf >> np.uint64(_CHUNK_SHIFT - 12)
+            hit = np.isin(idx, backed)
+            nhit = int(np.count_nonzero(hit))
+            if nhit == 0:
+                return 0
+            order = np.argsort(idx[hit], kind="stable")
+            chunk_of = idx[hit][order]
+            slot = (pf[hit][order] & np.uint64(per - 1)).astype(np.intp)
+            chunks, first = np.unique(chunk_of, return_index=True)
+            bounds = np.append(first, len(chunk_of))
+            for k, c in enumerate(chunks.tolist()):     # one step per chunk, not per page
+                rows = np.unique(slot[bounds[k]:bounds[k + 1]])
+                if len(rows) == per:
+                    del self._chunks[c]                 # all of it: back to "never written"
+                else:
+                    self._chunks[c].reshape(per, 4096)[rows] = 0
+        return nhit
+
     @property
     def backed_nbytes(self) -> int:
         """Bytes of model memory holding written data."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import errors
+from pydmabuf import access, errors
 from pydmabuf._types import PAGE_SIZE
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, PhysVec, export
 from pydmabuf.exporters.system_heap import HeapBuffer
@@ -105,6 +105,7 @@ class PrivateMemory:
         if pages.total_pages == 0:
             raise errors.OutOfMemory(f"machine {self.machine.name!r} has no private memory")
         pfns = pages.alloc(npages, layout, seed)
+        access.zero_pages(self.machine, pfns)    # as the heap: never the last owner's bytes
         try:
             return export(PrivateBuffer(self.machine, pfns, nbytes, layout), nbytes, name=name)
         except BaseException:

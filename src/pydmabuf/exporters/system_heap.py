@@ -163,7 +163,8 @@ class SystemHeap:
     def allocate(self, nbytes: int, *, layout: str = "fragmented", seed: int = 1, movable: bool = False,
                  name: str | None = None) -> DmaBuf:
         """A buffer of ``nbytes`` rounded up to whole pages (its ``size`` is
-        the rounded length, as the kernel's heaps export it).
+        the rounded length, as the kernel's heaps export it), zero-filled
+        (the kernel's heap allocates with ``__GFP_ZERO``).
 
         ``layout``: ``contiguous``, ``fragmented`` (runs of mean length 8),
         ``scattered`` (every page alone) or ``thp`` (2 MiB runs); ``seed``
@@ -188,6 +189,9 @@ class SystemHeap:
         # last page is whole and mmap can map it.
         nbytes = npages * PAGE_SIZE
         pfns = self.machine.pages.alloc(npages, layout, seed)
+        # system_heap_allocate() takes its pages with __GFP_ZERO: a buffer
+        # never shows what the pages' last owner wrote.
+        access.zero_pages(self.machine, pfns)
         cls = MovableHeapBuffer if movable else HeapBuffer
         exp = cls(self.machine, pfns, nbytes, owned=True, layout=layout, seed=seed)
         try:
