@@ -64,6 +64,7 @@ DEFAULT_ENTRIES = 64
 
 _SHIFT = 12
 _PAGE = 1 << _SHIFT
+_U64 = (1 << 64) - 1
 
 #: ``fn(device, addr, nbytes) -> (mapping, culprit) or None``: who mapped a
 #: DMA address, asked when an access fills the cache (registered by the
@@ -227,17 +228,17 @@ class Iotlb:
                 if i is not None and (int(self._tag[i]) != tag or int(self._pfn[i]) != first):
                     i = None
                 rows, fault_at, fprot = walk(addr, nbytes)
-                runs = [(int(p), int(n)) for p, n in rows.tolist()] if rows is not None else []
+                runs = [(p, n) for p, n in rows.tolist()] if rows is not None else []
                 if len(runs) == 1 and (i is None or runs[0][0] >> _SHIFT == int(self._ppfn[i])):
                     # A miss, or a hit that agrees with the walk: no stale entry.
                     self._hit_fill_page(device, tag, addr, nbytes, runs[0][0] >> _SHIFT, i, full)
                     return runs, []
                 sel = np.array([] if i is None else [i], np.int64)
             else:
-                sel = np.flatnonzero((self._tag == tag) & (self._pfn >= np.uint64(first))
-                                     & (self._pfn <= np.uint64(last)))
+                # first <= pfn <= last as one unsigned compare (below first wraps high)
+                sel = np.flatnonzero((self._tag == tag) & ((self._pfn - np.uint64(first)) <= np.uint64(last - first)))
                 rows, fault_at, fprot = walk(addr, nbytes)
-                runs = [(int(p), int(n)) for p, n in rows.tolist()] if rows is not None else []
+                runs = [(p, n) for p, n in rows.tolist()] if rows is not None else []
             stale = sel
             if len(sel) and rows is not None:
                 # Entries that agree with the walk are coherent hits.
@@ -451,6 +452,11 @@ def _need_domain(dom: Any, what: str) -> None:
 def _phys_pages(runs: list[tuple[int, int]], addr: int, pfns: np.ndarray) -> np.ndarray:
     """The physical page each IOVA page of ``pfns`` (all inside the access
     ``[addr, ...)`` that ``runs`` translate) maps to (vectorized)."""
+    if len(runs) == 1 and not (runs[0][0] ^ addr) & (_PAGE - 1):
+        # One run keeping the page offset (what an IOMMU's page-granular
+        # translation gives): the pages follow one another.
+        delta: np.ndarray = pfns.astype(np.uint64) + np.uint64(((runs[0][0] >> _SHIFT) - (addr >> _SHIFT)) & _U64)
+        return delta
     pts0 = np.maximum(pfns.astype(np.uint64) << np.uint64(_SHIFT), np.uint64(addr)) - np.uint64(addr)
     if len(runs) == 1:
         one: np.ndarray = (np.uint64(runs[0][0]) + pts0) >> np.uint64(_SHIFT)
