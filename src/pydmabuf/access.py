@@ -187,6 +187,9 @@ def add_check(kind: str, fn: Check) -> None:
     _checks[kind].append(fn)
 
 
+_RAM, _PRIVATE, _RESERVED, _MMIO = RangeKind.RAM, RangeKind.PRIVATE, RangeKind.RESERVED, RangeKind.MMIO
+
+
 def _check_runs(acc: Accessor, runs: Runs, addr: int, forbidden_only: bool = False) -> None:
     """Step 4: every run against the address map, with the accessor's
     capability (one range-table query per run).  ``forbidden_only``: only
@@ -194,22 +197,24 @@ def _check_runs(acc: Accessor, runs: Runs, addr: int, forbidden_only: bool = Fal
     copies of a bounce, which the kernel makes wherever the driver's
     address points."""
     m = acc.machine
-    amap = m.address_map
+    overlapping = m.address_map.overlapping
     trusted: bool | None = None
     for phys, n in runs:
         covered = 0
-        for r in amap.overlapping(phys, n):
+        for r in overlapping(phys, n):
             kind = r.kind
-            if kind == RangeKind.PRIVATE:
+            if kind == _RAM:  # the common case first; same outcome as falling through the others
+                pass
+            elif kind == _PRIVATE:
                 if trusted is None:
                     trusted = acc.trusted()
                 if not trusted:
                     raise acc.fault(addr, f"untrusted {acc.kind} touched confidential memory at phys {phys:#x}")
             elif forbidden_only:
                 pass
-            elif kind == RangeKind.RESERVED:
+            elif kind == _RESERVED:
                 raise acc.fault(addr, f"phys {max(r.start, phys):#x} is a reserved region")
-            elif kind == RangeKind.MMIO:
+            elif kind == _MMIO:
                 bar = m.owner_of(r.owner)
                 if isinstance(bar, Bar) and (not bar.owner.memory_decode or bar.owner.power_state != "D0"):
                     raise acc.fault(addr, f"{bar.owner.name}'s BAR{bar.index} does not decode "

@@ -39,7 +39,7 @@ import numpy as np
 from pydmabuf import _core, access, errors
 from pydmabuf._core import SgTable
 from pydmabuf._types import PAGE_SIZE, DmaDirection, IommuProt
-from pydmabuf.machine import DMA_MAPPING_ERROR, U64_MAX, Bar, Device, P2pProvider, P2PMapType, SwiotlbPool
+from pydmabuf.machine import DMA_MAPPING_ERROR, U64_MAX, Bar, Device, HostBridge, P2pProvider, P2PMapType, SwiotlbPool
 
 log = logging.getLogger(__name__)
 
@@ -1339,12 +1339,20 @@ def accessor(device: Device) -> access.Accessor:
 def _peer_bus_target(device: Device, addr: int, nbytes: int) -> int | None:
     """A PCI bus address that a switch routes straight to a peer's BAR (the
     BUS_ADDR route bypasses the IOMMU): its CPU physical address."""
-    if not device.is_pci:
+    if device.bdf is None:  # not PCI
         return None
     # Bus addresses mean something only inside the device's own PCI
     # hierarchy: a switch routes them to a peer below the same host bridge.
+    # The bridge is found once per device (walking up the tree on every
+    # access cost a tenth of a small access).  The PCI tree is fixed once
+    # built (nothing re-parents a node); the parent it was found through is
+    # kept beside it as a guard all the same.
+    hb: tuple[Any, HostBridge] | None = getattr(device, "_dma_host_bridge", None)
+    if hb is None or hb[0] is not device.parent:
+        hb = (device.parent, device.host_bridge)
+        device._dma_host_bridge = hb  # type: ignore[attr-defined]  # this module's cache, like _gate
     m = device.machine
-    for w in device.host_bridge.windows:
+    for w in hb[1].windows:
         if w.bus_start <= addr < w.bus_start + w.nbytes:
             cpu = (addr - w.bus_offset) & U64_MAX
             bar = m.bar_at(cpu)

@@ -50,6 +50,7 @@ through any cached translation until the flush.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
@@ -63,6 +64,7 @@ DEFAULT_ENTRIES = 64
 
 _SHIFT = 12
 _PAGE = 1 << _SHIFT
+_U64 = (1 << 64) - 1
 
 #: ``fn(device, addr, nbytes) -> (mapping, culprit) or None``: who mapped a
 #: DMA address, asked when an access fills the cache (registered by the
@@ -119,6 +121,11 @@ class Iotlb:
     domain issued) and ``stale_hits`` (accesses that reached an old page).
     """
 
+    #: Take the one-page lookup (index, plain ints) for accesses within a
+    #: page; False sends them through the array scan, which the tests use
+    #: to pin that both give the same results, counts and LRU order.
+    _one_page_path = True
+
     def __init__(self, entries: int = DEFAULT_ENTRIES) -> None:
         if not isinstance(entries, int) or isinstance(entries, bool):
             raise TypeError("iotlb entries must be an int")
@@ -141,6 +148,11 @@ class Iotlb:
         self._next_tag = 1
         self._provenance: dict[int, tuple[Any, Any]] = {}
         self._next_prov = 1
+        # (tag, IOVA page) -> row, for the one-page lookup without a scan of
+        # the arrays.  Written at every fill; never trusted alone: a row is
+        # taken only while it still holds that tag and page (a dropped or
+        # reused row leaves a dead key, pruned with the provenance).
+        self._index: dict[tuple[int, int], int] = {}
         self.stats = {"hits": 0, "misses": 0, "evictions": 0, "invalidated": 0, "stale_hits": 0}
 
     # ---------------------------------------------------------------- state
@@ -209,10 +221,24 @@ class Iotlb:
             full = self._sync(dom, tag)
             first = addr >> _SHIFT
             last = (addr + nbytes - 1) >> _SHIFT
-            sel = np.flatnonzero((self._tag == tag) & (self._pfn >= np.uint64(first))
-                                 & (self._pfn <= np.uint64(last)))
-            rows, fault_at, fprot = walk(addr, nbytes)
-            runs = [(int(p), int(n)) for p, n in rows.tolist()] if rows is not None else []
+            if first == last and self._one_page_path:
+                # One page (the common small access): at most one entry can
+                # hold it (a tag caches a page once), found through the index.
+                i = self._index.get((tag, first))
+                if i is not None and (int(self._tag[i]) != tag or int(self._pfn[i]) != first):
+                    i = None
+                rows, fault_at, fprot = walk(addr, nbytes)
+                runs = [(p, n) for p, n in rows.tolist()] if rows is not None else []
+                if len(runs) == 1 and (i is None or runs[0][0] >> _SHIFT == int(self._ppfn[i])):
+                    # A miss, or a hit that agrees with the walk: no stale entry.
+                    self._hit_fill_page(device, tag, addr, nbytes, runs[0][0] >> _SHIFT, i, full)
+                    return runs, []
+                sel = np.array([] if i is None else [i], np.int64)
+            else:
+                # first <= pfn <= last as one unsigned compare (below first wraps high)
+                sel = np.flatnonzero((self._tag == tag) & ((self._pfn - np.uint64(first)) <= np.uint64(last - first)))
+                rows, fault_at, fprot = walk(addr, nbytes)
+                runs = [(p, n) for p, n in rows.tolist()] if rows is not None else []
             stale = sel
             if len(sel) and rows is not None:
                 # Entries that agree with the walk are coherent hits.
@@ -300,6 +326,34 @@ class Iotlb:
         self.stats["hits"] += len(order)
         return runs, hits
 
+    def _hit_fill_page(self, device: Any, tag: int, addr: int, nbytes: int, ppfn: int, hit: int | None,
+                       full: int) -> None:
+        """:meth:`_hit_fill` for an access within one page (``ppfn`` its
+        physical page, ``hit`` the row that holds it or None), in plain ints:
+        the same counts, stamps, victim and row."""
+        self._clock += 1
+        if hit is not None:
+            self.stats["hits"] += 1
+            self._used[hit] = self._clock
+            return
+        self.stats["misses"] += 1
+        prov = self._describe(device, addr, nbytes)
+        free = np.flatnonzero(self._tag == 0)
+        if len(free):
+            row = int(free[0])
+        else:  # every row taken, none by this access: the least recently used (lowest row on a tie)
+            row = int(np.argmin(self._used))
+            self.stats["evictions"] += 1
+        pfn = addr >> _SHIFT
+        self._tag[row] = tag
+        self._pfn[row] = pfn
+        self._ppfn[row] = ppfn
+        self._flushes[row] = full
+        self._used[row] = self._clock
+        self._prov[row] = prov
+        self._index[(tag, pfn)] = row
+        self._prune()
+
     def _hit_fill(self, device: Any, tag: int, addr: int, nbytes: int, runs: list[tuple[int, int]],
                   sel: np.ndarray, full: int) -> None:
         """Refresh the entries the access hit; fill its other pages (its
@@ -337,6 +391,7 @@ class Iotlb:
         self._flushes[rows] = full
         self._used[rows] = self._clock
         self._prov[rows] = prov
+        self._index.update(zip(zip(itertools.repeat(tag), new.tolist()), rows.tolist()))
         self._prune()
 
     def _describe(self, device: Any, addr: int, nbytes: int) -> int:
@@ -354,6 +409,9 @@ class Iotlb:
         if len(self._provenance) > 2 * self.entries:
             live = set(self._prov[self._tag != 0].tolist())
             self._provenance = {k: v for k, v in self._provenance.items() if k in live}
+        if len(self._index) > 2 * self.entries:
+            rows = np.flatnonzero(self._tag != 0)
+            self._index = dict(zip(zip(self._tag[rows].tolist(), self._pfn[rows].tolist()), rows.tolist()))
         if len(self._doms) > 8:
             live_t = set(self._tag[self._tag != 0].tolist())
             for t in [t for t in self._doms if t not in live_t]:
@@ -377,9 +435,16 @@ class Iotlb:
         return f"<Iotlb {int((self._tag != 0).sum())}/{self.entries} entries>"
 
 
+_domain_type: type | None = None
+
+
 def _need_domain(dom: Any, what: str) -> None:
+    global _domain_type
+    if type(dom) is _domain_type:
+        return
     from pydmabuf import IommuDomain
 
+    _domain_type = IommuDomain
     if not isinstance(dom, IommuDomain):
         raise TypeError(f"{what}: domain must be an IommuDomain, not {type(dom).__name__}")
 
@@ -387,6 +452,11 @@ def _need_domain(dom: Any, what: str) -> None:
 def _phys_pages(runs: list[tuple[int, int]], addr: int, pfns: np.ndarray) -> np.ndarray:
     """The physical page each IOVA page of ``pfns`` (all inside the access
     ``[addr, ...)`` that ``runs`` translate) maps to (vectorized)."""
+    if len(runs) == 1 and not (runs[0][0] ^ addr) & (_PAGE - 1):
+        # One run keeping the page offset (what an IOMMU's page-granular
+        # translation gives): the pages follow one another.
+        delta: np.ndarray = pfns.astype(np.uint64) + np.uint64(((runs[0][0] >> _SHIFT) - (addr >> _SHIFT)) & _U64)
+        return delta
     pts0 = np.maximum(pfns.astype(np.uint64) << np.uint64(_SHIFT), np.uint64(addr)) - np.uint64(addr)
     if len(runs) == 1:
         one: np.ndarray = (np.uint64(runs[0][0]) + pts0) >> np.uint64(_SHIFT)

@@ -60,6 +60,11 @@ class PhysMemory:
         self._raw_write(phys, data)
 
     def _raw_read(self, phys: int, nbytes: int) -> bytes:
+        off = phys & (_CHUNK - 1)
+        if off + nbytes <= _CHUNK:  # within one chunk (a small access): one slice, no staging array
+            with self._lock:
+                c = self._chunks.get(phys >> _CHUNK_SHIFT)
+                return c[off : off + nbytes].tobytes() if c is not None else bytes(nbytes)
         out = np.zeros(nbytes, dtype=np.uint8)
         pos = 0
         with self._lock:
