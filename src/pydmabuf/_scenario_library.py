@@ -819,7 +819,7 @@ def vram_eviction(story: Story) -> None:
     vram.run_copies()
     story.detail(f"{vram.vram_free >> 10} KiB of VRAM free")
 
-    story.fact("moves", buf.exporter.moves)
+    story.fact("moves", buf.exporter.moves)  # type: ignore[attr-defined]  # a VramBuffer
     story.fact("DMA before the move fence caught", len(reports))
     story.fact("culprit", "B (skips the fence wait)" if reports and "skips the fence wait" in reports[0].culprit
                else "?")

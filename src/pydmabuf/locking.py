@@ -323,7 +323,7 @@ def _edge_site() -> str:
         return "<unknown>"
     inner = (f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno} in {frame.f_code.co_name} "
              f"[{threading.current_thread().name}]")
-    user = frame
+    user: FrameType | None = frame
     while user is not None and _internal(user):
         user = user.f_back
     if user is None or user is frame:

@@ -113,7 +113,7 @@ _in_flight: "weakref.WeakSet[CopyJob]" = weakref.WeakSet()
 _in_flight_lock = threading.Lock()
 
 
-def _move_fence_check(device: Any, addr: int, nbytes: int, write: bool) -> None:
+def _move_fence_check(device: Device, addr: int, nbytes: int, write: bool) -> None:
     """The access gate's check (device DMA): through a mapping made after a
     move whose copy has not finished (its KERNEL fence unsignalled)?"""
     with _in_flight_lock:
@@ -137,6 +137,15 @@ def _move_fence_check(device: Any, addr: int, nbytes: int, write: bool) -> None:
 
 
 access.add_check(access.DEVICE, _move_fence_check)
+
+
+def _dma_device(attachment: Attachment) -> Device:
+    """The device an SGT attachment maps for (every attachment of this
+    exporter is one: it offers only the SGT type)."""
+    dev = attachment.device
+    if dev is None:
+        raise errors.InvalidArgument(f"{attachment!r} has no DMA device: the VRAM exporter offers only SGT")
+    return dev
 
 
 class VramBuffer(Exporter):
@@ -190,7 +199,8 @@ class VramBuffer(Exporter):
         # amdgpu_dma_buf_attach(): peer-to-peer only if the importer allows
         # it and the topology routes the BAR to its device.
         if attachment.peer2peer:
-            route = attachment.device.machine.p2p_map_type(self.vdev.provider, attachment.device)
+            dev = _dma_device(attachment)
+            route = dev.machine.p2p_map_type(self.vdev.provider, dev)
             if route not in (P2PMapType.BUS_ADDR, P2PMapType.THRU_HOST_BRIDGE):
                 attachment.peer2peer = False
 
@@ -214,7 +224,7 @@ class VramBuffer(Exporter):
             self._p2p_tables.add(id(t))
         else:
             t = SgTable.from_pages(self.pfns, nbytes=self.nbytes)
-            dma_map_sgtable(attachment.device, t, direction)
+            dma_map_sgtable(_dma_device(attachment), t, direction)
         self.maps += 1
         return t
 
@@ -223,7 +233,7 @@ class VramBuffer(Exporter):
             self._p2p_tables.discard(id(table))
             dma_buf_free_sgt(table, direction)
         else:
-            dma_unmap_sgtable(attachment.device, table, direction)
+            dma_unmap_sgtable(_dma_device(attachment), table, direction)
         self.unmaps += 1
 
     def get_phys_vec(self, attachment: Attachment | None) -> PhysVec:
@@ -376,14 +386,16 @@ class VramDevice:
         there).  EBUSY while it is pinned."""
         bo = self._bo(buf)
         with buf.resv:
-            return self._move(bo, SYSTEM)
+            fence = self._move(bo, SYSTEM)
+        return fence
 
     def restore(self, buf: DmaBuf) -> Fence | None:
         """Move ``buf`` back into VRAM (validation into the VRAM domain),
         evicting others if needed; returns the move fence or None."""
         bo = self._bo(buf)
         with buf.resv:
-            return self._move(bo, VRAM)
+            fence = self._move(bo, VRAM)
+        return fence
 
     def _move(self, bo: VramBuffer, to: str) -> Fence | None:
         """The asynchronous move (module docstring); the reservation lock
