@@ -771,6 +771,15 @@ cdef object _pages_args(object pfns_obj, object offset, object nbytes, object ma
         raise _errors.InvalidArgument("pfns is empty: a scatterlist needs at least one page")
     if n > UINT32_MAX:
         raise _errors.InvalidArgument(f"{n} pages: n_pages is an unsigned int in the kernel")
+    if nbytes is None and type(offset) is int and offset == 0 and max_segment is SCATTERLIST_MAX_SEGMENT \
+            and type(left_pages) is int and left_pages == 0:
+        # The defaults (what from_pages(pfns) passes): nothing to check
+        # beyond the pages, and no Python arithmetic.
+        off[0] = 0
+        size[0] = n * PDB_PAGE_SIZE
+        maxseg[0] = SCATTERLIST_MAX_SEGMENT
+        left[0] = 0
+        return p
     if not isinstance(offset, int):
         raise TypeError("offset must be an int")
     if offset < 0 or offset >= PDB_PAGE_SIZE:
@@ -873,7 +882,10 @@ cdef class SgTable:
             (ERANGE) a PFN beyond 52-bit physical addresses.
         """
         cdef SgTable t = SgTable.__new__(SgTable)
-        t.append_pages(pfns, offset=offset, nbytes=nbytes, max_segment=max_segment)
+        cdef uint32_t off, left
+        cdef uint64_t size, maxseg
+        cdef const uint64_t[::1] p = _pages_args(pfns, offset, nbytes, max_segment, 0, &off, &size, &maxseg, &left)
+        t._append(p, off, size, maxseg, left)
         return t
 
     @staticmethod
@@ -943,6 +955,13 @@ cdef class SgTable:
         cdef uint64_t size, maxseg
         cdef int rc
         p = _pages_args(pfns, offset, nbytes, max_segment, left_pages, &off, &size, &maxseg, &left)
+        self._append(p, off, size, maxseg, left)
+
+    cdef int _append(self, const uint64_t[::1] p, uint32_t off, uint64_t size, uint64_t maxseg,
+                     uint32_t left) except -1:
+        """append_pages() on checked arguments (from_pages calls it directly)."""
+        cdef int rc
+        cdef Py_ssize_t n = p.shape[0]
         if self.t.prv >= 0 and off != 0:
             raise _errors.InvalidArgument("append_pages: offset must be 0 when the table has entries")
         if self.mapping is not None:
@@ -952,8 +971,12 @@ cdef class SgTable:
             rc = -ENOENT
         else:
             self.t.no_move = _atomic_load(&self.exports) > 0
-            with nogil:
-                rc = sg_append_pages(&self.t, &p[0], p.shape[0], off, size, maxseg, left)
+            # Releasing the GIL costs more than a short table takes to build.
+            if n > 256:
+                with nogil:
+                    rc = sg_append_pages(&self.t, &p[0], n, off, size, maxseg, left)
+            else:
+                rc = sg_append_pages(&self.t, &p[0], n, off, size, maxseg, left)
             self.t.no_move = 0
         _release(self.lock)
         if rc == -ENOENT:
@@ -961,8 +984,9 @@ cdef class SgTable:
         if rc == -EBUSY:
             raise BufferError("append_pages: the table is exported (a NumPy view of its "
                               "entries exists) and its slots would have to move")
-        _check(rc, lambda: {-ERANGE: "append_pages: a PFN is beyond 52-bit physical addresses",
-                            -ENOMEM: "append_pages: cannot allocate the table's chunks"}.get(rc, "append_pages"))
+        if rc < 0:
+            _check(rc, {-ERANGE: "append_pages: a PFN is beyond 52-bit physical addresses",
+                        -ENOMEM: "append_pages: cannot allocate the table's chunks"}.get(rc, "append_pages"))
         if PYDMABUF_DEBUG:
             _acquire(self.lock)
             rc = _sg_verify(&self.t)
