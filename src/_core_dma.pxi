@@ -812,5 +812,6 @@ def _destroy_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t reserv
         rc = iommu_dma_free_iova(d, base, reserved, &g, cpu)
         pgt_release_tables(&d.pgt, g.freelist)
     _release(dom.lock)
-    _check(rc, lambda: f"dma_iova_destroy: [{base:#x}, +{reserved:#x}) is not a live IOVA reservation")
+    if rc < 0:
+        _check(rc, f"dma_iova_destroy: [{base:#x}, +{reserved:#x}) is not a live IOVA reservation")
     return unmapped

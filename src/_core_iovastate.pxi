@@ -12,6 +12,30 @@
 # small malloc'ed array.
 
 
+
+
+cdef bint _fast_pairs(object obj, Py_buffer *view) except -1:
+    """A fast path beside ``_pairs_view`` for the common argument, a
+    C-contiguous (N, 2) buffer of native u64 (format ``Q`` or ``L``) with
+    N > 0: take the buffer itself (held until the caller releases it) and
+    skip the typed-memoryview machinery.  False, with nothing held, for
+    anything else: the caller then parses with ``_pairs_view`` (same
+    accepted inputs, same errors)."""
+    cdef const char *f
+    if obj is None or type(obj) is list or type(obj) is tuple:
+        return False
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    except Exception:       # not a buffer, or not contiguous: the general path says why
+        return False
+    f = view.format
+    if view.ndim == 2 and view.itemsize == 8 and view.shape[1] == 2 and view.shape[0] > 0 and f != NULL \
+            and (f[0] == b'Q' or f[0] == b'L') and f[1] == 0:
+        return True
+    PyBuffer_Release(view)
+    return False
+
+
 cdef int _raise_link_error(int64_t rc, uint64_t bad, const uint64_t *flat, uint64_t offset) except -1:
     raise _errors.from_errno(-rc, f"dma_iova_link: range {bad} ({flat[2 * bad]:#x}, {flat[2 * bad + 1]:#x}) "
                              f"at offset {offset:#x}: " + {
@@ -46,8 +70,7 @@ cdef class _IovaStateCore:
     def __del__(self):
         # A leaked reservation: the kernel would keep the IOVA forever.
         if self._live:
-            import warnings
-            warnings.warn(f"{self!r} collected with its IOVA still reserved", ResourceWarning, stacklevel=2)
+            _warnings.warn(f"{self!r} collected with its IOVA still reserved", ResourceWarning, stacklevel=2)
 
     # ------------------------------------------------ the linked windows
 
@@ -223,8 +246,21 @@ cdef class _IovaStateCore:
     def _link(self, ranges, uint32_t prot, object offset, bint all_at_offset):
         """``link_ranges`` for a device that does not bounce: parse, check
         the offset, link in one core call, record the window."""
-        cdef const uint64_t[::1] flat = _pairs_view(ranges, "dma_iova_link ranges")
-        cdef uint64_t n = flat.shape[0] // 2
+        cdef Py_buffer view
+        cdef const uint64_t[::1] flat
+        if _fast_pairs(ranges, &view):
+            try:
+                return self._link_pairs(<const uint64_t *>view.buf, <uint64_t>view.shape[0], prot, offset,
+                                        all_at_offset)
+            finally:
+                PyBuffer_Release(&view)
+        flat = _pairs_view(ranges, "dma_iova_link ranges")
+        if flat.shape[0] == 0:
+            return 0
+        return self._link_pairs(&flat[0], flat.shape[0] // 2, prot, offset, all_at_offset)
+
+    cdef object _link_pairs(self, const uint64_t *pairs, uint64_t n, uint32_t prot, object offset,
+                            bint all_at_offset):
         cdef IommuDomain dom
         cdef iommu_domain *d
         cdef uint64_t off, bad = 0
@@ -242,13 +278,13 @@ cdef class _IovaStateCore:
         _acquire(dom.lock)
         if n > 256:             # releasing the GIL costs more than a short link
             with nogil:
-                rc = dma_iova_link_ranges(d, self.addr, off, &flat[0], n, prot, all_at_offset, self.size - off, &bad)
+                rc = dma_iova_link_ranges(d, self.addr, off, pairs, n, prot, all_at_offset, self.size - off, &bad)
         else:
-            rc = dma_iova_link_ranges(d, self.addr, off, &flat[0], n, prot, all_at_offset, self.size - off, &bad)
+            rc = dma_iova_link_ranges(d, self.addr, off, pairs, n, prot, all_at_offset, self.size - off, &bad)
         _release(dom.lock)
         if rc < 0:
-            _raise_link_error(rc, bad, &flat[0], off)
-        self._win_mark(off, off + (flat[1] if all_at_offset else <uint64_t>rc))
+            _raise_link_error(rc, bad, pairs, off)
+        self._win_mark(off, off + (pairs[1] if all_at_offset else <uint64_t>rc))
         return rc
 
     def sync(self, offset=0, nbytes=None):

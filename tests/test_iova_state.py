@@ -508,3 +508,27 @@ def test_link_offset_checks_come_after_the_ranges_are_parsed():
         s.link_ranges(None, BIDI)
     assert s._linked == []
     s.free()
+
+
+@pytest.mark.parametrize("kind", ["u64", "readonly", "memoryview", "flat", "list", "fortran", "int64", "u32"])
+def test_link_ranges_takes_every_buffer_the_core_parser_takes(kind):
+    # The link's fast path for (N, 2) native u64 buffers must accept and
+    # refuse exactly what the general parser does, with its errors.
+    rows = np.array([[0x100000, G], [0x300000, 2 * G]], dtype=np.uint64)
+    arg = {"u64": rows, "readonly": rows.copy(), "memoryview": memoryview(rows), "flat": rows.reshape(-1),
+           "list": rows.tolist(), "fortran": np.asfortranarray(rows), "int64": rows.astype(np.int64),
+           "u32": rows.astype(np.uint32)}[kind]
+    if kind == "readonly":
+        arg.setflags(write=False)
+    _, dev = iommu_device()
+    s = IovaState.try_alloc(dev, 0, 4 * G)
+    if kind in ("fortran", "int64", "u32"):
+        with pytest.raises((ValueError, TypeError), match="dma_iova_link ranges"):
+            s.link_ranges(arg, BIDI)
+        assert s._linked == [] and dev.domain.stats["mapped_nbytes"] == 0
+        s.free()
+        return
+    assert s.link_ranges(arg, BIDI) == 3 * G
+    assert s._linked == [(0, 3 * G)]
+    assert dev.domain.iova_to_phys(s.addr + G) == 0x300000
+    s.destroy(3 * G, BIDI)
