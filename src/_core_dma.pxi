@@ -641,14 +641,20 @@ def _map_sg_iommu(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t s
         pc.fill(&c)
     _acquire(table.lock)
     _acquire(dom.lock)
-    with nogil:
+    # Releasing the GIL costs more than mapping a short table.
+    if table.t.orig_nents > 256:
+        with nogil:
+            rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, &p32, cpu, prot,
+                                  &c if pc is not None else NULL, &iova, &ilen)
+    else:
         rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, &p32, cpu, prot,
                               &c if pc is not None else NULL, &iova, &ilen)
     _release(dom.lock)
     _release(table.lock)
-    _check(rc, lambda: {-EREMOTEIO: "dma_map_sgtable: a segment is peer memory this device cannot reach",
-                        -ENOMEM: "dma_map_sgtable: out of IOVA space",
-                        -EINVAL: "dma_map_sgtable: the table cannot be laid out or mapped"}.get(rc, "dma_map_sgtable"))
+    if rc < 0:
+        _check(rc, {-EREMOTEIO: "dma_map_sgtable: a segment is peer memory this device cannot reach",
+                    -ENOMEM: "dma_map_sgtable: out of IOVA space",
+                    -EINVAL: "dma_map_sgtable: the table cannot be laid out or mapped"}.get(rc, "dma_map_sgtable"))
     return rc, iova, ilen, p32
 
 
@@ -657,7 +663,10 @@ def _unmap_sg_iommu(SgTable table, IommuDomain dom, uint32_t cpu):
     cdef int64_t rc
     _acquire(table.lock)
     _acquire(dom.lock)
-    with nogil:
+    if table.t.nents > 256:
+        with nogil:
+            rc = iommu_dma_unmap_sg(&table.t, d, cpu)
+    else:
         rc = iommu_dma_unmap_sg(&table.t, d, cpu)
     _release(dom.lock)
     _release(table.lock)
@@ -802,5 +811,6 @@ def _destroy_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t reserv
         rc = iommu_dma_free_iova(d, base, reserved, &g, cpu)
         pgt_release_tables(&d.pgt, g.freelist)
     _release(dom.lock)
-    _check(rc, lambda: f"dma_iova_destroy: [{base:#x}, +{reserved:#x}) is not a live IOVA reservation")
+    if rc < 0:
+        _check(rc, f"dma_iova_destroy: [{base:#x}, +{reserved:#x}) is not a live IOVA reservation")
     return unmapped

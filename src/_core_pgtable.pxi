@@ -233,16 +233,27 @@ cdef void _pgt_free_tree(io_pgtable *pt, uint64_t *tbl, int l, pgt_gather *g) no
     """Free table tbl (at level l) and everything under it; its leaves stop
     counting as mapped.  With defer_table_free and a gather the pages wait
     on the gather's freelist (or the flush queue) instead."""
-    cdef uint64_t e
+    cdef uint64_t e, leaves = 0
     cdef int i
-    for i in range(PDB_PGT_ENTRIES):
-        e = tbl[i]
-        if e == 0:
-            continue
-        if _is_leaf(e, l):
-            pt.c.mapped_nbytes -= _blk(l)
-        else:
-            _pgt_free_tree(pt, _tbl(e), l + 1, g)
+    if l == 3:
+        # Every non-zero entry of a level-3 table is a page: count them in
+        # one branch-free pass into a local (a counter in *pt would be
+        # re-read and re-written per entry, since tbl may alias it).  Like
+        # __arm_lpae_free_pgtable(), the entries themselves are not
+        # written: the whole page goes.
+        for i in range(PDB_PGT_ENTRIES):
+            leaves += tbl[i] != 0
+        pt.c.mapped_nbytes -= leaves << 12
+    else:
+        for i in range(PDB_PGT_ENTRIES):
+            e = tbl[i]
+            if e == 0:
+                continue
+            if _is_leaf(e, l):
+                leaves += 1
+            else:
+                _pgt_free_tree(pt, _tbl(e), l + 1, g)
+        pt.c.mapped_nbytes -= leaves * _blk(l)
     pt.c.table_pages -= 1
     pt.c.table_pages_freed += 1
     if g != NULL and pt.defer_table_free:
@@ -764,6 +775,14 @@ cdef uint64_t _pgt_unmap_pages(io_pgtable *pt, uint64_t iova, uint64_t pgsize, u
             if count < n:
                 n = count
             i = 0
+            if l == 3:
+                # Pages only: clear the run up to the first hole, counting
+                # into a local (one update of the counters per table).
+                while i < n and tbl[idx + i] != 0:
+                    tbl[idx + i] = 0
+                    i += 1
+                pt.c.leaf_clears += i
+                pt.c.mapped_nbytes -= i << 12
             while i < n:
                 e = tbl[idx + i]
                 if e == 0:

@@ -771,6 +771,15 @@ cdef object _pages_args(object pfns_obj, object offset, object nbytes, object ma
         raise _errors.InvalidArgument("pfns is empty: a scatterlist needs at least one page")
     if n > UINT32_MAX:
         raise _errors.InvalidArgument(f"{n} pages: n_pages is an unsigned int in the kernel")
+    if nbytes is None and type(offset) is int and offset == 0 and max_segment is SCATTERLIST_MAX_SEGMENT \
+            and type(left_pages) is int and left_pages == 0:
+        # The defaults (what from_pages(pfns) passes): nothing to check
+        # beyond the pages, and no Python arithmetic.
+        off[0] = 0
+        size[0] = n * PDB_PAGE_SIZE
+        maxseg[0] = SCATTERLIST_MAX_SEGMENT
+        left[0] = 0
+        return p
     if not isinstance(offset, int):
         raise TypeError("offset must be an int")
     if offset < 0 or offset >= PDB_PAGE_SIZE:
@@ -806,6 +815,30 @@ cdef object _pages_args(object pfns_obj, object offset, object nbytes, object ma
 
 # See SgTable.__enter__; set by _set_sg_with_hook.
 cdef object _sg_with_hook = None
+
+
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+
+
+cdef bint _fast_u64(object obj, Py_buffer *view) except -1:
+    """A fast path beside ``_as_u64_view`` for the common argument, a
+    non-empty C-contiguous 1-D buffer of native u64 (format ``Q`` or
+    ``L``): take the buffer itself (held until the caller releases it).
+    False, with nothing held, for anything else: the caller then parses
+    with ``_as_u64_view`` (same accepted inputs, same errors)."""
+    cdef const char *f
+    if obj is None or type(obj) is list or type(obj) is tuple:
+        return False
+    try:
+        PyObject_GetBuffer(obj, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT)
+    except Exception:       # not a buffer, or not contiguous: the general path says why
+        return False
+    f = view.format
+    if view.ndim == 1 and view.itemsize == 8 and view.shape[0] > 0 and f != NULL \
+            and (f[0] == b'Q' or f[0] == b'L') and f[1] == 0:
+        return True
+    PyBuffer_Release(view)
+    return False
 
 
 @cython.final
@@ -884,7 +917,23 @@ cdef class SgTable:
         (2, [['0xa100', '0x2f00'], ['0x28000', '0x1000']])
         """
         cdef SgTable t = SgTable.__new__(SgTable)
-        t.append_pages(pfns, offset=offset, nbytes=nbytes, max_segment=max_segment)
+        cdef uint32_t off, left
+        cdef uint64_t size, maxseg
+        cdef const uint64_t[::1] p
+        cdef Py_buffer view
+        if nbytes is None and type(offset) is int and offset == 0 and max_segment is SCATTERLIST_MAX_SEGMENT \
+                and _fast_u64(pfns, &view):
+            # The defaults and a plain u64 array: no view object, no checks
+            # beyond the page count.
+            try:
+                if <uint64_t>view.shape[0] <= UINT32_MAX:
+                    t._append(<const uint64_t *>view.buf, view.shape[0], 0,
+                              <uint64_t>view.shape[0] * PDB_PAGE_SIZE, SCATTERLIST_MAX_SEGMENT, 0)
+                    return t
+            finally:
+                PyBuffer_Release(&view)
+        p = _pages_args(pfns, offset, nbytes, max_segment, 0, &off, &size, &maxseg, &left)
+        t._append(&p[0], p.shape[0], off, size, maxseg, left)
         return t
 
     @staticmethod
@@ -979,6 +1028,13 @@ cdef class SgTable:
         cdef uint64_t size, maxseg
         cdef int rc
         p = _pages_args(pfns, offset, nbytes, max_segment, left_pages, &off, &size, &maxseg, &left)
+        self._append(&p[0], p.shape[0], off, size, maxseg, left)
+
+    cdef int _append(self, const uint64_t *p, Py_ssize_t n, uint32_t off, uint64_t size, uint64_t maxseg,
+                     uint32_t left) except -1:
+        """append_pages() on checked arguments: n >= 1 pages at p (from_pages
+        calls it directly)."""
+        cdef int rc
         if self.t.prv >= 0 and off != 0:
             raise _errors.InvalidArgument("append_pages: offset must be 0 when the table has entries")
         if self.mapping is not None:
@@ -988,8 +1044,12 @@ cdef class SgTable:
             rc = -ENOENT
         else:
             self.t.no_move = _atomic_load(&self.exports) > 0
-            with nogil:
-                rc = sg_append_pages(&self.t, &p[0], p.shape[0], off, size, maxseg, left)
+            # Releasing the GIL costs more than a short table takes to build.
+            if n > 256:
+                with nogil:
+                    rc = sg_append_pages(&self.t, p, n, off, size, maxseg, left)
+            else:
+                rc = sg_append_pages(&self.t, p, n, off, size, maxseg, left)
             self.t.no_move = 0
         _release(self.lock)
         if rc == -ENOENT:
@@ -997,8 +1057,9 @@ cdef class SgTable:
         if rc == -EBUSY:
             raise BufferError("append_pages: the table is exported (a NumPy view of its "
                               "entries exists) and its slots would have to move")
-        _check(rc, lambda: {-ERANGE: "append_pages: a PFN is beyond 52-bit physical addresses",
-                            -ENOMEM: "append_pages: cannot allocate the table's chunks"}.get(rc, "append_pages"))
+        if rc < 0:
+            _check(rc, {-ERANGE: "append_pages: a PFN is beyond 52-bit physical addresses",
+                        -ENOMEM: "append_pages: cannot allocate the table's chunks"}.get(rc, "append_pages"))
         if PYDMABUF_DEBUG:
             _acquire(self.lock)
             rc = _sg_verify(&self.t)

@@ -425,3 +425,110 @@ class BouncedIova(RuleBasedStateMachine):
 
 BouncedIova.TestCase.settings = settings(max_examples=60, stateful_step_count=20, deadline=None)
 TestBouncedIova = BouncedIova.TestCase
+
+
+# ------------------------------------------- the record of linked windows
+
+
+def _mark_reference(linked, lo, hi):
+    """The list-based record IovaState kept in Python before it moved into
+    the core: merge [lo, hi) with every window it touches, keep sorted."""
+    keep = []
+    for s, e in linked:
+        if e < lo or s > hi:
+            keep.append((s, e))
+        else:
+            lo, hi = min(lo, s), max(hi, e)
+    keep.append((lo, hi))
+    keep.sort()
+    return keep
+
+
+def _cut_reference(linked, lo, hi):
+    keep = []
+    for s, e in linked:
+        if s < lo:
+            keep.append((s, min(e, lo)))
+        if e > hi:
+            keep.append((max(s, hi), e))
+    return keep
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 64), st.integers(0, 16)), max_size=40))
+def test_window_record_merges_and_cuts_as_the_list_did(ops):
+    _, dev = iommu_device()
+    s = IovaState.try_alloc(dev, 0, 80 * G)
+    ref: list[tuple[int, int]] = []
+    for mark, start, n in ops:
+        lo, hi = start * G, (start + n) * G
+        if mark:
+            s._mark(lo, hi - lo)
+            ref = _mark_reference(ref, lo, hi)
+        else:
+            s._cut(lo, hi)
+            ref = _cut_reference(ref, lo, hi)
+        assert s._linked == ref
+        assert s.linked_nbytes == sum(e - b for b, e in ref)
+        assert s._covered(lo, hi) == sum(max(0, min(e, hi) - max(b, lo)) for b, e in ref)
+    s._cut(0, 80 * G)
+    s.free()
+
+
+def test_destroy_names_what_is_linked_when_it_does_not_match():
+    _, dev = iommu_device()
+    s = IovaState.try_alloc(dev, 0, 8 * G)
+    s.link(0x100000, 0, G, BIDI)
+    s.link(0x200000, 2 * G, G, BIDI)
+    with pytest.raises(errors.LifetimeError, match=r"linked \[\(0, 4096\), \(8192, 4096\)\]"):
+        s.destroy(3 * G, BIDI)
+    with pytest.raises(errors.InvalidArgument, match="is not in 0..0x8000"):
+        s.destroy(9 * G, BIDI)
+    with pytest.raises(TypeError, match="mapped_nbytes must be an int"):
+        s.destroy(1.0, BIDI)
+    with pytest.raises(errors.LifetimeError, match="still linked"):
+        s.destroy(0, BIDI)
+    assert s._linked == [(0, G), (2 * G, 3 * G)] and s.live
+    s.unlink(2 * G, G, BIDI)
+    s.destroy(G, BIDI)
+    assert not s.live and s._linked == []
+    with pytest.raises(errors.LifetimeError, match="destroyed or freed"):
+        s.sync()
+
+
+def test_link_offset_checks_come_after_the_ranges_are_parsed():
+    _, dev = iommu_device()
+    s = IovaState.try_alloc(dev, 0, 4 * G)
+    assert s.link_ranges(np.zeros((0, 2), dtype=np.uint64), BIDI, offset="x") == 0
+    with pytest.raises(TypeError, match="dma_iova_link: offset must be an int, not str"):
+        s.link_ranges([[0x100000, G]], BIDI, offset="x")
+    with pytest.raises(errors.InvalidArgument, match="offset 16384 is outside"):
+        s.link_ranges([[0x100000, G]], BIDI, offset=4 * G)
+    with pytest.raises(TypeError):
+        s.link_ranges(None, BIDI)
+    assert s._linked == []
+    s.free()
+
+
+@pytest.mark.parametrize("kind", ["u64", "readonly", "memoryview", "flat", "list", "fortran", "int64", "u32"])
+def test_link_ranges_takes_every_buffer_the_core_parser_takes(kind):
+    # The link's fast path for (N, 2) native u64 buffers must accept and
+    # refuse exactly what the general parser does, with its errors.
+    rows = np.array([[0x100000, G], [0x300000, 2 * G]], dtype=np.uint64)
+    arg = {"u64": rows, "readonly": rows.copy(), "memoryview": memoryview(rows), "flat": rows.reshape(-1),
+           "list": rows.tolist(), "fortran": np.asfortranarray(rows), "int64": rows.astype(np.int64),
+           "u32": rows.astype(np.uint32)}[kind]
+    if kind == "readonly":
+        arg.setflags(write=False)
+    _, dev = iommu_device()
+    s = IovaState.try_alloc(dev, 0, 4 * G)
+    if kind in ("fortran", "int64", "u32"):
+        with pytest.raises((ValueError, TypeError), match="dma_iova_link ranges"):
+            s.link_ranges(arg, BIDI)
+        assert s._linked == [] and dev.domain.stats["mapped_nbytes"] == 0
+        s.free()
+        return
+    assert s.link_ranges(arg, BIDI) == 3 * G
+    assert s._linked == [(0, 3 * G)]
+    assert dev.domain.iova_to_phys(s.addr + G) == 0x300000
+    s.destroy(3 * G, BIDI)

@@ -623,3 +623,36 @@ def test_pgsize_choice_matches_the_plain_statement(iova_pages, phys_pages, npage
     assert ref.map(iova, phys, size, RW) == 0
     assert [tuple(r) for r in t.leaves().tolist()] == ref.leaves()
     assert core_stats(t) == ref.stats()
+
+
+def test_leaf_unmap_counts_each_cleared_page_and_stops_at_a_hole():
+    # The level-3 run is cleared in one pass with the counters updated once:
+    # the counts must be those of one clear per page, up to the hole.
+    t = IoPageTable()
+    t.map(0, 0x100000, 8 * K4)
+    t.map(10 * K4, 0x200000, 4 * K4)
+    before = t.stats
+    assert t.unmap(K4, 9 * K4) == 7 * K4
+    s = t.stats
+    assert s["leaf_clears"] - before["leaf_clears"] == 7
+    assert before["mapped_nbytes"] - s["mapped_nbytes"] == 7 * K4
+    assert t.iova_to_phys(0) == 0x100000 and t.iova_to_phys(10 * K4) == 0x200000
+    t.check()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sets(st.integers(1, 1023), max_size=200))
+def test_freeing_tables_of_pages_drops_exactly_their_mapped_bytes(pages):
+    # A covering 2M unmap frees a whole level-3 table; every page it held
+    # stops counting as mapped (check() recounts from the tables).
+    t = IoPageTable()
+    for p in sorted(pages | {0, 512}):  # a page at the start of each 2M: both entries are tables
+        t.map(p * K4, (p + 7) * K4, K4)
+    before = t.stats
+    assert before["mapped_nbytes"] == len(pages | {0, 512}) * K4
+    assert t.unmap(0, 2 * M2) == 2 * M2
+    s = t.stats
+    assert s["mapped_nbytes"] == 0 and s["leaf_clears"] == before["leaf_clears"]
+    assert s["table_clears"] - before["table_clears"] == 2
+    assert before["table_pages"] - s["table_pages"] == 2
+    t.check()

@@ -556,3 +556,29 @@ def test_a_million_pages_agree_with_numpy(layout):
         full, left = full + 1, left - 127
     assert t.nchunks == full + 1
     assert t.nslots == full * 128 + left
+
+
+@pytest.mark.parametrize("kind", ["u64", "readonly", "memoryview", "array", "list", "strided", "int64", "2d", "empty"])
+def test_from_pages_takes_every_buffer_the_core_parser_takes(kind):
+    # from_pages' fast path for plain u64 buffers must build the same table
+    # as the general parser and refuse what it refuses, with its errors.
+    import array
+
+    pfns = np.array([7, 8, 9, 20, 21, 40], dtype=np.uint64)
+    ro = pfns.copy()
+    ro.setflags(write=False)
+    arg = {"u64": pfns, "readonly": ro, "memoryview": memoryview(pfns), "array": array.array("Q", pfns.tolist()),
+           "list": pfns.tolist(), "strided": np.repeat(pfns, 2)[::2], "int64": pfns.astype(np.int64),
+           "2d": pfns.reshape(2, 3), "empty": np.zeros(0, dtype=np.uint64)}[kind]
+    if kind in ("strided", "int64", "2d"):
+        with pytest.raises((ValueError, TypeError), match="pfns"):
+            SgTable.from_pages(arg)
+        return
+    if kind == "empty":
+        with pytest.raises(errors.InvalidArgument, match="pfns is empty"):
+            SgTable.from_pages(arg)
+        return
+    t = SgTable.from_pages(arg)
+    ref = SgTable.from_pages(pfns, 0, None, int("FFFFF000", 16))  # the general path (not the default object)
+    assert t.orig_nents == ref.orig_nents == 3
+    assert t.cpu_ranges().tolist() == ref.cpu_ranges().tolist()

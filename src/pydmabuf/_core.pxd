@@ -152,6 +152,8 @@ cdef class SgTable:
     cdef public object mapping
     cdef object __weakref__
     cdef object _ranges(self, bint dma)
+    cdef int _append(self, const uint64_t *p, Py_ssize_t n, uint32_t off, uint64_t size, uint64_t maxseg,
+                     uint32_t left) except -1
 
 # ---------------------------------------------------------- IOVA allocator
 #

@@ -29,8 +29,6 @@ from __future__ import annotations
 import enum
 import logging
 import threading
-import weakref
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,6 +148,23 @@ def _cpu(device: Device) -> int:
 
 
 _PROTS: dict[tuple[bool, int, int], int] = {}
+
+#: (direction, attrs, device.coherent) -> (_dir(direction), _attrs(attrs),
+#: _prot(...)) for the list-free calls, filled only for arguments of exactly
+#: these types (a float 1.0 hashes like 1 and must still be refused).
+_DIR_TYPES = (int, DmaDirection)
+_ATTR_TYPES = (int, DmaAttrs)
+_LINK_ARGS: dict[tuple[int, int, bool], tuple[DmaDirection, DmaAttrs, int]] = {}
+_DIR_ATTRS: dict[tuple[int, int], tuple[DmaDirection, DmaAttrs]] = {}
+
+
+def _dir_attrs(direction: Any, attrs: Any) -> tuple[DmaDirection, DmaAttrs]:
+    """``(_dir(direction), _attrs(attrs))``, remembered for arguments of
+    exactly the int / enum types (the hot paths look the pair up first)."""
+    da = (_dir(direction), _attrs(attrs))
+    if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES:
+        _DIR_ATTRS[(direction, attrs)] = da
+    return da
 
 
 def _prot(device: Device, direction: DmaDirection, attrs: int) -> int:
@@ -304,8 +319,8 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     1
     >>> dma_unmap_sgtable(gpu, t, DmaDirection.TO_DEVICE)
     """
-    d = _dir(direction)
-    a = _attrs(attrs)
+    da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
+    d, a = da if da is not None else _dir_attrs(direction, attrs)
     if type(device) is not Device or type(table) is not SgTable:
         _need_device(device, "dma_map_sgtable")
         _need_table(table, "dma_map_sgtable")
@@ -415,8 +430,8 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
     >>> t.mapping is None
     True
     """
-    d = _dir(direction)
-    a = _attrs(attrs)
+    da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
+    d, a = da if da is not None else _dir_attrs(direction, attrs)
     if type(device) is not Device or type(table) is not SgTable:
         _need_device(device, "dma_unmap_sgtable")
         _need_table(table, "dma_unmap_sgtable")
@@ -764,7 +779,7 @@ def dma_unmap_phys_many(batch: PhysBatch, direction: DmaDirection | int | None =
 # ------------------------------------------------------- two-step IOVA API
 
 
-class IovaState:
+class IovaState(_core._IovaStateCore):
     """``struct dma_iova_state`` and the two-step, list-free IOVA API.
 
     Reserve one IOVA range with :meth:`try_alloc`, link physical ranges
@@ -781,21 +796,15 @@ class IovaState:
     The model checks what the kernel leaves to the caller: links beyond the
     reservation (EINVAL), destroy with a ``mapped_nbytes`` other than what is
     linked, use after destroy or free (LifetimeError).
+
+    The reservation, the record of linked windows (``_linked``: sorted
+    ``[start, end)`` offsets, touching parts merged) and the per-call checks
+    live in the core (``_core._IovaStateCore``); this class adds directions,
+    attributes and the swiotlb bounces of a device that must bounce.
     """
 
-    __slots__ = ("device", "addr", "size", "uses_swiotlb", "_dom", "_offset", "_reserved", "_linked", "_live",
-                 "_bounces", "__weakref__")
+    __slots__ = ("_bounces",)
 
-    # Set by try_alloc (no __init__ runs); declared for type checkers only.
-    device: Device
-    addr: int
-    size: int
-    uses_swiotlb: bool
-    _dom: _core.IommuDomain | None
-    _offset: int
-    _reserved: int
-    _linked: list[tuple[int, int]]  # linked [start, end) offsets, sorted, touching parts merged
-    _live: bool
     # Set by the first bounced link: one (offset, nbytes, bounce address,
     # link direction) per bounced piece, the piece at [offset, +nbytes) of
     # the reservation.
@@ -820,59 +829,19 @@ class IovaState:
         ...     st.uses_iova, st.size
         (True, 8192)
         """
-        _need_device(device, "dma_iova_try_alloc")
-        self = object.__new__(cls)
+        if type(device) is not Device:
+            _need_device(device, "dma_iova_try_alloc")
+        self = cls.__new__(cls)
         self.device = device
-        self.addr = 0
-        self.size = 0
-        self.uses_swiotlb = False
-        self._dom = device.domain
-        self._offset = 0
-        self._reserved = 0
-        self._linked = []
-        self._live = False
+        dom = self._dom = device.domain
         if not isinstance(phys, int) or not isinstance(nbytes, int):
             raise TypeError("phys and nbytes must be ints")
-        if self._dom is None or nbytes <= 0 or nbytes >> 63 or phys < 0:
+        if dom is None or nbytes <= 0 or nbytes >> 63 or phys < 0:
             return self
-        o = phys & GMASK
-        span = (nbytes + o + GMASK) & ~GMASK
-        try:
-            iova, p32 = self._dom.alloc_iova_pci(span, device.dma_limit, device.prefer_32bit_iova)
-        except errors.OutOfMemory:
-            return self
-        device.prefer_32bit_iova = bool(p32)
-        self.addr = iova + o
-        self.size = nbytes
-        self._offset = o
-        self._reserved = span
-        self._live = True
-        _live_states.add(self)
+        p32 = self._reserve(phys, nbytes, device.dma_limit, device.prefer_32bit_iova)
+        if p32 is not None:
+            device.prefer_32bit_iova = p32
         return self
-
-    @property
-    def uses_iova(self) -> bool:
-        """``dma_use_iova()``."""
-        return self.size != 0
-
-    @property
-    def linked_nbytes(self) -> int:
-        return sum(e - s for s, e in self._linked)
-
-    def _need(self, what: str) -> _core.IommuDomain:
-        # uses_iova implies a domain: try_alloc reserved the IOVA in it.
-        if self._dom is None or not self.uses_iova:
-            raise errors.NotSupported(f"IovaState.{what}: the state does not use IOVA (use dma_map_phys)")
-        if not self._live:
-            raise errors.LifetimeError(f"IovaState.{what}: the state was destroyed or freed")
-        return self._dom
-
-    def _check_window(self, what: str, offset: int, nbytes: int) -> None:
-        if not isinstance(offset, int) or not isinstance(nbytes, int):
-            raise TypeError("offset and nbytes must be ints")
-        if offset < 0 or nbytes <= 0 or offset + nbytes > self.size:
-            raise errors.InvalidArgument(f"IovaState.{what}: [{offset:#x}, +{nbytes:#x}) is outside the "
-                                         f"{self.size:#x}-byte reservation")
 
     def link(self, phys: int, offset: int, nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:
         """``dma_iova_link()``: map ``[phys, +nbytes)`` at ``addr + offset``.
@@ -906,8 +875,20 @@ class IovaState:
         >>> st.destroy(12288, DmaDirection.BIDIRECTIONAL)
         """
         dom = self._need("link")
-        d = _dir(direction)
-        a = _attrs(attrs)
+        device = self.device
+        hit = _LINK_ARGS.get((direction, attrs, device.coherent)) \
+            if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
+        if hit is None:
+            d = _dir(direction)
+            a = _attrs(attrs)
+            prot = _prot(device, d, a)
+            if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES and type(device.coherent) is bool:
+                _LINK_ARGS[(direction, attrs, device.coherent)] = (d, a, prot)
+        else:
+            d, a, prot = hit
+        if not device.untrusted:
+            # Parsing, the offset checks, the link and the record: one core call.
+            return self._link(ranges, prot, offset, bool(_all_at_offset))
         rows = _core._u64_pairs(ranges, "dma_iova_link ranges")
         if len(rows) == 0:
             return 0
@@ -915,31 +896,12 @@ class IovaState:
         if offset < 0 or offset >= self.size:
             raise errors.InvalidArgument(f"IovaState.link: offset {offset!r} is outside the {self.size:#x}-byte "
                                          "reservation")
-        if self.device.untrusted and ((rows[:, 0] | rows[:, 1]) & np.uint64(GMASK)).any():
+        if ((rows[:, 0] | rows[:, 1]) & np.uint64(GMASK)).any():
             if a & DmaAttrs.MMIO:
                 raise errors.NotPermitted("dma_iova_link: unaligned MMIO on a device that must bounce")
             self._check_window("link", offset, int(rows[:, 1].sum(dtype=object)))
             return self._link_bounced(dom, rows, offset, d, a)
-        n = _core._link_ranges(dom, self.addr, offset, rows, _prot(self.device, d, a), _all_at_offset,
-                               self.size - offset)
-        if _all_at_offset:
-            self._mark(offset, int(rows[0, 1]))
-        else:
-            self._mark(offset, n)
-        return int(n)
-
-    def _mark(self, offset: int, nbytes: int) -> None:
-        """Record [offset, +nbytes) as linked, merged with touching parts."""
-        lo, hi = offset, offset + nbytes
-        keep = []
-        for s, e in self._linked:
-            if e < lo or s > hi:
-                keep.append((s, e))
-            else:
-                lo, hi = min(lo, s), max(hi, e)
-        keep.append((lo, hi))
-        keep.sort()
-        self._linked = keep
+        return int(self._link(rows, _prot(device, d, a), offset, bool(_all_at_offset)))
 
     def _link_bounced(self, dom: _core.IommuDomain, rows: np.ndarray, offset: int, d: DmaDirection,
                       a: DmaAttrs) -> int:
@@ -990,30 +952,6 @@ class IovaState:
         end = (self.addr + offset + nbytes + GMASK) & ~GMASK
         return int(dom.unmap(start, end - start))
 
-    def sync(self, offset: int = 0, nbytes: int | None = None) -> None:
-        """``dma_iova_sync()``: one ``iotlb_sync_map`` for the linked span.
-
-        Examples
-        --------
-        >>> from pydmabuf import DmaDirection, Machine
-        >>> m = Machine.default()
-        >>> gpu = m.device("gpu0")
-        >>> st = IovaState.try_alloc(gpu, 0, 4096)
-        >>> n = st.link_ranges([[0x100000000, 0x1000]], DmaDirection.TO_DEVICE)
-        >>> st.sync(0, n)                       # one IOTLB sync for everything linked
-        >>> m.memory.write(0x100000000, b"ok")
-        >>> gpu.dma_read(st.addr, 2)
-        b'ok'
-        >>> st.destroy(n, DmaDirection.TO_DEVICE)
-        """
-        dom = self._need("sync")
-        if nbytes is None:
-            nbytes = self.size - offset
-        self._check_window("sync", offset, nbytes)
-        start = (self.addr + offset) & ~GMASK
-        end = (self.addr + offset + nbytes + GMASK) & ~GMASK
-        dom.sync_map(start, end - start)
-
     def unlink(self, offset: int, nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:
         """``dma_iova_unlink()``: unmap a linked part now, with an immediate
         IOTLB invalidation even on a lazy domain; the IOVA stays reserved.
@@ -1031,18 +969,11 @@ class IovaState:
         a = _attrs(attrs)
         self._check_window("unlink", offset, nbytes)
         end = offset + nbytes
-        covered = sum(max(0, min(e, end) - max(s, offset)) for s, e in self._linked)
-        if covered != nbytes:
+        if self._covered(offset, end) != nbytes:
             raise errors.LifetimeError(f"dma_iova_unlink: [{offset:#x}, +{nbytes:#x}) is not all linked")
         self._unlink_bounces(offset, end, d, a)
         self._unmap(dom, offset, nbytes)
-        keep = []
-        for s, e in self._linked:
-            if s < offset:
-                keep.append((s, min(e, offset)))
-            if e > end:
-                keep.append((max(s, end), e))
-        self._linked = keep
+        self._cut(offset, end)
 
     def destroy(self, mapped_nbytes: int, direction: DmaDirection | int, attrs: int = 0) -> None:
         """``dma_iova_destroy()``: end the transaction.  ``[0,
@@ -1062,25 +993,18 @@ class IovaState:
         >>> st.live
         False
         """
-        dom = self._need("destroy")
-        d = _dir(direction)
-        a = _attrs(attrs)
-        _need_int("dma_iova_destroy", mapped_nbytes=mapped_nbytes)
-        if mapped_nbytes < 0 or mapped_nbytes > self.size:
-            raise errors.InvalidArgument(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes!r} is not in 0..{self.size:#x}")
-        if mapped_nbytes == 0:
+        self._need("destroy")
+        da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
+        d, a = da if da is not None else _dir_attrs(direction, attrs)
+        # The checks, the unmap and the free in the core; False for 0 bytes.
+        if not self._destroy(mapped_nbytes, _cpu(self.device)):
             if self.linked_nbytes:
                 raise errors.LifetimeError("dma_iova_destroy(0) with ranges still linked")
             self.free()
             return
-        linked = [(s, e - s) for s, e in self._linked]
-        if linked != [(0, mapped_nbytes)]:
-            raise errors.LifetimeError(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes:#x} but linked {linked}")
-        span = (mapped_nbytes + self._offset + GMASK) & ~GMASK
-        _core._destroy_span(dom, self.addr - self._offset, span, self._reserved, _cpu(self.device))
-        self._unlink_bounces(0, mapped_nbytes, d, a)
-        self._linked = []
-        self._end()
+        if self.uses_swiotlb:  # only a bounced link leaves pieces to give back
+            self._unlink_bounces(0, mapped_nbytes, d, a)
+        self._live = False
 
     def _unlink_bounces(self, lo: int, hi: int, d: DmaDirection | None, a: DmaAttrs) -> None:
         """``iommu_dma_iova_unlink_range_slow()`` for the bounced pieces in
@@ -1120,11 +1044,6 @@ class IovaState:
 
     def _end(self) -> None:
         self._live = False
-        _live_states.discard(self)
-
-    @property
-    def live(self) -> bool:
-        return self._live
 
     def __enter__(self) -> IovaState:
         return self
@@ -1144,21 +1063,12 @@ class IovaState:
                     self.unlink(o, n, DmaDirection.BIDIRECTIONAL)
             self.free()
 
-    def __del__(self) -> None:
-        if getattr(self, "_live", False):
-            warnings.warn(f"{self!r} collected with its IOVA still reserved", ResourceWarning, stacklevel=2)
-
     def __repr__(self) -> str:
         if not self.uses_iova:
             return f"<IovaState {self.device.name}: no IOVA (use dma_map_phys)>"
         state = "live" if self._live else "destroyed"
         return (f"<IovaState {self.device.name} addr={self.addr:#x} size={self.size:#x} "
                 f"linked={self.linked_nbytes:#x} {state}{' swiotlb' if self.uses_swiotlb else ''}>")
-
-
-#: IOVA states with a live reservation (weak: a leaked state is collected
-#: and warns).
-_live_states: weakref.WeakSet[IovaState] = weakref.WeakSet()
 
 
 # ------------------------------------------------ dma-buf's phys_vec helper
@@ -1282,7 +1192,6 @@ def _compat_link(st: IovaState, rows: np.ndarray, d: DmaDirection) -> int:
             st.link_ranges(np.array([[p, n]], dtype=np.uint64), d, DmaAttrs.MMIO, _all_at_offset=True)
         except errors.DmaBufError:
             if i == 0:
-                _live_states.discard(st)
                 st._live = False
                 leaked.append((st.device, st.addr - st._offset, st._reserved))
                 log.warning("dma_buf_phys_vec_to_sgt (kernel_compat): IOVA [%#x, +%#x] leaked",
