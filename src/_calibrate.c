@@ -1471,7 +1471,11 @@ static int __Pyx_init_tpflags_variables(void) {
             volatile uint64_t *p = pt->l3[t];
             for (size_t j = 0; j < 512; j++)
                 p[j] = ((uint64_t)(i + j) << 12) | 3;
-            if (++t >= pt->nl3) t = 0;
+            /* Cycle over 32 tables (128 KiB): a map writes into a table it
+             * has just walked, which is in cache; a batch over megabytes
+             * of tables would time the memory system and the process's
+             * page placement (THP or not) instead, differently per run. */
+            if (++t >= (pt->nl3 < 32 ? pt->nl3 : 32)) t = 0;
         }
         return pcal_now() - t0;
     }
@@ -1990,7 +1994,7 @@ static const char* const __pyx_f[] = {
 /*--- Type declarations ---*/
 struct __pyx_obj_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr;
 
-/* "src/_calibrate.pyx":403
+/* "src/_calibrate.pyx":415
  *         free(sg)
  *     for k, v in out.items():
  *         if not all(x > 0 for x in v):             # <<<<<<<<<<<<<<
@@ -2902,9 +2906,6 @@ static PyObject *__Pyx_Object_VectorcallMethodKwds(PyObject *name, PyObject *con
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_int(int value);
 
 /* CIntToPy.proto */
-static CYTHON_INLINE PyObject* __Pyx_PyLong_From_uint64_t(uint64_t value);
-
-/* CIntToPy.proto */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value);
 
 /* CIntFromPy.proto */
@@ -3032,6 +3033,9 @@ static int __Pyx_check_binary_version(unsigned long ct_version, unsigned long rt
 
 /* DecompressString.proto */
 static PyObject *__Pyx_DecompressString(const char *s, Py_ssize_t length, int algo);
+
+/* DecompressString_LZSS.proto */
+static PyObject *__Pyx_DecompressString_LZSS(const char *s, size_t compressed_length, size_t uncompressed_length);
 
 /* MultiPhaseInitModuleState.proto */
 #if CYTHON_PEP489_MULTI_PHASE_INIT && CYTHON_USE_MODULE_STATE
@@ -3178,7 +3182,7 @@ namespace {
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_pop;
     __Pyx_CachedCFunction __pyx_umethod_PyDict_Type_values;
     PyObject *__pyx_codeobj_tab[2];
-    PyObject *__pyx_string_tab[59];
+    PyObject *__pyx_string_tab[60];
     PyObject *__pyx_number_tab[1];
 /* #### Code section: module_state_contents ### */
 /* PyFrozenDict.module_state_decls */
@@ -3262,44 +3266,45 @@ static __pyx_mstatetype * const __pyx_mstate_global = &__pyx_mstate_global_stati
 #define __pyx_n_u_qualname __pyx_string_tab[18]
 #define __pyx_n_u_test __pyx_string_tab[19]
 #define __pyx_n_u_is_coroutine __pyx_string_tab[20]
-#define __pyx_n_u_alloc_4k __pyx_string_tab[21]
-#define __pyx_n_u_allocs __pyx_string_tab[22]
-#define __pyx_n_u_append __pyx_string_tab[23]
-#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[24]
-#define __pyx_n_u_cline_in_traceback __pyx_string_tab[25]
-#define __pyx_n_u_close __pyx_string_tab[26]
-#define __pyx_n_u_entries __pyx_string_tab[27]
-#define __pyx_n_u_entry_visit __pyx_string_tab[28]
-#define __pyx_n_u_genexpr __pyx_string_tab[29]
-#define __pyx_n_u_items __pyx_string_tab[30]
-#define __pyx_n_u_k __pyx_string_tab[31]
-#define __pyx_n_u_magazine_pair __pyx_string_tab[32]
-#define __pyx_n_u_map_call __pyx_string_tab[33]
-#define __pyx_n_u_measure __pyx_string_tab[34]
-#define __pyx_n_u_measure_locals_genexpr __pyx_string_tab[35]
-#define __pyx_n_u_next __pyx_string_tab[36]
-#define __pyx_n_u_out __pyx_string_tab[37]
-#define __pyx_n_u_pop __pyx_string_tab[38]
-#define __pyx_n_u_pt __pyx_string_tab[39]
-#define __pyx_n_u_pte_write __pyx_string_tab[40]
-#define __pyx_n_u_pydmabuf__calibrate __pyx_string_tab[41]
-#define __pyx_n_u_rounds __pyx_string_tab[42]
-#define __pyx_n_u_send __pyx_string_tab[43]
-#define __pyx_n_u_setdefault __pyx_string_tab[44]
-#define __pyx_n_u_sg __pyx_string_tab[45]
-#define __pyx_n_u_t __pyx_string_tab[46]
-#define __pyx_n_u_throw __pyx_string_tab[47]
-#define __pyx_n_u_tree_live __pyx_string_tab[48]
-#define __pyx_n_u_tree_ops __pyx_string_tab[49]
-#define __pyx_n_u_tree_pair __pyx_string_tab[50]
-#define __pyx_n_u_v __pyx_string_tab[51]
-#define __pyx_n_u_value __pyx_string_tab[52]
-#define __pyx_n_u_values __pyx_string_tab[53]
-#define __pyx_n_u_walk_write __pyx_string_tab[54]
-#define __pyx_n_u_walks __pyx_string_tab[55]
-#define __pyx_n_u_x __pyx_string_tab[56]
-#define __pyx_kp_b_iso88591_N_Fa_wb_V2Rs_Bc_Cy_CzY_j_s_Q_k __pyx_string_tab[57]
-#define __pyx_kp_b_iso88591_Q __pyx_string_tab[58]
+#define __pyx_n_u_p __pyx_string_tab[21]
+#define __pyx_n_u_alloc_4k __pyx_string_tab[22]
+#define __pyx_n_u_allocs __pyx_string_tab[23]
+#define __pyx_n_u_append __pyx_string_tab[24]
+#define __pyx_n_u_asyncio_coroutines __pyx_string_tab[25]
+#define __pyx_n_u_cline_in_traceback __pyx_string_tab[26]
+#define __pyx_n_u_close __pyx_string_tab[27]
+#define __pyx_n_u_entries __pyx_string_tab[28]
+#define __pyx_n_u_entry_visit __pyx_string_tab[29]
+#define __pyx_n_u_genexpr __pyx_string_tab[30]
+#define __pyx_n_u_items __pyx_string_tab[31]
+#define __pyx_n_u_k __pyx_string_tab[32]
+#define __pyx_n_u_magazine_pair __pyx_string_tab[33]
+#define __pyx_n_u_map_call __pyx_string_tab[34]
+#define __pyx_n_u_measure __pyx_string_tab[35]
+#define __pyx_n_u_measure_locals_genexpr __pyx_string_tab[36]
+#define __pyx_n_u_next __pyx_string_tab[37]
+#define __pyx_n_u_out __pyx_string_tab[38]
+#define __pyx_n_u_pop __pyx_string_tab[39]
+#define __pyx_n_u_pt __pyx_string_tab[40]
+#define __pyx_n_u_pte_write __pyx_string_tab[41]
+#define __pyx_n_u_pydmabuf__calibrate __pyx_string_tab[42]
+#define __pyx_n_u_rounds __pyx_string_tab[43]
+#define __pyx_n_u_send __pyx_string_tab[44]
+#define __pyx_n_u_setdefault __pyx_string_tab[45]
+#define __pyx_n_u_sg __pyx_string_tab[46]
+#define __pyx_n_u_t __pyx_string_tab[47]
+#define __pyx_n_u_throw __pyx_string_tab[48]
+#define __pyx_n_u_tree_live __pyx_string_tab[49]
+#define __pyx_n_u_tree_ops __pyx_string_tab[50]
+#define __pyx_n_u_tree_pair __pyx_string_tab[51]
+#define __pyx_n_u_v __pyx_string_tab[52]
+#define __pyx_n_u_value __pyx_string_tab[53]
+#define __pyx_n_u_values __pyx_string_tab[54]
+#define __pyx_n_u_walk_write __pyx_string_tab[55]
+#define __pyx_n_u_walks __pyx_string_tab[56]
+#define __pyx_n_u_x __pyx_string_tab[57]
+#define __pyx_kp_b_iso88591_N_Fa_wb_V2Rs_Bc_Cy_CzY_j_s_Q_k __pyx_string_tab[58]
+#define __pyx_kp_b_iso88591_Q __pyx_string_tab[59]
 #define __pyx_int_0 __pyx_number_tab[0]
 /* #### Code section: module_state_clear ### */
 #if CYTHON_USE_MODULE_STATE
@@ -3321,7 +3326,7 @@ static CYTHON_SMALL_CODE int __pyx_m_clear(PyObject *m) {
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_CLEAR(clear_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<2; ++i) { Py_CLEAR(clear_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<59; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<60; ++i) { Py_CLEAR(clear_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<1; ++i) { Py_CLEAR(clear_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_clear_contents ### */
 /* CommonTypesMetaclass.module_state_clear */
@@ -3354,7 +3359,7 @@ static CYTHON_SMALL_CODE int __pyx_m_traverse(PyObject *m, visitproc visit, void
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_pop.method);
   Py_VISIT(traverse_module_state->__pyx_umethod_PyDict_Type_values.method);
   for (int i=0; i<2; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_codeobj_tab[i]); }
-  for (int i=0; i<59; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
+  for (int i=0; i<60; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_string_tab[i]); }
   for (int i=0; i<1; ++i) { __Pyx_VISIT_CONST(traverse_module_state->__pyx_number_tab[i]); }
 /* #### Code section: module_state_traverse_contents ### */
 /* CommonTypesMetaclass.module_state_traverse */
@@ -3372,7 +3377,7 @@ return 0;
 #endif
 /* #### Code section: module_code ### */
 
-/* "src/_calibrate.pyx":343
+/* "src/_calibrate.pyx":347
  * 
  * 
  * def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t allocs=4000,             # <<<<<<<<<<<<<<
@@ -3425,102 +3430,102 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
   {
     PyObject ** const __pyx_pyargnames[] = {&__pyx_mstate_global->__pyx_n_u_rounds,&__pyx_mstate_global->__pyx_n_u_walks,&__pyx_mstate_global->__pyx_n_u_entries,&__pyx_mstate_global->__pyx_n_u_allocs,&__pyx_mstate_global->__pyx_n_u_tree_ops,&__pyx_mstate_global->__pyx_n_u_tree_live,0};
     const Py_ssize_t __pyx_kwds_len = (__pyx_kwds) ? __Pyx_NumKwargs_FASTCALL(__pyx_kwds) : 0;
-    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 343, __pyx_L3_error)
+    if (unlikely(__pyx_kwds_len < 0)) __PYX_ERR(0, 347, __pyx_L3_error)
     if (__pyx_kwds_len > 0) {
       switch (__pyx_nargs) {
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
       const Py_ssize_t kwd_pos_args = __pyx_nargs;
-      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "measure", 0) < (0)) __PYX_ERR(0, 343, __pyx_L3_error)
+      if (__Pyx_ParseKeywords(__pyx_kwds, __pyx_kwvalues, __pyx_pyargnames, 0, values, kwd_pos_args, __pyx_kwds_len, "measure", 0) < (0)) __PYX_ERR(0, 347, __pyx_L3_error)
     } else {
       switch (__pyx_nargs) {
         case  6:
         values[5] = __Pyx_ArgRef_FASTCALL(__pyx_args, 5);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[5])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  5:
         values[4] = __Pyx_ArgRef_FASTCALL(__pyx_args, 4);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[4])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  4:
         values[3] = __Pyx_ArgRef_FASTCALL(__pyx_args, 3);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[3])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  3:
         values[2] = __Pyx_ArgRef_FASTCALL(__pyx_args, 2);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[2])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  2:
         values[1] = __Pyx_ArgRef_FASTCALL(__pyx_args, 1);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[1])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  1:
         values[0] = __Pyx_ArgRef_FASTCALL(__pyx_args, 0);
-        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 343, __pyx_L3_error)
+        if (!CYTHON_ASSUME_SAFE_MACROS && unlikely(!values[0])) __PYX_ERR(0, 347, __pyx_L3_error)
         CYTHON_FALLTHROUGH;
         case  0: break;
         default: goto __pyx_L5_argtuple_error;
       }
     }
     if (values[0]) {
-      __pyx_v_rounds = __Pyx_PyLong_As_int(values[0]); if (unlikely((__pyx_v_rounds == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 343, __pyx_L3_error)
+      __pyx_v_rounds = __Pyx_PyLong_As_int(values[0]); if (unlikely((__pyx_v_rounds == (int)-1) && PyErr_Occurred())) __PYX_ERR(0, 347, __pyx_L3_error)
     } else {
       __pyx_v_rounds = ((int)((int)7));
     }
     if (values[1]) {
-      __pyx_v_walks = __Pyx_PyLong_As_size_t(values[1]); if (unlikely((__pyx_v_walks == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 343, __pyx_L3_error)
+      __pyx_v_walks = __Pyx_PyLong_As_size_t(values[1]); if (unlikely((__pyx_v_walks == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 347, __pyx_L3_error)
     } else {
       __pyx_v_walks = ((size_t)((size_t)0x186A0));
     }
     if (values[2]) {
-      __pyx_v_entries = __Pyx_PyLong_As_size_t(values[2]); if (unlikely((__pyx_v_entries == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 343, __pyx_L3_error)
+      __pyx_v_entries = __Pyx_PyLong_As_size_t(values[2]); if (unlikely((__pyx_v_entries == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 347, __pyx_L3_error)
     } else {
       __pyx_v_entries = ((size_t)((size_t)0x20000));
     }
     if (values[3]) {
-      __pyx_v_allocs = __Pyx_PyLong_As_size_t(values[3]); if (unlikely((__pyx_v_allocs == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 343, __pyx_L3_error)
+      __pyx_v_allocs = __Pyx_PyLong_As_size_t(values[3]); if (unlikely((__pyx_v_allocs == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 347, __pyx_L3_error)
     } else {
       __pyx_v_allocs = ((size_t)((size_t)0xFA0));
     }
     if (values[4]) {
-      __pyx_v_tree_ops = __Pyx_PyLong_As_size_t(values[4]); if (unlikely((__pyx_v_tree_ops == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 344, __pyx_L3_error)
+      __pyx_v_tree_ops = __Pyx_PyLong_As_size_t(values[4]); if (unlikely((__pyx_v_tree_ops == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 348, __pyx_L3_error)
     } else {
       __pyx_v_tree_ops = ((size_t)((size_t)0x1F40));
     }
     if (values[5]) {
-      __pyx_v_tree_live = __Pyx_PyLong_As_size_t(values[5]); if (unlikely((__pyx_v_tree_live == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 344, __pyx_L3_error)
+      __pyx_v_tree_live = __Pyx_PyLong_As_size_t(values[5]); if (unlikely((__pyx_v_tree_live == (size_t)-1) && PyErr_Occurred())) __PYX_ERR(0, 348, __pyx_L3_error)
     } else {
       __pyx_v_tree_live = ((size_t)((size_t)0x400));
     }
   }
   goto __pyx_L6_skip;
   __pyx_L5_argtuple_error:;
-  __Pyx_RaiseArgtupleInvalid("measure", 0, 0, 6, __pyx_nargs); __PYX_ERR(0, 343, __pyx_L3_error)
+  __Pyx_RaiseArgtupleInvalid("measure", 0, 0, 6, __pyx_nargs); __PYX_ERR(0, 347, __pyx_L3_error)
   __pyx_L6_skip:;
   goto __pyx_L4_argument_unpacking_done;
   __pyx_L3_error:;
@@ -3548,7 +3553,7 @@ PyObject *__pyx_args, PyObject *__pyx_kwds
 }
 static PyObject *__pyx_gb_8pydmabuf_10_calibrate_7measure_2generator(__pyx_CoroutineObject *__pyx_generator, CYTHON_UNUSED PyThreadState *__pyx_tstate, PyObject *__pyx_sent_value); /* proto */
 
-/* "src/_calibrate.pyx":403
+/* "src/_calibrate.pyx":415
  *         free(sg)
  *     for k, v in out.items():
  *         if not all(x > 0 for x in v):             # <<<<<<<<<<<<<<
@@ -3568,7 +3573,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_7measure_genexpr(CYTHON_UNUSED 
   if (unlikely(!__pyx_cur_scope)) {
     __pyx_cur_scope = ((struct __pyx_obj_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr *)Py_None);
     __Pyx_INCREF(Py_None);
-    __PYX_ERR(0, 403, __pyx_L1_error)
+    __PYX_ERR(0, 415, __pyx_L1_error)
   } else {
     __Pyx_GOTREF((PyObject *)__pyx_cur_scope);
   }
@@ -3576,7 +3581,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_7measure_genexpr(CYTHON_UNUSED 
   __Pyx_INCREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   __Pyx_GIVEREF(__pyx_cur_scope->__pyx_genexpr_arg_0);
   {
-    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_8pydmabuf_10_calibrate_7measure_2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_measure_locals_genexpr, __pyx_mstate_global->__pyx_n_u_pydmabuf__calibrate); if (unlikely(!gen)) __PYX_ERR(0, 403, __pyx_L1_error)
+    __pyx_CoroutineObject *gen = __Pyx_Generator_New((__pyx_coroutine_body_t) __pyx_gb_8pydmabuf_10_calibrate_7measure_2generator, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[0]), (PyObject *) __pyx_cur_scope, __pyx_mstate_global->__pyx_n_u_genexpr, __pyx_mstate_global->__pyx_n_u_measure_locals_genexpr, __pyx_mstate_global->__pyx_n_u_pydmabuf__calibrate); if (unlikely(!gen)) __PYX_ERR(0, 415, __pyx_L1_error)
     __Pyx_DECREF(__pyx_cur_scope);
     __Pyx_RefNannyFinishContext();
     return (PyObject *) gen;
@@ -3614,16 +3619,16 @@ static PyObject *__pyx_gb_8pydmabuf_10_calibrate_7measure_2generator(__pyx_Corou
     return NULL;
   }
   __pyx_L3_first_run:;
-  if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 403, __pyx_L1_error)
-  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 403, __pyx_L1_error) }
+  if (unlikely(!__pyx_sent_value)) __PYX_ERR(0, 415, __pyx_L1_error)
+  if (unlikely(!__pyx_cur_scope->__pyx_genexpr_arg_0)) { __Pyx_RaiseUnboundLocalError(".0"); __PYX_ERR(0, 415, __pyx_L1_error) }
   if (likely(PyList_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) || PyTuple_CheckExact(__pyx_cur_scope->__pyx_genexpr_arg_0)) {
     __pyx_t_1 = __pyx_cur_scope->__pyx_genexpr_arg_0; __Pyx_INCREF(__pyx_t_1);
     __pyx_t_2 = 0;
     __pyx_t_3 = NULL;
   } else {
-    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 403, __pyx_L1_error)
+    __pyx_t_2 = -1; __pyx_t_1 = PyObject_GetIter(__pyx_cur_scope->__pyx_genexpr_arg_0); if (unlikely(!__pyx_t_1)) __PYX_ERR(0, 415, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_1);
-    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 403, __pyx_L1_error)
+    __pyx_t_3 = (CYTHON_COMPILING_IN_LIMITED_API) ? PyIter_Next : __Pyx_PyObject_GetIterNextFunc(__pyx_t_1); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 415, __pyx_L1_error)
   }
   for (;;) {
     if (likely(!__pyx_t_3)) {
@@ -3631,7 +3636,7 @@ static PyObject *__pyx_gb_8pydmabuf_10_calibrate_7measure_2generator(__pyx_Corou
         {
           Py_ssize_t __pyx_temp = __Pyx_PyList_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 403, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 415, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -3641,7 +3646,7 @@ static PyObject *__pyx_gb_8pydmabuf_10_calibrate_7measure_2generator(__pyx_Corou
         {
           Py_ssize_t __pyx_temp = __Pyx_PyTuple_GET_SIZE(__pyx_t_1);
           #if !CYTHON_ASSUME_SAFE_SIZE
-          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 403, __pyx_L1_error)
+          if (unlikely((__pyx_temp < 0))) __PYX_ERR(0, 415, __pyx_L1_error)
           #endif
           if (__pyx_t_2 >= __pyx_temp) break;
         }
@@ -3652,13 +3657,13 @@ static PyObject *__pyx_gb_8pydmabuf_10_calibrate_7measure_2generator(__pyx_Corou
         #endif
         ++__pyx_t_2;
       }
-      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 403, __pyx_L1_error)
+      if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 415, __pyx_L1_error)
     } else {
       __pyx_t_4 = __pyx_t_3(__pyx_t_1);
       if (unlikely(!__pyx_t_4)) {
         PyObject* exc_type = PyErr_Occurred();
         if (exc_type) {
-          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 403, __pyx_L1_error)
+          if (unlikely(!__Pyx_PyErr_GivenExceptionMatches(exc_type, PyExc_StopIteration))) __PYX_ERR(0, 415, __pyx_L1_error)
           PyErr_Clear();
         }
         break;
@@ -3669,7 +3674,7 @@ static PyObject *__pyx_gb_8pydmabuf_10_calibrate_7measure_2generator(__pyx_Corou
     __Pyx_XDECREF_SET(__pyx_cur_scope->__pyx_v_x, __pyx_t_4);
     __Pyx_GIVEREF(__pyx_t_4);
     __pyx_t_4 = 0;
-    __pyx_t_5 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_cur_scope->__pyx_v_x, __pyx_mstate_global->__pyx_int_0, Py_GT); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 403, __pyx_L1_error)
+    __pyx_t_5 = __Pyx_PyObject_CompareBoolGt_object_int(__pyx_cur_scope->__pyx_v_x, __pyx_mstate_global->__pyx_int_0, Py_GT); if (unlikely((__pyx_t_5 < 0))) __PYX_ERR(0, 415, __pyx_L1_error)
     __pyx_t_6 = (!__pyx_t_5);
 
 
@@ -3723,7 +3728,7 @@ static PyObject *__pyx_gb_8pydmabuf_10_calibrate_7measure_2generator(__pyx_Corou
   return __pyx_r;
 }
 
-/* "src/_calibrate.pyx":343
+/* "src/_calibrate.pyx":347
  * 
  * 
  * def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t allocs=4000,             # <<<<<<<<<<<<<<
@@ -3735,6 +3740,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
   struct pcal_pt __pyx_v_pt;
   struct pcal_sg *__pyx_v_sg;
   uint64_t __pyx_v_t;
+  CYTHON_UNUSED int __pyx_v__p;
   PyObject *__pyx_v_out = NULL;
   CYTHON_UNUSED int __pyx_v__;
   PyObject *__pyx_v_k = NULL;
@@ -3751,26 +3757,27 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
   int __pyx_t_7;
   int __pyx_t_8;
   int __pyx_t_9;
-  char const *__pyx_t_10;
-  PyObject *__pyx_t_11 = NULL;
+  int __pyx_t_10;
+  char const *__pyx_t_11;
   PyObject *__pyx_t_12 = NULL;
   PyObject *__pyx_t_13 = NULL;
   PyObject *__pyx_t_14 = NULL;
   PyObject *__pyx_t_15 = NULL;
   PyObject *__pyx_t_16 = NULL;
-  Py_ssize_t __pyx_t_17;
+  PyObject *__pyx_t_17 = NULL;
   Py_ssize_t __pyx_t_18;
-  PyObject *__pyx_t_19 = NULL;
+  Py_ssize_t __pyx_t_19;
   PyObject *__pyx_t_20 = NULL;
-  PyObject *__pyx_t_21[3];
-  Py_ssize_t __pyx_t_22;
-  PyObject *__pyx_t_23 = NULL;
+  PyObject *__pyx_t_21 = NULL;
+  PyObject *__pyx_t_22[3];
+  Py_ssize_t __pyx_t_23;
+  PyObject *__pyx_t_24 = NULL;
   int __pyx_lineno = 0;
   const char *__pyx_filename = NULL;
   int __pyx_clineno = 0;
   __Pyx_RefNannySetupContext("measure", 0);
 
-  /* "src/_calibrate.pyx":360
+  /* "src/_calibrate.pyx":364
  *     buffers cannot be allocated.
  *     """
  *     if rounds < 1 or walks < 1 or entries < 1 or allocs < 1 or tree_ops < 1 or tree_live < 1:             # <<<<<<<<<<<<<<
@@ -3836,7 +3843,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "src/_calibrate.pyx":361
+    /* "src/_calibrate.pyx":365
  *     """
  *     if rounds < 1 or walks < 1 or entries < 1 or allocs < 1 or tree_ops < 1 or tree_live < 1:
  *         raise ValueError("rounds and sizes must be positive")             # <<<<<<<<<<<<<<
@@ -3849,14 +3856,14 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_rounds_and_sizes_must_be_positiv};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_ValueError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 361, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 365, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 361, __pyx_L1_error)
+    __PYX_ERR(0, 365, __pyx_L1_error)
 
-    /* "src/_calibrate.pyx":360
+    /* "src/_calibrate.pyx":364
  *     buffers cannot be allocated.
  *     """
  *     if rounds < 1 or walks < 1 or entries < 1 or allocs < 1 or tree_ops < 1 or tree_live < 1:             # <<<<<<<<<<<<<<
@@ -3865,18 +3872,18 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 */
   }
 
-  /* "src/_calibrate.pyx":363
+  /* "src/_calibrate.pyx":367
  *         raise ValueError("rounds and sizes must be positive")
  *     cdef pcal_pt pt
  *     cdef pcal_sg *sg = <pcal_sg *>calloc(entries, 32)             # <<<<<<<<<<<<<<
  *     cdef uint64_t t
- *     if sg == NULL:
+ *     cdef int _p
 */
   __pyx_v_sg = ((struct pcal_sg *)calloc(__pyx_v_entries, 32));
 
-  /* "src/_calibrate.pyx":365
- *     cdef pcal_sg *sg = <pcal_sg *>calloc(entries, 32)
+  /* "src/_calibrate.pyx":370
  *     cdef uint64_t t
+ *     cdef int _p
  *     if sg == NULL:             # <<<<<<<<<<<<<<
  *         raise MemoryError("calibration: no memory for the entries")
  *     if pcal_pt_init(&pt, 2048) < 0:
@@ -3886,8 +3893,8 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "src/_calibrate.pyx":366
- *     cdef uint64_t t
+    /* "src/_calibrate.pyx":371
+ *     cdef int _p
  *     if sg == NULL:
  *         raise MemoryError("calibration: no memory for the entries")             # <<<<<<<<<<<<<<
  *     if pcal_pt_init(&pt, 2048) < 0:
@@ -3899,23 +3906,23 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_calibration_no_memory_for_the_en};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 366, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 371, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 366, __pyx_L1_error)
+    __PYX_ERR(0, 371, __pyx_L1_error)
 
-    /* "src/_calibrate.pyx":365
- *     cdef pcal_sg *sg = <pcal_sg *>calloc(entries, 32)
+    /* "src/_calibrate.pyx":370
  *     cdef uint64_t t
+ *     cdef int _p
  *     if sg == NULL:             # <<<<<<<<<<<<<<
  *         raise MemoryError("calibration: no memory for the entries")
  *     if pcal_pt_init(&pt, 2048) < 0:
 */
   }
 
-  /* "src/_calibrate.pyx":367
+  /* "src/_calibrate.pyx":372
  *     if sg == NULL:
  *         raise MemoryError("calibration: no memory for the entries")
  *     if pcal_pt_init(&pt, 2048) < 0:             # <<<<<<<<<<<<<<
@@ -3927,7 +3934,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
   if (unlikely(__pyx_t_1)) {
 
 
-    /* "src/_calibrate.pyx":368
+    /* "src/_calibrate.pyx":373
  *         raise MemoryError("calibration: no memory for the entries")
  *     if pcal_pt_init(&pt, 2048) < 0:
  *         free(sg)             # <<<<<<<<<<<<<<
@@ -3936,7 +3943,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 */
     free(__pyx_v_sg);
 
-    /* "src/_calibrate.pyx":369
+    /* "src/_calibrate.pyx":374
  *     if pcal_pt_init(&pt, 2048) < 0:
  *         free(sg)
  *         raise MemoryError("calibration: no memory for the page table")             # <<<<<<<<<<<<<<
@@ -3949,14 +3956,14 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
       PyObject *__pyx_callargs[2] = {__pyx_t_4, __pyx_mstate_global->__pyx_kp_u_calibration_no_memory_for_the_pa};
       __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_MemoryError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 369, __pyx_L1_error)
+      if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 374, __pyx_L1_error)
       __Pyx_GOTREF(__pyx_t_3);
     }
     __Pyx_Raise(__pyx_t_3, 0, 0, 0);
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-    __PYX_ERR(0, 369, __pyx_L1_error)
+    __PYX_ERR(0, 374, __pyx_L1_error)
 
-    /* "src/_calibrate.pyx":367
+    /* "src/_calibrate.pyx":372
  *     if sg == NULL:
  *         raise MemoryError("calibration: no memory for the entries")
  *     if pcal_pt_init(&pt, 2048) < 0:             # <<<<<<<<<<<<<<
@@ -3965,55 +3972,55 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 */
   }
 
-  /* "src/_calibrate.pyx":370
+  /* "src/_calibrate.pyx":375
  *         free(sg)
  *         raise MemoryError("calibration: no memory for the page table")
  *     out = {"walk_write": [], "map_call": [], "pte_write": [], "entry_visit": [], "alloc_4k": [], "tree_pair": [],             # <<<<<<<<<<<<<<
  *            "magazine_pair": []}
  *     try:
 */
-  __pyx_t_3 = __Pyx_PyDict_NewPresized(7); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 370, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyDict_NewPresized(7); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 370, __pyx_L1_error)
+  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_walk_write, __pyx_t_4) < (0)) __PYX_ERR(0, 370, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_walk_write, __pyx_t_4) < (0)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 370, __pyx_L1_error)
+  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_map_call, __pyx_t_4) < (0)) __PYX_ERR(0, 370, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_map_call, __pyx_t_4) < (0)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 370, __pyx_L1_error)
+  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_pte_write, __pyx_t_4) < (0)) __PYX_ERR(0, 370, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_pte_write, __pyx_t_4) < (0)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 370, __pyx_L1_error)
+  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_entry_visit, __pyx_t_4) < (0)) __PYX_ERR(0, 370, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_entry_visit, __pyx_t_4) < (0)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 370, __pyx_L1_error)
+  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_alloc_4k, __pyx_t_4) < (0)) __PYX_ERR(0, 370, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_alloc_4k, __pyx_t_4) < (0)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
-  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 370, __pyx_L1_error)
+  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_tree_pair, __pyx_t_4) < (0)) __PYX_ERR(0, 370, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_tree_pair, __pyx_t_4) < (0)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "src/_calibrate.pyx":371
+  /* "src/_calibrate.pyx":376
  *         raise MemoryError("calibration: no memory for the page table")
  *     out = {"walk_write": [], "map_call": [], "pte_write": [], "entry_visit": [], "alloc_4k": [], "tree_pair": [],
  *            "magazine_pair": []}             # <<<<<<<<<<<<<<
  *     try:
  *         with nogil:
 */
-  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 371, __pyx_L1_error)
+  __pyx_t_4 = PyList_New(0); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 376, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_magazine_pair, __pyx_t_4) < (0)) __PYX_ERR(0, 370, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_t_3, __pyx_mstate_global->__pyx_n_u_magazine_pair, __pyx_t_4) < (0)) __PYX_ERR(0, 375, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
   __pyx_v_out = ((PyObject*)__pyx_t_3);
   __pyx_t_3 = 0;
 
-  /* "src/_calibrate.pyx":372
+  /* "src/_calibrate.pyx":377
  *     out = {"walk_write": [], "map_call": [], "pte_write": [], "entry_visit": [], "alloc_4k": [], "tree_pair": [],
  *            "magazine_pair": []}
  *     try:             # <<<<<<<<<<<<<<
@@ -4022,7 +4029,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 */
   /*try:*/ {
 
-    /* "src/_calibrate.pyx":373
+    /* "src/_calibrate.pyx":378
  *            "magazine_pair": []}
  *     try:
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -4035,7 +4042,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
         __Pyx_FastGIL_Remember();
         /*try:*/ {
 
-          /* "src/_calibrate.pyx":374
+          /* "src/_calibrate.pyx":379
  *     try:
  *         with nogil:
  *             pcal_walk(&pt, walks)          # warm up: fault everything in             # <<<<<<<<<<<<<<
@@ -4044,7 +4051,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 */
           (void)(pcal_walk((&__pyx_v_pt), __pyx_v_walks));
 
-          /* "src/_calibrate.pyx":375
+          /* "src/_calibrate.pyx":380
  *         with nogil:
  *             pcal_walk(&pt, walks)          # warm up: fault everything in
  *             pcal_batch(&pt, 2048 * 512)             # <<<<<<<<<<<<<<
@@ -4053,7 +4060,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 */
           (void)(pcal_batch((&__pyx_v_pt), 0x100000));
 
-          /* "src/_calibrate.pyx":376
+          /* "src/_calibrate.pyx":381
  *             pcal_walk(&pt, walks)          # warm up: fault everything in
  *             pcal_batch(&pt, 2048 * 512)
  *             pcal_visit(sg, entries)             # <<<<<<<<<<<<<<
@@ -4063,7 +4070,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           (void)(pcal_visit(__pyx_v_sg, __pyx_v_entries));
         }
 
-        /* "src/_calibrate.pyx":373
+        /* "src/_calibrate.pyx":378
  *            "magazine_pair": []}
  *     try:
  *         with nogil:             # <<<<<<<<<<<<<<
@@ -4080,7 +4087,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
         }
     }
 
-    /* "src/_calibrate.pyx":377
+    /* "src/_calibrate.pyx":382
  *             pcal_batch(&pt, 2048 * 512)
  *             pcal_visit(sg, entries)
  *         for _ in range(rounds):             # <<<<<<<<<<<<<<
@@ -4094,12 +4101,12 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
     for (__pyx_t_8 = 0; __pyx_t_8 < __pyx_t_7; __pyx_t_8+=1) {
       __pyx_v__ = __pyx_t_8;
 
-      /* "src/_calibrate.pyx":378
+      /* "src/_calibrate.pyx":383
  *             pcal_visit(sg, entries)
  *         for _ in range(rounds):
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_walk(&pt, walks)
- *             out["walk_write"].append(t / walks)
+ *             out["walk_write"].append(<double>t / walks)
 */
       {
           PyThreadState * _save;
@@ -4107,22 +4114,22 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           __Pyx_FastGIL_Remember();
           /*try:*/ {
 
-            /* "src/_calibrate.pyx":379
+            /* "src/_calibrate.pyx":384
  *         for _ in range(rounds):
  *             with nogil:
  *                 t = pcal_walk(&pt, walks)             # <<<<<<<<<<<<<<
- *             out["walk_write"].append(t / walks)
+ *             out["walk_write"].append(<double>t / walks)
  *             with nogil:
 */
             __pyx_v_t = pcal_walk((&__pyx_v_pt), __pyx_v_walks);
           }
 
-          /* "src/_calibrate.pyx":378
+          /* "src/_calibrate.pyx":383
  *             pcal_visit(sg, entries)
  *         for _ in range(rounds):
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_walk(&pt, walks)
- *             out["walk_write"].append(t / walks)
+ *             out["walk_write"].append(<double>t / walks)
 */
           /*finally:*/ {
             /*normal exit:*/{
@@ -4134,28 +4141,28 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           }
       }
 
-      /* "src/_calibrate.pyx":380
+      /* "src/_calibrate.pyx":385
  *             with nogil:
  *                 t = pcal_walk(&pt, walks)
- *             out["walk_write"].append(t / walks)             # <<<<<<<<<<<<<<
+ *             out["walk_write"].append(<double>t / walks)             # <<<<<<<<<<<<<<
  *             with nogil:
  *                 t = pcal_calls(&pt, walks)
 */
-      __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_walk_write); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 380, __pyx_L13_error)
+      __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_walk_write); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 385, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_4 = __Pyx_PyLong_From_uint64_t((__pyx_v_t / ((uint64_t)__pyx_v_walks))); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 380, __pyx_L13_error)
+      __pyx_t_4 = PyFloat_FromDouble((((double)__pyx_v_t) / ((double)__pyx_v_walks))); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 385, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_3, __pyx_t_4); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 380, __pyx_L13_error)
+      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_3, __pyx_t_4); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 385, __pyx_L13_error)
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
 
-      /* "src/_calibrate.pyx":381
+      /* "src/_calibrate.pyx":386
  *                 t = pcal_walk(&pt, walks)
- *             out["walk_write"].append(t / walks)
+ *             out["walk_write"].append(<double>t / walks)
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_calls(&pt, walks)
- *             out["map_call"].append(t / walks)
+ *             out["map_call"].append(<double>t / walks)
 */
       {
           PyThreadState * _save;
@@ -4163,22 +4170,22 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           __Pyx_FastGIL_Remember();
           /*try:*/ {
 
-            /* "src/_calibrate.pyx":382
- *             out["walk_write"].append(t / walks)
+            /* "src/_calibrate.pyx":387
+ *             out["walk_write"].append(<double>t / walks)
  *             with nogil:
  *                 t = pcal_calls(&pt, walks)             # <<<<<<<<<<<<<<
- *             out["map_call"].append(t / walks)
- *             with nogil:
+ *             out["map_call"].append(<double>t / walks)
+ *             # The memory-bound loops run several passes a round: one pass
 */
             __pyx_v_t = pcal_calls((&__pyx_v_pt), __pyx_v_walks);
           }
 
-          /* "src/_calibrate.pyx":381
+          /* "src/_calibrate.pyx":386
  *                 t = pcal_walk(&pt, walks)
- *             out["walk_write"].append(t / walks)
+ *             out["walk_write"].append(<double>t / walks)
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_calls(&pt, walks)
- *             out["map_call"].append(t / walks)
+ *             out["map_call"].append(<double>t / walks)
 */
           /*finally:*/ {
             /*normal exit:*/{
@@ -4190,28 +4197,28 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           }
       }
 
-      /* "src/_calibrate.pyx":383
+      /* "src/_calibrate.pyx":388
  *             with nogil:
  *                 t = pcal_calls(&pt, walks)
- *             out["map_call"].append(t / walks)             # <<<<<<<<<<<<<<
- *             with nogil:
- *                 t = pcal_batch(&pt, 512 * 512)
+ *             out["map_call"].append(<double>t / walks)             # <<<<<<<<<<<<<<
+ *             # The memory-bound loops run several passes a round: one pass
+ *             # over a few MiB varies with what the caches and the prefetcher
 */
-      __pyx_t_4 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_map_call); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 383, __pyx_L13_error)
+      __pyx_t_4 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_map_call); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 388, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_3 = __Pyx_PyLong_From_uint64_t((__pyx_v_t / ((uint64_t)__pyx_v_walks))); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 383, __pyx_L13_error)
+      __pyx_t_3 = PyFloat_FromDouble((((double)__pyx_v_t) / ((double)__pyx_v_walks))); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 388, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_4, __pyx_t_3); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 383, __pyx_L13_error)
+      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_4, __pyx_t_3); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 388, __pyx_L13_error)
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
 
-      /* "src/_calibrate.pyx":384
- *                 t = pcal_calls(&pt, walks)
- *             out["map_call"].append(t / walks)
+      /* "src/_calibrate.pyx":392
+ *             # over a few MiB varies with what the caches and the prefetcher
+ *             # happened to hold, and a longer sample averages that out.
  *             with nogil:             # <<<<<<<<<<<<<<
- *                 t = pcal_batch(&pt, 512 * 512)
- *             out["pte_write"].append(t / (512.0 * 512))
+ *                 t = 0
+ *                 for _p in range(4):
 */
       {
           PyThreadState * _save;
@@ -4219,22 +4226,42 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           __Pyx_FastGIL_Remember();
           /*try:*/ {
 
-            /* "src/_calibrate.pyx":385
- *             out["map_call"].append(t / walks)
+            /* "src/_calibrate.pyx":393
+ *             # happened to hold, and a longer sample averages that out.
  *             with nogil:
- *                 t = pcal_batch(&pt, 512 * 512)             # <<<<<<<<<<<<<<
- *             out["pte_write"].append(t / (512.0 * 512))
+ *                 t = 0             # <<<<<<<<<<<<<<
+ *                 for _p in range(4):
+ *                     t += pcal_batch(&pt, 512 * 512)
+*/
+            __pyx_v_t = 0;
+
+            /* "src/_calibrate.pyx":394
+ *             with nogil:
+ *                 t = 0
+ *                 for _p in range(4):             # <<<<<<<<<<<<<<
+ *                     t += pcal_batch(&pt, 512 * 512)
+ *             out["pte_write"].append(t / (4 * 512.0 * 512))
+*/
+            for (__pyx_t_10 = 0; __pyx_t_10 < 4; __pyx_t_10+=1) {
+              __pyx_v__p = __pyx_t_10;
+
+              /* "src/_calibrate.pyx":395
+ *                 t = 0
+ *                 for _p in range(4):
+ *                     t += pcal_batch(&pt, 512 * 512)             # <<<<<<<<<<<<<<
+ *             out["pte_write"].append(t / (4 * 512.0 * 512))
  *             with nogil:
 */
-            __pyx_v_t = pcal_batch((&__pyx_v_pt), 0x40000);
+              __pyx_v_t = (__pyx_v_t + pcal_batch((&__pyx_v_pt), 0x40000));
+            }
           }
 
-          /* "src/_calibrate.pyx":384
- *                 t = pcal_calls(&pt, walks)
- *             out["map_call"].append(t / walks)
+          /* "src/_calibrate.pyx":392
+ *             # over a few MiB varies with what the caches and the prefetcher
+ *             # happened to hold, and a longer sample averages that out.
  *             with nogil:             # <<<<<<<<<<<<<<
- *                 t = pcal_batch(&pt, 512 * 512)
- *             out["pte_write"].append(t / (512.0 * 512))
+ *                 t = 0
+ *                 for _p in range(4):
 */
           /*finally:*/ {
             /*normal exit:*/{
@@ -4246,28 +4273,28 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           }
       }
 
-      /* "src/_calibrate.pyx":386
+      /* "src/_calibrate.pyx":396
+ *                 for _p in range(4):
+ *                     t += pcal_batch(&pt, 512 * 512)
+ *             out["pte_write"].append(t / (4 * 512.0 * 512))             # <<<<<<<<<<<<<<
  *             with nogil:
- *                 t = pcal_batch(&pt, 512 * 512)
- *             out["pte_write"].append(t / (512.0 * 512))             # <<<<<<<<<<<<<<
- *             with nogil:
- *                 t = pcal_visit(sg, entries)
+ *                 t = 0
 */
-      __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_pte_write); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 386, __pyx_L13_error)
+      __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_pte_write); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 396, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_4 = PyFloat_FromDouble((((double)__pyx_v_t) / (512.0 * 512.0))); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 386, __pyx_L13_error)
+      __pyx_t_4 = PyFloat_FromDouble((((double)__pyx_v_t) / ((4.0 * 512.0) * 512.0))); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 396, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_3, __pyx_t_4); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 386, __pyx_L13_error)
+      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_3, __pyx_t_4); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 396, __pyx_L13_error)
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
 
-      /* "src/_calibrate.pyx":387
- *                 t = pcal_batch(&pt, 512 * 512)
- *             out["pte_write"].append(t / (512.0 * 512))
+      /* "src/_calibrate.pyx":397
+ *                     t += pcal_batch(&pt, 512 * 512)
+ *             out["pte_write"].append(t / (4 * 512.0 * 512))
  *             with nogil:             # <<<<<<<<<<<<<<
- *                 t = pcal_visit(sg, entries)
- *             out["entry_visit"].append(t / entries)
+ *                 t = 0
+ *                 for _p in range(4):
 */
       {
           PyThreadState * _save;
@@ -4275,55 +4302,75 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           __Pyx_FastGIL_Remember();
           /*try:*/ {
 
-            /* "src/_calibrate.pyx":388
- *             out["pte_write"].append(t / (512.0 * 512))
+            /* "src/_calibrate.pyx":398
+ *             out["pte_write"].append(t / (4 * 512.0 * 512))
  *             with nogil:
- *                 t = pcal_visit(sg, entries)             # <<<<<<<<<<<<<<
- *             out["entry_visit"].append(t / entries)
+ *                 t = 0             # <<<<<<<<<<<<<<
+ *                 for _p in range(4):
+ *                     t += pcal_visit(sg, entries)
+*/
+            __pyx_v_t = 0;
+
+            /* "src/_calibrate.pyx":399
+ *             with nogil:
+ *                 t = 0
+ *                 for _p in range(4):             # <<<<<<<<<<<<<<
+ *                     t += pcal_visit(sg, entries)
+ *             out["entry_visit"].append(<double>t / (4 * entries))
+*/
+            for (__pyx_t_10 = 0; __pyx_t_10 < 4; __pyx_t_10+=1) {
+              __pyx_v__p = __pyx_t_10;
+
+              /* "src/_calibrate.pyx":400
+ *                 t = 0
+ *                 for _p in range(4):
+ *                     t += pcal_visit(sg, entries)             # <<<<<<<<<<<<<<
+ *             out["entry_visit"].append(<double>t / (4 * entries))
  *             with nogil:
 */
-            __pyx_v_t = pcal_visit(__pyx_v_sg, __pyx_v_entries);
+              __pyx_v_t = (__pyx_v_t + pcal_visit(__pyx_v_sg, __pyx_v_entries));
+            }
           }
 
-          /* "src/_calibrate.pyx":387
- *                 t = pcal_batch(&pt, 512 * 512)
- *             out["pte_write"].append(t / (512.0 * 512))
+          /* "src/_calibrate.pyx":397
+ *                     t += pcal_batch(&pt, 512 * 512)
+ *             out["pte_write"].append(t / (4 * 512.0 * 512))
  *             with nogil:             # <<<<<<<<<<<<<<
- *                 t = pcal_visit(sg, entries)
- *             out["entry_visit"].append(t / entries)
+ *                 t = 0
+ *                 for _p in range(4):
 */
           /*finally:*/ {
             /*normal exit:*/{
               __Pyx_FastGIL_Forget();
               PyEval_RestoreThread(_save);
-              goto __pyx_L39;
+              goto __pyx_L41;
             }
-            __pyx_L39:;
+            __pyx_L41:;
           }
       }
 
-      /* "src/_calibrate.pyx":389
- *             with nogil:
- *                 t = pcal_visit(sg, entries)
- *             out["entry_visit"].append(t / entries)             # <<<<<<<<<<<<<<
+      /* "src/_calibrate.pyx":401
+ *                 for _p in range(4):
+ *                     t += pcal_visit(sg, entries)
+ *             out["entry_visit"].append(<double>t / (4 * entries))             # <<<<<<<<<<<<<<
  *             with nogil:
  *                 t = pcal_alloc(allocs, 4096)
 */
-      __pyx_t_4 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_entry_visit); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 389, __pyx_L13_error)
+      __pyx_t_4 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_entry_visit); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 401, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_3 = __Pyx_PyLong_From_uint64_t((__pyx_v_t / ((uint64_t)__pyx_v_entries))); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 389, __pyx_L13_error)
+      __pyx_t_3 = PyFloat_FromDouble((((double)__pyx_v_t) / ((double)(4 * __pyx_v_entries)))); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 401, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_4, __pyx_t_3); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 389, __pyx_L13_error)
+      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_4, __pyx_t_3); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 401, __pyx_L13_error)
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
 
-      /* "src/_calibrate.pyx":390
- *                 t = pcal_visit(sg, entries)
- *             out["entry_visit"].append(t / entries)
+      /* "src/_calibrate.pyx":402
+ *                     t += pcal_visit(sg, entries)
+ *             out["entry_visit"].append(<double>t / (4 * entries))
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_alloc(allocs, 4096)
- *             out["alloc_4k"].append(t / allocs)
+ *             out["alloc_4k"].append(<double>t / allocs)
 */
       {
           PyThreadState * _save;
@@ -4331,55 +4378,55 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           __Pyx_FastGIL_Remember();
           /*try:*/ {
 
-            /* "src/_calibrate.pyx":391
- *             out["entry_visit"].append(t / entries)
+            /* "src/_calibrate.pyx":403
+ *             out["entry_visit"].append(<double>t / (4 * entries))
  *             with nogil:
  *                 t = pcal_alloc(allocs, 4096)             # <<<<<<<<<<<<<<
- *             out["alloc_4k"].append(t / allocs)
+ *             out["alloc_4k"].append(<double>t / allocs)
  *             with nogil:
 */
             __pyx_v_t = pcal_alloc(__pyx_v_allocs, 0x1000);
           }
 
-          /* "src/_calibrate.pyx":390
- *                 t = pcal_visit(sg, entries)
- *             out["entry_visit"].append(t / entries)
+          /* "src/_calibrate.pyx":402
+ *                     t += pcal_visit(sg, entries)
+ *             out["entry_visit"].append(<double>t / (4 * entries))
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_alloc(allocs, 4096)
- *             out["alloc_4k"].append(t / allocs)
+ *             out["alloc_4k"].append(<double>t / allocs)
 */
           /*finally:*/ {
             /*normal exit:*/{
               __Pyx_FastGIL_Forget();
               PyEval_RestoreThread(_save);
-              goto __pyx_L44;
+              goto __pyx_L48;
             }
-            __pyx_L44:;
+            __pyx_L48:;
           }
       }
 
-      /* "src/_calibrate.pyx":392
+      /* "src/_calibrate.pyx":404
  *             with nogil:
  *                 t = pcal_alloc(allocs, 4096)
- *             out["alloc_4k"].append(t / allocs)             # <<<<<<<<<<<<<<
+ *             out["alloc_4k"].append(<double>t / allocs)             # <<<<<<<<<<<<<<
  *             with nogil:
  *                 t = pcal_tree(tree_ops, tree_live)
 */
-      __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_alloc_4k); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 392, __pyx_L13_error)
+      __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_alloc_4k); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 404, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_4 = __Pyx_PyLong_From_uint64_t((__pyx_v_t / ((uint64_t)__pyx_v_allocs))); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 392, __pyx_L13_error)
+      __pyx_t_4 = PyFloat_FromDouble((((double)__pyx_v_t) / ((double)__pyx_v_allocs))); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 404, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_3, __pyx_t_4); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 392, __pyx_L13_error)
+      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_3, __pyx_t_4); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 404, __pyx_L13_error)
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
 
-      /* "src/_calibrate.pyx":393
+      /* "src/_calibrate.pyx":405
  *                 t = pcal_alloc(allocs, 4096)
- *             out["alloc_4k"].append(t / allocs)
+ *             out["alloc_4k"].append(<double>t / allocs)
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_tree(tree_ops, tree_live)
- *             out["tree_pair"].append(t / tree_ops)
+ *             out["tree_pair"].append(<double>t / tree_ops)
 */
       {
           PyThreadState * _save;
@@ -4387,52 +4434,52 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           __Pyx_FastGIL_Remember();
           /*try:*/ {
 
-            /* "src/_calibrate.pyx":394
- *             out["alloc_4k"].append(t / allocs)
+            /* "src/_calibrate.pyx":406
+ *             out["alloc_4k"].append(<double>t / allocs)
  *             with nogil:
  *                 t = pcal_tree(tree_ops, tree_live)             # <<<<<<<<<<<<<<
- *             out["tree_pair"].append(t / tree_ops)
+ *             out["tree_pair"].append(<double>t / tree_ops)
  *             with nogil:
 */
             __pyx_v_t = pcal_tree(__pyx_v_tree_ops, __pyx_v_tree_live);
           }
 
-          /* "src/_calibrate.pyx":393
+          /* "src/_calibrate.pyx":405
  *                 t = pcal_alloc(allocs, 4096)
- *             out["alloc_4k"].append(t / allocs)
+ *             out["alloc_4k"].append(<double>t / allocs)
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_tree(tree_ops, tree_live)
- *             out["tree_pair"].append(t / tree_ops)
+ *             out["tree_pair"].append(<double>t / tree_ops)
 */
           /*finally:*/ {
             /*normal exit:*/{
               __Pyx_FastGIL_Forget();
               PyEval_RestoreThread(_save);
-              goto __pyx_L49;
+              goto __pyx_L53;
             }
-            __pyx_L49:;
+            __pyx_L53:;
           }
       }
 
-      /* "src/_calibrate.pyx":395
+      /* "src/_calibrate.pyx":407
  *             with nogil:
  *                 t = pcal_tree(tree_ops, tree_live)
- *             out["tree_pair"].append(t / tree_ops)             # <<<<<<<<<<<<<<
+ *             out["tree_pair"].append(<double>t / tree_ops)             # <<<<<<<<<<<<<<
  *             with nogil:
  *                 t = pcal_magazine(tree_ops * 8)
 */
-      __pyx_t_4 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_tree_pair); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 395, __pyx_L13_error)
+      __pyx_t_4 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_tree_pair); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 407, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_3 = __Pyx_PyLong_From_uint64_t((__pyx_v_t / ((uint64_t)__pyx_v_tree_ops))); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 395, __pyx_L13_error)
+      __pyx_t_3 = PyFloat_FromDouble((((double)__pyx_v_t) / ((double)__pyx_v_tree_ops))); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 407, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_4, __pyx_t_3); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 395, __pyx_L13_error)
+      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_4, __pyx_t_3); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 407, __pyx_L13_error)
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
 
 
-      /* "src/_calibrate.pyx":396
+      /* "src/_calibrate.pyx":408
  *                 t = pcal_tree(tree_ops, tree_live)
- *             out["tree_pair"].append(t / tree_ops)
+ *             out["tree_pair"].append(<double>t / tree_ops)
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_magazine(tree_ops * 8)
  *             out["magazine_pair"].append(t / (tree_ops * 8.0))
@@ -4443,8 +4490,8 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
           __Pyx_FastGIL_Remember();
           /*try:*/ {
 
-            /* "src/_calibrate.pyx":397
- *             out["tree_pair"].append(t / tree_ops)
+            /* "src/_calibrate.pyx":409
+ *             out["tree_pair"].append(<double>t / tree_ops)
  *             with nogil:
  *                 t = pcal_magazine(tree_ops * 8)             # <<<<<<<<<<<<<<
  *             out["magazine_pair"].append(t / (tree_ops * 8.0))
@@ -4453,9 +4500,9 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
             __pyx_v_t = pcal_magazine((__pyx_v_tree_ops * 8));
           }
 
-          /* "src/_calibrate.pyx":396
+          /* "src/_calibrate.pyx":408
  *                 t = pcal_tree(tree_ops, tree_live)
- *             out["tree_pair"].append(t / tree_ops)
+ *             out["tree_pair"].append(<double>t / tree_ops)
  *             with nogil:             # <<<<<<<<<<<<<<
  *                 t = pcal_magazine(tree_ops * 8)
  *             out["magazine_pair"].append(t / (tree_ops * 8.0))
@@ -4464,24 +4511,24 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
             /*normal exit:*/{
               __Pyx_FastGIL_Forget();
               PyEval_RestoreThread(_save);
-              goto __pyx_L54;
+              goto __pyx_L58;
             }
-            __pyx_L54:;
+            __pyx_L58:;
           }
       }
 
-      /* "src/_calibrate.pyx":398
+      /* "src/_calibrate.pyx":410
  *             with nogil:
  *                 t = pcal_magazine(tree_ops * 8)
  *             out["magazine_pair"].append(t / (tree_ops * 8.0))             # <<<<<<<<<<<<<<
  *     finally:
  *         pcal_pt_free(&pt)
 */
-      __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_magazine_pair); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 398, __pyx_L13_error)
+      __pyx_t_3 = __Pyx_PyDict_GetItem(__pyx_v_out, __pyx_mstate_global->__pyx_n_u_magazine_pair); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 410, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_3);
-      __pyx_t_4 = PyFloat_FromDouble((((double)__pyx_v_t) / (__pyx_v_tree_ops * 8.0))); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 398, __pyx_L13_error)
+      __pyx_t_4 = PyFloat_FromDouble((((double)__pyx_v_t) / (__pyx_v_tree_ops * 8.0))); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 410, __pyx_L13_error)
       __Pyx_GOTREF(__pyx_t_4);
-      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_3, __pyx_t_4); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 398, __pyx_L13_error)
+      __pyx_t_9 = __Pyx_PyObject_Append(__pyx_t_3, __pyx_t_4); if (unlikely(__pyx_t_9 == ((int)-1))) __PYX_ERR(0, 410, __pyx_L13_error)
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
@@ -4489,7 +4536,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 
   }
 
-  /* "src/_calibrate.pyx":400
+  /* "src/_calibrate.pyx":412
  *             out["magazine_pair"].append(t / (tree_ops * 8.0))
  *     finally:
  *         pcal_pt_free(&pt)             # <<<<<<<<<<<<<<
@@ -4500,7 +4547,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
     /*normal exit:*/{
       pcal_pt_free((&__pyx_v_pt));
 
-      /* "src/_calibrate.pyx":401
+      /* "src/_calibrate.pyx":413
  *     finally:
  *         pcal_pt_free(&pt)
  *         free(sg)             # <<<<<<<<<<<<<<
@@ -4514,21 +4561,21 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
     /*exception exit:*/{
       __Pyx_PyThreadState_declare
       __Pyx_PyThreadState_assign
-      __pyx_t_11 = 0; __pyx_t_12 = 0; __pyx_t_13 = 0; __pyx_t_14 = 0; __pyx_t_15 = 0; __pyx_t_16 = 0;
+      __pyx_t_12 = 0; __pyx_t_13 = 0; __pyx_t_14 = 0; __pyx_t_15 = 0; __pyx_t_16 = 0; __pyx_t_17 = 0;
       __Pyx_XDECREF(__pyx_t_3); __pyx_t_3 = 0;
       __Pyx_XDECREF(__pyx_t_4); __pyx_t_4 = 0;
-       __Pyx_ExceptionSwap(&__pyx_t_14, &__pyx_t_15, &__pyx_t_16);
-      if ( unlikely(__Pyx_GetException(&__pyx_t_11, &__pyx_t_12, &__pyx_t_13) < 0)) __Pyx_ErrFetch(&__pyx_t_11, &__pyx_t_12, &__pyx_t_13);
-      __Pyx_XGOTREF(__pyx_t_11);
+       __Pyx_ExceptionSwap(&__pyx_t_15, &__pyx_t_16, &__pyx_t_17);
+      if ( unlikely(__Pyx_GetException(&__pyx_t_12, &__pyx_t_13, &__pyx_t_14) < 0)) __Pyx_ErrFetch(&__pyx_t_12, &__pyx_t_13, &__pyx_t_14);
       __Pyx_XGOTREF(__pyx_t_12);
       __Pyx_XGOTREF(__pyx_t_13);
       __Pyx_XGOTREF(__pyx_t_14);
       __Pyx_XGOTREF(__pyx_t_15);
       __Pyx_XGOTREF(__pyx_t_16);
-      __pyx_t_6 = __pyx_lineno; __pyx_t_7 = __pyx_clineno; __pyx_t_10 = __pyx_filename;
+      __Pyx_XGOTREF(__pyx_t_17);
+      __pyx_t_6 = __pyx_lineno; __pyx_t_7 = __pyx_clineno; __pyx_t_11 = __pyx_filename;
       {
 
-        /* "src/_calibrate.pyx":400
+        /* "src/_calibrate.pyx":412
  *             out["magazine_pair"].append(t / (tree_ops * 8.0))
  *     finally:
  *         pcal_pt_free(&pt)             # <<<<<<<<<<<<<<
@@ -4537,7 +4584,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 */
         pcal_pt_free((&__pyx_v_pt));
 
-        /* "src/_calibrate.pyx":401
+        /* "src/_calibrate.pyx":413
  *     finally:
  *         pcal_pt_free(&pt)
  *         free(sg)             # <<<<<<<<<<<<<<
@@ -4546,58 +4593,58 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
 */
         free(__pyx_v_sg);
       }
-      __Pyx_XGIVEREF(__pyx_t_14);
       __Pyx_XGIVEREF(__pyx_t_15);
       __Pyx_XGIVEREF(__pyx_t_16);
-      __Pyx_ExceptionReset(__pyx_t_14, __pyx_t_15, __pyx_t_16);
-      __Pyx_XGIVEREF(__pyx_t_11);
+      __Pyx_XGIVEREF(__pyx_t_17);
+      __Pyx_ExceptionReset(__pyx_t_15, __pyx_t_16, __pyx_t_17);
       __Pyx_XGIVEREF(__pyx_t_12);
       __Pyx_XGIVEREF(__pyx_t_13);
-      __Pyx_ErrRestore(__pyx_t_11, __pyx_t_12, __pyx_t_13);
-      __pyx_t_11 = 0; __pyx_t_12 = 0; __pyx_t_13 = 0; __pyx_t_14 = 0; __pyx_t_15 = 0; __pyx_t_16 = 0;
-      __pyx_lineno = __pyx_t_6; __pyx_clineno = __pyx_t_7; __pyx_filename = __pyx_t_10;
+      __Pyx_XGIVEREF(__pyx_t_14);
+      __Pyx_ErrRestore(__pyx_t_12, __pyx_t_13, __pyx_t_14);
+      __pyx_t_12 = 0; __pyx_t_13 = 0; __pyx_t_14 = 0; __pyx_t_15 = 0; __pyx_t_16 = 0; __pyx_t_17 = 0;
+      __pyx_lineno = __pyx_t_6; __pyx_clineno = __pyx_t_7; __pyx_filename = __pyx_t_11;
       goto __pyx_L1_error;
     }
     __pyx_L14:;
   }
 
-  /* "src/_calibrate.pyx":402
+  /* "src/_calibrate.pyx":414
  *         pcal_pt_free(&pt)
  *         free(sg)
  *     for k, v in out.items():             # <<<<<<<<<<<<<<
  *         if not all(x > 0 for x in v):
  *             raise RuntimeError(f"calibration: the {k} loop failed (clock or allocation)")
 */
-  __pyx_t_17 = 0;
-  __pyx_t_3 = __Pyx_dict_iterator(__pyx_v_out, 1, __pyx_mstate_global->__pyx_n_u_items, (&__pyx_t_18), (&__pyx_t_7)); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 402, __pyx_L1_error)
+  __pyx_t_18 = 0;
+  __pyx_t_3 = __Pyx_dict_iterator(__pyx_v_out, 1, __pyx_mstate_global->__pyx_n_u_items, (&__pyx_t_19), (&__pyx_t_7)); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 414, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
   __Pyx_XDECREF(__pyx_t_4);
   __pyx_t_4 = __pyx_t_3;
   __pyx_t_3 = 0;
   while (1) {
-    __pyx_t_6 = __Pyx_dict_iter_next(__pyx_t_4, __pyx_t_18, &__pyx_t_17, &__pyx_t_3, &__pyx_t_19, NULL, __pyx_t_7);
+    __pyx_t_6 = __Pyx_dict_iter_next(__pyx_t_4, __pyx_t_19, &__pyx_t_18, &__pyx_t_3, &__pyx_t_20, NULL, __pyx_t_7);
     if (unlikely(__pyx_t_6 == 0)) break;
-    if (unlikely(__pyx_t_6 == -1)) __PYX_ERR(0, 402, __pyx_L1_error)
+    if (unlikely(__pyx_t_6 == -1)) __PYX_ERR(0, 414, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __Pyx_GOTREF(__pyx_t_19);
+    __Pyx_GOTREF(__pyx_t_20);
     __Pyx_XDECREF_SET(__pyx_v_k, __pyx_t_3);
     __pyx_t_3 = 0;
-    __Pyx_XDECREF_SET(__pyx_v_v, __pyx_t_19);
-    __pyx_t_19 = 0;
+    __Pyx_XDECREF_SET(__pyx_v_v, __pyx_t_20);
+    __pyx_t_20 = 0;
 
-    /* "src/_calibrate.pyx":403
+    /* "src/_calibrate.pyx":415
  *         free(sg)
  *     for k, v in out.items():
  *         if not all(x > 0 for x in v):             # <<<<<<<<<<<<<<
  *             raise RuntimeError(f"calibration: the {k} loop failed (clock or allocation)")
  *     return out
 */
-    __pyx_t_19 = __pyx_pf_8pydmabuf_10_calibrate_7measure_genexpr(NULL, __pyx_v_v); if (unlikely(!__pyx_t_19)) __PYX_ERR(0, 403, __pyx_L1_error)
-    __Pyx_GOTREF(__pyx_t_19);
-    __pyx_t_3 = __Pyx_Generator_GetInlinedResult(__pyx_t_19); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 403, __pyx_L1_error)
+    __pyx_t_20 = __pyx_pf_8pydmabuf_10_calibrate_7measure_genexpr(NULL, __pyx_v_v); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 415, __pyx_L1_error)
+    __Pyx_GOTREF(__pyx_t_20);
+    __pyx_t_3 = __Pyx_Generator_GetInlinedResult(__pyx_t_20); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 415, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_3);
-    __Pyx_DECREF(__pyx_t_19); __pyx_t_19 = 0;
-    __pyx_t_1 = __Pyx_PyObject_IsTrue(__pyx_t_3); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 403, __pyx_L1_error)
+    __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
+    __pyx_t_1 = __Pyx_PyObject_IsTrue(__pyx_t_3); if (unlikely((__pyx_t_1 < 0))) __PYX_ERR(0, 415, __pyx_L1_error)
     __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
     __pyx_t_2 = (!__pyx_t_1);
 
@@ -4605,44 +4652,44 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
     if (unlikely(__pyx_t_2)) {
 
 
-      /* "src/_calibrate.pyx":404
+      /* "src/_calibrate.pyx":416
  *     for k, v in out.items():
  *         if not all(x > 0 for x in v):
  *             raise RuntimeError(f"calibration: the {k} loop failed (clock or allocation)")             # <<<<<<<<<<<<<<
  *     return out
 */
-      __pyx_t_19 = NULL;
-      __pyx_t_20 = __Pyx_PyObject_FormatSimple(__pyx_v_k, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_20)) __PYX_ERR(0, 404, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_20);
-      __pyx_t_21[0] = __pyx_mstate_global->__pyx_kp_u_calibration_the;
-      __pyx_t_21[1] = __pyx_t_20;
-      __pyx_t_21[2] = __pyx_mstate_global->__pyx_kp_u_loop_failed_clock_or_allocation;
-      __pyx_t_22 = 51;
+      __pyx_t_20 = NULL;
+      __pyx_t_21 = __Pyx_PyObject_FormatSimple(__pyx_v_k, __pyx_mstate_global->__pyx_empty_unicode); if (unlikely(!__pyx_t_21)) __PYX_ERR(0, 416, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_21);
+      __pyx_t_22[0] = __pyx_mstate_global->__pyx_kp_u_calibration_the;
+      __pyx_t_22[1] = __pyx_t_21;
+      __pyx_t_22[2] = __pyx_mstate_global->__pyx_kp_u_loop_failed_clock_or_allocation;
+      __pyx_t_23 = 51;
       #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
-      __pyx_t_22 += __Pyx_PyUnicode_GET_LENGTH(__pyx_t_21[1]);
+      __pyx_t_23 += __Pyx_PyUnicode_GET_LENGTH(__pyx_t_22[1]);
       #endif
       __pyx_t_6 = 0;
       #if __Pyx_PyUnicode_Join_CAN_USE_KIND_AND_LENGTH
-      __pyx_t_6 |= __Pyx_PyUnicode_KIND_04(__pyx_t_21[1]);
+      __pyx_t_6 |= __Pyx_PyUnicode_KIND_04(__pyx_t_22[1]);
       #endif
-      __pyx_t_23 = __Pyx_PyUnicode_Join(__pyx_t_21, 3, __pyx_t_22, __pyx_t_6);
-      if (unlikely(!__pyx_t_23)) __PYX_ERR(0, 404, __pyx_L1_error)
-      __Pyx_GOTREF(__pyx_t_23);
-      __Pyx_DECREF(__pyx_t_20); __pyx_t_20 = 0;
+      __pyx_t_24 = __Pyx_PyUnicode_Join(__pyx_t_22, 3, __pyx_t_23, __pyx_t_6);
+      if (unlikely(!__pyx_t_24)) __PYX_ERR(0, 416, __pyx_L1_error)
+      __Pyx_GOTREF(__pyx_t_24);
+      __Pyx_DECREF(__pyx_t_21); __pyx_t_21 = 0;
       __pyx_t_5 = 1;
       {
-        PyObject *__pyx_callargs[2] = {__pyx_t_19, __pyx_t_23};
+        PyObject *__pyx_callargs[2] = {__pyx_t_20, __pyx_t_24};
         __pyx_t_3 = __Pyx_PyObject_FastCall((PyObject*)(((PyTypeObject*)PyExc_RuntimeError)), __pyx_callargs+__pyx_t_5, (2-__pyx_t_5) | (__pyx_t_5*__Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET));
-        __Pyx_XDECREF(__pyx_t_19); __pyx_t_19 = 0;
-        __Pyx_DECREF(__pyx_t_23); __pyx_t_23 = 0;
-        if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 404, __pyx_L1_error)
+        __Pyx_XDECREF(__pyx_t_20); __pyx_t_20 = 0;
+        __Pyx_DECREF(__pyx_t_24); __pyx_t_24 = 0;
+        if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 416, __pyx_L1_error)
         __Pyx_GOTREF(__pyx_t_3);
       }
       __Pyx_Raise(__pyx_t_3, 0, 0, 0);
       __Pyx_DECREF(__pyx_t_3); __pyx_t_3 = 0;
-      __PYX_ERR(0, 404, __pyx_L1_error)
+      __PYX_ERR(0, 416, __pyx_L1_error)
 
-      /* "src/_calibrate.pyx":403
+      /* "src/_calibrate.pyx":415
  *         free(sg)
  *     for k, v in out.items():
  *         if not all(x > 0 for x in v):             # <<<<<<<<<<<<<<
@@ -4653,7 +4700,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
   }
   __Pyx_DECREF(__pyx_t_4); __pyx_t_4 = 0;
 
-  /* "src/_calibrate.pyx":405
+  /* "src/_calibrate.pyx":417
  *         if not all(x > 0 for x in v):
  *             raise RuntimeError(f"calibration: the {k} loop failed (clock or allocation)")
  *     return out             # <<<<<<<<<<<<<<
@@ -4669,7 +4716,7 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
   }
   goto __pyx_L0;
 
-  /* "src/_calibrate.pyx":343
+  /* "src/_calibrate.pyx":347
  * 
  * 
  * def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t allocs=4000,             # <<<<<<<<<<<<<<
@@ -4681,12 +4728,13 @@ static PyObject *__pyx_pf_8pydmabuf_10_calibrate_measure(CYTHON_UNUSED PyObject 
   __pyx_L1_error:;
   __Pyx_XDECREF(__pyx_t_3);
   __Pyx_XDECREF(__pyx_t_4);
-  __Pyx_XDECREF(__pyx_t_19);
   __Pyx_XDECREF(__pyx_t_20);
-  __Pyx_XDECREF(__pyx_t_23);
+  __Pyx_XDECREF(__pyx_t_21);
+  __Pyx_XDECREF(__pyx_t_24);
   __Pyx_AddTraceback("pydmabuf._calibrate.measure", __pyx_clineno, __pyx_lineno, __pyx_filename);
   __pyx_r = NULL;
   __pyx_L0:;
+
 
 
 
@@ -4967,14 +5015,14 @@ static int __Pyx_modinit_Exttype___pyx_obj_8pydmabuf_10_calibrate___pyx_scope_st
   __Pyx_RefNannySetupContext("__Pyx_modinit_Exttype___pyx_obj_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr", 0);
   /*--- Exttype __pyx_obj_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr ---*/
   #if CYTHON_USE_TYPE_SPECS
-  __pyx_mstate->__pyx_ptype_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr)) __PYX_ERR(0, 403, __pyx_L1_error)
+  __pyx_mstate->__pyx_ptype_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr = (PyTypeObject *) __Pyx_PyType_FromModuleAndSpec(__pyx_m, &__pyx_type_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr_spec, NULL); if (unlikely(!__pyx_mstate->__pyx_ptype_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr)) __PYX_ERR(0, 415, __pyx_L1_error)
   #else
   __pyx_mstate->__pyx_ptype_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr = &__pyx_type_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr;
   #endif
   #if !CYTHON_COMPILING_IN_LIMITED_API
   #endif
   #if !CYTHON_USE_TYPE_SPECS
-  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 403, __pyx_L1_error)
+  if (__Pyx_PyType_Ready(__pyx_mstate->__pyx_ptype_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr) < (0)) __PYX_ERR(0, 415, __pyx_L1_error)
   #endif
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount((PyObject*)__pyx_mstate->__pyx_ptype_8pydmabuf_10_calibrate___pyx_scope_struct__genexpr);
@@ -5305,35 +5353,35 @@ __Pyx_RefNannySetupContext("PyInit__calibrate", 0);
   if (__Pyx_InitAfterSharedUtility() < (0)) __PYX_ERR(0, 1, __pyx_L1_error)
   /*--- Execution code ---*/
 
-  /* "src/_calibrate.pyx":343
+  /* "src/_calibrate.pyx":347
  * 
  * 
  * def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t allocs=4000,             # <<<<<<<<<<<<<<
  *             size_t tree_ops=8000, size_t tree_live=1024):
  *     """Run every loop ``rounds`` times, interleaved (one of each per round);
 */
-  __pyx_t_2 = __Pyx_PyLong_From_int(((int)7)); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 343, __pyx_L1_error)
+  __pyx_t_2 = __Pyx_PyLong_From_int(((int)7)); if (unlikely(!__pyx_t_2)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_2);
-  __pyx_t_3 = __Pyx_PyLong_FromSize_t(((size_t)0x186A0)); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 343, __pyx_L1_error)
+  __pyx_t_3 = __Pyx_PyLong_FromSize_t(((size_t)0x186A0)); if (unlikely(!__pyx_t_3)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_3);
-  __pyx_t_4 = __Pyx_PyLong_FromSize_t(((size_t)0x20000)); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 343, __pyx_L1_error)
+  __pyx_t_4 = __Pyx_PyLong_FromSize_t(((size_t)0x20000)); if (unlikely(!__pyx_t_4)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_4);
-  __pyx_t_5 = __Pyx_PyLong_FromSize_t(((size_t)0xFA0)); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 343, __pyx_L1_error)
+  __pyx_t_5 = __Pyx_PyLong_FromSize_t(((size_t)0xFA0)); if (unlikely(!__pyx_t_5)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_5);
 
-  /* "src/_calibrate.pyx":344
+  /* "src/_calibrate.pyx":348
  * 
  * def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t allocs=4000,
  *             size_t tree_ops=8000, size_t tree_live=1024):             # <<<<<<<<<<<<<<
  *     """Run every loop ``rounds`` times, interleaved (one of each per round);
  *     returns ``{name: [ns per unit of each round]}``.
 */
-  __pyx_t_6 = __Pyx_PyLong_FromSize_t(((size_t)0x1F40)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 344, __pyx_L1_error)
+  __pyx_t_6 = __Pyx_PyLong_FromSize_t(((size_t)0x1F40)); if (unlikely(!__pyx_t_6)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_6);
-  __pyx_t_7 = __Pyx_PyLong_FromSize_t(((size_t)0x400)); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 344, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_PyLong_FromSize_t(((size_t)0x400)); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 348, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
 
-  /* "src/_calibrate.pyx":343
+  /* "src/_calibrate.pyx":347
  * 
  * 
  * def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t allocs=4000,             # <<<<<<<<<<<<<<
@@ -5342,7 +5390,7 @@ __Pyx_RefNannySetupContext("PyInit__calibrate", 0);
 */
   {
     PyObject* __pyx_temp[6] = {__pyx_t_2, __pyx_t_3, __pyx_t_4, __pyx_t_5, __pyx_t_6, __pyx_t_7};
-    __pyx_t_8 = __Pyx_PyTuple_FromArray(__pyx_temp, 6); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 343, __pyx_L1_error)
+    __pyx_t_8 = __Pyx_PyTuple_FromArray(__pyx_temp, 6); if (unlikely(!__pyx_t_8)) __PYX_ERR(0, 347, __pyx_L1_error)
     __Pyx_GOTREF(__pyx_t_8);
   }
   __Pyx_DECREF(__pyx_t_2); __pyx_t_2 = 0;
@@ -5351,14 +5399,14 @@ __Pyx_RefNannySetupContext("PyInit__calibrate", 0);
   __Pyx_DECREF(__pyx_t_5); __pyx_t_5 = 0;
   __Pyx_DECREF(__pyx_t_6); __pyx_t_6 = 0;
   __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
-  __pyx_t_7 = __Pyx_CyFunction_New(&__pyx_mdef_8pydmabuf_10_calibrate_1measure, 0, __pyx_mstate_global->__pyx_n_u_measure, NULL, __pyx_mstate_global->__pyx_n_u_pydmabuf__calibrate, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 343, __pyx_L1_error)
+  __pyx_t_7 = __Pyx_CyFunction_New(&__pyx_mdef_8pydmabuf_10_calibrate_1measure, 0, __pyx_mstate_global->__pyx_n_u_measure, NULL, __pyx_mstate_global->__pyx_n_u_pydmabuf__calibrate, __pyx_mstate_global->__pyx_d, ((PyObject *)__pyx_mstate_global->__pyx_codeobj_tab[1])); if (unlikely(!__pyx_t_7)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_GOTREF(__pyx_t_7);
   #if CYTHON_COMPILING_IN_CPYTHON && PY_VERSION_HEX >= 0x030E0000
   PyUnstable_Object_EnableDeferredRefcount(__pyx_t_7);
   #endif
   __Pyx_CyFunction_SetDefaultsTuple(__pyx_t_7, __pyx_t_8);
   __Pyx_DECREF(__pyx_t_8); __pyx_t_8 = 0;
-  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_measure, __pyx_t_7) < (0)) __PYX_ERR(0, 343, __pyx_L1_error)
+  if (PyDict_SetItem(__pyx_mstate_global->__pyx_d, __pyx_mstate_global->__pyx_n_u_measure, __pyx_t_7) < (0)) __PYX_ERR(0, 347, __pyx_L1_error)
   __Pyx_DECREF(__pyx_t_7); __pyx_t_7 = 0;
 
   /* "src/_calibrate.pyx":1
@@ -5440,29 +5488,38 @@ static int __Pyx_InitConstants(__pyx_mstatetype *__pyx_mstate) {
   int __pyx_clineno = 0;
   CYTHON_UNUSED_VAR(__pyx_mstate);
   {
-    const struct { const unsigned int length: 6; } str_length_index[] = {{34},{1},{38},{41},{17},{7},{6},{2},{9},{33},{18},{1},{20},{12},{8},{8},{10},{8},{12},{8},{13},{8},{6},{6},{18},{18},{5},{7},{11},{7},{5},{1},{13},{8},{7},{24},{4},{3},{3},{2},{9},{19},{6},{4},{10},{2},{1},{5},{9},{8},{9},{1},{5},{6},{10},{5},{1}};
-    const struct { const unsigned int length: 10; } bytes_length_index[] = {{516},{2}};
+    const struct { const unsigned int length: 6; } str_length_index[] = {{34},{1},{38},{41},{17},{7},{6},{2},{9},{33},{18},{1},{20},{12},{8},{8},{10},{8},{12},{8},{13},{2},{8},{6},{6},{18},{18},{5},{7},{11},{7},{5},{1},{13},{8},{7},{24},{4},{3},{3},{2},{9},{19},{6},{4},{10},{2},{1},{5},{9},{8},{9},{1},{5},{6},{10},{5},{1}};
+    const struct { const unsigned int length: 10; } bytes_length_index[] = {{570},{2}};
     #ifndef CYTHON_COMPRESS_STRINGS
-      #define CYTHON_COMPRESS_STRINGS 0
+      #define CYTHON_COMPRESS_STRINGS 90
     #endif
-    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (726 bytes) */
-static const char cstring[] = "x\332\205Q\317O\3330\030\035\245\210N-\214\242\002\3324ii\231&\220\246\242V\373!\241\211\251\260\037\332\244!\212\320&\004(r\022\267\230&v\032;\320\262\0358\346\350\243\217>\346\330c\217;\366\230c\216\374\t\373\023\346\244\300`\322\264\313\367\276|\357\371}\366\213f\023\342j-\200lhi+\246M\314\216F<\r\330\252\003\014\021\274\372\326\00462\274\364c]\303Ds\240C\274\276\326R2v\0145\210\231\207 \375\217\312\005m\2501`\330\360\2160\241,D\2239\304Im\233\210\216;\313#>\266\250\006\260\245Qt\016\251\346\370\224i\206\362\"\0241t\n\251g\256\351\327v\260\352\366{\272\256\357\250\272\323\177\207L\246o\303\036\333\205-]\007\030\023\246$\212\326[>6\023t\000\302)\022\313\267S\006\003\047\305\256\017\354\353\236A\312\024 \252\233D\335\207!\014\323h\364\027\235\024)p]\210-@\373\330D\244z#\242\246\255\252\256V0\017\230\320\000fGeK\341UX\t\364\365S\244\336\321\206\030\366\\\0171\350\320\216\003\332\340<9\350\002\3449\300M^g;\020P\337\203WP}\223\374\031\233nT\257N\252\302\324R\227\270.s\325\033\317\022/\267o9\300\360[\325?\371\214\343T\253-\n\231\005[\300\267\031m3v\354\2213\346A\250\333*\322\264!.M1\271\304\351)\260}\230\026z\006\354\316\330>\351h\357\242\020lG\217\326\242\265\017?A\\\250\310\362/\355\336T\356\342,0x\206/\363\257\242.v\005\225+a%\334\014\315\301\32203\254\014\267\206\375QfT\031m\215\316\243\375\203\350\3400\316\315\006\047bB\024/\263K\374\273|\026N\204\017\007\345\313\354\364\005\r\226\203fBwDQ\224c5\371\301k\274\301\367\304\242\360d1\316\025\202\306\035A>\330\020%q\030\226\302\243\341\323!\031\355E\315\243\350\010D\000G\230\304\371\307\242\021g\247\342\231\331\270\260\300\233\034p&jqaQ5]q_\371\245m2S\306\357\371B2\217\213\363\361\\\211\177\022M\001\004\223J\376 \350\362\031\361M6\344\256\364\302\342\225\340\263\242\2732+\033cA^\274\226eYW\222\356\035A.\234\030\013\n\342\243\254\311Mi\206\213\2417\270\355r\263dV\264eS\032a&,\337\242{\312\361\037+\222K\236\374\275\300P\2031\375E\026\345jX\017\233\251 \232\323\344\264\354*\367\345p\177`\014\047.s%\025\255J\345:\326l.""\230\014^\362I\376J\250\250\363\301:W\047\347\371s\001\242\047\365AyPK\362\256\361\346o\036\030\263\000";
-    PyObject *data = __Pyx_DecompressString(cstring, 726, 1);
+    #if (CYTHON_COMPRESS_STRINGS) == 1 /* compression: zlib (766 bytes) */
+static const char cstring[] = "x\332\205Q\313n\323@\024%m\200\240\206BJ[\004B\302i\001\265\022J\225\212\227\020\002\2057H R!\240j+klO\322i\354\031\3073n\223\302\242K/g9\313Yz\351e\226,\263\364\322K>\241\237\300\214\235\362\220\220\330\334{\347\3169\347\276\014\227\020\337\350\000\344B\307X\261]b\367\014\022\030\300U\021`\210\340\325\0476p\221\025\344\217\207\006&\206\007=\022\014\215\216\202\261]h@\314\002\004\351\177P>\350B\203\001\313\205\177\001\365\227\203\250\316C\254m\327F\264\210\234\200\204\330\241\006\300\216A\321!\244\206\027RfXJ\213P\304\320>\244\201\275f\236\310\301\206?\034\230\246\371A\331\017\303\347\310f\346{8`\033\260c\232\000c\302\024D}\233\235\020\333\332{\000\341\334\023\047t\363\037\014\274\334\367C\340\236\304\014R\246\034\242\246MT?\014ah\372\371r\314;\275\334S\340\373\020;\200\016\261\215H\343\027\214\332\256\006\253\",\0006\264\200\335S\333\245p\262.\355\206\346>R\223t!\206\003?@\014z\264\347\201.8,\252\240\300\003\276\236\317\365 \240a\000\047\256\361H\337\306\245\217\033\023\2462L\025\365\211\3573_My\240\265\374\241\343\001+\3544~o\250X\250*\355P\310\034\330\001\241\313h\227\261\335\200\034\260\000B\323UK\315\003\342\323\334\353&\366\367\201\033\302\334\320\003\340\366\ny\035\321\301Q5z\237^]K\327^~\007YuI\326\217\215S\247+G\007\221\305\247\3702\377$\326\305\206\240r%^\212\237\306vry45Z\032=\033\r\307S\343\245\361\263\361a\272\271\225nmg\225\331hO\224D\355G\3712\377*o\305\245\370JR?>\243\245h\264\034\2655\240\047j\242\236\225\317\036}\343M\336\342\037\305\242\010d-\253T\243\326_\200\231\350\261\230\027\333\361|\2743\2721\"\343\217i{\047\335\001)\300)&\331\3145\321\312\312\247\263\363\263Yu\201\2679\340L4\263\352\242\n\372\342\234\322\313C\235S\302/\370\202\316g\265\271\354\342<\177#\332\002\010&\025\374B\324\347\347\305g\331\222_\342\2158Hj\023\310[\005\350\313\262l\025\220\031q_\326\345\203x]\201\372\307\225Ss\2274\250\245\315KqS!K\331\374\025qU6s\241vA\252\212W*\361T\332\361\234\"~J\326\223\366D\375_\304\347q\251\240\315\212\256l\313\335\330J\246\025e#\351\377\321""\322@\366\377\321\320\037c\355\235\250\024\305_\253cYIi\002x\047krUQ\212\376\322\213\206<+\373\361T\274\034o&\326\250\364\243\242:\323\233<9E\271\022MGw\3714\277\047\324yf\242\207\\1\347\370m\001\322\353\353I=i\352\0335y\373\047\226e\310\320";
+    PyObject *data = __Pyx_DecompressString(cstring, 766, 1);
     #define __Pyx_DecompressString_LZSS_UNUSED
     if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
     const char* const bytes = __Pyx_PyBytes_AsString(data);
     #if !CYTHON_ASSUME_SAFE_MACROS
     if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
     #endif
-    #else /* compression: none (1090 bytes) */
-static const char bytes[] = " loop failed (clock or allocation)?calibration: no memory for the entriescalibration: no memory for the page tablecalibration: the disableenablegcisenabledrounds and sizes must be positivesrc/_calibrate.pyx___Pyx_PyDict_NextRef__annotate____func____main____module____name____qualname____test___is_coroutinealloc_4kallocsappendasyncio.coroutinescline_in_tracebackcloseentriesentry_visitgenexpritemskmagazine_pairmap_callmeasuremeasure.<locals>.genexprnextoutpopptpte_writepydmabuf._calibrateroundssendsetdefaultsgtthrowtree_livetree_opstree_pairvvaluevalueswalk_writewalksx\200\014\210N\320\032/\320/F\300a\330\014\"\240!\360 \000\005\010\200w\210b\220\002\220#\220V\2302\230R\230s\240(\250\"\250B\250c\260\027\270\002\270\"\270C\270y\310\002\310\"\310C\310z\320Y[\320[\\\330\010\016\210j\230\001\230\021\340\004\027\220{\240&\250\001\250\031\260!\340\004\007\200s\210#\210Q\330\010\016\210k\230\021\230!\330\004\007\200|\2201\220A\220T\230\026\230r\240\021\330\010\014\210A\210Q\330\010\016\210k\230\021\230!\330\004\013\210>\230\024\230\\\250\024\250]\270$\270o\310T\320Q]\320]a\320an\320no\330\013\034\230A\330\004\005\330\r\016\330\014\025\220Q\220a\220t\2301\330\014\026\220a\220q\230\t\240\021\330\014\026\220a\220t\2301\330\010\014\210E\220\025\220a\220q\330\021\022\330\020\024\220I\230Q\230a\230t\2401\330\014\017\210q\220\r\230W\240A\240R\240r\250\021\330\021\022\330\020\024\220J\230a\230q\240\004\240A\330\014\017\210q\220\013\2307\240!\2402\240R\240q\330\021\022\330\020\024\220J\230a\230q\240\010\250\001\330\014\017\210q\220\014\230G\2401\240B\240c\250\026\250r\260\021\330\021\022\330\020\024\220J\230a\230t\2401\330\014\017\210q\220\016\230g\240Q\240b\250\002\250!\330\021\022\330\020\024\220J\230a\230x\240q\330\014\017\210q\220\013\2307\240!\2402\240R\240q\330\021\022\330\020\024\220I\230Q\230j\250\001\330\014\017\210q\220\014\230G\2401\240B\240b\250\001\330\021\022\330\020\024\220M\240\021\240)\2502\250Q\330\014\017\210q\320\020 \240\007\240q\250\002\250#\250Y\260b\270\001""\340\010\024\220A\220Q\220a\330\010\014\210A\210Q\330\004\010\210\003\2105\220\003\2206\230\021\330\010\013\210:\220Q\330\014\022\220,\230a\320\0372\260!\2601\330\004\013\2101\220Q";
+    #elif (CYTHON_COMPRESS_STRINGS) > 0 && (CYTHON_COMPRESS_STRINGS) <= 90 /* compression: lzss (943 bytes) */
+static const char cstring[] = "\377 loop fa\377iled (cl\377ock or a\375l\007\000ation)\177?calibr\010\002\377: no mem\337ory f$\000th\377e entrie\375s\007\034page t\317ableB\n=\001di\355s\024\001en\032\001gci\375s\004\003dround\377s and si\377zes must\377 be posi\377tivesrc/\375_\226\005e.pyx_\367__P\003\000PyDi\377ct_NextR\377ef__anno\357tate\034\000_fu{nc\004\001main\003\002\357odul\025\002nam\336\035\002qual\004\005te\373stR\000is_co~\215\000tine_p\230\"\367_4k\240\"sapp\377endasyncwio.\036\006scl)\001\376b\000traceba\233ck\333 se\250$\262!y\367_vi\307\000gene\377xpritems\277kmagaz`\003i\357rmap\334\001lme\337asure\000\004.<\236\230Als>.3\004<\000t\377outpoppt\365p\343\000wH\001pydm\037abuf.\230\047\313#\334 \377dsetdefa\377ultsgtth\377rowtree_\271l\322 \004\002ops\014\002p\377airvvalu\375e\000\002swalk_\374Z\002\006\001sx\200\014\210N\377\320\032/\320/F\300a\377\330\014\"\240!\360 \000\377\005\010\200w\210b\220\002\377\220#\220V\2302\230R\377\230s\240(\250\"\250B\377\250c\260\027\270\002\270\"\377\270C\270y\310\002\310\"\377\310C\310z\320Y[\320\377[\\\330\010\016\210j\230\377\001\230\021\340\004\027\220{\377\240&\250\001\250\031\260!\373\360\006G\001s\210#\210Q\376\035\001k\230\021\230!\330\004\377\007\200|\2201\220A\220\377T\230\026\230r\240\021\330\357\010\014\210A\024\n\013\210>\377\230\024\230\\\250\024\250]\377\270$\270o\310T\320Q\377]\320]a\320an\320\377no\330\013\034\230A\330\377\004\005\330\r\016\330\014\025\377\220Q\220a\220t\2301w\330\014\026\006\000q\230\tM\000\270\006\002\020\001V\000E\220\025\024\001\330\377\021\022\330\020\024\220I\230\277Q\230a\230t\240,\000\017\377\210q\220\r\230W\240A\377\240X\250R\250r\260\021\372\034\004J\036\000q\240\004\240A\373\330\014\037\001\013\2307\240!\357\2408\2502\"\000q\360\010\327\000\022\023D\001AI\001F\230\377%\230q\240\001\330\024\031\257\230\032\2401D\002Q/\003\014\373\230G\016\000B\240c\250\022>6\000V\2602\260Qz\004%\021\367D\250\001f\003\016\230g\240\177Q\240h\250b\260\0030\000wR\260q\210\010x\240q~\020\322\314\010j>\005w\003H\252@b\260}""\001\361\004M\240\021\240)\301\000\376\232\003\320\020 \240\007\240q\377\250\002\250#\250Y\260b\037\270\001\340\010\024\214@\307 \203E\377\004\010\210\003\2105\220\003\367\2206\230\234@\013\210:\220\376\327\000\022\220,\230a\320\037\3772\260!\2601\330\004\013\017\2101\220Q";
+    PyObject *data = __Pyx_DecompressString_LZSS(cstring, 943, 1146);
+    #define __Pyx_DecompressString_UNUSED
+    if (unlikely(!data)) __PYX_ERR(0, 1, __pyx_L1_error)
+    const char* const bytes = __Pyx_PyBytes_AsString(data);
+    #if !CYTHON_ASSUME_SAFE_MACROS
+    if (likely(bytes)); else { Py_DECREF(data); __PYX_ERR(0, 1, __pyx_L1_error) }
+    #endif
+    #else /* compression: none (1146 bytes) */
+static const char bytes[] = " loop failed (clock or allocation)?calibration: no memory for the entriescalibration: no memory for the page tablecalibration: the disableenablegcisenabledrounds and sizes must be positivesrc/_calibrate.pyx___Pyx_PyDict_NextRef__annotate____func____main____module____name____qualname____test___is_coroutine_palloc_4kallocsappendasyncio.coroutinescline_in_tracebackcloseentriesentry_visitgenexpritemskmagazine_pairmap_callmeasuremeasure.<locals>.genexprnextoutpopptpte_writepydmabuf._calibrateroundssendsetdefaultsgtthrowtree_livetree_opstree_pairvvaluevalueswalk_writewalksx\200\014\210N\320\032/\320/F\300a\330\014\"\240!\360 \000\005\010\200w\210b\220\002\220#\220V\2302\230R\230s\240(\250\"\250B\250c\260\027\270\002\270\"\270C\270y\310\002\310\"\310C\310z\320Y[\320[\\\330\010\016\210j\230\001\230\021\340\004\027\220{\240&\250\001\250\031\260!\360\006\000\005\010\200s\210#\210Q\330\010\016\210k\230\021\230!\330\004\007\200|\2201\220A\220T\230\026\230r\240\021\330\010\014\210A\210Q\330\010\016\210k\230\021\230!\330\004\013\210>\230\024\230\\\250\024\250]\270$\270o\310T\320Q]\320]a\320an\320no\330\013\034\230A\330\004\005\330\r\016\330\014\025\220Q\220a\220t\2301\330\014\026\220a\220q\230\t\240\021\330\014\026\220a\220t\2301\330\010\014\210E\220\025\220a\220q\330\021\022\330\020\024\220I\230Q\230a\230t\2401\330\014\017\210q\220\r\230W\240A\240X\250R\250r\260\021\330\021\022\330\020\024\220J\230a\230q\240\004\240A\330\014\017\210q\220\013\2307\240!\2408\2502\250R\250q\360\010\000\022\023\330\020\024\220A\330\020\024\220F\230%\230q\240\001\330\024\031\230\032\2401\240A\240X\250Q\330\014\017\210q\220\014\230G\2401\240B\240c\250\022\2502\250V\2602\260Q\330\021\022\330\020\024\220A\330\020\024\220F\230%\230q\240\001\330\024\031\230\032\2401\240D\250\001\330\014\017\210q\220\016\230g\240Q\240h\250b\260\003\2602\260R\260q\330\021\022\330\020\024\220J\230a\230x\240q\330\014\017\210q\220\013\2307\240!\2408\2502\250R\250q\330\021\022\330\020\024\220I\230Q\230j\250\001\330\014\017\210q""\220\014\230G\2401\240H\250B\250b\260\001\330\021\022\330\020\024\220M\240\021\240)\2502\250Q\330\014\017\210q\320\020 \240\007\240q\250\002\250#\250Y\260b\270\001\340\010\024\220A\220Q\220a\330\010\014\210A\210Q\330\004\010\210\003\2105\220\003\2206\230\021\330\010\013\210:\220Q\330\014\022\220,\230a\320\0372\260!\2601\330\004\013\2101\220Q";
     PyObject *data = NULL;
     #define __Pyx_DecompressString_UNUSED
     #define __Pyx_DecompressString_LZSS_UNUSED
     #endif
     PyObject **stringtab = __pyx_mstate->__pyx_string_tab;
     Py_ssize_t pos = 0;
-    for (int i = 0; i < 57; i++) {
+    for (int i = 0; i < 58; i++) {
       Py_ssize_t bytes_length = str_length_index[i].length;
       PyObject *string = PyUnicode_DecodeUTF8(bytes + pos, bytes_length, NULL);
       if (likely(string) && i >= 11) PyUnicode_InternInPlace(&string);
@@ -5473,8 +5530,8 @@ static const char bytes[] = " loop failed (clock or allocation)?calibration: no 
       stringtab[i] = string;
       pos += bytes_length;
     }
-    for (int i = 57; i < 59; i++) {
-      Py_ssize_t bytes_length = bytes_length_index[i-57].length;
+    for (int i = 58; i < 60; i++) {
+      Py_ssize_t bytes_length = bytes_length_index[i-58].length;
       PyObject *string = PyBytes_FromStringAndSize(bytes + pos, bytes_length);
       stringtab[i] = string;
       pos += bytes_length;
@@ -5484,14 +5541,14 @@ static const char bytes[] = " loop failed (clock or allocation)?calibration: no 
       }
     }
     Py_XDECREF(data);
-    for (Py_ssize_t i = 0; i < 59; i++) {
+    for (Py_ssize_t i = 0; i < 60; i++) {
       if (unlikely(PyObject_Hash(stringtab[i]) == -1)) {
         __PYX_ERR(0, 1, __pyx_L1_error)
       }
     }
     #if CYTHON_IMMORTAL_CONSTANTS
     {
-      PyObject **table = stringtab + 57;
+      PyObject **table = stringtab + 58;
       for (Py_ssize_t i=0; i<2; ++i) {
         #if PY_VERSION_HEX >= 0x030F0000
         PyUnstable_SetImmortal(table[i]);
@@ -5556,7 +5613,7 @@ typedef struct {
     unsigned int argcount : 3;
     unsigned int num_posonly_args : 1;
     unsigned int num_kwonly_args : 1;
-    unsigned int nlocals : 4;
+    unsigned int nlocals : 5;
     unsigned int flags : 10;
     unsigned int first_line : 9;
 } __Pyx_PyCode_New_function_description;
@@ -5578,13 +5635,13 @@ static int __Pyx_CreateCodeObjects(__pyx_mstatetype *__pyx_mstate) {
   PyObject* tuple_dedup_map = PyDict_New();
   if (unlikely(!tuple_dedup_map)) return -1;
   {
-    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 403};
+    const __Pyx_PyCode_New_function_description descr = {0, 0, 0, 1, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS|CO_GENERATOR), 415};
     PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_x};
     __pyx_mstate_global->__pyx_codeobj_tab[0] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src__calibrate_pyx, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_kp_b_iso88591_Q, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[0])) goto bad;
   }
   {
-    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 15, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 343};
-    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_rounds, __pyx_mstate->__pyx_n_u_walks, __pyx_mstate->__pyx_n_u_entries, __pyx_mstate->__pyx_n_u_allocs, __pyx_mstate->__pyx_n_u_tree_ops, __pyx_mstate->__pyx_n_u_tree_live, __pyx_mstate->__pyx_n_u_pt, __pyx_mstate->__pyx_n_u_sg, __pyx_mstate->__pyx_n_u_t, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u__2, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_n_u_genexpr};
+    const __Pyx_PyCode_New_function_description descr = {6, 0, 0, 16, (unsigned int)(CO_OPTIMIZED|CO_NEWLOCALS), 347};
+    PyObject* const varnames[] = {__pyx_mstate->__pyx_n_u_rounds, __pyx_mstate->__pyx_n_u_walks, __pyx_mstate->__pyx_n_u_entries, __pyx_mstate->__pyx_n_u_allocs, __pyx_mstate->__pyx_n_u_tree_ops, __pyx_mstate->__pyx_n_u_tree_live, __pyx_mstate->__pyx_n_u_pt, __pyx_mstate->__pyx_n_u_sg, __pyx_mstate->__pyx_n_u_t, __pyx_mstate->__pyx_n_u_p, __pyx_mstate->__pyx_n_u_out, __pyx_mstate->__pyx_n_u__2, __pyx_mstate->__pyx_n_u_k, __pyx_mstate->__pyx_n_u_v, __pyx_mstate->__pyx_n_u_genexpr, __pyx_mstate->__pyx_n_u_genexpr};
     __pyx_mstate_global->__pyx_codeobj_tab[1] = __Pyx_PyCode_New(descr, varnames, __pyx_mstate->__pyx_kp_u_src__calibrate_pyx, __pyx_mstate->__pyx_n_u_measure, __pyx_mstate->__pyx_kp_b_iso88591_N_Fa_wb_V2Rs_Bc_Cy_CzY_j_s_Q_k, tuple_dedup_map); if (unlikely(!__pyx_mstate_global->__pyx_codeobj_tab[1])) goto bad;
   }
   Py_DECREF(tuple_dedup_map);
@@ -10828,85 +10885,6 @@ static CYTHON_INLINE PyObject* __Pyx_PyLong_From_int(int value) {
 }
 
 /* CIntToPy */
-static CYTHON_INLINE PyObject* __Pyx_PyLong_From_uint64_t(uint64_t value) {
-#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wconversion"
-#endif
-    const uint64_t neg_one = (uint64_t) -1, const_zero = (uint64_t) 0;
-#ifdef __Pyx_HAS_GCC_DIAGNOSTIC
-#pragma GCC diagnostic pop
-#endif
-    const int is_unsigned = neg_one > const_zero;
-    if (is_unsigned) {
-        if (sizeof(uint64_t) < sizeof(long)) {
-            return PyLong_FromLong((long) value);
-        } else if (sizeof(uint64_t) <= sizeof(unsigned long)) {
-            return PyLong_FromUnsignedLong((unsigned long) value);
-#if !CYTHON_COMPILING_IN_PYPY
-        } else if (sizeof(uint64_t) <= sizeof(unsigned PY_LONG_LONG)) {
-            return PyLong_FromUnsignedLongLong((unsigned PY_LONG_LONG) value);
-#endif
-        }
-    } else {
-        if (sizeof(uint64_t) <= sizeof(long)) {
-            return PyLong_FromLong((long) value);
-        } else if (sizeof(uint64_t) <= sizeof(PY_LONG_LONG)) {
-            return PyLong_FromLongLong((PY_LONG_LONG) value);
-        }
-    }
-    {
-        unsigned char *bytes = (unsigned char *)&value;
-#if !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX >= 0x030d00A4
-        if (is_unsigned) {
-            return PyLong_FromUnsignedNativeBytes(bytes, sizeof(value), -1);
-        } else {
-            return PyLong_FromNativeBytes(bytes, sizeof(value), -1);
-        }
-#elif !CYTHON_COMPILING_IN_LIMITED_API && PY_VERSION_HEX < 0x030d0000
-        int one = 1; int little = (int)*(unsigned char *)&one;
-        return _PyLong_FromByteArray(bytes, sizeof(uint64_t),
-                                     little, !is_unsigned);
-#else
-        int one = 1; int little = (int)*(unsigned char *)&one;
-        PyObject *result = NULL, *kwds = NULL;
-        PyObject *py_bytes = NULL, *order_str = NULL, *from_bytes_str = NULL;;
-        py_bytes = PyBytes_FromStringAndSize((char*)bytes, sizeof(uint64_t));
-        if (!py_bytes) goto limited_bad;
-        from_bytes_str = PyUnicode_FromStringAndSize("from_bytes", 10);
-        if (!from_bytes_str) goto limited_bad;
-        order_str = PyUnicode_FromString(little ? "little" : "big");
-        if (!order_str) goto limited_bad;
-        {
-            PyObject *args[] = { (PyObject*)&PyLong_Type, py_bytes, order_str, Py_True };
-            if (!is_unsigned) {
-                PyObject *signed_str = PyUnicode_FromStringAndSize("signed", 6);
-                if (!signed_str) goto limited_bad;
-#if CYTHON_VECTORCALL
-                kwds = PyTuple_Pack(1, signed_str);
-#else
-                {
-                    PyObject *keys[] = {signed_str};
-                    PyObject *values[] = {Py_True};
-                    kwds = __Pyx_MakeKwargDict(keys, values, 1);
-                }
-#endif
-                Py_DECREF(signed_str);
-                if (unlikely(!kwds)) goto limited_bad;
-            }
-            result = __Pyx_Object_VectorcallMethodKwds(from_bytes_str, args, 3 | __Pyx_PY_VECTORCALL_ARGUMENTS_OFFSET, kwds);
-        }
-        limited_bad:
-        Py_XDECREF(kwds);
-        Py_XDECREF(order_str);
-        Py_XDECREF(py_bytes);
-        Py_XDECREF(from_bytes_str);
-        return result;
-#endif
-    }
-}
-
-/* CIntToPy */
 static CYTHON_INLINE PyObject* __Pyx_PyLong_From_long(long value) {
 #ifdef __Pyx_HAS_GCC_DIAGNOSTIC
 #pragma GCC diagnostic push
@@ -12720,6 +12698,65 @@ import_failed:
 bad:
     Py_XDECREF(module);
     Py_DECREF(methodname);
+    return NULL;
+#endif
+}
+
+/* DecompressString_LZSS */
+#ifndef __Pyx_DecompressString_LZSS_UNUSED
+CYTHON_UNUSED
+static CYTHON_SMALL_CODE size_t __pyx_lzss_decompress(const uint8_t* src, uint8_t* dst, size_t dst_len) {
+    size_t pos = 0, out_pos = 0;
+    while (1) {
+        uint32_t flags = src[pos++] | 0xFF00;
+        while (flags & 0x100) {
+            if (flags & 1) {
+                dst[out_pos++] = src[pos++];
+            } else {
+                uint32_t lo = src[pos++], hi = src[pos++];
+                uint32_t end_offset_of_last_occurrence, match_length;
+                if (!(lo & 0x80)) {
+                    end_offset_of_last_occurrence = lo;
+                    match_length = hi;
+                } else if (!(hi & 0x80)) {
+                    end_offset_of_last_occurrence = 0x80 + (((hi << 2) & 0x180) | (lo & 0x7F));
+                    match_length = hi & 0x1F;
+                } else {
+                    end_offset_of_last_occurrence = 0x80 + ((hi & 0x7F) << 7 | (lo & 0x7F));
+                    match_length = src[pos++];
+                }
+                match_length += 3;
+                size_t ref_pos = out_pos - end_offset_of_last_occurrence - match_length;
+                memcpy(dst + out_pos, dst + ref_pos, match_length);
+                out_pos += match_length;
+            }
+            if (out_pos >= dst_len) return pos;
+            flags >>= 1;
+        }
+    }
+}
+#endif
+static CYTHON_SMALL_CODE PyObject *__Pyx_DecompressString_LZSS(const char *s, size_t compressed_length, size_t uncompressed_length) {
+#ifdef __Pyx_DecompressString_LZSS_UNUSED
+    CYTHON_UNUSED_VAR(s);
+    CYTHON_UNUSED_VAR(compressed_length);
+    CYTHON_UNUSED_VAR(uncompressed_length);
+    return NULL;
+#else
+    PyObject *result;
+    unsigned char *result_data;
+    size_t src_length;
+    result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t) uncompressed_length);
+    if (unlikely(!result)) return NULL;
+    result_data = __Pyx_PyBytes_AsWritableUString(result);
+    if (unlikely(!result_data)) goto bad;
+    src_length = __pyx_lzss_decompress((const uint8_t*) s, result_data, uncompressed_length);
+    if (unlikely(src_length != compressed_length)) goto decompression_failed;
+    return result;
+decompression_failed:
+    PyErr_SetString(PyExc_RuntimeError, "LZSS string data decompression failed");
+bad:
+    Py_DECREF(result);
     return NULL;
 #endif
 }

@@ -214,7 +214,11 @@ cdef extern from *:
             volatile uint64_t *p = pt->l3[t];
             for (size_t j = 0; j < 512; j++)
                 p[j] = ((uint64_t)(i + j) << 12) | 3;
-            if (++t >= pt->nl3) t = 0;
+            /* Cycle over 32 tables (128 KiB): a map writes into a table it
+             * has just walked, which is in cache; a batch over megabytes
+             * of tables would time the memory system and the process's
+             * page placement (THP or not) instead, differently per run. */
+            if (++t >= (pt->nl3 < 32 ? pt->nl3 : 32)) t = 0;
         }
         return pcal_now() - t0;
     }
@@ -362,6 +366,7 @@ def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t all
     cdef pcal_pt pt
     cdef pcal_sg *sg = <pcal_sg *>calloc(entries, 32)
     cdef uint64_t t
+    cdef int _p
     if sg == NULL:
         raise MemoryError("calibration: no memory for the entries")
     if pcal_pt_init(&pt, 2048) < 0:
@@ -377,22 +382,29 @@ def measure(int rounds=7, size_t walks=100000, size_t entries=131072, size_t all
         for _ in range(rounds):
             with nogil:
                 t = pcal_walk(&pt, walks)
-            out["walk_write"].append(t / walks)
+            out["walk_write"].append(<double>t / walks)
             with nogil:
                 t = pcal_calls(&pt, walks)
-            out["map_call"].append(t / walks)
+            out["map_call"].append(<double>t / walks)
+            # The memory-bound loops run several passes a round: one pass
+            # over a few MiB varies with what the caches and the prefetcher
+            # happened to hold, and a longer sample averages that out.
             with nogil:
-                t = pcal_batch(&pt, 512 * 512)
-            out["pte_write"].append(t / (512.0 * 512))
+                t = 0
+                for _p in range(4):
+                    t += pcal_batch(&pt, 512 * 512)
+            out["pte_write"].append(t / (4 * 512.0 * 512))
             with nogil:
-                t = pcal_visit(sg, entries)
-            out["entry_visit"].append(t / entries)
+                t = 0
+                for _p in range(4):
+                    t += pcal_visit(sg, entries)
+            out["entry_visit"].append(<double>t / (4 * entries))
             with nogil:
                 t = pcal_alloc(allocs, 4096)
-            out["alloc_4k"].append(t / allocs)
+            out["alloc_4k"].append(<double>t / allocs)
             with nogil:
                 t = pcal_tree(tree_ops, tree_live)
-            out["tree_pair"].append(t / tree_ops)
+            out["tree_pair"].append(<double>t / tree_ops)
             with nogil:
                 t = pcal_magazine(tree_ops * 8)
             out["magazine_pair"].append(t / (tree_ops * 8.0))

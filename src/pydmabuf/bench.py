@@ -81,6 +81,9 @@ class Cell:
     #: The kernel-cost estimate (ns per page) and its terms.
     kernel_est_ns_per_page: float | None = None
     kernel_est_terms: list[dict[str, Any]] | None = None
+    #: The counts with their detail (what the estimate's terms are made
+    #: of), kept to re-cost the cell when the run's unit costs are final.
+    kernel_work_detail: dict[str, int] | None = field(default=None, repr=False)
     samples_map_ns: list[float] | None = None
     baseline: str | None = None
     ratio: tuple[float, float, float] | None = None
@@ -169,6 +172,7 @@ def _attach_kernel_work(c: Cell, pfns: np.ndarray, dev: Any, units: dict[str, An
     estimate.  ``cache``: shared by the cells of one input."""
     w = kernel_work.cell_kernel_work(c.strategy, pfns, dev, detail=True, **kw)
     c.kernel_work = {k: w[k] for k in kernel_work.KEYS}
+    c.kernel_work_detail = w
     if units is not None:
         c.kernel_est_terms = kernel_work.estimate_terms(w, units)
         c.kernel_est_ns_per_page = kernel_work.estimate_ns_per_page(c.kernel_est_terms, c.npages)
@@ -292,6 +296,22 @@ def _bar_ranges(b: _Bench, phys: np.ndarray, lens: np.ndarray) -> np.ndarray:
     out = np.empty((len(lens), 2), dtype=np.uint64)
     out[:, 0] = np.uint64(bar.cpu_start) + (starts << np.uint64(12))
     out[:, 1] = lens
+    return out
+
+
+def _recalibrated(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
+    """The unit costs of a run: for each unit measured on the host, the
+    lesser of the calibrations at the run's start and end (both kept in
+    ``calibrations``); the profile's units as they are."""
+    out = dict(start)
+    for u in kernel_work.MEASURED_UNITS:
+        a, b = start.get(u), end.get(u)
+        if a is None or b is None or "calibrations" in a or not a.get("source", "").startswith("measured"):
+            continue  # pinned by the profile
+        best = dict(a if a["ns"] <= b["ns"] else b)
+        best["calibrations"] = [a["ns"], b["ns"]]
+        best["source"] = best["source"] + "; the lesser of the calibrations at the run's start and end"
+        out[u] = best
     return out
 
 
@@ -581,7 +601,7 @@ def run_study(
     if cost_profile is not None and not isinstance(cost_profile, (str, dict)):
         raise TypeError(f"cost_profile must be a path, a loaded profile or None, not {type(cost_profile).__name__}")
     profile = kernel_work.load_profile(cost_profile) if not isinstance(cost_profile, dict) else cost_profile
-    units = kernel_work.unit_costs(profile, rounds=5 if quick else 9)
+    units = kernel_work.unit_costs(profile, rounds=9 if quick else 31)
     notes: list[str] = []
     skipped: list[dict[str, Any]] = []
     groups: list[dict[str, Any]] = []
@@ -635,6 +655,15 @@ def run_study(
                             skip(lay, npages, "mapping", e)
                 finally:
                     del pfns, keep
+        if units is not None and cells:
+            # Calibrate again at the end and keep each unit's least: a
+            # shared host runs slow for seconds at a time, and one slow
+            # calibration would scale every estimate of the run with it.
+            units = _recalibrated(units, kernel_work.unit_costs(profile, rounds=9 if quick else 31))
+            for c in cells:
+                if c.kernel_work_detail is not None:
+                    c.kernel_est_terms = kernel_work.estimate_terms(c.kernel_work_detail, units)
+                    c.kernel_est_ns_per_page = kernel_work.estimate_ns_per_page(c.kernel_est_terms, c.npages)
     except KeyboardInterrupt:
         interrupted = True
         raise
