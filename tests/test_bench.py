@@ -68,7 +68,8 @@ def test_counters_mean_what_they_say(study):
         # Over one map and its unmap, every IOMMU path writes each leaf PTE
         # twice (set, clear) below a whole table page, plus the upper-level
         # entries the first map creates.
-        for s in ("sg_iommu", "link_pages", "link_runs", "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges"):
+        for s in ("sg_iommu", "link_pages", "link_runs", "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges",
+                  "dmabuf_pal"):
             k = one(layout="scattered", npages=npages, strategy=s)
             assert 2.0 <= k["pte_writes_per_page"] <= 2.0 + 4.0 / npages, (s, k)
             assert k["iotlb_invalidations"] >= 1
@@ -560,8 +561,8 @@ def test_quick_json_round_trip_through_the_cli(tmp_path, capsys):
     capsys.readouterr()
     assert cli.main(["bench", "--compare", str(path), str(path)]) == 0
     out = capsys.readouterr().out
-    assert "significant differences: 0 of 12 cells, 0 of 10 ratios" in out
-    assert "ratio cells (strategy / sg_iommu): 8/8 = 100.0%" in out
+    assert "significant differences: 0 of 13 cells, 0 of 11 ratios" in out
+    assert "ratio cells (strategy / sg_iommu): 9/9 = 100.0%" in out
 
 
 def test_a_wide_interval_is_marked_in_the_table(study):
@@ -607,7 +608,8 @@ def test_the_stale_iotlb_window_each_unmap_leaves_is_counted():
     (sg_direct) and the floor leave nothing behind."""
     r = bench.run_study(["fragmented"], [16], quick=True, progress=False, parts=("mapping",))
     by = {c["strategy"]: c["counters"] for c in r["cells"]}
-    for name in ("sg_iommu", "link_pages", "link_runs", "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges"):
+    for name in ("sg_iommu", "link_pages", "link_runs", "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges",
+                 "dmabuf_pal"):
         assert (by[name]["stale_window_unmaps"], by[name]["stale_window_bytes"]) == (1, 16 * 4096), name
     for name in ("sg_direct", "pte_floor"):
         assert (by[name]["stale_window_unmaps"], by[name]["stale_window_bytes"]) == (0, 0), name

@@ -281,3 +281,18 @@ def test_ranges_to_table_splits_entries_at_max_sg_ent_sz() -> None:
     assert (w["iommu_map_calls"], w["_leaves_1g"], w["_map_walks"]) == (1, 5, 1)
     bus = kw.kernel_work("ranges_to_table", pfns(A), bar_ranges=rows, p2p_iova=False)
     assert bus["sg_entries"] == 2 and bus["iommu_map_calls"] == 0
+
+
+def test_the_pal_path_is_the_link_of_the_runs_plus_the_list() -> None:
+    """dmabuf_pal: the importer links the PAL entries as link_runs does
+    (one dma_iova_link -> iommu_map_nosync per entry), and the exporter's
+    map_phys kvmalloc's a struct dma_buf_phys_list: an 8-byte count and
+    16 bytes ({paddr, len}) per entry."""
+    p = pfns(A, A + 1, A + 2, A + 40)          # two runs
+    pal = kw.kernel_work("dmabuf_pal", p)
+    lr = kw.kernel_work("link_runs", p)
+    assert {k: pal[k] for k in kw.KEYS if k != "metadata_bytes"} == \
+        {k: lr[k] for k in kw.KEYS if k != "metadata_bytes"}
+    # dma_iova_state 16 + kmalloc(8 + 2 * 16 = 40) -> the 64-byte cache
+    assert lr["metadata_bytes"] == 16 and pal["metadata_bytes"] == 16 + 64
+    assert (pal["iommu_map_calls"], pal["sg_entries"]) == (2, 0)

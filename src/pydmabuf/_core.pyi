@@ -227,6 +227,7 @@ def _map_sg_iommu(table: SgTable, dom: IommuDomain, dma_limit: int, seg_mask: in
 def _unmap_sg_iommu(table: SgTable, dom: IommuDomain, cpu: int) -> int: ...
 def _link_ranges(dom: IommuDomain, state_addr: int, offset: int, pairs: _U64Buffer, prot: int,
                  all_at_offset: bool = ..., max_total: int = ...) -> int: ...
+@disjoint_base
 class _IovaStateCore:
     device: Any
     _dom: IommuDomain | None

@@ -39,7 +39,6 @@ from __future__ import annotations
 import gc
 import math
 import time
-from functools import lru_cache
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -54,8 +53,21 @@ Z95 = 1.959963984540054
 Plan = tuple[Callable[[], Any], Callable[[Any], Any]]
 
 
-@lru_cache(maxsize=4096)
+_RANKS: dict[tuple[int, float], tuple[int, int, float]] = {}
+
+
 def _ranks(n: int, confidence: float) -> tuple[int, int, float]:
+    """:func:`_ranks_of`, remembered (a study asks for the same few
+    ``(n, confidence)`` thousands of times)."""
+    r = _RANKS.get((n, confidence))
+    if r is None:
+        if len(_RANKS) >= 4096:
+            _RANKS.clear()
+        r = _RANKS[(n, confidence)] = _ranks_of(n, confidence)
+    return r
+
+
+def _ranks_of(n: int, confidence: float) -> tuple[int, int, float]:
     """0-based ranks ``(j, k)`` of the order-statistic interval of the
     median of ``n`` samples, and its exact coverage.
 

@@ -28,7 +28,7 @@ class RangeKind(enum.IntEnum):
     SWIOTLB = 6  #: a bounce-buffer pool
 
 
-class Caching(str, enum.Enum):
+class Caching(enum.Enum):
     """The memory type of a CPU mapping's page-table entries (its
     ``vm_page_prot`` caching bits).
 

@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from pydmabuf import _core, _stats, errors, iotlb, kernel_work, workloads
+from pydmabuf.mapping import PAL_MODULE
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps
 
@@ -237,7 +238,7 @@ def _group_cells(layout: str, npages: int, samples: dict[str, tuple[list[int], l
 
 #: Mapping strategies of the study, in the order the table prints them.
 MAPPING_STRATEGIES = ("sg_iommu", "sg_direct", "link_pages", "link_runs", "ranges_to_table",
-                      "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges", "pte_floor")
+                      "dmabuf_static", "dmabuf_dynamic", "dmabuf_ranges", "dmabuf_pal", "pte_floor")
 #: The scatterlist baseline the other strategies are compared with.
 BASELINE = "sg_iommu"
 
@@ -255,6 +256,13 @@ class _QuietPhysImporter(_QuietImporter):
     """The same, declaring the physical-range namespace (dmabuf_ranges)."""
 
     import_namespaces = frozenset({PHYS_NAMESPACE})
+
+
+class _QuietPalImporter(_QuietImporter):
+    """The same, for the mapping-types PAL path (dmabuf_pal): its ops name
+    the module ``pal_map_phys`` is reserved for, as iommufd's do."""
+
+    import_namespaces = frozenset({PAL_MODULE})
 
 
 class _Bench:
@@ -430,6 +438,38 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
         plans_keep.append(buf)
         return map_, unmap
 
+    def dmabuf_pal() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+        """The mapping-types PAL path, as iommufd takes it: attach asking
+        for [PAL] (the exporter offers [SGT, PAL]), take the physical
+        address list under the lock, link it into one IOVA range, one
+        sync; undo: destroy the IOVA state, give the list back under the
+        lock, detach."""
+        from pydmabuf import mapping
+        from pydmabuf.dmabuf import export
+        from pydmabuf.exporters.system_heap import PalHeapBuffer
+
+        buf = export(PalHeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
+        dev = b.iommu_dev
+        ops = _QuietPalImporter()
+
+        def map_() -> Any:
+            a = buf.mapping_attach([mapping.pal_importer()], ops)
+            with buf.resv:
+                pl = mapping.pal_map_phys(a)
+            st = IovaState.try_alloc(dev, 0, nbytes)
+            n = st.link_ranges(pl.ranges, _BIDI)
+            st.sync(0, n)
+            return a, pl, st, n
+
+        def unmap(h: Any) -> None:
+            a, pl, st, n = h
+            st.destroy(n, _BIDI)
+            with buf.resv:
+                mapping.pal_unmap_phys(a, pl)
+            buf.detach(a)
+        plans_keep.append(buf)
+        return map_, unmap
+
     plans_keep: list[Any] = []
 
     counters: dict[str, dict[str, float]] = {}
@@ -444,6 +484,7 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
             "dmabuf_static": (b.iommu_dev, dmabuf(False)),
             "dmabuf_dynamic": (b.iommu_dev, dmabuf(True)),
             "dmabuf_ranges": (b.iommu_dev, dmabuf_ranges()),
+            "dmabuf_pal": (b.iommu_dev, dmabuf_pal()),
             "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
         }
         for name in strategies:
@@ -457,10 +498,12 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
                 elif name.startswith("sg_") or name == "ranges_to_table":
                     segments = int(h.nents)
                     meta = float(h.metadata_nbytes) + (16.0 if name == "ranges_to_table" else 0.0)
-                elif name.startswith("link_") or name == "dmabuf_ranges":
+                elif name.startswith("link_") or name in ("dmabuf_ranges", "dmabuf_pal"):
                     segments = len(pages) if name == "link_pages" else len(runs)
-                    # struct dma_iova_state; plus the exporter's phys_vec array
-                    meta = 16.0 + (16.0 * len(runs) if name == "dmabuf_ranges" else 0.0)
+                    # struct dma_iova_state; plus the exporter's phys_vec
+                    # array (dma_buf_phys_list: a count and 16 bytes a range)
+                    meta = 16.0 + (16.0 * len(runs) if name == "dmabuf_ranges" else 0.0) + \
+                        (8.0 + 16.0 * len(runs) if name == "dmabuf_pal" else 0.0)
                 else:
                     segments, meta = npages, 0.0
                 unmap(h)

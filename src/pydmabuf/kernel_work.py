@@ -62,7 +62,7 @@ __all__ = ["KEYS", "PATHS", "kernel_work", "sg_chunk_bytes", "map_walk", "unmap_
 KEYS = ("iova_allocs", "iova_frees", "iommu_map_calls", "iommu_unmap_calls", "iotlb_sync_map",
         "iotlb_invalidations", "pte_writes", "pt_walks", "sg_entries", "sg_entry_visits", "metadata_bytes")
 
-_U64 = np.uint64
+_U64: type[np.uint64] = np.uint64
 #: io-pgtable-arm, 4 KiB granule: leaf sizes as shifts (L3 page, L2 block, L1 block).
 _SHIFTS = (12, 21, 30)
 _PTES_PER_TABLE = 512
@@ -303,6 +303,8 @@ PATHS = {
     "dmabuf_static": "system heap attach (dup_sg_table) + dma_map_sgtable / dma_unmap_sgtable + detach",
     "dmabuf_dynamic": "as dmabuf_static, mapped under the reservation lock",
     "dmabuf_ranges": "attach; importer links the exporter's phys_vec ranges; dma_iova_destroy",
+    "dmabuf_pal": "mapping-types attach [PAL]; dma_buf_pal_map_phys (the exporter kvmalloc's the list); "
+                  "importer links the ranges; dma_iova_destroy; dma_buf_pal_unmap_phys",
     "pte_floor": "reference: one 8-byte entry write per page, no kernel path",
     "sg_from_pages": "sg_alloc_table_from_pages alone",
 }
@@ -434,7 +436,7 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
     elif strategy == "link_pages":
         phys = pfns << _U64(12)
         w = {**zero, **_link_work(np.full(npages, PAGE_SIZE, dtype=_U64), phys, strict)}
-    elif strategy in ("link_runs", "dmabuf_ranges"):
+    elif strategy in ("link_runs", "dmabuf_ranges", "dmabuf_pal"):
         # the runs the study links: numpy_coalesce (split at 0xFFFFF pages),
         # the same ranges the system heap's phys_vec holds
         from pydmabuf.workloads import numpy_coalesce
@@ -448,6 +450,12 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
         else:
             got = cache[key]
         w = {**zero, **got}
+        if strategy == "dmabuf_pal":
+            # The exporter's map_phys kvmalloc's a struct dma_buf_phys_list:
+            # its entry count (a size_t) and one {paddr, len} pair of 16
+            # bytes per run; the importer gives it back (kfree) at unmap.
+            nruns = len(numpy_coalesce(pfns)[1])   # the heap's phys_vec: the same runs
+            w["metadata_bytes"] += _kmalloc_size(8 + 16 * nruns)
     else:  # ranges_to_table
         if bar_ranges is None:
             raise ValueError("kernel_work: ranges_to_table needs bar_ranges")

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 PAGE = 4096
 _PAGE_MASK = PAGE - 1
-_U64 = np.uint64
+_U64: type[np.uint64] = np.uint64
 _U64_MAX = (1 << 64) - 1
 #: include/trace/events/dma.h: DMA_TRACE_MAX_ENTRIES
 TRACE_MAX_ENTRIES = 128
