@@ -82,8 +82,8 @@ __all__ = [
     "kernel_compat_active",
 ]
 
-#: The module :func:`pal_map_phys` is exported to
-#: (``EXPORT_SYMBOL_FOR_MODULES(..., "iommufd")``); importers declare it in
+#: The one module the kernel exports :func:`pal_map_phys` to (iommufd: a
+#: symbol restricted to named modules); importers declare it in
 #: ``ImporterOps.import_namespaces``.
 PAL_MODULE = "iommufd"
 
