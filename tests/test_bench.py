@@ -496,7 +496,8 @@ def test_big_real_memory_buffers_are_opt_in(monkeypatch):
     assert bench.DEFAULT_MAX_REAL_PAGES * 4096 <= 256 << 20
 
 
-def test_an_interrupted_run_keeps_what_it_measured(monkeypatch):
+def _interrupt_the_second_group(monkeypatch):
+    """Ctrl-C as the study's second scatterlist group starts."""
     real = bench._sg_cells
     seen = []
 
@@ -507,6 +508,10 @@ def test_an_interrupted_run_keeps_what_it_measured(monkeypatch):
         return real(layout, npages, *a)
 
     monkeypatch.setattr(bench, "_sg_cells", interrupt_second)
+
+
+def test_an_interrupted_run_keeps_what_it_measured(monkeypatch):
+    _interrupt_the_second_group(monkeypatch)
     out: dict = {}
     with pytest.raises(KeyboardInterrupt):
         bench.run_study(["contiguous"], [16, 256, 4096], quick=True, progress=False, parts=["sg_walk"], result=out)
@@ -520,16 +525,7 @@ def test_an_interrupted_run_keeps_what_it_measured(monkeypatch):
 def test_the_cli_writes_what_was_measured_when_interrupted(monkeypatch, tmp_path, capsys):
     from pydmabuf import cli
 
-    real = bench._sg_cells
-    seen = []
-
-    def interrupt_second(layout, npages, *a):
-        seen.append(npages)
-        if len(seen) == 2:
-            raise KeyboardInterrupt
-        return real(layout, npages, *a)
-
-    monkeypatch.setattr(bench, "_sg_cells", interrupt_second)
+    _interrupt_the_second_group(monkeypatch)
     path = tmp_path / "partial.json"
     rc = cli.main(["bench", "--quick", "--layouts", "contiguous", "--sizes", "64K,1M", "--json", str(path),
                    "--no-progress"])

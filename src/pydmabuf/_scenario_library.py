@@ -396,12 +396,6 @@ def _machine(strict: bool | None = None) -> Machine:
     return Machine.default(flush_timer=False, strict=strict)
 
 
-def _iotlb_machine(strict: bool) -> Machine:
-    """The default machine, its IOMMUs strict or lazy with no flush-queue
-    timer (so the window closes only at the flush the scenario runs)."""
-    return _machine(strict)
-
-
 @scenario("lazy-iotlb-window", "a lazy IOMMU domain's stale IOTLB window after an importer unmaps")
 def lazy_iotlb_window(story: Story) -> None:
     """A GPU driver maps a heap buffer, its device reads it (the IOMMU
@@ -416,7 +410,7 @@ def lazy_iotlb_window(story: Story) -> None:
     faults; on a strict domain it faults at once.  The flush-queue timer is
     off here so the window closes exactly where the scenario flushes."""
     for strict in (False, True):
-        m = _iotlb_machine(strict)
+        m = _machine(strict)
         before = _live(m)
         gpu0 = m.device("gpu0")
         dom = gpu0.domain

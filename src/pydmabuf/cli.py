@@ -148,6 +148,14 @@ def _load_study(path: str) -> dict[str, object]:
     return data
 
 
+def _write_outputs(args: argparse.Namespace, result: Any, fmt: Any) -> None:
+    """``--json``, ``--csv``, ``--markdown``: each asked-for file, written
+    by the formatter module of the command (bench or replay)."""
+    for path, render in ((args.json, fmt.to_json), (args.csv, fmt.to_csv), (args.markdown, fmt.format_markdown)):
+        if path:
+            _write(path, render(result))
+
+
 def _bench(args: argparse.Namespace) -> int:
     from pydmabuf import bench
 
@@ -217,12 +225,7 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"pydmabuf bench: {e}", file=sys.stderr)
             return 1
         print(explained)
-    if args.json:
-        _write(args.json, bench.to_json(result))
-    if args.csv:
-        _write(args.csv, bench.to_csv(result))
-    if args.markdown:
-        _write(args.markdown, bench.format_markdown(result))
+    _write_outputs(args, result, bench)
     if args.plot:
         for path in bench.plot(result, args.plot):
             print(f"wrote {path}", file=sys.stderr)
@@ -278,12 +281,7 @@ def _replay(args: argparse.Namespace) -> int:
     except (OSError, ValueError, errors.DmaBufError) as e:
         print(f"pydmabuf replay: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        _write(args.json, replay.to_json(result))
-    if args.csv:
-        _write(args.csv, replay.to_csv(result))
-    if args.markdown:
-        _write(args.markdown, replay.format_markdown(result))
+    _write_outputs(args, result, replay)
     if "-" not in (args.json, args.csv, args.markdown):
         print(replay.format_table(result))
     return 0
