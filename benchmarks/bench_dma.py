@@ -15,8 +15,9 @@ PTE writes per page.
 import numpy as np
 import pytest
 
-from pydmabuf import (IovaState, Machine, SgTable, _core, dma_buf_free_sgt, dma_buf_phys_vec_to_sgt,
+from pydmabuf import (IovaState, Machine, SgTable, dma_buf_free_sgt, dma_buf_phys_vec_to_sgt,
                       dma_map_sgtable, dma_unmap_sgtable, workloads)
+from pydmabuf import _floors
 
 from benchutil import min_ns, pedantic
 
@@ -102,6 +103,6 @@ def test_ranges_to_table(benchmark, machine, layout):
 def test_pte_floor(benchmark, layout):
     name, pfns, pages, runs = layout
     benchmark.group = f"map-{name}"
-    out = _core.floor_buffer(NPAGES, 8)
-    benchmark(_core.floor_pte, pfns, out)
+    out = _floors.floor_buffer(NPAGES, 8)
+    benchmark(_floors.floor_pte, pfns, out)
     _record(benchmark)

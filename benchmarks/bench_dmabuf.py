@@ -28,6 +28,7 @@ import pytest
 from pydmabuf import (DmaAttrs, DmaDirection, Exporter, ImporterOps, IovaState, Machine, SgTable, _core,
                       dma_buf_free_sgt, dma_buf_phys_vec_to_sgt, dma_map_sgtable, dma_unmap_sgtable,
                       export, workloads)
+from pydmabuf import _floors
 from pydmabuf.dmabuf import PHYS_NAMESPACE, PhysVec
 from pydmabuf.exporters import SystemHeap
 
@@ -183,6 +184,6 @@ def test_map_1g_importer_links(benchmark, machine, gib):
 def test_map_1g_pte_floor(benchmark, gib):
     layout, heap, bar, rows = gib
     benchmark.group = f"dmabuf-map-1G-{layout}"
-    out = _core.floor_buffer(GIB_PAGES, 8)
-    benchmark(_core.floor_pte, heap.exporter.pfns, out)
+    out = _floors.floor_buffer(GIB_PAGES, 8)
+    benchmark(_floors.floor_pte, heap.exporter.pfns, out)
     _per_page(benchmark, GIB_PAGES)

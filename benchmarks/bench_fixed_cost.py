@@ -41,7 +41,8 @@ import numpy as np
 import pytest
 from benchutil import min_ns
 
-from pydmabuf import DmaDirection, IovaState, Machine, SgTable, _core, dma_map_sgtable, dma_unmap_sgtable, workloads
+from pydmabuf import DmaDirection, IovaState, Machine, SgTable, dma_map_sgtable, dma_unmap_sgtable, workloads
+from pydmabuf import _floors
 from pydmabuf.exporters import SystemHeap
 
 BIDI = DmaDirection.BIDIRECTIONAL
@@ -142,8 +143,8 @@ def scattered(machine):
     pages = np.empty((BULK_PAGES, 2), dtype=np.uint64)
     pages[:, 0] = pfns << np.uint64(12)
     pages[:, 1] = 4096
-    out = _core.floor_buffer(BULK_PAGES, 8)
-    floor = min(timeit.repeat(lambda: _core.floor_pte(pfns, out), number=1, repeat=7)) / BULK_PAGES * 1e9
+    out = _floors.floor_buffer(BULK_PAGES, 8)
+    floor = min(timeit.repeat(lambda: _floors.floor_pte(pfns, out), number=1, repeat=7)) / BULK_PAGES * 1e9
     return pfns, pages, floor
 
 

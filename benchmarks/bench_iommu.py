@@ -18,7 +18,7 @@ import pytest
 from benchutil import min_ns
 
 from pydmabuf import IoPageTable, IovaDomain
-from pydmabuf import _core
+from pydmabuf import _floors
 
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 NPAGES = 1 << 20  # 4 GiB of 4 KiB pages
@@ -43,11 +43,11 @@ def pages():
 def floor_ns(pages):
     """Best time of the C floor over the same pages, ns per page."""
     pfns, _ = pages
-    out = _core.floor_buffer(NPAGES, 8)
+    out = _floors.floor_buffer(NPAGES, 8)
     best = float("inf")
     for _ in range(15):
         t = time.perf_counter()
-        _core.floor_pte(pfns, out)
+        _floors.floor_pte(pfns, out)
         best = min(best, time.perf_counter() - t)
     return best * 1e9 / NPAGES
 
@@ -106,8 +106,8 @@ def test_iova_free_many(benchmark, path):
 def test_floor_pte(benchmark, pages, floor_ns):
     """The reference: one PTE store per page."""
     pfns, _ = pages
-    out = _core.floor_buffer(NPAGES, 8)
-    benchmark(_core.floor_pte, pfns, out)
+    out = _floors.floor_buffer(NPAGES, 8)
+    benchmark(_floors.floor_pte, pfns, out)
     benchmark.extra_info["ns_per_page"] = round(_ns(benchmark, NPAGES), 3)
 
 

@@ -1,7 +1,7 @@
 """The scatterlist walk against its references, on 2**20 PFNs.
 
 Each layout is one group: the core's ``SgTable.from_pages`` beside the
-plain C loop compiled into the core (``floor_coalesce``, the loop of
+plain C loop compiled beside the core (``pydmabuf._floors.floor_coalesce``, the loop of
 ``shared/perf/sglimit.c``) and the NumPy code a user would write
 (``workloads.numpy_coalesce``), on the same PFN array in the same run.
 ``extra_info['ns_per_page']`` holds the per-page cost.
@@ -12,7 +12,8 @@ plain C loop compiled into the core (``floor_coalesce``, the loop of
 import pytest
 from benchutil import min_ns
 
-from pydmabuf import SgTable, _core, workloads
+from pydmabuf import SgTable, workloads
+from pydmabuf import _floors
 
 NPAGES = 1 << 20
 LAYOUTS = {"scattered": 1, "fragmented": 8, "contiguous": None}
@@ -41,8 +42,8 @@ def test_core_from_pages(benchmark, layout):
 def test_c_floor(benchmark, layout):
     name, pfns = layout
     benchmark.group = f"sg-walk-{name}"
-    out = _core.floor_buffer(NPAGES, 32)
-    k = benchmark(_core.floor_coalesce, pfns, 0xFFFFF000, out)
+    out = _floors.floor_buffer(NPAGES, 32)
+    k = benchmark(_floors.floor_coalesce, pfns, 0xFFFFF000, out)
     _record(benchmark, NPAGES)
     benchmark.extra_info["segments"] = k
 

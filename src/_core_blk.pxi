@@ -122,36 +122,12 @@ cdef int64_t iommu_dma_unmap_ranges(iommu_domain *dom, const uint64_t *pairs, ui
     each range finds one named twice, which the second unmap would find
     gone (-EINVAL / -ENOENT at row ``bad`` with nothing changed; -ENOMEM
     for the scratch array).  Returns the bytes unmapped."""
-    cdef uint64_t i, off, span
+    cdef uint64_t i
     cdef int64_t rc = 0, total = 0
-    cdef rt_node **nodes
-    cdef rt_node *nd = NULL
-    nodes = <rt_node **>malloc((n if n else 1) * sizeof(rt_node *))
+    cdef int err = 0
+    cdef rt_node **nodes = _iova_claim_distinct(&dom.iovad, pairs, NULL, 0, n, PDB_IOVA_CLAIM_DMA, bad, &err)
     if nodes == NULL:
-        return -ENOMEM
-    for i in range(n):
-        off = pairs[2 * i] & (PDB_PAGE_SIZE - 1)
-        if pairs[2 * i + 1] == 0 or pdb_add_overflow(pairs[2 * i + 1], off + PDB_PAGE_SIZE - 1, &span):
-            rc = -EINVAL
-        else:
-            span &= ~(<uint64_t>PDB_PAGE_SIZE - 1)
-            rc = _iova_check_free_fast(&dom.iovad, (pairs[2 * i] - off) >> PDB_PAGE_SHIFT,
-                                       span >> PDB_PAGE_SHIFT, &nd)
-            if rc == 0 and (nd.flags & PDB_IOVA_FLAG_MARK):
-                rc = -ENOENT
-        if rc < 0:
-            bad[0] = i
-            while i > 0:
-                i -= 1
-                nodes[i].flags &= ~(<uint32_t>PDB_IOVA_FLAG_MARK)
-            free(nodes)
-            return rc
-        nd.flags |= PDB_IOVA_FLAG_MARK
-        nodes[i] = nd
-    # Clear every mark before the first unmap: unmapping frees or queues
-    # ranges, and nothing may see a stale scratch bit.
-    for i in range(n):
-        nodes[i].flags &= ~(<uint32_t>PDB_IOVA_FLAG_MARK)
+        return err
     free(nodes)
     for i in range(n):
         rc = iommu_dma_unmap(dom, pairs[2 * i], pairs[2 * i + 1], cpu)
@@ -162,7 +138,7 @@ cdef int64_t iommu_dma_unmap_ranges(iommu_domain *dom, const uint64_t *pairs, ui
 
 # ------------------------------------------------------------------ Python
 
-def _blk_map_iter(bvecs, max_segment_size, seg_boundary_mask, P2pContext pc=None):
+def blk_map_iter(bvecs, max_segment_size, seg_boundary_mask, P2pContext pc=None):
     """Merge a request's bio_vecs into phys_vecs (blk_map_iter_next()).
 
     ``bvecs`` is an (N, 2) u64 buffer of (physical address, nbytes) rows.
@@ -206,7 +182,7 @@ def _blk_map_iter(bvecs, max_segment_size, seg_boundary_mask, P2pContext pc=None
     return _np().asarray(b)[:rc], w.gap, w.kind, w.bus_offset, bool(w.mixed), w.total
 
 
-def _map_single_many(IommuDomain dom, pairs, uint32_t prot, uint64_t dma_limit, bint prefer32, uint32_t cpu):
+def map_single_many(IommuDomain dom, pairs, uint32_t prot, uint64_t dma_limit, bint prefer32, uint32_t cpu):
     """iommu_dma_map() per (phys, nbytes) row; returns (dma u64 array,
     prefer32).  All or nothing."""
     cdef iommu_domain *d = _dom_of(dom)
@@ -231,7 +207,7 @@ def _map_single_many(IommuDomain dom, pairs, uint32_t prot, uint64_t dma_limit, 
     return _np().asarray(b), p32
 
 
-def _unmap_single_many(IommuDomain dom, pairs, uint32_t cpu):
+def unmap_single_many(IommuDomain dom, pairs, uint32_t cpu):
     """iommu_dma_unmap() per (dma, nbytes) row; nothing changes if any row
     is not a live IOVA range, or names a range an earlier row names
     (NotFound / InvalidArgument)."""
@@ -254,3 +230,10 @@ def _unmap_single_many(IommuDomain dom, pairs, uint32_t cpu):
         raise _errors.from_errno(-rc, f"dma_unmap_phys: range {bad} ({flat[2 * bad]:#x}, +{flat[2 * bad + 1]:#x}) "
                                       "is not a live IOVA mapping, or an earlier row names it too")
     return rc
+
+
+# The names the Python layer used before they were made public (issue 13);
+# plain aliases until every caller uses the new names.
+_blk_map_iter = blk_map_iter
+_map_single_many = map_single_many
+_unmap_single_many = unmap_single_many

@@ -1,56 +1,6 @@
 # Shared machinery of the core: the errno bridge, object locks, and the
 # buffer object the core hands its bulk outputs out in.
 
-cimport cython
-from cpython.buffer cimport (PyBUF_FORMAT, PyBUF_FULL_RO, PyBUF_ND, PyBUF_STRIDES, PyBUF_WRITABLE,
-                             PyBuffer_IsContiguous, PyBuffer_Release, PyObject_GetBuffer)
-from cpython.pyport cimport PY_SSIZE_T_MAX
-from cpython.pythread cimport (NOWAIT_LOCK, WAIT_LOCK, PyThread_acquire_lock,
-                               PyThread_allocate_lock, PyThread_free_lock,
-                               PyThread_release_lock, PyThread_type_lock)
-from libc.errno cimport (EAGAIN, EBUSY, EEXIST, EINVAL, ENOENT, ENOMEM, ENOSPC,
-                         EOVERFLOW, EPERM, ERANGE)
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcpy, memmove, memset
-
-import errno as _errno
-import sys as _sys
-import warnings as _warnings
-
-from pydmabuf import errors as _errors
-# Bound at import: reprs run from __del__ at interpreter shutdown, when
-# nothing can be imported any more.
-from pydmabuf._types import _fmt_size
-
-_U64_MAX = 0xFFFFFFFFFFFFFFFF
-
-cdef extern from *:
-    """
-    #include <stdint.h>
-    static inline int pdb_clz64(uint64_t x) { return x ? __builtin_clzll(x) : 64; }
-    static inline int pdb_ctz64(uint64_t x) { return x ? __builtin_ctzll(x) : 64; }
-    static inline int pdb_add_overflow(uint64_t a, uint64_t b, uint64_t *r) {
-        return __builtin_add_overflow(a, b, r);
-    }
-    static inline Py_ssize_t pdb_atomic_add(Py_ssize_t *p, Py_ssize_t v) {
-        return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
-    }
-    static inline Py_ssize_t pdb_atomic_load(Py_ssize_t *p) {
-        return __atomic_load_n(p, __ATOMIC_SEQ_CST);
-    }
-    """
-    Py_ssize_t _atomic_add "pdb_atomic_add" (Py_ssize_t *p, Py_ssize_t v) nogil
-    Py_ssize_t _atomic_load "pdb_atomic_load" (Py_ssize_t *p) nogil
-    int pdb_clz64(uint64_t x) nogil
-    int pdb_ctz64(uint64_t x) nogil
-    bint pdb_add_overflow(uint64_t a, uint64_t b, uint64_t *r) nogil
-
-
-cdef inline bint _is_pow2(uint64_t x) noexcept nogil:
-    return x != 0 and (x & (x - 1)) == 0
-
-
 # ------------------------------------------------------------------ errors
 
 cdef object _check(int64_t rc, what):
@@ -67,33 +17,7 @@ cdef object _check(int64_t rc, what):
     raise _errors.from_errno(-rc, what)
 
 
-cdef inline object _raise(int err, str message):
-    raise _errors.from_errno(err, message)
-
-
-# -------------------------------------------------------------------- locks
-#
-# Every mutable native object owns a PyThread lock.  Taking it with the GIL
-# held first tries without blocking; if another thread holds it (possibly
-# running a bulk kernel without the GIL) we drop the GIL while we wait, so
-# the holder can finish and nobody deadlocks on the GIL.
-
-cdef inline PyThread_type_lock _new_lock() except NULL:
-    cdef PyThread_type_lock lock = PyThread_allocate_lock()
-    if lock == NULL:
-        raise MemoryError("cannot allocate a lock")
-    return lock
-
-
-cdef inline void _acquire(PyThread_type_lock lock) noexcept:
-    if not PyThread_acquire_lock(lock, NOWAIT_LOCK):
-        with nogil:
-            PyThread_acquire_lock(lock, WAIT_LOCK)
-
-
-cdef inline void _release(PyThread_type_lock lock) noexcept nogil:
-    PyThread_release_lock(lock)
-
+# Object locks (_new_lock, _acquire, _release): pydmabuf/_core_base.pxd
 
 # --------------------------------------------------------- integer parsing
 
@@ -138,15 +62,7 @@ cdef class _Buffer:
     Owned by this object (freed with it) unless ``base`` keeps another
     owner alive.  ``numpy.asarray(buf)`` views it without copying.
     """
-    cdef char *data
-    cdef bint owns
-    cdef object base
-    cdef int ndim
-    cdef Py_ssize_t shape[2]
-    cdef Py_ssize_t strides[2]
-    cdef Py_ssize_t itemsize
-    cdef bytes fmt
-    cdef bint readonly
+    # Attributes: pydmabuf/_core_base.pxd
 
     def __cinit__(self):
         self.data = NULL
@@ -221,27 +137,6 @@ cdef _Buffer _new_buffer(Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t itemsize,
     return b
 
 
-cdef _Buffer _view_buffer(object base, char *data, Py_ssize_t rows,
-                          Py_ssize_t itemsize, bytes fmt, bint readonly):
-    """A 1-D buffer over memory owned by ``base``."""
-    cdef _Buffer b = _Buffer.__new__(_Buffer)
-    b.data = data
-    b.owns = False
-    b.base = base
-    b.itemsize = itemsize
-    b.fmt = fmt
-    b.readonly = readonly
-    b.ndim = 1
-    b.shape[0] = rows
-    b.strides[0] = itemsize
-    return b
-
-
-cdef inline object _np():
-    import numpy
-    return numpy
-
-
 # --------------------------------------------------- u64 buffer arguments
 #
 # Every argument that must be a buffer of u64 (PFNs, addresses, lengths) or
@@ -266,14 +161,7 @@ cdef class _U64Arg:
     Exports itself as a read-only, C-contiguous 1-D buffer of ``n`` items of
     format ``Q``; the caller's buffer is released when this object dies.
     """
-    cdef Py_buffer src
-    cdef bint held
-    cdef const uint64_t *data
-    cdef Py_ssize_t n
-    cdef Py_ssize_t shape[1]
-    cdef Py_ssize_t strides[1]
-    #: A NumPy array converted from a list (owned here), else None.
-    cdef object owned
+    # Attributes: pydmabuf/_core_base.pxd
 
     def __cinit__(self):
         self.held = False

@@ -576,7 +576,7 @@ cdef inline iommu_domain *_dom_of(IommuDomain dom) except NULL:
     return dom.d
 
 
-def _map_sg_direct(SgTable table, uint64_t dma_limit, dma_ranges, bint force_swiotlb,
+def map_sg_direct(SgTable table, uint64_t dma_limit, dma_ranges, bint force_swiotlb,
                    bint has_swiotlb, uint64_t attrs, P2pContext pc):
     """dma-direct map_sg over the table; returns a u64 array of the slot
     indices that must bounce (their DMA address is DMA_MAPPING_ERROR)."""
@@ -603,7 +603,7 @@ def _map_sg_direct(SgTable table, uint64_t dma_limit, dma_ranges, bint force_swi
     return _np().asarray(b)[:rc]
 
 
-def _set_dma(SgTable table, slots, addrs):
+def sg_set_dma(SgTable table, slots, addrs):
     """Write DMA addresses into the given slots (the bounce results)."""
     cdef const uint64_t[::1] sv = _as_u64_view(slots, "slots")
     cdef const uint64_t[::1] av = _as_u64_view(addrs, "addrs")
@@ -617,7 +617,7 @@ def _set_dma(SgTable table, slots, addrs):
     _release(table.lock)
 
 
-def _clear_dma(SgTable table):
+def sg_clear_dma(SgTable table):
     """Clear the DMA side and set nents back to orig_nents."""
     _acquire(table.lock)
     _sg_clear_dma(&table.t, table.t.orig_nents if table.t.orig_nents > table.t.nents else table.t.nents)
@@ -625,7 +625,7 @@ def _clear_dma(SgTable table):
     _release(table.lock)
 
 
-def _map_sg_iommu(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
+def map_sg_iommu(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
                   uint64_t max_seg, bint prefer32, uint32_t cpu, uint32_t prot, P2pContext pc):
     """iommu_dma_map_sg; returns (nents, iova, iova_len, prefer32)."""
     cdef iommu_domain *d = _dom_of(dom)
@@ -658,7 +658,7 @@ def _map_sg_iommu(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t s
     return rc, iova, ilen, p32
 
 
-def _unmap_sg_iommu(SgTable table, IommuDomain dom, uint32_t cpu):
+def unmap_sg_iommu(SgTable table, IommuDomain dom, uint32_t cpu):
     cdef iommu_domain *d = _dom_of(dom)
     cdef int64_t rc
     _acquire(table.lock)
@@ -673,7 +673,7 @@ def _unmap_sg_iommu(SgTable table, IommuDomain dom, uint32_t cpu):
     return _check(rc, "dma_unmap_sgtable")
 
 
-def _link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, uint32_t prot,
+def iova_link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, uint32_t prot,
                  bint all_at_offset=False, uint64_t max_total=_U64_MAX):
     """dma_iova_link over (N, 2) (phys, nbytes) rows; bytes linked."""
     cdef iommu_domain *d = _dom_of(dom)
@@ -699,7 +699,7 @@ def _link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, u
     return rc
 
 
-def _u64_pairs(pairs, str name="ranges"):
+def u64_pairs(pairs, str name="ranges"):
     """``pairs`` as an (N, 2) NumPy array of u64 (address, nbytes) rows,
     parsed exactly as the core's entry points parse such buffers (same
     errors: TypeError, ValueError for a dtype, shape or layout, EINVAL for
@@ -709,7 +709,7 @@ def _u64_pairs(pairs, str name="ranges"):
     return _np().asarray(_pairs_view(pairs, name)).reshape(-1, 2)
 
 
-def _u64_array(obj, str name="values"):
+def u64_array(obj, str name="values"):
     """``obj`` as a 1-D NumPy array of u64, parsed exactly as the core's
     entry points parse their u64 buffers (``_as_u64_view``: TypeError,
     ValueError for a dtype, shape or layout, EINVAL for negative or too
@@ -717,7 +717,7 @@ def _u64_array(obj, str name="values"):
     return _np().asarray(_as_u64_view(obj, name))
 
 
-def _ranges_total(pairs, str what):
+def ranges_total(pairs, str what):
     """Validate (N, 2) (phys, nbytes) rows for the phys-vec helpers in one
     pass: at least one row, no zero length, total below 2**64 (EINVAL,
     EOVERFLOW).  Returns the total in bytes."""
@@ -745,7 +745,7 @@ def _ranges_total(pairs, str what):
     return total
 
 
-def _translate(IommuDomain dom, uint64_t iova, uint64_t nbytes, uint32_t need):
+def translate_iova(IommuDomain dom, uint64_t iova, uint64_t nbytes, uint32_t need):
     """Runs of (phys, nbytes) for a device access; raises IommuFault."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef uint64_t maxout = nbytes // PDB_PAGE_SIZE + 2
@@ -771,7 +771,7 @@ def _translate(IommuDomain dom, uint64_t iova, uint64_t nbytes, uint32_t need):
     return _np().asarray(b)[:rc], 0, 0
 
 
-def _map_single(IommuDomain dom, uint64_t phys, uint64_t nbytes, uint32_t prot, uint64_t dma_limit,
+def map_single(IommuDomain dom, uint64_t phys, uint64_t nbytes, uint32_t prot, uint64_t dma_limit,
                 bint prefer32, uint32_t cpu):
     """__iommu_dma_map() with the PCI 32-bit-first policy; (dma, prefer32)."""
     cdef iommu_domain *d = _dom_of(dom)
@@ -789,7 +789,7 @@ def _map_single(IommuDomain dom, uint64_t phys, uint64_t nbytes, uint32_t prot, 
     return dma, p32
 
 
-def _destroy_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t reserved, uint32_t cpu):
+def destroy_iova_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t reserved, uint32_t cpu):
     """dma_iova_destroy(): unmap [base, base + span) with a gather queued
     when the domain is lazy, then free the whole ``reserved`` range (at once
     after an IOTLB sync, or onto the flush queue)."""
@@ -814,3 +814,19 @@ def _destroy_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t reserv
     if rc < 0:
         _check(rc, f"dma_iova_destroy: [{base:#x}, +{reserved:#x}) is not a live IOVA reservation")
     return unmapped
+
+
+# The names the Python layer used before they were made public (issue 13);
+# plain aliases until every caller uses the new names.
+_map_sg_direct = map_sg_direct
+_set_dma = sg_set_dma
+_clear_dma = sg_clear_dma
+_map_sg_iommu = map_sg_iommu
+_unmap_sg_iommu = unmap_sg_iommu
+_link_ranges = iova_link_ranges
+_u64_pairs = u64_pairs
+_u64_array = u64_array
+_ranges_total = ranges_total
+_translate = translate_iova
+_map_single = map_single
+_destroy_span = destroy_iova_span

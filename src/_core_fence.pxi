@@ -24,19 +24,7 @@ _log = _logging.getLogger("pydmabuf")
 
 cdef uint64_t _fence_context_counter = 1
 
-cdef extern from *:
-    """
-    /* Take k values from *p (atomically); -1 if that would pass 2**64 - 1. */
-    static int pdb_reserve_u64(uint64_t *p, uint64_t k, uint64_t *first) {
-        uint64_t old = __atomic_load_n(p, __ATOMIC_RELAXED), next;
-        do {
-            if (__builtin_add_overflow(old, k, &next))
-                return -1;
-        } while (!__atomic_compare_exchange_n(p, &old, next, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED));
-        *first = old;
-        return 0;
-    }
-    """
+cdef extern from "pdb_fence.h":
     int pdb_reserve_u64(uint64_t *p, uint64_t k, uint64_t *first) nogil
 cdef int _ERESTARTSYS = 512
 cdef int _PENDING_ERROR = 1         # dma-fence-array's "no error yet" marker
@@ -97,7 +85,7 @@ cdef bint fence_is_later(const pdb_fence *a, const pdb_fence *b) noexcept nogil:
 cdef void _fence_wake_all(pdb_fence *f) noexcept nogil:
     cdef pdb_fence_waiter *w = f.waiters
     while w != NULL:
-        pdb_wake_c(w.task)
+        pdb_wake(w.task)
         w = w.next
 
 
@@ -135,14 +123,14 @@ cdef int fence_wait(pdb_fence *f, pdb_task *t, int64_t deadline_ns,
         if interruptible and pdb_load_int(&t.sigpending):
             ret = -_ERESTARTSYS
             break
-        if deadline_ns >= 0 and pdb_now_ns_c() >= deadline_ns:
+        if deadline_ns >= 0 and pdb_now_ns() >= deadline_ns:
             if f.flags & PDB_FENCE_SIGNALED:
                 deadline_ns = -1
                 continue
             ret = 0
             break
         pthread_mutex_unlock(&f.mu)
-        pdb_park_c(t, deadline_ns)
+        pdb_park(t, deadline_ns)
         pthread_mutex_lock(&f.mu)
     _fence_unlink(f, &w)
     pthread_mutex_unlock(&f.mu)
@@ -169,10 +157,10 @@ cdef int _fence_wait_any(pdb_fence **fs, Py_ssize_t n, pdb_task *t, int64_t dead
         if interruptible and pdb_load_int(&t.sigpending):
             ret = -_ERESTARTSYS
             break
-        if deadline_ns >= 0 and pdb_now_ns_c() >= deadline_ns:
+        if deadline_ns >= 0 and pdb_now_ns() >= deadline_ns:
             ret = -1
             break
-        pdb_park_c(t, deadline_ns)
+        pdb_park(t, deadline_ns)
     for i in range(n):
         pthread_mutex_lock(&fs[i].mu)
         _fence_unlink(fs[i], &ws[i])
@@ -195,7 +183,7 @@ cdef int64_t _s64(object value, str name) except? -1:
 cdef int64_t _ts_arg(object timestamp) except? -1:
     """A signal timestamp argument: ns (int), None for now."""
     if timestamp is None:
-        return pdb_now_ns_c()
+        return pdb_now_ns()
     return _s64(timestamp, "timestamp")
 
 
@@ -309,7 +297,7 @@ cdef class Fence:
         if self._callbacks and not (pdb_load_flags(&self.f.flags) & PDB_FENCE_SIGNALED):
             self.f.error = -EDEADLK
             try:
-                self._signal(pdb_now_ns_c(), False)
+                self._signal(pdb_now_ns(), False)
             except BaseException:
                 _log.exception("callback of a fence released unsignalled raised")
 
@@ -439,7 +427,7 @@ cdef class Fence:
         if pdb_load_flags(&self.f.flags) & PDB_FENCE_SIGNALED:
             return True
         if self._op_signaled():
-            self._signal(pdb_now_ns_c(), False)
+            self._signal(pdb_now_ns(), False)
             return True
         return False
 
@@ -557,7 +545,7 @@ cdef class Fence:
         if old & (PDB_FENCE_ENABLE_SIGNAL | PDB_FENCE_SIGNALED):
             return
         if not self._op_enable_signaling():
-            self._signal(pdb_now_ns_c(), False)
+            self._signal(pdb_now_ns(), False)
 
     cdef bint _add(self, FenceCallback cb) except -1:
         """dma_fence_add_callback(): True when queued, False when the fence
@@ -783,7 +771,7 @@ def get_stub_fence():
     if _stub_fence is None:
         s = _StubFence(0, 0)
         s.f.flags |= PDB_FENCE_ENABLE_SIGNAL
-        s._signal(pdb_now_ns_c(), False)
+        s._signal(pdb_now_ns(), False)
         _stub_fence = s
     return _stub_fence
 
@@ -885,7 +873,7 @@ cdef class FenceArray(Fence):
             self._latched = True
         pthread_mutex_unlock(&self.f.mu)
         if zero:
-            self._signal(pdb_now_ns_c(), False)
+            self._signal(pdb_now_ns(), False)
         return 0
 
     cdef bint _op_enable_signaling(self) except -1:
@@ -958,7 +946,7 @@ cdef class _ChainCallback(FenceCallback):
         # dma_fence_chain_cb + irq work: re-arm on the next pending point,
         # or signal the node when none is left.
         if not self.chain._op_enable_signaling():
-            self.chain._signal(pdb_now_ns_c(), False)
+            self.chain._signal(pdb_now_ns(), False)
         return 0
 
 

@@ -13,74 +13,10 @@
 # node iova_find_limit returns is either the one straddling L or the lowest
 # one above it, and both give the same free space below L.
 
-cdef extern from *:
-    """
-    #define PDB_U64_MAX 0xFFFFFFFFFFFFFFFFULL
-    """
-    const uint64_t PDB_U64_MAX
+# PDB_U64_MAX, _fls64, _order_base_2, _roundup_pow2: pydmabuf/_core_base.pxd
 
 
-cdef inline int _fls64(uint64_t x) noexcept nogil:
-    """fls(): 1-based index of the highest set bit, 0 for 0."""
-    return 64 - pdb_clz64(x)
-
-
-cdef inline uint32_t _order_base_2(uint64_t x) noexcept nogil:
-    """order_base_2(): ceil(log2(x)), 0 for x <= 1."""
-    return <uint32_t>_fls64(x - 1) if x > 1 else 0
-
-
-cdef inline uint64_t _roundup_pow2(uint64_t x) noexcept nogil:
-    """roundup_pow_of_two() for 1 <= x <= 2**63."""
-    return (<uint64_t>1) << _order_base_2(x)
-
-
-cdef inline rt_node *_iova_node(const iova_domain *d, uint64_t pfn) noexcept nogil:
-    # The range table hands out const nodes; the allocator owns the table
-    # and flips only the flags word, which no tree invariant depends on.
-    return <rt_node *>rt_lookup(&d.tree, pfn)
-
-
-cdef inline void _iova_account(iova_domain *d, const rt_node *n, int sign) noexcept nogil:
-    cdef uint64_t pages = n.last - n.start + 1
-    if n.kind == PDB_IOVA_KIND_ALLOC:
-        if sign > 0:
-            d.c.alloc_ranges += 1
-            d.c.alloc_pages += pages
-        else:
-            d.c.alloc_ranges -= 1
-            d.c.alloc_pages -= pages
-        if n.flags & PDB_IOVA_FLAG_CACHED:
-            if sign > 0:
-                d.c.cached_ranges += 1
-                d.c.cached_pages += pages
-            else:
-                d.c.cached_ranges -= 1
-                d.c.cached_pages -= pages
-        if n.flags & PDB_IOVA_FLAG_QUEUED:
-            if sign > 0:
-                d.c.queued_ranges += 1
-                d.c.queued_pages += pages
-            else:
-                d.c.queued_ranges -= 1
-                d.c.queued_pages -= pages
-    elif n.kind == PDB_IOVA_KIND_RESERVED:
-        if sign > 0:
-            d.c.reserved_ranges += 1
-            d.c.reserved_pages += pages
-        else:
-            d.c.reserved_ranges -= 1
-            d.c.reserved_pages -= pages
-
-
-cdef inline void _iova_set_flag(iova_domain *d, rt_node *n, uint32_t flag, bint on) noexcept nogil:
-    """Set or clear CACHED or QUEUED on an allocated node, keeping counts."""
-    _iova_account(d, n, -1)
-    if on:
-        n.flags |= flag
-    else:
-        n.flags &= ~flag
-    _iova_account(d, n, 1)
+# _iova_node, _iova_account, _iova_set_flag: pydmabuf/_core_iova.pxd
 
 
 # ----------------------------------------------------------------- domain
@@ -590,39 +526,78 @@ cdef uint64_t _iova_alloc_many(iova_domain *d, const uint64_t *sizes, uint64_t s
     return n
 
 
-cdef int64_t _iova_free_many(iova_domain *d, const uint64_t *pfns, const uint64_t *sizes,
-                             uint64_t size_each, uint64_t n, bint fast, uint32_t cpu,
-                             uint64_t *bad) noexcept nogil:
-    """Free n ranges, all or nothing: each pfn must lie in a distinct
-    allocated, uncached range (and suit its cache bin when fast).  A scratch
-    flag on each range finds the same range named twice.  Freeing does not
-    move the other nodes, so the pointers found first stay good."""
-    cdef uint64_t i
+cdef rt_node **_iova_claim_distinct(iova_domain *d, const uint64_t *rows, const uint64_t *sizes,
+                                    uint64_t size_each, uint64_t n, int how, uint64_t *bad,
+                                    int *err) noexcept nogil:
+    """The check half of every all-or-nothing bulk free: the node of each of
+    n rows, refused unless every row names a distinct range it may free.
+
+    ``how`` says what a row is and which ranges qualify:
+    PDB_IOVA_CLAIM_LIVE (a pfn in an allocated, uncached range: free_iova),
+    PDB_IOVA_CLAIM_FAST (a pfn and its size in granules, sizes[i] or
+    size_each: free_iova_fast's rules) or PDB_IOVA_CLAIM_DMA (rows are
+    (dma address, nbytes) pairs: iommu_dma_unmap()'s page span, then
+    free_iova_fast's rules).  A scratch flag on each range found finds one
+    named twice; every flag is clear again on return.  Returns the array of
+    nodes (malloc'd, the caller frees it), or NULL with ``*err`` (-EINVAL,
+    -ENOENT, -ENOMEM) and ``*bad`` (the row at fault; 0 for -ENOMEM).
+    Freeing a range does not move the other nodes, so the pointers stay
+    good while the caller frees them in order."""
+    cdef uint64_t i, off, span
     cdef rt_node **nodes
     cdef rt_node *nd = NULL
     cdef int rc = 0
     nodes = <rt_node **>malloc((n if n else 1) * sizeof(rt_node *))
     if nodes == NULL:
-        return -ENOMEM
+        bad[0] = 0
+        err[0] = -ENOMEM
+        return NULL
     for i in range(n):
-        if fast:
-            rc = _iova_check_free_fast(d, pfns[i], sizes[i] if sizes != NULL else size_each, &nd)
-        else:
-            nd = _iova_live_node(d, pfns[i])
+        if how == PDB_IOVA_CLAIM_LIVE:
+            nd = _iova_live_node(d, rows[i])
             rc = 0 if nd != NULL else -ENOENT
+        elif how == PDB_IOVA_CLAIM_FAST:
+            rc = _iova_check_free_fast(d, rows[i], sizes[i] if sizes != NULL else size_each, &nd)
+        else:
+            off = rows[2 * i] & (PDB_PAGE_SIZE - 1)
+            if rows[2 * i + 1] == 0 or pdb_add_overflow(rows[2 * i + 1], off + PDB_PAGE_SIZE - 1, &span):
+                rc = -EINVAL
+            else:
+                span &= ~(<uint64_t>PDB_PAGE_SIZE - 1)
+                rc = _iova_check_free_fast(d, (rows[2 * i] - off) >> PDB_PAGE_SHIFT,
+                                           span >> PDB_PAGE_SHIFT, &nd)
         if rc == 0 and (nd.flags & PDB_IOVA_FLAG_MARK):
             rc = -ENOENT
         if rc < 0:
             bad[0] = i
+            err[0] = rc
             while i > 0:
                 i -= 1
                 nodes[i].flags &= ~(<uint32_t>PDB_IOVA_FLAG_MARK)
             free(nodes)
-            return rc
+            return NULL
         nd.flags |= PDB_IOVA_FLAG_MARK
         nodes[i] = nd
+    # Clear every mark before anything is freed: freeing frees or queues
+    # ranges, and nothing may see a stale scratch bit.
     for i in range(n):
         nodes[i].flags &= ~(<uint32_t>PDB_IOVA_FLAG_MARK)
+    return nodes
+
+
+cdef int64_t _iova_free_many(iova_domain *d, const uint64_t *pfns, const uint64_t *sizes,
+                             uint64_t size_each, uint64_t n, bint fast, uint32_t cpu,
+                             uint64_t *bad) noexcept nogil:
+    """Free n ranges, all or nothing: each pfn must lie in a distinct
+    allocated, uncached range (and suit its cache bin when fast)."""
+    cdef uint64_t i
+    cdef int rc = 0
+    cdef rt_node **nodes = _iova_claim_distinct(d, pfns, sizes, size_each, n,
+                                                PDB_IOVA_CLAIM_FAST if fast else PDB_IOVA_CLAIM_LIVE,
+                                                bad, &rc)
+    if nodes == NULL:
+        return rc
+    for i in range(n):
         if fast:
             _iova_free_fast_node(d, nodes[i], pfns[i], sizes[i] if sizes != NULL else size_each, cpu)
         else:

@@ -47,8 +47,9 @@ cdef int _raise_link_error(int64_t rc, uint64_t bad, const uint64_t *flat, uint6
                              }.get(rc, _os_strerror(-rc)))
 
 
-cdef class _IovaStateCore:
-    """The core half of :class:`pydmabuf.IovaState` (not public: use that)."""
+cdef class IovaStateCore:
+    """The core half of :class:`pydmabuf.IovaState`: the reservation and
+    its link/sync/unlink/destroy walks.  Users make an IovaState."""
 
     cdef public object device
     cdef public object _dom
@@ -328,6 +329,10 @@ cdef class _IovaStateCore:
             linked = [(s, e - s) for s, e in self._linked]
             raise _errors.LifetimeError(f"dma_iova_destroy: mapped_nbytes {m:#x} but linked {linked}")
         span = (m + self._offset + PDB_PAGE_SIZE - 1) & ~(<uint64_t>PDB_PAGE_SIZE - 1)
-        _destroy_span(self._dom, self.addr - self._offset, span, self._reserved, cpu)
+        destroy_iova_span(self._dom, self.addr - self._offset, span, self._reserved, cpu)
         self.nwin = 0
         return True
+
+
+# The name the Python layer used before it was made public (issue 13).
+_IovaStateCore = IovaStateCore

@@ -12,19 +12,7 @@
 
 from libc.stdint cimport uintptr_t
 
-cdef extern from *:
-    """
-    #include <stdlib.h>
-    #include <string.h>
-    static uint64_t *pdb_table_alloc(void)
-    {
-        void *p = NULL;
-        if (posix_memalign(&p, 4096, 4096) != 0)
-            return NULL;
-        memset(p, 0, 4096);
-        return (uint64_t *)p;
-    }
-    """
+cdef extern from "pdb_pgtable.h":
     uint64_t *pdb_table_alloc() nogil
 
 cdef enum:
@@ -36,11 +24,7 @@ cdef enum:
     _SZ_2M = 0x200000
     _SZ_1G = 0x40000000
 
-cdef extern from *:
-    """
-    #define PDB_PTE_ADDR_MASK 0x000FFFFFFFFFF000ULL
-    #define PDB_PGSIZE_BITMAP (0x1000ULL | 0x200000ULL | 0x40000000ULL)
-    """
+cdef extern from "pdb_pgtable.h":
     const uint64_t PDB_PTE_ADDR_MASK
     const uint64_t PDB_PGSIZE_BITMAP
 
@@ -825,27 +809,11 @@ cdef int64_t pgt_unmap(io_pgtable *pt, uint64_t iova, uint64_t size,
 
 # ------------------------------------------------------------ lookups
 
-cdef int pgt_iova_to_phys(const io_pgtable *pt, uint64_t iova, uint64_t *phys) noexcept nogil:
-    cdef int l = pt.start_level
-    cdef const uint64_t *tbl = pt.pgd
-    cdef uint64_t e
-    if iova >> pt.ias:
-        return -ENOENT
-    while True:
-        e = tbl[_idx(pt, iova, l)]
-        if e == 0:
-            return -ENOENT
-        if _is_leaf(e, l):
-            phys[0] = (e & PDB_PTE_ADDR_MASK) | (iova & (_blk(l) - 1))
-            return 0
-        tbl = _tbl(e)
-        l += 1
-
-
 cdef int pgt_lookup(const io_pgtable *pt, uint64_t iova, uint64_t *phys, uint32_t *prot,
                     uint64_t *leaf_size) noexcept nogil:
     """The leaf mapping ``iova``: its output address for ``iova``, its prot
-    bits and its size (4K, 2M or 1G); -ENOENT when nothing maps it."""
+    bits and its size (4K, 2M or 1G); -ENOENT when nothing maps it.
+    ``prot`` and ``leaf_size`` may be NULL (iommu_iova_to_phys())."""
     cdef int l = pt.start_level
     cdef const uint64_t *tbl = pt.pgd
     cdef uint64_t e
@@ -857,8 +825,10 @@ cdef int pgt_lookup(const io_pgtable *pt, uint64_t iova, uint64_t *phys, uint32_
             return -ENOENT
         if _is_leaf(e, l):
             phys[0] = (e & PDB_PTE_ADDR_MASK) | (iova & (_blk(l) - 1))
-            prot[0] = <uint32_t>((e >> _PTE_PROT_SHIFT) & PDB_IOMMU_PROT_MASK)
-            leaf_size[0] = _blk(l)
+            if prot != NULL:
+                prot[0] = <uint32_t>((e >> _PTE_PROT_SHIFT) & PDB_IOMMU_PROT_MASK)
+            if leaf_size != NULL:
+                leaf_size[0] = _blk(l)
             return 0
         tbl = _tbl(e)
         l += 1
@@ -1164,7 +1134,7 @@ cdef class IoPageTable:
         cdef uint64_t p = 0
         cdef int rc
         _acquire(self.lock)
-        rc = pgt_iova_to_phys(self.pt, i, &p)
+        rc = pgt_lookup(self.pt, i, &p, NULL, NULL)
         _release(self.lock)
         return p if rc == 0 else None
 
@@ -1179,7 +1149,7 @@ cdef class IoPageTable:
         _acquire(self.lock)
         with nogil:
             for k in range(n):
-                if pgt_iova_to_phys(self.pt, v[k], &out[k]) < 0:
+                if pgt_lookup(self.pt, v[k], &out[k], NULL, NULL) < 0:
                     out[k] = PDB_U64_MAX
         _release(self.lock)
         return _np().asarray(b)

@@ -63,7 +63,7 @@ cdef uint64_t _resv_list_max(uint64_t max_fences) noexcept nogil:
 
 
 cdef int _resv_held(Resv resv, str what) except -1:
-    cdef pdb_task *t = pdb_task_peek_c()
+    cdef pdb_task *t = pdb_task_peek()
     if t == NULL or _owner(pdb_load_sz(&resv.m.owner)) != t:
         raise _errors.LockingError(f"{what} needs {resv!r} locked by this thread")
     return 0
@@ -163,7 +163,7 @@ cdef class Resv(WwMutex):
     cdef int _unlock(self) except -1:
         # dma_resv_unlock(): dma_resv_reset_max_fences() first, so slots
         # must be reserved again after every unlock.
-        cdef pdb_task *t = pdb_task_peek_c()
+        cdef pdb_task *t = pdb_task_peek()
         if self.max != self.num and t != NULL and _owner(pdb_load_sz(&self.m.owner)) == t:
             _acquire(self.lock)
             self.max = self.num
@@ -434,7 +434,7 @@ cdef class Resv(WwMutex):
             if deadline < 0:
                 remaining = None
             else:
-                left = deadline - pdb_now_ns_c()
+                left = deadline - pdb_now_ns()
                 remaining = left / 1e9 if left > 0 else 0.0
             if not f.wait(remaining, interruptible=interruptible):
                 return False

@@ -45,79 +45,7 @@ cdef inline uint64_t _kmalloc_bytes(uint64_t nslots) noexcept nogil:
 # slab and per-CPU page caches: a table built right after another one was
 # freed reuses warm memory instead of faulting in fresh pages.  Bounded;
 # small arenas go straight back to malloc.
-cdef extern from *:
-    """
-    #define PDB_POOL_SLOTS 8
-    #define PDB_POOL_MIN_BYTES (64u << 10)
-    #define PDB_POOL_LIMIT_BYTES (128ull << 20)
-    struct pdb_pool_ent { void *p; uint64_t cap; };
-    static struct pdb_pool_ent pdb_pool[PDB_POOL_SLOTS];
-    static uint64_t pdb_pool_bytes;
-    static char pdb_pool_busy;
-    static void pdb_pool_lock(void) {
-        while (__atomic_test_and_set(&pdb_pool_busy, __ATOMIC_ACQUIRE))
-            ;
-    }
-    static void pdb_pool_unlock(void) { __atomic_clear(&pdb_pool_busy, __ATOMIC_RELEASE); }
-
-    /* An arena of at least want slots of esz bytes; *cap gets its size. */
-    static void *pdb_pool_get(uint64_t want, uint64_t esz, uint64_t *cap) {
-        int best = -1, i;
-        void *p;
-        if (want * esz >= PDB_POOL_MIN_BYTES) {
-            pdb_pool_lock();
-            for (i = 0; i < PDB_POOL_SLOTS; i++)
-                if (pdb_pool[i].p && pdb_pool[i].cap >= want &&
-                    (best < 0 || pdb_pool[i].cap < pdb_pool[best].cap))
-                    best = i;
-            if (best >= 0 && pdb_pool[best].cap <= 4 * want + 1024) {
-                p = pdb_pool[best].p;
-                *cap = pdb_pool[best].cap;
-                pdb_pool[best].p = NULL;
-                pdb_pool_bytes -= *cap * esz;
-                pdb_pool_unlock();
-                return p;
-            }
-            pdb_pool_unlock();
-        }
-        p = malloc(want * esz);
-        *cap = p ? want : 0;
-        return p;
-    }
-
-    static void pdb_pool_put(void *p, uint64_t cap, uint64_t esz) {
-        int i;
-        if (!p)
-            return;
-        if (cap * esz >= PDB_POOL_MIN_BYTES) {
-            pdb_pool_lock();
-            if (pdb_pool_bytes + cap * esz <= PDB_POOL_LIMIT_BYTES) {
-                for (i = 0; i < PDB_POOL_SLOTS; i++) {
-                    if (!pdb_pool[i].p) {
-                        pdb_pool[i].p = p;
-                        pdb_pool[i].cap = cap;
-                        pdb_pool_bytes += cap * esz;
-                        pdb_pool_unlock();
-                        return;
-                    }
-                }
-            }
-            pdb_pool_unlock();
-        }
-        free(p);
-    }
-
-    static void pdb_pool_drain(void) {
-        int i;
-        pdb_pool_lock();
-        for (i = 0; i < PDB_POOL_SLOTS; i++) {
-            free(pdb_pool[i].p);
-            pdb_pool[i].p = NULL;
-        }
-        pdb_pool_bytes = 0;
-        pdb_pool_unlock();
-    }
-    """
+cdef extern from "pdb_sg.h":
     void *pdb_pool_get(uint64_t want, uint64_t esz, uint64_t *cap) nogil
     void pdb_pool_put(void *p, uint64_t cap, uint64_t esz) nogil
     void pdb_pool_drain() nogil
@@ -272,28 +200,7 @@ cdef int sg_alloc(sg_table *t, uint32_t nents) noexcept nogil:
 cdef enum:
     _SG_BLOCK = 1024
 
-cdef extern from *:
-    """
-    /* For each of m pages, p[j] - p[j - 1] - 1 (0 when the page continues
-       the previous one); ORs the PFNs into *acc; returns the OR of the
-       differences.  Compiled for AVX2 too, picked at load time. */
-    #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
-    __attribute__((target_clones("avx2", "default")))
-    #endif
-    static uint64_t pdb_sg_mark(const uint64_t *restrict p, uint64_t m,
-                                uint64_t *restrict dif, uint64_t *acc)
-    {
-        uint64_t d = 0, a = *acc, j;
-        for (j = 0; j < m; j++) {
-            uint64_t x = p[j] - p[j - 1] - 1;
-            dif[j] = x;
-            d |= x;
-            a |= p[j];
-        }
-        *acc = a;
-        return d;
-    }
-    """
+cdef extern from "pdb_sg.h":
     uint64_t pdb_sg_mark(const uint64_t *p, uint64_t m, uint64_t *dif, uint64_t *acc) nogil
 
 
@@ -1315,8 +1222,13 @@ cdef class SgTable:
         return False
 
 
-def _set_sg_with_hook(hook):
+def set_sg_with_hook(hook):
     """Register ``hook(table, entering)``, run by ``SgTable.__enter__`` and
     ``__exit__`` (pydmabuf.dmabuf's, which unmaps the mapping at exit)."""
     global _sg_with_hook
     _sg_with_hook = hook
+
+
+# The names the Python layer used before they were made public (issue 13);
+# plain aliases until every caller uses the new names.
+_set_sg_with_hook = set_sg_with_hook

@@ -314,12 +314,12 @@ def test_interleaving_stops_early_once_the_intervals_are_tight():
 
 
 def test_unit_costs_divide_each_loop_by_its_operations():
-    from pydmabuf import _core, _stats
+    from pydmabuf import _floors, _stats
 
     pfns = np.arange(1 << 12, dtype=np.uint64)
-    out = _core.floor_buffer(len(pfns), 8)
-    costs = _stats.unit_costs({"pte": (lambda: _core.floor_pte(pfns, out), len(pfns)),
-                               "pte_twice": (lambda: (_core.floor_pte(pfns, out), _core.floor_pte(pfns, out)),
+    out = _floors.floor_buffer(len(pfns), 8)
+    costs = _stats.unit_costs({"pte": (lambda: _floors.floor_pte(pfns, out), len(pfns)),
+                               "pte_twice": (lambda: (_floors.floor_pte(pfns, out), _floors.floor_pte(pfns, out)),
                                              len(pfns))}, min_rounds=5, budget_s=0.05)
     for name, (v, lo, hi) in costs.items():
         assert 0 <= lo <= v <= hi, name

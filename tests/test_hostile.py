@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pydmabuf
+import pydmabuf._floors
 from hostile_support import (BAD_U64, E, FILES, SPEC, Case, Cases, S, bad_pair_buffers, bad_u64_buffers,
                              hostile_pair_buffers, hostile_u64_buffers,
                              check_exception, errno, in_thread, mach, run_case, snapshot)
@@ -2197,18 +2198,18 @@ add("workloads.numpy_coalesce.max_pages=0", _wl,
     lambda s: workloads.numpy_coalesce(np.arange(4, dtype=np.uint64), 0), ValueError)
 add("workloads.real_pages.2**40", _wl, lambda s: workloads.real_pages(2**40), E.OutOfMemory)
 add("workloads.real_pages.0", _wl, lambda s: workloads.real_pages(0), E.InvalidArgument)
-add("floor_coalesce.max_segment=-1", _wl, lambda s: pydmabuf._core.floor_coalesce([1, 2], -1), E.InvalidArgument)
-add("floor_coalesce.max_segment=str", _wl, lambda s: pydmabuf._core.floor_coalesce([1, 2], "x"), TypeError)
-add("floor_coalesce.pfns=None", _wl, lambda s: pydmabuf._core.floor_coalesce(None), TypeError)
+add("floor_coalesce.max_segment=-1", _wl, lambda s: pydmabuf._floors.floor_coalesce([1, 2], -1), E.InvalidArgument)
+add("floor_coalesce.max_segment=str", _wl, lambda s: pydmabuf._floors.floor_coalesce([1, 2], "x"), TypeError)
+add("floor_coalesce.pfns=None", _wl, lambda s: pydmabuf._floors.floor_coalesce(None), TypeError)
 add("floor_coalesce.out-too-small", _wl,
-    lambda s: pydmabuf._core.floor_coalesce([1, 3, 5], out=pydmabuf._core.floor_buffer(1, 32)), ValueError)
+    lambda s: pydmabuf._floors.floor_coalesce([1, 3, 5], out=pydmabuf._floors.floor_buffer(1, 32)), ValueError)
 add("floor_pte.out-too-small", _wl,
-    lambda s: pydmabuf._core.floor_pte([1, 3, 5], out=pydmabuf._core.floor_buffer(1, 8)), ValueError)
-add("floor_pte.out=array", _wl, lambda s: pydmabuf._core.floor_pte([1], out=np.zeros(4)), TypeError)
+    lambda s: pydmabuf._floors.floor_pte([1, 3, 5], out=pydmabuf._floors.floor_buffer(1, 8)), ValueError)
+add("floor_pte.out=array", _wl, lambda s: pydmabuf._floors.floor_pte([1], out=np.zeros(4)), TypeError)
 for _label, _n, _size, _exp in [("n=0", 0, 8, ValueError), ("n=-1", -1, 8, ValueError),
                                 ("n=2**64", 2**64, 8, E.OutOfMemory), ("n=2**61", 2**61, 8, E.OutOfMemory),
                                 ("itemsize=3", 4, 3, ValueError), ("n=str", "4", 8, TypeError)]:
-    add(f"floor_buffer.{_label}", _wl, lambda s, n=_n, z=_size: pydmabuf._core.floor_buffer(n, z), _exp)
+    add(f"floor_buffer.{_label}", _wl, lambda s, n=_n, z=_size: pydmabuf._floors.floor_buffer(n, z), _exp)
 
 
 # ======================================== u64 buffer arguments: every user
@@ -2336,9 +2337,9 @@ U64_USERS: list[U64User] = [
     U64User("IoPageTable.iova_to_phys_many", "u64", _pgt_mapped,
             lambda s, n: np.arange(n, dtype=np.uint64) * G % (1 << 24) + 0x4000_0000,
             lambda s, b, n: s.p.iova_to_phys_many(b), ("iova_to_phys_many",)),
-    U64User("floor_coalesce", "u64", mach_state, _pfns, lambda s, b, n: pydmabuf._core.floor_coalesce(b),
+    U64User("floor_coalesce", "u64", mach_state, _pfns, lambda s, b, n: pydmabuf._floors.floor_coalesce(b),
             ("floor_coalesce",)),
-    U64User("floor_pte", "u64", mach_state, _pfns, lambda s, b, n: pydmabuf._core.floor_pte(b), ("floor_pte",)),
+    U64User("floor_pte", "u64", mach_state, _pfns, lambda s, b, n: pydmabuf._floors.floor_pte(b), ("floor_pte",)),
     U64User("P2pContext.states", "u64", _pc_state, _pc_good,
             lambda s, b, n: pydmabuf._core.P2pContext(s.m.address_map, b, np.zeros(n, dtype=np.uint64)),
             ("__cinit__",)),

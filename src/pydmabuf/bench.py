@@ -11,7 +11,7 @@ ns per page (median) with its interval, and its ratio to the baseline
 (the median of the per-round ratios, paired, so a drift of the machine
 cancels); a cell whose interval is wider than :data:`WIDE_CI` is marked
 ``wide_ci``.  The walk is timed beside references on the same input: the
-C floor compiled into the core (``pydmabuf._core.floor_coalesce``) and the
+C floor compiled beside the core (``pydmabuf._floors.floor_coalesce``) and the
 NumPy code a user would write (:func:`pydmabuf.workloads.numpy_coalesce`).
 
 The mapping part times, per strategy, a map step and its unmap step on the
@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pydmabuf import _core, _stats, errors, iotlb, kernel_work, workloads
+from pydmabuf import _core, _floors, _stats, errors, iotlb, kernel_work, workloads
 from pydmabuf.mapping import PAL_MODULE
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 from pydmabuf.dmabuf import PHYS_NAMESPACE, ImporterOps
@@ -188,15 +188,15 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
     segs = int(table.nents)
     meta = int(table.metadata_nbytes)
     del table
-    out = _core.floor_buffer(npages, 32)
+    out = _floors.floor_buffer(npages, 32)
     counters: dict[str, dict[str, float]] = {
         "sg_from_pages": {"segments": segs, "metadata_bytes_per_page": meta / npages},
-        "c_floor": {"segments": _core.floor_coalesce(pfns, 0xFFFFF000, out)},
+        "c_floor": {"segments": _floors.floor_coalesce(pfns, 0xFFFFF000, out)},
         "numpy": {"segments": len(workloads.numpy_coalesce(pfns)[1])},
     }
     plans: dict[str, _stats.Plan] = {
         "sg_from_pages": (lambda: _core.SgTable.from_pages(pfns), _drop),
-        "c_floor": (lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), _drop),
+        "c_floor": (lambda: _floors.floor_coalesce(pfns, 0xFFFFF000, out), _drop),
         "numpy": (lambda: workloads.numpy_coalesce(pfns), _drop),
     }
     samples, info = _stats.interleave(plans, baseline="c_floor", **timing)
@@ -358,7 +358,7 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
     pages[:, 0] = pfns << np.uint64(12)
     pages[:, 1] = PAGE_SIZE
     bar_rows = _bar_ranges(b, phys, lens)
-    floor_out = _core.floor_buffer(npages, 8)
+    floor_out = _floors.floor_buffer(npages, 8)
     cells: list[Cell] = []
     kw_cache: dict[Any, Any] = {}  # page-table work the paths on these pages share
 
@@ -485,7 +485,7 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
             "dmabuf_dynamic": (b.iommu_dev, dmabuf(True)),
             "dmabuf_ranges": (b.iommu_dev, dmabuf_ranges()),
             "dmabuf_pal": (b.iommu_dev, dmabuf_pal()),
-            "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
+            "pte_floor": (None, (lambda: _floors.floor_pte(pfns, floor_out), lambda h: None)),
         }
         for name in strategies:
             dev, (map_, unmap) = plans[name]

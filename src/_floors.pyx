@@ -1,61 +1,24 @@
-# Reference floors: the least work a C programmer would do for the two
-# hottest walks, compiled with the same compiler and flags as the core so
-# benchmarks can report "core time / floor time" from one run.
-#
-#   coalesce: PFN array -> 32-byte scatterlist-shaped entries, merging runs
-#             of consecutive PFNs up to max_seg bytes (one pass, no chaining,
-#             no kernel rules).
-#   pte:      one 8-byte leaf entry per page.
+# cython: language_level=3
+"""pydmabuf._floors: reference floors for the study's benchmarks.
 
-cdef extern from *:
-    """
-    struct pdb_floor_entry {
-        uint64_t phys;
-        uint32_t offset, length;
-        uint64_t dma_address;
-        uint32_t dma_length, pad;
-    };
+Reference floors: the least work a C programmer would do for the two
+hottest walks, compiled with the same compiler and flags as the core so
+benchmarks can report "core time / floor time" from one run.
 
-    static size_t pdb_floor_coalesce(const uint64_t *pfn, size_t n, uint64_t max_seg,
-                                     void *out_)
-    {
-        struct pdb_floor_entry *out = (struct pdb_floor_entry *)out_;
-        size_t k = 0;
-        uint64_t start, len;
-        if (n == 0)
-            return 0;
-        start = pfn[0];
-        len = 4096;
-        for (size_t i = 1; i < n; i++) {
-            if (pfn[i] == pfn[i - 1] + 1 && len + 4096 <= max_seg) {
-                len += 4096;
-                continue;
-            }
-            out[k].phys = start << 12;
-            out[k].offset = 0;
-            out[k].length = (uint32_t)len;
-            out[k].dma_address = 0;
-            out[k].dma_length = 0;
-            out[k].pad = 0;
-            k++;
-            start = pfn[i];
-            len = 4096;
-        }
-        out[k].phys = start << 12;
-        out[k].offset = 0;
-        out[k].length = (uint32_t)len;
-        out[k].dma_address = 0;
-        out[k].dma_length = 0;
-        out[k].pad = 0;
-        return k + 1;
-    }
+  coalesce: PFN array -> 32-byte scatterlist-shaped entries, merging runs
+            of consecutive PFNs up to max_seg bytes (one pass, no chaining,
+            no kernel rules).
+  pte:      one 8-byte leaf entry per page.
 
-    static void pdb_floor_pte(const uint64_t *pfn, size_t n, uint64_t *pte)
-    {
-        for (size_t i = 0; i < n; i++)
-            pte[i] = (pfn[i] << 12) | 3;
-    }
-    """
+Kept out of the product core (pydmabuf._core*): the model never carries
+its own measuring sticks.  Built with the core's hot modules' flags.
+"""
+
+from pydmabuf._core_base cimport *
+
+include "_core_imports.pxi"
+
+cdef extern from "pdb_floors.h":
     size_t pdb_floor_coalesce(const uint64_t *pfn, size_t n, uint64_t max_seg,
                               void *out) nogil
     void pdb_floor_pte(const uint64_t *pfn, size_t n, uint64_t *pte) nogil

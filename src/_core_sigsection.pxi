@@ -1,0 +1,183 @@
+# The lock checker's per-thread state, kept in the task: ww mutexes held per
+# class (what lockdep would know), the hooks pydmabuf.locking installs for
+# lock-class tracking, and fence-signalling sections
+# (dma_fence_begin_signalling / end), inside which waiting on a fence or
+# taking a reservation lock is a LockingError naming both places.
+# ------------------------------------------- per-thread lock bookkeeping
+#
+# What lockdep would know: how many ww mutexes of each class this thread
+# holds, with and without an acquire context.  A thread rarely holds more
+# than one or two classes at once; past PDB_TASK_CLASSES the extra classes
+# are counted in held_total only and escape the per-class checks.
+
+cdef inline int _task_slot(pdb_task *t, pdb_ww_class *cls, bint create) noexcept nogil:
+    cdef int i
+    cdef int free_slot = -1
+    for i in range(PDB_TASK_CLASSES):
+        if t.held_cls[i] == <void *>cls:
+            return i
+        if free_slot < 0 and t.held_plain[i] == 0 and t.held_ctx[i] == 0:
+            free_slot = i
+    if create and free_slot >= 0:
+        t.held_cls[free_slot] = <void *>cls
+        return free_slot
+    return -1
+
+
+cdef inline void _task_account(pdb_task *t, pdb_ww_class *cls, bint with_ctx,
+                               int delta) noexcept nogil:
+    cdef int i = _task_slot(t, cls, delta > 0)
+    t.held_total += delta
+    if i < 0:
+        return
+    if with_ctx:
+        t.held_ctx[i] += delta
+    else:
+        t.held_plain[i] += delta
+    if t.held_ctx[i] == 0 and t.held_plain[i] == 0:
+        t.held_cls[i] = NULL
+
+
+cdef inline unsigned int _task_held(pdb_task *t, pdb_ww_class *cls, bint with_ctx) noexcept nogil:
+    cdef int i = _task_slot(t, cls, False)
+    if i < 0:
+        return 0
+    return t.held_ctx[i] if with_ctx else t.held_plain[i]
+
+
+
+# ------------------------------------------------------------ lockdep hooks
+#
+# The lock-class dependency graph lives in pydmabuf.locking (Python).  When
+# it is enabled it installs these hooks; when they are None (tracking off)
+# the lock and unlock paths pay one pointer compare.
+
+_ld_acquire = None   # (mutex, with_ctx, trylock) -> None; raises to refuse
+_ld_release = None   # (mutex) -> None
+_ld_signal = None   # (entering) -> None: the dma_fence_map pseudo-lock
+_ld_wait = None     # () -> None: __dma_fence_might_wait()
+
+
+def set_lockdep_hooks(acquire, release, signal, wait):
+    """Install (or, with Nones, remove) the lock-class tracking hooks of
+    :mod:`pydmabuf.locking`.  Internal."""
+    global _ld_acquire, _ld_release, _ld_signal, _ld_wait
+    _ld_acquire = acquire
+    _ld_release = release
+    _ld_signal = signal
+    _ld_wait = wait
+
+# ------------------------------------------------------ signalling sections
+#
+# dma_fence_begin_signalling() / end(): the critical section from the
+# point a fence is published to its signal.  Fence.signal() opens one
+# itself around its callbacks.  Inside a section, waiting on a fence or
+# taking a reservation lock is a LockingError naming both places.
+
+# The messages name Python call sites; the helpers are in the leaf module
+# pydmabuf._sites (shared with pydmabuf.locking, which the core does not
+# import: it sits above the core).
+from pydmabuf import _sites
+
+
+cdef bint _sig_enter_implicit(pdb_task *t, object fence):
+    """Fence.signal()'s own section; True when it nests in an open one."""
+    if t.sig_depth:
+        return True
+    t.sig_depth = 1
+    t.sig_frame = <void *>PyEval_GetFrame()
+    t.sig_fence = <void *>fence
+    return False
+
+
+cdef void _sig_exit(pdb_task *t, bint nested):
+    cdef PyObject *site
+    if nested:
+        return
+    t.sig_depth = 0
+    t.sig_frame = NULL
+    t.sig_fence = NULL
+    site = <PyObject *>t.sig_site
+    t.sig_site = NULL
+    if site != NULL:
+        Py_DECREF(<object>site)
+
+
+cdef int _sig_violation(pdb_task *t, str what) except -1:
+    """Raise the LockingError for ``what`` done inside a signalling section."""
+    cdef object begin
+    mod = _sites
+    if t.sig_site != NULL:
+        begin = <object>t.sig_site
+    else:
+        fence = <object>t.sig_fence if t.sig_fence != NULL else None
+        begin = mod._signal_site(<size_t>t.sig_frame, fence)
+    raise mod._signalling_error(what, begin)
+
+
+def begin_signalling():
+    """Open a fence-signalling critical section (dma_fence_begin_signalling).
+
+    Code between a fence becoming visible to others and its signal must not
+    wait on fences nor take reservation locks: such a wait could depend on
+    the very fence being signalled.  Inside a section pydmabuf reports
+    either as :class:`~pydmabuf.errors.LockingError`, naming where the
+    section began and where the offending call was made.  Sections nest;
+    only the outermost one counts, as in the kernel.
+
+    Returns
+    -------
+    bool
+        The cookie for :func:`end_signalling`: True when a section was
+        already open (nothing was opened).
+    """
+    cdef pdb_task *t = _cur_task()
+    if t.sig_depth:
+        return True
+    site = _sites._caller_site()
+    Py_INCREF(site)
+    t.sig_site = <void *>site
+    t.sig_depth = 1
+    if _ld_signal is not None:
+        _ld_signal(True)
+    return False
+
+
+def end_signalling(cookie):
+    """Close the section opened by the :func:`begin_signalling` that
+    returned ``cookie`` (a True cookie closes nothing).
+
+    Raises
+    ------
+    LockingError
+        No section opened by :func:`begin_signalling` is open in this
+        thread.
+    """
+    cdef pdb_task *t
+    if cookie:
+        return
+    t = _cur_task()
+    if not t.sig_depth or t.sig_site == NULL:
+        raise _errors.LockingError(
+            "end_signalling(False) without a matching begin_signalling() in this thread")
+    _sig_exit(t, False)
+    if _ld_signal is not None:
+        _ld_signal(False)
+
+
+def thread_lock_state():
+    """Test/debug hook: this thread's bookkeeping as a dict (held: ww
+    mutexes held; in_section; signal_pending)."""
+    cdef pdb_task *t = pdb_task_peek_c()
+    if t == NULL:
+        return {"held": 0, "in_section": False, "signal_pending": False}
+    return {"held": t.held_total, "in_section": bool(t.sig_depth),
+            "signal_pending": bool(pdb_load_int(&t.sigpending))}
+
+
+def in_signalling_section():
+    """True while this thread is inside a fence-signalling section."""
+    cdef pdb_task *t = pdb_task_peek_c()
+    return t != NULL and t.sig_depth != 0
+
+

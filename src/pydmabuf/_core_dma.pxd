@@ -1,0 +1,161 @@
+# cython: language_level=3
+#
+# C declarations of pydmabuf._core_dma (src/_core_dma.pyx): scatterlists
+# (lib/scatterlist.c) and the DMA mapping walks over them (dma-direct,
+# dma-iommu's map_sg and the dma_iova_* two-step API, the block layer's
+# helpers).  The per-entry loops and the tables they walk stay in this one
+# module.
+
+from pydmabuf._core_base cimport *
+from pydmabuf._core_iova cimport *
+from pydmabuf._core_iommu cimport *
+
+# ------------------------------------------------------------ scatterlists
+#
+# struct scatterlist as on 64-bit Linux with CONFIG_NEED_SG_DMA_LENGTH and
+# CONFIG_NEED_SG_DMA_FLAGS: 32 bytes.  page_link holds the physical address
+# of the page (page aligned) with SG_CHAIN / SG_END in its low bits; a chain
+# slot holds the address of the next chunk's first slot instead.
+
+cdef struct sg_entry:
+    uint64_t page_link
+    uint32_t offset
+    uint32_t length
+    uint64_t dma_address
+    uint32_t dma_length
+    uint32_t dma_flags
+
+# struct sg_append_table.  Chunks are laid out one after another in one
+# arena (``slots``); each chunk is what the kernel allocates in one
+# sg_kmalloc() call and is linked to the next by its last slot.
+cdef struct sg_table:
+    sg_entry *slots
+    uint64_t nslots         # slots in all chunks
+    uint64_t cap            # arena capacity, in slots
+    uint64_t nchunks
+    uint64_t last_chunk     # first slot of the newest chunk
+    uint64_t meta_bytes     # bytes the kernel's allocator would hand out
+    int64_t prv             # last populated slot, -1 when none
+    uint32_t nents          # DMA segments (after mapping) / entries
+    uint32_t orig_nents     # CPU entries (0 for DMA-only tables)
+    uint32_t total_nents    # data slots allocated (append tables)
+    uint32_t no_move        # set while exported: growing must not move
+                            # the arena (-EBUSY instead)
+
+cdef void sg_table_free(sg_table *t) noexcept nogil
+cdef int sg_alloc(sg_table *t, uint32_t nents) noexcept nogil
+cdef int64_t sg_next(const sg_table *t, int64_t i) noexcept nogil
+cdef int64_t sg_first(const sg_table *t) noexcept nogil
+cdef int64_t sg_nents_for_len(const sg_table *t, uint64_t nbytes) noexcept nogil
+cdef int sg_append_pages(sg_table *t, const uint64_t *pfns, uint64_t n,
+                         uint32_t offset, uint64_t size, uint64_t max_segment,
+                         uint32_t left_pages) noexcept nogil
+cdef int sg_from_dma_ranges(sg_table *t, const uint64_t *pairs,
+                            uint64_t n) noexcept nogil
+cdef int64_t sg_cpu_ranges(const sg_table *t, uint64_t *out) noexcept nogil
+cdef int64_t sg_dma_ranges(const sg_table *t, uint64_t *out) noexcept nogil
+
+cdef class SgTable:
+    cdef sg_table t
+    cdef PyThread_type_lock lock
+    cdef Py_ssize_t exports
+    # Set by the DMA mapping layer while the table is mapped for a device.
+    cdef public object mapping
+    cdef object __weakref__
+    cdef object _ranges(self, bint dma)
+    cdef int _append(self, const uint64_t *p, Py_ssize_t n, uint32_t off, uint64_t size, uint64_t maxseg,
+                     uint32_t left) except -1
+
+# ------------------------------------------------------ DMA mapping walks
+#
+# kernel/dma/direct.c, drivers/iommu/dma-iommu.c (iommu_dma_map_sg and the
+# dma_iova_* two-step API) and iommu_map_sg().  The caller holds the
+# table's lock and the domain's lock (IommuDomain.lock) around a walk.
+
+cdef enum:
+    PDB_RANGE_MMIO = 2                  # RangeKind.MMIO
+    # enum pci_p2pdma_map_type (pydmabuf.P2PMapType)
+    PDB_P2P_NONE = 1
+    PDB_P2P_NOT_SUPPORTED = 2
+    PDB_P2P_BUS_ADDR = 3
+    PDB_P2P_THRU_HOST_BRIDGE = 4
+    # enum dma_data_direction
+    PDB_DMA_BIDIRECTIONAL = 0
+    PDB_DMA_TO_DEVICE = 1
+    PDB_DMA_FROM_DEVICE = 2
+    PDB_DMA_NONE = 3
+    # DMA_ATTR_* bits used by the walks
+    PDB_DMA_ATTR_SKIP_CPU_SYNC = 1 << 5
+    PDB_DMA_ATTR_PRIVILEGED = 1 << 9
+    PDB_DMA_ATTR_MMIO = 1 << 10
+
+cdef extern from *:
+    """
+    #define PDB_DMA_MAPPING_ERROR (~0ULL)
+    """
+    const uint64_t PDB_DMA_MAPPING_ERROR
+
+# What one client device sees of the machine: the address map, and per
+# range owner (a BAR) the P2P route and bus offset.  The last lookup is
+# cached (consecutive entries usually fall in one range).
+cdef struct p2p_ctx:
+    const range_table *amap
+    const uint8_t *state
+    const uint64_t *bus_offset
+    uint64_t nowners
+    bint c_valid
+    uint64_t c_start
+    uint64_t c_last
+    uint8_t c_state
+    uint64_t c_off
+
+cdef class P2pContext:
+    cdef RangeTable amap
+    cdef uint8_t *state
+    cdef uint64_t *offset
+    cdef uint64_t n
+    cdef void fill(self, p2p_ctx *c) noexcept
+
+cdef int64_t dma_direct_map_sg(sg_table *t, uint64_t dma_limit, const uint64_t *ranges,
+                               uint64_t nranges, bint force_swiotlb, bint has_swiotlb,
+                               uint64_t attrs, p2p_ctx *pc, uint64_t *bounce) noexcept nogil
+cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit,
+                              uint64_t seg_mask, uint64_t max_seg, bint *prefer32,
+                              uint32_t cpu, uint32_t prot, p2p_ctx *pc,
+                              uint64_t *iova_out, uint64_t *iova_len_out) noexcept nogil
+cdef int64_t iommu_dma_unmap_sg(sg_table *t, iommu_domain *dom, uint32_t cpu) noexcept nogil
+cdef int dma_iova_link_one(iommu_domain *dom, uint64_t state_addr, uint64_t phys,
+                           uint64_t offset, uint64_t size, uint32_t prot) noexcept nogil
+cdef int64_t dma_iova_link_ranges(iommu_domain *dom, uint64_t state_addr, uint64_t offset,
+                                  const uint64_t *pairs, uint64_t n, uint32_t prot,
+                                  bint all_at_offset, uint64_t max_total, uint64_t *bad) noexcept nogil
+cdef int64_t iommu_translate(iommu_domain *dom, uint64_t iova, uint64_t nbytes,
+                             uint32_t need, uint64_t *out, uint64_t maxout,
+                             uint64_t *fault_at, uint32_t *fault_prot) noexcept nogil
+
+
+# ------------------------------------------------- block layer DMA helpers
+#
+# block/blk-mq-dma.c: blk_map_iter_next()'s merge of a request's bio_vecs
+# into phys_vecs, and many __iommu_dma_map() / __iommu_dma_unmap() calls
+# in one walk (the per-segment fallback of blk_rq_dma_map_iter_*).
+
+cdef struct blk_walk:
+    uint64_t gap                        # OR of every interior seam
+    uint64_t total                      # payload bytes
+    uint64_t bus_offset                 # of the first vec (BUS_ADDR P2P)
+    uint64_t bad                        # the bvec a -EINVAL names
+    uint8_t kind                        # PDB_P2P_* of the first vec
+    bint mixed                          # a later vec differs in kind
+
+cdef uint64_t blk_max_segment(uint64_t paddr, uint64_t seg_mask, uint64_t max_seg) noexcept nogil
+cdef int64_t blk_map_phys_vecs(const uint64_t *bvecs, uint64_t n, uint64_t max_seg,
+                               uint64_t seg_mask, p2p_ctx *pc, uint64_t *out,
+                               blk_walk *w) noexcept nogil
+cdef int64_t iommu_dma_map_ranges(iommu_domain *dom, const uint64_t *pairs, uint64_t n,
+                                  uint32_t prot, uint64_t dma_limit, bint *prefer32,
+                                  uint32_t cpu, uint64_t *out, uint64_t *bad) noexcept nogil
+cdef int64_t iommu_dma_unmap_ranges(iommu_domain *dom, const uint64_t *pairs, uint64_t n,
+                                    uint32_t cpu, uint64_t *bad) noexcept nogil
+
+
