@@ -293,3 +293,28 @@ def test_a_cython_consumer_cimports_the_core(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_the_compiled_core_imports_only_layer_zero():
+    # The core (src/_core*.pyx and the .pxi files they include) sits just
+    # above the leaves in the layer map: its Python imports of pydmabuf
+    # modules may name only the leaves and the core's own modules, at any
+    # indentation (a function-level import counts too).
+    import re
+
+    src = PKG_DIR.parent
+    files = sorted(src.glob("_core*.pyx")) + sorted(src.glob("_core*.pxi"))
+    if not files:
+        pytest.skip("the core's sources are not beside this install")
+    leaves = {"errors", "_types", "_sites"}
+    found = set()
+    for f in files:
+        for m in re.finditer(r"^\s*(?:from\s+pydmabuf(?:\.(\w+))?\s+c?import\s+([\w, ()]+)|import\s+pydmabuf\.(\w+))",
+                             f.read_text(), re.M):
+            if m.group(1) or m.group(3):
+                found.add(m.group(1) or m.group(3))
+            else:
+                found.update(n.split()[0] for n in m.group(2).strip("()").split(",") if n.strip())
+    assert found, "no import found: the pattern is stale"
+    upward = {name for name in found if name not in leaves and not name.startswith("_core")}
+    assert not upward, f"the core imports modules above it: {sorted(upward)}"
