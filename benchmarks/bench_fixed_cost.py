@@ -50,11 +50,6 @@ BULK_PAGES = 1 << 18
 
 
 @pytest.fixture(scope="module")
-def machine():
-    return Machine.default()
-
-
-@pytest.fixture(scope="module")
 def rlock_pair_ns():
     lk = threading.RLock()
     acquire, release = lk.acquire, lk.release

@@ -30,10 +30,10 @@ PKG = pathlib.Path(pydmabuf.__file__).parent
 
 
 @pytest.fixture
-def m() -> Machine:
-    mm = Machine.default()
-    mm.memory.write(SECRET, b"top secret" * 500)
-    return mm
+def m(m: Machine) -> Machine:
+    """The shared default machine with a secret in its confidential memory."""
+    m.memory.write(SECRET, b"top secret" * 500)
+    return m
 
 
 # --------------------------------------------------------------- structure

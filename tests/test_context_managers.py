@@ -9,16 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pydmabuf import DmaDirection, IovaState, Machine, SgTable, errors
+from pydmabuf import DmaDirection, IovaState, SgTable, errors
 from pydmabuf.dmabuf import ImporterOps
 from pydmabuf.exporters import SystemHeap
 
 BIDI = DmaDirection.BIDIRECTIONAL
-
-
-@pytest.fixture
-def m():
-    return Machine.default()
 
 
 @pytest.fixture

@@ -26,11 +26,6 @@ G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 class Recorder(Exporter):
     """A dynamic exporter that records every op call."""
 

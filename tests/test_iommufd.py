@@ -29,11 +29,6 @@ FIXED_RW = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_READABLE | IOMMU_IOAS_MAP_
 MMIO_RW = int(IommuProt.MMIO | IommuProt.READ | IommuProt.WRITE)
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 def leaves(hwpt):
     return hwpt.domain.pgtable.leaves()[:, [0, 1, 2, 3]].tolist()
 

@@ -28,11 +28,6 @@ DMABUF = KVM_MEM_VFIO_DMABUF
 GPA = 1 << 32
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 def test_item42_the_slot_and_the_dma_buf_are_the_same_size(m):
     with vfio_export(m, "vfio1", nbytes=32 << 10) as (v, b):
         vm = KvmVm(m, private_mem=True)

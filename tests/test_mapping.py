@@ -9,7 +9,7 @@ import errno
 import numpy as np
 import pytest
 
-from pydmabuf import DmaDirection, Machine, checks, errors, mapping
+from pydmabuf import DmaDirection, errors, mapping
 from pydmabuf._types import PAGE_SIZE
 from pydmabuf.dmabuf import ImporterOps, export
 from pydmabuf.exporters import SystemHeap, VfioPciBar
@@ -21,12 +21,6 @@ from driver_helpers import Polite, errno_of
 
 BIDI = DmaDirection.BIDIRECTIONAL
 G = PAGE_SIZE
-
-
-@pytest.fixture
-def m():
-    checks.clear()
-    return Machine.default()
 
 
 # ------------------------------------------------ the kunit mocks (P26)

@@ -20,11 +20,6 @@ G = 4096
 U32 = 0xFFFFFFFF
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 def leftovers(m, dev):
     """What a device still has mapped: live IOVA, mapped PTE bytes, bounce slots."""
     live = m.iova_stats(dev)["live_ranges"]

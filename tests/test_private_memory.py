@@ -22,11 +22,6 @@ BIDI = DmaDirection.BIDIRECTIONAL
 PRIVATE_START, PRIVATE_END = 60 << 30, 64 << 30
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 class PhysOps(ImporterOps):
     allow_peer2peer = True
     import_namespaces = frozenset({PHYS_NAMESPACE})

@@ -27,11 +27,6 @@ G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 class locked:
     def __init__(self, buf):
         self.resv = buf.resv

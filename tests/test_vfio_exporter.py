@@ -26,11 +26,6 @@ BIDI = DmaDirection.BIDIRECTIONAL
 U64 = 2**64 - 1
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 class Stubborn(ImporterOps):
     """Acknowledges and never unmaps."""
 
