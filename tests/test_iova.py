@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import pydmabuf
 from pydmabuf import IovaDomain, errors
 
-from kernel_rc import call
+from kernel_rc import kernel_rc
 
 U64 = (1 << 64) - 1
 MAG = 127
@@ -614,20 +614,20 @@ class IovaMachine(RuleBasedStateMachine):
     @rule(data=st.data(), size=SIZES, aligned=st.booleans())
     def alloc(self, data, size, aligned):
         lim = data.draw(limits(self.start))
-        assert call(self.core.alloc, size, lim, aligned) == self.ref.alloc(size, lim, aligned)
+        assert kernel_rc(self.core.alloc, size, lim, aligned) == self.ref.alloc(size, lim, aligned)
 
     @rule(data=st.data(), size=SIZES, flush=st.booleans())
     def alloc_fast(self, data, size, flush):
         lim = data.draw(limits(self.start))
         cpu = data.draw(st.integers(0, self.ref.ncpus - 1))
-        assert call(self.core.alloc_fast, size, lim, flush, cpu) == self.ref.alloc_fast(size, lim, flush, cpu)
+        assert kernel_rc(self.core.alloc_fast, size, lim, flush, cpu) == self.ref.alloc_fast(size, lim, flush, cpu)
 
     @precondition(lambda self: len(self.ref.nodes) > 1)
     @rule(data=st.data())
     def free(self, data):
         node = data.draw(st.sampled_from(self.ref.nodes[:-1]))
         pfn = data.draw(st.integers(node.lo, node.hi))
-        assert call(self.core.free, pfn) == self.ref.free(pfn)
+        assert kernel_rc(self.core.free, pfn) == self.ref.free(pfn)
 
     @precondition(lambda self: len(self.ref.nodes) > 1)
     @rule(data=st.data())
@@ -635,12 +635,12 @@ class IovaMachine(RuleBasedStateMachine):
         node = data.draw(st.sampled_from(self.ref.nodes[:-1]))
         size = data.draw(st.integers(1, max(1, node.hi - node.lo + 1)))
         cpu = data.draw(st.integers(0, self.ref.ncpus - 1))
-        assert call(self.core.free_fast, node.lo, size, cpu) == self.ref.free_fast(node.lo, size, cpu)
+        assert kernel_rc(self.core.free_fast, node.lo, size, cpu) == self.ref.free_fast(node.lo, size, cpu)
 
     @rule(data=st.data(), length=st.integers(0, 40))
     def reserve(self, data, length):
         lo = max(0, data.draw(limits(self.start)) - length)
-        assert call(self.core.reserve, lo, lo + length) == self.ref.reserve(lo, lo + length)
+        assert kernel_rc(self.core.reserve, lo, lo + length) == self.ref.reserve(lo, lo + length)
 
     @rule()
     def flush_rcache(self):
@@ -684,10 +684,10 @@ def test_tight_space_placement_matches_the_reference(ops):
     d, ref = IovaDomain(start_pfn=D32 - 96), RefIova(start_pfn=D32 - 96)
     for op, size, aligned in ops:
         if op == "alloc":
-            assert call(d.alloc, size, LIM32, aligned) == ref.alloc(size, LIM32, aligned)
+            assert kernel_rc(d.alloc, size, LIM32, aligned) == ref.alloc(size, LIM32, aligned)
         elif len(ref.nodes) > 1:
             node = ref.nodes[size % (len(ref.nodes) - 1)]
-            assert call(d.free, node.lo) == ref.free(node.lo)
+            assert kernel_rc(d.free, node.lo) == ref.free(node.lo)
     same_state(d, ref)
 
 

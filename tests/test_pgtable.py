@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from pydmabuf import IommuProt, IoPageTable, errors
 
-from kernel_rc import call
+from kernel_rc import kernel_rc
 
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 U64 = (1 << 64) - 1
@@ -553,7 +553,7 @@ class PgtMachine(RuleBasedStateMachine):
     @rule(args=map_args())
     def map(self, args):
         iova, phys, size, prot = args
-        r = call(self.core.map, iova, phys, size, prot)
+        r = kernel_rc(self.core.map, iova, phys, size, prot)
         assert r == self.ref.map(iova, phys, size, prot)
         if r == 0:
             self.spans.map(iova, phys, size)
@@ -562,7 +562,7 @@ class PgtMachine(RuleBasedStateMachine):
     def unmap(self, args):
         iova, size = args
         g = Gather()
-        r = call(self.core.unmap, iova, size)
+        r = kernel_rc(self.core.unmap, iova, size)
         expect = self.ref.unmap(iova, size, g)
         if expect >= 0:
             self.ref.sync(g)
@@ -574,7 +574,7 @@ class PgtMachine(RuleBasedStateMachine):
     def map_many(self, args, n, per_call):
         iova, phys, _, prot = args
         phys_list = [phys + k * 3 * K4 for k in range(n)]
-        r = call(self.core.map_many, iova, phys_list, K4, prot, per_call)
+        r = kernel_rc(self.core.map_many, iova, phys_list, K4, prot, per_call)
         # the reference, range by range, undone on failure
         total = 0
         snapshot = (repr(self.ref.root), dict(self.ref.c))
