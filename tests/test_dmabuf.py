@@ -272,7 +272,7 @@ def test_item3_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
     assert a.pin_count == 0 and ("pin", "gpu0") not in e.calls
-    with b.resv.locked() if hasattr(b.resv, "locked") else _locked(b.resv):
+    with b.resv:
         t1 = a.map(BIDI)
         assert a.pin_count == 1
         t2 = a.map(BIDI)  # no caching: a second map and a second pin
@@ -284,24 +284,13 @@ def test_item3_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
     b.put()
 
 
-class _locked:
-    def __init__(self, resv):
-        self.resv = resv
-
-    def __enter__(self):
-        self.resv.lock()
-
-    def __exit__(self, *exc):
-        self.resv.unlock()
-
-
 def test_item4_locking_rules_of_map(m):
     b = export(Recorder(m), 4 * G)
     a = b.dynamic_attach(m.device("gpu0"), Dyn())
     with pytest.raises(errors.LockingError):
         a.map(BIDI)
     t = a.map_unlocked(BIDI)
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.LockingError):
             a.map_unlocked(BIDI)
         with pytest.raises(errors.LockingError):
@@ -318,7 +307,7 @@ def test_item5_static_importer_waits_for_kernel_fences(m):
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
     f = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.KERNEL)
     threading.Timer(0.05, f.signal).start()
@@ -328,7 +317,7 @@ def test_item5_static_importer_waits_for_kernel_fences(m):
     a.unmap_unlocked(t, BIDI)
     # Interrupted while waiting: the exporter saw map then unmap, pin then unpin.
     f2 = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f2, Usage.KERNEL)
     me = threading.get_ident()
@@ -372,7 +361,7 @@ def test_item7_invalidation_order_and_lock(m):
     a4 = b.dynamic_attach(m.device("gpu1"), Tell("newest"))
     with pytest.raises(errors.LockingError):
         b.invalidate_mappings()
-    with _locked(b.resv):
+    with b.resv:
         b.move_notify()  # the old name is the same call
     assert seen == ["newest", "with-op"]
     assert b.move_notify == b.invalidate_mappings
@@ -385,7 +374,7 @@ def test_both_callback_names_work(m):
     b = export(Recorder(m), 4 * G)
     old = OldName()
     a = b.dynamic_attach(m.device("nic0"), old)
-    with _locked(b.resv):
+    with b.resv:
         b.invalidate_mappings()
     assert old.calls == [a]
     b.detach(a)
@@ -415,7 +404,7 @@ def test_item11_mmap_bounds_and_vmap_refcount(m):
     c = b.mmap(0, 2 * G)
     c.write(0x10, b"hello")
     assert c.read(0x10, 5) == b"hello"
-    with _locked(b.resv):
+    with b.resv:
         v1 = b.vmap()
         v2 = b.vmap()
         assert v1 is v2 and b._vmap_count == 2
@@ -474,7 +463,7 @@ def test_dma_through_an_invalidated_mapping_is_caught(m):
     t = a.map_unlocked(BIDI)
     addr = int(t.dma_ranges()[0, 0])
     nic.dma_write(addr, b"ok before")
-    with _locked(b.resv):
+    with b.resv:
         b.invalidate_mappings()
     with pytest.raises(errors.LifetimeError) as ei:
         nic.dma_read(addr, 4)
@@ -504,7 +493,7 @@ def test_move_migrates_pages_and_keeps_contents(m):
     a = b.dynamic_attach(m.device("nic0"), dyn)
     st = b.attach(m.device("gpu0"))
     f = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.BOOKKEEP)  # a job still using the old pages
         t = st.map(BIDI)  # a static map pins the buffer...
@@ -529,7 +518,7 @@ def test_move_migrates_pages_and_keeps_contents(m):
 
 def test_static_heap_cannot_move(m):
     b = SystemHeap(m).allocate(4 * G)
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.NotSupported):
             b.move()
     b.put()
@@ -562,7 +551,7 @@ def test_revoke_sequence(m):
     a = b.dynamic_attach(nic, imp)
     imp.tables.append(a.map_unlocked(BIDI))
     with pytest.raises(errors.LockingError):
-        with _locked(b.resv):
+        with b.resv:
             b.revoke()
     b.revoke(timeout=5)
     assert done.is_set() and b.live_mappings == 0 and b.revoked
@@ -589,7 +578,7 @@ def test_revoke_times_out_when_an_importer_never_unmaps(m):
 
 def _bookkeep_fence(b):
     f = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.BOOKKEEP)
     return f
@@ -620,7 +609,7 @@ def test_phys_vec_is_gated_by_the_namespace(m):
     b = SystemHeap(m).allocate(8 * G, layout="fragmented")
     plain = b.dynamic_attach(m.device("nic0"), Dyn())
     capable = b.dynamic_attach(m.device("gpu0"), PhysImporter())
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.NotPermitted):
             plain.phys_vec()
         pv = capable.phys_vec()
@@ -636,7 +625,7 @@ def test_phys_vec_is_gated_by_the_namespace(m):
     st.link_ranges(pv.ranges, BIDI)
     st.sync()
     h = capable.track_dma([[st.addr, 8 * G]])
-    with _locked(b.resv):
+    with b.resv:
         b.invalidate_mappings()
     with pytest.raises(errors.LifetimeError):
         dev.dma_read(st.addr, 4)
@@ -655,7 +644,7 @@ def test_private_memory_only_for_trusted_importers(m):
     b = export(Private(m), 4 * G)
     untrusted = b.dynamic_attach(m.device("nic0"), PhysImporter())
     trusted = b.dynamic_attach(m.device("gpu0"), PhysImporter())
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.NotPermitted):
             untrusted.phys_vec()
         assert trusted.phys_vec().ranges.tolist() == [[61 << 30, 4 * G]]
@@ -721,7 +710,7 @@ def test_a_fault_while_holding_the_lock_is_refused(m):
 def test_begin_cpu_access_waits_for_writers(m):
     b = SystemHeap(m).allocate(4 * G)
     f = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.WRITE)
     threading.Timer(0.05, f.signal).start()
@@ -907,14 +896,14 @@ def _three_importers(m, movable=True):
     b = SystemHeap(m).allocate(4 * G, movable=movable, name="shared")
     ops = [Dropper(), Raiser(), Dropper()]
     atts = [b.dynamic_attach(m.device(n), o) for n, o in zip(("gpu0", "nic0", "gpu1"), ops)]
-    with _locked(b.resv):
+    with b.resv:
         for a, o in zip(atts, ops):
             o.tables.append(a.map(BIDI))
     return b, ops, atts
 
 
 def _teardown(b, ops, atts):
-    with _locked(b.resv):
+    with b.resv:
         for a, o in zip(atts, ops):
             for t in o.tables:
                 a.unmap(t, BIDI)
@@ -946,7 +935,7 @@ def test_revoke_reaches_every_importer_when_one_callback_raises(m):
         atts[0].map_unlocked(BIDI)
     # The lock was dropped, the fences waited for; unmapping ends the wait.
     assert not b.resv.is_locked()
-    with _locked(b.resv):
+    with b.resv:
         atts[1].unmap(raiser_table, BIDI)
         ops[1].tables.clear()
     b.wait_unmapped(1)
@@ -983,7 +972,7 @@ def test_revoke_in_report_mode_records_the_raising_importer_and_completes(m):
 def test_move_and_invalidate_tell_every_importer_then_report(m):
     b, ops, atts = _three_importers(m)
     old = b.exporter.pfns.copy()
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.LifetimeError) as ei:
             b.move()
         assert isinstance(ei.value.__cause__, RuntimeError)
@@ -1005,7 +994,7 @@ def test_an_interrupt_in_a_callback_is_reraised_after_every_importer_was_told(m)
     b = SystemHeap(m).allocate(4 * G, movable=True)
     ops = [Dropper(), Interrupted(), Dropper()]
     atts = [b.dynamic_attach(m.device(n), o) for n, o in zip(("gpu0", "nic0", "gpu1"), ops)]
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(KeyboardInterrupt):
             b.invalidate_mappings()
     assert [o.told for o in ops] == [1, 1, 1]
@@ -1020,7 +1009,7 @@ def test_a_static_attachments_pins_belong_to_map_and_unmap(m):
     e = Recorder(m)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
-    with _locked(b.resv):
+    with b.resv:
         t = a.map(BIDI)
         assert a.pin_count == 1
         # dma_buf_unpin / dma_buf_pin are for dynamic importers only: the
@@ -1049,7 +1038,7 @@ def test_a_static_attachments_pins_belong_to_map_and_unmap(m):
 def test_a_movable_buffer_moves_again_after_the_static_unmap(m):
     b = SystemHeap(m).allocate(4 * G, movable=True)
     a = b.attach(m.device("gpu0"))
-    with _locked(b.resv):
+    with b.resv:
         t = a.map(BIDI)
         with checks.report_mode():
             a.unpin()
@@ -1069,14 +1058,14 @@ def test_a_movable_buffer_moves_again_after_the_static_unmap(m):
 
 
 def _fill(b, byte):
-    with _locked(b.resv):
+    with b.resv:
         vm = b.vmap()
         vm.write(0, bytes([byte]) * b.size)
         b.vunmap(vm)
 
 
 def _contents(b):
-    with _locked(b.resv):
+    with b.resv:
         vm = b.vmap()
         try:
             return vm.read(0, b.size)
@@ -1109,7 +1098,7 @@ def test_moved_buffer_gets_clean_pages_and_keeps_its_own(m):
     the new pages, which may have held another buffer's bytes."""
     heap = SystemHeap(m)
     b = heap.allocate(48 * G, movable=True, layout="contiguous")   # pages past 17 hold no data
-    with _locked(b.resv):
+    with b.resv:
         vm = b.vmap()
         vm.write(G, b"kept")
         b.vunmap(vm)
@@ -1121,7 +1110,7 @@ def test_moved_buffer_gets_clean_pages_and_keeps_its_own(m):
         m.memory.write(p << 12, b"\xee" * G)
     dirty = set(junk.tolist())
     m.pages.free(junk)
-    with _locked(b.resv):
+    with b.resv:
         b.move()
     assert dirty & set(b.exporter.pfns.tolist()), "the test needs the move to reuse the dirty pages"
     data = _contents(b)
