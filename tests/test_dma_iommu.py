@@ -109,7 +109,7 @@ def check_against_model(dev, t, rows, seg_mask, max_seg):
 # ---------------------------------------------------- research items 17-24
 
 
-def test_item17_unaligned_entries_merge_into_one_segment():
+def test_unaligned_entries_merge_into_one_segment():
     m, d = iommu_device(max_segment_size=0x10000)
     t = make_table([(100, 0x100, 0x1F00), (300, 0, 0x1000), (500, 0, 0x800)])
     assert dma_map_sgtable(d, t, BIDI) == 1
@@ -123,7 +123,7 @@ def test_item17_unaligned_entries_merge_into_one_segment():
     dma_unmap_sgtable(d, t, BIDI)
 
 
-def test_item18_unaligned_end_blocks_merging():
+def test_an_unaligned_end_blocks_merging():
     m, d = iommu_device(max_segment_size=0x10000)
     t = make_table([(100, 0, 0x800), (300, 0, 0x1000)])
     assert dma_map_sgtable(d, t, BIDI) == 2
@@ -132,7 +132,7 @@ def test_item18_unaligned_end_blocks_merging():
     dma_unmap_sgtable(d, t, BIDI)
 
 
-def test_item19_an_offset_starts_a_new_segment():
+def test_an_offset_starts_a_new_segment():
     m, d = iommu_device(max_segment_size=0x10000)
     t = make_table([(100, 0, 0x1000), (300, 0x200, 0x800)])
     assert dma_map_sgtable(d, t, BIDI) == 2
@@ -141,7 +141,7 @@ def test_item19_an_offset_starts_a_new_segment():
     dma_unmap_sgtable(d, t, BIDI)
 
 
-def test_item20_max_segment_size_cuts_segments():
+def test_max_segment_size_cuts_segments():
     m, d = iommu_device(max_segment_size=0x2000)
     t = make_table([(100, 0, G), (300, 0, G), (500, 0, G)])
     assert dma_map_sgtable(d, t, BIDI) == 2
@@ -150,7 +150,7 @@ def test_item20_max_segment_size_cuts_segments():
     dma_unmap_sgtable(d, t, BIDI)
 
 
-def test_item21_segment_boundary_pads_the_previous_entry():
+def test_segment_boundary_pads_the_previous_entry():
     m, d = iommu_device(seg_boundary_mask=0xFFFF, max_segment_size=0x10000)
     t = make_table([(1000, 0, 0xC000), (5000, 0, 0x8000)])
     assert dma_map_sgtable(d, t, BIDI) == 2
@@ -169,7 +169,7 @@ def test_item21_segment_boundary_pads_the_previous_entry():
     dma_unmap_sgtable(d, t, BIDI)
 
 
-def test_item22_default_max_segment_is_64k():
+def test_default_max_segment_is_64k():
     m, d = iommu_device()
     assert d.dma_get_max_seg_size() == 0x10000
     t = SgTable.from_pages(np.arange(32, dtype=np.uint64) * 2 + 1000)  # discontiguous pages
@@ -178,7 +178,7 @@ def test_item22_default_max_segment_is_64k():
     dma_unmap_sgtable(d, t, BIDI)
 
 
-def test_item23_untrusted_device_maps_each_entry_alone():
+def test_untrusted_device_maps_each_entry_alone_and_bounces_sub_granule_ones():
     m = machine({"name": "ext", "iommu": "strict", "untrusted": True})
     d = m.device("ext")
     t = make_table([(100, 0, G), (101, 0, G), (300, 0x10, 0x100)])
@@ -193,7 +193,7 @@ def test_item23_untrusted_device_maps_each_entry_alone():
     assert d.domain.stats["mapped_nbytes"] == 0
 
 
-def test_item24_out_of_iova_is_enomem_and_restores_the_table():
+def test_out_of_iova_is_enomem_and_restores_the_table():
     m, d = iommu_device(dma_mask=32)
     d.domain.iovad.reserve(1, (1 << 20) - 1)  # nothing left below 4 GiB
     t = make_table([(100, 0x100, 0x1F00), (300, 0, 0x1000)])

@@ -267,7 +267,7 @@ def test_attachments_are_newest_first_and_refusals_change_nothing(m):
     b.put()
 
 
-def test_item3_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
+def test_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
     e = Recorder(m)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
@@ -284,7 +284,7 @@ def test_item3_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
     b.put()
 
 
-def test_item4_locking_rules_of_map(m):
+def test_map_and_unmap_need_the_lock_and_map_unlocked_and_attach_refuse_it(m):
     b = export(Recorder(m), 4 * G)
     a = b.dynamic_attach(m.device("gpu0"), Dyn())
     with pytest.raises(errors.LockingError):
@@ -302,7 +302,7 @@ def test_item4_locking_rules_of_map(m):
     b.put()
 
 
-def test_item5_static_importer_waits_for_kernel_fences(m):
+def test_static_importer_waits_for_kernel_fences_and_an_interrupt_unwinds_the_map(m):
     e = Recorder(m)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
@@ -333,7 +333,7 @@ def test_item5_static_importer_waits_for_kernel_fences(m):
     b.put()
 
 
-def test_item6_exporter_returning_no_table_is_enomem_and_unpins(m):
+def test_exporter_returning_no_table_is_enomem_and_unpins(m):
     e = Recorder(m, fail_map=True)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
@@ -344,7 +344,7 @@ def test_item6_exporter_returning_no_table_is_enomem_and_unpins(m):
     b.put()
 
 
-def test_item7_invalidation_order_and_lock(m):
+def test_invalidation_needs_the_lock_and_tells_importer_callbacks_newest_first(m):
     b = export(Recorder(m), 4 * G)
     seen = []
 
@@ -381,7 +381,7 @@ def test_both_callback_names_work(m):
     b.put()
 
 
-def test_item8_attach_revocable(m):
+def test_attach_revocable_only_for_dynamic_importers_with_a_callback(m):
     b = export(Recorder(m), 4 * G)
     assert not attach_revocable(b.attach(m.device("gpu0")))
     assert not attach_revocable(b.dynamic_attach(m.device("nic0"), NoOp()))
@@ -392,7 +392,7 @@ def test_item8_attach_revocable(m):
     b.put()
 
 
-def test_item11_mmap_bounds_and_vmap_refcount(m):
+def test_mmap_never_maps_a_partial_page_and_vmap_is_refcounted(m):
     # An exporter of two and a half pages (the heaps page-align, so not one
     # of theirs): the trailing partial page is never mappable.
     exp = HeapBuffer(m, m.pages.alloc(3), 2 * G + G // 2, owned=True, layout="contiguous", seed=1)
@@ -416,7 +416,7 @@ def test_item11_mmap_bounds_and_vmap_refcount(m):
     b.put()
 
 
-def test_item12_release_with_users_is_reported_and_release_still_runs(m):
+def test_release_with_users_is_reported_and_release_still_runs(m):
     e = Recorder(m)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))

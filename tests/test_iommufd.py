@@ -55,7 +55,7 @@ class Watch(ImporterOps):
 # ------------------------------------------------------------ the mapping
 
 
-def test_item26_a_two_page_area_of_mmio(m):
+def test_a_two_page_area_of_mmio_maps_uncached_and_reaches_the_bar(m):
     with vfio_export(m, "vfio0", nbytes=1 << 20) as (v, b):
         paddr = int(b.exporter.ranges[0, 0])
         with IommufdIoas(m) as ioas:
@@ -77,7 +77,7 @@ def test_item26_a_two_page_area_of_mmio(m):
         assert b.refcount == 1 and not b.attachments  # the IOAS let go of its reference and attachment
 
 
-def test_item27_map_file_checks_in_order(m):
+def test_map_file_checks_in_order(m):
     with vfio_export(m, "vfio0", nbytes=16 * G) as (v, b):
         ioas = IommufdIoas(m)
         ioas.attach_device(m.device("gpu0"))
@@ -107,7 +107,7 @@ def test_item27_map_file_checks_in_order(m):
         close(fd)
 
 
-def test_item27_too_many_pages_for_one_batch(m):
+def test_map_file_refuses_too_many_pages_for_one_batch(m):
     # 1024 repeats of the whole 16 GiB BAR: a 16 TiB dma-buf.  A slice of
     # 2**32 pages is refused before VFIO is even asked about the ranges.
     v = VfioPciBar(m, "vfio0", ranges=[(0, 16 << 30)] * 1024)
@@ -120,7 +120,7 @@ def test_item27_too_many_pages_for_one_batch(m):
     v.close()
 
 
-def test_item25_only_pal_exporters_and_several_ranges_map(m):
+def test_only_pal_exporters_and_several_ranges_map(m):
     heap = SystemHeap(m).allocate(8 * G)
     v = VfioPciBar(m, "vfio0", ranges=[(0, G), (2 * G, G)])
     two = v.export()
@@ -143,7 +143,7 @@ def test_item25_only_pal_exporters_and_several_ranges_map(m):
 # -------------------------------------------------------------- revoking
 
 
-def test_item28_revoke_unmaps_every_domain_at_once(m):
+def test_revoke_unmaps_every_domain_at_once(m):
     with vfio_export(m, "vfio0", nbytes=1 << 20) as (v, b):
         ioas = IommufdIoas(m)
         h0 = ioas.attach_device(m.device("gpu0"))
@@ -180,7 +180,7 @@ def test_item28_revoke_unmaps_every_domain_at_once(m):
         b.detach(wa)
 
 
-def test_item29_a_page_table_attached_after_the_revoke_gets_nothing(m):
+def test_a_page_table_attached_after_the_revoke_gets_nothing(m):
     with vfio_export(m, "vfio0", nbytes=64 * G) as (v, b):
         ioas = IommufdIoas(m)
         iova = ioas.map_file(b, 0, 64 * G)  # no device yet: no page table
@@ -194,7 +194,7 @@ def test_item29_a_page_table_attached_after_the_revoke_gets_nothing(m):
         ioas.close()
 
 
-def test_item24_closing_the_vfio_device_revokes_iommufd(m):
+def test_closing_the_vfio_device_revokes_iommufd(m):
     v = VfioPciBar(m, "vfio0", nbytes=16 * G)
     b = v.export()
     fd = b.fd()
@@ -214,7 +214,7 @@ def test_item24_closing_the_vfio_device_revokes_iommufd(m):
 # ------------------------------------------------------------- unmapping
 
 
-def test_item31_an_area_cannot_be_split(m):
+def test_an_area_cannot_be_split(m):
     with vfio_export(m, "vfio0", nbytes=1 << 20) as (v, b):
         ioas = IommufdIoas(m)
         h = ioas.attach_device(m.device("gpu0"))

@@ -29,7 +29,7 @@ DMABUF = KVM_MEM_VFIO_DMABUF
 GPA = 1 << 32
 
 
-def test_item42_the_slot_and_the_dma_buf_are_the_same_size(m):
+def test_the_slot_and_the_dma_buf_must_be_the_same_size(m):
     with vfio_export(m, "vfio1", nbytes=32 << 10) as (v, b):
         vm = KvmVm(m, private_mem=True)
         assert kernel_rc(vm.set_user_memory_region2, 0, DMABUF, GPA, 28 << 10, guest_memfd=b) == -errno.EINVAL
@@ -46,7 +46,7 @@ def test_item42_the_slot_and_the_dma_buf_are_the_same_size(m):
         close(fd)
 
 
-def test_item44_only_vms_with_private_memory_take_the_flag(m):
+def test_only_vms_with_private_memory_take_the_dmabuf_flag(m):
     with vfio_export(m, "vfio1", nbytes=8 * G) as (v, b):
         plain = KvmVm(m)
         assert kernel_rc(plain.set_user_memory_region2, 0, DMABUF, GPA, 8 * G, guest_memfd=b) == -errno.EINVAL
@@ -119,7 +119,7 @@ def test_first_touch_faults_and_guest_access(m):
                 vm.guest_read(GPA, 0)
 
 
-def test_item43_revoke_zaps_and_access_fails_until_unrevoked(m):
+def test_revoke_zaps_and_access_fails_until_unrevoked(m):
     with vfio_export(m, "vfio1", nbytes=16 * G) as (v, b), KvmVm(m, private_mem=True) as vm:
         vm.set_user_memory_region2(0, DMABUF, GPA, 16 * G, guest_memfd=b)
         vm.pre_fault_memory(GPA, 16 * G)

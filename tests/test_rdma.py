@@ -124,7 +124,7 @@ def nothing_left(buf, refs=1):
 # -------------------------------------------- behaviour 38: window and trim
 
 
-def test_item38_window_is_page_aligned_and_the_exporters_table_comes_back(m):
+def test_the_window_is_page_aligned_and_the_exporters_table_is_restored(m):
     e = Recording(m, 3, layout="contiguous")
     b = export(e, 3 * G)
     mr = RdmaMr.register(m.device("nic0"), b, 0x800, 0x1000)
@@ -267,7 +267,7 @@ def test_best_page_size_matches_the_kernel(segs, address, iova, bitmap):
 # ------------------------------------------------- behaviour 39 and ODP
 
 
-def test_item39_invalidate_zaps_then_unmaps_and_the_next_access_refaults(m):
+def test_invalidate_zaps_then_unmaps_and_the_next_access_refaults(m):
     b = SystemHeap(m).allocate(8 * G, layout="fragmented", movable=True)
     exp = b.exporter
     mr = RdmaMr.register(m.device("nic0"), b, 0, 8 * G)
@@ -356,7 +356,7 @@ def test_access_and_zap_do_not_overlap(m):
 # -------------------------------------------------- behaviour 40: pinned
 
 
-def test_item40_pinned_refused_at_attach_by_a_revocable_only_exporter(m):
+def test_pinned_mr_is_refused_at_attach_by_a_revocable_only_exporter(m):
     b = bar_buf(m)
     with pytest.raises(errors.NotSupported) as ei:
         RdmaMr.register_pinned(m.device("nic0"), b, 0, 4 * G)
@@ -369,7 +369,7 @@ def test_item40_pinned_refused_at_attach_by_a_revocable_only_exporter(m):
     b.put()
 
 
-def test_item40_pinned_on_a_static_exporter_pin_is_a_noop(m):
+def test_pinned_mr_on_a_static_exporter_maps_once_and_never_faults(m):
     b = SystemHeap(m).allocate(4 * G)
     mr = RdmaMr.register_pinned(m.device("nic0"), b, G, 2 * G)
     assert mr.pinned and mr.attachment.pin_count == 1 and not b.exporter.is_dynamic()
@@ -439,7 +439,7 @@ def test_dynamic_ops_without_callback_are_einval_up_to_70(m):
 # ---------------------------------------------- behaviour 41: KERNEL fences
 
 
-def test_item41_kernel_fence_that_never_signals_times_out(m):
+def test_kernel_fence_that_never_signals_times_out_the_registration(m):
     b = SystemHeap(m).allocate(4 * G)
     f = Fence(fence_context_alloc(), 1)
     with locked(b):

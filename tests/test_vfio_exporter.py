@@ -55,7 +55,7 @@ class IommufdLike(Polite):
 # --------------------------------------------------- the feature's checks
 
 
-def test_item19_feature_flags_and_header(m):
+def test_feature_checks_the_flags_region_op_and_argsz(m):
     v = VfioPciBar(m, "vfio0")
     good = [(0, G)]
     assert kernel_rc(v.feature_dma_buf, 0, 1, 0, good) == -errno.EINVAL  # flags must be 0
@@ -78,14 +78,14 @@ def test_item19_feature_flags_and_header(m):
     v.close()
 
 
-def test_item19_a_driver_without_get_dmabuf_phys_refuses_even_probe(m):
+def test_a_driver_without_get_dmabuf_phys_refuses_even_probe(m):
     v = VfioPciBar(m, "vfio0", has_dmabuf_phys=False)
     assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0, G)], op="PROBE") == -errno.EOPNOTSUPP
     assert kernel_rc(v.export) == -errno.EOPNOTSUPP
     v.close()
 
 
-def test_item20_ranges(m):
+def test_feature_checks_every_range_in_the_kernels_order(m):
     v = VfioPciBar(m, "vfio0")
     bar = m.device("vfio0").bar(0)
     assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0, 0x1800)]) == -errno.EINVAL
@@ -252,7 +252,7 @@ def _op_bits(op):
 # ------------------------------------------------------- attaching, mapping
 
 
-def test_item21_born_revoked_without_memory_decode(m):
+def test_born_revoked_without_memory_decode(m):
     m.device("vfio1").memory_decode = False
     with vfio_export(m, "vfio1") as (v, b):
         assert b.revoked
@@ -264,7 +264,7 @@ def test_item21_born_revoked_without_memory_decode(m):
             pass
 
 
-def test_item21_born_revoked_in_d3hot(m):
+def test_born_revoked_in_d3hot(m):
     v = VfioPciBar(m, "vfio1")
     v.set_power_state("D3hot")
     b = v.export()
@@ -275,7 +275,7 @@ def test_item21_born_revoked_in_d3hot(m):
     v.close()
 
 
-def test_item22_attach_gates_and_their_order(m):
+def test_attach_gates_and_their_order(m):
     with vfio_export(m, "vfio1") as (v, b):
         gpu = m.device("gpu1")
         # Mapping types: VFIO offers [PAL, SGT P2P]; no P2P means no match (EINVAL)
@@ -288,7 +288,7 @@ def test_item22_attach_gates_and_their_order(m):
         assert not b.attachments
 
 
-def test_item22_on_619_an_importer_without_invalidate_is_accepted(m):
+def test_on_619_an_importer_without_invalidate_is_accepted(m):
     with vfio_export(m, "vfio1", kernel="6.19") as (v, b):
         with attached(b, m.device("gpu1"), NoInvalidate()):
             assert kernel_rc(b.attach, m.device("gpu1")) == -errno.EINVAL  # still no static importers (no match)
@@ -460,7 +460,7 @@ def test_closing_the_device_revokes_the_mmap_for_good(m):
 # ------------------------------------------------------ revoke, un-revoke
 
 
-def test_item23_decode_off_revokes_before_the_write_and_decode_on_unrevokes(m):
+def test_decode_off_revokes_before_the_write_and_decode_on_unrevokes(m):
     imp = Polite()
     with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), imp) as a:
         imp.map(a)
@@ -475,7 +475,7 @@ def test_item23_decode_off_revokes_before_the_write_and_decode_on_unrevokes(m):
         assert imp.calls == 2
 
 
-def test_item23_the_config_write_waits_for_the_importer_to_unmap(m):
+def test_the_config_write_waits_for_the_importer_to_unmap(m):
     tables = []
     unmapped_at = []
 
@@ -678,7 +678,7 @@ def test_hot_reset_unrevokes_only_open_devices(m):
 # --------------------------------------------- the iommufd private call
 
 
-def test_item25_private_interconnect(m):
+def test_iommufd_private_map_needs_one_range_an_iommufd_importer_and_the_lock(m):
     v2 = VfioPciBar(m, "vfio1", ranges=[(0, G), (4 * G, G)])
     two = v2.export()
     v1 = VfioPciBar(m, "vfio0", offset=8 * G, nbytes=2 * G)
