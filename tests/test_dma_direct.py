@@ -1,6 +1,6 @@
 """dma-direct: the DMA address is the physical one through the device's
-dma_range_map; what the device cannot reach bounces through swiotlb
-(research items 12-16), with the copies made when the kernel makes them."""
+dma_range_map; what the device cannot reach bounces through swiotlb,
+with the copies made when the kernel makes them."""
 
 from __future__ import annotations
 

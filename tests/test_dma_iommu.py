@@ -1,5 +1,5 @@
 """dma_map_sgtable through an IOMMU: iommu_dma_map_sg, against the kernel's
-rules (research items 17-24) and a literal Python model of its three
+rules and a literal Python model of its three
 passes (layout, iommu_map_sg runs, __finalise_sg)."""
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def check_against_model(dev, t, rows, seg_mask, max_seg):
     assert (t.entries["dma_length"] == 0).all()
 
 
-# ---------------------------------------------------- research items 17-24
+# ------------------------------------- merging, segment limits, untrusted
 
 
 def test_unaligned_entries_merge_into_one_segment():

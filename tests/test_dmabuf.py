@@ -1,6 +1,5 @@
 """dma-buf: export, references, attachments, mapping rules, invalidation,
-move, revoke, physical ranges, CPU access and the checker (research
-dma-buf.md section 1, behaviours 1-12)."""
+move, revoke, physical ranges, CPU access and the checker."""
 
 from __future__ import annotations
 

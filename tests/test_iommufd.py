@@ -1,6 +1,6 @@
 """iommufd IOAS import of VFIO dma-bufs: IOMMU_IOAS_MAP_FILE's checks,
 MMIO areas in every hardware page table, the one-way revoke, no splits,
-accounting (research dma-buf.md section 4, behaviours 24-31)."""
+accounting."""
 
 from __future__ import annotations
 
@@ -161,7 +161,7 @@ def test_revoke_unmaps_every_domain_at_once(m):
         for dev in ("gpu0", "gpu1"):
             with pytest.raises(errors.IommuFault):
                 m.device(dev).dma_read(iova, 1)
-        # VFIO un-revoking tells iommufd again: nothing happens (behaviour 30).
+        # VFIO un-revoking tells iommufd again: nothing happens.
         writes = h0.domain.stats["pte_writes"]
         v.set_memory_decode(True, timeout=5)
         assert area.revoked and area.pages.revokes == 1 and mapped(h0) == 0

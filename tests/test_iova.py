@@ -302,7 +302,7 @@ def same_state(core: IovaDomain, ref: RefIova) -> None:
 
 
 def test_first_allocations_grow_down_from_the_limit():
-    # research item 33: 1 -> 0xFFFFF, 1 -> 0xFFFFE, 3 (rounded to 4,
+    # 1 -> 0xFFFFF, 1 -> 0xFFFFE, 3 (rounded to 4,
     # aligned to 4) -> 0xFFFF8, leaving 0xFFFFC..0xFFFFD free.
     d = IovaDomain()
     assert d.alloc_fast(1, LIM32) == 0xFFFFF
@@ -314,7 +314,6 @@ def test_first_allocations_grow_down_from_the_limit():
 
 
 def test_size_33_is_not_rounded_but_aligned_to_64():
-    # item 34
     d = IovaDomain()
     pfn = d.alloc_fast(33, LIM32)
     assert pfn % 64 == 0
@@ -330,7 +329,6 @@ def test_tree_alloc_without_size_alignment_packs():
 
 
 def test_free_then_alloc_comes_from_the_rcache():
-    # item 35
     d = IovaDomain()
     pfn = d.alloc_fast(1, LIM32)
     before = d.stats
@@ -345,7 +343,7 @@ def test_free_then_alloc_comes_from_the_rcache():
 
 
 def test_magazines_fill_swap_and_spill_to_the_depot():
-    # item 36: 127 frees fill `loaded`; the 128th swaps it with the empty
+    # 127 frees fill `loaded`; the 128th swaps it with the empty
     # `prev`; the 255th finds both full and pushes one to the depot.
     d = IovaDomain()
     pfns = [d.alloc_fast(1, LIM32) for _ in range(300)]
@@ -424,7 +422,7 @@ def test_flush_rcache_retry_finds_cached_space():
 
 
 def test_32bit_exhaustion_fails_fast_until_a_low_free():
-    # item 37, on a domain whose 32-bit space is 64 pfns.
+    # On a domain whose 32-bit space is 64 pfns.
     d = IovaDomain(start_pfn=D32 - 64)
     got = [d.alloc(16, LIM32) for _ in range(4)]
     assert sorted(got) == [D32 - 64, D32 - 48, D32 - 32, D32 - 16]
@@ -465,7 +463,6 @@ def test_retry_above_the_cached_node():
 
 
 def test_pfn_zero_is_never_handed_out():
-    # item 39
     with pytest.raises(errors.InvalidArgument):
         IovaDomain(start_pfn=0)
     d = IovaDomain(start_pfn=1)

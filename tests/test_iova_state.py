@@ -1,4 +1,5 @@
-"""The list-free two-step IOVA API (research items 25-32)."""
+"""The list-free two-step IOVA API (``dma_iova_try_alloc``, ``dma_iova_link``,
+``dma_iova_sync``, ``dma_iova_unlink``, ``dma_iova_destroy``)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
 """KVM dma-buf memslots after the posted RFC (not upstream): the slot
 checks, first-touch faults through the second-stage table, zap on
-invalidation, EIO while revoked (research dma-buf.md section 7,
-behaviours 42-44)."""
+invalidation, EIO while revoked."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The machine model: the default machine, declarative specs, the host,
-P2P routing (research dma-buf items 32-37) and device accesses."""
+P2P routing and device accesses."""
 
 from __future__ import annotations
 

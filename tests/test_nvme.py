@@ -1,5 +1,4 @@
-"""The block layer's list-free request mapping (research dma-mapping.md
-section 3.3, behaviours 44-45): bvec merging against a literal model of
+"""The block layer's list-free request mapping: bvec merging against a literal model of
 blk_map_iter_next, the IOVA path and its fallbacks, P2P kinds, statuses,
 and nothing left mapped after unmap."""
 
@@ -131,7 +130,7 @@ def test_queue_limits_are_checked(m):
         NvmeQueue(dev).map([[1, 2, 3]])
 
 
-# ------------------------------------------ behaviour 44: the IOVA path
+# ------------------------------------------------------ the IOVA path
 
 
 def test_aligned_seams_give_one_iova_segment_and_one_sync(m):

@@ -276,7 +276,6 @@ def core_stats(t):
     ],
 )
 def test_worked_examples(iova, phys, leaves, tables):
-    # research items 40 and 5.3
     t = IoPageTable()
     t.map(iova, phys, 4 << 20)
     s = t.stats
@@ -290,7 +289,7 @@ def test_worked_examples(iova, phys, leaves, tables):
 
 
 def test_covering_unmap_frees_a_table_with_one_write():
-    # item 41: 2M mapped with 4K pages, unmapped as one 2M step
+    # 2M mapped with 4K pages, unmapped as one 2M step
     t = IoPageTable()
     t.map(0x40000000, 0x1000, M2)
     assert t.stats["leaf_sets"] == 512
@@ -313,7 +312,6 @@ def test_leaf_unmaps_leave_empty_tables():
 
 
 def test_partial_block_unmap_is_refused():
-    # item 42
     t = IoPageTable()
     t.map(0, 0, M2)
     before = t.stats
@@ -340,7 +338,6 @@ def test_unmap_stops_before_a_block_covered_in_part():
 
 @pytest.mark.parametrize("iova, phys, size", [(1, 0, K4), (0, 0x800, K4), (0, 0, 100), (0x1001, 0x1000, K4)])
 def test_unaligned_map_is_einval(iova, phys, size):
-    # item 43
     t = IoPageTable()
     with pytest.raises(errors.InvalidArgument, match="multiples of 4 KiB"):
         t.map(iova, phys, size)

@@ -1,5 +1,6 @@
-"""dma_buf_phys_vec_to_sgt: MMIO ranges to a DMA-only table (research
-dma-mapping items 46-48, dma-buf items 13-18)."""
+"""dma_buf_phys_vec_to_sgt: MMIO ranges to a DMA-only table, on every
+P2P route (bus address, through the host bridge with and without an
+IOMMU, not supported)."""
 
 from __future__ import annotations
 

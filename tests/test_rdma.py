@@ -1,5 +1,5 @@
-"""RDMA memory regions over dma-bufs: ib_umem_dmabuf and mlx5's dynamic MR
-(research dma-buf.md section 6, behaviours 38-41), the ODP-style re-map
+"""RDMA memory regions over dma-bufs: ib_umem_dmabuf and mlx5's dynamic MR,
+the ODP-style re-map
 after invalidation, P2P routes, the pinned variant across kernel versions."""
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def nothing_left(buf, refs=1):
     assert buf.attachments == [] and buf.live_mappings == 0 and buf.refcount == refs
 
 
-# -------------------------------------------- behaviour 38: window and trim
+# ------------------------------------------------------ window and trim
 
 
 def test_the_window_is_page_aligned_and_the_exporters_table_is_restored(m):
@@ -264,7 +264,7 @@ def test_best_page_size_matches_the_kernel(segs, address, iova, bitmap):
     assert got == kernel_best_pgsz(segs, address, length, iova, bitmap)
 
 
-# ------------------------------------------------- behaviour 39 and ODP
+# --------------------------------------------- invalidation and ODP
 
 
 def test_invalidate_zaps_then_unmaps_and_the_next_access_refaults(m):
@@ -353,7 +353,7 @@ def test_access_and_zap_do_not_overlap(m):
     b.put()
 
 
-# -------------------------------------------------- behaviour 40: pinned
+# ------------------------------------------------------------ pinned
 
 
 def test_pinned_mr_is_refused_at_attach_by_a_revocable_only_exporter(m):
@@ -436,7 +436,7 @@ def test_dynamic_ops_without_callback_are_einval_up_to_70(m):
     b.put()
 
 
-# ---------------------------------------------- behaviour 41: KERNEL fences
+# --------------------------------------------------- KERNEL fences
 
 
 def test_kernel_fence_that_never_signals_times_out_the_registration(m):

@@ -1,6 +1,5 @@
 """The VFIO PCI BAR exporter: VFIO_DEVICE_FEATURE_DMA_BUF's checks, the
-attach gates, revoke and un-revoke on decode, power, reset and close
-(research dma-buf.md section 3, behaviours 19-25, section 10)."""
+attach gates, revoke and un-revoke on decode, power, reset and close."""
 
 from __future__ import annotations
 
@@ -576,9 +575,9 @@ def test_power_states_low_power_and_reset(m):
 
 
 def test_unrevoke_ordering_619_vs_71():
-    """Research 10.14: 7.1 invalidates while the buffer is still revoked,
-    so an importer re-mapping eagerly from the callback gets ENODEV; 6.19
-    cleared the flag first."""
+    """7.1 invalidates while the buffer is still revoked, so an importer
+    re-mapping eagerly from the callback gets ENODEV; 6.19 cleared the flag
+    first."""
     for kernel, want in (("7.1", -errno.ENODEV), ("6.19", 0)):
         m = Machine.default()
         got = []
