@@ -408,8 +408,8 @@ def plot(result: dict[str, Any], path: str) -> list[str]:
     Needs matplotlib (``pip install 'pydmabuf[plot]'``).  TypeError or
     ValueError for what is not a study result or has nothing to draw.
     """
-    try:
-        import matplotlib  # type: ignore[import-not-found, unused-ignore]  # the optional [plot] extra
+    try:  # imported here on purpose: matplotlib is the optional [plot] extra, only a plot needs it
+        import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
