@@ -10,16 +10,19 @@ default machine, one function per scenario.  Each registers itself in
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
+
+import numpy as np
 
 from pydmabuf import errors
 from pydmabuf._scenario_registry import Story, scenario
 from pydmabuf._types import DmaDirection, _fmt_size
-from pydmabuf.dmabuf import ImporterOps
+from pydmabuf._core import SgTable
+from pydmabuf.dmabuf import Attachment, ImporterOps
 from pydmabuf.exporters.vfio import VfioPciBar
 from pydmabuf.importers import DrmGpu, IommufdIoas, KvmVm, RdmaMr
 from pydmabuf.importers.kvm import KVM_MEM_VFIO_DMABUF
-from pydmabuf.machine import Machine
+from pydmabuf.machine import Device, Machine
 
 BIDI = DmaDirection.BIDIRECTIONAL
 
@@ -51,7 +54,14 @@ def _clean(story: Story, m: Machine, before: dict[str, int]) -> None:
     story.fact("left behind", "nothing (IOVA, page tables, bounce slots, RAM and private pages as before)")
 
 
-def _addr(t: Any) -> str:
+class _DmaMapped(Protocol):
+    """What has DMA addresses to show: a mapped table, an RDMA MR."""
+
+    def dma_ranges(self) -> np.ndarray: ...
+
+
+def _addr(t: _DmaMapped | None) -> str:
+    assert t is not None, "nothing mapped to show"
     r = t.dma_ranges()
     return ", ".join(f"[{int(a):#x} +{_fmt_size(int(n))}]" for a, n in r[:3]) + (" ..." if len(r) > 3 else "")
 
@@ -76,10 +86,10 @@ class _Polite(ImporterOps):
     allow_peer2peer = True
 
     def __init__(self) -> None:
-        self.table: Any = None
+        self.table: SgTable | None = None
         self.invalidations = 0
 
-    def invalidate_mappings(self, attachment: Any) -> None:
+    def invalidate_mappings(self, attachment: Attachment) -> None:
         self.invalidations += 1
         if self.table is not None:
             attachment.unmap(self.table, BIDI)
@@ -96,7 +106,7 @@ class NoP2p(ImporterOps):
 
     allow_peer2peer = False
 
-    def invalidate_mappings(self, attachment: Any) -> None:
+    def invalidate_mappings(self, attachment: Attachment) -> None:
         pass
 
 
@@ -111,11 +121,11 @@ class LazyNic(ImporterOps):
     def __init__(self) -> None:
         self.invalidations = 0
 
-    def invalidate_mappings(self, attachment: Any) -> None:
+    def invalidate_mappings(self, attachment: Attachment) -> None:
         self.invalidations += 1
 
 
-def _iommu(dev: Any) -> str:
+def _iommu(dev: Device) -> str:
     g = dev.iommu_group
     return str(g.iommu.name) if g is not None else "no IOMMU"
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import threading
 import time
-from typing import Any
 
 import numpy as np
 
@@ -23,6 +22,7 @@ from pydmabuf._scenario_library import BIDI, LazyNic, ObedientGpu, _addr, _clean
 from pydmabuf._scenario_registry import Story, scenario
 from pydmabuf._types import RangeKind, _fmt_size
 from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
+from pydmabuf.dmabuf import Attachment
 from pydmabuf.exporters import PrivateMemory, SystemHeap
 from pydmabuf.exporters.private import PrivateBuffer
 from pydmabuf.exporters.system_heap import HeapBuffer
@@ -265,7 +265,7 @@ def ranges_to_table(story: Story) -> None:
 # ---------------------------------------------------------------- mapping types
 
 
-def _kind(a: Any) -> str:
+def _kind(a: Attachment) -> str:
     """The name of the mapping type an attachment negotiated."""
     mt = a.map_type
     return str(mt.type.name) if mt is not None else "nothing"
