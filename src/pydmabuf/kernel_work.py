@@ -48,11 +48,18 @@ non-coherent devices (the study's devices are coherent).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import tomllib
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pydmabuf._types import PAGE_SIZE
+from pydmabuf.workloads import numpy_coalesce
+
+if TYPE_CHECKING:
+    from pydmabuf.machine import Device
 
 __all__ = ["KEYS", "PATHS", "kernel_work", "sg_chunk_bytes", "map_walk", "unmap_walk", "pagetable_work",
            "load_profile", "measure_units", "unit_costs", "estimate_terms", "estimate_ns_per_page",
@@ -439,8 +446,6 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
     elif strategy in ("link_runs", "dmabuf_ranges", "dmabuf_pal"):
         # the runs the study links: numpy_coalesce (split at 0xFFFFF pages),
         # the same ranges the system heap's phys_vec holds
-        from pydmabuf.workloads import numpy_coalesce
-
         key = ("runs", strict)
         if cache is None or key not in cache:
             phys, lens = numpy_coalesce(pfns)
@@ -488,10 +493,10 @@ def describe(strategy: str) -> str:
     return PATHS[strategy]
 
 
-def cell_kernel_work(strategy: str, pfns: np.ndarray, dev: Any, **kw: Any) -> dict[str, int]:
+def cell_kernel_work(strategy: str, pfns: np.ndarray, dev: Device | None, **kw: Any) -> dict[str, int]:
     """:func:`kernel_work` for a device of the model (its domain's mode and
     its DMA limits)."""
-    dom = getattr(dev, "domain", None) if dev is not None else None
+    dom = dev.domain if dev is not None else None
     strict = bool(dom.strict) if dom is not None else True
     max_seg = int(dev.dma_get_max_seg_size()) if dev is not None else _UINT_MAX
     bound = int(dev.dma_get_seg_boundary()) if dev is not None else (1 << 64) - 1
@@ -537,10 +542,6 @@ def load_profile(path: str | None = None) -> dict[str, dict[str, Any]]:
     file that is not TOML, an unknown unit, a missing or negative ``ns``,
     a missing ``source``); OSError when the file cannot be read.
     """
-    import math
-    import tomllib
-    from importlib import resources
-
     if path is None:
         where = f"pydmabuf/{DEFAULT_PROFILE}"
         text = resources.files("pydmabuf").joinpath(DEFAULT_PROFILE).read_text()
@@ -581,6 +582,9 @@ def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
     unit the median ns, its interquartile range and the samples.
     RuntimeError when the extension is not built."""
     try:
+        # Imported here on purpose: the compiled unit-cost loops are an
+        # extension of their own, absent from an unbuilt tree, and only a
+        # run that estimates kernel costs needs them.
         from pydmabuf import _calibrate
     except ImportError:
         raise RuntimeError("the unit-cost loops (pydmabuf._calibrate) are not built: "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pydmabuf import errors
+from pydmabuf._core import pagemap
 from pydmabuf._types import PAGE_SIZE
 
 __all__ = ["LAYOUTS", "layout", "contiguous", "random_runs", "thp_runs", "real_pages", "numpy_coalesce"]
@@ -76,8 +78,6 @@ def real_pages(npages: int) -> tuple[np.ndarray, object]:
     use.  Raises :class:`pydmabuf.errors.NotPermitted` where the process
     may not read PFNs.
     """
-    from pydmabuf import errors, pagemap
-
     nbytes = npages * PAGE_SIZE
     avail = _mem_available()
     if avail is not None and nbytes > avail // 2:
