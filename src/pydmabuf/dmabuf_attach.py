@@ -456,7 +456,7 @@ class Attachment(AttachmentBase, Owner):
         pal.unmap_phys(self, pl)
         return PhysVec(ranges, getattr(self.dmabuf.exporter, "provider", None))
 
-    def _track_pal(self, pl: Any) -> _Mapping:
+    def _track_pal(self, pl: mapping.PhysList) -> _Mapping:
         """A live PAL list, as the checker tracks mappings: a revoke waits
         for it and a detach with it live is a LifetimeError."""
         return self._track(None, _BIDI, False, np.zeros((0, 2), dtype=np.uint64))
@@ -464,14 +464,14 @@ class Attachment(AttachmentBase, Owner):
     def _type_name(self) -> str:
         return self.map_type.type.name if self.map_type is not None else "nothing"
 
-    def track_dma(self, dma_ranges: Any, direction: DmaDirection | int = _BIDI) -> Any:
+    def track_dma(self, dma_ranges: Any, direction: DmaDirection | int = _BIDI) -> _Mapping:
         """Tell the checker about DMA addresses an importer mapped itself
         (from :meth:`phys_vec` with the list-free API): DMA through them
         after an invalidation is then caught.  Returns a handle for
         :meth:`untrack_dma`."""
         return self._track(None, _dir(direction), False, dma_ranges)
 
-    def untrack_dma(self, handle: Any) -> None:
+    def untrack_dma(self, handle: object) -> None:
         if handle in self._maps:
             self._untrack(handle)
 

@@ -128,10 +128,10 @@ class Exporter:
     name: str = "exporter"
     #: ``dma_buf_ops.single_exporter_match``: the one entry of an exporter
     #: that supplies one mapping type (None: see :meth:`match_mapping`).
-    single_exporter_match: Any = None
+    single_exporter_match: mapping.MappingMatch | None = None
 
     # -- ops (override) --
-    def match_mapping(self, args: Any) -> None:
+    def match_mapping(self, args: mapping.MatchArgs) -> None:
         """``dma_buf_ops.match_mapping``: call
         :func:`pydmabuf.mapping.match_mapping` on ``args`` (a
         :class:`~pydmabuf.mapping.MatchArgs`) with this exporter's entries.
