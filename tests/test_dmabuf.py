@@ -16,10 +16,11 @@ from hypothesis import given, strategies as st
 import pydmabuf
 from pydmabuf import (DmaDirection, Fence, Machine, RangeKind, RangeTable, Usage, checks, errors,
                       fence_context_alloc)
-from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, _touches, attach_revocable, close,
-                             dma_buf_get, export)
+from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, attach_revocable, close, dma_buf_get,
+                             export)
 from pydmabuf.exporters import SystemHeap
 from pydmabuf.exporters.system_heap import HeapBuffer
+from pydmabuf.mapping import _touches
 
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL

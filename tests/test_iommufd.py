@@ -522,12 +522,12 @@ def test_dmabuf_multi_page_two_areas_of_one_buffer(m):
 
 
 def test_dmabuf_walker_resumes_when_the_batch_is_full(m, monkeypatch):
-    import pydmabuf.importers.iommufd as iommufd
+    import pydmabuf.importers.iommufd_hwpt as iommufd_hwpt  # batch_to_domain() sizes its batches there
 
     buf = dmabuf_get(m, 64 * G, layout="fragmented")
     runs = mapping_runs(buf)
     assert runs >= 5
-    monkeypatch.setattr(iommufd, "TEMP_MEMORY_LIMIT", 12 * 2)  # two batch entries
+    monkeypatch.setattr(iommufd_hwpt, "TEMP_MEMORY_LIMIT", 12 * 2)  # two batch entries
     with IommufdIoas(m) as ioas:
         h = ioas.attach_device(m.device("gpu0"))
         iova = ioas.map_file(buf, 0, 64 * G)

@@ -35,8 +35,11 @@ behaviour through where a caller wants to see it:
   kernel would misuse the SGT ops as PAL ops); PAL unmap takes the
   reservation lock rule of map (the kernel asserts nothing there).
 
-Layering: this module sits above :mod:`pydmabuf.dma` and beside
-:mod:`pydmabuf.dmabuf`; it never imports dmabuf at module level.
+Layering: this module sits above :mod:`pydmabuf.dma` and below the
+buffers (:mod:`pydmabuf.dmabuf`, :mod:`pydmabuf.dmabuf_attach`), which it
+never imports: it sees an attachment as ``include/linux/dma-buf.h``
+declares it (:class:`pydmabuf.dmabuf_ops.AttachmentBase`), as the C code
+that includes the header does.
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 import numpy as np
 
 from pydmabuf import checks, errors
-from pydmabuf._core import _ranges_total, _u64_pairs
+from pydmabuf._core import _u64_pairs
 from pydmabuf._types import PAGE_SIZE, RangeKind
+from pydmabuf.dmabuf_ops import AttachmentBase, Exporter
+from pydmabuf.machine import Device, Machine
 
 if TYPE_CHECKING:
-    from pydmabuf.dmabuf import Attachment, DmaBuf
-    from pydmabuf.machine import Device
+    from pydmabuf.dmabuf import DmaBuf
+    from pydmabuf.dmabuf_attach import Attachment
 
 log = logging.getLogger(__name__)
 
@@ -515,7 +520,7 @@ def _gate(attachment: Attachment, what: str) -> None:
                                   "declare it")
 
 
-def _resolve_phys(attachment: Attachment, ops: Any, what: str, kernel_compat: bool) -> PhysList:
+def resolve_phys(attachment: Attachment, ops: Any, what: str, kernel_compat: bool) -> PhysList:
     """Call ``ops.map_phys`` and check what came back (the shared body of
     :func:`pal_map_phys` and ``Attachment.phys_vec``): the lock is held."""
     token = _compat.set(bool(kernel_compat))
@@ -543,9 +548,41 @@ def _resolve_phys(attachment: Attachment, ops: Any, what: str, kernel_compat: bo
     return pl
 
 
-def _touches_private(machine: Any, rows: np.ndarray) -> bool:
-    from pydmabuf.dmabuf import _touches  # the vectorised address-map test lives with the buffers
+def _touches(machine: Machine, ranges: np.ndarray, kind: RangeKind) -> bool:
+    """Whether any of the (address, nbytes) rows meets a range of ``kind``
+    in the machine's address map.
 
+    Vectorised: the map's ranges are sorted and disjoint, so the only one
+    that can meet a row ``[lo, hi]`` is the last of ``kind`` starting at or
+    below ``hi``; it meets the row when its (inclusive) last is >= ``lo``.
+    A row of zero bytes or one running past 2**64 - 1 raises as
+    ``RangeTable.overlapping`` would (EINVAL, EOVERFLOW) unless an earlier
+    row already touched.
+    """
+    rows = np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
+    lo, n = rows[:, 0], rows[:, 1]
+    # Rows that are no window: zero bytes, or lo + n - 1 past 2**64 - 1.
+    bad = (n == 0) | (n - np.uint64(1) > ~lo)
+    amap = machine.address_map.as_array()
+    amap = amap[amap["kind"] == int(kind)]
+    first_bad = int(np.argmax(bad)) if bad.any() else len(rows)
+    if len(amap) and first_bad:
+        ok = slice(0, first_bad)
+        hi = lo[ok] + (n[ok] - np.uint64(1))
+        i = np.searchsorted(amap["start"], hi, side="right") - 1
+        hit = (i >= 0) & (amap["last"][np.maximum(i, 0)] >= lo[ok])
+        if hit.any():
+            return True
+    if first_bad < len(rows):
+        p, nb = int(lo[first_bad]), int(n[first_bad])
+        if nb == 0:
+            raise errors.InvalidArgument(f"overlapping: nbytes must be positive (got {nb})")
+        raise errors.Overflow(f"overlapping: [{p:#x}, +{nb:#x}) runs past 2**64 - 1")
+    return False
+
+
+
+def _touches_private(machine: Machine, rows: np.ndarray) -> bool:
     ok = rows[(rows[:, 1] != 0) & ~(rows[:, 1] - np.uint64(1) > ~rows[:, 0])]
     return bool(len(ok)) and _touches(machine, ok, RangeKind.PRIVATE)
 
@@ -582,16 +619,14 @@ def pal_map_phys(attachment: Attachment, *, kernel_compat: bool = False) -> Phys
 
     A failed call hands out nothing.
     """
-    from pydmabuf.dmabuf import Attachment
-
-    if not isinstance(attachment, Attachment):
+    if not isinstance(attachment, AttachmentBase):  # Attachment, the one subclass
         raise TypeError(f"pal_map_phys: {type(attachment).__name__} is not an Attachment")
     _gate(attachment, "dma_buf_pal_map_phys")
     if not attachment._usable("pal_map_phys"):
         raise errors.LifetimeError("pal_map_phys on a dead attachment")
     ops = _pal_ops(attachment, "dma_buf_pal_map_phys")
     attachment._require_resv("pal_map_phys")
-    pl = _resolve_phys(attachment, ops, "dma_buf_pal_map_phys", kernel_compat)
+    pl = resolve_phys(attachment, ops, "dma_buf_pal_map_phys", kernel_compat)
     pl.live = True
     pl._attachment = weakref.ref(attachment)
     pl._track = attachment._track_pal(pl)
@@ -605,9 +640,7 @@ def pal_unmap_phys(attachment: Attachment, phys_list: PhysList) -> None:
     list that is not a live list of this attachment is a LifetimeError
     (strict checking); the reservation lock is required as for the map
     (upstream asserts nothing; iommufd holds it)."""
-    from pydmabuf.dmabuf import Attachment
-
-    if not isinstance(attachment, Attachment):
+    if not isinstance(attachment, AttachmentBase):  # Attachment, the one subclass
         raise TypeError(f"pal_unmap_phys: {type(attachment).__name__} is not an Attachment")
     if not isinstance(phys_list, PhysList):
         raise TypeError(f"pal_unmap_phys: {type(phys_list).__name__} is not a PhysList")
@@ -633,7 +666,7 @@ class _LegacySgtOps:
 
     __slots__ = ("exporter",)
 
-    def __init__(self, exporter: Any) -> None:
+    def __init__(self, exporter: Exporter) -> None:
         self.exporter = exporter
 
     def map_dma_buf(self, attachment: Attachment, direction: Any) -> Any:
@@ -650,7 +683,7 @@ class _LegacyPalOps:
 
     __slots__ = ("exporter",)
 
-    def __init__(self, exporter: Any) -> None:
+    def __init__(self, exporter: Exporter) -> None:
         self.exporter = exporter
 
     def map_phys(self, attachment: Attachment) -> PhysList:
