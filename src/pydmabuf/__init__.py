@@ -47,18 +47,13 @@ from pydmabuf._core import (
 )
 from pydmabuf.locking import locked, signalling_section
 
-from pydmabuf.machine import (
-    Device,
-    Machine,
-    P2PMapType,
-    P2pProvider,
-    p2p_map_type,
-)
+from pydmabuf.device import Device
+from pydmabuf.machine import Machine, p2p_map_type
+from pydmabuf.pci import P2PMapType, P2pProvider
+from pydmabuf._types import DmaAttrs
+from pydmabuf.dma_iommu import IovaState
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dma import (
-    DmaAttrs,
-    IovaState,
-    dma_buf_free_sgt,
-    dma_buf_phys_vec_to_sgt,
     dma_map_phys,
     dma_map_sgtable,
     dma_sync_sgtable_for_cpu,

@@ -37,7 +37,7 @@ from typing import Any, Callable, Protocol
 
 from pydmabuf import checks, errors
 from pydmabuf._types import RangeKind
-from pydmabuf.machine import Bar
+from pydmabuf.pci import Bar
 from pydmabuf.memory import PhysMemory
 
 __all__ = ["Accessor", "Lease", "PageOwner", "Translation", "access", "stale_translation", "add_check", "bounce_check", "bounce_copy",

@@ -57,6 +57,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
+from pydmabuf._core import IommuDomain
+
 __all__ = ["DEFAULT_ENTRIES", "Iotlb", "StaleHit", "StaleWindow", "add_describer", "stale_window"]
 
 #: Entries per IOMMU when the machine spec does not say.
@@ -435,16 +437,9 @@ class Iotlb:
         return f"<Iotlb {int((self._tag != 0).sum())}/{self.entries} entries>"
 
 
-_domain_type: type | None = None
-
-
 def _need_domain(dom: Any, what: str) -> None:
-    global _domain_type
-    if type(dom) is _domain_type:
+    if type(dom) is IommuDomain:
         return
-    from pydmabuf import IommuDomain
-
-    _domain_type = IommuDomain
     if not isinstance(dom, IommuDomain):
         raise TypeError(f"{what}: domain must be an IommuDomain, not {type(dom).__name__}")
 

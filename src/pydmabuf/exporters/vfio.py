@@ -74,7 +74,7 @@ from pydmabuf import _core, checks, errors, mapping
 from pydmabuf._core import SgTable
 from pydmabuf._types import PAGE_SIZE, Caching, DmaDirection, _fmt_size
 from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import (Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, _timeout_arg, attach_revocable,
                              close, dma_buf_get, export)
 from pydmabuf.locking import Mutex

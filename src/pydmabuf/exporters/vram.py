@@ -63,7 +63,8 @@ import numpy as np
 from pydmabuf import access, checks, errors, workloads
 from pydmabuf._core import Fence, SgTable, fence_context_alloc
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection, Usage
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt, dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import Attachment, DmaBuf, Exporter, PhysVec, export
 from pydmabuf.machine import Bar, Device, P2PMapType
 
