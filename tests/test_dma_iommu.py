@@ -366,3 +366,22 @@ def test_map_sg_matches_the_kernel_model(rows, seg_mask, max_seg):
     check_against_model(d, t, rows, seg_mask, max_seg)
     s = d.domain.stats
     assert s["iova_live_ranges"] == 0
+
+
+def test_a_phys_batch_closes_like_dma_unmap_phys_many():
+    """PhysBatch is an Owner: close() (or leaving a with block) is
+    dma_unmap_phys_many with its own direction and attributes, once."""
+    from pydmabuf._lifecycle import Owner
+    from pydmabuf.dma import dma_map_phys_many
+
+    m, d = iommu_device("strict")
+    batch = dma_map_phys_many(d, [(100 * G, G), (300 * G, 2 * G)], BIDI)
+    assert isinstance(batch, Owner) and batch.live
+    batch.close()
+    assert not batch.live and d.domain.stats["mapped_nbytes"] == 0
+    batch.close()  # idempotent
+    with dma_map_phys_many(d, [(100 * G, G)], BIDI) as b2:
+        assert d.domain.stats["mapped_nbytes"] == G
+    assert not b2.live and d.domain.stats["mapped_nbytes"] == 0
+    with pytest.raises(errors.LifetimeError):
+        pydmabuf.dma.dma_unmap_phys_many(b2)
