@@ -208,6 +208,7 @@ class Device(_PciNode):
 
         Examples
         --------
+        >>> from pydmabuf import Machine
         >>> m = Machine.default()
         >>> m.memory.write(0x100000, b"hi")
         >>> m.device("direct0").dma_read(0x100000, 2)
@@ -220,6 +221,7 @@ class Device(_PciNode):
 
         Examples
         --------
+        >>> from pydmabuf import Machine
         >>> m = Machine.default()
         >>> direct = m.device("direct0")        # no IOMMU: DMA addresses are physical
         >>> direct.dma_write(0x100000, b"hi")
