@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PageAllocator", "LAYOUTS", "synthetic_layout", "contiguous", "random_runs", "thp_runs", "numpy_coalesce"]
 
-#: Layout names understood by :func:`layout`.
+#: Layout names: :func:`pydmabuf.workloads.layout` makes them all, :func:`synthetic_layout` all but
+#: ``pagemap`` (the pages of a Python buffer).
 LAYOUTS = ("contiguous", "fragmented", "scattered", "thp", "pagemap")
 
 _BASE_PFN = 0x100000  # 4 GiB: above the 32-bit hole on the default machine
