@@ -454,16 +454,16 @@ def test_a_failing_strategy_is_skipped_and_the_others_kept(monkeypatch):
 
 
 def test_a_failing_group_is_skipped_and_the_run_goes_on(monkeypatch):
-    from pydmabuf import workloads
+    from pydmabuf import page_alloc
 
-    real = workloads.random_runs
+    real = page_alloc.random_runs
 
     def fail_big(npages, *a, **k):
         if npages == 256:
             raise MemoryError
         return real(npages, *a, **k)
 
-    monkeypatch.setattr(workloads, "random_runs", fail_big)
+    monkeypatch.setattr(page_alloc, "random_runs", fail_big)
     result = bench.run_study(["scattered", "contiguous"], [16, 256], quick=True, progress=False)
     got = {(c["layout"], c["npages"]) for c in result["cells"]}
     assert got == {("scattered", 16), ("contiguous", 16), ("contiguous", 256)}

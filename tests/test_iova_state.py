@@ -533,3 +533,27 @@ def test_link_ranges_takes_every_buffer_the_core_parser_takes(kind):
     assert s._linked == [(0, 3 * G)]
     assert dev.domain.iova_to_phys(s.addr + G) == 0x300000
     s.destroy(3 * G, BIDI)
+
+
+def test_close_unlinks_and_frees_like_leaving_a_with_block():
+    """IovaState is an Owner: close() gives back what is linked and the
+    reservation, once; a second close and a closed state's context do
+    nothing."""
+    from pydmabuf._lifecycle import Owner
+
+    m, d = iommu_device("strict")
+    st = IovaState.try_alloc(d, 0, 4 * G)
+    assert isinstance(st, Owner) and st.live
+    st.link_ranges([[0x1_0000_0000, 2 * G]], BIDI)
+    st.sync(0, 2 * G)
+    st.close()
+    assert not st.live
+    assert d.domain.stats["iova_live_ranges"] == 0 and d.domain.stats["mapped_nbytes"] == 0
+    st.close()  # idempotent
+    with st:
+        pass
+    with pytest.raises(errors.LifetimeError):
+        st.link(0x1_0000_0000, 0, G, BIDI)
+    with IovaState.try_alloc(d, 0, G) as st2:
+        st2.link(0x1_0000_0000, 0, G, BIDI)
+    assert not st2.live and d.domain.stats["mapped_nbytes"] == 0

@@ -122,11 +122,11 @@ def test_kernel_compat_leaks_iova_when_the_first_link_fails(m):
     exp, far = m.device("exp"), m.device("far")
     prov = exp.p2p_provider(0)
     bad = [[prov.bar.cpu_start + 0x10, 0x1000]]  # unaligned MMIO: the link fails
-    before = len(pydmabuf.dma.leaked)
+    before = len(pydmabuf.dma_buf_mapping.leaked)
     with pytest.raises(errors.DmaBufError):
         dma_buf_phys_vec_to_sgt(far, prov, bad + bad, kernel_compat=True)
     assert far.domain.stats["iova_live_ranges"] == 1  # leaked, as upstream
-    assert len(pydmabuf.dma.leaked) == before + 1
+    assert len(pydmabuf.dma_buf_mapping.leaked) == before + 1
     with pytest.raises(errors.DmaBufError):
         dma_buf_phys_vec_to_sgt(far, prov, bad + bad)
     assert far.domain.stats["iova_live_ranges"] == 1  # the model leaks nothing more

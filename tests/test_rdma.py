@@ -16,7 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import pydmabuf
 from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, SgTable, Usage, checks, errors, fence_context_alloc
 from pydmabuf._core import SG_CHAIN
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt, dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import Exporter, ImporterOps, attach_revocable, close, export
 from pydmabuf.exporters import SystemHeap
 from pydmabuf.exporters.system_heap import HeapBuffer

@@ -364,6 +364,7 @@ def device_reset(story: Story) -> None:
 
     story.step("gpu0's lazy domain flushes its queue (the 10 ms timer's work: one IOTLB flush)")
     dom0 = gpu0.domain
+    assert dom0 is not None  # gpu0 is behind iommu0
     dom0.flush()
     story.detail("the driver's unmap at the revoke was queued with no invalidation: until the flush, the "
                  "translation gpu0 cached still reached the BAR; the flush invalidates the IOTLB and frees the IOVA")

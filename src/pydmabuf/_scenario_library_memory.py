@@ -21,7 +21,7 @@ from pydmabuf import checks, errors, mapping
 from pydmabuf._scenario_library import BIDI, LazyNic, ObedientGpu, _addr, _clean, _live, _machine, _Polite
 from pydmabuf._scenario_registry import Story, scenario
 from pydmabuf._types import RangeKind, _fmt_size
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import Attachment
 from pydmabuf.exporters import PrivateMemory, SystemHeap
 from pydmabuf.exporters.private import PrivateBuffer
@@ -55,6 +55,7 @@ def lazy_iotlb_window(story: Story) -> None:
         before = _live(m)
         gpu0 = m.device("gpu0")
         dom = gpu0.domain
+        assert dom is not None  # gpu0 is behind iommu0
         heap = SystemHeap(m)
         buf = heap.allocate(64 << 10, name="frame")
         with buf.mmap() as cpu:
@@ -232,12 +233,14 @@ def ranges_to_table(story: Story) -> None:
     vfio, gpu = m.device("vfio0"), m.device("gpu0")
     prov = vfio.p2p_provider(0)
     assert prov is not None  # the default machine's vfio0 has a memory BAR0
+    dom = gpu.domain
+    assert dom is not None  # gpu0 is behind iommu0
     base = prov.bar.cpu_start
     rows = np.array([[base, 0x4000], [base + 0x100000, 0x2000], [base + 0x300000, 0x1000]], dtype=np.uint64)
     story.step(f"vfio0's BAR0 at {base:#x}: three slices "
                + ", ".join(f"[{int(p):#x} +{_fmt_size(int(n))}]" for p, n in rows))
     story.detail(f"route from {vfio.name} to {gpu.name}: {m.p2p_map_type(prov, gpu).name} "
-                 f"({gpu.name} is behind {gpu.domain.iommu.name if hasattr(gpu.domain, 'iommu') else 'an IOMMU'})")
+                 f"({gpu.name} is behind {dom.iommu.name if hasattr(dom, 'iommu') else 'an IOMMU'})")
 
     story.step("dma_buf_phys_vec_to_sgt(gpu0, provider, ranges), the model's default")
     t = dma_buf_phys_vec_to_sgt(gpu, prov, rows)
@@ -246,7 +249,7 @@ def ranges_to_table(story: Story) -> None:
     layout = []
     for i, (p, n) in enumerate(rows.tolist()):
         off = int(rows[:i, 1].sum())
-        got = gpu.domain.iova_to_phys(iova + off)
+        got = dom.iova_to_phys(iova + off)
         layout.append(got == p)
         story.detail(f"IOVA {iova + off:#x} -> phys {got:#x} (range {i}: {p:#x}) {'ok' if got == p else 'WRONG'}")
     dma_buf_free_sgt(t)

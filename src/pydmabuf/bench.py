@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from pydmabuf._about import VERSION
 from pydmabuf import _core, _stats, errors, kernel_work, mapping, workloads
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 from pydmabuf.bench_cells import (_BIDI, BASELINE, CI_LEVEL, MAPPING_STRATEGIES, WIDE_CI, _Bench, _bar_ranges,
@@ -46,7 +47,8 @@ from pydmabuf.bench_cells import (_BIDI, BASELINE, CI_LEVEL, MAPPING_STRATEGIES,
                                   _stale_window)
 from pydmabuf.bench_report import (_work_key, compare, explain, format_markdown, format_table, plot, plot_quantity,
                                    to_csv, to_json)
-from pydmabuf.dma import IovaState, dma_buf_free_sgt, dma_buf_phys_vec_to_sgt, dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma import IovaState, dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import export
 from pydmabuf.exporters.system_heap import HeapBuffer, PalHeapBuffer
 from pydmabuf.machine import Device, Machine, P2PMapType
@@ -682,9 +684,7 @@ def _study_args(layouts: Any, sizes: Any, parts: Any, machine: Any, seed: Any = 
 
 
 def _version() -> str:
-    from pydmabuf import __version__
-
-    return __version__
+    return VERSION
 
 
 def machine_description() -> dict[str, Any]:

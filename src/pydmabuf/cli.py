@@ -10,6 +10,7 @@ import sys
 from types import ModuleType
 from typing import Any, Sequence
 
+from pydmabuf._about import VERSION
 from pydmabuf import bench, errors, kernel_work, replay, scenarios
 from pydmabuf._types import _parse_size
 from pydmabuf.machine import Machine
@@ -48,13 +49,11 @@ def _check_output(path: str | None, option: str) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pydmabuf import __version__
-
     p = argparse.ArgumentParser(
         prog="pydmabuf",
         description="An executable model of the Linux dma-buf / DMA-mapping stack.",
     )
-    p.add_argument("--version", action="version", version=f"pydmabuf {__version__}")
+    p.add_argument("--version", action="version", version=f"pydmabuf {VERSION}")
     p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 

@@ -26,7 +26,7 @@ from pydmabuf import access, checks, errors, iotlb, mapping
 from pydmabuf._core import SgTable, _set_sg_with_hook, _u64_pairs
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DmaDirection, Usage
-from pydmabuf.dma import _dir
+from pydmabuf._args import _dir
 from pydmabuf.dmabuf_ops import AttachmentBase, ImporterOps, PhysVec
 from pydmabuf.machine import Device, P2PMapType
 

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pydmabuf import access, errors, workloads
+from pydmabuf import access, errors, page_alloc
 from pydmabuf._core import SgTable, buffer_span, pagemap
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind
 from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
@@ -69,7 +69,7 @@ class HeapBuffer(Exporter):
         worked out once per set of pages (again after a migration) and
         handed out read-only."""
         if self._ranges is None or self._ranges_of is not self.pfns:
-            phys, lens = workloads.numpy_coalesce(self.pfns)
+            phys, lens = page_alloc.numpy_coalesce(self.pfns)
             rows = np.ascontiguousarray(np.stack([phys, lens], axis=1))
             if self.offset or rows[:, 1].sum() != self.nbytes:
                 rows[0, 0] += np.uint64(self.offset)

@@ -12,7 +12,7 @@ the earlier rules where they differ):
   usual ``GET`` of the handle's slice.
 * The buffer (:class:`VfioPciDmaBuf`, the exporter of one dma-buf) has no
   pages and no vmap.  Maps are DMA-only tables built by
-  :func:`~pydmabuf.dma.dma_buf_phys_vec_to_sgt` for the importer's route to
+  :func:`~pydmabuf.dma_buf_mapping.dma_buf_phys_vec_to_sgt` for the importer's route to
   the BAR.  Its physical-range op gives the BAR ranges and the BAR's P2P
   provider.
 * Mapping types (the 2026 RFC, P12/P22): the exporter offers ``[PAL,

@@ -22,7 +22,7 @@ import numpy as np
 from pydmabuf import checks, errors, mapping
 from pydmabuf._core import SgTable
 from pydmabuf._types import Caching, DmaDirection, _fmt_size
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, attach_revocable
 from pydmabuf.machine import P2pProvider
 
