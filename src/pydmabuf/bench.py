@@ -3,10 +3,14 @@
 A study is a grid of cells (page layout x buffer size x strategy).  The
 strategies of one (layout, size) form a group, timed together in
 interleaved rounds (:func:`pydmabuf._stats.interleave`): every round runs
-each strategy once, round-robin, on the same pre-built input, on this
-thread's CPU time with the garbage collector off, until every median and
-every ratio to the group's baseline has a tight 95% interval or the
-group's time budget is spent.  Each cell keeps its raw samples, reports
+each strategy once, round-robin, on pre-built input, on this thread's CPU
+time with the garbage collector off.  A default run builds each group's
+input and model machine several times (``sets`` in :data:`TIMING`) and
+the rounds take the sets in turn, so that where one allocation landed in
+memory (which moved the medians of the big cells by 10-25% from one
+process to the next) weighs only its share of the samples.  Rounds go on
+until every median and every ratio to the group's baseline has a tight
+95% interval or the group's time budget is spent.  Each cell keeps its raw samples, reports
 ns per page (median) with its interval, and its ratio to the baseline
 (the median of the per-round ratios, paired, so a drift of the machine
 cancels); a cell whose interval is wider than :data:`WIDE_CI` is marked
