@@ -10,8 +10,9 @@ the rounds take the sets in turn, so that where one allocation landed in
 memory (which moved the medians of the big cells by 10-25% from one
 process to the next) weighs only its share of the samples.  Rounds go on
 until every median and every ratio to the group's baseline has a tight
-95% interval or the group's time budget is spent.  Each cell keeps its raw samples, reports
-ns per page (median) with its interval, and its ratio to the baseline
+95% interval or the group's time budget is spent.  Each cell keeps its
+raw samples, reports ns per page (median) with its interval, and its
+ratio to the baseline
 (the median of the per-round ratios, paired, so a drift of the machine
 cancels); a cell whose interval is wider than :data:`WIDE_CI` is marked
 ``wide_ci``.  The walk is timed beside references on the same input: the
