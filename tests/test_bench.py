@@ -452,12 +452,17 @@ def test_unit_costs_come_from_calibration_rounds_spread_over_the_run(monkeypatch
         return into
 
     monkeypatch.setattr(kernel_work, "calibrate", fake_calibrate)
+    monkeypatch.setitem(bench.CAL_ROUNDS, "quick", (5, 2))
     result = bench.run_study(["contiguous"], [1, 16, 256], quick=True, progress=False, parts=["sg_walk"])
-    start, between = bench.CAL_ROUNDS["quick"]
+    start, between = 5, 2
     assert calls == [start, between, between, between, start]
     u = result["unit_costs"]
     assert u["entry_visit"]["ns"] == 1.0 and u["metadata_byte"]["ns"] == pytest.approx(50.0 / 4096)
     assert len(u["entry_visit"]["samples"]) == 2 * start + 3 * between
+    calls.clear()
+    monkeypatch.setitem(bench.CAL_ROUNDS, "quick", (5, 0))  # none between the groups
+    bench.run_study(["contiguous"], [1, 16], quick=True, progress=False, parts=["sg_walk"])
+    assert calls == [5, 5]
     # every cell is costed with the final units
     (c,) = [c for c in result["cells"] if c["strategy"] == "sg_from_pages" and c["npages"] == 16]
     assert {t["unit"]: t["unit_ns"] for t in c["kernel_est_terms"]}["entry_visit"] == 1.0
