@@ -406,6 +406,22 @@ def test_a_group_is_timed_on_several_machines_and_counted_on_the_first():
         [(c.strategy, c.kernel_work, c.counters["segments"]) for c in single]
 
 
+def test_sets_on_one_given_machine_leave_it_as_they_found_it():
+    """With a machine of the caller's, every set maps on that machine (fresh
+    arrays and buffers each): nothing stays mapped or allocated after."""
+    from pydmabuf import workloads
+
+    m = Machine.default()
+    before = _live(m)
+    b = bench._Bench(m)
+    groups: list = []
+    cells = bench._mapping_cells([b, b, b], "scattered", 16, workloads.layout("scattered", 16, 1)[0],
+                                 {"min_rounds": 6, "max_rounds": 6, "budget_s": 5.0, "target": 0.0, "warmup": 1},
+                                 bench.MAPPING_STRATEGIES, groups=groups)
+    assert groups[0]["sets"] == 3 and {len(c.samples_ns) for c in cells} == {6}
+    assert _live(m) == before
+
+
 def test_the_walk_is_timed_on_fresh_copies_of_its_input():
     from pydmabuf import workloads
 

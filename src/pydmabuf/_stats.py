@@ -18,6 +18,13 @@ pyperf (both optional, neither a dependency of the package):
   sample of the same round saw the same machine.  A ratio to the baseline
   is the median of the per-round ratios, with the same order-statistic
   interval: drifts slower than a round cancel.
+* **Sets of fresh inputs.**  A group can be timed on several sets of the
+  same plans, each on allocations of its own, one set a round in turn,
+  the samples pooled.  Where one allocation landed (page colouring,
+  huge pages or not) is fixed for all the rounds that reuse it, so no
+  number of rounds averages it out; in one process, sets interleaved
+  round by round differed by 10-15% in a ratio whose per-set intervals
+  were 1-2% wide.  Pooled over ``m`` sets, one placement weighs ``1/m``.
 * **Two runs compared.**  The two medians are independent; the interval
   of their ratio combines the two order-statistic intervals on a log scale
   (each half-width read as 1.96 standard errors, the errors added in
