@@ -622,7 +622,7 @@ QUICK_MAX_REAL_PAGES = 4096
 TIMING = {
     "mapping": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.6, "target": 0.015, "warmup": 2, "cap_s": 2.5,
                 "sets": 3, "big_pages": 65536, "big_budget_s": 1.0},
-    "sg_walk": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.2, "target": 0.015, "warmup": 2, "cap_s": 1.0,
+    "sg_walk": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2, "cap_s": 1.0,
                 "sets": 3, "big_pages": 65536, "big_budget_s": 0.3},
 }
 #: Rounds of the unit-cost loops (:func:`pydmabuf.kernel_work.calibrate`)
