@@ -3,11 +3,16 @@
 A study is a grid of cells (page layout x buffer size x strategy).  The
 strategies of one (layout, size) form a group, timed together in
 interleaved rounds (:func:`pydmabuf._stats.interleave`): every round runs
-each strategy once, round-robin, on the same pre-built input, on this
-thread's CPU time with the garbage collector off, until every median and
-every ratio to the group's baseline has a tight 95% interval or the
-group's time budget is spent.  Each cell keeps its raw samples, reports
-ns per page (median) with its interval, and its ratio to the baseline
+each strategy once, round-robin, on pre-built input, on this thread's CPU
+time with the garbage collector off.  A default run builds each group's
+input and model machine several times (``sets`` in :data:`TIMING`) and
+the rounds take the sets in turn, so that where one allocation landed in
+memory (which moved the medians of the big cells by 10-25% from one
+process to the next) weighs only its share of the samples.  Rounds go on
+until every median and every ratio to the group's baseline has a tight
+95% interval or the group's time budget is spent.  Each cell keeps its
+raw samples, reports ns per page (median) with its interval, and its
+ratio to the baseline
 (the median of the per-round ratios, paired, so a drift of the machine
 cancels); a cell whose interval is wider than :data:`WIDE_CI` is marked
 ``wide_ci``.  The walk is timed beside references on the same input: the
@@ -39,11 +44,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from pydmabuf._about import VERSION
 from pydmabuf import _core, _stats, errors, kernel_work, mapping, workloads
+from pydmabuf._about import VERSION
 from pydmabuf._types import PAGE_SIZE, _fmt_size
 from pydmabuf.bench_cells import (_BIDI, BASELINE, CI_LEVEL, MAPPING_STRATEGIES, WIDE_CI, _Bench, _bar_ranges,
-                                  _QuietImporter, _QuietPalImporter, _QuietPhysImporter, _recalibrated,
+                                  _QuietImporter, _QuietPalImporter, _QuietPhysImporter,
                                   _stale_window)
 from pydmabuf.bench_report import (_work_key, compare, explain, format_markdown, format_table, plot, plot_quantity,
                                    to_csv, to_json)
@@ -189,7 +194,9 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
               groups: list[dict[str, Any]] | None = None, units: dict[str, Any] | None = None) -> list[Cell]:
     """The scatterlist walk and its two references on one input, timed in
     interleaved rounds (:func:`pydmabuf._stats.interleave`); the ratios are
-    to the C floor.  A sample is the build and the free of the result."""
+    to the C floor.  A sample is the build and the free of the result.
+    ``timing["sets"]`` (default 1): how many copies of the input the rounds
+    take in turn."""
     table = _core.SgTable.from_pages(pfns)
     segs = int(table.nents)
     meta = int(table.metadata_nbytes)
@@ -200,12 +207,18 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
         "c_floor": {"segments": _core.floor_coalesce(pfns, 0xFFFFF000, out)},
         "numpy": {"segments": len(workloads.numpy_coalesce(pfns)[1])},
     }
-    plans: dict[str, _stats.Plan] = {
-        "sg_from_pages": (lambda: _core.SgTable.from_pages(pfns), _drop),
-        "c_floor": (lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), _drop),
-        "numpy": (lambda: workloads.numpy_coalesce(pfns), _drop),
-    }
-    samples, info = _stats.interleave(plans, baseline="c_floor", **timing)
+
+    def make_plans(pfns: np.ndarray, out: Any) -> dict[str, _stats.Plan]:
+        return {
+            "sg_from_pages": (lambda: _core.SgTable.from_pages(pfns), _drop),
+            "c_floor": (lambda: _core.floor_coalesce(pfns, 0xFFFFF000, out), _drop),
+            "numpy": (lambda: workloads.numpy_coalesce(pfns), _drop),
+        }
+    # timing["sets"] sets of the plans, each on its own copy of the frames
+    # and its own output buffer, taken in turn (_stats.interleave).
+    sets = [make_plans(pfns, out)] + [make_plans(pfns.copy(), _core.floor_buffer(npages, 32))
+                                      for _ in range(int(timing.get("sets", 1)) - 1)]
+    samples, info = _stats.interleave(sets, baseline="c_floor", **_group_timing(timing, npages))
     if groups is not None:
         groups.append({"layout": layout, "npages": npages, "part": "sg_walk", **info})
     cells = _group_cells(layout, npages, samples, counters, "c_floor", with_map=False)
@@ -213,6 +226,16 @@ def _sg_cells(layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any]
         if c.strategy == "sg_from_pages":  # the references are no kernel path
             _attach_kernel_work(c, pfns, None, units)
     return cells
+
+
+def _group_timing(timing: dict[str, Any], npages: int) -> dict[str, Any]:
+    """The :func:`pydmabuf._stats.interleave` arguments of a group of
+    ``npages`` pages from a part's timing (:data:`TIMING`): ``big_budget_s``
+    as the budget from ``big_pages`` pages up; ``sets`` is the caller's."""
+    out = {k: v for k, v in timing.items() if k not in ("sets", "big_pages", "big_budget_s")}
+    if "big_budget_s" in timing and npages >= int(timing.get("big_pages", 0)):
+        out["budget_s"] = timing["big_budget_s"]
+    return out
 
 
 def _drop(handle: Any) -> None:
@@ -243,7 +266,7 @@ def _group_cells(layout: str, npages: int, samples: dict[str, tuple[list[int], l
 # ---------------------------------------------------------------- mapping
 
 
-def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
+def _mapping_cells(b: _Bench | list[_Bench], layout: str, npages: int, pfns: np.ndarray, timing: dict[str, Any],
                    strategies: Iterable[str], skipped: list[dict[str, Any]] | None = None,
                    groups: list[dict[str, Any]] | None = None,
                    units: dict[str, Any] | None = None) -> list[Cell]:
@@ -256,122 +279,136 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
     on the exporter's BAR; unmap: ``dma_buf_free_sgt``.  ``pte_floor``: one
     8-byte write per page, nothing to undo.  Lazy domains are flushed
     after the counting run, so deferred invalidations are counted too.
+
+    ``b``: one machine, or a list of machines: then the strategies are
+    timed on as many sets, each on its own machine and its own copies of
+    the arrays, taken in turn round by round (:func:`pydmabuf._stats.interleave`),
+    so that where one set's memory landed weighs only its share of the
+    samples.  The first machine's set is the one counted.
     """
+
+    benches = [b] if isinstance(b, _Bench) else list(b)
+    if not benches:
+        raise ValueError("_mapping_cells needs at least one machine")
+    b = benches[0]
     nbytes = npages * PAGE_SIZE
-    phys, lens = workloads.numpy_coalesce(pfns)
-    runs = np.ascontiguousarray(np.stack([phys, lens], axis=1))
-    pages = np.empty((npages, 2), dtype=np.uint64)
-    pages[:, 0] = pfns << np.uint64(12)
-    pages[:, 1] = PAGE_SIZE
-    bar_rows = _bar_ranges(b, phys, lens)
-    floor_out = _core.floor_buffer(npages, 8)
     cells: list[Cell] = []
     kw_cache: dict[Any, Any] = {}  # page-table work the paths on these pages share
-
-    def sg(dev: Device) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-        def map_() -> Any:
-            t = _core.SgTable.from_pages(pfns)
-            dma_map_sgtable(dev, t, _BIDI)
-            return t
-
-        def unmap(t: Any) -> None:
-            dma_unmap_sgtable(dev, t, _BIDI)
-        return map_, unmap
-
-    def link(rows: np.ndarray) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-        dev = b.iommu_dev
-
-        def map_() -> Any:
-            st = IovaState.try_alloc(dev, 0, nbytes)
-            n = st.link_ranges(rows, _BIDI)
-            st.sync(0, n)
-            return st, n
-
-        def unmap(h: Any) -> None:
-            h[0].destroy(h[1], _BIDI)
-        return map_, unmap
-
-    def table() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-        return (lambda: dma_buf_phys_vec_to_sgt(b.iommu_dev, b.provider, bar_rows)), dma_buf_free_sgt
-
-    def dmabuf(dynamic: bool) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-        """The whole dma-buf path: attach, map (under the reservation lock),
-        unmap, detach, on a system-heap buffer of exactly these pages."""
-        buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
-        dev = b.iommu_dev
-
-        ops = _QuietImporter() if dynamic else None
-
-        def map_() -> Any:
-            a = buf.dynamic_attach(dev, ops)
-            return a, a.map_unlocked(_BIDI)
-
-        def unmap(h: Any) -> None:
-            a, t = h
-            a.unmap_unlocked(t, _BIDI)
-            buf.detach(a)
-        plans_keep.append(buf)
-        return map_, unmap
-
-    def dmabuf_ranges() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-        """An importer that declared the physical-range namespace: attach,
-        take the ranges under the lock, link them itself into one IOVA
-        range, one sync; undo: destroy the IOVA state, detach."""
-        buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
-        dev = b.iommu_dev
-
-        ops = _QuietPhysImporter()
-
-        def map_() -> Any:
-            a = buf.dynamic_attach(dev, ops)
-            with buf.resv:
-                rows = a.phys_vec().ranges
-            st = IovaState.try_alloc(dev, 0, nbytes)
-            n = st.link_ranges(rows, _BIDI)
-            st.sync(0, n)
-            return a, st, n
-
-        def unmap(h: Any) -> None:
-            a, st, n = h
-            st.destroy(n, _BIDI)
-            buf.detach(a)
-        plans_keep.append(buf)
-        return map_, unmap
-
-    def dmabuf_pal() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
-        """The mapping-types PAL path, as iommufd takes it: attach asking
-        for [PAL] (the exporter offers [SGT, PAL]), take the physical
-        address list under the lock, link it into one IOVA range, one
-        sync; undo: destroy the IOVA state, give the list back under the
-        lock, detach."""
-        buf = export(PalHeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
-        dev = b.iommu_dev
-        ops = _QuietPalImporter()
-
-        def map_() -> Any:
-            a = buf.mapping_attach([mapping.pal_importer()], ops)
-            with buf.resv:
-                pl = mapping.pal_map_phys(a)
-            st = IovaState.try_alloc(dev, 0, nbytes)
-            n = st.link_ranges(pl.ranges, _BIDI)
-            st.sync(0, n)
-            return a, pl, st, n
-
-        def unmap(h: Any) -> None:
-            a, pl, st, n = h
-            st.destroy(n, _BIDI)
-            with buf.resv:
-                mapping.pal_unmap_phys(a, pl)
-            buf.detach(a)
-        plans_keep.append(buf)
-        return map_, unmap
-
     plans_keep: list[Any] = []
 
-    counters: dict[str, dict[str, float]] = {}
-    timed: dict[str, _stats.Plan] = {}
-    try:
-        plans: dict[str, tuple[Any, tuple[Callable[[], Any], Callable[[Any], Any]]]] = {
+    def make_plans(b: _Bench, pfns: np.ndarray) -> tuple[dict[str, tuple[Any, _stats.Plan]], dict[str, Any]]:
+        """Every strategy's (device, (map, unmap)) on machine ``b`` and arrays
+        of its own made from ``pfns``; and those arrays."""
+        phys, lens = workloads.numpy_coalesce(pfns)
+        runs = np.ascontiguousarray(np.stack([phys, lens], axis=1))
+        pages = np.empty((npages, 2), dtype=np.uint64)
+        pages[:, 0] = pfns << np.uint64(12)
+        pages[:, 1] = PAGE_SIZE
+        bar_rows = _bar_ranges(b, phys, lens)
+        floor_out = _core.floor_buffer(npages, 8)
+
+        def sg(dev: Device) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+            def map_() -> Any:
+                t = _core.SgTable.from_pages(pfns)
+                dma_map_sgtable(dev, t, _BIDI)
+                return t
+
+            def unmap(t: Any) -> None:
+                dma_unmap_sgtable(dev, t, _BIDI)
+            return map_, unmap
+
+        def link(rows: np.ndarray) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+            dev = b.iommu_dev
+
+            def map_() -> Any:
+                st = IovaState.try_alloc(dev, 0, nbytes)
+                n = st.link_ranges(rows, _BIDI)
+                st.sync(0, n)
+                return st, n
+
+            def unmap(h: Any) -> None:
+                h[0].destroy(h[1], _BIDI)
+            return map_, unmap
+
+        def table() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+            return (lambda: dma_buf_phys_vec_to_sgt(b.iommu_dev, b.provider, bar_rows)), dma_buf_free_sgt
+
+        def dmabuf(dynamic: bool) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+            """The whole dma-buf path: attach, map (under the reservation lock),
+            unmap, detach, on a system-heap buffer of exactly these pages."""
+
+            buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
+            dev = b.iommu_dev
+
+            ops = _QuietImporter() if dynamic else None
+
+            def map_() -> Any:
+                a = buf.dynamic_attach(dev, ops)
+                return a, a.map_unlocked(_BIDI)
+
+            def unmap(h: Any) -> None:
+                a, t = h
+                a.unmap_unlocked(t, _BIDI)
+                buf.detach(a)
+            plans_keep.append(buf)
+            return map_, unmap
+
+        def dmabuf_ranges() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+            """An importer that declared the physical-range namespace: attach,
+            take the ranges under the lock, link them itself into one IOVA
+            range, one sync; undo: destroy the IOVA state, detach."""
+
+            buf = export(HeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
+            dev = b.iommu_dev
+
+            ops = _QuietPhysImporter()
+
+            def map_() -> Any:
+                a = buf.dynamic_attach(dev, ops)
+                with buf.resv:
+                    rows = a.phys_vec().ranges
+                st = IovaState.try_alloc(dev, 0, nbytes)
+                n = st.link_ranges(rows, _BIDI)
+                st.sync(0, n)
+                return a, st, n
+
+            def unmap(h: Any) -> None:
+                a, st, n = h
+                st.destroy(n, _BIDI)
+                buf.detach(a)
+            plans_keep.append(buf)
+            return map_, unmap
+
+        def dmabuf_pal() -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+            """The mapping-types PAL path, as iommufd takes it: attach asking
+            for [PAL] (the exporter offers [SGT, PAL]), take the physical
+            address list under the lock, link it into one IOVA range, one
+            sync; undo: destroy the IOVA state, give the list back under the
+            lock, detach."""
+
+            buf = export(PalHeapBuffer(b.machine, pfns, nbytes, owned=False, layout=layout, seed=0), nbytes)
+            dev = b.iommu_dev
+            ops = _QuietPalImporter()
+
+            def map_() -> Any:
+                a = buf.mapping_attach([mapping.pal_importer()], ops)
+                with buf.resv:
+                    pl = mapping.pal_map_phys(a)
+                st = IovaState.try_alloc(dev, 0, nbytes)
+                n = st.link_ranges(pl.ranges, _BIDI)
+                st.sync(0, n)
+                return a, pl, st, n
+
+            def unmap(h: Any) -> None:
+                a, pl, st, n = h
+                st.destroy(n, _BIDI)
+                with buf.resv:
+                    mapping.pal_unmap_phys(a, pl)
+                buf.detach(a)
+            plans_keep.append(buf)
+            return map_, unmap
+
+        plans: dict[str, tuple[Any, _stats.Plan]] = {
             "sg_iommu": (b.iommu_dev, sg(b.iommu_dev)),
             "sg_direct": (b.direct_dev, sg(b.direct_dev)),
             "link_pages": (b.iommu_dev, link(pages)),
@@ -383,6 +420,15 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
             "dmabuf_pal": (b.iommu_dev, dmabuf_pal()),
             "pte_floor": (None, (lambda: _core.floor_pte(pfns, floor_out), lambda h: None)),
         }
+        return plans, {"pages": pages, "runs": runs, "bar_rows": bar_rows}
+
+    counters: dict[str, dict[str, float]] = {}
+    timed: dict[str, _stats.Plan] = {}
+    try:
+        # Set 0 is counted and timed; the other sets are the same plans on fresh
+        # machines and fresh copies of the arrays (see _stats.interleave).
+        plans, arrays = make_plans(b, pfns)
+        pages, runs, bar_rows = arrays["pages"], arrays["runs"], arrays["bar_rows"]
         for name in strategies:
             dev, (map_, unmap) = plans[name]
             try:
@@ -423,8 +469,13 @@ def _mapping_cells(b: _Bench, layout: str, npages: int, pfns: np.ndarray, timing
             counters[name] = k
             timed[name] = (map_, unmap)
         if timed:
+            sets = [timed]
+            for other in benches[1:]:
+                more, _ = make_plans(other, pfns.copy())
+                sets.append({name: more[name][1] for name in timed})
             # Every strategy of the cell, round-robin within each round.
-            samples, info = _stats.interleave(timed, baseline=BASELINE if BASELINE in timed else None, **timing)
+            samples, info = _stats.interleave(sets, baseline=BASELINE if BASELINE in timed else None,
+                                              **_group_timing(timing, npages))
             if groups is not None:
                 groups.append({"layout": layout, "npages": npages, "part": "mapping", **info})
             cells = _group_cells(layout, npages, samples, counters, BASELINE if BASELINE in timed else None,
@@ -474,10 +525,24 @@ QUICK_MAX_REAL_PAGES = 4096
 #: Interleaved timing (:func:`pydmabuf._stats.interleave`) of a default run
 #: and of ``--quick``, per cell group: the mapping strategies, and the walk
 #: with its references.
+#: ``sets``: how many fresh copies of a group's input (and, for the mapping
+#: part, fresh model machines) the rounds take in turn: the same allocation
+#: reused for every round of a group made the group's medians move with
+#: where that one allocation landed, by 10-25% between processes for
+#: buffers of 256 MiB and more; pooled over three, one placement weighs a third.
+#: ``big_budget_s``: the budget of a group of ``big_pages`` pages or more,
+#: whose rounds are long and few (the small groups reach hundreds of rounds
+#: in less time).
 TIMING = {
-    "mapping": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.8, "target": 0.015, "warmup": 2, "cap_s": 2.5},
-    "sg_walk": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2, "cap_s": 1.0},
+    "mapping": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.6, "target": 0.015, "warmup": 2, "cap_s": 2.5,
+                "sets": 3, "big_pages": 65536, "big_budget_s": 1.0},
+    "sg_walk": {"min_rounds": 15, "max_rounds": 1000, "budget_s": 0.25, "target": 0.015, "warmup": 2, "cap_s": 1.0,
+                "sets": 3, "big_pages": 65536, "big_budget_s": 0.3},
 }
+#: Rounds of the unit-cost loops (:func:`pydmabuf.kernel_work.calibrate`)
+#: of a run: (at the start and again at the end, after each group).  A
+#: quick run, a few seconds long, calibrates only at its start and end.
+CAL_ROUNDS = {"default": (15, 1), "quick": (9, 0)}
 QUICK_TIMING = {
     "mapping": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.03, "target": 0.05, "warmup": 1, "cap_s": 0.3},
     "sg_walk": {"min_rounds": 3, "max_rounds": 200, "budget_s": 0.01, "target": 0.05, "warmup": 1, "cap_s": 0.1},
@@ -538,7 +603,11 @@ def run_study(
     if cost_profile is not None and not isinstance(cost_profile, (str, dict)):
         raise TypeError(f"cost_profile must be a path, a loaded profile or None, not {type(cost_profile).__name__}")
     profile = kernel_work.load_profile(cost_profile) if not isinstance(cost_profile, dict) else cost_profile
-    units = kernel_work.unit_costs(profile, rounds=9 if quick else 31)
+    cal_rounds = CAL_ROUNDS["quick" if quick else "default"]
+    # The host's unit costs: rounds of the calibration loops at the start,
+    # between the groups and at the end, each unit the least of them all.
+    cal_raw = kernel_work.calibrate(cal_rounds[0]) if kernel_work.needs_calibration(profile) else None
+    units = kernel_work.unit_costs(profile, raw=cal_raw)
     notes: list[str] = []
     skipped: list[dict[str, Any]] = []
     groups: list[dict[str, Any]] = []
@@ -585,18 +654,23 @@ def run_study(
                             # A fresh default machine per group: the work a path does (page-table
                             # entries it must create, IOVA placement) then depends on the input
                             # alone, not on how many rounds earlier groups ran.
-                            gb = b if machine is not None else _Bench()
+                            # timing["mapping"]["sets"] of them, timed in turn (_mapping_cells).
+                            nsets = int(timing["mapping"].get("sets", 1))
+                            gb = [b] * nsets if machine is not None else [_Bench() for _ in range(nsets)]
                             cells.extend(_mapping_cells(gb, lay, npages, pfns, timing["mapping"],
                                                         MAPPING_STRATEGIES, skipped, groups, units))
                         except Exception as e:  # noqa: BLE001
                             skip(lay, npages, "mapping", e)
                 finally:
                     del pfns, keep
-        if units is not None and cells:
-            # Calibrate again at the end and keep each unit's least: a
-            # shared host runs slow for seconds at a time, and one slow
-            # calibration would scale every estimate of the run with it.
-            units = _recalibrated(units, kernel_work.unit_costs(profile, rounds=9 if quick else 31))
+                if cal_raw is not None and cal_rounds[1]:
+                    kernel_work.calibrate(cal_rounds[1], into=cal_raw)
+        if cal_raw is not None and cells:
+            # Each unit the least of all the run's calibration rounds: a
+            # shared host runs slow for seconds at a time, and rounds taken
+            # at one moment would scale every estimate of the run with it.
+            kernel_work.calibrate(cal_rounds[0], into=cal_raw)
+            units = kernel_work.unit_costs(profile, raw=cal_raw)
             for c in cells:
                 if c.kernel_work_detail is not None:
                     c.kernel_est_terms = kernel_work.estimate_terms(c.kernel_work_detail, units)

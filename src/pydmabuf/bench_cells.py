@@ -8,11 +8,10 @@ names here are also importable from there.
 
 from __future__ import annotations
 
-from typing import Any
 
 import numpy as np
 
-from pydmabuf import errors, iotlb, kernel_work
+from pydmabuf import errors, iotlb
 from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, ImporterOps
 from pydmabuf.machine import Device, Machine
 from pydmabuf.mapping import PAL_MODULE
@@ -89,22 +88,6 @@ def _bar_ranges(b: _Bench, phys: np.ndarray, lens: np.ndarray) -> np.ndarray:
     out = np.empty((len(lens), 2), dtype=np.uint64)
     out[:, 0] = np.uint64(bar.cpu_start) + (starts << np.uint64(12))
     out[:, 1] = lens
-    return out
-
-
-def _recalibrated(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
-    """The unit costs of a run: for each unit measured on the host, the
-    lesser of the calibrations at the run's start and end (both kept in
-    ``calibrations``); the profile's units as they are."""
-    out = dict(start)
-    for u in kernel_work.MEASURED_UNITS:
-        a, b = start.get(u), end.get(u)
-        if a is None or b is None or "calibrations" in a or not a.get("source", "").startswith("measured"):
-            continue  # pinned by the profile
-        best = dict(a if a["ns"] <= b["ns"] else b)
-        best["calibrations"] = [a["ns"], b["ns"]]
-        best["source"] = best["source"] + "; the lesser of the calibrations at the run's start and end"
-        out[u] = best
     return out
 
 

@@ -10,8 +10,8 @@ import sys
 from types import ModuleType
 from typing import Any, Sequence
 
-from pydmabuf._about import VERSION
 from pydmabuf import bench, errors, kernel_work, replay, scenarios
+from pydmabuf._about import VERSION
 from pydmabuf._types import _parse_size
 from pydmabuf.machine import Machine
 

@@ -581,6 +581,20 @@ def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
     ``pydmabuf._calibrate``, interleaved over ``rounds`` rounds: for each
     unit the median ns, its interquartile range and the samples.
     RuntimeError when the extension is not built."""
+    return units_from_raw(calibrate(rounds))
+
+
+def calibrate(rounds: int = 7, into: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """``rounds`` more rounds of the C loops of ``pydmabuf._calibrate``
+    (one of each loop per round, interleaved): ``{loop: [ns per unit of
+    each round]}``, appended to ``into`` when given (and returned).
+
+    A study calls it at its start, between its groups and at its end, and
+    takes each unit from all those rounds (:func:`units_from_raw`): on a
+    shared host a neighbour slows the loops for seconds at a time, and
+    rounds spread over the whole run find the host's quiet moments where
+    rounds at one moment may find none.  RuntimeError when the extension
+    is not built."""
     try:
         # Imported here on purpose: the compiled unit-cost loops are an
         # extension of their own, absent from an unbuilt tree, and only a
@@ -590,6 +604,20 @@ def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
         raise RuntimeError("the unit-cost loops (pydmabuf._calibrate) are not built: "
                            "python setup.py build_ext --inplace") from None
     raw = _calibrate.measure(rounds=rounds)
+    if into is None:
+        return {k: list(v) for k, v in raw.items()}
+    for k, v in raw.items():
+        into.setdefault(k, []).extend(v)
+    return into
+
+
+def units_from_raw(raw: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """The measured units from rounds of the loops (:func:`calibrate`):
+    for each unit the least of the rounds as its cost, with the median,
+    quartiles and samples beside it."""
+    if not raw or not all(raw.get(k) for k in ("pte_write", "walk_write", "map_call", "entry_visit", "alloc_4k",
+                                                "tree_pair", "magazine_pair")):
+        raise ValueError("units_from_raw: every loop needs at least one round")
     # a descent = a descent ending in one write, less one write (the least
     # write time of the run: a round preempted mid-batch must not make a
     # walk look free)
@@ -620,22 +648,31 @@ def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
         out[unit] = {"ns": float(min(xs)), "median": float(med), "q1": float(q1), "q3": float(q3),
                      "samples": [float(x) for x in xs],
                      "source": f"measured on this host: {MEASURED_UNITS[unit]} "
-                               f"(least of {len(xs)} interleaved rounds)"}
+                               f"(least of {len(xs)} rounds of the loops, interleaved)"}
     return out
 
 
-def unit_costs(profile: dict[str, dict[str, Any]] | None = None, *, rounds: int = 7) -> dict[str, dict[str, Any]]:
+def unit_costs(profile: dict[str, dict[str, Any]] | None = None, *, rounds: int = 7,
+               raw: dict[str, list[float]] | None = None) -> dict[str, dict[str, Any]]:
     """Every unit cost the estimate needs: measured on the host unless the
     profile pins it, the rest from the profile (the shipped one when
-    ``profile`` is None)."""
+    ``profile`` is None).  ``raw``: rounds of the loops already measured
+    (:func:`calibrate`) to take the measured units from, instead of
+    measuring ``rounds`` now."""
     prof = load_profile() if profile is None else profile
     todo = [u for u in MEASURED_UNITS if u not in prof]
     units = dict(prof)
     if todo:
-        measured = measure_units(rounds)
+        measured = measure_units(rounds) if raw is None else units_from_raw(raw)
         for u in todo:
             units[u] = measured[u]
     return units
+
+
+def needs_calibration(profile: dict[str, dict[str, Any]]) -> bool:
+    """Whether some unit of :data:`MEASURED_UNITS` is left for the host to
+    measure (not pinned by ``profile``)."""
+    return any(u not in profile for u in MEASURED_UNITS)
 
 
 def estimate_terms(work: dict[str, int], units: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

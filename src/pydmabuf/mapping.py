@@ -48,14 +48,14 @@ import contextvars
 import enum
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pydmabuf import checks, errors
 from pydmabuf._core import _u64_pairs
 from pydmabuf._types import PAGE_SIZE, RangeKind
-from pydmabuf.dma_buf_mapping import MappingMatch, MappingType, MatchArgs, _match_result, _short, match_mapping
+from pydmabuf.dma_buf_mapping import MappingMatch, MappingType, MatchArgs, _match_result, match_mapping
 from pydmabuf.dmabuf_ops import AttachmentBase, Exporter
 from pydmabuf.machine import Device, Machine
 

@@ -151,7 +151,6 @@ def stale_window(model: _IovaModel) -> dict[str, int]:
 #: taking the replayed domain's model and returning counts; None: the
 #: report says "not modelled in this build".
 iotlb_probe: Callable[[_IovaModel], dict[str, int]] | None = stale_window
-NOT_MODELLED = "not modelled in this build"
 
 @dataclass(frozen=True)
 class DeviceGeometry:

@@ -20,6 +20,13 @@ from pydmabuf.page_alloc import (LAYOUTS, _check_npages, contiguous, numpy_coale
 __all__ = ["LAYOUTS", "layout", "contiguous", "random_runs", "thp_runs", "real_pages", "numpy_coalesce"]
 
 
+#: A transparent huge page (x86-64, arm64 with 4 KiB pages).
+HUGE_PAGE_SIZE = 2 << 20
+#: The size from which :func:`real_pages` asks for huge pages (NumPy's
+#: threshold for the same advice on its arrays).
+HUGE_ADVICE_BYTES = 4 << 20
+
+
 def real_pages(npages: int) -> tuple[np.ndarray, object]:
     """The frames of a buffer allocated here, read through pagemap.
 
@@ -32,13 +39,26 @@ def real_pages(npages: int) -> tuple[np.ndarray, object]:
     if avail is not None and nbytes > avail // 2:
         raise errors.OutOfMemory(f"a {nbytes >> 20} MiB buffer would take more than half of the "
                                  f"{avail >> 20} MiB of memory available")
-    # One allocation with a page of slack, so a page-aligned view of exactly
-    # npages exists; touch one byte per page so every page has a frame.
-    buf = np.empty(nbytes + PAGE_SIZE, dtype=np.uint8)
-    start = (-buf.__array_interface__["data"][0]) % PAGE_SIZE
-    view = buf[start : start + nbytes]
+    # A mapping of its own, never memory the process's heap used before
+    # (what a recycled heap chunk was backed by depended on the run's
+    # history: the same size read 10x more runs in one run than the next),
+    # starting on a huge-page boundary; huge pages asked for from 4 MiB up,
+    # as NumPy asks for them for its arrays, so a large buffer is all
+    # huge pages rather than however many whole ones fit where malloc put
+    # it.  Touch one byte per page so every page has a frame.
+    import mmap
+
+    span = -(-nbytes // HUGE_PAGE_SIZE) * HUGE_PAGE_SIZE
+    # private: an anonymous shared mapping is shmem, whose huge pages follow
+    # another switch (shmem_enabled)
+    region = mmap.mmap(-1, span + HUGE_PAGE_SIZE, flags=getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0))
+    raw = np.frombuffer(region, dtype=np.uint8)
+    start = (-raw.ctypes.data) % HUGE_PAGE_SIZE
+    if nbytes >= HUGE_ADVICE_BYTES and hasattr(mmap, "MADV_HUGEPAGE"):
+        region.madvise(mmap.MADV_HUGEPAGE, start, span)
+    view = raw[start : start + nbytes]
     view[::PAGE_SIZE] = 1
-    return pagemap(view), buf
+    return pagemap(view), view
 
 
 def _mem_available() -> int | None:
