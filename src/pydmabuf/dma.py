@@ -319,8 +319,15 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     1
     >>> dma_unmap_sgtable(gpu, t, DmaDirection.TO_DEVICE)
     """
-    da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
-    d, a = da if da is not None else _dir_attrs(direction, attrs)
+    # One look-up gives the parsed direction, attributes and IOMMU prot
+    # (the list-free calls' cache), for arguments of exactly these types.
+    hit = _LINK_ARGS.get((direction, attrs, device.coherent)) if type(device) is Device \
+        and type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
+    if hit is not None:
+        d, a, prot = hit
+    else:
+        d, a = _dir_attrs(direction, attrs)
+        prot = -1
     if type(device) is not Device or type(table) is not SgTable:
         _need_device(device, "dma_map_sgtable")
         _need_table(table, "dma_map_sgtable")
@@ -329,17 +336,23 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     if table.mapping is not None:
         raise errors.Busy(f"dma_map_sgtable: the table is already mapped by {table.mapping.device_name}")
     ctx = p2p_context(device)
-    dom = device.domain
+    g = device.iommu_group
+    dom = g.domain if g is not None else None  # device.domain, without the property call
     if dom is None:
         m = _map_sg_direct(device, table, d, a, ctx)
     elif device.untrusted:
         m = _map_sg_iommu_swiotlb(device, table, d, a)
     else:
+        if prot < 0:
+            prot = _prot(device, d, a)
+            if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES and type(device.coherent) is bool:
+                _LINK_ARGS[(direction, attrs, device.coherent)] = (d, a, prot)
         nents, iova, ilen, p32 = _core._map_sg_iommu(
             table, dom, device.dma_limit, device.dma_get_seg_boundary(), device.dma_get_max_seg_size(),
-            device.prefer_32bit_iova, _cpu(device), _prot(device, d, a), ctx)
-        device.prefer_32bit_iova = bool(p32)
-        m = SgMapping(device, d, a, "iommu", iova, ilen)
+            device.prefer_32bit_iova, _cpu(device), prot, ctx)
+        device.prefer_32bit_iova = p32
+        table.mapping = SgMapping(device, d, a, "iommu", iova, ilen)
+        return nents  # the core set table.nents to it
     table.mapping = m
     return int(table.nents)
 
@@ -448,7 +461,8 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
             _bounce_out(device, pool, tlb, d, a)
         _core._clear_dma(table)
     elif m.kind == "iommu":
-        _core._unmap_sg_iommu(table, device.domain, _cpu(device))
+        g = device.iommu_group
+        _core._unmap_sg_iommu(table, g.domain if g is not None else None, _cpu(device))
     else:
         for _, dma, n in m.singles:
             dma_unmap_phys(device, dma, n, d, a)
