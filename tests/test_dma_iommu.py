@@ -385,3 +385,49 @@ def test_a_phys_batch_closes_like_dma_unmap_phys_many():
     assert not b2.live and d.domain.stats["mapped_nbytes"] == 0
     with pytest.raises(errors.LifetimeError):
         pydmabuf.dma.dma_unmap_phys_many(b2)
+
+
+@st.composite
+def whole_granule_rows(draw):
+    """Entries that start on a granule and are whole granules (the map's
+    one-pass layout), over chained chunks, some physically contiguous."""
+    n = draw(st.integers(1, 300))
+    rows = []
+    for _ in range(n):
+        ln = G * draw(st.sampled_from([1, 1, 1, 2, 3, 16]))
+        if rows and draw(st.integers(0, 3)) == 0:
+            ppfn, _, pln = rows[-1]
+            pfn = ppfn + pln // G
+        else:
+            pfn = draw(st.integers(1000, 200000))
+        rows.append((pfn, 0, ln))
+    return rows
+
+
+@settings(max_examples=80, deadline=None)
+@given(whole_granule_rows(), st.sampled_from([U64, 0xFFFF, 0x1FFFF, 0xFFFFF]),
+       st.sampled_from([G, 0x2000, 0x10000, 0x30000, 0xFFFFFFFF]))
+def test_map_sg_of_whole_granule_entries_matches_the_kernel_model(rows, seg_mask, max_seg):
+    m, d = iommu_device(seg_boundary_mask=seg_mask, max_segment_size=max_seg)
+    t = make_table(rows)
+    check_against_model(d, t, rows, seg_mask, max_seg)
+    assert d.domain.stats["iova_live_ranges"] == 0
+
+
+@pytest.mark.parametrize("after", [0, 1, 2])
+def test_map_sg_failing_halfway_restores_the_table_and_unmaps(after):
+    # 1100 scattered pages need three new level-3 tables: the page table
+    # refusing one leaves the table as it was and nothing mapped.
+    m, d = iommu_device()
+    rows = [(1000 + 3 * i, 0, G) for i in range(1100)]
+    t = make_table(rows)
+    before = t.entries.copy()
+    d.domain.pgtable._fail_alloc_after(after)
+    with pytest.raises(errors.OutOfMemory):
+        dma_map_sgtable(d, t, BIDI)
+    assert (t.entries == before).all()
+    assert t.mapping is None and t.nents == t.orig_nents == 1100
+    s = d.domain.stats
+    assert s["mapped_nbytes"] == 0 and s["iova_live_ranges"] == 0
+    d.domain.pgtable._fail_alloc_after(None)
+    check_against_model(d, t, rows, U64, 0x10000)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, strategies as st
 
 import pydmabuf
+import pydmabuf.page_alloc
 from pydmabuf import (DmaDirection, Fence, Machine, RangeKind, RangeTable, Usage, checks, errors,
                       fence_context_alloc)
 from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, attach_revocable, close, dma_buf_get,
@@ -615,7 +616,7 @@ def test_phys_vec_is_gated_by_the_namespace(m):
         pv = capable.phys_vec()
     assert pv.provider is None and int(pv.ranges[:, 1].sum()) == 8 * G
     assert (pv.ranges[:, 0] >> np.uint64(12)).tolist() == \
-        pydmabuf.workloads.numpy_coalesce(b.exporter.pfns)[0].__rshift__(np.uint64(12)).tolist()
+        pydmabuf.page_alloc.numpy_coalesce(b.exporter.pfns)[0].__rshift__(np.uint64(12)).tolist()
     with pytest.raises(errors.LockingError):
         capable.phys_vec()
     # A capable importer maps the ranges itself with the list-free API and

@@ -45,7 +45,7 @@ from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DMA_MAPPING_ERROR, PAGE_SIZE, DmaAttrs, DmaDirection
 from pydmabuf.devaccess import accessor, device_read, device_write
 from pydmabuf.device import Device, _need_device
-from pydmabuf.dma_iommu import IovaState, _cpu, _prot
+from pydmabuf.dma_iommu import _LINK_ARGS, IovaState, _cpu, _prot
 from pydmabuf.pci import p2p_context
 from pydmabuf.swiotlb import _bounce_in, _bounce_out, _bounced_through, _pool, _swiotlb_map
 
@@ -140,8 +140,15 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     1
     >>> dma_unmap_sgtable(gpu, t, DmaDirection.TO_DEVICE)
     """
-    da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
-    d, a = da if da is not None else _dir_attrs(direction, attrs)
+    # One look-up gives the parsed direction, attributes and IOMMU prot
+    # (the list-free calls' cache), for arguments of exactly these types.
+    hit = _LINK_ARGS.get((direction, attrs, device.coherent)) if type(device) is Device \
+        and type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
+    if hit is not None:
+        d, a, prot = hit
+    else:
+        d, a = _dir_attrs(direction, attrs)
+        prot = -1
     if type(device) is not Device or type(table) is not SgTable:
         _need_device(device, "dma_map_sgtable")
         _need_table(table, "dma_map_sgtable")
@@ -150,18 +157,24 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     if table.mapping is not None:
         raise errors.Busy(f"dma_map_sgtable: the table is already mapped by {table.mapping.device_name}")
     ctx = p2p_context(device)
-    dom = device.domain
+    g = device.iommu_group
+    dom = g.domain if g is not None else None  # device.domain, without the property call
     if dom is None:
         m = SgMapping(device, d, a, "direct")
         m.bounces = dma_direct.map_sg(device, table, d, a, ctx)
     elif device.untrusted:
         m = _map_sg_iommu_swiotlb(device, table, d, a)
     else:
+        if prot < 0:
+            prot = _prot(device, d, a)
+            if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES and type(device.coherent) is bool:
+                _LINK_ARGS[(direction, attrs, device.coherent)] = (d, a, prot)
         nents, iova, ilen, p32 = _core._map_sg_iommu(
             table, dom, device.dma_limit, device.dma_get_seg_boundary(), device.dma_get_max_seg_size(),
-            device.prefer_32bit_iova, _cpu(device), _prot(device, d, a), ctx)
-        device.prefer_32bit_iova = bool(p32)
-        m = SgMapping(device, d, a, "iommu", iova, ilen)
+            device.prefer_32bit_iova, _cpu(device), prot, ctx)
+        device.prefer_32bit_iova = p32
+        table.mapping = SgMapping(device, d, a, "iommu", iova, ilen)
+        return nents  # the core set table.nents to it
     table.mapping = m
     return int(table.nents)
 

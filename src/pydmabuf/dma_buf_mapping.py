@@ -261,6 +261,13 @@ class MappingMatch:
         self.type = type
         self.exp_ops = exp_ops
         self._data = dict(data)
+        # The data as instance attributes too, so that reading one (with or
+        # without a getattr default) is a dict hit, not a failed look-up, an
+        # AttributeError and a __getattr__ call; names the class has keep
+        # meaning the class's, as before.
+        for k, v in data.items():
+            if k not in _MATCH_CLASS_NAMES:
+                self.__dict__[k] = v
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not real attributes: the type data.
@@ -282,6 +289,8 @@ class MappingMatch:
 
 
 builtin_type = type
+#: Names a MappingMatch's type data may not shadow as instance attributes.
+_MATCH_CLASS_NAMES = frozenset(dir(MappingMatch)) | {"_data"}
 
 
 def _short(v: Any) -> str:

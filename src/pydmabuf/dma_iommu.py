@@ -132,8 +132,10 @@ class IovaState(_core._IovaStateCore, Owner):
             _need_device(device, "dma_iova_try_alloc")
         self = cls.__new__(cls)
         self.device = device
-        dom = self._dom = device.domain
-        if not isinstance(phys, int) or not isinstance(nbytes, int):
+        g = device.iommu_group
+        dom = self._dom = g.domain if g is not None else None  # device.domain, without the property call
+        if (type(phys) is not int or type(nbytes) is not int) and \
+                (not isinstance(phys, int) or not isinstance(nbytes, int)):
             raise TypeError("phys and nbytes must be ints")
         if dom is None or nbytes <= 0 or nbytes >> 63 or phys < 0:
             return self

@@ -263,18 +263,24 @@ class Attachment(AttachmentBase, Owner):
 
     def _track(self, table: SgTable | None, d: DmaDirection, pinned: bool, dma_ranges: Any = None) -> _Mapping:
         if dma_ranges is None:
-            dma_ranges = table.dma_ranges() if table is not None else np.zeros((0, 2), dtype=np.uint64)
-        m = _Mapping(self, table, d, _u64_pairs(dma_ranges, "dma ranges"), pinned)
+            # The core's own (N, 2) u64 array: nothing to parse.
+            dma = table.dma_ranges() if table is not None else np.zeros((0, 2), dtype=np.uint64)
+        else:
+            dma = _u64_pairs(dma_ranges, "dma ranges")
+        m = _Mapping(self, table, d, dma, pinned)
         buf = self.dmabuf
         with buf._lock:
             self._maps.add(m)
             buf._mappings.add(m)
-        if self.device is None:
+        dev = self.device
+        if dev is None:
             return m
         with _maps_lock:
-            _device_maps.setdefault(self.device, weakref.WeakSet()).add(m)
-        if table is not None:
-            with _maps_lock:
+            maps = _device_maps.get(dev)
+            if maps is None:  # a WeakSet only for a device's first mapping
+                maps = _device_maps[dev] = weakref.WeakSet()
+            maps.add(m)
+            if table is not None:
                 _table_maps[id(table)] = m  # m holds the table: its id stays its own
         return m
 
