@@ -25,11 +25,6 @@ NPAGES = 1 << 20
 LAYOUTS = ["contiguous", "fragmented", "scattered", "thp"]
 
 
-@pytest.fixture(scope="module")
-def machine():
-    return Machine.default()
-
-
 @pytest.fixture(scope="module", params=LAYOUTS)
 def layout(request, machine):
     r = machine.address_map.lookup(1 << 32)

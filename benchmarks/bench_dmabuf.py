@@ -39,11 +39,6 @@ GIB_PAGES = 1 << 18
 ROUNDTRIP_PAGES = [16, 4096]  # 64 KiB, 16 MiB
 
 
-@pytest.fixture(scope="module")
-def machine():
-    return Machine.default()
-
-
 class Importer(ImporterOps):
     """A well-behaved dynamic importer that maps ranges itself."""
 

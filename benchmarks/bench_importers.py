@@ -33,11 +33,6 @@ G = 4096
 SIZES = {"1p": 1, "32p": 32, "256p": 256, "1GiB": 1 << 18}
 
 
-@pytest.fixture(scope="module")
-def machine():
-    return Machine.default()
-
-
 @pytest.fixture(scope="module", params=list(SIZES))
 def request_pages(request, machine):
     n = SIZES[request.param]

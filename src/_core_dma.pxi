@@ -120,16 +120,34 @@ cdef inline uint64_t _sg_phys(const sg_entry *e) noexcept nogil:
     return (e.page_link & _SG_LINK_MASK) + e.offset
 
 
+cdef inline int64_t _sg_step(const sg_entry *slots, uint64_t nslots, int64_t i) noexcept nogil:
+    """sg_next() over a table's ``slots`` / ``nslots`` read once by the
+    caller, inlined into the per-entry loops of the map and the unmap."""
+    cdef uint64_t j
+    if i < 0 or slots[i].page_link & PDB_SG_END:
+        return -1
+    j = <uint64_t>i + 1
+    if j >= nslots:
+        return -1
+    if slots[j].page_link & PDB_SG_CHAIN:
+        j += 1
+        if j >= nslots:
+            return -1
+    return <int64_t>j
+
+
 cdef void _sg_clear_dma(sg_table *t, uint64_t n) noexcept nogil:
     """Zero the DMA side of the first n entries (an unmapped table's state)."""
+    cdef sg_entry *slots = t.slots
+    cdef uint64_t nslots = t.nslots
     cdef int64_t s = sg_first(t)
     cdef uint64_t k = 0
     while s >= 0 and k < n:
-        t.slots[s].dma_address = 0
-        t.slots[s].dma_length = 0
-        t.slots[s].dma_flags = 0
+        slots[s].dma_address = 0
+        slots[s].dma_length = 0
+        slots[s].dma_flags = 0
         k += 1
-        s = sg_next(t, s)
+        s = _sg_step(slots, nslots, s)
 
 
 # -------------------------------------------------------------- dma-direct
@@ -276,6 +294,119 @@ cdef int64_t _finalise_sg(sg_table *t, uint64_t dma_addr, uint64_t seg_mask,
     return count
 
 
+cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t dma_limit,
+                                       uint64_t seg_mask, uint64_t max_seg, bint *prefer32,
+                                       uint32_t cpu, uint32_t prot, p2p_ctx *pc,
+                                       uint64_t *iova_out, uint64_t *iova_len_out) noexcept nogil:
+    """iommu_dma_map_sg() for the common table: every entry starts on a
+    granule and is a whole number of granules, none is peer memory mapped
+    by bus address or refused, and no segment boundary pads the layout.
+
+    For such a table the kernel's layout pass changes no entry (the granule
+    offset is 0 and the padded length is the length), so what is left of it
+    is the IOVA length: one read-only pass finds it and checks the
+    conditions; the map of each physically contiguous run and
+    __finalise_sg() then run together in one pass (each entry is read by
+    the map step before the merge step writes behind it).  The map calls,
+    their order and arguments, the IOVA allocation and the result are the
+    general path's, so is every counter.  -EAGAIN, with nothing read
+    written, for a table that needs the general path."""
+    cdef uint64_t G = PDB_PAGE_SIZE, gmask = PDB_PAGE_SIZE - 1
+    cdef uint64_t n = t.orig_nents, k = 0, iova_len = 0, pad_len, s_length, phys, off
+    cdef uint64_t iova = 0, mapped = 0, runlen = 0, start = 0, dma_addr
+    cdef uint32_t cur_len = 0, max32 = <uint32_t>max_seg
+    cdef int64_t s = sg_first(t), cur, count = 0
+    cdef int rc = 0
+    cdef uint8_t st
+    cdef sg_entry *e
+    cdef sg_entry *slots = t.slots
+    cdef uint64_t nslots = t.nslots
+    if n == 0:
+        return -EAGAIN
+    while s >= 0 and k < n:
+        e = &slots[s]
+        s_length = e.length
+        if (e.offset & gmask) or (s_length & gmask) or s_length == 0:
+            return -EAGAIN
+        pad_len = (seg_mask - iova_len + 1) & seg_mask
+        if pad_len and pad_len < s_length - 1:
+            return -EAGAIN
+        st = p2p_classify(pc, _sg_phys(e), &off)
+        if st == PDB_P2P_BUS_ADDR or st == PDB_P2P_NOT_SUPPORTED:
+            return -EAGAIN
+        iova_len += s_length
+        k += 1
+        s = _sg_step(slots, nslots, s)
+    if k < n:
+        return -EAGAIN
+
+    iova_out[0] = 0
+    iova_len_out[0] = 0
+    if iommu_dma_alloc_iova(dom, iova_len, dma_limit, prefer32, cpu, &iova) < 0:
+        _sg_clear_dma(t, n)
+        return -ENOMEM
+
+    # iommu_map_sg() and __finalise_sg() in step: the run is flushed when an
+    # entry does not continue it, and one past the end.
+    dma_addr = iova
+    k = 0
+    s = sg_first(t)
+    cur = s
+    while k < n:
+        e = &slots[s]
+        phys = _sg_phys(e)
+        s_length = e.length
+        if runlen and phys != start + runlen:
+            if runlen == G:
+                rc = pgt_map_page(&dom.pgt, iova + mapped, start, prot)
+            else:
+                rc = iommu_map_nosync(dom, iova + mapped, start, runlen, prot)
+            if rc < 0:
+                break
+            mapped += runlen
+            runlen = 0
+        if runlen:
+            runlen += s_length
+        else:
+            runlen = s_length
+            start = phys
+        e.dma_address = PDB_DMA_MAPPING_ERROR
+        e.dma_length = 0
+        e.dma_flags = 0
+        if cur_len and (dma_addr & seg_mask) and <uint32_t>(max32 - cur_len) >= s_length:
+            cur_len += <uint32_t>s_length
+        else:
+            if k > 0:
+                cur = _sg_step(slots, nslots, cur)
+            cur_len = <uint32_t>s_length
+            count += 1
+            slots[cur].dma_address = dma_addr
+        slots[cur].dma_length = cur_len
+        dma_addr += s_length
+        k += 1
+        if k < n:
+            s = _sg_step(slots, nslots, s)
+    if rc == 0 and runlen:
+        if runlen == G:
+            rc = pgt_map_page(&dom.pgt, iova + mapped, start, prot)
+        else:
+            rc = iommu_map_nosync(dom, iova + mapped, start, runlen, prot)
+        if rc == 0:
+            mapped += runlen
+    if rc == 0:
+        rc = iommu_sync_map(dom, iova, mapped)
+    if rc < 0 or mapped < iova_len:
+        if mapped:
+            iommu_unmap(dom, iova, mapped)
+        iommu_dma_free_iova(dom, iova, iova_len, NULL, cpu)
+        _sg_clear_dma(t, n)
+        return -ENOMEM if rc == -ENOMEM else -EINVAL
+    t.nents = <uint32_t>count
+    iova_out[0] = iova
+    iova_len_out[0] = iova_len
+    return count
+
+
 cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit,
                               uint64_t seg_mask, uint64_t max_seg, bint *prefer32,
                               uint32_t cpu, uint32_t prot, p2p_ctx *pc,
@@ -296,6 +427,11 @@ cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit
     cdef int64_t count
     cdef uint8_t st
     cdef sg_entry *e
+    rc = _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu, prot, pc,
+                                   iova_out, iova_len_out)
+    if rc != -EAGAIN:
+        return rc
+    rc = 0
     iova_out[0] = 0
     iova_len_out[0] = 0
     while s >= 0 and k < n:
@@ -412,7 +548,7 @@ cdef int64_t iommu_dma_unmap_sg(sg_table *t, iommu_domain *dom, uint32_t cpu) no
                 found = True
             end = e.dma_address + e.dma_length
         k += 1
-        s = sg_next(t, s)
+        s = _sg_step(t.slots, t.nslots, s)
     if found and end > start:
         unmapped = iommu_dma_unmap(dom, start, end - start, cpu)
         if unmapped < 0:

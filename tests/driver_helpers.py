@@ -1,26 +1,17 @@
-"""Shared by the driver tests (VFIO, iommufd, KVM): the errno of a call,
-VFIO dma-bufs and attachments that clean up after themselves, and an
-importer that unmaps when told."""
+"""Shared by the driver tests (VFIO, iommufd, KVM): VFIO dma-bufs and
+attachments that clean up after themselves, and an importer that unmaps
+when told.  (The errno of a call is :func:`kernel_rc.kernel_rc`.)"""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
-from pydmabuf import DmaDirection, errors
+from pydmabuf import DmaDirection
 from pydmabuf.dmabuf import ImporterOps
 from pydmabuf.exporters import VfioPciBar
 
 BIDI = DmaDirection.BIDIRECTIONAL
-
-
-def errno_of(fn: Callable[..., Any], *a: Any, **kw: Any) -> int:
-    """The errno ``fn(*a, **kw)`` failed with, 0 if it did not fail."""
-    try:
-        fn(*a, **kw)
-    except errors.DmaBufError as e:
-        return int(e.errno)
-    return 0
 
 
 class Polite(ImporterOps):

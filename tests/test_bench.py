@@ -327,6 +327,163 @@ def test_unit_costs_divide_each_loop_by_its_operations():
         _stats.unit_costs({"x": (lambda: None, 0)})
 
 
+def test_interleaving_sets_takes_them_in_turn_pooling_their_samples():
+    """Sets of the same plans on fresh inputs: round r runs set r mod m,
+    starting at plan (r div m) mod k, so every set meets every order; a
+    warm-up round for each set; the samples of all sets pooled per plan."""
+    from pydmabuf import _stats
+
+    calls = []
+
+    def plan(s, name):
+        return (lambda: calls.append((s, name)), lambda h: None)
+
+    sets = [{n: plan(s, n) for n in "ab"} for s in range(3)]
+    ticks = iter(range(0, 10**9, 100))
+    samples, info = _stats.interleave(sets, baseline="a", min_rounds=6, max_rounds=6, warmup=1,
+                                      clock=lambda: next(ticks), overhead_ns=0)
+    warm, timed = calls[:6], calls[6:]
+    assert warm == [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "a"), (2, "b")]
+    assert timed == [(0, "a"), (0, "b"), (1, "a"), (1, "b"), (2, "a"), (2, "b"),
+                     (0, "b"), (0, "a"), (1, "b"), (1, "a"), (2, "b"), (2, "a")]
+    assert info["sets"] == 3 and info["rounds"] == 6
+    assert all(len(st) == 6 and len(un) == 6 for st, un in samples.values())
+
+
+def test_interleaving_sets_stops_only_after_a_whole_turn(monkeypatch):
+    """A budget or cap reached mid-turn lets the turn finish, so every set
+    gives as many rounds."""
+    import time
+
+    from pydmabuf import _stats
+
+    now = [0.0]
+    per_set = {0: 0, 1: 0, 2: 0}
+
+    def slow(s):
+        def step():
+            now[0] += 1.0
+            per_set[s] += 1
+        return step
+
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    sets = [{"a": (slow(s), lambda h: None)} for s in range(3)]
+    samples, info = _stats.interleave(sets, min_rounds=15, max_rounds=100, budget_s=0.5, cap_s=3.0, warmup=0,
+                                      overhead_ns=0)
+    assert info["stopped"] == "cap" and info["rounds"] == 6 and per_set == {0: 2, 1: 2, 2: 2}
+    samples, info = _stats.interleave(sets, min_rounds=1, max_rounds=100, budget_s=0.5, warmup=0, overhead_ns=0)
+    assert info["stopped"] == "budget" and info["rounds"] == 3
+
+
+def test_interleaving_sets_must_name_the_same_plans():
+    from pydmabuf import _stats
+
+    p = (lambda: None, lambda h: None)
+    with pytest.raises(ValueError, match="same plans"):
+        _stats.interleave([{"a": p, "b": p}, {"a": p}], min_rounds=1, max_rounds=1)
+    with pytest.raises(ValueError, match="at least one set"):
+        _stats.interleave([], min_rounds=1, max_rounds=1)
+    with pytest.raises(ValueError, match="baseline"):
+        _stats.interleave([{"a": p}, {"a": p}], baseline="b", min_rounds=1, max_rounds=1)
+
+
+def test_a_group_is_timed_on_several_machines_and_counted_on_the_first():
+    """The mapping part on a list of machines: the strategies run on each
+    machine in turn (samples pooled, a whole number of turns), and the
+    counts are those of one machine, the same as with a single machine."""
+    from pydmabuf import workloads
+
+    pfns = workloads.layout("scattered", 16, 1)[0]
+    timing = {"min_rounds": 4, "max_rounds": 4, "budget_s": 5.0, "target": 0.0, "warmup": 1, "sets": 2}
+    groups: list = []
+    pooled = bench._mapping_cells([bench._Bench(), bench._Bench()], "scattered", 16, pfns, timing,
+                                  ("sg_iommu", "link_pages"), groups=groups)
+    single = bench._mapping_cells(bench._Bench(), "scattered", 16, pfns, dict(timing, sets=1),
+                                  ("sg_iommu", "link_pages"))
+    assert groups[0]["sets"] == 2 and groups[0]["rounds"] == 4
+    assert [len(c.samples_ns) for c in pooled] == [4, 4]
+    assert [(c.strategy, c.kernel_work, c.counters["segments"]) for c in pooled] == \
+        [(c.strategy, c.kernel_work, c.counters["segments"]) for c in single]
+
+
+def test_sets_on_one_given_machine_leave_it_as_they_found_it():
+    """With a machine of the caller's, every set maps on that machine (fresh
+    arrays and buffers each): nothing stays mapped or allocated after."""
+    from pydmabuf import workloads
+
+    m = Machine.default()
+    before = _live(m)
+    b = bench._Bench(m)
+    groups: list = []
+    cells = bench._mapping_cells([b, b, b], "scattered", 16, workloads.layout("scattered", 16, 1)[0],
+                                 {"min_rounds": 6, "max_rounds": 6, "budget_s": 5.0, "target": 0.0, "warmup": 1},
+                                 bench.MAPPING_STRATEGIES, groups=groups)
+    assert groups[0]["sets"] == 3 and {len(c.samples_ns) for c in cells} == {6}
+    assert _live(m) == before
+
+
+def test_the_walk_is_timed_on_fresh_copies_of_its_input():
+    from pydmabuf import workloads
+
+    pfns = workloads.layout("fragmented", 64, 1)[0]
+    groups: list = []
+    cells = bench._sg_cells("fragmented", 64, pfns, {"min_rounds": 6, "max_rounds": 6, "budget_s": 5.0,
+                                                     "target": 0.0, "warmup": 1, "sets": 3}, groups)
+    assert groups[0]["sets"] == 3 and all(len(c.samples_ns) == 6 for c in cells)
+    assert {c.strategy: c.counters["segments"] for c in cells}["sg_from_pages"] == \
+        len(workloads.numpy_coalesce(pfns)[1])
+
+
+def test_the_default_run_pools_fresh_sets_and_quick_does_not():
+    assert bench.TIMING["mapping"]["sets"] >= 2 and bench.TIMING["sg_walk"]["sets"] >= 2
+    assert bench.QUICK_TIMING["mapping"].get("sets", 1) == 1
+
+
+def test_big_groups_take_the_big_budget_and_the_loop_gets_only_its_arguments():
+    t = {"min_rounds": 3, "budget_s": 0.5, "sets": 3, "big_pages": 1024, "big_budget_s": 2.0}
+    assert bench._group_timing(t, 1023) == {"min_rounds": 3, "budget_s": 0.5}
+    assert bench._group_timing(t, 1024) == {"min_rounds": 3, "budget_s": 2.0}
+    assert bench._group_timing({"budget_s": 0.5}, 1 << 20) == {"budget_s": 0.5}
+    for part in ("mapping", "sg_walk"):
+        d = bench.TIMING[part]
+        assert d["big_budget_s"] > d["budget_s"]  # the time moved to the groups of few, long rounds
+
+
+def test_unit_costs_come_from_calibration_rounds_spread_over_the_run(monkeypatch):
+    """The host's unit costs are calibrated at the start, after every group
+    and at the end, and each unit is the least of all those rounds (here
+    the quietest round comes after the first group)."""
+    calls = []
+    base = {"walk_write": 10.0, "map_call": 20.0, "pte_write": 1.0, "entry_visit": 2.0, "alloc_4k": 100.0,
+            "tree_pair": 300.0, "magazine_pair": 16.0}
+
+    def fake_calibrate(rounds=7, into=None):
+        calls.append(rounds)
+        scale = 0.5 if len(calls) == 2 else 1.0  # the quiet moment
+        raw = {k: [v * scale] * rounds for k, v in base.items()}
+        if into is None:
+            return raw
+        for k, v in raw.items():
+            into.setdefault(k, []).extend(v)
+        return into
+
+    monkeypatch.setattr(kernel_work, "calibrate", fake_calibrate)
+    monkeypatch.setitem(bench.CAL_ROUNDS, "quick", (5, 2))
+    result = bench.run_study(["contiguous"], [1, 16, 256], quick=True, progress=False, parts=["sg_walk"])
+    start, between = 5, 2
+    assert calls == [start, between, between, between, start]
+    u = result["unit_costs"]
+    assert u["entry_visit"]["ns"] == 1.0 and u["metadata_byte"]["ns"] == pytest.approx(50.0 / 4096)
+    assert len(u["entry_visit"]["samples"]) == 2 * start + 3 * between
+    calls.clear()
+    monkeypatch.setitem(bench.CAL_ROUNDS, "quick", (5, 0))  # none between the groups
+    bench.run_study(["contiguous"], [1, 16], quick=True, progress=False, parts=["sg_walk"])
+    assert calls == [5, 5]
+    # every cell is costed with the final units
+    (c,) = [c for c in result["cells"] if c["strategy"] == "sg_from_pages" and c["npages"] == 16]
+    assert {t["unit"]: t["unit_ns"] for t in c["kernel_est_terms"]}["entry_visit"] == 1.0
+
+
 def test_a_time_cap_ends_a_group_of_long_calls_before_min_rounds(monkeypatch):
     import time
 
@@ -433,13 +590,12 @@ def test_compare_refuses_a_file_that_is_not_a_study(tmp_path, capsys, content):
 
 
 def test_a_failing_strategy_is_skipped_and_the_others_kept(monkeypatch):
-    import pydmabuf
     from pydmabuf import errors
 
     def refuse(*a, **k):
         raise errors.OutOfMemory("no memory for the DMA-only table")
 
-    monkeypatch.setattr(pydmabuf, "dma_buf_phys_vec_to_sgt", refuse)
+    monkeypatch.setattr(bench, "dma_buf_phys_vec_to_sgt", refuse)  # the name the study calls
     m = Machine.default()
     before = _live(m)
     result = bench.run_study(["contiguous"], [16, 256], quick=True, progress=False, machine=m)
@@ -455,22 +611,58 @@ def test_a_failing_strategy_is_skipped_and_the_others_kept(monkeypatch):
 
 
 def test_a_failing_group_is_skipped_and_the_run_goes_on(monkeypatch):
-    from pydmabuf import workloads
+    from pydmabuf import page_alloc
 
-    real = workloads.random_runs
+    real = page_alloc.random_runs
 
     def fail_big(npages, *a, **k):
         if npages == 256:
             raise MemoryError
         return real(npages, *a, **k)
 
-    monkeypatch.setattr(workloads, "random_runs", fail_big)
+    monkeypatch.setattr(page_alloc, "random_runs", fail_big)
     result = bench.run_study(["scattered", "contiguous"], [16, 256], quick=True, progress=False)
     got = {(c["layout"], c["npages"]) for c in result["cells"]}
     assert got == {("scattered", 16), ("contiguous", 16), ("contiguous", 256)}
     assert result["skipped"] == [{"layout": "scattered", "npages": 256, "strategy": None,
                                   "reason": "out of memory (MemoryError)"}]
     assert "scattered 1 MiB skipped: out of memory (MemoryError)" in result["notes"]
+
+
+def _vm_flags(addr):
+    """The VmFlags of the mapping of this process holding ``addr``."""
+    cur = None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                cur = lo <= addr < hi
+            elif cur and line.startswith("VmFlags:"):
+                return line.split()[1:]
+    return None
+
+
+@pytest.mark.parametrize("npages, huge", [(16, False), (1023, False), (1024, True)])
+def test_a_real_buffer_is_a_fresh_private_mapping_on_a_huge_page_boundary(npages, huge):
+    """The pagemap layout's buffer never reuses heap memory: it is a private
+    anonymous mapping of its own starting on a huge-page boundary, advised
+    to take huge pages from 4 MiB up (as NumPy advises its arrays), so what
+    backs it does not depend on where an earlier allocation left the heap."""
+    from pydmabuf import errors, workloads
+
+    try:
+        pfns, keep = workloads.real_pages(npages)
+    except errors.NotPermitted:
+        pytest.skip("this host's PFNs cannot be read")
+    addr = keep.__array_interface__["data"][0]
+    assert len(pfns) == npages and keep.nbytes == npages * 4096
+    assert addr % workloads.HUGE_PAGE_SIZE == 0
+    flags = _vm_flags(addr)
+    if flags is None:
+        pytest.skip("no /proc/self/smaps")
+    assert "sh" not in flags  # private, not shmem
+    assert ("hg" in flags) == huge
 
 
 def test_big_real_memory_buffers_are_opt_in(monkeypatch):

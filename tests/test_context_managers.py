@@ -9,16 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pydmabuf import DmaDirection, IovaState, Machine, SgTable, errors
+from pydmabuf import DmaDirection, IovaState, SgTable, errors
 from pydmabuf.dmabuf import ImporterOps
 from pydmabuf.exporters import SystemHeap
 
 BIDI = DmaDirection.BIDIRECTIONAL
-
-
-@pytest.fixture
-def m():
-    return Machine.default()
 
 
 @pytest.fixture
@@ -130,3 +125,67 @@ def test_with_iova_state_destroys_what_is_linked(m):
     gpu.domain.flush()  # lazy domain: the IOTLB is invalidated at the flush
     with pytest.raises(errors.IommuFault):
         gpu.dma_read(addr, 1)
+
+
+def test_with_allocate_leaves_the_reference_a_cpu_mapping_holds(heap):
+    # The block's own reference went by hand; the one the mapping holds is
+    # the mapping's to put, so leaving the block puts nothing.
+    with heap.allocate(1 << 16) as buf:
+        cpu = buf.mmap()
+        buf.put()
+    assert buf.refcount == 1 and not buf.released
+    cpu.close()
+    assert buf.released
+
+
+def test_every_resource_owner_of_the_dma_buf_layers_is_a_lifecycle_owner():
+    from pydmabuf._lifecycle import Owner
+    from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf
+    from pydmabuf.exporters import VfioPciBar
+    from pydmabuf.importers import DrmGpu, IommufdIoas, KvmVm, RdmaMr
+    from pydmabuf.importers.drm import DrmDynamicGpu
+    from pydmabuf.importers.nvme import NvmeMapping
+
+    for cls in (DmaBuf, Attachment, CpuMapping, VfioPciBar, DrmGpu, DrmDynamicGpu, IommufdIoas, KvmVm, RdmaMr,
+                NvmeMapping):
+        assert issubclass(cls, Owner), cls
+
+
+@pytest.mark.parametrize("kind", ["attachment", "cpu-mapping", "drm", "drm-dynamic", "rdma", "nvme", "iommufd",
+                                  "kvm"])
+def test_close_gives_back_what_the_owner_holds_and_twice_does_nothing(m, heap, kind):
+    from pydmabuf.exporters import VfioPciBar
+    from pydmabuf.importers import DrmGpu, IommufdIoas, KvmVm, NvmeQueue, RdmaMr
+    from pydmabuf.importers.drm import DrmDynamicGpu
+    from pydmabuf.importers.kvm import KVM_MEM_VFIO_DMABUF
+
+    vfio = VfioPciBar(m, "vfio0", nbytes=1 << 20) if kind in ("iommufd", "kvm") else None
+    buf = vfio.export() if vfio is not None else heap.allocate(16 * 4096)
+    if kind == "attachment":
+        obj = buf.attach(m.device("gpu0"))
+    elif kind == "cpu-mapping":
+        obj = buf.mmap()
+    elif kind == "drm":
+        obj = DrmGpu.prime_import(m.device("gpu0"), buf)
+    elif kind == "drm-dynamic":
+        obj = DrmDynamicGpu.import_buffer(m.device("gpu0"), buf)
+    elif kind == "rdma":
+        obj = RdmaMr.register(m.device("nic0"), buf, 0, 16 * 4096)
+    elif kind == "nvme":
+        obj = NvmeQueue(m.device("nvme0")).map_pages(buf.exporter.pfns)
+    elif kind == "iommufd":
+        obj = IommufdIoas(m)
+        obj.attach_device(m.device("gpu0"))
+        obj.map_file(buf, 0, 1 << 20)
+    else:
+        obj = KvmVm(m, private_mem=True)
+        obj.set_user_memory_region2(0, KVM_MEM_VFIO_DMABUF, 1 << 32, 1 << 20, guest_memfd=buf)
+    assert obj._owns()
+    obj.close()
+    assert not obj._owns()
+    obj.close()  # idempotent: no LifetimeError, nothing given back twice
+    assert not buf.attachments
+    buf.put()
+    assert buf.released
+    if vfio is not None:
+        vfio.close()

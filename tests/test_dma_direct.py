@@ -1,6 +1,6 @@
 """dma-direct: the DMA address is the physical one through the device's
-dma_range_map; what the device cannot reach bounces through swiotlb
-(research items 12-16), with the copies made when the kernel makes them."""
+dma_range_map; what the device cannot reach bounces through swiotlb,
+with the copies made when the kernel makes them."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ G = 4096
 TO, FROM, BIDI = DmaDirection.TO_DEVICE, DmaDirection.FROM_DEVICE, DmaDirection.BIDIRECTIONAL
 
 
-def test_item12_mask_boundary_and_bounce():
+def test_one_byte_past_the_dma_mask_bounces_through_swiotlb():
     m, d = direct_device(dma_mask=32, swiotlb="swiotlb")
     assert dma_map_phys(d, 0xFFFFF000, 0x1000, TO) == 0xFFFFF000
     dma_unmap_phys(d, 0xFFFFF000, 0x1000, TO)
@@ -28,7 +28,7 @@ def test_item12_mask_boundary_and_bounce():
     assert pool.mappings == 0
 
 
-def test_item12_without_a_pool_it_fails():
+def test_past_the_mask_without_a_pool_map_is_enomem_and_map_sg_eio():
     m, d = direct_device(dma_mask=32)
     with pytest.raises(errors.OutOfMemory):
         dma_map_phys(d, 0xFFFFF000, 0x1001, TO)
@@ -55,7 +55,7 @@ def test_forced_bouncing_without_a_pool_fails_cleanly():
     assert (t.entries == before).all() and t.mapping is None and t.nents == t.orig_nents
 
 
-def test_item13_bus_dma_limit_wins():
+def test_bus_dma_limit_caps_a_64_bit_mask():
     m, d = direct_device(dma_mask=64, bus_dma_limit=0x3FFFFFFF)
     assert d.dma_limit == 0x3FFFFFFF
     assert dma_map_phys(d, 0x3FFFF000, 0x1000, TO) == 0x3FFFF000
@@ -63,7 +63,7 @@ def test_item13_bus_dma_limit_wins():
         dma_map_phys(d, 0x40000000, 0x1000, TO)
 
 
-def test_item14_dma_range_map():
+def test_dma_range_map_translates_and_outside_every_region_fails():
     m, d = direct_device(dma_ranges=[[0x80000000, 0x0, 0x40000000]], swiotlb="swiotlb")
     assert dma_map_phys(d, 0x80001000, 0x1000, TO) == 0x1000
     # Outside every region: not capable, so it bounces (the pool at
@@ -72,7 +72,7 @@ def test_item14_dma_range_map():
         dma_map_phys(d, 0x10000, 0x1000, TO)
 
 
-def test_item15_mmio_is_not_translated_nor_bounced():
+def test_mmio_is_not_translated_nor_bounced():
     m, d = direct_device(dma_offset=0x1000_0000, swiotlb="swiotlb")
     assert dma_map_phys(d, 0x2000, 0x1000, TO) == 0x1000_2000
     assert dma_map_phys(d, 0x4000, 0x1000, TO, DmaAttrs.MMIO) == 0x4000
@@ -83,7 +83,7 @@ def test_item15_mmio_is_not_translated_nor_bounced():
     assert m.swiotlb_pools["swiotlb"].contains(dma)
 
 
-def test_item16_no_merging_on_direct():
+def test_dma_direct_never_merges_entries():
     m, d = direct_device()
     t = make_table([(100, 0, G), (101, 0, G), (102, 0, G)])
     assert dma_map_sgtable(d, t, BIDI) == 3

@@ -1,6 +1,5 @@
 """dma-buf: export, references, attachments, mapping rules, invalidation,
-move, revoke, physical ranges, CPU access and the checker (research
-dma-buf.md section 1, behaviours 1-12)."""
+move, revoke, physical ranges, CPU access and the checker."""
 
 from __future__ import annotations
 
@@ -15,20 +14,17 @@ import pytest
 from hypothesis import given, strategies as st
 
 import pydmabuf
+import pydmabuf.page_alloc
 from pydmabuf import (DmaDirection, Fence, Machine, RangeKind, RangeTable, Usage, checks, errors,
                       fence_context_alloc)
-from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, _touches, attach_revocable, close,
-                             dma_buf_get, export)
+from pydmabuf.dmabuf import (PHYS_NAMESPACE, Exporter, ImporterOps, PhysVec, attach_revocable, close, dma_buf_get,
+                             export)
 from pydmabuf.exporters import SystemHeap
 from pydmabuf.exporters.system_heap import HeapBuffer
+from pydmabuf.mapping import _touches
 
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
-
-
-@pytest.fixture
-def m():
-    return Machine.default()
 
 
 class Recorder(Exporter):
@@ -272,12 +268,12 @@ def test_attachments_are_newest_first_and_refusals_change_nothing(m):
     b.put()
 
 
-def test_item3_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
+def test_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
     e = Recorder(m)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
     assert a.pin_count == 0 and ("pin", "gpu0") not in e.calls
-    with b.resv.locked() if hasattr(b.resv, "locked") else _locked(b.resv):
+    with b.resv:
         t1 = a.map(BIDI)
         assert a.pin_count == 1
         t2 = a.map(BIDI)  # no caching: a second map and a second pin
@@ -289,24 +285,13 @@ def test_item3_static_importer_of_a_dynamic_exporter_pins_on_every_map(m):
     b.put()
 
 
-class _locked:
-    def __init__(self, resv):
-        self.resv = resv
-
-    def __enter__(self):
-        self.resv.lock()
-
-    def __exit__(self, *exc):
-        self.resv.unlock()
-
-
-def test_item4_locking_rules_of_map(m):
+def test_map_and_unmap_need_the_lock_and_map_unlocked_and_attach_refuse_it(m):
     b = export(Recorder(m), 4 * G)
     a = b.dynamic_attach(m.device("gpu0"), Dyn())
     with pytest.raises(errors.LockingError):
         a.map(BIDI)
     t = a.map_unlocked(BIDI)
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.LockingError):
             a.map_unlocked(BIDI)
         with pytest.raises(errors.LockingError):
@@ -318,12 +303,12 @@ def test_item4_locking_rules_of_map(m):
     b.put()
 
 
-def test_item5_static_importer_waits_for_kernel_fences(m):
+def test_static_importer_waits_for_kernel_fences_and_an_interrupt_unwinds_the_map(m):
     e = Recorder(m)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
     f = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.KERNEL)
     threading.Timer(0.05, f.signal).start()
@@ -333,7 +318,7 @@ def test_item5_static_importer_waits_for_kernel_fences(m):
     a.unmap_unlocked(t, BIDI)
     # Interrupted while waiting: the exporter saw map then unmap, pin then unpin.
     f2 = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f2, Usage.KERNEL)
     me = threading.get_ident()
@@ -349,7 +334,7 @@ def test_item5_static_importer_waits_for_kernel_fences(m):
     b.put()
 
 
-def test_item6_exporter_returning_no_table_is_enomem_and_unpins(m):
+def test_exporter_returning_no_table_is_enomem_and_unpins(m):
     e = Recorder(m, fail_map=True)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
@@ -360,7 +345,7 @@ def test_item6_exporter_returning_no_table_is_enomem_and_unpins(m):
     b.put()
 
 
-def test_item7_invalidation_order_and_lock(m):
+def test_invalidation_needs_the_lock_and_tells_importer_callbacks_newest_first(m):
     b = export(Recorder(m), 4 * G)
     seen = []
 
@@ -377,7 +362,7 @@ def test_item7_invalidation_order_and_lock(m):
     a4 = b.dynamic_attach(m.device("gpu1"), Tell("newest"))
     with pytest.raises(errors.LockingError):
         b.invalidate_mappings()
-    with _locked(b.resv):
+    with b.resv:
         b.move_notify()  # the old name is the same call
     assert seen == ["newest", "with-op"]
     assert b.move_notify == b.invalidate_mappings
@@ -390,14 +375,14 @@ def test_both_callback_names_work(m):
     b = export(Recorder(m), 4 * G)
     old = OldName()
     a = b.dynamic_attach(m.device("nic0"), old)
-    with _locked(b.resv):
+    with b.resv:
         b.invalidate_mappings()
     assert old.calls == [a]
     b.detach(a)
     b.put()
 
 
-def test_item8_attach_revocable(m):
+def test_attach_revocable_only_for_dynamic_importers_with_a_callback(m):
     b = export(Recorder(m), 4 * G)
     assert not attach_revocable(b.attach(m.device("gpu0")))
     assert not attach_revocable(b.dynamic_attach(m.device("nic0"), NoOp()))
@@ -408,7 +393,7 @@ def test_item8_attach_revocable(m):
     b.put()
 
 
-def test_item11_mmap_bounds_and_vmap_refcount(m):
+def test_mmap_never_maps_a_partial_page_and_vmap_is_refcounted(m):
     # An exporter of two and a half pages (the heaps page-align, so not one
     # of theirs): the trailing partial page is never mappable.
     exp = HeapBuffer(m, m.pages.alloc(3), 2 * G + G // 2, owned=True, layout="contiguous", seed=1)
@@ -420,7 +405,7 @@ def test_item11_mmap_bounds_and_vmap_refcount(m):
     c = b.mmap(0, 2 * G)
     c.write(0x10, b"hello")
     assert c.read(0x10, 5) == b"hello"
-    with _locked(b.resv):
+    with b.resv:
         v1 = b.vmap()
         v2 = b.vmap()
         assert v1 is v2 and b._vmap_count == 2
@@ -432,7 +417,7 @@ def test_item11_mmap_bounds_and_vmap_refcount(m):
     b.put()
 
 
-def test_item12_release_with_users_is_reported_and_release_still_runs(m):
+def test_release_with_users_is_reported_and_release_still_runs(m):
     e = Recorder(m)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
@@ -479,7 +464,7 @@ def test_dma_through_an_invalidated_mapping_is_caught(m):
     t = a.map_unlocked(BIDI)
     addr = int(t.dma_ranges()[0, 0])
     nic.dma_write(addr, b"ok before")
-    with _locked(b.resv):
+    with b.resv:
         b.invalidate_mappings()
     with pytest.raises(errors.LifetimeError) as ei:
         nic.dma_read(addr, 4)
@@ -509,7 +494,7 @@ def test_move_migrates_pages_and_keeps_contents(m):
     a = b.dynamic_attach(m.device("nic0"), dyn)
     st = b.attach(m.device("gpu0"))
     f = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.BOOKKEEP)  # a job still using the old pages
         t = st.map(BIDI)  # a static map pins the buffer...
@@ -534,7 +519,7 @@ def test_move_migrates_pages_and_keeps_contents(m):
 
 def test_static_heap_cannot_move(m):
     b = SystemHeap(m).allocate(4 * G)
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.NotSupported):
             b.move()
     b.put()
@@ -567,7 +552,7 @@ def test_revoke_sequence(m):
     a = b.dynamic_attach(nic, imp)
     imp.tables.append(a.map_unlocked(BIDI))
     with pytest.raises(errors.LockingError):
-        with _locked(b.resv):
+        with b.resv:
             b.revoke()
     b.revoke(timeout=5)
     assert done.is_set() and b.live_mappings == 0 and b.revoked
@@ -594,7 +579,7 @@ def test_revoke_times_out_when_an_importer_never_unmaps(m):
 
 def _bookkeep_fence(b):
     f = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.BOOKKEEP)
     return f
@@ -625,13 +610,13 @@ def test_phys_vec_is_gated_by_the_namespace(m):
     b = SystemHeap(m).allocate(8 * G, layout="fragmented")
     plain = b.dynamic_attach(m.device("nic0"), Dyn())
     capable = b.dynamic_attach(m.device("gpu0"), PhysImporter())
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.NotPermitted):
             plain.phys_vec()
         pv = capable.phys_vec()
     assert pv.provider is None and int(pv.ranges[:, 1].sum()) == 8 * G
     assert (pv.ranges[:, 0] >> np.uint64(12)).tolist() == \
-        pydmabuf.workloads.numpy_coalesce(b.exporter.pfns)[0].__rshift__(np.uint64(12)).tolist()
+        pydmabuf.page_alloc.numpy_coalesce(b.exporter.pfns)[0].__rshift__(np.uint64(12)).tolist()
     with pytest.raises(errors.LockingError):
         capable.phys_vec()
     # A capable importer maps the ranges itself with the list-free API and
@@ -641,7 +626,7 @@ def test_phys_vec_is_gated_by_the_namespace(m):
     st.link_ranges(pv.ranges, BIDI)
     st.sync()
     h = capable.track_dma([[st.addr, 8 * G]])
-    with _locked(b.resv):
+    with b.resv:
         b.invalidate_mappings()
     with pytest.raises(errors.LifetimeError):
         dev.dma_read(st.addr, 4)
@@ -660,7 +645,7 @@ def test_private_memory_only_for_trusted_importers(m):
     b = export(Private(m), 4 * G)
     untrusted = b.dynamic_attach(m.device("nic0"), PhysImporter())
     trusted = b.dynamic_attach(m.device("gpu0"), PhysImporter())
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.NotPermitted):
             untrusted.phys_vec()
         assert trusted.phys_vec().ranges.tolist() == [[61 << 30, 4 * G]]
@@ -726,7 +711,7 @@ def test_a_fault_while_holding_the_lock_is_refused(m):
 def test_begin_cpu_access_waits_for_writers(m):
     b = SystemHeap(m).allocate(4 * G)
     f = Fence(fence_context_alloc(), 1)
-    with _locked(b.resv):
+    with b.resv:
         b.resv.reserve_fences(1)
         b.resv.add_fence(f, Usage.WRITE)
     threading.Timer(0.05, f.signal).start()
@@ -912,14 +897,14 @@ def _three_importers(m, movable=True):
     b = SystemHeap(m).allocate(4 * G, movable=movable, name="shared")
     ops = [Dropper(), Raiser(), Dropper()]
     atts = [b.dynamic_attach(m.device(n), o) for n, o in zip(("gpu0", "nic0", "gpu1"), ops)]
-    with _locked(b.resv):
+    with b.resv:
         for a, o in zip(atts, ops):
             o.tables.append(a.map(BIDI))
     return b, ops, atts
 
 
 def _teardown(b, ops, atts):
-    with _locked(b.resv):
+    with b.resv:
         for a, o in zip(atts, ops):
             for t in o.tables:
                 a.unmap(t, BIDI)
@@ -951,7 +936,7 @@ def test_revoke_reaches_every_importer_when_one_callback_raises(m):
         atts[0].map_unlocked(BIDI)
     # The lock was dropped, the fences waited for; unmapping ends the wait.
     assert not b.resv.is_locked()
-    with _locked(b.resv):
+    with b.resv:
         atts[1].unmap(raiser_table, BIDI)
         ops[1].tables.clear()
     b.wait_unmapped(1)
@@ -988,7 +973,7 @@ def test_revoke_in_report_mode_records_the_raising_importer_and_completes(m):
 def test_move_and_invalidate_tell_every_importer_then_report(m):
     b, ops, atts = _three_importers(m)
     old = b.exporter.pfns.copy()
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(errors.LifetimeError) as ei:
             b.move()
         assert isinstance(ei.value.__cause__, RuntimeError)
@@ -1010,7 +995,7 @@ def test_an_interrupt_in_a_callback_is_reraised_after_every_importer_was_told(m)
     b = SystemHeap(m).allocate(4 * G, movable=True)
     ops = [Dropper(), Interrupted(), Dropper()]
     atts = [b.dynamic_attach(m.device(n), o) for n, o in zip(("gpu0", "nic0", "gpu1"), ops)]
-    with _locked(b.resv):
+    with b.resv:
         with pytest.raises(KeyboardInterrupt):
             b.invalidate_mappings()
     assert [o.told for o in ops] == [1, 1, 1]
@@ -1025,7 +1010,7 @@ def test_a_static_attachments_pins_belong_to_map_and_unmap(m):
     e = Recorder(m)
     b = export(e, 4 * G)
     a = b.attach(m.device("gpu0"))
-    with _locked(b.resv):
+    with b.resv:
         t = a.map(BIDI)
         assert a.pin_count == 1
         # dma_buf_unpin / dma_buf_pin are for dynamic importers only: the
@@ -1054,7 +1039,7 @@ def test_a_static_attachments_pins_belong_to_map_and_unmap(m):
 def test_a_movable_buffer_moves_again_after_the_static_unmap(m):
     b = SystemHeap(m).allocate(4 * G, movable=True)
     a = b.attach(m.device("gpu0"))
-    with _locked(b.resv):
+    with b.resv:
         t = a.map(BIDI)
         with checks.report_mode():
             a.unpin()
@@ -1074,14 +1059,14 @@ def test_a_movable_buffer_moves_again_after_the_static_unmap(m):
 
 
 def _fill(b, byte):
-    with _locked(b.resv):
+    with b.resv:
         vm = b.vmap()
         vm.write(0, bytes([byte]) * b.size)
         b.vunmap(vm)
 
 
 def _contents(b):
-    with _locked(b.resv):
+    with b.resv:
         vm = b.vmap()
         try:
             return vm.read(0, b.size)
@@ -1114,7 +1099,7 @@ def test_moved_buffer_gets_clean_pages_and_keeps_its_own(m):
     the new pages, which may have held another buffer's bytes."""
     heap = SystemHeap(m)
     b = heap.allocate(48 * G, movable=True, layout="contiguous")   # pages past 17 hold no data
-    with _locked(b.resv):
+    with b.resv:
         vm = b.vmap()
         vm.write(G, b"kept")
         b.vunmap(vm)
@@ -1126,7 +1111,7 @@ def test_moved_buffer_gets_clean_pages_and_keeps_its_own(m):
         m.memory.write(p << 12, b"\xee" * G)
     dirty = set(junk.tolist())
     m.pages.free(junk)
-    with _locked(b.resv):
+    with b.resv:
         b.move()
     assert dirty & set(b.exporter.pfns.tolist()), "the test needs the move to reuse the dirty pages"
     data = _contents(b)

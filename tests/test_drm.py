@@ -21,11 +21,6 @@ from pydmabuf.importers import DrmGpu
 G = 4096
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 def count_accesses(dev):
     calls = []
     real_r, real_w = dev.dma_read, dev.dma_write

@@ -994,6 +994,7 @@ def phys_batch_row_gone() -> S:
 
     def end() -> None:
         pydmabuf.dma_unmap_phys(d, int(batch.dma_ranges[0, 0]), G, BIDI)
+        batch.live = False  # both rows went back by hand: the batch owns nothing
         assert m.swiotlb_pools["swiotlb"].slots_used == 0
 
     return s.later(end)

@@ -162,7 +162,6 @@ def test_map_dma_respects_the_limit_and_aperture():
 
 
 def test_pci_devices_start_below_4g_until_it_fails():
-    # item 38
     d = IommuDomain()
     iova, pref = d.alloc_iova_pci(K4, TOP, True)
     assert iova < 1 << 32 and pref

@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 import pydmabuf
 from pydmabuf import IovaDomain, errors
 
-from kernel_rc import call
+from kernel_rc import kernel_rc
 
 U64 = (1 << 64) - 1
 MAG = 127
@@ -302,7 +302,7 @@ def same_state(core: IovaDomain, ref: RefIova) -> None:
 
 
 def test_first_allocations_grow_down_from_the_limit():
-    # research item 33: 1 -> 0xFFFFF, 1 -> 0xFFFFE, 3 (rounded to 4,
+    # 1 -> 0xFFFFF, 1 -> 0xFFFFE, 3 (rounded to 4,
     # aligned to 4) -> 0xFFFF8, leaving 0xFFFFC..0xFFFFD free.
     d = IovaDomain()
     assert d.alloc_fast(1, LIM32) == 0xFFFFF
@@ -314,7 +314,6 @@ def test_first_allocations_grow_down_from_the_limit():
 
 
 def test_size_33_is_not_rounded_but_aligned_to_64():
-    # item 34
     d = IovaDomain()
     pfn = d.alloc_fast(33, LIM32)
     assert pfn % 64 == 0
@@ -330,7 +329,6 @@ def test_tree_alloc_without_size_alignment_packs():
 
 
 def test_free_then_alloc_comes_from_the_rcache():
-    # item 35
     d = IovaDomain()
     pfn = d.alloc_fast(1, LIM32)
     before = d.stats
@@ -345,7 +343,7 @@ def test_free_then_alloc_comes_from_the_rcache():
 
 
 def test_magazines_fill_swap_and_spill_to_the_depot():
-    # item 36: 127 frees fill `loaded`; the 128th swaps it with the empty
+    # 127 frees fill `loaded`; the 128th swaps it with the empty
     # `prev`; the 255th finds both full and pushes one to the depot.
     d = IovaDomain()
     pfns = [d.alloc_fast(1, LIM32) for _ in range(300)]
@@ -424,7 +422,7 @@ def test_flush_rcache_retry_finds_cached_space():
 
 
 def test_32bit_exhaustion_fails_fast_until_a_low_free():
-    # item 37, on a domain whose 32-bit space is 64 pfns.
+    # On a domain whose 32-bit space is 64 pfns.
     d = IovaDomain(start_pfn=D32 - 64)
     got = [d.alloc(16, LIM32) for _ in range(4)]
     assert sorted(got) == [D32 - 64, D32 - 48, D32 - 32, D32 - 16]
@@ -465,7 +463,6 @@ def test_retry_above_the_cached_node():
 
 
 def test_pfn_zero_is_never_handed_out():
-    # item 39
     with pytest.raises(errors.InvalidArgument):
         IovaDomain(start_pfn=0)
     d = IovaDomain(start_pfn=1)
@@ -614,20 +611,20 @@ class IovaMachine(RuleBasedStateMachine):
     @rule(data=st.data(), size=SIZES, aligned=st.booleans())
     def alloc(self, data, size, aligned):
         lim = data.draw(limits(self.start))
-        assert call(self.core.alloc, size, lim, aligned) == self.ref.alloc(size, lim, aligned)
+        assert kernel_rc(self.core.alloc, size, lim, aligned) == self.ref.alloc(size, lim, aligned)
 
     @rule(data=st.data(), size=SIZES, flush=st.booleans())
     def alloc_fast(self, data, size, flush):
         lim = data.draw(limits(self.start))
         cpu = data.draw(st.integers(0, self.ref.ncpus - 1))
-        assert call(self.core.alloc_fast, size, lim, flush, cpu) == self.ref.alloc_fast(size, lim, flush, cpu)
+        assert kernel_rc(self.core.alloc_fast, size, lim, flush, cpu) == self.ref.alloc_fast(size, lim, flush, cpu)
 
     @precondition(lambda self: len(self.ref.nodes) > 1)
     @rule(data=st.data())
     def free(self, data):
         node = data.draw(st.sampled_from(self.ref.nodes[:-1]))
         pfn = data.draw(st.integers(node.lo, node.hi))
-        assert call(self.core.free, pfn) == self.ref.free(pfn)
+        assert kernel_rc(self.core.free, pfn) == self.ref.free(pfn)
 
     @precondition(lambda self: len(self.ref.nodes) > 1)
     @rule(data=st.data())
@@ -635,12 +632,12 @@ class IovaMachine(RuleBasedStateMachine):
         node = data.draw(st.sampled_from(self.ref.nodes[:-1]))
         size = data.draw(st.integers(1, max(1, node.hi - node.lo + 1)))
         cpu = data.draw(st.integers(0, self.ref.ncpus - 1))
-        assert call(self.core.free_fast, node.lo, size, cpu) == self.ref.free_fast(node.lo, size, cpu)
+        assert kernel_rc(self.core.free_fast, node.lo, size, cpu) == self.ref.free_fast(node.lo, size, cpu)
 
     @rule(data=st.data(), length=st.integers(0, 40))
     def reserve(self, data, length):
         lo = max(0, data.draw(limits(self.start)) - length)
-        assert call(self.core.reserve, lo, lo + length) == self.ref.reserve(lo, lo + length)
+        assert kernel_rc(self.core.reserve, lo, lo + length) == self.ref.reserve(lo, lo + length)
 
     @rule()
     def flush_rcache(self):
@@ -684,10 +681,10 @@ def test_tight_space_placement_matches_the_reference(ops):
     d, ref = IovaDomain(start_pfn=D32 - 96), RefIova(start_pfn=D32 - 96)
     for op, size, aligned in ops:
         if op == "alloc":
-            assert call(d.alloc, size, LIM32, aligned) == ref.alloc(size, LIM32, aligned)
+            assert kernel_rc(d.alloc, size, LIM32, aligned) == ref.alloc(size, LIM32, aligned)
         elif len(ref.nodes) > 1:
             node = ref.nodes[size % (len(ref.nodes) - 1)]
-            assert call(d.free, node.lo) == ref.free(node.lo)
+            assert kernel_rc(d.free, node.lo) == ref.free(node.lo)
     same_state(d, ref)
 
 

@@ -1,4 +1,5 @@
-"""The list-free two-step IOVA API (research items 25-32)."""
+"""The list-free two-step IOVA API (``dma_iova_try_alloc``, ``dma_iova_link``,
+``dma_iova_sync``, ``dma_iova_unlink``, ``dma_iova_destroy``)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
 
 
-def test_item25_no_iommu_no_iova():
+def test_without_an_iommu_try_alloc_reserves_no_iova():
     m, d = direct_device()
     st_ = IovaState.try_alloc(d, 0, 0x10000)
     assert not st_.uses_iova and st_.addr == 0 and st_.size == 0
@@ -27,7 +28,7 @@ def test_item25_no_iommu_no_iova():
     dma_unmap_phys(d, dma, 0x1000, BIDI)
 
 
-def test_item26_offset_of_phys_is_kept():
+def test_the_offset_of_phys_is_kept_in_the_iova():
     m, d = iommu_device()
     s = IovaState.try_alloc(d, 0x1234, 0x3000)
     assert s.uses_iova and s.addr & 0xFFF == 0x234 and s.size == 0x3000
@@ -37,18 +38,18 @@ def test_item26_offset_of_phys_is_kept():
 
 
 @pytest.mark.parametrize("size", [0, 1 << 63, (1 << 63) + 0x1000, -1])
-def test_item27_sizes_that_cannot_be_reserved(size):
+def test_sizes_that_cannot_be_reserved_use_no_iova(size):
     m, d = iommu_device()
     assert not IovaState.try_alloc(d, 0, size).uses_iova
 
 
-def test_item27_out_of_iova_is_just_false():
+def test_out_of_iova_just_uses_no_iova():
     m, d = iommu_device(dma_mask=32)
     d.domain.iovad.reserve(1, (1 << 20) - 1)
     assert not IovaState.try_alloc(d, 0, 0x1000).uses_iova
 
 
-def test_item28_only_the_first_link_may_be_unaligned():
+def test_only_the_first_link_may_be_unaligned():
     m, d = iommu_device()
     s = IovaState.try_alloc(d, 0x1234, 0x3000)
     s.link(0x10234, 0, 0x2DCC, BIDI)  # ends at a granule boundary
@@ -63,7 +64,7 @@ def test_item28_only_the_first_link_may_be_unaligned():
     s.destroy(0x3000, BIDI)
 
 
-def test_item28_misaligned_pairs_are_einval():
+def test_misaligned_phys_and_iova_offsets_are_einval():
     m, d = iommu_device()
     s = IovaState.try_alloc(d, 0, 0x4000)
     with pytest.raises(errors.InvalidArgument):
@@ -72,7 +73,7 @@ def test_item28_misaligned_pairs_are_einval():
     s.free()
 
 
-def test_item29_link_over_a_mapped_iova_is_eexist():
+def test_link_over_a_mapped_iova_is_eexist_and_changes_nothing():
     m, d = iommu_device()
     s = IovaState.try_alloc(d, 0, 0x4000)
     s.link(0x10000, 0, 0x2000, BIDI)
@@ -85,7 +86,7 @@ def test_item29_link_over_a_mapped_iova_is_eexist():
     s.destroy(0x2000, BIDI)
 
 
-def test_item30_link_many_then_one_sync_and_unlink_a_middle_range():
+def test_link_many_then_one_sync_and_unlink_a_middle_range():
     m, d = iommu_device("lazy")
     s = IovaState.try_alloc(d, 0, 16 * G)
     rows = np.array([[0x100000 + 2 * k * G, G] for k in range(16)], dtype=np.uint64)
@@ -111,7 +112,7 @@ def test_item30_link_many_then_one_sync_and_unlink_a_middle_range():
     assert d.domain.stats["mapped_nbytes"] == 0
 
 
-def test_item31_destroy_strict_and_lazy():
+def test_destroy_invalidates_at_once_when_strict_and_defers_when_lazy():
     m, d = iommu_device("strict")
     s = IovaState.try_alloc(d, 0, 4 * G)
     s.link_ranges(np.array([[0x100000, 4 * G]], dtype=np.uint64), BIDI)
@@ -131,7 +132,7 @@ def test_item31_destroy_strict_and_lazy():
     assert not s.live
 
 
-def test_item32_unaligned_mmio_on_a_bouncing_device_is_eperm():
+def test_unaligned_mmio_on_a_bouncing_device_is_eperm():
     m = machine({"name": "ext", "iommu": "strict", "untrusted": True})
     d = m.device("ext")
     s = IovaState.try_alloc(d, 0x100, 0x1000)
@@ -532,3 +533,27 @@ def test_link_ranges_takes_every_buffer_the_core_parser_takes(kind):
     assert s._linked == [(0, 3 * G)]
     assert dev.domain.iova_to_phys(s.addr + G) == 0x300000
     s.destroy(3 * G, BIDI)
+
+
+def test_close_unlinks_and_frees_like_leaving_a_with_block():
+    """IovaState is an Owner: close() gives back what is linked and the
+    reservation, once; a second close and a closed state's context do
+    nothing."""
+    from pydmabuf._lifecycle import Owner
+
+    m, d = iommu_device("strict")
+    st = IovaState.try_alloc(d, 0, 4 * G)
+    assert isinstance(st, Owner) and st.live
+    st.link_ranges([[0x1_0000_0000, 2 * G]], BIDI)
+    st.sync(0, 2 * G)
+    st.close()
+    assert not st.live
+    assert d.domain.stats["iova_live_ranges"] == 0 and d.domain.stats["mapped_nbytes"] == 0
+    st.close()  # idempotent
+    with st:
+        pass
+    with pytest.raises(errors.LifetimeError):
+        st.link(0x1_0000_0000, 0, G, BIDI)
+    with IovaState.try_alloc(d, 0, G) as st2:
+        st2.link(0x1_0000_0000, 0, G, BIDI)
+    assert not st2.live and d.domain.stats["mapped_nbytes"] == 0

@@ -224,6 +224,33 @@ def test_measured_units_are_positive_with_spread() -> None:
         assert v["source"].startswith("measured on this host")
 
 
+def test_calibration_rounds_accumulate_and_units_take_the_least() -> None:
+    pytest.importorskip("pydmabuf._calibrate")
+    raw = kw.calibrate(2)
+    assert set(raw) == {"walk_write", "map_call", "pte_write", "entry_visit", "alloc_4k", "tree_pair",
+                        "magazine_pair"} and all(len(v) == 2 for v in raw.values())
+    assert kw.calibrate(1, into=raw) is raw and all(len(v) == 3 for v in raw.values())
+
+
+def test_units_from_raw_rounds_follow_the_stated_rules() -> None:
+    """Hand-made rounds: a walk is a descent + write less the least write;
+    a call less the least descent + write (never below 0); a metadata byte
+    a 4 KiB allocation over 4096; the IOVA units half a pair; each unit the
+    least of its rounds."""
+    raw = {"walk_write": [12.0, 10.0], "map_call": [30.0, 9.0], "pte_write": [2.0, 1.0],
+           "entry_visit": [3.0, 4.0], "alloc_4k": [4096.0, 8192.0], "tree_pair": [500.0, 400.0],
+           "magazine_pair": [40.0, 30.0]}
+    u = kw.units_from_raw(raw)
+    assert u["walk"]["ns"] == 9.0 and u["walk"]["samples"] == [11.0, 9.0]
+    assert u["iommu_map_call"]["samples"] == [20.0, 0.0] and u["iommu_unmap_call"]["ns"] == 0.0
+    assert u["pte_write"]["ns"] == 1.0 and u["entry_visit"]["ns"] == 3.0 and u["metadata_byte"]["ns"] == 1.0
+    assert u["iova_alloc"]["ns"] == u["iova_free"]["ns"] == 200.0 and u["iova_rcache_alloc"]["ns"] == 15.0
+    assert "least of 2 rounds" in u["walk"]["source"]
+    with pytest.raises(ValueError, match="at least one round"):
+        kw.units_from_raw(dict(raw, alloc_4k=[]))
+    assert not kw.needs_calibration({m: {} for m in kw.MEASURED_UNITS}) and kw.needs_calibration({})
+
+
 @pytest.mark.parametrize("text, want", [
     ("scattered:65536:sg_iommu", ("scattered", 65536, "sg_iommu")),
     ("thp:256M:link_pages", ("thp", 65536, "link_pages")),

@@ -1,7 +1,6 @@
 """KVM dma-buf memslots after the posted RFC (not upstream): the slot
 checks, first-touch faults through the second-stage table, zap on
-invalidation, EIO while revoked (research dma-buf.md section 7,
-behaviours 42-44)."""
+invalidation, EIO while revoked."""
 
 from __future__ import annotations
 
@@ -21,23 +20,19 @@ from pydmabuf.importers import KvmVm
 from pydmabuf.importers.kvm import (KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
                                     KVM_MEM_VFIO_DMABUF, KVM_USER_MEM_SLOTS)
 
-from driver_helpers import errno_of, vfio_export
+from driver_helpers import vfio_export
+from kernel_rc import kernel_rc
 
 G = 4096
 DMABUF = KVM_MEM_VFIO_DMABUF
 GPA = 1 << 32
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
-def test_item42_the_slot_and_the_dma_buf_are_the_same_size(m):
+def test_the_slot_and_the_dma_buf_must_be_the_same_size(m):
     with vfio_export(m, "vfio1", nbytes=32 << 10) as (v, b):
         vm = KvmVm(m, private_mem=True)
-        assert errno_of(vm.set_user_memory_region2, 0, DMABUF, GPA, 28 << 10, guest_memfd=b) == errno.EINVAL
-        assert errno_of(vm.set_user_memory_region2, 0, DMABUF, GPA, 36 << 10, guest_memfd=b) == errno.EINVAL
+        assert kernel_rc(vm.set_user_memory_region2, 0, DMABUF, GPA, 28 << 10, guest_memfd=b) == -errno.EINVAL
+        assert kernel_rc(vm.set_user_memory_region2, 0, DMABUF, GPA, 36 << 10, guest_memfd=b) == -errno.EINVAL
         assert vm.memslots == [] and not b.attachments and b.refcount == 1
         fd = b.get().fd()
         vm.set_user_memory_region2(0, DMABUF, GPA, 32 << 10, guest_memfd=fd)
@@ -50,17 +45,17 @@ def test_item42_the_slot_and_the_dma_buf_are_the_same_size(m):
         close(fd)
 
 
-def test_item44_only_vms_with_private_memory_take_the_flag(m):
+def test_only_vms_with_private_memory_take_the_dmabuf_flag(m):
     with vfio_export(m, "vfio1", nbytes=8 * G) as (v, b):
         plain = KvmVm(m)
-        assert errno_of(plain.set_user_memory_region2, 0, DMABUF, GPA, 8 * G, guest_memfd=b) == errno.EINVAL
+        assert kernel_rc(plain.set_user_memory_region2, 0, DMABUF, GPA, 8 * G, guest_memfd=b) == -errno.EINVAL
         cvm = KvmVm(m, private_mem=True)
         for flags in (DMABUF | KVM_MEM_GUEST_MEMFD, DMABUF | KVM_MEM_LOG_DIRTY_PAGES, DMABUF | KVM_MEM_READONLY,
                       DMABUF | 1 << 4):
-            assert errno_of(cvm.set_user_memory_region2, 0, flags, GPA, 8 * G, guest_memfd=b) == errno.EINVAL
+            assert kernel_rc(cvm.set_user_memory_region2, 0, flags, GPA, 8 * G, guest_memfd=b) == -errno.EINVAL
         # Plain slots pass KVM's checks but have no backing in the model.
-        assert errno_of(plain.set_user_memory_region2, 0, KVM_MEM_READONLY, GPA, 8 * G) == errno.EOPNOTSUPP
-        assert errno_of(cvm.set_user_memory_region2, 0, KVM_MEM_GUEST_MEMFD, GPA, 8 * G) == errno.EOPNOTSUPP
+        assert kernel_rc(plain.set_user_memory_region2, 0, KVM_MEM_READONLY, GPA, 8 * G) == -errno.EOPNOTSUPP
+        assert kernel_rc(cvm.set_user_memory_region2, 0, KVM_MEM_GUEST_MEMFD, GPA, 8 * G) == -errno.EOPNOTSUPP
         assert not b.attachments
 
 
@@ -68,31 +63,31 @@ def test_slot_checks_in_kvms_order(m):
     with vfio_export(m, "vfio1", nbytes=8 * G) as (v, b):
         vm = KvmVm(m, private_mem=True)
         s = vm.set_user_memory_region2
-        assert errno_of(s, KVM_USER_MEM_SLOTS, DMABUF, GPA, 8 * G, guest_memfd=b) == errno.EINVAL
-        assert errno_of(s, KVM_USER_MEM_SLOTS, 1 << 9, GPA, 8 * G) == errno.EINVAL  # the id check comes first
-        assert errno_of(s, 0, DMABUF, GPA, 0x1800, guest_memfd=b) == errno.EINVAL
-        assert errno_of(s, 0, DMABUF, GPA + 0x800, 8 * G, guest_memfd=b) == errno.EINVAL
-        assert errno_of(s, 0, DMABUF, GPA, 8 * G, userspace_addr=0x800, guest_memfd=b) == errno.EINVAL
-        assert errno_of(s, 0, DMABUF, GPA, 8 * G, userspace_addr=1 << 47, guest_memfd=b) == errno.EINVAL
-        assert errno_of(s, 1 << 16, DMABUF, GPA, 8 * G, guest_memfd=b) == errno.EINVAL  # one address space
-        assert errno_of(s, 0, DMABUF, 2**64 - G, 8 * G, guest_memfd=b) == errno.EINVAL  # wraps
-        assert errno_of(s, 0, DMABUF, GPA, (1 << 31) << 12, guest_memfd=b) == errno.EINVAL  # too many pages
-        assert errno_of(s, 3, DMABUF, GPA, 0) == errno.EINVAL  # deleting nothing
-        assert errno_of(s, 0, DMABUF, 1 << 48, 8 * G, guest_memfd=b) == errno.EINVAL  # the model's 48-bit EPT
-        assert errno_of(s, 0, DMABUF, GPA, 8 * G, guest_memfd=b, guest_memfd_offset=G) == errno.EINVAL
-        assert errno_of(s, 0, DMABUF, GPA, 8 * G, guest_memfd=999) == errno.EBADF
+        assert kernel_rc(s, KVM_USER_MEM_SLOTS, DMABUF, GPA, 8 * G, guest_memfd=b) == -errno.EINVAL
+        assert kernel_rc(s, KVM_USER_MEM_SLOTS, 1 << 9, GPA, 8 * G) == -errno.EINVAL  # the id check comes first
+        assert kernel_rc(s, 0, DMABUF, GPA, 0x1800, guest_memfd=b) == -errno.EINVAL
+        assert kernel_rc(s, 0, DMABUF, GPA + 0x800, 8 * G, guest_memfd=b) == -errno.EINVAL
+        assert kernel_rc(s, 0, DMABUF, GPA, 8 * G, userspace_addr=0x800, guest_memfd=b) == -errno.EINVAL
+        assert kernel_rc(s, 0, DMABUF, GPA, 8 * G, userspace_addr=1 << 47, guest_memfd=b) == -errno.EINVAL
+        assert kernel_rc(s, 1 << 16, DMABUF, GPA, 8 * G, guest_memfd=b) == -errno.EINVAL  # one address space
+        assert kernel_rc(s, 0, DMABUF, 2**64 - G, 8 * G, guest_memfd=b) == -errno.EINVAL  # wraps
+        assert kernel_rc(s, 0, DMABUF, GPA, (1 << 31) << 12, guest_memfd=b) == -errno.EINVAL  # too many pages
+        assert kernel_rc(s, 3, DMABUF, GPA, 0) == -errno.EINVAL  # deleting nothing
+        assert kernel_rc(s, 0, DMABUF, 1 << 48, 8 * G, guest_memfd=b) == -errno.EINVAL  # the model's 48-bit EPT
+        assert kernel_rc(s, 0, DMABUF, GPA, 8 * G, guest_memfd=b, guest_memfd_offset=G) == -errno.EINVAL
+        assert kernel_rc(s, 0, DMABUF, GPA, 8 * G, guest_memfd=999) == -errno.EBADF
         other = files.install(object())
-        assert errno_of(s, 0, DMABUF, GPA, 8 * G, guest_memfd=other) == errno.EINVAL
+        assert kernel_rc(s, 0, DMABUF, GPA, 8 * G, guest_memfd=other) == -errno.EINVAL
         files.close(other)
         s(0, DMABUF, GPA, 8 * G, guest_memfd=b)
-        assert errno_of(s, 1, DMABUF, GPA + 4 * G, 8 * G, guest_memfd=b) == errno.EEXIST
-        assert errno_of(s, 0, DMABUF, GPA, 16 * G, guest_memfd=b) == errno.EINVAL  # resizing
-        assert errno_of(s, 0, 0, GPA, 8 * G) == errno.EINVAL  # losing the flag
+        assert kernel_rc(s, 1, DMABUF, GPA + 4 * G, 8 * G, guest_memfd=b) == -errno.EEXIST
+        assert kernel_rc(s, 0, DMABUF, GPA, 16 * G, guest_memfd=b) == -errno.EINVAL  # resizing
+        assert kernel_rc(s, 0, 0, GPA, 8 * G) == -errno.EINVAL  # losing the flag
         assert len(vm.memslots) == 1 and len(b.attachments) == 1
         s(0, DMABUF, GPA, 8 * G, guest_memfd=b)  # nothing to change
         assert len(b.attachments) == 1
         v.set_memory_decode(False)
-        assert errno_of(s, 2, DMABUF, 2 * GPA, 8 * G, guest_memfd=b) == errno.ENODEV  # VFIO's attach
+        assert kernel_rc(s, 2, DMABUF, 2 * GPA, 8 * G, guest_memfd=b) == -errno.ENODEV  # VFIO's attach
         assert len(vm.memslots) == 1 and len(b.attachments) == 1
         vm.close()
         with pytest.raises(errors.BadHandle):
@@ -123,7 +118,7 @@ def test_first_touch_faults_and_guest_access(m):
                 vm.guest_read(GPA, 0)
 
 
-def test_item43_revoke_zaps_and_access_fails_until_unrevoked(m):
+def test_revoke_zaps_and_access_fails_until_unrevoked(m):
     with vfio_export(m, "vfio1", nbytes=16 * G) as (v, b), KvmVm(m, private_mem=True) as vm:
         vm.set_user_memory_region2(0, DMABUF, GPA, 16 * G, guest_memfd=b)
         vm.pre_fault_memory(GPA, 16 * G)
@@ -232,21 +227,21 @@ class KvmLifecycle(RuleBasedStateMachine):
         gpa = self.BASES[base]
         clash = any(s != sid and b == gpa for s, (_, b) in self.slots.items())
         cur = self.slots.get(sid)
-        got = errno_of(self.vm.set_user_memory_region2, sid, DMABUF, gpa, 8 * G, guest_memfd=self.bufs[which])
+        got = kernel_rc(self.vm.set_user_memory_region2, sid, DMABUF, gpa, 8 * G, guest_memfd=self.bufs[which])
         if clash:
-            assert got == errno.EEXIST
+            assert got == -errno.EEXIST
         elif cur is not None and cur[1] == gpa:
             assert got == 0  # same place, size and flags: nothing changes, not even the buffer
         elif not self.m.device("vfio0" if which == "a" else "vfio1").memory_decode:
-            assert got == errno.ENODEV
+            assert got == -errno.ENODEV
         else:
             assert got == 0
             self.slots[sid] = (which, gpa)
 
     @rule(sid=st.integers(0, 2))
     def delete(self, sid):
-        got = errno_of(self.vm.set_user_memory_region2, sid, DMABUF, 0, 0)
-        assert got == (0 if sid in self.slots else errno.EINVAL)
+        got = kernel_rc(self.vm.set_user_memory_region2, sid, DMABUF, 0, 0)
+        assert got == (0 if sid in self.slots else -errno.EINVAL)
         self.slots.pop(sid, None)
 
     @rule(which=st.sampled_from(["a", "b"]), on=st.booleans())

@@ -1,5 +1,5 @@
 """The machine model: the default machine, declarative specs, the host,
-P2P routing (research dma-buf items 32-37) and device accesses."""
+P2P routing and device accesses."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def p2p_spec(acs_dp0=False, root_device=0x2020, cpu=None, second_hb_device=0x202
     return spec
 
 
-def test_item32_same_device_and_siblings():
+def test_the_same_device_and_siblings_under_a_switch_are_bus_addr():
     m = Machine.from_spec(p2p_spec())
     a, b = m.device("a"), m.device("b")
     assert m.p2p_map_type(a, a) == P2PMapType.BUS_ADDR
@@ -112,7 +112,7 @@ def test_item32_same_device_and_siblings():
     assert m.p2p_distance(a, [b]) == 4
 
 
-def test_item33_acs_redirect():
+def test_acs_redirect_goes_through_the_host_bridge_if_it_or_the_cpu_is_whitelisted():
     m = Machine.from_spec(p2p_spec(acs_dp0=True))
     assert m.p2p_map_type(m.device("a"), m.device("b")) == P2PMapType.THRU_HOST_BRIDGE
     m = Machine.from_spec(p2p_spec(acs_dp0=True, root_device=0x1234))
@@ -130,21 +130,21 @@ def test_no_common_ancestor_goes_through_the_host_bridge():
     assert m.p2p_map_type(a, far) == P2PMapType.THRU_HOST_BRIDGE  # two whitelisted bridges
 
 
-def test_item34_req_same_host_bridge_entries():
+def test_req_same_host_bridge_entries_allow_p2p_within_one_bridge_only():
     m = Machine.from_spec(p2p_spec(root_device=0x3C00))
     a, c, far = m.device("a"), m.device("c"), m.device("far")
     assert m.p2p_map_type(a, c) == P2PMapType.THRU_HOST_BRIDGE  # same bridge: allowed
     assert m.p2p_map_type(a, far) == P2PMapType.NOT_SUPPORTED  # across bridges: not
 
 
-def test_item35_non_pci_clients():
+def test_non_pci_clients_are_not_supported_and_have_no_distance():
     m = Machine.from_spec(p2p_spec())
     assert m.p2p_map_type(m.device("a"), m.device("plat")) == P2PMapType.NOT_SUPPORTED
     assert m.p2p_distance(m.device("a"), [m.device("plat")]) == -1
     assert m.p2p_distance(m.device("a"), []) == -1
 
 
-def test_item36_the_cache_survives_an_acs_change():
+def test_the_map_type_cache_survives_an_acs_change_until_a_distance_call():
     m = Machine.from_spec(p2p_spec())
     a, b = m.device("a"), m.device("b")
     assert m.p2p_map_type(a, b) == P2PMapType.BUS_ADDR
@@ -154,7 +154,7 @@ def test_item36_the_cache_survives_an_acs_change():
     assert m.p2p_map_type(a, b) == P2PMapType.THRU_HOST_BRIDGE  # ... and refreshes the cache
 
 
-def test_item37_providers_exist_for_memory_bars_only():
+def test_p2p_providers_exist_for_memory_bars_only():
     m = Machine.from_spec(p2p_spec())
     a = m.device("a")
     assert a.p2p_provider(0) is not None

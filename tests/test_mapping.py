@@ -9,7 +9,7 @@ import errno
 import numpy as np
 import pytest
 
-from pydmabuf import DmaDirection, Machine, checks, errors, mapping
+from pydmabuf import DmaDirection, errors, mapping
 from pydmabuf._types import PAGE_SIZE
 from pydmabuf.dmabuf import ImporterOps, export
 from pydmabuf.exporters import SystemHeap, VfioPciBar
@@ -17,16 +17,11 @@ from pydmabuf.importers import IommufdIoas, KvmVm, RdmaMr
 from pydmabuf.importers.kvm import KVM_MEM_VFIO_DMABUF
 from pydmabuf.mapping import MappingMatch, MappingType, MatchArgs, match_mapping
 
-from driver_helpers import Polite, errno_of
+from driver_helpers import Polite
+from kernel_rc import kernel_rc
 
 BIDI = DmaDirection.BIDIRECTIONAL
 G = PAGE_SIZE
-
-
-@pytest.fixture
-def m():
-    checks.clear()
-    return Machine.default()
 
 
 # ------------------------------------------------ the kunit mocks (P26)
@@ -271,7 +266,7 @@ def test_sgt_map_on_another_type_is_einval_and_accessors_say_none(m, mock):
     a = buf.mapping_attach([MappingMatch(A)])
     assert mapping.sgt_dma_device(a) is None and not mapping.sgt_p2p_allowed(a) and mapping.get_sgt_ops(a) is None
     with buf.resv:
-        assert errno_of(a.map, BIDI) == errno.EINVAL
+        assert kernel_rc(a.map, BIDI) == -errno.EINVAL
     buf.detach(a)
     buf.put()
 
@@ -300,12 +295,12 @@ def test_negotiation_runs_before_the_exporter_attach_and_a_failure_leaves_nothin
             raise errors.Busy("no")
 
     buf = export(Refuses(), PAGE_SIZE)
-    assert errno_of(buf.mapping_attach, [MappingMatch(A)]) == errno.EBUSY
+    assert kernel_rc(buf.mapping_attach, [MappingMatch(A)]) == -errno.EBUSY
     assert seen == [A] and buf.attachments == []
     st.match_raises = errors.OutOfMemory
-    assert errno_of(buf.mapping_attach, [MappingMatch(A)]) == errno.ENOMEM
+    assert kernel_rc(buf.mapping_attach, [MappingMatch(A)]) == -errno.ENOMEM
     assert seen == [A] and buf.attachments == []  # attach op not reached
-    assert errno_of(buf.mapping_attach, []) == errno.EINVAL
+    assert kernel_rc(buf.mapping_attach, []) == -errno.EINVAL
     with pytest.raises(errors.InvalidArgument):  # importer entries carry no ops
         buf.mapping_attach([mapping.sgt_exporter(MockSgtOps())])
     buf.put()
@@ -344,7 +339,7 @@ def test_the_static_and_dynamic_wrappers_are_one_sgt_entry(m):
     assert d.map_type.importer_accepts_p2p == mapping.SgtP2p.IMPORTER_ACCEPTS_P2P and d.peer2peer
     t = d.map_unlocked(BIDI)  # through the compat entry's ops
     d.unmap_unlocked(t, BIDI)
-    assert errno_of(heap.mapping_attach, [mapping.pal_importer()]) == errno.EINVAL  # no PAL offered
+    assert kernel_rc(heap.mapping_attach, [mapping.pal_importer()]) == -errno.EINVAL  # no PAL offered
     heap.detach(s)
     heap.detach(d)
     heap.put()
@@ -423,7 +418,7 @@ def test_pal_map_gate_lock_type_and_ownership(m):
     assert a.map_type.type is mapping.PAL and a.map_type.exp_ops is ops
     plain = buf.mapping_attach([mapping.pal_importer()], Polite())
     with buf.resv:
-        assert errno_of(mapping.pal_map_phys, plain) == errno.EPERM  # did not declare PAL_MODULE
+        assert kernel_rc(mapping.pal_map_phys, plain) == -errno.EPERM  # did not declare PAL_MODULE
         pl = mapping.pal_map_phys(a)
     assert pl.length == 2 and pl.nbytes == 4 * G and not pl.ranges.flags.writeable
     with pytest.raises(errors.LockingError):
@@ -470,14 +465,14 @@ def test_vfio_offers_pal_then_sgt_p2p(m):
     assert pal.map_type.type is mapping.PAL  # the exporter's first entry wins
     sgt = b.dynamic_attach(m.device("gpu1"), Polite())  # P2P importer with a route: SGT with P2P
     assert sgt.map_type.type is mapping.SGT and mapping.sgt_p2p_allowed(sgt)
-    assert errno_of(b.attach, m.device("gpu1")) == errno.EINVAL  # static importer: no match
+    assert kernel_rc(b.attach, m.device("gpu1")) == -errno.EINVAL  # static importer: no match
     with b.resv:
         pl = mapping.pal_map_phys(pal)
         assert pl.ranges.tolist() == b.exporter.ranges.tolist()
         mapping.pal_unmap_phys(pal, pl)
     v.set_memory_decode(False, timeout=5)
     with b.resv:  # strict: VFIO's PAL map refuses a revoked buffer (v1 does not look)
-        assert errno_of(mapping.pal_map_phys, pal) == errno.ENODEV
+        assert kernel_rc(mapping.pal_map_phys, pal) == -errno.ENODEV
         pl = mapping.pal_map_phys(pal, kernel_compat=True)
         mapping.pal_unmap_phys(pal, pl)
     b.detach(pal)
@@ -559,13 +554,13 @@ def test_private_type_matches_only_the_pf_of_the_vf_naming_the_same_bar(m):
     other_bar = b.mapping_attach([xe_iov_importer(gpu1, 2), mapping.sgt_importer(gpu1, True)], Polite())
     assert other_bar.map_type.type is mapping.SGT
     with b.resv:
-        assert errno_of(xe_iov_map, other_bar) == errno.EINVAL
+        assert kernel_rc(xe_iov_map, other_bar) == -errno.EINVAL
     # Not the PF (and no P2P route for its scatterlist): nothing matches.
-    assert errno_of(b.mapping_attach, [xe_iov_importer(gpu0, 0), mapping.sgt_importer(gpu0, True)],
-                    Polite()) == errno.EINVAL
+    assert kernel_rc(b.mapping_attach, [xe_iov_importer(gpu0, 0), mapping.sgt_importer(gpu0, True)],
+                     Polite()) == -errno.EINVAL
     v.set_memory_decode(False, timeout=5)
     with b.resv:
-        assert errno_of(xe_iov_map, pf) == errno.ENODEV
+        assert kernel_rc(xe_iov_map, pf) == -errno.ENODEV
     for a in (pf, other_bar):
         b.detach(a)
     b.put()
@@ -578,14 +573,14 @@ def test_private_type_keeps_a_vf_inside_its_own_vram(m):
     _, v, b = _xe(m, offset=2 << 20, nbytes=4 << 20)  # past the VF's 4 MiB of VRAM
     a = b.mapping_attach([xe_iov_importer(m.device("gpu1"), 0)], Polite())
     with b.resv:
-        assert errno_of(xe_iov_map, a) == errno.EPERM
+        assert kernel_rc(xe_iov_map, a) == -errno.EPERM
     b.detach(a)
     b.put()
     v.close()
     # A plain VFIO device offers no IOV entry.
     plain = VfioPciBar(m, "vfio0", nbytes=1 << 20)
     pb = plain.export()
-    assert errno_of(pb.mapping_attach, [xe_iov_importer(m.device("gpu1"), 0)]) == errno.EINVAL
+    assert kernel_rc(pb.mapping_attach, [xe_iov_importer(m.device("gpu1"), 0)]) == -errno.EINVAL
     pb.put()
     plain.close()
     assert isinstance(XeVfioPciBar, type)

@@ -1,5 +1,4 @@
-"""The block layer's list-free request mapping (research dma-mapping.md
-section 3.3, behaviours 44-45): bvec merging against a literal model of
+"""The block layer's list-free request mapping: bvec merging against a literal model of
 blk_map_iter_next, the IOVA path and its fallbacks, P2P kinds, statuses,
 and nothing left mapped after unmap."""
 
@@ -18,11 +17,6 @@ from machines import machine
 
 G = 4096
 U32 = 0xFFFFFFFF
-
-
-@pytest.fixture
-def m():
-    return Machine.default()
 
 
 def leftovers(m, dev):
@@ -93,7 +87,7 @@ def test_merge_matches_the_kernels_iterator(spec, max_seg, mask):
     assert gap == wgap and total == sum(n for _, n in bvecs) and kind == P2PMapType.NONE and not mixed
 
 
-def test_item45_contiguous_bvecs_merge_up_to_the_max_segment(m):
+def test_contiguous_bvecs_merge_up_to_the_max_segment(m):
     q = NvmeQueue(m.device("nvme0"), max_segment_size=4 * G)
     bvecs = [(0x100000 + i * G, G) for i in range(10)]
     assert q.merge(bvecs).tolist() == [[0x100000, 4 * G], [0x104000, 4 * G], [0x108000, 2 * G]]
@@ -136,10 +130,10 @@ def test_queue_limits_are_checked(m):
         NvmeQueue(dev).map([[1, 2, 3]])
 
 
-# ------------------------------------------ behaviour 44: the IOVA path
+# ------------------------------------------------------ the IOVA path
 
 
-def test_item44_aligned_seams_give_one_segment_and_one_sync(m):
+def test_aligned_seams_give_one_iova_segment_and_one_sync(m):
     dev = m.device("nvme0")
     q = NvmeQueue(dev)
     bvecs = [(0x200000 + 0x800, 0x800), (0x900000, 0x3000), (0x500000, 0x1800)]
@@ -160,7 +154,7 @@ def test_item44_aligned_seams_give_one_segment_and_one_sync(m):
         r.read(0, 1)
 
 
-def test_item44_an_unaligned_seam_falls_back_to_one_mapping_per_vec(m):
+def test_an_unaligned_seam_falls_back_to_one_mapping_per_vec(m):
     dev = m.device("nvme0")
     q = NvmeQueue(dev)
     bvecs = [(0x200000, 0x1000), (0x900000, 0xE00), (0x500000 + 0x200, 0x1000)]  # a 512-byte gap at a seam

@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from pydmabuf import IommuProt, IoPageTable, errors
 
-from kernel_rc import call
+from kernel_rc import kernel_rc
 
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30
 U64 = (1 << 64) - 1
@@ -276,7 +276,6 @@ def core_stats(t):
     ],
 )
 def test_worked_examples(iova, phys, leaves, tables):
-    # research items 40 and 5.3
     t = IoPageTable()
     t.map(iova, phys, 4 << 20)
     s = t.stats
@@ -290,7 +289,7 @@ def test_worked_examples(iova, phys, leaves, tables):
 
 
 def test_covering_unmap_frees_a_table_with_one_write():
-    # item 41: 2M mapped with 4K pages, unmapped as one 2M step
+    # 2M mapped with 4K pages, unmapped as one 2M step
     t = IoPageTable()
     t.map(0x40000000, 0x1000, M2)
     assert t.stats["leaf_sets"] == 512
@@ -313,7 +312,6 @@ def test_leaf_unmaps_leave_empty_tables():
 
 
 def test_partial_block_unmap_is_refused():
-    # item 42
     t = IoPageTable()
     t.map(0, 0, M2)
     before = t.stats
@@ -340,7 +338,6 @@ def test_unmap_stops_before_a_block_covered_in_part():
 
 @pytest.mark.parametrize("iova, phys, size", [(1, 0, K4), (0, 0x800, K4), (0, 0, 100), (0x1001, 0x1000, K4)])
 def test_unaligned_map_is_einval(iova, phys, size):
-    # item 43
     t = IoPageTable()
     with pytest.raises(errors.InvalidArgument, match="multiples of 4 KiB"):
         t.map(iova, phys, size)
@@ -553,7 +550,7 @@ class PgtMachine(RuleBasedStateMachine):
     @rule(args=map_args())
     def map(self, args):
         iova, phys, size, prot = args
-        r = call(self.core.map, iova, phys, size, prot)
+        r = kernel_rc(self.core.map, iova, phys, size, prot)
         assert r == self.ref.map(iova, phys, size, prot)
         if r == 0:
             self.spans.map(iova, phys, size)
@@ -562,7 +559,7 @@ class PgtMachine(RuleBasedStateMachine):
     def unmap(self, args):
         iova, size = args
         g = Gather()
-        r = call(self.core.unmap, iova, size)
+        r = kernel_rc(self.core.unmap, iova, size)
         expect = self.ref.unmap(iova, size, g)
         if expect >= 0:
             self.ref.sync(g)
@@ -574,7 +571,7 @@ class PgtMachine(RuleBasedStateMachine):
     def map_many(self, args, n, per_call):
         iova, phys, _, prot = args
         phys_list = [phys + k * 3 * K4 for k in range(n)]
-        r = call(self.core.map_many, iova, phys_list, K4, prot, per_call)
+        r = kernel_rc(self.core.map_many, iova, phys_list, K4, prot, per_call)
         # the reference, range by range, undone on failure
         total = 0
         snapshot = (repr(self.ref.root), dict(self.ref.c))

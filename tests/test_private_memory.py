@@ -1,6 +1,6 @@
-"""Confidential-computing private memory (research dma-buf.md section 9):
-only trusted devices attach, the physical ranges are the private ones, the
-host cannot map it, and DMA by an untrusted device faults end to end."""
+"""Confidential-computing private memory: only trusted devices attach, the
+physical ranges are the private ones, the host cannot map it, and DMA by an
+untrusted device faults end to end."""
 
 from __future__ import annotations
 
@@ -20,11 +20,6 @@ from machines import machine
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
 PRIVATE_START, PRIVATE_END = 60 << 30, 64 << 30
-
-
-@pytest.fixture
-def m():
-    return Machine.default()
 
 
 class PhysOps(ImporterOps):

@@ -1,5 +1,5 @@
-"""RDMA memory regions over dma-bufs: ib_umem_dmabuf and mlx5's dynamic MR
-(research dma-buf.md section 6, behaviours 38-41), the ODP-style re-map
+"""RDMA memory regions over dma-bufs: ib_umem_dmabuf and mlx5's dynamic MR,
+the ODP-style re-map
 after invalidation, P2P routes, the pinned variant across kernel versions."""
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 import pydmabuf
 from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, SgTable, Usage, checks, errors, fence_context_alloc
 from pydmabuf._core import SG_CHAIN
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt, dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import Exporter, ImporterOps, attach_revocable, close, export
 from pydmabuf.exporters import SystemHeap
 from pydmabuf.exporters.system_heap import HeapBuffer
@@ -25,11 +26,6 @@ from pydmabuf.importers.rdma import _trim_table, _untrim_table, _window, best_pa
 
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
-
-
-@pytest.fixture
-def m():
-    return Machine.default()
 
 
 class locked:
@@ -126,10 +122,10 @@ def nothing_left(buf, refs=1):
     assert buf.attachments == [] and buf.live_mappings == 0 and buf.refcount == refs
 
 
-# -------------------------------------------- behaviour 38: window and trim
+# ------------------------------------------------------ window and trim
 
 
-def test_item38_window_is_page_aligned_and_the_exporters_table_comes_back(m):
+def test_the_window_is_page_aligned_and_the_exporters_table_is_restored(m):
     e = Recording(m, 3, layout="contiguous")
     b = export(e, 3 * G)
     mr = RdmaMr.register(m.device("nic0"), b, 0x800, 0x1000)
@@ -269,10 +265,10 @@ def test_best_page_size_matches_the_kernel(segs, address, iova, bitmap):
     assert got == kernel_best_pgsz(segs, address, length, iova, bitmap)
 
 
-# ------------------------------------------------- behaviour 39 and ODP
+# --------------------------------------------- invalidation and ODP
 
 
-def test_item39_invalidate_zaps_then_unmaps_and_the_next_access_refaults(m):
+def test_invalidate_zaps_then_unmaps_and_the_next_access_refaults(m):
     b = SystemHeap(m).allocate(8 * G, layout="fragmented", movable=True)
     exp = b.exporter
     mr = RdmaMr.register(m.device("nic0"), b, 0, 8 * G)
@@ -358,10 +354,10 @@ def test_access_and_zap_do_not_overlap(m):
     b.put()
 
 
-# -------------------------------------------------- behaviour 40: pinned
+# ------------------------------------------------------------ pinned
 
 
-def test_item40_pinned_refused_at_attach_by_a_revocable_only_exporter(m):
+def test_pinned_mr_is_refused_at_attach_by_a_revocable_only_exporter(m):
     b = bar_buf(m)
     with pytest.raises(errors.NotSupported) as ei:
         RdmaMr.register_pinned(m.device("nic0"), b, 0, 4 * G)
@@ -374,7 +370,7 @@ def test_item40_pinned_refused_at_attach_by_a_revocable_only_exporter(m):
     b.put()
 
 
-def test_item40_pinned_on_a_static_exporter_pin_is_a_noop(m):
+def test_pinned_mr_on_a_static_exporter_maps_once_and_never_faults(m):
     b = SystemHeap(m).allocate(4 * G)
     mr = RdmaMr.register_pinned(m.device("nic0"), b, G, 2 * G)
     assert mr.pinned and mr.attachment.pin_count == 1 and not b.exporter.is_dynamic()
@@ -441,10 +437,10 @@ def test_dynamic_ops_without_callback_are_einval_up_to_70(m):
     b.put()
 
 
-# ---------------------------------------------- behaviour 41: KERNEL fences
+# --------------------------------------------------- KERNEL fences
 
 
-def test_item41_kernel_fence_that_never_signals_times_out(m):
+def test_kernel_fence_that_never_signals_times_out_the_registration(m):
     b = SystemHeap(m).allocate(4 * G)
     f = Fence(fence_context_alloc(), 1)
     with locked(b):

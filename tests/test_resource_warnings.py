@@ -20,11 +20,6 @@ BIDI = DmaDirection.BIDIRECTIONAL
 G = 4096
 
 
-@pytest.fixture
-def m():
-    return Machine.default()
-
-
 def _leak(make, clean):
     """``make()`` returns (object, cleanup-state); drop the object without
     cleaning up: a ResourceWarning naming it.  Then the same cleaned up:

@@ -1,6 +1,5 @@
 """The VFIO PCI BAR exporter: VFIO_DEVICE_FEATURE_DMA_BUF's checks, the
-attach gates, revoke and un-revoke on decode, power, reset and close
-(research dma-buf.md section 3, behaviours 19-25, section 10)."""
+attach gates, revoke and un-revoke on decode, power, reset and close."""
 
 from __future__ import annotations
 
@@ -19,16 +18,12 @@ from pydmabuf.exporters import SystemHeap, VfioPciBar
 from pydmabuf.exporters.vfio import IOMMUFD_MODULE, VfioFeature, vfio_pci_dma_buf_iommufd_map, vfio_pci_hot_reset
 from pydmabuf.files import open_fds
 
-from driver_helpers import Polite, attached, errno_of, vfio_export
+from driver_helpers import Polite, attached, vfio_export
+from kernel_rc import kernel_rc
 
 G = 4096
 BIDI = DmaDirection.BIDIRECTIONAL
 U64 = 2**64 - 1
-
-
-@pytest.fixture
-def m():
-    return Machine.default()
 
 
 class Stubborn(ImporterOps):
@@ -59,22 +54,22 @@ class IommufdLike(Polite):
 # --------------------------------------------------- the feature's checks
 
 
-def test_item19_feature_flags_and_header(m):
+def test_feature_checks_the_flags_region_op_and_argsz(m):
     v = VfioPciBar(m, "vfio0")
     good = [(0, G)]
-    assert errno_of(v.feature_dma_buf, 0, 1, 0, good) == errno.EINVAL  # flags must be 0
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, []) == errno.EINVAL  # no ranges
-    assert errno_of(v.feature_dma_buf, 6, 0, 0, good) == errno.ENODEV  # ROM, not a BAR
-    assert errno_of(v.feature_dma_buf, 7, 1, 0, good) == errno.EINVAL  # the flags check comes first
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, good, op="SET") == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, good, op="GET|SET") == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, good, op="SET|PROBE") == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, good, op="") == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, good, argsz=15) == errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 1, 0, good) == -errno.EINVAL  # flags must be 0
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, []) == -errno.EINVAL  # no ranges
+    assert kernel_rc(v.feature_dma_buf, 6, 0, 0, good) == -errno.ENODEV  # ROM, not a BAR
+    assert kernel_rc(v.feature_dma_buf, 7, 1, 0, good) == -errno.EINVAL  # the flags check comes first
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, good, op="SET") == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, good, op="GET|SET") == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, good, op="SET|PROBE") == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, good, op="") == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, good, argsz=15) == -errno.EINVAL
     assert v.feature_dma_buf(0, 0, 0, good, argsz=16) > 2  # argsz is not checked against the ranges
     for probe in ("PROBE", "GET|PROBE", int(VfioFeature.PROBE)):
         assert v.feature_dma_buf(0, 1, 0, [], op=probe) == 0  # PROBE asks nothing else
-    assert errno_of(v.feature_dma_buf, 1, 0, 0, good) == errno.ENODEV  # vfio0 has no BAR1
+    assert kernel_rc(v.feature_dma_buf, 1, 0, 0, good) == -errno.ENODEV  # vfio0 has no BAR1
     with pytest.raises(ValueError):
         v.feature_dma_buf(0, 0, 0, good, op="FETCH")
     for fd in list(open_fds()):
@@ -82,37 +77,37 @@ def test_item19_feature_flags_and_header(m):
     v.close()
 
 
-def test_item19_a_driver_without_get_dmabuf_phys_refuses_even_probe(m):
+def test_a_driver_without_get_dmabuf_phys_refuses_even_probe(m):
     v = VfioPciBar(m, "vfio0", has_dmabuf_phys=False)
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0, G)], op="PROBE") == errno.EOPNOTSUPP
-    assert errno_of(v.export) == errno.EOPNOTSUPP
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0, G)], op="PROBE") == -errno.EOPNOTSUPP
+    assert kernel_rc(v.export) == -errno.EOPNOTSUPP
     v.close()
 
 
-def test_item20_ranges(m):
+def test_feature_checks_every_range_in_the_kernels_order(m):
     v = VfioPciBar(m, "vfio0")
     bar = m.device("vfio0").bar(0)
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0, 0x1800)]) == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0x800, G)]) == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0, 0)]) == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(bar.nbytes - G, 2 * G)]) == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0xFFFF_FFFF_FFFF_F000, G)]) == errno.EOVERFLOW
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0, 1 << 63)]) == errno.EINVAL  # DMA_IOVA_USE_SWIOTLB
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0, U64 - G + 1), (0, G)]) == errno.EINVAL  # total wraps
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0, 0x1800)]) == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0x800, G)]) == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0, 0)]) == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(bar.nbytes - G, 2 * G)]) == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0xFFFF_FFFF_FFFF_F000, G)]) == -errno.EOVERFLOW
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0, 1 << 63)]) == -errno.EINVAL  # DMA_IOVA_USE_SWIOTLB
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0, U64 - G + 1), (0, G)]) == -errno.EINVAL  # total wraps
     # A total that carries past 2**64 only at the last row: EINVAL, named so
     # (not the bit-63 rule, not EOVERFLOW from the core's sum).
     with pytest.raises(errors.InvalidArgument, match=r"more than 2\*\*64 - 1"):
         v.feature_dma_buf(0, 0, 0, [(0, 1 << 62)] * 3 + [(0, (1 << 62) - G), (0, G)])
     # The bit-63 total is refused before any range meets the BAR.
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0xFFFF_FFFF_FFFF_F000, G), (0, 1 << 63)]) == errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0xFFFF_FFFF_FFFF_F000, G), (0, 1 << 63)]) == -errno.EINVAL
     # The BAR's address plus the offset fits, plus the length wraps.
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(2**64 - bar.cpu_start - G, 2 * G)]) == errno.EOVERFLOW
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(2**64 - bar.cpu_start - G, 2 * G)]) == -errno.EOVERFLOW
     # Step 6 (every range's alignment) runs before step 8 (every range
     # against the BAR): a later misaligned range beats an earlier overflow.
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0xFFFF_FFFF_FFFF_F000, G), (0, 0x1800)]) == errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0xFFFF_FFFF_FFFF_F000, G), (0, 0x1800)]) == -errno.EINVAL
     # Within step 8 the first bad range decides.
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(bar.nbytes, G), (0xFFFF_FFFF_FFFF_F000, G)]) == errno.EINVAL
-    assert errno_of(v.feature_dma_buf, 0, 0, 0, [(0, G), (0xFFFF_FFFF_FFFF_F000, G)]) == errno.EOVERFLOW
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(bar.nbytes, G), (0xFFFF_FFFF_FFFF_F000, G)]) == -errno.EINVAL
+    assert kernel_rc(v.feature_dma_buf, 0, 0, 0, [(0, G), (0xFFFF_FFFF_FFFF_F000, G)]) == -errno.EOVERFLOW
     assert not v.dmabufs and not open_fds()  # failures export nothing
     # The last page of the BAR, and the same range twice (the size doubles).
     b = dma_buf_get(fd := v.feature_dma_buf(0, 0, 0, [(bar.nbytes - G, G), (bar.nbytes - G, G)]))
@@ -232,10 +227,7 @@ def test_feature_matches_the_kernel_reference(breaks, ranges):
     size = 16 + 16 * len(p["ranges"]) if p["argsz"] is None else p["argsz"]
     op_bits = _op_bits(p["op"]) if p["op"] else VfioFeature(0)
     want = reference_feature(p["has_phys"], op_bits, size, p["flags"], p["region"], bars, p["ranges"])
-    try:
-        got = v.feature_dma_buf(p["region"], p["flags"], 0, p["ranges"], op=p["op"], argsz=p["argsz"])
-    except errors.DmaBufError as e:
-        got = -e.errno
+    got = kernel_rc(v.feature_dma_buf, p["region"], p["flags"], 0, p["ranges"], op=p["op"], argsz=p["argsz"])
     if want == 1:
         assert got > 2
         b = dma_buf_get(got)
@@ -259,7 +251,7 @@ def _op_bits(op):
 # ------------------------------------------------------- attaching, mapping
 
 
-def test_item21_born_revoked_without_memory_decode(m):
+def test_born_revoked_without_memory_decode(m):
     m.device("vfio1").memory_decode = False
     with vfio_export(m, "vfio1") as (v, b):
         assert b.revoked
@@ -271,7 +263,7 @@ def test_item21_born_revoked_without_memory_decode(m):
             pass
 
 
-def test_item21_born_revoked_in_d3hot(m):
+def test_born_revoked_in_d3hot(m):
     v = VfioPciBar(m, "vfio1")
     v.set_power_state("D3hot")
     b = v.export()
@@ -282,23 +274,23 @@ def test_item21_born_revoked_in_d3hot(m):
     v.close()
 
 
-def test_item22_attach_gates_and_their_order(m):
+def test_attach_gates_and_their_order(m):
     with vfio_export(m, "vfio1") as (v, b):
         gpu = m.device("gpu1")
         # Mapping types: VFIO offers [PAL, SGT P2P]; no P2P means no match (EINVAL)
-        assert errno_of(b.attach, gpu) == errno.EINVAL  # static: never P2P
-        assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EINVAL
-        assert errno_of(b.dynamic_attach, gpu, NoInvalidate()) == errno.EOPNOTSUPP  # 7.1: not revocable
+        assert kernel_rc(b.attach, gpu) == -errno.EINVAL  # static: never P2P
+        assert kernel_rc(b.dynamic_attach, gpu, NoP2p()) == -errno.EINVAL
+        assert kernel_rc(b.dynamic_attach, gpu, NoInvalidate()) == -errno.EOPNOTSUPP  # 7.1: not revocable
         v.set_memory_decode(False)
-        assert errno_of(b.dynamic_attach, gpu, NoP2p()) == errno.EINVAL  # the negotiation comes first
-        assert errno_of(b.dynamic_attach, gpu, NoInvalidate()) == errno.ENODEV  # revoked before revocable
+        assert kernel_rc(b.dynamic_attach, gpu, NoP2p()) == -errno.EINVAL  # the negotiation comes first
+        assert kernel_rc(b.dynamic_attach, gpu, NoInvalidate()) == -errno.ENODEV  # revoked before revocable
         assert not b.attachments
 
 
-def test_item22_on_619_an_importer_without_invalidate_is_accepted(m):
+def test_on_619_an_importer_without_invalidate_is_accepted(m):
     with vfio_export(m, "vfio1", kernel="6.19") as (v, b):
         with attached(b, m.device("gpu1"), NoInvalidate()):
-            assert errno_of(b.attach, m.device("gpu1")) == errno.EINVAL  # still no static importers (no match)
+            assert kernel_rc(b.attach, m.device("gpu1")) == -errno.EINVAL  # still no static importers (no match)
 
 
 def test_maps_are_dma_only_tables_on_the_importers_route(m):
@@ -330,7 +322,7 @@ def test_maps_are_dma_only_tables_on_the_importers_route(m):
     assert [m.device("gpu0").domain.iova_to_phys(iova + k * G) for k in range(3)] == [base, base + G, base + (1 << 30)]
     # A non-PCI importer has no route: the SGT P2P entry does not match it,
     # and VFIO offers nothing else it takes (mapping types: EINVAL at attach).
-    assert errno_of(b0.dynamic_attach, _platform(m), Polite()) == errno.EINVAL
+    assert kernel_rc(b0.dynamic_attach, _platform(m), Polite()) == -errno.EINVAL
     for buf, att, im in ((b1, a, imp), (b0, a0, imp0)):
         for tt in im.tables:
             att.unmap_unlocked(tt, BIDI)
@@ -352,7 +344,7 @@ def test_no_vmap_and_the_physical_ranges(m):
     with vfio_export(m, "vfio0", bar=2, offset=G, nbytes=4 * G) as (v, b):
         b.resv.lock()
         try:
-            assert errno_of(b.vmap) == errno.EINVAL
+            assert kernel_rc(b.vmap) == -errno.EINVAL
         finally:
             b.resv.unlock()
         with attached(b, m.device("gpu0"), PhysReader()) as a:
@@ -375,7 +367,7 @@ def test_no_vmap_and_the_physical_ranges(m):
 def test_mmap_on_619_has_no_mmap_op(m):
     # dma_buf_mmap_internal(): no ->mmap in 6.19's vfio_pci_dmabuf_ops -> EINVAL.
     with vfio_export(m, "vfio1", kernel="6.19") as (v, b):
-        assert errno_of(b.mmap) == errno.EINVAL
+        assert kernel_rc(b.mmap) == -errno.EINVAL
 
 
 def test_mmap_maps_the_bar_uncached_and_reaches_it(m):
@@ -427,10 +419,10 @@ def test_memattr_applies_to_later_mmaps(m):
         assert (before.caching, after.caching) == (Caching.UNCACHED, Caching.WRITE_COMBINE)
         after.write(0, b"wc")
         assert before.read(0, 2) == b"wc"
-        assert errno_of(v.set_dma_buf_memattr, b, "write-back") == errno.ENOENT
-        assert errno_of(v.set_dma_buf_memattr, b, 7) == errno.ENOENT
+        assert kernel_rc(v.set_dma_buf_memattr, b, "write-back") == -errno.ENOENT
+        assert kernel_rc(v.set_dma_buf_memattr, b, 7) == -errno.ENOENT
         other = SystemHeap(m).allocate(G)
-        assert errno_of(v.set_dma_buf_memattr, other, "uncached") == errno.ENODEV  # not this device's
+        assert kernel_rc(v.set_dma_buf_memattr, other, "uncached") == -errno.ENODEV  # not this device's
         other.put()
         v.set_dma_buf_memattr(b.fd(), "uncached")  # by fd, as the ioctl takes it
         assert b.mmap().caching is Caching.UNCACHED
@@ -449,7 +441,7 @@ def test_revoke_zaps_the_mmap_sigbus_and_unrevoke_faults_it_back(m):
         assert cpu.zaps == 1
         e = pytest.raises(errors.IOFailure, cpu.read, 0, 4).value
         assert "SIGBUS" in str(e)
-        assert errno_of(b.mmap) == errno.ENODEV  # vfio_pci_dma_buf_mmap refuses a revoked buffer
+        assert kernel_rc(b.mmap) == -errno.ENODEV  # vfio_pci_dma_buf_mmap refuses a revoked buffer
         v.set_memory_decode(True, timeout=5)
         assert cpu.read(0, 4) == b"live" and cpu.faults == faults + 1
         cpu.close()
@@ -467,14 +459,14 @@ def test_closing_the_device_revokes_the_mmap_for_good(m):
 # ------------------------------------------------------ revoke, un-revoke
 
 
-def test_item23_decode_off_revokes_before_the_write_and_decode_on_unrevokes(m):
+def test_decode_off_revokes_before_the_write_and_decode_on_unrevokes(m):
     imp = Polite()
     with vfio_export(m, "vfio1") as (v, b), attached(b, m.device("gpu1"), imp) as a:
         imp.map(a)
         v.set_memory_decode(False, timeout=5)
         assert imp.calls == 1 and imp.decode_seen == [True]  # told before the BAR stopped decoding
         assert b.revoked and b.live_mappings == 0 and not m.device("vfio1").memory_decode
-        assert errno_of(a.map_unlocked, BIDI) == errno.ENODEV
+        assert kernel_rc(a.map_unlocked, BIDI) == -errno.ENODEV
         v.set_memory_decode(True, timeout=5)
         assert imp.calls == 2 and not b.revoked  # told again, to re-map
         imp.map(a)
@@ -482,7 +474,7 @@ def test_item23_decode_off_revokes_before_the_write_and_decode_on_unrevokes(m):
         assert imp.calls == 2
 
 
-def test_item23_the_config_write_waits_for_the_importer_to_unmap(m):
+def test_the_config_write_waits_for_the_importer_to_unmap(m):
     tables = []
     unmapped_at = []
 
@@ -583,10 +575,10 @@ def test_power_states_low_power_and_reset(m):
 
 
 def test_unrevoke_ordering_619_vs_71():
-    """Research 10.14: 7.1 invalidates while the buffer is still revoked,
-    so an importer re-mapping eagerly from the callback gets ENODEV; 6.19
-    cleared the flag first."""
-    for kernel, want in (("7.1", errno.ENODEV), ("6.19", 0)):
+    """7.1 invalidates while the buffer is still revoked, so an importer
+    re-mapping eagerly from the callback gets ENODEV; 6.19 cleared the flag
+    first."""
+    for kernel, want in (("7.1", -errno.ENODEV), ("6.19", 0)):
         m = Machine.default()
         got = []
         phase = []
@@ -596,7 +588,7 @@ def test_unrevoke_ordering_619_vs_71():
 
             def invalidate_mappings(self, a):
                 if phase == ["on"]:
-                    got.append(errno_of(lambda: a.unmap(a.map(BIDI), BIDI)))
+                    got.append(kernel_rc(lambda: a.unmap(a.map(BIDI), BIDI)))
 
         with vfio_export(m, "vfio1", kernel=kernel) as (v, b), attached(b, m.device("gpu1"), Eager()):
             v.set_memory_decode(False)
@@ -628,11 +620,11 @@ def test_close_revokes_for_good(m):
         assert not b.revoked and v.dmabufs == [b]
         v.close(timeout=5)
         assert b.revoked and imp.calls == 1 and not b.exporter.linked
-        assert errno_of(a.map_unlocked, BIDI) == errno.ENODEV
-        assert errno_of(b.dynamic_attach, m.device("gpu1"), NoP2p()) == errno.EINVAL  # the negotiation first
-        assert errno_of(b.dynamic_attach, m.device("gpu1"), Polite()) == errno.ENODEV
+        assert kernel_rc(a.map_unlocked, BIDI) == -errno.ENODEV
+        assert kernel_rc(b.dynamic_attach, m.device("gpu1"), NoP2p()) == -errno.EINVAL  # the negotiation first
+        assert kernel_rc(b.dynamic_attach, m.device("gpu1"), Polite()) == -errno.ENODEV
         for call in (v.close, v.reset, v.export, lambda: v.set_memory_decode(True)):
-            assert errno_of(call) == errno.EBADF
+            assert kernel_rc(call) == -errno.EBADF
         # Opening the device again does not bring the old buffers back.
         with VfioPciBar(m, "vfio1") as again:
             again.set_memory_decode(True)
@@ -685,7 +677,7 @@ def test_hot_reset_unrevokes_only_open_devices(m):
 # --------------------------------------------- the iommufd private call
 
 
-def test_item25_private_interconnect(m):
+def test_iommufd_private_map_needs_one_range_an_iommufd_importer_and_the_lock(m):
     v2 = VfioPciBar(m, "vfio1", ranges=[(0, G), (4 * G, G)])
     two = v2.export()
     v1 = VfioPciBar(m, "vfio0", offset=8 * G, nbytes=2 * G)
@@ -693,14 +685,14 @@ def test_item25_private_interconnect(m):
     heap = SystemHeap(m).allocate(4 * G)
     gpu = m.device("gpu1")
     atts = []
-    for buf, ops, want in ((two, IommufdLike(), errno.EOPNOTSUPP), (heap, IommufdLike(), errno.EOPNOTSUPP),
-                           (one, Polite(), errno.EPERM)):
+    for buf, ops, want in ((two, IommufdLike(), -errno.EOPNOTSUPP), (heap, IommufdLike(), -errno.EOPNOTSUPP),
+                           (one, Polite(), -errno.EPERM)):
         # iommufd's way in is the PAL type; a heap buffer has none (SGT only)
         a = buf.dynamic_attach(gpu, ops) if buf is heap else buf.mapping_attach([mapping.pal_importer()], ops)
         atts.append((buf, a))
         buf.resv.lock()
         try:
-            assert errno_of(vfio_pci_dma_buf_iommufd_map, a) == want
+            assert kernel_rc(vfio_pci_dma_buf_iommufd_map, a) == want
         finally:
             buf.resv.unlock()
     a = one.mapping_attach([mapping.pal_importer()], IommufdLike())
@@ -715,7 +707,7 @@ def test_item25_private_interconnect(m):
     v1.set_memory_decode(False)
     one.resv.lock()
     try:
-        assert errno_of(vfio_pci_dma_buf_iommufd_map, a) == errno.ENODEV
+        assert kernel_rc(vfio_pci_dma_buf_iommufd_map, a) == -errno.ENODEV
     finally:
         one.resv.unlock()
     for buf, att in atts:
@@ -810,7 +802,7 @@ class VfioLifecycle(RuleBasedStateMachine):
             t = imp.map(a)
             assert self.gpu.dma_read(int(t.dma_ranges()[0, 0]), 1) is not None
         else:
-            assert errno_of(a.map_unlocked, BIDI) == errno.ENODEV
+            assert kernel_rc(a.map_unlocked, BIDI) == -errno.ENODEV
 
     @rule(i=st.integers(0, 3))
     def put(self, i):

@@ -11,7 +11,7 @@ import errno
 import pytest
 
 from pydmabuf import Fence, Usage, checks, errors, fence_context_alloc
-from pydmabuf._scenario_library import _two_gpu_machine
+from pydmabuf._scenario_library_memory import _two_gpu_machine
 from pydmabuf.exporters import VramDevice
 from pydmabuf.exporters.vram import SYSTEM, VRAM
 from pydmabuf.importers.drm import DrmDynamicGpu, DrmGpu

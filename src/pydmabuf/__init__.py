@@ -47,18 +47,13 @@ from pydmabuf._core import (
 )
 from pydmabuf.locking import locked, signalling_section
 
-from pydmabuf.machine import (
-    Device,
-    Machine,
-    P2PMapType,
-    P2pProvider,
-    p2p_map_type,
-)
+from pydmabuf.device import Device
+from pydmabuf.machine import Machine, p2p_map_type
+from pydmabuf.pci import P2PMapType, P2pProvider
+from pydmabuf._types import DmaAttrs
+from pydmabuf.dma_iommu import IovaState
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dma import (
-    DmaAttrs,
-    IovaState,
-    dma_buf_free_sgt,
-    dma_buf_phys_vec_to_sgt,
     dma_map_phys,
     dma_map_sgtable,
     dma_sync_sgtable_for_cpu,
@@ -83,15 +78,7 @@ from pydmabuf.dmabuf import (
 )
 from pydmabuf import checks
 
-try:
-    from pydmabuf._version import version as __version__
-except ImportError:  # an unbuilt tree; the build writes _version.py
-    try:
-        from importlib.metadata import version as _dist_version
-
-        __version__ = _dist_version("pydmabuf")
-    except Exception:
-        __version__ = "0.0.0+unknown"
+from pydmabuf._about import VERSION as __version__
 
 __all__ = [
     "__version__",

@@ -12,11 +12,17 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from pydmabuf import errors
 from pydmabuf._spec import _BDF  # a PCI address, domain:bus:device.function
 from pydmabuf._types import PAGE_SIZE, RangeKind
-from pydmabuf.machine import Device, HostBridge, Iommu, Machine, PciPort, Window
+from pydmabuf.device import Device
+from pydmabuf.iommu import Iommu
+from pydmabuf.pci import HostBridge, PciPort, Window
+
+if TYPE_CHECKING:  # the class to build is passed in (Machine.from_host calls build)
+    from pydmabuf.machine import Machine
 
 log = logging.getLogger(__name__)
 

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from pydmabuf import errors
-from pydmabuf._types import RangeKind
-from pydmabuf.machine import (
-    U64_MAX,
-    Device,
-    DmaRange,
-    HostBridge,
-    Iommu,
-    Machine,
-    PciPort,
-    Window,
-    _mask,
-    _num,
-)
+from pydmabuf._args import _mask, _num
+from pydmabuf._types import U64_MAX, RangeKind
+from pydmabuf.device import Device, DmaRange
+from pydmabuf.iommu import Iommu
+from pydmabuf.pci import HostBridge, PciPort, Window
+
+if TYPE_CHECKING:  # the class to build is passed in (Machine's classmethods call build)
+    from pydmabuf.machine import Machine
 
 _MEM_KINDS = {"ram": RangeKind.RAM, "reserved": RangeKind.RESERVED, "private": RangeKind.PRIVATE}
 _KNOWN = {

@@ -18,6 +18,13 @@ pyperf (both optional, neither a dependency of the package):
   sample of the same round saw the same machine.  A ratio to the baseline
   is the median of the per-round ratios, with the same order-statistic
   interval: drifts slower than a round cancel.
+* **Sets of fresh inputs.**  A group can be timed on several sets of the
+  same plans, each on allocations of its own, one set a round in turn,
+  the samples pooled.  Where one allocation landed (page colouring,
+  huge pages or not) is fixed for all the rounds that reuse it, so no
+  number of rounds averages it out; in one process, sets interleaved
+  round by round differed by 10-15% in a ratio whose per-set intervals
+  were 1-2% wide.  Pooled over ``m`` sets, one placement weighs ``1/m``.
 * **Two runs compared.**  The two medians are independent; the interval
   of their ratio combines the two order-statistic intervals on a log scale
   (each half-width read as 1.96 standard errors, the errors added in
@@ -185,7 +192,8 @@ def agreement(pairs: Sequence[tuple[float, float]], tol: float = 0.10) -> tuple[
     return ok, n
 
 
-def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_rounds: int = 5,
+def interleave(plans: Mapping[str, Plan] | Sequence[Mapping[str, Plan]], *, baseline: str | None = None,
+               min_rounds: int = 5,
                max_rounds: int = 1000, budget_s: float = 1.0, target: float = 0.02, warmup: int = 1,
                cap_s: float | None = None,
                confidence: float = 0.95, clock: Callable[[], int] = time.thread_time_ns,
@@ -195,8 +203,22 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
 
     Each round runs every plan's step and undo once, starting the round at
     a different plan each time (round ``r`` starts at plan ``r mod k``) so
-    that no plan always follows the same neighbour.  After ``warmup``
-    untimed rounds, rounds go on until, at a check, every plan's median
+    that no plan always follows the same neighbour.
+
+    ``plans`` may also be a sequence of ``m`` sets of the same plans, each
+    on inputs and state of its own (fresh allocations: another model
+    machine, other copies of the arrays): round ``r`` then runs set
+    ``r mod m``, starting at plan ``(r div m) mod k`` (so every set meets
+    every order), and each plan's samples pool the rounds of every set.  A
+    cost that depends on where one allocation landed (page colouring,
+    transparent huge pages, cache conflicts) then weighs ``1/m`` in the
+    pooled median instead of moving it whole, and a ratio stays paired
+    within a round (the plan and the baseline ran on the same set).  The
+    warm-up then runs at least one round of every set, and the rounds stop
+    (tight, budget, cap) only after a whole turn of the sets, so that every
+    set gives as many rounds.
+
+    After the warm-up rounds go on until, at a check, every plan's median
     (step + undo) and every plan's paired ratio to ``baseline`` have an
     interval of relative half-width at most ``target``; or ``budget_s``
     seconds of timed rounds have passed; or ``max_rounds`` rounds were run.
@@ -208,9 +230,11 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
 
     Parameters
     ----------
-    plans : mapping of str to (step, undo)
+    plans : mapping of str to (step, undo), or a sequence of such mappings
         ``step()`` returns a handle that ``undo(handle)`` releases.  Both
         are timed separately; the handle is dropped inside the undo's time.
+        A sequence: sets of the same plans (same names) on fresh inputs,
+        taken in turn, one set a round.
     baseline : str, optional
         The plan the others are compared with (a key of ``plans``).
     min_rounds, max_rounds : int
@@ -221,7 +245,8 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
     target : float
         The relative half-width every interval must reach to stop early.
     warmup : int
-        Untimed rounds first (page faults, caches, allocator pools).
+        Untimed rounds first (page faults, caches, allocator pools); at
+        least one per set.
     cap_s : float, optional
         Seconds of timed rounds after which no new round starts even below
         ``min_rounds`` (once 5 ran): keeps groups of very long calls, on a
@@ -245,14 +270,22 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
         Per plan, ``(step_ns, undo_ns)``: one entry per timed round.
     info : dict
         ``rounds``, ``seconds`` (wall time of the timed rounds), ``stopped``
-        (``"tight"``, ``"budget"``, ``"cap"`` or ``"max_rounds"``) and
-        ``clock_overhead_ns``.
+        (``"tight"``, ``"budget"``, ``"cap"`` or ``"max_rounds"``),
+        ``clock_overhead_ns`` and ``sets`` (how many sets of the plans).
     """
     if min_rounds < 1 or max_rounds < min_rounds:
         raise ValueError(f"need 1 <= min_rounds <= max_rounds (got {min_rounds}, {max_rounds})")
-    if baseline is not None and baseline not in plans:
+    sets: list[Mapping[str, Plan]] = [plans] if isinstance(plans, Mapping) else list(plans)
+    if not sets:
+        raise ValueError("interleave needs at least one set of plans")
+    names = list(sets[0])
+    for other in sets[1:]:
+        if list(other) != names:
+            raise ValueError(f"every set of plans must name the same plans in the same order ({names}, not "
+                             f"{list(other)})")
+    if baseline is not None and baseline not in names:
         raise ValueError(f"baseline {baseline!r} is not one of the plans")
-    names = list(plans)
+    m = len(sets)
     k = len(names)
     steps: dict[str, list[int]] = {n: [] for n in names}
     undos: dict[str, list[int]] = {n: [] for n in names}
@@ -261,18 +294,19 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
     gc.collect(1)  # the young generations: a full collection of the model costs ~20 ms a group
     gc.disable()
     try:
-        for r in range(warmup):
+        for r in range(max(warmup, m) if warmup else 0):
             for i in range(k):
-                step, undo = plans[names[(r + i) % k]]
+                step, undo = sets[r % m][names[(r // m + i) % k]]
                 undo(step())
         start = time.perf_counter()
         rounds = 0
         next_check = min_rounds
         stopped = "max_rounds"
         while rounds < max_rounds:
+            plan_set = sets[rounds % m]
             for i in range(k):
-                name = names[(rounds + i) % k]
-                step, undo = plans[name]
+                name = names[(rounds // m + i) % k]
+                step, undo = plan_set[name]
                 t0 = clock()
                 h = step()
                 t1 = clock()
@@ -282,6 +316,8 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
                 steps[name].append(max(t1 - t0 - overhead, 0))
                 undos[name].append(max(t2 - t1 - overhead, 0))
             rounds += 1
+            if rounds % m:
+                continue  # a whole turn of the sets first: each set gives as many rounds
             if rounds < min_rounds:
                 if cap_s is not None and rounds >= min(5, min_rounds) and time.perf_counter() - start >= cap_s:
                     stopped = "cap"
@@ -300,7 +336,7 @@ def interleave(plans: Mapping[str, Plan], *, baseline: str | None = None, min_ro
         if was_enabled:
             gc.enable()
     return {n: (steps[n], undos[n]) for n in names}, {"rounds": rounds, "seconds": seconds, "stopped": stopped,
-                                                     "clock_overhead_ns": overhead}
+                                                     "clock_overhead_ns": overhead, "sets": m}
 
 
 def clock_overhead(clock: Callable[[], int] = time.thread_time_ns, reads: int = 201) -> int:

@@ -6,10 +6,14 @@ import enum
 import re
 from typing import NamedTuple
 
-__all__ = ["Caching", "RangeKind", "Range", "DmaDirection", "IommuProt", "Usage", "PAGE_SIZE", "PAGE_SHIFT"]
+__all__ = ["Caching", "RangeKind", "Range", "DmaDirection", "DmaAttrs", "IommuProt", "Usage", "PAGE_SIZE", "PAGE_SHIFT",
+           "U64_MAX", "DMA_MAPPING_ERROR"]
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+U64_MAX = 2**64 - 1
+#: What a failed mapping returns (``DMA_MAPPING_ERROR``, all ones).
+DMA_MAPPING_ERROR = U64_MAX
 
 
 class RangeKind(enum.IntEnum):
@@ -81,6 +85,22 @@ class DmaDirection(enum.IntEnum):
     TO_DEVICE = 1
     FROM_DEVICE = 2
     NONE = 3
+
+
+class DmaAttrs(enum.IntFlag):
+    """``DMA_ATTR_*``."""
+
+    NONE = 0
+    WEAK_ORDERING = 1 << 1
+    WRITE_COMBINE = 1 << 2
+    NO_KERNEL_MAPPING = 1 << 4
+    SKIP_CPU_SYNC = 1 << 5
+    FORCE_CONTIGUOUS = 1 << 6
+    ALLOC_SINGLE_PAGES = 1 << 7
+    NO_WARN = 1 << 8
+    PRIVILEGED = 1 << 9
+    #: Not RAM: no swiotlb, no cache maintenance, IOMMU_MMIO in the PTEs.
+    MMIO = 1 << 10
 
 
 class IommuProt(enum.IntFlag):

@@ -33,12 +33,15 @@ layer: it imports nothing above :mod:`pydmabuf.machine`.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from pydmabuf import checks, errors
 from pydmabuf._types import RangeKind
-from pydmabuf.machine import Bar
+from pydmabuf.pci import Bar
 from pydmabuf.memory import PhysMemory
+
+if TYPE_CHECKING:
+    from pydmabuf.machine import Machine
 
 __all__ = ["Accessor", "Lease", "PageOwner", "Translation", "access", "stale_translation", "add_check", "bounce_check", "bounce_copy",
            "migrate_pages", "DEVICE", "CPU", "GUEST"]
@@ -283,7 +286,7 @@ def bounce_copy(acc: Accessor, dst: int, src: int, nbytes: int) -> None:
         mem._raw_write(dst, mem._raw_read(src, nbytes))
 
 
-def migrate_pages(machine: Any, src_pfns: Any, dst_pfns: Any) -> int:
+def migrate_pages(machine: Machine, src_pfns: Any, dst_pfns: Any) -> int:
     """The exporter's migration copy (the kernel's own, trusted: the pages
     are the exporter's on both sides, under the reservation lock).  The
     destination ends as an exact copy: its pages are cleared first, since
@@ -294,7 +297,7 @@ def migrate_pages(machine: Any, src_pfns: Any, dst_pfns: Any) -> int:
     return n
 
 
-def zero_pages(machine: Any, pfns: Any) -> int:
+def zero_pages(machine: Machine, pfns: Any) -> int:
     """The page allocator's clearing of newly allocated pages
     (``__GFP_ZERO``; the kernel's, trusted): no buffer ever shows its
     pages' previous owner's bytes.  Returns the pages cleared."""

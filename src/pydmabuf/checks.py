@@ -40,7 +40,7 @@ __all__ = ["Report", "Checker", "checker", "strict", "report_mode", "reports", "
 
 _PKG_DIR = os.path.dirname(os.path.abspath(__file__))
 #: Files inside the package written as user code (examples).
-_USER_CODE = (os.sep + "_scenario_library.py",)
+_USER_CODE = (os.sep + "_scenario_library.py", os.sep + "_scenario_library_memory.py")
 
 
 #: co_filename -> basename for user code, None for pydmabuf's own files.

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from types import ModuleType
 from typing import Any, Sequence
+
+from pydmabuf import bench, errors, kernel_work, replay, scenarios
+from pydmabuf._about import VERSION
+from pydmabuf._types import _parse_size
+from pydmabuf.machine import Machine
 
 __all__ = ["main"]
 
@@ -15,8 +22,6 @@ def _sizes(text: str) -> list[int]:
     """``--sizes``: a comma list of sizes in the machine files' syntax
     (``4096``, ``0x1000``, ``64K``, ``4 GiB``), each a whole number of pages;
     returned as page counts."""
-    from pydmabuf._types import _parse_size
-
     out = []
     for part in text.split(","):
         nbytes = _parse_size(part)
@@ -44,13 +49,11 @@ def _check_output(path: str | None, option: str) -> str | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from pydmabuf import __version__
-
     p = argparse.ArgumentParser(
         prog="pydmabuf",
         description="An executable model of the Linux dma-buf / DMA-mapping stack.",
     )
-    p.add_argument("--version", action="version", version=f"pydmabuf {__version__}")
+    p.add_argument("--version", action="version", version=f"pydmabuf {VERSION}")
     p.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -100,9 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _replay_parser(sub: Any) -> None:
-    from pydmabuf.replay import STRATEGIES
-
+def _replay_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     r = sub.add_parser(
         "replay",
         help="replay a real machine's DMA trace (tracefs trace / trace-cmd report) through the model",
@@ -115,7 +116,7 @@ def _replay_parser(sub: Any) -> None:
                    help="the traced machine (its IOMMU domains' geometry): the model's IOVA choices are "
                         "compared with the trace's DMA addresses")
     r.add_argument("--strategies", default=None,
-                   help=f"comma list (default: all): {', '.join(STRATEGIES)}")
+                   help=f"comma list (default: all): {', '.join(replay.STRATEGIES)}")
     r.add_argument("--device", metavar="NAME", help="replay only this device (its name in the trace)")
     r.add_argument("--limit", type=int, metavar="N", help="stop after N map/unmap operations")
     r.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout)")
@@ -135,8 +136,6 @@ def _write(path: str, text: str) -> None:
 
 def _load_study(path: str) -> dict[str, object]:
     """A saved study, or ValueError saying why the file is not one."""
-    import json
-
     with open(path, encoding="utf-8") as f:
         try:
             data = json.load(f)
@@ -148,7 +147,7 @@ def _load_study(path: str) -> dict[str, object]:
     return data
 
 
-def _write_outputs(args: argparse.Namespace, result: Any, fmt: Any) -> None:
+def _write_outputs(args: argparse.Namespace, result: dict[str, Any], fmt: ModuleType) -> None:
     """``--json``, ``--csv``, ``--markdown``: each asked-for file, written
     by the formatter module of the command (bench or replay)."""
     for path, render in ((args.json, fmt.to_json), (args.csv, fmt.to_csv), (args.markdown, fmt.format_markdown)):
@@ -157,8 +156,6 @@ def _write_outputs(args: argparse.Namespace, result: Any, fmt: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pydmabuf import bench
-
     if args.compare:
         try:
             old, new = (_load_study(p) for p in args.compare)
@@ -174,15 +171,13 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"pydmabuf bench: {problem}", file=sys.stderr)
             return 2
     if args.plot:
-        try:
+        try:  # imported here on purpose: matplotlib is the optional [plot] extra, only --plot needs it
             import matplotlib  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
         except ImportError:
             print("pydmabuf bench --plot needs matplotlib: pip install 'pydmabuf[plot]'", file=sys.stderr)
             return 2
     layouts = args.layouts.split(",") if args.layouts else list(bench.DEFAULT_LAYOUTS)
     sizes = args.sizes or list(bench.QUICK_SIZES if args.quick else bench.DEFAULT_SIZES)
-    from pydmabuf import kernel_work
-
     # Sizes named on the command line are made even for the pagemap layout.
     max_real = None if args.sizes else bench.QUICK_MAX_REAL_PAGES if args.quick else bench.DEFAULT_MAX_REAL_PAGES
     result: dict[str, object] = {}
@@ -235,8 +230,6 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _scenario(args: argparse.Namespace) -> int:
-    from pydmabuf import errors, scenarios
-
     if args.list or (args.name is None and not args.all):
         width = max(len(n) for n in scenarios.names())
         for n in scenarios.names():
@@ -258,8 +251,6 @@ def _scenario(args: argparse.Namespace) -> int:
 
 
 def _replay(args: argparse.Namespace) -> int:
-    from pydmabuf import errors, kernel_work, replay
-
     strategies = [x.strip() for x in args.strategies.split(",") if x.strip()] if args.strategies else \
         list(replay.STRATEGIES)
     try:
@@ -270,8 +261,6 @@ def _replay(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown strategy {', '.join(bad) or '(none)'}; known: {', '.join(replay.STRATEGIES)}")
         geometry = None
         if args.machine:
-            from pydmabuf import Machine
-
             geometry = replay.geometry_from_machine(Machine.from_toml(args.machine))
         profile = kernel_work.load_profile(args.cost_profile) if args.cost_profile else None
         units = kernel_work.unit_costs(profile, rounds=5)

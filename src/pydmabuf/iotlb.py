@@ -53,9 +53,15 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
+
+from pydmabuf import errors
+from pydmabuf._core import IommuDomain
+
+if TYPE_CHECKING:
+    from pydmabuf.device import Device
 
 __all__ = ["DEFAULT_ENTRIES", "Iotlb", "StaleHit", "StaleWindow", "add_describer", "stale_window"]
 
@@ -86,7 +92,7 @@ class StaleHit(NamedTuple):
     iova: int  #: the page's IOVA
     phys: int  #: the old physical page the entry still points at
     npages: int  #: consecutive stale pages of the access from ``iova``
-    domain: Any
+    domain: IommuDomain
     mapping: Any  #: what mapped the IOVA when the entry was filled (or None)
     culprit: Any  #: who owned that mapping, hence unmapped it (or None)
 
@@ -130,8 +136,6 @@ class Iotlb:
         if not isinstance(entries, int) or isinstance(entries, bool):
             raise TypeError("iotlb entries must be an int")
         if not 1 <= entries <= 65536:
-            from pydmabuf import errors
-
             raise errors.InvalidArgument(f"iotlb entries must be in 1..65536 (got {entries})")
         self.entries = entries
         self._lock = threading.RLock()
@@ -142,7 +146,7 @@ class Iotlb:
         self._used = np.zeros(entries, np.int64)  # LRU stamp
         self._prov = np.zeros(entries, np.int64)  # key into _provenance (0: none)
         self._clock = 0
-        self._doms: dict[int, Any] = {}  # tag -> domain (while entries carry the tag)
+        self._doms: dict[int, IommuDomain] = {}  # tag -> domain (while entries carry the tag)
         self._seen: dict[int, int] = {}  # tag -> the domain's full-flush count when last synced
         self._tags: dict[int, int] = {}  # id(domain) -> tag
         self._next_tag = 1
@@ -157,7 +161,7 @@ class Iotlb:
 
     # ---------------------------------------------------------------- state
 
-    def _tag_of(self, dom: Any) -> int:
+    def _tag_of(self, dom: IommuDomain) -> int:
         t = self._tags.get(id(dom))
         if t is None or self._doms.get(t) is not dom:
             t = self._next_tag
@@ -173,7 +177,7 @@ class Iotlb:
             self._prov[mask] = 0
             self.stats["invalidated"] += n
 
-    def _sync(self, dom: Any, tag: int) -> int:
+    def _sync(self, dom: IommuDomain, tag: int) -> int:
         """Apply the domain-wide flushes issued since the entries were
         filled (the flush queue's timer fires first if due,
         ``fq_flush_timeout``); returns the domain's flush count."""
@@ -189,7 +193,7 @@ class Iotlb:
         with self._lock:
             self._drop(self._tag != 0)
 
-    def cached(self, dom: Any) -> np.ndarray:
+    def cached(self, dom: IommuDomain) -> np.ndarray:
         """The IOVAs (of pages) cached for ``dom``, LRU first: a u64 array (a
         copy)."""
         _need_domain(dom, "Iotlb.cached")
@@ -203,7 +207,7 @@ class Iotlb:
 
     # ----------------------------------------------------------- translation
 
-    def translate(self, device: Any, dom: Any, addr: int, nbytes: int, need: int,
+    def translate(self, device: Device, dom: IommuDomain, addr: int, nbytes: int, need: int,
                   walk: Callable[[int, int], "tuple[Any, int, int]"],
                   fault: Callable[[int, int], Exception]) -> tuple[list[tuple[int, int]], list[StaleHit]]:
         """Translate a device access through the cache: physical runs and
@@ -253,7 +257,7 @@ class Iotlb:
             self._hit_fill(device, tag, addr, nbytes, runs, sel, full)
             return runs, []
 
-    def _stale_among(self, dom: Any, sel: np.ndarray) -> np.ndarray:
+    def _stale_among(self, dom: IommuDomain, sel: np.ndarray) -> np.ndarray:
         """Of the cached entries ``sel``, those whose page-table entry no
         longer maps their page: live (returned) while their IOVA is on the
         flush queue, dropped otherwise (the unmap invalidated them)."""
@@ -280,7 +284,7 @@ class Iotlb:
         out: np.ndarray = ch[live]
         return out
 
-    def _translate_stale(self, device: Any, dom: Any, addr: int, nbytes: int, need: int, stale: np.ndarray,
+    def _translate_stale(self, device: Device, dom: IommuDomain, addr: int, nbytes: int, need: int, stale: np.ndarray,
                          sel: np.ndarray, walk: Callable[[int, int], "tuple[Any, int, int]"],
                          fault: Callable[[int, int], Exception], full: int) -> tuple[list[tuple[int, int]],
                                                                                       list[StaleHit]]:
@@ -326,7 +330,7 @@ class Iotlb:
         self.stats["hits"] += len(order)
         return runs, hits
 
-    def _hit_fill_page(self, device: Any, tag: int, addr: int, nbytes: int, ppfn: int, hit: int | None,
+    def _hit_fill_page(self, device: Device, tag: int, addr: int, nbytes: int, ppfn: int, hit: int | None,
                        full: int) -> None:
         """:meth:`_hit_fill` for an access within one page (``ppfn`` its
         physical page, ``hit`` the row that holds it or None), in plain ints:
@@ -354,7 +358,7 @@ class Iotlb:
         self._index[(tag, pfn)] = row
         self._prune()
 
-    def _hit_fill(self, device: Any, tag: int, addr: int, nbytes: int, runs: list[tuple[int, int]],
+    def _hit_fill(self, device: Device, tag: int, addr: int, nbytes: int, runs: list[tuple[int, int]],
                   sel: np.ndarray, full: int) -> None:
         """Refresh the entries the access hit; fill its other pages (its
         last ``entries`` pages at most), evicting least recently used."""
@@ -394,7 +398,7 @@ class Iotlb:
         self._index.update(zip(zip(itertools.repeat(tag), new.tolist()), rows.tolist()))
         self._prune()
 
-    def _describe(self, device: Any, addr: int, nbytes: int) -> int:
+    def _describe(self, device: Device, addr: int, nbytes: int) -> int:
         for fn in _describers:
             d = fn(device, addr, nbytes)
             if d is not None:
@@ -419,7 +423,7 @@ class Iotlb:
                 self._tags.pop(id(d), None)
                 self._seen.pop(t, None)
 
-    def stale_pages(self, dom: Any) -> int:
+    def stale_pages(self, dom: IommuDomain) -> int:
         """Pages cached for ``dom`` whose translation was cleared but not
         yet invalidated (a device can still reach them)."""
         _need_domain(dom, "Iotlb.stale_pages")
@@ -435,16 +439,9 @@ class Iotlb:
         return f"<Iotlb {int((self._tag != 0).sum())}/{self.entries} entries>"
 
 
-_domain_type: type | None = None
-
-
-def _need_domain(dom: Any, what: str) -> None:
-    global _domain_type
-    if type(dom) is _domain_type:
+def _need_domain(dom: IommuDomain, what: str) -> None:
+    if type(dom) is IommuDomain:
         return
-    from pydmabuf import IommuDomain
-
-    _domain_type = IommuDomain
     if not isinstance(dom, IommuDomain):
         raise TypeError(f"{what}: domain must be an IommuDomain, not {type(dom).__name__}")
 
@@ -469,7 +466,7 @@ def _phys_pages(runs: list[tuple[int, int]], addr: int, pfns: np.ndarray) -> np.
     return out
 
 
-def stale_window(domain: Any, iotlb: Iotlb | None = None) -> StaleWindow:
+def stale_window(domain: IommuDomain, iotlb: Iotlb | None = None) -> StaleWindow:
     """The stale-translation window a domain's unmaps leave open right now.
 
     On a lazy domain every DMA-API unmap since the last flush sits on the

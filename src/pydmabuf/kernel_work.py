@@ -48,11 +48,18 @@ non-coherent devices (the study's devices are coherent).
 
 from __future__ import annotations
 
-from typing import Any
+import math
+import tomllib
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pydmabuf._types import PAGE_SIZE
+from pydmabuf.workloads import numpy_coalesce
+
+if TYPE_CHECKING:
+    from pydmabuf.machine import Device
 
 __all__ = ["KEYS", "PATHS", "kernel_work", "sg_chunk_bytes", "map_walk", "unmap_walk", "pagetable_work",
            "load_profile", "measure_units", "unit_costs", "estimate_terms", "estimate_ns_per_page",
@@ -439,8 +446,6 @@ def kernel_work(strategy: str, pfns: np.ndarray, *, strict: bool = False, max_se
     elif strategy in ("link_runs", "dmabuf_ranges", "dmabuf_pal"):
         # the runs the study links: numpy_coalesce (split at 0xFFFFF pages),
         # the same ranges the system heap's phys_vec holds
-        from pydmabuf.workloads import numpy_coalesce
-
         key = ("runs", strict)
         if cache is None or key not in cache:
             phys, lens = numpy_coalesce(pfns)
@@ -488,10 +493,10 @@ def describe(strategy: str) -> str:
     return PATHS[strategy]
 
 
-def cell_kernel_work(strategy: str, pfns: np.ndarray, dev: Any, **kw: Any) -> dict[str, int]:
+def cell_kernel_work(strategy: str, pfns: np.ndarray, dev: Device | None, **kw: Any) -> dict[str, int]:
     """:func:`kernel_work` for a device of the model (its domain's mode and
     its DMA limits)."""
-    dom = getattr(dev, "domain", None) if dev is not None else None
+    dom = dev.domain if dev is not None else None
     strict = bool(dom.strict) if dom is not None else True
     max_seg = int(dev.dma_get_max_seg_size()) if dev is not None else _UINT_MAX
     bound = int(dev.dma_get_seg_boundary()) if dev is not None else (1 << 64) - 1
@@ -537,10 +542,6 @@ def load_profile(path: str | None = None) -> dict[str, dict[str, Any]]:
     file that is not TOML, an unknown unit, a missing or negative ``ns``,
     a missing ``source``); OSError when the file cannot be read.
     """
-    import math
-    import tomllib
-    from importlib import resources
-
     if path is None:
         where = f"pydmabuf/{DEFAULT_PROFILE}"
         text = resources.files("pydmabuf").joinpath(DEFAULT_PROFILE).read_text()
@@ -580,12 +581,43 @@ def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
     ``pydmabuf._calibrate``, interleaved over ``rounds`` rounds: for each
     unit the median ns, its interquartile range and the samples.
     RuntimeError when the extension is not built."""
+    return units_from_raw(calibrate(rounds))
+
+
+def calibrate(rounds: int = 7, into: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """``rounds`` more rounds of the C loops of ``pydmabuf._calibrate``
+    (one of each loop per round, interleaved): ``{loop: [ns per unit of
+    each round]}``, appended to ``into`` when given (and returned).
+
+    A study calls it at its start, between its groups and at its end, and
+    takes each unit from all those rounds (:func:`units_from_raw`): on a
+    shared host a neighbour slows the loops for seconds at a time, and
+    rounds spread over the whole run find the host's quiet moments where
+    rounds at one moment may find none.  RuntimeError when the extension
+    is not built."""
     try:
+        # Imported here on purpose: the compiled unit-cost loops are an
+        # extension of their own, absent from an unbuilt tree, and only a
+        # run that estimates kernel costs needs them.
         from pydmabuf import _calibrate
     except ImportError:
         raise RuntimeError("the unit-cost loops (pydmabuf._calibrate) are not built: "
                            "python setup.py build_ext --inplace") from None
     raw = _calibrate.measure(rounds=rounds)
+    if into is None:
+        return {k: list(v) for k, v in raw.items()}
+    for k, v in raw.items():
+        into.setdefault(k, []).extend(v)
+    return into
+
+
+def units_from_raw(raw: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
+    """The measured units from rounds of the loops (:func:`calibrate`):
+    for each unit the least of the rounds as its cost, with the median,
+    quartiles and samples beside it."""
+    if not raw or not all(raw.get(k) for k in ("pte_write", "walk_write", "map_call", "entry_visit", "alloc_4k",
+                                                "tree_pair", "magazine_pair")):
+        raise ValueError("units_from_raw: every loop needs at least one round")
     # a descent = a descent ending in one write, less one write (the least
     # write time of the run: a round preempted mid-batch must not make a
     # walk look free)
@@ -616,22 +648,31 @@ def measure_units(rounds: int = 7) -> dict[str, dict[str, Any]]:
         out[unit] = {"ns": float(min(xs)), "median": float(med), "q1": float(q1), "q3": float(q3),
                      "samples": [float(x) for x in xs],
                      "source": f"measured on this host: {MEASURED_UNITS[unit]} "
-                               f"(least of {len(xs)} interleaved rounds)"}
+                               f"(least of {len(xs)} rounds of the loops, interleaved)"}
     return out
 
 
-def unit_costs(profile: dict[str, dict[str, Any]] | None = None, *, rounds: int = 7) -> dict[str, dict[str, Any]]:
+def unit_costs(profile: dict[str, dict[str, Any]] | None = None, *, rounds: int = 7,
+               raw: dict[str, list[float]] | None = None) -> dict[str, dict[str, Any]]:
     """Every unit cost the estimate needs: measured on the host unless the
     profile pins it, the rest from the profile (the shipped one when
-    ``profile`` is None)."""
+    ``profile`` is None).  ``raw``: rounds of the loops already measured
+    (:func:`calibrate`) to take the measured units from, instead of
+    measuring ``rounds`` now."""
     prof = load_profile() if profile is None else profile
     todo = [u for u in MEASURED_UNITS if u not in prof]
     units = dict(prof)
     if todo:
-        measured = measure_units(rounds)
+        measured = measure_units(rounds) if raw is None else units_from_raw(raw)
         for u in todo:
             units[u] = measured[u]
     return units
+
+
+def needs_calibration(profile: dict[str, dict[str, Any]]) -> bool:
+    """Whether some unit of :data:`MEASURED_UNITS` is left for the host to
+    measure (not pinned by ``profile``)."""
+    return any(u not in profile for u in MEASURED_UNITS)
 
 
 def estimate_terms(work: dict[str, int], units: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,32 +5,51 @@ A :class:`Machine` holds
 * the physical address map, a :class:`~pydmabuf.RangeTable` of RAM,
   reserved holes, private (confidential) memory, bounce-buffer pools and
   the PCI BARs (MMIO) placed inside their host bridge's windows;
-* the PCI tree: host bridges (each window with its offset between CPU
-  physical and PCI bus addresses), root ports, switches with their ACS
-  settings, and endpoints with BARs;
-* IOMMUs, their groups and the groups' DMA domains
+* the PCI tree (:mod:`pydmabuf.pci`): host bridges (each window with its
+  offset between CPU physical and PCI bus addresses), root ports, switches
+  with their ACS settings, and endpoints with BARs;
+* IOMMUs, their groups (:mod:`pydmabuf.iommu`) and the groups' DMA domains
   (:class:`~pydmabuf.IommuDomain`);
-* devices (:class:`Device`) with the DMA limits the kernel keeps for them.
+* devices (:class:`~pydmabuf.device.Device`) with the DMA limits the kernel
+  keeps for them, the swiotlb pools (:mod:`pydmabuf.swiotlb`) and the page
+  allocators over RAM (:mod:`pydmabuf.page_alloc`).
 
 Build one with :meth:`Machine.default`, from a declarative description
 (:meth:`Machine.from_spec` with a dict, :meth:`Machine.from_toml`), or from
-the running host (:meth:`Machine.from_host`).
+the running host (:meth:`Machine.from_host`); the builders are
+:mod:`pydmabuf._spec` and :mod:`pydmabuf._host`, which take the class to
+build as an argument.
+
+The parts keep their own modules; the names this module always exported
+(``Device``, ``Bar``, ``SwiotlbPool``, ``P2PMapType``, ``U64_MAX``, ...)
+are re-exported here from them.
 """
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Union
 
-from pydmabuf import errors
-from pydmabuf._core import RangeTable
-from pydmabuf._types import PAGE_SIZE, RangeKind, _fmt_size, _parse_size
+from pydmabuf import _host, _spec, errors
+from pydmabuf._args import _mask as _mask, _num as _num  # re-exported: the old import paths stay
+from pydmabuf._core import IommuDomain, RangeTable
+from pydmabuf._types import DMA_MAPPING_ERROR as DMA_MAPPING_ERROR, PAGE_SIZE, U64_MAX, RangeKind, _fmt_size
+from pydmabuf.device import DEFAULT_MAX_SEGMENT_SIZE as DEFAULT_MAX_SEGMENT_SIZE, Device, DmaRange
+from pydmabuf.iommu import MSI_WINDOW as MSI_WINDOW, Iommu, IommuGroup
 from pydmabuf.memory import PhysMemory
+from pydmabuf.page_alloc import PageAllocator
+from pydmabuf.pci import (Bar, HostBridge, P2pProvider, P2PMapType, PciPort, Window, _PciNode,
+                          calc_map_type_and_dist)
+from pydmabuf.swiotlb import IO_TLB_SEGSIZE as IO_TLB_SEGSIZE, IO_TLB_SHIFT as IO_TLB_SHIFT
+from pydmabuf.swiotlb import IO_TLB_SIZE as IO_TLB_SIZE, SwiotlbPool
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10: the backport
+    import tomli as tomllib
 
 log = logging.getLogger(__name__)
 
@@ -51,660 +70,9 @@ __all__ = [
     "U64_MAX",
 ]
 
-U64_MAX = 2**64 - 1
-DMA_MAPPING_ERROR = U64_MAX
-#: dma_get_max_seg_size() when a driver set none.
-DEFAULT_MAX_SEGMENT_SIZE = 64 * 1024
-#: swiotlb geometry (include/linux/swiotlb.h).
-IO_TLB_SHIFT = 11
-IO_TLB_SIZE = 1 << IO_TLB_SHIFT
-IO_TLB_SEGSIZE = 128
-#: x86's MSI doorbell window, an IOMMU reserved region on every domain.
-MSI_WINDOW = (0xFEE0_0000, 0x10_0000)
-
-
-class P2PMapType(enum.IntEnum):
-    """``enum pci_p2pdma_map_type`` (without the internal UNKNOWN)."""
-
-    NONE = 1  #: not peer-to-peer memory (from ``pci_p2pdma_state`` only)
-    NOT_SUPPORTED = 2  #: the client cannot reach the provider's BAR
-    BUS_ADDR = 3  #: program the PCI bus address; no IOMMU, no host bridge
-    THRU_HOST_BRIDGE = 4  #: a normal DMA mapping of the CPU physical address
-
-
-# ------------------------------------------------------------------ parsing
-
-def _num(v: Any, what: str) -> int:
-    """An int from an int or a size string like ``"64M"``, ``"0x1000"``,
-    ``"4 GiB"`` (the syntax ``pydmabuf bench --sizes`` shares, see
-    :func:`pydmabuf._types._parse_size`)."""
-    if isinstance(v, bool):
-        raise TypeError(f"{what}: expected a number, not {v!r}")
-    if isinstance(v, int):
-        return v
-    if isinstance(v, str):
-        n = _parse_size(v)
-        if n is not None:
-            return n
-    raise errors.InvalidArgument(f"{what}: cannot read {v!r} as a number or size")
-
-
-def _mask(v: Any, what: str) -> int:
-    """A DMA mask: a bit count (``32``, ``"64"``) or the mask itself."""
-    n = _num(v, what)
-    if 1 <= n <= 64:
-        return (1 << n) - 1
-    if n < 2**12 - 1 or n > U64_MAX or (n & (n + 1)):
-        raise errors.InvalidArgument(f"{what}: {v!r} is neither a bit count nor a mask of low bits")
-    return n
-
-
-# ---------------------------------------------------------------- topology
-
-
-@dataclass(frozen=True)
-class DmaRange:
-    """One entry of a device's ``dma_range_map``: CPU ``[cpu_start,
-    cpu_start + size)`` is reached at DMA ``dma_start``."""
-
-    cpu_start: int
-    dma_start: int
-    size: int
-
-
-@dataclass(eq=False)
-class Window:
-    """A host bridge's MEM window: CPU ``[cpu_start, cpu_start + nbytes)``
-    decodes to PCI bus addresses ``cpu + bus_offset`` (mod 2**64)."""
-
-    cpu_start: int
-    nbytes: int
-    bus_offset: int = 0
-    prefetch: bool = False
-    name: str = ""
-
-    @property
-    def bus_start(self) -> int:
-        return (self.cpu_start + self.bus_offset) & U64_MAX
-
-    def __repr__(self) -> str:
-        off = f", bus {self.bus_start:#x} (offset {self.bus_offset:#x})" if self.bus_offset else ""
-        return f"Window([{self.cpu_start:#x}, +{_fmt_size(self.nbytes)}]{off})"
-
-
-class _PciNode:
-    """Something in the PCI tree with an upstream bridge."""
-
-    kind = "node"
-
-    def __init__(self, name: str, bdf: str | None, parent: _PciNode | HostBridge | None,
-                 *, vendor: int = 0, device_id: int = 0, acs_redirect: bool = False) -> None:
-        self.name = name
-        self.bdf = bdf
-        self.parent = parent
-        self.vendor = vendor
-        self.device_id = device_id
-        self.acs_redirect = acs_redirect
-        self.children: list[_PciNode] = []
-        if parent is not None:
-            parent.children.append(self)
-
-    @property
-    def upstream_bridge(self) -> _PciNode | None:
-        """``pci_upstream_bridge()``: NULL on the root bus."""
-        return self.parent if isinstance(self.parent, _PciNode) else None
-
-    @property
-    def host_bridge(self) -> HostBridge:
-        n: Any = self
-        while isinstance(n, _PciNode):
-            n = n.parent
-        if not isinstance(n, HostBridge):
-            raise errors.NoDevice(f"{self.name} is not under a host bridge")
-        return n
-
-    @property
-    def segment(self) -> int:
-        return int(self.bdf.split(":")[0], 16) if self.bdf else 0
-
-    def key(self) -> int:
-        """``map_types_idx()``: domain << 16 | bus << 8 | devfn."""
-        if not self.bdf:
-            return id(self)
-        seg, bus, df = self.bdf.split(":")
-        dev, fn = df.split(".")
-        return (int(seg, 16) << 16) | (int(bus, 16) << 8) | (int(dev, 16) << 3) | int(fn, 16)
-
-
-class PciPort(_PciNode):
-    """A root port or a switch port (upstream or downstream)."""
-
-    def __init__(self, name: str, bdf: str | None, parent: _PciNode | HostBridge, *,
-                 kind: str = "root_port", acs_redirect: bool = False, vendor: int = 0,
-                 device_id: int = 0) -> None:
-        super().__init__(name, bdf, parent, vendor=vendor, device_id=device_id, acs_redirect=acs_redirect)
-        self.kind = kind
-
-    def __repr__(self) -> str:
-        return f"<PciPort {self.name} {self.bdf or ''} {self.kind}{' ACS-redirect' if self.acs_redirect else ''}>"
-
-
-class HostBridge:
-    """A PCI host bridge: a root bus, MEM windows, and the identity of its
-    root device (used by the kernel's P2P host-bridge whitelist)."""
-
-    def __init__(self, name: str, segment: int, bus: int, windows: list[Window], *,
-                 root_vendor: int | None = None, root_device: int | None = None) -> None:
-        self.name = name
-        self.segment = segment
-        self.bus = bus
-        self.windows = windows
-        self.root_vendor = root_vendor
-        self.root_device = root_device
-        self.children: list[_PciNode] = []
-
-    def window_for(self, cpu_addr: int) -> Window | None:
-        for w in self.windows:
-            if w.cpu_start <= cpu_addr < w.cpu_start + w.nbytes:
-                return w
-        return None
-
-    def __repr__(self) -> str:
-        return f"<HostBridge {self.name} {self.segment:04x}:{self.bus:02x} windows={self.windows}>"
-
-
-@dataclass(eq=False)
-class Bar:
-    """A memory BAR, placed at ``cpu_start`` in a window of the host bridge."""
-
-    owner: Device
-    index: int
-    nbytes: int
-    cpu_start: int
-    bus_offset: int
-    prefetch: bool = False
-    is_mem: bool = True
-
-    @property
-    def bus_start(self) -> int:
-        return (self.cpu_start + self.bus_offset) & U64_MAX
-
-    @property
-    def last(self) -> int:
-        return self.cpu_start + self.nbytes - 1
-
-    def __repr__(self) -> str:
-        return (f"Bar({self.owner.name} BAR{self.index}: [{self.cpu_start:#x}, +{_fmt_size(self.nbytes)}]"
-                f"{f', bus {self.bus_start:#x}' if self.bus_offset else ''})")
-
-
-class P2pProvider:
-    """``struct p2pdma_provider``: one MEM BAR as peers see it."""
-
-    def __init__(self, bar: Bar) -> None:
-        self.bar = bar
-        self.owner = bar.owner
-        self.bus_offset = bar.bus_offset
-
-    def bus_addr(self, phys: int) -> int:
-        """``pci_p2pdma_bus_addr_map()``: CPU physical -> PCI bus address."""
-        return (phys + self.bus_offset) & U64_MAX
-
-    def __repr__(self) -> str:
-        return f"<P2pProvider {self.owner.name} BAR{self.bar.index} bus_offset={self.bus_offset:#x}>"
-
-
-class Iommu:
-    """An IOMMU instance: its page-size granule, input width, and whether its
-    DMA domains invalidate strictly (``IOMMU_DOMAIN_DMA``) or through a flush
-    queue (``IOMMU_DOMAIN_DMA_FQ``), and its IOTLB of ``iotlb_entries``
-    4 KiB translations (LRU; :data:`pydmabuf.iotlb.DEFAULT_ENTRIES` by
-    default)."""
-
-    def __init__(self, name: str, *, strict: bool = False, aperture_bits: int = 48, granule: int = PAGE_SIZE,
-                 ncpus: int = 1, fq_timeout: float | None = 0.01, iotlb_entries: int | None = None) -> None:
-        from pydmabuf.iotlb import DEFAULT_ENTRIES, Iotlb
-
-        self.name = name
-        self.strict = strict
-        self.aperture_bits = aperture_bits
-        self.granule = granule
-        self.ncpus = ncpus
-        #: Seconds before a lazy domain's flush queue flushes by timer (the
-        #: kernel's 10 ms); None: only on a full ring or ``domain.flush()``.
-        self.fq_timeout = fq_timeout
-        #: The translation cache device DMA goes through (:mod:`pydmabuf.iotlb`).
-        self.iotlb = Iotlb(DEFAULT_ENTRIES if iotlb_entries is None else iotlb_entries)
-        self.groups: list[IommuGroup] = []
-
-    def __repr__(self) -> str:
-        return f"<Iommu {self.name} {'strict' if self.strict else 'lazy (flush queue)'}>"
-
-
-class IommuGroup:
-    """Devices the IOMMU cannot tell apart; they share one domain."""
-
-    def __init__(self, name: str, iommu: Iommu) -> None:
-        self.name = name
-        self.iommu = iommu
-        self.devices: list[Device] = []
-        self.default_domain: Any = None
-        self.domain: Any = None  # the attached domain (default or an unmanaged one)
-        iommu.groups.append(self)
-
-    def __repr__(self) -> str:
-        return f"<IommuGroup {self.name} on {self.iommu.name}: {', '.join(d.name for d in self.devices)}>"
-
-
-class SwiotlbPool:
-    """A bounce-buffer pool (``struct io_tlb_mem``): slots of 2 KiB in
-    segments of 128; a mapping takes contiguous slots inside one segment.
-
-    Slots are handed out first-fit from a rotating index, as the kernel's
-    area index rotates.  ``bounced_to_device`` / ``bounced_to_cpu`` count
-    the bytes copied in each direction.
-    """
-
-    def __init__(self, name: str, phys_start: int, nbytes: int) -> None:
-        if phys_start % PAGE_SIZE or nbytes % (IO_TLB_SIZE * IO_TLB_SEGSIZE) or nbytes <= 0:
-            raise errors.InvalidArgument(f"swiotlb pool {name}: base and size must be page and segment aligned")
-        self.name = name
-        self.phys_start = phys_start
-        self.nbytes = nbytes
-        self.nslabs = nbytes >> IO_TLB_SHIFT
-        self._used = RangeTable()  # slot index ranges in use
-        self._index = 0
-        self._orig: dict[int, tuple[int, int, int]] = {}  # tlb addr -> (orig phys, size, nslots)
-        self.bounced_to_device = 0
-        self.bounced_to_cpu = 0
-        self.peak_slots = 0
-
-    @property
-    def max_mapping_size(self) -> int:
-        return IO_TLB_SIZE * IO_TLB_SEGSIZE
-
-    @property
-    def slots_used(self) -> int:
-        return self._used.total_nbytes
-
-    @property
-    def mappings(self) -> int:
-        return len(self._orig)
-
-    def contains(self, addr: int) -> bool:
-        return self.phys_start <= addr < self.phys_start + self.nbytes
-
-    def alloc(self, orig_phys: int, size: int, min_align_mask: int = 0) -> int:
-        """Take slots for ``size`` bytes; returns the bounce address.
-
-        As in the kernel, the bounce keeps the bits of ``orig_phys`` under
-        the device's ``min_align_mask``: the offset inside a slot
-        (``swiotlb_align_offset``), and above a slot the slot index's phase.
-        ENOMEM when no segment has room, or the size exceeds a segment.
-        """
-        offset = orig_phys & min_align_mask & (IO_TLB_SIZE - 1)
-        stride = ((min_align_mask & ~(IO_TLB_SIZE - 1)) >> IO_TLB_SHIFT) + 1
-        phase = (orig_phys >> IO_TLB_SHIFT) & (stride - 1) if stride > 1 else 0
-        nslots = -(-(offset + size) // IO_TLB_SIZE)
-        if size <= 0 or nslots > IO_TLB_SEGSIZE:
-            raise errors.OutOfMemory(f"{self.name}: a {size}-byte bounce does not fit one segment")
-        base = self._find(nslots + phase, stride)
-        start = base + phase
-        self._used.insert(start, nslots)
-        addr = self.phys_start + (start << IO_TLB_SHIFT) + offset
-        self._orig[addr] = (orig_phys, size, nslots)
-        self._index = (start + nslots) % self.nslabs
-        self.peak_slots = max(self.peak_slots, self.slots_used)
-        return addr
-
-    def _find(self, nslots: int, align: int = 1) -> int:
-        lo = self._index
-        for _ in range(self.nslabs // IO_TLB_SEGSIZE + 2):
-            try:
-                s = self._used.find_gap(nslots, align, lo, self.nslabs - 1)
-            except errors.NoSpace:
-                if lo == 0:
-                    break
-                lo = 0
-                continue
-            seg_end = (s // IO_TLB_SEGSIZE + 1) * IO_TLB_SEGSIZE
-            if s + nslots <= seg_end:
-                return s
-            lo = seg_end % self.nslabs
-        raise errors.OutOfMemory(f"{self.name}: no {nslots} free contiguous slots in one segment")
-
-    def tlb_of(self, dma: int, device: Any) -> int:
-        """The bounce buffer's physical address from a device's DMA address."""
-        tlb = device.dma_to_phys(dma)
-        if tlb is None or tlb not in self._orig:
-            raise errors.NotFound(f"{self.name}: {dma:#x} is not a live bounce mapping of {device.name}")
-        return int(tlb)
-
-    def original(self, tlb_addr: int) -> tuple[int, int]:
-        """(original physical address, size) of a bounce mapping."""
-        try:
-            o, size, _ = self._orig[tlb_addr]
-        except KeyError:
-            raise errors.NotFound(f"{self.name}: {tlb_addr:#x} is not a live bounce address") from None
-        return o, size
-
-    def free(self, tlb_addr: int) -> None:
-        """Give back the slots of a bounce mapping."""
-        self.original(tlb_addr)
-        self._orig.pop(tlb_addr)
-        self._used.remove((tlb_addr - self.phys_start) >> IO_TLB_SHIFT)
-
-    def __repr__(self) -> str:
-        return (f"<SwiotlbPool {self.name} [{self.phys_start:#x}, +{_fmt_size(self.nbytes)}] "
-                f"{self.slots_used}/{self.nslabs} slots used>")
-
-
-class PageAllocator:
-    """The machine's RAM pages, handed out to buffers (the page allocator
-    the system heap and friends draw from).
-
-    Pages come in the layouts the study uses: one contiguous run, or the
-    run pattern of :func:`pydmabuf.workloads.layout` placed in a free
-    stretch of RAM; ``thp`` runs are 2 MiB aligned.  Freed pages go back.
-    """
-
-    def __init__(self, machine: Machine, kinds: tuple[RangeKind, ...] = (RangeKind.RAM,)) -> None:
-        self.machine = machine
-        self._used = RangeTable()  # in pfns; owner = allocation id
-        self._live: dict[int, tuple[Any, Any]] = {}
-        self._next = 1
-        # Everything that is not RAM of the wanted kinds is unavailable.
-        prev = 0
-        top = 1 << 64  # pfn units: everything above RAM is unavailable
-        for r in machine.address_map:
-            s, e = r.start >> 12, (r.end + 4095) >> 12
-            if r.kind in kinds:
-                if s > prev:
-                    self._used.insert(prev, s - prev, kind=RangeKind.RESERVED)
-                prev = max(prev, e)
-        if prev < top:
-            self._used.insert(prev, top - prev, kind=RangeKind.RESERVED)
-        self._reserved_pages = self._used.total_nbytes
-        self.total_pages = top - self._reserved_pages
-
-    @property
-    def allocated_pages(self) -> int:
-        # The table keeps its total: no walk over the live allocations.
-        return self._used.total_nbytes - self._reserved_pages
-
-    @property
-    def free_pages(self) -> int:
-        return self.total_pages - self.allocated_pages
-
-    def alloc(self, npages: int, layout: str = "contiguous", seed: int = 1) -> Any:
-        """``npages`` pages in ``layout``; returns a u64 array of PFNs.
-        Raises OutOfMemory (ENOMEM) when no free stretch of RAM holds it."""
-        import numpy as np
-
-        from pydmabuf import workloads
-
-        if not isinstance(npages, int):
-            raise TypeError(f"alloc: npages must be an int, not {type(npages).__name__}")
-        if npages <= 0:
-            raise errors.InvalidArgument(f"alloc: npages must be positive (got {npages!r})")
-        if npages > self.free_pages:
-            # Before the layout is drawn: its arrays are npages long.
-            raise errors.OutOfMemory(f"alloc: {npages} pages is more than the {self.free_pages} free pages of RAM")
-        if layout == "pagemap":
-            raise errors.InvalidArgument("alloc: pagemap pages belong to a Python buffer (SystemHeap.from_buffer)")
-        try:
-            pattern, _ = workloads.layout(layout, npages, seed)
-        except ValueError as e:
-            raise errors.InvalidArgument(str(e)) from None
-        pattern = pattern - pattern[0]
-        align = 512 if layout == "thp" else 1
-        span = int(pattern[-1]) + 1
-        try:
-            start = self._used.find_gap(span, align)
-        except errors.NoSpace:
-            # Too spread out for any free stretch: squeeze the jumps between
-            # runs (every run boundary stays) into at most 4x the pages, so
-            # one big buffer does not take a whole stretch of RAM.
-            big = self._largest_gap()
-            if layout not in ("fragmented", "scattered") or big < npages * 2 + 2:
-                raise errors.OutOfMemory(f"no free stretch of RAM holds {npages} pages laid out {layout!r}") from None
-            pattern, _ = workloads.layout(layout, npages, seed, limit_pfn=min(big - 1, npages * 4) + 0x100000)
-            pattern = pattern - pattern[0]
-            span = int(pattern[-1]) + 1
-            start = self._used.find_gap(span, align)
-        pfns = pattern + np.uint64(start)
-        phys, lens = workloads.numpy_coalesce(pfns)
-        starts = phys >> np.uint64(12)
-        npg = lens >> np.uint64(12)
-        aid = self._next
-        self._next += 1
-        self._used.insert_many(starts, npg, kinds=RangeKind.RAM, owners=aid)
-        self._live[aid] = (starts, npg)
-        return pfns
-
-    def _largest_gap(self) -> int:
-        best, prev = 0, 0
-        for r in self._used:
-            best = max(best, r.start - prev)
-            prev = r.end
-        return best
-
-    def free(self, pfns: Any) -> None:
-        """Give back pages from :meth:`alloc` (the whole allocation)."""
-        if len(pfns) == 0:
-            raise errors.InvalidArgument("free: no pages")
-        r = self._used.lookup(int(pfns[0]))
-        if r is None or r.kind != RangeKind.RAM or r.owner not in self._live:
-            raise errors.NotFound(f"free: pfn {int(pfns[0]):#x} is not an allocated page")
-        starts, _ = self._live.pop(r.owner)
-        self._used.remove_many(starts)
-
-    def owner_of(self, pfn: int) -> int | None:
-        r = self._used.lookup(pfn)
-        return r.owner if r is not None and r.kind == RangeKind.RAM else None
-
-
-# ------------------------------------------------------------------ devices
-
-
-class Device(_PciNode):
-    """A device that does DMA, with the limits the kernel keeps for it.
-
-    Attributes
-    ----------
-    dma_mask : int
-        ``*dev->dma_mask``: the highest DMA address the device can emit.
-    bus_dma_limit : int
-        A limit of the bus above the device (0 = none); the lower of the two
-        applies (``min_not_zero``).
-    max_segment_size : int or None
-        ``dma_parms->max_segment_size``; None means unset, which the kernel
-        reads as 64 KiB.
-    seg_boundary_mask : int or None
-        ``dma_parms->segment_boundary_mask``; None means no boundary.
-    dma_ranges : list of DmaRange
-        The ``dma_range_map`` for direct DMA (empty: DMA address = physical).
-    iommu_group : IommuGroup or None
-        None for a device doing direct DMA.
-    swiotlb : SwiotlbPool or None
-        The bounce pool direct DMA falls back to.
-    can_p2p : bool
-        The device (and its driver) can handle peer-to-peer addresses with no
-        struct page behind them (``allow_peer2peer`` of its importers).
-    cc_trusted : bool
-        Trusted for confidential-computing private memory (a TDISP device
-        in the RUN state, for example).
-    untrusted : bool
-        External-facing: the IOMMU layer bounces its sub-granule mappings and
-        its domain is always strict.
-    coherent : bool
-        DMA is cache coherent (no cache maintenance on map/unmap).
-    vfio : bool
-        Assigned to VFIO (driven from user space; its BARs can be exported).
-    """
-
-    kind = "endpoint"
-
-    def __init__(self, machine: Machine, name: str, *, bdf: str | None = None,
-                 parent: _PciNode | HostBridge | None = None, vendor: int = 0, device_id: int = 0,
-                 dma_mask: int = U64_MAX, bus_dma_limit: int = 0, max_segment_size: int | None = None,
-                 seg_boundary_mask: int | None = None, dma_ranges: Iterable[DmaRange] = (),
-                 min_align_mask: int = 0, coherent: bool = True, untrusted: bool = False,
-                 can_p2p: bool = False, cc_trusted: bool = False, vfio: bool = False,
-                 swiotlb: SwiotlbPool | None = None, force_swiotlb: bool = False,
-                 description: str = "") -> None:
-        super().__init__(name, bdf, parent, vendor=vendor, device_id=device_id)
-        if max_segment_size is not None and not 0 < max_segment_size <= 0xFFFFFFFF:
-            raise errors.InvalidArgument(f"{name}: max_segment_size {max_segment_size:#x} is not an unsigned int > 0")
-        if not 0 < dma_mask <= U64_MAX:
-            raise errors.InvalidArgument(f"{name}: bad DMA mask {dma_mask:#x}")
-        self.machine = machine
-        self.dma_mask = dma_mask
-        self.bus_dma_limit = bus_dma_limit
-        self.max_segment_size = max_segment_size
-        self.seg_boundary_mask = seg_boundary_mask
-        self.dma_ranges = list(dma_ranges)
-        self.min_align_mask = min_align_mask
-        self.coherent = coherent
-        self.untrusted = untrusted
-        self.can_p2p = can_p2p
-        self.cc_trusted = cc_trusted
-        self.vfio = vfio
-        self.swiotlb = swiotlb
-        self.force_swiotlb = force_swiotlb
-        self.description = description
-        self.bars: dict[int, Bar] = {}
-        self.iommu_group: IommuGroup | None = None
-        #: iommu_dma_alloc_iova() state: PCI devices try the 32-bit space
-        #: first until the first failure there.
-        self.prefer_32bit_iova = bdf is not None
-        self._p2pdma_ready = False
-        self._providers: dict[int, P2pProvider] = {}
-        self._map_type_cache: dict[int, P2PMapType] = {}
-        self.memory_decode = True
-        self.power_state = "D0"
-
-    # ---------------------------------------------------------- DMA limits
-
-    @property
-    def is_pci(self) -> bool:
-        return self.bdf is not None
-
-    @property
-    def domain(self) -> Any:
-        """The IOMMU domain this device's DMA goes through, or None."""
-        return self.iommu_group.domain if self.iommu_group is not None else None
-
-    @property
-    def dma_limit(self) -> int:
-        """``min_not_zero(*dma_mask, bus_dma_limit)``."""
-        if self.bus_dma_limit and self.bus_dma_limit < self.dma_mask:
-            return self.bus_dma_limit
-        return self.dma_mask
-
-    def dma_get_max_seg_size(self) -> int:
-        return DEFAULT_MAX_SEGMENT_SIZE if self.max_segment_size is None else self.max_segment_size
-
-    def dma_get_seg_boundary(self) -> int:
-        return U64_MAX if self.seg_boundary_mask is None else self.seg_boundary_mask
-
-    def phys_to_dma(self, phys: int) -> int:
-        """``phys_to_dma()``: through the ``dma_range_map``; DMA_MAPPING_ERROR
-        (2**64 - 1) when no region covers ``phys``."""
-        if not self.dma_ranges:
-            return phys
-        # translate_phys_to_dma(): u64 arithmetic, so a window whose bus
-        # address is below its CPU address (a "negative" offset) wraps
-        # instead of running past 2**64.
-        for r in self.dma_ranges:
-            off = (phys - r.cpu_start) & U64_MAX
-            if phys >= r.cpu_start and off < r.size:
-                return (r.dma_start + off) & U64_MAX
-        return DMA_MAPPING_ERROR
-
-    def dma_to_phys(self, dma: int) -> int | None:
-        if not self.dma_ranges:
-            return dma
-        # translate_dma_to_phys(): (dma - dma_start) < size in u64, so a
-        # window of a wrapped offset (dma_start near 2**64) covers bus 0 up.
-        for r in self.dma_ranges:
-            off = (dma - r.dma_start) & U64_MAX
-            if off < r.size:
-                return (r.cpu_start + off) & U64_MAX
-        return None
-
-    def dma_capable(self, addr: int, size: int) -> bool:
-        """``dma_capable()``: the last byte is within the device's limits."""
-        if addr == DMA_MAPPING_ERROR or size <= 0:
-            return False
-        return addr + size - 1 <= self.dma_limit
-
-    # ----------------------------------------------------------------- BARs
-
-    def bar(self, index: int = 0) -> Bar:
-        try:
-            return self.bars[index]
-        except KeyError:
-            raise errors.NoDevice(f"{self.name} has no memory BAR{index}") from None
-
-    def p2pdma_init(self) -> None:
-        """``pcim_p2pdma_init()``: one provider per memory BAR."""
-        if not self.is_pci:
-            raise errors.NotSupported(f"{self.name} is not a PCI device")
-        if not self._p2pdma_ready:
-            self._providers = {i: P2pProvider(b) for i, b in self.bars.items() if b.is_mem}
-            self._p2pdma_ready = True
-
-    def p2p_provider(self, bar: int = 0) -> P2pProvider | None:
-        """``pcim_p2pdma_provider()``: None for a non-memory BAR; initialises
-        the P2P state on first use (drivers call ``pcim_p2pdma_init`` at probe)."""
-        self.p2pdma_init()
-        return self._providers.get(bar)
-
-    # ----------------------------------------------------------- DMA access
-
-    def dma_read(self, addr: int, nbytes: int) -> bytes:
-        """Read ``nbytes`` at DMA address ``addr`` as this device would.
-
-        Translates through the device's IOMMU domain (or directly), checks
-        the mapping allows reads, and returns the bytes.  Raises
-        :class:`~pydmabuf.errors.IommuFault` (EFAULT) naming the device, the
-        address and the reason when nothing usable is mapped there.
-
-        Examples
-        --------
-        >>> m = Machine.default()
-        >>> m.memory.write(0x100000, b"hi")
-        >>> m.device("direct0").dma_read(0x100000, 2)
-        b'hi'
-        """
-        from pydmabuf import dma
-
-        return dma.device_read(self, addr, nbytes)
-
-    def dma_write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
-        """Write ``data`` at DMA address ``addr`` as this device would.
-
-        Examples
-        --------
-        >>> m = Machine.default()
-        >>> direct = m.device("direct0")        # no IOMMU: DMA addresses are physical
-        >>> direct.dma_write(0x100000, b"hi")
-        >>> m.memory.read(0x100000, 2)
-        b'hi'
-        """
-        from pydmabuf import dma
-
-        dma.device_write(self, addr, data)
-
-    def __repr__(self) -> str:
-        where = f" {self.bdf}" if self.bdf else ""
-        dom = ""
-        if self.iommu_group is not None:
-            dom = f", {self.iommu_group.iommu.name}/{self.iommu_group.name}"
-        else:
-            dom = ", direct DMA" + (f" + {self.swiotlb.name}" if self.swiotlb else "")
-        return f"<Device {self.name}{where}, {self.dma_limit.bit_length()}-bit{dom}>"
+#: What a range of the address map belongs to: a name (RAM, a reserved
+#: hole), a BAR, a bounce pool; None for index 0.
+_Owner = Union[str, Bar, SwiotlbPool, None]
 
 
 # ------------------------------------------------------------------ machine
@@ -725,7 +93,7 @@ class Machine:
         self.groups: dict[str, IommuGroup] = {}
         self.swiotlb_pools: dict[str, SwiotlbPool] = {}
         self._devices: dict[str, Device] = {}
-        self._owners: list[Any] = [None]
+        self._owners: list[_Owner] = [None]
         self._range_names: dict[int, str] = {}
 
     # ------------------------------------------------------------ queries
@@ -752,10 +120,10 @@ class Machine:
     def __iter__(self) -> Iterator[Device]:
         return iter(self._devices.values())
 
-    def owner_of(self, range_owner: int) -> Any:
+    def owner_of(self, range_owner: int) -> _Owner:
         return self._owners[range_owner] if 0 <= range_owner < len(self._owners) else None
 
-    def what_is(self, phys: int) -> tuple[RangeKind | int, Any] | None:
+    def what_is(self, phys: int) -> tuple[RangeKind | int, _Owner] | None:
         """(kind, owner object) of the range holding ``phys``, or None."""
         r = self.address_map.lookup(phys)
         if r is None:
@@ -807,7 +175,7 @@ class Machine:
 
     # ----------------------------------------------------------- building
 
-    def _own(self, obj: Any) -> int:
+    def _own(self, obj: _Owner) -> int:
         self._owners.append(obj)
         return len(self._owners) - 1
 
@@ -910,10 +278,8 @@ class Machine:
                 g.domain = g.default_domain
         return self
 
-    def new_dma_domain(self, iommu: Iommu, devices: Iterable[Device] = ()) -> Any:
+    def new_dma_domain(self, iommu: Iommu, devices: Iterable[Device] = ()) -> IommuDomain:
         """A DMA-API domain on ``iommu`` with the reserved regions of ``devices``."""
-        from pydmabuf import IommuDomain
-
         devices = list(devices)
         strict = iommu.strict or any(d.untrusted for d in devices)
         dom = IommuDomain(strict=strict, aperture_bits=iommu.aperture_bits, granule=iommu.granule,
@@ -931,7 +297,7 @@ class Machine:
             dom.iovad.reserve(lo, hi)
         return dom
 
-    def attach_domain(self, device: Device, domain: Any) -> Any:
+    def attach_domain(self, device: Device, domain: IommuDomain) -> IommuDomain | None:
         """Attach the device's group to ``domain`` (an unmanaged domain of
         iommufd or VFIO); returns the domain it replaced."""
         g = device.iommu_group
@@ -969,7 +335,7 @@ class Machine:
         cached = owner._map_type_cache.get(key)
         if cached is not None:
             return cached
-        t, _ = self._calc_map_type_and_dist(owner, client)
+        t, _ = calc_map_type_and_dist(owner, client, self.cpu_supports_p2pdma)
         owner._map_type_cache[key] = t
         return t
 
@@ -986,70 +352,12 @@ class Machine:
         for c in clients:
             if not c.is_pci or c.machine is not provider.machine:
                 return -1
-            t, dist = self._calc_map_type_and_dist(provider, c)
+            t, dist = calc_map_type_and_dist(provider, c, self.cpu_supports_p2pdma)
             provider._map_type_cache[c.key()] = t
             if t == P2PMapType.NOT_SUPPORTED:
                 return -1
             total += dist
         return total
-
-    def _calc_map_type_and_dist(self, provider: _PciNode, client: _PciNode) -> tuple[P2PMapType, int]:
-        # The kernel's calc_map_type_and_dist(): walk up from the provider,
-        # counting ACS-redirecting bridges on its path (the common ancestor
-        # included), look for each of its ancestors on the client's path;
-        # below a common ancestor count the client's ACS bridges too.
-        a: _PciNode | None = provider
-        acs = 0
-        dist_a = dist_b = 0
-        common = None
-        while a is not None:
-            dist_b = 0
-            if a.acs_redirect:
-                acs += 1
-            bb: _PciNode | None = client
-            while bb is not None:
-                if a is bb:
-                    common = a
-                    break
-                bb = bb.upstream_bridge
-                dist_b += 1
-            if common is not None:
-                break
-            a = a.upstream_bridge
-            dist_a += 1
-        dist = dist_a + dist_b
-        if common is not None:
-            bb = client
-            while bb is not None and bb is not common:
-                if bb.acs_redirect:
-                    acs += 1
-                bb = bb.upstream_bridge
-            if acs == 0:
-                return P2PMapType.BUS_ADDR, dist
-        if not self.cpu_supports_p2pdma and not self._host_bridge_whitelist(provider, client):
-            return P2PMapType.NOT_SUPPORTED, dist
-        return P2PMapType.THRU_HOST_BRIDGE, dist
-
-    _WHITELIST = {
-        (0x8086, 0x3C00): True, (0x8086, 0x3C01): True, (0x8086, 0x2F00): True, (0x8086, 0x2F01): True,
-        (0x8086, 0x2030): False, (0x8086, 0x2031): False, (0x8086, 0x2032): False, (0x8086, 0x2033): False,
-        (0x8086, 0x2020): False, (0x8086, 0x09A2): False,
-    }  # (vendor, device) -> requires the same host bridge
-
-    @classmethod
-    def _hb_whitelisted(cls, hb: HostBridge, same: bool) -> bool:
-        if hb.root_vendor is None or hb.root_device is None:
-            return False
-        req_same = cls._WHITELIST.get((hb.root_vendor, hb.root_device))
-        if req_same is None:
-            return False
-        return same or not req_same
-
-    def _host_bridge_whitelist(self, a: _PciNode, b: _PciNode) -> bool:
-        ha, hb = a.host_bridge, b.host_bridge
-        if ha is hb:
-            return self._hb_whitelisted(ha, True)
-        return self._hb_whitelisted(ha, False) and self._hb_whitelisted(hb, False)
 
     # ---------------------------------------------------------- describing
 
@@ -1070,7 +378,7 @@ class Machine:
             out.append(f"  [{r.start:#014x}-{r.last:#014x}] {_fmt_size(r.nbytes):>9} {RangeKind(r.kind).name:<8} {label}")
         out += ["", "PCI:"]
 
-        def walk(node: Any, depth: int) -> None:
+        def walk(node: _PciNode | HostBridge, depth: int) -> None:
             for c in node.children:
                 extra = ""
                 if isinstance(c, Device):
@@ -1147,10 +455,6 @@ class Machine:
         >>> m.device("dev").name
         'dev'
         """
-        if sys.version_info >= (3, 11):
-            import tomllib
-        else:  # Python 3.10: the backport
-            import tomli as tomllib
         if not isinstance(source, (str, os.PathLike)):
             raise TypeError(f"from_toml: source must be TOML text or a path, not {type(source).__name__}")
         text = os.fspath(source)
@@ -1187,8 +491,6 @@ class Machine:
         >>> m.device("dev").name
         'dev'
         """
-        from pydmabuf import _spec
-
         return _spec.build(cls, spec)
 
     @classmethod
@@ -1206,8 +508,6 @@ class Machine:
         >>> isinstance(m, Machine)
         True
         """
-        from pydmabuf import _host
-
         for name, path in (("iomem", iomem), ("sysfs", sysfs)):
             # An int would be taken as an open file descriptor.
             if not isinstance(path, (str, os.PathLike)):

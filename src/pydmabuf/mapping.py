@@ -35,8 +35,11 @@ behaviour through where a caller wants to see it:
   kernel would misuse the SGT ops as PAL ops); PAL unmap takes the
   reservation lock rule of map (the kernel asserts nothing there).
 
-Layering: this module sits above :mod:`pydmabuf.dma` and beside
-:mod:`pydmabuf.dmabuf`; it never imports dmabuf at module level.
+Layering: this module sits above :mod:`pydmabuf.dma` and below the
+buffers (:mod:`pydmabuf.dmabuf`, :mod:`pydmabuf.dmabuf_attach`), which it
+never imports: it sees an attachment as ``include/linux/dma-buf.h``
+declares it (:class:`pydmabuf.dmabuf_ops.AttachmentBase`), as the C code
+that includes the header does.
 """
 
 from __future__ import annotations
@@ -45,17 +48,20 @@ import contextvars
 import enum
 import logging
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pydmabuf import checks, errors
-from pydmabuf._core import _ranges_total, _u64_pairs
+from pydmabuf._core import _u64_pairs
 from pydmabuf._types import PAGE_SIZE, RangeKind
+from pydmabuf.dma_buf_mapping import MappingMatch, MappingType, MatchArgs, _match_result, match_mapping
+from pydmabuf.dmabuf_ops import AttachmentBase, Exporter
+from pydmabuf.machine import Device, Machine
 
 if TYPE_CHECKING:
-    from pydmabuf.dmabuf import Attachment, DmaBuf
-    from pydmabuf.machine import Device
+    from pydmabuf.dmabuf import DmaBuf
+    from pydmabuf.dmabuf_attach import Attachment
 
 log = logging.getLogger(__name__)
 
@@ -100,177 +106,6 @@ def kernel_compat_active() -> bool:
     are loose upstream (VFIO's PAL map ignoring ``revoked``) behave as the
     posted code does."""
     return _compat.get()
-
-
-# ------------------------------------------------------------------ types
-
-
-class MappingType:
-    """``struct dma_buf_mapping_type``: one instance per type, compared by
-    identity (two entries have the same type iff their ``type`` is the same
-    object).
-
-    Attributes
-    ----------
-    name : str
-        Printed in the debugfs listing.
-    match : callable or None
-        ``match(dmabuf, exp, imp)``: return None (or 0) for compatible; raise
-        :class:`~pydmabuf.errors.NotSupported` (EOPNOTSUPP) for "not this
-        pair, keep looking"; raise anything else to abort the negotiation
-        with that error.  None (the default): same type is compatible.
-    """
-
-    name: str = "mapping type"
-    match: Callable[[Any, MappingMatch, MappingMatch], None] | None = None
-
-    def finish_match(self, args: MatchArgs, exp: MappingMatch, imp: MappingMatch) -> None:
-        """Record the chosen pair on ``args.attach`` (when there is one):
-        called once, on the pair :func:`match_mapping` chose.  Required."""
-        raise NotImplementedError(f"{type(self).__name__} has no finish_match")
-
-    def debugfs_dump(self, attach: Attachment) -> str:
-        """Text the debugfs line shows after the type's name."""
-        return ""
-
-    def __repr__(self) -> str:
-        return f"<mapping type {self.name!r}>"
-
-
-class MappingMatch:
-    """``struct dma_buf_mapping_match``: one entry of an importer's or an
-    exporter's list.
-
-    Parameters
-    ----------
-    type : MappingType
-    exp_ops : object, optional
-        The exporter's ops for this type (None in importer entries).
-    **data
-        The type's data (SGT: ``importing_dma_device``,
-        ``importer_accepts_p2p``, ``exporter_requires_p2p``,
-        ``exporting_p2p_device``); read back as attributes.
-    """
-
-    def __init__(self, type: MappingType, exp_ops: Any = None, **data: Any) -> None:
-        if not isinstance(type, MappingType):
-            raise TypeError(f"MappingMatch: type must be a MappingType, not {builtin_type(type).__name__}")
-        for k in data:
-            if k in ("type", "exp_ops"):
-                raise TypeError(f"MappingMatch: {k!r} is not type data")
-        self.type = type
-        self.exp_ops = exp_ops
-        self._data = dict(data)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not real attributes: the type data.
-        data = self.__dict__.get("_data", {})
-        try:
-            return data[name]
-        except KeyError:
-            raise AttributeError(f"{self.type.name} entry has no {name!r}") from None
-
-    @property
-    def data(self) -> dict[str, Any]:
-        """The type's data (a copy)."""
-        return dict(self._data)
-
-    def __repr__(self) -> str:
-        extra = "".join(f", {k}={_short(v)}" for k, v in self._data.items())
-        ops = f", ops={type(self.exp_ops).__name__}" if self.exp_ops is not None else ""
-        return f"<MappingMatch {self.type.name!r}{ops}{extra}>"
-
-
-builtin_type = type
-
-
-def _short(v: Any) -> str:
-    name = getattr(v, "name", None)
-    if isinstance(v, enum.Enum):
-        return v.name
-    return str(name) if isinstance(name, str) else repr(v)
-
-
-class MatchArgs:
-    """``struct dma_buf_match_args``: what the attach hands the exporter.
-
-    ``dmabuf`` and ``attach`` may be None (the kunit tests call the matcher
-    with neither).  After a successful :func:`match_mapping`, ``chosen``
-    is the (exporter entry, importer entry) pair (a model addition: the
-    kernel keeps only what ``finish_match`` wrote)."""
-
-    def __init__(self, dmabuf: DmaBuf | None = None, attach: Attachment | None = None,
-                 imp_matches: Sequence[MappingMatch] = ()) -> None:
-        imp = tuple(imp_matches) if imp_matches is not None else ()
-        for e in imp:
-            if not isinstance(e, MappingMatch):
-                raise TypeError(f"MatchArgs: importer entries must be MappingMatch, not {type(e).__name__}")
-        self.dmabuf = dmabuf
-        self.attach = attach
-        self.imp_matches = imp
-        self.chosen: tuple[MappingMatch, MappingMatch] | None = None
-
-    def __repr__(self) -> str:
-        return f"<MatchArgs {len(self.imp_matches)} importer entr{'y' if len(self.imp_matches) == 1 else 'ies'}>"
-
-
-def _match_result(rv: Any, what: str) -> None:
-    """A callback's return in kernel terms: None or 0 is success, a
-    negative errno raises its error (-EOPNOTSUPP: NotSupported); anything
-    else is a bug (the kernel would pass a positive value up as an attach
-    result that no caller recognises as an error)."""
-    if rv is None or (isinstance(rv, int) and not isinstance(rv, bool) and rv == 0):
-        return
-    if isinstance(rv, int) and not isinstance(rv, bool) and rv < 0:
-        raise errors.from_errno(-rv, f"{what} returned {rv}")
-    raise TypeError(f"{what} returned {rv!r}; it must return None (or 0) or raise")
-
-
-def match_mapping(args: MatchArgs, exp_matches: Iterable[MappingMatch] | None) -> None:
-    """``dma_buf_match_mapping()``: pick the first compatible pair.
-
-    Exporter entries are the outer loop, importer entries the inner one
-    (restarted for every exporter entry), so the exporter's order wins.
-    Entries of different types are skipped without calling ``match``; a
-    type without ``match`` is compatible with itself.  The chosen pair's
-    type gets ``finish_match(args, exp, imp)`` once.
-
-    Raises
-    ------
-    InvalidArgument
-        (EINVAL) no compatible pair (empty lists included); no callback
-        ran ``finish_match``.
-    Exception
-        Whatever a type's ``match`` raised other than NotSupported, at
-        once, with no ``finish_match``.
-    TypeError
-        A ``match`` returned something other than None, 0 or a negative
-        errno (a negative errno acts as the error it names; the kernel
-        would pass a positive value up as an attach result no caller
-        recognises).
-    """
-    if not isinstance(args, MatchArgs):
-        raise TypeError(f"match_mapping: args must be MatchArgs, not {type(args).__name__}")
-    exps = tuple(exp_matches) if exp_matches is not None else ()
-    for exp in exps:
-        if not isinstance(exp, MappingMatch):
-            raise TypeError(f"match_mapping: exporter entries must be MappingMatch, not {type(exp).__name__}")
-    for exp in exps:  # a loop over the few entries of two match lists
-        for imp in args.imp_matches:
-            if imp.type is not exp.type:
-                continue
-            m = exp.type.match
-            if m is not None:
-                try:
-                    _match_result(m(args.dmabuf, exp, imp), exp.type.name + ": match")
-                except errors.NotSupported:
-                    continue
-            exp.type.finish_match(args, exp, imp)
-            args.chosen = (exp, imp)
-            return
-    raise errors.InvalidArgument(
-        f"no compatible mapping type: the exporter offers [{', '.join(e.type.name for e in exps)}], "
-        f"the importer takes [{', '.join(e.type.name for e in args.imp_matches)}]")
 
 
 # -------------------------------------------------------------------- SGT
@@ -515,7 +350,7 @@ def _gate(attachment: Attachment, what: str) -> None:
                                   "declare it")
 
 
-def _resolve_phys(attachment: Attachment, ops: Any, what: str, kernel_compat: bool) -> PhysList:
+def resolve_phys(attachment: Attachment, ops: Any, what: str, kernel_compat: bool) -> PhysList:
     """Call ``ops.map_phys`` and check what came back (the shared body of
     :func:`pal_map_phys` and ``Attachment.phys_vec``): the lock is held."""
     token = _compat.set(bool(kernel_compat))
@@ -543,9 +378,41 @@ def _resolve_phys(attachment: Attachment, ops: Any, what: str, kernel_compat: bo
     return pl
 
 
-def _touches_private(machine: Any, rows: np.ndarray) -> bool:
-    from pydmabuf.dmabuf import _touches  # the vectorised address-map test lives with the buffers
+def _touches(machine: Machine, ranges: np.ndarray, kind: RangeKind) -> bool:
+    """Whether any of the (address, nbytes) rows meets a range of ``kind``
+    in the machine's address map.
 
+    Vectorised: the map's ranges are sorted and disjoint, so the only one
+    that can meet a row ``[lo, hi]`` is the last of ``kind`` starting at or
+    below ``hi``; it meets the row when its (inclusive) last is >= ``lo``.
+    A row of zero bytes or one running past 2**64 - 1 raises as
+    ``RangeTable.overlapping`` would (EINVAL, EOVERFLOW) unless an earlier
+    row already touched.
+    """
+    rows = np.asarray(ranges, dtype=np.uint64).reshape(-1, 2)
+    lo, n = rows[:, 0], rows[:, 1]
+    # Rows that are no window: zero bytes, or lo + n - 1 past 2**64 - 1.
+    bad = (n == 0) | (n - np.uint64(1) > ~lo)
+    amap = machine.address_map.as_array()
+    amap = amap[amap["kind"] == int(kind)]
+    first_bad = int(np.argmax(bad)) if bad.any() else len(rows)
+    if len(amap) and first_bad:
+        ok = slice(0, first_bad)
+        hi = lo[ok] + (n[ok] - np.uint64(1))
+        i = np.searchsorted(amap["start"], hi, side="right") - 1
+        hit = (i >= 0) & (amap["last"][np.maximum(i, 0)] >= lo[ok])
+        if hit.any():
+            return True
+    if first_bad < len(rows):
+        p, nb = int(lo[first_bad]), int(n[first_bad])
+        if nb == 0:
+            raise errors.InvalidArgument(f"overlapping: nbytes must be positive (got {nb})")
+        raise errors.Overflow(f"overlapping: [{p:#x}, +{nb:#x}) runs past 2**64 - 1")
+    return False
+
+
+
+def _touches_private(machine: Machine, rows: np.ndarray) -> bool:
     ok = rows[(rows[:, 1] != 0) & ~(rows[:, 1] - np.uint64(1) > ~rows[:, 0])]
     return bool(len(ok)) and _touches(machine, ok, RangeKind.PRIVATE)
 
@@ -582,16 +449,14 @@ def pal_map_phys(attachment: Attachment, *, kernel_compat: bool = False) -> Phys
 
     A failed call hands out nothing.
     """
-    from pydmabuf.dmabuf import Attachment
-
-    if not isinstance(attachment, Attachment):
+    if not isinstance(attachment, AttachmentBase):  # Attachment, the one subclass
         raise TypeError(f"pal_map_phys: {type(attachment).__name__} is not an Attachment")
     _gate(attachment, "dma_buf_pal_map_phys")
     if not attachment._usable("pal_map_phys"):
         raise errors.LifetimeError("pal_map_phys on a dead attachment")
     ops = _pal_ops(attachment, "dma_buf_pal_map_phys")
     attachment._require_resv("pal_map_phys")
-    pl = _resolve_phys(attachment, ops, "dma_buf_pal_map_phys", kernel_compat)
+    pl = resolve_phys(attachment, ops, "dma_buf_pal_map_phys", kernel_compat)
     pl.live = True
     pl._attachment = weakref.ref(attachment)
     pl._track = attachment._track_pal(pl)
@@ -605,9 +470,7 @@ def pal_unmap_phys(attachment: Attachment, phys_list: PhysList) -> None:
     list that is not a live list of this attachment is a LifetimeError
     (strict checking); the reservation lock is required as for the map
     (upstream asserts nothing; iommufd holds it)."""
-    from pydmabuf.dmabuf import Attachment
-
-    if not isinstance(attachment, Attachment):
+    if not isinstance(attachment, AttachmentBase):  # Attachment, the one subclass
         raise TypeError(f"pal_unmap_phys: {type(attachment).__name__} is not an Attachment")
     if not isinstance(phys_list, PhysList):
         raise TypeError(f"pal_unmap_phys: {type(phys_list).__name__} is not a PhysList")
@@ -633,7 +496,7 @@ class _LegacySgtOps:
 
     __slots__ = ("exporter",)
 
-    def __init__(self, exporter: Any) -> None:
+    def __init__(self, exporter: Exporter) -> None:
         self.exporter = exporter
 
     def map_dma_buf(self, attachment: Attachment, direction: Any) -> Any:
@@ -650,7 +513,7 @@ class _LegacyPalOps:
 
     __slots__ = ("exporter",)
 
-    def __init__(self, exporter: Any) -> None:
+    def __init__(self, exporter: Exporter) -> None:
         self.exporter = exporter
 
     def map_phys(self, attachment: Attachment) -> PhysList:

@@ -29,6 +29,7 @@ from pydmabuf import access, errors
 from pydmabuf._types import PAGE_SIZE
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, PhysVec, export
 from pydmabuf.exporters.system_heap import HeapBuffer
+from pydmabuf.machine import Machine
 
 __all__ = ["PrivateMemory", "PrivateBuffer"]
 
@@ -40,7 +41,7 @@ class PrivateBuffer(HeapBuffer):
 
     name = "cc-private"
 
-    def __init__(self, machine: Any, pfns: np.ndarray, nbytes: int, layout: str) -> None:
+    def __init__(self, machine: Machine, pfns: np.ndarray, nbytes: int, layout: str) -> None:
         super().__init__(machine, pfns, nbytes, owned=False, layout=layout, seed=0)
         self.refused = 0
 
@@ -84,9 +85,7 @@ class PrivateMemory:
         its address map; Machine.default() has 4 GiB at 60 GiB).
     """
 
-    def __init__(self, machine: Any) -> None:
-        from pydmabuf.machine import Machine
-
+    def __init__(self, machine: Machine) -> None:
         if not isinstance(machine, Machine):
             raise TypeError(f"PrivateMemory: machine must be a Machine, not {type(machine).__name__}")
         self.machine = machine

@@ -6,11 +6,12 @@ from typing import Any, Callable
 
 import numpy as np
 
-from pydmabuf import access, errors, workloads
-from pydmabuf._core import SgTable, pagemap
+from pydmabuf import access, errors, page_alloc
+from pydmabuf._core import SgTable, buffer_span, pagemap
 from pydmabuf._types import PAGE_SIZE, DmaDirection, RangeKind
 from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
 from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, export
+from pydmabuf.machine import Machine
 from pydmabuf.mapping import PhysList, match_mapping, pal_exporter, sgt_dma_device, sgt_exporter
 
 __all__ = ["SystemHeap", "HeapBuffer", "MovableHeapBuffer", "PalHeapBuffer"]
@@ -22,7 +23,7 @@ class HeapBuffer(Exporter):
 
     name = "system-heap"
 
-    def __init__(self, machine: Any, pfns: np.ndarray, nbytes: int, *, owned: bool, layout: str, seed: int,
+    def __init__(self, machine: Machine, pfns: np.ndarray, nbytes: int, *, owned: bool, layout: str, seed: int,
                  offset: int = 0, keepalive: Any = None) -> None:
         self.machine = machine
         self.pfns = pfns
@@ -68,7 +69,7 @@ class HeapBuffer(Exporter):
         worked out once per set of pages (again after a migration) and
         handed out read-only."""
         if self._ranges is None or self._ranges_of is not self.pfns:
-            phys, lens = workloads.numpy_coalesce(self.pfns)
+            phys, lens = page_alloc.numpy_coalesce(self.pfns)
             rows = np.ascontiguousarray(np.stack([phys, lens], axis=1))
             if self.offset or rows[:, 1].sum() != self.nbytes:
                 rows[0, 0] += np.uint64(self.offset)
@@ -153,9 +154,7 @@ class SystemHeap:
         Where the pages come from (``machine.pages``).
     """
 
-    def __init__(self, machine: Any) -> None:
-        from pydmabuf.machine import Machine
-
+    def __init__(self, machine: Machine) -> None:
         if not isinstance(machine, Machine):
             raise TypeError(f"SystemHeap: machine must be a Machine, not {type(machine).__name__}")
         self.machine = machine
@@ -205,8 +204,6 @@ class SystemHeap:
         :func:`pydmabuf.pagemap`); they stay the Python object's (kept alive
         until release) and never move.  Its pages must lie in the machine's
         RAM (EINVAL otherwise)."""
-        from pydmabuf._core import buffer_span
-
         pfns = pagemap(buffer)
         addr, nbytes = buffer_span(buffer)
         for p in (int(pfns.min()), int(pfns.max())):

@@ -1,7 +1,9 @@
 """VFIO PCI: slices of a BAR exported as dma-bufs (``VFIO_DEVICE_FEATURE_DMA_BUF``).
 
-The model of ``drivers/vfio/pci/vfio_pci_dmabuf.c`` and its callers in
-``vfio_pci_core.c`` / ``vfio_pci_config.c``, as merged for 6.19 and
+The model of ``drivers/vfio/pci/vfio_pci_dmabuf.c`` (the buffer, in
+:mod:`pydmabuf.exporters.vfio_dmabuf`, re-exported here) and its callers in
+``vfio_pci_core.c`` / ``vfio_pci_config.c`` (this module: the device, its
+open files, the feature ioctl, power, reset), as merged for 6.19 and
 changed for 7.1 (``kernel="7.1"``, the default; ``kernel="6.19"`` gives
 the earlier rules where they differ):
 
@@ -10,7 +12,7 @@ the earlier rules where they differ):
   usual ``GET`` of the handle's slice.
 * The buffer (:class:`VfioPciDmaBuf`, the exporter of one dma-buf) has no
   pages and no vmap.  Maps are DMA-only tables built by
-  :func:`~pydmabuf.dma.dma_buf_phys_vec_to_sgt` for the importer's route to
+  :func:`~pydmabuf.dma_buf_mapping.dma_buf_phys_vec_to_sgt` for the importer's route to
   the BAR.  Its physical-range op gives the BAR ranges and the BAR's P2P
   provider.
 * Mapping types (the 2026 RFC, P12/P22): the exporter offers ``[PAL,
@@ -65,18 +67,18 @@ import enum
 import logging
 import os
 import threading
-import warnings
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable
 
 import numpy as np
 
-from pydmabuf import _core, checks, errors, mapping
-from pydmabuf._core import SgTable
-from pydmabuf._types import PAGE_SIZE, Caching, DmaDirection, _fmt_size
+from pydmabuf import _core, errors
+from pydmabuf._lifecycle import Owner
+from pydmabuf._types import PAGE_SIZE, Caching, _fmt_size
 from pydmabuf._uapi import U32_MAX, U64_MAX, as_u64_pairs, as_uint
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
-from pydmabuf.dmabuf import (Attachment, CpuMapping, DmaBuf, Exporter, PhysVec, _timeout_arg, attach_revocable,
-                             close, dma_buf_get, export)
+from pydmabuf.dmabuf import DmaBuf, close, dma_buf_get, export
+from pydmabuf.dmabuf_ops import timeout_arg
+from pydmabuf.exporters.vfio_dmabuf import (IOMMUFD_MODULE, VfioPciDmaBuf, every_buffer, flip_619,
+                                            vfio_pci_dma_buf_iommufd_map)
 from pydmabuf.locking import Mutex
 from pydmabuf.machine import Device, Machine, P2pProvider
 
@@ -104,10 +106,6 @@ DMA_BUF_FEATURE_MINSZ = 16
 DMA_RANGE_SIZE = 16
 #: ``DMA_IOVA_USE_SWIOTLB``: a dma-buf size with this bit set is refused.
 DMA_IOVA_USE_SWIOTLB = 1 << 63
-#: The only module allowed to link :func:`vfio_pci_dma_buf_iommufd_map`
-#: (upstream exports the symbol to iommufd alone); importers declare it in
-#: ``import_namespaces``.
-IOMMUFD_MODULE = mapping.PAL_MODULE
 #: Power states the model's devices take.
 POWER_STATES = ("D0", "D3hot")
 KERNELS = ("6.19", "7.1")
@@ -182,7 +180,7 @@ class _VfioPciCore:
         first such error is raised (before the hardware change, as a
         TimedOut would be).  A TimedOut stops the walk where the kernel
         would block."""
-        with _every_buffer() as each:
+        with every_buffer() as each:
             for priv in list(self.dmabufs):
                 buf = priv.dmabuf
                 if buf is None or buf.released:
@@ -192,45 +190,13 @@ class _VfioPciCore:
                     if buf.revoked == revoked:
                         continue
                     if self.kernel == "6.19":
-                        each(_flip_619, buf, revoked)
+                        each(flip_619, buf, revoked)
                     elif revoked:
                         each(buf.revoke, timeout)
                     else:
                         each(buf.unrevoke, timeout)
                 finally:
                     buf.put()
-
-
-@contextlib.contextmanager
-def _every_buffer() -> Iterator[Callable[..., None]]:
-    """A walk over a device's buffers that an importer's raising
-    invalidation callback cannot cut short: ``each(fn, *args)`` runs one
-    buffer's step, keeps a LifetimeError (the checker's report of that
-    importer, raised only once the buffer's own sequence completed) and
-    goes on; the first one kept is raised when the walk ends."""
-    kept: list[errors.LifetimeError] = []
-
-    def each(fn: Callable[..., Any], *args: Any) -> None:
-        try:
-            fn(*args)
-        except errors.LifetimeError as e:
-            kept.append(e)
-
-    yield each
-    if kept:
-        for e in kept[1:]:
-            kept[0].add_note(f"also: {e}")
-        raise kept[0]
-
-
-def _flip_619(buf: DmaBuf, revoked: bool) -> None:
-    """6.19: set the flag and move_notify under the lock, wait for nothing."""
-    buf.resv.lock()
-    try:
-        buf.revoked = revoked
-        buf.invalidate_mappings()
-    finally:
-        buf.resv.unlock()
 
 
 # A device's VFIO state lives on the device (as vfio_pci_core_device is the
@@ -259,182 +225,11 @@ def _core_for(device: Device, kernel: str, has_dmabuf_phys: bool) -> _VfioPciCor
         return core
 
 
-# ------------------------------------------------------------- the buffer
-
-
-class VfioPciDmaBuf(Exporter):
-    """The exporter of one VFIO dma-buf (``struct vfio_pci_dma_buf``).
-
-    Attributes
-    ----------
-    device : Device
-        The VFIO device whose BAR this is.
-    provider : P2pProvider
-        The BAR's P2P provider.
-    ranges : numpy.ndarray
-        (N, 2) u64 rows of (CPU physical address, nbytes), in the order
-        asked for (ranges may repeat or overlap).
-    nbytes : int
-        The dma-buf's size, the sum of the range lengths.
-    region_index : int
-        The BAR.
-    maps, unmaps : int
-        Calls of the map and unmap ops.
-    """
-
-    name = "vfio-pci"
-
-    def __init__(self, core: _VfioPciCore, provider: P2pProvider, ranges: np.ndarray, nbytes: int,
-                 region_index: int, open_flags: int) -> None:
-        self._core: _VfioPciCore | None = core
-        self.kernel = core.kernel
-        self.device = core.device
-        self.machine = core.device.machine
-        self.provider = provider
-        self.ranges = ranges
-        self.nbytes = nbytes
-        self.region_index = region_index
-        self.open_flags = open_flags
-        self.dmabuf: DmaBuf | None = None
-        self.maps = 0
-        self.unmaps = 0
-        self.pal_maps = 0
-        self.pal_unmaps = 0
-        #: ``priv->memattr``: the caching later mmaps get.  Write-combining
-        #: for a prefetchable BAR, uncached otherwise: the rule PCI's own
-        #: mmap of a BAR keeps (``resourceN_wc`` exists only for
-        #: prefetchable resources).  The posted series starts every buffer
-        #: at NC and leaves WC to the DMA_BUF_MEMATTR feature, which can
-        #: still set either here.
-        self.memattr = Caching.WRITE_COMBINE if provider.bar.prefetch else Caching.UNCACHED
-
-    @property
-    def linked(self) -> bool:
-        """Still on its device's list (False once the device was closed)."""
-        return self._core is not None
-
-    def match_mapping(self, args: Any) -> None:
-        """``vfio_pci_dma_buf_match_mapping()`` (P22, with the 13 April fix:
-        no reservation-lock assertion, no device check): PAL first, then a
-        peer-to-peer scatterlist of the BAR.  An importer that takes
-        neither (static, or no P2P route) gets EINVAL from the matcher."""
-        mapping.match_mapping(args, [mapping.pal_exporter(self), mapping.sgt_exporter_p2p(self, self.device)])
-
-    def attach(self, attachment: Attachment) -> None:
-        # vfio_pci_dma_buf_attach(): unlocked, so the revoked test races
-        # with a revoke in the kernel; map tests it again under the lock.
-        # The peer2peer test went into the SGT P2P entry (P12).
-        if attachment.dmabuf.revoked:
-            raise errors.Revoked(f"{attachment.dmabuf.name} is revoked: the device does not decode its BAR "
-                                 "or was closed")
-        if self.kernel != "6.19" and not attach_revocable(attachment):
-            who = attachment.device.name if attachment.device is not None else repr(attachment.importer_ops)
-            raise errors.NotSupported(f"{who}: VFIO accepts only importers it can revoke "
-                                      "(dynamic, with invalidate_mappings)")
-
-    def map_dma_buf(self, attachment: Attachment, direction: DmaDirection) -> SgTable:
-        buf = attachment.dmabuf
-        if buf.revoked:
-            raise errors.Revoked(f"{buf.name} is revoked")
-        table = dma_buf_phys_vec_to_sgt(attachment, self.provider, self.ranges, self.nbytes, direction)
-        self.maps += 1
-        return table
-
-    def unmap_dma_buf(self, attachment: Attachment, table: SgTable, direction: DmaDirection) -> None:
-        dma_buf_free_sgt(table, direction)
-        self.unmaps += 1
-
-    def map_phys(self, attachment: Attachment) -> mapping.PhysList:
-        """``vfio_pci_dma_pal_map_phys()``: a copy of the BAR ranges (the
-        reservation lock is held).  Strict where v1 is loose: a revoked
-        buffer is ENODEV (v1 ignores ``revoked``; ``kernel_compat`` maps
-        it)."""
-        buf = attachment.dmabuf
-        if buf.revoked and not mapping.kernel_compat_active():
-            raise errors.Revoked(f"{buf.name} is revoked")
-        self.pal_maps += 1
-        return mapping.PhysList(self.ranges)
-
-    def unmap_phys(self, attachment: Attachment, phys_list: mapping.PhysList) -> None:
-        """``vfio_pci_dma_pal_unmap_phys()``: free the copy.  The model counts
-        live lists as mappings, so a revoke waits for them (v1's FIXME)."""
-        self.pal_unmaps += 1
-
-    def release(self, dmabuf: DmaBuf) -> None:
-        core = self._core
-        if core is not None:
-            with core.memory_lock:
-                if self in core.dmabufs:
-                    core.dmabufs.remove(self)
-            self._core = None
-
-    def get_phys_vec(self, attachment: Attachment | None) -> PhysVec:
-        return PhysVec(self.ranges.copy(), self.provider)
-
-    def mmap(self, dmabuf: DmaBuf, mapping: CpuMapping) -> None:
-        """``vfio_pci_dma_buf_mmap()`` (the Evans series): MMIO pages,
-        uncached or write-combining as ``memattr`` says; faults resolve the
-        BAR ranges (``get_phys_vec``) and give SIGBUS while revoked."""
-        if self.kernel == "6.19":
-            # dma_buf_mmap_internal(): no ->mmap op in 6.19's vfio_pci_dmabuf_ops.
-            raise errors.InvalidArgument(f"{dmabuf.name}: VFIO dma-bufs cannot be mmapped before 7.1 "
-                                         "(no mmap op)")
-        if dmabuf.revoked:
-            raise errors.Revoked(f"{dmabuf.name} is revoked: mmap refused")
-        mapping.caching = self.memattr
-
-    def __repr__(self) -> str:
-        state = "linked" if self.linked else "unlinked"
-        return (f"<VfioPciDmaBuf {self.device.name} BAR{self.region_index}: {len(self.ranges)} range(s), "
-                f"{_fmt_size(self.nbytes)}, {state}>")
-
-
-def vfio_pci_dma_buf_iommufd_map(attachment: Attachment) -> tuple[int, int]:
-    """``vfio_pci_dma_buf_iommufd_map()``: the one physical range of a VFIO
-    dma-buf, for iommufd only.
-
-    The reservation lock must be held.  Returns ``(phys, nbytes)``.
-
-    Raises
-    ------
-    NotPermitted
-        (EPERM) the importer did not declare :data:`IOMMUFD_MODULE` (the
-        kernel exports the symbol to the iommufd module alone).
-    NotSupported
-        (EOPNOTSUPP) the dma-buf is not a VFIO one, or has more than one
-        range.
-    Revoked
-        (ENODEV) the buffer is revoked.
-
-    A successful call is a promise from VFIO: one MMIO range, and an
-    invalidation of this attachment means revoke, not move.
-    """
-    if not isinstance(attachment, Attachment):
-        raise TypeError(f"vfio_pci_dma_buf_iommufd_map: {type(attachment).__name__} is not an Attachment")
-    ops = attachment.importer_ops
-    if ops is None or IOMMUFD_MODULE not in ops.import_namespaces:
-        who = attachment.device.name if attachment.device is not None else repr(ops)
-        raise errors.NotPermitted(f"{who}: vfio_pci_dma_buf_iommufd_map is exported to the "
-                                  f"{IOMMUFD_MODULE!r} module only")
-    buf = attachment.dmabuf
-    if not buf.resv.held_by_current_thread():
-        checks.checker.locking("iommufd-map-without-resv",
-                               "vfio_pci_dma_buf_iommufd_map without the reservation lock", attachment)
-    exp = buf.exporter
-    if not isinstance(exp, VfioPciDmaBuf):
-        raise errors.NotSupported(f"{buf.name} was not exported by VFIO ({exp.name})")
-    if buf.revoked:
-        raise errors.Revoked(f"{buf.name} is revoked")
-    if len(exp.ranges) != 1:
-        raise errors.NotSupported(f"{buf.name} has {len(exp.ranges)} ranges; iommufd takes exactly one")
-    rows = attachment.phys_vec().ranges  # the PAL map, through the one gate
-    return int(rows[0, 0]), int(rows[0, 1])
-
 
 # ------------------------------------------------------------- the handle
 
 
-class VfioPciBar:
+class VfioPciBar(Owner):
     """An open VFIO PCI device and a slice of one of its BARs.
 
     Each instance is one open of the device (its file descriptor); the
@@ -479,7 +274,7 @@ class VfioPciBar:
     #: The exporter of each dma-buf (a variant driver supplies its own).
     _dmabuf_class: type[VfioPciDmaBuf] = VfioPciDmaBuf
 
-    def __init__(self, machine: Any, device: Device | str, bar: int = 0, offset: int = 0,
+    def __init__(self, machine: Machine, device: Device | str, bar: int = 0, offset: int = 0,
                  nbytes: int | None = None, ranges: Iterable[tuple[int, int]] | None = None, *,
                  kernel: str = "7.1", has_dmabuf_phys: bool = True) -> None:
         if not isinstance(machine, Machine):
@@ -518,10 +313,11 @@ class VfioPciBar:
         """The driver rules in force: ``"7.1"`` or ``"6.19"``."""
         return self._core.kernel
 
-    def __del__(self) -> None:
-        if getattr(self, "_open", False):
-            warnings.warn(f"{self!r} collected while open: close() it (its dma-bufs are revoked only then)",
-                          ResourceWarning, stacklevel=2)
+    def _owns(self) -> bool:
+        return self._open
+
+    def _leak_message(self) -> str:
+        return f"{self!r} collected while open: close() it (its dma-bufs are revoked only then)"
 
     @property
     def is_open(self) -> bool:
@@ -756,7 +552,7 @@ class VfioPciBar:
         >>> vfio.set_memory_decode(True, timeout=5)
         >>> bar.put(); vfio.close()
         """
-        _timeout_arg(timeout, "set_memory_decode")  # before anything is zapped or revoked
+        timeout_arg(timeout, "set_memory_decode")  # before anything is zapped or revoked
         core = self._need_open("set_memory_decode")
         with core.memory_lock:
             if not enabled:
@@ -772,7 +568,7 @@ class VfioPciBar:
         InvalidArgument (EINVAL) for other states."""
         if state not in POWER_STATES:
             raise errors.InvalidArgument(f"power state {state!r} is not one of {POWER_STATES}")
-        _timeout_arg(timeout, "set_power_state")  # before anything is zapped or revoked
+        timeout_arg(timeout, "set_power_state")  # before anything is zapped or revoked
         core = self._need_open("set_power_state")
         with core.memory_lock:
             if state != "D0":
@@ -787,7 +583,7 @@ class VfioPciBar:
         """``VFIO_DEVICE_FEATURE_LOW_POWER_ENTRY``: revoke, then let the
         device runtime-suspend (the model puts it in D3hot).  InvalidArgument
         (EINVAL) if already engaged (after the revoke, as the kernel)."""
-        _timeout_arg(timeout, "low_power_entry")  # before anything is zapped or revoked
+        timeout_arg(timeout, "low_power_entry")  # before anything is zapped or revoked
         core = self._need_open("low_power_entry")
         with core.memory_lock:
             core.zap_bars()
@@ -800,7 +596,7 @@ class VfioPciBar:
     def low_power_exit(self, *, timeout: float | None = None) -> None:
         """``VFIO_DEVICE_FEATURE_LOW_POWER_EXIT``: resume (D0) and un-revoke
         if memory decoding is on."""
-        _timeout_arg(timeout, "low_power_exit")  # before anything is zapped or revoked
+        timeout_arg(timeout, "low_power_exit")  # before anything is zapped or revoked
         core = self._need_open("low_power_exit")
         with core.memory_lock:
             if core.pm_runtime_engaged:
@@ -813,7 +609,7 @@ class VfioPciBar:
     def reset(self, *, timeout: float | None = None) -> None:
         """``VFIO_DEVICE_RESET``: revoke around a function reset (which puts
         the device in D0), un-revoke after if memory is enabled."""
-        _timeout_arg(timeout, "reset")  # before anything is zapped or revoked
+        timeout_arg(timeout, "reset")  # before anything is zapped or revoked
         core = self._need_open("reset")
         with core.memory_lock:
             core.zap_bars()
@@ -838,18 +634,18 @@ class VfioPciBar:
         >>> vfio.export().put()
         >>> vfio.close()
         """
-        _timeout_arg(timeout, "close")  # before anything is zapped or revoked
+        timeout_arg(timeout, "close")  # before anything is zapped or revoked
         core = self._need_open("close")
         with core.memory_lock:
             if core.open_count == 1:
                 if core.kernel == "6.19":
-                    with _every_buffer() as each:
+                    with every_buffer() as each:
                         for priv in list(core.dmabufs):
                             buf = priv.dmabuf
                             if buf is None or buf.released:
                                 continue
                             priv._core = None
-                            each(_flip_619, buf, True)
+                            each(flip_619, buf, True)
                 else:
                     core.move(True, timeout)
                 for priv in core.dmabufs:
@@ -857,13 +653,6 @@ class VfioPciBar:
                 core.dmabufs.clear()
             core.open_count -= 1
             self._open = False
-
-    def __enter__(self) -> VfioPciBar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._open:
-            self.close()
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -901,7 +690,7 @@ def vfio_pci_hot_reset(devices: Iterable[Device | VfioPciBar], *, timeout: float
     and decode memory get them back.  Devices of the set nobody opened are
     left alone (the kernel once read their unset virtual config here,
     research note 10.18).  The caller owns the set's choice of devices."""
-    _timeout_arg(timeout, "vfio_pci_hot_reset")  # before anything is zapped or revoked
+    timeout_arg(timeout, "vfio_pci_hot_reset")  # before anything is zapped or revoked
     devs = [d.device if isinstance(d, VfioPciBar) else d for d in devices]
     cores = []
     for d in devs:

@@ -60,10 +60,11 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import access, checks, errors, workloads
+from pydmabuf import access, checks, errors, page_alloc
 from pydmabuf._core import Fence, SgTable, fence_context_alloc
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection, Usage
-from pydmabuf.dma import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt, dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
+from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
 from pydmabuf.dmabuf import Attachment, DmaBuf, Exporter, PhysVec, export
 from pydmabuf.machine import Bar, Device, P2PMapType
 
@@ -187,7 +188,7 @@ class VramBuffer(Exporter):
 
     def _phys_ranges(self) -> np.ndarray:
         if self._ranges is None:
-            phys, lens = workloads.numpy_coalesce(self.pfns)
+            phys, lens = page_alloc.numpy_coalesce(self.pfns)
             rows = np.ascontiguousarray(np.stack([phys, lens], axis=1))
             rows.flags.writeable = False
             self._ranges = rows

@@ -23,15 +23,14 @@ flight.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
 
 import numpy as np
 
 from pydmabuf import _walk, errors
 from pydmabuf._core import SgTable
+from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DmaDirection, Usage
-from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, ImporterOps, _dma_buf_ref
+from pydmabuf.dmabuf import Attachment, CpuMapping, DmaBuf, ImporterOps, dma_buf_ref
 from pydmabuf.machine import Device
 
 __all__ = ["DrmGpu", "DrmDynamicGpu"]
@@ -39,7 +38,7 @@ __all__ = ["DrmGpu", "DrmDynamicGpu"]
 _BIDI = DmaDirection.BIDIRECTIONAL
 
 
-class DrmGpu:
+class DrmGpu(Owner):
     """A GEM object imported from a dma-buf on one GPU.
 
     Create with :meth:`prime_import`; the GPU reads and writes it with
@@ -83,7 +82,7 @@ class DrmGpu:
         stays attached or referenced after a failure."""
         if not isinstance(device, Device):
             raise TypeError("device must be a Device")
-        buf = _dma_buf_ref(dmabuf, "drm_gem_prime_import")  # the object's reference
+        buf = dma_buf_ref(dmabuf, "drm_gem_prime_import")  # the object's reference
         try:
             attach = buf.attach(device)
             try:
@@ -148,17 +147,16 @@ class DrmGpu:
         self.dmabuf.detach(self.attachment)
         self.dmabuf.put()
 
-    def __del__(self) -> None:
-        if getattr(self, "freed", True) is False:
-            warnings.warn(f"{self!r} collected without free(): its mapping, attachment and reference leak",
-                          ResourceWarning, stacklevel=2)
-
-    def __enter__(self) -> DrmGpu:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def close(self) -> None:
+        """:meth:`free` unless freed already (what ``with`` calls)."""
         if not self.freed:
             self.free()
+
+    def _owns(self) -> bool:
+        return not self.freed
+
+    def _leak_message(self) -> str:
+        return f"{self!r} collected without free(): its mapping, attachment and reference leak"
 
     def __repr__(self) -> str:
         return (f"<DrmGpu {self.device.name}: {self.dmabuf.name!r} {self.size:#x} bytes in "
@@ -184,7 +182,7 @@ class _DynamicOps(ImporterOps):
         return f"<DrmDynamicGpu importer {self.gpu.device.name}{'' if self.gpu.wait_kernel_fences else ' (skips the fence wait)'}>"
 
 
-class DrmDynamicGpu:
+class DrmDynamicGpu(Owner):
     """A GEM object a GPU imported dynamically (module docstring).
 
     Create with :meth:`import_buffer`; the GPU reads and writes it with
@@ -236,7 +234,7 @@ class DrmDynamicGpu:
         ``peer2peer`` and the device can), a reference; no mapping yet."""
         if not isinstance(device, Device):
             raise TypeError("device must be a Device")
-        buf = _dma_buf_ref(dmabuf, "amdgpu_gem_prime_import")
+        buf = dma_buf_ref(dmabuf, "amdgpu_gem_prime_import")
         self = object.__new__(cls)
         self.device = device
         self.dmabuf = buf
@@ -311,17 +309,16 @@ class DrmDynamicGpu:
         self.dmabuf.detach(self.attachment)
         self.dmabuf.put()
 
-    def __del__(self) -> None:
-        if getattr(self, "freed", True) is False:
-            warnings.warn(f"{self!r} collected without free(): its attachment and reference leak",
-                          ResourceWarning, stacklevel=2)
-
-    def __enter__(self) -> DrmDynamicGpu:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def close(self) -> None:
+        """:meth:`free` unless freed already (what ``with`` calls)."""
         if not self.freed:
             self.free()
+
+    def _owns(self) -> bool:
+        return not self.freed
+
+    def _leak_message(self) -> str:
+        return f"{self!r} collected without free(): its attachment and reference leak"
 
     def __repr__(self) -> str:
         p2p = "p2p" if getattr(self, "attachment", None) is not None and self.attachment.peer2peer else "no p2p"

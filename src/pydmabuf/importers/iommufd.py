@@ -2,7 +2,12 @@
 
 The model of ``IOMMU_IOAS_MAP_FILE`` with a dma-buf fd
 (``drivers/iommu/iommufd/pages.c``, ``io_pagetable.c``, ``ioas.c``; 6.19
-and the 7.1 pin):
+and the 7.1 pin).  This module is the IOAS (``ioas.c``,
+``io_pagetable.c``: areas, IOVA allocation, map and unmap, and the device
+attach of ``device.c``); the dma-buf pages and their walker are
+:mod:`pydmabuf.importers.iommufd_pages` (``pages.c``), the hardware page
+tables :mod:`pydmabuf.importers.iommufd_hwpt` (``hw_pagetable.c``); the
+public names of both are re-exported here.
 
 * :meth:`IommufdIoas.map_file` checks in the kernel's order, attaches
   asking for the PAL mapping type only (the mapping-types RFC, P23/P24:
@@ -39,18 +44,18 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
-from pydmabuf import IommuDomain, RangeTable, _core, checks, errors, mapping
+from pydmabuf import errors, mapping
+from pydmabuf._core import RangeTable
+from pydmabuf._lifecycle import Owner
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
-from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref
-from pydmabuf.locking import Mutex
-from pydmabuf.machine import MSI_WINDOW, Device, Iommu
+from pydmabuf.dmabuf import DmaBuf, dma_buf_ref
+from pydmabuf.importers.iommufd_hwpt import HwPagetable
+from pydmabuf.importers.iommufd_pages import MAX_NPFNS, DmaBufPages, dmabuf_runs
+from pydmabuf.machine import MSI_WINDOW, Device, Machine
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +66,7 @@ __all__ = [
     "IOMMU_IOAS_MAP_FIXED_IOVA",
     "IOMMU_IOAS_MAP_WRITEABLE",
     "IOMMU_IOAS_MAP_READABLE",
+    "dmabuf_runs",
 ]
 
 IOMMU_IOAS_MAP_FIXED_IOVA = 1 << 0
@@ -69,257 +75,11 @@ IOMMU_IOAS_MAP_READABLE = 1 << 2
 _MAP_FLAGS = IOMMU_IOAS_MAP_FIXED_IOVA | IOMMU_IOAS_MAP_WRITEABLE | IOMMU_IOAS_MAP_READABLE
 #: ULONG_MAX on a 64-bit kernel.
 ULONG_MAX = U64_MAX
-#: The largest page count of one batch entry (u32).
-MAX_NPFNS = 2**32 - 1
 #: Called (with the pages) in the kernel's unlock-to-publish window of
 #: ``IommufdIoas(kernel_compat=True)``; tests set it to land a revoke there.
 _publish_window: Any = None
-#: ``TEMP_MEMORY_LIMIT``: the most one batch's arrays may take (bytes).
-TEMP_MEMORY_LIMIT = 65536
 #: iopt_alloc_iova() aligns no further than a transparent huge page.
 HPAGE_SIZE = 2 << 20
-
-
-# ------------------------------------------------------------------ pages
-
-
-class _DmaBufPages(ImporterOps):
-    """``struct iopt_pages`` of type ``IOPT_ADDRESS_DMABUF`` and its
-    attach ops (``iopt_dmabuf_attach_revoke_ops``).  ``lock`` is the pages
-    mutex (taken inside the reservation lock).  ``exp_phys`` is the PAL
-    list iommufd owns while the buffer is not revoked."""
-
-    allow_peer2peer = True
-    import_namespaces = frozenset({mapping.PAL_MODULE})
-
-    def __init__(self, dmabuf: DmaBuf, start: int, length: int, writable: bool) -> None:
-        self.lock = Mutex("&pages->mutex")
-        self.dmabuf = dmabuf
-        self.start = start
-        self.length = length
-        self.writable = writable
-        self.attachment: Attachment | None = None
-        self.exp_phys: mapping.PhysList | None = None
-        self.tracker: list[tuple[IoasArea, HwPagetable]] = []
-        self.revokes = 0
-        self.batches = 0
-
-    @property
-    def revoked(self) -> bool:
-        """``iopt_dmabuf_revoked()``: no list (P24: ``exp_phys == NULL``)."""
-        return self.exp_phys is None
-
-    @property
-    def paddr(self) -> int:
-        """The first range's physical address (0 when revoked)."""
-        pl = self.exp_phys
-        return int(pl.ranges[0, 0]) if pl is not None and pl.length else 0
-
-    def invalidate_mappings(self, attachment: Attachment) -> None:
-        # iopt_revoke_notify(): under the reservation lock; unmap every
-        # tracked (area, domain) now, then give the list back, once.
-        with self.lock:
-            if self.exp_phys is None:
-                return
-            for area, hwpt in self.tracker:
-                hwpt.unmap(area.iova, area.nbytes)
-            # The published attachment, as the kernel uses it.  The model
-            # publishes it before the reservation lock drops; only
-            # IommufdIoas(kernel_compat=True) opens the kernel's window.
-            if self.attachment is None:
-                checks.checker.lifetime(
-                    "iommufd-revoke-before-publish",
-                    "a revoke reached iommufd between iopt_map_dmabuf()'s unlock and the publish of its "
-                    "attachment: dma_buf_pal_unmap_phys() would get a NULL attachment (a kernel oops)",
-                    attachment, culprit=self)
-            mapping.pal_unmap_phys(attachment, self.exp_phys)
-            self.exp_phys = None
-            self.revokes += 1
-
-    def map_domain(self, area: IoasArea, hwpt: HwPagetable) -> None:
-        """Track (area, domain) and map the area unless revoked; all or nothing."""
-        with self.lock:
-            if any(a is area and h is hwpt for a, h in self.tracker):
-                raise errors.InvalidArgument(f"{area!r} is already tracked in {hwpt!r}")
-            if self.exp_phys is not None:
-                self.batches += hwpt.map_runs(area.iova, dmabuf_runs(self.exp_phys.ranges, self.start,
-                                                                     area.nbytes // PAGE_SIZE), area.prot)
-            self.tracker.append((area, hwpt))
-
-    def unmap_domain(self, area: IoasArea, hwpt: HwPagetable) -> None:
-        """Unmap (unless revoked: then it is already unmapped) and untrack."""
-        with self.lock:
-            if not self.revoked:
-                hwpt.unmap(area.iova, area.nbytes)
-            self.tracker = [(a, h) for a, h in self.tracker if not (a is area and h is hwpt)]
-
-    def release(self) -> None:
-        """``iopt_release_pages()``: give the list back and unpin under the
-        lock, detach, drop the reference."""
-        a = self.attachment
-        buf = self.dmabuf
-        if a is not None:
-            buf.resv.lock()
-            try:
-                if self.exp_phys is not None:
-                    mapping.pal_unmap_phys(a, self.exp_phys)
-                    self.exp_phys = None
-                a.unpin()
-            finally:
-                buf.resv.unlock()
-            buf.detach(a)
-            self.attachment = None
-        if self.tracker:
-            log.warning("iommufd: dma-buf pages released with %d tracked domain(s)", len(self.tracker))
-        buf.put()
-
-
-def dmabuf_runs(rows: Any, start: int, npages: int) -> np.ndarray:
-    """The page runs ``pfn_reader_fill_dmabuf()`` (P24) feeds the batch for
-    ``npages`` pages from byte ``start`` of the buffer, merged as
-    ``batch_add_pfn_num()`` merges physically contiguous runs.
-
-    The kernel walks entry by entry: skip entries while their cumulative
-    end is at or below ``start``, then one run per entry of
-    ``min(pages left, (len - offset) >> PAGE_SHIFT)`` pages.  Vectorised
-    here: the entries are found by a search of the cumulative lengths.
-
-    Returns an (R, 2) u64 array of (first pfn, npfns).
-
-    Raises
-    ------
-    InvalidArgument
-        (EINVAL) the request runs past the end of the list (the kernel
-        reads past the array), or an entry it walks is empty or not whole
-        pages (the kernel's arithmetic then offers an empty run or wraps
-        the next offset and yields wrong PFNs).
-    """
-    rows = np.asarray(rows, dtype=np.uint64).reshape(-1, 2)
-    if npages <= 0:
-        return np.zeros((0, 2), dtype=np.uint64)
-    end = start + npages * PAGE_SIZE
-    lens = rows[:, 1]
-    ends = np.cumsum(lens, dtype=np.uint64) if len(rows) else np.zeros(0, dtype=np.uint64)
-    total = int(lens.sum(dtype=object)) if len(rows) else 0
-    if end > total:
-        raise errors.InvalidArgument(f"pages [{start:#x}, {end:#x}) run past the {total:#x} bytes the exporter's "
-                                     f"{len(rows)} range(s) describe")
-    first = int(np.searchsorted(ends, np.uint64(start), side="right"))
-    last = int(np.searchsorted(ends, np.uint64(end - 1), side="right"))
-    sel = rows[first:last + 1]
-    bases = ends[first:last + 1] - sel[:, 1]
-    bad = np.flatnonzero((sel[:, 1] == 0) | ((sel[:, 1] & np.uint64(PAGE_SIZE - 1)) != 0)
-                         | ((sel[:, 0] & np.uint64(PAGE_SIZE - 1)) != 0))
-    if len(bad):
-        i = first + int(bad[0])
-        raise errors.InvalidArgument(f"range {i} ({int(rows[i, 0]):#x}, +{int(rows[i, 1]):#x}) is empty or not "
-                                     "whole pages")
-    lo = np.maximum(bases, np.uint64(start))
-    hi = np.minimum(ends[first:last + 1], np.uint64(end))
-    pfn = (sel[:, 0] + (lo - bases)) >> np.uint64(PAGE_SHIFT)
-    n = (hi - lo) >> np.uint64(PAGE_SHIFT)
-    # batch_add_pfn_num(): a run that starts where the previous one ends
-    # extends it (u32 counts: at most MAX_NPFNS pages per entry).
-    joins = np.concatenate(([False], pfn[1:] == pfn[:-1] + n[:-1]))
-    heads = np.flatnonzero(~joins)
-    npfns = np.add.reduceat(n, heads) if len(heads) else n
-    out = np.stack([pfn[heads], npfns], axis=1).astype(np.uint64)
-    if len(out) and int(out[:, 1].max()) > MAX_NPFNS:
-        raise errors.InvalidArgument("a merged run exceeds the batch's u32 page count")
-    return np.ascontiguousarray(out)
-
-
-_global_lock = threading.Lock()
-
-
-def _global_device(machine: Any) -> Device:
-    """The stand-in for ``iommufd_global_device()``: the iommufd misc
-    device, not a PCI device (so any exporter that tried to map for it
-    would find no peer-to-peer route)."""
-    with _global_lock:
-        d = getattr(machine, "_iommufd_device", None)  # on the machine: collected with it
-        if not isinstance(d, Device):
-            d = Device(machine, "iommufd", description="iommufd misc device")
-            setattr(machine, "_iommufd_device", d)
-        return d
-
-
-# ------------------------------------------------------------ page tables
-
-
-class HwPagetable:
-    """``struct iommufd_hwpt_paging``: an unmanaged IOMMU domain owned by an
-    IOAS, shared by the attached devices behind one IOMMU.
-
-    Attributes
-    ----------
-    domain : IommuDomain
-        The page table devices translate through (strict invalidation; its
-        IOVA allocator is unused: the IOAS places areas).
-    iommu : Iommu
-    devices : list of Device
-    map_calls, unmap_calls : int
-        ``iommu_map`` / ``iommu_unmap`` calls iommufd made on the domain.
-    """
-
-    def __init__(self, ioas: IommufdIoas, iommu: Iommu, hwpt_id: int) -> None:
-        self.ioas = ioas
-        self.iommu = iommu
-        self.id = hwpt_id
-        self.domain = IommuDomain(strict=True, aperture_bits=iommu.aperture_bits, granule=iommu.granule,
-                                  ncpus=iommu.ncpus, fq_timeout=None)
-        self.devices: list[Device] = []
-        self.map_calls = 0
-        self.unmap_calls = 0
-
-    def map(self, iova: int, phys: int, nbytes: int, prot: int) -> None:
-        """``iommu_map()`` of ``[iova, +nbytes)`` to ``phys`` (counted);
-        raises as :meth:`~pydmabuf.IommuDomain.map`."""
-        self.domain.map(iova, phys, nbytes, prot)
-        self.map_calls += 1
-
-    def map_runs(self, iova: int, runs: np.ndarray, prot: int) -> int:
-        """``batch_to_domain()`` for every batch of ``runs`` ((pfn, npfns)
-        rows) from ``iova``: the runs go in batches of
-        ``min(pages, TEMP_MEMORY_LIMIT // 12)`` entries (``__batch_init``:
-        8-byte pfn + 4-byte count per entry, one temporary allocation),
-        one ``iommu_map`` per entry (counted in :attr:`map_calls`).  The
-        model writes a batch's entries with one bulk page-table call and
-        one IOTLB sync.  All or nothing.  Returns the batches."""
-        if len(runs) == 0:
-            return 0
-        npages = int(runs[:, 1].sum(dtype=object))
-        cap = max(1, min(npages, TEMP_MEMORY_LIMIT // 12))
-        pairs = np.ascontiguousarray(np.stack([runs[:, 0] << np.uint64(PAGE_SHIFT),
-                                               runs[:, 1] << np.uint64(PAGE_SHIFT)], axis=1))
-        done = 0
-        nbatches = -(-len(runs) // cap)
-        try:
-            for b in range(nbatches):  # one pass per batch, as pfn_reader_next() refills it
-                part = pairs[b * cap:(b + 1) * cap]
-                n = int(_core._link_ranges(self.domain, iova + done, 0, part, prot))
-                self.domain.sync_map(iova + done, n)
-                self.map_calls += len(part)
-                done += n
-        except BaseException:
-            if done:
-                self.unmap(iova, done)
-            raise
-        return nbatches
-
-    def unmap(self, iova: int, nbytes: int) -> None:
-        """``iommu_unmap()`` of ``[iova, +nbytes)`` (counted)."""
-        self.domain.unmap(iova, nbytes)
-        self.unmap_calls += 1
-
-    @property
-    def aperture_end(self) -> int:
-        """The highest IOVA the domain translates (inclusive)."""
-        return int(self.domain.aperture_end)
-
-    def __repr__(self) -> str:
-        return (f"<HwPagetable #{self.id} on {self.iommu.name}: {', '.join(d.name for d in self.devices) or 'no devices'}, "
-                f"{_fmt_size(self.domain.stats['mapped_nbytes'])} mapped>")
 
 
 @dataclass(eq=False)
@@ -330,7 +90,7 @@ class IoasArea:
     iova: int
     nbytes: int
     prot: int
-    pages: _DmaBufPages
+    pages: DmaBufPages
     owner: int = 0  # its key in the IOAS's range table
 
     @property
@@ -375,7 +135,7 @@ class IoasArea:
 # -------------------------------------------------------------- the IOAS
 
 
-class IommufdIoas:
+class IommufdIoas(Owner):
     """An iommufd IO address space (``struct iommufd_ioas``).
 
     Parameters
@@ -411,7 +171,7 @@ class IommufdIoas:
     >>> ioas.close(); bar.put(); vfio.close()
     """
 
-    def __init__(self, machine: Any, *, name: str = "ioas", kernel_compat: bool = False) -> None:
+    def __init__(self, machine: Machine, *, name: str = "ioas", kernel_compat: bool = False) -> None:
         self.machine = machine
         self.name = name
         self.kernel_compat = bool(kernel_compat)
@@ -720,17 +480,17 @@ class IommufdIoas:
     @staticmethod
     def _get_dmabuf(fd: int | DmaBuf) -> DmaBuf:
         try:
-            return _dma_buf_ref(fd, "IOMMU_IOAS_MAP_FILE")
+            return dma_buf_ref(fd, "IOMMU_IOAS_MAP_FILE")
         except errors.InvalidArgument:
             raise errors.NotSupported(f"fd {fd} is not a dma-buf; memfd areas are not modelled") from None
 
     def _alloc_dmabuf_pages(self, buf: DmaBuf, start_byte: int, start: int, length: int,
-                            writable: bool) -> _DmaBufPages:
+                            writable: bool) -> DmaBufPages:
         # iopt_alloc_dmabuf_pages()
         if buf.size <= start + length - 1 or length // PAGE_SIZE >= MAX_NPFNS:
             raise errors.InvalidArgument(f"IOMMU_IOAS_MAP_FILE: [{start:#x}, +{length:#x}) is not inside the "
                                          f"{_fmt_size(buf.size)} dma-buf (or has too many pages)")
-        pages = _DmaBufPages(buf, start - start_byte, length, writable)
+        pages = DmaBufPages(buf, start - start_byte, length, writable)
         # iopt_map_dmabuf() (P23/P24): attach asking for [PAL], then under
         # the lock pin and take the list; publish it before the unlock.
         a = buf.mapping_attach([mapping.pal_importer()], pages, pages)
@@ -781,7 +541,7 @@ class IommufdIoas:
             pages.attachment = a
         return pages
 
-    def _map_pages(self, pages: _DmaBufPages, iova: int, length: int, start_byte: int, prot: int,
+    def _map_pages(self, pages: DmaBufPages, iova: int, length: int, start_byte: int, prot: int,
                    fixed: bool) -> int:
         with self._lock:
             self._need_open("map_file")
@@ -949,16 +709,15 @@ class IommufdIoas:
                 self.detach_device(d)
             self.closed = True
 
-    def __del__(self) -> None:
-        if getattr(self, "closed", True) is False and (getattr(self, "_dev_hwpt", None) or self.areas):
-            warnings.warn(f"{self!r} collected without close(): its areas stay pinned and mapped",
-                          ResourceWarning, stacklevel=2)
+    def _owns(self) -> bool:
+        # An IOAS with no device and no area holds nothing of anyone's.
+        return not self.closed and bool(self._dev_hwpt or self.areas)
 
-    def __enter__(self) -> IommufdIoas:
-        return self
+    def _leak_message(self) -> str:
+        return f"{self!r} collected without close(): its areas stay pinned and mapped"
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # the block destroys the IOAS, empty or not
 
     def __repr__(self) -> str:
         s = self.stats

@@ -50,17 +50,17 @@ second-stage table takes 48-bit guest addresses (EINVAL beyond).
 from __future__ import annotations
 
 import logging
-import threading
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pydmabuf import IoPageTable, RangeTable, access, errors, mapping
+from pydmabuf import access, errors, mapping
+from pydmabuf._core import IoPageTable, RangeTable
+from pydmabuf._lifecycle import Owner
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, IommuProt, RangeKind, _fmt_size
 from pydmabuf._uapi import U64_MAX, as_uint
-from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, _dma_buf_ref
+from pydmabuf.dmabuf import PHYS_NAMESPACE, Attachment, DmaBuf, ImporterOps, dma_buf_ref
 from pydmabuf.exporters.vfio import VfioPciDmaBuf
 from pydmabuf.locking import Mutex
 from pydmabuf.machine import Device, Machine
@@ -159,7 +159,7 @@ class KvmMemslot:
                 f"faults={self.faults} zaps={self.zaps}>")
 
 
-class KvmVm:
+class KvmVm(Owner):
     """A KVM virtual machine with dma-buf memory slots (the RFC).
 
     Parameters
@@ -180,7 +180,7 @@ class KvmVm:
         Pages faulted in, slot zaps, remote TLB flushes.
     """
 
-    def __init__(self, machine: Any, *, private_mem: bool = False, readonly_mem: bool = True,
+    def __init__(self, machine: Machine, *, private_mem: bool = False, readonly_mem: bool = True,
                  name: str = "vm") -> None:
         if not isinstance(machine, Machine):
             raise TypeError(f"machine must be a Machine, not {type(machine).__name__}")
@@ -361,7 +361,7 @@ class KvmVm:
 
     def _bind(self, slot: KvmMemslot, fd: int | DmaBuf) -> None:
         """``kvm_vfio_dmabuf_bind()``."""
-        buf = _dma_buf_ref(fd, "kvm_vfio_dmabuf_bind")
+        buf = dma_buf_ref(fd, "kvm_vfio_dmabuf_bind")
         try:
             if slot.nbytes != buf.size:
                 raise errors.InvalidArgument(f"the dma-buf is {_fmt_size(buf.size)}, the slot "
@@ -661,16 +661,15 @@ class KvmVm:
                 self._delete(s)
             self.closed = True
 
-    def __del__(self) -> None:
-        if getattr(self, "closed", True) is False and getattr(self, "_slots", None):
-            warnings.warn(f"{self!r} collected without close(): its slots stay bound to their dma-bufs",
-                          ResourceWarning, stacklevel=2)
+    def _owns(self) -> bool:
+        # A VM with no slot binds nothing: collecting it leaks nothing.
+        return not self.closed and bool(self._slots)
 
-    def __enter__(self) -> KvmVm:
-        return self
+    def _leak_message(self) -> str:
+        return f"{self!r} collected without close(): its slots stay bound to their dma-bufs"
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # the block destroys the VM, slots or none
 
     def __repr__(self) -> str:
         kind = "confidential" if self.private_mem else "plain"

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +43,7 @@ import numpy as np
 
 from pydmabuf import _core, _walk, errors
 from pydmabuf._core import SCATTERLIST_MAX_SEGMENT, SG_CHAIN, SgTable
+from pydmabuf._lifecycle import Owner
 from pydmabuf._types import PAGE_SHIFT, PAGE_SIZE, DmaDirection
 from pydmabuf.dma import (DmaAttrs, IovaState, PhysBatch, dma_map_phys_many, dma_map_sgtable, dma_unmap_phys_many,
                           dma_unmap_sgtable, p2p_context)
@@ -94,7 +94,7 @@ def _fail(status: BlkStatus, message: str) -> errors.DmaBufError:
 
 
 @dataclass(eq=False)
-class NvmeMapping:
+class NvmeMapping(Owner):
     """One mapped request: what the driver keeps until completion.
 
     Attributes
@@ -155,9 +155,18 @@ class NvmeMapping:
         if not self.live:
             raise errors.LifetimeError(f"{what} through an unmapped request")
 
-    def __del__(self) -> None:
-        if getattr(self, "live", False) and getattr(self, "path", "bus") != "bus":
-            warnings.warn(f"{self!r} collected while mapped: unmap it with its queue", ResourceWarning, stacklevel=2)
+    def close(self) -> None:
+        """Unmap the request with its queue (:meth:`NvmeQueue.unmap`)
+        unless unmapped already."""
+        if self.live:
+            self.queue.unmap(self)
+
+    def _owns(self) -> bool:
+        # Peer bus addresses map nothing: such a request owns nothing.
+        return self.live and self.path != "bus"
+
+    def _leak_message(self) -> str:
+        return f"{self!r} collected while mapped: unmap it with its queue"
 
     def __repr__(self) -> str:
         return (f"<NvmeMapping {self.queue.device.name} {self.nbytes:#x} bytes, {self.nvecs} vec(s) -> "

@@ -31,15 +31,16 @@ from __future__ import annotations
 
 import logging
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
 
-from pydmabuf import _walk, errors
+from pydmabuf import _walk, checks, errors
 from pydmabuf._core import SG_CHAIN, SgTable
+from pydmabuf._lifecycle import Owner
 from pydmabuf._types import PAGE_SIZE, DmaDirection, Usage
-from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, _dma_buf_ref, _timeout_arg
+from pydmabuf.dmabuf import Attachment, DmaBuf, ImporterOps, dma_buf_ref
+from pydmabuf.dmabuf_ops import timeout_arg
 from pydmabuf.machine import U64_MAX, Device, P2PMapType
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class UmemDmabuf:
         if v != "7.1" and (ops is None or not ops.has_invalidate):
             raise errors.InvalidArgument("ib_umem_dmabuf_get: the importer ops have no invalidation callback "
                                          f"(required up to 7.0; kernel_version={v})")
-        buf = _dma_buf_ref(dmabuf, "ib_umem_dmabuf_get")
+        buf = dma_buf_ref(dmabuf, "ib_umem_dmabuf_get")
         try:
             end = offset + nbytes
             if buf.size < end:
@@ -310,7 +311,7 @@ class UmemDmabuf:
         pinned ops at attach (EOPNOTSUPP); a static exporter (no ``pin``
         op, like the system heap) accepts and the pin does nothing."""
         v = _version(kernel_version)
-        _timeout_arg(fence_timeout, "ib_umem_dmabuf_get_pinned")  # before anything is attached
+        timeout_arg(fence_timeout, "ib_umem_dmabuf_get_pinned")  # before anything is attached
         ops = _PinnedOps() if v == "7.1" else _PinnedOpsLegacy()
         self = cls.get(device, dmabuf, offset, nbytes, ops, writable=writable, kernel_version=v)
         resv = self.dmabuf.resv
@@ -359,8 +360,6 @@ class UmemDmabuf:
 
     def _assert_held(self, what: str) -> None:
         if not self.dmabuf.resv.held_by_current_thread():
-            from pydmabuf import checks
-
             checks.checker.locking(f"umem-{what}-without-resv", f"ib_umem_dmabuf_{what} without the "
                                    "reservation lock", self.attachment)
 
@@ -376,7 +375,7 @@ class UmemDmabuf:
         As in the kernel, a timed-out wait leaves the table mapped (the
         next call only waits)."""
         self._assert_held("map_pages")
-        _timeout_arg(fence_timeout, "ib_umem_dmabuf_map_pages")  # before anything is mapped
+        timeout_arg(fence_timeout, "ib_umem_dmabuf_map_pages")  # before anything is mapped
         if self.revoked:
             raise errors.InvalidArgument(f"ib_umem_dmabuf_map_pages: the umem of {self.dmabuf.name} was revoked")
         if self.table is None:
@@ -455,7 +454,7 @@ class _Mlx5DmabufOps(ImporterOps):
         umem.unmap_pages()
 
 
-class RdmaMr:
+class RdmaMr(Owner):
     """An RDMA memory region over a window of a dma-buf (mlx5's dma-buf MR).
 
     Register with :meth:`register` (dynamic: ODP-style faults after
@@ -536,7 +535,7 @@ class RdmaMr:
         non-int ``iova`` or ``fence_timeout`` is TypeError, out of range
         EINVAL, before anything is attached."""
         iova = _iova_arg(iova)
-        _timeout_arg(fence_timeout, "mlx5_ib_reg_user_mr_dmabuf")
+        timeout_arg(fence_timeout, "mlx5_ib_reg_user_mr_dmabuf")
         umem = UmemDmabuf.get(device, dmabuf, offset, nbytes, _Mlx5DmabufOps(), writable=writable,
                               kernel_version=kernel_version)
         self = cls._adopt(umem, iova, fence_timeout, pinned=False)
@@ -559,7 +558,7 @@ class RdmaMr:
         checks them; the page-offset rule on ``iova`` comes after the
         umem is mapped, in the kernel's order."""
         iova = _iova_arg(iova)
-        _timeout_arg(fence_timeout, "mlx5_ib_reg_user_mr_dmabuf")
+        timeout_arg(fence_timeout, "mlx5_ib_reg_user_mr_dmabuf")
         umem = UmemDmabuf.get_pinned(device, dmabuf, offset, nbytes, writable=writable,
                                      kernel_version=kernel_version, fence_timeout=fence_timeout)
         self = cls._adopt(umem, iova, fence_timeout, pinned=True)
@@ -731,17 +730,16 @@ class RdmaMr:
         self.deregistered = True
         self.umem.release()
 
-    def __del__(self) -> None:
-        if getattr(self, "deregistered", True) is False:
-            warnings.warn(f"{self!r} collected without dereg(): its attachment and mapping leak",
-                          ResourceWarning, stacklevel=2)
-
-    def __enter__(self) -> RdmaMr:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def close(self) -> None:
+        """:meth:`dereg` unless deregistered already (what ``with`` calls)."""
         if not self.deregistered:
             self.dereg()
+
+    def _owns(self) -> bool:
+        return not self.deregistered
+
+    def _leak_message(self) -> str:
+        return f"{self!r} collected without dereg(): its attachment and mapping leak"
 
     def __repr__(self) -> str:
         state = "deregistered" if self.deregistered else "revoked" if self.revoked else \
