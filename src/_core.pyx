@@ -57,17 +57,11 @@ _EXPORTS = {
         "map_sg_iommu", "map_single", "map_single_many", "ranges_total", "set_sg_with_hook",
         "sg_clear_dma", "sg_set_dma", "translate_iova", "u64_array", "u64_pairs", "unmap_sg_iommu",
         "unmap_single_many",
-        # Their old names, plain aliases until the callers switch (issue 13).
-        "_IovaStateCore", "_blk_map_iter", "_clear_dma", "_destroy_span", "_link_ranges",
-        "_map_sg_direct", "_map_sg_iommu", "_map_single", "_map_single_many", "_ranges_total",
-        "_set_dma", "_set_sg_with_hook", "_translate", "_u64_array", "_u64_pairs",
-        "_unmap_sg_iommu", "_unmap_single_many",
     ),
     _core_ww: (
         "AcquireContext", "WwClass", "WwMutex", "begin_signalling", "end_signalling",
         "flush_signals", "in_signalling_section", "reservation_ww_class", "signal_pending",
         "signal_thread", "set_lockdep_hooks", "thread_lock_state",
-        "_set_lockdep_hooks", "_thread_lock_state",
     ),
     _core_fence: (
         "Fence", "FenceArray", "FenceCallback", "FenceChain", "Resv", "ResvIter",

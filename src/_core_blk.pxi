@@ -232,8 +232,3 @@ def unmap_single_many(IommuDomain dom, pairs, uint32_t cpu):
     return rc
 
 
-# The names the Python layer used before they were made public (issue 13);
-# plain aliases until every caller uses the new names.
-_blk_map_iter = blk_map_iter
-_map_single_many = map_single_many
-_unmap_single_many = unmap_single_many

@@ -952,17 +952,3 @@ def destroy_iova_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t re
     return unmapped
 
 
-# The names the Python layer used before they were made public (issue 13);
-# plain aliases until every caller uses the new names.
-_map_sg_direct = map_sg_direct
-_set_dma = sg_set_dma
-_clear_dma = sg_clear_dma
-_map_sg_iommu = map_sg_iommu
-_unmap_sg_iommu = unmap_sg_iommu
-_link_ranges = iova_link_ranges
-_u64_pairs = u64_pairs
-_u64_array = u64_array
-_ranges_total = ranges_total
-_translate = translate_iova
-_map_single = map_single
-_destroy_span = destroy_iova_span

@@ -335,4 +335,3 @@ cdef class IovaStateCore:
 
 
 # The name the Python layer used before it was made public (issue 13).
-_IovaStateCore = IovaStateCore

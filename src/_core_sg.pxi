@@ -720,7 +720,7 @@ cdef object _pages_args(object pfns_obj, object offset, object nbytes, object ma
     return p
 
 
-# See SgTable.__enter__; set by _set_sg_with_hook.
+# See SgTable.__enter__; set by set_sg_with_hook.
 cdef object _sg_with_hook = None
 
 
@@ -1229,6 +1229,3 @@ def set_sg_with_hook(hook):
     _sg_with_hook = hook
 
 
-# The names the Python layer used before they were made public (issue 13);
-# plain aliases until every caller uses the new names.
-_set_sg_with_hook = set_sg_with_hook

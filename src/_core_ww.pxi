@@ -955,7 +955,3 @@ cdef class AcquireContext:
         return f"<AcquireContext {name} stamp={self.c.stamp} {state}>"
 
 
-# The names the Python layer used before they were made public (issue 13);
-# plain aliases until every caller uses the new names.
-_set_lockdep_hooks = set_lockdep_hooks
-_thread_lock_state = thread_lock_state

@@ -157,7 +157,7 @@ def run_case(case: Case) -> None:
     """Build the case's state, make the call, check the exception and
     that the watched state is as before; clean up (quietly if it failed)."""
     assert checks.mode() == "strict"
-    assert pydmabuf._core._thread_lock_state() == CLEAN, "an earlier case leaked a lock, section or signal"
+    assert pydmabuf._core.thread_lock_state() == CLEAN, "an earlier case leaked a lock, section or signal"
     s = case.make()
     ok = False
     try:
@@ -171,7 +171,7 @@ def run_case(case: Case) -> None:
     finally:
         if ok:
             s.cleanup()
-            assert pydmabuf._core._thread_lock_state() == CLEAN, f"{case.id}: a lock, section or signal leaked"
+            assert pydmabuf._core.thread_lock_state() == CLEAN, f"{case.id}: a lock, section or signal leaked"
         else:  # do not let a half-cleaned case warn in later tests
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

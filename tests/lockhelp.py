@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pydmabuf._core import _thread_lock_state
+from pydmabuf._core import thread_lock_state
 
 JOIN_TIMEOUT = 60.0
 
@@ -34,7 +34,7 @@ class Worker(threading.Thread):
         except BaseException as e:  # reported by result()
             self.exc = e
         finally:
-            state = _thread_lock_state()
+            state = thread_lock_state()
             if self.exc is None and (state["held"] or state["in_section"]):
                 self.exc = AssertionError(f"{self.name} ended with {state}")
 
@@ -75,5 +75,5 @@ def clean_thread() -> Any:
     """Every test must leave the main thread holding no lock and outside
     any signalling section."""
     yield
-    state = _thread_lock_state()
+    state = thread_lock_state()
     assert state["held"] == 0 and not state["in_section"], f"test left {state}"

@@ -2347,18 +2347,18 @@ U64_USERS: list[U64User] = [
     U64User("P2pContext.offsets", "u64", _pc_state, _pc_good,
             lambda s, b, n: pydmabuf._core.P2pContext(s.m.address_map, np.zeros(n, dtype=np.uint64), b),
             ("__cinit__",)),
-    U64User("_map_sg_direct.dma_ranges", "u64", sg, _dma_windows,
-            lambda s, b, n: pydmabuf._core._map_sg_direct(s.t, U64, b, False, False, 0, None), ("map_sg_direct",),
-            lambda s, r: pydmabuf._core._clear_dma(s.t)),
-    U64User("_set_dma.slots", "u64", sg, _full(1 << 40), lambda s, b, n: pydmabuf._core._set_dma(
+    U64User("map_sg_direct.dma_ranges", "u64", sg, _dma_windows,
+            lambda s, b, n: pydmabuf._core.map_sg_direct(s.t, U64, b, False, False, 0, None), ("map_sg_direct",),
+            lambda s, r: pydmabuf._core.sg_clear_dma(s.t)),
+    U64User("sg_set_dma.slots", "u64", sg, _full(1 << 40), lambda s, b, n: pydmabuf._core.sg_set_dma(
         s.t, b, np.zeros(n, dtype=np.uint64)), ("sg_set_dma",)),
-    U64User("_set_dma.addrs", "u64", sg, _full(0), lambda s, b, n: pydmabuf._core._set_dma(
+    U64User("sg_set_dma.addrs", "u64", sg, _full(0), lambda s, b, n: pydmabuf._core.sg_set_dma(
         s.t, np.full(n, 1 << 40, dtype=np.uint64), b), ("sg_set_dma",)),
     U64User("NvmeQueue.bvecs_from_pages", "u64", _nvme, _pfns, lambda s, b, n: s.q.bvecs_from_pages(b),
             ("u64_array",)),
     U64User("NvmeQueue.map_pages", "u64", _nvme, lambda s, n: _pfns(s, min(n, 64)),
             lambda s, b, n: s.q.map_pages(b), ("u64_array", "blk_map_iter"), lambda s, r: s.q.unmap(r)),
-    U64User("u64_array", "u64", mach_state, _pfns, lambda s, b, n: pydmabuf._core._u64_array(b), ("u64_array",)),
+    U64User("u64_array", "u64", mach_state, _pfns, lambda s, b, n: pydmabuf._core.u64_array(b), ("u64_array",)),
     U64User("SgTable.from_ranges", "pairs", sg_empty, _rows_at(0x100000000), lambda s, b, n: SgTable.from_ranges(b),
             ("from_ranges",)),
     U64User("IovaState.link_ranges", "pairs", _st_big, _rows_at(0x100000000),
@@ -2373,10 +2373,10 @@ U64_USERS: list[U64User] = [
             ("u64_pairs", "blk_map_iter")),
     U64User("NvmeQueue.map", "pairs", _nvme, lambda s, n: _rows_at(0x100000000)(s, min(n, 64)),
             lambda s, b, n: s.q.map(b), ("u64_pairs", "blk_map_iter"), lambda s, r: s.q.unmap(r)),
-    U64User("u64_pairs", "pairs", mach_state, _rows_at(0x100000000), lambda s, b, n: pydmabuf._core._u64_pairs(b),
+    U64User("u64_pairs", "pairs", mach_state, _rows_at(0x100000000), lambda s, b, n: pydmabuf._core.u64_pairs(b),
             ("u64_pairs",)),
     U64User("ranges_total", "pairs", mach_state, _rows_at(0x100000000),
-            lambda s, b, n: pydmabuf._core._ranges_total(b, "rows"), ("ranges_total",)),
+            lambda s, b, n: pydmabuf._core.ranges_total(b, "rows"), ("ranges_total",)),
 ]
 
 #: Users the older sweeps above already run every catalogue through.
@@ -2417,8 +2417,8 @@ def test_long_list_of_pairs_is_read_whole() -> None:
     rows = [[0x1000 * (2 * i + 1), 0x1000] for i in range(100_000)]
     t = SgTable.from_ranges(rows)
     assert t.dma_ranges().tolist() == rows
-    assert pydmabuf._core._ranges_total(rows, "rows") == 0x1000 * len(rows)
-    assert pydmabuf._core._u64_pairs(rows).tolist() == rows
+    assert pydmabuf._core.ranges_total(rows, "rows") == 0x1000 * len(rows)
+    assert pydmabuf._core.u64_pairs(rows).tolist() == rows
 
 
 def test_read_only_buffers_are_accepted() -> None:
@@ -2544,7 +2544,7 @@ def test_held_view_keeps_the_buffer_exported() -> None:
     """The parsed argument holds the caller's buffer while it lives (a
     bytearray under it cannot be resized, its view cannot be released) and
     lets go when it dies; for an (N, 2) table as for a flat one."""
-    for shape, parse in [((8,), pydmabuf._core._u64_array), ((4, 2), pydmabuf._core._u64_pairs)]:
+    for shape, parse in [((8,), pydmabuf._core.u64_array), ((4, 2), pydmabuf._core.u64_pairs)]:
         ba, mv = _exported_view(np.arange(8, dtype=np.uint64).reshape(shape))
         held = parse(mv)
         assert held.tolist() == np.arange(8, dtype=np.uint64).reshape(shape).tolist()
@@ -2739,7 +2739,7 @@ def test_reentrant_fence_ops(inner: tuple[str, Any, bool], outer: tuple[str, Any
         for x in [f] + z.plain + z.added + z.src_fences + ([z.outer_fence] if z.outer_fence else []):
             if not x.is_signaled():
                 x.signal()
-        assert pydmabuf._core._thread_lock_state() == _CLEAN
+        assert pydmabuf._core.thread_lock_state() == _CLEAN
     del z, f, slots
     gc.collect()
 
@@ -2809,7 +2809,7 @@ def test_never_initialised(make: Callable[[], Any], call: Callable[[Any], Any]) 
     finally:
         if isinstance(obj, WwMutex) and obj.held_by_current_thread():
             obj.unlock()
-    assert pydmabuf._core._thread_lock_state() == _CLEAN
+    assert pydmabuf._core.thread_lock_state() == _CLEAN
 
 
 # ================================================================= Hypothesis

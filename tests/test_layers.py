@@ -17,20 +17,11 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SRC = ROOT / "src"
 PKG = SRC / "pydmabuf"
 DOC = ROOT / "docs" / "layers.md"
-
-#: Edges that break the map today in files other helpers of issue 13 own
-#: (importer, imported, owner, why).  The lead empties this list at merge;
-#: the test fails when a listed edge is gone or no longer breaks the map,
-#: so the list can only shrink.
-KNOWN_VIOLATIONS: list[tuple[str, str, str, str]] = [
-]
-
 
 # ------------------------------------------------------------------ the map
 
@@ -267,18 +258,8 @@ def test_every_module_is_in_the_layer_map():
 
 
 def test_no_upward_import_and_no_import_cycle():
-    known = frozenset((a, b) for a, b, _, _ in KNOWN_VIOLATIONS)
-    new = sorted(violations(edges(), ignore=known).values())
-    assert not new, "the layer map is broken:\n" + "\n".join(new)
-
-
-@pytest.mark.parametrize("importer,imported,owner,why", KNOWN_VIOLATIONS,
-                         ids=[f"{a}->{b}" for a, b, _, _ in KNOWN_VIOLATIONS])
-def test_a_known_violation_still_exists(importer, imported, owner, why):
-    """A listed violation that is gone must leave the list (it only shrinks)."""
-    bad = violations(edges())
-    assert (importer, imported) in bad, (f"{importer} -> {imported} ({owner}) no longer breaks the layer map: "
-                                         "remove it from KNOWN_VIOLATIONS")
+    bad = sorted(violations(edges()).values())
+    assert not bad, "the layer map is broken:\n" + "\n".join(bad)
 
 
 def test_the_checker_sees_what_it_must():

@@ -81,7 +81,7 @@ def test_merge_matches_the_kernels_iterator(spec, max_seg, mask):
     from pydmabuf import _core
 
     bvecs = build(spec)
-    vecs, gap, kind, _, mixed, total = _core._blk_map_iter(np.array(bvecs, dtype=np.uint64), max_seg, mask, None)
+    vecs, gap, kind, _, mixed, total = _core.blk_map_iter(np.array(bvecs, dtype=np.uint64), max_seg, mask, None)
     want, wgap = model_merge(bvecs, max_seg, mask)
     assert [tuple(r) for r in vecs.tolist()] == want
     assert gap == wgap and total == sum(n for _, n in bvecs) and kind == P2PMapType.NONE and not mixed

@@ -25,7 +25,7 @@ from pydmabuf import (
     signal_pending,
     signal_thread,
 )
-from pydmabuf._core import _thread_lock_state
+from pydmabuf._core import thread_lock_state
 
 WD = WwClass("test_wd", wait_die=True)
 WW = WwClass("test_ww", wait_die=False)
@@ -718,11 +718,11 @@ def test_failed_calls_change_nothing():
     a, b = WwMutex(WD), WwMutex(WW)
     with AcquireContext(WD) as ctx:
         a.lock(ctx)
-        before = (ctx.acquired, a.is_locked(), b.is_locked(), _thread_lock_state()["held"])
+        before = (ctx.acquired, a.is_locked(), b.is_locked(), thread_lock_state()["held"])
         for call in (lambda: b.lock(ctx), lambda: a.lock(ctx), lambda: a.lock()):
             with pytest.raises(errors.DmaBufError):
                 call()
-            assert (ctx.acquired, a.is_locked(), b.is_locked(), _thread_lock_state()["held"]) == before
+            assert (ctx.acquired, a.is_locked(), b.is_locked(), thread_lock_state()["held"]) == before
         a.unlock()
 
 

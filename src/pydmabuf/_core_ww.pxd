@@ -277,7 +277,7 @@ cdef int64_t _deadline(object timeout, str what) except -2
 cdef object _interrupted(pdb_task *t, int err, str what)
 cdef pdb_task *_owner(size_t word) noexcept nogil
 cdef int _ww_unlock(WwMutex self) except -1
-# The lock checker's hooks (set by pydmabuf.locking through _set_lockdep_hooks).
+# The lock checker's hooks (set by pydmabuf.locking through set_lockdep_hooks).
 cdef object _ld_acquire
 cdef object _ld_release
 cdef object _ld_signal

@@ -81,7 +81,7 @@ def _translate(device: Device, addr: int, nbytes: int, write: bool) -> list[tupl
         need = int(IommuProt.WRITE if write else IommuProt.READ)
 
         def walk(a: int, n: int) -> tuple[Any, int, int]:
-            r: tuple[Any, int, int] = _core._translate(dom, a, n, need)
+            r: tuple[Any, int, int] = _core.translate_iova(dom, a, n, need)
             return r
 
         def fault(at: int, fprot: int) -> errors.IommuFault:

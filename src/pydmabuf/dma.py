@@ -169,7 +169,7 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
             prot = _prot(device, d, a)
             if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES and type(device.coherent) is bool:
                 _LINK_ARGS[(direction, attrs, device.coherent)] = (d, a, prot)
-        nents, iova, ilen, p32 = _core._map_sg_iommu(
+        nents, iova, ilen, p32 = _core.map_sg_iommu(
             table, dom, device.dma_limit, device.dma_get_seg_boundary(), device.dma_get_max_seg_size(),
             device.prefer_32bit_iova, _cpu(device), prot, ctx)
         device.prefer_32bit_iova = p32
@@ -195,12 +195,12 @@ def _map_sg_iommu_swiotlb(device: Device, table: SgTable, d: DmaDirection, a: Dm
     except errors.DmaBufError as err:
         for _, dma, n in m.singles:
             dma_unmap_phys(device, dma, n, d, a | DmaAttrs.SKIP_CPU_SYNC)
-        _core._clear_dma(table)
+        _core.sg_clear_dma(table)
         if isinstance(err, errors.IommuFault):  # the access gate refused a bounce: its fault as it is
             raise
         raise errors.IOFailure("dma_map_sgtable: mapping an entry of the untrusted device failed") from None
     if m.singles:
-        _core._set_dma(table, np.asarray(slots, dtype=np.uint64), np.asarray(dmas, dtype=np.uint64))
+        _core.sg_set_dma(table, np.asarray(slots, dtype=np.uint64), np.asarray(dmas, dtype=np.uint64))
         e = table.entries
         e["dma_length"][slots] = e["length"][slots]
         e["dma_flags"][slots[0]] |= _core.SG_DMA_SWIOTLB
@@ -243,13 +243,13 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
         pool = device.swiotlb
         for _, tlb, _, _ in m.bounces:
             _bounce_out(device, pool, tlb, d, a)
-        _core._clear_dma(table)
+        _core.sg_clear_dma(table)
     elif m.kind == "iommu":
-        _core._unmap_sg_iommu(table, _mapped_domain(device), _cpu(device))
+        _core.unmap_sg_iommu(table, _mapped_domain(device), _cpu(device))
     else:
         for _, dma, n in m.singles:
             dma_unmap_phys(device, dma, n, d, a)
-        _core._clear_dma(table)
+        _core.sg_clear_dma(table)
     table.mapping = None
 
 
@@ -414,7 +414,7 @@ def dma_map_phys(device: Device, phys: int, nbytes: int, direction: DmaDirection
     elif mmio and device.untrusted and ((phys | nbytes) & GMASK):
         raise errors.OutOfMemory("dma_map_phys: unaligned MMIO on a device that must bounce")
     try:
-        dma, p32 = _core._map_single(dom, target, nbytes, _prot(device, d, a), device.dma_limit,
+        dma, p32 = _core.map_single(dom, target, nbytes, _prot(device, d, a), device.dma_limit,
                                      device.prefer_32bit_iova, _cpu(device))
     except errors.DmaBufError as e:
         if bounce_pool is not None and tlb is not None:
@@ -513,14 +513,14 @@ def dma_map_phys_many(device: Device, ranges: Any, direction: DmaDirection | int
     _need_device(device, "dma_map_phys_many")
     d = _dir(direction)
     a = _attrs(attrs)
-    rows = _core._u64_pairs(ranges, "dma_map_phys_many ranges")
+    rows = _core.u64_pairs(ranges, "dma_map_phys_many ranges")
     if len(rows) and ((rows[:, 1] == 0).any() or (rows[:, 0] + (rows[:, 1] - np.uint64(1)) < rows[:, 0]).any()):
         raise errors.InvalidArgument("dma_map_phys: an empty range, or one that wraps past 2**64 - 1")
     mmio = bool(a & DmaAttrs.MMIO)
     dom = device.domain
     out = rows.copy()
     if dom is not None and not (device.untrusted and ((rows[:, 0] | rows[:, 1]) & np.uint64(GMASK)).any()):
-        dmas, p32 = _core._map_single_many(dom, rows, _prot(device, d, a), device.dma_limit,
+        dmas, p32 = _core.map_single_many(dom, rows, _prot(device, d, a), device.dma_limit,
                                            device.prefer_32bit_iova, _cpu(device))
         device.prefer_32bit_iova = bool(p32)
         out[:, 0] = dmas
@@ -565,7 +565,7 @@ def dma_unmap_phys_many(batch: PhysBatch, direction: DmaDirection | int | None =
         raise errors.LifetimeError("dma_unmap_phys: mapped and unmapped with different MMIO attributes")
     dev = batch.device
     if batch.kind == "iommu":
-        _core._unmap_single_many(_mapped_domain(dev), batch.dma_ranges, _cpu(dev))
+        _core.unmap_single_many(_mapped_domain(dev), batch.dma_ranges, _cpu(dev))
     elif batch.kind == "singles":
         rows = batch.dma_ranges.tolist()
         taken: dict[int, int] = {}

@@ -104,8 +104,8 @@ def dma_buf_phys_vec_to_sgt(device: Device | Attachment, provider: P2pProvider |
         raise errors.InvalidArgument("dma_buf_phys_vec_to_sgt: no P2P provider (not MMIO)")
     if not isinstance(provider, P2pProvider):
         raise TypeError(f"dma_buf_phys_vec_to_sgt: provider must be a P2pProvider, not {type(provider).__name__}")
-    rows = _core._u64_pairs(ranges, "dma_buf_phys_vec_to_sgt ranges")  # no copy for a u64 table
-    total = int(_core._ranges_total(rows, "dma_buf_phys_vec_to_sgt"))
+    rows = _core.u64_pairs(ranges, "dma_buf_phys_vec_to_sgt ranges")  # no copy for a u64 table
+    total = int(_core.ranges_total(rows, "dma_buf_phys_vec_to_sgt"))
     if nbytes is None:
         nbytes = total
     _need_int("dma_buf_phys_vec_to_sgt", nbytes=nbytes)

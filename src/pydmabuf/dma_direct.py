@@ -4,7 +4,7 @@ A DMA address is the physical address through the device's
 ``dma_range_map`` (:func:`dma_range_map`); a segment beyond the device's
 DMA limit, or every segment of a device forced to bounce, goes through its
 swiotlb pool.  The scatterlist walk itself is the core's
-(``_core._map_sg_direct``); this module adds the bounces.
+(``_core.map_sg_direct``); this module adds the bounces.
 """
 
 from __future__ import annotations
@@ -47,14 +47,14 @@ def map_sg(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs,
     original physical address, size) each; on failure nothing stays
     mapped."""
     pool = device.swiotlb
-    slots = _core._map_sg_direct(table, device.dma_limit, dma_range_map(device), device.force_swiotlb, pool is not None,
+    slots = _core.map_sg_direct(table, device.dma_limit, dma_range_map(device), device.force_swiotlb, pool is not None,
                                  int(a), ctx)
     bounces: list[tuple[int, int, int, int]] = []
     if len(slots):
         if pool is None:
             # Only force_swiotlb without a pool gets here: with no io_tlb_mem
             # swiotlb_tbl_map_single() fails, so dma_direct_map_sg() is -EIO.
-            _core._clear_dma(table)
+            _core.sg_clear_dma(table)
             raise errors.IOFailure(f"dma_map_sgtable: {device.name} must bounce and has no swiotlb pool")
         phys, lens = _entry_phys(table, slots)
         dmas = []
@@ -66,10 +66,10 @@ def map_sg(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs,
         except errors.DmaBufError as e:
             for _, tlb, _, _ in bounces:
                 pool.free(tlb)
-            _core._clear_dma(table)
+            _core.sg_clear_dma(table)
             if isinstance(e, errors.IommuFault):  # the access gate refused the bounce: its fault as it is
                 raise
             raise errors.IOFailure(f"dma_map_sgtable: {device.name} cannot reach a segment and bouncing "
                                    f"failed: {e.strerror}") from None
-        _core._set_dma(table, np.asarray(slots, dtype=np.uint64), np.asarray(dmas, dtype=np.uint64))
+        _core.sg_set_dma(table, np.asarray(slots, dtype=np.uint64), np.asarray(dmas, dtype=np.uint64))
     return bounces

@@ -7,7 +7,7 @@
   stands for in the per-CPU IOVA caches and flush queues.
 
 The scatterlist and single-range paths through an IOMMU are one core call
-each (``_core._map_sg_iommu``, ``_core._map_single``), dispatched from
+each (``_core.map_sg_iommu``, ``_core.map_single``), dispatched from
 :mod:`pydmabuf.dma`.
 """
 
@@ -74,7 +74,7 @@ def _prot(device: Device, direction: DmaDirection, attrs: int) -> int:
 # ------------------------------------------------------- two-step IOVA API
 
 
-class IovaState(_core._IovaStateCore, Owner):
+class IovaState(_core.IovaStateCore, Owner):
     """``struct dma_iova_state`` and the two-step, list-free IOVA API.
 
     Reserve one IOVA range with :meth:`try_alloc`, link physical ranges
@@ -94,7 +94,7 @@ class IovaState(_core._IovaStateCore, Owner):
 
     The reservation, the record of linked windows (``_linked``: sorted
     ``[start, end)`` offsets, touching parts merged) and the per-call checks
-    live in the core (``_core._IovaStateCore``); this class adds directions,
+    live in the core (``_core.IovaStateCore``); this class adds directions,
     attributes and the swiotlb bounces of a device that must bounce.
 
     ``close()`` (and leaving a ``with`` block) unlinks whatever is still
@@ -190,7 +190,7 @@ class IovaState(_core._IovaStateCore, Owner):
         if not device.untrusted:
             # Parsing, the offset checks, the link and the record: one core call.
             return self._link(ranges, prot, offset, bool(_all_at_offset))
-        rows = _core._u64_pairs(ranges, "dma_iova_link ranges")
+        rows = _core.u64_pairs(ranges, "dma_iova_link ranges")
         if len(rows) == 0:
             return 0
         _need_int("dma_iova_link", offset=offset)
@@ -234,7 +234,7 @@ class IovaState(_core._IovaStateCore, Owner):
                     if bounce:
                         target = _bounce_in(self.device, pool, p, ln, d, a, align_mask=GMASK)
                         bounces.append((off, ln, target, d))
-                    _core._link_ranges(dom, self.addr, off, np.array([[target, ln]], dtype=np.uint64), prot)
+                    _core.iova_link_ranges(dom, self.addr, off, np.array([[target, ln]], dtype=np.uint64), prot)
                     done.append((off, ln))
                     off += ln
         except errors.DmaBufError:

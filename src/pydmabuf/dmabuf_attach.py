@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pydmabuf import access, checks, errors, iotlb, mapping
-from pydmabuf._core import SgTable, _set_sg_with_hook, _u64_pairs
+from pydmabuf._core import SgTable, set_sg_with_hook, u64_pairs
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DmaDirection, Usage
 from pydmabuf._args import _dir
@@ -120,7 +120,7 @@ def _table_with(table: SgTable, entering: bool) -> None:
             resv.unlock()
 
 
-_set_sg_with_hook(_table_with)
+set_sg_with_hook(_table_with)
 
 
 def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
@@ -266,7 +266,7 @@ class Attachment(AttachmentBase, Owner):
             # The core's own (N, 2) u64 array: nothing to parse.
             dma = table.dma_ranges() if table is not None else np.zeros((0, 2), dtype=np.uint64)
         else:
-            dma = _u64_pairs(dma_ranges, "dma ranges")
+            dma = u64_pairs(dma_ranges, "dma ranges")
         m = _Mapping(self, table, d, dma, pinned)
         buf = self.dmabuf
         with buf._lock:

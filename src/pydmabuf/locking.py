@@ -335,9 +335,9 @@ def set_lockdep(enabled: bool) -> None:
 
     _ld.enabled = bool(enabled)
     if enabled:
-        _core._set_lockdep_hooks(*_fast_hooks(_ld), _ld.signal, _ld.might_wait)
+        _core.set_lockdep_hooks(*_fast_hooks(_ld), _ld.signal, _ld.might_wait)
     else:
-        _core._set_lockdep_hooks(None, None, None, None)
+        _core.set_lockdep_hooks(None, None, None, None)
 
 
 def lockdep_enabled() -> bool:

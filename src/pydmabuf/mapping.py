@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pydmabuf import checks, errors
-from pydmabuf._core import _u64_pairs
+from pydmabuf._core import u64_pairs
 from pydmabuf._types import PAGE_SIZE, RangeKind
 from pydmabuf.dma_buf_mapping import MappingMatch, MappingType, MatchArgs, _match_result, match_mapping
 from pydmabuf.dmabuf_ops import AttachmentBase, Exporter
@@ -269,7 +269,7 @@ class PhysList:
     __slots__ = ("ranges", "problems", "live", "_attachment", "_track", "__weakref__")
 
     def __init__(self, ranges: Any) -> None:
-        rows = np.array(_u64_pairs(ranges, "phys list"), dtype=np.uint64, copy=True).reshape(-1, 2)
+        rows = np.array(u64_pairs(ranges, "phys list"), dtype=np.uint64, copy=True).reshape(-1, 2)
         rows.flags.writeable = False
         self.ranges = rows
         self.problems: list[str] = []

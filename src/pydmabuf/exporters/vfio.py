@@ -450,7 +450,7 @@ class VfioPciBar(Owner):
         # table were refused above); a carry is EINVAL here, as in
         # validate_dmabuf_input() (check_add_overflow on the total).
         try:
-            total = int(_core._ranges_total(rows, "VFIO_DEVICE_FEATURE_DMA_BUF"))
+            total = int(_core.ranges_total(rows, "VFIO_DEVICE_FEATURE_DMA_BUF"))
         except errors.Overflow:
             raise errors.InvalidArgument("the ranges add up to more than 2**64 - 1 bytes") from None
         if total & DMA_IOVA_USE_SWIOTLB:

@@ -77,7 +77,7 @@ class HwPagetable:
         try:
             for b in range(nbatches):  # one pass per batch, as pfn_reader_next() refills it
                 part = pairs[b * cap:(b + 1) * cap]
-                n = int(_core._link_ranges(self.domain, iova + done, 0, part, prot))
+                n = int(_core.iova_link_ranges(self.domain, iova + done, 0, part, prot))
                 self.domain.sync_map(iova + done, n)
                 self.map_calls += len(part)
                 done += n

@@ -223,7 +223,7 @@ class NvmeQueue:
         """The phys_vecs ``blk_map_iter_next()`` makes of ``bvecs``: (M, 2)
         u64 (physical address, nbytes).  EINVAL for an empty request, an
         empty or wrapping bvec, or more than UINT_MAX bytes."""
-        vecs, *_ = _core._blk_map_iter(_rows(bvecs), self.max_segment_size, self.seg_boundary_mask, None)
+        vecs, *_ = _core.blk_map_iter(_rows(bvecs), self.max_segment_size, self.seg_boundary_mask, None)
         return vecs
 
     def map(self, bvecs: Any, *, write: bool = False) -> NvmeMapping:
@@ -240,7 +240,7 @@ class NvmeQueue:
         d = DmaDirection.TO_DEVICE if write else DmaDirection.FROM_DEVICE
         dev = self.device
         try:
-            vecs, gap, kind, bus_off, mixed, total = _core._blk_map_iter(
+            vecs, gap, kind, bus_off, mixed, total = _core.blk_map_iter(
                 _rows(bvecs), self.max_segment_size, self.seg_boundary_mask, p2p_context(dev))
         except errors.InvalidArgument as e:
             raise _fail(BlkStatus.INVAL, str(e.strerror)) from e
@@ -318,7 +318,7 @@ class NvmeQueue:
         ValueError for a dtype or shape, EINVAL for a negative or too large
         int in a list); a PFN beyond 52-bit physical addresses is
         OutOfRange (ERANGE), as for :meth:`SgTable.from_pages`."""
-        p = _core._u64_array(pfns, "pfns")
+        p = _core.u64_array(pfns, "pfns")
         if len(p) == 0:
             raise errors.InvalidArgument("a request needs at least one page")
         if int(p.max()) >= _PFN_LIMIT:
@@ -384,8 +384,8 @@ class NvmeQueue:
 
 def _rows(bvecs: Any) -> np.ndarray:
     """The request's bvecs as (N, 2) u64 (physical address, nbytes) rows,
-    parsed as the core parses its (N, 2) buffers (``_core._u64_pairs``):
+    parsed as the core parses its (N, 2) buffers (``_core.u64_pairs``):
     TypeError for what is not a table of ints, ValueError for a dtype,
     shape or layout that is not C-contiguous (N, 2) u64, EINVAL for a
     negative or too large int in a list.  Nothing is cast or reshaped."""
-    return _core._u64_pairs(bvecs, "bvecs")
+    return _core.u64_pairs(bvecs, "bvecs")
