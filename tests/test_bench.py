@@ -503,16 +503,17 @@ def test_a_time_cap_ends_a_group_of_long_calls_before_min_rounds(monkeypatch):
 # ------------------------------------------------------------ compare
 
 
-def _synthetic(scale=None, seed=0, n=60, spread=0.01):
+def _synthetic(scale=None, seed=0, n=60, spread=0.01, floor=False):
     """A two-strategy study from synthetic samples: sg_iommu about 1000 ns
-    a call, link_pages about 500 ns, times ``scale[strategy]``."""
+    a call, link_pages about 500 ns, times ``scale[strategy]``; with
+    ``floor``, pte_floor about 50 ns as well."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     scale = scale or {}
     cells = []
     base = None
-    for name, ns in (("sg_iommu", 1000.0), ("link_pages", 500.0)):
+    for name, ns in (("sg_iommu", 1000.0), ("link_pages", 500.0)) + ((("pte_floor", 50.0),) if floor else ()):
         t = ns * scale.get(name, 1.0) * (1 + spread * rng.standard_normal(n))
         if base is None:
             base = t
@@ -750,7 +751,8 @@ def test_quick_json_round_trip_through_the_cli(tmp_path, capsys):
     assert cli.main(["bench", "--compare", str(path), str(path)]) == 0
     out = capsys.readouterr().out
     assert "significant differences: 0 of 13 cells, 0 of 11 ratios" in out
-    assert "ratio cells (strategy / sg_iommu): 9/9 = 100.0%" in out
+    assert "ratio cells (strategy / sg_iommu): 8/8 = 100.0%" in out
+    assert "floor ratio cells (pte_floor / sg_iommu): 1/1 = 100.0%" in out
 
 
 def test_a_wide_interval_is_marked_in_the_table(study):
@@ -810,3 +812,15 @@ def test_a_strict_domain_leaves_no_stale_window():
     r = bench.run_study(["fragmented"], [16], quick=True, progress=False, parts=("mapping",),
                         machine=Machine.default(flush_timer=False, strict=True))
     assert all(c["counters"]["stale_window_bytes"] == 0 for c in r["cells"])
+
+
+def test_compare_counts_the_floor_ratios_apart_from_the_strategies():
+    """pte_floor / sg_iommu is a floor's ratio, not a strategy's: --compare
+    reports its agreement on its own line, and a floor that moves does not
+    count against the strategies (nor a strategy that moves for the floor)."""
+    out = bench.compare(_synthetic(floor=True), _synthetic({"pte_floor": 1.5}, seed=4, floor=True))
+    assert "ratio cells (strategy / sg_iommu): 1/1 = 100.0%" in out
+    assert "floor ratio cells (pte_floor / sg_iommu): 0/1 = 0.0%" in out
+    out = bench.compare(_synthetic(floor=True), _synthetic({"link_pages": 1.5}, seed=4, floor=True))
+    assert "ratio cells (strategy / sg_iommu): 0/1 = 0.0%" in out
+    assert "floor ratio cells (pte_floor / sg_iommu): 1/1 = 100.0%" in out

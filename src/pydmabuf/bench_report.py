@@ -15,7 +15,7 @@ import numpy as np
 
 from pydmabuf import _stats, kernel_work
 from pydmabuf._types import PAGE_SIZE, _fmt_size
-from pydmabuf.bench_cells import BASELINE, CI_LEVEL, MAPPING_STRATEGIES
+from pydmabuf.bench_cells import BASELINE, CI_LEVEL, FLOOR_STRATEGIES, MAPPING_STRATEGIES
 
 # ------------------------------------------------------------------ output
 
@@ -618,8 +618,9 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
     ns_pairs: list[tuple[float, float]] = []
     base_pairs: list[tuple[float, float]] = []
     other_ratio_pairs: list[tuple[float, float]] = []
+    floor_pairs: list[tuple[float, float]] = []
     est_pairs: list[tuple[float, float]] = []
-    same: dict[str, list[tuple[float, float]]] = {"base": [], "other": [], "ns": [], "est": []}
+    same: dict[str, list[tuple[float, float]]] = {"base": [], "floor": [], "other": [], "ns": [], "est": []}
     ratios: list[float] = []
     for o, c in pairs:
         where = f"{c['layout']:<11} {_fmt_size(c['nbytes']):>8} {c['strategy']:<16}"
@@ -640,8 +641,9 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
             rows.append(f"{where} {_fmt_ci(eo):>26} {_fmt_ci(en):>26} {_fmt_ci(rr, '.3f'):>23} {'*' if sig else ''}")
         ro, rn = _ratio_est(o), _ratio_est(c)
         if ro is not None and rn is not None and o.get("baseline") == c.get("baseline"):
-            kind = "base" if c.get("baseline") == BASELINE else "other"
-            (base_pairs if kind == "base" else other_ratio_pairs).append((ro[0], rn[0]))
+            kind = ("other" if c.get("baseline") != BASELINE else
+                    "floor" if c["strategy"] in FLOOR_STRATEGIES else "base")
+            {"base": base_pairs, "floor": floor_pairs, "other": other_ratio_pairs}[kind].append((ro[0], rn[0]))
             if same_input:
                 same[kind].append((ro[0], rn[0]))
             q = _stats.ratio_of_medians_ci(rn, ro)
@@ -671,7 +673,7 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
     geo = f"{float(np.exp(np.mean(np.log(pos)))):.3f}" if pos else "-"
     out.append(f"{len(ratios)} cells in common; geometric mean new/old = {geo}")
     out.append(f"significant differences: {n_sig} of {len(pairs)} cells, {n_rsig} of "
-               f"{len(base_pairs) + len(other_ratio_pairs)} ratios")
+               f"{len(base_pairs) + len(floor_pairs) + len(other_ratio_pairs)} ratios")
 
     def frac(name: str, ps: list[tuple[float, float]], kind: str) -> str:
         ok, n = _stats.agreement(ps, tol)
@@ -685,6 +687,7 @@ def compare(old: dict[str, Any], new: dict[str, Any], *, show_all: bool = False,
 
     out.append(f"agreement within +-{tol:.0%}:")
     out.append(frac(f"ratio cells (strategy / {BASELINE})", base_pairs, "base"))
+    out.append(frac(f"floor ratio cells ({', '.join(FLOOR_STRATEGIES)} / {BASELINE})", floor_pairs, "floor"))
     out.append(frac("other ratio cells (walk / c_floor)", other_ratio_pairs, "other"))
     out.append(frac("ns/page cells", ns_pairs, "ns"))
     out.append(frac("kernel_est_ns_per_page cells", est_pairs, "est"))
