@@ -18,7 +18,7 @@ cdef class P2pContext:
     arrays (added after it was built) read as ordinary memory.
     """
 
-    def __cinit__(self, RangeTable amap, states, offsets):
+    def __cinit__(self, RangeTable amap not None, states, offsets):
         cdef const uint64_t[::1] sv = _as_u64_view(states, "states")
         cdef const uint64_t[::1] ov = _as_u64_view(offsets, "offsets")
         cdef uint64_t i, n = sv.shape[0]
@@ -712,7 +712,7 @@ cdef inline iommu_domain *_dom_of(IommuDomain dom) except NULL:
     return dom.d
 
 
-def map_sg_direct(SgTable table, uint64_t dma_limit, dma_ranges, bint force_swiotlb,
+def map_sg_direct(SgTable table not None, uint64_t dma_limit, dma_ranges, bint force_swiotlb,
                    bint has_swiotlb, uint64_t attrs, P2pContext pc):
     """dma-direct map_sg over the table; returns a u64 array of the slot
     indices that must bounce (their DMA address is DMA_MAPPING_ERROR)."""
@@ -739,7 +739,7 @@ def map_sg_direct(SgTable table, uint64_t dma_limit, dma_ranges, bint force_swio
     return _np().asarray(b)[:rc]
 
 
-def sg_set_dma(SgTable table, slots, addrs):
+def sg_set_dma(SgTable table not None, slots, addrs):
     """Write DMA addresses into the given slots (the bounce results)."""
     cdef const uint64_t[::1] sv = _as_u64_view(slots, "slots")
     cdef const uint64_t[::1] av = _as_u64_view(addrs, "addrs")
@@ -753,7 +753,7 @@ def sg_set_dma(SgTable table, slots, addrs):
     _release(table.lock)
 
 
-def sg_clear_dma(SgTable table):
+def sg_clear_dma(SgTable table not None):
     """Clear the DMA side and set nents back to orig_nents."""
     _acquire(table.lock)
     _sg_clear_dma(&table.t, table.t.orig_nents if table.t.orig_nents > table.t.nents else table.t.nents)
@@ -761,7 +761,7 @@ def sg_clear_dma(SgTable table):
     _release(table.lock)
 
 
-def map_sg_iommu(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
+def map_sg_iommu(SgTable table not None, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
                   uint64_t max_seg, bint prefer32, uint32_t cpu, uint32_t prot, P2pContext pc):
     """iommu_dma_map_sg; returns (nents, iova, iova_len, prefer32)."""
     cdef iommu_domain *d = _dom_of(dom)
@@ -794,7 +794,7 @@ def map_sg_iommu(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t se
     return rc, iova, ilen, p32
 
 
-def unmap_sg_iommu(SgTable table, IommuDomain dom, uint32_t cpu):
+def unmap_sg_iommu(SgTable table not None, IommuDomain dom, uint32_t cpu):
     cdef iommu_domain *d = _dom_of(dom)
     cdef int64_t rc
     _acquire(table.lock)

@@ -1159,7 +1159,7 @@ cdef int _rt_remove_starts(range_table *t, const uint64_t *starts, uint64_t n) n
     return 0
 
 
-def _remove_many(RangeTable table, starts):
+def _remove_many(RangeTable table not None, starts):
     """Remove the ranges starting exactly at ``starts`` (a sorted u64
     buffer without repeats), all or nothing; NotFound otherwise."""
     cdef const uint64_t[::1] s = _as_u64_view(starts, "starts")

@@ -127,6 +127,23 @@ def mach_state() -> S:
     return S(watch=[m], m=m)
 
 
+# ============================================= the core's seam: None tables
+# A typed table or address map that is None must be refused before the core
+# reads it (it once read None's memory as a table: a crash).
+
+_U64_0 = np.zeros(1, dtype=np.uint64)
+add("seam.sg_clear_dma.None", mach_state, lambda s: pydmabuf._core.sg_clear_dma(None), TypeError)
+add("seam.sg_set_dma.None", mach_state, lambda s: pydmabuf._core.sg_set_dma(None, _U64_0, _U64_0), TypeError)
+add("seam.unmap_sg_iommu.None", iommu, lambda s: pydmabuf._core.unmap_sg_iommu(None, s.d, 0), TypeError)
+add("seam.map_sg_iommu.None", iommu,
+    lambda s: pydmabuf._core.map_sg_iommu(None, s.d, 2**64 - 1, 2**32 - 1, 2**16, 0, 0, 3, None), TypeError)
+add("seam.map_sg_direct.None", mach_state,
+    lambda s: pydmabuf._core.map_sg_direct(None, 2**64 - 1, np.zeros(0, dtype=np.uint64), False, False, 0, None),
+    TypeError)
+add("seam.P2pContext.amap=None", mach_state, lambda s: pydmabuf._core.P2pContext(None, _U64_0, _U64_0), TypeError)
+add("seam.remove_many.None", mach_state, lambda s: pydmabuf._core._remove_many(None, _U64_0), TypeError)
+
+
 # ======================================================= RangeTable (core)
 
 sweep("RangeTable.insert.start", rt, lambda s, v: s.t.insert(v, 0x1000), BAD_U64)

@@ -743,3 +743,16 @@ def test_a_pal_capable_heap_serves_both_kinds_of_importer(m):
     buf.detach(a)
     buf.detach(sgt)
     buf.put()
+
+
+def test_a_mapping_match_copies_and_reports_missing_data_without_recursing():
+    import copy
+
+    entry = mapping.sgt_exporter(MockSgtOps())
+    clone = copy.copy(entry)
+    assert clone.type is entry.type
+    with pytest.raises(AttributeError, match="no 'nothing_here'"):
+        entry.nothing_here
+    bare = MappingMatch.__new__(MappingMatch)  # as copy and pickle build one
+    with pytest.raises(AttributeError, match="mapping entry has no 'x'"):
+        bare.x

@@ -356,3 +356,15 @@ def test_requests_move_the_right_bytes_and_leave_nothing_mapped(spec, dev, seed)
         assert m.memory.read(p, n) == payload[pos:pos + n]
         pos += n
     assert leftovers(m, d)[:2] == before[:2] and leftovers(m, d)[2] == 0
+
+
+def test_with_unmaps_a_bus_address_request_too(m):
+    """A peer-bus request owns no IOMMU mapping (nothing to warn about when
+    collected), but leaving its with block still unmaps it."""
+    q = NvmeQueue(m.device("nvme0"))
+    bar = m.device("gpu0").bar(1).cpu_start
+    with q.map([(bar, 2 * G)]) as r:
+        assert r.path == "bus" and r.live
+    assert not r.live
+    with pytest.raises(errors.LifetimeError):
+        r.write(0, b"x")

@@ -275,7 +275,10 @@ class MappingMatch:
         try:
             return data[name]
         except KeyError:
-            raise AttributeError(f"{self.type.name} entry has no {name!r}") from None
+            # Not self.type: on an instance copy or pickle made without
+            # __init__ that would come back here and recurse.
+            t = self.__dict__.get("type")
+            raise AttributeError(f"{getattr(t, 'name', 'mapping')} entry has no {name!r}") from None
 
     @property
     def data(self) -> dict[str, Any]:

@@ -162,8 +162,12 @@ class NvmeMapping(Owner):
             self.queue.unmap(self)
 
     def _owns(self) -> bool:
-        # Peer bus addresses map nothing: such a request owns nothing.
+        # Peer bus addresses map nothing: such a request owns nothing to
+        # warn about when collected (it still unmaps on close).
         return self.live and self.path != "bus"
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # a peer-bus request too: it leaves the queue's books
 
     def _leak_message(self) -> str:
         return f"{self!r} collected while mapped: unmap it with its queue"
