@@ -528,15 +528,7 @@ class IommufdIoas(Owner):
             except BaseException:
                 # A failed map leaves nothing: the list (if the revoke did
                 # not get it back), the pin, the attachment.
-                buf.resv.lock()
-                try:
-                    if pages.exp_phys is not None:
-                        mapping.pal_unmap_phys(a, pages.exp_phys)
-                        pages.exp_phys = None
-                    a.unpin()
-                finally:
-                    buf.resv.unlock()
-                buf.detach(a)
+                pages.give_back(a)
                 raise
             pages.attachment = a
         return pages

@@ -106,21 +106,28 @@ class DmaBufPages(ImporterOps):
                 hwpt.unmap(area.iova, area.nbytes)
             self.tracker = [(a, h) for a, h in self.tracker if not (a is area and h is hwpt)]
 
+    def give_back(self, a: Attachment) -> None:
+        """Give the physical list back and unpin under the reservation
+        lock, then detach ``a``: what a release, or a map that failed after
+        attaching, leaves behind."""
+        buf = self.dmabuf
+        buf.resv.lock()
+        try:
+            if self.exp_phys is not None:
+                mapping.pal_unmap_phys(a, self.exp_phys)
+                self.exp_phys = None
+            a.unpin()
+        finally:
+            buf.resv.unlock()
+        buf.detach(a)
+
     def release(self) -> None:
         """``iopt_release_pages()``: give the list back and unpin under the
         lock, detach, drop the reference."""
         a = self.attachment
         buf = self.dmabuf
         if a is not None:
-            buf.resv.lock()
-            try:
-                if self.exp_phys is not None:
-                    mapping.pal_unmap_phys(a, self.exp_phys)
-                    self.exp_phys = None
-                a.unpin()
-            finally:
-                buf.resv.unlock()
-            buf.detach(a)
+            self.give_back(a)
             self.attachment = None
         if self.tracker:
             log.warning("iommufd: dma-buf pages released with %d tracked domain(s)", len(self.tracker))
