@@ -70,7 +70,7 @@ cdef int fence_init(pdb_fence *f, uint64_t context, uint64_t seqno) noexcept nog
     f.context = context
     f.seqno = seqno
     f.timestamp = 0
-    f.waiters = NULL
+    pdb_list_init(&f.waiters)
     return 0
 
 
@@ -83,28 +83,21 @@ cdef bint fence_is_later(const pdb_fence *a, const pdb_fence *b) noexcept nogil:
 
 
 cdef void _fence_wake_all(pdb_fence *f) noexcept nogil:
-    cdef pdb_fence_waiter *w = f.waiters
+    cdef pdb_fence_waiter *w = pdb_fence_waiter_of(pdb_list_first(&f.waiters))
     while w != NULL:
         pdb_wake(w.task)
-        w = w.next
+        w = pdb_fence_waiter_of(pdb_list_next(&f.waiters, &w.node))
 
 
 cdef inline void _fence_link(pdb_fence *f, pdb_fence_waiter *w, pdb_task *t) noexcept nogil:
+    """Newest first, so _fence_wake_all() wakes the latest waiter first."""
     w.task = t
-    w.prev = NULL
-    w.next = f.waiters
-    if f.waiters != NULL:
-        f.waiters.prev = w
-    f.waiters = w
+    pdb_list_add(&w.node, &f.waiters)
 
 
 cdef inline void _fence_unlink(pdb_fence *f, pdb_fence_waiter *w) noexcept nogil:
-    if w.prev != NULL:
-        w.prev.next = w.next
-    else:
-        f.waiters = w.next
-    if w.next != NULL:
-        w.next.prev = w.prev
+    """Take ``w`` off ``f``'s waiters; the caller holds ``f.mu``."""
+    pdb_list_del(&w.node)
 
 
 cdef int fence_wait(pdb_fence *f, pdb_task *t, int64_t deadline_ns,

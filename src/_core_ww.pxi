@@ -40,35 +40,15 @@ cdef inline void _waiter_add(pdb_ww_mutex *m, pdb_ww_waiter *w,
                              pdb_ww_waiter *pos) noexcept nogil:
     """Queue ``w`` before ``pos`` (at the tail when pos is NULL); set WAITERS."""
     if pos == NULL:
-        w.next = NULL
-        w.prev = m.wait_last
-        if m.wait_last != NULL:
-            m.wait_last.next = w
-        else:
-            m.wait_first = w
-        m.wait_last = w
+        pdb_list_add_tail(&w.node, &m.waiters)
     else:
-        w.next = pos
-        w.prev = pos.prev
-        if pos.prev != NULL:
-            pos.prev.next = w
-        else:
-            m.wait_first = w
-        pos.prev = w
+        pdb_list_add_before(&w.node, &pos.node)
     pdb_or_sz(&m.owner, PDB_MUTEX_WAITERS)
 
 
 cdef inline void _waiter_remove(pdb_ww_mutex *m, pdb_ww_waiter *w) noexcept nogil:
-    if w.prev != NULL:
-        w.prev.next = w.next
-    else:
-        m.wait_first = w.next
-    if w.next != NULL:
-        w.next.prev = w.prev
-    else:
-        m.wait_last = w.prev
-    w.next = w.prev = NULL
-    if m.wait_first == NULL:
+    pdb_list_del(&w.node)
+    if pdb_list_empty(&m.waiters):
         pdb_and_sz(&m.owner, ~PDB_MUTEX_WAITERS)
 
 
@@ -101,12 +81,12 @@ cdef inline void _ww_check_waiters(pdb_ww_mutex *m, pdb_ww_ctx *ww_ctx,
                                    pdb_task *cur) noexcept nogil:
     """__ww_mutex_check_waiters(): we just took ``m`` with ``ww_ctx``; the
     first context waiter may have to die, or may wound us.  wait_lock held."""
-    cdef pdb_ww_waiter *w = m.wait_first
+    cdef pdb_ww_waiter *w = pdb_ww_waiter_of(pdb_list_first(&m.waiters))
     while w != NULL:
         if w.ctx != NULL:
             if _ww_die(w, ww_ctx) or _ww_wound(m, w.ctx, ww_ctx, cur):
                 break
-        w = w.next
+        w = pdb_ww_waiter_of(pdb_list_next(&m.waiters, &w.node))
 
 
 cdef inline int _ww_kill(pdb_ww_mutex *m, pdb_ww_ctx *ctx) noexcept nogil:
@@ -130,11 +110,11 @@ cdef inline int _ww_check_kill(pdb_ww_mutex *m, pdb_ww_waiter *waiter,
         return 0
     if hold_ctx != NULL and _ctx_less(ctx, hold_ctx):
         return _ww_kill(m, ctx)
-    cur = waiter.prev
+    cur = pdb_ww_waiter_of(pdb_list_prev(&m.waiters, &waiter.node))
     while cur != NULL:
         if cur.ctx != NULL:
             return _ww_kill(m, ctx)
-        cur = cur.prev
+        cur = pdb_ww_waiter_of(pdb_list_prev(&m.waiters, &cur.node))
     return 0
 
 
@@ -149,7 +129,7 @@ cdef inline int _ww_add_waiter(pdb_ww_waiter *waiter, pdb_ww_mutex *m,
     if ww_ctx == NULL:
         _waiter_add(m, waiter, NULL)
         return 0
-    w = m.wait_last
+    w = pdb_ww_waiter_of(pdb_list_last(&m.waiters))
     while w != NULL:
         if w.ctx != NULL:
             if _ctx_less(ww_ctx, w.ctx):
@@ -160,7 +140,7 @@ cdef inline int _ww_add_waiter(pdb_ww_waiter *waiter, pdb_ww_mutex *m,
                 break
             pos = w
             _ww_die(w, ww_ctx)
-        w = w.prev
+        w = pdb_ww_waiter_of(pdb_list_prev(&m.waiters, &w.node))
     _waiter_add(m, waiter, pos)
     if not ww_ctx.is_wait_die:
         _ww_wound(m, ww_ctx, pdb_load_ctx(&m.ctx), cur)
@@ -168,21 +148,12 @@ cdef inline int _ww_add_waiter(pdb_ww_waiter *waiter, pdb_ww_mutex *m,
 
 
 cdef inline void _held_add(pdb_ww_ctx *ctx, pdb_ww_mutex *m) noexcept nogil:
-    m.held_prev = NULL
-    m.held_next = ctx.held
-    if ctx.held != NULL:
-        ctx.held.held_prev = m
-    ctx.held = m
+    """Newest first: AcquireContext.held() lists them in that order."""
+    pdb_list_add(&m.held_node, &ctx.held)
 
 
-cdef inline void _held_remove(pdb_ww_ctx *ctx, pdb_ww_mutex *m) noexcept nogil:
-    if m.held_prev != NULL:
-        m.held_prev.held_next = m.held_next
-    else:
-        ctx.held = m.held_next
-    if m.held_next != NULL:
-        m.held_next.held_prev = m.held_prev
-    m.held_next = m.held_prev = NULL
+cdef inline void _held_remove(pdb_ww_mutex *m) noexcept nogil:
+    pdb_list_del(&m.held_node)
 
 
 cdef inline void _ww_lock_acquired(pdb_ww_mutex *m, pdb_ww_ctx *ctx) noexcept nogil:
@@ -199,8 +170,8 @@ cdef int ww_mutex_init(pdb_ww_mutex *m, pdb_ww_class *cls) noexcept nogil:
     m.owner_ident = 0
     m.ctx = NULL
     m.cls = cls
-    m.wait_first = m.wait_last = NULL
-    m.held_next = m.held_prev = NULL
+    pdb_list_init(&m.waiters)
+    pdb_list_init(&m.held_node)
     m.destroyed = 0
     m.is_resv = cls.is_reservation if cls != NULL else 0
     return 0
@@ -245,7 +216,7 @@ cdef int ww_lock_slow(pdb_ww_mutex *m, pdb_ww_ctx *ctx, pdb_task *t,
     else:
         waiter.task = t
         waiter.ctx = ctx
-        waiter.next = waiter.prev = NULL
+        pdb_list_init(&waiter.node)
         ret = _ww_add_waiter(&waiter, m, ctx, t)
         if ret:
             pthread_mutex_unlock(&m.wait_lock)
@@ -267,7 +238,7 @@ cdef int ww_lock_slow(pdb_ww_mutex *m, pdb_ww_ctx *ctx, pdb_task *t,
             _waiter_remove(m, &waiter)
             pthread_mutex_unlock(&m.wait_lock)
             return ret
-        was_first = m.wait_first == &waiter
+        was_first = pdb_list_first(&m.waiters) == &waiter.node
         if ctx != NULL and not ctx.is_wait_die and not was_first:
             _ww_check_waiters(m, ctx, t)    # we stole it: we may be wounded
         _waiter_remove(m, &waiter)
@@ -285,10 +256,12 @@ cdef bint ww_trylock(pdb_ww_mutex *m, pdb_ww_ctx *ctx, pdb_task *t) noexcept nog
 
 cdef inline void _mutex_release_locked(pdb_ww_mutex *m) noexcept nogil:
     """Release with wait_lock held: clear the owner, wake the first waiter."""
+    cdef pdb_ww_waiter *first
     m.owner_ident = 0
     pdb_and_sz(&m.owner, PDB_MUTEX_WAITERS)
-    if m.wait_first != NULL:
-        pdb_wake_c(m.wait_first.task)
+    first = pdb_ww_waiter_of(pdb_list_first(&m.waiters))
+    if first != NULL:
+        pdb_wake_c(first.task)
 
 
 cdef void ww_unlock(pdb_ww_mutex *m, pdb_task *t) noexcept nogil:
@@ -301,7 +274,7 @@ cdef void ww_unlock(pdb_ww_mutex *m, pdb_task *t) noexcept nogil:
         pdb_store_ctx(&m.ctx, NULL)
         if ctx.acquired > 0:
             pdb_store_uint(&ctx.acquired, ctx.acquired - 1)
-        _held_remove(ctx, m)
+        _held_remove(m)
         _mutex_release_locked(m)
         pthread_mutex_unlock(&m.wait_lock)
         return
@@ -752,7 +725,7 @@ cdef class AcquireContext:
     def __cinit__(self):
         self.c.task = NULL
         self.c.finished = 1
-        self.c.held = NULL
+        pdb_list_init(&self.c.held)
         self.c.contending = NULL
         self.c.pyobj = <void *>self
 
@@ -827,11 +800,11 @@ cdef class AcquireContext:
 
     def held(self):
         """The mutexes it holds, most recently locked first."""
-        cdef pdb_ww_mutex *m = self.c.held
+        cdef pdb_ww_mutex *m = pdb_ww_mutex_of_held(pdb_list_first(&self.c.held))
         out = []
         while m != NULL:
             out.append(<object>m.pyobj)
-            m = m.held_next
+            m = pdb_ww_mutex_of_held(pdb_list_next(&self.c.held, &m.held_node))
         return out
 
     def done(self):

@@ -1,5 +1,6 @@
 /* Tasks (threads) of the core: registry, parking, modelled signals (src/_core_task.pxi).
- * Needs pdb_task (pydmabuf/_core_ww.pxd) declared first.
+ * Needs pdb_task, pdb_task_of() (pydmabuf/_core_ww.pxd) and pdb_list
+ * (pydmabuf/_core_base.pxd) declared first.
  *
  * Included by Cython through `cdef extern from "pdb_task.h"`; static, so each
  * extension module that includes it has its own copy. */
@@ -16,7 +17,8 @@ static __thread pdb_task *pdb_tls_task;
 static pthread_key_t pdb_task_key;
 static int pdb_task_key_ok;
 static pthread_mutex_t pdb_tasks_mu = PTHREAD_MUTEX_INITIALIZER;
-static pdb_task *pdb_tasks_head;
+/* Every task, newest first (pdb_task.node); under pdb_tasks_mu. */
+static pdb_list pdb_tasks = { &pdb_tasks, &pdb_tasks };
 
 static int64_t pdb_now_ns_c(void)
 {
@@ -35,12 +37,7 @@ static void pdb_task_put_c(pdb_task *t)
     if (__atomic_sub_fetch(&t->refs, 1, __ATOMIC_ACQ_REL) != 0)
         return;
     pthread_mutex_lock(&pdb_tasks_mu);
-    if (t->prev)
-        t->prev->next = t->next;
-    else
-        pdb_tasks_head = t->next;
-    if (t->next)
-        t->next->prev = t->prev;
+    pdb_list_del(&t->node);
     pthread_mutex_unlock(&pdb_tasks_mu);
     pthread_cond_destroy(&t->cv);
     pthread_mutex_destroy(&t->mu);
@@ -81,10 +78,7 @@ static pdb_task *pdb_task_new_current(void)
     t->alive = 1;
     t->ident = PyThread_get_thread_ident();
     pthread_mutex_lock(&pdb_tasks_mu);
-    t->next = pdb_tasks_head;
-    if (pdb_tasks_head)
-        pdb_tasks_head->prev = t;
-    pdb_tasks_head = t;
+    pdb_list_add(&t->node, &pdb_tasks);
     pthread_mutex_unlock(&pdb_tasks_mu);
     if (pdb_task_key_ok)
         pthread_setspecific(pdb_task_key, t);
@@ -139,7 +133,8 @@ static int pdb_signal_ident_c(unsigned long ident)
     int found = 0;
     pdb_task *t;
     pthread_mutex_lock(&pdb_tasks_mu);
-    for (t = pdb_tasks_head; t; t = t->next) {
+    for (t = pdb_task_of(pdb_list_first(&pdb_tasks)); t;
+         t = pdb_task_of(pdb_list_next(&pdb_tasks, &t->node))) {
         if (t->ident == ident && __atomic_load_n(&t->alive, __ATOMIC_SEQ_CST)) {
             __atomic_store_n(&t->sigpending, 1, __ATOMIC_SEQ_CST);
             pdb_wake_c(t);

@@ -784,6 +784,22 @@ def test_introspection():
     assert not a.is_locked()
 
 
+def test_held_lists_the_most_recently_locked_first():
+    # The context's held list is newest first, and an unlock takes its
+    # mutex out from the middle without disturbing the others' order.
+    a, b, c = WwMutex(WD), WwMutex(WD), WwMutex(WD)
+    with AcquireContext(WD) as ctx:
+        for m in (a, b, c):
+            m.lock(ctx)
+        assert ctx.held() == [c, b, a]
+        b.unlock()
+        assert ctx.held() == [c, a] and not b.is_locked()
+        b.lock(ctx)
+        assert ctx.held() == [b, c, a]
+        ctx.unlock_all()
+        assert ctx.held() == [] and ctx.acquired == 0
+
+
 # --------------------------------------------------------------- lock_all
 
 

@@ -104,6 +104,79 @@ cdef extern from *:
     uint64_t pdb_fetch_add_u64(uint64_t *p, uint64_t v) nogil
 
 
+# ------------------------------------------------------- intrusive lists
+#
+# The core's one doubly-linked list (the idea of the kernel's
+# include/linux/list.h, written afresh): a ``pdb_list`` node is embedded in
+# each element, and the list's head is a ``pdb_list`` of its own; the list
+# is circular through its head, so an empty list is a head that points at
+# itself and no insertion or removal has a special case.  A head must be
+# pdb_list_init()ed before use.  Used by the task registry (pdb_task.h),
+# the ww-mutex wait list and held-mutex list, and the fence waiters.  (The
+# IOVA magazine depot is a singly linked stack, as in the kernel's iova.c.)
+#
+# first/last/next/prev return NULL at the end, for plain ``while n != NULL``
+# walks; each element type has its own NULL-keeping container_of helper
+# beside its struct (e.g. pdb_ww_waiter_of() in _core_ww.pxd).  The
+# verbatim C lives here, not in a src/pdb_*.h header, because the shipped
+# .pxd files declare structs embedding it and a Cython consumer that
+# cimports pydmabuf._core compiles them with no include path of ours.
+cdef extern from *:
+    """
+    #include <stddef.h>
+    typedef struct pdb_list {
+        struct pdb_list *next, *prev;
+    } pdb_list;
+
+    #define pdb_container_of(ptr, type, member) \
+        ((type *)((char *)(ptr) - offsetof(type, member)))
+
+    static inline void pdb_list_init(pdb_list *h) { h->next = h->prev = h; }
+    static inline int pdb_list_empty(const pdb_list *h) { return h->next == h; }
+    /* Link n between two adjacent nodes a and b. */
+    static inline void pdb_list_link_(pdb_list *n, pdb_list *a, pdb_list *b) {
+        n->prev = a;
+        n->next = b;
+        a->next = n;
+        b->prev = n;
+    }
+    /* At the front of the list headed by h. */
+    static inline void pdb_list_add(pdb_list *n, pdb_list *h) { pdb_list_link_(n, h, h->next); }
+    /* At the back of the list headed by h. */
+    static inline void pdb_list_add_tail(pdb_list *n, pdb_list *h) { pdb_list_link_(n, h->prev, h); }
+    /* Just before pos, an element already on a list. */
+    static inline void pdb_list_add_before(pdb_list *n, pdb_list *pos) { pdb_list_link_(n, pos->prev, pos); }
+    /* Unlink n; it is left pointing at itself (an empty list), never at
+       its old neighbours. */
+    static inline void pdb_list_del(pdb_list *n) {
+        n->prev->next = n->next;
+        n->next->prev = n->prev;
+        n->next = n->prev = n;
+    }
+    static inline pdb_list *pdb_list_first(const pdb_list *h) { return h->next == h ? NULL : h->next; }
+    static inline pdb_list *pdb_list_last(const pdb_list *h) { return h->prev == h ? NULL : h->prev; }
+    static inline pdb_list *pdb_list_next(const pdb_list *h, const pdb_list *n) {
+        return n->next == h ? NULL : n->next;
+    }
+    static inline pdb_list *pdb_list_prev(const pdb_list *h, const pdb_list *n) {
+        return n->prev == h ? NULL : n->prev;
+    }
+    """
+    ctypedef struct pdb_list:
+        pdb_list *next
+        pdb_list *prev
+    void pdb_list_init(pdb_list *h) nogil
+    bint pdb_list_empty(const pdb_list *h) nogil
+    void pdb_list_add(pdb_list *n, pdb_list *h) nogil
+    void pdb_list_add_tail(pdb_list *n, pdb_list *h) nogil
+    void pdb_list_add_before(pdb_list *n, pdb_list *pos) nogil
+    void pdb_list_del(pdb_list *n) nogil
+    pdb_list *pdb_list_first(const pdb_list *h) nogil
+    pdb_list *pdb_list_last(const pdb_list *h) nogil
+    pdb_list *pdb_list_next(const pdb_list *h, const pdb_list *n) nogil
+    pdb_list *pdb_list_prev(const pdb_list *h, const pdb_list *n) nogil
+
+
 cdef extern from *:
     """
     #define PDB_U64_MAX 0xFFFFFFFFFFFFFFFFULL

@@ -48,7 +48,7 @@ cdef extern from *:
         int alive;              /* the thread has not exited */
         long refs;
         unsigned long ident;    /* PyThread_get_thread_ident() */
-        struct pdb_task *next, *prev;       /* registry of all tasks */
+        pdb_list node;          /* on the registry of all tasks */
         /* Touched by the owning thread only (with the GIL). */
         int sig_depth;          /* inside a fence-signalling section */
         void *sig_frame;        /* frame that called Fence.signal() */
@@ -79,7 +79,7 @@ cdef extern from *:
         int finished;
         pdb_ww_class *cls;
         struct pdb_ww_mutex *contending;    /* set by -EDEADLK */
-        struct pdb_ww_mutex *held;          /* list of held mutexes */
+        pdb_list held;          /* held mutexes (held_node), newest first */
         unsigned int inject_interval;       /* deadlock injection */
         unsigned int inject_countdown;
         int inject;
@@ -87,7 +87,7 @@ cdef extern from *:
     } pdb_ww_ctx;
 
     typedef struct pdb_ww_waiter {
-        struct pdb_ww_waiter *next, *prev;
+        pdb_list node;          /* on pdb_ww_mutex.waiters */
         pdb_task *task;
         pdb_ww_ctx *ctx;
     } pdb_ww_waiter;
@@ -101,15 +101,16 @@ cdef extern from *:
         pdb_ww_ctx *ctx;        /* atomic; changed under wait_lock except
                                    when set by the lock fast path */
         pdb_ww_class *cls;
-        pdb_ww_waiter *wait_first, *wait_last;  /* stamp order for ctxs */
-        struct pdb_ww_mutex *held_next, *held_prev;
+        pdb_list waiters;       /* pdb_ww_waiter: stamp order for ctxs,
+                                   FIFO for the others */
+        pdb_list held_node;     /* on the holding ctx's held list */
         void *pyobj;            /* the WwMutex (borrowed) */
         int destroyed;
         int is_resv;
     } pdb_ww_mutex;
 
     typedef struct pdb_fence_waiter {
-        struct pdb_fence_waiter *next, *prev;
+        pdb_list node;          /* on pdb_fence.waiters */
         pdb_task *task;
     } pdb_fence_waiter;
 
@@ -126,8 +127,22 @@ cdef extern from *:
         uint64_t context;
         uint64_t seqno;
         int64_t timestamp;      /* CLOCK_MONOTONIC ns */
-        pdb_fence_waiter *waiters;
+        pdb_list waiters;       /* pdb_fence_waiter, newest first */
     } pdb_fence;
+
+    /* container_of for each list element type; NULL stays NULL. */
+    static inline pdb_task *pdb_task_of(pdb_list *n) {
+        return n ? pdb_container_of(n, pdb_task, node) : NULL;
+    }
+    static inline pdb_ww_waiter *pdb_ww_waiter_of(pdb_list *n) {
+        return n ? pdb_container_of(n, pdb_ww_waiter, node) : NULL;
+    }
+    static inline pdb_ww_mutex *pdb_ww_mutex_of_held(pdb_list *n) {
+        return n ? pdb_container_of(n, pdb_ww_mutex, held_node) : NULL;
+    }
+    static inline pdb_fence_waiter *pdb_fence_waiter_of(pdb_list *n) {
+        return n ? pdb_container_of(n, pdb_fence_waiter, node) : NULL;
+    }
 
     /* Atomics on the ctx pointer; the others are in _core_base.pxd. */
     static inline pdb_ww_ctx *pdb_load_ctx(pdb_ww_ctx **p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
@@ -155,6 +170,7 @@ cdef extern from *:
         int alive
         long refs
         unsigned long ident
+        pdb_list node
         int sig_depth
         void *sig_frame
         void *sig_site
@@ -181,15 +197,14 @@ cdef extern from *:
         int finished
         pdb_ww_class *cls
         pdb_ww_mutex *contending
-        pdb_ww_mutex *held
+        pdb_list held
         unsigned int inject_interval
         unsigned int inject_countdown
         int inject
         void *pyobj
 
     ctypedef struct pdb_ww_waiter:
-        pdb_ww_waiter *next
-        pdb_ww_waiter *prev
+        pdb_list node
         pdb_task *task
         pdb_ww_ctx *ctx
 
@@ -199,17 +214,14 @@ cdef extern from *:
         unsigned long owner_ident
         pdb_ww_ctx *ctx
         pdb_ww_class *cls
-        pdb_ww_waiter *wait_first
-        pdb_ww_waiter *wait_last
-        pdb_ww_mutex *held_next
-        pdb_ww_mutex *held_prev
+        pdb_list waiters
+        pdb_list held_node
         void *pyobj
         int destroyed
         int is_resv
 
     ctypedef struct pdb_fence_waiter:
-        pdb_fence_waiter *next
-        pdb_fence_waiter *prev
+        pdb_list node
         pdb_task *task
 
     ctypedef struct pdb_fence:
@@ -219,10 +231,14 @@ cdef extern from *:
         uint64_t context
         uint64_t seqno
         int64_t timestamp
-        pdb_fence_waiter *waiters
+        pdb_list waiters
 
     pdb_ww_ctx *pdb_load_ctx(pdb_ww_ctx **p) nogil
     void pdb_store_ctx(pdb_ww_ctx **p, pdb_ww_ctx *v) nogil
+    pdb_task *pdb_task_of(pdb_list *n) nogil
+    pdb_ww_waiter *pdb_ww_waiter_of(pdb_list *n) nogil
+    pdb_ww_mutex *pdb_ww_mutex_of_held(pdb_list *n) nogil
+    pdb_fence_waiter *pdb_fence_waiter_of(pdb_list *n) nogil
 
 cdef extern from "<pthread.h>" nogil:
     int pthread_mutex_init(pthread_mutex_t *m, const void *attr)
