@@ -114,6 +114,7 @@ core.append(Extension(
 calibrate = Extension(
     "pydmabuf._calibrate",
     sources=["src/_calibrate.pyx"],
+    include_dirs=["src"],
     extra_compile_args=(["-O1", "-g"] if debug else ["-O2"]) + ["-Wno-unused-function"],
     extra_link_args=ldflags,
 )
