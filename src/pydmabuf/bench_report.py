@@ -413,8 +413,9 @@ def plot(result: dict[str, Any], path: str) -> list[str]:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
-        from matplotlib.lines import Line2D
-        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+        from matplotlib.lines import Line2D  # type: ignore[import-not-found, unused-ignore]
+        from matplotlib.ticker import (  # type: ignore[import-not-found, unused-ignore]
+            FixedLocator, FuncFormatter, NullLocator)
     except ImportError:
         raise RuntimeError("plotting needs matplotlib: pip install 'pydmabuf[plot]'") from None
     cells = [c for c in _check_result(result, "plot") if c["strategy"] in MAPPING_STRATEGIES]
