@@ -14,6 +14,17 @@ struct pdb_floor_entry {
     uint32_t dma_length, pad;
 };
 
+/* One scatterlist entry of a run of `len` bytes from page `start`. */
+static inline void pdb_floor_emit(struct pdb_floor_entry *e, uint64_t start, uint64_t len)
+{
+    e->phys = start << 12;
+    e->offset = 0;
+    e->length = (uint32_t)len;
+    e->dma_address = 0;
+    e->dma_length = 0;
+    e->pad = 0;
+}
+
 static size_t pdb_floor_coalesce(const uint64_t *pfn, size_t n, uint64_t max_seg,
                                  void *out_)
 {
@@ -29,22 +40,11 @@ static size_t pdb_floor_coalesce(const uint64_t *pfn, size_t n, uint64_t max_seg
             len += 4096;
             continue;
         }
-        out[k].phys = start << 12;
-        out[k].offset = 0;
-        out[k].length = (uint32_t)len;
-        out[k].dma_address = 0;
-        out[k].dma_length = 0;
-        out[k].pad = 0;
-        k++;
+        pdb_floor_emit(&out[k++], start, len);
         start = pfn[i];
         len = 4096;
     }
-    out[k].phys = start << 12;
-    out[k].offset = 0;
-    out[k].length = (uint32_t)len;
-    out[k].dma_address = 0;
-    out[k].dma_length = 0;
-    out[k].pad = 0;
+    pdb_floor_emit(&out[k], start, len);
     return k + 1;
 }
 

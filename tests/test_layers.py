@@ -217,12 +217,8 @@ def _sccs(nodes: set[str], graph: dict[str, set[str]]) -> dict[str, int]:
     return comp
 
 
-def violations(all_edges: list[tuple[str, str, bool, str]],
-               ignore: frozenset[tuple[str, str]] = frozenset()) -> dict[tuple[str, str], str]:
-    """Every edge that breaks the map: (importer, imported) -> why; the
-    edges in ``ignore`` are taken out of the graph first (one listed edge
-    of a cycle breaks it)."""
-    all_edges = [e for e in all_edges if (e[0], e[1]) not in ignore]
+def violations(all_edges: list[tuple[str, str, bool, str]]) -> dict[tuple[str, str], str]:
+    """Every edge that breaks the map: (importer, imported) -> why."""
     bad: dict[tuple[str, str], str] = {}
     for a, b, annotation_only, where in all_edges:
         la, lb = layer_of(a), layer_of(b)
