@@ -41,7 +41,7 @@ from pydmabuf import _core_base, _core_dma, _core_fence, _core_iommu, _core_iova
 
 _EXPORTS = {
     _core_base: (
-        "buffer_span", "pagemap", "_Buffer", "_U64Arg",
+        "buffer_span", "pagemap", "thread_cpu", "_Buffer", "_U64Arg",
     ),
     _core_iova: (
         "IovaDomain", "RangeTable", "_remove_many",

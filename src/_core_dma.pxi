@@ -761,14 +761,14 @@ def sg_clear_dma(SgTable table not None):
     _release(table.lock)
 
 
-def map_sg_iommu(SgTable table not None, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
-                  uint64_t max_seg, bint prefer32, uint32_t cpu, uint32_t prot, P2pContext pc):
-    """iommu_dma_map_sg; returns (nents, iova, iova_len, prefer32)."""
+cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
+                          uint64_t max_seg, bint *prefer32, uint32_t cpu, uint32_t prot, P2pContext pc,
+                          uint64_t *iova, uint64_t *ilen) except -1:
+    """iommu_dma_map_sg over ``table`` under its lock and the domain's:
+    the number of DMA segments, or the kernel's errno raised."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef p2p_ctx c
     cdef int64_t rc
-    cdef uint64_t iova = 0, ilen = 0
-    cdef bint p32 = prefer32
     if table.mapping is not None:
         raise _errors.Busy("the table is already mapped for DMA")
     if cpu >= d.iovad.ncpus:
@@ -780,21 +780,23 @@ def map_sg_iommu(SgTable table not None, IommuDomain dom, uint64_t dma_limit, ui
     # Releasing the GIL costs more than mapping a short table.
     if table.t.orig_nents > 256:
         with nogil:
-            rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, &p32, cpu, prot,
-                                  &c if pc is not None else NULL, &iova, &ilen)
+            rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, prefer32, cpu, prot,
+                                  &c if pc is not None else NULL, iova, ilen)
     else:
-        rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, &p32, cpu, prot,
-                              &c if pc is not None else NULL, &iova, &ilen)
+        rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, prefer32, cpu, prot,
+                              &c if pc is not None else NULL, iova, ilen)
     _release(dom.lock)
     _release(table.lock)
     if rc < 0:
         _check(rc, {-EREMOTEIO: "dma_map_sgtable: a segment is peer memory this device cannot reach",
                     -ENOMEM: "dma_map_sgtable: out of IOVA space",
                     -EINVAL: "dma_map_sgtable: the table cannot be laid out or mapped"}.get(rc, "dma_map_sgtable"))
-    return rc, iova, ilen, p32
+    return rc
 
 
-def unmap_sg_iommu(SgTable table not None, IommuDomain dom, uint32_t cpu):
+cdef int64_t sg_iommu_unmap(SgTable table, IommuDomain dom, uint32_t cpu) except -1:
+    """iommu_dma_unmap_sg over ``table`` under its lock and the domain's:
+    the bytes unmapped, or the kernel's errno raised."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef int64_t rc
     _acquire(table.lock)
@@ -806,7 +808,26 @@ def unmap_sg_iommu(SgTable table not None, IommuDomain dom, uint32_t cpu):
         rc = iommu_dma_unmap_sg(&table.t, d, cpu)
     _release(dom.lock)
     _release(table.lock)
-    return _check(rc, "dma_unmap_sgtable")
+    _check(rc, "dma_unmap_sgtable")
+    return rc
+
+
+def map_sg_iommu(SgTable table not None, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
+                  uint64_t max_seg, bint prefer32, uint32_t cpu, uint32_t prot, P2pContext pc):
+    """iommu_dma_map_sg; returns (nents, iova, iova_len, prefer32)."""
+    cdef uint64_t iova = 0, ilen = 0
+    cdef bint p32 = prefer32
+    cdef int64_t rc
+    if dom is None:
+        raise TypeError("map_sg_iommu: dom must be an IommuDomain, not None")
+    rc = sg_iommu_map(table, dom, dma_limit, seg_mask, max_seg, &p32, cpu, prot, pc, &iova, &ilen)
+    return rc, iova, ilen, p32
+
+
+def unmap_sg_iommu(SgTable table not None, IommuDomain dom, uint32_t cpu):
+    if dom is None:
+        raise TypeError("unmap_sg_iommu: dom must be an IommuDomain, not None")
+    return sg_iommu_unmap(table, dom, cpu)
 
 
 def iova_link_ranges(IommuDomain dom, uint64_t state_addr, uint64_t offset, pairs, uint32_t prot,
@@ -925,10 +946,11 @@ def map_single(IommuDomain dom, uint64_t phys, uint64_t nbytes, uint32_t prot, u
     return dma, p32
 
 
-def destroy_iova_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t reserved, uint32_t cpu):
+cdef int64_t iova_destroy_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t reserved,
+                               uint32_t cpu) except -1:
     """dma_iova_destroy(): unmap [base, base + span) with a gather queued
     when the domain is lazy, then free the whole ``reserved`` range (at once
-    after an IOTLB sync, or onto the flush queue)."""
+    after an IOTLB sync, or onto the flush queue).  The bytes unmapped."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef pgt_gather g
     cdef int64_t unmapped = 0
@@ -950,5 +972,12 @@ def destroy_iova_span(IommuDomain dom, uint64_t base, uint64_t span, uint64_t re
     if rc < 0:
         _check(rc, f"dma_iova_destroy: [{base:#x}, +{reserved:#x}) is not a live IOVA reservation")
     return unmapped
+
+
+def destroy_iova_span(IommuDomain dom not None, uint64_t base, uint64_t span, uint64_t reserved, uint32_t cpu):
+    """dma_iova_destroy(): unmap [base, base + span) with a gather queued
+    when the domain is lazy, then free the whole ``reserved`` range (at once
+    after an IOTLB sync, or onto the flush queue)."""
+    return iova_destroy_span(dom, base, span, reserved, cpu)
 
 

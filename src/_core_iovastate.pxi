@@ -59,6 +59,7 @@ cdef class IovaStateCore:
     cdef public uint64_t _reserved
     cdef public bint uses_swiotlb
     cdef public bint _live
+    cdef public uint32_t _ncpus  # the IOMMU's CPUs: a thread's CPU for the per-CPU caches
     cdef uint64_t *win          # 2 * nwin u64: [start, end) pairs
     cdef Py_ssize_t nwin
     cdef Py_ssize_t capwin
@@ -214,11 +215,12 @@ cdef class IovaStateCore:
 
     # ------------------------------------------------ the calls
 
-    def _reserve(self, object phys, object nbytes, object dma_limit, bint prefer32):
+    def _reserve(self, object phys, object nbytes, object dma_limit, bint prefer32, uint32_t ncpus=1):
         """The reservation of ``dma_iova_try_alloc()`` (``iommu_dma_alloc_iova()``
         through CPU 0's caches, as ``IommuDomain.alloc_iova_pci``).  Returns
         the device's 32-bit preference after the call, or None when there is
-        no IOVA (the state then does not use IOVA)."""
+        no IOVA (the state then does not use IOVA).  ``ncpus``: the IOMMU's
+        CPUs, among which :meth:`_destroy` picks the calling thread's."""
         cdef IommuDomain dom = <IommuDomain?>self._dom
         cdef iommu_domain *d = _dom_of(dom)
         cdef uint64_t p = _u64(phys, "phys")
@@ -241,6 +243,7 @@ cdef class IovaStateCore:
         self.size = n
         self._offset = o
         self._reserved = span
+        self._ncpus = ncpus if ncpus else 1
         self._live = True
         return p32
 
@@ -304,18 +307,22 @@ cdef class IovaStateCore:
         b'ok'
         >>> st.destroy(n, DmaDirection.TO_DEVICE)
         """
-        dom = self._need("sync")
+        cdef IommuDomain dom = <IommuDomain?>self._need("sync")
+        cdef iommu_domain *d = _dom_of(dom)
         if nbytes is None:
             nbytes = self.size - offset
         self._check_window("sync", offset, nbytes)
         cdef uint64_t start = (self.addr + <uint64_t>offset) & ~(<uint64_t>PDB_PAGE_SIZE - 1)
         cdef uint64_t end = (self.addr + <uint64_t>offset + <uint64_t>nbytes + PDB_PAGE_SIZE - 1) \
             & ~(<uint64_t>PDB_PAGE_SIZE - 1)
-        dom.sync_map(start, end - start)
+        _acquire(dom.lock)
+        iommu_sync_map(d, start, end - start)
+        _release(dom.lock)
 
-    def _destroy(self, object mapped_nbytes, uint32_t cpu):
-        """The checks and the unmap + free of ``dma_iova_destroy()``;
-        False when ``mapped_nbytes`` is 0 (the caller frees)."""
+    def _destroy(self, object mapped_nbytes):
+        """The checks and the unmap + free of ``dma_iova_destroy()``, through
+        the calling thread's CPU; False when ``mapped_nbytes`` is 0 (the
+        caller frees)."""
         cdef uint64_t m, span
         if not isinstance(mapped_nbytes, int):
             raise TypeError(f"dma_iova_destroy: mapped_nbytes must be an int, not {type(mapped_nbytes).__name__}")
@@ -329,7 +336,8 @@ cdef class IovaStateCore:
             linked = [(s, e - s) for s, e in self._linked]
             raise _errors.LifetimeError(f"dma_iova_destroy: mapped_nbytes {m:#x} but linked {linked}")
         span = (m + self._offset + PDB_PAGE_SIZE - 1) & ~(<uint64_t>PDB_PAGE_SIZE - 1)
-        destroy_iova_span(self._dom, self.addr - self._offset, span, self._reserved, cpu)
+        iova_destroy_span(<IommuDomain?>self._dom, self.addr - self._offset, span, self._reserved,
+                          pdb_thread_cpu(self._ncpus))
         self.nwin = 0
         return True
 

@@ -107,6 +107,14 @@ cdef str _os_strerror(int e):
     return os.strerror(e)
 
 
+def thread_cpu(uint32_t ncpus):
+    """The CPU the calling thread stands for among ``ncpus`` (per-CPU IOVA
+    caches, flush queues): its native thread id modulo ``ncpus``."""
+    if ncpus == 0:
+        raise ValueError("thread_cpu: ncpus must be at least 1")
+    return pdb_thread_cpu(ncpus)
+
+
 def buffer_span(buffer):
     """(address, nbytes) of a contiguous buffer: where its bytes are."""
     return _buffer_span(buffer)

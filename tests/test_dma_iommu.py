@@ -431,3 +431,108 @@ def test_map_sg_failing_halfway_restores_the_table_and_unmaps(after):
     assert s["mapped_nbytes"] == 0 and s["iova_live_ranges"] == 0
     d.domain.pgtable._fail_alloc_after(None)
     check_against_model(d, t, rows, U64, 0x10000)
+
+
+# ------------------------------------------- the compiled per-call path
+#
+# pydmabuf._dma_sg takes dma_map_sgtable's common case in one compiled
+# call; everything else goes the general Python path.  Both must leave the
+# same table, IOVA, domain counters and device state.
+
+
+def _mapped_state(m, dev, rows, limits, through_cache):
+    """Map ``rows`` twice for ``dev`` (two tables, so the IOVA allocator's
+    state carries over) and return everything the map leaves behind."""
+    from pydmabuf import dma_iommu
+
+    for k, v in limits.items():
+        setattr(dev, k, v)
+    if through_cache:  # one map elsewhere fills the argument cache: every map below is compiled
+        _, other = iommu_device()
+        t = make_table(rows)
+        dma_map_sgtable(other, t, BIDI)
+        dma_unmap_sgtable(other, t, BIDI)
+    out, tables = [], []
+    for _ in range(2):
+        t = make_table(rows)
+        tables.append(t)
+        if not through_cache:
+            dma_iommu._LINK_ARGS.clear()  # the general path: it refills the cache itself
+        n = dma_map_sgtable(dev, t, BIDI)
+        mp = t.mapping
+        out.append((n, t.dma_ranges().tolist(), mp.kind, mp.iova, mp.iova_nbytes, mp.direction, mp.attrs,
+                    dev.prefer_32bit_iova))
+    out.append(dev.domain.stats)
+    for t in tables:
+        dma_unmap_sgtable(dev, t, BIDI)
+    out.append(dev.domain.stats)
+    return out
+
+
+@pytest.mark.parametrize("limits", [
+    {},
+    {"max_segment_size": 8192},
+    {"seg_boundary_mask": 0xFFFF},
+    {"dma_mask": 2**32 - 1},
+    {"bus_dma_limit": 2**36 - 1},
+])
+def test_the_compiled_sg_path_leaves_what_the_general_path_leaves(limits):
+    rows = [(0x100000, 0, G), (0x100001, 0, G), (0x100009, 0x200, 0x600), (0x200000, 0, 3 * G)]
+    (m1, d1), (m2, d2) = iommu_device(), iommu_device()
+    fast = _mapped_state(m1, d1, rows, limits, through_cache=True)
+    slow = _mapped_state(m2, d2, rows, limits, through_cache=False)
+    assert fast == slow
+
+
+def test_the_compiled_sg_path_takes_the_common_case_and_declines_the_rest():
+    from pydmabuf import _dma_sg
+
+    m, dev = iommu_device()
+    t = make_table([(0x100000, 0, G)])
+    dma_map_sgtable(dev, t, BIDI)  # fills the argument cache
+    dma_unmap_sgtable(dev, t, BIDI)
+    assert _dma_sg.map_iommu(dev, t, BIDI, 0) == 1
+    assert type(t.mapping) is _dma_sg.SgMapping and t.mapping.kind == "iommu"
+    # Declined, nothing done: the general path checks and raises.
+    assert _dma_sg.map_iommu(dev, t, BIDI, 0) == -1  # already mapped
+    assert _dma_sg.unmap_iommu(dev, t, DmaDirection.TO_DEVICE, 0) is False  # other direction
+    with pytest.raises(errors.LifetimeError):
+        dma_unmap_sgtable(dev, t, DmaDirection.TO_DEVICE)
+    m2, other = iommu_device()
+    assert _dma_sg.unmap_iommu(other, t, BIDI, 0) is False  # another device
+    assert _dma_sg.unmap_iommu(dev, t, 3.0, 0) is False  # not a plain type
+    assert t.mapping is not None
+    assert _dma_sg.unmap_iommu(dev, t, BIDI, 0) is True and t.mapping is None
+    assert dev.domain.stats["mapped_nbytes"] == 0
+    assert _dma_sg.unmap_iommu(dev, t, BIDI, 0) is False  # not mapped
+    for args in [(dev, t, 1.0, 0), (dev, t, BIDI, 0.0), (None, t, BIDI, 0), (dev, None, BIDI, 0),
+                 (dev, t, BIDI, 1 << 40)]:  # attributes never seen: the general path parses them
+        assert _dma_sg.map_iommu(*args) == -1
+        assert t.mapping is None
+    assert _dma_sg.map_iommu(dev, SgTable.from_ranges([[0x1000, G]]), BIDI, 0) == -1  # no CPU entries
+    _, untrusted = iommu_device(untrusted=True)
+    assert _dma_sg.map_iommu(untrusted, t, BIDI, 0) == -1
+    assert t.mapping is None and dev.domain.stats["mapped_nbytes"] == 0
+
+
+def test_a_thread_stands_for_its_native_id_modulo_the_cpus():
+    import threading
+
+    from pydmabuf import _core
+
+    seen = {}
+
+    def run():
+        seen[threading.get_native_id()] = [_core.thread_cpu(n) for n in (1, 2, 3, 7, 64)]
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    run()
+    assert len(seen) >= 2
+    for tid, cpus in seen.items():
+        assert cpus == [tid % n for n in (1, 2, 3, 7, 64)]
+    with pytest.raises(ValueError):
+        _core.thread_cpu(0)

@@ -232,6 +232,25 @@ cdef inline object _np():
     return numpy
 
 
+# -------------------------------------------------------------------- CPUs
+#
+# The CPU a thread stands for in the per-CPU IOVA caches and flush queues:
+# its native thread id (threading.get_native_id(), read once per thread
+# into a thread-local) modulo the CPUs of the IOMMU.
+
+cdef extern from *:
+    """
+    static __thread unsigned long pdb_native_tid;
+    static inline uint32_t pdb_thread_cpu(uint32_t ncpus)
+    {
+        if (pdb_native_tid == 0)
+            pdb_native_tid = PyThread_get_thread_native_id();
+        return (uint32_t)(pdb_native_tid % (ncpus ? ncpus : 1));
+    }
+    """
+    uint32_t pdb_thread_cpu(uint32_t ncpus) noexcept
+
+
 # ------------------------------------------------------------------ errors
 
 # The one bridge from a kernel's return code to an exception.

@@ -37,10 +37,11 @@ from typing import Any, cast
 
 import numpy as np
 
-from pydmabuf import _core, access, dma_direct, errors
+from pydmabuf import _core, _dma_sg, access, dma_direct, errors
 from pydmabuf._args import _ATTR_TYPES, _DIR_ATTRS, _DIR_TYPES, _attrs, _bad_range, _dir_attrs, _need_int
 from pydmabuf._args import _dir as _dir  # dmabuf.py parses directions through this module
 from pydmabuf._core import IommuDomain, SgTable
+from pydmabuf._dma_sg import SgMapping
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DMA_MAPPING_ERROR, PAGE_SIZE, DmaAttrs, DmaDirection
 from pydmabuf.devaccess import accessor, device_read, device_write
@@ -89,25 +90,6 @@ def _need_table(table: Any, what: str) -> SgTable:
 # ------------------------------------------------------------ scatterlists
 
 
-@dataclass(eq=False)
-class SgMapping:
-    """What a mapped table remembers (``table.mapping``)."""
-
-    device: Device
-    direction: DmaDirection
-    attrs: DmaAttrs
-    kind: str  # "direct", "iommu", "iommu-swiotlb"
-    iova: int = 0
-    iova_nbytes: int = 0
-    bounces: list[tuple[int, int, int, int]] = field(default_factory=list)  # (slot, tlb, orig, size)
-    singles: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, dma, size)
-
-    @property
-    def device_name(self) -> str:
-        return self.device.name
-
-
-
 def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | int,
                     attrs: int = 0) -> int:
     """``dma_map_sgtable()``: map the ``orig_nents`` CPU entries for ``device``.
@@ -140,6 +122,11 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     1
     >>> dma_unmap_sgtable(gpu, t, DmaDirection.TO_DEVICE)
     """
+    # A trusted device behind an IOMMU, plain arguments seen before: one
+    # compiled call (pydmabuf._dma_sg), the same core walk as below.
+    nents = _dma_sg.map_iommu(device, table, direction, attrs)
+    if nents >= 0:
+        return nents
     # One look-up gives the parsed direction, attributes and IOMMU prot
     # (the list-free calls' cache), for arguments of exactly these types.
     hit = _LINK_ARGS.get((direction, attrs, device.coherent)) if type(device) is Device \
@@ -227,6 +214,8 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
     >>> t.mapping is None
     True
     """
+    if _dma_sg.unmap_iommu(device, table, direction, attrs):
+        return
     da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
     d, a = da if da is not None else _dir_attrs(direction, attrs)
     if type(device) is not Device or type(table) is not SgTable:

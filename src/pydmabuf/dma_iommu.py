@@ -13,7 +13,6 @@ each (``_core.map_sg_iommu``, ``_core.map_single``), dispatched from
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
@@ -30,19 +29,11 @@ __all__ = ["IovaState"]
 G = PAGE_SIZE
 GMASK = G - 1
 
-_tls = threading.local()
-
-
 def _cpu(device: Device) -> int:
     """The CPU this thread stands for (per-CPU IOVA caches, flush queues):
-    its native thread id, read once per thread."""
+    its native thread id, read once per thread, modulo the IOMMU's CPUs."""
     g = device.iommu_group
-    n = g.iommu.ncpus if g is not None else 1
-    try:
-        tid: int = _tls.tid
-    except AttributeError:
-        tid = _tls.tid = threading.get_native_id()
-    return tid % n
+    return _core.thread_cpu(g.iommu.ncpus if g is not None else 1)
 
 
 _PROTS: dict[tuple[bool, int, int], int] = {}
@@ -139,7 +130,7 @@ class IovaState(_core.IovaStateCore, Owner):
             raise TypeError("phys and nbytes must be ints")
         if dom is None or nbytes <= 0 or nbytes >> 63 or phys < 0:
             return self
-        p32 = self._reserve(phys, nbytes, device.dma_limit, device.prefer_32bit_iova)
+        p32 = self._reserve(phys, nbytes, device.dma_limit, device.prefer_32bit_iova, g.iommu.ncpus)
         if p32 is not None:
             device.prefer_32bit_iova = p32
         return self
@@ -189,7 +180,7 @@ class IovaState(_core.IovaStateCore, Owner):
             d, a, prot = hit
         if not device.untrusted:
             # Parsing, the offset checks, the link and the record: one core call.
-            return self._link(ranges, prot, offset, bool(_all_at_offset))
+            return self._link(ranges, prot, offset, _all_at_offset)
         rows = _core.u64_pairs(ranges, "dma_iova_link ranges")
         if len(rows) == 0:
             return 0
@@ -298,7 +289,7 @@ class IovaState(_core.IovaStateCore, Owner):
         da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
         d, a = da if da is not None else _dir_attrs(direction, attrs)
         # The checks, the unmap and the free in the core; False for 0 bytes.
-        if not self._destroy(mapped_nbytes, _cpu(self.device)):
+        if not self._destroy(mapped_nbytes):
             if self.linked_nbytes:
                 raise errors.LifetimeError("dma_iova_destroy(0) with ranges still linked")
             self.free()

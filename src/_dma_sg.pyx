@@ -1,0 +1,164 @@
+# cython: language_level=3
+"""pydmabuf._dma_sg: the DMA API's per-call path for a scatterlist mapped
+through an IOMMU (``dma_map_sgtable`` / ``dma_unmap_sgtable`` on a device
+that uses dma-iommu), and the record a mapped table keeps.
+
+:func:`pydmabuf.dma.dma_map_sgtable` is the API.  For its common case (a
+trusted device behind an IOMMU domain, arguments of the plain types, a
+table with CPU entries that is not mapped yet, direction and attributes
+already seen once) it calls :func:`map_iommu`, which reads the device's
+DMA limits and calls the core's locked walk (``sg_iommu_map``) without
+going back through Python.  Anything else, including every call that
+would fail before the walk, returns -1 and the Python code takes its
+general path, which makes the checks and raises the errors.  The walk,
+its IOVAs, its counters and its errors are the core's in both paths.
+
+The module sits at the DMA API's layer (docs/layers.md): it reads a
+:class:`~pydmabuf.device.Device` and the argument caches of
+:mod:`pydmabuf.dma_iommu`; the core below knows neither.
+"""
+
+from pydmabuf._core_base cimport *
+from pydmabuf._core_iommu cimport IommuDomain
+from pydmabuf._core_dma cimport P2pContext, SgTable, sg_iommu_map, sg_iommu_unmap
+
+from pydmabuf._args import _DIR_ATTRS as _dir_attrs_cache
+from pydmabuf._types import DmaAttrs as _DmaAttrs
+from pydmabuf._types import DmaDirection as _DmaDirection
+from pydmabuf.device import DEFAULT_MAX_SEGMENT_SIZE as _DEFAULT_MAX_SEG
+from pydmabuf.device import Device as _Device
+from pydmabuf.dma_iommu import _LINK_ARGS as _link_args_cache
+from pydmabuf.pci import p2p_context as _p2p_context
+
+__all__ = ["SgMapping", "map_iommu", "unmap_iommu"]
+
+cdef uint64_t _U64 = 0xFFFFFFFFFFFFFFFF
+# The argument caches the Python layer fills (typed: a dict look-up in C).
+cdef dict _LINK_ARGS = _link_args_cache
+cdef dict _DIR_ATTRS = _dir_attrs_cache
+cdef str _IOMMU = "iommu"
+
+
+cdef class SgMapping:
+    """What a mapped table remembers (``table.mapping``): the device, the
+    direction and attributes it was mapped with, the path (``kind``:
+    ``"direct"``, ``"iommu"`` or ``"iommu-swiotlb"``), the IOVA range of an
+    IOMMU mapping, and what a bounce left to give back (``bounces``:
+    ``(slot, tlb, orig, size)``; ``singles``: ``(slot, dma, size)``)."""
+
+    cdef public object device
+    cdef public object direction
+    cdef public object attrs
+    cdef public str kind
+    cdef public uint64_t iova
+    cdef public uint64_t iova_nbytes
+    cdef public list bounces
+    cdef public list singles
+
+    def __init__(self, device, direction, attrs, str kind not None, uint64_t iova=0, uint64_t iova_nbytes=0,
+                 list bounces=None, list singles=None):
+        self.device = device
+        self.direction = direction
+        self.attrs = attrs
+        self.kind = kind
+        self.iova = iova
+        self.iova_nbytes = iova_nbytes
+        self.bounces = [] if bounces is None else bounces
+        self.singles = [] if singles is None else singles
+
+    @property
+    def device_name(self):
+        return self.device.name
+
+    def __repr__(self):
+        return (f"SgMapping(device={self.device!r}, direction={self.direction!r}, attrs={self.attrs!r}, "
+                f"kind={self.kind!r}, iova={self.iova:#x}, iova_nbytes={self.iova_nbytes:#x})")
+
+
+cdef inline bint _plain(object direction, object attrs):
+    """Arguments of exactly the types the caches are filled for (a float
+    1.0 hashes like 1 and must still reach the general path's refusal)."""
+    t = type(direction)
+    u = type(attrs)
+    return (t is int or t is _DmaDirection) and (u is int or u is _DmaAttrs)
+
+
+def map_iommu(device, table, direction, attrs):
+    """``iommu_dma_map_sg()`` for ``dma_map_sgtable``'s common case.
+
+    Returns the number of DMA segments (the table is mapped and its
+    ``mapping`` set), or -1 when the call is not the common case and
+    nothing was done."""
+    if type(device) is not _Device or type(table) is not SgTable or not _plain(direction, attrs):
+        return -1
+    cdef SgTable t = <SgTable>table
+    if t.t.orig_nents == 0 or t.mapping is not None:
+        return -1
+    g = device.iommu_group
+    if g is None:
+        return -1
+    dom = g.domain
+    if type(dom) is not IommuDomain or device.untrusted:
+        return -1
+    hit = _LINK_ARGS.get((direction, attrs, device.coherent))
+    if hit is None:
+        return -1
+    d, a, prot = <tuple?>hit
+    # pydmabuf.pci.p2p_context's cache, read here; it builds on a miss.
+    ctx = getattr(device, "_p2p_ctx", None)
+    if ctx is None or type(ctx) is not tuple or (<tuple>ctx)[0] != len(device.machine._owners):
+        ctx = _p2p_context(device)
+    else:
+        ctx = (<tuple>ctx)[1]
+    # Device.dma_limit, dma_get_seg_boundary(), dma_get_max_seg_size().
+    limit = device.dma_mask
+    bus = device.bus_dma_limit
+    if bus and bus < limit:
+        limit = bus
+    seg = device.seg_boundary_mask
+    maxseg = device.max_segment_size
+    cdef bint p32 = device.prefer_32bit_iova
+    cdef uint64_t iova = 0, ilen = 0
+    cdef int64_t rc = sg_iommu_map(t, <IommuDomain>dom, limit, _U64 if seg is None else seg,
+                                   _DEFAULT_MAX_SEG if maxseg is None else maxseg, &p32,
+                                   pdb_thread_cpu(g.iommu.ncpus), prot, <P2pContext?>ctx, &iova, &ilen)
+    device.prefer_32bit_iova = p32
+    cdef SgMapping m = SgMapping.__new__(SgMapping)
+    m.device = device
+    m.direction = d
+    m.attrs = a
+    m.kind = _IOMMU
+    m.iova = iova
+    m.iova_nbytes = ilen
+    m.bounces = []
+    m.singles = []
+    t.mapping = m
+    return rc
+
+
+def unmap_iommu(device, table, direction, attrs):
+    """``iommu_dma_unmap_sg()`` for ``dma_unmap_sgtable``'s common case: a
+    table this device mapped through its IOMMU, unmapped with the same
+    direction.  True when done; False when not that case and nothing was
+    done (the caller's general path checks and raises)."""
+    if type(device) is not _Device or type(table) is not SgTable or not _plain(direction, attrs):
+        return False
+    cdef SgTable t = <SgTable>table
+    m = t.mapping
+    if type(m) is not SgMapping:
+        return False
+    cdef SgMapping sm = <SgMapping>m
+    if sm.device is not device or sm.kind != _IOMMU:
+        return False
+    da = _DIR_ATTRS.get((direction, attrs))
+    if da is None or (<tuple?>da)[0] != sm.direction:
+        return False
+    g = device.iommu_group
+    if g is None:
+        return False
+    dom = g.domain
+    if type(dom) is not IommuDomain:
+        return False
+    sg_iommu_unmap(t, <IommuDomain>dom, pdb_thread_cpu(g.iommu.ncpus))
+    t.mapping = None
+    return True
