@@ -1131,3 +1131,25 @@ def test_zero_pages_clears_exactly_the_pages_given(m):
     for i in range(40):
         assert (got[i] == 0).all() if i in cleared else (got[i] == 0x11).all(), i
     assert mem._raw_zero_pages(np.array([base + 200], dtype=np.uint64)) == 0   # never written: nothing to do
+
+
+def test_wait_unmapped_wakes_when_another_thread_unmaps(m):
+    """An unmap notifies the buffer's waiters (and only when there are
+    some: the count of threads in wait_unmapped)."""
+
+    b = SystemHeap(m).allocate(1 << 16)
+    a = b.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    done = []
+    waiter = threading.Thread(target=lambda: done.append(b.wait_unmapped(30) is None))
+    waiter.start()
+    for _ in range(3000):  # until the waiter is counted (no assertion on time)
+        if b._idle_waiters:
+            break
+        time.sleep(0.001)
+    assert b._idle_waiters == 1
+    a.unmap_unlocked(t, BIDI)
+    waiter.join(30)
+    assert done == [True] and b._idle_waiters == 0
+    b.detach(a)
+    b.put()

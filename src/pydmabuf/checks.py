@@ -61,8 +61,10 @@ def created_at(skip_package: bool = True) -> str:
     """``file:line`` of the first caller outside pydmabuf (where a user made
     the object), for reports.  The bundled scenarios count as user code."""
     f: FrameType | None = sys._getframe(1)
+    kinds = _FILE_KIND
     while f is not None:
-        name = _user_file(f.f_code.co_filename)
+        co_filename = f.f_code.co_filename
+        name = kinds[co_filename] if co_filename in kinds else _user_file(co_filename)
         if name is not None or not skip_package:
             return f"{name or os.path.basename(f.f_code.co_filename)}:{f.f_lineno}"
         f = f.f_back

@@ -255,19 +255,21 @@ class MappingMatch:
     def __init__(self, type: MappingType, exp_ops: Any = None, **data: Any) -> None:
         if not isinstance(type, MappingType):
             raise TypeError(f"MappingMatch: type must be a MappingType, not {builtin_type(type).__name__}")
-        for k in data:
-            if k in ("type", "exp_ops"):
-                raise TypeError(f"MappingMatch: {k!r} is not type data")
+        # ``type`` and ``exp_ops`` cannot be in ``data``: Python binds them
+        # to the parameters (or refuses a second value).
         self.type = type
         self.exp_ops = exp_ops
-        self._data = dict(data)
+        self._data = data  # a new dict of this call's keywords
         # The data as instance attributes too, so that reading one (with or
         # without a getattr default) is a dict hit, not a failed look-up, an
         # AttributeError and a __getattr__ call; names the class has keep
         # meaning the class's, as before.
-        for k, v in data.items():
-            if k not in _MATCH_CLASS_NAMES:
-                self.__dict__[k] = v
+        if _MATCH_CLASS_NAMES.isdisjoint(data):
+            self.__dict__.update(data)
+        else:
+            for k, v in data.items():
+                if k not in _MATCH_CLASS_NAMES:
+                    self.__dict__[k] = v
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not real attributes: the type data.

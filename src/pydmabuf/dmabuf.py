@@ -88,6 +88,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
         self._attachments = []
         self._mappings = set()
         self._idle = threading.Condition(self._lock)
+        self._idle_waiters = 0  # threads in wait_unmapped (under _lock)
         self._vmap_count = 0
         self._vmap_ptr = None
         self._cpu_maps = weakref.WeakSet()

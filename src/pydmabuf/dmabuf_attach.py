@@ -75,12 +75,41 @@ class _Mapping:
         return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
 
 
-# What the checker watches, weakly on both sides: a mapping lives as long as
-# its attachment keeps it, so nothing here keeps a leaked buffer (and the
-# ResourceWarning it owes) from being collected.
-_device_maps: "weakref.WeakKeyDictionary[Device, weakref.WeakSet[_Mapping]]" = weakref.WeakKeyDictionary()
-_table_maps: "weakref.WeakValueDictionary[int, _Mapping]" = weakref.WeakValueDictionary()  # by id(table)
+# What the checker watches, weakly: a mapping lives as long as its
+# attachment keeps it, so nothing here keeps a leaked buffer (and the
+# ResourceWarning it owes) from being collected.  Entries are plain weak
+# references keyed by id(), put in by _track and taken out by _untrack: a
+# mapping collected without an unmap (its attachment leaked) leaves a dead
+# reference, skipped when read and replaced when its id is used again.
+_MapRefs = dict[int, "weakref.ReferenceType[_Mapping]"]
+_device_maps: "weakref.WeakKeyDictionary[Device, _MapRefs]" = weakref.WeakKeyDictionary()
+_table_maps: _MapRefs = {}  # id(table) -> its mapping (m.table is table when live)
 _maps_lock = threading.Lock()
+
+
+def _live_maps(device: Device) -> list[_Mapping]:
+    """The device's tracked mappings that are still alive (the dead
+    references of leaked ones are dropped on the way)."""
+    out = []
+    with _maps_lock:
+        maps = _device_maps.get(device)
+        if not maps:
+            return out
+        for key, r in list(maps.items()):
+            m = r()
+            if m is None:
+                del maps[key]
+            else:
+                out.append(m)
+    return out
+
+
+def _table_map(table: Any) -> _Mapping | None:
+    """The live tracked mapping whose table is ``table``, or None."""
+    with _maps_lock:
+        r = _table_maps.get(id(table))
+    m = r() if r is not None else None
+    return m if m is not None and m.table is table else None
 
 
 def _table_with(table: SgTable, entering: bool) -> None:
@@ -96,9 +125,8 @@ def _table_with(table: SgTable, entering: bool) -> None:
     after an unmap by hand, the exit does nothing.
     """
     def live() -> _Mapping | None:
-        with _maps_lock:
-            m = _table_maps.get(id(table))
-        return m if m is not None and m.table is table and m in m.attachment._maps else None
+        m = _table_map(table)
+        return m if m is not None and m in m.attachment._maps else None
 
     m = live()
     if entering:
@@ -128,9 +156,7 @@ def _access_hook(device: Device, addr: int, nbytes: int, write: bool) -> None:
     through a mapping its importer was told to drop, or of a buffer that
     was released under it (report mode let the release go on: its pages
     may be someone else's now)?"""
-    with _maps_lock:
-        maps = list(_device_maps.get(device, ()))
-    for m in maps:
+    for m in _live_maps(device):
         if m.attachment.dmabuf._released and m.covers(addr, nbytes):
             a = m.attachment
             checks.checker.lifetime(
@@ -156,9 +182,7 @@ def _iotlb_describer(device: Device, addr: int, nbytes: int) -> tuple[Any, Any] 
     address belongs to, asked when an access fills the cache, so a later
     hit on the stale entry names the mapping and the importer that
     unmapped it."""
-    with _maps_lock:
-        maps = list(_device_maps.get(device, ()))
-    for m in maps:
+    for m in _live_maps(device):
         if m.covers(addr, nbytes):
             return m, m.attachment.importer_ops or m.attachment
     return None
@@ -275,13 +299,14 @@ class Attachment(AttachmentBase, Owner):
         dev = self.device
         if dev is None:
             return m
+        ref = weakref.ref(m)
         with _maps_lock:
             maps = _device_maps.get(dev)
-            if maps is None:  # a WeakSet only for a device's first mapping
-                maps = _device_maps[dev] = weakref.WeakSet()
-            maps.add(m)
+            if maps is None:
+                maps = _device_maps[dev] = {}
+            maps[id(m)] = ref
             if table is not None:
-                _table_maps[id(table)] = m  # m holds the table: its id stays its own
+                _table_maps[id(table)] = ref  # m holds the table: its id stays its own
         return m
 
     def _untrack(self, m: _Mapping) -> None:
@@ -289,13 +314,14 @@ class Attachment(AttachmentBase, Owner):
         with buf._lock:
             self._maps.discard(m)
             buf._mappings.discard(m)
-            buf._idle.notify_all()
+            if buf._idle_waiters:
+                buf._idle.notify_all()
         if self.device is None:
             return
         with _maps_lock:
-            s = _device_maps.get(self.device)
-            if s is not None:
-                s.discard(m)
+            maps = _device_maps.get(self.device)
+            if maps is not None:
+                maps.pop(id(m), None)
 
     def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
         """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
@@ -317,10 +343,7 @@ class Attachment(AttachmentBase, Owner):
         """
         d = _dir(direction)
         self._require_resv("unmap")
-        with _maps_lock:
-            m = _table_maps.get(id(table)) if isinstance(table, SgTable) else None
-            if m is not None and m.table is not table:
-                m = None
+        m = _table_map(table) if isinstance(table, SgTable) else None
         if m is None or m.attachment is not self or m not in self._maps:
             checks.checker.lifetime("bad-unmap", "dma_buf_unmap_attachment of a table that is not a live "
                                     "mapping of this attachment (a double unmap?)", self, culprit=self.importer_ops)

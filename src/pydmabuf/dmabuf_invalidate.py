@@ -264,7 +264,12 @@ class DmaBufInvalidation(DmaBufBase):
         """Block until no importer holds a mapping of this buffer."""
         timeout_arg(timeout, "wait_unmapped")
         with self._idle:
-            if not self._idle.wait_for(lambda: not self._mappings, timeout):
+            self._idle_waiters += 1  # an unmap notifies only while someone waits
+            try:
+                idle = self._idle.wait_for(lambda: not self._mappings, timeout)
+            finally:
+                self._idle_waiters -= 1
+            if not idle:
                 who = sorted({m.attachment.device.name if m.attachment.device is not None
                               else repr(m.attachment.importer_ops) for m in self._mappings})
                 raise errors.TimedOut(f"{self.name}: {len(self._mappings)} mapping(s) still live after "

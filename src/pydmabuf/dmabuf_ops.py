@@ -230,6 +230,7 @@ class DmaBufBase:
     _attachments: list[Attachment]
     _mappings: set[_Mapping]
     _idle: threading.Condition
+    _idle_waiters: int
     _vmap_count: int
     _vmap_ptr: Any  # whatever the exporter's vmap returned
     _cpu_maps: weakref.WeakSet[CpuMapping]

@@ -491,19 +491,18 @@ def pal_unmap_phys(attachment: Attachment, phys_list: PhysList) -> None:
 
 
 class _LegacySgtOps:
-    """``dma_buf_sgt_exp_compat_match``'s ops: forward to an unaware
-    exporter's own ``map_dma_buf``/``unmap_dma_buf``."""
+    """``dma_buf_sgt_exp_compat_match``'s ops: forward to the unaware
+    exporter of the attachment's buffer, its own ``map_dma_buf`` /
+    ``unmap_dma_buf`` (the kernel's compat entry calls ``dmabuf->ops``).
+    Stateless: one instance serves every buffer."""
 
-    __slots__ = ("exporter",)
-
-    def __init__(self, exporter: Exporter) -> None:
-        self.exporter = exporter
+    __slots__ = ()
 
     def map_dma_buf(self, attachment: Attachment, direction: Any) -> Any:
-        return self.exporter.map_dma_buf(attachment, direction)
+        return attachment.dmabuf.exporter.map_dma_buf(attachment, direction)
 
     def unmap_dma_buf(self, attachment: Attachment, table: Any, direction: Any) -> None:
-        self.exporter.unmap_dma_buf(attachment, table, direction)
+        attachment.dmabuf.exporter.unmap_dma_buf(attachment, table, direction)
 
 
 class _LegacyPalOps:
@@ -538,7 +537,12 @@ def exporter_matches(args: MatchArgs, exporter: Any) -> None:
     if single is not None:
         match_mapping(args, [single])
         return
-    match_mapping(args, [sgt_exporter(_LegacySgtOps(exporter))])
+    match_mapping(args, [_COMPAT_SGT])
+
+
+#: The compat SGT NO_P2P entry: one for every exporter, since its ops find
+#: the exporter through the attachment.
+_COMPAT_SGT = sgt_exporter(_LegacySgtOps())
 
 
 def exporter_pal_ops(dmabuf: DmaBuf) -> Any:
