@@ -128,7 +128,7 @@ class IovaState(_core.IovaStateCore, Owner):
         if (type(phys) is not int or type(nbytes) is not int) and \
                 (not isinstance(phys, int) or not isinstance(nbytes, int)):
             raise TypeError("phys and nbytes must be ints")
-        if dom is None or nbytes <= 0 or nbytes >> 63 or phys < 0:
+        if g is None or dom is None or nbytes <= 0 or nbytes >> 63 or phys < 0:
             return self
         p32 = self._reserve(phys, nbytes, device.dma_limit, device.prefer_32bit_iova, g.iommu.ncpus)
         if p32 is not None:

@@ -233,7 +233,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
             raise errors.InvalidArgument(f"{what}: {device.name} is a device of machine "
                                          f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
         accepts = ops is not None and bool(ops.allow_peer2peer)
-        return self.mapping_attach([mapping.sgt_importer(device, accepts)], ops, priv)
+        return self._attach((mapping.sgt_importer(device, accepts),), ops, priv)
 
     def mapping_attach(self, importer_matches: Iterable[Any], importer_ops: ImporterOps | None = None,
                        importer_priv: Any = None) -> Attachment:
@@ -272,7 +272,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
         A failed attach leaves nothing behind and calls no ``detach``.
         """
         self._alive("attach")
-        imp = list(importer_matches)
+        imp = tuple(importer_matches)
         if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
             raise TypeError("importer_ops must be an ImporterOps")
         for e in imp:
@@ -280,6 +280,12 @@ class DmaBuf(DmaBufInvalidation, Owner):
                 raise TypeError(f"mapping_attach: importer entries must be MappingMatch, not {type(e).__name__}")
             if e.exp_ops is not None:
                 raise errors.InvalidArgument("mapping_attach: an importer entry carries exporter ops")
+        return self._attach(imp, importer_ops, importer_priv)
+
+    def _attach(self, imp: tuple[mapping.MappingMatch, ...], importer_ops: ImporterOps | None,
+                importer_priv: Any) -> Attachment:
+        """:meth:`mapping_attach` after its argument checks (``attach`` and
+        ``dynamic_attach`` build their one valid entry themselves)."""
         if self.resv.held_by_current_thread():
             checks.checker.locking("attach-with-resv", "dma_buf_attach with the reservation lock held", self)
         a = Attachment._new(self, None, importer_ops, importer_priv)

@@ -90,7 +90,7 @@ _maps_lock = threading.Lock()
 def _live_maps(device: Device) -> list[_Mapping]:
     """The device's tracked mappings that are still alive (the dead
     references of leaked ones are dropped on the way)."""
-    out = []
+    out: list[_Mapping] = []
     with _maps_lock:
         maps = _device_maps.get(device)
         if not maps:
