@@ -231,6 +231,8 @@ cdef class IovaStateCore:
         cdef uint64_t iova = 0
         cdef bint p32 = prefer32
         cdef int rc
+        if ncpus == 0:
+            raise ValueError("dma_iova_try_alloc: the IOMMU has no CPUs")
         _acquire(dom.lock)
         rc = iommu_dma_alloc_iova(d, span, lim, &p32, 0, &iova)
         _release(dom.lock)
@@ -243,7 +245,7 @@ cdef class IovaStateCore:
         self.size = n
         self._offset = o
         self._reserved = span
-        self._ncpus = ncpus if ncpus else 1
+        self._ncpus = ncpus
         self._live = True
         return p32
 

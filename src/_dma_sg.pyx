@@ -28,7 +28,6 @@ from pydmabuf._types import DmaDirection as _DmaDirection
 from pydmabuf.device import DEFAULT_MAX_SEGMENT_SIZE as _DEFAULT_MAX_SEG
 from pydmabuf.device import Device as _Device
 from pydmabuf.dma_iommu import _LINK_ARGS as _link_args_cache
-from pydmabuf.pci import p2p_context as _p2p_context
 
 __all__ = ["SgMapping", "map_iommu", "unmap_iommu"]
 
@@ -104,12 +103,17 @@ def map_iommu(device, table, direction, attrs):
     if hit is None:
         return -1
     d, a, prot = <tuple?>hit
-    # pydmabuf.pci.p2p_context's cache, read here; it builds on a miss.
-    ctx = getattr(device, "_p2p_ctx", None)
-    if ctx is None or type(ctx) is not tuple or (<tuple>ctx)[0] != len(device.machine._owners):
-        ctx = _p2p_context(device)
-    else:
-        ctx = (<tuple>ctx)[1]
+    ncpus = g.iommu.ncpus
+    if type(ncpus) is not int or not 0 < ncpus <= 0xFFFFFFFF:
+        return -1
+    # pydmabuf.pci.p2p_context's cache, read here: (owners seen, context).
+    # Anything else (a miss, or junk) is the general path's to rebuild or
+    # refuse.
+    cache = getattr(device, "_p2p_ctx", None)
+    if type(cache) is not tuple or len(<tuple>cache) != 2 or type((<tuple>cache)[1]) is not P2pContext \
+            or (<tuple>cache)[0] != len(device.machine._owners):
+        return -1
+    ctx = (<tuple>cache)[1]
     # Device.dma_limit, dma_get_seg_boundary(), dma_get_max_seg_size().
     limit = device.dma_mask
     bus = device.bus_dma_limit
@@ -121,7 +125,7 @@ def map_iommu(device, table, direction, attrs):
     cdef uint64_t iova = 0, ilen = 0
     cdef int64_t rc = sg_iommu_map(t, <IommuDomain>dom, limit, _U64 if seg is None else seg,
                                    _DEFAULT_MAX_SEG if maxseg is None else maxseg, &p32,
-                                   pdb_thread_cpu(g.iommu.ncpus), prot, <P2pContext?>ctx, &iova, &ilen)
+                                   pdb_thread_cpu(ncpus), prot, <P2pContext>ctx, &iova, &ilen)
     device.prefer_32bit_iova = p32
     cdef SgMapping m = SgMapping.__new__(SgMapping)
     m.device = device
@@ -159,6 +163,9 @@ def unmap_iommu(device, table, direction, attrs):
     dom = g.domain
     if type(dom) is not IommuDomain:
         return False
-    sg_iommu_unmap(t, <IommuDomain>dom, pdb_thread_cpu(g.iommu.ncpus))
+    ncpus = g.iommu.ncpus
+    if type(ncpus) is not int or not 0 < ncpus <= 0xFFFFFFFF:
+        return False
+    sg_iommu_unmap(t, <IommuDomain>dom, pdb_thread_cpu(ncpus))
     t.mapping = None
     return True

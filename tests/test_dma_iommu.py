@@ -536,3 +536,40 @@ def test_a_thread_stands_for_its_native_id_modulo_the_cpus():
         assert cpus == [tid % n for n in (1, 2, 3, 7, 64)]
     with pytest.raises(ValueError):
         _core.thread_cpu(0)
+
+
+@pytest.mark.parametrize("junk", [(), (1,), (1, 2, 3), "x", ["n", None], None])
+def test_the_compiled_sg_path_declines_a_p2p_cache_it_cannot_read(junk):
+    """A junk P2P cache on the device is not read by the compiled path (a
+    short tuple once read past its end); the general path rebuilds it or
+    refuses it, as it always did."""
+    from pydmabuf import _dma_sg
+
+    m, dev = iommu_device()
+    t = make_table([(0x100000, 0, G)])
+    dma_map_sgtable(dev, t, BIDI)
+    dma_unmap_sgtable(dev, t, BIDI)
+    dev._p2p_ctx = junk
+    assert _dma_sg.map_iommu(dev, t, BIDI, 0) == -1 and t.mapping is None
+    try:
+        dma_map_sgtable(dev, t, BIDI)
+    except (TypeError, IndexError, ValueError):
+        assert t.mapping is None and dev.domain.stats["mapped_nbytes"] == 0
+    else:
+        dma_unmap_sgtable(dev, t, BIDI)
+
+
+@pytest.mark.parametrize("ncpus", [0, -1, None, 1.0, 2**32])
+def test_the_compiled_sg_path_declines_an_iommu_without_a_usable_cpu_count(ncpus):
+    from pydmabuf import _dma_sg
+
+    m, dev = iommu_device()
+    t = make_table([(0x100000, 0, G)])
+    dma_map_sgtable(dev, t, BIDI)
+    dev.iommu_group.iommu.ncpus = ncpus
+    assert _dma_sg.unmap_iommu(dev, t, BIDI, 0) is False and t.mapping is not None
+    dev.iommu_group.iommu.ncpus = 1
+    dma_unmap_sgtable(dev, t, BIDI)
+    dev.iommu_group.iommu.ncpus = ncpus
+    assert _dma_sg.map_iommu(dev, t, BIDI, 0) == -1
+    assert t.mapping is None and dev.domain.stats["mapped_nbytes"] == 0

@@ -1153,3 +1153,25 @@ def test_wait_unmapped_wakes_when_another_thread_unmaps(m):
     assert done == [True] and b._idle_waiters == 0
     b.detach(a)
     b.put()
+
+
+def test_leaked_mappings_leave_a_bounded_trail_in_the_checkers_records(m):
+    """Mappings collected without an unmap (their attachments leaked) leave
+    dead weak references in the checker's records; those are swept out as
+    the records grow, so a program that keeps leaking does not grow them
+    without bound."""
+    import warnings
+
+    from pydmabuf import dmabuf_attach
+
+    gpu = m.device("gpu0")
+    heap = SystemHeap(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        for i in range(300):  # a buffer, attached and mapped, all dropped
+            heap.allocate(1 << 12).attach(gpu).map_unlocked(BIDI)
+            if i % 25 == 24:
+                gc.collect()
+    refs = dmabuf_attach._device_maps[gpu]
+    assert all(r() is None for r in refs.values())  # nothing kept alive
+    assert len(refs) <= 2 * 64 + 1 and len(dmabuf_attach._table_maps) <= 2 * 64 + 1

@@ -78,12 +78,32 @@ class _Mapping:
 # What the checker watches, weakly: a mapping lives as long as its
 # attachment keeps it, so nothing here keeps a leaked buffer (and the
 # ResourceWarning it owes) from being collected.  Entries are plain weak
-# references keyed by id(), put in by _track and taken out by _untrack: a
-# mapping collected without an unmap (its attachment leaked) leaves a dead
-# reference, skipped when read and replaced when its id is used again.
-_MapRefs = dict[int, "weakref.ReferenceType[_Mapping]"]
+# references keyed by id(), put in by _track and taken out by _untrack
+# (no callbacks: one could run from a garbage collection inside
+# _maps_lock).  A mapping collected without an unmap (its attachment
+# leaked) leaves a dead reference: skipped when read, and swept out when
+# the dict has doubled since its last sweep.
+
+
+class _MapRefs(dict[int, "weakref.ReferenceType[_Mapping]"]):
+    __slots__ = ("sweep_at",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sweep_at = 64
+
+    def put(self, key: int, ref: weakref.ReferenceType[_Mapping]) -> None:
+        """``self[key] = ref``, sweeping the dead references out when the
+        dict has doubled since the last sweep (amortised O(1))."""
+        self[key] = ref
+        if len(self) > self.sweep_at:
+            for k in [k for k, r in self.items() if r() is None]:
+                del self[k]
+            self.sweep_at = max(64, 2 * len(self))
+
+
 _device_maps: "weakref.WeakKeyDictionary[Device, _MapRefs]" = weakref.WeakKeyDictionary()
-_table_maps: _MapRefs = {}  # id(table) -> its mapping (m.table is table when live)
+_table_maps = _MapRefs()  # id(table) -> its mapping (m.table is table when live)
 _maps_lock = threading.Lock()
 
 
@@ -303,10 +323,10 @@ class Attachment(AttachmentBase, Owner):
         with _maps_lock:
             maps = _device_maps.get(dev)
             if maps is None:
-                maps = _device_maps[dev] = {}
-            maps[id(m)] = ref
+                maps = _device_maps[dev] = _MapRefs()
+            maps.put(id(m), ref)
             if table is not None:
-                _table_maps[id(table)] = ref  # m holds the table: its id stays its own
+                _table_maps.put(id(table), ref)  # m holds the table: its id stays its own
         return m
 
     def _untrack(self, m: _Mapping) -> None:
