@@ -92,14 +92,12 @@ class _MapRefs(dict[int, "weakref.ReferenceType[_Mapping]"]):
         super().__init__()
         self.sweep_at = 64
 
-    def put(self, key: int, ref: weakref.ReferenceType[_Mapping]) -> None:
-        """``self[key] = ref``, sweeping the dead references out when the
-        dict has doubled since the last sweep (amortised O(1))."""
-        self[key] = ref
-        if len(self) > self.sweep_at:
-            for k in [k for k, r in self.items() if r() is None]:
-                del self[k]
-            self.sweep_at = max(64, 2 * len(self))
+    def sweep(self) -> None:
+        """Drop the dead references; called (under _maps_lock) when the dict
+        has doubled since the last sweep, so it costs O(1) amortised."""
+        for k in [k for k, r in self.items() if r() is None]:
+            del self[k]
+        self.sweep_at = max(64, 2 * len(self))
 
 
 _device_maps: "weakref.WeakKeyDictionary[Device, _MapRefs]" = weakref.WeakKeyDictionary()
@@ -236,6 +234,7 @@ class Attachment(AttachmentBase, Owner):
         self.detached = False
         self._listed = False  # on the buffer's list (the exporter accepted it)
         self._maps = set()
+        self._dev_refs = None  # the checker's record of the device's mappings, once mapped
         self.created_at = checks.created_at()
         return self
 
@@ -316,17 +315,25 @@ class Attachment(AttachmentBase, Owner):
         with buf._lock:
             self._maps.add(m)
             buf._mappings.add(m)
-        dev = self.device
-        if dev is None:
-            return m
+        refs = self._dev_refs
+        if refs is None:
+            dev = self.device
+            if dev is None:
+                return m
+            with _maps_lock:  # the device's record, found once per attachment (its device is fixed)
+                refs = _device_maps.get(dev)
+                if refs is None:
+                    refs = _device_maps[dev] = _MapRefs()
+            self._dev_refs = refs
         ref = weakref.ref(m)
         with _maps_lock:
-            maps = _device_maps.get(dev)
-            if maps is None:
-                maps = _device_maps[dev] = _MapRefs()
-            maps.put(id(m), ref)
+            refs[id(m)] = ref
+            if len(refs) > refs.sweep_at:
+                refs.sweep()
             if table is not None:
-                _table_maps.put(id(table), ref)  # m holds the table: its id stays its own
+                _table_maps[id(table)] = ref  # m holds the table: its id stays its own
+                if len(_table_maps) > _table_maps.sweep_at:
+                    _table_maps.sweep()
         return m
 
     def _untrack(self, m: _Mapping) -> None:
@@ -336,12 +343,15 @@ class Attachment(AttachmentBase, Owner):
             buf._mappings.discard(m)
             if buf._idle_waiters:
                 buf._idle.notify_all()
-        if self.device is None:
+        refs = self._dev_refs
+        if refs is None:  # not in the device's record (no device, or never mapped)
             return
         with _maps_lock:
-            maps = _device_maps.get(self.device)
-            if maps is not None:
-                maps.pop(id(m), None)
+            refs.pop(id(m), None)
+            if m.table is not None:
+                r = _table_maps.get(id(m.table))
+                if r is not None and r() is m:
+                    del _table_maps[id(m.table)]
 
     def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
         """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
@@ -373,8 +383,6 @@ class Attachment(AttachmentBase, Owner):
         exp = self.dmabuf.exporter
         sgt = mapping.get_sgt_ops(self)  # a tracked table means the attachment is SGT
         sgt.unmap_dma_buf(self, table, m.direction)
-        with _maps_lock:
-            _table_maps.pop(id(table), None)
         self._untrack(m)
         if m.pinned:
             self.pin_count -= 1

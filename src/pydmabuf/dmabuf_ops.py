@@ -33,7 +33,7 @@ from pydmabuf.machine import Device, P2pProvider
 if TYPE_CHECKING:
     from pydmabuf import mapping
     from pydmabuf.dmabuf import DmaBuf
-    from pydmabuf.dmabuf_attach import Attachment, _Mapping
+    from pydmabuf.dmabuf_attach import Attachment, _Mapping, _MapRefs
     from pydmabuf.dmabuf_mmap import CpuMapping
 
 __all__ = ["Exporter", "ImporterOps", "PhysVec", "DmaBufBase", "AttachmentBase", "DMA_BUF_NAME_LEN"]
@@ -290,6 +290,7 @@ class AttachmentBase:
     created_at: str
     _listed: bool
     _maps: set[_Mapping]
+    _dev_refs: _MapRefs | None  # the checker's record of the device's mappings (dmabuf_attach)
 
     @property
     def dynamic(self) -> bool:
