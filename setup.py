@@ -85,8 +85,8 @@ CORE_MODULES = {
     "_core": "-O1",
     # Benchmark floors: the same flags as the hot walks they are compared with.
     "_floors": "-O3",
-    # The DMA API's per-call scatterlist path (glue around a core walk).
-    "_dma_sg": "-O2",
+    # The DMA API's per-call paths (glue around the core's walks).
+    "_dma_api": "-O2",
 }
 
 

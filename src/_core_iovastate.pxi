@@ -51,19 +51,7 @@ cdef class IovaStateCore:
     """The core half of :class:`pydmabuf.IovaState`: the reservation and
     its link/sync/unlink/destroy walks.  Users make an IovaState."""
 
-    cdef public object device
-    cdef public object _dom
-    cdef public uint64_t addr
-    cdef public uint64_t size
-    cdef public uint64_t _offset
-    cdef public uint64_t _reserved
-    cdef public bint uses_swiotlb
-    cdef public bint _live
-    cdef public uint32_t _ncpus  # the IOMMU's CPUs: a thread's CPU for the per-CPU caches
-    cdef uint64_t *win          # 2 * nwin u64: [start, end) pairs
-    cdef Py_ssize_t nwin
-    cdef Py_ssize_t capwin
-    cdef object __weakref__
+    # Fields and cdef methods: declared in pydmabuf/_core_dma.pxd.
 
     def __dealloc__(self):
         free(self.win)
@@ -252,6 +240,9 @@ cdef class IovaStateCore:
     def _link(self, ranges, uint32_t prot, object offset, bint all_at_offset):
         """``link_ranges`` for a device that does not bounce: parse, check
         the offset, link in one core call, record the window."""
+        return self.link(ranges, prot, offset, all_at_offset)
+
+    cdef object link(self, object ranges, uint32_t prot, object offset, bint all_at_offset):
         cdef Py_buffer view
         cdef const uint64_t[::1] flat
         if _fast_pairs(ranges, &view):
@@ -325,6 +316,9 @@ cdef class IovaStateCore:
         """The checks and the unmap + free of ``dma_iova_destroy()``, through
         the calling thread's CPU; False when ``mapped_nbytes`` is 0 (the
         caller frees)."""
+        return self.destroy_linked(mapped_nbytes)
+
+    cdef bint destroy_linked(self, object mapped_nbytes) except -1:
         cdef uint64_t m, span
         if not isinstance(mapped_nbytes, int):
             raise TypeError(f"dma_iova_destroy: mapped_nbytes must be an int, not {type(mapped_nbytes).__name__}")

@@ -435,7 +435,7 @@ def test_map_sg_failing_halfway_restores_the_table_and_unmaps(after):
 
 # ------------------------------------------- the compiled per-call path
 #
-# pydmabuf._dma_sg takes dma_map_sgtable's common case in one compiled
+# pydmabuf._dma_api takes dma_map_sgtable's common case in one compiled
 # call; everything else goes the general Python path.  Both must leave the
 # same table, IOVA, domain counters and device state.
 
@@ -485,33 +485,33 @@ def test_the_compiled_sg_path_leaves_what_the_general_path_leaves(limits):
 
 
 def test_the_compiled_sg_path_takes_the_common_case_and_declines_the_rest():
-    from pydmabuf import _dma_sg
+    from pydmabuf import _dma_api
 
     m, dev = iommu_device()
     t = make_table([(0x100000, 0, G)])
     dma_map_sgtable(dev, t, BIDI)  # fills the argument cache
     dma_unmap_sgtable(dev, t, BIDI)
-    assert _dma_sg.map_iommu(dev, t, BIDI, 0) == 1
-    assert type(t.mapping) is _dma_sg.SgMapping and t.mapping.kind == "iommu"
+    assert _dma_api.map_iommu(dev, t, BIDI, 0) == 1
+    assert type(t.mapping) is _dma_api.SgMapping and t.mapping.kind == "iommu"
     # Declined, nothing done: the general path checks and raises.
-    assert _dma_sg.map_iommu(dev, t, BIDI, 0) == -1  # already mapped
-    assert _dma_sg.unmap_iommu(dev, t, DmaDirection.TO_DEVICE, 0) is False  # other direction
+    assert _dma_api.map_iommu(dev, t, BIDI, 0) == -1  # already mapped
+    assert _dma_api.unmap_iommu(dev, t, DmaDirection.TO_DEVICE, 0) is False  # other direction
     with pytest.raises(errors.LifetimeError):
         dma_unmap_sgtable(dev, t, DmaDirection.TO_DEVICE)
     m2, other = iommu_device()
-    assert _dma_sg.unmap_iommu(other, t, BIDI, 0) is False  # another device
-    assert _dma_sg.unmap_iommu(dev, t, 3.0, 0) is False  # not a plain type
+    assert _dma_api.unmap_iommu(other, t, BIDI, 0) is False  # another device
+    assert _dma_api.unmap_iommu(dev, t, 3.0, 0) is False  # not a plain type
     assert t.mapping is not None
-    assert _dma_sg.unmap_iommu(dev, t, BIDI, 0) is True and t.mapping is None
+    assert _dma_api.unmap_iommu(dev, t, BIDI, 0) is True and t.mapping is None
     assert dev.domain.stats["mapped_nbytes"] == 0
-    assert _dma_sg.unmap_iommu(dev, t, BIDI, 0) is False  # not mapped
+    assert _dma_api.unmap_iommu(dev, t, BIDI, 0) is False  # not mapped
     for args in [(dev, t, 1.0, 0), (dev, t, BIDI, 0.0), (None, t, BIDI, 0), (dev, None, BIDI, 0),
                  (dev, t, BIDI, 1 << 40)]:  # attributes never seen: the general path parses them
-        assert _dma_sg.map_iommu(*args) == -1
+        assert _dma_api.map_iommu(*args) == -1
         assert t.mapping is None
-    assert _dma_sg.map_iommu(dev, SgTable.from_ranges([[0x1000, G]]), BIDI, 0) == -1  # no CPU entries
+    assert _dma_api.map_iommu(dev, SgTable.from_ranges([[0x1000, G]]), BIDI, 0) == -1  # no CPU entries
     _, untrusted = iommu_device(untrusted=True)
-    assert _dma_sg.map_iommu(untrusted, t, BIDI, 0) == -1
+    assert _dma_api.map_iommu(untrusted, t, BIDI, 0) == -1
     assert t.mapping is None and dev.domain.stats["mapped_nbytes"] == 0
 
 
@@ -543,14 +543,14 @@ def test_the_compiled_sg_path_declines_a_p2p_cache_it_cannot_read(junk):
     """A junk P2P cache on the device is not read by the compiled path (a
     short tuple once read past its end); the general path rebuilds it or
     refuses it, as it always did."""
-    from pydmabuf import _dma_sg
+    from pydmabuf import _dma_api
 
     m, dev = iommu_device()
     t = make_table([(0x100000, 0, G)])
     dma_map_sgtable(dev, t, BIDI)
     dma_unmap_sgtable(dev, t, BIDI)
     dev._p2p_ctx = junk
-    assert _dma_sg.map_iommu(dev, t, BIDI, 0) == -1 and t.mapping is None
+    assert _dma_api.map_iommu(dev, t, BIDI, 0) == -1 and t.mapping is None
     try:
         dma_map_sgtable(dev, t, BIDI)
     except (TypeError, IndexError, ValueError):
@@ -561,15 +561,15 @@ def test_the_compiled_sg_path_declines_a_p2p_cache_it_cannot_read(junk):
 
 @pytest.mark.parametrize("ncpus", [0, -1, None, 1.0, 2**32])
 def test_the_compiled_sg_path_declines_an_iommu_without_a_usable_cpu_count(ncpus):
-    from pydmabuf import _dma_sg
+    from pydmabuf import _dma_api
 
     m, dev = iommu_device()
     t = make_table([(0x100000, 0, G)])
     dma_map_sgtable(dev, t, BIDI)
     dev.iommu_group.iommu.ncpus = ncpus
-    assert _dma_sg.unmap_iommu(dev, t, BIDI, 0) is False and t.mapping is not None
+    assert _dma_api.unmap_iommu(dev, t, BIDI, 0) is False and t.mapping is not None
     dev.iommu_group.iommu.ncpus = 1
     dma_unmap_sgtable(dev, t, BIDI)
     dev.iommu_group.iommu.ncpus = ncpus
-    assert _dma_sg.map_iommu(dev, t, BIDI, 0) == -1
+    assert _dma_api.map_iommu(dev, t, BIDI, 0) == -1
     assert t.mapping is None and dev.domain.stats["mapped_nbytes"] == 0

@@ -2379,7 +2379,7 @@ U64_USERS: list[U64User] = [
     U64User("SgTable.from_ranges", "pairs", sg_empty, _rows_at(0x100000000), lambda s, b, n: SgTable.from_ranges(b),
             ("from_ranges",)),
     U64User("IovaState.link_ranges", "pairs", _st_big, _rows_at(0x100000000),
-            lambda s, b, n: s.st.link_ranges(b, BIDI), ("u64_pairs", "iova_link_ranges", "_link")),
+            lambda s, b, n: s.st.link_ranges(b, BIDI), ("u64_pairs", "iova_link_ranges", "_link", "link")),
     U64User("dma_buf_phys_vec_to_sgt", "pairs", p2p("nic0"), lambda s, n: _rows_at(_BAR)(s, min(n, 1 << 14)),
             lambda s, b, n: pydmabuf.dma_buf_phys_vec_to_sgt(s.c, s.prov, b), ("u64_pairs", "ranges_total"),
             _free_sgt),

@@ -557,3 +557,71 @@ def test_close_unlinks_and_frees_like_leaving_a_with_block():
     with IovaState.try_alloc(d, 0, G) as st2:
         st2.link(0x1_0000_0000, 0, G, BIDI)
     assert not st2.live and d.domain.stats["mapped_nbytes"] == 0
+
+
+# ------------------------------------------- the compiled per-call paths
+#
+# link_ranges and destroy take their common case (a device that does not
+# bounce, arguments seen before) in pydmabuf._dma_api; the general Python
+# path must leave exactly the same state.
+
+
+def _round_trip(iommu, through_cache):
+    from pydmabuf import _args
+
+    m, dev = iommu_device(iommu)
+    rows = np.array([[0x100000000, 2 * G], [0x100007000, G]], dtype=np.uint64)
+    out = []
+    for _ in range(3):
+        if not through_cache:
+            _args._LINK_ARGS.clear()
+            _args._DIR_ATTRS.clear()
+        st = IovaState.try_alloc(dev, 0x100000000, 3 * G)
+        n = st.link_ranges(rows, BIDI)
+        st.sync(0, n)
+        out.append((st.addr, n, st.linked_nbytes, st._linked, dev.domain.stats))
+        if not through_cache:
+            _args._DIR_ATTRS.clear()
+        st.destroy(n, BIDI)
+        out.append((st.live, st.linked_nbytes, dev.domain.stats))
+    return out
+
+
+@pytest.mark.parametrize("iommu", ["strict", "lazy"])
+def test_the_compiled_iova_paths_leave_what_the_general_path_leaves(iommu):
+    _round_trip(iommu, True)  # fills the argument caches
+    assert _round_trip(iommu, True) == _round_trip(iommu, False)
+
+
+def test_the_compiled_iova_paths_take_the_common_case_and_decline_the_rest():
+    from pydmabuf import _dma_api
+
+    m, dev = iommu_device()
+    rows = np.array([[0x100000000, G]], dtype=np.uint64)
+    st = IovaState.try_alloc(dev, 0x100000000, 2 * G)
+    st.destroy(st.link_ranges(rows, BIDI), BIDI)  # fills the argument caches
+    st = IovaState.try_alloc(dev, 0x100000000, 2 * G)
+    assert _dma_api.iova_link(st, rows, BIDI, 0, 0, False) == G and st.linked_nbytes == G
+    # Declined, nothing done: the general path checks and raises.
+    for args in [(rows, 1.0, 0, 0, False), (rows, BIDI, 0.0, 0, False), (rows, BIDI, 1 << 40, 0, False)]:
+        assert _dma_api.iova_link(st, *args) == -1
+    assert st.linked_nbytes == G
+    for args in [(0, BIDI, 0), (G * 1.0, BIDI, 0), (G, 1.0, 0), (G, BIDI, 1 << 40)]:
+        assert _dma_api.iova_destroy(st, *args) is False
+    assert st.live and st.linked_nbytes == G
+    with pytest.raises(errors.LifetimeError):  # the core's check, raised by the compiled call
+        _dma_api.iova_destroy(st, 2 * G, BIDI, 0)
+    assert st.live and st.linked_nbytes == G
+    assert _dma_api.iova_destroy(st, G, BIDI, 0) is True and not st.live
+    assert dev.domain.stats["mapped_nbytes"] == 0
+    assert _dma_api.iova_link(st, rows, BIDI, 0, 0, False) == -1  # destroyed
+    assert _dma_api.iova_destroy(st, G, BIDI, 0) is False
+    _, nodev = direct_device()
+    none = IovaState.try_alloc(nodev, 0, G)  # no IOVA: dma_map_phys is the way
+    assert _dma_api.iova_link(none, rows, BIDI, 0, 0, False) == -1
+    _, untrusted = iommu_device(untrusted=True)
+    ut = IovaState.try_alloc(untrusted, 0x100000000, G)
+    assert _dma_api.iova_link(ut, rows, BIDI, 0, 0, False) == -1 and ut.linked_nbytes == 0
+    ut.free()
+    with pytest.raises(TypeError):
+        _dma_api.iova_link(None, rows, BIDI, 0, 0, False)

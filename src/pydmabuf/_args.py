@@ -87,6 +87,12 @@ _DIR_TYPES = (int, DmaDirection)
 _ATTR_TYPES = (int, DmaAttrs)
 _DIR_ATTRS: dict[tuple[int, int], tuple[DmaDirection, DmaAttrs]] = {}
 
+#: (direction, attrs, device.coherent) -> (_dir(direction), _attrs(attrs),
+#: the IOMMU prot of ``dma_info_to_prot()``), filled by the DMA API
+#: (:mod:`pydmabuf.dma_iommu`, :mod:`pydmabuf.dma`) for arguments of exactly
+#: the int / enum types, and read by its compiled paths (``pydmabuf._dma_api``).
+_LINK_ARGS: dict[tuple[int, int, bool], tuple[DmaDirection, DmaAttrs, int]] = {}
+
 
 def _dir_attrs(direction: Any, attrs: Any) -> tuple[DmaDirection, DmaAttrs]:
     """``(_dir(direction), _attrs(attrs))``, remembered for arguments of

@@ -166,3 +166,36 @@ cdef int64_t iommu_dma_unmap_ranges(iommu_domain *dom, const uint64_t *pairs, ui
                                     uint32_t cpu, uint64_t *bad) noexcept nogil
 
 
+
+# ------------------------------------------------ the two-step IOVA API
+#
+# struct dma_iova_state and the record of linked windows, the core half of
+# pydmabuf.IovaState (src/_core_iovastate.pxi).
+
+cdef class IovaStateCore:
+    cdef public object device
+    cdef public object _dom
+    cdef public uint64_t addr
+    cdef public uint64_t size
+    cdef public uint64_t _offset
+    cdef public uint64_t _reserved
+    cdef public bint uses_swiotlb
+    cdef public bint _live
+    cdef public uint32_t _ncpus         # the IOMMU's CPUs: a thread's CPU for the per-CPU caches
+    cdef uint64_t *win                  # 2 * nwin u64: [start, end) pairs
+    cdef Py_ssize_t nwin
+    cdef Py_ssize_t capwin
+    cdef object __weakref__
+    cdef int _win_room(self, Py_ssize_t n) except -1
+    cdef int _win_mark(self, uint64_t lo, uint64_t hi) except -1
+    cdef uint64_t _win_covered(self, uint64_t lo, uint64_t hi) noexcept
+    cdef int _win_cut(self, uint64_t lo, uint64_t hi) except -1
+    cdef uint64_t _win_total(self) noexcept
+    cpdef object _need(self, str what)
+    cpdef _check_window(self, str what, object offset, object nbytes)
+    # dma_iova_link of (N, 2) (phys, nbytes) rows for a device that does not
+    # bounce, and dma_iova_destroy of what is linked (False for 0 bytes).
+    cdef object link(self, object ranges, uint32_t prot, object offset, bint all_at_offset)
+    cdef object _link_pairs(self, const uint64_t *pairs, uint64_t n, uint32_t prot, object offset,
+                            bint all_at_offset)
+    cdef bint destroy_linked(self, object mapped_nbytes) except -1

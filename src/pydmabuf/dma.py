@@ -32,21 +32,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
 
-from pydmabuf import _core, _dma_sg, access, dma_direct, errors
+from pydmabuf import _core, _dma_api, access, dma_direct, errors
 from pydmabuf._args import _ATTR_TYPES, _DIR_ATTRS, _DIR_TYPES, _attrs, _bad_range, _dir_attrs, _need_int
 from pydmabuf._args import _dir as _dir  # dmabuf.py parses directions through this module
 from pydmabuf._core import IommuDomain, SgTable
-from pydmabuf._dma_sg import SgMapping
+from pydmabuf._dma_api import SgMapping
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DMA_MAPPING_ERROR, PAGE_SIZE, DmaAttrs, DmaDirection
 from pydmabuf.devaccess import accessor, device_read, device_write
 from pydmabuf.device import Device, _need_device
-from pydmabuf.dma_iommu import _LINK_ARGS, IovaState, _cpu, _prot
+from pydmabuf._args import _LINK_ARGS
+from pydmabuf.dma_iommu import IovaState, _cpu, _prot
 from pydmabuf.pci import p2p_context
 from pydmabuf.swiotlb import _bounce_in, _bounce_out, _bounced_through, _pool, _swiotlb_map
 
@@ -123,8 +124,8 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
     >>> dma_unmap_sgtable(gpu, t, DmaDirection.TO_DEVICE)
     """
     # A trusted device behind an IOMMU, plain arguments seen before: one
-    # compiled call (pydmabuf._dma_sg), the same core walk as below.
-    nents = _dma_sg.map_iommu(device, table, direction, attrs)
+    # compiled call (pydmabuf._dma_api), the same core walk as below.
+    nents = _dma_api.map_iommu(device, table, direction, attrs)
     if nents >= 0:
         return nents
     # One look-up gives the parsed direction, attributes and IOMMU prot
@@ -214,7 +215,7 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
     >>> t.mapping is None
     True
     """
-    if _dma_sg.unmap_iommu(device, table, direction, attrs):
+    if _dma_api.unmap_iommu(device, table, direction, attrs):
         return
     da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
     d, a = da if da is not None else _dir_attrs(direction, attrs)

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from pydmabuf import _core, errors
-from pydmabuf._args import _ATTR_TYPES, _DIR_ATTRS, _DIR_TYPES, _attrs, _bad_range, _dir, _dir_attrs, _need_int
+from pydmabuf import _core, _dma_api, errors
+from pydmabuf._args import _ATTR_TYPES, _DIR_ATTRS, _DIR_TYPES, _LINK_ARGS, _attrs, _bad_range, _dir, _dir_attrs, _need_int
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import PAGE_SIZE, DmaAttrs, DmaDirection, IommuProt
 from pydmabuf.device import Device, _need_device
@@ -37,12 +37,6 @@ def _cpu(device: Device) -> int:
 
 
 _PROTS: dict[tuple[bool, int, int], int] = {}
-
-#: (direction, attrs, device.coherent) -> (_dir(direction), _attrs(attrs),
-#: _prot(...)) for the list-free calls, filled only for arguments of exactly
-#: the int / enum types (a float 1.0 hashes like 1 and must still be refused).
-_LINK_ARGS: dict[tuple[int, int, bool], tuple[DmaDirection, DmaAttrs, int]] = {}
-
 
 def _prot(device: Device, direction: DmaDirection, attrs: int) -> int:
     """``dma_info_to_prot()``."""
@@ -166,6 +160,9 @@ class IovaState(_core.IovaStateCore, Owner):
         >>> st.sync(0, 12288)
         >>> st.destroy(12288, DmaDirection.BIDIRECTIONAL)
         """
+        n = _dma_api.iova_link(self, ranges, direction, attrs, offset, _all_at_offset)
+        if n >= 0:  # a device that does not bounce, arguments seen before: one compiled call
+            return n
         dom = self._need("link")
         device = self.device
         hit = _LINK_ARGS.get((direction, attrs, device.coherent)) \
@@ -285,6 +282,8 @@ class IovaState(_core.IovaStateCore, Owner):
         >>> st.live
         False
         """
+        if _dma_api.iova_destroy(self, mapped_nbytes, direction, attrs):
+            return  # nothing bounced, arguments seen before: one compiled call
         self._need("destroy")
         da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
         d, a = da if da is not None else _dir_attrs(direction, attrs)

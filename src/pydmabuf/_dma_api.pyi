@@ -1,12 +1,13 @@
-"""Stubs for the DMA API's compiled scatterlist path (src/_dma_sg.pyx)."""
+"""Stubs for the DMA API's compiled per-call paths (src/_dma_api.pyx)."""
 
 from typing import Any
 
 from typing_extensions import disjoint_base
 
+from pydmabuf._core import IovaStateCore
 from pydmabuf._types import DmaAttrs, DmaDirection
 
-__all__ = ["SgMapping", "map_iommu", "unmap_iommu"]
+__all__ = ["SgMapping", "map_iommu", "unmap_iommu", "iova_link", "iova_destroy"]
 
 @disjoint_base
 class SgMapping:
@@ -26,3 +27,6 @@ class SgMapping:
 
 def map_iommu(device: object, table: object, direction: object, attrs: object) -> int: ...
 def unmap_iommu(device: object, table: object, direction: object, attrs: object) -> bool: ...
+def iova_link(st: IovaStateCore, ranges: object, direction: object, attrs: object, offset: object,
+              all_at_offset: object) -> int: ...
+def iova_destroy(st: IovaStateCore, mapped_nbytes: object, direction: object, attrs: object) -> bool: ...

@@ -1,35 +1,42 @@
 # cython: language_level=3
-"""pydmabuf._dma_sg: the DMA API's per-call path for a scatterlist mapped
-through an IOMMU (``dma_map_sgtable`` / ``dma_unmap_sgtable`` on a device
-that uses dma-iommu), and the record a mapped table keeps.
+"""pydmabuf._dma_api: the DMA API's per-call paths, compiled, and the
+record a mapped table keeps.
 
-:func:`pydmabuf.dma.dma_map_sgtable` is the API.  For its common case (a
-trusted device behind an IOMMU domain, arguments of the plain types, a
-table with CPU entries that is not mapped yet, direction and attributes
-already seen once) it calls :func:`map_iommu`, which reads the device's
-DMA limits and calls the core's locked walk (``sg_iommu_map``) without
-going back through Python.  Anything else, including every call that
-would fail before the walk, returns -1 and the Python code takes its
-general path, which makes the checks and raises the errors.  The walk,
-its IOVAs, its counters and its errors are the core's in both paths.
+Each function here takes one common case of a call whose API is Python
+(:mod:`pydmabuf.dma`, :class:`pydmabuf.IovaState`) and does it without
+going back through Python:
+
+* :func:`map_iommu` / :func:`unmap_iommu`: ``dma_map_sgtable`` /
+  ``dma_unmap_sgtable`` for a trusted device behind an IOMMU domain: read
+  the device's DMA limits and call the core's locked walk
+  (``sg_iommu_map`` / ``sg_iommu_unmap``).
+* :func:`iova_link` / :func:`iova_destroy`: ``IovaState.link_ranges`` and
+  ``destroy`` for a state of a device that does not bounce.
+
+The common case is: a :class:`~pydmabuf.device.Device`, arguments of the
+plain types, direction and attributes already seen once (their parsed
+form and IOMMU prot are cached in :mod:`pydmabuf._args`), and nothing that
+would fail before the core's walk.  Anything else returns -1 / False with
+nothing done, and the caller takes its general path, which makes the
+checks and raises the errors.  The walks, their results, counters and
+errors are the core's in both paths.
 
 The module sits at the DMA API's layer (docs/layers.md): it reads a
-:class:`~pydmabuf.device.Device` and the argument caches of
-:mod:`pydmabuf.dma_iommu`; the core below knows neither.
+:class:`~pydmabuf.device.Device`, which the core below does not know.
 """
 
 from pydmabuf._core_base cimport *
 from pydmabuf._core_iommu cimport IommuDomain
-from pydmabuf._core_dma cimport P2pContext, SgTable, sg_iommu_map, sg_iommu_unmap
+from pydmabuf._core_dma cimport IovaStateCore, P2pContext, SgTable, sg_iommu_map, sg_iommu_unmap
 
 from pydmabuf._args import _DIR_ATTRS as _dir_attrs_cache
+from pydmabuf._args import _LINK_ARGS as _link_args_cache
 from pydmabuf._types import DmaAttrs as _DmaAttrs
 from pydmabuf._types import DmaDirection as _DmaDirection
 from pydmabuf.device import DEFAULT_MAX_SEGMENT_SIZE as _DEFAULT_MAX_SEG
 from pydmabuf.device import Device as _Device
-from pydmabuf.dma_iommu import _LINK_ARGS as _link_args_cache
 
-__all__ = ["SgMapping", "map_iommu", "unmap_iommu"]
+__all__ = ["SgMapping", "map_iommu", "unmap_iommu", "iova_link", "iova_destroy"]
 
 cdef uint64_t _U64 = 0xFFFFFFFFFFFFFFFF
 # The argument caches the Python layer fills (typed: a dict look-up in C).
@@ -168,4 +175,34 @@ def unmap_iommu(device, table, direction, attrs):
         return False
     sg_iommu_unmap(t, <IommuDomain>dom, pdb_thread_cpu(ncpus))
     t.mapping = None
+    return True
+
+
+def iova_link(IovaStateCore st not None, ranges, direction, attrs, offset, all_at_offset):
+    """``dma_iova_link()`` of ``IovaState.link_ranges``'s common case: a
+    live state of a device that does not bounce.  Returns the bytes linked
+    (the core parses the rows, checks them and the offset, links and
+    records the window), or -1 when not that case and nothing was done."""
+    if not st._live or st._dom is None or st.size == 0 or not _plain(direction, attrs):
+        return -1
+    device = st.device
+    if type(device) is not _Device or device.untrusted:
+        return -1
+    hit = _LINK_ARGS.get((direction, attrs, device.coherent))
+    if hit is None:
+        return -1
+    return st.link(ranges, (<tuple?>hit)[2], offset, all_at_offset)
+
+
+def iova_destroy(IovaStateCore st not None, mapped_nbytes, direction, attrs):
+    """``dma_iova_destroy()`` of ``IovaState.destroy``'s common case: a live
+    state with nothing bounced and ``mapped_nbytes`` > 0 (the core checks
+    it against what is linked, unmaps and frees).  True when done; False
+    when not that case and nothing was done."""
+    if not st._live or st._dom is None or st.size == 0 or st.uses_swiotlb or not _plain(direction, attrs):
+        return False
+    if type(mapped_nbytes) is not int or mapped_nbytes == 0 or _DIR_ATTRS.get((direction, attrs)) is None:
+        return False
+    st.destroy_linked(mapped_nbytes)
+    st._live = False
     return True
