@@ -89,27 +89,36 @@ cdef inline bint _plain(object direction, object attrs):
     return (t is int or t is _DmaDirection) and (u is int or u is _DmaAttrs)
 
 
+cdef tuple _trusted_args(object device, object direction, object attrs):
+    """``(direction, attrs, prot)`` parsed, for a :class:`Device` that does
+    not bounce and plain arguments seen before; None otherwise."""
+    if type(device) is not _Device or not _plain(direction, attrs) or device.untrusted:
+        return None
+    hit = _LINK_ARGS.get((direction, attrs, device.coherent))
+    return <tuple>hit if type(hit) is tuple and len(<tuple>hit) == 3 else None
+
+
 def map_iommu(device, table, direction, attrs):
     """``iommu_dma_map_sg()`` for ``dma_map_sgtable``'s common case.
 
     Returns the number of DMA segments (the table is mapped and its
     ``mapping`` set), or -1 when the call is not the common case and
     nothing was done."""
-    if type(device) is not _Device or type(table) is not SgTable or not _plain(direction, attrs):
+    if type(table) is not SgTable:
         return -1
     cdef SgTable t = <SgTable>table
     if t.t.orig_nents == 0 or t.mapping is not None:
+        return -1
+    hit = _trusted_args(device, direction, attrs)
+    if hit is None:
         return -1
     g = device.iommu_group
     if g is None:
         return -1
     dom = g.domain
-    if type(dom) is not IommuDomain or device.untrusted:
+    if type(dom) is not IommuDomain:
         return -1
-    hit = _LINK_ARGS.get((direction, attrs, device.coherent))
-    if hit is None:
-        return -1
-    d, a, prot = <tuple?>hit
+    d, a, prot = hit
     ncpus = g.iommu.ncpus
     if type(ncpus) is not int or not 0 < ncpus <= 0xFFFFFFFF:
         return -1
@@ -162,7 +171,7 @@ def unmap_iommu(device, table, direction, attrs):
     if sm.device is not device or sm.kind != _IOMMU:
         return False
     da = _DIR_ATTRS.get((direction, attrs))
-    if da is None or (<tuple?>da)[0] != sm.direction:
+    if type(da) is not tuple or len(<tuple>da) != 2 or (<tuple>da)[0] != sm.direction:
         return False
     g = device.iommu_group
     if g is None:
@@ -183,15 +192,12 @@ def iova_link(IovaStateCore st not None, ranges, direction, attrs, offset, all_a
     live state of a device that does not bounce.  Returns the bytes linked
     (the core parses the rows, checks them and the offset, links and
     records the window), or -1 when not that case and nothing was done."""
-    if not st._live or st._dom is None or st.size == 0 or not _plain(direction, attrs):
+    if not st._live or st._dom is None or st.size == 0:
         return -1
-    device = st.device
-    if type(device) is not _Device or device.untrusted:
-        return -1
-    hit = _LINK_ARGS.get((direction, attrs, device.coherent))
+    hit = _trusted_args(st.device, direction, attrs)
     if hit is None:
         return -1
-    return st.link(ranges, (<tuple?>hit)[2], offset, all_at_offset)
+    return st.link(ranges, hit[2], offset, all_at_offset)
 
 
 def iova_destroy(IovaStateCore st not None, mapped_nbytes, direction, attrs):

@@ -573,3 +573,26 @@ def test_the_compiled_sg_path_declines_an_iommu_without_a_usable_cpu_count(ncpus
     dev.iommu_group.iommu.ncpus = ncpus
     assert _dma_api.map_iommu(dev, t, BIDI, 0) == -1
     assert t.mapping is None and dev.domain.stats["mapped_nbytes"] == 0
+
+
+@pytest.mark.parametrize("junk", [(), (1,), "x", (1, 2, 3, 4)])
+def test_the_compiled_paths_read_no_argument_cache_entry_of_the_wrong_shape(junk):
+    """The argument caches are module dicts anyone can write to: an entry
+    of the wrong shape is not read (with bounds checks off, a short tuple
+    would be read past its end); the compiled calls decline."""
+    from pydmabuf import _args, _dma_api
+
+    m, dev = iommu_device()
+    t = make_table([(0x100000, 0, G)])
+    try:
+        _args._LINK_ARGS[(BIDI, 0, True)] = junk
+        assert _dma_api.map_iommu(dev, t, BIDI, 0) == -1 and t.mapping is None
+        _args._LINK_ARGS.clear()
+        dma_map_sgtable(dev, t, BIDI)
+        _args._DIR_ATTRS[(BIDI, 0)] = junk
+        assert _dma_api.unmap_iommu(dev, t, BIDI, 0) is False and t.mapping is not None
+    finally:
+        _args._LINK_ARGS.clear()
+        _args._DIR_ATTRS.clear()
+    dma_unmap_sgtable(dev, t, BIDI)
+    assert dev.domain.stats["mapped_nbytes"] == 0
