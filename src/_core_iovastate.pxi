@@ -36,6 +36,13 @@ cdef bint _fast_pairs(object obj, Py_buffer *view) except -1:
     return False
 
 
+cdef inline object _plain_int(object v):
+    """An int's own value as a plain int: an int subclass's comparison and
+    arithmetic methods must not decide a range check the C code then
+    ignores (int.__index__ reads the value itself)."""
+    return v if type(v) is int else int.__index__(v)
+
+
 cdef int _raise_link_error(int64_t rc, uint64_t bad, const uint64_t *flat, uint64_t offset) except -1:
     raise _errors.from_errno(-rc, f"dma_iova_link: range {bad} ({flat[2 * bad]:#x}, {flat[2 * bad + 1]:#x}) "
                              f"at offset {offset:#x}: " + {
@@ -194,12 +201,17 @@ cdef class IovaStateCore:
             raise _errors.LifetimeError(f"IovaState.{what}: the state was destroyed or freed")
         return self._dom
 
-    cpdef _check_window(self, str what, object offset, object nbytes):
+    cpdef tuple _check_window(self, str what, object offset, object nbytes):
+        """``(offset, nbytes)`` as plain ints, checked to lie inside the
+        reservation; the caller goes on with these."""
         if not isinstance(offset, int) or not isinstance(nbytes, int):
             raise TypeError("offset and nbytes must be ints")
+        offset = _plain_int(offset)
+        nbytes = _plain_int(nbytes)
         if offset < 0 or nbytes <= 0 or offset + nbytes > self.size:
             raise _errors.InvalidArgument(f"IovaState.{what}: [{offset:#x}, +{nbytes:#x}) is outside the "
                                           f"{self.size:#x}-byte reservation")
+        return offset, nbytes
 
     # ------------------------------------------------ the calls
 
@@ -266,6 +278,7 @@ cdef class IovaStateCore:
             return 0
         if not isinstance(offset, int):
             raise TypeError(f"dma_iova_link: offset must be an int, not {type(offset).__name__}")
+        offset = _plain_int(offset)
         if offset < 0 or offset >= self.size:
             raise _errors.InvalidArgument(f"IovaState.link: offset {offset!r} is outside the {self.size:#x}-byte "
                                           "reservation")
@@ -304,7 +317,7 @@ cdef class IovaStateCore:
         cdef iommu_domain *d = _dom_of(dom)
         if nbytes is None:
             nbytes = self.size - offset
-        self._check_window("sync", offset, nbytes)
+        offset, nbytes = self._check_window("sync", offset, nbytes)
         cdef uint64_t start = (self.addr + <uint64_t>offset) & ~(<uint64_t>PDB_PAGE_SIZE - 1)
         cdef uint64_t end = (self.addr + <uint64_t>offset + <uint64_t>nbytes + PDB_PAGE_SIZE - 1) \
             & ~(<uint64_t>PDB_PAGE_SIZE - 1)
@@ -322,6 +335,7 @@ cdef class IovaStateCore:
         cdef uint64_t m, span
         if not isinstance(mapped_nbytes, int):
             raise TypeError(f"dma_iova_destroy: mapped_nbytes must be an int, not {type(mapped_nbytes).__name__}")
+        mapped_nbytes = _plain_int(mapped_nbytes)
         if mapped_nbytes < 0 or mapped_nbytes > self.size:
             raise _errors.InvalidArgument(f"dma_iova_destroy: mapped_nbytes {mapped_nbytes!r} is not in "
                                           f"0..{self.size:#x}")

@@ -207,7 +207,10 @@ def iova_destroy(IovaStateCore st not None, mapped_nbytes, direction, attrs):
     when not that case and nothing was done."""
     if not st._live or st._dom is None or st.size == 0 or st.uses_swiotlb or not _plain(direction, attrs):
         return False
-    if type(mapped_nbytes) is not int or mapped_nbytes == 0 or _DIR_ATTRS.get((direction, attrs)) is None:
+    if type(mapped_nbytes) is not int or mapped_nbytes == 0:
+        return False
+    da = _DIR_ATTRS.get((direction, attrs))
+    if type(da) is not tuple or len(<tuple>da) != 2:
         return False
     st.destroy_linked(mapped_nbytes)
     st._live = False

@@ -625,3 +625,58 @@ def test_the_compiled_iova_paths_take_the_common_case_and_decline_the_rest():
     ut.free()
     with pytest.raises(TypeError):
         _dma_api.iova_link(None, rows, BIDI, 0, 0, False)
+
+
+class _LyingInt(int):
+    """An int whose comparisons always say no (a range check on the object
+    would let any value through)."""
+
+    def __lt__(self, other):
+        return False
+
+    def __le__(self, other):
+        return False
+
+    def __gt__(self, other):
+        return False
+
+    def __ge__(self, other):
+        return False
+
+
+@pytest.mark.parametrize("untrusted", [False, True])
+def test_an_int_subclass_cannot_talk_its_way_past_the_reservation_checks(untrusted):
+    m, dev = iommu_device(untrusted=untrusted)
+    st = IovaState.try_alloc(dev, 0x100000000, 4 * G)
+    rows = np.array([[0x100000000, G]], dtype=np.uint64)
+    for off in (2**40, 2**64 - G, 4 * G):
+        with pytest.raises(errors.InvalidArgument):
+            st.link_ranges(rows, BIDI, offset=_LyingInt(off))
+    assert st.linked_nbytes == 0 and dev.domain.stats["mapped_nbytes"] == 0
+    st.link_ranges(rows, BIDI)
+    for off, n in ((0, 8 * G), (2**40, G)):
+        with pytest.raises(errors.InvalidArgument):
+            st.sync(_LyingInt(off), _LyingInt(n))
+        with pytest.raises(errors.InvalidArgument):
+            st.unlink(_LyingInt(off), _LyingInt(n), BIDI)
+    with pytest.raises(errors.InvalidArgument):
+        st.destroy(_LyingInt(8 * G), BIDI)
+    assert st.linked_nbytes == G
+    st.destroy(_LyingInt(G), BIDI)
+    assert not st.live and dev.domain.stats["mapped_nbytes"] == 0
+
+
+@pytest.mark.parametrize("junk", [(), ("x",), "x", (1, 2, 3)])
+def test_the_compiled_destroy_reads_no_argument_cache_entry_of_the_wrong_shape(junk):
+    from pydmabuf import _args, _dma_api
+
+    m, dev = iommu_device()
+    st = IovaState.try_alloc(dev, 0x100000000, G)
+    n = st.link_ranges(np.array([[0x100000000, G]], dtype=np.uint64), BIDI)
+    try:
+        _args._DIR_ATTRS[(BIDI, 0)] = junk
+        assert _dma_api.iova_destroy(st, n, BIDI, 0) is False and st.live
+    finally:
+        _args._DIR_ATTRS.clear()
+    st.destroy(n, BIDI)
+    assert not st.live and dev.domain.stats["mapped_nbytes"] == 0

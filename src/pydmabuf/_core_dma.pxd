@@ -126,7 +126,7 @@ cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit
 cdef int64_t iommu_dma_unmap_sg(sg_table *t, iommu_domain *dom, uint32_t cpu) noexcept nogil
 # The two walks above with the table's and the domain's locks taken and the
 # errno raised (what map_sg_iommu / unmap_sg_iommu and the DMA API's
-# per-call path in pydmabuf._dma_sg run).
+# per-call path in pydmabuf._dma_api run).
 cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
                           uint64_t max_seg, bint *prefer32, uint32_t cpu, uint32_t prot, P2pContext pc,
                           uint64_t *iova, uint64_t *ilen) except -1
@@ -192,7 +192,7 @@ cdef class IovaStateCore:
     cdef int _win_cut(self, uint64_t lo, uint64_t hi) except -1
     cdef uint64_t _win_total(self) noexcept
     cpdef object _need(self, str what)
-    cpdef _check_window(self, str what, object offset, object nbytes)
+    cpdef tuple _check_window(self, str what, object offset, object nbytes)
     # dma_iova_link of (N, 2) (phys, nbytes) rows for a device that does not
     # bounce, and dma_iova_destroy of what is linked (False for 0 bytes).
     cdef object link(self, object ranges, uint32_t prot, object offset, bint all_at_offset)

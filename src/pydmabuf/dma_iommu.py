@@ -119,9 +119,10 @@ class IovaState(_core.IovaStateCore, Owner):
         self.device = device
         g = device.iommu_group
         dom = self._dom = g.domain if g is not None else None  # device.domain, without the property call
-        if (type(phys) is not int or type(nbytes) is not int) and \
-                (not isinstance(phys, int) or not isinstance(nbytes, int)):
-            raise TypeError("phys and nbytes must be ints")
+        if type(phys) is not int or type(nbytes) is not int:
+            if not isinstance(phys, int) or not isinstance(nbytes, int):
+                raise TypeError("phys and nbytes must be ints")
+            phys, nbytes = int.__index__(phys), int.__index__(nbytes)  # the values, not a subclass's operators
         if g is None or dom is None or nbytes <= 0 or nbytes >> 63 or phys < 0:
             return self
         p32 = self._reserve(phys, nbytes, device.dma_limit, device.prefer_32bit_iova, g.iommu.ncpus)
@@ -182,6 +183,7 @@ class IovaState(_core.IovaStateCore, Owner):
         if len(rows) == 0:
             return 0
         _need_int("dma_iova_link", offset=offset)
+        offset = int.__index__(offset)  # the value, not an int subclass's operators
         if offset < 0 or offset >= self.size:
             raise errors.InvalidArgument(f"IovaState.link: offset {offset!r} is outside the {self.size:#x}-byte "
                                          "reservation")
@@ -256,7 +258,7 @@ class IovaState(_core.IovaStateCore, Owner):
         dom = self._need("unlink")
         d = _dir(direction)
         a = _attrs(attrs)
-        self._check_window("unlink", offset, nbytes)
+        offset, nbytes = self._check_window("unlink", offset, nbytes)
         end = offset + nbytes
         if self._covered(offset, end) != nbytes:
             raise errors.LifetimeError(f"dma_iova_unlink: [{offset:#x}, +{nbytes:#x}) is not all linked")
