@@ -713,15 +713,17 @@ cdef inline iommu_domain *_dom_of(IommuDomain dom) except NULL:
 
 
 def map_sg_direct(SgTable table not None, uint64_t dma_limit, dma_ranges, bint force_swiotlb,
-                   bint has_swiotlb, uint64_t attrs, P2pContext pc):
+                   bint has_swiotlb, uint64_t attrs, P2pContext pc, claim=None):
     """dma-direct map_sg over the table; returns a u64 array of the slot
-    indices that must bounce (their DMA address is DMA_MAPPING_ERROR)."""
+    indices that must bounce (their DMA address is DMA_MAPPING_ERROR).
+    ``claim``: the record the caller set as ``table.mapping`` to claim the
+    table (None: the table must be unclaimed)."""
     cdef const uint64_t[::1] rv = _as_u64_view(dma_ranges, "dma_ranges")
     cdef p2p_ctx c
     cdef _Buffer b
     cdef int64_t rc
     cdef uint64_t nr = rv.shape[0] // 3
-    if table.mapping is not None:
+    if table.mapping is not claim:
         raise _errors.Busy("the table is already mapped for DMA")
     if pc is not None:
         pc.fill(&c)
@@ -763,13 +765,15 @@ def sg_clear_dma(SgTable table not None):
 
 cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
                           uint64_t max_seg, bint *prefer32, uint32_t cpu, uint32_t prot, P2pContext pc,
-                          uint64_t *iova, uint64_t *ilen) except -1:
+                          uint64_t *iova, uint64_t *ilen, object claim) except -1:
     """iommu_dma_map_sg over ``table`` under its lock and the domain's:
-    the number of DMA segments, or the kernel's errno raised."""
+    the number of DMA segments, or the kernel's errno raised.  ``claim``:
+    the record the caller set as ``table.mapping`` to claim the table
+    against a concurrent map (None: the table must be unclaimed)."""
     cdef iommu_domain *d = _dom_of(dom)
     cdef p2p_ctx c
     cdef int64_t rc
-    if table.mapping is not None:
+    if table.mapping is not claim:
         raise _errors.Busy("the table is already mapped for DMA")
     if cpu >= d.iovad.ncpus:
         raise _errors.InvalidArgument(f"cpu {cpu} >= the domain's {d.iovad.ncpus} CPUs")
@@ -813,14 +817,16 @@ cdef int64_t sg_iommu_unmap(SgTable table, IommuDomain dom, uint32_t cpu) except
 
 
 def map_sg_iommu(SgTable table not None, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
-                  uint64_t max_seg, bint prefer32, uint32_t cpu, uint32_t prot, P2pContext pc):
-    """iommu_dma_map_sg; returns (nents, iova, iova_len, prefer32)."""
+                  uint64_t max_seg, bint prefer32, uint32_t cpu, uint32_t prot, P2pContext pc, claim=None):
+    """iommu_dma_map_sg; returns (nents, iova, iova_len, prefer32).
+    ``claim``: the record the caller set as ``table.mapping`` to claim the
+    table (None: the table must be unclaimed)."""
     cdef uint64_t iova = 0, ilen = 0
     cdef bint p32 = prefer32
     cdef int64_t rc
     if dom is None:
         raise TypeError("map_sg_iommu: dom must be an IommuDomain, not None")
-    rc = sg_iommu_map(table, dom, dma_limit, seg_mask, max_seg, &p32, cpu, prot, pc, &iova, &ilen)
+    rc = sg_iommu_map(table, dom, dma_limit, seg_mask, max_seg, &p32, cpu, prot, pc, &iova, &ilen, claim)
     return rc, iova, ilen, p32
 
 

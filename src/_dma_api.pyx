@@ -36,7 +36,7 @@ from pydmabuf._types import DmaDirection as _DmaDirection
 from pydmabuf.device import DEFAULT_MAX_SEGMENT_SIZE as _DEFAULT_MAX_SEG
 from pydmabuf.device import Device as _Device
 
-__all__ = ["SgMapping", "map_iommu", "unmap_iommu", "iova_link", "iova_destroy"]
+__all__ = ["SgMapping", "claim", "map_iommu", "unmap_iommu", "iova_link", "iova_destroy"]
 
 cdef uint64_t _U64 = 0xFFFFFFFFFFFFFFFF
 # The argument caches the Python layer fills (typed: a dict look-up in C).
@@ -79,6 +79,22 @@ cdef class SgMapping:
     def __repr__(self):
         return (f"SgMapping(device={self.device!r}, direction={self.direction!r}, attrs={self.attrs!r}, "
                 f"kind={self.kind!r}, iova={self.iova:#x}, iova_nbytes={self.iova_nbytes:#x})")
+
+
+cpdef object claim(SgTable table, object record):
+    """Claim ``table`` for a map: set ``table.mapping`` to ``record`` if it
+    is None and return None; else return what is there and change nothing.
+    One step with the GIL held and no Python code run, so of two threads
+    mapping the same table one wins and the other is told Busy (the
+    walk itself may run without the GIL, so checking ``table.mapping``
+    before it and setting it after would let both map)."""
+    if table is None:
+        raise TypeError("claim: table must be an SgTable, not None")
+    cur = table.mapping
+    if cur is not None:
+        return cur
+    table.mapping = record
+    return None
 
 
 cdef inline bint _plain(object direction, object attrs):
@@ -139,20 +155,27 @@ def map_iommu(device, table, direction, attrs):
     maxseg = device.max_segment_size
     cdef bint p32 = device.prefer_32bit_iova
     cdef uint64_t iova = 0, ilen = 0
-    cdef int64_t rc = sg_iommu_map(t, <IommuDomain>dom, limit, _U64 if seg is None else seg,
-                                   _DEFAULT_MAX_SEG if maxseg is None else maxseg, &p32,
-                                   pdb_thread_cpu(ncpus), prot, <P2pContext>ctx, &iova, &ilen)
-    device.prefer_32bit_iova = p32
+    cdef int64_t rc
     cdef SgMapping m = SgMapping.__new__(SgMapping)
     m.device = device
     m.direction = d
     m.attrs = a
     m.kind = _IOMMU
-    m.iova = iova
-    m.iova_nbytes = ilen
     m.bounces = []
     m.singles = []
-    t.mapping = m
+    if claim(t, m) is not None:  # claimed since the check above: the general path says Busy
+        return -1
+    try:
+        rc = sg_iommu_map(t, <IommuDomain>dom, limit, _U64 if seg is None else seg,
+                          _DEFAULT_MAX_SEG if maxseg is None else maxseg, &p32,
+                          pdb_thread_cpu(ncpus), prot, <P2pContext>ctx, &iova, &ilen, m)
+    except BaseException:
+        if t.mapping is m:
+            t.mapping = None
+        raise
+    device.prefer_32bit_iova = p32
+    m.iova = iova
+    m.iova_nbytes = ilen
     return rc
 
 

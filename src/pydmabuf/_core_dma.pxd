@@ -129,7 +129,7 @@ cdef int64_t iommu_dma_unmap_sg(sg_table *t, iommu_domain *dom, uint32_t cpu) no
 # per-call path in pydmabuf._dma_api run).
 cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, uint64_t seg_mask,
                           uint64_t max_seg, bint *prefer32, uint32_t cpu, uint32_t prot, P2pContext pc,
-                          uint64_t *iova, uint64_t *ilen) except -1
+                          uint64_t *iova, uint64_t *ilen, object claim) except -1
 cdef int64_t sg_iommu_unmap(SgTable table, IommuDomain dom, uint32_t cpu) except -1
 cdef int dma_iova_link_one(iommu_domain *dom, uint64_t state_addr, uint64_t phys,
                            uint64_t offset, uint64_t size, uint32_t prot) noexcept nogil

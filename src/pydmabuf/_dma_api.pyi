@@ -4,10 +4,10 @@ from typing import Any
 
 from typing_extensions import disjoint_base
 
-from pydmabuf._core import IovaStateCore
+from pydmabuf._core import IovaStateCore, SgTable
 from pydmabuf._types import DmaAttrs, DmaDirection
 
-__all__ = ["SgMapping", "map_iommu", "unmap_iommu", "iova_link", "iova_destroy"]
+__all__ = ["SgMapping", "claim", "map_iommu", "unmap_iommu", "iova_link", "iova_destroy"]
 
 @disjoint_base
 class SgMapping:
@@ -25,6 +25,7 @@ class SgMapping:
     @property
     def device_name(self) -> str: ...
 
+def claim(table: SgTable, record: object) -> object: ...
 def map_iommu(device: object, table: object, direction: object, attrs: object) -> int: ...
 def unmap_iommu(device: object, table: object, direction: object, attrs: object) -> bool: ...
 def iova_link(st: IovaStateCore, ranges: object, direction: object, attrs: object, offset: object,

@@ -142,36 +142,44 @@ def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | in
         _need_table(table, "dma_map_sgtable")
     if table.orig_nents == 0:
         raise errors.InvalidArgument("dma_map_sgtable: the table has no CPU entries (a DMA-only table)")
-    if table.mapping is not None:
-        raise errors.Busy(f"dma_map_sgtable: the table is already mapped by {table.mapping.device_name}")
-    ctx = p2p_context(device)
     g = device.iommu_group
     dom = g.domain if g is not None else None  # device.domain, without the property call
-    if dom is None:
-        m = SgMapping(device, d, a, "direct")
-        m.bounces = dma_direct.map_sg(device, table, d, a, ctx)
-    elif device.untrusted:
-        m = _map_sg_iommu_swiotlb(device, table, d, a)
-    else:
-        if prot < 0:
-            prot = _prot(device, d, a)
-            if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES and type(device.coherent) is bool:
-                _LINK_ARGS[(direction, attrs, device.coherent)] = (d, a, prot)
-        nents, iova, ilen, p32 = _core.map_sg_iommu(
-            table, dom, device.dma_limit, device.dma_get_seg_boundary(), device.dma_get_max_seg_size(),
-            device.prefer_32bit_iova, _cpu(device), prot, ctx)
-        device.prefer_32bit_iova = p32
-        table.mapping = SgMapping(device, d, a, "iommu", iova, ilen)
-        return nents  # the core set table.nents to it
-    table.mapping = m
+    m = SgMapping(device, d, a, "direct" if dom is None else "iommu-swiotlb" if device.untrusted else "iommu")
+    # The record claims the table at once (two threads mapping one table:
+    # one is told Busy); a failure below gives it back.
+    held = _dma_api.claim(table, m)
+    if held is not None:
+        raise errors.Busy(f"dma_map_sgtable: the table is already mapped by {getattr(held, 'device_name', held)}")
+    try:
+        ctx = p2p_context(device)
+        if dom is None:
+            m.bounces = dma_direct.map_sg(device, table, d, a, ctx, m)
+        elif m.kind == "iommu-swiotlb":
+            _map_sg_iommu_swiotlb(device, table, m)
+        else:
+            if prot < 0:
+                prot = _prot(device, d, a)
+                if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES and type(device.coherent) is bool:
+                    _LINK_ARGS[(direction, attrs, device.coherent)] = (d, a, prot)
+            nents, iova, ilen, p32 = _core.map_sg_iommu(
+                table, dom, device.dma_limit, device.dma_get_seg_boundary(), device.dma_get_max_seg_size(),
+                device.prefer_32bit_iova, _cpu(device), prot, ctx, m)
+            device.prefer_32bit_iova = p32
+            m.iova, m.iova_nbytes = iova, ilen
+            return int(nents)  # the core set table.nents to it
+    except BaseException:
+        if table.mapping is m:
+            table.mapping = None
+        raise
     return int(table.nents)
 
 
 
-def _map_sg_iommu_swiotlb(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs) -> SgMapping:
+def _map_sg_iommu_swiotlb(device: Device, table: SgTable, m: SgMapping) -> None:
     """iommu_dma_map_sg_swiotlb(): an untrusted device maps every entry on
-    its own (own IOVA, sub-granule buffers bounced); no merging."""
-    m = SgMapping(device, d, a, "iommu-swiotlb")
+    its own (own IOVA, sub-granule buffers bounced); no merging.  The
+    singles go into ``m``, the record that claimed the table."""
+    d, a = m.direction, m.attrs
     slots = np.flatnonzero((table.entries["page_link"] & np.uint64(1)) == 0)[: table.orig_nents]
     phys, lens = dma_direct._entry_phys(table, slots)
     dmas = []
@@ -192,7 +200,6 @@ def _map_sg_iommu_swiotlb(device: Device, table: SgTable, d: DmaDirection, a: Dm
         e = table.entries
         e["dma_length"][slots] = e["length"][slots]
         e["dma_flags"][slots[0]] |= _core.SG_DMA_SWIOTLB
-    return m
 
 
 def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | int, attrs: int = 0) -> None:

@@ -40,15 +40,16 @@ def dma_range_map(device: Device) -> np.ndarray:
 
 
 def map_sg(device: Device, table: SgTable, d: DmaDirection, a: DmaAttrs,
-           ctx: _core.P2pContext) -> list[tuple[int, int, int, int]]:
+           ctx: _core.P2pContext, claim: object = None) -> list[tuple[int, int, int, int]]:
     """``dma_direct_map_sg()``: one DMA segment per CPU entry, through the
     device's ``dma_range_map``; what the device cannot reach is bounced
     through its swiotlb pool.  Returns the bounces, (slot, bounce address,
     original physical address, size) each; on failure nothing stays
-    mapped."""
+    mapped.  ``claim``: the record the caller claimed the table with (its
+    ``mapping``), or None for an unclaimed table."""
     pool = device.swiotlb
     slots = _core.map_sg_direct(table, device.dma_limit, dma_range_map(device), device.force_swiotlb, pool is not None,
-                                 int(a), ctx)
+                                 int(a), ctx, claim)
     bounces: list[tuple[int, int, int, int]] = []
     if len(slots):
         if pool is None:
