@@ -188,35 +188,22 @@ cdef inline rt_node *_iova_node(const iova_domain *d, uint64_t pfn) noexcept nog
 
 
 cdef inline void _iova_account(iova_domain *d, const rt_node *n, int sign) noexcept nogil:
-    cdef uint64_t pages = n.last - n.start + 1
+    """Count node ``n`` in (``sign`` 1) or out of (``sign`` -1) the domain's
+    counters: the u64 counters wrap, so adding the negated delta subtracts."""
+    cdef uint64_t r = <uint64_t>(<int64_t>sign)
+    cdef uint64_t p = r * (n.last - n.start + 1)
     if n.kind == PDB_IOVA_KIND_ALLOC:
-        if sign > 0:
-            d.c.alloc_ranges += 1
-            d.c.alloc_pages += pages
-        else:
-            d.c.alloc_ranges -= 1
-            d.c.alloc_pages -= pages
+        d.c.alloc_ranges += r
+        d.c.alloc_pages += p
         if n.flags & PDB_IOVA_FLAG_CACHED:
-            if sign > 0:
-                d.c.cached_ranges += 1
-                d.c.cached_pages += pages
-            else:
-                d.c.cached_ranges -= 1
-                d.c.cached_pages -= pages
+            d.c.cached_ranges += r
+            d.c.cached_pages += p
         if n.flags & PDB_IOVA_FLAG_QUEUED:
-            if sign > 0:
-                d.c.queued_ranges += 1
-                d.c.queued_pages += pages
-            else:
-                d.c.queued_ranges -= 1
-                d.c.queued_pages -= pages
+            d.c.queued_ranges += r
+            d.c.queued_pages += p
     elif n.kind == PDB_IOVA_KIND_RESERVED:
-        if sign > 0:
-            d.c.reserved_ranges += 1
-            d.c.reserved_pages += pages
-        else:
-            d.c.reserved_ranges -= 1
-            d.c.reserved_pages -= pages
+        d.c.reserved_ranges += r
+        d.c.reserved_pages += p
 
 
 cdef inline void _iova_set_flag(iova_domain *d, rt_node *n, uint32_t flag, bint on) noexcept nogil:
