@@ -106,20 +106,12 @@ _maps_lock = threading.Lock()
 
 
 def _live_maps(device: Device) -> list[_Mapping]:
-    """The device's tracked mappings that are still alive (the dead
-    references of leaked ones are dropped on the way)."""
-    out: list[_Mapping] = []
+    """The device's tracked mappings that are still alive (dead references
+    are skipped; _MapRefs.sweep drops them)."""
     with _maps_lock:
         maps = _device_maps.get(device)
-        if not maps:
-            return out
-        for key, r in list(maps.items()):
-            m = r()
-            if m is None:
-                del maps[key]
-            else:
-                out.append(m)
-    return out
+        refs = list(maps.values()) if maps else []
+    return [m for m in (r() for r in refs) if m is not None]
 
 
 def _table_map(table: Any) -> _Mapping | None:
