@@ -473,6 +473,10 @@ cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit
         prev = s
         k += 1
         s = sg_next(t, s)
+    if rc == 0 and k < n:
+        # The end mark comes before orig_nents entries: the kernel's walk
+        # would run off the list (the map loop below must not).
+        rc = -EINVAL
     if rc < 0:
         _invalidate_sg(t, k)
         return -EREMOTEIO if rc == -EREMOTEIO else -EINVAL

@@ -433,6 +433,30 @@ def test_map_sg_failing_halfway_restores_the_table_and_unmaps(after):
     check_against_model(d, t, rows, U64, 0x10000)
 
 
+# ------------------------------------------------ a table ended early
+
+ROWS600 = [(0x100000 + 3 * i, 0, G) for i in range(600)]
+
+
+@pytest.mark.parametrize("first", [(0x100000, 0, G), (0x100000, 0x200, 0x600)])
+def test_an_end_mark_before_orig_nents_is_einval_and_changes_nothing(first):
+    # Both walks (the aligned one and the general one, which an unaligned
+    # first entry forces) stop at the end mark; the general one once read
+    # past it, before the table's slots.
+    m, d = iommu_device()
+    rows = [first] + ROWS600[1:]
+    t = make_table(rows)
+    e = t.entries
+    e["page_link"][300 + 300 // 127] |= np.uint64(2)
+    del e
+    before = t.entries.copy()
+    with pytest.raises(errors.InvalidArgument):
+        dma_map_sgtable(d, t, BIDI)
+    assert (t.entries == before).all() and t.mapping is None
+    s = d.domain.stats
+    assert s["mapped_nbytes"] == 0 and s["iova_live_ranges"] == 0
+
+
 # ------------------------------------------- the compiled per-call path
 #
 # pydmabuf._dma_api takes dma_map_sgtable's common case in one compiled
