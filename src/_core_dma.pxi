@@ -294,10 +294,104 @@ cdef int64_t _finalise_sg(sg_table *t, uint64_t dma_addr, uint64_t seg_mask,
     return count
 
 
+cdef inline bint _p2p_plain(uint8_t st) noexcept nogil:
+    """A route the aligned map takes like memory: not by bus address, not refused."""
+    return st != PDB_P2P_BUS_ADDR and st != PDB_P2P_NOT_SUPPORTED
+
+
+cdef int64_t _sg_layout(sg_table *t, uint64_t seg_mask, p2p_ctx *pc, uint64_t *iova_len_out) noexcept nogil:
+    """The layout pass of iommu_dma_map_sg() for a table the aligned map
+    can take (see _iommu_dma_map_sg_aligned): read only.  Returns 0 with
+    the IOVA length, and records what it found in the table's layout hint;
+    -EAGAIN for a table that needs the general path."""
+    cdef uint64_t gmask = PDB_PAGE_SIZE - 1
+    cdef uint64_t n = t.orig_nents, k = 0, iova_len = 0, pad_len, s_length, phys, off
+    cdef uint64_t acc = 0, lo = 1, hi = 0, pmin = PDB_U64_MAX, pmax = 0
+    cdef uint64_t link_mask = _SG_LINK_MASK
+    cdef uint32_t maxlen = 0
+    cdef int64_t s = sg_first(t)
+    cdef uint8_t st
+    cdef bint zero = False
+    cdef sg_entry *e
+    cdef sg_entry *slots = t.slots
+    cdef uint64_t nslots = t.nslots
+    t.hint_n = 0
+    if n == 0:
+        return -EAGAIN
+    if pc == NULL or pc.amap == NULL:
+        lo = 0                              # nothing is a peer's BAR
+        hi = PDB_U64_MAX
+    while s >= 0 and k < n:
+        e = &slots[s]
+        s_length = e.length
+        acc |= e.offset | s_length
+        zero |= s_length == 0
+        if s_length > maxlen:
+            maxlen = <uint32_t>s_length
+        pad_len = (seg_mask - iova_len + 1) & seg_mask
+        if pad_len and pad_len < s_length - 1:
+            return -EAGAIN
+        phys = (e.page_link & link_mask) + e.offset
+        if phys < pmin:
+            pmin = phys
+        if phys > pmax:
+            pmax = phys
+        if phys < lo or phys > hi:
+            # outside the owner range the last look-up found: classify it
+            # (p2p_classify() caches that range in the context)
+            st = p2p_classify(pc, phys, &off)
+            if not _p2p_plain(st):
+                return -EAGAIN
+            if pc.c_valid and pc.c_start <= phys and phys <= pc.c_last:
+                lo = pc.c_start
+                hi = pc.c_last
+        iova_len += s_length
+        k += 1
+        s = _sg_step(slots, nslots, s)
+    if k < n or (acc & gmask) or zero:
+        return -EAGAIN
+    t.hint_len = iova_len
+    t.hint_pmin = pmin
+    t.hint_pmax = pmax
+    t.hint_maxlen = maxlen
+    t.hint_n = <uint32_t>n
+    iova_len_out[0] = iova_len
+    return 0
+
+
+cdef bint _sg_hint_usable(sg_table *t, uint64_t seg_mask, p2p_ctx *pc, uint64_t *lo,
+                          uint64_t *hi) noexcept nogil:
+    """Whether the table's layout hint lets this map skip the layout pass:
+    it describes this many entries, no entry can cross a segment boundary
+    (a boundary mask of one power of two, and every entry no longer than a
+    granule or the whole layout within one segment), and every entry's
+    start lies in one owner range that is not a peer's bus-address or
+    refused BAR ([lo, hi], checked again for each entry by the map)."""
+    cdef uint64_t off
+    cdef uint8_t st
+    if t.hint_n == 0 or t.hint_n != t.orig_nents:
+        return False
+    if (seg_mask & (seg_mask + 1)) != 0 or seg_mask < PDB_PAGE_SIZE - 1:
+        return False
+    if t.hint_maxlen > PDB_PAGE_SIZE and t.hint_len - 1 > seg_mask:
+        return False
+    if pc == NULL or pc.amap == NULL:
+        lo[0] = 0
+        hi[0] = PDB_U64_MAX
+        return True
+    st = p2p_classify(pc, t.hint_pmin, &off)
+    if not _p2p_plain(st) or not pc.c_valid or pc.c_start > t.hint_pmin or pc.c_last < t.hint_pmax:
+        return False
+    lo[0] = pc.c_start
+    hi[0] = pc.c_last
+    return True
+
+
 cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t dma_limit,
                                        uint64_t seg_mask, uint64_t max_seg, bint *prefer32,
                                        uint32_t cpu, uint32_t prot, p2p_ctx *pc,
-                                       uint64_t *iova_out, uint64_t *iova_len_out) noexcept nogil:
+                                       uint64_t *iova_out, uint64_t *iova_len_out,
+                                       bint use_hint) noexcept nogil:
     """iommu_dma_map_sg() for the common table: every entry starts on a
     granule and is a whole number of granules, none is peer memory mapped
     by bus address or refused, and no segment boundary pads the layout.
@@ -305,65 +399,105 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
     For such a table the kernel's layout pass changes no entry (the granule
     offset is 0 and the padded length is the length), so what is left of it
     is the IOVA length: one read-only pass finds it and checks the
-    conditions; the map of each physically contiguous run and
+    conditions (_sg_layout); the map of each physically contiguous run and
     __finalise_sg() then run together in one pass (each entry is read by
     the map step before the merge step writes behind it).  The map calls,
     their order and arguments, the IOVA allocation and the result are the
     general path's, so is every counter.  -EAGAIN, with nothing read
-    written, for a table that needs the general path."""
+    written, for a table that needs the general path.
+
+    The layout pass reads the whole table once more than the map does,
+    and for a long table that pass is bound by memory.  It records what it
+    found in the table (``hint_*``); a later map of the same table uses
+    that instead of the pass when _sg_hint_usable() says it may.  Whatever
+    changes a table's entries clears the hint (the builders, a buffer view
+    of the entries), and the map checks every entry against the hint as it
+    goes all the same: a hint that was wrong is found after the walk, the
+    walk is undone and the map starts again with the layout pass.  (Only
+    code writing entries through the C struct can make that happen; the
+    undone walk then shows in the counters.)
+
+    The walk writes a one-page run's leaf itself when it falls in the page
+    table's cursor table, as pgt_map_page() would, with the cursor and the
+    leaf count in locals: the stores into the entries could otherwise alias
+    them and force a reload and a store per page."""
     cdef uint64_t G = PDB_PAGE_SIZE, gmask = PDB_PAGE_SIZE - 1
-    cdef uint64_t n = t.orig_nents, k = 0, iova_len = 0, pad_len, s_length, phys, off
-    cdef uint64_t iova = 0, mapped = 0, runlen = 0, start = 0, dma_addr
-    cdef uint32_t cur_len = 0, max32 = <uint32_t>max_seg
-    cdef int64_t s = sg_first(t), cur, count = 0
+    cdef uint64_t n = t.orig_nents, k, iova_len = 0, s_length, phys
+    cdef uint64_t iova = 0, mapped, runlen = 0, start = 0, dma_addr, at
+    cdef uint64_t lo = 0, hi = PDB_U64_MAX, span, bad = 0, check_len
+    cdef uint32_t cur_len = 0, max32 = <uint32_t>max_seg, hmax
+    cdef int64_t s, cur, count = 0
     cdef int rc = 0
-    cdef uint8_t st
+    cdef bint hinted, prot_ok
     cdef sg_entry *e
     cdef sg_entry *slots = t.slots
     cdef uint64_t nslots = t.nslots
-    if n == 0:
+    cdef io_pgtable *pt = &dom.pgt
+    cdef uint64_t *ctbl
+    cdef uint64_t *ep
+    cdef uint64_t cbase, nleaf = 0, pbits = (<uint64_t>prot << 2) | 3, head = 0
+    cdef uint32_t oas
+    hinted = use_hint and _sg_hint_usable(t, seg_mask, pc, &lo, &hi)
+    if hinted:
+        iova_len = t.hint_len
+    elif _sg_layout(t, seg_mask, pc, &iova_len) < 0:
         return -EAGAIN
-    while s >= 0 and k < n:
-        e = &slots[s]
-        s_length = e.length
-        if (e.offset & gmask) or (s_length & gmask) or s_length == 0:
-            return -EAGAIN
-        pad_len = (seg_mask - iova_len + 1) & seg_mask
-        if pad_len and pad_len < s_length - 1:
-            return -EAGAIN
-        st = p2p_classify(pc, _sg_phys(e), &off)
-        if st == PDB_P2P_BUS_ADDR or st == PDB_P2P_NOT_SUPPORTED:
-            return -EAGAIN
-        iova_len += s_length
-        k += 1
-        s = _sg_step(slots, nslots, s)
-    if k < n:
-        return -EAGAIN
+    span = hi - lo
+    # entry lengths 1 .. hmax: (length - 1) as u32 >= hmax for 0 or longer
+    hmax = t.hint_maxlen if hinted else 0xFFFFFFFF
 
     iova_out[0] = 0
     iova_len_out[0] = 0
     if iommu_dma_alloc_iova(dom, iova_len, dma_limit, prefer32, cpu, &iova) < 0:
+        if hinted and (_sg_layout(t, seg_mask, pc, &check_len) < 0 or check_len != iova_len):
+            return _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu,
+                                             prot, pc, iova_out, iova_len_out, False)
         _sg_clear_dma(t, n)
         return -ENOMEM
 
     # iommu_map_sg() and __finalise_sg() in step: the run is flushed when an
-    # entry does not continue it, and one past the end.
+    # entry does not continue it, and one past the end.  dma_addr is the
+    # IOVA of the entry read, so the pending run starts at dma_addr - runlen
+    # and what is mapped ends there.  cbase is the cursor table's IOVA >> 21,
+    # or all ones when the leaf cannot be written here (no cursor, or a prot
+    # pgt_map() refuses).
+    prot_ok = (prot & (PDB_IOMMU_READ | PDB_IOMMU_WRITE)) != 0 \
+        and (prot & ~(<uint32_t>PDB_IOMMU_PROT_MASK)) == 0
+    ctbl = pt.cur_pte
+    cbase = pt.cur_base if ctbl != NULL and prot_ok else PDB_U64_MAX
+    oas = pt.oas
     dma_addr = iova
-    k = 0
+    k = n
     s = sg_first(t)
     cur = s
-    while k < n:
+    while True:
         e = &slots[s]
-        phys = _sg_phys(e)
+        phys = (e.page_link & ~(<uint64_t>(PDB_SG_CHAIN | PDB_SG_END))) + e.offset
         s_length = e.length
+        if hinted:
+            bad |= ((e.offset | s_length) & gmask) | <uint64_t>(<uint32_t>(s_length - 1) >= hmax) \
+                | <uint64_t>(phys - lo > span)
         if runlen and phys != start + runlen:
-            if runlen == G:
-                rc = pgt_map_page(&dom.pgt, iova + mapped, start, prot)
+            at = dma_addr - runlen
+            if runlen == G and (at >> 21) == cbase and ((start & gmask) | (start >> oas)) == 0:
+                ep = &ctbl[(at >> 12) & 511]
+                if ep[0] != 0:
+                    rc = -EEXIST
+                    break
+                ep[0] = start | pbits
+                nleaf += 1
             else:
-                rc = iommu_map_nosync(dom, iova + mapped, start, runlen, prot)
-            if rc < 0:
-                break
-            mapped += runlen
+                pt.c.leaf_sets += nleaf
+                pt.c.mapped_nbytes += nleaf << 12
+                nleaf = 0
+                if runlen == G:
+                    rc = pgt_map_page(pt, at, start, prot)
+                else:
+                    rc = iommu_map_nosync(dom, at, start, runlen, prot)
+                ctbl = pt.cur_pte
+                cbase = pt.cur_base if ctbl != NULL and prot_ok else PDB_U64_MAX
+                if rc < 0:
+                    break
             runlen = 0
         if runlen:
             runlen += s_length
@@ -373,26 +507,49 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
         e.dma_address = PDB_DMA_MAPPING_ERROR
         e.dma_length = 0
         e.dma_flags = 0
+        # The segment being merged is written when it closes: its head is
+        # a slot at or behind this one, already given its cleared state.
         if cur_len and (dma_addr & seg_mask) and <uint32_t>(max32 - cur_len) >= s_length:
             cur_len += <uint32_t>s_length
         else:
-            if k > 0:
+            if cur_len:
+                slots[cur].dma_address = head
+                slots[cur].dma_length = cur_len
                 cur = _sg_step(slots, nslots, cur)
             cur_len = <uint32_t>s_length
             count += 1
-            slots[cur].dma_address = dma_addr
-        slots[cur].dma_length = cur_len
+            head = dma_addr
         dma_addr += s_length
-        k += 1
-        if k < n:
-            s = _sg_step(slots, nslots, s)
-    if rc == 0 and runlen:
+        k -= 1
+        if k == 0:
+            break
+        s = _sg_step(slots, nslots, s)
+        if s < 0:
+            bad = 1                         # (hinted) fewer entries than the hint
+            break
+    # the last segment open (on failure the table is cleared below)
+    slots[cur].dma_address = head
+    slots[cur].dma_length = cur_len
+    pt.c.leaf_sets += nleaf
+    pt.c.mapped_nbytes += nleaf << 12
+    mapped = dma_addr - iova - runlen
+    if rc == 0 and not bad:
         if runlen == G:
-            rc = pgt_map_page(&dom.pgt, iova + mapped, start, prot)
+            rc = pgt_map_page(pt, iova + mapped, start, prot)
         else:
             rc = iommu_map_nosync(dom, iova + mapped, start, runlen, prot)
         if rc == 0:
             mapped += runlen
+    if hinted and (bad or (rc == 0 and dma_addr - iova != iova_len)
+                   or (rc < 0 and (_sg_layout(t, seg_mask, pc, &check_len) < 0 or check_len != iova_len))):
+        # The hint did not describe the table: undo the walk, start again.
+        if mapped:
+            iommu_unmap(dom, iova, mapped)
+        iommu_dma_free_iova(dom, iova, iova_len, NULL, cpu)
+        _sg_clear_dma(t, n)
+        t.hint_n = 0
+        return _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu,
+                                         prot, pc, iova_out, iova_len_out, False)
     if rc == 0:
         rc = iommu_sync_map(dom, iova, mapped)
     if rc < 0 or mapped < iova_len:
@@ -428,9 +585,10 @@ cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit
     cdef uint8_t st
     cdef sg_entry *e
     rc = _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu, prot, pc,
-                                   iova_out, iova_len_out)
+                                   iova_out, iova_len_out, True)
     if rc != -EAGAIN:
         return rc
+    t.hint_n = 0
     rc = 0
     iova_out[0] = 0
     iova_len_out[0] = 0
@@ -759,6 +917,36 @@ def sg_set_dma(SgTable table not None, slots, addrs):
     _release(table.lock)
 
 
+def sg_layout_hint(SgTable table not None):
+    """The layout hint the table's last IOMMU map recorded, as (IOVA
+    length, lowest entry start, highest entry start, longest entry,
+    entries), or None.  For tests: see _iommu_dma_map_sg_aligned."""
+    cdef sg_table *t = &table.t
+    _acquire(table.lock)
+    try:
+        if t.hint_n == 0:
+            return None
+        return (t.hint_len, t.hint_pmin, t.hint_pmax, t.hint_maxlen, t.hint_n)
+    finally:
+        _release(table.lock)
+
+
+def sg_write_cpu_raw(SgTable table not None, uint64_t slot, uint64_t page_link, uint32_t offset,
+                     uint32_t length):
+    """Write one slot's CPU side as C code holding the struct could,
+    leaving the layout hint in place: for tests of the map's check of a
+    hint that no longer describes the table."""
+    _acquire(table.lock)
+    try:
+        if slot >= table.t.nslots:
+            raise IndexError("slot out of range")
+        table.t.slots[slot].page_link = page_link
+        table.t.slots[slot].offset = offset
+        table.t.slots[slot].length = length
+    finally:
+        _release(table.lock)
+
+
 def sg_clear_dma(SgTable table not None):
     """Clear the DMA side and set nents back to orig_nents."""
     _acquire(table.lock)
@@ -785,6 +973,8 @@ cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, ui
         pc.fill(&c)
     _acquire(table.lock)
     _acquire(dom.lock)
+    if _atomic_load(&table.exports):
+        table.t.hint_n = 0      # a live view may write the entries at any time
     # Releasing the GIL costs more than mapping a short table.
     if table.t.orig_nents > 256:
         with nogil:
@@ -793,6 +983,8 @@ cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, ui
     else:
         rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, prefer32, cpu, prot,
                               &c if pc is not None else NULL, iova, ilen)
+    if _atomic_load(&table.exports):
+        table.t.hint_n = 0
     _release(dom.lock)
     _release(table.lock)
     if rc < 0:

@@ -170,6 +170,7 @@ cdef int sg_alloc(sg_table *t, uint32_t nents) noexcept nogil:
     cdef uint64_t left = nents
     cdef uint64_t alloc, data, first, total
     cdef int rc
+    t.hint_n = 0                # the entries change: no layout hint
     if nents == 0:
         return -EINVAL
     total = <uint64_t>nents + (<uint64_t>nents) // (PDB_SG_MAX_SINGLE_ALLOC - 1) + 1
@@ -243,6 +244,7 @@ cdef int _sg_fresh_pages(sg_table *t, const uint64_t *pfns, uint64_t n, uint32_t
     cdef bint dense = False
     cdef sg_entry *e
     cdef int rc = _sg_reserve(t, cap)
+    t.hint_n = 0                # the entries change: no layout hint
     if rc < 0:
         return rc
     e = t.slots
@@ -362,6 +364,7 @@ cdef void _sg_shrink(sg_table *t) noexcept nogil:
     """Give back arena capacity far beyond what the table holds."""
     cdef sg_entry *p
     cdef uint64_t n = t.nslots if t.nslots else 1
+    t.hint_n = 0                # the entries change: no layout hint
     if t.no_move or t.cap <= 2 * t.nslots + 64:
         return
     p = <sg_entry *>malloc(n * sizeof(sg_entry))
@@ -396,6 +399,7 @@ cdef int sg_append_pages(sg_table *t, const uint64_t *pfns, uint64_t n,
     cdef int rc
     cdef bint relocate = False
     cdef bint closed = False
+    t.hint_n = 0                # the entries change: no layout hint
 
     if maxseg < PDB_PAGE_SIZE or n == 0:
         return -EINVAL
@@ -549,6 +553,7 @@ cdef int sg_from_dma_ranges(sg_table *t, const uint64_t *pairs, uint64_t n) noex
     cdef uint64_t i, count = 0, addr, left, step, last
     cdef int64_t s
     cdef int rc
+    t.hint_n = 0                # the entries change: no layout hint
     if n == 0:
         return -EINVAL
     for i in range(n):
@@ -1154,6 +1159,7 @@ cdef class SgTable:
             raise MemoryError()
         _acquire(self.lock)
         _atomic_add(&self.exports, 1)
+        self.t.hint_n = 0           # the view can write the entries
         shape[0] = <Py_ssize_t>self.t.nslots
         view.buf = <void *>self.t.slots if self.t.slots != NULL else <void *>&_sg_dummy_entry
         _release(self.lock)

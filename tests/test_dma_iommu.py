@@ -433,9 +433,158 @@ def test_map_sg_failing_halfway_restores_the_table_and_unmaps(after):
     check_against_model(d, t, rows, U64, 0x10000)
 
 
-# ------------------------------------------------ a table ended early
+# ------------------------------------- the layout hint of a repeated map
+#
+# A map records what its layout pass found in the table; the next map of
+# the unchanged table skips that pass.  It must leave exactly what a map
+# of a fresh copy of the table leaves, counters included; a table changed
+# through a view gets no hint; a hint that no longer describes the table
+# (entries written behind the struct's back) is caught and the map is
+# still right.
+
+
+def _map_outcome(dev, t):
+    """Everything a map leaves that a user can see, or the error."""
+    try:
+        n = dma_map_sgtable(dev, t, BIDI)
+    except errors.DmaBufError as exc:
+        return ("raised", type(exc), exc.errno, t.cpu_ranges().tolist(), t.mapping)
+    mp = t.mapping
+    pages = np.arange(mp.iova, mp.iova + mp.iova_nbytes, G, dtype=np.uint64)
+    return (n, t.dma_ranges().tolist(), mp.iova, mp.iova_nbytes, t.cpu_ranges().tolist(),
+            dev.domain.pgtable.iova_to_phys_many(pages).tolist())
+
+
+@settings(max_examples=60, deadline=None)
+@given(whole_granule_rows(), st.sampled_from([U64, 0xFFFF, 0x1FFFF, 0xFFFFF, 0x3FFF]),
+       st.sampled_from([G, 0x2000, 0x10000, 0xFFFFFFFF]))
+def test_a_repeated_map_leaves_what_a_map_of_a_fresh_table_leaves(rows, seg_mask, max_seg):
+    from pydmabuf import _core_dma
+
+    (m1, d1), (m2, d2) = (iommu_device(seg_boundary_mask=seg_mask, max_segment_size=max_seg)
+                          for _ in range(2))
+    t = make_table(rows)
+    got, want = [], []
+    for _ in range(3):
+        got.append(_map_outcome(d1, t))
+        hint = _core_dma.sg_layout_hint(t)
+        assert hint is None or hint[0] == t.mapping.iova_nbytes and hint[4] == len(rows)
+        dma_unmap_sgtable(d1, t, BIDI)
+        fresh = make_table(rows)
+        want.append(_map_outcome(d2, fresh))
+        dma_unmap_sgtable(d2, fresh, BIDI)
+    assert got == want
+    assert d1.domain.stats == d2.domain.stats
+
+
+def test_a_map_records_a_hint_and_a_view_or_a_builder_clears_it():
+    from pydmabuf import _core_dma
+
+    m, d = iommu_device()
+    t = SgTable.from_pages([0x100000, 0x100002, 0x100003])
+    assert _core_dma.sg_layout_hint(t) is None
+    dma_map_sgtable(d, t, BIDI)
+    # (IOVA length, lowest start, highest start, longest entry, entries)
+    assert _core_dma.sg_layout_hint(t) == (3 * G, 0x100000 * G, 0x100002 * G, 2 * G, 2)
+    dma_unmap_sgtable(d, t, BIDI)
+    assert _core_dma.sg_layout_hint(t) is not None
+    e = t.entries
+    assert _core_dma.sg_layout_hint(t) is None
+    dma_map_sgtable(d, t, BIDI)  # while a view lives no hint is recorded
+    assert _core_dma.sg_layout_hint(t) is None
+    dma_unmap_sgtable(d, t, BIDI)
+    del e
+    dma_map_sgtable(d, t, BIDI)
+    dma_unmap_sgtable(d, t, BIDI)
+    assert _core_dma.sg_layout_hint(t) is not None
+    # Appending to an append table changes its entries: the hint goes.
+    a = SgTable()
+    a.append_pages([0x100000, 0x100001], left_pages=1)
+    dma_map_sgtable(d, a, BIDI)
+    dma_unmap_sgtable(d, a, BIDI)
+    assert _core_dma.sg_layout_hint(a) is not None
+    a.append_pages([0x100002])
+    assert _core_dma.sg_layout_hint(a) is None
+    assert _map_outcome(d, a)[1] == [[a.mapping.iova, 3 * G]]
+    dma_unmap_sgtable(d, a, BIDI)
+    # A table that needs the general path records none.
+    u = make_table([(0x100000, 0x200, 0x600)])
+    dma_map_sgtable(d, u, BIDI)
+    assert _core_dma.sg_layout_hint(u) is None
+    dma_unmap_sgtable(d, u, BIDI)
+
 
 ROWS600 = [(0x100000 + 3 * i, 0, G) for i in range(600)]
+# Each change keeps the IOVA length or not; those that keep it are caught
+# only by the map's check of each entry against the hint.
+CHANGES = ["pfn", "length", "offset", "unaligned", "zero", "far", "split", "end"]
+
+
+def _changed(change):
+    """Writes (k, (page address | flags, offset, length)) into ROWS600."""
+    k = 300
+    pl, off, ln = ROWS600[k][0] << 12, 0, G
+    if change == "pfn":  # another page in the same RAM range
+        return [(k, (0x90_0000 << 12, 0, G))]
+    if change == "length":
+        return [(k, (pl, 0, 2 * G))]
+    if change == "offset":
+        return [(k, (pl, 0x200, G - 0x200))]
+    if change == "unaligned":  # same length: the IOVA length stays
+        return [(k, (pl, 0x200, G))]
+    if change == "zero":
+        return [(k, (pl, 0, 0))]
+    if change == "far":  # below 3 GiB, the other RAM range
+        return [(k, (0x1_0000 << 12, 0, G))]
+    if change == "split":  # two pages in one entry, none in the next: same length
+        return [(k, (pl, 0, 2 * G)), (k + 1, (ROWS600[k + 1][0] << 12, 0, 0))]
+    assert change == "end"  # the table now ends here
+    return [(k, (pl | 2, off, ln))]
+
+
+def _write(tab, k, entry, raw):
+    """Write data entry k of a table built by make_table (127 entries and a
+    link per chunk) through a view, or behind the struct's back (``raw``:
+    the layout hint stays)."""
+    from pydmabuf import _core_dma
+
+    slot = k + k // 127
+    pl, off, ln = entry
+    if raw:
+        _core_dma.sg_write_cpu_raw(tab, slot, pl, off, ln)
+    else:
+        e = tab.entries
+        e["page_link"][slot], e["offset"][slot], e["length"][slot] = pl, off, ln
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["view", "behind-the-struct"])
+@pytest.mark.parametrize("change", CHANGES)
+def test_a_changed_table_is_mapped_as_it_is_now(change, raw):
+    from pydmabuf import _core_dma
+
+    (m1, d1), (m2, d2) = iommu_device(), iommu_device()
+    t, ref = make_table(ROWS600), make_table(ROWS600)
+    for dev, tab in ((d1, t), (d2, ref)):
+        dma_map_sgtable(dev, tab, BIDI)
+        dma_unmap_sgtable(dev, tab, BIDI)
+    assert _core_dma.sg_layout_hint(t) is not None
+    for k, entry in _changed(change):
+        _write(t, k, entry, raw)
+        _write(ref, k, entry, False)
+    assert (_core_dma.sg_layout_hint(t) is not None) == raw
+    got, want = _map_outcome(d1, t), _map_outcome(d2, ref)
+    assert got == want
+    if not raw:
+        # Through a view nothing is undone: the counted work is the same too.
+        assert d1.domain.stats == d2.domain.stats
+    if t.mapping is not None:
+        dma_unmap_sgtable(d1, t, BIDI)
+        dma_unmap_sgtable(d2, ref, BIDI)
+    assert d1.domain.stats["mapped_nbytes"] == 0 and d1.domain.stats["iova_live_ranges"] == 0
+    assert _map_outcome(d1, t) == _map_outcome(d2, ref)
+    if t.mapping is not None:
+        dma_unmap_sgtable(d1, t, BIDI)
+        dma_unmap_sgtable(d2, ref, BIDI)
 
 
 @pytest.mark.parametrize("first", [(0x100000, 0, G), (0x100000, 0x200, 0x600)])
@@ -446,15 +595,34 @@ def test_an_end_mark_before_orig_nents_is_einval_and_changes_nothing(first):
     m, d = iommu_device()
     rows = [first] + ROWS600[1:]
     t = make_table(rows)
-    e = t.entries
-    e["page_link"][300 + 300 // 127] |= np.uint64(2)
-    del e
+    _write(t, 300, (ROWS600[300][0] << 12 | 2, 0, G), False)
     before = t.entries.copy()
     with pytest.raises(errors.InvalidArgument):
         dma_map_sgtable(d, t, BIDI)
     assert (t.entries == before).all() and t.mapping is None
     s = d.domain.stats
     assert s["mapped_nbytes"] == 0 and s["iova_live_ranges"] == 0
+
+
+def test_a_stale_hint_over_peer_memory_maps_the_peer_by_bus_address():
+    from test_phys_vec import spec_two_switches
+
+    from pydmabuf import _core_dma
+
+    (m1, m2) = (pydmabuf.Machine.from_spec(spec_two_switches()) for _ in range(2))
+    bar = m1.device("exp").p2p_provider(0).bar.cpu_start
+    assert bar == m2.device("exp").p2p_provider(0).bar.cpu_start
+    imp1, imp2 = m1.device("imp"), m2.device("imp")
+    t, ref = make_table(ROWS600), make_table(ROWS600)
+    dma_map_sgtable(imp1, t, BIDI)
+    dma_unmap_sgtable(imp1, t, BIDI)
+    _core_dma.sg_write_cpu_raw(t, 300 + 300 // 127, bar, 0, G)
+    _write(ref, 300, (bar, 0, G), False)
+    got, want = _map_outcome(imp1, t), _map_outcome(imp2, ref)
+    assert got == want
+    assert [bar + 0x8000_0000_0000, G] in got[1]  # the BAR's bus address, no IOVA
+    dma_unmap_sgtable(imp1, t, BIDI)
+    dma_unmap_sgtable(imp2, ref, BIDI)
 
 
 # ------------------------------------------- the compiled per-call path

@@ -41,6 +41,16 @@ cdef struct sg_table:
     uint32_t total_nents    # data slots allocated (append tables)
     uint32_t no_move        # set while exported: growing must not move
                             # the arena (-EBUSY instead)
+    # What the last IOMMU map's layout pass found, for the next map of the
+    # same entries (see _iommu_dma_map_sg_aligned): the IOVA length, the
+    # lowest and highest entry start, the longest entry, and the number of
+    # entries described (0: no hint).  Code that writes entries through
+    # this struct sets hint_n to 0.
+    uint64_t hint_len
+    uint64_t hint_pmin
+    uint64_t hint_pmax
+    uint32_t hint_maxlen
+    uint32_t hint_n
 
 cdef void sg_table_free(sg_table *t) noexcept nogil
 cdef int sg_alloc(sg_table *t, uint32_t nents) noexcept nogil
