@@ -387,48 +387,51 @@ cdef bint _sg_hint_usable(sg_table *t, uint64_t seg_mask, p2p_ctx *pc, uint64_t 
     return True
 
 
-cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t dma_limit,
-                                       uint64_t seg_mask, uint64_t max_seg, bint *prefer32,
-                                       uint32_t cpu, uint32_t prot, p2p_ctx *pc,
-                                       uint64_t *iova_out, uint64_t *iova_len_out,
-                                       bint use_hint) noexcept nogil:
-    """iommu_dma_map_sg() for the common table: every entry starts on a
-    granule and is a whole number of granules, none is peer memory mapped
-    by bus address or refused, and no segment boundary pads the layout.
+cdef struct _sg_walk_out:
+    uint64_t dma_addr           # the IOVA after the last entry read
+    uint64_t runlen             # the run not mapped yet (or the one that failed)
+    uint64_t start              # ... and its physical start
+    uint64_t bad                # (hinted) an entry the hint does not describe
+    int64_t count               # DMA segments
 
-    For such a table the kernel's layout pass changes no entry (the granule
-    offset is 0 and the padded length is the length), so what is left of it
-    is the IOVA length: one read-only pass finds it and checks the
-    conditions (_sg_layout); the map of each physically contiguous run and
-    __finalise_sg() then run together in one pass (each entry is read by
-    the map step before the merge step writes behind it).  The map calls,
-    their order and arguments, the IOVA allocation and the result are the
-    general path's, so is every counter.  -EAGAIN, with nothing read
-    written, for a table that needs the general path.
 
-    The layout pass reads the whole table once more than the map does,
-    and for a long table that pass is bound by memory.  It records what it
-    found in the table (``hint_*``); a later map of the same table uses
-    that instead of the pass when _sg_hint_usable() says it may.  Whatever
-    changes a table's entries clears the hint (the builders, a buffer view
-    of the entries), and the map checks every entry against the hint as it
-    goes all the same: a hint that was wrong is found after the walk, the
-    walk is undone and the map starts again with the layout pass.  (Only
-    code writing entries through the C struct can make that happen; the
-    undone walk then shows in the counters.)
+# What the walk checks each entry against: the hint (see _sg_walk), or
+# nothing.  A fused type, so that each has its own compiled walk.
+cdef struct _sg_hint_check:
+    uint64_t lo
+    uint64_t span
+    uint32_t hmax
 
-    The walk writes a one-page run's leaf itself when it falls in the page
+cdef struct _sg_no_check:
+    uint8_t unused
+
+ctypedef fused _sg_check:
+    _sg_hint_check
+    _sg_no_check
+
+
+cdef int _sg_walk(sg_table *t, iommu_domain *dom, uint64_t iova, uint64_t seg_mask,
+                  uint64_t max_seg, uint32_t prot, _sg_check *h, _sg_walk_out *w) noexcept nogil:
+    """The walk of _iommu_dma_map_sg_aligned over the table's orig_nents
+    entries from ``iova``: returns 0, or the error of the map call that
+    failed (the walk stops there).  With a _sg_hint_check, each entry
+    must be granule aligned, 1 .. ``hmax`` bytes long (``(length - 1)`` as
+    u32 below ``hmax``) and start in [lo, lo + span], and the table must
+    not end early; ``w.bad`` says, after the walk, whether one did not.
+
+    It writes a one-page run's leaf itself when it falls in the page
     table's cursor table, as pgt_map_page() would, with the cursor and the
     leaf count in locals: the stores into the entries could otherwise alias
     them and force a reload and a store per page."""
     cdef uint64_t G = PDB_PAGE_SIZE, gmask = PDB_PAGE_SIZE - 1
-    cdef uint64_t n = t.orig_nents, k, iova_len = 0, s_length, phys
-    cdef uint64_t iova = 0, mapped, runlen = 0, start = 0, dma_addr, at
-    cdef uint64_t lo = 0, hi = PDB_U64_MAX, span, bad = 0, check_len
-    cdef uint32_t cur_len = 0, max32 = <uint32_t>max_seg, hmax
+    cdef uint64_t k, s_length, phys, runlen = 0, start = 0, dma_addr, at, bad = 0
+    cdef uint64_t acc = 0, pmin = PDB_U64_MAX, pmax = 0
+    cdef uint32_t lmax = 0
+    cdef uint32_t cur_len = 0, max32 = <uint32_t>max_seg
+    cdef uint64_t notleaf
     cdef int64_t s, cur, count = 0
     cdef int rc = 0
-    cdef bint hinted, prot_ok
+    cdef bint prot_ok
     cdef sg_entry *e
     cdef sg_entry *slots = t.slots
     cdef uint64_t nslots = t.nslots
@@ -436,25 +439,6 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
     cdef uint64_t *ctbl
     cdef uint64_t *ep
     cdef uint64_t cbase, nleaf = 0, pbits = (<uint64_t>prot << 2) | 3, head = 0
-    cdef uint32_t oas
-    hinted = use_hint and _sg_hint_usable(t, seg_mask, pc, &lo, &hi)
-    if hinted:
-        iova_len = t.hint_len
-    elif _sg_layout(t, seg_mask, pc, &iova_len) < 0:
-        return -EAGAIN
-    span = hi - lo
-    # entry lengths 1 .. hmax: (length - 1) as u32 >= hmax for 0 or longer
-    hmax = t.hint_maxlen if hinted else 0xFFFFFFFF
-
-    iova_out[0] = 0
-    iova_len_out[0] = 0
-    if iommu_dma_alloc_iova(dom, iova_len, dma_limit, prefer32, cpu, &iova) < 0:
-        if hinted and (_sg_layout(t, seg_mask, pc, &check_len) < 0 or check_len != iova_len):
-            return _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu,
-                                             prot, pc, iova_out, iova_len_out, False)
-        _sg_clear_dma(t, n)
-        return -ENOMEM
-
     # iommu_map_sg() and __finalise_sg() in step: the run is flushed when an
     # entry does not continue it, and one past the end.  dma_addr is the
     # IOVA of the entry read, so the pending run starts at dma_addr - runlen
@@ -465,21 +449,28 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
         and (prot & ~(<uint32_t>PDB_IOMMU_PROT_MASK)) == 0
     ctbl = pt.cur_pte
     cbase = pt.cur_base if ctbl != NULL and prot_ok else PDB_U64_MAX
-    oas = pt.oas
+    # the bits a page's address must not have: below a granule, above the output size
+    notleaf = (PDB_PAGE_SIZE - 1) | (~(<uint64_t>0) << pt.oas if pt.oas < 64 else 0)
     dma_addr = iova
-    k = n
+    k = t.orig_nents
     s = sg_first(t)
     cur = s
     while True:
         e = &slots[s]
         phys = (e.page_link & ~(<uint64_t>(PDB_SG_CHAIN | PDB_SG_END))) + e.offset
         s_length = e.length
-        if hinted:
-            bad |= ((e.offset | s_length) & gmask) | <uint64_t>(<uint32_t>(s_length - 1) >= hmax) \
-                | <uint64_t>(phys - lo > span)
+        if _sg_check is _sg_hint_check:
+            # accumulated here, compared once after the walk
+            acc |= e.offset | s_length
+            if <uint32_t>(s_length - 1) > lmax:
+                lmax = <uint32_t>(s_length - 1)
+            if phys < pmin:
+                pmin = phys
+            if phys > pmax:
+                pmax = phys
         if runlen and phys != start + runlen:
             at = dma_addr - runlen
-            if runlen == G and (at >> 21) == cbase and ((start & gmask) | (start >> oas)) == 0:
+            if runlen == G and (at >> 21) == cbase and (start & notleaf) == 0:
                 ep = &ctbl[(at >> 12) & 511]
                 if ep[0] != 0:
                     rc = -EEXIST
@@ -532,6 +523,79 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
     slots[cur].dma_length = cur_len
     pt.c.leaf_sets += nleaf
     pt.c.mapped_nbytes += nleaf << 12
+    if _sg_check is _sg_hint_check:
+        bad |= (acc & gmask) | <uint64_t>(lmax >= h.hmax) | <uint64_t>(pmin - h.lo > h.span) \
+            | <uint64_t>(pmax - h.lo > h.span)
+    w.dma_addr = dma_addr
+    w.runlen = runlen
+    w.start = start
+    w.bad = bad
+    w.count = count
+    return rc
+
+
+cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t dma_limit,
+                                       uint64_t seg_mask, uint64_t max_seg, bint *prefer32,
+                                       uint32_t cpu, uint32_t prot, p2p_ctx *pc,
+                                       uint64_t *iova_out, uint64_t *iova_len_out,
+                                       bint use_hint) noexcept nogil:
+    """iommu_dma_map_sg() for the common table: every entry starts on a
+    granule and is a whole number of granules, none is peer memory mapped
+    by bus address or refused, and no segment boundary pads the layout.
+
+    For such a table the kernel's layout pass changes no entry (the granule
+    offset is 0 and the padded length is the length), so what is left of it
+    is the IOVA length: one read-only pass finds it and checks the
+    conditions (_sg_layout); the map of each physically contiguous run and
+    __finalise_sg() then run together in one pass (each entry is read by
+    the map step before the merge step writes behind it).  The map calls,
+    their order and arguments, the IOVA allocation and the result are the
+    general path's, so is every counter.  -EAGAIN, with nothing read
+    written, for a table that needs the general path.
+
+    The layout pass reads the whole table once more than the map does,
+    and for a long table that pass is bound by memory.  It records what it
+    found in the table (``hint_*``); a later map of the same table uses
+    that instead of the pass when _sg_hint_usable() says it may.  Whatever
+    changes a table's entries clears the hint (the builders, a buffer view
+    of the entries), and the map checks every entry against the hint as it
+    goes all the same: a hint that was wrong is found after the walk, the
+    walk is undone and the map starts again with the layout pass.  (Only
+    code writing entries through the C struct can make that happen; the
+    undone walk then shows in the counters.)"""
+    cdef uint64_t G = PDB_PAGE_SIZE
+    cdef uint64_t n = t.orig_nents, iova_len = 0, iova = 0, mapped, runlen, start, dma_addr
+    cdef uint64_t lo = 0, hi = PDB_U64_MAX, bad, check_len
+    cdef int64_t count
+    cdef int rc
+    cdef bint hinted
+    cdef io_pgtable *pt = &dom.pgt
+    cdef _sg_walk_out w
+    cdef _sg_hint_check check
+    cdef _sg_no_check no_check
+    hinted = use_hint and _sg_hint_usable(t, seg_mask, pc, &lo, &hi)
+    if hinted:
+        iova_len = t.hint_len
+    elif _sg_layout(t, seg_mask, pc, &iova_len) < 0:
+        return -EAGAIN
+
+    iova_out[0] = 0
+    iova_len_out[0] = 0
+    if iommu_dma_alloc_iova(dom, iova_len, dma_limit, prefer32, cpu, &iova) < 0:
+        if hinted and (_sg_layout(t, seg_mask, pc, &check_len) < 0 or check_len != iova_len):
+            return _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu,
+                                             prot, pc, iova_out, iova_len_out, False)
+        _sg_clear_dma(t, n)
+        return -ENOMEM
+
+    if hinted:
+        check.lo = lo
+        check.span = hi - lo
+        check.hmax = t.hint_maxlen
+        rc = _sg_walk(t, dom, iova, seg_mask, max_seg, prot, &check, &w)
+    else:
+        rc = _sg_walk(t, dom, iova, seg_mask, max_seg, prot, &no_check, &w)
+    dma_addr, runlen, start, bad, count = w.dma_addr, w.runlen, w.start, w.bad, w.count
     mapped = dma_addr - iova - runlen
     if rc == 0 and not bad:
         if runlen == G:
