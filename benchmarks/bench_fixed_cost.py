@@ -17,7 +17,10 @@ Groups:
     ``SgTable.from_pages`` of 16 scattered PFNs.
 ``bulk-roundtrip-256K-pages``
     2**18 scattered pages: list-free link + sync + destroy, and
-    ``dma_map_sgtable`` + unmap of the same pages; beside them the C floor
+    ``dma_map_sgtable`` + unmap of the same pages, repeated on one table
+    (a map reuses what the table's last layout pass found) and with a
+    buffer view taken before each map (the layout pass runs, as on a
+    table's first map); beside them the C floor
     of one 8-byte PTE write per page (``floor_pte``), the store a plain C
     loop would do.
 
@@ -208,4 +211,22 @@ def test_bulk_sg_map_unmap(benchmark, machine, scattered, release_ref):
         dma_unmap_sgtable(dev, table, BIDI)
 
     _bulk(benchmark, rt, floor, ref=release_ref, path="bulk_sg")
+    assert table.mapping is None
+
+
+def test_bulk_sg_first_map_unmap(benchmark, machine, scattered, release_ref):
+    """The same with a buffer view of the entries taken before each map: a
+    map that cannot reuse the table's last layout pass (what a table's
+    first map costs)."""
+    benchmark.group = "bulk-roundtrip-256K-pages"
+    pfns, pages, floor = scattered
+    dev = machine.device("gpu0")
+    table = SgTable.from_pages(pfns)
+
+    def rt():
+        memoryview(table).release()
+        dma_map_sgtable(dev, table, BIDI)
+        dma_unmap_sgtable(dev, table, BIDI)
+
+    _bulk(benchmark, rt, floor, ref=release_ref, path="bulk_sg_first")
     assert table.mapping is None
