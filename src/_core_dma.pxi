@@ -503,7 +503,8 @@ cdef int _sg_walk(sg_table *t, iommu_domain *dom, uint64_t iova, uint64_t seg_ma
         if cur_len and (dma_addr & seg_mask) and <uint32_t>(max32 - cur_len) >= s_length:
             cur_len += <uint32_t>s_length
         else:
-            if cur_len:
+            if count:
+                # (not cur_len: a merged segment of exactly 4 GiB wraps it to 0)
                 slots[cur].dma_address = head
                 slots[cur].dma_length = cur_len
                 cur = _sg_step(slots, nslots, cur)
@@ -561,8 +562,11 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
     of the entries), and the map checks every entry against the hint as it
     goes all the same: a hint that was wrong is found after the walk, the
     walk is undone and the map starts again with the layout pass.  (Only
-    code writing entries through the C struct can make that happen; the
-    undone walk then shows in the counters.)"""
+    code writing entries through the C struct can make that happen, or a
+    thread writing through a view while the table is mapped.  The undone
+    walk then shows in the counters, and in the IOVA allocator: a lazy
+    domain may hand out another IOVA than it would have.  The device's
+    32-bit IOVA preference is put back.)"""
     cdef uint64_t G = PDB_PAGE_SIZE
     cdef uint64_t n = t.orig_nents, iova_len = 0, iova = 0, mapped, runlen, start, dma_addr
     cdef uint64_t lo = 0, hi = PDB_U64_MAX, bad, check_len
@@ -573,6 +577,7 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
     cdef _sg_walk_out w
     cdef _sg_hint_check check
     cdef _sg_no_check no_check
+    cdef bint p32 = prefer32[0]
     hinted = use_hint and _sg_hint_usable(t, seg_mask, pc, &lo, &hi)
     if hinted:
         iova_len = t.hint_len
@@ -583,6 +588,7 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
     iova_len_out[0] = 0
     if iommu_dma_alloc_iova(dom, iova_len, dma_limit, prefer32, cpu, &iova) < 0:
         if hinted and (_sg_layout(t, seg_mask, pc, &check_len) < 0 or check_len != iova_len):
+            prefer32[0] = p32
             return _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu,
                                              prot, pc, iova_out, iova_len_out, False)
         _sg_clear_dma(t, n)
@@ -612,6 +618,7 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
         iommu_dma_free_iova(dom, iova, iova_len, NULL, cpu)
         _sg_clear_dma(t, n)
         t.hint_n = 0
+        prefer32[0] = p32
         return _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu,
                                          prot, pc, iova_out, iova_len_out, False)
     if rc == 0:
@@ -1029,6 +1036,7 @@ cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, ui
     cdef iommu_domain *d = _dom_of(dom)
     cdef p2p_ctx c
     cdef int64_t rc
+    cdef bint viewed
     if table.mapping is not claim:
         raise _errors.Busy("the table is already mapped for DMA")
     if cpu >= d.iovad.ncpus:
@@ -1037,8 +1045,12 @@ cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, ui
         pc.fill(&c)
     _acquire(table.lock)
     _acquire(dom.lock)
-    if _atomic_load(&table.exports):
-        table.t.hint_n = 0      # a live view may write the entries at any time
+    # A view alive when the map begins may write the entries at any time,
+    # and may be gone by its end: no hint is used or kept.  (No view can be
+    # taken during the map: that needs the table's lock.)
+    viewed = _atomic_load(&table.exports) != 0
+    if viewed:
+        table.t.hint_n = 0
     # Releasing the GIL costs more than mapping a short table.
     if table.t.orig_nents > 256:
         with nogil:
@@ -1047,7 +1059,7 @@ cdef int64_t sg_iommu_map(SgTable table, IommuDomain dom, uint64_t dma_limit, ui
     else:
         rc = iommu_dma_map_sg(&table.t, d, dma_limit, seg_mask, max_seg, prefer32, cpu, prot,
                               &c if pc is not None else NULL, iova, ilen)
-    if _atomic_load(&table.exports):
+    if viewed:
         table.t.hint_n = 0
     _release(dom.lock)
     _release(table.lock)

@@ -604,6 +604,87 @@ def test_an_end_mark_before_orig_nents_is_einval_and_changes_nothing(first):
     assert s["mapped_nbytes"] == 0 and s["iova_live_ranges"] == 0
 
 
+def test_a_segment_merged_to_exactly_4g_keeps_the_kernels_zero_length_quirk():
+    # from_pages of 4 GiB of contiguous pages and one more page: entries of
+    # 0xFFFFF000 and 0x1000 bytes merge (the u32 length wraps past
+    # max_seg) into a segment of exactly 4 GiB, whose length reads 0; the
+    # next segment still goes in the next slot, on every map.
+    m, d = iommu_device(dma_mask=48)
+    pfns = np.concatenate([np.arange(0x100000, 0x200000, dtype=np.uint64), np.array([0x900000], dtype=np.uint64)])
+    t = SgTable.from_pages(pfns)
+    rows = [(pfn >> 12, 0, ln) for pfn, ln in t.cpu_ranges().tolist()]
+    assert [ln for _, _, ln in rows] == [0xFFFFF000, 0x1000, 0x1000]
+    _, _, finalise = ref_map_sg(rows, 0xFFFFFFFF, 0x10000)
+    for _ in range(2):  # the layout pass, then the hint
+        assert dma_map_sgtable(d, t, BIDI) == 2
+        base = t.mapping.iova
+        assert [tuple(r) for r in t.dma_ranges().tolist()] == finalise(base) == [(base, 0), (base + 2**32, G)]
+        dma_unmap_sgtable(d, t, BIDI)
+
+
+def test_an_undone_walk_gives_back_the_32_bit_iova_preference():
+    from pydmabuf import _core_dma
+
+    GiB = 1 << 30
+    (m1, d1), (m2, d2) = iommu_device(), iommu_device()
+    t, ref = make_table([(0x100000, 0, GiB)]), make_table([(0x100000, 0, GiB)])
+    busy = []
+    for d, x in ((d1, t), (d2, ref)):
+        dma_map_sgtable(d, x, BIDI)
+        dma_unmap_sgtable(d, x, BIDI)
+        for k in range(2):  # the same 2 GiB below 4 GiB taken on both
+            busy.append((d, make_table([(0x200000 + k * 0x40000, 0, GiB)])))
+            dma_map_sgtable(d, busy[-1][1], BIDI)
+    assert d1.prefer_32bit_iova and d2.prefer_32bit_iova
+    # One page now: the hint's 1 GiB no longer fits below 4 GiB, the page does.
+    _core_dma.sg_write_cpu_raw(t, 0, (0x100000 << 12) | 2, 0, G)
+    _write(ref, 0, ((0x100000 << 12) | 2, 0, G), False)
+    assert _map_outcome(d1, t) == _map_outcome(d2, ref)
+    assert d1.prefer_32bit_iova and d2.prefer_32bit_iova
+    for d, x in busy + [(d1, t), (d2, ref)]:
+        dma_unmap_sgtable(d, x, BIDI)
+
+
+def test_a_view_released_during_a_map_leaves_no_hint_that_is_not_true():
+    # A view alive when the map begins may write the entries while the map
+    # reads them, and may be gone when it ends: no hint is kept from it.
+    import threading
+    import time
+
+    from pydmabuf import _core_dma
+
+    m, d = iommu_device()
+    n = 1 << 16
+    for trial in range(12):
+        t = SgTable.from_pages(np.arange(0x100000, 0x100000 + 2 * n, 2, dtype=np.uint64))
+        v = t.entries
+        go = threading.Event()
+
+        def writer():
+            go.wait()
+            time.sleep(0.0001 * (trial % 4))
+            v["length"][1] = 2 * G  # the entry grows by a page
+
+        def mapper():
+            go.set()
+            try:
+                dma_map_sgtable(d, t, BIDI)
+            except errors.DmaBufError:
+                pass
+
+        threads = [threading.Thread(target=writer), threading.Thread(target=mapper)]
+        for th in threads:
+            th.start()
+        threads[0].join()
+        del v
+        threads[1].join()
+        hint = _core_dma.sg_layout_hint(t)
+        assert hint is None or hint[0] == int(t.cpu_ranges()[:, 1].sum())
+        if t.mapping is not None:
+            dma_unmap_sgtable(d, t, BIDI)
+    assert d.domain.stats["iova_live_ranges"] == 0
+
+
 def test_a_stale_hint_over_peer_memory_maps_the_peer_by_bus_address():
     from test_phys_vec import spec_two_switches
 
