@@ -117,7 +117,9 @@ cdef inline bint _dma_capable(uint64_t addr, uint64_t size, uint64_t limit) noex
 
 
 cdef inline uint64_t _sg_phys(const sg_entry *e) noexcept nogil:
-    return (e.page_link & _SG_LINK_MASK) + e.offset
+    # the mask as a constant (_SG_LINK_MASK is a module variable, loaded
+    # again per entry in the walks)
+    return (e.page_link & ~(<uint64_t>(PDB_SG_CHAIN | PDB_SG_END))) + e.offset
 
 
 cdef inline int64_t _sg_step(const sg_entry *slots, uint64_t nslots, int64_t i) noexcept nogil:
@@ -307,7 +309,6 @@ cdef int64_t _sg_layout(sg_table *t, uint64_t seg_mask, p2p_ctx *pc, uint64_t *i
     cdef uint64_t gmask = PDB_PAGE_SIZE - 1
     cdef uint64_t n = t.orig_nents, k = 0, iova_len = 0, pad_len, s_length, phys, off
     cdef uint64_t acc = 0, lo = 1, hi = 0, pmin = PDB_U64_MAX, pmax = 0
-    cdef uint64_t link_mask = _SG_LINK_MASK
     cdef uint32_t maxlen = 0
     cdef int64_t s = sg_first(t)
     cdef uint8_t st
@@ -331,7 +332,7 @@ cdef int64_t _sg_layout(sg_table *t, uint64_t seg_mask, p2p_ctx *pc, uint64_t *i
         pad_len = (seg_mask - iova_len + 1) & seg_mask
         if pad_len and pad_len < s_length - 1:
             return -EAGAIN
-        phys = (e.page_link & link_mask) + e.offset
+        phys = _sg_phys(e)
         if phys < pmin:
             pmin = phys
         if phys > pmax:
@@ -357,6 +358,14 @@ cdef int64_t _sg_layout(sg_table *t, uint64_t seg_mask, p2p_ctx *pc, uint64_t *i
     t.hint_n = <uint32_t>n
     iova_len_out[0] = iova_len
     return 0
+
+
+cdef inline bint _sg_hint_held(sg_table *t, uint64_t seg_mask, p2p_ctx *pc, uint64_t iova_len) noexcept nogil:
+    """After a map with the hint failed: whether the layout pass agrees
+    with the hint (the failure is the table's own), or not (the hint was
+    wrong; the pass has recorded the right one or none)."""
+    cdef uint64_t n
+    return _sg_layout(t, seg_mask, pc, &n) == 0 and n == iova_len
 
 
 cdef bint _sg_hint_usable(sg_table *t, uint64_t seg_mask, p2p_ctx *pc, uint64_t *lo,
@@ -457,7 +466,7 @@ cdef int _sg_walk(sg_table *t, iommu_domain *dom, uint64_t iova, uint64_t seg_ma
     cur = s
     while True:
         e = &slots[s]
-        phys = (e.page_link & ~(<uint64_t>(PDB_SG_CHAIN | PDB_SG_END))) + e.offset
+        phys = _sg_phys(e)
         s_length = e.length
         if _sg_check is _sg_hint_check:
             # accumulated here, compared once after the walk
@@ -569,7 +578,7 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
     32-bit IOVA preference is put back.)"""
     cdef uint64_t G = PDB_PAGE_SIZE
     cdef uint64_t n = t.orig_nents, iova_len = 0, iova = 0, mapped, runlen, start, dma_addr
-    cdef uint64_t lo = 0, hi = PDB_U64_MAX, bad, check_len
+    cdef uint64_t lo = 0, hi = PDB_U64_MAX, bad
     cdef int64_t count
     cdef int rc
     cdef bint hinted
@@ -587,7 +596,7 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
     iova_out[0] = 0
     iova_len_out[0] = 0
     if iommu_dma_alloc_iova(dom, iova_len, dma_limit, prefer32, cpu, &iova) < 0:
-        if hinted and (_sg_layout(t, seg_mask, pc, &check_len) < 0 or check_len != iova_len):
+        if hinted and not _sg_hint_held(t, seg_mask, pc, iova_len):
             prefer32[0] = p32
             return _iommu_dma_map_sg_aligned(t, dom, dma_limit, seg_mask, max_seg, prefer32, cpu,
                                              prot, pc, iova_out, iova_len_out, False)
@@ -611,7 +620,7 @@ cdef int64_t _iommu_dma_map_sg_aligned(sg_table *t, iommu_domain *dom, uint64_t 
         if rc == 0:
             mapped += runlen
     if hinted and (bad or (rc == 0 and dma_addr - iova != iova_len)
-                   or (rc < 0 and (_sg_layout(t, seg_mask, pc, &check_len) < 0 or check_len != iova_len))):
+                   or (rc < 0 and not _sg_hint_held(t, seg_mask, pc, iova_len))):
         # The hint did not describe the table: undo the walk, start again.
         if mapped:
             iommu_unmap(dom, iova, mapped)
@@ -659,7 +668,6 @@ cdef int64_t iommu_dma_map_sg(sg_table *t, iommu_domain *dom, uint64_t dma_limit
                                    iova_out, iova_len_out, True)
     if rc != -EAGAIN:
         return rc
-    t.hint_n = 0
     rc = 0
     iova_out[0] = 0
     iova_len_out[0] = 0

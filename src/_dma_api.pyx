@@ -114,6 +114,23 @@ cdef tuple _trusted_args(object device, object direction, object attrs):
     return <tuple>hit if type(hit) is tuple and len(<tuple>hit) == 3 else None
 
 
+cdef IommuDomain _iommu_of(object device, uint32_t *cpu):
+    """The device's IOMMU domain, when it is a core domain, with ``cpu``
+    set to the CPU the calling thread stands for among its IOMMU's; None
+    otherwise."""
+    g = device.iommu_group
+    if g is None:
+        return None
+    dom = g.domain
+    if type(dom) is not IommuDomain:
+        return None
+    ncpus = g.iommu.ncpus
+    if type(ncpus) is not int or not 0 < ncpus <= 0xFFFFFFFF:
+        return None
+    cpu[0] = pdb_thread_cpu(ncpus)
+    return <IommuDomain>dom
+
+
 def map_iommu(device, table, direction, attrs):
     """``iommu_dma_map_sg()`` for ``dma_map_sgtable``'s common case.
 
@@ -128,16 +145,11 @@ def map_iommu(device, table, direction, attrs):
     hit = _trusted_args(device, direction, attrs)
     if hit is None:
         return -1
-    g = device.iommu_group
-    if g is None:
-        return -1
-    dom = g.domain
-    if type(dom) is not IommuDomain:
+    cdef uint32_t cpu = 0
+    cdef IommuDomain dom = _iommu_of(device, &cpu)
+    if dom is None:
         return -1
     d, a, prot = hit
-    ncpus = g.iommu.ncpus
-    if type(ncpus) is not int or not 0 < ncpus <= 0xFFFFFFFF:
-        return -1
     # pydmabuf.pci.p2p_context's cache, read here: (owners seen, context).
     # Anything else (a miss, or junk) is the general path's to rebuild or
     # refuse.
@@ -166,9 +178,9 @@ def map_iommu(device, table, direction, attrs):
     if claim(t, m) is not None:  # claimed since the check above: the general path says Busy
         return -1
     try:
-        rc = sg_iommu_map(t, <IommuDomain>dom, limit, _U64 if seg is None else seg,
+        rc = sg_iommu_map(t, dom, limit, _U64 if seg is None else seg,
                           _DEFAULT_MAX_SEG if maxseg is None else maxseg, &p32,
-                          pdb_thread_cpu(ncpus), prot, <P2pContext>ctx, &iova, &ilen, m)
+                          cpu, prot, <P2pContext>ctx, &iova, &ilen, m)
     except BaseException:
         if t.mapping is m:
             t.mapping = None
@@ -196,16 +208,11 @@ def unmap_iommu(device, table, direction, attrs):
     da = _DIR_ATTRS.get((direction, attrs))
     if type(da) is not tuple or len(<tuple>da) != 2 or (<tuple>da)[0] != sm.direction:
         return False
-    g = device.iommu_group
-    if g is None:
+    cdef uint32_t cpu = 0
+    cdef IommuDomain dom = _iommu_of(device, &cpu)
+    if dom is None:
         return False
-    dom = g.domain
-    if type(dom) is not IommuDomain:
-        return False
-    ncpus = g.iommu.ncpus
-    if type(ncpus) is not int or not 0 < ncpus <= 0xFFFFFFFF:
-        return False
-    sg_iommu_unmap(t, <IommuDomain>dom, pdb_thread_cpu(ncpus))
+    sg_iommu_unmap(t, dom, cpu)
     t.mapping = None
     return True
 

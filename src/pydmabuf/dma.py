@@ -38,7 +38,7 @@ from typing import Any, cast
 import numpy as np
 
 from pydmabuf import _core, _dma_api, access, dma_direct, errors
-from pydmabuf._args import _ATTR_TYPES, _DIR_ATTRS, _DIR_TYPES, _attrs, _bad_range, _dir_attrs, _need_int
+from pydmabuf._args import _ATTR_TYPES, _DIR_ATTRS, _DIR_TYPES, _LINK_ARGS, _attrs, _bad_range, _dir_attrs, _need_int
 from pydmabuf._args import _dir as _dir  # dmabuf.py parses directions through this module
 from pydmabuf._core import IommuDomain, SgTable
 from pydmabuf._dma_api import SgMapping
@@ -46,7 +46,6 @@ from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DMA_MAPPING_ERROR, PAGE_SIZE, DmaAttrs, DmaDirection
 from pydmabuf.devaccess import accessor, device_read, device_write
 from pydmabuf.device import Device, _need_device
-from pydmabuf._args import _LINK_ARGS
 from pydmabuf.dma_iommu import IovaState, _cpu, _prot
 from pydmabuf.pci import p2p_context
 from pydmabuf.swiotlb import _bounce_in, _bounce_out, _bounced_through, _pool, _swiotlb_map
