@@ -58,14 +58,69 @@ _ld_signal = None   # (entering) -> None: the dma_fence_map pseudo-lock
 _ld_wait = None     # () -> None: __dma_fence_might_wait()
 
 
-def set_lockdep_hooks(acquire, release, signal, wait):
+# The common case handled here, without a Python call: the thread holds
+# no other tracked lock when it takes one (no dependency to add), and
+# releases the lock it took last.  _ld_tls is locking's threading.local
+# (its ``held`` list: (class key, lock, nested legally) tuples, outermost
+# first) and _ld_keys its WwClass -> class key map; anything else (a lock
+# already held, a class not seen yet, an out-of-order release) goes to the
+# hooks, which see the same list.
+from cpython.list cimport PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_SIZE
+
+cdef object _ld_tls = None
+cdef dict _ld_keys = None
+
+
+def set_lockdep_hooks(acquire, release, signal, wait, tls=None, keys=None):
     """Install (or, with Nones, remove) the lock-class tracking hooks of
-    :mod:`pydmabuf.locking`.  Internal."""
-    global _ld_acquire, _ld_release, _ld_signal, _ld_wait
+    :mod:`pydmabuf.locking`; ``tls`` and ``keys`` (its held-lock
+    ``threading.local`` and ww-class keys) let the mutexes record the
+    uncontended cases themselves.  Internal."""
+    global _ld_acquire, _ld_release, _ld_signal, _ld_wait, _ld_tls, _ld_keys
+    if (tls is None) != (keys is None) or (keys is not None and type(keys) is not dict):
+        raise TypeError("set_lockdep_hooks: tls and keys (a dict) go together")
+    if tls is not None and (acquire is None or release is None):
+        raise TypeError("set_lockdep_hooks: tls needs the acquire and release hooks")
     _ld_acquire = acquire
     _ld_release = release
     _ld_signal = signal
     _ld_wait = wait
+    _ld_tls = tls
+    _ld_keys = keys
+
+
+cdef int _ld_took(object m, object ww_class, bint with_ctx, bint trylock) except -1:
+    """The acquire hook's work for ``m`` (held now); raises to refuse."""
+    cdef object held
+    cdef object key
+    if _ld_tls is not None:
+        held = getattr(_ld_tls, "held", None)
+        if type(held) is list and PyList_GET_SIZE(held) == 0:
+            key = _ld_keys.get(ww_class)
+            if key is not None:
+                held.append((key, m, True))
+                return 0
+    _ld_acquire(m, with_ctx, trylock)
+    return 0
+
+
+cdef int _ld_dropped(object m) except -1:
+    """The release hook's work for ``m`` (released now)."""
+    cdef object held
+    cdef Py_ssize_t n
+    if _ld_tls is not None:
+        held = getattr(_ld_tls, "held", None)
+        if held is None:
+            return 0  # this thread never took a tracked lock
+        if type(held) is list:
+            n = PyList_GET_SIZE(held)
+            if n and type(held[n - 1]) is tuple and PyTuple_GET_SIZE(held[n - 1]) == 3 \
+                    and (<tuple>held[n - 1])[1] is m:
+                del held[n - 1]
+                return 0
+    _ld_release(m)
+    return 0
 
 # ------------------------------------------------------ signalling sections
 #

@@ -452,7 +452,7 @@ cdef int _ww_release(WwMutex self, pdb_task *t) except -1:
     self.ctx_ref = NULL
     ww_unlock(&self.m, t)
     if _ld_release is not None:
-        _ld_release(self)
+        _ld_dropped(self)
     if ref != NULL:
         Py_DECREF(<object>ref)
     Py_DECREF(self)
@@ -484,7 +484,7 @@ cdef int _ww_lock(WwMutex self, AcquireContext ctx, int mode) except -1:
     _ww_took(self, ctx)
     if _ld_acquire is not None:
         try:
-            _ld_acquire(self, ctx is not None, False)
+            _ld_took(self, self.ww_class, ctx is not None, False)
         except BaseException:
             _ww_release(self, t)  # refused: the failed call changes nothing
             raise
@@ -607,7 +607,7 @@ cdef class WwMutex:
             _ww_took(self, ctx)
             if _ld_acquire is not None:
                 try:
-                    _ld_acquire(self, ctx is not None, True)
+                    _ld_took(self, self.ww_class, ctx is not None, True)
                 except BaseException:
                     _ww_release(self, t)
                     raise

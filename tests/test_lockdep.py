@@ -331,3 +331,51 @@ def test_vfio_memory_lock_orders_before_the_reservation_lock():
     finally:
         b.put()
         v.close()
+
+
+def test_the_cores_own_record_of_uncontended_ww_locks_is_the_hooks():
+    """The core records a ww lock taken with nothing else held, and drops
+    the lock released last, without calling the Python hooks; everything
+    else goes to them.  Both must keep the one list lockdep reads."""
+    from pydmabuf import _core
+
+    calls: list[str] = []
+    acquire, release = locking._fast_hooks(locking._ld)
+
+    def spy_acquire(m, with_ctx, trylock):
+        calls.append("acquire")
+        acquire(m, with_ctx, trylock)
+
+    def spy_release(m):
+        calls.append("release")
+        release(m)
+
+    ld = locking._ld
+    cls = WwClass(_cls("fresh"))  # not keyed yet: its first lock goes to the hook
+    x, y = WwMutex(cls), WwMutex(cls)
+    r1 = Resv()
+    _core.set_lockdep_hooks(spy_acquire, spy_release, ld.signal, ld.might_wait, tls=ld.tls, keys=ld.ww_keys)
+    try:
+        with x:
+            assert locking.held_locks() == [cls.mutex_name]
+        assert calls == ["acquire"] and locking.held_locks() == []
+        calls.clear()
+        with x:  # keyed now: the core's own path, both ways
+            pass
+        assert calls == []
+        x.lock()
+        r1.lock()  # another lock held: the hook adds the edge
+        assert locking.held_locks() == [cls.mutex_name, RESV_CLASS]
+        assert RESV_CLASS in locking.dependencies()[cls.mutex_name]
+        x.unlock()  # out of order: the hook finds it
+        assert locking.held_locks() == [RESV_CLASS]
+        r1.unlock()  # the last one: the core's
+        assert calls == ["acquire", "release"] and locking.held_locks() == []
+        assert y.trylock() is True and locking.held_locks() == [cls.mutex_name]
+        y.unlock()
+    finally:
+        locking.set_lockdep(True)
+    with pytest.raises(TypeError):
+        _core.set_lockdep_hooks(spy_acquire, spy_release, None, None, tls=ld.tls)
+    with pytest.raises(TypeError):
+        _core.set_lockdep_hooks(None, None, None, None, tls=ld.tls, keys={})

@@ -294,7 +294,11 @@ def _edge_site() -> str:
 
 def _fast_hooks(ld: _Lockdep) -> tuple[Any, Any]:
     """The core's acquire/release hooks as closures over the graph's state
-    (no attribute lookups on the path that holds nothing else)."""
+    (no attribute lookups on the path that holds nothing else).  The core
+    does what their fast branches do itself when it is given ``ld.tls``
+    and ``ld.ww_keys`` (:func:`set_lockdep`): it calls them only when a
+    lock is taken with another held, for a class not keyed yet, or
+    released out of order."""
     tls = ld.tls
     keys = ld.ww_keys
     slow_acquire = ld.acquire
@@ -335,7 +339,7 @@ def set_lockdep(enabled: bool) -> None:
 
     _ld.enabled = bool(enabled)
     if enabled:
-        _core.set_lockdep_hooks(*_fast_hooks(_ld), _ld.signal, _ld.might_wait)
+        _core.set_lockdep_hooks(*_fast_hooks(_ld), _ld.signal, _ld.might_wait, tls=_ld.tls, keys=_ld.ww_keys)
     else:
         _core.set_lockdep_hooks(None, None, None, None)
 
