@@ -429,7 +429,11 @@ cdef class Resv(WwMutex):
         """
         cdef int64_t deadline = _deadline(timeout, "Resv.wait")
         cdef int64_t left
-        cdef ResvIter it = ResvIter._make(self, _usage(usage), False)
+        cdef unsigned int use = _usage(usage)
+        cdef ResvIter it
+        if self.num == 0:
+            return True  # an empty list: what the walk below would find at once
+        it = ResvIter._make(self, use, False)
         for f, u in it:
             if deadline < 0:
                 remaining = None

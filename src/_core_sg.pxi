@@ -833,15 +833,27 @@ cdef class SgTable:
         cdef uint64_t size, maxseg
         cdef const uint64_t[::1] p
         cdef Py_buffer view
-        if nbytes is None and type(offset) is int and offset == 0 and max_segment is SCATTERLIST_MAX_SEGMENT \
-                and _fast_u64(pfns, &view):
-            # The defaults and a plain u64 array: no view object, no checks
-            # beyond the page count.
+        cdef uint64_t n, full
+        if type(offset) is int and (nbytes is None or type(nbytes) is int) \
+                and max_segment is SCATTERLIST_MAX_SEGMENT and _fast_u64(pfns, &view):
+            # A plain u64 array, the default segment, and an offset and
+            # length that need no error message: no view object, no Python
+            # arithmetic.  Anything else takes _pages_args and its checks.
             try:
-                if <uint64_t>view.shape[0] <= UINT32_MAX:
-                    t._append(<const uint64_t *>view.buf, view.shape[0], 0,
-                              <uint64_t>view.shape[0] * PDB_PAGE_SIZE, SCATTERLIST_MAX_SEGMENT, 0)
-                    return t
+                n = <uint64_t>view.shape[0]
+                if n <= UINT32_MAX and (n > 0 or (nbytes is None and offset == 0)) \
+                        and 0 <= offset < PDB_PAGE_SIZE:
+                    full = n * PDB_PAGE_SIZE - <uint64_t>offset
+                    if nbytes is None:
+                        size = full
+                    elif 0 < nbytes <= full and (full <= PDB_PAGE_SIZE or nbytes > full - PDB_PAGE_SIZE):
+                        size = <uint64_t>nbytes
+                    else:
+                        size = 0
+                    if size != 0 or n == 0:
+                        t._append(<const uint64_t *>view.buf, view.shape[0], <uint32_t>offset, size,
+                                  SCATTERLIST_MAX_SEGMENT, 0)
+                        return t
             finally:
                 PyBuffer_Release(&view)
         p = _pages_args(pfns, offset, nbytes, max_segment, 0, &off, &size, &maxseg, &left)

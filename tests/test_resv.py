@@ -606,3 +606,16 @@ class ResvMachine(RuleBasedStateMachine):
 
 
 TestResvMachine = ResvMachine.TestCase
+
+
+def test_wait_on_an_empty_resv_checks_its_arguments_first():
+    """An empty list returns at once, but only after the arguments a full
+    one would refuse are refused."""
+    r = Resv()
+    with pytest.raises(errors.InvalidArgument):
+        r.wait(Usage.READ, -1)
+    with pytest.raises((ValueError, errors.DmaBufError)):
+        r.wait(99)
+    with pytest.raises(TypeError):
+        r.wait(Usage.READ, "soon")
+    assert r.wait(Usage.KERNEL, 0, interruptible=True) is True

@@ -582,3 +582,28 @@ def test_from_pages_takes_every_buffer_the_core_parser_takes(kind):
     ref = SgTable.from_pages(pfns, 0, None, int("FFFFF000", 16))  # the general path (not the default object)
     assert t.orig_nents == ref.orig_nents == 3
     assert t.cpu_ranges().tolist() == ref.cpu_ranges().tolist()
+
+
+@pytest.mark.parametrize("pfns", [[5], [5, 6], [5, 6, 9, 10, 11], []])
+@pytest.mark.parametrize("offset", [0, 1, PAGE - 1, PAGE, -1, 2**64, 1.0, True])
+@pytest.mark.parametrize("nbytes", ["none", 0, 1, "full-page", "full-page+1", "full", "full+1", -1, 2**64, 2.0])
+def test_from_pages_of_an_array_with_offset_and_nbytes_is_the_parsed_path(pfns, offset, nbytes):
+    """An array with the default segment and an int offset and length is
+    built without the argument parser (a fast path the exporters take);
+    what it builds, and what it refuses, must be the parser's.  A list is
+    always parsed: it is the reference."""
+    if isinstance(offset, int) and 0 <= offset < PAGE:
+        full = len(pfns) * PAGE - offset
+        nbytes = {"none": None, "full-page": full - PAGE, "full-page+1": full - PAGE + 1, "full": full,
+                  "full+1": full + 1}.get(nbytes, nbytes)  # type: ignore[arg-type]
+    elif isinstance(nbytes, str):
+        nbytes = None if nbytes == "none" else 2 * PAGE
+
+    def build(p):
+        try:
+            t = SgTable.from_pages(p, offset=offset, nbytes=nbytes)
+        except Exception as e:  # compared by type and errno below
+            return type(e), getattr(e, "errno", None)
+        return t.cpu_ranges().tolist(), (t.nents, t.orig_nents, t.cpu_nbytes)
+
+    assert build(u64(pfns)) == build(list(pfns))
