@@ -54,7 +54,7 @@ _EXPORTS = {
         "SG_DMA_SWIOTLB", "SG_END", "SG_MAX_SINGLE_ALLOC", "SgTable", "drain_arena_cache",
         # The seam: what the Python layer calls in the core (_core.pyi).
         "IovaStateCore", "blk_map_iter", "destroy_iova_span", "iova_link_ranges", "map_sg_direct",
-        "map_sg_iommu", "map_single", "map_single_many", "ranges_total", "set_sg_with_hook",
+        "map_sg_iommu", "map_single", "map_single_many", "ranges_total", "ranges_touch", "set_sg_with_hook",
         "sg_clear_dma", "sg_set_dma", "translate_iova", "u64_array", "u64_pairs", "unmap_sg_iommu",
         "unmap_single_many",
     ),

@@ -1152,6 +1152,27 @@ def u64_pairs(pairs, str name="ranges"):
     return _np().asarray(_pairs_view(pairs, name)).reshape(-1, 2)
 
 
+def ranges_touch(bytes pairs not None, addr, nbytes):
+    """Does ``[addr, addr + nbytes)`` touch a non-empty row of ``pairs``
+    (``bytes`` of native u64 (address, nbytes) pairs, as
+    ``SgTable._dma_snapshot`` makes them)?  Compared on inclusive last
+    bytes, so a row or an access may end exactly at 2**64."""
+    cdef uint64_t a = _u64(addr, "addr")
+    cdef uint64_t n = _u64(nbytes, "nbytes")
+    cdef const uint64_t *p = <const uint64_t *>PyBytes_AS_STRING(pairs)
+    cdef Py_ssize_t i, rows = PyBytes_GET_SIZE(pairs) // 16
+    cdef uint64_t last
+    if n == 0:
+        return False
+    last = a + (n - 1)
+    if last < a:
+        last = 0xFFFFFFFFFFFFFFFF   # past 2**64: clipped, as no row goes beyond
+    for i in range(rows):
+        if p[2 * i + 1] != 0 and p[2 * i] <= last and p[2 * i] + (p[2 * i + 1] - 1) >= a:
+            return True
+    return False
+
+
 def u64_array(obj, str name="values"):
     """``obj`` as a 1-D NumPy array of u64, parsed exactly as the core's
     entry points parse their u64 buffers (``_as_u64_view``: TypeError,

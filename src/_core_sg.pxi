@@ -730,6 +730,7 @@ cdef object _sg_with_hook = None
 
 
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 
 
 cdef bint _fast_u64(object obj, Py_buffer *view) except -1:
@@ -1094,6 +1095,24 @@ cdef class SgTable:
         [[4096, 12288]]
         """
         return self._ranges(True)
+
+    def _dma_snapshot(self):
+        """The (DMA address, nbytes) rows as ``bytes`` of native u64 pairs:
+        the dma-buf layer's record of what a mapping covers
+        (:func:`ranges_touch` reads it), without an array's cost."""
+        cdef bytes out
+        cdef uint64_t want
+        while True:
+            want = self.t.nents
+            out = PyBytes_FromStringAndSize(NULL, <Py_ssize_t>(want * 16))
+            _acquire(self.lock)
+            if want == self.t.nents:
+                break
+            _release(self.lock)     # changed meanwhile: size again
+        if want:
+            sg_dma_ranges(&self.t, <uint64_t *>PyBytes_AS_STRING(out))
+        _release(self.lock)
+        return out
 
     cdef object _ranges(self, bint dma):
         cdef _Buffer b

@@ -1174,4 +1174,100 @@ def test_leaked_mappings_leave_a_bounded_trail_in_the_checkers_records(m):
                 gc.collect()
     refs = dmabuf_attach._device_maps[gpu]
     assert all(r() is None for r in refs.values())  # nothing kept alive
-    assert len(refs) <= 2 * 64 + 1 and len(dmabuf_attach._table_maps) <= 2 * 64 + 1
+    assert len(refs) <= 2 * 64 + 1
+
+
+def _covers_reference(rows: np.ndarray, addr: int, nbytes: int) -> bool:
+    """What a mapping covers, in NumPy (the checker's old arithmetic):
+    inclusive last bytes, empty rows never touched."""
+    if len(rows) == 0:
+        return False
+    lo = rows[:, 0]
+    last = lo + (rows[:, 1] - np.uint64(1))
+    live = rows[:, 1] != 0
+    return bool((live & (lo <= np.uint64(addr + nbytes - 1)) & (last >= np.uint64(addr))).any())
+
+
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**20)), max_size=6),
+       st.integers(0, 2**64 - 1), st.integers(1, 2**20))
+def test_a_mappings_rows_are_touched_as_numpy_says(rows, addr, nbytes):
+    """ranges_touch (the compiled check of Mapping.covers) against the NumPy
+    arithmetic it replaced, on rows and accesses that may end at 2**64."""
+    from pydmabuf._core import ranges_touch
+
+    rows = [(lo, min(n, 2**64 - lo)) for lo, n in rows]  # a row never wraps
+    arr = np.array(rows, dtype=np.uint64).reshape(-1, 2)
+    nbytes = min(nbytes, 2**64 - addr)
+    assert ranges_touch(arr.tobytes(), addr, nbytes) == _covers_reference(arr, addr, nbytes)
+
+
+def test_ranges_touch_refuses_what_is_not_u64():
+    from pydmabuf._core import ranges_touch
+
+    with pytest.raises(TypeError):
+        ranges_touch(None, 0, 1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        ranges_touch(np.zeros(2, dtype=np.uint64), 0, 1)  # type: ignore[arg-type]
+    with pytest.raises((ValueError, errors.DmaBufError)):
+        ranges_touch(b"", -1, 1)
+    assert ranges_touch(b"", 0, 1) is False
+    assert ranges_touch(np.array([[0, 0]], dtype=np.uint64).tobytes(), 0, 1) is False  # empty row
+    assert ranges_touch(np.array([[2**64 - 4096, 4096]], dtype=np.uint64).tobytes(), 2**64 - 1, 1) is True
+
+
+def test_a_mapping_records_the_tables_rows_at_map_time(m):
+    """The checker's copy of a mapping's DMA rows is the table's at map
+    time (``SgTable._dma_snapshot``), and a table finds its mapping from
+    itself while the mapping is live, and not after."""
+    from pydmabuf import dmabuf_attach
+
+    buf = SystemHeap(m).allocate(16 << 12, layout="fragmented", seed=3)
+    a = buf.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    assert t._dma_snapshot() == t.dma_ranges().tobytes()
+    (rec,) = a._maps
+    assert np.array_equal(rec.dma, t.dma_ranges()) and not rec.dma.flags.writeable
+    lo, n = (int(x) for x in t.dma_ranges()[0])
+    assert rec.covers(lo + n - 1, 1) and not rec.covers(lo + n, 0)
+    assert dmabuf_attach._table_map(t) is rec and t._dmabuf_ref() is rec
+    a.unmap_unlocked(t, BIDI)
+    assert t._dmabuf_ref is None and dmabuf_attach._table_map(t) is None
+    with checks.report_mode():
+        a.unmap_unlocked(t, BIDI)  # a double unmap: found to be no live mapping
+    assert [r.rule for r in checks.reports()] == ["bad-unmap"]
+    buf.detach(a)
+    buf.put()
+
+
+def test_attachments_and_mappings_record_the_users_line(m):
+    """``created_at`` names the user's line for every way in: the walk to
+    it starts past the package's own frames (checks.created_at depth)."""
+    import inspect
+
+    from pydmabuf import mapping
+
+    def line() -> int:
+        f = inspect.currentframe()
+        assert f is not None and f.f_back is not None
+        return f.f_back.f_lineno
+
+    here = "test_dmabuf.py"
+    buf = SystemHeap(m).allocate(4 << 12)
+    gpu = m.device("gpu0")
+    a, at = buf.attach(gpu), line()
+    b, bt = buf.dynamic_attach(gpu, ImporterOps()), line()
+    c, ct = buf.mapping_attach([mapping.sgt_importer(gpu)]), line()
+    assert [x.created_at for x in (a, b, c)] == [f"{here}:{at}", f"{here}:{bt}", f"{here}:{ct}"]
+    t1, t1l = a.map_unlocked(BIDI), line()
+    with buf.resv:
+        t2, t2l = c.map(BIDI), line()
+    h, hl = b.track_dma(np.array([[1 << 20, 4096]], dtype=np.uint64)), line()
+    sites = {id(x.table): x.created_at for x in (*a._maps, *c._maps)}
+    assert sites == {id(t1): f"{here}:{t1l}", id(t2): f"{here}:{t2l}"}
+    assert h.created_at == f"{here}:{hl}"
+    b.untrack_dma(h)
+    a.unmap_unlocked(t1, BIDI)
+    c.unmap_unlocked(t2, BIDI)
+    for x in (a, b, c):
+        buf.detach(x)
+    buf.put()

@@ -71,6 +71,10 @@ cdef class SgTable:
     cdef Py_ssize_t exports
     # Set by the DMA mapping layer while the table is mapped for a device.
     cdef public object mapping
+    # Set by the dma-buf layer while the table is a live dma-buf mapping:
+    # a weak reference to its record (pydmabuf.dmabuf_attach), so an unmap
+    # finds the record from the table alone.  Opaque to the core.
+    cdef public object _dmabuf_ref
     cdef object __weakref__
     cdef object _ranges(self, bint dma)
     cdef int _append(self, const uint64_t *p, Py_ssize_t n, uint32_t off, uint64_t size, uint64_t maxseg,

@@ -271,6 +271,19 @@ class MappingMatch:
                 if k not in _MATCH_CLASS_NAMES:
                     self.__dict__[k] = v
 
+    @classmethod
+    def _of(cls, type: MappingType, exp_ops: Any, data: dict[str, Any]) -> MappingMatch:
+        """What ``MappingMatch(type, exp_ops, **data)`` makes, for the
+        built-in entries: ``type`` is a MappingType and ``data`` a dict of
+        their own, with no name the class has (the callers' literals)."""
+        self = object.__new__(cls)
+        d = self.__dict__
+        d.update(data)
+        d["type"] = type
+        d["exp_ops"] = exp_ops
+        d["_data"] = data
+        return self
+
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not real attributes: the type data.
         data = self.__dict__.get("_data", {})
@@ -324,6 +337,17 @@ class MatchArgs:
         self.imp_matches = imp
         self.chosen: tuple[MappingMatch, MappingMatch] | None = None
 
+    @classmethod
+    def _of(cls, dmabuf: DmaBuf, attach: Attachment, imp: tuple[MappingMatch, ...]) -> MatchArgs:
+        """``MatchArgs(dmabuf, attach, imp)`` for the attach, whose importer
+        entries are a tuple of MappingMatch checked already."""
+        self = object.__new__(cls)
+        self.dmabuf = dmabuf
+        self.attach = attach
+        self.imp_matches = imp
+        self.chosen = None
+        return self
+
     def __repr__(self) -> str:
         return f"<MatchArgs {len(self.imp_matches)} importer entr{'y' if len(self.imp_matches) == 1 else 'ies'}>"
 
@@ -373,13 +397,16 @@ def match_mapping(args: MatchArgs, exp_matches: Iterable[MappingMatch] | None) -
         for imp in args.imp_matches:
             if imp.type is not exp.type:
                 continue
-            m = exp.type.match
+            t = exp.type
+            m = t.match
             if m is not None:
                 try:
-                    _match_result(m(args.dmabuf, exp, imp), exp.type.name + ": match")
+                    rv = m(args.dmabuf, exp, imp)
+                    if rv is not None:
+                        _match_result(rv, t.name + ": match")
                 except errors.NotSupported:
                     continue
-            exp.type.finish_match(args, exp, imp)
+            t.finish_match(args, exp, imp)
             args.chosen = (exp, imp)
             return
     raise errors.InvalidArgument(

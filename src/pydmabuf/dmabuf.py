@@ -289,7 +289,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
         if self.resv.held_by_current_thread():
             checks.checker.locking("attach-with-resv", "dma_buf_attach with the reservation lock held", self)
         a = Attachment._new(self, None, importer_ops, importer_priv)
-        args = mapping.MatchArgs(self, a, imp)
+        args = mapping.MatchArgs._of(self, a, imp)
         mapping.exporter_matches(args, self.exporter)
         if a.map_type is None:
             raise TypeError(f"{args.chosen[0].type.name if args.chosen else 'the type'}: finish_match recorded "

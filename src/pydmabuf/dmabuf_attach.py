@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pydmabuf import access, checks, errors, iotlb, mapping
-from pydmabuf._core import SgTable, set_sg_with_hook, u64_pairs
+from pydmabuf._core import SgTable, ranges_touch, set_sg_with_hook, u64_pairs
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DmaDirection, Usage
 from pydmabuf._args import _dir
@@ -41,6 +41,8 @@ __all__ = ["Attachment", "attach_revocable", "attached_to", "PHYS_NAMESPACE"]
 PHYS_NAMESPACE = mapping.PAL_MODULE
 
 _BIDI = DmaDirection.BIDIRECTIONAL
+_NO_ROWS = np.zeros((0, 2), dtype=np.uint64)
+_KERNEL = Usage.KERNEL  # an enum member read through its class costs a class look-up
 
 # ---------------------------------------------------------------- mappings
 
@@ -48,28 +50,31 @@ _BIDI = DmaDirection.BIDIRECTIONAL
 class _Mapping:
     """A table handed to an importer, as the checker tracks it."""
 
-    __slots__ = ("attachment", "table", "direction", "stale", "created_at", "dma", "pinned", "__weakref__")
+    __slots__ = ("attachment", "table", "direction", "stale", "created_at", "_dma", "pinned", "__weakref__")
 
     def __init__(self, attachment: Attachment, table: SgTable | None, direction: DmaDirection,
-                 dma: np.ndarray, pinned: bool) -> None:
+                 dma: bytes, pinned: bool) -> None:
         self.attachment = attachment
         self.table = table
         self.direction = direction
         self.stale = False
-        self.created_at = checks.created_at()
-        self.dma = dma
+        # Frames 1-3 are this, Attachment._track and the map (or track_dma,
+        # _track_pal) that called it: all the package's; the walk starts at
+        # the one that called them.
+        self.created_at = checks.created_at(depth=4)
+        self._dma = dma  # the (DMA address, nbytes) rows as native u64 pairs, copied at map time
         self.pinned = pinned
+
+    @property
+    def dma(self) -> np.ndarray:
+        """The (DMA address, nbytes) rows the mapping covers: (N, 2) u64,
+        read-only."""
+        return np.frombuffer(self._dma, dtype=np.uint64).reshape(-1, 2)
 
     def covers(self, addr: int, nbytes: int) -> bool:
         """Does ``[addr, +nbytes)`` touch a segment?  Compared on inclusive
         last bytes: an access or segment may end exactly at 2**64."""
-        d = self.dma
-        if len(d) == 0:
-            return False
-        lo = d[:, 0]
-        last = lo + (d[:, 1] - np.uint64(1))
-        live = d[:, 1] != 0
-        return bool((live & (lo <= np.uint64(addr + nbytes - 1)) & (last >= np.uint64(addr))).any())
+        return ranges_touch(self._dma, addr, nbytes)
 
     def __repr__(self) -> str:
         return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
@@ -77,12 +82,14 @@ class _Mapping:
 
 # What the checker watches, weakly: a mapping lives as long as its
 # attachment keeps it, so nothing here keeps a leaked buffer (and the
-# ResourceWarning it owes) from being collected.  Entries are plain weak
-# references keyed by id(), put in by _track and taken out by _untrack
-# (no callbacks: one could run from a garbage collection inside
-# _maps_lock).  A mapping collected without an unmap (its attachment
-# leaked) leaves a dead reference: skipped when read, and swept out when
-# the dict has doubled since its last sweep.
+# ResourceWarning it owes) from being collected.  Each device's record
+# holds plain weak references keyed by id(), put in by _track and taken
+# out by _untrack (no callbacks: one could run from a garbage collection
+# inside _maps_lock).  A mapping collected without an unmap (its
+# attachment leaked) leaves a dead reference: skipped when read, and swept
+# out when the dict has doubled since its last sweep.  A table finds its
+# mapping through the same weak reference, kept on the table itself
+# (``SgTable._dmabuf_ref``) while the mapping is live.
 
 
 class _MapRefs(dict[int, "weakref.ReferenceType[_Mapping]"]):
@@ -101,7 +108,6 @@ class _MapRefs(dict[int, "weakref.ReferenceType[_Mapping]"]):
 
 
 _device_maps: "weakref.WeakKeyDictionary[Device, _MapRefs]" = weakref.WeakKeyDictionary()
-_table_maps = _MapRefs()  # id(table) -> its mapping (m.table is table when live)
 _maps_lock = threading.Lock()
 
 
@@ -114,10 +120,9 @@ def _live_maps(device: Device) -> list[_Mapping]:
     return [m for m in (r() for r in refs) if m is not None]
 
 
-def _table_map(table: Any) -> _Mapping | None:
+def _table_map(table: SgTable) -> _Mapping | None:
     """The live tracked mapping whose table is ``table``, or None."""
-    with _maps_lock:
-        r = _table_maps.get(id(table))
+    r = table._dmabuf_ref
     m = r() if r is not None else None
     return m if m is not None and m.table is table else None
 
@@ -227,7 +232,10 @@ class Attachment(AttachmentBase, Owner):
         self._listed = False  # on the buffer's list (the exporter accepted it)
         self._maps = set()
         self._dev_refs = None  # the checker's record of the device's mappings, once mapped
-        self.created_at = checks.created_at()
+        # Frames 1-3 are this, DmaBuf._attach and the attach entry point
+        # (_sgt_attach or mapping_attach) that called it: all the package's;
+        # the walk starts at the one that called them.
+        self.created_at = checks.created_at(depth=4)
         return self
 
     # ------------------------------------------------------------- mapping
@@ -286,7 +294,7 @@ class Attachment(AttachmentBase, Owner):
             raise
         if not self.dynamic:
             try:
-                buf.resv.wait(Usage.KERNEL, interruptible=True)
+                buf.resv.wait(_KERNEL, interruptible=True)
             except BaseException:
                 sgt.unmap_dma_buf(self, table, d)
                 if pin:
@@ -298,15 +306,18 @@ class Attachment(AttachmentBase, Owner):
 
     def _track(self, table: SgTable | None, d: DmaDirection, pinned: bool, dma_ranges: Any = None) -> _Mapping:
         if dma_ranges is None:
-            # The core's own (N, 2) u64 array: nothing to parse.
-            dma = table.dma_ranges() if table is not None else np.zeros((0, 2), dtype=np.uint64)
+            # The core's own rows: nothing to parse.
+            dma = table._dma_snapshot() if table is not None else b""
         else:
-            dma = u64_pairs(dma_ranges, "dma ranges")
+            dma = u64_pairs(dma_ranges, "dma ranges").tobytes()
         m = _Mapping(self, table, d, dma, pinned)
         buf = self.dmabuf
         with buf._lock:
             self._maps.add(m)
             buf._mappings.add(m)
+        ref = weakref.ref(m)
+        if table is not None:
+            table._dmabuf_ref = ref
         refs = self._dev_refs
         if refs is None:
             dev = self.device
@@ -317,15 +328,10 @@ class Attachment(AttachmentBase, Owner):
                 if refs is None:
                     refs = _device_maps[dev] = _MapRefs()
             self._dev_refs = refs
-        ref = weakref.ref(m)
         with _maps_lock:
             refs[id(m)] = ref
             if len(refs) > refs.sweep_at:
                 refs.sweep()
-            if table is not None:
-                _table_maps[id(table)] = ref  # m holds the table: its id stays its own
-                if len(_table_maps) > _table_maps.sweep_at:
-                    _table_maps.sweep()
         return m
 
     def _untrack(self, m: _Mapping) -> None:
@@ -335,15 +341,16 @@ class Attachment(AttachmentBase, Owner):
             buf._mappings.discard(m)
             if buf._idle_waiters:
                 buf._idle.notify_all()
+        t = m.table
+        if t is not None:
+            r = t._dmabuf_ref
+            if r is not None and r() is m:
+                t._dmabuf_ref = None
         refs = self._dev_refs
         if refs is None:  # not in the device's record (no device, or never mapped)
             return
         with _maps_lock:
             refs.pop(id(m), None)
-            if m.table is not None:
-                r = _table_maps.get(id(m.table))
-                if r is not None and r() is m:
-                    del _table_maps[id(m.table)]
 
     def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
         """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
@@ -508,7 +515,7 @@ class Attachment(AttachmentBase, Owner):
     def _track_pal(self, pl: mapping.PhysList) -> _Mapping:
         """A live PAL list, as the checker tracks mappings: a revoke waits
         for it and a detach with it live is a LifetimeError."""
-        return self._track(None, _BIDI, False, np.zeros((0, 2), dtype=np.uint64))
+        return self._track(None, _BIDI, False, _NO_ROWS)
 
     def _type_name(self) -> str:
         return self.map_type.type.name if self.map_type is not None else "nothing"

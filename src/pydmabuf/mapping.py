@@ -119,20 +119,27 @@ class SgtP2p(enum.IntEnum):
     IMPORTER_ACCEPTS_P2P = 2
 
 
+# The members as plain names: an enum member read through its class is a
+# class attribute look-up that costs more than the rest of a match.
+_NO_P2P = SgtP2p.NO_P2P
+_REQUIRES_P2P = SgtP2p.EXPORTER_REQUIRES_P2P_DISTANCE
+_ACCEPTS_P2P = SgtP2p.IMPORTER_ACCEPTS_P2P
+
+
 class _SgtType(MappingType):
     """``dma_buf_mapping_sgt_type``."""
 
     name = "DMA Mapped Scatter Gather Table"
 
     def match(self, dmabuf: Any, exp: MappingMatch, imp: MappingMatch) -> None:
-        req = getattr(exp, "exporter_requires_p2p", SgtP2p.NO_P2P)
-        if req != SgtP2p.EXPORTER_REQUIRES_P2P_DISTANCE:
+        req = getattr(exp, "exporter_requires_p2p", _NO_P2P)
+        if req != _REQUIRES_P2P:
             return  # NO_P2P, or a value the switch does not know: compatible
         pdev = getattr(exp, "exporting_p2p_device", None)
         if pdev is None:
             log.warning("SGT match: a P2P-requiring exporter entry without a P2P device")
             raise errors.NotSupported("the exporter entry requires P2P but names no PCI device")
-        if getattr(imp, "importer_accepts_p2p", SgtP2p.NO_P2P) != SgtP2p.IMPORTER_ACCEPTS_P2P:
+        if getattr(imp, "importer_accepts_p2p", _NO_P2P) != _ACCEPTS_P2P:
             raise errors.NotSupported("the importer does not accept peer-to-peer addresses")
         dev = getattr(imp, "importing_dma_device", None)
         if dev is None or pdev.machine.p2p_distance(pdev, [dev]) < 0:  # pci_p2pdma_distance()
@@ -142,13 +149,14 @@ class _SgtType(MappingType):
         a = args.attach
         if a is None:
             return
-        accepts = getattr(imp, "importer_accepts_p2p", SgtP2p.NO_P2P)
+        accepts = getattr(imp, "importer_accepts_p2p", _NO_P2P)
         # exporting_p2p_device is left out, as upstream keeps it opaque.
-        a.map_type = MappingMatch(self, exp.exp_ops, importing_dma_device=getattr(imp, "importing_dma_device", None),
-                                  importer_accepts_p2p=accepts,
-                                  exporter_requires_p2p=getattr(exp, "exporter_requires_p2p", SgtP2p.NO_P2P))
+        a.map_type = MappingMatch._of(self, exp.exp_ops, {
+            "importing_dma_device": getattr(imp, "importing_dma_device", None),
+            "importer_accepts_p2p": accepts,
+            "exporter_requires_p2p": getattr(exp, "exporter_requires_p2p", _NO_P2P)})
         # Compat period (P3-P15): the legacy fields follow the negotiation.
-        a.peer2peer = accepts == SgtP2p.IMPORTER_ACCEPTS_P2P
+        a.peer2peer = accepts == _ACCEPTS_P2P
 
     def debugfs_dump(self, attach: Attachment) -> str:
         dev = sgt_dma_device(attach)
@@ -181,8 +189,8 @@ def _need_ops(ops: Any, names: tuple[str, ...], what: str) -> None:
 def sgt_importer(device: Device | None, accepts_p2p: bool = False) -> MappingMatch:
     """``DMA_BUF_IMAPPING_SGT(dev, accepts)``: the importer takes a
     scatterlist mapped for ``device``."""
-    return MappingMatch(SGT, importing_dma_device=device,
-                        importer_accepts_p2p=SgtP2p.IMPORTER_ACCEPTS_P2P if accepts_p2p else SgtP2p.NO_P2P)
+    return MappingMatch._of(SGT, None, {"importing_dma_device": device,
+                                        "importer_accepts_p2p": _ACCEPTS_P2P if accepts_p2p else _NO_P2P})
 
 
 def sgt_exporter(ops: Any) -> MappingMatch:
@@ -190,7 +198,7 @@ def sgt_exporter(ops: Any) -> MappingMatch:
     direction)`` / ``ops.unmap_dma_buf(attachment, table, direction)``;
     no peer-to-peer."""
     _need_ops(ops, ("map_dma_buf", "unmap_dma_buf"), "sgt_exporter")
-    return MappingMatch(SGT, ops, exporter_requires_p2p=SgtP2p.NO_P2P, exporting_p2p_device=None)
+    return MappingMatch(SGT, ops, exporter_requires_p2p=_NO_P2P, exporting_p2p_device=None)
 
 
 def sgt_exporter_p2p(ops: Any, pci_device: Device) -> MappingMatch:
@@ -237,7 +245,7 @@ def sgt_p2p_allowed(attachment: Attachment) -> bool:
     the one negotiated (False for a non-SGT attachment)."""
     mt = _map_type(attachment)
     return mt is not None and mt.type is SGT and \
-        getattr(mt, "exporter_requires_p2p", None) == SgtP2p.EXPORTER_REQUIRES_P2P_DISTANCE
+        getattr(mt, "exporter_requires_p2p", None) == _REQUIRES_P2P
 
 
 def get_sgt_ops(attachment: Attachment) -> Any:
@@ -537,12 +545,13 @@ def exporter_matches(args: MatchArgs, exporter: Any) -> None:
     if single is not None:
         match_mapping(args, [single])
         return
-    match_mapping(args, [_COMPAT_SGT])
+    match_mapping(args, _COMPAT_ENTRIES)
 
 
 #: The compat SGT NO_P2P entry: one for every exporter, since its ops find
 #: the exporter through the attachment.
 _COMPAT_SGT = sgt_exporter(_LegacySgtOps())
+_COMPAT_ENTRIES = (_COMPAT_SGT,)
 
 
 def exporter_pal_ops(dmabuf: DmaBuf) -> Any:
