@@ -277,7 +277,8 @@ class Attachment(AttachmentBase, Owner):
         if buf.revoked:
             raise errors.Revoked(f"{buf.name} was revoked: no new mappings")
         exp = buf.exporter
-        pin = exp.is_dynamic() and not self.dynamic
+        dynamic = self.dynamic
+        pin = not dynamic and exp.is_dynamic()
         if pin:
             exp.pin(self)
             self.pin_count += 1
@@ -292,7 +293,7 @@ class Attachment(AttachmentBase, Owner):
                 self.pin_count -= 1
                 exp.unpin(self)
             raise
-        if not self.dynamic:
+        if not dynamic:
             try:
                 buf.resv.wait(_KERNEL, interruptible=True)
             except BaseException:

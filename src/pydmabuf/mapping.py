@@ -227,16 +227,23 @@ def pal_exporter(ops: Any) -> MappingMatch:
 
 
 def _map_type(attachment: Any) -> MappingMatch | None:
-    return getattr(attachment, "map_type", None)
+    try:
+        mt: MappingMatch | None = attachment.map_type
+    except AttributeError:  # not an attachment (or a half-built one): no type
+        return None
+    return mt
 
 
 def sgt_dma_device(attachment: Attachment) -> Device | None:
     """``dma_buf_sgt_dma_device()``: the device the exporter maps for, or
     None when the attachment is not SGT."""
-    mt = _map_type(attachment)
-    if mt is None or mt.type is not SGT:
+    try:
+        mt = attachment.map_type
+        if mt is None or mt.type is not SGT:
+            return None
+        dev: Device | None = mt.importing_dma_device
+    except AttributeError:  # not an attachment, or an SGT entry without the field
         return None
-    dev: Device | None = getattr(mt, "importing_dma_device", None)
     return dev
 
 
@@ -250,7 +257,10 @@ def sgt_p2p_allowed(attachment: Attachment) -> bool:
 
 def get_sgt_ops(attachment: Attachment) -> Any:
     """``dma_buf_get_sgt_ops()``: the negotiated SGT ops, or None."""
-    mt = _map_type(attachment)
+    try:
+        mt = attachment.map_type
+    except AttributeError:
+        return None
     return mt.exp_ops if mt is not None and mt.type is SGT else None
 
 
