@@ -233,7 +233,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
             raise errors.InvalidArgument(f"{what}: {device.name} is a device of machine "
                                          f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
         accepts = ops is not None and bool(ops.allow_peer2peer)
-        return self._attach((mapping.sgt_importer(device, accepts),), ops, priv)
+        return self._attach((mapping.sgt_importer(device, accepts),), ops, priv, 5)
 
     def mapping_attach(self, importer_matches: Iterable[Any], importer_ops: ImporterOps | None = None,
                        importer_priv: Any = None) -> Attachment:
@@ -283,12 +283,15 @@ class DmaBuf(DmaBufInvalidation, Owner):
         return self._attach(imp, importer_ops, importer_priv)
 
     def _attach(self, imp: tuple[mapping.MappingMatch, ...], importer_ops: ImporterOps | None,
-                importer_priv: Any) -> Attachment:
+                importer_priv: Any, site: int = 4) -> Attachment:
         """:meth:`mapping_attach` after its argument checks (``attach`` and
-        ``dynamic_attach`` build their one valid entry themselves)."""
+        ``dynamic_attach`` build their one valid entry themselves).  The
+        first ``site - 1`` frames up from the new attachment's constructor
+        are the package's: mapping_attach's user is frame 4, the user of
+        attach and dynamic_attach (through _sgt_attach) frame 5."""
         if self.resv.held_by_current_thread():
             checks.checker.locking("attach-with-resv", "dma_buf_attach with the reservation lock held", self)
-        a = Attachment._new(self, None, importer_ops, importer_priv)
+        a = Attachment._new(self, None, importer_ops, importer_priv, site)
         args = mapping.MatchArgs._of(self, a, imp)
         mapping.exporter_matches(args, self.exporter)
         if a.map_type is None:

@@ -53,15 +53,14 @@ class _Mapping:
     __slots__ = ("attachment", "table", "direction", "stale", "created_at", "_dma", "pinned", "__weakref__")
 
     def __init__(self, attachment: Attachment, table: SgTable | None, direction: DmaDirection,
-                 dma: bytes, pinned: bool) -> None:
+                 dma: bytes, pinned: bool, site: int) -> None:
         self.attachment = attachment
         self.table = table
         self.direction = direction
         self.stale = False
-        # Frames 1-3 are this, Attachment._track and the map (or track_dma,
-        # _track_pal) that called it: all the package's; the walk starts at
-        # the one that called them.
-        self.created_at = checks.created_at(depth=4)
+        # The first ``site - 1`` frames up (this, Attachment._track, ...) are
+        # the package's, as the caller of _track knows: the walk starts there.
+        self.created_at = checks.created_at(depth=site)
         self._dma = dma  # the (DMA address, nbytes) rows as native u64 pairs, copied at map time
         self.pinned = pinned
 
@@ -217,7 +216,10 @@ class Attachment(AttachmentBase, Owner):
         raise TypeError("use DmaBuf.attach() or DmaBuf.dynamic_attach()")
 
     @classmethod
-    def _new(cls, dmabuf: DmaBuf, device: Device | None, ops: ImporterOps | None, priv: Any) -> Attachment:
+    def _new(cls, dmabuf: DmaBuf, device: Device | None, ops: ImporterOps | None, priv: Any,
+             site: int = 4) -> Attachment:
+        """A new attachment; the first ``site - 1`` frames up from here are
+        the package's (``created_at`` looks from frame ``site`` on)."""
         self = object.__new__(cls)
         self.dmabuf = dmabuf
         self.device = device
@@ -232,10 +234,7 @@ class Attachment(AttachmentBase, Owner):
         self._listed = False  # on the buffer's list (the exporter accepted it)
         self._maps = set()
         self._dev_refs = None  # the checker's record of the device's mappings, once mapped
-        # Frames 1-3 are this, DmaBuf._attach and the attach entry point
-        # (_sgt_attach or mapping_attach) that called it: all the package's;
-        # the walk starts at the one that called them.
-        self.created_at = checks.created_at(depth=4)
+        self.created_at = checks.created_at(depth=site)
         return self
 
     # ------------------------------------------------------------- mapping
@@ -265,6 +264,12 @@ class Attachment(AttachmentBase, Owner):
         ...     a.unmap(table, DmaDirection.BIDIRECTIONAL)
         >>> buf.detach(a); buf.put()
         """
+        return self._map(direction, 5)
+
+    def _map(self, direction: DmaDirection | int, site: int) -> SgTable:
+        """:meth:`map`, called by it and by :meth:`map_unlocked` (so that
+        frames 1-4 up from the mapping record, ``site`` 5, are the
+        package's: the record, _track, this and its caller)."""
         d = _dir(direction)
         if not self._usable("map"):
             raise errors.LifetimeError("map on a dead attachment")
@@ -302,16 +307,20 @@ class Attachment(AttachmentBase, Owner):
                     self.pin_count -= 1
                     exp.unpin(self)
                 raise
-        self._track(table, d, pin)
+        self._track(table, d, pin, None, site)
         return table
 
-    def _track(self, table: SgTable | None, d: DmaDirection, pinned: bool, dma_ranges: Any = None) -> _Mapping:
+    def _track(self, table: SgTable | None, d: DmaDirection, pinned: bool, dma_ranges: Any = None,
+               site: int = 4) -> _Mapping:
+        """Record a mapping for the checker; ``site``: where the user's frame
+        may start (frames 1 to ``site - 1`` up from the record, the record
+        itself, this and its caller at least, are the package's)."""
         if dma_ranges is None:
             # The core's own rows: nothing to parse.
             dma = table._dma_snapshot() if table is not None else b""
         else:
             dma = u64_pairs(dma_ranges, "dma ranges").tobytes()
-        m = _Mapping(self, table, d, dma, pinned)
+        m = _Mapping(self, table, d, dma, pinned, site)
         buf = self.dmabuf
         with buf._lock:
             self._maps.add(m)
@@ -410,7 +419,7 @@ class Attachment(AttachmentBase, Owner):
             return self.map(direction)
         buf.resv.lock()
         try:
-            return self.map(direction)
+            return self._map(direction, 5)
         finally:
             buf.resv.unlock()
 
