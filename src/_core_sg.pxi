@@ -834,7 +834,7 @@ cdef class SgTable:
         cdef uint64_t size, maxseg
         cdef const uint64_t[::1] p
         cdef Py_buffer view
-        cdef uint64_t n, full
+        cdef uint64_t n, full, c_off
         if type(offset) is int and (nbytes is None or type(nbytes) is int) \
                 and max_segment is SCATTERLIST_MAX_SEGMENT and _fast_u64(pfns, &view):
             # A plain u64 array, the default segment, and an offset and
@@ -842,9 +842,14 @@ cdef class SgTable:
             # arithmetic.  Anything else takes _pages_args and its checks.
             try:
                 n = <uint64_t>view.shape[0]
-                if n <= UINT32_MAX and (n > 0 or (nbytes is None and offset == 0)) \
-                        and 0 <= offset < PDB_PAGE_SIZE:
-                    full = n * PDB_PAGE_SIZE - <uint64_t>offset
+                if offset == 0:
+                    c_off = 0
+                elif 0 < offset < PDB_PAGE_SIZE:
+                    c_off = <uint64_t>offset
+                else:
+                    c_off = PDB_PAGE_SIZE  # out of range: the parser's error
+                if n <= UINT32_MAX and c_off < PDB_PAGE_SIZE and (n > 0 or (nbytes is None and c_off == 0)):
+                    full = n * PDB_PAGE_SIZE - c_off
                     if nbytes is None:
                         size = full
                     elif 0 < nbytes <= full and (full <= PDB_PAGE_SIZE or nbytes > full - PDB_PAGE_SIZE):
@@ -852,7 +857,7 @@ cdef class SgTable:
                     else:
                         size = 0
                     if size != 0 or n == 0:
-                        t._append(<const uint64_t *>view.buf, view.shape[0], <uint32_t>offset, size,
+                        t._append(<const uint64_t *>view.buf, view.shape[0], <uint32_t>c_off, size,
                                   SCATTERLIST_MAX_SEGMENT, 0)
                         return t
             finally:
