@@ -7,6 +7,7 @@ import errno
 import gc
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -1270,4 +1271,24 @@ def test_attachments_and_mappings_record_the_users_line(m):
     c.unmap_unlocked(t2, BIDI)
     for x in (a, b, c):
         buf.detach(x)
+    buf.put()
+
+
+@pytest.mark.parametrize("junk", [None, 5, lambda: None, "ref"])
+def test_a_table_whose_mapping_reference_was_overwritten_is_no_live_mapping(m, junk):
+    """``SgTable._dmabuf_ref`` is writable from Python: whatever is written
+    there, an unmap finds no mapping (the checker's bad-unmap), never a
+    crash or a TypeError; the mapping stays live for the attachment."""
+    buf = SystemHeap(m).allocate(4 << 12)
+    a = buf.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    t._dmabuf_ref = junk
+    with checks.report_mode():
+        a.unmap_unlocked(t, BIDI)
+    assert [r.rule for r in checks.reports()] == ["bad-unmap"] and a.live_mappings == 1
+    (rec,) = a._maps
+    t._dmabuf_ref = weakref.ref(rec)  # put back: the unmap works again
+    a.unmap_unlocked(t, BIDI)
+    assert a.live_mappings == 0
+    buf.detach(a)
     buf.put()

@@ -121,9 +121,9 @@ def _live_maps(device: Device) -> list[_Mapping]:
 
 def _table_map(table: SgTable) -> _Mapping | None:
     """The live tracked mapping whose table is ``table``, or None."""
-    r = table._dmabuf_ref
-    m = r() if r is not None else None
-    return m if m is not None and m.table is table else None
+    r = table._dmabuf_ref  # a public slot: anything a user wrote there is no mapping
+    m = r() if type(r) is weakref.ReferenceType else None
+    return m if type(m) is _Mapping and m.table is table else None
 
 
 def _table_with(table: SgTable, entering: bool) -> None:
@@ -354,7 +354,7 @@ class Attachment(AttachmentBase, Owner):
         t = m.table
         if t is not None:
             r = t._dmabuf_ref
-            if r is not None and r() is m:
+            if type(r) is weakref.ReferenceType and r() is m:
                 t._dmabuf_ref = None
         refs = self._dev_refs
         if refs is None:  # not in the device's record (no device, or never mapped)
