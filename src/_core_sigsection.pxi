@@ -90,27 +90,40 @@ def set_lockdep_hooks(acquire, release, signal, wait, tls=None, keys=None):
     _ld_keys = keys
 
 
-cdef int _ld_took(object m, object ww_class, bint with_ctx, bint trylock) except -1:
-    """The acquire hook's work for ``m`` (held now); raises to refuse."""
+cdef int _ld_took(object m, bint with_ctx, bint trylock) except -1:
+    """The acquire hook's work for ``m`` (held now); raises to refuse.
+    The hooks are read once: the look-ups below may run a collection whose
+    finalizers switch tracking off, and the call then finishes as it began
+    (as the hook closures, holding their state, did)."""
+    cdef object acquire = _ld_acquire
+    cdef object tls = _ld_tls
+    cdef dict keys = _ld_keys
     cdef object held
     cdef object key
-    if _ld_tls is not None:
-        held = getattr(_ld_tls, "held", None)
+    if acquire is None:
+        return 0
+    if tls is not None and keys is not None:
+        held = getattr(tls, "held", None)
         if type(held) is list and PyList_GET_SIZE(held) == 0:
-            key = _ld_keys.get(ww_class)
+            # The attribute, as the hook reads it (a subclass may override it).
+            key = keys.get(m.ww_class)
             if key is not None:
                 held.append((key, m, True))
                 return 0
-    _ld_acquire(m, with_ctx, trylock)
+    acquire(m, with_ctx, trylock)
     return 0
 
 
 cdef int _ld_dropped(object m) except -1:
     """The release hook's work for ``m`` (released now)."""
+    cdef object release = _ld_release
+    cdef object tls = _ld_tls
     cdef object held
     cdef Py_ssize_t n
-    if _ld_tls is not None:
-        held = getattr(_ld_tls, "held", None)
+    if release is None:
+        return 0
+    if tls is not None:
+        held = getattr(tls, "held", None)
         if held is None:
             return 0  # this thread never took a tracked lock
         if type(held) is list:
@@ -119,7 +132,7 @@ cdef int _ld_dropped(object m) except -1:
                     and (<tuple>held[n - 1])[1] is m:
                 del held[n - 1]
                 return 0
-    _ld_release(m)
+    release(m)
     return 0
 
 # ------------------------------------------------------ signalling sections

@@ -484,7 +484,7 @@ cdef int _ww_lock(WwMutex self, AcquireContext ctx, int mode) except -1:
     _ww_took(self, ctx)
     if _ld_acquire is not None:
         try:
-            _ld_took(self, self.ww_class, ctx is not None, False)
+            _ld_took(self, ctx is not None, False)
         except BaseException:
             _ww_release(self, t)  # refused: the failed call changes nothing
             raise
@@ -607,7 +607,7 @@ cdef class WwMutex:
             _ww_took(self, ctx)
             if _ld_acquire is not None:
                 try:
-                    _ld_took(self, self.ww_class, ctx is not None, True)
+                    _ld_took(self, ctx is not None, True)
                 except BaseException:
                     _ww_release(self, t)
                     raise

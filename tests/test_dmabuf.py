@@ -1292,3 +1292,68 @@ def test_a_table_whose_mapping_reference_was_overwritten_is_no_live_mapping(m, j
     assert a.live_mappings == 0
     buf.detach(a)
     buf.put()
+
+
+def test_entry_points_called_as_a_threads_first_frame_record_an_unknown_site(m):
+    """An attach or a map that is the first Python frame of a thread (a
+    ``_thread`` target, a C caller) has fewer frames above it than the
+    entry point's site assumes: the site is ``?``, and nothing fails
+    half-way (a static map of a dynamic exporter keeps its one pin)."""
+    import _thread
+
+    buf = SystemHeap(m).allocate(1 << 16, movable=True)
+    a = buf.attach(m.device("gpu0"))
+    done = threading.Event()
+    got: list[object] = []
+
+    def call(fn, *args):
+        try:
+            got.append(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - the outcome is the test
+            got.append(e)
+        done.set()
+
+    _thread.start_new_thread(call, (a.map_unlocked, BIDI))
+    assert done.wait(30)
+    assert isinstance(got[-1], pydmabuf.SgTable) and a.live_mappings == 1 and a.pin_count == 1
+    (rec,) = a._maps
+    assert rec.created_at.startswith("test_dmabuf.py:")  # `call` is user code: the walk reaches it
+    done.clear()
+    _thread.start_new_thread(buf.attach, (m.device("nic0"),))
+    deadline = time.monotonic() + 30
+    while len(buf.attachments) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    b = buf.attachments[0]
+    assert b.created_at == "?"  # no user frame above the bare thread's attach
+    a.unmap_unlocked(got[-1], BIDI)
+    buf.detach(b)
+    buf.detach(a)
+    buf.put()
+
+
+def test_track_dma_reads_the_importers_array(m):
+    """``track_dma`` keeps the importer's array (its own record of what it
+    mapped), not a copy: the checker reads it as it is at the access."""
+    buf = SystemHeap(m).allocate(4 << 12)
+    a = buf.dynamic_attach(m.device("gpu0"), ImporterOps())
+    rows = np.array([[1 << 30, 1 << 12]], dtype=np.uint64)
+    h = a.track_dma(rows)
+    assert h.covers(1 << 30, 8)
+    rows[:] = 0
+    assert not h.covers(1 << 30, 8) and np.shares_memory(h.dma, rows)
+    a.untrack_dma(h)
+    buf.detach(a)
+    buf.put()
+
+
+def test_sgt_dma_device_of_a_broken_map_type_is_an_error():
+    """Only a missing ``map_type`` (not an attachment) or a missing field
+    is None; a ``map_type`` that is no entry at all is the caller's bug."""
+    from pydmabuf import mapping
+
+    class NoType:
+        map_type = object()
+
+    assert mapping.sgt_dma_device(object()) is None
+    with pytest.raises(AttributeError):
+        mapping.sgt_dma_device(NoType())

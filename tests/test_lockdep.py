@@ -379,3 +379,64 @@ def test_the_cores_own_record_of_uncontended_ww_locks_is_the_hooks():
         _core.set_lockdep_hooks(spy_acquire, spy_release, None, None, tls=ld.tls)
     with pytest.raises(TypeError):
         _core.set_lockdep_hooks(None, None, None, None, tls=ld.tls, keys={})
+
+
+def test_the_cores_record_keys_a_lock_as_the_hook_does():
+    """The class key comes from the lock's ``ww_class`` attribute, as the
+    Python hook reads it, on the core's path too."""
+    other = WwClass(_cls("other"))
+    w = WwMutex(other)
+    w.lock()
+    w.unlock()
+    r0 = Resv()
+    r0.lock()
+    r0.unlock()  # both classes keyed now: the core's path is taken
+
+    class Relabelled(Resv):
+        @property
+        def ww_class(self) -> WwClass:  # type: ignore[override]
+            return other
+
+    r = Relabelled()
+    r.lock()
+    try:
+        assert locking.held_locks() == [other.mutex_name]
+    finally:
+        r.unlock()
+    assert locking.held_locks() == []
+
+
+def test_tracking_switched_off_during_a_locks_own_record_finishes_the_record():
+    """A collection run by the record's own look-ups may switch tracking
+    off (a finalizer calling set_lockdep(False)); the lock still succeeds
+    and the record it began is kept, as the hook closures did."""
+    import gc
+
+    class Fin:
+        def __del__(self):
+            locking.set_lockdep(False)
+
+    r = Resv()
+    out: list[str] = []
+
+    def worker():
+        a = Fin()
+        a.self = a  # type: ignore[attr-defined]
+        del a
+        gc.set_threshold(1)
+        try:
+            r.lock()
+            out.append("locked")
+            r.unlock()
+        except BaseException as e:  # noqa: BLE001 - the outcome is the test
+            out.append(repr(e))
+        finally:
+            gc.set_threshold(700)
+
+    try:
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join(30)
+    finally:
+        locking.set_lockdep(True)
+    assert out == ["locked"]

@@ -66,7 +66,10 @@ def created_at(skip_package: bool = True, depth: int = 1) -> str:
     frames it knows are; the walk then starts there, and the frames it
     skips are never made into frame objects (each costs more than its
     look-up)."""
-    f: FrameType | None = sys._getframe(depth)
+    try:
+        f: FrameType | None = sys._getframe(depth)
+    except ValueError:  # a shorter stack (a thread's or a C caller's first frame): walk it all
+        f = sys._getframe(1)
     kinds = _FILE_KIND
     while f is not None:
         co_filename = f.f_code.co_filename

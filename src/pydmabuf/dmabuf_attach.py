@@ -53,7 +53,7 @@ class _Mapping:
     __slots__ = ("attachment", "table", "direction", "stale", "created_at", "_dma", "pinned", "__weakref__")
 
     def __init__(self, attachment: Attachment, table: SgTable | None, direction: DmaDirection,
-                 dma: bytes, pinned: bool, site: int) -> None:
+                 dma: bytes | np.ndarray, pinned: bool, site: int) -> None:
         self.attachment = attachment
         self.table = table
         self.direction = direction
@@ -61,19 +61,24 @@ class _Mapping:
         # The first ``site - 1`` frames up (this, Attachment._track, ...) are
         # the package's, as the caller of _track knows: the walk starts there.
         self.created_at = checks.created_at(depth=site)
-        self._dma = dma  # the (DMA address, nbytes) rows as native u64 pairs, copied at map time
+        # The (DMA address, nbytes) rows: native u64 pairs copied from the
+        # table at map time, or the (N, 2) array given to track_dma (read
+        # through, as the importer's own record of what it mapped).
+        self._dma = dma
         self.pinned = pinned
 
     @property
     def dma(self) -> np.ndarray:
-        """The (DMA address, nbytes) rows the mapping covers: (N, 2) u64,
-        read-only."""
-        return np.frombuffer(self._dma, dtype=np.uint64).reshape(-1, 2)
+        """The (DMA address, nbytes) rows the mapping covers: (N, 2) u64
+        (read-only for a table's mapping)."""
+        d = self._dma
+        return np.frombuffer(d, dtype=np.uint64).reshape(-1, 2) if type(d) is bytes else d
 
     def covers(self, addr: int, nbytes: int) -> bool:
         """Does ``[addr, +nbytes)`` touch a segment?  Compared on inclusive
         last bytes: an access or segment may end exactly at 2**64."""
-        return ranges_touch(self._dma, addr, nbytes)
+        d = self._dma
+        return ranges_touch(d if type(d) is bytes else d.tobytes(), addr, nbytes)
 
     def __repr__(self) -> str:
         return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
@@ -319,7 +324,7 @@ class Attachment(AttachmentBase, Owner):
             # The core's own rows: nothing to parse.
             dma = table._dma_snapshot() if table is not None else b""
         else:
-            dma = u64_pairs(dma_ranges, "dma ranges").tobytes()
+            dma = u64_pairs(dma_ranges, "dma ranges")
         m = _Mapping(self, table, d, dma, pinned, site)
         buf = self.dmabuf
         with buf._lock:

@@ -239,10 +239,13 @@ def sgt_dma_device(attachment: Attachment) -> Device | None:
     None when the attachment is not SGT."""
     try:
         mt = attachment.map_type
-        if mt is None or mt.type is not SGT:
-            return None
+    except AttributeError:  # not an attachment (or a half-built one)
+        return None
+    if mt is None or mt.type is not SGT:
+        return None
+    try:
         dev: Device | None = mt.importing_dma_device
-    except AttributeError:  # not an attachment, or an SGT entry without the field
+    except AttributeError:  # an SGT entry without the field
         return None
     return dev
 
