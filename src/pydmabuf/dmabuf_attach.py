@@ -72,13 +72,13 @@ class _Mapping:
         """The (DMA address, nbytes) rows the mapping covers: (N, 2) u64
         (read-only for a table's mapping)."""
         d = self._dma
-        return np.frombuffer(d, dtype=np.uint64).reshape(-1, 2) if type(d) is bytes else d
+        return np.frombuffer(d, dtype=np.uint64).reshape(-1, 2) if isinstance(d, bytes) else d
 
     def covers(self, addr: int, nbytes: int) -> bool:
         """Does ``[addr, +nbytes)`` touch a segment?  Compared on inclusive
         last bytes: an access or segment may end exactly at 2**64."""
         d = self._dma
-        return ranges_touch(d if type(d) is bytes else d.tobytes(), addr, nbytes)
+        return ranges_touch(d if isinstance(d, bytes) else d.tobytes(), addr, nbytes)
 
     def __repr__(self) -> str:
         return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
@@ -322,7 +322,7 @@ class Attachment(AttachmentBase, Owner):
         itself, this and its caller at least, are the package's)."""
         if dma_ranges is None:
             # The core's own rows: nothing to parse.
-            dma = table._dma_snapshot() if table is not None else b""
+            dma: bytes | np.ndarray = table._dma_snapshot() if table is not None else b""
         else:
             dma = u64_pairs(dma_ranges, "dma ranges")
         m = _Mapping(self, table, d, dma, pinned, site)
