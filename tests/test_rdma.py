@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 import pydmabuf
-from pydmabuf import DmaDirection, Fence, Machine, P2PMapType, SgTable, Usage, checks, errors, fence_context_alloc
+from pydmabuf import (DmaDirection, Fence, Machine, P2PMapType, SgTable, Usage, checks, errors, fence_context_alloc,
+                      workloads)
 from pydmabuf._core import SG_CHAIN
 from pydmabuf.dma import dma_map_sgtable, dma_unmap_sgtable
 from pydmabuf.dma_buf_mapping import dma_buf_free_sgt, dma_buf_phys_vec_to_sgt
@@ -219,7 +220,7 @@ def test_window_is_the_dma_segments_of_a_chained_mapped_table(m, dev):
     """The window is a slice of the table's DMA segments: the non-chain
     slots in order, cut at ``nents`` (the definition _trim_table uses),
     also across chain links and after an IOMMU merged segments."""
-    pfns, _ = pydmabuf.workloads.layout("fragmented", 5000, seed=2)
+    pfns, _ = workloads.layout("fragmented", 5000, seed=2)
     t = SgTable.from_pages(pfns)
     e = t.entries
     assert ((e["page_link"] & np.uint64(SG_CHAIN)) != 0).any()
