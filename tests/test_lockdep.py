@@ -440,3 +440,18 @@ def test_tracking_switched_off_during_a_locks_own_record_finishes_the_record():
     finally:
         locking.set_lockdep(True)
     assert out == ["locked"]
+
+
+def test_priming_takes_no_edge_from_the_locks_the_caller_holds():
+    """lockdep_reset() primes the graph as the kernel does at boot, holding
+    nothing: a reservation lock or a mutex the caller holds adds no edge
+    and is no recursive locking; the caller still holds them after."""
+    r = Resv()
+    m = Mutex(_cls("held"))
+    with r, m:
+        locking.lockdep_reset()
+        locking.prime([FS_RECLAIM, MMAP_LOCK + "-x"], "a test")
+        assert locking.held_locks() == [RESV_CLASS, m.lock_class]
+    deps = locking.dependencies()
+    assert m.lock_class not in deps and MMAP_LOCK not in deps.get(RESV_CLASS, {})
+    assert RESV_CLASS in deps[MMAP_LOCK]  # the boot order itself is primed

@@ -374,16 +374,18 @@ def prime(order: Iterable[str], why: str) -> None:
     kernel's boot-time lockdep priming does: every class depends on each
     one before it.  ``why`` (the kernel function that primes it) is the
     edges' site.  An order that contradicts the graph is reported as any
-    inversion is."""
+    inversion is.  The locks the caller holds take no part: the edges are
+    among ``order`` only (the kernel primes at boot, holding nothing)."""
     classes = list(order)
     token = object()
     held = _ld.held()
-    base = len(held)
+    outer = held[:]
+    del held[:]
     try:
         for k in classes:
             _ld.acquire(k, token, site=f"primed by {why}")
     finally:
-        del held[base:]
+        held[:] = outer
 
 
 def might_lock(lock_class: str) -> None:
