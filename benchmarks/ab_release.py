@@ -27,7 +27,8 @@ import threading
 import time
 from typing import Any, Callable
 
-PATHS = ("sg1", "iova1", "dmabuf64k", "dmabuf64k_floor", "from_pages16", "bulk_iova", "bulk_sg", "bulk_sg_first", "floor", "rlock")
+PATHS = ("sg1", "iova1", "dmabuf64k", "dmabuf64k_floor", "from_pages16", "bulk_iova", "bulk_sg", "bulk_sg_first",
+         "floor", "rlock")
 
 
 def _best(fn: Callable[[int], None], n: int, rounds: int) -> float:

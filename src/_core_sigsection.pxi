@@ -118,7 +118,7 @@ cdef int _ld_dropped(object m) except -1:
     """The release hook's work for ``m`` (released now)."""
     cdef object release = _ld_release
     cdef object tls = _ld_tls
-    cdef object held
+    cdef object held, last
     cdef Py_ssize_t n
     if release is None:
         return 0
@@ -128,10 +128,11 @@ cdef int _ld_dropped(object m) except -1:
             return 0  # this thread never took a tracked lock
         if type(held) is list:
             n = PyList_GET_SIZE(held)
-            if n and type(held[n - 1]) is tuple and PyTuple_GET_SIZE(held[n - 1]) == 3 \
-                    and (<tuple>held[n - 1])[1] is m:
-                del held[n - 1]
-                return 0
+            if n:
+                last = held[n - 1]
+                if type(last) is tuple and PyTuple_GET_SIZE(last) == 3 and (<tuple>last)[1] is m:
+                    del held[n - 1]
+                    return 0
     release(m)
     return 0
 
