@@ -87,6 +87,8 @@ CORE_MODULES = {
     "_floors": "-O3",
     # The DMA API's per-call paths (glue around the core's walks).
     "_dma_api": "-O2",
+    # The dma-buf attachment's fields and per-call paths (glue around the exporter's callbacks).
+    "_dmabuf_api": "-O2",
 }
 
 

@@ -132,6 +132,7 @@ def _core_edges(known: set[str]) -> Iterator[tuple[str, str, bool, str]]:
     sources.append(("_calibrate", SRC / "_calibrate.pyx"))
     sources.append(("_floors", SRC / "_floors.pyx"))
     sources.append(("_dma_api", SRC / "_dma_api.pyx"))
+    sources.append(("_dmabuf_api", SRC / "_dmabuf_api.pyx"))
 
     def node(target: str) -> str:
         return "_core" if target.startswith("_core") else target
@@ -169,7 +170,7 @@ def edges() -> list[tuple[str, str, bool, str]]:
 
 def _read_edges() -> list[tuple[str, str, bool, str]]:
     mods = _python_modules()
-    known = set(mods) | {"_core", "_calibrate", "_floors", "_dma_api"}
+    known = set(mods) | {"_core", "_calibrate", "_floors", "_dma_api", "_dmabuf_api"}
     out = []
     for name, path in mods.items():
         tree = ast.parse(path.read_text(), str(path))

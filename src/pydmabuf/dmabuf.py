@@ -36,7 +36,7 @@ import threading
 import weakref
 from typing import Any, Iterable
 
-from pydmabuf import checks, errors, files, mapping
+from pydmabuf import _dmabuf_api, checks, errors, files, mapping
 from pydmabuf._core import Resv
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import PAGE_SIZE, DmaDirection, Usage, _fmt_size
@@ -193,7 +193,8 @@ class DmaBuf(DmaBufInvalidation, Owner):
         >>> buf.detach(a)
         >>> buf.put()
         """
-        return self._sgt_attach(device, None, None, "dma_buf_attach")
+        a: Attachment = _dmabuf_api.sgt_attach(self, device, None, None, "dma_buf_attach", 2)
+        return a
 
     def dynamic_attach(self, device: Device, importer_ops: ImporterOps | None, importer_priv: Any = None) -> Attachment:
         """``dma_buf_dynamic_attach()`` (``dma_buf_sgt_dynamic_attach()``):
@@ -222,18 +223,9 @@ class DmaBuf(DmaBufInvalidation, Owner):
         """
         if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
             raise TypeError("importer_ops must be an ImporterOps")
-        return self._sgt_attach(device, importer_ops, importer_priv, "dma_buf_dynamic_attach")
-
-    def _sgt_attach(self, device: Device, ops: ImporterOps | None, priv: Any, what: str) -> Attachment:
-        self._alive("attach")
-        if not isinstance(device, Device):
-            raise errors.InvalidArgument(f"{what}: {device!r} is not a device")
-        machine = getattr(self.exporter, "machine", None)
-        if machine is not None and device.machine is not machine:
-            raise errors.InvalidArgument(f"{what}: {device.name} is a device of machine "
-                                         f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
-        accepts = ops is not None and bool(ops.allow_peer2peer)
-        return self._attach((mapping.sgt_importer(device, accepts),), ops, priv, 5)
+        a: Attachment = _dmabuf_api.sgt_attach(self, device, importer_ops, importer_priv, "dma_buf_dynamic_attach",
+                                               2)
+        return a
 
     def mapping_attach(self, importer_matches: Iterable[Any], importer_ops: ImporterOps | None = None,
                        importer_priv: Any = None) -> Attachment:
@@ -280,32 +272,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
                 raise TypeError(f"mapping_attach: importer entries must be MappingMatch, not {type(e).__name__}")
             if e.exp_ops is not None:
                 raise errors.InvalidArgument("mapping_attach: an importer entry carries exporter ops")
-        return self._attach(imp, importer_ops, importer_priv)
-
-    def _attach(self, imp: tuple[mapping.MappingMatch, ...], importer_ops: ImporterOps | None,
-                importer_priv: Any, site: int = 4) -> Attachment:
-        """:meth:`mapping_attach` after its argument checks (``attach`` and
-        ``dynamic_attach`` build their one valid entry themselves).  The
-        first ``site - 1`` frames up from the new attachment's constructor
-        are the package's: mapping_attach's user is frame 4, the user of
-        attach and dynamic_attach (through _sgt_attach) frame 5."""
-        if self.resv.held_by_current_thread():
-            checks.checker.locking("attach-with-resv", "dma_buf_attach with the reservation lock held", self)
-        a = Attachment._new(self, None, importer_ops, importer_priv, site)
-        args = mapping.MatchArgs._of(self, a, imp)
-        mapping.exporter_matches(args, self.exporter)
-        if a.map_type is None:
-            raise TypeError(f"{args.chosen[0].type.name if args.chosen else 'the type'}: finish_match recorded "
-                            "nothing on the attachment")
-        a.device = mapping.sgt_dma_device(a)
-        self.exporter.attach(a)
-        self.resv.lock()
-        try:
-            with self._lock:
-                self._attachments.insert(0, a)
-                a._listed = True
-        finally:
-            self.resv.unlock()
+        a: Attachment = _dmabuf_api.attach(self, imp, importer_ops, importer_priv, 2)
         return a
 
     def debugfs_attachments(self) -> list[str]:
@@ -334,28 +301,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
         (True, [])
         >>> buf.put()
         """
-        if not isinstance(attachment, Attachment) or attachment.dmabuf is not self:
-            checks.checker.lifetime("detach-foreign", "dma_buf_detach of an attachment of another buffer",
-                                    self, attachment)
-            return
-        if attachment.detached:
-            checks.checker.lifetime("double-detach", "dma_buf_detach of a detached attachment", attachment)
-            return
-        if self.resv.held_by_current_thread():
-            checks.checker.locking("detach-with-resv", "dma_buf_detach with the reservation lock held", attachment)
-        if attachment.live_mappings or attachment.pin_count:
-            checks.checker.lifetime("detach-with-mappings",
-                                    f"detach with {attachment.live_mappings} live mapping(s) and "
-                                    f"{attachment.pin_count} pin(s)", attachment,
-                                    culprit=attachment.importer_ops or attachment)
-        self.resv.lock()
-        try:
-            with self._lock:
-                self._attachments.remove(attachment)
-        finally:
-            self.resv.unlock()
-        attachment.detached = True
-        self.exporter.detach(attachment)
+        _dmabuf_api.detach(self, attachment)
 
     # ------------------------------------------------------------- CPU side
 

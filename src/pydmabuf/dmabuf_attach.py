@@ -16,17 +16,15 @@ The public names here are re-exported there.
 
 from __future__ import annotations
 
-import threading
-import weakref
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pydmabuf import access, checks, errors, iotlb, mapping
-from pydmabuf._core import SgTable, ranges_touch, set_sg_with_hook, u64_pairs
+from pydmabuf import _dmabuf_api, access, checks, errors, iotlb, mapping
+from pydmabuf._core import SgTable, set_sg_with_hook
+from pydmabuf._dmabuf_api import _Mapping, _MapRefs, live_maps as _live_maps, table_map as _table_map
 from pydmabuf._lifecycle import Owner
-from pydmabuf._types import DmaDirection, Usage
-from pydmabuf._args import _dir
+from pydmabuf._types import DmaDirection
 from pydmabuf.dmabuf_ops import AttachmentBase, ImporterOps, PhysVec
 from pydmabuf.machine import Device, P2PMapType
 
@@ -42,93 +40,14 @@ PHYS_NAMESPACE = mapping.PAL_MODULE
 
 _BIDI = DmaDirection.BIDIRECTIONAL
 _NO_ROWS = np.zeros((0, 2), dtype=np.uint64)
-_KERNEL = Usage.KERNEL  # an enum member read through its class costs a class look-up
 
 # ---------------------------------------------------------------- mappings
+# The checker's record of each table handed out (``_Mapping``), per
+# attachment, per buffer and per device, is compiled with the paths that
+# keep it (pydmabuf._dmabuf_api): ``_device_maps`` holds each device's
+# weak references, ``_table_map`` finds a table's live record.
 
-
-class _Mapping:
-    """A table handed to an importer, as the checker tracks it."""
-
-    __slots__ = ("attachment", "table", "direction", "stale", "created_at", "_dma", "pinned", "__weakref__")
-
-    def __init__(self, attachment: Attachment, table: SgTable | None, direction: DmaDirection,
-                 dma: bytes | np.ndarray, pinned: bool, site: int) -> None:
-        self.attachment = attachment
-        self.table = table
-        self.direction = direction
-        self.stale = False
-        # The first ``site - 1`` frames up (this, Attachment._track, ...) are
-        # the package's, as the caller of _track knows: the walk starts there.
-        self.created_at = checks.created_at(depth=site)
-        # The (DMA address, nbytes) rows: native u64 pairs copied from the
-        # table at map time, or the (N, 2) array given to track_dma (read
-        # through, as the importer's own record of what it mapped).
-        self._dma = dma
-        self.pinned = pinned
-
-    @property
-    def dma(self) -> np.ndarray:
-        """The (DMA address, nbytes) rows the mapping covers: (N, 2) u64
-        (read-only for a table's mapping)."""
-        d = self._dma
-        return np.frombuffer(d, dtype=np.uint64).reshape(-1, 2) if isinstance(d, bytes) else d
-
-    def covers(self, addr: int, nbytes: int) -> bool:
-        """Does ``[addr, +nbytes)`` touch a segment?  Compared on inclusive
-        last bytes: an access or segment may end exactly at 2**64."""
-        d = self._dma
-        return ranges_touch(d if isinstance(d, bytes) else d.tobytes(), addr, nbytes)
-
-    def __repr__(self) -> str:
-        return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
-
-
-# What the checker watches, weakly: a mapping lives as long as its
-# attachment keeps it, so nothing here keeps a leaked buffer (and the
-# ResourceWarning it owes) from being collected.  Each device's record
-# holds plain weak references keyed by id(), put in by _track and taken
-# out by _untrack (no callbacks: one could run from a garbage collection
-# inside _maps_lock).  A mapping collected without an unmap (its
-# attachment leaked) leaves a dead reference: skipped when read, and swept
-# out when the dict has doubled since its last sweep.  A table finds its
-# mapping through the same weak reference, kept on the table itself
-# (``SgTable._dmabuf_ref``) while the mapping is live.
-
-
-class _MapRefs(dict[int, "weakref.ReferenceType[_Mapping]"]):
-    __slots__ = ("sweep_at",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.sweep_at = 64
-
-    def sweep(self) -> None:
-        """Drop the dead references; called (under _maps_lock) when the dict
-        has doubled since the last sweep, so it costs O(1) amortised."""
-        for k in [k for k, r in self.items() if r() is None]:
-            del self[k]
-        self.sweep_at = max(64, 2 * len(self))
-
-
-_device_maps: "weakref.WeakKeyDictionary[Device, _MapRefs]" = weakref.WeakKeyDictionary()
-_maps_lock = threading.Lock()
-
-
-def _live_maps(device: Device) -> list[_Mapping]:
-    """The device's tracked mappings that are still alive (dead references
-    are skipped; _MapRefs.sweep drops them)."""
-    with _maps_lock:
-        maps = _device_maps.get(device)
-        refs = list(maps.values()) if maps else []
-    return [m for m in (r() for r in refs) if m is not None]
-
-
-def _table_map(table: SgTable) -> _Mapping | None:
-    """The live tracked mapping whose table is ``table``, or None."""
-    r = table._dmabuf_ref  # a public slot: anything a user wrote there is no mapping
-    m = r() if type(r) is weakref.ReferenceType else None
-    return m if type(m) is _Mapping and m.table is table else None
+_device_maps = _dmabuf_api.device_maps
 
 
 def _table_with(table: SgTable, entering: bool) -> None:
@@ -220,28 +139,6 @@ class Attachment(AttachmentBase, Owner):
     def __init__(self) -> None:
         raise TypeError("use DmaBuf.attach() or DmaBuf.dynamic_attach()")
 
-    @classmethod
-    def _new(cls, dmabuf: DmaBuf, device: Device | None, ops: ImporterOps | None, priv: Any,
-             site: int = 4) -> Attachment:
-        """A new attachment; the first ``site - 1`` frames up from here are
-        the package's (``created_at`` looks from frame ``site`` on)."""
-        self = object.__new__(cls)
-        self.dmabuf = dmabuf
-        self.device = device
-        self.map_type = None
-        self.importer_ops = ops
-        self.importer_priv = priv
-        self.peer2peer = bool(ops.allow_peer2peer) if ops is not None else False
-        self.priv = None  # the exporter's
-        self.pin_count = 0
-        self.invalidations = 0
-        self.detached = False
-        self._listed = False  # on the buffer's list (the exporter accepted it)
-        self._maps = set()
-        self._dev_refs = None  # the checker's record of the device's mappings, once mapped
-        self.created_at = checks.created_at(depth=site)
-        return self
-
     # ------------------------------------------------------------- mapping
 
     def map(self, direction: DmaDirection | int = _BIDI) -> SgTable:
@@ -269,103 +166,7 @@ class Attachment(AttachmentBase, Owner):
         ...     a.unmap(table, DmaDirection.BIDIRECTIONAL)
         >>> buf.detach(a); buf.put()
         """
-        return self._map(direction, 5)
-
-    def _map(self, direction: DmaDirection | int, site: int) -> SgTable:
-        """:meth:`map`, called by it and by :meth:`map_unlocked` (so that
-        frames 1-4 up from the mapping record, ``site`` 5, are the
-        package's: the record, _track, this and its caller)."""
-        d = _dir(direction)
-        if not self._usable("map"):
-            raise errors.LifetimeError("map on a dead attachment")
-        sgt = mapping.get_sgt_ops(self)
-        if sgt is None:
-            raise errors.InvalidArgument(f"dma_buf_map_attachment: the attachment negotiated "
-                                         f"{self._type_name()!r}, not a scatterlist")
-        self._require_resv("map")
-        buf = self.dmabuf
-        if buf.revoked:
-            raise errors.Revoked(f"{buf.name} was revoked: no new mappings")
-        exp = buf.exporter
-        dynamic = self.dynamic
-        pin = not dynamic and exp.is_dynamic()
-        if pin:
-            exp.pin(self)
-            self.pin_count += 1
-        try:
-            table = sgt.map_dma_buf(self, d)
-            if table is None:
-                raise errors.OutOfMemory(f"{exp.name}: map_dma_buf returned no table")
-            if not isinstance(table, SgTable):
-                raise TypeError(f"{exp.name}: map_dma_buf returned a {type(table).__name__}, not an SgTable")
-        except BaseException:
-            if pin:
-                self.pin_count -= 1
-                exp.unpin(self)
-            raise
-        if not dynamic:
-            try:
-                buf.resv.wait(_KERNEL, interruptible=True)
-            except BaseException:
-                sgt.unmap_dma_buf(self, table, d)
-                if pin:
-                    self.pin_count -= 1
-                    exp.unpin(self)
-                raise
-        self._track(table, d, pin, None, site)
-        return table
-
-    def _track(self, table: SgTable | None, d: DmaDirection, pinned: bool, dma_ranges: Any = None,
-               site: int = 4) -> _Mapping:
-        """Record a mapping for the checker; ``site``: where the user's frame
-        may start (frames 1 to ``site - 1`` up from the record, the record
-        itself, this and its caller at least, are the package's)."""
-        if dma_ranges is None:
-            # The core's own rows: nothing to parse.
-            dma: bytes | np.ndarray = table._dma_snapshot() if table is not None else b""
-        else:
-            dma = u64_pairs(dma_ranges, "dma ranges")
-        m = _Mapping(self, table, d, dma, pinned, site)
-        buf = self.dmabuf
-        with buf._lock:
-            self._maps.add(m)
-            buf._mappings.add(m)
-        ref = weakref.ref(m)
-        if table is not None:
-            table._dmabuf_ref = ref
-        refs = self._dev_refs
-        if refs is None:
-            dev = self.device
-            if dev is None:
-                return m
-            with _maps_lock:  # the device's record, found once per attachment (its device is fixed)
-                refs = _device_maps.get(dev)
-                if refs is None:
-                    refs = _device_maps[dev] = _MapRefs()
-            self._dev_refs = refs
-        with _maps_lock:
-            refs[id(m)] = ref
-            if len(refs) > refs.sweep_at:
-                refs.sweep()
-        return m
-
-    def _untrack(self, m: _Mapping) -> None:
-        buf = self.dmabuf
-        with buf._lock:
-            self._maps.discard(m)
-            buf._mappings.discard(m)
-            if buf._idle_waiters:
-                buf._idle.notify_all()
-        t = m.table
-        if t is not None:
-            r = t._dmabuf_ref
-            if type(r) is weakref.ReferenceType and r() is m:
-                t._dmabuf_ref = None
-        refs = self._dev_refs
-        if refs is None:  # not in the device's record (no device, or never mapped)
-            return
-        with _maps_lock:
-            refs.pop(id(m), None)
+        return _dmabuf_api.map_attachment(self, direction, 2)
 
     def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
         """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
@@ -385,22 +186,7 @@ class Attachment(AttachmentBase, Owner):
         0
         >>> buf.detach(a); buf.put()
         """
-        d = _dir(direction)
-        self._require_resv("unmap")
-        m = _table_map(table) if isinstance(table, SgTable) else None
-        if m is None or m.attachment is not self or m not in self._maps:
-            checks.checker.lifetime("bad-unmap", "dma_buf_unmap_attachment of a table that is not a live "
-                                    "mapping of this attachment (a double unmap?)", self, culprit=self.importer_ops)
-            return
-        if m.direction != d:
-            checks.checker.lifetime("unmap-direction", f"mapped {m.direction.name}, unmapped {d.name}", self)
-        exp = self.dmabuf.exporter
-        sgt = mapping.get_sgt_ops(self)  # a tracked table means the attachment is SGT
-        sgt.unmap_dma_buf(self, table, m.direction)
-        self._untrack(m)
-        if m.pinned:
-            self.pin_count -= 1
-            exp.unpin(self)
+        _dmabuf_api.unmap_attachment(self, table, direction)
 
     def map_unlocked(self, direction: DmaDirection | int = _BIDI) -> SgTable:
         """Take the reservation lock, :meth:`map`, drop it; must not be
@@ -417,29 +203,12 @@ class Attachment(AttachmentBase, Owner):
         >>> a.unmap_unlocked(table, DmaDirection.TO_DEVICE)
         >>> buf.detach(a); buf.put()
         """
-        buf = self.dmabuf
-        if buf.resv.held_by_current_thread():
-            checks.checker.locking("unlocked-with-resv", "map_attachment_unlocked with the reservation lock held",
-                                   self)
-            return self.map(direction)
-        buf.resv.lock()
-        try:
-            return self._map(direction, 5)
-        finally:
-            buf.resv.unlock()
+        return _dmabuf_api.map_unlocked(self, direction, 2)
 
     def unmap_unlocked(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
-        buf = self.dmabuf
-        if buf.resv.held_by_current_thread():
-            checks.checker.locking("unlocked-with-resv", "unmap_attachment_unlocked with the reservation lock held",
-                                   self)
-            self.unmap(table, direction)
-            return
-        buf.resv.lock()
-        try:
-            self.unmap(table, direction)
-        finally:
-            buf.resv.unlock()
+        """Take the reservation lock, :meth:`unmap`, drop it; must not be
+        called with the lock held (LockingError)."""
+        _dmabuf_api.unmap_unlocked(self, table, direction)
 
     # ------------------------------------------------------------- pinning
 
@@ -530,7 +299,11 @@ class Attachment(AttachmentBase, Owner):
     def _track_pal(self, pl: mapping.PhysList) -> _Mapping:
         """A live PAL list, as the checker tracks mappings: a revoke waits
         for it and a detach with it live is a LifetimeError."""
-        return self._track(None, _BIDI, False, _NO_ROWS)
+        return _dmabuf_api.track(self, None, _BIDI, False, _NO_ROWS, 2)
+
+    def _untrack(self, m: _Mapping) -> None:
+        """Take a record out (the importer gave the mapping back)."""
+        _dmabuf_api.untrack(self, m)
 
     def _type_name(self) -> str:
         return self.map_type.type.name if self.map_type is not None else "nothing"
@@ -540,11 +313,12 @@ class Attachment(AttachmentBase, Owner):
         (from :meth:`phys_vec` with the list-free API): DMA through them
         after an invalidation is then caught.  Returns a handle for
         :meth:`untrack_dma`."""
-        return self._track(None, _dir(direction), False, dma_ranges)
+        return _dmabuf_api.track(self, None, direction, False, dma_ranges, 2)
 
     def untrack_dma(self, handle: object) -> None:
         if handle in self._maps:
-            self._untrack(handle)
+            assert isinstance(handle, _Mapping)
+            _dmabuf_api.untrack(self, handle)
 
     @property
     def p2p_route(self) -> P2PMapType | None:
@@ -603,6 +377,9 @@ class Attachment(AttachmentBase, Owner):
 
     def _leak_message(self) -> str:
         return f"{self!r} collected while still attached"
+
+
+_dmabuf_api.bind(mapping, Attachment, Device)
 
 
 def attached_to(a: Attachment) -> str:

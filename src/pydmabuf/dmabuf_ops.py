@@ -27,13 +27,15 @@ import numpy as np
 
 from pydmabuf import checks, errors
 from pydmabuf._core import Resv, SgTable
+from pydmabuf._dmabuf_api import AttachmentCore
 from pydmabuf._types import DmaDirection
 from pydmabuf.machine import Device, P2pProvider
 
 if TYPE_CHECKING:
     from pydmabuf import mapping
     from pydmabuf.dmabuf import DmaBuf
-    from pydmabuf.dmabuf_attach import Attachment, _Mapping, _MapRefs
+    from pydmabuf._dmabuf_api import _Mapping, _MapRefs
+    from pydmabuf.dmabuf_attach import Attachment
     from pydmabuf.dmabuf_mmap import CpuMapping
 
 __all__ = ["Exporter", "ImporterOps", "PhysVec", "DmaBufBase", "AttachmentBase", "DMA_BUF_NAME_LEN"]
@@ -268,15 +270,16 @@ class DmaBufBase:
             checks.checker.lifetime("use-after-release", f"{what} on a released dma-buf", self)
 
 
-class AttachmentBase:
+class AttachmentBase(AttachmentCore):
     """``struct dma_buf_attachment`` as the header declares it: the fields,
-    set by :meth:`pydmabuf.dmabuf_attach.Attachment._new`, and the checks
-    every attachment operation starts with.
+    set by the attach (compiled, :class:`pydmabuf._dmabuf_api.AttachmentCore`
+    holds them), and the checks every attachment operation starts with
+    (``_usable``, ``_require_resv``).
     :class:`~pydmabuf.dmabuf_attach.Attachment` is the one subclass; the
     mapping-type helpers (:mod:`pydmabuf.mapping`) check their argument
     against this base."""
 
-    # Set by _new (no __init__ runs); declared for type checkers only.
+    # The compiled base's fields, declared for type checkers.
     dmabuf: DmaBuf
     device: Device | None
     map_type: mapping.MappingMatch | None
@@ -291,29 +294,6 @@ class AttachmentBase:
     _listed: bool
     _maps: set[_Mapping]
     _dev_refs: _MapRefs | None  # the checker's record of the device's mappings (dmabuf_attach)
-
-    @property
-    def dynamic(self) -> bool:
-        """``dma_buf_attachment_is_dynamic()``: has importer ops."""
-        return self.importer_ops is not None
-
-    @property
-    def live_mappings(self) -> int:
-        return len(self._maps)
-
-    def _usable(self, what: str) -> bool:
-        if self.detached:
-            checks.checker.lifetime("use-after-detach", f"{what} on a detached attachment", self)
-            return False
-        if self.dmabuf.released:
-            checks.checker.lifetime("use-after-release", f"{what} on an attachment of a released dma-buf", self)
-            return False
-        return True
-
-    def _require_resv(self, what: str) -> None:
-        if not self.dmabuf.resv.held_by_current_thread():
-            checks.checker.locking(f"{what}-without-resv",
-                                   f"dma_buf_{what} without the reservation lock held", self)
 
 
 def check_name(name: Any) -> str:

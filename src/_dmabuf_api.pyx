@@ -1,0 +1,586 @@
+# cython: language_level=3
+"""pydmabuf._dmabuf_api: the dma-buf attachment's state and per-call
+paths, compiled.
+
+:class:`AttachmentCore` holds the fields of ``struct dma_buf_attachment``
+(:class:`pydmabuf.dmabuf.Attachment` is its one Python subclass, through
+:class:`pydmabuf.dmabuf_ops.AttachmentBase`), and :class:`_Mapping` the
+checker's record of one table handed to an importer.  The functions do
+what the attachment's entry points do, called by their Python methods
+(which keep the documentation and the signatures):
+
+* :func:`attach` / :func:`sgt_attach` / :func:`detach`:
+  ``dma_buf_mapping_attach()``, its SGT wrappers, ``dma_buf_detach()``;
+* :func:`map_attachment` / :func:`unmap_attachment` and their ``_unlocked``
+  forms: ``dma_buf_map_attachment()`` and friends;
+* :func:`track` / :func:`untrack`: the checker's record of what an
+  importer holds (a table, a PAL list, DMA addresses it mapped itself),
+  kept per attachment, per buffer and per device (:func:`live_maps`, read
+  by the access gate and the IOTLB).
+
+This is the one home of these paths: there is no second, Python
+implementation.  What stays Python is what a user or a driver provides
+(the exporter's and the importer's callbacks, the mapping types' ``match``
+and ``finish_match``, a reservation object's methods), the checker's
+reports and the error messages' text, all called from here as before and
+in the same order.
+
+The module sits at the dma-buf layer (docs/layers.md).  The Python modules
+above it that it calls (:mod:`pydmabuf.mapping`, the ``Attachment`` class)
+import it, so they hand themselves over once with :func:`bind`.
+
+Where the user's frame is (``created_at``): these functions make no
+Python frames, so ``depth`` counts the Python frames of the package
+between ``checks.created_at`` and the user: 1 is the caller of the compiled
+function.  The walk skips the package's frames anyway; ``depth`` only says
+where it may start.
+"""
+
+from cpython.weakref cimport PyWeakref_NewRef
+from pydmabuf._core_dma cimport SgTable
+from pydmabuf._core_fence cimport Resv
+
+import threading
+import weakref
+
+import numpy as _np
+
+from pydmabuf import checks as _checks
+from pydmabuf import errors as _errors
+from pydmabuf._args import _DIRS as _dirs_cache
+from pydmabuf._args import _dir as _py_dir
+from pydmabuf._core_dma import ranges_touch as _ranges_touch
+from pydmabuf._core_dma import u64_pairs as _u64_pairs
+from pydmabuf._types import DmaDirection as _DmaDirection
+from pydmabuf._types import Usage as _Usage
+
+__all__ = ["AttachmentCore", "bind", "attach", "sgt_attach", "detach", "map_attachment", "map_unlocked",
+           "unmap_attachment", "unmap_unlocked", "track", "untrack", "table_map", "live_maps"]
+
+# The parsed directions (a dict look-up in C), filled by pydmabuf._args.
+cdef dict _DIRS = _dirs_cache
+cdef object _KERNEL = _Usage.KERNEL
+cdef object _created_at = _checks.created_at
+cdef type _WeakRef = weakref.ReferenceType
+cdef bytes _NO_ROWS = b""
+
+# Bound by bind(): the Python layer above this module.
+cdef object _mapping = None         # pydmabuf.mapping
+cdef object _SGT = None             # mapping.SGT
+cdef object _Attachment = None      # pydmabuf.dmabuf_attach.Attachment
+cdef object _Device = None          # pydmabuf.device.Device
+cdef object _new_attachment = None  # Attachment.__new__
+
+
+def bind(mapping, attachment_cls, device_cls):
+    """Called once by :mod:`pydmabuf.dmabuf_attach`: the modules above this
+    one that its paths call."""
+    global _mapping, _SGT, _Attachment, _Device, _new_attachment
+    if not isinstance(attachment_cls, type) or not issubclass(attachment_cls, AttachmentCore):
+        raise TypeError("bind: the attachment class must derive from AttachmentCore")
+    _mapping = mapping
+    _SGT = mapping.SGT
+    _Attachment = attachment_cls
+    _Device = device_cls
+    _new_attachment = attachment_cls.__new__
+
+
+cdef inline object _direction(object direction):
+    """``_args._dir``: a plain int or DmaDirection seen before is a dict
+    hit; anything else takes the parser (which raises)."""
+    cdef object d
+    if type(direction) is int or type(direction) is _DmaDirection:
+        d = _DIRS.get(direction)
+        if d is not None:
+            return d
+    return _py_dir(direction)
+
+
+cdef inline object _checker():
+    # Read at each report: a test may swap the module's checker.
+    return _checks.checker
+
+
+# ------------------------------------------------------------ the fields
+
+
+cdef class _MapRefs(dict):
+    """One device's record: id(mapping) -> weak reference."""
+
+    cdef public Py_ssize_t sweep_at
+
+    def __cinit__(self):
+        self.sweep_at = 64
+
+    def sweep(self):
+        """Drop the dead references; called (under _maps_lock) when the dict
+        has doubled since the last sweep, so it costs O(1) amortised."""
+        for k in [k for k, r in self.items() if r() is None]:
+            del self[k]
+        self.sweep_at = max(64, 2 * len(self))
+
+
+
+
+cdef class AttachmentCore:
+    """``struct dma_buf_attachment``'s fields (set by the attach) and the
+    checks every attachment operation starts with.
+
+    Attributes
+    ----------
+    dmabuf : DmaBuf
+    device : Device or None
+        The importing DMA device of an SGT attachment.
+    map_type : MappingMatch or None
+        The negotiated entry, fixed for the attachment's life.
+    importer_ops, importer_priv
+        The importer's (``importer_ops`` None: a static importer).
+    peer2peer : bool
+        The importer accepts peer-to-peer addresses (the negotiated SGT
+        entry says so).
+    priv
+        The exporter's, opaque.
+    pin_count, invalidations : int
+    detached : bool
+    created_at : str
+        Where the user attached (``file:line``).
+    """
+
+    cdef public object dmabuf
+    cdef public object device
+    cdef public object map_type
+    cdef public object importer_ops
+    cdef public object importer_priv
+    cdef public bint peer2peer
+    cdef public object priv
+    cdef public Py_ssize_t pin_count
+    cdef public Py_ssize_t invalidations
+    cdef public bint detached
+    cdef public object created_at
+    # On the buffer's list (the exporter accepted it).
+    cdef public bint _listed
+    # The live mappings (_Mapping records) this attachment holds.
+    cdef public set _maps
+    # The checker's record of the device's mappings, found at the first map.
+    cdef public _MapRefs _dev_refs
+
+    def __cinit__(self):
+        self._maps = set()
+        self.created_at = "?"
+
+    @property
+    def dynamic(self):
+        """``dma_buf_attachment_is_dynamic()``: has importer ops."""
+        return self.importer_ops is not None
+
+    @property
+    def live_mappings(self):
+        return len(self._maps)
+
+    cdef bint usable(self, str what) except -1:
+        if self.detached:
+            _checker().lifetime("use-after-detach", f"{what} on a detached attachment", self)
+            return False
+        if self.dmabuf._released:
+            _checker().lifetime("use-after-release", f"{what} on an attachment of a released dma-buf", self)
+            return False
+        return True
+
+    cdef int require_resv(self, str what) except -1:
+        if not self.dmabuf.resv.held_by_current_thread():
+            _checker().locking(f"{what}-without-resv", f"dma_buf_{what} without the reservation lock held", self)
+        return 0
+
+    def _usable(self, str what not None):
+        """False (after the checker's report) on a detached attachment or
+        one of a released buffer."""
+        return self.usable(what)
+
+    def _require_resv(self, str what not None):
+        """The checker's ``<what>-without-resv`` unless this thread holds
+        the buffer's reservation lock."""
+        self.require_resv(what)
+
+
+cdef inline object _sgt_ops(AttachmentCore a):
+    """``dma_buf_get_sgt_ops()`` (mapping.get_sgt_ops) on an attachment."""
+    mt = a.map_type
+    if mt is None or mt.type is not _SGT:
+        return None
+    return mt.exp_ops
+
+
+cdef object _new(object dmabuf, object ops, object priv, int depth):
+    """A new attachment of ``dmabuf`` (Attachment._new)."""
+    cdef AttachmentCore a = _new_attachment(_Attachment)
+    a.dmabuf = dmabuf
+    a.importer_ops = ops
+    a.importer_priv = priv
+    a.peer2peer = bool(ops.allow_peer2peer) if ops is not None else False
+    a.created_at = _created_at(depth=depth)
+    return a
+
+
+# ------------------------------------------------------- the mapping record
+
+
+cdef class _Mapping:
+    """A table (or PAL list, or DMA addresses) handed to an importer, as
+    the checker tracks it.
+
+    Attributes
+    ----------
+    attachment : Attachment
+    table : SgTable or None
+    direction : DmaDirection
+    stale : bool
+        The exporter invalidated or revoked it (the importer was told).
+    created_at : str
+    pinned : bool
+        The map pinned the buffer for a static importer (unmap unpins).
+    """
+
+    cdef public object attachment
+    cdef public object table
+    cdef public object direction
+    cdef public bint stale
+    cdef public object created_at
+    # The (DMA address, nbytes) rows: native u64 pairs copied from the table
+    # at map time (bytes), or the (N, 2) array given to track_dma (read
+    # through, as the importer's own record of what it mapped).
+    cdef public object _dma
+    cdef public bint pinned
+    cdef object __weakref__
+
+    def __init__(self):
+        raise TypeError("mappings are made by Attachment.map and track_dma")
+
+    @property
+    def dma(self):
+        """The (DMA address, nbytes) rows the mapping covers: (N, 2) u64
+        (read-only for a table's mapping)."""
+        d = self._dma
+        return _np.frombuffer(d, dtype=_np.uint64).reshape(-1, 2) if type(d) is bytes else d
+
+    def covers(self, addr, nbytes):
+        """Does ``[addr, +nbytes)`` touch a segment?  Compared on inclusive
+        last bytes: an access or segment may end exactly at 2**64."""
+        d = self._dma
+        return _ranges_touch(d if type(d) is bytes else d.tobytes(), addr, nbytes)
+
+    def __repr__(self):
+        return f"<mapping of {self.attachment!r}{' STALE' if self.stale else ''}>"
+
+
+# What the checker watches, weakly: a mapping lives as long as its
+# attachment keeps it, so nothing here keeps a leaked buffer (and the
+# ResourceWarning it owes) from being collected.  Each device's record
+# holds plain weak references keyed by id(), put in by track and taken
+# out by untrack (no callbacks: one could run from a garbage collection
+# inside _maps_lock).  A mapping collected without an unmap (its
+# attachment leaked) leaves a dead reference: skipped when read, and swept
+# out when the dict has doubled since its last sweep.  A table finds its
+# mapping through the same weak reference, kept on the table itself
+# (``SgTable._dmabuf_ref``) while the mapping is live.
+
+
+device_maps = weakref.WeakKeyDictionary()
+maps_lock = threading.Lock()
+cdef object _device_maps = device_maps
+cdef object _maps_lock = maps_lock
+# The last device whose record was looked up, as (weak reference, record):
+# attachments come and go for the same few devices, and the weak key
+# dictionary's get is Python code.  One object, replaced whole.
+cdef tuple _last_dev = (None, None)
+
+
+cdef _MapRefs _dev_record(object dev):
+    global _last_dev
+    cdef tuple last = _last_dev
+    wr = last[0]
+    if wr is not None and wr() is dev:
+        return <_MapRefs>last[1]
+    with _maps_lock:
+        refs = _device_maps.get(dev)
+        if refs is None:
+            refs = _device_maps[dev] = _MapRefs()
+    _last_dev = (PyWeakref_NewRef(dev, None), <_MapRefs?>refs)
+    return <_MapRefs>refs
+
+
+def live_maps(device):
+    """The device's tracked mappings that are still alive (dead references
+    are skipped; _MapRefs.sweep drops them)."""
+    with _maps_lock:
+        maps = _device_maps.get(device)
+        refs = list(maps.values()) if maps else []
+    return [m for m in (r() for r in refs) if m is not None]
+
+
+def table_map(table):
+    """The live tracked mapping whose table is ``table``, or None."""
+    return _table_map(table)
+
+
+cdef object _table_map(object table):
+    """The live tracked mapping whose table is ``table``, or None."""
+    if not isinstance(table, SgTable):
+        return None
+    r = (<SgTable>table)._dmabuf_ref  # a public slot: anything a user wrote there is no mapping
+    m = r() if type(r) is _WeakRef else None
+    return m if type(m) is _Mapping and (<_Mapping>m).table is table else None
+
+
+cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, object dma, int depth):
+    cdef _Mapping m = _Mapping.__new__(_Mapping)
+    cdef _MapRefs refs
+    m.attachment = a
+    m.table = table
+    m.direction = d
+    m.created_at = _created_at(depth=depth)
+    m._dma = dma
+    m.pinned = pinned
+    buf = a.dmabuf
+    with buf._lock:
+        a._maps.add(m)
+        buf._mappings.add(m)
+    ref = PyWeakref_NewRef(m, None)
+    if table is not None:
+        (<SgTable>table)._dmabuf_ref = ref
+    if a._dev_refs is None:
+        dev = a.device
+        if dev is None:
+            return m
+        a._dev_refs = _dev_record(dev)  # found once per attachment (its device is fixed)
+    refs = a._dev_refs
+    with _maps_lock:
+        refs[id(m)] = ref
+        if len(refs) > refs.sweep_at:
+            refs.sweep()
+    return m
+
+
+def track(AttachmentCore a not None, table, direction, bint pinned, dma_ranges=None, int depth=1):
+    """Record a mapping for the checker (``table`` an SgTable or None, its
+    rows taken from the table when ``dma_ranges`` is None, else parsed
+    from it as (N, 2) u64 pairs)."""
+    if table is not None and not isinstance(table, SgTable):
+        raise TypeError("track: table must be an SgTable or None")
+    if dma_ranges is None:
+        # The core's own rows: nothing to parse.
+        dma = (<SgTable>table)._dma_snapshot() if table is not None else _NO_ROWS
+    else:
+        dma = _u64_pairs(dma_ranges, "dma ranges")
+    return _track(a, table, _direction(direction), pinned, dma, depth)
+
+
+cdef int _untrack(AttachmentCore a, _Mapping m) except -1:
+    buf = a.dmabuf
+    with buf._lock:
+        a._maps.discard(m)
+        buf._mappings.discard(m)
+        if buf._idle_waiters:
+            buf._idle.notify_all()
+    t = m.table
+    if isinstance(t, SgTable):
+        r = (<SgTable>t)._dmabuf_ref
+        if type(r) is _WeakRef and r() is m:
+            (<SgTable>t)._dmabuf_ref = None
+    cdef _MapRefs refs = a._dev_refs
+    if refs is None:  # not in the device's record (no device, or never mapped)
+        return 0
+    with _maps_lock:
+        refs.pop(id(m), None)
+    return 0
+
+
+def untrack(AttachmentCore a not None, _Mapping m not None):
+    """Take a record out (the importer gave the mapping back)."""
+    _untrack(a, m)
+
+
+# ------------------------------------------------------------- attaching
+
+
+def attach(buf, tuple imp not None, ops, priv, int depth=1):
+    """``dma_buf_mapping_attach()`` after its argument checks: negotiate,
+    the exporter's ``attach``, then the list under the lock."""
+    return _attach(buf, imp, ops, priv, depth)
+
+
+cdef object _attach(object buf, tuple imp, object ops, object priv, int depth):
+    if buf.resv.held_by_current_thread():
+        _checker().locking("attach-with-resv", "dma_buf_attach with the reservation lock held", buf)
+    cdef AttachmentCore a = _new(buf, ops, priv, depth)
+    args = _mapping.MatchArgs._of(buf, a, imp)
+    exp = buf.exporter
+    _mapping.exporter_matches(args, exp)
+    if a.map_type is None:
+        chosen = args.chosen
+        raise TypeError(f"{chosen[0].type.name if chosen else 'the type'}: finish_match recorded "
+                        "nothing on the attachment")
+    a.device = _mapping.sgt_dma_device(a)
+    buf.exporter.attach(a)
+    resv = buf.resv
+    resv.lock()
+    try:
+        with buf._lock:
+            buf._attachments.insert(0, a)
+            a._listed = True
+    finally:
+        resv.unlock()
+    return a
+
+
+def sgt_attach(buf, device, ops, priv, str what not None, int depth=1):
+    """``dma_buf_sgt_attach()`` / ``dma_buf_sgt_dynamic_attach()``: one SGT
+    importer entry for ``device``, accepting P2P when the importer says."""
+    buf._alive("attach")
+    if not isinstance(device, _Device):
+        raise _errors.InvalidArgument(f"{what}: {device!r} is not a device")
+    machine = getattr(buf.exporter, "machine", None)
+    if machine is not None and device.machine is not machine:
+        raise _errors.InvalidArgument(f"{what}: {device.name} is a device of machine "
+                                      f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
+    accepts = ops is not None and bool(ops.allow_peer2peer)
+    return _attach(buf, (_mapping.sgt_importer(device, accepts),), ops, priv, depth)
+
+
+def detach(buf, attachment):
+    """``dma_buf_detach()``: off the list (under the lock), then the
+    exporter's ``detach``."""
+    if not isinstance(attachment, _Attachment) or (<AttachmentCore>attachment).dmabuf is not buf:
+        _checker().lifetime("detach-foreign", "dma_buf_detach of an attachment of another buffer",
+                            buf, attachment)
+        return
+    cdef AttachmentCore a = <AttachmentCore>attachment
+    if a.detached:
+        _checker().lifetime("double-detach", "dma_buf_detach of a detached attachment", a)
+        return
+    resv = buf.resv
+    if resv.held_by_current_thread():
+        _checker().locking("detach-with-resv", "dma_buf_detach with the reservation lock held", a)
+    if a._maps or a.pin_count:
+        _checker().lifetime("detach-with-mappings",
+                            f"detach with {len(a._maps)} live mapping(s) and {a.pin_count} pin(s)", a,
+                            culprit=a.importer_ops or a)
+    resv.lock()
+    try:
+        with buf._lock:
+            buf._attachments.remove(a)
+    finally:
+        resv.unlock()
+    a.detached = True
+    buf.exporter.detach(a)
+
+
+# ------------------------------------------------------------- mapping
+
+
+def map_attachment(AttachmentCore a not None, direction, int depth=1):
+    """``dma_buf_map_attachment()`` (the reservation lock held)."""
+    return _map(a, direction, depth)
+
+
+cdef object _map(AttachmentCore a, object direction, int depth):
+    d = _direction(direction)
+    if not a.usable("map"):
+        raise _errors.LifetimeError("map on a dead attachment")
+    sgt = _sgt_ops(a)
+    if sgt is None:
+        raise _errors.InvalidArgument(f"dma_buf_map_attachment: the attachment negotiated "
+                                      f"{a._type_name()!r}, not a scatterlist")
+    a.require_resv("map")
+    buf = a.dmabuf
+    if buf.revoked:
+        raise _errors.Revoked(f"{buf.name} was revoked: no new mappings")
+    exp = buf.exporter
+    cdef bint dynamic = a.importer_ops is not None
+    cdef bint pin = not dynamic and exp.is_dynamic()
+    if pin:
+        exp.pin(a)
+        a.pin_count += 1
+    try:
+        table = sgt.map_dma_buf(a, d)
+        if table is None:
+            raise _errors.OutOfMemory(f"{exp.name}: map_dma_buf returned no table")
+        if not isinstance(table, SgTable):
+            raise TypeError(f"{exp.name}: map_dma_buf returned a {type(table).__name__}, not an SgTable")
+    except BaseException:
+        if pin:
+            a.pin_count -= 1
+            exp.unpin(a)
+        raise
+    if not dynamic:
+        try:
+            resv = buf.resv
+            # A Resv with no fence waits for nothing (Resv.wait checks its
+            # arguments, constants here, and returns at once).
+            if type(resv) is not Resv or (<Resv>resv).num:
+                resv.wait(_KERNEL, interruptible=True)
+        except BaseException:
+            sgt.unmap_dma_buf(a, table, d)
+            if pin:
+                a.pin_count -= 1
+                exp.unpin(a)
+            raise
+    _track(a, table, d, pin, (<SgTable>table)._dma_snapshot(), depth)
+    return table
+
+
+def map_unlocked(AttachmentCore a not None, direction, int depth=1):
+    """Take the reservation lock, map, drop it (LockingError report if the
+    caller holds it: then it maps under the caller's lock, through
+    ``Attachment.map``)."""
+    buf = a.dmabuf
+    resv = buf.resv
+    if resv.held_by_current_thread():
+        _checker().locking("unlocked-with-resv", "map_attachment_unlocked with the reservation lock held", a)
+        return a.map(direction)
+    resv.lock()
+    try:
+        return _map(a, direction, depth)
+    finally:
+        resv.unlock()
+
+
+def unmap_attachment(AttachmentCore a not None, table, direction):
+    """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
+    then unpin if the map pinned."""
+    _unmap(a, table, direction)
+
+
+cdef int _unmap(AttachmentCore a, object table, object direction) except -1:
+    d = _direction(direction)
+    a.require_resv("unmap")
+    m = _table_map(table)
+    if m is None or (<_Mapping>m).attachment is not a or m not in a._maps:
+        _checker().lifetime("bad-unmap", "dma_buf_unmap_attachment of a table that is not a live "
+                            "mapping of this attachment (a double unmap?)", a, culprit=a.importer_ops)
+        return 0
+    cdef _Mapping rec = <_Mapping>m
+    if rec.direction is not d:
+        _checker().lifetime("unmap-direction", f"mapped {rec.direction.name}, unmapped {d.name}", a)
+    exp = a.dmabuf.exporter
+    sgt = _sgt_ops(a)  # a tracked table means the attachment is SGT
+    sgt.unmap_dma_buf(a, table, rec.direction)
+    _untrack(a, rec)
+    if rec.pinned:
+        a.pin_count -= 1
+        exp.unpin(a)
+    return 0
+
+
+def unmap_unlocked(AttachmentCore a not None, table, direction):
+    """Take the reservation lock, unmap, drop it."""
+    buf = a.dmabuf
+    resv = buf.resv
+    if resv.held_by_current_thread():
+        _checker().locking("unlocked-with-resv", "unmap_attachment_unlocked with the reservation lock held", a)
+        a.unmap(table, direction)
+        return
+    resv.lock()
+    try:
+        _unmap(a, table, direction)
+    finally:
+        resv.unlock()
