@@ -29,17 +29,19 @@ The module sits at the dma-buf layer (docs/layers.md).  The Python modules
 above it that it calls (:mod:`pydmabuf.mapping`, the ``Attachment`` class)
 import it, so they hand themselves over once with :func:`bind`.
 
-Where the user's frame is (``created_at``): these functions make no
-Python frames, so ``depth`` counts the Python frames of the package
-between ``checks.created_at`` and the user: 1 is the caller of the compiled
-function.  The walk skips the package's frames anyway; ``depth`` only says
-where it may start.
+Where the user made an attachment or a mapping (``created_at``): as
+:func:`pydmabuf.checks.created_at` says, the first frame outside the
+package (the bundled scenarios count as user code), found from here by
+walking up from the innermost Python frame (these functions make none).
+The line is read at once, the ``file:line`` text made when first read.
 """
 
+from cpython.ref cimport PyObject, Py_DECREF
 from cpython.weakref cimport PyWeakref_NewRef
 from pydmabuf._core_dma cimport SgTable
 from pydmabuf._core_fence cimport Resv
 
+import logging
 import threading
 import weakref
 
@@ -54,32 +56,117 @@ from pydmabuf._core_dma import u64_pairs as _u64_pairs
 from pydmabuf._types import DmaDirection as _DmaDirection
 from pydmabuf._types import Usage as _Usage
 
-__all__ = ["AttachmentCore", "bind", "attach", "sgt_attach", "detach", "map_attachment", "map_unlocked",
-           "unmap_attachment", "unmap_unlocked", "track", "untrack", "table_map", "live_maps"]
+__all__ = ["AttachmentCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
+           "sgt_match", "sgt_finish_match", "LegacySgtOps", "match_mapping", "exporter_matches", "sgt_dma_device", "attach",
+           "sgt_attach", "detach", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
+           "untrack", "table_map", "live_maps"]
 
 # The parsed directions (a dict look-up in C), filled by pydmabuf._args.
 cdef dict _DIRS = _dirs_cache
 cdef object _KERNEL = _Usage.KERNEL
-cdef object _created_at = _checks.created_at
+# checks.created_at's record of which files are user code, and its look-up
+# for a file not seen yet (one home for that rule).
+cdef dict _FILE_KIND = _checks._FILE_KIND
+cdef object _user_file = _checks._user_file
+
+
+cdef extern from "Python.h":
+    ctypedef struct PyFrameObject:
+        pass
+    PyFrameObject *PyEval_GetFrame()
+    PyObject *PyFrame_GetBack(PyFrameObject *frame)
+    object PyFrame_GetCode(PyFrameObject *frame)
+    int PyFrame_GetLineNumber(PyFrameObject *frame)
+
+
+cdef class _Site:
+    """Where the user's code was, for ``created_at``: a file's base name and
+    a line, formatted when first read."""
+    cdef object name
+    cdef int line
+    cdef object text
+
+    def __str__(self):
+        if self.text is None:
+            self.text = f"{self.name}:{self.line}"
+        return self.text
+
+
+cdef object _user_site():
+    """``checks.created_at()`` from compiled code: the first frame outside
+    the package, as a _Site, or "?" when there is none."""
+    cdef PyFrameObject *f = PyEval_GetFrame()
+    cdef PyObject *back
+    cdef _Site site
+    if f == NULL:
+        return "?"
+    frame = <object><PyObject *>f  # a reference of our own while walking
+    while True:
+        fn = PyFrame_GetCode(<PyFrameObject *>frame).co_filename
+        name = _FILE_KIND[fn] if fn in _FILE_KIND else _user_file(fn)
+        if name is not None:
+            site = _Site.__new__(_Site)
+            site.name = name
+            site.line = PyFrame_GetLineNumber(<PyFrameObject *>frame)
+            return site
+        back = PyFrame_GetBack(<PyFrameObject *>frame)
+        if back == NULL:
+            return "?"
+        frame = <object>back
+        Py_DECREF(frame)  # PyFrame_GetBack's reference: ``frame`` holds one
+
+
+cdef inline object _site_text(object site):
+    return site if type(site) is str else str(site)
 cdef type _WeakRef = weakref.ReferenceType
 cdef bytes _NO_ROWS = b""
 
-# Bound by bind(): the Python layer above this module.
-cdef object _mapping = None         # pydmabuf.mapping
+cdef object _NotSupported = _errors.NotSupported
+cdef object _InvalidArgument = _errors.InvalidArgument
+# The SGT type's messages go to the mapping types' logger.
+cdef object _mapping_log = logging.getLogger("pydmabuf.mapping")
+
+# Bound by bind_matcher() (pydmabuf.dma_buf_mapping, then pydmabuf.mapping)
+# and bind() (pydmabuf.dmabuf_attach): the Python layer above this module.
+cdef object _MappingMatch = None    # dma_buf_mapping.MappingMatch
+cdef object _MatchArgs = None       # dma_buf_mapping.MatchArgs
+cdef object _match_result = None    # dma_buf_mapping._match_result
 cdef object _SGT = None             # mapping.SGT
+cdef object _COMPAT_ENTRIES = None  # mapping._COMPAT_ENTRIES
+cdef object _NO_P2P = None          # the SgtP2p members
+cdef object _REQUIRES_P2P = None
+cdef object _ACCEPTS_P2P = None
 cdef object _Attachment = None      # pydmabuf.dmabuf_attach.Attachment
 cdef object _Device = None          # pydmabuf.device.Device
 cdef object _new_attachment = None  # Attachment.__new__
 
 
-def bind(mapping, attachment_cls, device_cls):
-    """Called once by :mod:`pydmabuf.dmabuf_attach`: the modules above this
-    one that its paths call."""
-    global _mapping, _SGT, _Attachment, _Device, _new_attachment
+def bind_matcher(match_cls, args_cls, match_result):
+    """Called by :mod:`pydmabuf.dma_buf_mapping` once it defines the
+    matcher's structures."""
+    global _MappingMatch, _MatchArgs, _match_result
+    _MappingMatch = match_cls
+    _MatchArgs = args_cls
+    _match_result = match_result
+
+
+def bind_types(sgt, compat_entries, no_p2p, requires_p2p, accepts_p2p):
+    """Called by :mod:`pydmabuf.mapping` once it defines the built-in
+    types: the SGT type, the compat entries and the SgtP2p members."""
+    global _SGT, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P
+    _SGT = sgt
+    _COMPAT_ENTRIES = tuple(compat_entries)
+    _NO_P2P = no_p2p
+    _REQUIRES_P2P = requires_p2p
+    _ACCEPTS_P2P = accepts_p2p
+
+
+def bind(attachment_cls, device_cls):
+    """Called once by :mod:`pydmabuf.dmabuf_attach`: the attachment class
+    (derived from :class:`AttachmentCore`) and the device class."""
+    global _Attachment, _Device, _new_attachment
     if not isinstance(attachment_cls, type) or not issubclass(attachment_cls, AttachmentCore):
         raise TypeError("bind: the attachment class must derive from AttachmentCore")
-    _mapping = mapping
-    _SGT = mapping.SGT
     _Attachment = attachment_cls
     _Device = device_cls
     _new_attachment = attachment_cls.__new__
@@ -156,17 +243,30 @@ cdef class AttachmentCore:
     cdef public Py_ssize_t pin_count
     cdef public Py_ssize_t invalidations
     cdef public bint detached
-    cdef public object created_at
+    # Where the user attached: a _Site until read, then its text.
+    cdef object _site
     # On the buffer's list (the exporter accepted it).
     cdef public bint _listed
-    # The live mappings (_Mapping records) this attachment holds.
-    cdef public set _maps
+    # The live mappings (_Mapping records) this attachment holds (the set
+    # itself is fixed: Python reads it, never replaces it).
+    cdef readonly set _maps
     # The checker's record of the device's mappings, found at the first map.
     cdef public _MapRefs _dev_refs
 
     def __cinit__(self):
         self._maps = set()
-        self.created_at = "?"
+        self._site = "?"
+
+    @property
+    def created_at(self):
+        """Where the user attached (``file:line``, ``?`` when no frame of
+        the stack was the user's)."""
+        s = self._site = _site_text(self._site)
+        return s
+
+    @created_at.setter
+    def created_at(self, str value not None):
+        self._site = value
 
     @property
     def dynamic(self):
@@ -181,13 +281,13 @@ cdef class AttachmentCore:
         if self.detached:
             _checker().lifetime("use-after-detach", f"{what} on a detached attachment", self)
             return False
-        if self.dmabuf._released:
+        if _buf(self)._released:
             _checker().lifetime("use-after-release", f"{what} on an attachment of a released dma-buf", self)
             return False
         return True
 
     cdef int require_resv(self, str what) except -1:
-        if not self.dmabuf.resv.held_by_current_thread():
+        if not _buf(self).resv.held_by_current_thread():
             _checker().locking(f"{what}-without-resv", f"dma_buf_{what} without the reservation lock held", self)
         return 0
 
@@ -202,6 +302,15 @@ cdef class AttachmentCore:
         self.require_resv(what)
 
 
+cdef inline object _buf(AttachmentCore a):
+    """The attachment's buffer (TypeError for one never attached: made
+    with ``__new__``, bypassing the attach)."""
+    buf = a.dmabuf
+    if buf is None:
+        raise TypeError(f"{type(a).__name__} was never attached (use DmaBuf.attach)")
+    return buf
+
+
 cdef inline object _sgt_ops(AttachmentCore a):
     """``dma_buf_get_sgt_ops()`` (mapping.get_sgt_ops) on an attachment."""
     mt = a.map_type
@@ -210,14 +319,14 @@ cdef inline object _sgt_ops(AttachmentCore a):
     return mt.exp_ops
 
 
-cdef object _new(object dmabuf, object ops, object priv, int depth):
+cdef object _new(object dmabuf, object ops, object priv):
     """A new attachment of ``dmabuf`` (Attachment._new)."""
     cdef AttachmentCore a = _new_attachment(_Attachment)
     a.dmabuf = dmabuf
     a.importer_ops = ops
     a.importer_priv = priv
     a.peer2peer = bool(ops.allow_peer2peer) if ops is not None else False
-    a.created_at = _created_at(depth=depth)
+    a._site = _user_site()
     return a
 
 
@@ -244,7 +353,7 @@ cdef class _Mapping:
     cdef public object table
     cdef public object direction
     cdef public bint stale
-    cdef public object created_at
+    cdef object _site
     # The (DMA address, nbytes) rows: native u64 pairs copied from the table
     # at map time (bytes), or the (N, 2) array given to track_dma (read
     # through, as the importer's own record of what it mapped).
@@ -252,20 +361,36 @@ cdef class _Mapping:
     cdef public bint pinned
     cdef object __weakref__
 
+    def __cinit__(self):
+        self._site = "?"
+
     def __init__(self):
         raise TypeError("mappings are made by Attachment.map and track_dma")
+
+    @property
+    def created_at(self):
+        """Where the user mapped (``file:line``, ``?`` when no frame of the
+        stack was the user's)."""
+        s = self._site = _site_text(self._site)
+        return s
 
     @property
     def dma(self):
         """The (DMA address, nbytes) rows the mapping covers: (N, 2) u64
         (read-only for a table's mapping)."""
-        d = self._dma
+        d = self._rows()
         return _np.frombuffer(d, dtype=_np.uint64).reshape(-1, 2) if type(d) is bytes else d
+
+    cdef object _rows(self):
+        d = self._dma
+        if d is None:
+            raise TypeError("a mapping made with __new__ covers nothing (mappings come from Attachment.map)")
+        return d
 
     def covers(self, addr, nbytes):
         """Does ``[addr, +nbytes)`` touch a segment?  Compared on inclusive
         last bytes: an access or segment may end exactly at 2**64."""
-        d = self._dma
+        d = self._rows()
         return _ranges_touch(d if type(d) is bytes else d.tobytes(), addr, nbytes)
 
     def __repr__(self):
@@ -331,16 +456,16 @@ cdef object _table_map(object table):
     return m if type(m) is _Mapping and (<_Mapping>m).table is table else None
 
 
-cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, object dma, int depth):
+cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, object dma):
     cdef _Mapping m = _Mapping.__new__(_Mapping)
     cdef _MapRefs refs
     m.attachment = a
     m.table = table
     m.direction = d
-    m.created_at = _created_at(depth=depth)
+    m._site = _user_site()
     m._dma = dma
     m.pinned = pinned
-    buf = a.dmabuf
+    buf = _buf(a)
     with buf._lock:
         a._maps.add(m)
         buf._mappings.add(m)
@@ -360,7 +485,7 @@ cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, obje
     return m
 
 
-def track(AttachmentCore a not None, table, direction, bint pinned, dma_ranges=None, int depth=1):
+def track(AttachmentCore a not None, table, direction, bint pinned, dma_ranges=None):
     """Record a mapping for the checker (``table`` an SgTable or None, its
     rows taken from the table when ``dma_ranges`` is None, else parsed
     from it as (N, 2) u64 pairs)."""
@@ -371,11 +496,11 @@ def track(AttachmentCore a not None, table, direction, bint pinned, dma_ranges=N
         dma = (<SgTable>table)._dma_snapshot() if table is not None else _NO_ROWS
     else:
         dma = _u64_pairs(dma_ranges, "dma ranges")
-    return _track(a, table, _direction(direction), pinned, dma, depth)
+    return _track(a, table, _direction(direction), pinned, dma)
 
 
 cdef int _untrack(AttachmentCore a, _Mapping m) except -1:
-    buf = a.dmabuf
+    buf = _buf(a)
     with buf._lock:
         a._maps.discard(m)
         buf._mappings.discard(m)
@@ -399,27 +524,210 @@ def untrack(AttachmentCore a not None, _Mapping m not None):
     _untrack(a, m)
 
 
+# ------------------------------------------------------------ negotiation
+# dma_buf_match_mapping() and the built-in SGT type's callbacks
+# (pydmabuf.dma_buf_mapping and pydmabuf.mapping call these, or bind them
+# under their own names).
+
+
+cdef object _match_of(object cls, object mtype, object exp_ops, dict data):
+    self = object.__new__(cls)
+    d = self.__dict__
+    d.update(data)
+    d["type"] = mtype
+    d["exp_ops"] = exp_ops
+    d["_data"] = data
+    return self
+
+
+def match_of(cls, mtype, exp_ops, dict data not None):
+    """What ``MappingMatch(type, exp_ops, **data)`` makes, for the
+    built-in entries: ``type`` is a MappingType and ``data`` a dict of
+    their own, with no name the class has (the callers' literals)."""
+    return _match_of(cls, mtype, exp_ops, data)
+
+
+cdef object _args_of(object dmabuf, object attach, tuple imp):
+    args = object.__new__(_MatchArgs)
+    args.dmabuf = dmabuf
+    args.attach = attach
+    args.imp_matches = imp
+    args.chosen = None
+    return args
+
+
+def match_args_of(cls, dmabuf, attach, tuple imp not None):
+    """``MatchArgs(dmabuf, attach, imp)`` for the attach, whose importer
+    entries are a tuple of MappingMatch checked already."""
+    if cls is not _MatchArgs:
+        args = object.__new__(cls)
+        args.dmabuf = dmabuf
+        args.attach = attach
+        args.imp_matches = imp
+        args.chosen = None
+        return args
+    return _args_of(dmabuf, attach, imp)
+
+
+cdef object _sgt_importer(object device, bint accepts):
+    return _match_of(_MappingMatch, _SGT, None, {"importing_dma_device": device,
+                                                 "importer_accepts_p2p": _ACCEPTS_P2P if accepts else _NO_P2P})
+
+
+def sgt_importer(device, accepts_p2p=False):
+    """``DMA_BUF_IMAPPING_SGT(dev, accepts)`` (mapping.sgt_importer)."""
+    return _sgt_importer(device, bool(accepts_p2p))
+
+
+def sgt_match(self, dmabuf, exp, imp):
+    """The SGT type's ``match``: compatible unless the exporter entry
+    requires P2P, which the importer must accept and reach
+    (``pci_p2pdma_distance() >= 0``)."""
+    req = getattr(exp, "exporter_requires_p2p", _NO_P2P)
+    if req != _REQUIRES_P2P:
+        return None  # NO_P2P, or a value the switch does not know: compatible
+    pdev = getattr(exp, "exporting_p2p_device", None)
+    if pdev is None:
+        _mapping_log.warning("SGT match: a P2P-requiring exporter entry without a P2P device")
+        raise _NotSupported("the exporter entry requires P2P but names no PCI device")
+    if getattr(imp, "importer_accepts_p2p", _NO_P2P) != _ACCEPTS_P2P:
+        raise _NotSupported("the importer does not accept peer-to-peer addresses")
+    dev = getattr(imp, "importing_dma_device", None)
+    if dev is None or pdev.machine.p2p_distance(pdev, [dev]) < 0:  # pci_p2pdma_distance()
+        raise _NotSupported(f"{getattr(dev, 'name', None)} has no P2P route to {pdev.name}")
+    return None
+
+
+def sgt_finish_match(self, args, exp, imp):
+    """The SGT type's ``finish_match``: the attachment's entry names the
+    importing device and both P2P choices (the exporting P2P device is
+    left out, as upstream keeps it opaque); the legacy ``peer2peer``
+    field follows the negotiation (compat period)."""
+    a = args.attach
+    if a is None:
+        return None
+    accepts = getattr(imp, "importer_accepts_p2p", _NO_P2P)
+    a.map_type = _match_of(_MappingMatch, self, exp.exp_ops, {
+        "importing_dma_device": getattr(imp, "importing_dma_device", None),
+        "importer_accepts_p2p": accepts,
+        "exporter_requires_p2p": getattr(exp, "exporter_requires_p2p", _NO_P2P)})
+    a.peer2peer = accepts == _ACCEPTS_P2P
+    return None
+
+
+cdef int _match(object args, tuple exps) except -1:
+    """The loop of dma_buf_match_mapping(): exporter entries outside,
+    importer entries inside (restarted for each), the first compatible
+    pair gets its type's finish_match."""
+    for exp in exps:
+        for imp in args.imp_matches:
+            if imp.type is not exp.type:
+                continue
+            t = exp.type
+            m = t.match
+            if m is not None:
+                try:
+                    rv = m(args.dmabuf, exp, imp)
+                    if rv is not None:
+                        _match_result(rv, t.name + ": match")
+                except _NotSupported:
+                    continue
+            t.finish_match(args, exp, imp)
+            args.chosen = (exp, imp)
+            return 0
+    raise _InvalidArgument(
+        f"no compatible mapping type: the exporter offers [{', '.join([e.type.name for e in exps])}], "
+        f"the importer takes [{', '.join([e.type.name for e in args.imp_matches])}]")
+
+
+def match_mapping(args, exp_matches):
+    """``dma_buf_match_mapping()`` (pydmabuf.dma_buf_mapping.match_mapping
+    documents it)."""
+    _match_checked(args, exp_matches)
+
+
+cdef int _match_checked(object args, object exp_matches) except -1:
+    if not isinstance(args, _MatchArgs):
+        raise TypeError(f"match_mapping: args must be MatchArgs, not {type(args).__name__}")
+    exps = tuple(exp_matches) if exp_matches is not None else ()
+    for exp in exps:
+        if not isinstance(exp, _MappingMatch):
+            raise TypeError(f"match_mapping: exporter entries must be MappingMatch, not {type(exp).__name__}")
+    return _match(args, exps)
+
+
+cdef int _exporter_matches(object args, object exporter) except -1:
+    if type(exporter).has("match_mapping"):
+        _match_result(exporter.match_mapping(args), f"{exporter.name}: match_mapping")
+        return 0
+    single = getattr(exporter, "single_exporter_match", None)
+    if single is not None:
+        return _match_checked(args, [single])
+    _match(args, _COMPAT_ENTRIES)  # MappingMatch entries, built by pydmabuf.mapping
+    return 0
+
+
+def exporter_matches(args, exporter):
+    """What ``dma_buf_mapping_attach()`` does with the exporter
+    (pydmabuf.mapping.exporter_matches documents it)."""
+    _exporter_matches(args, exporter)
+
+
+cdef class LegacySgtOps:
+    """``dma_buf_sgt_exp_compat_match``'s ops: forward to the unaware
+    exporter of the attachment's buffer, its own ``map_dma_buf`` /
+    ``unmap_dma_buf`` (the kernel's compat entry calls ``dmabuf->ops``).
+    Stateless: one instance serves every buffer."""
+
+    def map_dma_buf(self, attachment, direction):
+        return attachment.dmabuf.exporter.map_dma_buf(attachment, direction)
+
+    def unmap_dma_buf(self, attachment, table, direction):
+        attachment.dmabuf.exporter.unmap_dma_buf(attachment, table, direction)
+
+
+cdef object _sgt_dma_device(object attachment):
+    if isinstance(attachment, AttachmentCore):
+        mt = (<AttachmentCore>attachment).map_type
+    else:
+        try:
+            mt = attachment.map_type
+        except AttributeError:  # not an attachment (or a half-built one)
+            return None
+    if mt is None or mt.type is not _SGT:
+        return None
+    try:
+        return mt.importing_dma_device
+    except AttributeError:  # an SGT entry without the field
+        return None
+
+
+def sgt_dma_device(attachment):
+    """``dma_buf_sgt_dma_device()``: the device the exporter maps for, or
+    None when the attachment is not SGT."""
+    return _sgt_dma_device(attachment)
+
+
 # ------------------------------------------------------------- attaching
 
 
-def attach(buf, tuple imp not None, ops, priv, int depth=1):
+def attach(buf, tuple imp not None, ops, priv):
     """``dma_buf_mapping_attach()`` after its argument checks: negotiate,
     the exporter's ``attach``, then the list under the lock."""
-    return _attach(buf, imp, ops, priv, depth)
+    return _attach(buf, imp, ops, priv)
 
 
-cdef object _attach(object buf, tuple imp, object ops, object priv, int depth):
+cdef object _attach(object buf, tuple imp, object ops, object priv):
     if buf.resv.held_by_current_thread():
         _checker().locking("attach-with-resv", "dma_buf_attach with the reservation lock held", buf)
-    cdef AttachmentCore a = _new(buf, ops, priv, depth)
-    args = _mapping.MatchArgs._of(buf, a, imp)
-    exp = buf.exporter
-    _mapping.exporter_matches(args, exp)
+    cdef AttachmentCore a = _new(buf, ops, priv)
+    args = _args_of(buf, a, imp)
+    _exporter_matches(args, buf.exporter)
     if a.map_type is None:
         chosen = args.chosen
         raise TypeError(f"{chosen[0].type.name if chosen else 'the type'}: finish_match recorded "
                         "nothing on the attachment")
-    a.device = _mapping.sgt_dma_device(a)
+    a.device = _sgt_dma_device(a)
     buf.exporter.attach(a)
     resv = buf.resv
     resv.lock()
@@ -432,7 +740,7 @@ cdef object _attach(object buf, tuple imp, object ops, object priv, int depth):
     return a
 
 
-def sgt_attach(buf, device, ops, priv, str what not None, int depth=1):
+def sgt_attach(buf, device, ops, priv, str what not None):
     """``dma_buf_sgt_attach()`` / ``dma_buf_sgt_dynamic_attach()``: one SGT
     importer entry for ``device``, accepting P2P when the importer says."""
     buf._alive("attach")
@@ -443,7 +751,7 @@ def sgt_attach(buf, device, ops, priv, str what not None, int depth=1):
         raise _errors.InvalidArgument(f"{what}: {device.name} is a device of machine "
                                       f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
     accepts = ops is not None and bool(ops.allow_peer2peer)
-    return _attach(buf, (_mapping.sgt_importer(device, accepts),), ops, priv, depth)
+    return _attach(buf, (_sgt_importer(device, accepts),), ops, priv)
 
 
 def detach(buf, attachment):
@@ -477,12 +785,12 @@ def detach(buf, attachment):
 # ------------------------------------------------------------- mapping
 
 
-def map_attachment(AttachmentCore a not None, direction, int depth=1):
+def map_attachment(AttachmentCore a not None, direction):
     """``dma_buf_map_attachment()`` (the reservation lock held)."""
-    return _map(a, direction, depth)
+    return _map(a, direction)
 
 
-cdef object _map(AttachmentCore a, object direction, int depth):
+cdef object _map(AttachmentCore a, object direction):
     d = _direction(direction)
     if not a.usable("map"):
         raise _errors.LifetimeError("map on a dead attachment")
@@ -491,7 +799,7 @@ cdef object _map(AttachmentCore a, object direction, int depth):
         raise _errors.InvalidArgument(f"dma_buf_map_attachment: the attachment negotiated "
                                       f"{a._type_name()!r}, not a scatterlist")
     a.require_resv("map")
-    buf = a.dmabuf
+    buf = _buf(a)
     if buf.revoked:
         raise _errors.Revoked(f"{buf.name} was revoked: no new mappings")
     exp = buf.exporter
@@ -524,22 +832,22 @@ cdef object _map(AttachmentCore a, object direction, int depth):
                 a.pin_count -= 1
                 exp.unpin(a)
             raise
-    _track(a, table, d, pin, (<SgTable>table)._dma_snapshot(), depth)
+    _track(a, table, d, pin, (<SgTable>table)._dma_snapshot())
     return table
 
 
-def map_unlocked(AttachmentCore a not None, direction, int depth=1):
+def map_unlocked(AttachmentCore a not None, direction):
     """Take the reservation lock, map, drop it (LockingError report if the
     caller holds it: then it maps under the caller's lock, through
     ``Attachment.map``)."""
-    buf = a.dmabuf
+    buf = _buf(a)
     resv = buf.resv
     if resv.held_by_current_thread():
         _checker().locking("unlocked-with-resv", "map_attachment_unlocked with the reservation lock held", a)
         return a.map(direction)
     resv.lock()
     try:
-        return _map(a, direction, depth)
+        return _map(a, direction)
     finally:
         resv.unlock()
 
@@ -561,7 +869,7 @@ cdef int _unmap(AttachmentCore a, object table, object direction) except -1:
     cdef _Mapping rec = <_Mapping>m
     if rec.direction is not d:
         _checker().lifetime("unmap-direction", f"mapped {rec.direction.name}, unmapped {d.name}", a)
-    exp = a.dmabuf.exporter
+    exp = _buf(a).exporter
     sgt = _sgt_ops(a)  # a tracked table means the attachment is SGT
     sgt.unmap_dma_buf(a, table, rec.direction)
     _untrack(a, rec)
@@ -573,7 +881,7 @@ cdef int _unmap(AttachmentCore a, object table, object direction) except -1:
 
 def unmap_unlocked(AttachmentCore a not None, table, direction):
     """Take the reservation lock, unmap, drop it."""
-    buf = a.dmabuf
+    buf = _buf(a)
     resv = buf.resv
     if resv.held_by_current_thread():
         _checker().locking("unlocked-with-resv", "unmap_attachment_unlocked with the reservation lock held", a)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, cast
 
 import numpy as np
 
-from pydmabuf import _core, checks, errors
+from pydmabuf import _core, _dmabuf_api, checks, errors
 from pydmabuf._args import _dir, _need_int
 from pydmabuf._core import SgTable
 from pydmabuf._types import U64_MAX, DmaAttrs, DmaDirection
@@ -276,13 +276,7 @@ class MappingMatch:
         """What ``MappingMatch(type, exp_ops, **data)`` makes, for the
         built-in entries: ``type`` is a MappingType and ``data`` a dict of
         their own, with no name the class has (the callers' literals)."""
-        self = object.__new__(cls)
-        d = self.__dict__
-        d.update(data)
-        d["type"] = type
-        d["exp_ops"] = exp_ops
-        d["_data"] = data
-        return self
+        return _dmabuf_api.match_of(cls, type, exp_ops, data)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not real attributes: the type data.
@@ -341,12 +335,7 @@ class MatchArgs:
     def _of(cls, dmabuf: DmaBuf, attach: Attachment, imp: tuple[MappingMatch, ...]) -> MatchArgs:
         """``MatchArgs(dmabuf, attach, imp)`` for the attach, whose importer
         entries are a tuple of MappingMatch checked already."""
-        self = object.__new__(cls)
-        self.dmabuf = dmabuf
-        self.attach = attach
-        self.imp_matches = imp
-        self.chosen = None
-        return self
+        return _dmabuf_api.match_args_of(cls, dmabuf, attach, imp)
 
     def __repr__(self) -> str:
         return f"<MatchArgs {len(self.imp_matches)} importer entr{'y' if len(self.imp_matches) == 1 else 'ies'}>"
@@ -387,28 +376,8 @@ def match_mapping(args: MatchArgs, exp_matches: Iterable[MappingMatch] | None) -
         would pass a positive value up as an attach result no caller
         recognises).
     """
-    if not isinstance(args, MatchArgs):
-        raise TypeError(f"match_mapping: args must be MatchArgs, not {type(args).__name__}")
-    exps = tuple(exp_matches) if exp_matches is not None else ()
-    for exp in exps:
-        if not isinstance(exp, MappingMatch):
-            raise TypeError(f"match_mapping: exporter entries must be MappingMatch, not {type(exp).__name__}")
-    for exp in exps:  # a loop over the few entries of two match lists
-        for imp in args.imp_matches:
-            if imp.type is not exp.type:
-                continue
-            t = exp.type
-            m = t.match
-            if m is not None:
-                try:
-                    rv = m(args.dmabuf, exp, imp)
-                    if rv is not None:
-                        _match_result(rv, t.name + ": match")
-                except errors.NotSupported:
-                    continue
-            t.finish_match(args, exp, imp)
-            args.chosen = (exp, imp)
-            return
-    raise errors.InvalidArgument(
-        f"no compatible mapping type: the exporter offers [{', '.join(e.type.name for e in exps)}], "
-        f"the importer takes [{', '.join(e.type.name for e in args.imp_matches)}]")
+    # Compiled (pydmabuf._dmabuf_api), with the attach that calls it.
+    _dmabuf_api.match_mapping(args, exp_matches)
+
+
+_dmabuf_api.bind_matcher(MappingMatch, MatchArgs, _match_result)

@@ -193,7 +193,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
         >>> buf.detach(a)
         >>> buf.put()
         """
-        a: Attachment = _dmabuf_api.sgt_attach(self, device, None, None, "dma_buf_attach", 2)
+        a: Attachment = _dmabuf_api.sgt_attach(self, device, None, None, "dma_buf_attach")
         return a
 
     def dynamic_attach(self, device: Device, importer_ops: ImporterOps | None, importer_priv: Any = None) -> Attachment:
@@ -223,8 +223,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
         """
         if importer_ops is not None and not isinstance(importer_ops, ImporterOps):
             raise TypeError("importer_ops must be an ImporterOps")
-        a: Attachment = _dmabuf_api.sgt_attach(self, device, importer_ops, importer_priv, "dma_buf_dynamic_attach",
-                                               2)
+        a: Attachment = _dmabuf_api.sgt_attach(self, device, importer_ops, importer_priv, "dma_buf_dynamic_attach")
         return a
 
     def mapping_attach(self, importer_matches: Iterable[Any], importer_ops: ImporterOps | None = None,
@@ -272,7 +271,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
                 raise TypeError(f"mapping_attach: importer entries must be MappingMatch, not {type(e).__name__}")
             if e.exp_ops is not None:
                 raise errors.InvalidArgument("mapping_attach: an importer entry carries exporter ops")
-        a: Attachment = _dmabuf_api.attach(self, imp, importer_ops, importer_priv, 2)
+        a: Attachment = _dmabuf_api.attach(self, imp, importer_ops, importer_priv)
         return a
 
     def debugfs_attachments(self) -> list[str]:

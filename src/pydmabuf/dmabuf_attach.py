@@ -166,7 +166,7 @@ class Attachment(AttachmentBase, Owner):
         ...     a.unmap(table, DmaDirection.BIDIRECTIONAL)
         >>> buf.detach(a); buf.put()
         """
-        return _dmabuf_api.map_attachment(self, direction, 2)
+        return _dmabuf_api.map_attachment(self, direction)
 
     def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
         """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
@@ -203,7 +203,7 @@ class Attachment(AttachmentBase, Owner):
         >>> a.unmap_unlocked(table, DmaDirection.TO_DEVICE)
         >>> buf.detach(a); buf.put()
         """
-        return _dmabuf_api.map_unlocked(self, direction, 2)
+        return _dmabuf_api.map_unlocked(self, direction)
 
     def unmap_unlocked(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
         """Take the reservation lock, :meth:`unmap`, drop it; must not be
@@ -299,7 +299,7 @@ class Attachment(AttachmentBase, Owner):
     def _track_pal(self, pl: mapping.PhysList) -> _Mapping:
         """A live PAL list, as the checker tracks mappings: a revoke waits
         for it and a detach with it live is a LifetimeError."""
-        return _dmabuf_api.track(self, None, _BIDI, False, _NO_ROWS, 2)
+        return _dmabuf_api.track(self, None, _BIDI, False, _NO_ROWS)
 
     def _untrack(self, m: _Mapping) -> None:
         """Take a record out (the importer gave the mapping back)."""
@@ -313,7 +313,7 @@ class Attachment(AttachmentBase, Owner):
         (from :meth:`phys_vec` with the list-free API): DMA through them
         after an invalidation is then caught.  Returns a handle for
         :meth:`untrack_dma`."""
-        return _dmabuf_api.track(self, None, direction, False, dma_ranges, 2)
+        return _dmabuf_api.track(self, None, direction, False, dma_ranges)
 
     def untrack_dma(self, handle: object) -> None:
         if handle in self._maps:
@@ -333,6 +333,8 @@ class Attachment(AttachmentBase, Owner):
         return self.device.machine.p2p_map_type(prov, self.device)
 
     def __repr__(self) -> str:
+        if self.dmabuf is None:  # made with __new__, never attached
+            return "<Attachment never attached>"
         kind = "dynamic" if self.dynamic else "static"
         state = ["detached"] if self.detached else []
         if self._maps:
@@ -379,7 +381,7 @@ class Attachment(AttachmentBase, Owner):
         return f"{self!r} collected while still attached"
 
 
-_dmabuf_api.bind(mapping, Attachment, Device)
+_dmabuf_api.bind(Attachment, Device)
 
 
 def attached_to(a: Attachment) -> str:

@@ -292,7 +292,7 @@ class AttachmentBase(AttachmentCore):
     detached: bool
     created_at: str
     _listed: bool
-    _maps: set[_Mapping]
+    _maps: set[_Mapping]  # read-only
     _dev_refs: _MapRefs | None  # the checker's record of the device's mappings (dmabuf_attach)
 
 

@@ -52,10 +52,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pydmabuf import checks, errors
+from pydmabuf import _dmabuf_api, checks, errors
 from pydmabuf._core import u64_pairs
 from pydmabuf._types import PAGE_SIZE, RangeKind
-from pydmabuf.dma_buf_mapping import MappingMatch, MappingType, MatchArgs, _match_result, match_mapping
+from pydmabuf.dma_buf_mapping import MappingMatch, MappingType, MatchArgs, match_mapping
 from pydmabuf.dmabuf_ops import AttachmentBase, Exporter
 from pydmabuf.machine import Device, Machine
 
@@ -131,32 +131,13 @@ class _SgtType(MappingType):
 
     name = "DMA Mapped Scatter Gather Table"
 
-    def match(self, dmabuf: Any, exp: MappingMatch, imp: MappingMatch) -> None:
-        req = getattr(exp, "exporter_requires_p2p", _NO_P2P)
-        if req != _REQUIRES_P2P:
-            return  # NO_P2P, or a value the switch does not know: compatible
-        pdev = getattr(exp, "exporting_p2p_device", None)
-        if pdev is None:
-            log.warning("SGT match: a P2P-requiring exporter entry without a P2P device")
-            raise errors.NotSupported("the exporter entry requires P2P but names no PCI device")
-        if getattr(imp, "importer_accepts_p2p", _NO_P2P) != _ACCEPTS_P2P:
-            raise errors.NotSupported("the importer does not accept peer-to-peer addresses")
-        dev = getattr(imp, "importing_dma_device", None)
-        if dev is None or pdev.machine.p2p_distance(pdev, [dev]) < 0:  # pci_p2pdma_distance()
-            raise errors.NotSupported(f"{getattr(dev, 'name', None)} has no P2P route to {pdev.name}")
-
-    def finish_match(self, args: MatchArgs, exp: MappingMatch, imp: MappingMatch) -> None:
-        a = args.attach
-        if a is None:
-            return
-        accepts = getattr(imp, "importer_accepts_p2p", _NO_P2P)
-        # exporting_p2p_device is left out, as upstream keeps it opaque.
-        a.map_type = MappingMatch._of(self, exp.exp_ops, {
-            "importing_dma_device": getattr(imp, "importing_dma_device", None),
-            "importer_accepts_p2p": accepts,
-            "exporter_requires_p2p": getattr(exp, "exporter_requires_p2p", _NO_P2P)})
-        # Compat period (P3-P15): the legacy fields follow the negotiation.
-        a.peer2peer = accepts == _ACCEPTS_P2P
+    # Compiled (pydmabuf._dmabuf_api) with the attach that negotiates:
+    # match(dmabuf, exp, imp) refuses a P2P-requiring exporter entry unless
+    # the importer accepts P2P and reaches the exporting device;
+    # finish_match(args, exp, imp) records the negotiated entry and
+    # ``peer2peer`` on the attachment.
+    match = _dmabuf_api.sgt_match
+    finish_match = _dmabuf_api.sgt_finish_match
 
     def debugfs_dump(self, attach: Attachment) -> str:
         dev = sgt_dma_device(attach)
@@ -189,8 +170,8 @@ def _need_ops(ops: Any, names: tuple[str, ...], what: str) -> None:
 def sgt_importer(device: Device | None, accepts_p2p: bool = False) -> MappingMatch:
     """``DMA_BUF_IMAPPING_SGT(dev, accepts)``: the importer takes a
     scatterlist mapped for ``device``."""
-    return MappingMatch._of(SGT, None, {"importing_dma_device": device,
-                                        "importer_accepts_p2p": _ACCEPTS_P2P if accepts_p2p else _NO_P2P})
+    entry: MappingMatch = _dmabuf_api.sgt_importer(device, accepts_p2p)
+    return entry
 
 
 def sgt_exporter(ops: Any) -> MappingMatch:
@@ -234,20 +215,10 @@ def _map_type(attachment: Any) -> MappingMatch | None:
     return mt
 
 
-def sgt_dma_device(attachment: Attachment) -> Device | None:
-    """``dma_buf_sgt_dma_device()``: the device the exporter maps for, or
-    None when the attachment is not SGT."""
-    try:
-        mt = attachment.map_type
-    except AttributeError:  # not an attachment (or a half-built one)
-        return None
-    if mt is None or mt.type is not SGT:
-        return None
-    try:
-        dev: Device | None = mt.importing_dma_device
-    except AttributeError:  # an SGT entry without the field
-        return None
-    return dev
+#: ``dma_buf_sgt_dma_device(attachment)``: the device the exporter maps
+#: for, or None when the attachment is not SGT (compiled: exporters call it
+#: on every map and unmap).
+sgt_dma_device = _dmabuf_api.sgt_dma_device
 
 
 def sgt_p2p_allowed(attachment: Attachment) -> bool:
@@ -511,19 +482,11 @@ def pal_unmap_phys(attachment: Attachment, phys_list: PhysList) -> None:
 # ----------------------------------------------- the transition (compat)
 
 
-class _LegacySgtOps:
-    """``dma_buf_sgt_exp_compat_match``'s ops: forward to the unaware
-    exporter of the attachment's buffer, its own ``map_dma_buf`` /
-    ``unmap_dma_buf`` (the kernel's compat entry calls ``dmabuf->ops``).
-    Stateless: one instance serves every buffer."""
-
-    __slots__ = ()
-
-    def map_dma_buf(self, attachment: Attachment, direction: Any) -> Any:
-        return attachment.dmabuf.exporter.map_dma_buf(attachment, direction)
-
-    def unmap_dma_buf(self, attachment: Attachment, table: Any, direction: Any) -> None:
-        attachment.dmabuf.exporter.unmap_dma_buf(attachment, table, direction)
+#: ``dma_buf_sgt_exp_compat_match``'s ops: forward to the unaware exporter
+#: of the attachment's buffer, its own ``map_dma_buf`` / ``unmap_dma_buf``
+#: (compiled: the static importer's map and unmap of every legacy exporter
+#: go through it).
+_LegacySgtOps = _dmabuf_api.LegacySgtOps
 
 
 class _LegacyPalOps:
@@ -550,21 +513,14 @@ def exporter_matches(args: MatchArgs, exporter: Any) -> None:
     ``match_mapping`` if it has one, else its ``single_exporter_match``,
     else (transition, ``dma_buf_sgt_exp_compat_match``) one SGT NO_P2P
     entry forwarding to its legacy ``map_dma_buf``/``unmap_dma_buf``."""
-    cls = type(exporter)
-    if cls.has("match_mapping"):
-        _match_result(exporter.match_mapping(args), f"{exporter.name}: match_mapping")
-        return
-    single = getattr(exporter, "single_exporter_match", None)
-    if single is not None:
-        match_mapping(args, [single])
-        return
-    match_mapping(args, _COMPAT_ENTRIES)
+    _dmabuf_api.exporter_matches(args, exporter)
 
 
 #: The compat SGT NO_P2P entry: one for every exporter, since its ops find
 #: the exporter through the attachment.
 _COMPAT_SGT = sgt_exporter(_LegacySgtOps())
 _COMPAT_ENTRIES = (_COMPAT_SGT,)
+_dmabuf_api.bind_types(SGT, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P)
 
 
 def exporter_pal_ops(dmabuf: DmaBuf) -> Any:

@@ -1,0 +1,301 @@
+"""The compiled dma-buf attachment (pydmabuf._dmabuf_api): its fields, the
+entry points on objects that never went through an attach, junk written
+into the fields Python can write, the record of where the user attached
+and mapped, and the negotiation's compiled pieces against the rules
+``dma_buf_match_mapping()`` follows."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import weakref
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+import pydmabuf
+from pydmabuf import DmaDirection, ImporterOps, Machine, _dmabuf_api, checks, errors, mapping
+from pydmabuf.dmabuf import Attachment
+from pydmabuf.dma_buf_mapping import MappingMatch, MappingType, MatchArgs, match_mapping
+from pydmabuf.exporters import SystemHeap
+
+BIDI = DmaDirection.BIDIRECTIONAL
+
+
+@pytest.fixture
+def m() -> Machine:
+    return Machine.default()
+
+
+def _never_attached() -> list[tuple[str, Callable[[], Any], Callable[[Any], Any]]]:
+    def att() -> Any:
+        return Attachment.__new__(Attachment)
+
+    def core() -> Any:
+        return _dmabuf_api.AttachmentCore.__new__(_dmabuf_api.AttachmentCore)
+
+    out: list[tuple[str, Callable[[], Any], Callable[[Any], Any]]] = []
+    for kind, make in (("Attachment", att), ("AttachmentCore", core)):
+        out += [
+            (f"{kind}.map", make, lambda a: _dmabuf_api.map_attachment(a, BIDI)),
+            (f"{kind}.map_unlocked", make, lambda a: _dmabuf_api.map_unlocked(a, BIDI)),
+            (f"{kind}.unmap", make, lambda a: _dmabuf_api.unmap_attachment(a, None, BIDI)),
+            (f"{kind}.unmap_unlocked", make, lambda a: _dmabuf_api.unmap_unlocked(a, None, BIDI)),
+            (f"{kind}.track", make, lambda a: _dmabuf_api.track(a, None, BIDI, False, [[0, 4096]])),
+            (f"{kind}._usable", make, lambda a: a._usable("map")),
+            (f"{kind}._require_resv", make, lambda a: a._require_resv("map")),
+        ]
+    out += [
+        ("Attachment.pin", att, lambda a: a.pin()),
+        ("Attachment.phys_vec", att, lambda a: a.phys_vec()),
+        ("Attachment.repr", att, repr),
+        ("_Mapping.covers", lambda: _dmabuf_api._Mapping.__new__(_dmabuf_api._Mapping), lambda r: r.covers(0, 1)),
+        ("_Mapping.dma", lambda: _dmabuf_api._Mapping.__new__(_dmabuf_api._Mapping), lambda r: r.dma),
+    ]
+    return out
+
+
+_NEVER = _never_attached()
+
+
+@pytest.mark.parametrize("make,call", [(mk, c) for _, mk, c in _NEVER], ids=[i for i, _, _ in _NEVER])
+def test_objects_that_never_went_through_an_attach_raise_and_never_crash(make, call):
+    """``X.__new__(X)`` skips the attach: every entry point raises a Python
+    error (TypeError, or the model's own for what is not attached), never
+    reads a field it does not have."""
+    obj = make()
+    try:
+        call(obj)
+    except (TypeError, errors.DmaBufError):
+        pass
+
+
+def test_a_never_attached_attachment_says_why():
+    a = Attachment.__new__(Attachment)
+    with pytest.raises(TypeError, match="never attached"):
+        a.map_unlocked(BIDI)
+    assert a.created_at == "?" and a.live_mappings == 0 and not a.dynamic
+    assert _dmabuf_api._Mapping.__new__(_dmabuf_api._Mapping).created_at == "?"
+
+
+def test_the_fields_refuse_values_of_the_wrong_type(m):
+    """The typed fields (the device's record, the live mappings, the
+    counts) refuse junk when written, so the compiled paths never read a
+    value of the wrong type."""
+    buf = SystemHeap(m).allocate(1 << 16)
+    a = buf.attach(m.device("gpu0"))
+    for name, junk in (("_dev_refs", 5), ("_dev_refs", {}), ("pin_count", "1"), ("invalidations", None),
+                       ("created_at", 7)):
+        with pytest.raises(TypeError):
+            setattr(a, name, junk)
+    for junk in ([1], None, set()):
+        with pytest.raises(AttributeError):  # read-only: the set is the attachment's own
+            a._maps = junk
+    t = a.map_unlocked(BIDI)
+    assert a.live_mappings == 1 and a.pin_count == 0
+    a.unmap_unlocked(t, BIDI)
+    buf.detach(a)
+    buf.put()
+
+
+def test_a_record_whose_table_was_overwritten_unmaps_as_bad_unmap(m):
+    """The record's ``table`` is writable: an unmap of the original table
+    then finds no live mapping (the checker's bad-unmap); putting it back
+    lets the unmap through.  Never a crash."""
+    buf = SystemHeap(m).allocate(1 << 16)
+    a = buf.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    (rec,) = a._maps
+    for junk in (None, 5, pydmabuf.SgTable.from_pages([1, 2])):
+        rec.table = junk
+        with checks.report_mode():
+            a.unmap_unlocked(t, BIDI)
+        assert [r.rule for r in checks.reports()] == ["bad-unmap"] and a.live_mappings == 1
+        checks.clear()
+    rec.table = t
+    a.unmap_unlocked(t, BIDI)
+    assert a.live_mappings == 0
+    buf.detach(a)
+    buf.put()
+
+
+def test_created_at_is_read_once_and_can_be_set(m):
+    """The site is found at the call and its text made when first read;
+    after that it is a plain str, which Python may replace (with a str)."""
+    import inspect
+
+    buf = SystemHeap(m).allocate(1 << 16)
+    a = buf.attach(m.device("gpu0")); line = inspect.currentframe().f_lineno  # noqa: E702
+    assert a.created_at == f"test_dmabuf_api.py:{line}"
+    assert a.created_at is a.created_at
+    a.created_at = "elsewhere:1"
+    assert a.created_at == "elsewhere:1"
+    buf.detach(a)
+    buf.put()
+
+
+def test_a_mapping_made_in_another_thread_names_that_threads_line(m):
+    buf = SystemHeap(m).allocate(1 << 16)
+    a = buf.attach(m.device("gpu0"))
+    got: list[Any] = []
+
+    def worker() -> None:
+        got.append(a.map_unlocked(BIDI))  # the line recorded
+
+    th = threading.Thread(target=worker)
+    th.start()
+    th.join()
+    (rec,) = a._maps
+    import inspect
+    want = inspect.getsourcelines(worker)[1] + 1
+    assert rec.created_at == f"test_dmabuf_api.py:{want}"
+    a.unmap_unlocked(got[0], BIDI)
+    buf.detach(a)
+    buf.put()
+
+
+def test_bind_refuses_a_class_that_does_not_hold_the_fields():
+    with pytest.raises(TypeError):
+        _dmabuf_api.bind(object, pydmabuf.Device)
+
+
+def test_the_device_record_follows_the_device(m):
+    """Each attachment finds its own device's record, also when the device
+    differs from the last one looked up (remembered by a weak reference)."""
+    heap = SystemHeap(m)
+    for name in ("gpu0", "nic0", "gpu0"):
+        buf = heap.allocate(1 << 12)
+        a = buf.attach(m.device(name))
+        t = a.map_unlocked(BIDI)
+        assert a._dev_refs is _dmabuf_api.device_maps[m.device(name)]
+        assert [x for x in _dmabuf_api.live_maps(m.device(name)) if x.attachment is a] == list(a._maps)
+        a.unmap_unlocked(t, BIDI)
+        buf.detach(a)
+        buf.put()
+
+
+def test_the_device_record_keeps_no_device_alive():
+    """The records and the remembered last device hold devices weakly: a
+    machine dropped after mapping through one of its devices is collected."""
+    m = Machine.default()
+    buf = SystemHeap(m).allocate(1 << 12)
+    a = buf.attach(m.device("gpu0"))
+    a.unmap_unlocked(a.map_unlocked(BIDI), BIDI)
+    buf.detach(a)
+    buf.put()
+    dev_ref = weakref.ref(m.device("gpu0"))
+    del m, buf, a
+    gc.collect()
+    assert dev_ref() is None
+
+
+# ------------------------------------------------------------ negotiation
+
+
+class _Spy(MappingType):
+    """A driver's own type: records the matcher's calls."""
+
+    name = "spy"
+
+    def __init__(self, verdicts: dict[str, Any]) -> None:
+        self.verdicts = verdicts
+        self.calls: list[tuple[str, str, str]] = []
+
+    def match(self, dmabuf: Any, exp: MappingMatch, imp: MappingMatch) -> Any:
+        self.calls.append(("match", exp.tag, imp.tag))
+        v = self.verdicts.get(f"{exp.tag}/{imp.tag}")
+        if isinstance(v, BaseException):
+            raise v
+        return v
+
+    def finish_match(self, args: MatchArgs, exp: MappingMatch, imp: MappingMatch) -> None:
+        self.calls.append(("finish", exp.tag, imp.tag))
+
+
+def _entries(t: MappingType, tags: str) -> list[MappingMatch]:
+    return [MappingMatch(t, object() if tags == "exp" else None, tag=x) for x in (tags.split(",") if tags else [])]
+
+
+@pytest.mark.parametrize("verdicts,want", [
+    ({}, [("match", "e1", "i1"), ("finish", "e1", "i1")]),
+    ({"e1/i1": errors.NotSupported("no")}, [("match", "e1", "i1"), ("match", "e1", "i2"), ("finish", "e1", "i2")]),
+    ({"e1/i1": errors.NotSupported("no"), "e1/i2": errors.NotSupported("no")},
+     [("match", "e1", "i1"), ("match", "e1", "i2"), ("match", "e2", "i1"), ("finish", "e2", "i1")]),
+    ({"e1/i1": -95}, [("match", "e1", "i1"), ("match", "e1", "i2"), ("finish", "e1", "i2")]),
+    ({"e1/i1": 0}, [("match", "e1", "i1"), ("finish", "e1", "i1")]),
+])
+def test_the_matcher_walks_exporter_entries_outside_and_importer_entries_inside(verdicts, want):
+    """dma_buf_match_mapping(): the exporter's order wins; NotSupported (or
+    -EOPNOTSUPP returned) means "not this pair"; the chosen pair gets one
+    finish_match and is recorded in ``args.chosen``."""
+    t = _Spy(verdicts)
+    exp = [MappingMatch(t, object(), tag="e1"), MappingMatch(t, object(), tag="e2")]
+    imp = [MappingMatch(t, tag="i1"), MappingMatch(t, tag="i2")]
+    args = MatchArgs(None, None, imp)
+    match_mapping(args, exp)
+    assert t.calls == want
+    assert args.chosen is not None and (args.chosen[0].tag, args.chosen[1].tag) == want[-1][1:]
+
+
+@pytest.mark.parametrize("verdict,err", [(errors.Busy("busy"), errors.Busy), (-16, errors.Busy), (3, TypeError),
+                                         (True, TypeError), ("0", TypeError)])
+def test_a_match_that_fails_otherwise_aborts_the_negotiation(verdict, err):
+    t = _Spy({"e1/i1": verdict})
+    args = MatchArgs(None, None, [MappingMatch(t, tag="i1")])
+    with pytest.raises(err):
+        match_mapping(args, [MappingMatch(t, object(), tag="e1"), MappingMatch(t, object(), tag="e2")])
+    assert ("finish", "e1", "i1") not in t.calls and args.chosen is None
+
+
+def test_no_compatible_pair_is_einval_naming_both_lists():
+    t = _Spy({})
+    args = MatchArgs(None, None, [MappingMatch(t, tag="i1")])
+    with pytest.raises(errors.InvalidArgument, match=r"offers \[DMA Mapped Scatter Gather Table\].*takes \[spy\]"):
+        match_mapping(args, [mapping.sgt_exporter(mapping._LegacySgtOps())])
+    with pytest.raises(errors.InvalidArgument, match=r"offers \[\], the importer takes \[spy\]"):
+        match_mapping(args, None)
+    with pytest.raises(TypeError):
+        match_mapping(args, [object()])
+    with pytest.raises(TypeError):
+        match_mapping("args", [])
+    assert t.calls == []
+
+
+def test_sgt_negotiation_records_the_importers_choice(m):
+    """The SGT type's compiled finish_match: the attachment's entry names
+    the device and both P2P choices; ``peer2peer`` follows them."""
+    gpu = m.device("gpu0")
+    buf = SystemHeap(m).allocate(1 << 16)
+
+    class P2p(ImporterOps):
+        allow_peer2peer = True
+
+        def invalidate_mappings(self, attachment: Any) -> None:
+            pass
+
+    for ops, accepts in ((None, mapping.SgtP2p.NO_P2P), (P2p(), mapping.SgtP2p.IMPORTER_ACCEPTS_P2P)):
+        a = buf.attach(gpu) if ops is None else buf.dynamic_attach(gpu, ops)
+        mt = a.map_type
+        assert mt.type is mapping.SGT and mt.importing_dma_device is gpu and mt.importer_accepts_p2p is accepts
+        assert mt.exporter_requires_p2p is mapping.SgtP2p.NO_P2P and a.peer2peer is (ops is not None)
+        assert mapping.sgt_dma_device(a) is gpu and a.device is gpu
+        assert mapping.get_sgt_ops(a) is mt.exp_ops
+        buf.detach(a)
+    imp = mapping.sgt_importer(gpu, 1)
+    assert imp.importer_accepts_p2p is mapping.SgtP2p.IMPORTER_ACCEPTS_P2P and imp.exp_ops is None
+    assert mapping.sgt_dma_device(object()) is None and mapping.sgt_dma_device(None) is None
+    buf.put()
+
+
+def test_the_rows_of_a_record_are_the_tables_at_map_time(m):
+    buf = SystemHeap(m).allocate(4 << 12, layout="fragmented", seed=3)
+    a = buf.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    (rec,) = a._maps
+    assert np.array_equal(rec.dma, t.dma_ranges()) and not rec.dma.flags.writeable
+    lo, n = (int(x) for x in t.dma_ranges()[0])
+    assert rec.covers(lo, 1) and rec.covers(lo + n - 1, 1) and not rec.covers(0, 1)
+    a.unmap_unlocked(t, BIDI)
+    buf.detach(a)
+    buf.put()
