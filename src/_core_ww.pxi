@@ -459,6 +459,15 @@ cdef int _ww_release(WwMutex self, pdb_task *t) except -1:
     return 0
 
 
+cdef int _ww_lock_plain(WwMutex self) except -1:
+    return _ww_lock(self, None, _LOCK)
+
+
+cdef bint _ww_held(WwMutex self) noexcept:
+    cdef pdb_task *t = pdb_task_peek_c()
+    return t != NULL and _owner(pdb_load_sz(&self.m.owner)) == t
+
+
 cdef int _ww_lock(WwMutex self, AcquireContext ctx, int mode) except -1:
     """Lock ``self`` (modes _LOCK/_LOCK_INTR/_SLOW/_SLOW_INTR); raises."""
     cdef pdb_task *t = _cur_task()
@@ -647,8 +656,7 @@ cdef class WwMutex:
 
     def held_by_current_thread(self):
         """True when the calling thread holds it (``dma_resv_held``)."""
-        cdef pdb_task *t = pdb_task_peek_c()
-        return t != NULL and _owner(pdb_load_sz(&self.m.owner)) == t
+        return _ww_held(self)
 
     def assert_held(self):
         """Raise :class:`~pydmabuf.errors.LockingError` unless the calling

@@ -40,6 +40,7 @@ from cpython.ref cimport PyObject, Py_DECREF
 from cpython.weakref cimport PyWeakref_NewRef
 from pydmabuf._core_dma cimport SgTable
 from pydmabuf._core_fence cimport Resv
+from pydmabuf._core_ww cimport WwMutex, _ww_held, _ww_lock_plain
 
 import logging
 import threading
@@ -137,6 +138,9 @@ cdef object _NO_P2P = None          # the SgtP2p members
 cdef object _REQUIRES_P2P = None
 cdef object _ACCEPTS_P2P = None
 cdef object _Attachment = None      # pydmabuf.dmabuf_attach.Attachment
+cdef object _Exporter = None        # pydmabuf.dmabuf_ops.Exporter
+cdef object _HAS = None             # Exporter.has, Exporter.is_dynamic (their functions)
+cdef object _IS_DYNAMIC = None
 cdef object _Device = None          # pydmabuf.device.Device
 cdef object _new_attachment = None  # Attachment.__new__
 
@@ -145,31 +149,53 @@ def bind_matcher(match_cls, args_cls, match_result):
     """Called by :mod:`pydmabuf.dma_buf_mapping` once it defines the
     matcher's structures."""
     global _MappingMatch, _MatchArgs, _match_result
-    _MappingMatch = match_cls
-    _MatchArgs = args_cls
-    _match_result = match_result
+    if not isinstance(match_cls, type) or not isinstance(args_cls, type) or not callable(match_result):
+        raise TypeError("bind_matcher: two classes and a callable")
+    _MappingMatch, _MatchArgs, _match_result = match_cls, args_cls, match_result
 
 
 def bind_types(sgt, compat_entries, no_p2p, requires_p2p, accepts_p2p):
     """Called by :mod:`pydmabuf.mapping` once it defines the built-in
     types: the SGT type, the compat entries and the SgtP2p members."""
     global _SGT, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P
-    _SGT = sgt
-    _COMPAT_ENTRIES = tuple(compat_entries)
-    _NO_P2P = no_p2p
-    _REQUIRES_P2P = requires_p2p
-    _ACCEPTS_P2P = accepts_p2p
+    entries = tuple(compat_entries)
+    _SGT, _COMPAT_ENTRIES = sgt, entries
+    _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P = no_p2p, requires_p2p, accepts_p2p
 
 
-def bind(attachment_cls, device_cls):
+def bind(attachment_cls, device_cls, exporter_cls):
     """Called once by :mod:`pydmabuf.dmabuf_attach`: the attachment class
-    (derived from :class:`AttachmentCore`) and the device class."""
-    global _Attachment, _Device, _new_attachment
+    (derived from :class:`AttachmentCore`), the device class and the
+    exporters' base class."""
+    global _Attachment, _Device, _new_attachment, _Exporter, _HAS, _IS_DYNAMIC
     if not isinstance(attachment_cls, type) or not issubclass(attachment_cls, AttachmentCore):
         raise TypeError("bind: the attachment class must derive from AttachmentCore")
-    _Attachment = attachment_cls
-    _Device = device_cls
-    _new_attachment = attachment_cls.__new__
+    if not isinstance(device_cls, type) or not isinstance(exporter_cls, type):
+        raise TypeError("bind: the device and exporter classes must be classes")
+    new = attachment_cls.__new__
+    has = exporter_cls.has.__func__
+    is_dynamic = exporter_cls.is_dynamic.__func__
+    # Nothing is rebound until everything was found.
+    _Attachment, _Device, _new_attachment = attachment_cls, device_cls, new
+    _Exporter, _HAS, _IS_DYNAMIC = exporter_cls, has, is_dynamic
+
+
+cdef bint _has(object cls, str op) except -1:
+    """``cls.has(op)``: does the exporter class provide ``op`` (override the
+    base's)?  Asked in C unless a class overrides ``has`` itself."""
+    h = cls.has
+    if getattr(h, "__func__", None) is _HAS:
+        return getattr(cls, op) is not getattr(_Exporter, op)
+    return bool(h(op))
+
+
+cdef bint _is_dynamic(object exp) except -1:
+    """``exp.is_dynamic()`` (``dma_buf_is_dynamic()``: the exporter has
+    ``pin``), asked in C unless the exporter overrides it."""
+    f = exp.is_dynamic
+    if getattr(f, "__func__", None) is _IS_DYNAMIC:
+        return _has(type(exp), "pin")
+    return bool(f())
 
 
 cdef inline object _direction(object direction):
@@ -181,6 +207,28 @@ cdef inline object _direction(object direction):
         if d is not None:
             return d
     return _py_dir(direction)
+
+
+# A buffer's reservation lock: the core's own calls for a plain Resv, the
+# methods for a subclass (which may override them).
+cdef inline bint _held(object resv) except -1:
+    if type(resv) is Resv:
+        return _ww_held(<WwMutex>resv)
+    return bool(resv.held_by_current_thread())
+
+
+cdef inline int _lock(object resv) except -1:
+    if type(resv) is Resv:
+        return _ww_lock_plain(<WwMutex>resv)
+    resv.lock()
+    return 0
+
+
+cdef inline int _unlock(object resv) except -1:
+    if type(resv) is Resv:
+        return (<WwMutex>resv)._unlock()
+    resv.unlock()
+    return 0
 
 
 cdef inline object _checker():
@@ -281,13 +329,13 @@ cdef class AttachmentCore:
         if self.detached:
             _checker().lifetime("use-after-detach", f"{what} on a detached attachment", self)
             return False
-        if _buf(self)._released:
+        if _buf(self).released:
             _checker().lifetime("use-after-release", f"{what} on an attachment of a released dma-buf", self)
             return False
         return True
 
     cdef int require_resv(self, str what) except -1:
-        if not _buf(self).resv.held_by_current_thread():
+        if not _held(_buf(self).resv):
             _checker().locking(f"{what}-without-resv", f"dma_buf_{what} without the reservation lock held", self)
         return 0
 
@@ -295,6 +343,11 @@ cdef class AttachmentCore:
         """False (after the checker's report) on a detached attachment or
         one of a released buffer."""
         return self.usable(what)
+
+    def _owns(self):
+        """Still attached (the lifecycle's leak check): on the list, not
+        detached, and its buffer not released (a release reported it)."""
+        return self._listed and not self.detached and not _buf(self).released
 
     def _require_resv(self, str what not None):
         """The checker's ``<what>-without-resv`` unless this thread holds
@@ -458,6 +511,7 @@ cdef object _table_map(object table):
 
 cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, object dma):
     cdef _Mapping m = _Mapping.__new__(_Mapping)
+    cdef set maps = a._maps  # a reference of our own while the set hashes and compares
     cdef _MapRefs refs
     m.attachment = a
     m.table = table
@@ -467,7 +521,7 @@ cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, obje
     m.pinned = pinned
     buf = _buf(a)
     with buf._lock:
-        a._maps.add(m)
+        maps.add(m)
         buf._mappings.add(m)
     ref = PyWeakref_NewRef(m, None)
     if table is not None:
@@ -491,18 +545,20 @@ def track(AttachmentCore a not None, table, direction, bint pinned, dma_ranges=N
     from it as (N, 2) u64 pairs)."""
     if table is not None and not isinstance(table, SgTable):
         raise TypeError("track: table must be an SgTable or None")
+    d = _direction(direction)  # the direction first, as track_dma always checked it
     if dma_ranges is None:
         # The core's own rows: nothing to parse.
         dma = (<SgTable>table)._dma_snapshot() if table is not None else _NO_ROWS
     else:
         dma = _u64_pairs(dma_ranges, "dma ranges")
-    return _track(a, table, _direction(direction), pinned, dma)
+    return _track(a, table, d, pinned, dma)
 
 
 cdef int _untrack(AttachmentCore a, _Mapping m) except -1:
+    cdef set maps = a._maps
     buf = _buf(a)
     with buf._lock:
-        a._maps.discard(m)
+        maps.discard(m)
         buf._mappings.discard(m)
         if buf._idle_waiters:
             buf._idle.notify_all()
@@ -657,7 +713,7 @@ cdef int _match_checked(object args, object exp_matches) except -1:
 
 
 cdef int _exporter_matches(object args, object exporter) except -1:
-    if type(exporter).has("match_mapping"):
+    if _has(type(exporter), "match_mapping"):
         _match_result(exporter.match_mapping(args), f"{exporter.name}: match_mapping")
         return 0
     single = getattr(exporter, "single_exporter_match", None)
@@ -718,7 +774,7 @@ def attach(buf, tuple imp not None, ops, priv):
 
 
 cdef object _attach(object buf, tuple imp, object ops, object priv):
-    if buf.resv.held_by_current_thread():
+    if _held(buf.resv):
         _checker().locking("attach-with-resv", "dma_buf_attach with the reservation lock held", buf)
     cdef AttachmentCore a = _new(buf, ops, priv)
     args = _args_of(buf, a, imp)
@@ -730,13 +786,13 @@ cdef object _attach(object buf, tuple imp, object ops, object priv):
     a.device = _sgt_dma_device(a)
     buf.exporter.attach(a)
     resv = buf.resv
-    resv.lock()
+    _lock(resv)
     try:
         with buf._lock:
             buf._attachments.insert(0, a)
             a._listed = True
     finally:
-        resv.unlock()
+        _unlock(resv)
     return a
 
 
@@ -757,7 +813,10 @@ def sgt_attach(buf, device, ops, priv, str what not None):
 def detach(buf, attachment):
     """``dma_buf_detach()``: off the list (under the lock), then the
     exporter's ``detach``."""
-    if not isinstance(attachment, _Attachment) or (<AttachmentCore>attachment).dmabuf is not buf:
+    # The C type first (isinstance on a cdef class checks the object's real
+    # type; a faked __class__ cannot pass it), then the Python class.
+    if (not isinstance(attachment, AttachmentCore) or not isinstance(attachment, _Attachment)
+            or (<AttachmentCore>attachment).dmabuf is not buf):
         _checker().lifetime("detach-foreign", "dma_buf_detach of an attachment of another buffer",
                             buf, attachment)
         return
@@ -766,18 +825,18 @@ def detach(buf, attachment):
         _checker().lifetime("double-detach", "dma_buf_detach of a detached attachment", a)
         return
     resv = buf.resv
-    if resv.held_by_current_thread():
+    if _held(resv):
         _checker().locking("detach-with-resv", "dma_buf_detach with the reservation lock held", a)
     if a._maps or a.pin_count:
         _checker().lifetime("detach-with-mappings",
                             f"detach with {len(a._maps)} live mapping(s) and {a.pin_count} pin(s)", a,
                             culprit=a.importer_ops or a)
-    resv.lock()
+    _lock(resv)
     try:
         with buf._lock:
             buf._attachments.remove(a)
     finally:
-        resv.unlock()
+        _unlock(resv)
     a.detached = True
     buf.exporter.detach(a)
 
@@ -804,7 +863,7 @@ cdef object _map(AttachmentCore a, object direction):
         raise _errors.Revoked(f"{buf.name} was revoked: no new mappings")
     exp = buf.exporter
     cdef bint dynamic = a.importer_ops is not None
-    cdef bint pin = not dynamic and exp.is_dynamic()
+    cdef bint pin = not dynamic and _is_dynamic(exp)
     if pin:
         exp.pin(a)
         a.pin_count += 1
@@ -842,14 +901,14 @@ def map_unlocked(AttachmentCore a not None, direction):
     ``Attachment.map``)."""
     buf = _buf(a)
     resv = buf.resv
-    if resv.held_by_current_thread():
+    if _held(resv):
         _checker().locking("unlocked-with-resv", "map_attachment_unlocked with the reservation lock held", a)
         return a.map(direction)
-    resv.lock()
+    _lock(resv)
     try:
         return _map(a, direction)
     finally:
-        resv.unlock()
+        _unlock(resv)
 
 
 def unmap_attachment(AttachmentCore a not None, table, direction):
@@ -862,12 +921,13 @@ cdef int _unmap(AttachmentCore a, object table, object direction) except -1:
     d = _direction(direction)
     a.require_resv("unmap")
     m = _table_map(table)
-    if m is None or (<_Mapping>m).attachment is not a or m not in a._maps:
+    cdef set maps = a._maps
+    if m is None or (<_Mapping>m).attachment is not a or m not in maps:
         _checker().lifetime("bad-unmap", "dma_buf_unmap_attachment of a table that is not a live "
                             "mapping of this attachment (a double unmap?)", a, culprit=a.importer_ops)
         return 0
     cdef _Mapping rec = <_Mapping>m
-    if rec.direction is not d:
+    if rec.direction != d:
         _checker().lifetime("unmap-direction", f"mapped {rec.direction.name}, unmapped {d.name}", a)
     exp = _buf(a).exporter
     sgt = _sgt_ops(a)  # a tracked table means the attachment is SGT
@@ -883,12 +943,12 @@ def unmap_unlocked(AttachmentCore a not None, table, direction):
     """Take the reservation lock, unmap, drop it."""
     buf = _buf(a)
     resv = buf.resv
-    if resv.held_by_current_thread():
+    if _held(resv):
         _checker().locking("unlocked-with-resv", "unmap_attachment_unlocked with the reservation lock held", a)
         a.unmap(table, direction)
         return
-    resv.lock()
+    _lock(resv)
     try:
         _unmap(a, table, direction)
     finally:
-        resv.unlock()
+        _unlock(resv)

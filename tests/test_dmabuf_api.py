@@ -157,7 +157,7 @@ def test_a_mapping_made_in_another_thread_names_that_threads_line(m):
 
 def test_bind_refuses_a_class_that_does_not_hold_the_fields():
     with pytest.raises(TypeError):
-        _dmabuf_api.bind(object, pydmabuf.Device)
+        _dmabuf_api.bind(object, pydmabuf.Device, pydmabuf.dmabuf.Exporter)
 
 
 def test_the_device_record_follows_the_device(m):
@@ -297,5 +297,127 @@ def test_the_rows_of_a_record_are_the_tables_at_map_time(m):
     lo, n = (int(x) for x in t.dma_ranges()[0])
     assert rec.covers(lo, 1) and rec.covers(lo + n - 1, 1) and not rec.covers(0, 1)
     a.unmap_unlocked(t, BIDI)
+    buf.detach(a)
+    buf.put()
+
+
+def test_an_exporter_that_overrides_is_dynamic_or_has_is_asked(m):
+    """``dma_buf_is_dynamic()`` and ``Exporter.has`` are asked in C for the
+    base class's methods; an exporter (or its class) that overrides either
+    is called instead, and its answer decides the static importer's pin."""
+    calls: list[str] = []
+    buf = SystemHeap(m).allocate(1 << 16)
+    exp = buf.exporter
+    exp.is_dynamic = lambda: calls.append("is_dynamic") or True  # an instance's own answer
+    exp.pin = lambda a: calls.append("pin")
+    exp.unpin = lambda a: calls.append("unpin")
+    a = buf.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    assert a.pin_count == 1 and calls == ["is_dynamic", "pin"]
+    a.unmap_unlocked(t, BIDI)
+    assert a.pin_count == 0 and calls == ["is_dynamic", "pin", "unpin"]
+    buf.detach(a)
+    buf.put()
+
+    from pydmabuf.exporters.system_heap import HeapBuffer
+
+    class Asked(HeapBuffer):
+        @classmethod
+        def has(cls, op: str) -> bool:
+            calls.append(f"has {op}")
+            return op == "pin"
+
+        def pin(self, attachment: Any) -> None:
+            calls.append("pin")
+
+        def unpin(self, attachment: Any) -> None:
+            calls.append("unpin")
+
+    calls.clear()
+    buf = SystemHeap(m).allocate(1 << 16)
+    buf.exporter.__class__ = Asked
+    a = buf.attach(m.device("gpu0"))
+    assert calls == ["has match_mapping"]
+    t = a.map_unlocked(BIDI)
+    a.unmap_unlocked(t, BIDI)
+    assert calls == ["has match_mapping", "has pin", "pin", "unpin"] and a.pin_count == 0
+    buf.detach(a)
+    buf.put()
+
+
+def test_detach_checks_the_real_type_not_a_faked_class(m):
+    """An object that claims to be an Attachment through ``__class__`` is
+    not one: detach reports it as foreign and reads none of its memory."""
+
+    class Fake:
+        __slots__ = tuple(f"s{i}" for i in range(20))
+
+        @property  # type: ignore[misc]
+        def __class__(self) -> type:
+            return Attachment
+
+    buf = SystemHeap(m).allocate(1 << 12)
+    f = Fake()
+    f.s1 = buf  # type: ignore[attr-defined]
+    assert isinstance(f, Attachment)
+    with checks.report_mode():
+        checks.clear()
+        buf.detach(f)  # type: ignore[arg-type]
+        assert [r.rule for r in checks.reports()] == ["detach-foreign"]
+    checks.clear()
+    buf.put()
+
+
+def test_a_failed_bind_rebinds_nothing(m):
+    with pytest.raises((TypeError, AttributeError)):
+        _dmabuf_api.bind(Attachment, pydmabuf.Device, object())
+    with pytest.raises(TypeError):
+        _dmabuf_api.bind_matcher(MappingMatch, MatchArgs, None)
+    buf = SystemHeap(m).allocate(1 << 12)
+    a = buf.attach(m.device("gpu0"))  # still bound as before
+    buf.detach(a)
+    buf.put()
+
+
+def test_track_dma_checks_the_direction_before_the_ranges(m):
+    buf = SystemHeap(m).allocate(1 << 12)
+    a = buf.dynamic_attach(m.device("gpu0"), ImporterOps())
+    with pytest.raises(errors.InvalidArgument, match="not a DMA direction"):
+        a.track_dma("junk", 99)
+    buf.detach(a)
+    buf.put()
+
+
+def test_a_buffer_class_that_overrides_released_is_asked(m):
+    """The attachment's checks ask the buffer's ``released`` (a subclass
+    may answer for itself), as dma_buf_map_attachment's callers see it."""
+    buf = SystemHeap(m).allocate(1 << 12)
+    a = buf.attach(m.device("gpu0"))
+    cls = type(buf)
+    sub = type("Gone", (cls,), {"released": property(lambda self: True)})
+    buf.__class__ = sub
+    with checks.report_mode():
+        checks.clear()
+        with pytest.raises(errors.LifetimeError):
+            a.map_unlocked(BIDI)
+        assert [r.rule for r in checks.reports()] == ["use-after-release"]
+    checks.clear()
+    buf.__class__ = cls
+    buf.detach(a)
+    buf.put()
+
+
+def test_an_unmap_compares_directions_by_value(m):
+    """The record's direction is compared by value: a plain int equal to
+    the member is the same direction (no unmap-direction report)."""
+    buf = SystemHeap(m).allocate(1 << 12)
+    a = buf.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    (rec,) = a._maps
+    rec.direction = 0
+    with checks.report_mode():
+        checks.clear()
+        a.unmap_unlocked(t, 0)
+        assert checks.reports() == [] and a.live_mappings == 0
     buf.detach(a)
     buf.put()

@@ -293,6 +293,10 @@ cdef int64_t _deadline(object timeout, str what) except -2
 cdef object _interrupted(pdb_task *t, int err, str what)
 cdef pdb_task *_owner(size_t word) noexcept nogil
 cdef int _ww_unlock(WwMutex self) except -1
+# WwMutex.lock() without a context, and held_by_current_thread(), for
+# compiled callers (pydmabuf._dmabuf_api) that hold an exact WwMutex/Resv.
+cdef int _ww_lock_plain(WwMutex self) except -1
+cdef bint _ww_held(WwMutex self) noexcept
 # The lock checker's hooks (set by pydmabuf.locking through set_lockdep_hooks).
 cdef object _ld_acquire
 cdef object _ld_release

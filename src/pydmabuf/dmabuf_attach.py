@@ -25,7 +25,7 @@ from pydmabuf._core import SgTable, set_sg_with_hook
 from pydmabuf._dmabuf_api import _Mapping, _MapRefs, live_maps as _live_maps, table_map as _table_map
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DmaDirection
-from pydmabuf.dmabuf_ops import AttachmentBase, ImporterOps, PhysVec
+from pydmabuf.dmabuf_ops import AttachmentBase, Exporter, ImporterOps, PhysVec
 from pydmabuf.machine import Device, P2PMapType
 
 if TYPE_CHECKING:
@@ -372,16 +372,11 @@ class Attachment(AttachmentBase, Owner):
         if not self.detached:
             self.dmabuf.detach(self)
 
-    def _owns(self) -> bool:
-        # Only an attachment the exporter accepted is on the list, and one
-        # of a released buffer was reported by the release already.
-        return self._listed and not self.detached and not self.dmabuf.released
-
     def _leak_message(self) -> str:
         return f"{self!r} collected while still attached"
 
 
-_dmabuf_api.bind(Attachment, Device)
+_dmabuf_api.bind(Attachment, Device, Exporter)
 
 
 def attached_to(a: Attachment) -> str:
