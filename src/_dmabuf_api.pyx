@@ -36,6 +36,7 @@ walking up from the innermost Python frame (these functions make none).
 The line is read at once, the ``file:line`` text made when first read.
 """
 
+from cpython.object cimport PyObject_GenericSetAttr
 from cpython.ref cimport PyObject, Py_DECREF
 from cpython.weakref cimport PyWeakref_NewRef
 from pydmabuf._core_dma cimport SgTable
@@ -587,12 +588,16 @@ def untrack(AttachmentCore a not None, _Mapping m not None):
 
 
 cdef object _match_of(object cls, object mtype, object exp_ops, dict data):
+    # Stored as plain instance attributes (the generic setattr: no
+    # __setattr__ override runs, and no name of the class is among them),
+    # which keeps the instance's values inline instead of making its
+    # __dict__.
     self = object.__new__(cls)
-    d = self.__dict__
-    d.update(data)
-    d["type"] = mtype
-    d["exp_ops"] = exp_ops
-    d["_data"] = data
+    for k, v in data.items():
+        PyObject_GenericSetAttr(self, k, v)
+    PyObject_GenericSetAttr(self, "type", mtype)
+    PyObject_GenericSetAttr(self, "exp_ops", exp_ops)
+    PyObject_GenericSetAttr(self, "_data", data)
     return self
 
 
