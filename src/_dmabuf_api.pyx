@@ -608,8 +608,8 @@ def match_of(cls, mtype, exp_ops, dict data not None):
     return _match_of(cls, mtype, exp_ops, data)
 
 
-cdef object _args_of(object dmabuf, object attach, tuple imp):
-    args = object.__new__(_MatchArgs)
+cdef object _args_of(object cls, object dmabuf, object attach, tuple imp):
+    args = object.__new__(cls)
     args.dmabuf = dmabuf
     args.attach = attach
     args.imp_matches = imp
@@ -620,14 +620,7 @@ cdef object _args_of(object dmabuf, object attach, tuple imp):
 def match_args_of(cls, dmabuf, attach, tuple imp not None):
     """``MatchArgs(dmabuf, attach, imp)`` for the attach, whose importer
     entries are a tuple of MappingMatch checked already."""
-    if cls is not _MatchArgs:
-        args = object.__new__(cls)
-        args.dmabuf = dmabuf
-        args.attach = attach
-        args.imp_matches = imp
-        args.chosen = None
-        return args
-    return _args_of(dmabuf, attach, imp)
+    return _args_of(cls, dmabuf, attach, imp)
 
 
 cdef object _sgt_importer(object device, bint accepts):
@@ -782,7 +775,7 @@ cdef object _attach(object buf, tuple imp, object ops, object priv):
     if _held(buf.resv):
         _checker().locking("attach-with-resv", "dma_buf_attach with the reservation lock held", buf)
     cdef AttachmentCore a = _new(buf, ops, priv)
-    args = _args_of(buf, a, imp)
+    args = _args_of(_MatchArgs, buf, a, imp)
     _exporter_matches(args, buf.exporter)
     if a.map_type is None:
         chosen = args.chosen
