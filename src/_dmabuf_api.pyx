@@ -43,7 +43,6 @@ from pydmabuf._core_dma cimport SgTable
 from pydmabuf._core_fence cimport Resv
 from pydmabuf._core_ww cimport WwMutex, _ww_held, _ww_lock_plain
 
-import logging
 import threading
 import weakref
 
@@ -59,7 +58,7 @@ from pydmabuf._types import DmaDirection as _DmaDirection
 from pydmabuf._types import Usage as _Usage
 
 __all__ = ["AttachmentCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
-           "sgt_match", "sgt_finish_match", "LegacySgtOps", "match_mapping", "exporter_matches", "sgt_dma_device", "attach",
+           "sgt_match", "sgt_finish_match", "match_mapping", "exporter_matches", "sgt_dma_device", "attach",
            "sgt_attach", "detach", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
            "untrack", "table_map", "live_maps"]
 
@@ -89,8 +88,8 @@ cdef class _Site:
     cdef object text
 
     def __str__(self):
-        if self.text is None:
-            self.text = f"{self.name}:{self.line}"
+        if self.text is None:  # a line of -1: the code has no location there (f_lineno None)
+            self.text = f"{self.name}:{self.line if self.line >= 0 else None}"
         return self.text
 
 
@@ -119,14 +118,23 @@ cdef object _user_site():
 
 
 cdef inline object _site_text(object site):
-    return site if type(site) is str else str(site)
+    if site is None:
+        raise AttributeError("created_at")  # deleted
+    return site if isinstance(site, str) else str(site)
+
+
+cdef inline object _site_value(object value):
+    """A ``created_at`` written from Python: any str (None is a delete)."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"created_at must be a str, not {type(value).__name__}")
+    return value
 cdef type _WeakRef = weakref.ReferenceType
 cdef bytes _NO_ROWS = b""
 
 cdef object _NotSupported = _errors.NotSupported
 cdef object _InvalidArgument = _errors.InvalidArgument
 # The SGT type's messages go to the mapping types' logger.
-cdef object _mapping_log = logging.getLogger("pydmabuf.mapping")
+cdef object _p2p_no_device = None  # mapping._warn_p2p_without_device, bound by bind_types
 
 # Bound by bind_matcher() (pydmabuf.dma_buf_mapping, then pydmabuf.mapping)
 # and bind() (pydmabuf.dmabuf_attach): the Python layer above this module.
@@ -155,11 +163,15 @@ def bind_matcher(match_cls, args_cls, match_result):
     _MappingMatch, _MatchArgs, _match_result = match_cls, args_cls, match_result
 
 
-def bind_types(sgt, compat_entries, no_p2p, requires_p2p, accepts_p2p):
+def bind_types(sgt, compat_entries, no_p2p, requires_p2p, accepts_p2p, p2p_no_device):
     """Called by :mod:`pydmabuf.mapping` once it defines the built-in
-    types: the SGT type, the compat entries and the SgtP2p members."""
-    global _SGT, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P
+    types: the SGT type, the compat entries, the SgtP2p members and the
+    warning a P2P entry without a device logs."""
+    global _SGT, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P, _p2p_no_device
+    if not callable(p2p_no_device):
+        raise TypeError("bind_types: the warning must be callable")
     entries = tuple(compat_entries)
+    _p2p_no_device = p2p_no_device
     _SGT, _COMPAT_ENTRIES = sgt, entries
     _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P = no_p2p, requires_p2p, accepts_p2p
 
@@ -185,7 +197,7 @@ cdef bint _has(object cls, str op) except -1:
     """``cls.has(op)``: does the exporter class provide ``op`` (override the
     base's)?  Asked in C unless a class overrides ``has`` itself."""
     h = cls.has
-    if getattr(h, "__func__", None) is _HAS:
+    if getattr(h, "__func__", None) is _HAS and getattr(h, "__self__", None) is cls:
         return getattr(cls, op) is not getattr(_Exporter, op)
     return bool(h(op))
 
@@ -195,7 +207,9 @@ cdef bint _is_dynamic(object exp) except -1:
     ``pin``), asked in C unless the exporter overrides it."""
     f = exp.is_dynamic
     if getattr(f, "__func__", None) is _IS_DYNAMIC:
-        return _has(type(exp), "pin")
+        cls = getattr(f, "__self__", None)  # the class it is bound to (a delegating exporter's may be another's)
+        if isinstance(cls, type):
+            return _has(cls, "pin")
     return bool(f())
 
 
@@ -314,8 +328,12 @@ cdef class AttachmentCore:
         return s
 
     @created_at.setter
-    def created_at(self, str value not None):
-        self._site = value
+    def created_at(self, value):
+        self._site = _site_value(value)
+
+    @created_at.deleter
+    def created_at(self):
+        self._site = None
 
     @property
     def dynamic(self):
@@ -348,7 +366,12 @@ cdef class AttachmentCore:
     def _owns(self):
         """Still attached (the lifecycle's leak check): on the list, not
         detached, and its buffer not released (a release reported it)."""
-        return self._listed and not self.detached and not _buf(self).released
+        if not self._listed or self.detached:
+            return False
+        buf = self.dmabuf
+        if buf is None:  # cleared by hand: nothing to tell (as a missing attribute was)
+            raise AttributeError("the attachment's dmabuf was cleared")
+        return not buf.released
 
     def _require_resv(self, str what not None):
         """The checker's ``<what>-without-resv`` unless this thread holds
@@ -427,6 +450,14 @@ cdef class _Mapping:
         stack was the user's)."""
         s = self._site = _site_text(self._site)
         return s
+
+    @created_at.setter
+    def created_at(self, value):
+        self._site = _site_value(value)
+
+    @created_at.deleter
+    def created_at(self):
+        self._site = None
 
     @property
     def dma(self):
@@ -642,7 +673,7 @@ def sgt_match(self, dmabuf, exp, imp):
         return None  # NO_P2P, or a value the switch does not know: compatible
     pdev = getattr(exp, "exporting_p2p_device", None)
     if pdev is None:
-        _mapping_log.warning("SGT match: a P2P-requiring exporter entry without a P2P device")
+        _p2p_no_device()  # pydmabuf.mapping logs it (its logger, its file)
         raise _NotSupported("the exporter entry requires P2P but names no PCI device")
     if getattr(imp, "importer_accepts_p2p", _NO_P2P) != _ACCEPTS_P2P:
         raise _NotSupported("the importer does not accept peer-to-peer addresses")
@@ -717,7 +748,7 @@ cdef int _exporter_matches(object args, object exporter) except -1:
     single = getattr(exporter, "single_exporter_match", None)
     if single is not None:
         return _match_checked(args, [single])
-    _match(args, _COMPAT_ENTRIES)  # MappingMatch entries, built by pydmabuf.mapping
+    _match_checked(args, _COMPAT_ENTRIES)
     return 0
 
 
@@ -727,7 +758,7 @@ def exporter_matches(args, exporter):
     _exporter_matches(args, exporter)
 
 
-cdef class LegacySgtOps:
+cdef class _LegacySgtOps:
     """``dma_buf_sgt_exp_compat_match``'s ops: forward to the unaware
     exporter of the attachment's buffer, its own ``map_dma_buf`` /
     ``unmap_dma_buf`` (the kernel's compat entry calls ``dmabuf->ops``).

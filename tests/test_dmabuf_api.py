@@ -421,3 +421,104 @@ def test_an_unmap_compares_directions_by_value(m):
         assert checks.reports() == [] and a.live_mappings == 0
     buf.detach(a)
     buf.put()
+
+
+def test_the_compat_entry_checks_its_args_and_keeps_its_ops_name(m):
+    buf = SystemHeap(m).allocate(1 << 12)
+    with pytest.raises(TypeError, match="args must be MatchArgs"):
+        mapping.exporter_matches(None, buf.exporter)
+    a = buf.attach(m.device("gpu0"))
+    assert "ops=_LegacySgtOps" in repr(a.map_type)
+    buf.detach(a)
+    buf.put()
+
+
+def test_a_delegated_is_dynamic_answers_for_the_class_it_is_bound_to(m):
+    """``e.is_dynamic = other.is_dynamic`` (delegation): the answer is the
+    other exporter class's, as calling it would give."""
+    from pydmabuf.exporters.system_heap import HeapBuffer
+
+    class Pins(HeapBuffer):
+        def pin(self, attachment: Any) -> None:
+            raise AssertionError("a static exporter's answer: no pin")
+
+        def unpin(self, attachment: Any) -> None:
+            raise AssertionError("no unpin either")
+
+    buf = SystemHeap(m).allocate(1 << 12)
+    buf.exporter.__class__ = Pins
+    buf.exporter.is_dynamic = HeapBuffer.is_dynamic  # bound to the static class
+    a = buf.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    assert a.pin_count == 0
+    a.unmap_unlocked(t, BIDI)
+    buf.detach(a)
+    buf.put()
+
+
+def test_created_at_takes_any_str_and_can_be_deleted(m):
+    class Site(str):
+        pass
+
+    buf = SystemHeap(m).allocate(1 << 12)
+    a = buf.attach(m.device("gpu0"))
+    t = a.map_unlocked(BIDI)
+    (rec,) = a._maps
+    for obj in (a, rec):
+        obj.created_at = Site("here:1")
+        assert obj.created_at == "here:1"
+        with pytest.raises(TypeError):
+            obj.created_at = 3
+        del obj.created_at
+        with pytest.raises(AttributeError):
+            obj.created_at
+        obj.created_at = "back:2"
+    a.unmap_unlocked(t, BIDI)
+    buf.detach(a)
+    buf.put()
+
+
+def test_a_call_from_code_without_line_numbers_records_none(m):
+    buf = SystemHeap(m).allocate(1 << 12)
+    gpu = m.device("gpu0")
+
+    def f() -> Any:
+        return buf.attach(gpu)
+
+    c = f.__code__
+    n = len(c.co_code) // 2
+    table = bytearray()
+    while n > 0:  # "no location" entries (3.11 line table) over every code unit
+        k = min(n, 8)
+        table.append(0x80 | (15 << 3) | (k - 1))
+        n -= k
+    f.__code__ = c.replace(co_linetable=bytes(table))
+    a = f()
+    assert a.created_at == "test_dmabuf_api.py:None"
+    buf.detach(a)
+    buf.put()
+
+
+def test_an_attachment_whose_buffer_was_cleared_is_no_leak_to_report(m, recwarn):
+    buf = SystemHeap(m).allocate(1 << 12)
+    a = buf.attach(m.device("gpu0"))
+    a.dmabuf = None
+    with pytest.raises(AttributeError):
+        a._owns()
+    del a
+    gc.collect()
+    assert not [w for w in recwarn if issubclass(w.category, (ResourceWarning, pytest.PytestUnraisableExceptionWarning))]
+    buf._attachments.clear()
+    buf.put()
+
+
+def test_the_p2p_entry_without_a_device_is_logged_by_the_mapping_module(caplog):
+    from pydmabuf.mapping import SgtP2p
+
+    exp = MappingMatch(mapping.SGT, mapping._LegacySgtOps(), exporter_requires_p2p=SgtP2p.EXPORTER_REQUIRES_P2P_DISTANCE)
+    imp = mapping.sgt_importer(None, True)
+    with caplog.at_level("WARNING", logger="pydmabuf.mapping"):
+        with pytest.raises(errors.InvalidArgument):
+            match_mapping(MatchArgs(None, None, [imp]), [exp])
+    (rec,) = caplog.records
+    assert rec.name == "pydmabuf.mapping" and rec.filename == "mapping.py" and "without a P2P device" in rec.message

@@ -486,7 +486,7 @@ def pal_unmap_phys(attachment: Attachment, phys_list: PhysList) -> None:
 #: of the attachment's buffer, its own ``map_dma_buf`` / ``unmap_dma_buf``
 #: (compiled: the static importer's map and unmap of every legacy exporter
 #: go through it).
-_LegacySgtOps = _dmabuf_api.LegacySgtOps
+_LegacySgtOps = _dmabuf_api._LegacySgtOps
 
 
 class _LegacyPalOps:
@@ -520,7 +520,15 @@ def exporter_matches(args: MatchArgs, exporter: Any) -> None:
 #: the exporter through the attachment.
 _COMPAT_SGT = sgt_exporter(_LegacySgtOps())
 _COMPAT_ENTRIES = (_COMPAT_SGT,)
-_dmabuf_api.bind_types(SGT, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P)
+
+
+def _warn_p2p_without_device() -> None:
+    """The SGT match's warning about a P2P-requiring exporter entry that
+    names no PCI device (logged here, by this module's logger)."""
+    log.warning("SGT match: a P2P-requiring exporter entry without a P2P device")
+
+
+_dmabuf_api.bind_types(SGT, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P, _warn_p2p_without_device)
 
 
 def exporter_pal_ops(dmabuf: DmaBuf) -> Any:
