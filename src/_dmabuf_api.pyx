@@ -128,6 +128,32 @@ cdef inline object _site_value(object value):
     if value is not None and not isinstance(value, str):
         raise TypeError(f"created_at must be a str, not {type(value).__name__}")
     return value
+
+
+cdef class _Sited:
+    """What the checker made where the user's code was (an attachment, a
+    mapping): ``created_at``."""
+
+    # A _Site until read, then its text ("?": no user frame; None: deleted).
+    cdef object _site
+
+    def __cinit__(self):
+        self._site = "?"
+
+    @property
+    def created_at(self):
+        """Where the user made it (``file:line``; ``?`` when no frame of the
+        stack was the user's)."""
+        s = self._site = _site_text(self._site)
+        return s
+
+    @created_at.setter
+    def created_at(self, value):
+        self._site = _site_value(value)
+
+    @created_at.deleter
+    def created_at(self):
+        self._site = None
 cdef type _WeakRef = weakref.ReferenceType
 cdef bytes _NO_ROWS = b""
 
@@ -272,7 +298,7 @@ cdef class _MapRefs(dict):
 
 
 
-cdef class AttachmentCore:
+cdef class AttachmentCore(_Sited):
     """``struct dma_buf_attachment``'s fields (set by the attach) and the
     checks every attachment operation starts with.
 
@@ -306,8 +332,6 @@ cdef class AttachmentCore:
     cdef public Py_ssize_t pin_count
     cdef public Py_ssize_t invalidations
     cdef public bint detached
-    # Where the user attached: a _Site until read, then its text.
-    cdef object _site
     # On the buffer's list (the exporter accepted it).
     cdef public bint _listed
     # The live mappings (_Mapping records) this attachment holds (the set
@@ -318,22 +342,6 @@ cdef class AttachmentCore:
 
     def __cinit__(self):
         self._maps = set()
-        self._site = "?"
-
-    @property
-    def created_at(self):
-        """Where the user attached (``file:line``, ``?`` when no frame of
-        the stack was the user's)."""
-        s = self._site = _site_text(self._site)
-        return s
-
-    @created_at.setter
-    def created_at(self, value):
-        self._site = _site_value(value)
-
-    @created_at.deleter
-    def created_at(self):
-        self._site = None
 
     @property
     def dynamic(self):
@@ -410,7 +418,7 @@ cdef object _new(object dmabuf, object ops, object priv):
 # ------------------------------------------------------- the mapping record
 
 
-cdef class _Mapping:
+cdef class _Mapping(_Sited):
     """A table (or PAL list, or DMA addresses) handed to an importer, as
     the checker tracks it.
 
@@ -430,7 +438,6 @@ cdef class _Mapping:
     cdef public object table
     cdef public object direction
     cdef public bint stale
-    cdef object _site
     # The (DMA address, nbytes) rows: native u64 pairs copied from the table
     # at map time (bytes), or the (N, 2) array given to track_dma (read
     # through, as the importer's own record of what it mapped).
@@ -438,26 +445,8 @@ cdef class _Mapping:
     cdef public bint pinned
     cdef object __weakref__
 
-    def __cinit__(self):
-        self._site = "?"
-
     def __init__(self):
         raise TypeError("mappings are made by Attachment.map and track_dma")
-
-    @property
-    def created_at(self):
-        """Where the user mapped (``file:line``, ``?`` when no frame of the
-        stack was the user's)."""
-        s = self._site = _site_text(self._site)
-        return s
-
-    @created_at.setter
-    def created_at(self, value):
-        self._site = _site_value(value)
-
-    @created_at.deleter
-    def created_at(self):
-        self._site = None
 
     @property
     def dma(self):

@@ -22,7 +22,11 @@ class _MapRefs(dict[int, "weakref.ReferenceType[_Mapping]"]):
     def sweep(self) -> None: ...
 
 @disjoint_base
-class AttachmentCore:
+class _Sited:
+    created_at: str
+
+@disjoint_base
+class AttachmentCore(_Sited):
     dmabuf: Any
     device: Any
     map_type: Any
@@ -33,7 +37,6 @@ class AttachmentCore:
     pin_count: int
     invalidations: int
     detached: bool
-    created_at: str
     _listed: bool
     @property
     def _maps(self) -> set[_Mapping]: ...
@@ -47,12 +50,11 @@ class AttachmentCore:
     def _owns(self) -> bool: ...
 
 @disjoint_base
-class _Mapping:
+class _Mapping(_Sited):
     attachment: Any
     table: SgTable | None
     direction: Any
     stale: bool
-    created_at: str
     _dma: Any
     pinned: bool
     def __init__(self, *args: Any, **kwargs: Any) -> None: ...
