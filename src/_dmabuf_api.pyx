@@ -18,16 +18,23 @@ what the attachment's entry points do, called by their Python methods
   kept per attachment, per buffer and per device (:func:`live_maps`, read
   by the access gate and the IOTLB).
 
+The mapping-type negotiation is here too: ``dma_buf_match_mapping()``'s
+loop (:func:`match_mapping`, :func:`exporter_matches`), the built-in SGT
+type's ``match`` / ``finish_match``, the entry builders and
+``dma_buf_sgt_dma_device()``.
+
 This is the one home of these paths: there is no second, Python
 implementation.  What stays Python is what a user or a driver provides
-(the exporter's and the importer's callbacks, the mapping types' ``match``
-and ``finish_match``, a reservation object's methods), the checker's
-reports and the error messages' text, all called from here as before and
-in the same order.
+(the exporter's and the importer's callbacks, a driver's own mapping
+types, an exporter's ``match_mapping``, a reservation object subclass's
+methods), the checker's reports and the error messages' text, all called
+from here as before and in the same order.
 
 The module sits at the dma-buf layer (docs/layers.md).  The Python modules
-above it that it calls (:mod:`pydmabuf.mapping`, the ``Attachment`` class)
-import it, so they hand themselves over once with :func:`bind`.
+above it that it calls import it, so they hand themselves over once:
+:mod:`pydmabuf.dma_buf_mapping` (:func:`bind_matcher`),
+:mod:`pydmabuf.mapping` (:func:`bind_types`) and
+:mod:`pydmabuf.dmabuf_attach` (:func:`bind`).
 
 Where the user made an attachment or a mapping (``created_at``): as
 :func:`pydmabuf.checks.created_at` says, the first frame outside the
@@ -69,6 +76,10 @@ cdef object _KERNEL = _Usage.KERNEL
 # for a file not seen yet (one home for that rule).
 cdef dict _FILE_KIND = _checks._FILE_KIND
 cdef object _user_file = _checks._user_file
+cdef type _WeakRef = weakref.ReferenceType
+cdef bytes _NO_ROWS = b""
+cdef object _NotSupported = _errors.NotSupported
+cdef object _InvalidArgument = _errors.InvalidArgument
 
 
 cdef extern from "Python.h":
@@ -154,16 +165,12 @@ cdef class _Sited:
     @created_at.deleter
     def created_at(self):
         self._site = None
-cdef type _WeakRef = weakref.ReferenceType
-cdef bytes _NO_ROWS = b""
 
-cdef object _NotSupported = _errors.NotSupported
-cdef object _InvalidArgument = _errors.InvalidArgument
-# The SGT type's messages go to the mapping types' logger.
-cdef object _p2p_no_device = None  # mapping._warn_p2p_without_device, bound by bind_types
 
-# Bound by bind_matcher() (pydmabuf.dma_buf_mapping, then pydmabuf.mapping)
-# and bind() (pydmabuf.dmabuf_attach): the Python layer above this module.
+# Bound by bind_matcher() (pydmabuf.dma_buf_mapping), bind_types()
+# (pydmabuf.mapping) and bind() (pydmabuf.dmabuf_attach): the Python layer
+# above this module.
+cdef object _p2p_no_device = None   # mapping._warn_p2p_without_device (its logger, its file)
 cdef object _MappingMatch = None    # dma_buf_mapping.MappingMatch
 cdef object _MatchArgs = None       # dma_buf_mapping.MatchArgs
 cdef object _match_result = None    # dma_buf_mapping._match_result
@@ -278,6 +285,8 @@ cdef inline object _checker():
 
 
 # ------------------------------------------------------------ the fields
+# (_MapRefs, a device's record of mappings, comes first: an attachment
+# keeps its device's.)
 
 
 cdef class _MapRefs(dict):
@@ -294,8 +303,6 @@ cdef class _MapRefs(dict):
         for k in [k for k, r in self.items() if r() is None]:
             del self[k]
         self.sweep_at = max(64, 2 * len(self))
-
-
 
 
 cdef class AttachmentCore(_Sited):
@@ -405,7 +412,7 @@ cdef inline object _sgt_ops(AttachmentCore a):
 
 
 cdef object _new(object dmabuf, object ops, object priv):
-    """A new attachment of ``dmabuf`` (Attachment._new)."""
+    """A new attachment of ``dmabuf``, on no list yet (no __init__ runs)."""
     cdef AttachmentCore a = _new_attachment(_Attachment)
     a.dmabuf = dmabuf
     a.importer_ops = ops

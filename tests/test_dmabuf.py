@@ -1242,7 +1242,7 @@ def test_a_mapping_records_the_tables_rows_at_map_time(m):
 
 def test_attachments_and_mappings_record_the_users_line(m):
     """``created_at`` names the user's line for every way in: the walk to
-    it starts past the package's own frames (checks.created_at depth)."""
+    it skips the package's own frames (found in C, pydmabuf._dmabuf_api)."""
     import inspect
 
     from pydmabuf import mapping

@@ -57,19 +57,12 @@ def _user_file(co_filename: str) -> str | None:
         return kind
 
 
-def created_at(skip_package: bool = True, depth: int = 1) -> str:
+def created_at(skip_package: bool = True) -> str:
     """``file:line`` of the first caller outside pydmabuf (where a user made
     the object), for reports.  The bundled scenarios count as user code.
-
-    ``depth``: the frame to start from (1, the caller).  A constructor
-    whose callers' callers are always the package's own passes how many
-    frames it knows are; the walk then starts there, and the frames it
-    skips are never made into frame objects (each costs more than its
-    look-up)."""
-    try:
-        f: FrameType | None = sys._getframe(depth)
-    except ValueError:  # a shorter stack (a thread's or a C caller's first frame): walk it all
-        f = sys._getframe(1)
+    (Attachments and mappings find theirs in C, pydmabuf._dmabuf_api, with
+    the same user-file rule.)"""
+    f: FrameType | None = sys._getframe(1)
     kinds = _FILE_KIND
     while f is not None:
         co_filename = f.f_code.co_filename

@@ -3,8 +3,10 @@
 
 :class:`Attachment` (``struct dma_buf_attachment``) maps and unmaps with
 the reservation lock held, pins for a dynamic importer, and hands out
-physical ranges (:meth:`Attachment.phys_vec`).  Every table it hands out
-is tracked here (``_Mapping``), weakly, so that the access gate can refuse
+physical ranges (:meth:`Attachment.phys_vec`).  Its fields and the paths
+of attach, map, unmap and detach are compiled (:mod:`pydmabuf._dmabuf_api`);
+the methods here keep their documentation.  Every table it hands out is
+tracked there (``_Mapping``), weakly, so that the access gate can refuse
 DMA through a mapping the exporter invalidated or of a buffer released
 under it, and so that the IOTLB can name the mapping a stale entry
 belonged to.

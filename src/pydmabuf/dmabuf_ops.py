@@ -293,7 +293,7 @@ class AttachmentBase(AttachmentCore):
     created_at: str
     _listed: bool
     _maps: set[_Mapping]  # read-only
-    _dev_refs: _MapRefs | None  # the checker's record of the device's mappings (dmabuf_attach)
+    _dev_refs: _MapRefs | None  # the checker's record of the device's mappings (pydmabuf._dmabuf_api)
 
 
 def check_name(name: Any) -> str:
