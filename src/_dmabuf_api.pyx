@@ -43,6 +43,7 @@ walking up from the innermost Python frame (these functions make none).
 The line is read at once, the ``file:line`` text made when first read.
 """
 
+from cpython.dict cimport PyDict_GetItem
 from cpython.object cimport PyObject_GenericSetAttr
 from cpython.ref cimport PyObject, Py_DECREF
 from cpython.weakref cimport PyWeakref_NewRef
@@ -64,7 +65,7 @@ from pydmabuf._core_dma import u64_pairs as _u64_pairs
 from pydmabuf._types import DmaDirection as _DmaDirection
 from pydmabuf._types import Usage as _Usage
 
-__all__ = ["AttachmentCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
+__all__ = ["AttachmentCore", "MatchCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
            "sgt_match", "sgt_finish_match", "match_mapping", "exporter_matches", "sgt_dma_device", "attach",
            "sgt_attach", "detach", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
            "untrack", "table_map", "live_maps"]
@@ -89,6 +90,12 @@ cdef extern from "Python.h":
     PyObject *PyFrame_GetBack(PyFrameObject *frame)
     object PyFrame_GetCode(PyFrameObject *frame)
     int PyFrame_GetLineNumber(PyFrameObject *frame)
+    int PyObject_GenericSetDict(object o, object d, void *context) except -1
+    dict PyObject_GenericGetDict(object o, void *context)
+    ctypedef struct PyTypeObject:
+        PyObject *tp_dict
+    int PyDict_DelItemString(PyObject *d, const char *key) except -1
+    void PyType_Modified(type t)
 
 
 cdef class _Site:
@@ -167,6 +174,55 @@ cdef class _Sited:
         self._site = None
 
 
+cdef class MatchCore:
+    """The C layout of :class:`pydmabuf.dma_buf_mapping.MappingMatch`
+    (``struct dma_buf_mapping_match``), its one Python subclass, which
+    keeps the constructor and the documentation.
+
+    ``type`` and ``exp_ops`` are slots; the type's data are in ``_data``
+    (the constructor's dict) and, as instance attributes, in the
+    instance's ``__dict__``.  A name that is neither is looked up in
+    ``_data`` (an entry built without its constructor, as copy and pickle
+    do), then is an AttributeError naming the type.  Being a C type, an
+    entry's attributes are read without the Python-level ``__getattr__``
+    hook, which made every read of any attribute, found or not, call
+    back into Python's slot machinery."""
+
+    cdef public object type
+    cdef public object exp_ops
+    cdef public object _data
+    cdef dict __dict__
+
+    def __getattr__(self, name):
+        # Only reached for names that are not real attributes.
+        data = self._data
+        if isinstance(data, dict):
+            try:
+                return (<dict>data)[name]
+            except KeyError:
+                pass
+        raise AttributeError(f"{getattr(self.type, 'name', 'mapping')} entry has no {name!r}")
+
+    # copy and pickle: the slots and the instance attributes.
+    def __getstate__(self):
+        return (self.type, self.exp_ops, self._data, PyObject_GenericGetDict(self, NULL))
+
+    def __setstate__(self, state):
+        if type(state) is not tuple or len(<tuple>state) != 4 or not isinstance((<tuple>state)[3], dict):
+            raise TypeError("MappingMatch state: (type, exp_ops, data, attributes)")
+        self.type, self.exp_ops, self._data, attrs = state
+        (<dict>PyObject_GenericGetDict(self, NULL)).update(attrs)
+
+
+# The C type answers a missing name through its own getattr slot.  Left in
+# the class's dict, ``__getattr__`` would make every Python subclass (so
+# MappingMatch) dispatch each attribute read, found or not, through
+# Python's slot hook and a method call; without it, subclasses inherit
+# the slot itself.
+PyDict_DelItemString((<PyTypeObject *>MatchCore).tp_dict, "__getattr__")
+PyType_Modified(MatchCore)
+
+
 # Bound by bind_matcher() (pydmabuf.dma_buf_mapping), bind_types()
 # (pydmabuf.mapping) and bind() (pydmabuf.dmabuf_attach): the Python layer
 # above this module.
@@ -175,6 +231,7 @@ cdef object _MappingMatch = None    # dma_buf_mapping.MappingMatch
 cdef object _MatchArgs = None       # dma_buf_mapping.MatchArgs
 cdef object _match_result = None    # dma_buf_mapping._match_result
 cdef object _SGT = None             # mapping.SGT
+cdef object _SGT_CLS = None         # its class
 cdef object _COMPAT_ENTRIES = None  # mapping._COMPAT_ENTRIES
 cdef object _NO_P2P = None          # the SgtP2p members
 cdef object _REQUIRES_P2P = None
@@ -200,12 +257,12 @@ def bind_types(sgt, compat_entries, no_p2p, requires_p2p, accepts_p2p, p2p_no_de
     """Called by :mod:`pydmabuf.mapping` once it defines the built-in
     types: the SGT type, the compat entries, the SgtP2p members and the
     warning a P2P entry without a device logs."""
-    global _SGT, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P, _p2p_no_device
+    global _SGT, _SGT_CLS, _COMPAT_ENTRIES, _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P, _p2p_no_device
     if not callable(p2p_no_device):
         raise TypeError("bind_types: the warning must be callable")
     entries = tuple(compat_entries)
     _p2p_no_device = p2p_no_device
-    _SGT, _COMPAT_ENTRIES = sgt, entries
+    _SGT, _COMPAT_ENTRIES, _SGT_CLS = sgt, entries, type(sgt)
     _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P = no_p2p, requires_p2p, accepts_p2p
 
 
@@ -406,9 +463,9 @@ cdef inline object _buf(AttachmentCore a):
 cdef inline object _sgt_ops(AttachmentCore a):
     """``dma_buf_get_sgt_ops()`` (mapping.get_sgt_ops) on an attachment."""
     mt = a.map_type
-    if mt is None or mt.type is not _SGT:
+    if mt is None or _etype(mt) is not _SGT:
         return None
-    return mt.exp_ops
+    return (<MatchCore>mt).exp_ops if isinstance(mt, MatchCore) else mt.exp_ops
 
 
 cdef object _new(object dmabuf, object ops, object priv):
@@ -615,23 +672,41 @@ def untrack(AttachmentCore a not None, _Mapping m not None):
 
 
 cdef object _match_of(object cls, object mtype, object exp_ops, dict data):
-    # Stored as plain instance attributes (the generic setattr: no
-    # __setattr__ override runs, and no name of the class is among them),
-    # which keeps the instance's values inline instead of making its
-    # __dict__.
-    self = object.__new__(cls)
-    for k, v in data.items():
-        PyObject_GenericSetAttr(self, k, v)
-    PyObject_GenericSetAttr(self, "type", mtype)
-    PyObject_GenericSetAttr(self, "exp_ops", exp_ops)
-    PyObject_GenericSetAttr(self, "_data", data)
+    cdef MatchCore self = MatchCore.__new__(cls)
+    self.type = mtype
+    self.exp_ops = exp_ops
+    self._data = data
+    PyObject_GenericSetDict(self, data.copy(), NULL)
     return self
+
+
+cdef inline object _etype(object e):
+    """An entry's ``type`` (a C read for a MappingMatch)."""
+    if isinstance(e, MatchCore):
+        return (<MatchCore>e).type
+    return e.type
+
+
+cdef object _efield(object e, str name, object default):
+    """``getattr(e, name, default)`` for one of the SGT type's data names,
+    which are instance attributes: a plain MappingMatch (its class has no
+    such name) is asked its ``__dict__`` directly."""
+    cdef dict d
+    cdef PyObject *v
+    if type(e) is _MappingMatch:
+        d = PyObject_GenericGetDict(e, NULL)
+        v = PyDict_GetItem(d, name)
+        if v != NULL:
+            return <object>v
+    return getattr(e, name, default)
 
 
 def match_of(cls, mtype, exp_ops, dict data not None):
     """What ``MappingMatch(type, exp_ops, **data)`` makes, for the
     built-in entries: ``type`` is a MappingType and ``data`` a dict of
     their own, with no name the class has (the callers' literals)."""
+    if not isinstance(cls, type) or not issubclass(cls, MatchCore):
+        raise TypeError(f"match_of: {cls!r} is not a MatchCore class")
     return _match_of(cls, mtype, exp_ops, data)
 
 
@@ -664,7 +739,7 @@ def sgt_match(self, dmabuf, exp, imp):
     """The SGT type's ``match``: compatible unless the exporter entry
     requires P2P, which the importer must accept and reach
     (``pci_p2pdma_distance() >= 0``)."""
-    req = getattr(exp, "exporter_requires_p2p", _NO_P2P)
+    req = _efield(exp, "exporter_requires_p2p", _NO_P2P)
     if req != _REQUIRES_P2P:
         return None  # NO_P2P, or a value the switch does not know: compatible
     pdev = getattr(exp, "exporting_p2p_device", None)
@@ -687,13 +762,18 @@ def sgt_finish_match(self, args, exp, imp):
     a = args.attach
     if a is None:
         return None
-    accepts = getattr(imp, "importer_accepts_p2p", _NO_P2P)
+    accepts = _efield(imp, "importer_accepts_p2p", _NO_P2P)
     a.map_type = _match_of(_MappingMatch, self, exp.exp_ops, {
-        "importing_dma_device": getattr(imp, "importing_dma_device", None),
+        "importing_dma_device": _efield(imp, "importing_dma_device", None),
         "importer_accepts_p2p": accepts,
-        "exporter_requires_p2p": getattr(exp, "exporter_requires_p2p", _NO_P2P)})
+        "exporter_requires_p2p": _efield(exp, "exporter_requires_p2p", _NO_P2P)})
     a.peer2peer = accepts == _ACCEPTS_P2P
     return None
+
+
+# The built-in SGT callbacks, as the SGT class holds them (_sgt_compat).
+cdef object _sgt_match_fn = sgt_match
+cdef object _sgt_finish_fn = sgt_finish_match
 
 
 cdef int _match(object args, tuple exps) except -1:
@@ -702,9 +782,9 @@ cdef int _match(object args, tuple exps) except -1:
     pair gets its type's finish_match."""
     for exp in exps:
         for imp in args.imp_matches:
-            if imp.type is not exp.type:
+            t = _etype(exp)
+            if _etype(imp) is not t:
                 continue
-            t = exp.type
             m = t.match
             if m is not None:
                 try:
@@ -775,12 +855,9 @@ cdef object _sgt_dma_device(object attachment):
             mt = attachment.map_type
         except AttributeError:  # not an attachment (or a half-built one)
             return None
-    if mt is None or mt.type is not _SGT:
+    if mt is None or _etype(mt) is not _SGT:
         return None
-    try:
-        return mt.importing_dma_device
-    except AttributeError:  # an SGT entry without the field
-        return None
+    return _efield(mt, "importing_dma_device", None)  # None: an SGT entry without the field
 
 
 def sgt_dma_device(attachment):
@@ -798,16 +875,21 @@ def attach(buf, tuple imp not None, ops, priv):
     return _attach(buf, imp, ops, priv)
 
 
-cdef object _attach(object buf, tuple imp, object ops, object priv):
+cdef object _attach(object buf, tuple imp, object ops, object priv, object device=None, bint accepts=False):
+    """``imp`` None: the SGT wrappers' one importer entry, for ``device``
+    (accepting P2P or not)."""
     if _held(buf.resv):
         _checker().locking("attach-with-resv", "dma_buf_attach with the reservation lock held", buf)
     cdef AttachmentCore a = _new(buf, ops, priv)
-    args = _args_of(_MatchArgs, buf, a, imp)
-    _exporter_matches(args, buf.exporter)
-    if a.map_type is None:
-        chosen = args.chosen
-        raise TypeError(f"{chosen[0].type.name if chosen else 'the type'}: finish_match recorded "
-                        "nothing on the attachment")
+    if imp is not None or not _sgt_compat(a, buf.exporter, device, accepts):
+        if imp is None:
+            imp = (_sgt_importer(device, accepts),)
+        args = _args_of(_MatchArgs, buf, a, imp)
+        _exporter_matches(args, buf.exporter)
+        if a.map_type is None:
+            chosen = args.chosen
+            raise TypeError(f"{chosen[0].type.name if chosen else 'the type'}: finish_match recorded "
+                            "nothing on the attachment")
     a.device = _sgt_dma_device(a)
     buf.exporter.attach(a)
     resv = buf.resv
@@ -821,6 +903,38 @@ cdef object _attach(object buf, tuple imp, object ops, object priv):
     return a
 
 
+cdef bint _sgt_compat(AttachmentCore a, object exporter, object device, bint accepts) except -1:
+    """The negotiation of an SGT wrapper's attach to an unaware exporter,
+    worked out directly; False (nothing done) when it may differ from the
+    general one, which then runs.
+
+    The general path builds the importer entry and the MatchArgs only to
+    hand them to the SGT type's own ``match`` and ``finish_match``.  When
+    those are the built-in ones and the exporter offers the one compat
+    entry (SGT), the outcome is known: ``match`` passes a NO_P2P entry
+    without looking at the importer, and ``finish_match`` records this
+    entry.  Nothing a user or a driver wrote would see the difference."""
+    cdef tuple entries = _COMPAT_ENTRIES
+    if _has(type(exporter), "match_mapping") or getattr(exporter, "single_exporter_match", None) is not None:
+        return False
+    if entries is None or len(entries) != 1:
+        return False
+    exp = entries[0]
+    if type(exp) is not _MappingMatch or (<MatchCore>exp).type is not _SGT or type(_SGT) is not _SGT_CLS:
+        return False
+    if (getattr(_SGT_CLS, "match") is not _sgt_match_fn or getattr(_SGT_CLS, "finish_match") is not _sgt_finish_fn
+            or "match" in _SGT.__dict__ or "finish_match" in _SGT.__dict__):
+        return False  # replaced by someone: they are called, on the general path
+    req = _efield(exp, "exporter_requires_p2p", _NO_P2P)
+    if req == _REQUIRES_P2P:
+        return False  # the general path asks the route (or refuses), as the match does
+    acc = _ACCEPTS_P2P if accepts else _NO_P2P
+    a.map_type = _match_of(_MappingMatch, _SGT, (<MatchCore>exp).exp_ops, {
+        "importing_dma_device": device, "importer_accepts_p2p": acc, "exporter_requires_p2p": req})
+    a.peer2peer = accepts
+    return True
+
+
 def sgt_attach(buf, device, ops, priv, str what not None):
     """``dma_buf_sgt_attach()`` / ``dma_buf_sgt_dynamic_attach()``: one SGT
     importer entry for ``device``, accepting P2P when the importer says."""
@@ -832,7 +946,7 @@ def sgt_attach(buf, device, ops, priv, str what not None):
         raise _errors.InvalidArgument(f"{what}: {device.name} is a device of machine "
                                       f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
     accepts = ops is not None and bool(ops.allow_peer2peer)
-    return _attach(buf, (_sgt_importer(device, accepts),), ops, priv)
+    return _attach(buf, None, ops, priv, device, accepts)
 
 
 def detach(buf, attachment):

@@ -522,3 +522,108 @@ def test_the_p2p_entry_without_a_device_is_logged_by_the_mapping_module(caplog):
             match_mapping(MatchArgs(None, None, [imp]), [exp])
     (rec,) = caplog.records
     assert rec.name == "pydmabuf.mapping" and rec.filename == "mapping.py" and "without a P2P device" in rec.message
+
+
+class _P2pOps(ImporterOps):
+    allow_peer2peer = True
+
+    def invalidate_mappings(self, attachment: Any) -> None:
+        pass
+
+
+def _negotiated(a: Any) -> tuple[Any, ...]:
+    mt = a.map_type
+    return (type(mt), mt.type, mt.exp_ops, mt.data, dict(vars(mt)), a.peer2peer, a.device)
+
+
+def test_the_sgt_wrappers_negotiate_as_the_general_attach_does(m):
+    """dma_buf_sgt_attach() to an unaware exporter works the compat match
+    out directly; it must record what dma_buf_mapping_attach() with the
+    same importer entry records."""
+    gpu = m.device("gpu0")
+    buf = SystemHeap(m).allocate(1 << 16)
+    for ops in (None, _P2pOps()):
+        fast = buf.attach(gpu) if ops is None else buf.dynamic_attach(gpu, ops)
+        general = buf.mapping_attach([mapping.sgt_importer(gpu, ops is not None)], ops)
+        assert _negotiated(fast) == _negotiated(general)
+        assert fast.map_type.exp_ops is mapping._COMPAT_SGT.exp_ops
+        buf.detach(fast)
+        buf.detach(general)
+    buf.put()
+
+
+@pytest.mark.parametrize("where", ["class match", "class finish_match", "instance match", "instance finish_match"])
+def test_a_replaced_sgt_callback_is_called_by_the_sgt_wrappers(m, monkeypatch, where):
+    """Whoever replaces the SGT type's match or finish_match sees every
+    attach call it, the wrappers' included."""
+    gpu = m.device("gpu0")
+    buf = SystemHeap(m).allocate(1 << 16)
+    cls = type(mapping.SGT)
+    name = where.split()[1]
+    calls: list[str] = []
+    orig = getattr(cls, name)
+
+    def spy(self: Any, *args: Any) -> Any:
+        calls.append(name)
+        return orig(self, *args)
+
+    if where.startswith("class"):
+        monkeypatch.setattr(cls, name, spy)
+    else:
+        monkeypatch.setattr(mapping.SGT, name, spy.__get__(mapping.SGT), raising=False)
+    a = buf.attach(gpu)
+    assert calls == [name]
+    assert a.map_type.importing_dma_device is gpu and a.device is gpu
+    buf.detach(a)
+    monkeypatch.undo()
+    b = buf.attach(gpu)
+    assert calls == [name]  # the built-in ones again: worked out directly
+    buf.detach(b)
+    buf.put()
+
+
+def test_a_p2p_requiring_compat_entry_goes_the_general_way(m, monkeypatch):
+    """A compat entry that (by someone's hand) requires P2P is matched by
+    the SGT type's match, which refuses a static importer."""
+    gpu = m.device("gpu0")
+    buf = SystemHeap(m).allocate(1 << 16)
+    entry = mapping._COMPAT_SGT
+    monkeypatch.setitem(vars(entry), "exporter_requires_p2p", mapping.SgtP2p.EXPORTER_REQUIRES_P2P_DISTANCE)
+    monkeypatch.setitem(vars(entry), "exporting_p2p_device", gpu)
+    with pytest.raises(errors.InvalidArgument, match="no compatible mapping type"):
+        buf.attach(gpu)
+    monkeypatch.undo()
+    buf.detach(buf.attach(gpu))
+    buf.put()
+
+
+def test_a_mapping_match_is_a_compiled_entry_with_instance_data():
+    """MappingMatch's fields are the compiled base's; its data are instance
+    attributes; no Python-level __getattr__ sits in the class (subclasses
+    read attributes through the C slot); copy and pickle keep everything."""
+    import copy
+    import pickle
+
+    assert "__getattr__" not in vars(_dmabuf_api.MatchCore) and not hasattr(MappingMatch, "__getattr__")
+    entry = MappingMatch(mapping.SGT, None, importing_dma_device="dev", importer_accepts_p2p=1)
+    assert isinstance(entry, _dmabuf_api.MatchCore)
+    assert vars(entry) == {"importing_dma_device": "dev", "importer_accepts_p2p": 1}
+    for clone in (copy.copy(entry), copy.deepcopy(entry), pickle.loads(pickle.dumps(entry))):
+        assert type(clone) is MappingMatch and clone.data == entry.data and vars(clone) == vars(entry)
+        assert clone.importing_dma_device == "dev"
+    assert copy.copy(entry).type is mapping.SGT
+
+    class Mine(MappingMatch):
+        extra = 5
+
+    mine = Mine(mapping.PAL, "ops", colour="red")
+    assert (mine.type, mine.exp_ops, mine.colour, mine.extra) == (mapping.PAL, "ops", "red", 5)
+    del mine.__dict__["colour"]
+    assert mine.colour == "red"  # still in the entry's data
+    with pytest.raises(AttributeError, match="Physical Address List entry has no 'size'"):
+        mine.size
+    with pytest.raises(TypeError, match="not a MatchCore class"):
+        _dmabuf_api.match_of(int, mapping.SGT, None, {})
+    with pytest.raises(TypeError, match="state"):
+        entry.__setstate__(("junk",))
+

@@ -11,7 +11,7 @@ from pydmabuf.device import Device
 
 _T = TypeVar("_T")
 
-__all__ = ["AttachmentCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
+__all__ = ["AttachmentCore", "MatchCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
            "sgt_match", "sgt_finish_match", "match_mapping", "exporter_matches", "sgt_dma_device", "attach",
            "sgt_attach", "detach", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
            "untrack", "table_map", "live_maps"]
@@ -61,6 +61,13 @@ class _Mapping(_Sited):
     @property
     def dma(self) -> Any: ...
     def covers(self, addr: int, nbytes: int) -> bool: ...
+
+@disjoint_base
+class MatchCore:
+    type: Any
+    exp_ops: Any
+    _data: Any
+    def __getattr__(self, name: str) -> Any: ...
 
 class _LegacySgtOps:
     def map_dma_buf(self, attachment: Any, direction: Any) -> Any: ...

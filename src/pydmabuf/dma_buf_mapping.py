@@ -237,7 +237,7 @@ class MappingType:
         return f"<mapping type {self.name!r}>"
 
 
-class MappingMatch:
+class MappingMatch(_dmabuf_api.MatchCore):
     """``struct dma_buf_mapping_match``: one entry of an importer's or an
     exporter's list.
 
@@ -250,6 +250,9 @@ class MappingMatch:
         The type's data (SGT: ``importing_dma_device``,
         ``importer_accepts_p2p``, ``exporter_requires_p2p``,
         ``exporting_p2p_device``); read back as attributes.
+
+    Its fields live in a compiled base (:class:`pydmabuf._dmabuf_api.MatchCore`,
+    which also answers a read of a name the entry does not have).
     """
 
     def __init__(self, type: MappingType, exp_ops: Any = None, **data: Any) -> None:
@@ -260,10 +263,8 @@ class MappingMatch:
         self.type = type
         self.exp_ops = exp_ops
         self._data = data  # a new dict of this call's keywords
-        # The data as instance attributes too, so that reading one (with or
-        # without a getattr default) is a dict hit, not a failed look-up, an
-        # AttributeError and a __getattr__ call; names the class has keep
-        # meaning the class's, as before.
+        # The data as instance attributes too, so that reading one is a
+        # dict hit; names the class has keep meaning the class's.
         if _MATCH_CLASS_NAMES.isdisjoint(data):
             self.__dict__.update(data)
         else:
@@ -277,17 +278,6 @@ class MappingMatch:
         built-in entries: ``type`` is a MappingType and ``data`` a dict of
         their own, with no name the class has (the callers' literals)."""
         return _dmabuf_api.match_of(cls, type, exp_ops, data)
-
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names that are not real attributes: the type data.
-        data = self.__dict__.get("_data", {})
-        try:
-            return data[name]
-        except KeyError:
-            # Not self.type: on an instance copy or pickle made without
-            # __init__ that would come back here and recurse.
-            t = self.__dict__.get("type")
-            raise AttributeError(f"{getattr(t, 'name', 'mapping')} entry has no {name!r}") from None
 
     @property
     def data(self) -> dict[str, Any]:
