@@ -94,6 +94,7 @@ cdef extern from "Python.h":
     dict PyObject_GenericGetDict(object o, void *context)
     ctypedef struct PyTypeObject:
         PyObject *tp_dict
+        unsigned int tp_version_tag
     int PyDict_DelItemString(PyObject *d, const char *key) except -1
     void PyType_Modified(type t)
 
@@ -283,12 +284,40 @@ def bind(attachment_cls, device_cls, exporter_cls):
     _Exporter, _HAS, _IS_DYNAMIC = exporter_cls, has, is_dynamic
 
 
+# _has()'s answers by the built-in rule, remembered per (class, op): a
+# class's version tag changes whenever it or a base is modified (as in
+# CPython's own method cache), so an entry of an older tag is stale.  No
+# reference is held: a dead class's address and tag together cannot come
+# back (tags are never reused).
+cdef struct _HasEntry:
+    void *cls
+    unsigned int tag
+    void *op
+    bint result
+
+cdef _HasEntry _has_cache[16]
+
+
 cdef bint _has(object cls, str op) except -1:
     """``cls.has(op)``: does the exporter class provide ``op`` (override the
     base's)?  Asked in C unless a class overrides ``has`` itself."""
+    cdef unsigned int tag
+    cdef _HasEntry *e = &_has_cache[((<size_t><void *>cls >> 4) ^ (<size_t><void *>op >> 4)) & 15]
+    if isinstance(cls, type):
+        tag = (<PyTypeObject *>cls).tp_version_tag
+        if tag != 0 and e.cls == <void *>cls and e.tag == tag and e.op == <void *>op:
+            return e.result
     h = cls.has
     if getattr(h, "__func__", None) is _HAS and getattr(h, "__self__", None) is cls:
-        return getattr(cls, op) is not getattr(_Exporter, op)
+        result = getattr(cls, op) is not getattr(_Exporter, op)
+        if isinstance(cls, type):
+            # The tag now, after the look-ups gave the class one (if it can
+            # have one); the answer holds while it stays.
+            e.cls = <void *>cls
+            e.tag = (<PyTypeObject *>cls).tp_version_tag
+            e.op = <void *>op
+            e.result = result
+        return result
     return bool(h(op))
 
 

@@ -627,3 +627,43 @@ def test_a_mapping_match_is_a_compiled_entry_with_instance_data():
     with pytest.raises(TypeError, match="state"):
         entry.__setstate__(("junk",))
 
+
+def test_what_an_exporter_class_has_follows_the_class_as_it_changes(m):
+    """``Exporter.has`` by the built-in rule is remembered per class in C;
+    a class given (or losing) an op afterwards, or whose base changes, is
+    answered anew."""
+    from pydmabuf.exporters.system_heap import HeapBuffer
+
+    class Base(HeapBuffer):
+        pass
+
+    class Sub(Base):
+        pass
+
+    pins: list[str] = []
+    buf = SystemHeap(m).allocate(1 << 16)
+    buf.exporter.__class__ = Sub
+    a = buf.attach(m.device("gpu0"))
+
+    def round_trip() -> int:
+        t = a.map_unlocked(BIDI)
+        n = a.pin_count
+        a.unmap_unlocked(t, BIDI)
+        return n
+
+    assert round_trip() == 0 and round_trip() == 0 and not buf.exporter.is_dynamic()
+    Base.pin = lambda self, att: pins.append("pin")  # on the base: the subclass changes with it
+    Base.unpin = lambda self, att: pins.append("unpin")
+    assert round_trip() == 1 and pins == ["pin", "unpin"] and buf.exporter.is_dynamic()
+    del Base.pin, Base.unpin
+    assert round_trip() == 0 and pins == ["pin", "unpin"]
+    def match_mapping(self: Any, args: Any) -> None:
+        pins.append("match_mapping")
+        mapping.match_mapping(args, [mapping.sgt_exporter(mapping._COMPAT_SGT.exp_ops)])
+
+    Sub.match_mapping = match_mapping
+    b = buf.attach(m.device("gpu0"))  # the exporter's own match_mapping now negotiates
+    assert pins[-1] == "match_mapping" and b.map_type.exp_ops is mapping._COMPAT_SGT.exp_ops
+    buf.detach(b)
+    buf.detach(a)
+    buf.put()
