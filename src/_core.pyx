@@ -61,7 +61,7 @@ _EXPORTS = {
     _core_ww: (
         "AcquireContext", "WwClass", "WwMutex", "begin_signalling", "end_signalling",
         "flush_signals", "in_signalling_section", "reservation_ww_class", "signal_pending",
-        "signal_thread", "set_lockdep_hooks", "thread_lock_state",
+        "signal_thread", "set_lockdep_hooks", "thread_lock_state", "ThreadHeld",
     ),
     _core_fence: (
         "Fence", "FenceArray", "FenceCallback", "FenceChain", "Resv", "ResvIter",

@@ -68,6 +68,59 @@ _ld_wait = None     # () -> None: __dma_fence_might_wait()
 from cpython.list cimport PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_SIZE
 
+cdef extern from "Python.h":
+    PyObject *PyThreadState_GetDict()
+    PyObject *PyDict_GetItem(object d, object key)
+
+
+cdef class ThreadHeld:
+    """Per-thread storage of one ``held`` attribute (pydmabuf.locking's
+    held-lock list), as ``threading.local`` would keep it, but in the
+    thread's own state dict under this object as the key: the lock paths
+    here read it with one dict look-up, without the threading.local
+    machinery (which cost more than the rest of an uncontended lock's
+    bookkeeping).  The entry goes with the thread's state when the thread
+    ends."""
+
+    cdef inline object _dict(self):
+        d = PyThreadState_GetDict()
+        if d == NULL:
+            raise RuntimeError("ThreadHeld: no thread state")
+        return <object>d
+
+    @property
+    def held(self):
+        """This thread's value (AttributeError until it is set)."""
+        v = PyDict_GetItem(self._dict(), self)
+        if v == NULL:
+            raise AttributeError("held")
+        return <object>v
+
+    @held.setter
+    def held(self, value):
+        self._dict()[self] = value
+
+    @held.deleter
+    def held(self):
+        try:
+            del self._dict()[self]
+        except KeyError:
+            raise AttributeError("held") from None
+
+
+cdef inline object _ld_held_of(object tls):
+    """``getattr(tls, "held", None)``; a ThreadHeld's is read from the
+    thread's dict directly."""
+    cdef PyObject *d
+    cdef PyObject *v
+    if type(tls) is ThreadHeld:
+        d = PyThreadState_GetDict()
+        if d != NULL:
+            v = PyDict_GetItem(<object>d, tls)
+            return <object>v if v != NULL else None
+    return getattr(tls, "held", None)
+
+
 cdef object _ld_tls = None
 cdef dict _ld_keys = None
 
@@ -103,7 +156,7 @@ cdef int _ld_took(object m, bint with_ctx, bint trylock) except -1:
     if acquire is None:
         return 0
     if tls is not None and keys is not None:
-        held = getattr(tls, "held", None)
+        held = _ld_held_of(tls)
         if type(held) is list and PyList_GET_SIZE(held) == 0:
             # The attribute, as the hook reads it (a subclass may override it).
             key = keys.get(m.ww_class)
@@ -123,7 +176,7 @@ cdef int _ld_dropped(object m) except -1:
     if release is None:
         return 0
     if tls is not None:
-        held = getattr(tls, "held", None)
+        held = _ld_held_of(tls)
         if held is None:
             return 0  # this thread never took a tracked lock
         if type(held) is list:

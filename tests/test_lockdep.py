@@ -455,3 +455,45 @@ def test_priming_takes_no_edge_from_the_locks_the_caller_holds():
     deps = locking.dependencies()
     assert m.lock_class not in deps and MMAP_LOCK not in deps.get(RESV_CLASS, {})
     assert RESV_CLASS in deps[MMAP_LOCK]  # the boot order itself is primed
+
+
+def test_the_held_list_is_kept_per_thread_and_goes_with_the_thread():
+    """pydmabuf.locking keeps each thread's held locks in a core
+    ThreadHeld (the thread's own state dict): one value per thread, an
+    AttributeError before it is set or after it is deleted, and nothing
+    left once the thread has ended."""
+    import gc
+    import threading
+    import weakref
+
+    from pydmabuf._core import ThreadHeld
+
+    tl = ThreadHeld()
+    with pytest.raises(AttributeError):
+        tl.held
+    mine = [1]
+    tl.held = mine
+    seen: dict[str, object] = {}
+
+    class Box(list):  # weakly referenceable
+        pass
+
+    def other() -> None:
+        seen["before"] = getattr(tl, "held", None)
+        box = Box([2])
+        tl.held = box
+        seen["ref"] = weakref.ref(box)
+        seen["after"] = tl.held is box
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    gc.collect()
+    assert seen["before"] is None and seen["after"] is True
+    assert seen["ref"]() is None  # the thread's value went with its state
+    assert tl.held is mine
+    del tl.held
+    with pytest.raises(AttributeError):
+        tl.held
+    with pytest.raises(AttributeError):
+        del tl.held

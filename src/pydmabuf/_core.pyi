@@ -282,6 +282,9 @@ def end_signalling(cookie: bool) -> None: ...
 def in_signalling_section() -> bool: ...
 def thread_lock_state() -> dict[str, Any]: ...
 
+class ThreadHeld:
+    held: Any
+
 @disjoint_base
 class WwClass:
     name: str

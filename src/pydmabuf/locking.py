@@ -118,7 +118,11 @@ _Held = tuple[str, Any, bool]
 
 class _Lockdep:
     def __init__(self) -> None:
-        self.tls = threading.local()
+        from pydmabuf._core import ThreadHeld
+
+        # The held list per thread, in the thread's own state (a core
+        # type the lock paths read directly).
+        self.tls = ThreadHeld()
         self.mu = threading.Lock()
         #: class -> {class taken while it was held: where the edge was made}
         self.deps: dict[str, dict[str, str]] = {}
