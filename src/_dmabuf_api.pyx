@@ -67,12 +67,13 @@ from pydmabuf._types import Usage as _Usage
 
 __all__ = ["AttachmentCore", "MatchCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
            "sgt_match", "sgt_finish_match", "match_mapping", "exporter_matches", "sgt_dma_device", "attach",
-           "sgt_attach", "detach", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
+           "sgt_attach", "dmabuf_attach", "dmabuf_detach", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
            "untrack", "table_map", "live_maps"]
 
 # The parsed directions (a dict look-up in C), filled by pydmabuf._args.
 cdef dict _DIRS = _dirs_cache
 cdef object _KERNEL = _Usage.KERNEL
+_BIDI = _DmaDirection.BIDIRECTIONAL
 # checks.created_at's record of which files are user code, and its look-up
 # for a file not seen yet (one home for that rule).
 cdef dict _FILE_KIND = _checks._FILE_KIND
@@ -967,6 +968,32 @@ cdef bint _sgt_compat(AttachmentCore a, object exporter, object device, bint acc
 def sgt_attach(buf, device, ops, priv, str what not None):
     """``dma_buf_sgt_attach()`` / ``dma_buf_sgt_dynamic_attach()``: one SGT
     importer entry for ``device``, accepting P2P when the importer says."""
+    return _sgt_attach(buf, device, ops, priv, what)
+
+
+def dmabuf_attach(self, device):
+    """``dma_buf_attach()`` (``dma_buf_sgt_attach()`` after the mapping
+    types series): a static importer of a scatterlist mapped for
+    ``device`` (no invalidation, and a dynamic exporter pins the buffer
+    on every map).  Never peer-to-peer: an exporter that only offers a
+    P2P scatterlist (VFIO) refuses it with EINVAL.
+
+    Examples
+    --------
+    >>> from pydmabuf import DmaDirection, Machine
+    >>> from pydmabuf.exporters import SystemHeap
+    >>> m = Machine.default()
+    >>> buf = SystemHeap(m).allocate(1 << 16)
+    >>> a = buf.attach(m.device("gpu0"))
+    >>> a.dynamic
+    False
+    >>> buf.detach(a)
+    >>> buf.put()
+    """
+    return _sgt_attach(self, device, None, None, "dma_buf_attach")
+
+
+cdef object _sgt_attach(object buf, object device, object ops, object priv, str what):
     buf._alive("attach")
     if not isinstance(device, _Device):
         raise _errors.InvalidArgument(f"{what}: {device!r} is not a device")
@@ -978,20 +1005,38 @@ def sgt_attach(buf, device, ops, priv, str what not None):
     return _attach(buf, None, ops, priv, device, accepts)
 
 
-def detach(buf, attachment):
-    """``dma_buf_detach()``: off the list (under the lock), then the
-    exporter's ``detach``."""
+def dmabuf_detach(self, attachment):
+    """``dma_buf_detach()``: take the attachment off the list (under the
+    lock), then the exporter's ``detach``.  Detaching with mappings or
+    pins still live is a LifetimeError (the kernel does not check).
+
+    Examples
+    --------
+    >>> from pydmabuf import Machine
+    >>> from pydmabuf.exporters import SystemHeap
+    >>> m = Machine.default()
+    >>> buf = SystemHeap(m).allocate(1 << 16)
+    >>> a = buf.attach(m.device("gpu0"))
+    >>> buf.detach(a)
+    >>> a.detached, buf.attachments
+    (True, [])
+    >>> buf.put()
+    """
+    _detach(self, attachment)
+
+
+cdef int _detach(object buf, object attachment) except -1:
     # The C type first (isinstance on a cdef class checks the object's real
     # type; a faked __class__ cannot pass it), then the Python class.
     if (not isinstance(attachment, AttachmentCore) or not isinstance(attachment, _Attachment)
             or (<AttachmentCore>attachment).dmabuf is not buf):
         _checker().lifetime("detach-foreign", "dma_buf_detach of an attachment of another buffer",
                             buf, attachment)
-        return
+        return 0
     cdef AttachmentCore a = <AttachmentCore>attachment
     if a.detached:
         _checker().lifetime("double-detach", "dma_buf_detach of a detached attachment", a)
-        return
+        return 0
     resv = buf.resv
     if _held(resv):
         _checker().locking("detach-with-resv", "dma_buf_detach with the reservation lock held", a)
@@ -1007,14 +1052,38 @@ def detach(buf, attachment):
         _unlock(resv)
     a.detached = True
     buf.exporter.detach(a)
+    return 0
 
 
 # ------------------------------------------------------------- mapping
 
 
-def map_attachment(AttachmentCore a not None, direction):
-    """``dma_buf_map_attachment()`` (the reservation lock held)."""
-    return _map(a, direction)
+def map_attachment(AttachmentCore self not None, direction=_BIDI):
+    """``dma_buf_map_attachment()``: the reservation lock must be held.
+
+    A static importer of a dynamic exporter pins the buffer first (and
+    unpins it at unmap); a static importer then waits (interruptibly)
+    for the KERNEL fences.  Returns a new table the caller owns; the
+    exporter refusing raises its error (ENODEV once revoked).
+
+    Examples
+    --------
+    >>> from pydmabuf import DmaDirection, Machine
+    >>> from pydmabuf.exporters import SystemHeap
+    >>> m = Machine.default()
+    >>> buf = SystemHeap(m).allocate(1 << 16, layout="contiguous")
+    >>> a = buf.attach(m.device("gpu0"))
+    >>> with buf.resv:
+    ...     table = a.map(DmaDirection.BIDIRECTIONAL)
+    ...     a.live_mappings
+    1
+    >>> table.dma_ranges().shape
+    (1, 2)
+    >>> with buf.resv:
+    ...     a.unmap(table, DmaDirection.BIDIRECTIONAL)
+    >>> buf.detach(a); buf.put()
+    """
+    return _map(self, direction)
 
 
 cdef object _map(AttachmentCore a, object direction):
@@ -1063,10 +1132,24 @@ cdef object _map(AttachmentCore a, object direction):
     return table
 
 
-def map_unlocked(AttachmentCore a not None, direction):
-    """Take the reservation lock, map, drop it (LockingError report if the
-    caller holds it: then it maps under the caller's lock, through
-    ``Attachment.map``)."""
+def map_unlocked(AttachmentCore self not None, direction=_BIDI):
+    """Take the reservation lock, :meth:`map`, drop it; must not be
+    called with the lock held (LockingError).
+
+    Examples
+    --------
+    >>> from pydmabuf import DmaDirection, Machine
+    >>> from pydmabuf.exporters import SystemHeap
+    >>> m = Machine.default()
+    >>> buf = SystemHeap(m).allocate(1 << 16)
+    >>> a = buf.attach(m.device("gpu0"))
+    >>> table = a.map_unlocked(DmaDirection.TO_DEVICE)
+    >>> a.unmap_unlocked(table, DmaDirection.TO_DEVICE)
+    >>> buf.detach(a); buf.put()
+    """
+    # A held lock is a LockingError report; then it maps under the
+    # caller's lock, through the attachment's own map.
+    cdef AttachmentCore a = self
     buf = _buf(a)
     resv = buf.resv
     if _held(resv):
@@ -1079,10 +1162,25 @@ def map_unlocked(AttachmentCore a not None, direction):
         _unlock(resv)
 
 
-def unmap_attachment(AttachmentCore a not None, table, direction):
+def unmap_attachment(AttachmentCore self not None, table, direction=_BIDI):
     """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
-    then unpin if the map pinned."""
-    _unmap(a, table, direction)
+    then unpin if the map pinned.
+
+    Examples
+    --------
+    >>> from pydmabuf import DmaDirection, Machine
+    >>> from pydmabuf.exporters import SystemHeap
+    >>> m = Machine.default()
+    >>> buf = SystemHeap(m).allocate(1 << 16)
+    >>> a = buf.attach(m.device("gpu0"))
+    >>> with buf.resv:
+    ...     table = a.map(DmaDirection.TO_DEVICE)
+    ...     a.unmap(table, DmaDirection.TO_DEVICE)
+    >>> a.live_mappings
+    0
+    >>> buf.detach(a); buf.put()
+    """
+    _unmap(self, table, direction)
 
 
 cdef int _unmap(AttachmentCore a, object table, object direction) except -1:
@@ -1107,8 +1205,11 @@ cdef int _unmap(AttachmentCore a, object table, object direction) except -1:
     return 0
 
 
-def unmap_unlocked(AttachmentCore a not None, table, direction):
-    """Take the reservation lock, unmap, drop it."""
+def unmap_unlocked(AttachmentCore self not None, table, direction=_BIDI):
+    """Take the reservation lock, :meth:`unmap`, drop it; must not be
+    called with the lock held (LockingError).
+    """
+    cdef AttachmentCore a = self
     buf = _buf(a)
     resv = buf.resv
     if _held(resv):

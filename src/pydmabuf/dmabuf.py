@@ -174,27 +174,9 @@ class DmaBuf(DmaBufInvalidation, Owner):
         """Newest first, as the kernel keeps the list."""
         return list(self._attachments)
 
-    def attach(self, device: Device) -> Attachment:
-        """``dma_buf_attach()`` (``dma_buf_sgt_attach()`` after the mapping
-        types series): a static importer of a scatterlist mapped for
-        ``device`` (no invalidation, and a dynamic exporter pins the buffer
-        on every map).  Never peer-to-peer: an exporter that only offers a
-        P2P scatterlist (VFIO) refuses it with EINVAL.
-
-        Examples
-        --------
-        >>> from pydmabuf import DmaDirection, Machine
-        >>> from pydmabuf.exporters import SystemHeap
-        >>> m = Machine.default()
-        >>> buf = SystemHeap(m).allocate(1 << 16)
-        >>> a = buf.attach(m.device("gpu0"))
-        >>> a.dynamic
-        False
-        >>> buf.detach(a)
-        >>> buf.put()
-        """
-        a: Attachment = _dmabuf_api.sgt_attach(self, device, None, None, "dma_buf_attach")
-        return a
+    # Compiled (pydmabuf._dmabuf_api, with the documentation), bound as
+    # the method.
+    attach = _dmabuf_api.dmabuf_attach
 
     def dynamic_attach(self, device: Device, importer_ops: ImporterOps | None, importer_priv: Any = None) -> Attachment:
         """``dma_buf_dynamic_attach()`` (``dma_buf_sgt_dynamic_attach()``):
@@ -283,24 +265,7 @@ class DmaBuf(DmaBufInvalidation, Owner):
         return [f"\t{a.map_type.type.name}:{a.map_type.type.debugfs_dump(a)}" for a in atts
                 if a.map_type is not None]
 
-    def detach(self, attachment: Attachment) -> None:
-        """``dma_buf_detach()``: take the attachment off the list (under the
-        lock), then the exporter's ``detach``.  Detaching with mappings or
-        pins still live is a LifetimeError (the kernel does not check).
-
-        Examples
-        --------
-        >>> from pydmabuf import Machine
-        >>> from pydmabuf.exporters import SystemHeap
-        >>> m = Machine.default()
-        >>> buf = SystemHeap(m).allocate(1 << 16)
-        >>> a = buf.attach(m.device("gpu0"))
-        >>> buf.detach(a)
-        >>> a.detached, buf.attachments
-        (True, [])
-        >>> buf.put()
-        """
-        _dmabuf_api.detach(self, attachment)
+    detach = _dmabuf_api.dmabuf_detach  # compiled, as attach
 
     # ------------------------------------------------------------- CPU side
 

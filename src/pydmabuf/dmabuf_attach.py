@@ -143,74 +143,16 @@ class Attachment(AttachmentBase, Owner):
 
     # ------------------------------------------------------------- mapping
 
-    def map(self, direction: DmaDirection | int = _BIDI) -> SgTable:
-        """``dma_buf_map_attachment()``: the reservation lock must be held.
+    # The entry points are compiled functions (pydmabuf._dmabuf_api, with
+    # their documentation), bound here as the methods: no Python frame of
+    # the package between the caller and the work.
+    map = _dmabuf_api.map_attachment
 
-        A static importer of a dynamic exporter pins the buffer first (and
-        unpins it at unmap); a static importer then waits (interruptibly)
-        for the KERNEL fences.  Returns a new table the caller owns; the
-        exporter refusing raises its error (ENODEV once revoked).
+    unmap = _dmabuf_api.unmap_attachment
 
-        Examples
-        --------
-        >>> from pydmabuf import DmaDirection, Machine
-        >>> from pydmabuf.exporters import SystemHeap
-        >>> m = Machine.default()
-        >>> buf = SystemHeap(m).allocate(1 << 16, layout="contiguous")
-        >>> a = buf.attach(m.device("gpu0"))
-        >>> with buf.resv:
-        ...     table = a.map(DmaDirection.BIDIRECTIONAL)
-        ...     a.live_mappings
-        1
-        >>> table.dma_ranges().shape
-        (1, 2)
-        >>> with buf.resv:
-        ...     a.unmap(table, DmaDirection.BIDIRECTIONAL)
-        >>> buf.detach(a); buf.put()
-        """
-        return _dmabuf_api.map_attachment(self, direction)
+    map_unlocked = _dmabuf_api.map_unlocked
 
-    def unmap(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
-        """``dma_buf_unmap_attachment()`` (lock held): the exporter's unmap,
-        then unpin if the map pinned.
-
-        Examples
-        --------
-        >>> from pydmabuf import DmaDirection, Machine
-        >>> from pydmabuf.exporters import SystemHeap
-        >>> m = Machine.default()
-        >>> buf = SystemHeap(m).allocate(1 << 16)
-        >>> a = buf.attach(m.device("gpu0"))
-        >>> with buf.resv:
-        ...     table = a.map(DmaDirection.TO_DEVICE)
-        ...     a.unmap(table, DmaDirection.TO_DEVICE)
-        >>> a.live_mappings
-        0
-        >>> buf.detach(a); buf.put()
-        """
-        _dmabuf_api.unmap_attachment(self, table, direction)
-
-    def map_unlocked(self, direction: DmaDirection | int = _BIDI) -> SgTable:
-        """Take the reservation lock, :meth:`map`, drop it; must not be
-        called with the lock held (LockingError).
-
-        Examples
-        --------
-        >>> from pydmabuf import DmaDirection, Machine
-        >>> from pydmabuf.exporters import SystemHeap
-        >>> m = Machine.default()
-        >>> buf = SystemHeap(m).allocate(1 << 16)
-        >>> a = buf.attach(m.device("gpu0"))
-        >>> table = a.map_unlocked(DmaDirection.TO_DEVICE)
-        >>> a.unmap_unlocked(table, DmaDirection.TO_DEVICE)
-        >>> buf.detach(a); buf.put()
-        """
-        return _dmabuf_api.map_unlocked(self, direction)
-
-    def unmap_unlocked(self, table: SgTable, direction: DmaDirection | int = _BIDI) -> None:
-        """Take the reservation lock, :meth:`unmap`, drop it; must not be
-        called with the lock held (LockingError)."""
-        _dmabuf_api.unmap_unlocked(self, table, direction)
+    unmap_unlocked = _dmabuf_api.unmap_unlocked
 
     # ------------------------------------------------------------- pinning
 
