@@ -44,6 +44,7 @@ The line is read at once, the ``file:line`` text made when first read.
 """
 
 from cpython.dict cimport PyDict_GetItem
+from cpython.method cimport PyMethod_GET_FUNCTION
 from cpython.object cimport PyObject_GenericSetAttr
 from cpython.ref cimport PyObject, Py_DECREF
 from cpython.weakref cimport PyWeakref_NewRef
@@ -52,6 +53,7 @@ from pydmabuf._core_fence cimport Resv
 from pydmabuf._core_ww cimport WwMutex, _ww_held, _ww_lock_plain
 
 import threading
+import types
 import weakref
 
 import numpy as _np
@@ -67,7 +69,7 @@ from pydmabuf._types import Usage as _Usage
 
 __all__ = ["AttachmentCore", "MatchCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
            "sgt_match", "sgt_finish_match", "match_mapping", "exporter_matches", "sgt_dma_device", "attach",
-           "sgt_attach", "dmabuf_attach", "dmabuf_detach", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
+           "sgt_attach", "dmabuf_attach", "dmabuf_detach", "buf_alive", "buf_released", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
            "untrack", "table_map", "live_maps"]
 
 # The parsed directions (a dict look-up in C), filled by pydmabuf._args.
@@ -79,6 +81,7 @@ _BIDI = _DmaDirection.BIDIRECTIONAL
 cdef dict _FILE_KIND = _checks._FILE_KIND
 cdef object _user_file = _checks._user_file
 cdef type _WeakRef = weakref.ReferenceType
+cdef type _MethodType = types.MethodType
 cdef bytes _NO_ROWS = b""
 cdef object _NotSupported = _errors.NotSupported
 cdef object _InvalidArgument = _errors.InvalidArgument
@@ -91,6 +94,10 @@ cdef extern from "Python.h":
     PyObject *PyFrame_GetBack(PyFrameObject *frame)
     object PyFrame_GetCode(PyFrameObject *frame)
     int PyFrame_GetLineNumber(PyFrameObject *frame)
+    int PyFrame_GetLasti(PyFrameObject *frame)
+    ctypedef struct PyCodeObject:
+        pass
+    int PyCode_Addr2Line(PyCodeObject *co, int addr)
     int PyObject_GenericSetDict(object o, object d, void *context) except -1
     dict PyObject_GenericGetDict(object o, void *context)
     ctypedef struct PyTypeObject:
@@ -102,14 +109,22 @@ cdef extern from "Python.h":
 
 cdef class _Site:
     """Where the user's code was, for ``created_at``: a file's base name and
-    a line, formatted when first read."""
+    the frame's code and last instruction, the line found from them and
+    the text formatted when first read."""
     cdef object name
-    cdef int line
+    cdef object code  # None once the text is made
+    cdef int lasti
     cdef object text
 
     def __str__(self):
-        if self.text is None:  # a line of -1: the code has no location there (f_lineno None)
-            self.text = f"{self.name}:{self.line if self.line >= 0 else None}"
+        cdef int line
+        if self.text is None:
+            # The line the frame was at (PyFrame_GetLineNumber's answer
+            # outside a trace function): -1 where the code has no location
+            # (f_lineno None).
+            line = PyCode_Addr2Line(<PyCodeObject *>self.code, self.lasti)
+            self.text = f"{self.name}:{line if line >= 0 else None}"
+            self.code = None
         return self.text
 
 
@@ -123,12 +138,17 @@ cdef object _user_site():
         return "?"
     frame = <object><PyObject *>f  # a reference of our own while walking
     while True:
-        fn = PyFrame_GetCode(<PyFrameObject *>frame).co_filename
+        code = PyFrame_GetCode(<PyFrameObject *>frame)
+        fn = code.co_filename
         name = _FILE_KIND[fn] if fn in _FILE_KIND else _user_file(fn)
         if name is not None:
             site = _Site.__new__(_Site)
             site.name = name
-            site.line = PyFrame_GetLineNumber(<PyFrameObject *>frame)
+            site.lasti = PyFrame_GetLasti(<PyFrameObject *>frame)
+            if site.lasti < 0:  # not started: its line now
+                site.text = f"{name}:{PyFrame_GetLineNumber(<PyFrameObject *>frame)}"
+            else:
+                site.code = code
             return site
         back = PyFrame_GetBack(<PyFrameObject *>frame)
         if back == NULL:
@@ -268,21 +288,29 @@ def bind_types(sgt, compat_entries, no_p2p, requires_p2p, accepts_p2p, p2p_no_de
     _NO_P2P, _REQUIRES_P2P, _ACCEPTS_P2P = no_p2p, requires_p2p, accepts_p2p
 
 
-def bind(attachment_cls, device_cls, exporter_cls):
+def bind(attachment_cls, device_cls, exporter_cls, buffer_cls):
     """Called once by :mod:`pydmabuf.dmabuf_attach`: the attachment class
-    (derived from :class:`AttachmentCore`), the device class and the
-    exporters' base class."""
+    (derived from :class:`AttachmentCore`), the device class, the
+    exporters' base class and the buffers' (whose ``released`` property
+    is read through :func:`buf_released`)."""
     global _Attachment, _Device, _new_attachment, _Exporter, _HAS, _IS_DYNAMIC
+    global _EXP_ATTACH, _EXP_DETACH, _RELEASED_PROP
     if not isinstance(attachment_cls, type) or not issubclass(attachment_cls, AttachmentCore):
         raise TypeError("bind: the attachment class must derive from AttachmentCore")
-    if not isinstance(device_cls, type) or not isinstance(exporter_cls, type):
-        raise TypeError("bind: the device and exporter classes must be classes")
+    if not isinstance(device_cls, type) or not isinstance(exporter_cls, type) or not isinstance(buffer_cls, type):
+        raise TypeError("bind: the device, exporter and buffer classes must be classes")
     new = attachment_cls.__new__
     has = exporter_cls.has.__func__
     is_dynamic = exporter_cls.is_dynamic.__func__
+    exp_attach = exporter_cls.__dict__["attach"]
+    exp_detach = exporter_cls.__dict__["detach"]
+    released = buffer_cls.__dict__["released"]
+    if not isinstance(released, property) or released.fget is not _buf_released_fn:
+        raise TypeError("bind: the buffer class's released must be property(buf_released)")
     # Nothing is rebound until everything was found.
     _Attachment, _Device, _new_attachment = attachment_cls, device_cls, new
     _Exporter, _HAS, _IS_DYNAMIC = exporter_cls, has, is_dynamic
+    _EXP_ATTACH, _EXP_DETACH, _RELEASED_PROP = exp_attach, exp_detach, released
 
 
 # _has()'s answers by the built-in rule, remembered per (class, op): a
@@ -297,6 +325,25 @@ cdef struct _HasEntry:
     bint result
 
 cdef _HasEntry _has_cache[16]
+
+
+cdef _HasEntry _attr_cache[8]
+
+
+cdef bint _class_attr_is(object cls, str name, object value) except -1:
+    """``getattr(cls, name) is value``, remembered per class version as
+    _has() is (``value`` is one of this module's bound constants)."""
+    cdef unsigned int tag
+    cdef _HasEntry *e = &_attr_cache[((<size_t><void *>cls >> 4) ^ (<size_t><void *>name >> 4)) & 7]
+    tag = (<PyTypeObject *>cls).tp_version_tag
+    if tag != 0 and e.cls == <void *>cls and e.tag == tag and e.op == <void *>name:
+        return e.result
+    result = getattr(cls, name, None) is value
+    e.cls = <void *>cls
+    e.tag = (<PyTypeObject *>cls).tp_version_tag
+    e.op = <void *>name
+    e.result = result
+    return result
 
 
 cdef bint _has(object cls, str op) except -1:
@@ -331,6 +378,61 @@ cdef bint _is_dynamic(object exp) except -1:
         if isinstance(cls, type):
             return _has(cls, "pin")
     return bool(f())
+
+
+# The buffer base class's accessors the paths here use, compiled (one
+# home: pydmabuf.dmabuf_ops.DmaBufBase binds them), and the exporter base
+# class's attach / detach, which do nothing (bound by bind()).
+cdef object _EXP_ATTACH = None
+cdef object _EXP_DETACH = None
+cdef object _RELEASED_PROP = None  # DmaBufBase.released
+
+
+def buf_alive(self, str what not None):
+    """The checker's use-after-release unless the buffer is alive
+    (DmaBufBase._alive)."""
+    _buf_alive(self, what)
+
+
+cdef int _buf_alive(object buf, str what) except -1:
+    if buf._released:
+        _checker().lifetime("use-after-release", f"{what} on a released dma-buf", buf)
+    return 0
+
+
+def buf_released(self):
+    """Released: the last reference was put (DmaBufBase.released)."""
+    return self._released
+
+
+cdef object _buf_alive_fn = buf_alive
+cdef object _buf_released_fn = buf_released
+
+
+cdef int _alive(object buf, str what) except -1:
+    """``buf._alive(what)`` (a class's own is called)."""
+    f = buf._alive
+    if type(f) is _MethodType and PyMethod_GET_FUNCTION(f) == <PyObject *>_buf_alive_fn:
+        return _buf_alive(buf, what)
+    f(what)
+    return 0
+
+
+cdef bint _released(object buf) except -1:
+    """``buf.released`` (a class's own property is asked)."""
+    if _RELEASED_PROP is not None and _class_attr_is(type(buf), "released", _RELEASED_PROP):
+        return bool(buf._released)
+    return bool(buf.released)
+
+
+cdef int _exporter_op(object exp, str op, object a) except -1:
+    """``exp.attach(a)`` / ``exp.detach(a)``; the base class's, which does
+    nothing, is not called."""
+    f = getattr(exp, op)
+    if type(f) is _MethodType and PyMethod_GET_FUNCTION(f) == <PyObject *>(_EXP_ATTACH if op == "attach" else _EXP_DETACH):
+        return 0
+    f(a)
+    return 0
 
 
 cdef inline object _direction(object direction):
@@ -450,7 +552,7 @@ cdef class AttachmentCore(_Sited):
         if self.detached:
             _checker().lifetime("use-after-detach", f"{what} on a detached attachment", self)
             return False
-        if _buf(self).released:
+        if _released(_buf(self)):
             _checker().lifetime("use-after-release", f"{what} on an attachment of a released dma-buf", self)
             return False
         return True
@@ -473,7 +575,7 @@ cdef class AttachmentCore(_Sited):
         buf = self.dmabuf
         if buf is None:  # cleared by hand: nothing to tell (as a missing attribute was)
             raise AttributeError("the attachment's dmabuf was cleared")
-        return not buf.released
+        return not _released(buf)
 
     def _require_resv(self, str what not None):
         """The checker's ``<what>-without-resv`` unless this thread holds
@@ -921,7 +1023,7 @@ cdef object _attach(object buf, tuple imp, object ops, object priv, object devic
             raise TypeError(f"{chosen[0].type.name if chosen else 'the type'}: finish_match recorded "
                             "nothing on the attachment")
     a.device = _sgt_dma_device(a)
-    buf.exporter.attach(a)
+    _exporter_op(buf.exporter, "attach", a)
     resv = buf.resv
     _lock(resv)
     try:
@@ -994,7 +1096,7 @@ def dmabuf_attach(self, device):
 
 
 cdef object _sgt_attach(object buf, object device, object ops, object priv, str what):
-    buf._alive("attach")
+    _alive(buf, "attach")
     if not isinstance(device, _Device):
         raise _errors.InvalidArgument(f"{what}: {device!r} is not a device")
     machine = getattr(buf.exporter, "machine", None)
@@ -1051,7 +1153,7 @@ cdef int _detach(object buf, object attachment) except -1:
     finally:
         _unlock(resv)
     a.detached = True
-    buf.exporter.detach(a)
+    _exporter_op(buf.exporter, "detach", a)
     return 0
 
 

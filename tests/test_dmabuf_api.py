@@ -369,8 +369,13 @@ def test_detach_checks_the_real_type_not_a_faked_class(m):
 
 
 def test_a_failed_bind_rebinds_nothing(m):
+    from pydmabuf.dmabuf_ops import DmaBufBase, Exporter
+
     with pytest.raises((TypeError, AttributeError)):
-        _dmabuf_api.bind(Attachment, pydmabuf.Device, object())
+        _dmabuf_api.bind(Attachment, pydmabuf.Device, object(), DmaBufBase)
+    not_compiled = type("B", (), {"released": property(lambda self: False)})
+    with pytest.raises(TypeError, match="released"):
+        _dmabuf_api.bind(Attachment, pydmabuf.Device, Exporter, not_compiled)
     with pytest.raises(TypeError):
         _dmabuf_api.bind_matcher(MappingMatch, MatchArgs, None)
     buf = SystemHeap(m).allocate(1 << 12)
@@ -665,5 +670,55 @@ def test_what_an_exporter_class_has_follows_the_class_as_it_changes(m):
     b = buf.attach(m.device("gpu0"))  # the exporter's own match_mapping now negotiates
     assert pins[-1] == "match_mapping" and b.map_type.exp_ops is mapping._COMPAT_SGT.exp_ops
     buf.detach(b)
+    buf.detach(a)
+    buf.put()
+
+
+def test_the_exporters_attach_and_detach_are_called_unless_they_are_the_bases(m):
+    """The base Exporter's attach / detach do nothing and are skipped; an
+    exporter class's or instance's own are called, also when given after
+    the class was first used."""
+    calls: list[str] = []
+    buf = SystemHeap(m).allocate(1 << 12)
+    gpu = m.device("gpu0")
+    buf.detach(buf.attach(gpu))
+    exp = buf.exporter
+    exp.attach = lambda a: calls.append("instance attach")
+    a = buf.attach(gpu)
+    del exp.attach
+    type(exp).detach = lambda self, a: calls.append("class detach")
+    try:
+        buf.detach(a)
+    finally:
+        del type(exp).detach
+    buf.detach(buf.attach(gpu))
+    assert calls == ["instance attach", "class detach"]
+    buf.put()
+
+
+def test_released_and_alive_follow_the_buffer_class_as_it_changes(m):
+    """``released`` is read in C while it is the base's property, asked of
+    a class that replaces it later; ``_alive`` likewise."""
+    buf = SystemHeap(m).allocate(1 << 12)
+    gpu = m.device("gpu0")
+
+    class Mine(type(buf)):  # type: ignore[misc]
+        pass
+
+    buf.__class__ = Mine
+    a = buf.attach(gpu)
+    a.unmap_unlocked(a.map_unlocked(BIDI), BIDI)
+    Mine.released = property(lambda self: True)
+    seen: list[str] = []
+    Mine._alive = lambda self, what: seen.append(what)
+    with checks.report_mode():
+        checks.clear()
+        with pytest.raises(errors.LifetimeError):
+            a.map_unlocked(BIDI)
+        buf.detach(buf.attach(gpu))
+        assert [r.rule for r in checks.reports()] == ["use-after-release"] and seen == ["attach"]
+    checks.clear()
+    del Mine.released, Mine._alive
+    a.unmap_unlocked(a.map_unlocked(BIDI), BIDI)
     buf.detach(a)
     buf.put()

@@ -15,7 +15,7 @@ _T = TypeVar("_T")
 
 __all__ = ["AttachmentCore", "MatchCore", "bind", "bind_matcher", "bind_types", "match_of", "match_args_of", "sgt_importer",
            "sgt_match", "sgt_finish_match", "match_mapping", "exporter_matches", "sgt_dma_device", "attach",
-           "sgt_attach", "dmabuf_attach", "dmabuf_detach", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
+           "sgt_attach", "dmabuf_attach", "dmabuf_detach", "buf_alive", "buf_released", "map_attachment", "map_unlocked", "unmap_attachment", "unmap_unlocked", "track",
            "untrack", "table_map", "live_maps"]
 
 @disjoint_base
@@ -78,7 +78,9 @@ class _LegacySgtOps:
 device_maps: weakref.WeakKeyDictionary[Any, _MapRefs]
 maps_lock: threading.Lock
 
-def bind(attachment_cls: type, device_cls: type, exporter_cls: type) -> None: ...
+def bind(attachment_cls: type, device_cls: type, exporter_cls: type, buffer_cls: type) -> None: ...
+def buf_alive(self: Any, what: str) -> None: ...
+def buf_released(self: Any) -> bool: ...
 def bind_matcher(match_cls: type, args_cls: type, match_result: Callable[[Any, str], None]) -> None: ...
 def bind_types(sgt: Any, compat_entries: Iterable[Any], no_p2p: Any, requires_p2p: Any, accepts_p2p: Any,
                p2p_no_device: Callable[[], None]) -> None: ...

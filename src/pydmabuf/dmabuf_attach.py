@@ -27,7 +27,7 @@ from pydmabuf._core import SgTable, set_sg_with_hook
 from pydmabuf._dmabuf_api import _Mapping, _MapRefs, live_maps as _live_maps, table_map as _table_map
 from pydmabuf._lifecycle import Owner
 from pydmabuf._types import DmaDirection
-from pydmabuf.dmabuf_ops import AttachmentBase, Exporter, ImporterOps, PhysVec
+from pydmabuf.dmabuf_ops import AttachmentBase, DmaBufBase, Exporter, ImporterOps, PhysVec
 from pydmabuf.machine import Device, P2PMapType
 
 if TYPE_CHECKING:
@@ -320,7 +320,7 @@ class Attachment(AttachmentBase, Owner):
         return f"{self!r} collected while still attached"
 
 
-_dmabuf_api.bind(Attachment, Device, Exporter)
+_dmabuf_api.bind(Attachment, Device, Exporter, DmaBufBase)
 
 
 def attached_to(a: Attachment) -> str:

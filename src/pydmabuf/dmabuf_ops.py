@@ -25,8 +25,9 @@ from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 import numpy as np
 
-from pydmabuf import checks, errors
+from pydmabuf import errors
 from pydmabuf._core import Resv, SgTable
+from pydmabuf import _dmabuf_api
 from pydmabuf._dmabuf_api import AttachmentCore
 from pydmabuf._types import DmaDirection
 from pydmabuf.machine import Device, P2pProvider
@@ -254,9 +255,9 @@ class DmaBufBase:
     def refcount(self) -> int:
         return self._refs
 
-    @property
-    def released(self) -> bool:
-        return self._released
+    # Compiled (pydmabuf._dmabuf_api, where the attach and map paths read
+    # them without a Python call).
+    released = property(_dmabuf_api.buf_released, doc="Released: the last reference was put.")
 
     @property
     def generation(self) -> int:
@@ -265,9 +266,7 @@ class DmaBufBase:
         is refused by the access gate (:mod:`pydmabuf.access`)."""
         return self._generation
 
-    def _alive(self, what: str) -> None:
-        if self._released:
-            checks.checker.lifetime("use-after-release", f"{what} on a released dma-buf", self)
+    _alive = _dmabuf_api.buf_alive  # the checker's use-after-release unless alive
 
 
 class AttachmentBase(AttachmentCore):
