@@ -70,6 +70,10 @@ from cpython.tuple cimport PyTuple_GET_SIZE
 
 cdef extern from "Python.h":
     PyObject *PyThreadState_GetDict()
+    ctypedef struct PyTypeObject
+    PyTypeObject *Py_TYPE(object o)
+    bint PyType_HasFeature(PyTypeObject *t, unsigned long flag)
+    unsigned long Py_TPFLAGS_HEAPTYPE
     PyObject *PyDict_GetItem(object d, object key)
 
 
@@ -159,7 +163,12 @@ cdef int _ld_took(object m, bint with_ctx, bint trylock) except -1:
         held = _ld_held_of(tls)
         if type(held) is list and PyList_GET_SIZE(held) == 0:
             # The attribute, as the hook reads it (a subclass may override it).
-            key = keys.get(m.ww_class)
+            # The C field, unless a Python subclass (a heap type) could
+            # answer for itself.
+            if isinstance(m, WwMutex) and not PyType_HasFeature(Py_TYPE(m), Py_TPFLAGS_HEAPTYPE):
+                key = keys.get((<WwMutex>m).ww_class)
+            else:
+                key = keys.get(m.ww_class)
             if key is not None:
                 held.append((key, m, True))
                 return 0

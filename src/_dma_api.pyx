@@ -36,7 +36,8 @@ from pydmabuf._types import DmaDirection as _DmaDirection
 from pydmabuf.device import DEFAULT_MAX_SEGMENT_SIZE as _DEFAULT_MAX_SEG
 from pydmabuf.device import Device as _Device
 
-__all__ = ["SgMapping", "claim", "map_iommu", "unmap_iommu", "iova_link", "iova_destroy"]
+__all__ = ["SgMapping", "claim", "map_iommu", "unmap_iommu", "bind_sgtable", "dma_map_sgtable", "dma_unmap_sgtable",
+           "iova_link", "iova_destroy"]
 
 cdef uint64_t _U64 = 0xFFFFFFFFFFFFFFFF
 # The argument caches the Python layer fills (typed: a dict look-up in C).
@@ -137,6 +138,10 @@ def map_iommu(device, table, direction, attrs):
     Returns the number of DMA segments (the table is mapped and its
     ``mapping`` set), or -1 when the call is not the common case and
     nothing was done."""
+    return _map_iommu(device, table, direction, attrs)
+
+
+cdef int64_t _map_iommu(object device, object table, object direction, object attrs) except -2:
     if type(table) is not SgTable:
         return -1
     cdef SgTable t = <SgTable>table
@@ -196,6 +201,10 @@ def unmap_iommu(device, table, direction, attrs):
     table this device mapped through its IOMMU, unmapped with the same
     direction.  True when done; False when not that case and nothing was
     done (the caller's general path checks and raises)."""
+    return _unmap_iommu(device, table, direction, attrs)
+
+
+cdef bint _unmap_iommu(object device, object table, object direction, object attrs) except -1:
     if type(device) is not _Device or type(table) is not SgTable or not _plain(direction, attrs):
         return False
     cdef SgTable t = <SgTable>table
@@ -215,6 +224,84 @@ def unmap_iommu(device, table, direction, attrs):
     sg_iommu_unmap(t, dom, cpu)
     t.mapping = None
     return True
+
+
+# ------------------------------------------------ dma_map_sgtable's entry
+
+cdef object _map_general = None    # pydmabuf.dma._map_sgtable
+cdef object _unmap_general = None  # pydmabuf.dma._unmap_sgtable
+
+
+def bind_sgtable(map_general, unmap_general):
+    """Called once by :mod:`pydmabuf.dma`: the general paths of the two
+    entry points below."""
+    global _map_general, _unmap_general
+    if not callable(map_general) or not callable(unmap_general):
+        raise TypeError("bind_sgtable: two callables")
+    _map_general, _unmap_general = map_general, unmap_general
+
+
+def dma_map_sgtable(device, table, direction, attrs=0):
+    """``dma_map_sgtable()``: map the ``orig_nents`` CPU entries for ``device``.
+
+    Sets ``table.nents`` to the number of DMA segments and returns it; the
+    DMA side is read with :meth:`SgTable.dma_ranges`.
+
+    Raises
+    ------
+    InvalidArgument
+        (EINVAL) a DMA-only table, a bad direction, or a layout the IOMMU
+        cannot map.
+    OutOfMemory
+        (ENOMEM) out of IOVA space.
+    IOFailure
+        (EIO) a segment out of the device's reach with no bounce buffer
+        able to take it.
+    RemoteIO
+        (EREMOTEIO) peer memory the device cannot reach.
+    Busy
+        (EBUSY) the table is already mapped.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pydmabuf import DmaDirection, Machine, SgTable
+    >>> gpu = Machine.default().device("gpu0")
+    >>> t = SgTable.from_pages(np.array([0x100000, 0x100001, 0x100007], dtype=np.uint64))
+    >>> dma_map_sgtable(gpu, t, DmaDirection.TO_DEVICE)       # nents: one IOVA segment
+    1
+    >>> dma_unmap_sgtable(gpu, t, DmaDirection.TO_DEVICE)
+    """
+    # A trusted device behind an IOMMU, plain arguments seen before: the
+    # core walk from here; anything else is the general path's.
+    cdef int64_t nents = _map_iommu(device, table, direction, attrs)
+    if nents >= 0:
+        return nents
+    return _map_general(device, table, direction, attrs)
+
+
+def dma_unmap_sgtable(device, table, direction, attrs=0):
+    """``dma_unmap_sgtable()``: undo :func:`dma_map_sgtable` exactly.
+
+    The IOVA goes back (strict domains) or onto the flush queue (lazy),
+    bounce slots are copied back (FROM_DEVICE / BIDIRECTIONAL) and freed,
+    and the table's DMA side is cleared (``nents`` back to ``orig_nents``).
+    Unmapping a table that is not mapped, or with another device or
+    direction than it was mapped with, raises LifetimeError.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from pydmabuf import DmaDirection, Machine, SgTable
+    >>> gpu = Machine.default().device("gpu0")
+    >>> t = SgTable.from_pages(np.arange(0x100000, 0x100004, dtype=np.uint64))
+    >>> n = dma_map_sgtable(gpu, t, DmaDirection.FROM_DEVICE)
+    >>> dma_unmap_sgtable(gpu, t, DmaDirection.FROM_DEVICE)
+    >>> t.mapping is None
+    True
+    """
+    if not _unmap_iommu(device, table, direction, attrs):
+        _unmap_general(device, table, direction, attrs)
 
 
 def iova_link(IovaStateCore st not None, ranges, direction, attrs, offset, all_at_offset):

@@ -44,7 +44,7 @@ The line is read at once, the ``file:line`` text made when first read.
 """
 
 from cpython.dict cimport PyDict_GetItem
-from cpython.method cimport PyMethod_GET_FUNCTION
+from cpython.method cimport PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.object cimport PyObject_GenericSetAttr
 from cpython.ref cimport PyObject, Py_DECREF
 from cpython.weakref cimport PyWeakref_NewRef
@@ -83,6 +83,7 @@ cdef object _user_file = _checks._user_file
 cdef type _WeakRef = weakref.ReferenceType
 cdef type _MethodType = types.MethodType
 cdef bytes _NO_ROWS = b""
+cdef tuple _EMPTY = ()
 cdef object _NotSupported = _errors.NotSupported
 cdef object _InvalidArgument = _errors.InvalidArgument
 
@@ -96,12 +97,13 @@ cdef extern from "Python.h":
     int PyFrame_GetLineNumber(PyFrameObject *frame)
     int PyFrame_GetLasti(PyFrameObject *frame)
     ctypedef struct PyCodeObject:
-        pass
+        PyObject *co_filename
     int PyCode_Addr2Line(PyCodeObject *co, int addr)
     int PyObject_GenericSetDict(object o, object d, void *context) except -1
     dict PyObject_GenericGetDict(object o, void *context)
     ctypedef struct PyTypeObject:
         PyObject *tp_dict
+        object (*tp_new)(PyTypeObject *, PyObject *, PyObject *)
         unsigned int tp_version_tag
     int PyDict_DelItemString(PyObject *d, const char *key) except -1
     void PyType_Modified(type t)
@@ -139,7 +141,7 @@ cdef object _user_site():
     frame = <object><PyObject *>f  # a reference of our own while walking
     while True:
         code = PyFrame_GetCode(<PyFrameObject *>frame)
-        fn = code.co_filename
+        fn = <object>(<PyCodeObject *>code).co_filename
         name = _FILE_KIND[fn] if fn in _FILE_KIND else _user_file(fn)
         if name is not None:
             site = _Site.__new__(_Site)
@@ -373,10 +375,15 @@ cdef bint _is_dynamic(object exp) except -1:
     """``exp.is_dynamic()`` (``dma_buf_is_dynamic()``: the exporter has
     ``pin``), asked in C unless the exporter overrides it."""
     f = exp.is_dynamic
-    if getattr(f, "__func__", None) is _IS_DYNAMIC:
-        cls = getattr(f, "__self__", None)  # the class it is bound to (a delegating exporter's may be another's)
-        if isinstance(cls, type):
-            return _has(cls, "pin")
+    if type(f) is _MethodType:  # the usual bound classmethod: its parts read in C
+        func = <object>PyMethod_GET_FUNCTION(f)
+        cls = <object>PyMethod_GET_SELF(f)
+    else:
+        func = getattr(f, "__func__", None)
+        cls = getattr(f, "__self__", None)
+    # ``cls``: the class it is bound to (a delegating exporter's may be another's).
+    if func is _IS_DYNAMIC and isinstance(cls, type):
+        return _has(cls, "pin")
     return bool(f())
 
 
@@ -557,8 +564,9 @@ cdef class AttachmentCore(_Sited):
             return False
         return True
 
-    cdef int require_resv(self, str what) except -1:
-        if not _held(_buf(self).resv):
+    cdef int require_resv(self, str what, object resv=None) except -1:
+        """``resv``: the buffer's, when the caller has read it."""
+        if not _held(_buf(self).resv if resv is None else resv):
             _checker().locking(f"{what}-without-resv", f"dma_buf_{what} without the reservation lock held", self)
         return 0
 
@@ -726,6 +734,39 @@ cdef object _table_map(object table):
     return m if type(m) is _Mapping and (<_Mapping>m).table is table else None
 
 
+# The buffer's lock (a threading.RLock) and the device records' (a Lock)
+# are taken here through their types' own methods: a ``with`` statement
+# would make and free two bound methods and call __exit__ with three
+# arguments each time.  Any other lock object goes through its
+# __enter__ / __exit__.
+cdef type _RLockType = type(threading.RLock())
+cdef type _LockType = type(threading.Lock())
+cdef object _rlock_acquire = _RLockType.acquire
+cdef object _rlock_release = _RLockType.release
+cdef object _plain_acquire = _LockType.acquire
+cdef object _plain_release = _LockType.release
+
+
+cdef inline int _acquire(object lk) except -1:
+    if type(lk) is _RLockType:
+        _rlock_acquire(lk)
+    elif type(lk) is _LockType:
+        _plain_acquire(lk)
+    else:
+        lk.__enter__()
+    return 0
+
+
+cdef inline int _release(object lk) except -1:
+    if type(lk) is _RLockType:
+        _rlock_release(lk)
+    elif type(lk) is _LockType:
+        _plain_release(lk)
+    else:
+        lk.__exit__(None, None, None)
+    return 0
+
+
 cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, object dma):
     cdef _Mapping m = _Mapping.__new__(_Mapping)
     cdef set maps = a._maps  # a reference of our own while the set hashes and compares
@@ -737,9 +778,13 @@ cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, obje
     m._dma = dma
     m.pinned = pinned
     buf = _buf(a)
-    with buf._lock:
+    lk = buf._lock
+    _acquire(lk)
+    try:
         maps.add(m)
         buf._mappings.add(m)
+    finally:
+        _release(lk)
     ref = PyWeakref_NewRef(m, None)
     if table is not None:
         (<SgTable>table)._dmabuf_ref = ref
@@ -749,10 +794,13 @@ cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, obje
             return m
         a._dev_refs = _dev_record(dev)  # found once per attachment (its device is fixed)
     refs = a._dev_refs
-    with _maps_lock:
+    _acquire(_maps_lock)
+    try:
         refs[id(m)] = ref
         if len(refs) > refs.sweep_at:
             refs.sweep()
+    finally:
+        _release(_maps_lock)
     return m
 
 
@@ -774,11 +822,15 @@ def track(AttachmentCore a not None, table, direction, bint pinned, dma_ranges=N
 cdef int _untrack(AttachmentCore a, _Mapping m) except -1:
     cdef set maps = a._maps
     buf = _buf(a)
-    with buf._lock:
+    lk = buf._lock
+    _acquire(lk)
+    try:
         maps.discard(m)
         buf._mappings.discard(m)
         if buf._idle_waiters:
             buf._idle.notify_all()
+    finally:
+        _release(lk)
     t = m.table
     if isinstance(t, SgTable):
         r = (<SgTable>t)._dmabuf_ref
@@ -787,8 +839,11 @@ cdef int _untrack(AttachmentCore a, _Mapping m) except -1:
     cdef _MapRefs refs = a._dev_refs
     if refs is None:  # not in the device's record (no device, or never mapped)
         return 0
-    with _maps_lock:
+    _acquire(_maps_lock)
+    try:
         refs.pop(id(m), None)
+    finally:
+        _release(_maps_lock)
     return 0
 
 
@@ -804,7 +859,7 @@ def untrack(AttachmentCore a not None, _Mapping m not None):
 
 
 cdef object _match_of(object cls, object mtype, object exp_ops, dict data):
-    cdef MatchCore self = MatchCore.__new__(cls)
+    cdef MatchCore self = <MatchCore>(<PyTypeObject *>cls).tp_new(<PyTypeObject *>cls, <PyObject *>_EMPTY, NULL)
     self.type = mtype
     self.exp_ops = exp_ops
     self._data = data
@@ -973,10 +1028,17 @@ cdef class _LegacySgtOps:
     Stateless: one instance serves every buffer."""
 
     def map_dma_buf(self, attachment, direction):
-        return attachment.dmabuf.exporter.map_dma_buf(attachment, direction)
+        return _buf_of(attachment).exporter.map_dma_buf(attachment, direction)
 
     def unmap_dma_buf(self, attachment, table, direction):
-        attachment.dmabuf.exporter.unmap_dma_buf(attachment, table, direction)
+        _buf_of(attachment).exporter.unmap_dma_buf(attachment, table, direction)
+
+
+cdef inline object _buf_of(object attachment):
+    """``attachment.dmabuf`` (the C field of an attachment)."""
+    if isinstance(attachment, AttachmentCore):
+        return (<AttachmentCore>attachment).dmabuf
+    return attachment.dmabuf
 
 
 cdef object _sgt_dma_device(object attachment):
@@ -1007,29 +1069,38 @@ def attach(buf, tuple imp not None, ops, priv):
     return _attach(buf, imp, ops, priv)
 
 
-cdef object _attach(object buf, tuple imp, object ops, object priv, object device=None, bint accepts=False):
+cdef object _attach(object buf, tuple imp, object ops, object priv, object device=None, bint accepts=False,
+                    object exp=None):
     """``imp`` None: the SGT wrappers' one importer entry, for ``device``
-    (accepting P2P or not)."""
-    if _held(buf.resv):
+    (accepting P2P or not).  ``exp``: the buffer's exporter, if the caller
+    read it (a buffer's exporter and reservation object are fixed at
+    export: each is read once per call)."""
+    resv = buf.resv
+    if exp is None:
+        exp = buf.exporter
+    if _held(resv):
         _checker().locking("attach-with-resv", "dma_buf_attach with the reservation lock held", buf)
     cdef AttachmentCore a = _new(buf, ops, priv)
-    if imp is not None or not _sgt_compat(a, buf.exporter, device, accepts):
+    if imp is not None or not _sgt_compat(a, exp, device, accepts):
         if imp is None:
             imp = (_sgt_importer(device, accepts),)
         args = _args_of(_MatchArgs, buf, a, imp)
-        _exporter_matches(args, buf.exporter)
+        _exporter_matches(args, exp)
         if a.map_type is None:
             chosen = args.chosen
             raise TypeError(f"{chosen[0].type.name if chosen else 'the type'}: finish_match recorded "
                             "nothing on the attachment")
     a.device = _sgt_dma_device(a)
-    _exporter_op(buf.exporter, "attach", a)
-    resv = buf.resv
+    _exporter_op(exp, "attach", a)
     _lock(resv)
     try:
-        with buf._lock:
+        lk = buf._lock
+        _acquire(lk)
+        try:
             buf._attachments.insert(0, a)
             a._listed = True
+        finally:
+            _release(lk)
     finally:
         _unlock(resv)
     return a
@@ -1054,8 +1125,9 @@ cdef bint _sgt_compat(AttachmentCore a, object exporter, object device, bint acc
     exp = entries[0]
     if type(exp) is not _MappingMatch or (<MatchCore>exp).type is not _SGT or type(_SGT) is not _SGT_CLS:
         return False
-    if (getattr(_SGT_CLS, "match") is not _sgt_match_fn or getattr(_SGT_CLS, "finish_match") is not _sgt_finish_fn
-            or "match" in _SGT.__dict__ or "finish_match" in _SGT.__dict__):
+    if (not _class_attr_is(_SGT_CLS, "match", _sgt_match_fn) or not _class_attr_is(_SGT_CLS, "finish_match", _sgt_finish_fn)
+            or "match" in (<dict>PyObject_GenericGetDict(_SGT, NULL))
+            or "finish_match" in (<dict>PyObject_GenericGetDict(_SGT, NULL))):
         return False  # replaced by someone: they are called, on the general path
     req = _efield(exp, "exporter_requires_p2p", _NO_P2P)
     if req == _REQUIRES_P2P:
@@ -1099,12 +1171,13 @@ cdef object _sgt_attach(object buf, object device, object ops, object priv, str 
     _alive(buf, "attach")
     if not isinstance(device, _Device):
         raise _errors.InvalidArgument(f"{what}: {device!r} is not a device")
-    machine = getattr(buf.exporter, "machine", None)
+    exp = buf.exporter
+    machine = getattr(exp, "machine", None)
     if machine is not None and device.machine is not machine:
         raise _errors.InvalidArgument(f"{what}: {device.name} is a device of machine "
                                       f"{device.machine.name!r}, not of the exporter's {machine.name!r}")
     accepts = ops is not None and bool(ops.allow_peer2peer)
-    return _attach(buf, None, ops, priv, device, accepts)
+    return _attach(buf, None, ops, priv, device, accepts, exp)
 
 
 def dmabuf_detach(self, attachment):
@@ -1148,8 +1221,12 @@ cdef int _detach(object buf, object attachment) except -1:
                             culprit=a.importer_ops or a)
     _lock(resv)
     try:
-        with buf._lock:
+        lk = buf._lock
+        _acquire(lk)
+        try:
             buf._attachments.remove(a)
+        finally:
+            _release(lk)
     finally:
         _unlock(resv)
     a.detached = True
@@ -1188,7 +1265,8 @@ def map_attachment(AttachmentCore self not None, direction=_BIDI):
     return _map(self, direction)
 
 
-cdef object _map(AttachmentCore a, object direction):
+cdef object _map(AttachmentCore a, object direction, object resv=None):
+    """``resv``: the buffer's, when the caller has read it."""
     d = _direction(direction)
     if not a.usable("map"):
         raise _errors.LifetimeError("map on a dead attachment")
@@ -1196,8 +1274,10 @@ cdef object _map(AttachmentCore a, object direction):
     if sgt is None:
         raise _errors.InvalidArgument(f"dma_buf_map_attachment: the attachment negotiated "
                                       f"{a._type_name()!r}, not a scatterlist")
-    a.require_resv("map")
     buf = _buf(a)
+    if resv is None:
+        resv = buf.resv
+    a.require_resv("map", resv)
     if buf.revoked:
         raise _errors.Revoked(f"{buf.name} was revoked: no new mappings")
     exp = buf.exporter
@@ -1219,7 +1299,6 @@ cdef object _map(AttachmentCore a, object direction):
         raise
     if not dynamic:
         try:
-            resv = buf.resv
             # A Resv with no fence waits for nothing (Resv.wait checks its
             # arguments, constants here, and returns at once).
             if type(resv) is not Resv or (<Resv>resv).num:
@@ -1259,7 +1338,7 @@ def map_unlocked(AttachmentCore self not None, direction=_BIDI):
         return a.map(direction)
     _lock(resv)
     try:
-        return _map(a, direction)
+        return _map(a, direction, resv)
     finally:
         _unlock(resv)
 
@@ -1285,9 +1364,10 @@ def unmap_attachment(AttachmentCore self not None, table, direction=_BIDI):
     _unmap(self, table, direction)
 
 
-cdef int _unmap(AttachmentCore a, object table, object direction) except -1:
+cdef int _unmap(AttachmentCore a, object table, object direction, object resv=None) except -1:
+    """``resv``: the buffer's, when the caller has read it."""
     d = _direction(direction)
-    a.require_resv("unmap")
+    a.require_resv("unmap", resv)
     m = _table_map(table)
     cdef set maps = a._maps
     if m is None or (<_Mapping>m).attachment is not a or m not in maps:
@@ -1297,13 +1377,12 @@ cdef int _unmap(AttachmentCore a, object table, object direction) except -1:
     cdef _Mapping rec = <_Mapping>m
     if rec.direction != d:
         _checker().lifetime("unmap-direction", f"mapped {rec.direction.name}, unmapped {d.name}", a)
-    exp = _buf(a).exporter
     sgt = _sgt_ops(a)  # a tracked table means the attachment is SGT
     sgt.unmap_dma_buf(a, table, rec.direction)
     _untrack(a, rec)
     if rec.pinned:
         a.pin_count -= 1
-        exp.unpin(a)
+        _buf(a).exporter.unpin(a)
     return 0
 
 
@@ -1320,6 +1399,6 @@ def unmap_unlocked(AttachmentCore self not None, table, direction=_BIDI):
         return
     _lock(resv)
     try:
-        _unmap(a, table, direction)
+        _unmap(a, table, direction, resv)
     finally:
         _unlock(resv)

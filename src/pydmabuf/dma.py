@@ -90,43 +90,9 @@ def _need_table(table: Any, what: str) -> SgTable:
 # ------------------------------------------------------------ scatterlists
 
 
-def dma_map_sgtable(device: Device, table: SgTable, direction: DmaDirection | int,
-                    attrs: int = 0) -> int:
-    """``dma_map_sgtable()``: map the ``orig_nents`` CPU entries for ``device``.
-
-    Sets ``table.nents`` to the number of DMA segments and returns it; the
-    DMA side is read with :meth:`SgTable.dma_ranges`.
-
-    Raises
-    ------
-    InvalidArgument
-        (EINVAL) a DMA-only table, a bad direction, or a layout the IOMMU
-        cannot map.
-    OutOfMemory
-        (ENOMEM) out of IOVA space.
-    IOFailure
-        (EIO) a segment out of the device's reach with no bounce buffer
-        able to take it.
-    RemoteIO
-        (EREMOTEIO) peer memory the device cannot reach.
-    Busy
-        (EBUSY) the table is already mapped.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from pydmabuf import DmaDirection, Machine, SgTable
-    >>> gpu = Machine.default().device("gpu0")
-    >>> t = SgTable.from_pages(np.array([0x100000, 0x100001, 0x100007], dtype=np.uint64))
-    >>> dma_map_sgtable(gpu, t, DmaDirection.TO_DEVICE)       # nents: one IOVA segment
-    1
-    >>> dma_unmap_sgtable(gpu, t, DmaDirection.TO_DEVICE)
-    """
-    # A trusted device behind an IOMMU, plain arguments seen before: one
-    # compiled call (pydmabuf._dma_api), the same core walk as below.
-    nents = _dma_api.map_iommu(device, table, direction, attrs)
-    if nents >= 0:
-        return nents
+def _map_sgtable(device: Device, table: SgTable, direction: DmaDirection | int, attrs: int) -> int:
+    """dma_map_sgtable()'s general path (the compiled entry,
+    :func:`pydmabuf._dma_api.dma_map_sgtable`, tried the common case)."""
     # One look-up gives the parsed direction, attributes and IOMMU prot
     # (the list-free calls' cache), for arguments of exactly these types.
     hit = _LINK_ARGS.get((direction, attrs, device.coherent)) if type(device) is Device \
@@ -201,28 +167,9 @@ def _map_sg_iommu_swiotlb(device: Device, table: SgTable, m: SgMapping) -> None:
         e["dma_flags"][slots[0]] |= _core.SG_DMA_SWIOTLB
 
 
-def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | int, attrs: int = 0) -> None:
-    """``dma_unmap_sgtable()``: undo :func:`dma_map_sgtable` exactly.
-
-    The IOVA goes back (strict domains) or onto the flush queue (lazy),
-    bounce slots are copied back (FROM_DEVICE / BIDIRECTIONAL) and freed,
-    and the table's DMA side is cleared (``nents`` back to ``orig_nents``).
-    Unmapping a table that is not mapped, or with another device or
-    direction than it was mapped with, raises LifetimeError.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> from pydmabuf import DmaDirection, Machine, SgTable
-    >>> gpu = Machine.default().device("gpu0")
-    >>> t = SgTable.from_pages(np.arange(0x100000, 0x100004, dtype=np.uint64))
-    >>> n = dma_map_sgtable(gpu, t, DmaDirection.FROM_DEVICE)
-    >>> dma_unmap_sgtable(gpu, t, DmaDirection.FROM_DEVICE)
-    >>> t.mapping is None
-    True
-    """
-    if _dma_api.unmap_iommu(device, table, direction, attrs):
-        return
+def _unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | int, attrs: int) -> None:
+    """dma_unmap_sgtable()'s general path (after the compiled entry's
+    common case)."""
     da = _DIR_ATTRS.get((direction, attrs)) if type(direction) in _DIR_TYPES and type(attrs) in _ATTR_TYPES else None
     d, a = da if da is not None else _dir_attrs(direction, attrs)
     if type(device) is not Device or type(table) is not SgTable:
@@ -247,6 +194,13 @@ def dma_unmap_sgtable(device: Device, table: SgTable, direction: DmaDirection | 
             dma_unmap_phys(device, dma, n, d, a)
         _core.sg_clear_dma(table)
     table.mapping = None
+
+
+# The entry points are compiled (their common case, a trusted device behind
+# an IOMMU, is one C call); they call the general paths above for the rest.
+dma_map_sgtable = _dma_api.dma_map_sgtable
+dma_unmap_sgtable = _dma_api.dma_unmap_sgtable
+_dma_api.bind_sgtable(_map_sgtable, _unmap_sgtable)
 
 
 def dma_sync_sgtable_for_cpu(device: Device, table: SgTable, direction: DmaDirection | int) -> None:
