@@ -315,58 +315,81 @@ def bind(attachment_cls, device_cls, exporter_cls, buffer_cls):
     _EXP_ATTACH, _EXP_DETACH, _RELEASED_PROP = exp_attach, exp_detach, released
 
 
-# _has()'s answers by the built-in rule, remembered per (class, op): a
-# class's version tag changes whenever it or a base is modified (as in
-# CPython's own method cache), so an entry of an older tag is stale.  No
-# reference is held: a dead class's address and tag together cannot come
-# back (tags are never reused).
-cdef struct _HasEntry:
+# Answers about classes, remembered per class version: _has()'s by the
+# built-in rule and _class_attr_is()'s.  A class's version tag changes
+# whenever it or a base is modified (as in CPython's own method cache), so
+# an entry of an older tag is stale.  No reference is held: a dead class's
+# address and tag together cannot come back (tags are never reused).  A
+# few (class, question) pairs are live at once; the table is searched
+# whole and refilled round-robin.
+cdef struct _ClassAnswer:
     void *cls
     unsigned int tag
-    void *op
+    void *key   # the question: an interned str of this module, and its kind
+    int kind
     bint result
 
-cdef _HasEntry _has_cache[16]
+cdef enum:
+    _ANSWERS = 16
+cdef _ClassAnswer _answers[_ANSWERS]
+cdef int _answers_next = 0
 
 
-cdef _HasEntry _attr_cache[8]
+cdef inline _ClassAnswer *_answer_of(object cls, object key, int kind):
+    """The remembered answer, or NULL."""
+    cdef unsigned int tag = (<PyTypeObject *>cls).tp_version_tag
+    cdef int i
+    if tag == 0:
+        return NULL
+    for i in range(_ANSWERS):
+        if _answers[i].cls == <void *>cls and _answers[i].key == <void *>key and _answers[i].kind == kind:
+            return &_answers[i] if _answers[i].tag == tag else NULL
+    return NULL
+
+
+cdef inline void _remember(object cls, object key, int kind, bint result):
+    """Keep an answer for the class's version now (after the look-ups that
+    gave the class one, if it can have one)."""
+    global _answers_next
+    cdef int i, slot = -1
+    for i in range(_ANSWERS):
+        if _answers[i].cls == <void *>cls and _answers[i].key == <void *>key and _answers[i].kind == kind:
+            slot = i
+            break
+    if slot < 0:
+        slot = _answers_next
+        _answers_next = (_answers_next + 1) % _ANSWERS
+    _answers[slot].cls = <void *>cls
+    _answers[slot].tag = (<PyTypeObject *>cls).tp_version_tag
+    _answers[slot].key = <void *>key
+    _answers[slot].kind = kind
+    _answers[slot].result = result
 
 
 cdef bint _class_attr_is(object cls, str name, object value) except -1:
-    """``getattr(cls, name) is value``, remembered per class version as
-    _has() is (``value`` is one of this module's bound constants)."""
-    cdef unsigned int tag
-    cdef _HasEntry *e = &_attr_cache[((<size_t><void *>cls >> 4) ^ (<size_t><void *>name >> 4)) & 7]
-    tag = (<PyTypeObject *>cls).tp_version_tag
-    if tag != 0 and e.cls == <void *>cls and e.tag == tag and e.op == <void *>name:
+    """``getattr(cls, name) is value`` for a class (``value`` is one of this
+    module's bound constants, fixed for the module's life)."""
+    cdef _ClassAnswer *e = _answer_of(cls, name, 1)
+    if e != NULL:
         return e.result
     result = getattr(cls, name, None) is value
-    e.cls = <void *>cls
-    e.tag = (<PyTypeObject *>cls).tp_version_tag
-    e.op = <void *>name
-    e.result = result
+    _remember(cls, name, 1, result)
     return result
 
 
 cdef bint _has(object cls, str op) except -1:
     """``cls.has(op)``: does the exporter class provide ``op`` (override the
     base's)?  Asked in C unless a class overrides ``has`` itself."""
-    cdef unsigned int tag
-    cdef _HasEntry *e = &_has_cache[((<size_t><void *>cls >> 4) ^ (<size_t><void *>op >> 4)) & 15]
+    cdef _ClassAnswer *e
     if isinstance(cls, type):
-        tag = (<PyTypeObject *>cls).tp_version_tag
-        if tag != 0 and e.cls == <void *>cls and e.tag == tag and e.op == <void *>op:
+        e = _answer_of(cls, op, 0)
+        if e != NULL:
             return e.result
     h = cls.has
     if getattr(h, "__func__", None) is _HAS and getattr(h, "__self__", None) is cls:
         result = getattr(cls, op) is not getattr(_Exporter, op)
         if isinstance(cls, type):
-            # The tag now, after the look-ups gave the class one (if it can
-            # have one); the answer holds while it stays.
-            e.cls = <void *>cls
-            e.tag = (<PyTypeObject *>cls).tp_version_tag
-            e.op = <void *>op
-            e.result = result
+            _remember(cls, op, 0, result)
         return result
     return bool(h(op))
 
