@@ -9,7 +9,11 @@ going back through Python:
 * :func:`map_iommu` / :func:`unmap_iommu`: ``dma_map_sgtable`` /
   ``dma_unmap_sgtable`` for a trusted device behind an IOMMU domain: read
   the device's DMA limits and call the core's locked walk
-  (``sg_iommu_map`` / ``sg_iommu_unmap``).
+  (``sg_iommu_map`` / ``sg_iommu_unmap``).  :func:`dma_map_sgtable` and
+  :func:`dma_unmap_sgtable` themselves are here too, with their
+  documentation (:mod:`pydmabuf.dma` exports them under its own name):
+  they try that case and call the Python module's general path for the
+  rest (bound by :func:`bind_sgtable`).
 * :func:`iova_link` / :func:`iova_destroy`: ``IovaState.link_ranges`` and
   ``destroy`` for a state of a device that does not bounce.
 

@@ -5,14 +5,23 @@ paths, compiled.
 :class:`AttachmentCore` holds the fields of ``struct dma_buf_attachment``
 (:class:`pydmabuf.dmabuf.Attachment` is its one Python subclass, through
 :class:`pydmabuf.dmabuf_ops.AttachmentBase`), and :class:`_Mapping` the
-checker's record of one table handed to an importer.  The functions do
-what the attachment's entry points do, called by their Python methods
-(which keep the documentation and the signatures):
+checker's record of one table handed to an importer;
+:class:`MatchCore` the fields of ``struct dma_buf_mapping_match``
+(:class:`pydmabuf.dma_buf_mapping.MappingMatch`).  The functions are the
+entry points, with their documentation: the Python classes bind them as
+their methods (``DmaBuf.attach = dmabuf_attach``), so no Python frame of
+the package stands between the caller and the work:
 
-* :func:`attach` / :func:`sgt_attach` / :func:`detach`:
+* :func:`dmabuf_attach` (``DmaBuf.attach``), :func:`sgt_attach` (called
+  by ``DmaBuf.dynamic_attach``), :func:`attach` (by
+  ``DmaBuf.mapping_attach``), :func:`dmabuf_detach` (``DmaBuf.detach``):
   ``dma_buf_mapping_attach()``, its SGT wrappers, ``dma_buf_detach()``;
 * :func:`map_attachment` / :func:`unmap_attachment` and their ``_unlocked``
-  forms: ``dma_buf_map_attachment()`` and friends;
+  forms (``Attachment.map`` ...): ``dma_buf_map_attachment()`` and
+  friends;
+* :func:`buf_alive` / :func:`buf_released`: the buffer base class's
+  ``_alive`` check and ``released`` property, which these paths read
+  without a call while the buffer's class keeps them;
 * :func:`track` / :func:`untrack`: the checker's record of what an
   importer holds (a table, a PAL list, DMA addresses it mapped itself),
   kept per attachment, per buffer and per device (:func:`live_maps`, read
@@ -40,7 +49,8 @@ Where the user made an attachment or a mapping (``created_at``): as
 :func:`pydmabuf.checks.created_at` says, the first frame outside the
 package (the bundled scenarios count as user code), found from here by
 walking up from the innermost Python frame (these functions make none).
-The line is read at once, the ``file:line`` text made when first read.
+The frame's code and last instruction are kept; the line and the
+``file:line`` text are made when first read.
 """
 
 from cpython.dict cimport PyDict_GetItem
