@@ -109,11 +109,14 @@ cdef extern from "Python.h":
     ctypedef struct PyCodeObject:
         PyObject *co_filename
     int PyCode_Addr2Line(PyCodeObject *co, int addr)
-    int PyObject_GenericSetDict(object o, object d, void *context) except -1
     dict PyObject_GenericGetDict(object o, void *context)
+    ctypedef object (*newfunc)(PyTypeObject *, PyObject *, PyObject *)
+    ctypedef PyObject *(*getattrofunc)(PyObject *, PyObject *)
+    PyObject *PyObject_GenericGetAttr(PyObject *o, PyObject *name)
     ctypedef struct PyTypeObject:
         PyObject *tp_dict
-        object (*tp_new)(PyTypeObject *, PyObject *, PyObject *)
+        newfunc tp_new
+        getattrofunc tp_getattro
         unsigned int tp_version_tag
     int PyDict_DelItemString(PyObject *d, const char *key) except -1
     void PyType_Modified(type t)
@@ -134,7 +137,7 @@ cdef class _Site:
             # The line the frame was at (PyFrame_GetLineNumber's answer
             # outside a trace function): -1 where the code has no location
             # (f_lineno None).
-            line = PyCode_Addr2Line(<PyCodeObject *>self.code, self.lasti)
+            line = PyCode_Addr2Line(<PyCodeObject *>self.code, self.lasti) if self.code is not None else 0
             self.text = f"{self.name}:{line if line >= 0 else None}"
             self.code = None
         return self.text
@@ -209,43 +212,36 @@ cdef class _Sited:
 
 
 cdef class MatchCore:
-    """The C layout of :class:`pydmabuf.dma_buf_mapping.MappingMatch`
-    (``struct dma_buf_mapping_match``), its one Python subclass, which
-    keeps the constructor and the documentation.
+    """The C base of :class:`pydmabuf.dma_buf_mapping.MappingMatch`
+    (``struct dma_buf_mapping_match``), which keeps the constructor, the
+    documentation and, as plain instance attributes, everything an entry
+    holds (``type``, ``exp_ops``, ``_data`` and the type's data).
 
-    ``type`` and ``exp_ops`` are slots; the type's data are in ``_data``
-    (the constructor's dict) and, as instance attributes, in the
-    instance's ``__dict__``.  A name that is neither is looked up in
-    ``_data`` (an entry built without its constructor, as copy and pickle
-    do), then is an AttributeError naming the type.  Being a C type, an
-    entry's attributes are read without the Python-level ``__getattr__``
-    hook, which made every read of any attribute, found or not, call
-    back into Python's slot machinery."""
-
-    cdef public object type
-    cdef public object exp_ops
-    cdef public object _data
-    cdef dict __dict__
+    It adds no field; it is the entry's getattr slot: a name the entry
+    does not have is looked up in its ``_data`` (an entry built without
+    its constructor), then is an AttributeError naming the type.  Being a
+    C slot, reading an entry's attributes, found or not, needs no
+    Python-level ``__getattr__`` hook (CPython dispatches every read of a
+    class with one through its slot machinery and, for a miss, a Python
+    call)."""
 
     def __getattr__(self, name):
-        # Only reached for names that are not real attributes.
-        data = self._data
+        # Only reached for names the entry does not have.
+        d = getattr(self, "__dict__", None)
+        data = (<dict>d).get("_data") if type(d) is dict else None
         if isinstance(data, dict):
             try:
                 return (<dict>data)[name]
             except KeyError:
                 pass
-        raise AttributeError(f"{getattr(self.type, 'name', 'mapping')} entry has no {name!r}")
+        t = (<dict>d).get("type") if type(d) is dict else None
+        raise AttributeError(f"{getattr(t, 'name', 'mapping')} entry has no {name!r}")
 
-    # copy and pickle: the slots and the instance attributes.
-    def __getstate__(self):
-        return (self.type, self.exp_ops, self._data, PyObject_GenericGetDict(self, NULL))
-
-    def __setstate__(self, state):
-        if type(state) is not tuple or len(<tuple>state) != 4 or not isinstance((<tuple>state)[3], dict):
-            raise TypeError("MappingMatch state: (type, exp_ops, data, attributes)")
-        self.type, self.exp_ops, self._data, attrs = state
-        (<dict>PyObject_GenericGetDict(self, NULL)).update(attrs)
+    def __reduce_ex__(self, protocol):
+        # copy and pickle as for a plain object (state: the instance's
+        # dict and slots), with protocol 2's reduce for 0 and 1 too:
+        # copyreg's older one cannot make an object of a C base class.
+        return object.__reduce_ex__(self, protocol if protocol >= 2 else 2)
 
 
 # The C type answers a missing name through its own getattr slot.  Left in
@@ -255,6 +251,7 @@ cdef class MatchCore:
 # the slot itself.
 PyDict_DelItemString((<PyTypeObject *>MatchCore).tp_dict, "__getattr__")
 PyType_Modified(MatchCore)
+cdef newfunc _MATCH_NEW = (<PyTypeObject *>MatchCore).tp_new
 
 
 # Bound by bind_matcher() (pydmabuf.dma_buf_mapping), bind_types()
@@ -276,6 +273,7 @@ cdef object _HAS = None             # Exporter.has, Exporter.is_dynamic (their f
 cdef object _IS_DYNAMIC = None
 cdef object _Device = None          # pydmabuf.device.Device
 cdef object _new_attachment = None  # Attachment.__new__
+cdef bint _attachment_c_new = False  # ... which is AttachmentCore's
 
 
 def bind_matcher(match_cls, args_cls, match_result):
@@ -284,6 +282,8 @@ def bind_matcher(match_cls, args_cls, match_result):
     global _MappingMatch, _MatchArgs, _match_result
     if not isinstance(match_cls, type) or not isinstance(args_cls, type) or not callable(match_result):
         raise TypeError("bind_matcher: two classes and a callable")
+    if not issubclass(match_cls, MatchCore):
+        raise TypeError("bind_matcher: the entry class must derive from MatchCore")
     _MappingMatch, _MatchArgs, _match_result = match_cls, args_cls, match_result
 
 
@@ -305,13 +305,14 @@ def bind(attachment_cls, device_cls, exporter_cls, buffer_cls):
     (derived from :class:`AttachmentCore`), the device class, the
     exporters' base class and the buffers' (whose ``released`` property
     is read through :func:`buf_released`)."""
-    global _Attachment, _Device, _new_attachment, _Exporter, _HAS, _IS_DYNAMIC
+    global _Attachment, _Device, _new_attachment, _attachment_c_new, _Exporter, _HAS, _IS_DYNAMIC
     global _EXP_ATTACH, _EXP_DETACH, _RELEASED_PROP
     if not isinstance(attachment_cls, type) or not issubclass(attachment_cls, AttachmentCore):
         raise TypeError("bind: the attachment class must derive from AttachmentCore")
     if not isinstance(device_cls, type) or not isinstance(exporter_cls, type) or not isinstance(buffer_cls, type):
         raise TypeError("bind: the device, exporter and buffer classes must be classes")
     new = attachment_cls.__new__
+    c_new = new is AttachmentCore.__new__  # then _new() calls the C type's tp_new directly
     has = exporter_cls.has.__func__
     is_dynamic = exporter_cls.is_dynamic.__func__
     exp_attach = exporter_cls.__dict__["attach"]
@@ -320,7 +321,7 @@ def bind(attachment_cls, device_cls, exporter_cls, buffer_cls):
     if not isinstance(released, property) or released.fget is not _buf_released_fn:
         raise TypeError("bind: the buffer class's released must be property(buf_released)")
     # Nothing is rebound until everything was found.
-    _Attachment, _Device, _new_attachment = attachment_cls, device_cls, new
+    _Attachment, _Device, _new_attachment, _attachment_c_new = attachment_cls, device_cls, new, c_new
     _Exporter, _HAS, _IS_DYNAMIC = exporter_cls, has, is_dynamic
     _EXP_ATTACH, _EXP_DETACH, _RELEASED_PROP = exp_attach, exp_detach, released
 
@@ -349,7 +350,7 @@ cdef inline _ClassAnswer *_answer_of(object cls, object key, int kind):
     """The remembered answer, or NULL."""
     cdef unsigned int tag = (<PyTypeObject *>cls).tp_version_tag
     cdef int i
-    if tag == 0:
+    if tag == 0 or type(cls) is not type:  # a metaclass may answer look-ups itself
         return NULL
     for i in range(_ANSWERS):
         if _answers[i].cls == <void *>cls and _answers[i].key == <void *>key and _answers[i].kind == kind:
@@ -359,9 +360,12 @@ cdef inline _ClassAnswer *_answer_of(object cls, object key, int kind):
 
 cdef inline void _remember(object cls, object key, int kind, bint result):
     """Keep an answer for the class's version now (after the look-ups that
-    gave the class one, if it can have one)."""
+    gave the class one, if it can have one); none for a class of another
+    metaclass than ``type``."""
     global _answers_next
     cdef int i, slot = -1
+    if type(cls) is not type:
+        return
     for i in range(_ANSWERS):
         if _answers[i].cls == <void *>cls and _answers[i].key == <void *>key and _answers[i].kind == kind:
             slot = i
@@ -428,13 +432,13 @@ cdef object _EXP_DETACH = None
 cdef object _RELEASED_PROP = None  # DmaBufBase.released
 
 
-def buf_alive(self, str what not None):
+def buf_alive(self, what):
     """The checker's use-after-release unless the buffer is alive
     (DmaBufBase._alive)."""
     _buf_alive(self, what)
 
 
-cdef int _buf_alive(object buf, str what) except -1:
+cdef int _buf_alive(object buf, object what) except -1:
     if buf._released:
         _checker().lifetime("use-after-release", f"{what} on a released dma-buf", buf)
     return 0
@@ -459,8 +463,11 @@ cdef int _alive(object buf, str what) except -1:
 
 
 cdef bint _released(object buf) except -1:
-    """``buf.released`` (a class's own property is asked)."""
-    if _RELEASED_PROP is not None and _class_attr_is(type(buf), "released", _RELEASED_PROP):
+    """``buf.released`` (a class's own property, or attribute look-up, is
+    asked)."""
+    cls = type(buf)
+    if (_RELEASED_PROP is not None and (<PyTypeObject *>cls).tp_getattro == PyObject_GenericGetAttr
+            and _class_attr_is(cls, "released", _RELEASED_PROP)):
         return bool(buf._released)
     return bool(buf.released)
 
@@ -638,12 +645,19 @@ cdef inline object _sgt_ops(AttachmentCore a):
     mt = a.map_type
     if mt is None or _etype(mt) is not _SGT:
         return None
-    return (<MatchCore>mt).exp_ops if isinstance(mt, MatchCore) else mt.exp_ops
+    return mt.exp_ops
+
+
+cdef newfunc _ATTACHMENT_NEW = (<PyTypeObject *>AttachmentCore).tp_new
 
 
 cdef object _new(object dmabuf, object ops, object priv):
     """A new attachment of ``dmabuf``, on no list yet (no __init__ runs)."""
-    cdef AttachmentCore a = _new_attachment(_Attachment)
+    cdef AttachmentCore a
+    if _attachment_c_new:  # the class's __new__ is AttachmentCore's: its C function, without the wrapper
+        a = <AttachmentCore>_ATTACHMENT_NEW(<PyTypeObject *>_Attachment, <PyObject *>_EMPTY, NULL)
+    else:
+        a = _new_attachment(_Attachment)
     a.dmabuf = dmabuf
     a.importer_ops = ops
     a.importer_priv = priv
@@ -786,7 +800,8 @@ cdef inline int _acquire(object lk) except -1:
     elif type(lk) is _LockType:
         _plain_acquire(lk)
     else:
-        lk.__enter__()
+        _with_method(lk, "__exit__")  # as a with statement: both looked up on the type first
+        _with_method(lk, "__enter__")(lk)
     return 0
 
 
@@ -796,8 +811,17 @@ cdef inline int _release(object lk) except -1:
     elif type(lk) is _LockType:
         _plain_release(lk)
     else:
-        lk.__exit__(None, None, None)
+        _with_method(lk, "__exit__")(lk, None, None, None)
     return 0
+
+
+cdef object _with_method(object lk, str name):
+    """``type(lk).<name>``, AttributeError(name) if missing (a with
+    statement's look-up)."""
+    try:
+        return getattr(type(lk), name)
+    except AttributeError:
+        raise AttributeError(name) from None
 
 
 cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, object dma):
@@ -892,32 +916,27 @@ def untrack(AttachmentCore a not None, _Mapping m not None):
 
 
 cdef object _match_of(object cls, object mtype, object exp_ops, dict data):
-    cdef MatchCore self = <MatchCore>(<PyTypeObject *>cls).tp_new(<PyTypeObject *>cls, <PyObject *>_EMPTY, NULL)
-    self.type = mtype
-    self.exp_ops = exp_ops
-    self._data = data
-    PyObject_GenericSetDict(self, data.copy(), NULL)
+    # MatchCore's own tp_new for the class (a __new__ a subclass defines is
+    # not called, as object.__new__ would not have); the fields are set as
+    # plain instance attributes (the generic setattr: no __setattr__
+    # override runs, and no name of the class is among them), which keeps
+    # the instance's values inline instead of making its __dict__.
+    self = _MATCH_NEW(<PyTypeObject *>cls, <PyObject *>_EMPTY, NULL)
+    for k, v in data.items():
+        PyObject_GenericSetAttr(self, k, v)
+    PyObject_GenericSetAttr(self, "type", mtype)
+    PyObject_GenericSetAttr(self, "exp_ops", exp_ops)
+    PyObject_GenericSetAttr(self, "_data", data)
     return self
 
 
 cdef inline object _etype(object e):
-    """An entry's ``type`` (a C read for a MappingMatch)."""
-    if isinstance(e, MatchCore):
-        return (<MatchCore>e).type
+    """An entry's ``type``."""
     return e.type
 
 
-cdef object _efield(object e, str name, object default):
-    """``getattr(e, name, default)`` for one of the SGT type's data names,
-    which are instance attributes: a plain MappingMatch (its class has no
-    such name) is asked its ``__dict__`` directly."""
-    cdef dict d
-    cdef PyObject *v
-    if type(e) is _MappingMatch:
-        d = PyObject_GenericGetDict(e, NULL)
-        v = PyDict_GetItem(d, name)
-        if v != NULL:
-            return <object>v
+cdef inline object _efield(object e, str name, object default):
+    """``getattr(e, name, default)`` for one of the SGT type's data names."""
     return getattr(e, name, default)
 
 
@@ -1156,7 +1175,7 @@ cdef bint _sgt_compat(AttachmentCore a, object exporter, object device, bint acc
     if entries is None or len(entries) != 1:
         return False
     exp = entries[0]
-    if type(exp) is not _MappingMatch or (<MatchCore>exp).type is not _SGT or type(_SGT) is not _SGT_CLS:
+    if type(exp) is not _MappingMatch or exp.type is not _SGT or type(_SGT) is not _SGT_CLS:
         return False
     if (not _class_attr_is(_SGT_CLS, "match", _sgt_match_fn) or not _class_attr_is(_SGT_CLS, "finish_match", _sgt_finish_fn)
             or "match" in (<dict>PyObject_GenericGetDict(_SGT, NULL))
@@ -1166,7 +1185,7 @@ cdef bint _sgt_compat(AttachmentCore a, object exporter, object device, bint acc
     if req == _REQUIRES_P2P:
         return False  # the general path asks the route (or refuses), as the match does
     acc = _ACCEPTS_P2P if accepts else _NO_P2P
-    a.map_type = _match_of(_MappingMatch, _SGT, (<MatchCore>exp).exp_ops, {
+    a.map_type = _match_of(_MappingMatch, _SGT, exp.exp_ops, {
         "importing_dma_device": device, "importer_accepts_p2p": acc, "exporter_requires_p2p": req})
     a.peer2peer = accepts
     return True

@@ -602,35 +602,69 @@ def test_a_p2p_requiring_compat_entry_goes_the_general_way(m, monkeypatch):
     buf.put()
 
 
-def test_a_mapping_match_is_a_compiled_entry_with_instance_data():
-    """MappingMatch's fields are the compiled base's; its data are instance
-    attributes; no Python-level __getattr__ sits in the class (subclasses
-    read attributes through the C slot); copy and pickle keep everything."""
+def test_a_mapping_match_reads_through_a_compiled_slot_and_copies_as_before():
+    """MappingMatch's getattr slot is its compiled base's (no Python-level
+    __getattr__ in the class, so subclasses read attributes through the C
+    slot); everything an entry holds is a plain instance attribute, so
+    vars(), copy and pickle (every protocol, slots of subclasses, a
+    subclass's own __getstate__) behave as for a plain object."""
     import copy
     import pickle
 
     assert "__getattr__" not in vars(_dmabuf_api.MatchCore) and not hasattr(MappingMatch, "__getattr__")
     entry = MappingMatch(mapping.SGT, None, importing_dma_device="dev", importer_accepts_p2p=1)
     assert isinstance(entry, _dmabuf_api.MatchCore)
-    assert vars(entry) == {"importing_dma_device": "dev", "importer_accepts_p2p": 1}
-    for clone in (copy.copy(entry), copy.deepcopy(entry), pickle.loads(pickle.dumps(entry))):
-        assert type(clone) is MappingMatch and clone.data == entry.data and vars(clone) == vars(entry)
-        assert clone.importing_dma_device == "dev"
+    assert vars(entry) == {"type": mapping.SGT, "exp_ops": None, "_data": entry.data,
+                           "importing_dma_device": "dev", "importer_accepts_p2p": 1}
+    clones = [copy.copy(entry), copy.deepcopy(entry)]
+    clones += [pickle.loads(pickle.dumps(entry, protocol=p)) for p in range(pickle.HIGHEST_PROTOCOL + 1)]
+    for clone in clones:
+        assert type(clone) is MappingMatch and clone.data == entry.data
+        assert vars(clone).keys() == vars(entry).keys() and clone.importing_dma_device == "dev"
     assert copy.copy(entry).type is mapping.SGT
+    d = vars(copy.copy(entry))
+    assert d["importing_dma_device"] == "dev"  # the dict outlives its entry, untouched
+
+    class Tagged(MappingMatch):
+        __slots__ = ("tag",)
+
+    t = Tagged(mapping.SGT, None, importing_dma_device="dev0")
+    t.tag = "mine"
+    assert copy.copy(t).tag == "mine" and copy.deepcopy(t).tag == "mine"
 
     class Mine(MappingMatch):
         extra = 5
 
+        def __getstate__(self) -> dict[str, Any]:
+            d = dict(self.__dict__)
+            d.pop("colour", None)
+            return d
+
     mine = Mine(mapping.PAL, "ops", colour="red")
     assert (mine.type, mine.exp_ops, mine.colour, mine.extra) == (mapping.PAL, "ops", "red", 5)
+    assert copy.copy(mine).colour == "red"  # from the entry's data
     del mine.__dict__["colour"]
     assert mine.colour == "red"  # still in the entry's data
     with pytest.raises(AttributeError, match="Physical Address List entry has no 'size'"):
         mine.size
     with pytest.raises(TypeError, match="not a MatchCore class"):
         _dmabuf_api.match_of(int, mapping.SGT, None, {})
-    with pytest.raises(TypeError, match="state"):
-        entry.__setstate__(("junk",))
+
+
+def test_a_match_class_whose_new_returns_anything_else_is_not_asked():
+    """The built-in entries are made by the compiled base's own
+    constructor, as object.__new__ made them: a __new__ a subclass (or
+    MappingMatch, patched) defines is not called, and the class to bind
+    must derive from the base."""
+    class Odd(MappingMatch):
+        def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+            return 12345678901234567890
+
+    e = _dmabuf_api.match_of(Odd, mapping.SGT, None, {"a": 1})
+    assert type(e) is Odd and e.a == 1 and e.type is mapping.SGT
+    with pytest.raises(TypeError, match="MatchCore"):
+        _dmabuf_api.bind_matcher(int, MatchArgs, lambda rv, what: None)
+    assert str(_dmabuf_api._Site()) == "None:0"  # a site made from Python: no code to read
 
 
 def test_what_an_exporter_class_has_follows_the_class_as_it_changes(m):
@@ -721,4 +755,45 @@ def test_released_and_alive_follow_the_buffer_class_as_it_changes(m):
     del Mine.released, Mine._alive
     a.unmap_unlocked(a.map_unlocked(BIDI), BIDI)
     buf.detach(a)
+    buf.put()
+
+
+def test_the_c_shortcuts_give_way_to_what_python_would_look_up(m):
+    """A buffer class answering ``released`` through its own
+    __getattribute__ is asked; a lock object that is not a threading
+    lock is used as a with statement would (both methods looked up on its
+    type first, nothing done if one is missing); ``_alive`` takes any
+    ``what``."""
+    gpu = m.device("gpu0")
+    buf = SystemHeap(m).allocate(1 << 12)
+    a = buf.attach(gpu)
+    cls = type(buf)
+
+    class FakeRel(cls):  # type: ignore[misc, valid-type]
+        def __getattribute__(self, n: str) -> Any:
+            return True if n == "released" else object.__getattribute__(self, n)
+
+    buf.__class__ = FakeRel
+    with checks.report_mode():
+        checks.clear()
+        with pytest.raises(errors.LifetimeError):
+            a.map_unlocked(BIDI)
+        assert [r.rule for r in checks.reports()] == ["use-after-release"]
+    checks.clear()
+    buf.__class__ = cls
+    buf.detach(a)
+
+    class EnterOnly:
+        n = 0
+
+        def __enter__(self) -> None:
+            self.n += 1
+
+    lock = buf._lock
+    buf._lock = EnterOnly()
+    with pytest.raises(AttributeError, match="__exit__"):
+        buf.attach(gpu)
+    assert buf.attachments == [] and buf._lock.n == 0
+    buf._lock = lock
+    assert buf._alive(None) is None and buf._alive(5) is None
     buf.put()

@@ -40,14 +40,11 @@ class HeapBuffer(Exporter):
         self._ranges: np.ndarray | None = None
         self._ranges_of: np.ndarray | None = None  # the pfns array _ranges describes
 
-    def _table(self) -> SgTable:
-        return SgTable.from_pages(self.pfns, offset=self.offset, nbytes=self.nbytes)
-
     def map_dma_buf(self, attachment: Attachment, direction: DmaDirection) -> SgTable:
         dev = sgt_dma_device(attachment)
         if dev is None:
             raise errors.InvalidArgument("map_dma_buf on an attachment that is not SGT")
-        t = self._table()
+        t = SgTable.from_pages(self.pfns, offset=self.offset, nbytes=self.nbytes)
         dma_map_sgtable(dev, t, direction)
         self.maps += 1
         return t
