@@ -69,6 +69,7 @@ import weakref
 import numpy as _np
 
 from pydmabuf import checks as _checks
+from pydmabuf._lifecycle import Owner as _Owner
 from pydmabuf import errors as _errors
 from pydmabuf._args import _DIRS as _dirs_cache
 from pydmabuf._args import _dir as _py_dir
@@ -110,6 +111,7 @@ cdef extern from "Python.h":
         PyObject *co_filename
     int PyCode_Addr2Line(PyCodeObject *co, int addr)
     dict PyObject_GenericGetDict(object o, void *context)
+    int PyObject_GenericSetDict(object o, object d, void *context) except -1
     ctypedef object (*newfunc)(PyTypeObject *, PyObject *, PyObject *)
     ctypedef PyObject *(*getattrofunc)(PyObject *, PyObject *)
     PyObject *PyObject_GenericGetAttr(PyObject *o, PyObject *name)
@@ -118,8 +120,6 @@ cdef extern from "Python.h":
         newfunc tp_new
         getattrofunc tp_getattro
         unsigned int tp_version_tag
-    int PyDict_DelItemString(PyObject *d, const char *key) except -1
-    void PyType_Modified(type t)
 
 
 cdef class _Site:
@@ -244,13 +244,6 @@ cdef class MatchCore:
         return object.__reduce_ex__(self, protocol if protocol >= 2 else 2)
 
 
-# The C type answers a missing name through its own getattr slot.  Left in
-# the class's dict, ``__getattr__`` would make every Python subclass (so
-# MappingMatch) dispatch each attribute read, found or not, through
-# Python's slot hook and a method call; without it, subclasses inherit
-# the slot itself.
-PyDict_DelItemString((<PyTypeObject *>MatchCore).tp_dict, "__getattr__")
-PyType_Modified(MatchCore)
 cdef newfunc _MATCH_NEW = (<PyTypeObject *>MatchCore).tp_new
 
 
@@ -284,6 +277,16 @@ def bind_matcher(match_cls, args_cls, match_result):
         raise TypeError("bind_matcher: two classes and a callable")
     if not issubclass(match_cls, MatchCore):
         raise TypeError("bind_matcher: the entry class must derive from MatchCore")
+    # CPython gives a Python subclass of a class with ``__getattr__`` its
+    # generic slot hook, which looks up ``__getattribute__`` and
+    # ``__getattr__`` on every read and calls the latter through Python on
+    # a miss; MatchCore's C slot already does both.  The entry class, when
+    # it adds neither method, gets that slot back (its own subclasses, and
+    # it after a later assignment of either, get the hook again, as
+    # CPython would decide).
+    if (match_cls.__bases__ == (MatchCore,) and "__getattr__" not in match_cls.__dict__
+            and "__getattribute__" not in match_cls.__dict__):
+        (<PyTypeObject *>match_cls).tp_getattro = (<PyTypeObject *>MatchCore).tp_getattro
     _MappingMatch, _MatchArgs, _match_result = match_cls, args_cls, match_result
 
 
@@ -625,6 +628,18 @@ cdef class AttachmentCore(_Sited):
             raise AttributeError("the attachment's dmabuf was cleared")
         return not _released(buf)
 
+    def __del__(self):
+        # The lifecycle's leak check (pydmabuf._lifecycle.Owner.__del__,
+        # which Attachment inherits after this class): asked in C whether
+        # the attachment still owns anything, the common answer being no;
+        # when it does, Owner.__del__ itself warns, as before.
+        try:
+            owns = self._owns()
+        except AttributeError:  # half built (Owner.__del__ ignores it too)
+            return
+        if owns:
+            _owner_del(self)
+
     def _require_resv(self, str what not None):
         """The checker's ``<what>-without-resv`` unless this thread holds
         the buffer's reservation lock."""
@@ -649,6 +664,7 @@ cdef inline object _sgt_ops(AttachmentCore a):
 
 
 cdef newfunc _ATTACHMENT_NEW = (<PyTypeObject *>AttachmentCore).tp_new
+cdef object _owner_del = _Owner.__del__
 
 
 cdef object _new(object dmabuf, object ops, object priv):
@@ -917,16 +933,16 @@ def untrack(AttachmentCore a not None, _Mapping m not None):
 
 cdef object _match_of(object cls, object mtype, object exp_ops, dict data):
     # MatchCore's own tp_new for the class (a __new__ a subclass defines is
-    # not called, as object.__new__ would not have); the fields are set as
-    # plain instance attributes (the generic setattr: no __setattr__
-    # override runs, and no name of the class is among them), which keeps
-    # the instance's values inline instead of making its __dict__.
+    # not called, as object.__new__ would not have); the fields are plain
+    # instance attributes, given as one new __dict__ (no __setattr__
+    # override runs, and no name of the class is among them): measured,
+    # cheaper than six attribute stores into the instance's inline values.
     self = _MATCH_NEW(<PyTypeObject *>cls, <PyObject *>_EMPTY, NULL)
-    for k, v in data.items():
-        PyObject_GenericSetAttr(self, k, v)
-    PyObject_GenericSetAttr(self, "type", mtype)
-    PyObject_GenericSetAttr(self, "exp_ops", exp_ops)
-    PyObject_GenericSetAttr(self, "_data", data)
+    cdef dict d = data.copy()
+    d["type"] = mtype
+    d["exp_ops"] = exp_ops
+    d["_data"] = data
+    PyObject_GenericSetDict(self, d, NULL)
     return self
 
 

@@ -603,15 +603,22 @@ def test_a_p2p_requiring_compat_entry_goes_the_general_way(m, monkeypatch):
 
 
 def test_a_mapping_match_reads_through_a_compiled_slot_and_copies_as_before():
-    """MappingMatch's getattr slot is its compiled base's (no Python-level
-    __getattr__ in the class, so subclasses read attributes through the C
-    slot); everything an entry holds is a plain instance attribute, so
-    vars(), copy and pickle (every protocol, slots of subclasses, a
-    subclass's own __getstate__) behave as for a plain object."""
+    """MappingMatch reads attributes through its compiled base's getattr
+    slot, whose __getattr__ a subclass can still chain to; everything an
+    entry holds is a plain instance attribute, so vars(), copy and pickle
+    (every protocol, slots of subclasses, a subclass's own __getstate__)
+    behave as for a plain object."""
     import copy
     import pickle
 
-    assert "__getattr__" not in vars(_dmabuf_api.MatchCore) and not hasattr(MappingMatch, "__getattr__")
+    class Fallback(MappingMatch):
+        def __getattr__(self, n: str) -> Any:
+            return 1 if n == "extra" else super().__getattr__(n)
+
+    f = Fallback(mapping.SGT, None)
+    assert f.extra == 1
+    with pytest.raises(AttributeError, match="Scatter Gather Table entry has no 'nope'"):
+        f.nope
     entry = MappingMatch(mapping.SGT, None, importing_dma_device="dev", importer_accepts_p2p=1)
     assert isinstance(entry, _dmabuf_api.MatchCore)
     assert vars(entry) == {"type": mapping.SGT, "exp_ops": None, "_data": entry.data,

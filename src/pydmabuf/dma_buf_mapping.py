@@ -255,6 +255,10 @@ class MappingMatch(_dmabuf_api.MatchCore):
     which also answers a read of a name the entry does not have).
     """
 
+    type: MappingType
+    exp_ops: Any
+    _data: dict[str, Any]
+
     def __init__(self, type: MappingType, exp_ops: Any = None, **data: Any) -> None:
         if not isinstance(type, MappingType):
             raise TypeError(f"MappingMatch: type must be a MappingType, not {builtin_type(type).__name__}")

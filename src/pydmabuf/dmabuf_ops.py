@@ -257,7 +257,12 @@ class DmaBufBase:
 
     # Compiled (pydmabuf._dmabuf_api, where the attach and map paths read
     # them without a Python call).
-    released = property(_dmabuf_api.buf_released, doc="Released: the last reference was put.")
+    if TYPE_CHECKING:
+        @property
+        def released(self) -> bool:
+            """Released: the last reference was put."""
+    else:
+        released = property(_dmabuf_api.buf_released, doc="Released: the last reference was put.")
 
     @property
     def generation(self) -> int:
