@@ -95,6 +95,7 @@ cdef type _WeakRef = weakref.ReferenceType
 cdef type _MethodType = types.MethodType
 cdef bytes _NO_ROWS = b""
 cdef tuple _EMPTY = ()
+cdef object _MISSING = object()
 cdef object _NotSupported = _errors.NotSupported
 cdef object _InvalidArgument = _errors.InvalidArgument
 
@@ -110,7 +111,7 @@ cdef extern from "Python.h":
     ctypedef struct PyCodeObject:
         PyObject *co_filename
     int PyCode_Addr2Line(PyCodeObject *co, int addr)
-    dict PyObject_GenericGetDict(object o, void *context)
+    object PyObject_GenericGetDict(object o, void *context)
     int PyObject_GenericSetDict(object o, object d, void *context) except -1
     ctypedef object (*newfunc)(PyTypeObject *, PyObject *, PyObject *)
     ctypedef PyObject *(*getattrofunc)(PyObject *, PyObject *)
@@ -226,16 +227,21 @@ cdef class MatchCore:
     call)."""
 
     def __getattr__(self, name):
-        # Only reached for names the entry does not have.
-        d = getattr(self, "__dict__", None)
-        data = (<dict>d).get("_data") if type(d) is dict else None
-        if isinstance(data, dict):
-            try:
-                return (<dict>data)[name]
-            except KeyError:
-                pass
-        t = (<dict>d).get("type") if type(d) is dict else None
-        raise AttributeError(f"{getattr(t, 'name', 'mapping')} entry has no {name!r}")
+        # Only reached for names the entry does not have.  The instance's
+        # dict is read directly (a look-up of __dict__ would come back
+        # here for an object without one).
+        try:
+            d = PyObject_GenericGetDict(self, NULL)
+        except AttributeError:
+            d = {}
+        data = d.get("_data", {})
+        try:
+            return data[name]
+        except KeyError:
+            # Not self.type: an entry built without __init__ would come
+            # back here.
+            t = d.get("type")
+            raise AttributeError(f"{getattr(t, 'name', 'mapping')} entry has no {name!r}") from None
 
     def __reduce_ex__(self, protocol):
         # copy and pickle as for a plain object (state: the instance's
@@ -310,8 +316,9 @@ def bind(attachment_cls, device_cls, exporter_cls, buffer_cls):
     is read through :func:`buf_released`)."""
     global _Attachment, _Device, _new_attachment, _attachment_c_new, _Exporter, _HAS, _IS_DYNAMIC
     global _EXP_ATTACH, _EXP_DETACH, _RELEASED_PROP
-    if not isinstance(attachment_cls, type) or not issubclass(attachment_cls, AttachmentCore):
-        raise TypeError("bind: the attachment class must derive from AttachmentCore")
+    if (not isinstance(attachment_cls, type) or not issubclass(attachment_cls, AttachmentCore)
+            or not issubclass(attachment_cls, _Owner)):
+        raise TypeError("bind: the attachment class must derive from AttachmentCore and the lifecycle's Owner")
     if not isinstance(device_cls, type) or not isinstance(exporter_cls, type) or not isinstance(buffer_cls, type):
         raise TypeError("bind: the device, exporter and buffer classes must be classes")
     new = attachment_cls.__new__
@@ -638,7 +645,7 @@ cdef class AttachmentCore(_Sited):
         except AttributeError:  # half built (Owner.__del__ ignores it too)
             return
         if owns:
-            _owner_del(self)
+            _Owner.__del__(self)  # looked up now (it asks _owns() again)
 
     def _require_resv(self, str what not None):
         """The checker's ``<what>-without-resv`` unless this thread holds
@@ -664,7 +671,6 @@ cdef inline object _sgt_ops(AttachmentCore a):
 
 
 cdef newfunc _ATTACHMENT_NEW = (<PyTypeObject *>AttachmentCore).tp_new
-cdef object _owner_del = _Owner.__del__
 
 
 cdef object _new(object dmabuf, object ops, object priv):
@@ -816,8 +822,8 @@ cdef inline int _acquire(object lk) except -1:
     elif type(lk) is _LockType:
         _plain_acquire(lk)
     else:
-        _with_method(lk, "__exit__")  # as a with statement: both looked up on the type first
-        _with_method(lk, "__enter__")(lk)
+        _with_method(lk, "__exit__")  # as a with statement: both looked up first
+        _with_method(lk, "__enter__")()
     return 0
 
 
@@ -827,17 +833,20 @@ cdef inline int _release(object lk) except -1:
     elif type(lk) is _LockType:
         _plain_release(lk)
     else:
-        _with_method(lk, "__exit__")(lk, None, None, None)
+        _with_method(lk, "__exit__")(None, None, None)
     return 0
 
 
 cdef object _with_method(object lk, str name):
-    """``type(lk).<name>``, AttributeError(name) if missing (a with
-    statement's look-up)."""
-    try:
-        return getattr(type(lk), name)
-    except AttributeError:
-        raise AttributeError(name) from None
+    """``lk``'s special method ``name`` as a with statement finds it: in
+    its type's MRO (not the metaclass), bound through the descriptor
+    protocol; AttributeError(name) if missing."""
+    for k in type(lk).__mro__:
+        f = k.__dict__.get(name, _MISSING)
+        if f is not _MISSING:
+            get = getattr(type(f), "__get__", None)
+            return get(f, lk, type(lk)) if get is not None else f
+    raise AttributeError(name)
 
 
 cdef _Mapping _track(AttachmentCore a, object table, object d, bint pinned, object dma):
@@ -932,11 +941,12 @@ def untrack(AttachmentCore a not None, _Mapping m not None):
 
 
 cdef object _match_of(object cls, object mtype, object exp_ops, dict data):
-    # MatchCore's own tp_new for the class (a __new__ a subclass defines is
-    # not called, as object.__new__ would not have); the fields are plain
-    # instance attributes, given as one new __dict__ (no __setattr__
-    # override runs, and no name of the class is among them): measured,
-    # cheaper than six attribute stores into the instance's inline values.
+    # For this module's own entries (MappingMatch, str keys that are no
+    # name of the class).  MatchCore's own tp_new for the class (a __new__
+    # a subclass defines is not called, as object.__new__ would not have);
+    # the fields are plain instance attributes, given as one new __dict__
+    # (no __setattr__ override runs): measured, cheaper than six attribute
+    # stores into the instance's inline values.
     self = _MATCH_NEW(<PyTypeObject *>cls, <PyObject *>_EMPTY, NULL)
     cdef dict d = data.copy()
     d["type"] = mtype
@@ -962,7 +972,15 @@ def match_of(cls, mtype, exp_ops, dict data not None):
     their own, with no name the class has (the callers' literals)."""
     if not isinstance(cls, type) or not issubclass(cls, MatchCore):
         raise TypeError(f"match_of: {cls!r} is not a MatchCore class")
-    return _match_of(cls, mtype, exp_ops, data)
+    # From Python the data may be anything: stored one attribute at a time
+    # (names must be str; a class's property or slot takes its own).
+    self = _MATCH_NEW(<PyTypeObject *>cls, <PyObject *>_EMPTY, NULL)
+    for k, v in data.items():
+        PyObject_GenericSetAttr(self, k, v)
+    PyObject_GenericSetAttr(self, "type", mtype)
+    PyObject_GenericSetAttr(self, "exp_ops", exp_ops)
+    PyObject_GenericSetAttr(self, "_data", data)
+    return self
 
 
 cdef object _args_of(object cls, object dmabuf, object attach, tuple imp):

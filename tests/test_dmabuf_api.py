@@ -804,3 +804,50 @@ def test_the_c_shortcuts_give_way_to_what_python_would_look_up(m):
     buf._lock = lock
     assert buf._alive(None) is None and buf._alive(5) is None
     buf.put()
+
+
+def test_second_review_edges_of_entries_locks_and_binding(m):
+    """An entry without a __dict__ answers a missing name with an
+    AttributeError (no endless look-up); match_of from Python stores the
+    data one attribute at a time (str names only); a lock object's
+    special methods are found and bound as a with statement would; bind
+    wants the lifecycle's Owner."""
+    from collections import defaultdict
+
+    with pytest.raises(AttributeError, match="mapping entry has no 'x'"):
+        _dmabuf_api.MatchCore().x
+
+    class NoDict(_dmabuf_api.MatchCore):
+        __slots__ = ()
+
+    with pytest.raises(AttributeError, match="mapping entry has no 'x'"):
+        NoDict().x
+    e = MappingMatch(mapping.SGT, None)
+    e._data = defaultdict(lambda: "fallback")
+    assert e.anything == "fallback"  # any mapping the entry's data is, as before
+    with pytest.raises(TypeError):
+        _dmabuf_api.match_of(MappingMatch, mapping.SGT, None, {1: 2})
+
+    class StaticLock:
+        entered: list[str] = []
+
+        @staticmethod
+        def __enter__() -> None:
+            StaticLock.entered.append("enter")
+
+        @classmethod
+        def __exit__(cls, *exc: object) -> None:
+            cls.entered.append("exit")
+
+    buf = SystemHeap(m).allocate(1 << 12)
+    lock = buf._lock
+    buf._lock = StaticLock()
+    a = buf.attach(m.device("gpu0"))
+    assert StaticLock.entered == ["enter", "exit"]
+    buf._lock = lock
+    buf.detach(a)
+    buf.put()
+    from pydmabuf.dmabuf_ops import DmaBufBase, Exporter
+
+    with pytest.raises(TypeError, match="Owner"):
+        _dmabuf_api.bind(_dmabuf_api.AttachmentCore, pydmabuf.Device, Exporter, DmaBufBase)
