@@ -53,7 +53,6 @@ The frame's code and last instruction are kept; the line and the
 ``file:line`` text are made when first read.
 """
 
-from cpython.dict cimport PyDict_GetItem
 from cpython.method cimport PyMethod_GET_FUNCTION, PyMethod_GET_SELF
 from cpython.object cimport PyObject_GenericSetAttr
 from cpython.ref cimport PyObject, Py_DECREF
@@ -434,6 +433,11 @@ cdef bint _is_dynamic(object exp) except -1:
     return bool(f())
 
 
+cdef inline bint _bound_to(object f, object func):
+    """``f`` is a bound method of ``func`` (its parts read in C)."""
+    return type(f) is _MethodType and PyMethod_GET_FUNCTION(f) == <PyObject *>func
+
+
 # The buffer base class's accessors the paths here use, compiled (one
 # home: pydmabuf.dmabuf_ops.DmaBufBase binds them), and the exporter base
 # class's attach / detach, which do nothing (bound by bind()).
@@ -466,7 +470,7 @@ cdef object _buf_released_fn = buf_released
 cdef int _alive(object buf, str what) except -1:
     """``buf._alive(what)`` (a class's own is called)."""
     f = buf._alive
-    if type(f) is _MethodType and PyMethod_GET_FUNCTION(f) == <PyObject *>_buf_alive_fn:
+    if _bound_to(f, _buf_alive_fn):
         return _buf_alive(buf, what)
     f(what)
     return 0
@@ -482,11 +486,11 @@ cdef bint _released(object buf) except -1:
     return bool(buf.released)
 
 
-cdef int _exporter_op(object exp, str op, object a) except -1:
-    """``exp.attach(a)`` / ``exp.detach(a)``; the base class's, which does
-    nothing, is not called."""
+cdef int _exporter_op(object exp, str op, object base, object a) except -1:
+    """``exp.attach(a)`` / ``exp.detach(a)``; the base class's (``base``),
+    which does nothing, is not called."""
     f = getattr(exp, op)
-    if type(f) is _MethodType and PyMethod_GET_FUNCTION(f) == <PyObject *>(_EXP_ATTACH if op == "attach" else _EXP_DETACH):
+    if _bound_to(f, base):
         return 0
     f(a)
     return 0
@@ -665,7 +669,7 @@ cdef inline object _buf(AttachmentCore a):
 cdef inline object _sgt_ops(AttachmentCore a):
     """``dma_buf_get_sgt_ops()`` (mapping.get_sgt_ops) on an attachment."""
     mt = a.map_type
-    if mt is None or _etype(mt) is not _SGT:
+    if mt is None or mt.type is not _SGT:
         return None
     return mt.exp_ops
 
@@ -956,16 +960,6 @@ cdef object _match_of(object cls, object mtype, object exp_ops, dict data):
     return self
 
 
-cdef inline object _etype(object e):
-    """An entry's ``type``."""
-    return e.type
-
-
-cdef inline object _efield(object e, str name, object default):
-    """``getattr(e, name, default)`` for one of the SGT type's data names."""
-    return getattr(e, name, default)
-
-
 def match_of(cls, mtype, exp_ops, dict data not None):
     """What ``MappingMatch(type, exp_ops, **data)`` makes, for the
     built-in entries: ``type`` is a MappingType and ``data`` a dict of
@@ -1012,7 +1006,7 @@ def sgt_match(self, dmabuf, exp, imp):
     """The SGT type's ``match``: compatible unless the exporter entry
     requires P2P, which the importer must accept and reach
     (``pci_p2pdma_distance() >= 0``)."""
-    req = _efield(exp, "exporter_requires_p2p", _NO_P2P)
+    req = getattr(exp, "exporter_requires_p2p", _NO_P2P)
     if req != _REQUIRES_P2P:
         return None  # NO_P2P, or a value the switch does not know: compatible
     pdev = getattr(exp, "exporting_p2p_device", None)
@@ -1035,13 +1029,25 @@ def sgt_finish_match(self, args, exp, imp):
     a = args.attach
     if a is None:
         return None
-    accepts = _efield(imp, "importer_accepts_p2p", _NO_P2P)
-    a.map_type = _match_of(_MappingMatch, self, exp.exp_ops, {
-        "importing_dma_device": _efield(imp, "importing_dma_device", None),
-        "importer_accepts_p2p": accepts,
-        "exporter_requires_p2p": _efield(exp, "exporter_requires_p2p", _NO_P2P)})
-    a.peer2peer = accepts == _ACCEPTS_P2P
+    accepts = getattr(imp, "importer_accepts_p2p", _NO_P2P)
+    _sgt_record(a, self, exp.exp_ops, getattr(imp, "importing_dma_device", None), accepts,
+                getattr(exp, "exporter_requires_p2p", _NO_P2P))
     return None
+
+
+cdef int _sgt_record(object a, object sgt, object exp_ops, object device, object accepts, object requires) except -1:
+    """What the SGT ``finish_match`` records on the attachment: its entry
+    (the importing device and both P2P choices) and the legacy
+    ``peer2peer``."""
+    entry = _match_of(_MappingMatch, sgt, exp_ops, {
+        "importing_dma_device": device, "importer_accepts_p2p": accepts, "exporter_requires_p2p": requires})
+    if isinstance(a, AttachmentCore):  # the fields, written in C
+        (<AttachmentCore>a).map_type = entry
+        (<AttachmentCore>a).peer2peer = accepts == _ACCEPTS_P2P
+    else:
+        a.map_type = entry
+        a.peer2peer = accepts == _ACCEPTS_P2P
+    return 0
 
 
 # The built-in SGT callbacks, as the SGT class holds them (_sgt_compat).
@@ -1055,8 +1061,8 @@ cdef int _match(object args, tuple exps) except -1:
     pair gets its type's finish_match."""
     for exp in exps:
         for imp in args.imp_matches:
-            t = _etype(exp)
-            if _etype(imp) is not t:
+            t = exp.type
+            if imp.type is not t:
                 continue
             m = t.match
             if m is not None:
@@ -1135,9 +1141,9 @@ cdef object _sgt_dma_device(object attachment):
             mt = attachment.map_type
         except AttributeError:  # not an attachment (or a half-built one)
             return None
-    if mt is None or _etype(mt) is not _SGT:
+    if mt is None or mt.type is not _SGT:
         return None
-    return _efield(mt, "importing_dma_device", None)  # None: an SGT entry without the field
+    return getattr(mt, "importing_dma_device", None)  # None: an SGT entry without the field
 
 
 def sgt_dma_device(attachment):
@@ -1177,7 +1183,7 @@ cdef object _attach(object buf, tuple imp, object ops, object priv, object devic
             raise TypeError(f"{chosen[0].type.name if chosen else 'the type'}: finish_match recorded "
                             "nothing on the attachment")
     a.device = _sgt_dma_device(a)
-    _exporter_op(exp, "attach", a)
+    _exporter_op(exp, "attach", _EXP_ATTACH, a)
     _lock(resv)
     try:
         lk = buf._lock
@@ -1211,17 +1217,15 @@ cdef bint _sgt_compat(AttachmentCore a, object exporter, object device, bint acc
     exp = entries[0]
     if type(exp) is not _MappingMatch or exp.type is not _SGT or type(_SGT) is not _SGT_CLS:
         return False
-    if (not _class_attr_is(_SGT_CLS, "match", _sgt_match_fn) or not _class_attr_is(_SGT_CLS, "finish_match", _sgt_finish_fn)
-            or "match" in (<dict>PyObject_GenericGetDict(_SGT, NULL))
-            or "finish_match" in (<dict>PyObject_GenericGetDict(_SGT, NULL))):
+    if not _class_attr_is(_SGT_CLS, "match", _sgt_match_fn) or not _class_attr_is(_SGT_CLS, "finish_match", _sgt_finish_fn):
         return False  # replaced by someone: they are called, on the general path
-    req = _efield(exp, "exporter_requires_p2p", _NO_P2P)
+    own = <dict>PyObject_GenericGetDict(_SGT, NULL)
+    if "match" in own or "finish_match" in own:
+        return False  # likewise, on the instance
+    req = getattr(exp, "exporter_requires_p2p", _NO_P2P)
     if req == _REQUIRES_P2P:
         return False  # the general path asks the route (or refuses), as the match does
-    acc = _ACCEPTS_P2P if accepts else _NO_P2P
-    a.map_type = _match_of(_MappingMatch, _SGT, exp.exp_ops, {
-        "importing_dma_device": device, "importer_accepts_p2p": acc, "exporter_requires_p2p": req})
-    a.peer2peer = accepts
+    _sgt_record(a, _SGT, exp.exp_ops, device, _ACCEPTS_P2P if accepts else _NO_P2P, req)
     return True
 
 
@@ -1316,7 +1320,7 @@ cdef int _detach(object buf, object attachment) except -1:
     finally:
         _unlock(resv)
     a.detached = True
-    _exporter_op(buf.exporter, "detach", a)
+    _exporter_op(buf.exporter, "detach", _EXP_DETACH, a)
     return 0
 
 

@@ -251,8 +251,9 @@ class MappingMatch(_dmabuf_api.MatchCore):
         ``importer_accepts_p2p``, ``exporter_requires_p2p``,
         ``exporting_p2p_device``); read back as attributes.
 
-    Its fields live in a compiled base (:class:`pydmabuf._dmabuf_api.MatchCore`,
-    which also answers a read of a name the entry does not have).
+    Its attributes are plain instance attributes, read through the
+    getattr slot of its compiled base (:class:`pydmabuf._dmabuf_api.MatchCore`),
+    which also answers a read of a name the entry does not have.
     """
 
     type: MappingType
